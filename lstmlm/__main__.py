@@ -1,0 +1,5 @@
+"""`python -m lstmlm` is `lstmlm`."""
+
+from .cli import main
+
+main()

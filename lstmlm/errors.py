@@ -1,0 +1,37 @@
+"""The exceptions the library raises; the CLI turns each into one line and exit code 1."""
+
+
+class LstmlmError(Exception):
+    """Base of every error a user can cause; its message is the one line the CLI prints."""
+
+
+class ConfigError(LstmlmError):
+    """An unknown key or an invalid value in a config file or an option."""
+
+
+class CorpusError(LstmlmError):
+    """A corpus that is missing, empty, not UTF-8, binary, or too short."""
+
+
+class DownloadError(LstmlmError):
+    """A download that failed: network, HTTP status, timeout, short transfer, checksum."""
+
+
+class VocabError(LstmlmError):
+    """Characters outside a vocabulary, or a malformed vocabulary file."""
+
+
+class CheckpointError(LstmlmError):
+    """A run or checkpoint that is missing, corrupt, foreign, unsafe or locked."""
+
+
+class DeviceError(LstmlmError):
+    """A device or precision that this machine does not have."""
+
+
+class TrainingError(LstmlmError):
+    """Training that cannot go on: a non-finite loss, an unwritable run directory."""
+
+
+class ShapeError(LstmlmError, ValueError):
+    """An input or state whose shape or dtype does not fit the model."""

@@ -1,0 +1,138 @@
+"""CharLM: characters → recurrent core (scratch or nn.LSTM) → output layer; weight conversion.
+
+    logits_t = H_t W_hq + b_q                      (batch, vocab) per step
+
+Both cores have the same parameters up to layout, so a state dict converts exactly from one
+core to the other: nn.LSTM packs the gates as i, f, g(=c̃), o into weight_ih_l{k} (4H, inputs)
+and weight_hh_l{k} (4H, H), and splits the bias in two (bias_ih + bias_hh).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .errors import CheckpointError, ShapeError
+from .lstm import CudnnLSTM, ScratchLSTM, State, zero_state
+
+
+class CharLM(nn.Module):
+    def __init__(
+        self,
+        vocab_size: int,
+        num_hiddens: int = 256,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        core: str = "scratch",
+        embedding: int = 0,
+    ) -> None:
+        super().__init__()
+        self.vocab_size, self.num_hiddens, self.num_layers = vocab_size, num_hiddens, num_layers
+        self.core_name = core
+        self.embedding = nn.Embedding(vocab_size, embedding) if embedding > 0 else None
+        num_inputs = embedding or vocab_size  # one-hot input has one column per character
+        if core == "scratch":
+            self.core: nn.Module = ScratchLSTM(num_inputs, num_hiddens, num_layers, dropout)
+        elif core == "cudnn":
+            self.core = CudnnLSTM(num_inputs, num_hiddens, num_layers, dropout)
+        else:
+            raise ValueError(f"unknown core '{core}' (expected scratch or cudnn)")
+        self.W_hq = nn.Parameter(torch.empty(num_hiddens, vocab_size))
+        self.b_q = nn.Parameter(torch.empty(vocab_size))
+        self.reset_output_layer()
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, vocab_size: int) -> CharLM:
+        return cls(vocab_size, cfg.hidden, cfg.layers, cfg.dropout, cfg.model, cfg.embedding)
+
+    def reset_output_layer(self) -> None:
+        """The seed's init for the scratch model (N(0, 0.01²), zero bias); nn.Linear's for nn.LSTM."""
+        with torch.no_grad():
+            if self.core_name == "scratch":
+                self.W_hq.normal_(0.0, 0.01)
+                self.b_q.zero_()
+            else:
+                bound = 1.0 / math.sqrt(self.num_hiddens)
+                self.W_hq.uniform_(-bound, bound)
+                self.b_q.uniform_(-bound, bound)
+
+    def begin_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
+        return zero_state(self.num_layers, batch_size, self.num_hiddens, self.W_hq.to(device) if device else self.W_hq)
+
+    def forward(self, X: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """X: (batch, steps) ids → logits (batch, steps, vocab) and the final state."""
+        if X.is_floating_point() or X.dtype == torch.bool or X.dim() != 2:
+            raise ShapeError(f"X must be (batch, steps) integer ids, got {tuple(X.shape)} {X.dtype}")
+        if X.device.type == "cpu" and X.numel() and (int(X.min()) < 0 or int(X.max()) >= self.vocab_size):
+            raise ShapeError(f"ids must lie in [0, {self.vocab_size}), got [{int(X.min())}, {int(X.max())}]")
+        inputs = X.T  # (steps, batch): the cores run time-major, like the seed
+        if self.embedding is not None:
+            inputs = self.embedding(inputs)  # (steps, batch, embedding)
+        outputs, state = self.core(inputs, state)  # (steps, batch, hiddens)
+        logits = outputs @ self.W_hq + self.b_q  # (steps, batch, vocab)
+        return logits.transpose(0, 1), state
+
+
+def loss_fn(logits: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over every (batch, step) position, in fp32 whatever the matmul precision."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1))
+
+
+# ---- weight conversion between the cores ---------------------------------------------------
+
+# The article's gate letter → its block in nn.LSTM's packed (i, f, g, o) layout.
+_CUDNN_BLOCK = {"i": 0, "f": 1, "c": 2, "o": 3}
+
+
+def core_of(state_dict: dict[str, torch.Tensor]) -> str:
+    if any(k.startswith("core.lstm.") for k in state_dict):
+        return "cudnn"
+    if any(k.startswith("core.layers.") for k in state_dict):
+        return "scratch"
+    raise CheckpointError("the weights hold neither a scratch nor an nn.LSTM core")
+
+
+def _shared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state_dict.items() if not k.startswith("core.")}
+
+
+def _num_layers(state_dict: dict[str, torch.Tensor], pattern: str) -> int:
+    return len({int(m.group(1)) for k in state_dict if (m := re.match(pattern, k))})
+
+
+def scratch_to_cudnn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = _shared(state_dict)
+    for k in range(_num_layers(state_dict, r"core\.layers\.(\d+)\.")):
+        p = lambda name: state_dict[f"core.layers.{k}.{name}"]  # noqa: E731
+        order = sorted(_CUDNN_BLOCK, key=_CUDNN_BLOCK.get)  # i, f, c, o
+        out[f"core.lstm.weight_ih_l{k}"] = torch.cat([p(f"W_x{g}").T for g in order])  # (4H, inputs)
+        out[f"core.lstm.weight_hh_l{k}"] = torch.cat([p(f"W_h{g}").T for g in order])  # (4H, H)
+        out[f"core.lstm.bias_ih_l{k}"] = torch.cat([p(f"b_{g}") for g in order])
+        out[f"core.lstm.bias_hh_l{k}"] = torch.zeros_like(out[f"core.lstm.bias_ih_l{k}"])
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def cudnn_to_scratch(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = _shared(state_dict)
+    for k in range(_num_layers(state_dict, r"core\.lstm\.weight_ih_l(\d+)$")):
+        W_ih = state_dict[f"core.lstm.weight_ih_l{k}"].chunk(4)  # each (H, inputs)
+        W_hh = state_dict[f"core.lstm.weight_hh_l{k}"].chunk(4)
+        b = (state_dict[f"core.lstm.bias_ih_l{k}"] + state_dict[f"core.lstm.bias_hh_l{k}"]).chunk(4)
+        for g, block in _CUDNN_BLOCK.items():
+            out[f"core.layers.{k}.W_x{g}"] = W_ih[block].T.contiguous()  # (inputs, H)
+            out[f"core.layers.{k}.W_h{g}"] = W_hh[block].T.contiguous()
+            out[f"core.layers.{k}.b_{g}"] = b[block].clone()
+    return out
+
+
+def convert(state_dict: dict[str, torch.Tensor], core: str) -> dict[str, torch.Tensor]:
+    """The state dict for a CharLM with `core`, whichever core it was saved from."""
+    source = core_of(state_dict)
+    if source == core:
+        return dict(state_dict)
+    return scratch_to_cudnn(state_dict) if core == "cudnn" else cudnn_to_scratch(state_dict)

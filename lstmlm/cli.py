@@ -6,19 +6,36 @@ code 1 (a traceback only with LSTMLM_DEBUG=1); usage errors are Typer's, exit co
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
+import itertools
+import json
+import math
 import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
 
-from . import corpus
-from .errors import LstmlmError
+from . import config, corpus
+from . import generate as gen
+from . import train as train_mod
+from .checkpoint import BEST, LATEST, RunStore, checkpoint_config, checkpoint_vocab, latest_run
+from .config import Config
+from .device import autocast, resolve_device, resolve_precision
+from .errors import CheckpointError, ConfigError, LstmlmError
+from .generate import prepare_prefix
+from .model import CharLM, convert
+from .train import EpochEnded, Evaluated, Event, Finished, Sampled, Started, Trainer, prepare_data
+from .vocab import Vocab
 
 app = typer.Typer(
     name="lstmlm",
@@ -75,6 +92,8 @@ def fetch(target: corpus.Target, force: bool) -> Path:
     """Download with a progress bar on stderr (silent when the cache already has the file)."""
     if not force and corpus.is_cached(target):
         return target.path
+    if not err.is_terminal:  # in a log or a pipe a bar is noise, and Rich leaves a blank line there
+        return corpus.download(target, force=True)
     with download_progress(target.url) as bar:
         task = bar.add_task(f"downloading {target.path.name}", total=None)
         return corpus.download(target, force=True, progress=lambda done, total: bar.update(task, completed=done, total=total))
@@ -108,8 +127,312 @@ def download(
     target = corpus.resolve_target(name, url=url, sha1=sha1, directory=directory)
     path = fetch(target, force)
     text = corpus.read_text(path)
-    out.print(str(path))
+    out.out(str(path))  # verbatim: no markup, no wrapping, so scripts can use the line
     out.print(f"{path.stat().st_size:,} bytes, {len(text):,} characters, {len(set(text)):,} distinct")
+
+
+# ---- train ------------------------------------------------------------------------------------
+
+RUNS_DIR_OPTION = typer.Option(Path("runs"), "--runs-dir", help="Where runs are kept.", envvar="LSTMLM_RUNS")
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM: training finishes the current batch, saves, and stops."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopFlag]:
+        def handler(signum: int, _frame: Any) -> None:
+            if self.signal is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self.signal = signum
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def _default_run_name(cfg: Config, runs_dir: Path) -> str:
+    """corpus-model, with -2, -3, ... when that run exists already."""
+    base = f"{Path(cfg.data.corpus).stem or 'corpus'}-{cfg.model.model}"
+    name, n = base, 1
+    while (runs_dir / name).exists():
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+def _open_for_resume(runs_dir: Path, run: str | None, overrides: dict[str, Any]) -> tuple[RunStore, Config]:
+    store = RunStore.open(runs_dir / run) if run else latest_run(runs_dir)
+    stored = store.config
+    for key, value in overrides.items():
+        if value is None or key in RESUMABLE:
+            continue
+        current = getattr(getattr(stored, config._section_of(key)), key)
+        if value != current:
+            raise ConfigError(
+                f"--resume keeps the run's stored {key} = {current!r}; it cannot change to {value!r} "
+                f"(start a new --run instead)"
+            )
+    return store, stored.with_overrides({k: v for k, v in overrides.items() if k in RESUMABLE})
+
+
+# Options that a resumed run may change: they alter neither the model nor the data.
+RESUMABLE = {"epochs", "device", "precision", "sample_every", "eval_every", "checkpoint_every", "patience", "max_minutes"}
+
+
+def _config_table(cfg: Config, started: Started) -> Table:
+    table = Table(title=f"run [bold]{started.run}[/]", show_header=False, box=None, padding=(0, 2))
+    table.add_column(style="dim")
+    table.add_column()
+    table.add_column(style="dim")
+    table.add_column()
+    rows = [(k, str(v)) for section in cfg.to_dict().values() for k, v in section.items()]
+    rows += [
+        ("parameters", f"{started.num_params:,}"),
+        ("vocab", str(started.vocab_size)),
+        ("train tokens", f"{started.train_tokens:,}"),
+        ("val tokens", f"{started.val_tokens:,}"),
+        ("batches/epoch", str(started.batches_per_epoch)),
+        ("on", f"{started.device} {started.precision}"),
+    ]
+    half = (len(rows) + 1) // 2
+    for left, right in itertools.zip_longest(rows[:half], rows[half:], fillvalue=("", "")):
+        table.add_row(*left, *right)
+    return table
+
+
+def _render(events: Iterator[Event], as_json: bool) -> Finished:
+    """Show the events: a progress bar and samples, or JSON lines on stdout."""
+    progress = Progress(
+        TextColumn("epoch {task.completed:.0f}/{task.total:.0f}"),
+        BarColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[stats]}"),
+        console=err,
+        disable=as_json,
+    )
+    task = None
+    last_epoch: EpochEnded | None = None
+    with progress:
+        for event in events:
+            if isinstance(event, Started):
+                if not as_json:
+                    out.print(_config_table(cfg_holder[0], event))
+                task = progress.add_task("train", total=event.epochs, completed=event.start_epoch, stats="")
+            elif isinstance(event, EpochEnded):
+                last_epoch = event
+                val = f"  val {event.val_perplexity:.3f} ({event.val_bpc:.3f} bpc)" if event.val_perplexity else ""
+                progress.update(task, completed=event.epoch, stats=f"ppl {event.train_perplexity:.3f}{val}  {event.tokens_per_s:,.0f} tok/s")
+                if as_json:
+                    _json({"event": "epoch", "epoch": event.epoch, "train_perplexity": event.train_perplexity,
+                           "val_perplexity": event.val_perplexity, "val_bpc": event.val_bpc,
+                           "tokens_per_s": event.tokens_per_s, "seconds": event.seconds, "lr": event.lr})
+            elif isinstance(event, Evaluated) and as_json:
+                _json({"event": "eval", "epoch": event.epoch, "step": event.global_step,
+                       "val_perplexity": event.val_perplexity, "val_bpc": event.val_bpc, "best": event.best})
+            elif isinstance(event, Sampled) and not as_json and event.epoch < cfg_holder[0].train.epochs:
+                progress.console.print(f"[dim]epoch {event.epoch}[/] {escape(event.text)}")
+            elif isinstance(event, Finished):
+                return event
+    raise AssertionError("training ended without a Finished event")
+
+
+cfg_holder: list[Config] = []
+
+
+def _json(record: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(record) + "\n")
+    sys.stdout.flush()
+
+
+@app.command()
+@friendly
+def train(
+    config_file: Optional[Path] = typer.Option(None, "--config", help="A TOML config (see configs/); options override it."),
+    corpus_: Optional[str] = typer.Option(None, "--corpus", help="A known corpus name, a text file or a directory of text files."),
+    normalize: Optional[str] = typer.Option(None, "--normalize", help="d2l (the seed's letters-only text) or raw (every character)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Train on the first N tokens (0 = all)."),
+    model: Optional[str] = typer.Option(None, "--model", help="scratch (the article's LSTM) or cudnn (nn.LSTM)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or mps."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, bf16 or auto."),
+    epochs: Optional[int] = typer.Option(None, "--epochs"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    num_steps: Optional[int] = typer.Option(None, "--num-steps", help="Characters per sequence (backprop through time)."),
+    hidden: Optional[int] = typer.Option(None, "--hidden", help="Hidden units per layer."),
+    layers: Optional[int] = typer.Option(None, "--layers"),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout between layers."),
+    embedding: Optional[int] = typer.Option(None, "--embedding", help="Learned embedding size (0 = one-hot input)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd, adam or adamw."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="constant, step or cosine."),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps"),
+    clip: Optional[float] = typer.Option(None, "--clip", help="Global gradient-norm clipping threshold (0 = off)."),
+    iterator: Optional[str] = typer.Option(None, "--iterator", help="sequential (state carried) or random."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="The last fraction of the text, held out for validation."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Validate every N steps (0 = every epoch)."),
+    patience: Optional[int] = typer.Option(None, "--patience", help="Stop after N validations without improvement (0 = never)."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Epochs between checkpoints."),
+    sample_every: Optional[int] = typer.Option(None, "--sample-every", help="Show a greedy sample every N epochs."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop (with a checkpoint) after this much time."),
+    run: Optional[str] = typer.Option(None, "--run", help="Run name under --runs-dir (default: corpus-model)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run (default: the latest) from its last checkpoint."),
+    runs_dir: Path = RUNS_DIR_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="Print only JSON lines: one per epoch and a last 'done'."),
+) -> None:
+    """Train a character-level LSTM; prints perplexity as it falls and samples at the end."""
+    overrides = {
+        "corpus": corpus_, "normalize": normalize, "max_tokens": max_tokens, "model": model, "device": device,
+        "precision": precision, "epochs": epochs, "batch_size": batch_size, "num_steps": num_steps,
+        "hidden": hidden, "layers": layers, "dropout": dropout, "embedding": embedding, "lr": lr,
+        "optimizer": optimizer, "weight_decay": weight_decay, "schedule": schedule, "warmup_steps": warmup_steps,
+        "clip": clip, "iterator": iterator, "seed": seed, "val_fraction": val_fraction, "eval_every": eval_every,
+        "patience": patience, "checkpoint_every": checkpoint_every, "sample_every": sample_every,
+        "max_minutes": max_minutes,
+    }
+    if resume:
+        store, cfg = _open_for_resume(runs_dir, run, overrides)
+    else:
+        base = config.load(config_file) if config_file else Config()
+        cfg = base.with_overrides(overrides).resolved()
+    dev = resolve_device(cfg.train.device)
+    prec = resolve_precision(cfg.train.precision, dev)
+    with download_progress("corpus") as bar:
+        task = bar.add_task(f"downloading {cfg.data.corpus}", total=None, visible=False)
+        show = lambda done, total: bar.update(task, completed=done, total=total, visible=True)  # noqa: E731
+        data = prepare_data(cfg, vocab=store.vocab if resume else None, progress=show)
+    if not resume:
+        store = RunStore.create(runs_dir / (run or _default_run_name(cfg, runs_dir)), cfg, data.vocab)
+    cfg_holder[:] = [cfg]
+    stop = StopFlag()
+    with store.locked(), stop.installed():
+        trainer = Trainer(store, cfg, data, dev, prec)
+        if resume and store.has_checkpoint():
+            trainer.resume()
+        done = _render(trainer.run(stop), as_json)
+    _report(done, as_json)
+    if done.reason == "interrupted":
+        err.print(f"stopped: checkpoint saved; continue with: lstmlm train --resume --run {done.run}")
+        raise typer.Exit(128 + (stop.signal or signal.SIGINT))
+
+
+def _report(done: Finished, as_json: bool) -> None:
+    if as_json:
+        _json({"event": "done", "reason": done.reason, "perplexity": done.perplexity, "val_perplexity": done.val_perplexity,
+               "tokens_per_s": done.tokens_per_s, "device": done.device, "model": done.model, "run": done.run,
+               "epochs": done.epochs, "vocab_size": done.vocab_size, "samples": done.samples})
+        return
+    if done.reason == "early_stop":
+        out.print(f"early stop after epoch {done.epochs}: validation stopped improving")
+    if done.reason == "time_limit":
+        out.print(f"time limit reached after epoch {done.epochs}")
+    out.print(f"perplexity {done.perplexity:.1f}, {done.tokens_per_s:.1f} tokens/sec on {done.device}")
+    if done.val_perplexity is not None:
+        out.print(f"validation perplexity {done.val_perplexity:.3f}, {math.log2(done.val_perplexity):.3f} bits per character")
+    for text in done.samples.values():
+        out.print(escape(text))
+
+
+# ---- generate -------------------------------------------------------------------------------
+
+
+def load_model(runs_dir: Path, run: str | None, core: str | None, which: str = LATEST) -> tuple[CharLM, Config, Vocab]:
+    """A trained model from a run store, converted to `core` if asked, in eval mode on the CPU."""
+    store = RunStore.open(runs_dir / run) if run else latest_run(runs_dir)
+    payload = store.load(which)
+    cfg, vocab = checkpoint_config(payload), checkpoint_vocab(payload)
+    core = core or cfg.model.model
+    if core not in ("scratch", "cudnn"):
+        raise ConfigError(f"--model must be scratch or cudnn, not {core!r}")
+    net = CharLM.from_config(dataclasses.replace(cfg.model, model=core), len(vocab))
+    try:
+        net.load_state_dict(convert(payload["model"], core))
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights do not fit its own config: {str(e).splitlines()[0]}") from None
+    return net.eval(), cfg, vocab
+
+
+@app.command()
+@friendly
+def generate(
+    run: Optional[str] = typer.Option(None, "--run", help="Run name (default: the most recently trained)."),
+    prefix: str = typer.Option("time traveller", "--prefix", help="Text to continue."),
+    length: int = typer.Option(50, "--length", min=0, help="Characters to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (the seed); > 0 samples."),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="Sample among the k most likely characters (0 = all)."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Sample within this probability mass."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling (same seed, same text)."),
+    num_samples: int = typer.Option(1, "--num-samples", min=1, help="Independent continuations."),
+    model: Optional[str] = typer.Option(None, "--model", help="Run the weights on scratch or cudnn (default: as trained)."),
+    device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda or mps."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or auto."),
+    best: bool = typer.Option(False, "--best", help="Use the best-validation checkpoint instead of the latest."),
+    runs_dir: Path = RUNS_DIR_OPTION,
+) -> None:
+    """Continue a prefix with a trained model, streaming the characters."""
+    net, cfg, vocab = load_model(runs_dir, run, model, BEST if best else LATEST)
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    net = net.to(dev)
+    text = prepare_prefix(prefix, vocab, cfg.data.normalize)
+    if text != prefix:
+        err.print(f"[dim]prefix normalized as the model was trained (d2l): {text!r}[/]")
+    steps = gen.generate(net, vocab, text, length, temperature, top_k, top_p, num_samples, seed)
+    with autocast(dev, prec):
+        if num_samples == 1:
+            sys.stdout.write(text)
+            for chars in steps:
+                sys.stdout.write(chars[0])
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            return
+        samples = [text] * num_samples
+        for chars in steps:
+            samples = [s + c for s, c in zip(samples, chars)]
+    for i, sample in enumerate(samples, 1):
+        out.print(f"[dim]--- sample {i}[/]")
+        out.print(escape(sample))
+
+
+# ---- evaluate -------------------------------------------------------------------------------
+
+
+@app.command()
+@friendly
+def evaluate(
+    file: Path = typer.Argument(..., help="A UTF-8 text file to score."),
+    run: Optional[str] = typer.Option(None, "--run", help="Run name (default: the most recently trained)."),
+    best: bool = typer.Option(False, "--best", help="Use the best-validation checkpoint."),
+    device: str = typer.Option("cpu", "--device"),
+    precision: str = typer.Option("fp32", "--precision"),
+    runs_dir: Path = RUNS_DIR_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
+) -> None:
+    """Perplexity and bits per character of a text under a trained model."""
+    net, cfg, vocab = load_model(runs_dir, run, None, BEST if best else LATEST)
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    text = corpus.normalize(corpus.read_text(file), cfg.data.normalize)
+    unknown = sum(1 for c in text if c not in vocab.index)
+    ids = vocab.encode(text)
+    loss, count = train_mod.evaluate(net.to(dev), ids, cfg.data.batch_size, cfg.data.num_steps, dev, prec)
+    result = {"file": str(file), "characters": len(text), "predicted": count, "unknown_characters": unknown,
+              "loss": loss, "perplexity": math.exp(loss), "bits_per_char": train_mod.bits_per_char(loss)}
+    if as_json:
+        _json(result)
+        return
+    out.print(f"{file}: perplexity {result['perplexity']:.3f}, {result['bits_per_char']:.3f} bits per character "
+              f"({count:,} characters predicted, {unknown:,} outside the vocabulary)")
 
 
 def main() -> None:

@@ -1,0 +1,73 @@
+"""Device and precision, decided once at the top of a command.
+
+bf16 means: matrix products in bfloat16 under `torch.autocast`, with the parameters, the cell
+state, the loss and the optimizer kept in fp32. `auto` picks bf16 only where the hardware does
+bf16 products natively (a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .errors import DeviceError
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto`: cuda, then mps, then cpu. Asking for an absent device is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda: no CUDA GPU is available here (use --device cpu or auto)")
+    if name == "mps" and not _mps_available():
+        raise DeviceError("--device mps: no Apple GPU is available here (use --device cpu or auto)")
+    if name not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"unknown device '{name}' (expected auto, cpu, cuda or mps)")
+    return torch.device(name)
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+
+
+@lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 products run natively, about 2-3× fp32."""
+    with contextlib.suppress(OSError):
+        flags = Path("/proc/cpuinfo").read_text()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`fp32` or `bf16` for this device; `auto` picks bf16 where it is fast."""
+    if name == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
+    if name == "bf16" and device.type == "mps":
+        raise DeviceError("--precision bf16 is not supported on mps (use fp32)")
+    if name not in ("fp32", "bf16"):
+        raise DeviceError(f"unknown precision '{name}' (expected fp32, bf16 or auto)")
+    return name
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[None]:
+    """The context the forward pass and loss run in: bf16 products, or nothing changed."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def describe(device: torch.device) -> str:
+    """The name d2l prints: cuda:0, cpu."""
+    if device.type == "cuda":
+        return f"cuda:{device.index or 0}"
+    return device.type

@@ -34,7 +34,7 @@ from .device import autocast, resolve_device, resolve_precision
 from .errors import CheckpointError, ConfigError, LstmlmError
 from .generate import prepare_prefix
 from .model import CharLM, convert
-from .train import EpochEnded, Evaluated, Event, Finished, Sampled, Started, Trainer, prepare_data
+from .train import EpochEnded, Evaluated, Event, Finished, Sampled, Started, Stepped, Trainer, prepare_data
 from .vocab import Vocab
 
 app = typer.Typer(
@@ -210,43 +210,44 @@ def _config_table(cfg: Config, started: Started) -> Table:
     return table
 
 
-def _render(events: Iterator[Event], as_json: bool) -> Finished:
+def _render(cfg: Config, events: Iterator[Event], as_json: bool) -> Finished:
     """Show the events: a progress bar and samples, or JSON lines on stdout."""
     progress = Progress(
-        TextColumn("epoch {task.completed:.0f}/{task.total:.0f}"),
+        TextColumn("{task.description} {task.completed:.0f}/{task.total:.0f}"),
         BarColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[stats]}"),
         console=err,
         disable=as_json,
     )
-    task = None
-    last_epoch: EpochEnded | None = None
+    epochs = steps = None
     with progress:
         for event in events:
             if isinstance(event, Started):
                 if not as_json:
-                    out.print(_config_table(cfg_holder[0], event))
-                task = progress.add_task("train", total=event.epochs, completed=event.start_epoch, stats="")
+                    out.print(_config_table(cfg, event))
+                epochs = progress.add_task("epoch", total=event.epochs, completed=event.start_epoch, stats="")
+                if event.batches_per_epoch >= STEP_BAR_MIN_BATCHES:  # long epochs: a bar within the epoch too
+                    steps = progress.add_task("step", total=event.batches_per_epoch, stats="")
+            elif isinstance(event, Stepped) and steps is not None:
+                progress.update(steps, completed=event.step)
             elif isinstance(event, EpochEnded):
-                last_epoch = event
                 val = f"  val {event.val_perplexity:.3f} ({event.val_bpc:.3f} bpc)" if event.val_perplexity else ""
-                progress.update(task, completed=event.epoch, stats=f"ppl {event.train_perplexity:.3f}{val}  {event.tokens_per_s:,.0f} tok/s")
+                stats = f"ppl {event.train_perplexity:.3f}{val}  {event.tokens_per_s:,.0f} tok/s"
+                progress.update(epochs, completed=event.epoch, stats=stats)
                 if as_json:
-                    _json({"event": "epoch", "epoch": event.epoch, "train_perplexity": event.train_perplexity,
-                           "val_perplexity": event.val_perplexity, "val_bpc": event.val_bpc,
-                           "tokens_per_s": event.tokens_per_s, "seconds": event.seconds, "lr": event.lr})
-            elif isinstance(event, Evaluated) and as_json:
-                _json({"event": "eval", "epoch": event.epoch, "step": event.global_step,
-                       "val_perplexity": event.val_perplexity, "val_bpc": event.val_bpc, "best": event.best})
-            elif isinstance(event, Sampled) and not as_json and event.epoch < cfg_holder[0].train.epochs:
+                    _json({"event": "epoch", **dataclasses.asdict(event)})
+            elif isinstance(event, Evaluated):
+                if as_json:
+                    _json({"event": "eval", **dataclasses.asdict(event)})
+            elif isinstance(event, Sampled) and not as_json and event.epoch < cfg.train.epochs:
                 progress.console.print(f"[dim]epoch {event.epoch}[/] {escape(event.text)}")
             elif isinstance(event, Finished):
                 return event
     raise AssertionError("training ended without a Finished event")
 
 
-cfg_holder: list[Config] = []
+STEP_BAR_MIN_BATCHES = 50
 
 
 def _json(record: dict[str, Any]) -> None:
@@ -313,13 +314,12 @@ def train(
         data = prepare_data(cfg, vocab=store.vocab if resume else None, progress=show)
     if not resume:
         store = RunStore.create(runs_dir / (run or _default_run_name(cfg, runs_dir)), cfg, data.vocab)
-    cfg_holder[:] = [cfg]
     stop = StopFlag()
     with store.locked(), stop.installed():
         trainer = Trainer(store, cfg, data, dev, prec)
         if resume and store.has_checkpoint():
             trainer.resume()
-        done = _render(trainer.run(stop), as_json)
+        done = _render(cfg, trainer.run(stop), as_json)
     _report(done, as_json)
     if done.reason == "interrupted":
         err.print(f"stopped: checkpoint saved; continue with: lstmlm train --resume --run {done.run}")
@@ -328,9 +328,7 @@ def train(
 
 def _report(done: Finished, as_json: bool) -> None:
     if as_json:
-        _json({"event": "done", "reason": done.reason, "perplexity": done.perplexity, "val_perplexity": done.val_perplexity,
-               "tokens_per_s": done.tokens_per_s, "device": done.device, "model": done.model, "run": done.run,
-               "epochs": done.epochs, "vocab_size": done.vocab_size, "samples": done.samples})
+        _json({"event": "done", **dataclasses.asdict(done)})
         return
     if done.reason == "early_stop":
         out.print(f"early stop after epoch {done.epochs}: validation stopped improving")

@@ -253,13 +253,30 @@ def normalize(text: str, mode: str) -> str:
     return "".join(_NOT_LETTERS.sub(" ", line).strip().lower() for line in lines)
 
 
+def locate(source: str, progress: Progress | None = None) -> Path:
+    """The local path of a corpus: a known name (downloaded into the cache on first use) or a path."""
+    if source in KNOWN and not Path(source).exists():
+        return download(resolve_target(source), progress=progress)
+    path = Path(source).expanduser()
+    if not path.exists():
+        known = f"; known corpora: {', '.join(KNOWN)}" if os.sep not in source else ""
+        raise CorpusError(f"corpus not found: {source}{known}")
+    return path
+
+
+def content_sha1(path: Path) -> str:
+    """SHA-1 of a file, or of a directory's files in the order read_text joins them."""
+    if not path.is_dir():
+        return sha1_of(path)
+    digest = hashlib.sha1()
+    for p in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(sha1_of(p).encode())
+    return digest.hexdigest()
+
+
 def load_corpus(source: str, mode: str, progress: Progress | None = None) -> str:
     """The normalized text of a known corpus (downloaded on first use) or a local path."""
-    if source in KNOWN and not Path(source).exists():
-        path = download(resolve_target(source), progress=progress)
-    else:
-        path = Path(source).expanduser()
-    text = normalize(read_text(path), mode)
+    text = normalize(read_text(locate(source, progress)), mode)
     if not text:
         raise CorpusError(f"corpus {source} is empty after {mode} normalization")
     return text

@@ -22,12 +22,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import batches
+from . import batches, encoded
 from .checkpoint import BEST, LATEST, RunStore
 from .config import Config, TrainConfig
-from .corpus import Progress, load_corpus
+from .corpus import Progress, locate, normalize, read_text
 from .device import autocast, describe
-from .errors import TrainingError
+from .errors import CorpusError, TrainingError
 from .generate import complete
 from .lstm import State
 from .model import CharLM, convert, loss_fn
@@ -132,9 +132,20 @@ def build_vocab(text: str, normalize: str) -> Vocab:
 def prepare_data(cfg: Config, vocab: Vocab | None = None, progress: Progress | None = None) -> Data:
     """Text → vocab (built on the whole corpus, as d2l) → ids → the first max_tokens → split."""
     d = cfg.data
-    text = load_corpus(d.corpus, d.normalize, progress)
-    vocab = vocab or build_vocab(text, d.normalize)
-    ids = vocab.encode(text)
+    path = locate(d.corpus, progress)
+    cache = encoded.entry(path, d.normalize)
+    hit = encoded.load(cache)
+    if hit is not None and (vocab is None or hit[0] == vocab):
+        vocab, ids = hit
+    else:
+        text = normalize(read_text(path), d.normalize)
+        if not text:
+            raise CorpusError(f"corpus {d.corpus} is empty after {d.normalize} normalization")
+        built = build_vocab(text, d.normalize)
+        ids = (vocab or built).encode(text)
+        if vocab is None or vocab == built:
+            encoded.save(cache, built, ids)
+        vocab = vocab or built
     if d.max_tokens > 0:
         ids = ids[: d.max_tokens]
     parts = batches.split(ids, d.val_fraction)

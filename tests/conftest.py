@@ -1,0 +1,157 @@
+"""Shared fixtures: the real corpora, an isolated cache, and a loopback HTTP server."""
+
+from __future__ import annotations
+
+import collections
+import http.server
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+
+# ---- test data and cache ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real corpora (../shared/data beside the checkout), named by $LSTMLM_TEST_DATA."""
+    value = os.environ.get("LSTMLM_TEST_DATA")
+    if not value:
+        pytest.skip("LSTMLM_TEST_DATA is not set: point it at the directory holding timemachine.txt (.ci/run does)")
+    path = Path(value)
+    if not (path / "timemachine.txt").is_file():
+        pytest.skip(f"LSTMLM_TEST_DATA={value} does not hold timemachine.txt")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own $LSTMLM_HOME, so none reads or writes the real cache."""
+    home = tmp_path_factory.mktemp("lstmlm-home")
+    monkeypatch.setenv("LSTMLM_HOME", str(home))
+    return home
+
+
+# ---- loopback HTTP server -----------------------------------------------------------------------
+
+SERVE = "serve"  # the file, whole
+NOT_FOUND = "404"
+SERVER_ERROR = "500"
+STALL = "stall"  # accept the request, then say nothing until the test ends
+STALL_BODY = "stall-body"  # send the headers and half the body, then say nothing
+CUT = "cut"  # promise the whole length, send half the body, close the connection
+BEHAVIOURS = (SERVE, NOT_FOUND, SERVER_ERROR, STALL, STALL_BODY, CUT)
+
+
+class LoopbackServer(http.server.ThreadingHTTPServer):
+    """Serves files from `root` on 127.0.0.1; `plan()` queues misbehaviour for the next requests."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.root = root
+        self.planned: collections.deque[str] = collections.deque()
+        self.requests: list[str] = []  # paths asked for, in order
+        self.released = threading.Event()  # ends every stall
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def url(self, name: str) -> str:
+        return f"{self.base_url}/{name}"
+
+    def plan(self, *behaviours: str) -> None:
+        """The next requests behave so, in order; once they are used up, files are served."""
+        unknown = set(behaviours) - set(BEHAVIOURS)
+        assert not unknown, f"unknown behaviours {unknown}"
+        self.planned.extend(behaviours)
+
+    def next_behaviour(self) -> str:
+        return self.planned.popleft() if self.planned else SERVE
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Release stalled handlers and close the socket: later connections are refused."""
+        self.released.set()
+        if self._thread.is_alive():
+            self.shutdown()
+        self.server_close()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: LoopbackServer
+
+    def do_GET(self) -> None:
+        self.server.requests.append(self.path)
+        behaviour = self.server.next_behaviour()
+        if behaviour == STALL:
+            self.server.released.wait()
+            return
+        if behaviour in (NOT_FOUND, SERVER_ERROR):
+            self.send_error(int(behaviour))
+            return
+        body = self._file_body()
+        if body is None:
+            self.send_error(404)
+        elif behaviour == SERVE:
+            self._send(body, len(body))
+        else:
+            self._send(body[: len(body) // 2], len(body))
+            if behaviour == STALL_BODY:
+                self.server.released.wait()
+            self.close_connection = True
+
+    def _file_body(self) -> bytes | None:
+        path = self.server.root / self.path.lstrip("/").split("?")[0]
+        return path.read_bytes() if path.is_file() else None
+
+    def _send(self, body: bytes, length: int) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+
+    def log_message(self, format: str, *args: object) -> None:  # keep test output clean
+        pass
+
+
+@pytest.fixture
+def serve_dir(tmp_path: Path) -> Path:
+    """The directory the loopback server serves; tests put files in it (or override this fixture)."""
+    root = tmp_path / "served"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[[Path], LoopbackServer]]:
+    """Start loopback servers on any directory (e.g. the real corpora); all stop at teardown."""
+    servers: list[LoopbackServer] = []
+
+    def start(root: Path) -> LoopbackServer:
+        server = LoopbackServer(root)
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def http_server(serve_dir: Path, start_server: Callable[[Path], LoopbackServer]) -> LoopbackServer:
+    """A threaded HTTP server on 127.0.0.1 (a free port) serving `serve_dir`."""
+    return start_server(serve_dir)

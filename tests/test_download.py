@@ -1,0 +1,358 @@
+"""Downloading against a loopback server: verified files or clear errors, never a partial file.
+
+Timeouts and retries are shrunk so a stalled server costs a fraction of a second, and the
+backoff between retries is recorded instead of slept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import lstmlm.corpus as corpus
+from conftest import CUT, NOT_FOUND, SERVER_ERROR, STALL, STALL_BODY, LoopbackServer
+from lstmlm.cli import app
+from lstmlm.corpus import Target, download, resolve_target, sha1_of
+from lstmlm.errors import DownloadError
+
+PAYLOAD = ("The Time Traveller — “quoted”, naïve, 時間, 😀.\n" * 4000).encode("utf-8")
+PAYLOAD_SHA1 = hashlib.sha1(PAYLOAD).hexdigest()
+WRONG_SHA1 = "0" * 40
+OFFLINE_HINT = "(offline? train on a local file instead: lstmlm train --corpus PATH)"
+
+
+@pytest.fixture(autouse=True)
+def fast_network(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Short timeouts, one retry, and the backoff sleeps recorded rather than slept."""
+    monkeypatch.setattr(corpus, "CONNECT_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(corpus, "READ_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(corpus, "RETRIES", 1)
+    sleeps: list[float] = []
+    monkeypatch.setattr(time, "sleep", sleeps.append)
+    return sleeps
+
+
+@pytest.fixture
+def served(serve_dir: Path, http_server: LoopbackServer) -> LoopbackServer:
+    """The loopback server with `corpus.txt` (PAYLOAD: multi-byte UTF-8, several chunks) in it."""
+    (serve_dir / "corpus.txt").write_bytes(PAYLOAD)
+    return http_server
+
+
+@pytest.fixture
+def mirror(data_dir: Path, start_server: Callable[[Path], LoopbackServer]) -> LoopbackServer:
+    """A loopback mirror of the real corpora, served straight from the test data directory."""
+    return start_server(data_dir)
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+def target_for(server: LoopbackServer, cache: Path, sha1: str | None = PAYLOAD_SHA1) -> Target:
+    return resolve_target(server.url("corpus.txt"), sha1=sha1, directory=cache)
+
+
+def assert_nothing_written(directory: Path) -> None:
+    """No file at the destination and no temporary .part file left beside it."""
+    leftovers = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+    assert leftovers == []
+
+
+# ---- the library ----
+
+
+def test_success_writes_the_verified_file(served: LoopbackServer, cache: Path) -> None:
+    path = download(target_for(served, cache))
+    assert path == cache / "corpus.txt"
+    assert path.read_bytes() == PAYLOAD
+    assert sha1_of(path) == PAYLOAD_SHA1
+    assert sorted(p.name for p in cache.iterdir()) == ["corpus.txt"]
+    assert served.requests == ["/corpus.txt"]
+
+
+def test_progress_reports_every_byte(served: LoopbackServer, cache: Path) -> None:
+    reports: list[tuple[int, int | None]] = []
+    download(target_for(served, cache), progress=lambda done, total: reports.append((done, total)))
+    assert reports[-1] == (len(PAYLOAD), len(PAYLOAD))
+    assert [done for done, _ in reports] == sorted(done for done, _ in reports)
+
+
+def test_known_corpus_from_a_mirror(mirror: LoopbackServer, cache: Path, data_dir: Path) -> None:
+    target = resolve_target("timemachine", url=mirror.url("timemachine.txt"), directory=cache)
+    path = download(target)
+    assert path == cache / "timemachine.txt"
+    assert sha1_of(path) == "090b5e7e70c295757f55df93cb0a180b9691891a"
+    assert path.read_bytes() == (data_dir / "timemachine.txt").read_bytes()
+
+
+def test_default_cache_is_lstmlm_home(served: LoopbackServer, isolated_cache: Path) -> None:
+    path = download(resolve_target(served.url("corpus.txt"), sha1=PAYLOAD_SHA1))
+    assert path == isolated_cache / "corpus.txt"
+
+
+def test_404_is_not_retried(served: LoopbackServer, cache: Path) -> None:
+    url = served.url("missing.txt")
+    with pytest.raises(DownloadError) as caught:
+        download(resolve_target(url, directory=cache))
+    assert str(caught.value) == f"{url}: HTTP 404 Not Found"
+    assert served.requests == ["/missing.txt"]
+    assert_nothing_written(cache)
+
+
+def test_checksum_mismatch_leaves_no_file(served: LoopbackServer, cache: Path) -> None:
+    url = served.url("corpus.txt")
+    with pytest.raises(DownloadError) as caught:
+        download(target_for(served, cache, sha1=WRONG_SHA1))
+    assert str(caught.value) == f"{url}: checksum mismatch (expected SHA-1 {WRONG_SHA1}, got {PAYLOAD_SHA1})"
+    assert_nothing_written(cache)
+
+
+def test_known_corpus_with_wrong_content_is_rejected(served: LoopbackServer, cache: Path) -> None:
+    target = resolve_target("timemachine", url=served.url("corpus.txt"), directory=cache)
+    with pytest.raises(DownloadError, match="checksum mismatch \\(expected SHA-1 090b5e7e70c2"):
+        download(target)
+    assert_nothing_written(cache)
+
+
+def test_stalled_server_times_out(served: LoopbackServer, cache: Path, fast_network: list[float]) -> None:
+    served.plan(STALL, STALL)
+    url = served.url("corpus.txt")
+    with pytest.raises(DownloadError) as caught:
+        download(target_for(served, cache))
+    assert str(caught.value) == f"{url}: timed out {OFFLINE_HINT}"
+    assert len(served.requests) == 2  # the first attempt and one retry
+    assert fast_network == [0.5]
+    assert_nothing_written(cache)
+
+
+def test_stall_mid_transfer_times_out(served: LoopbackServer, cache: Path) -> None:
+    served.plan(STALL_BODY)
+    with pytest.raises(DownloadError, match=r"transfer cut short after \d+ bytes \(timed out\)$") as caught:
+        download(target_for(served, cache))
+    assert str(caught.value).startswith(served.url("corpus.txt"))
+    assert_nothing_written(cache)
+
+
+def test_connection_closed_mid_transfer_leaves_no_file(served: LoopbackServer, cache: Path) -> None:
+    served.plan(CUT)
+    with pytest.raises(DownloadError, match="transfer cut short") as caught:
+        download(target_for(served, cache))
+    assert str(caught.value).startswith(served.url("corpus.txt"))
+    assert_nothing_written(cache)
+
+
+def test_server_error_then_success_is_retried(served: LoopbackServer, cache: Path, fast_network: list[float]) -> None:
+    served.plan(SERVER_ERROR)
+    path = download(target_for(served, cache))
+    assert path.read_bytes() == PAYLOAD
+    assert served.requests == ["/corpus.txt", "/corpus.txt"]
+    assert fast_network == [0.5]
+
+
+def test_server_errors_past_the_retries_fail(served: LoopbackServer, cache: Path) -> None:
+    served.plan(SERVER_ERROR, SERVER_ERROR)
+    url = served.url("corpus.txt")
+    with pytest.raises(DownloadError) as caught:
+        download(target_for(served, cache))
+    assert str(caught.value) == f"{url}: HTTP 500 Internal Server Error {OFFLINE_HINT}"
+    assert_nothing_written(cache)
+
+
+def test_refused_connection_says_how_to_work_offline(served: LoopbackServer, cache: Path) -> None:
+    served.stop()
+    url = served.url("corpus.txt")
+    with pytest.raises(DownloadError) as caught:
+        download(target_for(served, cache))
+    assert str(caught.value) == f"{url}: cannot connect (Connection refused) {OFFLINE_HINT}"
+    assert_nothing_written(cache)
+
+
+def test_cached_file_needs_no_network(served: LoopbackServer, cache: Path) -> None:
+    target = target_for(served, cache)
+    first = download(target)
+    served.stop()
+    assert download(target) == first
+    assert first.read_bytes() == PAYLOAD
+    assert served.requests == ["/corpus.txt"]
+
+
+def test_force_downloads_again(served: LoopbackServer, cache: Path) -> None:
+    target = target_for(served, cache)
+    download(target)
+    assert download(target, force=True).read_bytes() == PAYLOAD
+    assert served.requests == ["/corpus.txt", "/corpus.txt"]
+
+
+def test_cached_file_with_wrong_checksum_is_replaced(served: LoopbackServer, cache: Path) -> None:
+    cache.mkdir()
+    (cache / "corpus.txt").write_bytes(PAYLOAD[:-10])
+    path = download(target_for(served, cache))
+    assert path.read_bytes() == PAYLOAD
+    assert served.requests == ["/corpus.txt"]
+
+
+def test_failed_force_keeps_the_good_cached_file(served: LoopbackServer, cache: Path) -> None:
+    target = target_for(served, cache)
+    download(target)
+    served.plan(CUT)
+    with pytest.raises(DownloadError, match="transfer cut short"):
+        download(target, force=True)
+    assert sorted(p.name for p in cache.iterdir()) == ["corpus.txt"]
+    assert (cache / "corpus.txt").read_bytes() == PAYLOAD
+
+
+# ---- what to download ----
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name_or_url": "nope"}, "unknown corpus 'nope': use one of timemachine, tinyshakespeare or an http(s) URL"),
+        ({"name_or_url": "ftp://example.com/a.txt"}, "unknown corpus 'ftp://example.com/a.txt'"),
+        ({"name_or_url": "http://127.0.0.1/a.txt", "sha1": "abc"}, "--sha1 must be 40 hexadecimal digits, not 'abc'"),
+        ({"name_or_url": "http://127.0.0.1/a.txt", "sha1": "g" * 40}, "--sha1 must be 40 hexadecimal digits"),
+        ({"name_or_url": "timemachine", "sha1": WRONG_SHA1}, "'timemachine' has SHA-1 090b5e7e"),
+        ({"name_or_url": "http://127.0.0.1/a.txt", "url": "http://127.0.0.1/b.txt"}, "--url is for a known corpus"),
+    ],
+)
+def test_bad_requests_are_refused(kwargs: dict[str, str], message: str) -> None:
+    with pytest.raises(DownloadError, match=re.escape(message)):
+        resolve_target(**kwargs)
+
+
+def test_known_corpora_and_their_checksums(cache: Path) -> None:
+    assert resolve_target("timemachine", directory=cache) == Target(
+        "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt",
+        "090b5e7e70c295757f55df93cb0a180b9691891a",
+        cache / "timemachine.txt",
+    )
+    assert resolve_target("tinyshakespeare", directory=cache) == Target(
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        "04486597058d11dcc2c556b1d0433891eb639d2e",
+        cache / "tinyshakespeare.txt",
+    )
+
+
+def test_uppercase_sha1_is_accepted(served: LoopbackServer, cache: Path) -> None:
+    assert download(target_for(served, cache, sha1=PAYLOAD_SHA1.upper())).read_bytes() == PAYLOAD
+
+
+# ---- the command ----
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, ["download", *args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def assert_one_error_line(code: int, stdout: str, stderr: str, *fragments: str) -> None:
+    assert code == 1
+    assert stdout == ""
+    assert stderr.startswith("error: ")
+    assert stderr.count("\n") == 1 and stderr.endswith("\n")
+    assert "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in stderr
+
+
+def test_cli_downloads_tinyshakespeare_from_a_mirror(mirror: LoopbackServer, cache: Path) -> None:
+    code, stdout, stderr = invoke("tinyshakespeare", "--url", mirror.url("tinyshakespeare.txt"), "--dir", str(cache))
+    assert code == 0, stderr
+    path = cache / "tinyshakespeare.txt"
+    assert stdout.splitlines() == [str(path), "1,115,394 bytes, 1,115,394 characters, 65 distinct"]
+    assert sha1_of(path) == "04486597058d11dcc2c556b1d0433891eb639d2e"
+
+
+def test_cli_cache_hit_with_the_server_stopped(mirror: LoopbackServer, cache: Path) -> None:
+    args = ("timemachine", "--url", mirror.url("timemachine.txt"), "--dir", str(cache))
+    assert invoke(*args)[0] == 0
+    mirror.stop()
+    code, stdout, _ = invoke(*args)
+    assert code == 0
+    assert stdout.splitlines() == [str(cache / "timemachine.txt"), "178,979 bytes, 178,979 characters, 70 distinct"]
+    assert mirror.requests == ["/timemachine.txt"]
+
+
+def test_cli_counts_characters_not_bytes(served: LoopbackServer, cache: Path) -> None:
+    code, stdout, _ = invoke(served.url("corpus.txt"), "--sha1", PAYLOAD_SHA1, "--dir", str(cache))
+    text = PAYLOAD.decode("utf-8")
+    assert code == 0
+    assert stdout.splitlines()[1] == f"{len(PAYLOAD):,} bytes, {len(text):,} characters, {len(set(text)):,} distinct"
+
+
+def test_cli_force_downloads_again(served: LoopbackServer, cache: Path) -> None:
+    args = (served.url("corpus.txt"), "--sha1", PAYLOAD_SHA1, "--dir", str(cache))
+    assert invoke(*args)[0] == 0
+    assert invoke(*args, "--force")[0] == 0
+    assert len(served.requests) == 2
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "sha1", "fragment"),
+    [
+        (NOT_FOUND, PAYLOAD_SHA1, "HTTP 404"),
+        (CUT, PAYLOAD_SHA1, "transfer cut short"),
+        (STALL, PAYLOAD_SHA1, "timed out"),
+        (None, WRONG_SHA1, f"checksum mismatch (expected SHA-1 {WRONG_SHA1}, got {PAYLOAD_SHA1})"),
+    ],
+)
+def test_cli_network_failures_are_one_line(
+    served: LoopbackServer, cache: Path, behaviour: str | None, sha1: str, fragment: str
+) -> None:
+    if behaviour is not None:
+        served.plan(behaviour, behaviour)
+    url = served.url("corpus.txt")
+    code, stdout, stderr = invoke(url, "--sha1", sha1, "--dir", str(cache))
+    assert_one_error_line(code, stdout, stderr, url, fragment)
+    assert_nothing_written(cache)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("nope",), "unknown corpus 'nope'"),
+        (("http://127.0.0.1/a.txt", "--sha1", "xyz"), "--sha1 must be 40 hexadecimal digits"),
+    ],
+)
+def test_cli_bad_requests_are_one_line(args: tuple[str, ...], fragment: str, cache: Path) -> None:
+    code, stdout, stderr = invoke(*args, "--dir", str(cache))
+    assert_one_error_line(code, stdout, stderr, fragment)
+    assert not cache.exists()
+
+
+def test_cli_refused_connection_is_one_line(served: LoopbackServer, cache: Path) -> None:
+    served.stop()
+    url = served.url("corpus.txt")
+    code, stdout, stderr = invoke(url, "--dir", str(cache))
+    assert_one_error_line(code, stdout, stderr, url, "Connection refused", "lstmlm train --corpus PATH")
+    assert_nothing_written(cache)
+
+
+def test_cli_prints_the_path_verbatim(served: LoopbackServer, tmp_path: Path) -> None:
+    cache = tmp_path / "[bold]not markup[/bold]" / ("a-directory-name-long-enough-to-wrap-" * 3)
+    code, stdout, _ = invoke(served.url("corpus.txt"), "--sha1", PAYLOAD_SHA1, "--dir", str(cache))
+    assert code == 0
+    assert stdout.splitlines()[0] == str(cache / "corpus.txt")
+
+
+def test_python_m_lstmlm_failure_is_one_line(served: LoopbackServer, cache: Path) -> None:
+    url = served.url("missing.txt")
+    env = {**os.environ, "LSTMLM_DEBUG": "0"}
+    done = subprocess.run(
+        [sys.executable, "-m", "lstmlm", "download", url, "--dir", str(cache)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert_one_error_line(done.returncode, done.stdout, done.stderr, url, "HTTP 404")
+    assert_nothing_written(cache)

@@ -25,7 +25,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from . import config, corpus
+from . import config, corpus, distributed
 from . import generate as gen
 from . import train as train_mod
 from .checkpoint import BEST, LATEST, RunStore, checkpoint_config, checkpoint_vocab, latest_run
@@ -52,7 +52,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -286,7 +286,9 @@ def train(
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Epochs between checkpoints."),
     sample_every: Optional[int] = typer.Option(None, "--sample-every", help="Show a greedy sample every N epochs."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop (with a checkpoint) after this much time."),
-    run: Optional[str] = typer.Option(None, "--run", help="Run name under --runs-dir (default: corpus-model)."),
+    run: Optional[str] = typer.Option(
+        None, "--run", "--name", help="Run name under --runs-dir (default: corpus-model). Under torchrun, say --name."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run (default: the latest) from its last checkpoint."),
     runs_dir: Path = RUNS_DIR_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print only JSON lines: one per epoch and a last 'done'."),
@@ -306,24 +308,39 @@ def train(
     else:
         base = config.load(config_file) if config_file else Config()
         cfg = base.with_overrides(overrides).resolved()
-    dev = resolve_device(cfg.train.device)
+    world = distributed.from_environment()  # several processes under torchrun, else one
+    dev = distributed.start(world, resolve_device(cfg.train.device), cfg.data.batch_size)
     prec = resolve_precision(cfg.train.precision, dev)
     with download_progress("corpus") as bar:
         task = bar.add_task(f"downloading {cfg.data.corpus}", total=None, visible=False)
         show = lambda done, total: bar.update(task, completed=done, total=total, visible=True)  # noqa: E731
         data = prepare_data(cfg, vocab=store.vocab if resume else None, progress=show)
     if not resume:
-        store = RunStore.create(runs_dir / (run or _default_run_name(cfg, runs_dir)), cfg, data.vocab)
+        store = _create_run(runs_dir / (run or _default_run_name(cfg, runs_dir)), cfg, data.vocab, world)
     stop = StopFlag()
-    with store.locked(), stop.installed():
-        trainer = Trainer(store, cfg, data, dev, prec)
-        if resume and store.has_checkpoint():
-            trainer.resume()
-        done = _render(cfg, trainer.run(stop), as_json)
+    try:
+        with store.locked() if world.is_main else contextlib.nullcontext(), stop.installed():
+            trainer = Trainer(store, cfg, data, dev, prec, world)
+            if resume and store.has_checkpoint():
+                trainer.resume()
+            if not world.is_main:  # only rank 0 shows anything
+                done = next(e for e in trainer.run(stop) if isinstance(e, Finished))
+                return
+            done = _render(cfg, trainer.run(stop), as_json)
+    finally:
+        distributed.stop(world)
     _report(done, as_json)
     if done.reason == "interrupted":
         err.print(f"stopped: checkpoint saved; continue with: lstmlm train --resume --run {done.run}")
         raise typer.Exit(128 + (stop.signal or signal.SIGINT))
+
+
+def _create_run(path: Path, cfg: Config, vocab: Vocab, world: distributed.World) -> RunStore:
+    """Rank 0 creates the run; the others open it once it exists."""
+    distributed.barrier(world)  # every process has chosen the name before it exists
+    store = RunStore.create(path, cfg, vocab) if world.is_main else None
+    distributed.barrier(world)
+    return store or RunStore.open(path)
 
 
 def _report(done: Finished, as_json: bool) -> None:

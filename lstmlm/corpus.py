@@ -209,11 +209,18 @@ def read_text(path: str | Path) -> str:
     """A UTF-8 file, or every file in a directory (sorted by name, joined), as one string."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = corpus_files(path)
         if not files:
             raise CorpusError(f"corpus directory {path} holds no files")
         return "".join(_read_one(p) for p in files)
     return _read_one(path)
+
+
+def corpus_files(directory: Path) -> list[Path]:
+    """The files of a directory corpus in reading order, hidden files and folders (.git) left out."""
+    return sorted(
+        p for p in directory.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+    )
 
 
 def _read_one(path: Path) -> str:
@@ -269,7 +276,7 @@ def content_sha1(path: Path) -> str:
     if not path.is_dir():
         return sha1_of(path)
     digest = hashlib.sha1()
-    for p in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    for p in corpus_files(path):
         digest.update(sha1_of(p).encode())
     return digest.hexdigest()
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import batches, encoded
+from .distributed import World, all_gather, any_all, sum_all
 from .checkpoint import BEST, LATEST, RunStore
 from .config import Config, TrainConfig
 from .corpus import Progress, locate, normalize, read_text
@@ -157,7 +158,7 @@ def prepare_data(cfg: Config, vocab: Vocab | None = None, progress: Progress | N
 
 
 def train_step(
-    model: CharLM,
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     X: torch.Tensor,
     Y: torch.Tensor,
@@ -292,11 +293,17 @@ def sample_prefixes(cfg: Config, data: Data) -> list[str]:
 class Trainer:
     """Holds what the loop needs; `run()` is the loop. Build one with `Trainer.start`."""
 
-    def __init__(self, store: RunStore, cfg: Config, data: Data, device: torch.device, precision: str) -> None:
+    def __init__(
+        self, store: RunStore, cfg: Config, data: Data, device: torch.device, precision: str, world: World = World()
+    ) -> None:
         self.store, self.cfg, self.data = store, cfg, data
-        self.device, self.precision = device, precision
-        torch.manual_seed(cfg.train.seed)
+        self.device, self.precision, self.world = device, precision, world
+        torch.manual_seed(cfg.train.seed)  # the same on every process: same init, same dropout stream
         self.model = CharLM.from_config(cfg.model, len(data.vocab)).to(device)
+        self.net: torch.nn.Module = self.model  # what the step runs: the model, or its DDP wrapper
+        if world.active:
+            ids = [device.index] if device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = build_optimizer(cfg.train, self.model)
         d = cfg.data
         self.steps_per_epoch = batches.num_batches(len(data.train), d.batch_size, d.num_steps, d.iterator)
@@ -322,9 +329,13 @@ class Trainer:
             torch.set_rng_state(self.state.torch_rng)
         if self.device.type == "cuda" and "cuda_rng" in trainer:
             torch.cuda.set_rng_state(trainer["cuda_rng"])
-        self.store.truncate_metrics(self.state.epoch)
+        if self.world.is_main:
+            self.store.truncate_metrics(self.state.epoch)
 
     def save(self, which: str = LATEST, carry: State | None = None) -> str:
+        """Write a checkpoint (on the main process only; the others' state is the same or derived)."""
+        if not self.world.is_main:
+            return ""
         st = self.state
         st.torch_rng = torch.get_rng_state()
         st.carry = [s.detach().cpu() for s in carry] if carry is not None and st.step > 0 else None
@@ -347,7 +358,9 @@ class Trainer:
         return loss, improved
 
     def sample(self) -> list[Sampled]:
-        out = []
+        out: list[Sampled] = []
+        if not self.world.is_main:
+            return out
         for prefix in sample_prefixes(self.cfg, self.data):
             text = complete(self.model, self.data.vocab, prefix, SAMPLE_LENGTH)
             self.samples[prefix] = text
@@ -394,36 +407,38 @@ class Trainer:
             epoch_batches = batches.ITERATORS[d.iterator](self.data.train, d.batch_size, d.num_steps, rng)
             for _ in range(st.step):  # resuming mid-epoch: replay the batches already trained on
                 next(epoch_batches)
+            rows = self.world.rows(d.batch_size)  # this process's streams: all of them in one process
             state: State | None = None
             if st.carry is not None:
-                state = (st.carry[0].to(self.device), st.carry[1].to(self.device))
-            loss_sum = torch.tensor(st.loss_sum, dtype=torch.float64, device=self.device)
+                state = (st.carry[0][:, rows].to(self.device), st.carry[1][:, rows].to(self.device))
+            # this process's share of the epoch's loss sum; the saved sum is the global one
+            loss_sum = torch.tensor(st.loss_sum if self.world.is_main else 0.0, dtype=torch.float64, device=self.device)
             tic = time.perf_counter()
             for X, Y in epoch_batches:
                 if state is not None and d.iterator == "sequential":
                     state = (state[0].detach(), state[1].detach())  # truncate backprop at the batch edge
                 else:
                     state = None  # zero state: the epoch's first batch, or every random-iterator batch
-                X, Y = X.to(self.device, non_blocking=True), Y.to(self.device, non_blocking=True)
-                loss, state = train_step(self.model, self.optimizer, X, Y, state, t.clip, self.device, self.precision)
+                X, Y = X[rows].to(self.device, non_blocking=True), Y[rows].to(self.device, non_blocking=True)
+                loss, state = train_step(self.net, self.optimizer, X, Y, state, t.clip, self.device, self.precision)
                 self.schedule.step()
                 loss_sum += loss.double() * Y.numel()  # on the device: no sync per batch
                 st.step += 1
                 st.global_step += 1
-                st.tokens += Y.numel()
+                st.tokens += Y.numel() * self.world.size
                 yield Stepped(st.epoch + 1, st.step, st.global_step)
                 if has_val and t.eval_every and st.global_step % t.eval_every == 0:
                     st.epoch_seconds += time.perf_counter() - tic
                     st.loss_sum = self._finite(loss_sum)
-                    yield from self._validate_and_keep(state)
+                    yield from self._validate_and_keep(self._gather(state))
                     tic = time.perf_counter()
                     if t.patience and st.evals_since_best >= t.patience:
                         yield self.finished("early_stop", math.exp(st.loss_sum / st.tokens))
                         return
-                if should_stop() or self._out_of_time(started):
+                if any_all(should_stop() or self._out_of_time(started), self.world, self.device):
                     st.epoch_seconds += time.perf_counter() - tic
                     st.loss_sum = self._finite(loss_sum)
-                    yield Saved(st.epoch, self.save(LATEST, state))
+                    yield Saved(st.epoch, self.save(LATEST, self._gather(state)))
                     reason = "interrupted" if should_stop() else "time_limit"
                     yield self.finished(reason, math.exp(st.loss_sum / st.tokens))
                     return
@@ -448,7 +463,8 @@ class Trainer:
                 seconds=seconds,
                 lr=self.optimizer.param_groups[0]["lr"],
             )
-            self.store.append_metrics({**asdict(record), "train_loss": train_loss, "global_step": st.global_step})
+            if self.world.is_main:
+                self.store.append_metrics({**asdict(record), "train_loss": train_loss, "global_step": st.global_step})
             yield record
             if t.sample_every and st.epoch % t.sample_every == 0 and st.epoch < t.epochs:
                 yield from self.sample()
@@ -473,9 +489,16 @@ class Trainer:
             yield Saved(self.state.epoch, self.save(BEST, carry))
         yield Evaluated(self.state.epoch, self.state.global_step, math.exp(loss), bits_per_char(loss), best)
 
+    def _gather(self, state: State | None) -> State | None:
+        """The carried (H, C) of every stream, from every process, for a mid-epoch checkpoint."""
+        if state is None or not self.world.active:
+            return state
+        H, C = (torch.cat(all_gather(s.detach().contiguous(), self.world), dim=1) for s in state)
+        return H, C
+
     def _finite(self, loss_sum: torch.Tensor) -> float:
-        """The loss sum as a float; a NaN or Inf stops training before anything is saved."""
-        value = loss_sum.item()
+        """The loss sum over all processes as a float; a NaN or Inf stops training before anything is saved."""
+        value = sum_all(loss_sum, self.world).item()
         if not math.isfinite(value):
             last = "the last good checkpoint is kept" if self.store.has_checkpoint() else "no checkpoint was written"
             raise TrainingError(

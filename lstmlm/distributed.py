@@ -1,0 +1,95 @@
+"""Data-parallel training under torchrun: which process this is, and the few collectives we need.
+
+`torchrun --nproc_per_node N -m lstmlm train ...` starts N processes with RANK, WORLD_SIZE and
+LOCAL_RANK set. Each trains the same model on its own share of every batch's rows (streams);
+DistributedDataParallel averages the gradients, so the update equals one process's update on
+the whole batch. Only rank 0 writes the run store and prints.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import ConfigError, DeviceError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+    def rows(self, batch_size: int) -> slice:
+        """This process's share of a batch's rows: a contiguous block, disjoint from the others'."""
+        share = batch_size // self.size
+        return slice(self.rank * share, (self.rank + 1) * share)
+
+
+def from_environment() -> World:
+    """The world torchrun describes, or a single process."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def start(world: World, device: torch.device, batch_size: int) -> torch.device:
+    """Join the process group (nccl on CUDA, gloo on CPU); return this process's device."""
+    if not world.active:
+        return device
+    if batch_size % world.size:
+        raise ConfigError(f"batch_size {batch_size} must be divisible by the {world.size} processes")
+    if device.type == "cuda":
+        if torch.cuda.device_count() <= world.local_rank:
+            raise DeviceError(f"local rank {world.local_rank} has no GPU ({torch.cuda.device_count()} visible)")
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def stop(world: World) -> None:
+    if world.active and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def sum_all(value: torch.Tensor, world: World) -> torch.Tensor:
+    """The sum of `value` over all processes (itself in a single process)."""
+    if world.active:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def all_gather(value: torch.Tensor, world: World) -> list[torch.Tensor]:
+    """`value` from every process, in rank order."""
+    parts = [torch.empty_like(value) for _ in range(world.size)]
+    dist.all_gather(parts, value)
+    return parts
+
+
+def any_all(flag: bool, world: World, device: torch.device) -> bool:
+    """True on every process when it is true on one: all stop at the same batch or none does."""
+    if not world.active:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier(world: World) -> None:
+    if world.active:
+        dist.barrier()

@@ -1,0 +1,102 @@
+"""Data-parallel training under torchrun, on two CPU processes with gloo.
+
+Each test run is a real `torchrun --standalone --nproc_per_node 2 -m lstmlm train` subprocess:
+the same command a user types.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lstmlm.checkpoint import RunStore
+
+EPOCHS = 4
+TRAIN = ["--hidden", "24", "--batch-size", "8", "--num-steps", "10", "--checkpoint-every", "1", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text("the time traveller held in his hand a glittering metallic framework\n" * 40)
+    return path
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "LSTMLM_DEBUG": "0"}
+
+
+def run_train(corpus: Path, runs: Path, name: str, nproc: int, *extra: str) -> list[dict]:
+    """The JSON events of one training command, under torchrun when nproc > 1."""
+    train = ["-m", "lstmlm", "train", "--corpus", str(corpus), "--runs-dir", str(runs), "--name", name, "--json", *TRAIN, *extra]
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    result = subprocess.run([sys.executable, *launcher, *train], capture_output=True, text=True, env=_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def perplexities(events: list[dict]) -> list[float]:
+    return [e["train_perplexity"] for e in events if e["event"] == "epoch"]
+
+
+@pytest.fixture(scope="module")
+def runs(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """One process, two processes straight, and two processes stopped halfway then resumed."""
+    root = tmp_path_factory.mktemp("runs")
+    single = run_train(corpus, root, "single", 1, "--epochs", str(EPOCHS))
+    double = run_train(corpus, root, "double", 2, "--epochs", str(EPOCHS))
+    first = run_train(corpus, root, "resumed", 2, "--epochs", str(EPOCHS // 2))
+    rest = run_train(corpus, root, "resumed", 2, "--epochs", str(EPOCHS), "--resume")
+    return {"root": root, "single": single, "double": double, "first": first, "rest": rest}
+
+
+def test_two_processes_follow_one_process(runs: dict) -> None:
+    # The two processes' gradients are averaged by DDP: the mean of two half-batch means equals
+    # the whole batch's mean up to float rounding in the summation order (~1e-7 relative per
+    # step in fp32), so a few epochs agree to well within 1e-4.
+    one, two = perplexities(runs["single"]), perplexities(runs["double"])
+    assert len(one) == len(two) == EPOCHS
+    assert two == pytest.approx(one, rel=1e-4)
+    assert two[-1] < two[0]  # and it learns
+
+
+def test_resume_under_torchrun_is_exact(runs: dict) -> None:
+    straight = perplexities(runs["double"])
+    resumed = perplexities(runs["first"]) + perplexities(runs["rest"])
+    assert resumed == straight
+    done = [e for e in runs["rest"] if e["event"] == "done"][0]
+    assert done["epochs"] == EPOCHS
+
+
+def test_only_rank_zero_writes(runs: dict) -> None:
+    root: Path = runs["root"]
+    assert sorted(p.name for p in root.iterdir()) == ["double", "resumed", "single"]  # no "double-2"
+    store = RunStore.open(root / "double")
+    assert [r["epoch"] for r in store.read_metrics()] == list(range(1, EPOCHS + 1))  # each epoch once
+    assert sorted(p.name for p in (root / "double").iterdir() if not p.name.startswith(".")) == [
+        "config.json", "latest.pt", "metrics.jsonl", "vocab.json"
+    ]
+    assert len([e for e in runs["double"] if e["event"] == "done"]) == 1  # one process reports
+
+
+def test_distributed_run_generates_on_one_cpu(runs: dict) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lstmlm", "generate", "--runs-dir", str(runs["root"]), "--run", "double", "--length", "20"],
+        capture_output=True, text=True, env=_env(), timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("time traveller") and len(result.stdout.rstrip("\n")) == len("time traveller") + 20
+
+
+def test_batch_not_divisible_by_processes_is_refused(corpus: Path, tmp_path: Path) -> None:
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = ["-m", "lstmlm", "train", "--corpus", str(corpus), "--runs-dir", str(tmp_path), "--batch-size", "7", "--epochs", "1"]
+    result = subprocess.run([sys.executable, *launcher, *args], capture_output=True, text=True, env=_env(), timeout=120)
+    assert result.returncode != 0
+    assert "batch_size 7 must be divisible by the 2 processes" in result.stderr
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,7 @@ from .lstm import State
 from .model import CharLM, convert, loss_fn
 from .vocab import Vocab
 
+MAX_LOSS = math.log(sys.float_info.max)  # nats per character; above it exp (perplexity) overflows
 SAMPLE_LENGTH = 50  # characters per progress sample, as d2l
 D2L_PREFIXES = ("time traveller", "traveller")
 
@@ -310,7 +312,9 @@ class Trainer:
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg.train, s, self.steps_per_epoch)
         )
-        self.state = TrainerState(epoch_rng=random.Random(cfg.train.seed).getstate())
+        # the dropout stream's start, owned by this trainer: run() restores it, so another
+        # trainer built (or anything random done) in between cannot change this run
+        self.state = TrainerState(epoch_rng=random.Random(cfg.train.seed).getstate(), torch_rng=torch.get_rng_state())
         self.samples: dict[str, str] = {}
 
     def resume(self) -> None:
@@ -334,6 +338,9 @@ class Trainer:
 
     def save(self, which: str = LATEST, carry: State | None = None) -> str:
         """Write a checkpoint (on the main process only; the others' state is the same or derived)."""
+        bad = [k for k, v in self.model.state_dict().items() if v.is_floating_point() and not bool(v.isfinite().all())]
+        if bad:  # the loss is measured before the update, so the last update can break the weights unseen
+            self._diverged(f"the weights became non-finite ({', '.join(bad[:3])}) in epoch {self.state.epoch + (self.state.step > 0)}")
         if not self.world.is_main:
             return ""
         st = self.state
@@ -348,6 +355,8 @@ class Trainer:
         """(validation loss, whether it is the best so far), saving `best` when it is."""
         d = self.cfg.data
         loss, _ = evaluate(self.model, self.data.val, d.batch_size, d.num_steps, self.device, self.precision)
+        if not loss <= MAX_LOSS:  # NaN, Inf, or a perplexity that overflows
+            self._diverged(f"the validation loss became {loss:.4g} after {self.state.global_step} steps")
         st = self.state
         st.last_val = loss
         improved = st.best_val is None or loss < st.best_val
@@ -400,6 +409,8 @@ class Trainer:
         )
         started = time.perf_counter()
         train_ppl = math.nan
+        if st.torch_rng is not None:
+            torch.set_rng_state(st.torch_rng)
         self.model.train()
         while st.epoch < t.epochs:
             rng = random.Random()
@@ -500,12 +511,15 @@ class Trainer:
         """The loss sum over all processes as a float; a NaN or Inf stops training before anything is saved."""
         value = sum_all(loss_sum, self.world).item()
         if not math.isfinite(value):
-            last = "the last good checkpoint is kept" if self.store.has_checkpoint() else "no checkpoint was written"
-            raise TrainingError(
-                f"the loss became {value} in epoch {self.state.epoch + 1} (learning rate too high?); "
-                f"training stopped and {last}"
-            )
+            self._diverged(f"the loss became {value} in epoch {self.state.epoch + 1}")
+        mean = value / max(1, self.state.tokens)
+        if mean > MAX_LOSS:  # finite, but its perplexity is not: the run has diverged
+            self._diverged(f"the loss became {mean:.4g} nats per character in epoch {self.state.epoch + 1}")
         return value
+
+    def _diverged(self, what: str) -> None:
+        last = "the last good checkpoint is kept" if self.store.has_checkpoint() else "no checkpoint was written"
+        raise TrainingError(f"{what} (learning rate too high?); training stopped and {last}")
 
     def _out_of_time(self, started: float) -> bool:
         limit = self.cfg.train.max_minutes

@@ -155,3 +155,50 @@ def start_server() -> Iterator[Callable[[Path], LoopbackServer]]:
 def http_server(serve_dir: Path, start_server: Callable[[Path], LoopbackServer]) -> LoopbackServer:
     """A threaded HTTP server on 127.0.0.1 (a free port) serving `serve_dir`."""
     return start_server(serve_dir)
+
+
+# ---- small training runs ----------------------------------------------------------------------
+
+# A few thousand characters of word salad over d2l-like words: fast to train on, learnable within
+# a few epochs, and it holds every character of "time traveller" (so d2l samples work on it).
+_WORDS = (
+    "the time traveller for so it will be convenient to speak of him was expounding a recondite "
+    "matter to us his grey eyes shone and twinkled and his usually pale face was flushed and animated"
+).split()
+
+
+def synthetic_text(lines: int = 60, seed: int = 1234) -> str:
+    import random
+
+    rng = random.Random(seed)
+    return "".join(" ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 12))) + "\n" for _ in range(lines))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    """The suite shares two cores: one torch thread per process avoids oversubscription."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def corpus_file(tmp_path: Path) -> Path:
+    """A local synthetic corpus (about 4,000 characters, letters, spaces and newlines)."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(synthetic_text(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def runs_dir(tmp_path: Path) -> Path:
+    return tmp_path / "runs"
+
+
+@pytest.fixture
+def tiny_train_args(corpus_file: Path, runs_dir: Path) -> list[str]:
+    """`lstmlm train` options for a tiny model on `corpus_file` (raw text): a second or so per run."""
+    return [
+        "train", "--corpus", str(corpus_file), "--normalize", "raw", "--runs-dir", str(runs_dir),
+        "--hidden", "16", "--batch-size", "8", "--num-steps", "10", "--epochs", "2", "--device", "cpu",
+    ]  # fmt: skip

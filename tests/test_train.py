@@ -1,0 +1,266 @@
+"""The training loop: the loss falls, perplexity is what d2l computes, runs are reproducible,
+resume is exact (bitwise) at epoch edges and mid-epoch, and a non-finite loss keeps the last
+good checkpoint."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lstmlm.train as train_mod
+from lstmlm import batches
+from lstmlm.checkpoint import LATEST, RunStore, load_checkpoint
+from lstmlm.config import Config
+from lstmlm.errors import TrainingError
+from lstmlm.model import CharLM
+from lstmlm.train import EpochEnded, Finished, Saved, Trainer, prepare_data
+
+CPU = torch.device("cpu")
+
+
+def tiny_config(corpus: Path, **overrides: Any) -> Config:
+    base = {
+        "corpus": str(corpus), "normalize": "raw", "hidden": 16, "batch_size": 8, "num_steps": 10,
+        "epochs": 3, "device": "cpu", "val_fraction": 0.1,
+    }  # fmt: skip
+    return Config().with_overrides({**base, **overrides}).resolved()
+
+
+def new_trainer(root: Path, cfg: Config) -> Trainer:
+    data = prepare_data(cfg)
+    store = RunStore.open(root) if (root / "config.json").exists() else RunStore.create(root, cfg, data.vocab)
+    return Trainer(store, cfg, data, CPU, "fp32")
+
+
+def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def epoch_losses(store: RunStore) -> list[tuple[int, float, float | None]]:
+    return [(r["epoch"], r["train_loss"], r["val_perplexity"]) for r in store.read_metrics()]
+
+
+# ---- the loss, and perplexity as d2l computes it -------------------------------------------------
+
+
+def test_loss_falls(tmp_path: Path, corpus_file: Path) -> None:
+    cfg = tiny_config(corpus_file, epochs=5, optimizer="adam", lr=0.01, hidden=32)
+    events = list(new_trainer(tmp_path / "run", cfg).run())
+    ppl = [e.train_perplexity for e in events if isinstance(e, EpochEnded)]
+    val = [e.val_perplexity for e in events if isinstance(e, EpochEnded)]
+    assert len(ppl) == 5
+    assert all(b < a for a, b in zip(ppl, ppl[1:])), ppl
+    assert ppl[-1] < 0.6 * ppl[0]
+    assert val[-1] < val[0]
+    done = events[-1]
+    assert isinstance(done, Finished) and done.reason == "completed" and done.perplexity == ppl[-1]
+
+
+def d2l_grad_clipping(net: torch.nn.Module, theta: float) -> None:
+    """d2l's grad_clipping: scale every gradient by θ/‖g‖ when the global norm exceeds θ."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    norm = torch.sqrt(sum(torch.sum(p.grad**2) for p in params))
+    if norm > theta:
+        for p in params:
+            p.grad[:] *= theta / norm
+
+
+def d2l_train_epoch(net: CharLM, ids: torch.Tensor, batch_size: int, num_steps: int, rng: random.Random, lr: float) -> float:
+    """d2l's train_epoch_ch8 with the sequential iterator: returns exp(token-weighted mean loss)."""
+    state = None
+    total, count = 0.0, 0
+    for X, Y in batches.sequential(ids, batch_size, num_steps, rng):
+        if state is not None:
+            state = tuple(s.detach() for s in state)  # the first batch starts from a zero state
+        y_hat, state = net(X, state)
+        loss = F.cross_entropy(y_hat.reshape(-1, y_hat.shape[-1]), Y.reshape(-1))  # the mean
+        net.zero_grad()
+        loss.backward()
+        d2l_grad_clipping(net, 1.0)
+        with torch.no_grad():
+            for p in net.parameters():
+                p -= lr * p.grad
+        total += loss.item() * Y.numel()
+        count += Y.numel()
+    return math.exp(total / count)
+
+
+@pytest.mark.parametrize("normalize", ["d2l", "raw"])
+def test_perplexity_is_exp_of_the_token_weighted_mean_loss(tmp_path: Path, corpus_file: Path, normalize: str) -> None:
+    """The reported perplexity equals d2l's, recomputed here from the same batches and init."""
+    cfg = tiny_config(corpus_file, normalize=normalize, epochs=3, val_fraction=0.0, lr=1.0, clip=1.0)
+    trainer = new_trainer(tmp_path / "run", cfg)
+    reported = [e.train_perplexity for e in trainer.run() if isinstance(e, EpochEnded)]
+
+    torch.manual_seed(cfg.train.seed)  # the trainer's init, on the seed's N(0, 0.01²)
+    net = CharLM.from_config(cfg.model, len(trainer.data.vocab))
+    rng = random.Random(cfg.train.seed)  # the data order: one generator across the epochs
+    mine = [d2l_train_epoch(net, trainer.data.train, cfg.data.batch_size, cfg.data.num_steps, rng, 1.0) for _ in range(3)]
+
+    # clip_grad_norm_ divides by ‖g‖ + 1e-6 where d2l divides by ‖g‖: equal up to rounding
+    assert reported == pytest.approx(mine, rel=1e-5)
+    assert [r["train_perplexity"] for r in trainer.store.read_metrics()] == reported
+
+
+def test_validation_perplexity_is_exp_of_the_mean_loss_per_character(tmp_path: Path, corpus_file: Path) -> None:
+    """evaluate() predicts each validation character once; check it one character at a time."""
+    cfg = tiny_config(corpus_file, epochs=1, val_fraction=0.2)
+    trainer = new_trainer(tmp_path / "run", cfg)
+    events = list(trainer.run())
+    val = trainer.data.val
+    net = trainer.model.eval()
+    streams = min(cfg.data.batch_size, (len(val) - 1) // cfg.data.num_steps)
+    columns = (len(val) - 1) // streams
+    total = 0.0
+    with torch.no_grad():
+        for row in range(streams):  # each stream from a zero state, one character at a time
+            state, start = None, row * columns
+            for t in range(columns):
+                logits, state = net(val[start + t : start + t + 1].long().reshape(1, 1), state)
+                total += F.cross_entropy(logits.reshape(1, -1), val[start + t + 1 : start + t + 2].long()).item()
+    expected = math.exp(total / (streams * columns))
+    reported = [e.val_perplexity for e in events if isinstance(e, EpochEnded)]
+    assert reported == [pytest.approx(expected, rel=1e-5)]
+
+
+# ---- reproducibility and exact resume -------------------------------------------------------------
+
+
+def test_same_seed_same_run_and_samples(tmp_path: Path, corpus_file: Path) -> None:
+    cfg = tiny_config(corpus_file, epochs=2, dropout=0.2, layers=2, iterator="random")
+    runs = [new_trainer(tmp_path / name, cfg) for name in ("a", "b")]
+    finished = [list(t.run())[-1] for t in runs]
+    assert_bitwise_equal(weights(runs[0]), weights(runs[1]))
+    assert finished[0].samples == finished[1].samples and finished[0].samples
+    assert epoch_losses(runs[0].store) == epoch_losses(runs[1].store)
+    other = new_trainer(tmp_path / "c", tiny_config(corpus_file, epochs=2, dropout=0.2, layers=2, iterator="random", seed=1))
+    list(other.run())
+    assert not torch.equal(weights(other)["W_hq"], weights(runs[0])["W_hq"])
+
+
+RESUME_CASES = [
+    pytest.param("sequential", "scratch", id="sequential-scratch"),
+    pytest.param("random", "scratch", id="random-scratch"),
+    pytest.param("sequential", "cudnn", id="sequential-cudnn"),
+    pytest.param("random", "cudnn", id="random-cudnn"),
+]
+
+
+@pytest.mark.parametrize(("iterator", "model"), RESUME_CASES)
+def test_resume_mid_epoch_is_bitwise_exact(tmp_path: Path, corpus_file: Path, iterator: str, model: str) -> None:
+    """Stop after k batches (as SIGINT does), resume in a fresh trainer: the same weights and the
+    same per-epoch losses as a run never stopped; dropout > 0 so the torch RNG matters."""
+    cfg = tiny_config(corpus_file, epochs=2, dropout=0.3, layers=2, iterator=iterator, model=model, checkpoint_every=5)
+    straight = new_trainer(tmp_path / "straight", cfg)
+    list(straight.run())
+
+    first = new_trainer(tmp_path / "stopped", cfg)
+    stop_after = first.steps_per_epoch + 3  # inside the second epoch, state carried
+    events = list(first.run(lambda: first.state.global_step >= stop_after))
+    assert events[-1].reason == "interrupted" and isinstance(events[-2], Saved)
+    torch.manual_seed(12345)  # whatever the process did in between must not matter
+    resumed = new_trainer(tmp_path / "stopped", cfg)
+    resumed.resume()
+    assert resumed.state.step == 3 and resumed.state.epoch == 1
+    list(resumed.run())
+
+    assert_bitwise_equal(weights(straight), weights(resumed))
+    assert epoch_losses(straight.store) == epoch_losses(resumed.store)
+
+
+@pytest.mark.parametrize(("iterator", "model"), RESUME_CASES[:2])
+def test_resume_at_an_epoch_edge_is_bitwise_exact(tmp_path: Path, corpus_file: Path, iterator: str, model: str) -> None:
+    """4 epochs straight == 2 epochs, a new process-like trainer, then 2 more."""
+    args = {"dropout": 0.3, "layers": 2, "iterator": iterator, "model": model}
+    straight = new_trainer(tmp_path / "straight", tiny_config(corpus_file, epochs=4, **args))
+    list(straight.run())
+    list(new_trainer(tmp_path / "split", tiny_config(corpus_file, epochs=2, **args)).run())
+    torch.manual_seed(999)
+    rest = new_trainer(tmp_path / "split", tiny_config(corpus_file, epochs=4, **args))
+    rest.resume()
+    assert rest.state.epoch == 2
+    ended = [e.epoch for e in rest.run() if isinstance(e, EpochEnded)]
+    assert ended == [3, 4]
+    assert_bitwise_equal(weights(straight), weights(rest))
+    assert epoch_losses(straight.store) == epoch_losses(rest.store)
+
+
+def test_resume_drops_metrics_no_checkpoint_holds(tmp_path: Path, corpus_file: Path) -> None:
+    """A crash after an epoch was logged but before its checkpoint: resume re-logs it once."""
+    cfg = tiny_config(corpus_file, epochs=3, checkpoint_every=2)
+    trainer = new_trainer(tmp_path / "run", cfg)
+    for event in trainer.run():
+        if isinstance(event, EpochEnded) and event.epoch == 3:
+            break  # "killed" after logging epoch 3, whose checkpoint is never written
+    assert [r["epoch"] for r in trainer.store.read_metrics()] == [1, 2, 3]
+    again = new_trainer(tmp_path / "run", cfg)
+    again.resume()
+    list(again.run())
+    assert [r["epoch"] for r in again.store.read_metrics()] == [1, 2, 3]
+
+
+# ---- non-finite losses ----------------------------------------------------------------------------
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path: Path, corpus_file: Path) -> None:
+    cfg = tiny_config(corpus_file, epochs=4, checkpoint_every=1, val_fraction=0.0)
+    trainer = new_trainer(tmp_path / "run", cfg)
+    events = trainer.run()
+    for event in events:
+        if isinstance(event, Saved) and event.epoch == 2:
+            break
+    good = trainer.store.path(LATEST).read_bytes()
+    with torch.no_grad():
+        trainer.model.W_hq.fill_(math.nan)  # the third epoch's losses are all NaN
+    with pytest.raises(TrainingError, match=r"the loss became nan in epoch 3 .*last good checkpoint is kept"):
+        list(events)
+    assert trainer.store.path(LATEST).read_bytes() == good
+    assert load_checkpoint(trainer.store.path(LATEST))["trainer"]["state"]["epoch"] == 2
+    assert [r["epoch"] for r in trainer.store.read_metrics()] == [1, 2]
+
+
+def test_weights_broken_by_the_last_step_are_not_checkpointed(
+    tmp_path: Path, corpus_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loss is measured before the update: if the epoch's last update makes the weights
+    non-finite, every recorded loss is finite, yet the checkpoint must not take them."""
+    cfg = tiny_config(corpus_file, epochs=3, checkpoint_every=1, val_fraction=0.0)
+    trainer = new_trainer(tmp_path / "run", cfg)
+    real_step = train_mod.train_step
+
+    def step(model: CharLM, *args: Any, **kwargs: Any) -> Any:
+        loss, state = real_step(model, *args, **kwargs)
+        if trainer.state.epoch == 1 and trainer.state.step == trainer.steps_per_epoch - 1:
+            with torch.no_grad():
+                model.b_q.fill_(math.inf)  # the second epoch's last update overflows
+        return loss, state
+
+    monkeypatch.setattr(train_mod, "train_step", step)
+    events = trainer.run()
+    for event in events:
+        if isinstance(event, Saved) and event.epoch == 1:
+            break
+    good = trainer.store.path(LATEST).read_bytes()
+    with pytest.raises(TrainingError, match=r"the weights became non-finite \(b_q\) in epoch 2 .*last good checkpoint is kept"):
+        list(events)
+    assert trainer.store.path(LATEST).read_bytes() == good
+
+
+def test_lr_too_high_stops_before_anything_is_saved(tmp_path: Path, corpus_file: Path) -> None:
+    cfg = tiny_config(corpus_file, epochs=2, lr=1e6, clip=0.0, val_fraction=0.0)
+    trainer = new_trainer(tmp_path / "run", cfg)
+    with pytest.raises(TrainingError, match=r"the loss became .* in epoch 1 \(learning rate too high\?\); training stopped and no checkpoint was written"):
+        list(trainer.run())
+    assert not trainer.store.has_checkpoint()

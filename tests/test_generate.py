@@ -1,0 +1,126 @@
+"""Generation: greedy equals d2l's predict_ch8, sampling is seeded, both cores generate the
+same text from the same weights, and prefixes are normalized (d2l) or checked (raw)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lstmlm.errors import VocabError
+from lstmlm.generate import choose_next, complete, generate, prepare_prefix
+from lstmlm.model import CharLM, convert
+from lstmlm.vocab import Vocab
+
+from conftest import synthetic_text
+
+VOCAB = Vocab.build(synthetic_text(), order="frequency")
+
+
+def lively_model(core: str = "scratch", layers: int = 1, seed: int = 0) -> CharLM:
+    """An untrained model with weights large enough that argmax changes from step to step."""
+    torch.manual_seed(seed)
+    net = CharLM(len(VOCAB), num_hiddens=24, num_layers=layers, core=core)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.8)
+    return net.eval()
+
+
+def predict_ch8(prefix: str, num_preds: int, net: CharLM, vocab: Vocab) -> str:
+    """d2l's predict_ch8: warm up on the prefix one character at a time, then feed back the argmax."""
+    state = net.begin_state(batch_size=1)
+    outputs = [vocab.index[prefix[0]]]
+    get_input = lambda: torch.tensor([outputs[-1]]).reshape((1, 1))  # noqa: E731
+    for y in prefix[1:]:  # warm-up period
+        _, state = net(get_input(), state)
+        outputs.append(vocab.index[y])
+    for _ in range(num_preds):  # predict num_preds steps
+        y, state = net(get_input(), state)  # y: (1, 1, vocab) here; d2l's is (1, vocab)
+        outputs.append(int(y.reshape(1, -1).argmax(dim=1).reshape(1)))
+    return "".join(vocab.tokens[i] for i in outputs)
+
+
+@pytest.mark.parametrize(("core", "layers"), [("scratch", 1), ("scratch", 2), ("cudnn", 1), ("cudnn", 2)])
+@pytest.mark.parametrize("prefix", ["time traveller", "t", "the "])
+def test_greedy_equals_d2l_predict(core: str, layers: int, prefix: str) -> None:
+    net = lively_model(core, layers)
+    with torch.no_grad():
+        expected = predict_ch8(prefix, 40, net, VOCAB)
+    assert complete(net, VOCAB, prefix, 40) == expected
+    assert len(set(expected[len(prefix) :])) > 1  # not a constant continuation: the test has teeth
+
+
+def test_both_cores_generate_the_same_text_from_the_same_weights() -> None:
+    for source, target in (("scratch", "cudnn"), ("cudnn", "scratch")):
+        net = lively_model(source, layers=2)
+        twin = CharLM(len(VOCAB), num_hiddens=24, num_layers=2, core=target).eval()
+        twin.load_state_dict(convert(net.state_dict(), target))
+        assert complete(twin, VOCAB, "time traveller", 60) == complete(net, VOCAB, "time traveller", 60)
+        for seed in (0, 1):
+            options = {"temperature": 0.8, "top_k": 5, "seed": seed}
+            assert complete(twin, VOCAB, "time", 60, **options) == complete(net, VOCAB, "time", 60, **options)
+
+
+# ---- sampling -------------------------------------------------------------------------------------
+
+
+def test_same_seed_same_samples_different_seed_different_samples() -> None:
+    net = lively_model()
+    first = complete(net, VOCAB, "time", 80, temperature=1.0, seed=7)
+    assert complete(net, VOCAB, "time", 80, temperature=1.0, seed=7) == first
+    assert complete(net, VOCAB, "time", 80, temperature=1.0, seed=8) != first
+
+
+def test_sampling_leaves_the_global_rng_alone() -> None:
+    net = lively_model()
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    complete(net, VOCAB, "time", 30, temperature=1.0, seed=1)
+    complete(net, VOCAB, "time", 30, temperature=1.0)  # unseeded: its own fresh generator
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_top_k_1_and_a_tiny_top_p_are_greedy() -> None:
+    net = lively_model()
+    greedy = complete(net, VOCAB, "time", 50)
+    assert complete(net, VOCAB, "time", 50, temperature=1.5, top_k=1, seed=0) == greedy
+    assert complete(net, VOCAB, "time", 50, temperature=1.5, top_p=1e-6, seed=0) == greedy
+
+
+def test_choose_next_samples_only_inside_top_k_and_top_p() -> None:
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
+    gen = torch.Generator().manual_seed(0)
+    assert set(choose_next(logits, 1.0, top_k=2, generator=gen).tolist()) == {0, 1}
+    # softmax: 0.636, 0.234, 0.086, ...: top-p 0.8 keeps the first two (0.636 < 0.8 ≤ 0.870)
+    assert set(choose_next(logits, 1.0, top_p=0.8, generator=gen).tolist()) == {0, 1}
+    assert set(choose_next(logits, 1.0, generator=gen).tolist()) == {0, 1, 2, 3, 4}
+    assert choose_next(logits[:3], 0.0).tolist() == [0, 0, 0]
+
+
+def test_several_samples_are_independent_and_reproducible() -> None:
+    net = lively_model()
+    steps = lambda: ["".join(c) for c in zip(*generate(net, VOCAB, "time", 40, 1.0, num_samples=3, seed=5))]  # noqa: E731
+    samples = steps()
+    assert len(samples) == 3 and len(set(samples)) == 3
+    assert steps() == samples
+
+
+# ---- prefixes -------------------------------------------------------------------------------------
+
+
+def test_d2l_prefix_is_normalized_as_the_training_text() -> None:
+    assert prepare_prefix("Time Traveller!", VOCAB, "d2l") == "time traveller"
+    assert prepare_prefix("  THE\tTime--machine ", VOCAB, "d2l") == "the time machine"
+
+
+def test_d2l_prefix_that_normalizes_to_nothing_is_an_error() -> None:
+    with pytest.raises(VocabError, match="the prefix is empty after d2l normalization"):
+        prepare_prefix("1984!", VOCAB, "d2l")
+
+
+def test_raw_prefix_with_unknown_characters_lists_them() -> None:
+    with pytest.raises(VocabError, match=r"prefix characters outside the model's vocabulary: '!' 'T' 'é'"):
+        prepare_prefix("Time é traveller!", VOCAB, "raw")
+    assert prepare_prefix("time traveller", VOCAB, "raw") == "time traveller"
+

@@ -133,7 +133,7 @@ class CudnnLSTM(nn.Module):
     def forward(self, X: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         state = check_input(X, state, self.num_inputs, self.num_hiddens, self.num_layers, self.lstm.weight_ih_l0)
         if not X.is_floating_point():  # nn.LSTM multiplies its input: one-hot it (cheap at char vocab sizes)
-            X = F.one_hot(X, self.num_inputs).to(self.lstm.weight_ih_l0.dtype)
+            X = F.one_hot(X.long(), self.num_inputs).to(self.lstm.weight_ih_l0.dtype)
         outputs, (H, C) = self.lstm(X, state)
         return outputs, (H, C)
 
@@ -156,7 +156,7 @@ def check_input(
         if X.device.type == "cpu" and X.numel() and (int(X.min()) < 0 or int(X.max()) >= num_inputs):
             raise ShapeError(f"ids must lie in [0, {num_inputs}), got [{int(X.min())}, {int(X.max())}]")
     else:
-        raise ShapeError(f"input must be int64 ids or floating point, got {X.dtype}")
+        raise ShapeError(f"input must be int64 or int32 ids or floating point, got {X.dtype}")
     batch_size = X.shape[1]
     if state is None:
         return zero_state(num_layers, batch_size, num_hiddens, weight)

@@ -1,0 +1,244 @@
+"""The two recurrent cores compute the same function.
+
+With weights converted between them, the article's scratch LSTM (the per-gate reference loop
+and the fused path) and torch's nn.LSTM give the same outputs, final state and gradients of
+every parameter, input and initial state: to 1e-5 in float32 and 1e-10 in float64 (relative to
+the size of the values compared, so large gradients are not held to a tighter bound than their
+float precision allows).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck
+from torch.func import functional_call
+
+from lstmlm.errors import ShapeError
+from lstmlm.lstm import CudnnLSTM, ScratchLSTM, State, project
+from lstmlm.model import cudnn_to_scratch, scratch_to_cudnn
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+# (steps, batch, inputs, hiddens, layers)
+SHAPES = [(1, 1, 3, 4, 1), (7, 5, 10, 8, 1), (6, 3, 10, 8, 3), (12, 4, 28, 16, 2)]
+SHAPE_IDS = ["1x1", "7x5", "3-layers", "2-layers-vocab28"]
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
+    """|actual - expected| ≤ tol · max(1, max|expected|): absolute for values of order one,
+    relative for large gradients."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    diff = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert diff <= tol * scale, f"{what}: max difference {diff:.3g} > {tol:.0e} × {scale:.3g}"
+
+
+def to_cudnn(core_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A ScratchLSTM state dict → a CudnnLSTM one (model.py converts CharLM keys, `core.`-prefixed)."""
+    converted = scratch_to_cudnn({f"core.{k}": v for k, v in core_state.items()})
+    return {k.removeprefix("core."): v for k, v in converted.items()}
+
+
+def to_scratch(core_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    converted = cudnn_to_scratch({f"core.{k}": v for k, v in core_state.items()})
+    return {k.removeprefix("core."): v for k, v in converted.items()}
+
+
+def make_cores(
+    num_inputs: int, num_hiddens: int, num_layers: int, dtype: torch.dtype, seed: int = 0
+) -> tuple[ScratchLSTM, ScratchLSTM, CudnnLSTM]:
+    """The reference loop, the fused path and nn.LSTM with the same random weights.
+
+    The weights start as nn.LSTM's with both of its biases random, so the conversion's summing
+    of bias_ih and bias_hh is exercised too; their scale keeps the gates away from saturation.
+    """
+    torch.manual_seed(seed)
+    cudnn = CudnnLSTM(num_inputs, num_hiddens, num_layers).to(dtype)
+    with torch.no_grad():
+        for p in cudnn.parameters():
+            p.normal_(0.0, 0.5)
+    reference = ScratchLSTM(num_inputs, num_hiddens, num_layers, fused=False).to(dtype)
+    fused = ScratchLSTM(num_inputs, num_hiddens, num_layers, fused=True).to(dtype)
+    reference.load_state_dict(to_scratch(cudnn.state_dict()))
+    fused.load_state_dict(to_scratch(cudnn.state_dict()))
+    return reference, fused, cudnn
+
+
+def make_inputs(
+    steps: int, batch: int, num_inputs: int, num_hiddens: int, num_layers: int, dtype: torch.dtype, kind: str, initial: str
+) -> tuple[torch.Tensor, State | None]:
+    """Ids (steps, batch) or dense (steps, batch, inputs) inputs, and a zero (None) or random state."""
+    if kind == "ids":
+        X = torch.randint(0, num_inputs, (steps, batch))
+    else:
+        X = torch.randn(steps, batch, num_inputs, dtype=dtype, requires_grad=True)
+    if initial == "zero":
+        return X, None
+    shape = (num_layers, batch, num_hiddens)
+    H = torch.randn(shape, dtype=dtype, requires_grad=True)
+    C = torch.randn(shape, dtype=dtype, requires_grad=True)
+    return X, (H, C)
+
+
+def run(core: torch.nn.Module, X: torch.Tensor, state: State | None, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Outputs, final H and C, and the gradients of a loss that uses all three with respect to
+    the dense input and the initial state (where they require grad)."""
+    outputs, (H, C) = core(X, state)
+    loss = (outputs * weights).sum() + (H * H).sum() + C.sum()  # every output and both states reach the loss
+    leaves = [t for t in (X, *(state or ())) if t.requires_grad]
+    core.zero_grad(set_to_none=True)
+    grads = torch.autograd.grad(loss, leaves, retain_graph=True) if leaves else ()
+    loss.backward()
+    return (outputs.detach(), H.detach(), C.detach(), *grads)
+
+
+def scratch_grads_as_cudnn(core: ScratchLSTM) -> dict[str, torch.Tensor]:
+    """The scratch parameter gradients mapped through the same conversion as the weights."""
+    return to_cudnn({name: p.grad for name, p in core.named_parameters()})
+
+
+# ---- forward and backward equivalence -------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("kind", ["ids", "dense"])
+@pytest.mark.parametrize("initial", ["zero", "random"])
+def test_cores_agree(dtype: torch.dtype, shape: tuple[int, ...], kind: str, initial: str) -> None:
+    steps, batch, num_inputs, num_hiddens, num_layers = shape
+    reference, fused, cudnn = make_cores(num_inputs, num_hiddens, num_layers, dtype)
+    X, state = make_inputs(steps, batch, num_inputs, num_hiddens, num_layers, dtype, kind, initial)
+    weights = torch.randn(steps, batch, num_hiddens, dtype=dtype)
+    expected = run(cudnn, X, state, weights)
+    names = ["outputs", "final H", "final C", *(["dX"] if kind == "dense" else []), *(["dH0", "dC0"] if state else [])]
+    tol = TOL[dtype]
+    for scratch in (reference, fused):
+        actual = run(scratch, X, state, weights)
+        for name, a, e in zip(names, actual, expected, strict=True):
+            assert_close(a, e, tol, f"{'fused' if scratch.fused else 'reference'} {name}")
+        mapped = scratch_grads_as_cudnn(scratch)
+        for name, p in cudnn.named_parameters():
+            # nn.LSTM adds bias_ih and bias_hh: the gradient of each is the gradient of their sum, b.
+            expected_grad = mapped[name.replace("bias_hh", "bias_ih")]
+            assert_close(p.grad, expected_grad, tol, f"{'fused' if scratch.fused else 'reference'} d{name}")
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("kind", ["ids", "dense"])
+def test_gradcheck(fused: bool, kind: str) -> None:
+    """Analytic gradients of every parameter, the input and the initial state equal finite differences."""
+    torch.manual_seed(0)
+    steps, batch, num_inputs, num_hiddens, num_layers = 4, 2, 3, 3, 2
+    core = ScratchLSTM(num_inputs, num_hiddens, num_layers, fused=fused).double()
+    params = {name: (torch.randn_like(p) * 0.5).requires_grad_() for name, p in core.named_parameters()}
+    names = list(params)
+    X, (H0, C0) = make_inputs(steps, batch, num_inputs, num_hiddens, num_layers, torch.float64, kind, "random")
+
+    def f(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inputs = tensors[0] if kind == "dense" else X
+        H, C, *weights = tensors[1:] if kind == "dense" else tensors
+        outputs, state = functional_call(core, dict(zip(names, weights)), (inputs, (H, C)))
+        return outputs, *state
+
+    tensors = ((X,) if kind == "dense" else ()) + (H0, C0, *params.values())
+    assert gradcheck(f, tensors, eps=1e-6, atol=1e-7)
+
+
+# ---- state carried across chunks ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("core_name", ["reference", "fused", "cudnn"])
+def test_two_chunks_equal_one_run(core_name: str) -> None:
+    """The final state of the first chunk, fed to the second, continues the sequence exactly."""
+    reference, fused, cudnn = make_cores(10, 8, 2, torch.float64)
+    core = {"reference": reference, "fused": fused, "cudnn": cudnn}[core_name]
+    X = torch.randint(0, 10, (9, 3))
+    whole, (H, C) = core(X)
+    first, state = core(X[:4])
+    second, (H2, C2) = core(X[4:], state)
+    assert_close(torch.cat([first, second]), whole, 1e-12, "outputs")
+    assert_close(H2, H, 1e-12, "H")
+    assert_close(C2, C, 1e-12, "C")
+
+
+# ---- one-hot input as a row selection -------------------------------------------------------
+
+
+def test_row_selection_equals_one_hot_matmul() -> None:
+    """X_t W_x for one-hot X_t is the row of W_x at the id: exactly the seed's one-hot product."""
+    torch.manual_seed(0)
+    vocab_size, num_hiddens = 28, 16
+    W_x = torch.randn(vocab_size, num_hiddens)
+    X = torch.randint(0, vocab_size, (5, 7))  # (batch, steps), the seed's layout
+    literal = F.one_hot(X.T, vocab_size).float() @ W_x  # the seed: one-hot (steps, batch, vocab) times W
+    assert torch.equal(project(X.T, W_x), literal)
+
+
+@pytest.mark.parametrize("core_name", ["reference", "fused", "cudnn"])
+def test_ids_equal_one_hot_vectors(core_name: str) -> None:
+    reference, fused, cudnn = make_cores(10, 8, 2, torch.float64)
+    core = {"reference": reference, "fused": fused, "cudnn": cudnn}[core_name]
+    X = torch.randint(0, 10, (6, 4))
+    by_id, (H, C) = core(X)
+    by_vector, (H2, C2) = core(F.one_hot(X, 10).double())
+    assert_close(by_id, by_vector, 1e-12, "outputs")
+    assert_close(H, H2, 1e-12, "H")
+    assert_close(C, C2, 1e-12, "C")
+
+
+# ---- conversion ------------------------------------------------------------------------------
+
+
+def test_conversion_round_trip_is_exact() -> None:
+    reference, _, _ = make_cores(10, 8, 3, torch.float32)
+    state = reference.state_dict()
+    back = to_scratch(to_cudnn(state))
+    assert back.keys() == state.keys()
+    for name, value in state.items():
+        assert torch.equal(back[name], value), name
+
+
+# ---- refusing bad input ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("core_name", ["reference", "fused", "cudnn"])
+@pytest.mark.parametrize(
+    ("X", "state", "message"),
+    [
+        (torch.zeros(4, 2, dtype=torch.long), (torch.zeros(2, 3, 8), torch.zeros(2, 2, 8)),
+         "state H must be (2, 2, 8) (layers, batch, hiddens), got (2, 3, 8)"),
+        (torch.zeros(4, 2, dtype=torch.long), (torch.zeros(2, 2, 8), torch.zeros(1, 2, 8)),
+         "state C must be (2, 2, 8) (layers, batch, hiddens), got (1, 2, 8)"),
+        (torch.zeros(4, 2, dtype=torch.long), (torch.zeros(2, 2, 8, dtype=torch.long),) * 2,
+         "state H must be floating point, got torch.int64"),
+        (torch.zeros(4, 2, dtype=torch.long), torch.zeros(2, 2, 8), "state must be a tuple (H, C)"),
+        (torch.zeros(4, 2, 9), None, "dense input must be (steps, batch, 10), got (4, 2, 9)"),
+        (torch.zeros(4, 10), None, "dense input must be (steps, batch, 10), got (4, 10)"),
+        (torch.zeros(4, 2, 1, dtype=torch.long), None, "id input must be (steps, batch), got (4, 2, 1)"),
+        (torch.full((4, 2), 10), None, "ids must lie in [0, 10), got [10, 10]"),
+        (torch.full((4, 2), -1), None, "ids must lie in [0, 10), got [-1, -1]"),
+        (torch.zeros(4, 2, dtype=torch.bool), None, "input must be int64 or int32 ids or floating point, got torch.bool"),
+    ],
+    ids=["H-batch", "C-layers", "int-state", "not-tuple", "dense-width", "dense-2d", "ids-3d", "id-too-big",
+         "id-negative", "bool"],
+)
+def test_bad_input_is_refused(core_name: str, X: torch.Tensor, state: State | None, message: str) -> None:
+    reference, fused, cudnn = make_cores(10, 8, 2, torch.float32)
+    core = {"reference": reference, "fused": fused, "cudnn": cudnn}[core_name]
+    with pytest.raises(ShapeError, match=f"^{re.escape(message)}$"):
+        core(X, state)
+
+
+@pytest.mark.parametrize("core_name", ["reference", "fused", "cudnn"])
+def test_int32_ids_work_like_int64(core_name: str) -> None:
+    reference, fused, cudnn = make_cores(10, 8, 1, torch.float64)
+    core = {"reference": reference, "fused": fused, "cudnn": cudnn}[core_name]
+    X = torch.randint(0, 10, (5, 3))
+    assert_close(core(X.int())[0], core(X)[0], 0.0, "outputs")

@@ -1,0 +1,167 @@
+"""CharLM: the scratch and nn.LSTM models are one function after conversion, and the scratch
+model is the seed's own code, one-hot products and all."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lstmlm.errors import CheckpointError, ShapeError
+from lstmlm.model import CharLM, convert, core_of, loss_fn
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
+    """|actual - expected| ≤ tol · max(1, max|expected|)."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = max(1.0, expected.abs().max().item())
+    diff = (actual - expected).abs().max().item()
+    assert diff <= tol * scale, f"{what}: max difference {diff:.3g} > {tol:.0e} × {scale:.3g}"
+
+
+def make_pair(vocab_size: int, num_hiddens: int, num_layers: int, embedding: int, dtype: torch.dtype) -> tuple[CharLM, CharLM]:
+    """A scratch CharLM with random weights (large enough to use the nonlinearities) and the
+    nn.LSTM CharLM converted from it."""
+    torch.manual_seed(0)
+    scratch = CharLM(vocab_size, num_hiddens, num_layers, core="scratch", embedding=embedding).to(dtype)
+    with torch.no_grad():
+        for p in scratch.parameters():
+            p.normal_(0.0, 0.5)
+    cudnn = CharLM(vocab_size, num_hiddens, num_layers, core="cudnn", embedding=embedding).to(dtype)
+    cudnn.load_state_dict(convert(scratch.state_dict(), "cudnn"))
+    return scratch, cudnn
+
+
+def forward_backward(model: CharLM, X: torch.Tensor, Y: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None):
+    model.zero_grad(set_to_none=True)
+    logits, (H, C) = model(X, state)
+    loss_fn(logits, Y).backward()
+    return logits.detach(), H.detach(), C.detach()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("num_layers", [1, 3])
+@pytest.mark.parametrize("embedding", [0, 6], ids=["one-hot", "embedding"])
+@pytest.mark.parametrize("initial", ["zero", "random"])
+def test_scratch_and_cudnn_models_agree(dtype: torch.dtype, num_layers: int, embedding: int, initial: str) -> None:
+    vocab_size, num_hiddens, batch, steps = 12, 8, 3, 7
+    scratch, cudnn = make_pair(vocab_size, num_hiddens, num_layers, embedding, dtype)
+    X = torch.randint(0, vocab_size, (batch, steps))
+    Y = torch.randint(0, vocab_size, (batch, steps))
+    shape = (num_layers, batch, num_hiddens)
+    state = None if initial == "zero" else (torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype))
+    tol = TOL[dtype]
+    for a, e, name in zip(forward_backward(scratch, X, Y, state), forward_backward(cudnn, X, Y, state), ["logits", "H", "C"]):
+        assert_close(a, e, tol, name)
+    mapped = convert({name: p.grad for name, p in scratch.named_parameters()}, "cudnn")
+    for name, p in cudnn.named_parameters():
+        assert_close(p.grad, mapped[name.replace("bias_hh", "bias_ih")], tol, f"d{name}")
+
+
+def seed_lstm(inputs: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], params: list[torch.Tensor]):
+    """The article's `lstm`, verbatim but for layout: one-hot inputs multiplied by W."""
+    [W_xi, W_hi, b_i, W_xf, W_hf, b_f, W_xo, W_ho, b_o, W_xc, W_hc, b_c, W_hq, b_q] = params
+    (H, C) = state
+    outputs = []
+    for X in inputs:
+        I = torch.sigmoid((X @ W_xi) + (H @ W_hi) + b_i)  # noqa: E741
+        F_ = torch.sigmoid((X @ W_xf) + (H @ W_hf) + b_f)
+        O = torch.sigmoid((X @ W_xo) + (H @ W_ho) + b_o)
+        C_tilda = torch.tanh((X @ W_xc) + (H @ W_hc) + b_c)
+        C = F_ * C + I * C_tilda
+        H = O * torch.tanh(C)
+        Y = (H @ W_hq) + b_q
+        outputs.append(Y)
+    return torch.cat(outputs, dim=0), (H, C)
+
+
+def test_scratch_model_is_the_seed_code() -> None:
+    """CharLM's row selection computes what the seed's one-hot products compute, to the last bit
+    that float arithmetic allows."""
+    vocab_size, num_hiddens, batch, steps = 28, 16, 4, 9
+    scratch, _ = make_pair(vocab_size, num_hiddens, 1, 0, torch.float64)
+    layer = scratch.core.layers[0]
+    params = [getattr(layer, f"{w}{g}") for g in "ifoc" for w in ("W_x", "W_h", "b_")] + [scratch.W_hq, scratch.b_q]
+    X = torch.randint(0, vocab_size, (batch, steps))
+    state = (torch.zeros(batch, num_hiddens, dtype=torch.float64),) * 2
+    expected, (H, C) = seed_lstm(F.one_hot(X.T, vocab_size).double(), state, params)  # (steps·batch, vocab)
+    logits, (H2, C2) = scratch(X)
+    assert_close(logits.transpose(0, 1).reshape(-1, vocab_size), expected, 1e-12, "logits")
+    assert_close(H2[0], H, 1e-12, "H")
+    assert_close(C2[0], C, 1e-12, "C")
+
+
+@pytest.mark.parametrize("core", ["scratch", "cudnn"])
+def test_two_chunks_equal_one_run(core: str) -> None:
+    scratch, cudnn = make_pair(10, 8, 2, 0, torch.float64)
+    model = scratch if core == "scratch" else cudnn
+    X = torch.randint(0, 10, (3, 11))
+    whole, (H, C) = model(X)
+    first, state = model(X[:, :5])
+    second, (H2, C2) = model(X[:, 5:], state)
+    assert_close(torch.cat([first, second], dim=1), whole, 1e-12, "logits")
+    assert_close(H2, H, 1e-12, "H")
+    assert_close(C2, C, 1e-12, "C")
+
+
+@pytest.mark.parametrize("num_layers", [1, 3])
+@pytest.mark.parametrize("embedding", [0, 5], ids=["one-hot", "embedding"])
+def test_conversion_round_trip_is_exact(num_layers: int, embedding: int) -> None:
+    scratch, _ = make_pair(10, 8, num_layers, embedding, torch.float32)
+    original = scratch.state_dict()
+    to_cudnn = convert(original, "cudnn")
+    assert core_of(to_cudnn) == "cudnn"
+    back = convert(to_cudnn, "scratch")
+    assert back.keys() == original.keys()
+    for name, value in original.items():
+        assert torch.equal(back[name], value), name
+
+
+def test_cudnn_weights_convert_to_an_equal_scratch_model() -> None:
+    """From nn.LSTM, whose two biases are both random, the other way round."""
+    torch.manual_seed(1)
+    cudnn = CharLM(10, 8, 2, core="cudnn").double()
+    scratch = CharLM(10, 8, 2, core="scratch").double()
+    scratch.load_state_dict(convert(cudnn.state_dict(), "scratch"))
+    X = torch.randint(0, 10, (3, 6))
+    assert_close(scratch(X)[0], cudnn(X)[0], 1e-12, "logits")
+
+
+def test_convert_to_the_same_core_copies() -> None:
+    scratch, _ = make_pair(10, 8, 1, 0, torch.float32)
+    state = scratch.state_dict()
+    same = convert(state, "scratch")
+    assert same is not state and same.keys() == state.keys()
+
+
+def test_foreign_weights_are_refused() -> None:
+    with pytest.raises(CheckpointError, match="neither a scratch nor an nn.LSTM core"):
+        convert({"W_hq": torch.zeros(2, 2)}, "cudnn")
+
+
+@pytest.mark.parametrize("core", ["scratch", "cudnn"])
+@pytest.mark.parametrize(
+    ("X", "state", "message"),
+    [
+        (torch.zeros(2, 5), None, "X must be (batch, steps) integer ids, got (2, 5) torch.float32"),
+        (torch.zeros(2, 5, dtype=torch.bool), None, "X must be (batch, steps) integer ids, got (2, 5) torch.bool"),
+        (torch.zeros(5, dtype=torch.long), None, "X must be (batch, steps) integer ids, got (5,) torch.int64"),
+        (torch.zeros(2, 5, 10, dtype=torch.long), None, "X must be (batch, steps) integer ids, got (2, 5, 10) torch.int64"),
+        (torch.full((2, 5), 10), None, "ids must lie in [0, 10), got [10, 10]"),
+        (torch.tensor([[0, -3, 9]]), None, "ids must lie in [0, 10), got [-3, 9]"),
+        (torch.zeros(2, 5, dtype=torch.long), (torch.zeros(1, 2, 8), torch.zeros(1, 2, 8)),
+         "state H must be (2, 2, 8) (layers, batch, hiddens), got (1, 2, 8)"),
+        (torch.zeros(2, 5, dtype=torch.long), (torch.zeros(2, 2, 8), torch.zeros(2, 5, 8)),
+         "state C must be (2, 2, 8) (layers, batch, hiddens), got (2, 5, 8)"),
+    ],
+    ids=["float-ids", "bool", "1d", "3d", "id-too-big", "id-negative", "H-layers", "C-batch-is-steps"],
+)
+def test_bad_input_is_refused(core: str, X: torch.Tensor, state, message: str) -> None:
+    scratch, cudnn = make_pair(10, 8, 2, 0, torch.float32)
+    model = scratch if core == "scratch" else cudnn
+    with pytest.raises(ShapeError, match=f"^{re.escape(message)}$"):
+        model(X, state)

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real corpora, an isolated cache, and a loopback HTTP server."""
+"""Shared fixtures: the real corpora, an isolated cache, a loopback HTTP server, tiny training runs."""
 
 from __future__ import annotations
 
@@ -8,8 +8,13 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from lstmlm.config import Config
+    from lstmlm.train import Trainer
 
 
 # ---- test data and cache ----------------------------------------------------------------------
@@ -202,3 +207,33 @@ def tiny_train_args(corpus_file: Path, runs_dir: Path) -> list[str]:
         "train", "--corpus", str(corpus_file), "--normalize", "raw", "--runs-dir", str(runs_dir),
         "--hidden", "16", "--batch-size", "8", "--num-steps", "10", "--epochs", "2", "--device", "cpu",
     ]  # fmt: skip
+
+
+def tiny_config(corpus: Path, **overrides: object) -> Config:
+    """A config for a tiny model (16 hidden, batches of 8×10) on a local text file, raw mode."""
+    from lstmlm.config import Config
+
+    base = {
+        "corpus": str(corpus), "normalize": "raw", "hidden": 16, "batch_size": 8, "num_steps": 10,
+        "epochs": 3, "device": "cpu", "val_fraction": 0.1,
+    }  # fmt: skip
+    return Config().with_overrides({**base, **overrides}).resolved()
+
+
+@pytest.fixture
+def make_trainer(runs_dir: Path, corpus_file: Path) -> Callable[..., Trainer]:
+    """make_trainer(name, corpus=None, **config overrides): a Trainer (CPU, fp32) writing
+    runs_dir/name; an existing run is reopened (call .resume() to continue it)."""
+    import torch
+
+    from lstmlm.checkpoint import RunStore
+    from lstmlm.train import Trainer, prepare_data
+
+    def make(name: str = "run", corpus: Path | None = None, **overrides: object) -> Trainer:
+        cfg = tiny_config(corpus or corpus_file, **overrides)
+        data = prepare_data(cfg)
+        root = runs_dir / name
+        store = RunStore.open(root) if (root / "config.json").exists() else RunStore.create(root, cfg, data.vocab)
+        return Trainer(store, cfg, data, torch.device("cpu"), "fp32")
+
+    return make

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import random
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,26 +16,11 @@ import torch.nn.functional as F
 import lstmlm.train as train_mod
 from lstmlm import batches
 from lstmlm.checkpoint import LATEST, RunStore, load_checkpoint
-from lstmlm.config import Config
 from lstmlm.errors import TrainingError
 from lstmlm.model import CharLM
-from lstmlm.train import EpochEnded, Finished, Saved, Trainer, prepare_data
+from lstmlm.train import EpochEnded, Finished, Saved, Trainer
 
-CPU = torch.device("cpu")
-
-
-def tiny_config(corpus: Path, **overrides: Any) -> Config:
-    base = {
-        "corpus": str(corpus), "normalize": "raw", "hidden": 16, "batch_size": 8, "num_steps": 10,
-        "epochs": 3, "device": "cpu", "val_fraction": 0.1,
-    }  # fmt: skip
-    return Config().with_overrides({**base, **overrides}).resolved()
-
-
-def new_trainer(root: Path, cfg: Config) -> Trainer:
-    data = prepare_data(cfg)
-    store = RunStore.open(root) if (root / "config.json").exists() else RunStore.create(root, cfg, data.vocab)
-    return Trainer(store, cfg, data, CPU, "fp32")
+MakeTrainer = Callable[..., Trainer]
 
 
 def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -55,9 +40,8 @@ def epoch_losses(store: RunStore) -> list[tuple[int, float, float | None]]:
 # ---- the loss, and perplexity as d2l computes it -------------------------------------------------
 
 
-def test_loss_falls(tmp_path: Path, corpus_file: Path) -> None:
-    cfg = tiny_config(corpus_file, epochs=5, optimizer="adam", lr=0.01, hidden=32)
-    events = list(new_trainer(tmp_path / "run", cfg).run())
+def test_loss_falls(make_trainer: MakeTrainer) -> None:
+    events = list(make_trainer(epochs=5, optimizer="adam", lr=0.01, hidden=32).run())
     ppl = [e.train_perplexity for e in events if isinstance(e, EpochEnded)]
     val = [e.val_perplexity for e in events if isinstance(e, EpochEnded)]
     assert len(ppl) == 5
@@ -98,10 +82,10 @@ def d2l_train_epoch(net: CharLM, ids: torch.Tensor, batch_size: int, num_steps: 
 
 
 @pytest.mark.parametrize("normalize", ["d2l", "raw"])
-def test_perplexity_is_exp_of_the_token_weighted_mean_loss(tmp_path: Path, corpus_file: Path, normalize: str) -> None:
+def test_perplexity_is_exp_of_the_token_weighted_mean_loss(make_trainer: MakeTrainer, normalize: str) -> None:
     """The reported perplexity equals d2l's, recomputed here from the same batches and init."""
-    cfg = tiny_config(corpus_file, normalize=normalize, epochs=3, val_fraction=0.0, lr=1.0, clip=1.0)
-    trainer = new_trainer(tmp_path / "run", cfg)
+    trainer = make_trainer(normalize=normalize, epochs=3, val_fraction=0.0, lr=1.0, clip=1.0)
+    cfg = trainer.cfg
     reported = [e.train_perplexity for e in trainer.run() if isinstance(e, EpochEnded)]
 
     torch.manual_seed(cfg.train.seed)  # the trainer's init, on the seed's N(0, 0.01²)
@@ -114,10 +98,10 @@ def test_perplexity_is_exp_of_the_token_weighted_mean_loss(tmp_path: Path, corpu
     assert [r["train_perplexity"] for r in trainer.store.read_metrics()] == reported
 
 
-def test_validation_perplexity_is_exp_of_the_mean_loss_per_character(tmp_path: Path, corpus_file: Path) -> None:
+def test_validation_perplexity_is_exp_of_the_mean_loss_per_character(make_trainer: MakeTrainer) -> None:
     """evaluate() predicts each validation character once; check it one character at a time."""
-    cfg = tiny_config(corpus_file, epochs=1, val_fraction=0.2)
-    trainer = new_trainer(tmp_path / "run", cfg)
+    trainer = make_trainer(epochs=1, val_fraction=0.2)
+    cfg = trainer.cfg
     events = list(trainer.run())
     val = trainer.data.val
     net = trainer.model.eval()
@@ -138,14 +122,14 @@ def test_validation_perplexity_is_exp_of_the_mean_loss_per_character(tmp_path: P
 # ---- reproducibility and exact resume -------------------------------------------------------------
 
 
-def test_same_seed_same_run_and_samples(tmp_path: Path, corpus_file: Path) -> None:
-    cfg = tiny_config(corpus_file, epochs=2, dropout=0.2, layers=2, iterator="random")
-    runs = [new_trainer(tmp_path / name, cfg) for name in ("a", "b")]
+def test_same_seed_same_run_and_samples(make_trainer: MakeTrainer) -> None:
+    args: dict[str, Any] = {"epochs": 2, "dropout": 0.2, "layers": 2, "iterator": "random"}
+    runs = [make_trainer(name, **args) for name in ("a", "b")]  # both built before either runs
     finished = [list(t.run())[-1] for t in runs]
     assert_bitwise_equal(weights(runs[0]), weights(runs[1]))
     assert finished[0].samples == finished[1].samples and finished[0].samples
     assert epoch_losses(runs[0].store) == epoch_losses(runs[1].store)
-    other = new_trainer(tmp_path / "c", tiny_config(corpus_file, epochs=2, dropout=0.2, layers=2, iterator="random", seed=1))
+    other = make_trainer("c", **args, seed=1)
     list(other.run())
     assert not torch.equal(weights(other)["W_hq"], weights(runs[0])["W_hq"])
 
@@ -159,19 +143,19 @@ RESUME_CASES = [
 
 
 @pytest.mark.parametrize(("iterator", "model"), RESUME_CASES)
-def test_resume_mid_epoch_is_bitwise_exact(tmp_path: Path, corpus_file: Path, iterator: str, model: str) -> None:
+def test_resume_mid_epoch_is_bitwise_exact(make_trainer: MakeTrainer, iterator: str, model: str) -> None:
     """Stop after k batches (as SIGINT does), resume in a fresh trainer: the same weights and the
     same per-epoch losses as a run never stopped; dropout > 0 so the torch RNG matters."""
-    cfg = tiny_config(corpus_file, epochs=2, dropout=0.3, layers=2, iterator=iterator, model=model, checkpoint_every=5)
-    straight = new_trainer(tmp_path / "straight", cfg)
+    args = {"epochs": 2, "dropout": 0.3, "layers": 2, "iterator": iterator, "model": model, "checkpoint_every": 5}
+    straight = make_trainer("straight", **args)
     list(straight.run())
 
-    first = new_trainer(tmp_path / "stopped", cfg)
+    first = make_trainer("stopped", **args)
     stop_after = first.steps_per_epoch + 3  # inside the second epoch, state carried
     events = list(first.run(lambda: first.state.global_step >= stop_after))
     assert events[-1].reason == "interrupted" and isinstance(events[-2], Saved)
     torch.manual_seed(12345)  # whatever the process did in between must not matter
-    resumed = new_trainer(tmp_path / "stopped", cfg)
+    resumed = make_trainer("stopped", **args)
     resumed.resume()
     assert resumed.state.step == 3 and resumed.state.epoch == 1
     list(resumed.run())
@@ -181,14 +165,14 @@ def test_resume_mid_epoch_is_bitwise_exact(tmp_path: Path, corpus_file: Path, it
 
 
 @pytest.mark.parametrize(("iterator", "model"), RESUME_CASES[:2])
-def test_resume_at_an_epoch_edge_is_bitwise_exact(tmp_path: Path, corpus_file: Path, iterator: str, model: str) -> None:
+def test_resume_at_an_epoch_edge_is_bitwise_exact(make_trainer: MakeTrainer, iterator: str, model: str) -> None:
     """4 epochs straight == 2 epochs, a new process-like trainer, then 2 more."""
     args = {"dropout": 0.3, "layers": 2, "iterator": iterator, "model": model}
-    straight = new_trainer(tmp_path / "straight", tiny_config(corpus_file, epochs=4, **args))
+    straight = make_trainer("straight", epochs=4, **args)
     list(straight.run())
-    list(new_trainer(tmp_path / "split", tiny_config(corpus_file, epochs=2, **args)).run())
+    list(make_trainer("split", epochs=2, **args).run())
     torch.manual_seed(999)
-    rest = new_trainer(tmp_path / "split", tiny_config(corpus_file, epochs=4, **args))
+    rest = make_trainer("split", epochs=4, **args)
     rest.resume()
     assert rest.state.epoch == 2
     ended = [e.epoch for e in rest.run() if isinstance(e, EpochEnded)]
@@ -197,15 +181,14 @@ def test_resume_at_an_epoch_edge_is_bitwise_exact(tmp_path: Path, corpus_file: P
     assert epoch_losses(straight.store) == epoch_losses(rest.store)
 
 
-def test_resume_drops_metrics_no_checkpoint_holds(tmp_path: Path, corpus_file: Path) -> None:
+def test_resume_drops_metrics_no_checkpoint_holds(make_trainer: MakeTrainer) -> None:
     """A crash after an epoch was logged but before its checkpoint: resume re-logs it once."""
-    cfg = tiny_config(corpus_file, epochs=3, checkpoint_every=2)
-    trainer = new_trainer(tmp_path / "run", cfg)
+    trainer = make_trainer(epochs=3, checkpoint_every=2)
     for event in trainer.run():
         if isinstance(event, EpochEnded) and event.epoch == 3:
             break  # "killed" after logging epoch 3, whose checkpoint is never written
     assert [r["epoch"] for r in trainer.store.read_metrics()] == [1, 2, 3]
-    again = new_trainer(tmp_path / "run", cfg)
+    again = make_trainer(epochs=3, checkpoint_every=2)
     again.resume()
     list(again.run())
     assert [r["epoch"] for r in again.store.read_metrics()] == [1, 2, 3]
@@ -214,9 +197,8 @@ def test_resume_drops_metrics_no_checkpoint_holds(tmp_path: Path, corpus_file: P
 # ---- non-finite losses ----------------------------------------------------------------------------
 
 
-def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path: Path, corpus_file: Path) -> None:
-    cfg = tiny_config(corpus_file, epochs=4, checkpoint_every=1, val_fraction=0.0)
-    trainer = new_trainer(tmp_path / "run", cfg)
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(make_trainer: MakeTrainer) -> None:
+    trainer = make_trainer(epochs=4, checkpoint_every=1, val_fraction=0.0)
     events = trainer.run()
     for event in events:
         if isinstance(event, Saved) and event.epoch == 2:
@@ -232,12 +214,11 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
 
 
 def test_weights_broken_by_the_last_step_are_not_checkpointed(
-    tmp_path: Path, corpus_file: Path, monkeypatch: pytest.MonkeyPatch
+    make_trainer: MakeTrainer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The loss is measured before the update: if the epoch's last update makes the weights
     non-finite, every recorded loss is finite, yet the checkpoint must not take them."""
-    cfg = tiny_config(corpus_file, epochs=3, checkpoint_every=1, val_fraction=0.0)
-    trainer = new_trainer(tmp_path / "run", cfg)
+    trainer = make_trainer(epochs=3, checkpoint_every=1, val_fraction=0.0)
     real_step = train_mod.train_step
 
     def step(model: CharLM, *args: Any, **kwargs: Any) -> Any:
@@ -258,9 +239,8 @@ def test_weights_broken_by_the_last_step_are_not_checkpointed(
     assert trainer.store.path(LATEST).read_bytes() == good
 
 
-def test_lr_too_high_stops_before_anything_is_saved(tmp_path: Path, corpus_file: Path) -> None:
-    cfg = tiny_config(corpus_file, epochs=2, lr=1e6, clip=0.0, val_fraction=0.0)
-    trainer = new_trainer(tmp_path / "run", cfg)
+def test_lr_too_high_stops_before_anything_is_saved(make_trainer: MakeTrainer) -> None:
+    trainer = make_trainer(epochs=2, lr=1e6, clip=0.0, val_fraction=0.0)
     with pytest.raises(TrainingError, match=r"the loss became .* in epoch 1 \(learning rate too high\?\); training stopped and no checkpoint was written"):
         list(trainer.run())
     assert not trainer.store.has_checkpoint()

@@ -450,5 +450,139 @@ def evaluate(
               f"({count:,} characters predicted, {unknown:,} outside the vocabulary)")
 
 
+# ---- plot -----------------------------------------------------------------------------------
+
+
+@app.command("plot")
+@friendly
+def plot_(
+    runs: list[str] = typer.Argument(..., help="Run names under --runs-dir; several share one figure."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Write FILE.png or FILE.svg (needs: pip install 'lstmlm[plot]'); default: a chart per run here."
+    ),
+    runs_dir: Path = RUNS_DIR_OPTION,
+) -> None:
+    """Train and validation perplexity per epoch (and bits per character in files), from the runs' metrics."""
+    from . import plot
+
+    dirs = [runs_dir / name for name in runs]
+    if output is not None:
+        series = plot.plot_runs(dirs, output)
+        out.print(f"wrote {escape(str(output))}: {len(series)} series from {len(dirs)} run(s)", soft_wrap=True)
+        return
+    for d in dirs:
+        records = plot.read_metrics(d)
+        out.print(f"[bold]{escape(d.name)}[/] [dim]{len(records)} epochs[/]")
+        out.print(plot.perplexity_chart(records, width=min(out.width, 100), height=12))
+
+
+# ---- inspect --------------------------------------------------------------------------------
+
+INSPECT_TERMINAL_CHARS = 2000  # the terminal shows this much of a long text; the HTML page shows all
+BLUE, RED = (33, 102, 172), (178, 24, 43)  # the page's colours: below and above the neutral level
+
+
+def _level_style(level: float, underline: bool) -> str:
+    """Blue below 0, red above, white at 0 (levels in [-1, 1]); light text on the dark ends."""
+    r, g, b = BLUE if level < 0 else RED
+    a = min(abs(level), 1.0)
+    mix = lambda c: round(255 + (c - 255) * a)  # noqa: E731
+    return f"{'white' if a > 0.6 else 'black'} on rgb({mix(r)},{mix(g)},{mix(b)}){' underline' if underline else ''}"
+
+
+def _coloured(text: str, levels: list[float], inside: list[bool]) -> Any:
+    from rich.text import Text
+
+    line = Text()
+    for c, level, m in zip(text, levels, inside):
+        line.append(c, _level_style(round(level, 2), m))
+    return line
+
+
+def _ranking_table(ranking: list[Any], regex: str, gate: str) -> Table:
+    table = Table(title=f"{gate} units tracking {escape(regex)}", title_justify="left")
+    for name in ("rank", "layer", "unit", "r"):
+        table.add_column(name, justify="right")
+    for rank, s in enumerate(ranking, 1):
+        table.add_row(str(rank), str(s.layer), str(s.unit), f"{s.correlation:+.3f}")
+    return table
+
+
+def _saturation_table(stats: list[Any]) -> Table:
+    table = Table(title="gate saturation: fraction of time < 0.1 (closed) and > 0.9 (open)", title_justify="left")
+    for name in ("layer", "gate", "< 0.1", "> 0.9", "units mostly < 0.1", "units mostly > 0.9"):
+        table.add_column(name, justify="right")
+    for s in stats:
+        table.add_row(str(s.layer), s.gate, f"{float(s.left.mean()):.1%}", f"{float(s.right.mean()):.1%}",
+                      str(int((s.left > 0.5).sum())), str(int((s.right > 0.5).sum())))
+    return table
+
+
+@app.command("inspect")
+@friendly
+def inspect_(
+    run: Optional[str] = typer.Option(None, "--run", help="Run name (default: the most recently trained)."),
+    text: Optional[str] = typer.Option(None, "--text", help="The text to read through the model."),
+    file: Optional[Path] = typer.Option(None, "--file", help="Read the text from a UTF-8 file instead."),
+    layer: Optional[int] = typer.Option(None, "--layer", min=0, help="Layer to show (default: the last; --find searches all)."),
+    units: Optional[list[int]] = typer.Option(None, "--unit", min=0, help="A unit to colour the text by; repeat for several."),
+    gate: str = typer.Option("cell", "--gate", help="cell (C_t), hidden (H_t), input, forget, output or candidate (C̃_t)."),
+    html_out: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML page with every unit browsable."),
+    find: Optional[str] = typer.Option(None, "--find", help="Rank units by |correlation| with being inside a match of this regex."),
+    top: int = typer.Option(3, "--top", min=1, help="Units to list with --find and to colour without --unit."),
+    best: bool = typer.Option(False, "--best", help="Use the best-validation checkpoint instead of the latest."),
+    runs_dir: Path = RUNS_DIR_OPTION,
+) -> None:
+    """Colour a text by single LSTM units (the paper's quote cell), rank units by a feature, show gate saturation.
+
+    Without --unit the text is coloured by the best units for --find, or else by the units that vary most.
+    """
+    from . import inspect as insp
+    from .checkpoint import write_text_atomic
+    from .vocab import describe_chars
+
+    if (text is None) == (file is None):
+        raise ConfigError("give the text with exactly one of --text or --file")
+    name = run or latest_run(runs_dir).name
+    net, cfg, vocab = load_model(runs_dir, name, None, BEST if best else LATEST)
+    given = text if text is not None else corpus.read_text(file)
+    seen = corpus.normalize(given, cfg.data.normalize)
+    if seen != given:
+        err.print("[dim]text normalized as the model was trained (d2l)[/]")
+    unknown = vocab.unknown_chars(seen)
+    if unknown:
+        err.print(f"[yellow]read as <unk>, outside the vocabulary:[/] {escape(describe_chars(unknown))}")
+    insp.check_gate(gate)
+    layers = insp.activations(net, vocab, seen)
+    shown_layer = layer if layer is not None else len(layers) - 1
+    acts = insp.check_layer(layers, shown_layer)
+    ranking = insp.find_units(layers, seen, find, gate, layer) if find else []
+    if ranking:
+        out.print(_ranking_table(ranking[:top], find, gate))
+    if units:
+        chosen = [(shown_layer, insp.check_unit(acts, u)) for u in units]
+    elif ranking:
+        chosen = [(s.layer, s.unit) for s in ranking[:top]]
+    else:
+        chosen = [(shown_layer, u) for u in insp.most_variable_units(acts, gate, top)]
+
+    shown = seen[:INSPECT_TERMINAL_CHARS]
+    inside = insp.span_feature(seen, find)[: len(shown)].bool().tolist() if find else [False] * len(shown)
+    scores = {(s.layer, s.unit): s.correlation for s in ranking}
+    for k, u in chosen:
+        values = layers[k].gate(gate)[: len(shown), u]
+        r = f"  r = {scores[(k, u)]:+.3f}" if (k, u) in scores else ""
+        out.print(f"\n[bold]layer {k} unit {u}[/] {gate}{r}  [dim]{float(values.min()):+.2f} … {float(values.max()):+.2f}[/]")
+        out.print(_coloured(shown, insp.level(gate, values).tolist(), inside))
+    if len(seen) > len(shown):
+        out.print(f"[dim](the first {len(shown):,} of {len(seen):,} characters; --html shows them all)[/]")
+    out.print()
+    out.print(_saturation_table(insp.saturation(layers)))
+    if html_out is not None:
+        page = insp.html_page(layers, seen, f"lstmlm inspect · {name}", find, gate, ranking[: max(top, 10)])
+        write_text_atomic(html_out, page)
+        out.print(f"wrote {escape(str(html_out))}", soft_wrap=True)
+
+
 def main() -> None:
     app()

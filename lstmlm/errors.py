@@ -35,3 +35,11 @@ class TrainingError(LstmlmError):
 
 class ShapeError(LstmlmError, ValueError):
     """An input or state whose shape or dtype does not fit the model."""
+
+
+class InspectError(LstmlmError):
+    """An inspection that cannot be made: empty text, a bad regex, a layer or unit that does not exist."""
+
+
+class PlotError(LstmlmError):
+    """A plot that cannot be drawn: no epochs logged, an unknown image format, matplotlib missing."""

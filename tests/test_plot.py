@@ -1,0 +1,170 @@
+"""Perplexity plots: the terminal chart's shape, files from tiny trained runs parsed back, and
+a clear message when matplotlib is missing."""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from lstmlm import plot
+from lstmlm.checkpoint import RunStore
+from lstmlm.cli import app
+from lstmlm.config import Config
+from lstmlm.errors import PlotError
+from lstmlm.vocab import Vocab
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def records(epochs: int, with_val: bool = True) -> list[dict]:
+    """metrics.jsonl lines of a run whose perplexity falls from ~20 towards 1.5."""
+    return [
+        {"epoch": e, "train_perplexity": 1.5 + 20 * math.exp(-e / 3), "val_perplexity": 2.0 + 20 * math.exp(-e / 3) if with_val else None,
+         "val_bpc": math.log2(2.0 + 20 * math.exp(-e / 3)) if with_val else None}
+        for e in range(1, epochs + 1)
+    ]
+
+
+def fake_run(root: Path, name: str, lines: list[dict]) -> Path:
+    store = RunStore.create(root / name, Config(), Vocab(["a", "b"]))
+    for line in lines:
+        store.append_metrics(line)
+    return store.root
+
+
+def render(renderable: object, width: int = 100) -> list[str]:
+    console = Console(width=width, record=True, color_system=None)
+    console.print(renderable)
+    return console.export_text().splitlines()
+
+
+# ---- the terminal chart -----------------------------------------------------------------------
+
+
+def test_chart_draws_falling_perplexity_from_top_left_to_bottom_right() -> None:
+    lines = render(plot.perplexity_chart(records(10), width=60, height=8))
+    plot_rows = [line for line in lines if "┤" in line or "│" in line]
+    assert len(plot_rows) == 8
+    area = [re.split("[┤│]", row, maxsplit=1)[1] for row in plot_rows]
+    assert all(len(row) == len(area[0]) for row in area)
+    assert area[0][0] != " " and area[0].rstrip()[-1:] != area[0][-1:]  # epoch 1 at the top left
+    assert area[-1][-1] != " " and area[-1][0] == " "  # the last epoch at the bottom right
+    assert plot_rows[0].split("┤")[0].strip() == f"{records(10)[0]['val_perplexity']:.3g}"  # the highest value
+    assert plot_rows[-1].split("┤")[0].strip() == f"{records(10)[-1]['train_perplexity']:.3g}"  # the lowest
+    assert any("epoch 1" in line and line.rstrip().endswith("10") for line in lines)
+    assert "━ train" in lines[-1] and "━ validation" in lines[-1]
+    assert max(len(line) for line in lines) <= 60
+
+
+def test_chart_without_validation_has_one_series_and_a_single_epoch_still_shows() -> None:
+    lines = render(plot.perplexity_chart(records(1, with_val=False), width=40, height=4))
+    assert "validation" not in lines[-1]
+    assert sum(ch not in " ┤│" and 0x2800 <= ord(ch) <= 0x28FF for line in lines for ch in line) == 1
+    assert render(plot.perplexity_chart([], 40, 4)) == ["no epochs to plot yet"]
+
+
+def test_series_hold_perplexity_and_bits_per_character_per_split() -> None:
+    series = plot.run_series("r", records(3))
+    assert [(s.metric, s.split) for s in series] == [
+        ("perplexity", "train"), ("bits per character", "train"), ("perplexity", "validation"), ("bits per character", "validation"),
+    ]
+    assert series[0].epochs == [1, 2, 3]
+    assert series[3].values == pytest.approx([r["val_bpc"] for r in records(3)])
+    assert len(plot.run_series("r", records(3, with_val=False))) == 2
+
+
+# ---- files from trained runs ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, int]]]:
+    """Two tiny runs trained through the CLI: (runs dir, {run name: epochs})."""
+    root = tmp_path_factory.mktemp("plot-runs")
+    corpus_file = root / "corpus.txt"
+    corpus_file.write_text("the quick brown fox jumps over the lazy dog.\n" * 30, encoding="utf-8")
+    epochs = {"small": 2, "smaller": 3}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LSTMLM_HOME", str(root / "home"))
+        for name, n in epochs.items():
+            result = CliRunner().invoke(app, [
+                "train", "--corpus", str(corpus_file), "--normalize", "raw", "--model", "cudnn", "--hidden", "16",
+                "--epochs", str(n), "--batch-size", "8", "--num-steps", "16", "--optimizer", "adam", "--lr", "0.01",
+                "--device", "cpu", "--run", name, "--runs-dir", str(root / "runs"),
+            ])
+            assert result.exit_code == 0, result.output
+    yield root / "runs", epochs
+
+
+def path_points(d: str) -> int:
+    """Vertices of an SVG path drawn by matplotlib: one per M or L command."""
+    return len(re.findall(r"[ML]", d))
+
+
+def test_svg_of_two_runs_has_every_series_with_one_point_per_epoch(trained_runs: tuple[Path, dict[str, int]], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    runs_dir, epochs = trained_runs
+    out = tmp_path / "ppl.svg"
+    result = CliRunner().invoke(app, ["plot", *epochs, "-o", str(out), "--runs-dir", str(runs_dir)])
+    assert result.exit_code == 0, result.output
+    assert "8 series from 2 run(s)" in result.stdout
+
+    groups = {g.get("id"): g for g in ET.parse(out).getroot().iter(f"{SVG}g") if (g.get("id") or "").startswith("lstmlm-series-")}
+    assert len(groups) == 8  # per run: train and validation, perplexity and bits per character
+    series = plot.run_series("small", RunStore.open(runs_dir / "small").read_metrics()) + plot.run_series(
+        "smaller", RunStore.open(runs_dir / "smaller").read_metrics()
+    )
+    for i, s in enumerate(series):
+        (path,) = groups[f"lstmlm-series-{i}"].iter(f"{SVG}path")
+        assert path_points(path.get("d")) == epochs[s.run], (i, s.run, s.metric, s.split)
+
+
+def test_png_is_an_image(trained_runs: tuple[Path, dict[str, int]], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    runs_dir, _ = trained_runs
+    out = tmp_path / "ppl.png"
+    series = plot.plot_runs([runs_dir / "small"], out)
+    assert out.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert [len(s.epochs) for s in series] == [2, 2, 2, 2]
+    assert list(tmp_path.iterdir()) == [out]  # written atomically: no temporary file left
+
+
+def test_plot_without_output_draws_each_run_in_the_terminal(trained_runs: tuple[Path, dict[str, int]]) -> None:
+    runs_dir, epochs = trained_runs
+    result = CliRunner().invoke(app, ["plot", *epochs, "--runs-dir", str(runs_dir)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("perplexity per epoch") == 2
+    assert "small 2 epochs" in result.stdout and "smaller 3 epochs" in result.stdout
+
+
+# ---- failures ---------------------------------------------------------------------------------------
+
+
+def test_missing_matplotlib_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_run(tmp_path, "r", records(2))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib... now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(PlotError, match=r"pip install 'lstmlm\[plot\]'"):
+        plot.plot_runs([tmp_path / "r"], tmp_path / "out.png")
+    result = CliRunner().invoke(app, ["plot", "r", "-o", str(tmp_path / "out.svg"), "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "lstmlm[plot]" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out.svg").exists()
+
+
+def test_plot_refuses_unknown_formats_empty_runs_and_missing_runs(tmp_path: Path) -> None:
+    fake_run(tmp_path, "r", records(2))
+    fake_run(tmp_path, "empty", [])
+    with pytest.raises(PlotError, match=r"\.png or \.svg"):
+        plot.plot_runs([tmp_path / "r"], tmp_path / "out.pdf")
+    with pytest.raises(PlotError, match="no finished epoch"):
+        plot.read_metrics(tmp_path / "empty")
+    result = CliRunner().invoke(app, ["plot", "nope", "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "no run at" in result.stderr

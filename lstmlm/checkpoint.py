@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
@@ -31,7 +32,7 @@ import torch
 from . import config as config_mod
 from .config import Config
 from .errors import CheckpointError, ConfigError, VocabError
-from .vocab import Vocab
+from .vocab import Vocab, describe_chars
 
 FORMAT = "lstmlm-checkpoint"
 VERSION = 1
@@ -197,11 +198,18 @@ class RunStore:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint's contents, refusing anything that is not plain data of our format."""
     try:
+        empty, archive = path.stat().st_size == 0, zipfile.is_zipfile(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    if empty or not archive:  # torch.save writes a zip; anything else is cut short or foreign
+        raise CheckpointError(f"{path} is corrupt or truncated ({'empty' if empty else 'not a complete checkpoint archive'})")
+    try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        raise CheckpointError(f"refusing to load {path}: it holds more than plain weights ({first[:120]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"it would call {unsafe.group(1)}" if unsafe else "unsafe content"
+        raise CheckpointError(f"refusing to load {path}: it holds more than plain weights ({what})") from None
+    except Exception as e:  # any other damage: weights_only loading cannot have run code from it
         raise CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an lstmlm checkpoint")
@@ -227,6 +235,39 @@ def checkpoint_vocab(payload: dict[str, Any]) -> Vocab:
         return Vocab.from_json(payload["vocab"])
     except VocabError as e:
         raise CheckpointError(f"checkpoint vocabulary is invalid: {e}") from None
+
+
+def check_compatible(payload: dict[str, Any], cfg: Config, vocab: Vocab, path: Path) -> None:
+    """Refuse a checkpoint whose vocabulary or model is not this run's, naming what differs
+    (a copied file can fit every tensor shape and still mean other characters)."""
+    stored = checkpoint_vocab(payload)
+    if stored != vocab:
+        theirs, ours = set(stored.tokens) - set(vocab.tokens), set(vocab.tokens) - set(stored.tokens)
+        diff = (
+            f"only in the checkpoint: {describe_chars(theirs) or 'none'}; only in this run: {describe_chars(ours) or 'none'}"
+            if theirs or ours
+            else "the same characters in another order"
+        )
+        raise CheckpointError(
+            f"{path} was trained on another vocabulary ({len(stored)} tokens; this run has {len(vocab)}; {diff})"
+        )
+    trained = checkpoint_config(payload)
+    for key in config_mod.MODEL_DEFINING:
+        section = config_mod._section_of(key)
+        theirs_value, ours_value = getattr(getattr(trained, section), key), getattr(getattr(cfg, section), key)
+        if theirs_value != ours_value:
+            raise CheckpointError(
+                f"{path} holds a model with {key} = {theirs_value!r}; this run has {key} = {ours_value!r}"
+            )
+
+
+def load_weights(net: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Load a state dict, or say which tensor does not fit (torch's first line names none)."""
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as e:
+        details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [str(e)]
+        raise CheckpointError(f"the weights in {path} do not fit the model: {details[0][:300]}") from None
 
 
 def latest_run(runs_dir: Path) -> RunStore:

@@ -28,7 +28,7 @@ from rich.table import Table
 from . import config, corpus, distributed
 from . import generate as gen
 from . import train as train_mod
-from .checkpoint import BEST, LATEST, RunStore, checkpoint_config, checkpoint_vocab, latest_run
+from .checkpoint import BEST, LATEST, RunStore, checkpoint_config, checkpoint_vocab, latest_run, load_weights
 from .config import Config
 from .device import autocast, resolve_device, resolve_precision
 from .errors import CheckpointError, ConfigError, LstmlmError
@@ -370,10 +370,7 @@ def load_model(runs_dir: Path, run: str | None, core: str | None, which: str = L
     if core not in ("scratch", "cudnn"):
         raise ConfigError(f"--model must be scratch or cudnn, not {core!r}")
     net = CharLM.from_config(dataclasses.replace(cfg.model, model=core), len(vocab))
-    try:
-        net.load_state_dict(convert(payload["model"], core))
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint weights do not fit its own config: {str(e).splitlines()[0]}") from None
+    load_weights(net, convert(payload["model"], core), store.path(which))
     return net.eval(), cfg, vocab
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import batches, encoded
 from .distributed import World, all_gather, any_all, sum_all
-from .checkpoint import BEST, LATEST, RunStore
+from .checkpoint import BEST, LATEST, RunStore, check_compatible, load_weights
 from .config import Config, TrainConfig
 from .corpus import Progress, locate, normalize, read_text
 from .device import autocast, describe
@@ -320,11 +320,8 @@ class Trainer:
     def resume(self) -> None:
         """Continue from the run's latest checkpoint (weights, optimizer, schedule, RNGs, position)."""
         payload = self.store.load(LATEST)
-        model_state = convert(payload["model"], self.cfg.model.model)
-        try:
-            self.model.load_state_dict(model_state)
-        except RuntimeError as e:
-            raise TrainingError(f"checkpoint weights do not fit the model: {str(e).splitlines()[0]}") from None
+        check_compatible(payload, self.cfg, self.data.vocab, self.store.path(LATEST))
+        load_weights(self.model, convert(payload["model"], self.cfg.model.model), self.store.path(LATEST))
         trainer = payload["trainer"]
         self.optimizer.load_state_dict(trainer["optimizer"])
         self.schedule.load_state_dict(trainer["schedule"])

@@ -1,0 +1,262 @@
+"""The run store: atomic writes that survive a full disk, loading that never runs code, and a
+clear error for every corrupt or foreign checkpoint; the lock that keeps one training per run."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import pickle
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import lstmlm.checkpoint as checkpoint_mod
+from lstmlm.checkpoint import LATEST, RunStore, load_checkpoint, write_atomic
+from lstmlm.errors import CheckpointError
+from lstmlm.train import EpochEnded, Trainer
+
+from conftest import synthetic_text
+
+MakeTrainer = Callable[..., Trainer]
+
+
+@pytest.fixture
+def trained(make_trainer: MakeTrainer) -> Trainer:
+    """A run with a latest checkpoint after 1 epoch."""
+    trainer = make_trainer(epochs=1)
+    list(trainer.run())
+    return trainer
+
+
+def temp_files(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.endswith(".tmp"))
+
+
+# ---- atomic writes ----------------------------------------------------------------------------
+
+
+def test_disk_full_mid_write_is_a_clear_error_and_the_old_checkpoint_survives(
+    trained: Trainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = trained.store.path(LATEST)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def save_until_the_disk_fills(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        f.write(buffer.getvalue()[:1000])  # some bytes reach the disk, then it is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint_mod.torch, "save", save_until_the_disk_fills)
+    with pytest.raises(CheckpointError, match=rf"cannot write {path}: No space left on device"):
+        trained.save()
+    assert path.read_bytes() == before
+    assert temp_files(trained.store.root) == []
+    load_checkpoint(path)
+
+
+def test_unwritable_run_directory_is_a_clear_error_and_the_old_checkpoint_survives(
+    trained: Trainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rename is refused (tests run as root, so chmod cannot make the directory unwritable)."""
+    path = trained.store.path(LATEST)
+    before = path.read_bytes()
+
+    def refuse(src: Any, dst: Any) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dst))
+
+    monkeypatch.setattr(checkpoint_mod.os, "replace", refuse)
+    with pytest.raises(CheckpointError, match=rf"cannot write {path}: Permission denied"):
+        trained.save()
+    assert path.read_bytes() == before
+    assert temp_files(trained.store.root) == []
+
+
+def test_write_atomic_replaces_whole_files_only(tmp_path: Path) -> None:
+    target = tmp_path / "f.bin"
+    write_atomic(target, lambda f: f.write(b"old"))
+
+    def crash(f: Any) -> None:
+        f.write(b"new, half")
+        raise KeyboardInterrupt  # anything, not only OSError
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(target, crash)
+    assert target.read_bytes() == b"old"
+    assert temp_files(tmp_path) == []
+
+
+def test_metrics_line_cut_by_a_crash_is_skipped(trained: Trainer) -> None:
+    with open(trained.store.metrics_path, "a") as f:
+        f.write('{"epoch": 2, "train_perp')
+    assert [r["epoch"] for r in trained.store.read_metrics()] == [1]
+
+
+# ---- loading never runs code --------------------------------------------------------------------
+
+
+class Payload:
+    """Unpickling this runs `touch(marker)`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("container", ["torch-zip", "plain-pickle"])
+def test_a_checkpoint_crafted_to_run_code_is_refused_and_the_code_does_not_run(
+    trained: Trainer, tmp_path: Path, container: str
+) -> None:
+    marker = tmp_path / "pwned"
+    path = trained.store.path(LATEST)
+    payload = {**load_checkpoint(path), "evil": Payload(marker)}
+    if container == "torch-zip":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(CheckpointError, match=rf"{path}"):
+        trained.store.load()
+    with pytest.raises(CheckpointError):
+        Trainer(trained.store, trained.cfg, trained.data, trained.device, "fp32").resume()
+    assert not marker.exists()
+
+    # the file really is malicious: an unsafe load runs the payload
+    torch.load(path, weights_only=False) if container == "torch-zip" else pickle.loads(path.read_bytes())
+    assert marker.exists()
+
+
+def test_the_refusal_says_why(trained: Trainer, tmp_path: Path) -> None:
+    path = trained.store.path(LATEST)
+    torch.save({**load_checkpoint(path), "evil": Payload(tmp_path / "x")}, path)
+    with pytest.raises(CheckpointError, match=r"refusing to load .*: it holds more than plain weights \(it would call \S+\)"):
+        load_checkpoint(path)
+
+
+# ---- corrupt and foreign checkpoints ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keep", [0, 1, 100, 0.5, -100, -1])
+def test_truncated_checkpoint_is_a_clear_error(trained: Trainer, keep: float) -> None:
+    path = trained.store.path(LATEST)
+    data = path.read_bytes()
+    cut = int(len(data) * keep) if isinstance(keep, float) else keep % len(data) if keep < 0 else keep
+    path.write_bytes(data[:cut])
+    with pytest.raises(CheckpointError, match=rf"{path} (is corrupt or truncated|is empty)"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"hello, not a checkpoint\n", "is corrupt or truncated"),
+        (json.dumps({"format": "lstmlm-checkpoint"}).encode(), "is corrupt or truncated"),
+    ],
+)
+def test_a_file_that_is_not_a_checkpoint(trained: Trainer, content: bytes, message: str) -> None:
+    path = trained.store.path(LATEST)
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"version": 2}, r"has checkpoint format version 2; this lstmlm reads version 1"),
+        ({"format": "something-else"}, r"is not an lstmlm checkpoint"),
+        ({"trainer": None}, r"lacks its 'trainer' section"),
+    ],
+)
+def test_newer_or_foreign_format_is_named(trained: Trainer, change: dict[str, Any], message: str) -> None:
+    path = trained.store.path(LATEST)
+    payload = {**load_checkpoint(path), **change}
+    if change.get("trainer", 0) is None:
+        del payload["trainer"]
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+    torch.save([1, 2, 3], path)
+    with pytest.raises(CheckpointError, match="is not an lstmlm checkpoint"):
+        load_checkpoint(path)
+
+
+def adopt(trainer: Trainer, other: Trainer) -> None:
+    """Put `other`'s latest checkpoint into `trainer`'s run, as a careless copy would."""
+    shutil.copy(other.store.path(LATEST), trainer.store.path(LATEST))
+
+
+def test_checkpoint_from_another_model_shape_is_named(make_trainer: MakeTrainer) -> None:
+    mine, theirs = make_trainer("mine", epochs=1), make_trainer("theirs", epochs=1, hidden=24)
+    list(mine.run()), list(theirs.run())
+    adopt(mine, theirs)
+    with pytest.raises(CheckpointError, match=r"latest.pt holds a model with hidden = 24; this run has hidden = 16"):
+        make_trainer("mine", epochs=1).resume()
+
+
+def test_checkpoint_from_another_layer_count_is_named(make_trainer: MakeTrainer) -> None:
+    mine, theirs = make_trainer("mine", epochs=1), make_trainer("theirs", epochs=1, layers=2)
+    list(mine.run()), list(theirs.run())
+    adopt(mine, theirs)
+    with pytest.raises(CheckpointError, match=r"latest.pt holds a model with layers = 2; this run has layers = 1"):
+        make_trainer("mine", epochs=1).resume()
+
+
+def test_checkpoint_from_another_vocabulary_is_named(make_trainer: MakeTrainer, tmp_path: Path) -> None:
+    """The same vocabulary size, so the shapes fit: only the vocabulary check can catch it."""
+    shifted = tmp_path / "shifted.txt"
+    shifted.write_text(synthetic_text().replace("a", "A"))
+    mine, theirs = make_trainer("mine", epochs=1), make_trainer("theirs", corpus=shifted, epochs=1)
+    assert len(mine.data.vocab) == len(theirs.data.vocab) and mine.data.vocab != theirs.data.vocab
+    list(mine.run()), list(theirs.run())
+    adopt(mine, theirs)
+    with pytest.raises(CheckpointError, match=r"latest.pt was trained on another vocabulary \(26 tokens; this run has 26; only in the checkpoint: 'A'; only in this run: 'a'\)"):
+        make_trainer("mine", epochs=1).resume()
+
+
+def test_weights_that_do_not_fit_their_config_name_the_tensor(trained: Trainer) -> None:
+    path = trained.store.path(LATEST)
+    payload = load_checkpoint(path)
+    payload["model"]["W_hq"] = torch.zeros(3, 3)
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=r"do not fit the model: size mismatch for W_hq: copying a param with shape torch.Size\(\[3, 3\]\)"):
+        Trainer(trained.store, trained.cfg, trained.data, trained.device, "fp32").resume()
+
+
+# ---- one training per run -----------------------------------------------------------------------
+
+
+def test_a_second_training_is_refused_and_the_first_goes_on_undisturbed(make_trainer: MakeTrainer) -> None:
+    straight = make_trainer("straight", epochs=2)
+    list(straight.run())
+
+    first = make_trainer("run", epochs=2)
+    with first.store.locked():
+        events = first.run()
+        for event in events:  # the first training is mid-way through its first epoch
+            if getattr(event, "step", 0) == 5:
+                break
+        with pytest.raises(CheckpointError, match=rf"run .*run is in use by another training \(pid {os.getpid()}\)"):
+            with RunStore.open(first.store.root).locked():
+                pass
+        ended = [e.epoch for e in events if isinstance(e, EpochEnded)]
+    assert ended == [1, 2]
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, first.model.state_dict()[k])
+    with RunStore.open(first.store.root).locked():  # released when the training ends
+        pass
+
+
+def test_creating_a_run_that_exists_is_refused(trained: Trainer) -> None:
+    before = {p.name: p.read_bytes() for p in trained.store.root.iterdir()}
+    with pytest.raises(CheckpointError, match="already exists: continue it with --resume or choose another --run"):
+        RunStore.create(trained.store.root, trained.cfg, trained.data.vocab)
+    assert {p.name: p.read_bytes() for p in trained.store.root.iterdir()} == before

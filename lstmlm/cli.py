@@ -311,9 +311,12 @@ def train(
     world = distributed.from_environment()  # several processes under torchrun, else one
     dev = distributed.start(world, resolve_device(cfg.train.device), cfg.data.batch_size)
     prec = resolve_precision(cfg.train.precision, dev)
-    with download_progress("corpus") as bar:
-        task = bar.add_task(f"downloading {cfg.data.corpus}", total=None, visible=False)
-        show = lambda done, total: bar.update(task, completed=done, total=total, visible=True)  # noqa: E731
+    # in a log or a pipe a bar is noise, and Rich leaves a blank line there (before any error line)
+    with download_progress("corpus") if err.is_terminal else contextlib.nullcontext() as bar:
+        show = None
+        if bar is not None:
+            task = bar.add_task(f"downloading {cfg.data.corpus}", total=None, visible=False)
+            show = lambda done, total: bar.update(task, completed=done, total=total, visible=True)  # noqa: E731
         data = prepare_data(cfg, vocab=store.vocab if resume else None, progress=show)
     if not resume:
         store = _create_run(runs_dir / (run or _default_run_name(cfg, runs_dir)), cfg, data.vocab, world)

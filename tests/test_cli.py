@@ -1,0 +1,427 @@
+"""The command line (in-process, CliRunner): --json, --resume, generate, and the bad-input matrix.
+
+Every failure is one line on stderr starting "error: ", exit code 1 (2 for usage errors that
+Typer reports), never a traceback, and nothing already on disk changes.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import lstmlm.checkpoint as checkpoint_mod
+from lstmlm.checkpoint import load_checkpoint
+from lstmlm.cli import app
+from lstmlm.config import Config
+from lstmlm.model import CharLM
+from lstmlm.vocab import Vocab
+
+from conftest import synthetic_text
+from test_generate import predict_ch8
+
+TINY = ["--hidden", "16", "--batch-size", "8", "--num-steps", "10", "--device", "cpu"]
+
+
+class Result:
+    def __init__(self, code: int, stdout: str, stderr: str) -> None:
+        self.code, self.stdout, self.stderr = code, stdout, stderr
+
+    def json(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.stdout.splitlines()]
+
+
+def cli(*args: str | Path) -> Result:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return Result(result.exit_code, result.stdout, result.stderr)
+
+
+def assert_one_error_line(result: Result, *fragments: str, code: int = 1, during_training: bool = False) -> None:
+    """One "error: ..." line on stderr; a failure during training may follow the progress bar's
+    last frame (Rich prints it when the bar stops), nothing else."""
+    assert result.code == code, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.splitlines()
+    if during_training:
+        assert all(line.startswith("epoch ") for line in lines[:-1]), result.stderr
+        lines = lines[-1:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def assert_usage_error(result: Result, *fragments: str) -> None:
+    assert result.code == 2
+    assert "Traceback" not in result.stderr + result.stdout
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()} if root.exists() else {}
+
+
+# ---- trained runs, shared by the module (generation never writes) ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """runs/d2l (d2l text, scratch) and runs/raw (raw text, cudnn), 3 epochs each."""
+    root = tmp_path_factory.mktemp("trained")
+    corpus = root / "corpus.txt"
+    corpus.write_text(synthetic_text(), encoding="utf-8")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LSTMLM_HOME", str(root / "home"))
+        common = ["train", "--corpus", corpus, "--runs-dir", root / "runs", *TINY, "--epochs", "3", "--optimizer", "adam", "--lr", "0.02"]
+        assert cli(*common, "--normalize", "d2l", "--run", "d2l", "--model", "scratch").code == 0
+        assert cli(*common, "--normalize", "raw", "--run", "raw", "--model", "cudnn").code == 0
+        yield root / "runs"
+
+
+@pytest.fixture
+def runs_copy(trained: Path, runs_dir: Path) -> Path:
+    """A private copy of the trained runs, for tests that may write."""
+    shutil.copytree(trained, runs_dir)
+    return runs_dir
+
+
+def checkpoint_model(run: Path, core: str | None = None) -> tuple[CharLM, Vocab]:
+    payload = load_checkpoint(run / "latest.pt")
+    cfg = Config().with_overrides(json.loads(payload["config"])["model"])
+    net = CharLM.from_config(cfg.model, len(Vocab.from_json(payload["vocab"])))
+    from lstmlm.model import convert
+
+    net.load_state_dict(convert(payload["model"], core or cfg.model.model))
+    return net.eval(), Vocab.from_json(payload["vocab"])
+
+
+# ---- train: --json, --resume ----------------------------------------------------------------------
+
+EPOCH_FIELDS = {"event", "epoch", "train_perplexity", "val_perplexity", "tokens_per_s", "seconds"}
+DONE_FIELDS = {"event", "perplexity", "tokens_per_s", "device", "model", "run", "epochs", "vocab_size", "samples"}
+
+
+def test_json_lines_parse_and_carry_the_fields(tiny_train_args: list[str], runs_dir: Path) -> None:
+    result = cli(*tiny_train_args, "--normalize", "d2l", "--epochs", "3", "--run", "j", "--json")
+    assert result.code == 0, result.stderr
+    records = result.json()  # every stdout line is JSON
+    epochs = [r for r in records if r["event"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    for r in epochs:
+        assert EPOCH_FIELDS <= r.keys()
+        assert r["val_perplexity"] is None  # d2l mode: no validation split, as the seed
+        assert r["train_perplexity"] > 1 and r["tokens_per_s"] > 0 and r["seconds"] > 0
+    done = records[-1]
+    assert done["event"] == "done" and DONE_FIELDS <= done.keys()
+    assert done["perplexity"] == epochs[-1]["train_perplexity"]
+    assert (done["device"], done["model"], done["run"], done["epochs"]) == ("cpu", "scratch", "j", 3)
+    assert done["vocab_size"] == 1 + len(set(synthetic_text().replace("\n", "")))
+    assert set(done["samples"]) == {"time traveller", "traveller"}
+    assert all(text.startswith(prefix) and len(text) == len(prefix) + 50 for prefix, text in done["samples"].items())
+    assert [r["epoch"] for r in map(json.loads, (runs_dir / "j" / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3]
+
+
+def test_json_with_validation_reports_it(tiny_train_args: list[str]) -> None:
+    records = cli(*tiny_train_args, "--val-fraction", "0.2", "--json").json()
+    assert all(r["val_perplexity"] > 1 for r in records if r["event"] == "epoch")
+    assert records[-1]["val_perplexity"] > 1
+
+
+def test_human_output_ends_with_the_seed_line_and_samples(tiny_train_args: list[str]) -> None:
+    result = cli(*tiny_train_args, "--normalize", "d2l")
+    assert result.code == 0
+    lines = result.stdout.splitlines()
+    assert lines[-3].startswith("perplexity ") and lines[-3].endswith(" tokens/sec on cpu")
+    assert lines[-2].startswith("time traveller") and lines[-1].startswith("traveller")
+
+
+def test_resume_continues_from_the_stored_epoch(tiny_train_args: list[str], runs_dir: Path) -> None:
+    assert cli(*tiny_train_args, "--run", "r", "--json").code == 0
+    result = cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--epochs", "4", "--json")
+    assert result.code == 0, result.stderr
+    records = result.json()
+    assert [r["epoch"] for r in records if r["event"] == "epoch"] == [3, 4]
+    assert records[-1]["epochs"] == 4
+    stored = [json.loads(line)["epoch"] for line in (runs_dir / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert stored == [1, 2, 3, 4]
+    assert load_checkpoint(runs_dir / "r" / "latest.pt")["trainer"]["state"]["epoch"] == 4
+
+
+def test_resume_without_run_takes_the_latest(tiny_train_args: list[str], runs_dir: Path) -> None:
+    assert cli(*tiny_train_args, "--run", "old").code == 0
+    assert cli(*tiny_train_args, "--run", "new").code == 0
+    records = cli("train", "--resume", "--runs-dir", runs_dir, "--epochs", "3", "--json").json()
+    assert records[-1]["run"] == "new" and records[-1]["epochs"] == 3
+
+
+def test_resume_through_the_cli_is_bitwise_exact(tiny_train_args: list[str], runs_dir: Path) -> None:
+    options = [*tiny_train_args, "--layers", "2", "--dropout", "0.3", "--iterator", "random"]
+    assert cli(*options, "--epochs", "4", "--run", "straight").code == 0
+    assert cli(*options, "--epochs", "2", "--run", "split").code == 0
+    assert cli("train", "--resume", "--run", "split", "--runs-dir", runs_dir, "--epochs", "4").code == 0
+    a, b = (load_checkpoint(runs_dir / r / "latest.pt") for r in ("straight", "split"))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    losses = lambda r: [json.loads(x)["train_loss"] for x in (runs_dir / r / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses("straight") == losses("split")
+
+
+def test_resume_refuses_to_change_the_model(tiny_train_args: list[str], runs_dir: Path) -> None:
+    assert cli(*tiny_train_args, "--run", "r").code == 0
+    before = snapshot(runs_dir)
+    result = cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--hidden", "32")
+    assert_one_error_line(result, "--resume keeps the run's stored hidden = 16; it cannot change to 32")
+    assert snapshot(runs_dir) == before
+
+
+def test_same_seed_same_samples(tiny_train_args: list[str]) -> None:
+    a, b = (cli(*tiny_train_args, "--normalize", "d2l", "--json", "--seed", "5").json()[-1] for _ in range(2))
+    assert a["samples"] == b["samples"] and a["perplexity"] == b["perplexity"]
+
+
+# ---- generate -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("run", ["d2l", "raw"])
+def test_generate_greedy_equals_d2l_predict_on_the_checkpoint(trained: Path, run: str) -> None:
+    result = cli("generate", "--run", run, "--runs-dir", trained, "--prefix", "time traveller", "--length", "60")
+    assert result.code == 0, result.stderr
+    net, vocab = checkpoint_model(trained / run)
+    with torch.no_grad():
+        assert result.stdout == predict_ch8("time traveller", 60, net, vocab) + "\n"
+
+
+@pytest.mark.parametrize(("run", "other"), [("d2l", "cudnn"), ("raw", "scratch")])
+def test_generate_on_the_other_core_gives_the_same_text(trained: Path, run: str, other: str) -> None:
+    args = ["generate", "--run", run, "--runs-dir", trained, "--length", "60"]
+    same = cli(*args)
+    converted = cli(*args, "--model", other)
+    assert same.code == converted.code == 0
+    assert converted.stdout == same.stdout
+    sampled = ["--temperature", "0.9", "--top-k", "5", "--seed", "3"]
+    assert cli(*args, *sampled, "--model", other).stdout == cli(*args, *sampled).stdout
+
+
+def test_generate_same_seed_same_text(trained: Path) -> None:
+    args = ["generate", "--run", "d2l", "--runs-dir", trained, "--length", "80", "--temperature", "1"]
+    first = cli(*args, "--seed", "11").stdout
+    assert cli(*args, "--seed", "11").stdout == first
+    assert cli(*args, "--seed", "12").stdout != first
+    several = cli(*args, "--seed", "11", "--num-samples", "3")
+    assert several.code == 0 and several.stdout.count("--- sample") == 3
+
+
+def test_generate_defaults_to_the_latest_run(trained: Path) -> None:
+    result = cli("generate", "--runs-dir", trained, "--length", "10")
+    assert result.code == 0 and result.stdout.startswith("time traveller")
+
+
+def test_d2l_prefix_is_normalized_and_the_command_says_so(trained: Path) -> None:
+    result = cli("generate", "--run", "d2l", "--runs-dir", trained, "--prefix", "Time Traveller!", "--length", "20")
+    assert result.code == 0
+    assert result.stdout.startswith("time traveller") and len(result.stdout) == len("time traveller") + 21
+    assert "normalized" in result.stderr and "'time traveller'" in result.stderr
+    plain = cli("generate", "--run", "d2l", "--runs-dir", trained, "--prefix", "time traveller", "--length", "20")
+    assert plain.stdout == result.stdout and plain.stderr == ""
+
+
+def test_raw_prefix_outside_the_vocabulary_is_one_line_listing_the_characters(trained: Path) -> None:
+    result = cli("generate", "--run", "raw", "--runs-dir", trained, "--prefix", "Time Traveller!")
+    assert_one_error_line(result, "prefix characters outside the model's vocabulary: '!' 'T'")
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("--run", "nope"), "no run at"),
+        (("--model", "lstm"), "--model must be scratch or cudnn, not 'lstm'"),
+        (("--device", "tpu"), "unknown device 'tpu'"),
+        (("--device", "cuda"), "--device cuda: no CUDA GPU is available here"),
+        (("--precision", "fp8"), "unknown precision 'fp8'"),
+    ],
+)
+def test_generate_errors_are_one_line(trained: Path, args: tuple[str, ...], fragment: str) -> None:
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert_one_error_line(cli("generate", "--run", "d2l", "--runs-dir", trained, *args), fragment)
+
+
+def test_generate_without_any_run_is_one_line(runs_dir: Path) -> None:
+    assert_one_error_line(cli("generate", "--runs-dir", runs_dir), "no trained run in", "lstmlm train")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [(("--temperature", "-1"), "--temperature"), (("--top-p", "2"), "--top-p"), (("--length", "x"), "--length"), (("--bogus",), "--bogus")],
+)
+def test_generate_usage_errors_exit_2(trained: Path, args: tuple[str, ...], fragment: str) -> None:
+    assert_usage_error(cli("generate", "--run", "d2l", "--runs-dir", trained, *args), fragment)
+
+
+def test_generate_on_a_corrupt_checkpoint_is_one_line(runs_copy: Path) -> None:
+    path = runs_copy / "d2l" / "latest.pt"
+    path.write_bytes(path.read_bytes()[:5000])
+    assert_one_error_line(cli("generate", "--run", "d2l", "--runs-dir", runs_copy), "is corrupt or truncated")
+
+
+def test_generate_on_a_malicious_checkpoint_is_one_line_and_runs_nothing(runs_copy: Path, tmp_path: Path) -> None:
+    from test_checkpoint import Payload
+
+    marker = tmp_path / "pwned"
+    path = runs_copy / "d2l" / "latest.pt"
+    torch.save({**load_checkpoint(path), "evil": Payload(marker)}, path)
+    assert_one_error_line(cli("generate", "--run", "d2l", "--runs-dir", runs_copy), "refusing to load", "plain weights")
+    assert not marker.exists()
+
+
+# ---- the bad-input matrix (train) -------------------------------------------------------------------
+
+
+def write(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path
+
+
+@pytest.fixture
+def train_into(runs_copy: Path) -> Any:
+    """Run `lstmlm train` with bad input next to existing runs; check it fails cleanly and
+    changes nothing on disk."""
+
+    def run(*args: str | Path, fragment: str, code: int = 1) -> Result:
+        before = snapshot(runs_copy)
+        result = cli("train", "--runs-dir", runs_copy, *TINY, "--epochs", "1", *args)
+        (assert_one_error_line if code == 1 else assert_usage_error)(result, fragment, **({"code": code} if code == 1 else {}))
+        assert snapshot(runs_copy) == before
+        return result
+
+    return run
+
+
+def test_missing_corpus(train_into: Any, tmp_path: Path) -> None:
+    train_into("--corpus", tmp_path / "nope.txt", fragment="corpus not found")
+
+
+def test_empty_corpus(train_into: Any, tmp_path: Path) -> None:
+    train_into("--corpus", write(tmp_path / "empty.txt", b""), fragment="is empty")
+
+
+def test_corpus_empty_after_d2l_normalization(train_into: Any, tmp_path: Path) -> None:
+    train_into("--corpus", write(tmp_path / "digits.txt", b"1234 5678\n"), "--normalize", "d2l", fragment="empty after d2l normalization")
+
+
+def test_binary_corpus(train_into: Any, tmp_path: Path) -> None:
+    train_into("--corpus", write(tmp_path / "model.bin", bytes(range(256)) * 20), fragment="looks binary")
+
+
+def test_non_utf8_corpus(train_into: Any, tmp_path: Path) -> None:
+    latin1 = ("caf\u00e9 na\u00efve " * 300).encode("latin-1")
+    train_into("--corpus", write(tmp_path / "latin1.txt", latin1), fragment="UTF-8")
+
+
+def test_corpus_shorter_than_one_batch(train_into: Any, tmp_path: Path) -> None:
+    train_into("--corpus", write(tmp_path / "short.txt", b"the time traveller\n" * 3), fragment="too short for one batch of 8\u00d710")
+
+
+def test_corpus_directory_without_files(train_into: Any, tmp_path: Path) -> None:
+    (tmp_path / "emptydir").mkdir()
+    train_into("--corpus", tmp_path / "emptydir", fragment="holds no files")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("--lr", "-1"), "[train] lr must be positive"),
+        (("--lr", "0"), "[train] lr must be positive"),
+        (("--batch-size", "0"), "[data] batch_size must be at least 1"),
+        (("--num-steps", "-3"), "[data] num_steps must be at least 1"),
+        (("--dropout", "1.5"), "[model] dropout must be in [0, 1)"),
+        (("--val-fraction", "1"), "[data] val_fraction must be in [0, 1)"),
+        (("--epochs", "0"), "[train] epochs must be at least 1"),
+        (("--model", "gru"), "[model] model must be one of scratch, cudnn, not 'gru'"),
+        (("--optimizer", "rmsprop"), "[train] optimizer must be one of sgd, adam, adamw, not 'rmsprop'"),
+        (("--iterator", "shuffled"), "[data] iterator must be one of sequential, random, not 'shuffled'"),
+        (("--normalize", "lower"), "[data] normalize must be one of d2l, raw, not 'lower'"),
+    ],
+)
+def test_invalid_option_values(train_into: Any, corpus_file: Path, args: tuple[str, ...], fragment: str) -> None:
+    train_into("--corpus", corpus_file, *args, fragment=fragment)
+
+
+def test_device_cuda_without_cuda(train_into: Any, corpus_file: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    train_into("--corpus", corpus_file, "--device", "cuda", fragment="--device cuda: no CUDA GPU is available here")
+
+
+@pytest.mark.parametrize(
+    ("toml", "fragment"),
+    [
+        ("[train]\nepochs = 3\nlearning_rate = 0.1\n", "unknown config key 'learning_rate' in [train]"),
+        ("[optim]\nlr = 0.1\n", "unknown config table [optim]"),
+        ("[train]\nepochs = \"many\"\n", "[train] epochs must be a int, not 'many'"),
+        ("[train\nepochs = 3\n", "is not valid TOML"),
+        ("epochs = 3\n", "unknown config table [epochs]"),
+        ("[model]\ndropout = nan\n", "[model] dropout must be a finite number, not nan"),
+        ("[model]\nhidden = 1e999\n", "[model] hidden must be a int, not inf"),
+    ],
+)
+def test_bad_config_files(train_into: Any, corpus_file: Path, tmp_path: Path, toml: str, fragment: str) -> None:
+    path = write(tmp_path / "bad.toml", toml.encode())
+    result = train_into("--config", path, "--corpus", corpus_file, fragment=fragment)
+    assert str(path) in result.stderr
+
+
+def test_missing_and_non_utf8_config_files(train_into: Any, corpus_file: Path, tmp_path: Path) -> None:
+    train_into("--config", tmp_path / "nope.toml", "--corpus", corpus_file, fragment="config file not found")
+    train_into("--config", write(tmp_path / "latin1.toml", "# caf\u00e9\n".encode("latin-1")), "--corpus", corpus_file, fragment="cannot read config file")
+
+
+@pytest.mark.parametrize(("args", "fragment"), [(("--epochs", "many"), "--epochs"), (("--hidden",), "--hidden"), (("--nope",), "--nope")])
+def test_train_usage_errors_exit_2(train_into: Any, corpus_file: Path, args: tuple[str, ...], fragment: str) -> None:
+    train_into("--corpus", corpus_file, *args, fragment=fragment, code=2)
+
+
+def test_new_run_with_an_existing_name_is_refused(train_into: Any, corpus_file: Path) -> None:
+    train_into("--corpus", corpus_file, "--normalize", "d2l", "--run", "d2l", fragment="already exists: continue it with --resume")
+
+
+def test_resume_of_a_missing_run(train_into: Any) -> None:
+    train_into("--resume", "--run", "nope", fragment="no run at")
+
+
+# ---- failures during training ------------------------------------------------------------------------
+
+
+def test_diverging_training_is_one_line(tiny_train_args: list[str], runs_dir: Path) -> None:
+    result = cli(*tiny_train_args, "--lr", "1e6", "--clip", "0", "--run", "nan")
+    assert_one_error_line(result, "learning rate too high?", "training stopped and no checkpoint was written", during_training=True)
+    assert not (runs_dir / "nan" / "latest.pt").exists()
+
+
+def test_disk_full_during_training_is_one_line_and_the_checkpoint_survives(
+    tiny_train_args: list[str], runs_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert cli(*tiny_train_args, "--run", "r").code == 0
+    before = {name: (runs_dir / "r" / name).read_bytes() for name in ("latest.pt", "best.pt")}
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint_mod.torch, "save", full)
+    result = cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--epochs", "3")
+    assert_one_error_line(result, f"cannot write {runs_dir / 'r'}", ".pt: No space left on device", during_training=True)
+    assert {name: (runs_dir / "r" / name).read_bytes() for name in before} == before
+    monkeypatch.undo()
+    # the space is back: the run resumes from the surviving checkpoint and finishes
+    records = cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--epochs", "3", "--json").json()
+    assert [r["epoch"] for r in records if r["event"] == "epoch"] == [3]

@@ -132,6 +132,8 @@ class RunStore:
             raise CheckpointError(f"run {self.root} is in use by another training (pid {holder})") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
+        for stale in self.root.glob(".*.tmp"):  # a killed writer's half-written temporaries: ours to clear now
+            stale.unlink(missing_ok=True)
         try:
             yield self
         finally:

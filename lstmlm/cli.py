@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -334,7 +335,8 @@ def train(
         distributed.stop(world)
     _report(done, as_json)
     if done.reason == "interrupted":
-        err.print(f"stopped: checkpoint saved; continue with: lstmlm train --resume --run {done.run}")
+        where = "" if runs_dir == Path("runs") else f" --runs-dir {shlex.quote(str(runs_dir))}"  # a command that works as is
+        err.print(f"stopped: checkpoint saved; continue with: lstmlm train --resume --run {shlex.quote(done.run)}{where}", markup=False, soft_wrap=True)
         raise typer.Exit(128 + (stop.signal or signal.SIGINT))
 
 
@@ -499,8 +501,8 @@ def _coloured(text: str, levels: list[float], inside: list[bool]) -> Any:
     return line
 
 
-def _ranking_table(ranking: list[Any], regex: str, gate: str) -> Table:
-    table = Table(title=f"{gate} units tracking {escape(regex)}", title_justify="left")
+def _ranking_table(ranking: list[Any]) -> Table:
+    table = Table()
     for name in ("rank", "layer", "unit", "r"):
         table.add_column(name, justify="right")
     for rank, s in enumerate(ranking, 1):
@@ -558,7 +560,8 @@ def inspect_(
     acts = insp.check_layer(layers, shown_layer)
     ranking = insp.find_units(layers, seen, find, gate, layer) if find else []
     if ranking:
-        out.print(_ranking_table(ranking[:top], find, gate))
+        out.print(f"[bold]{gate} units tracking[/] {escape(find)}", soft_wrap=True)  # a long regex stays whole
+        out.print(_ranking_table(ranking[:top]))
     if units:
         chosen = [(shown_layer, insp.check_unit(acts, u)) for u in units]
     elif ranking:

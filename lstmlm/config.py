@@ -128,7 +128,10 @@ def _coerce(table: str, key: str, value: Any, hint: Any) -> Any:
     if hint is bool or isinstance(value, bool):
         raise ConfigError(f"{where} must be a {hint.__name__}, not {value!r}")
     if hint is float and isinstance(value, int):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond any float (JSON has no limit)
+            raise ConfigError(f"{where} must be a finite number, and this integer is too large") from None
     if not isinstance(value, hint):
         raise ConfigError(f"{where} must be a {hint.__name__}, not {value!r}")
     if hint is float and not math.isfinite(value):
@@ -200,8 +203,8 @@ def load(path: str | Path) -> Config:
         raise ConfigError(f"cannot read config file {path}: {e}") from None
     try:
         raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    except (ValueError, RecursionError) as e:  # TOMLDecodeError; an integer of > 4300 digits; deep nesting
+        raise ConfigError(f"{path} is not valid TOML: {_reason(e)}") from None
     try:
         return from_dict(raw)
     except ConfigError as e:
@@ -210,6 +213,14 @@ def load(path: str | Path) -> Config:
 
 def from_json(text: str) -> Config:
     try:
-        return from_dict(json.loads(text))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"stored config is not valid JSON: {e}") from None
+        raw = json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError; an integer of > 4300 digits; deep nesting
+        raise ConfigError(f"stored config is not valid JSON: {_reason(e)}") from None
+    return from_dict(raw)
+
+
+def _reason(e: Exception) -> str:
+    """A parser's complaint in a few words (Python's recursion and digit-limit messages are long)."""
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return str(e).split(";")[0] if "integer string conversion" in str(e) else str(e)

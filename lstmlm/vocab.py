@@ -127,8 +127,8 @@ class Vocab:
     def from_json(cls, text: str) -> Vocab:
         try:
             data: Any = json.loads(text)
-        except (json.JSONDecodeError, TypeError) as e:
-            raise VocabError(f"vocabulary is not valid JSON: {e}") from None
+        except (ValueError, TypeError, RecursionError) as e:  # also an integer of > 4300 digits, deep nesting
+            raise VocabError(f"vocabulary is not valid JSON: {'nested too deeply' if isinstance(e, RecursionError) else e}") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise VocabError("not an lstmlm vocabulary")
         if data.get("version") != VERSION:

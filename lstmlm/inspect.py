@@ -306,7 +306,7 @@ def html_page(
     check_text(layers, text)
     parts = {
         "title": html.escape(title),
-        "feature": f"Underlined: inside a match of <code>{html.escape(regex)}</code>." if regex else "",
+        "feature": f"Orange bar: inside a match of <code>{html.escape(regex)}</code>." if regex else "",
         "saturation": saturation_html(saturation(layers)),
         "data": script_json(page_data(layers, ranking, regex, gate)),
         "text": text_html(text, regex),
@@ -323,7 +323,7 @@ h1{font-size:1.3em;margin:0 0 .5em}
 #controls{display:flex;flex-wrap:wrap;gap:.8em;align-items:center;margin-bottom:.8em}
 #text{font:15px/1.7 ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;word-break:break-all;
   border:1px solid #ccc;padding:.8em;max-height:65vh;overflow:auto}
-#text span.m{text-decoration:underline;text-decoration-color:#555}
+#text span.m{box-shadow:inset 0 -3px 0 #f0a000}  /* an orange bar: visible on any shade */
 #status{font-family:ui-monospace,monospace;min-height:1.4em;color:#444}
 #legend{display:inline-block;width:160px;height:12px;vertical-align:middle;
   background:linear-gradient(to right,rgb(33,102,172),#fff,rgb(178,24,43))}

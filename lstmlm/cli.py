@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -73,8 +74,20 @@ def friendly(command: F) -> F:
                 raise
             where = f": {e.filename}" if e.filename else ""
             raise fail(f"{e.strerror or e}{where}") from None
+        except (MemoryError, RuntimeError) as e:  # torch's allocators raise RuntimeError
+            if os.environ.get("LSTMLM_DEBUG") == "1" or not _out_of_memory(e):
+                raise
+            size = re.search(r"tried to allocate (\d+) bytes", str(e))
+            what = f" allocating {int(size.group(1)):,} bytes" if size else ""
+            raise fail(f"out of memory{what}: lower --hidden, --embedding, --batch-size or --num-steps") from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """An allocation that failed, or whose size does not even fit torch's integers."""
+    message = str(e).lower()
+    return isinstance(e, MemoryError) or any(s in message for s in ("out of memory", "can't allocate memory", "overflow"))
 
 
 def download_progress(description: str) -> Progress:
@@ -304,6 +317,9 @@ def train(
         "patience": patience, "checkpoint_every": checkpoint_every, "sample_every": sample_every,
         "max_minutes": max_minutes,
     }
+    if run is not None and (run in ("", ".", "..") or "/" in run or os.sep in run):
+        # a path would put the run's files (latest.pt, config.json, ...) outside --runs-dir
+        raise ConfigError(f"--run must be a plain name, not {run!r} (choose the directory with --runs-dir)")
     if resume:
         store, cfg = _open_for_resume(runs_dir, run, overrides)
     else:

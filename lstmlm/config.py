@@ -134,6 +134,8 @@ def _coerce(table: str, key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{where} must be a finite number, and this integer is too large") from None
     if not isinstance(value, hint):
         raise ConfigError(f"{where} must be a {hint.__name__}, not {value!r}")
+    if hint is int and not -(2**63) <= value < 2**63:  # torch's sizes are 64-bit
+        raise ConfigError(f"{where} is too large")
     if hint is float and not math.isfinite(value):
         raise ConfigError(f"{where} must be a finite number, not {value!r}")
     return value

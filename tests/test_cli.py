@@ -351,10 +351,30 @@ def test_corpus_directory_without_files(train_into: Any, tmp_path: Path) -> None
         (("--optimizer", "rmsprop"), "[train] optimizer must be one of sgd, adam, adamw, not 'rmsprop'"),
         (("--iterator", "shuffled"), "[data] iterator must be one of sequential, random, not 'shuffled'"),
         (("--normalize", "lower"), "[data] normalize must be one of d2l, raw, not 'lower'"),
+        (("--hidden", str(2**70)), "[model] hidden is too large"),
+        (("--run", "../elsewhere"), "--run must be a plain name, not '../elsewhere'"),
+        (("--run", ".."), "--run must be a plain name"),
     ],
 )
 def test_invalid_option_values(train_into: Any, corpus_file: Path, args: tuple[str, ...], fragment: str) -> None:
     train_into("--corpus", corpus_file, *args, fragment=fragment)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("--hidden", str(10**15)), "out of memory allocating "),  # past any address space
+        (("--embedding", str(2**62)), "out of memory"),  # torch: "Storage size calculation overflowed"
+    ],
+)
+def test_a_model_too_large_for_memory(runs_copy: Path, corpus_file: Path, args: tuple[str, ...], fragment: str) -> None:
+    """The run directory is made before the model, so it stays (config and vocab, no checkpoint)."""
+    before = snapshot(runs_copy)
+    result = cli("train", "--runs-dir", runs_copy, *TINY, "--corpus", corpus_file, "--run", "big", *args)
+    assert_one_error_line(result, fragment, "lower --hidden")
+    after = snapshot(runs_copy)
+    assert {k: after[k] for k in before} == before
+    assert not any(name.endswith(".pt") for name in set(after) - set(before))
 
 
 def test_device_cuda_without_cuda(train_into: Any, corpus_file: Path) -> None:

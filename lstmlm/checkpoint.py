@@ -21,7 +21,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import IO, Any
 
 import torch
 
+from . import atomic
 from . import config as config_mod
 from .config import Config
 from .errors import CheckpointError, ConfigError, VocabError
@@ -40,31 +40,11 @@ LATEST, BEST = "latest", "best"
 
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through `write` into a temporary file beside `path`, fsync, then rename over it."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
+    """atomic.write_atomic, with a disk error as a CheckpointError naming the file."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (a no-op where directories cannot be opened)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        atomic.write_atomic(path, write)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -9,14 +9,15 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import requests
 
+from .atomic import write_atomic
 from .errors import CorpusError, DownloadError
 
 
@@ -150,45 +151,37 @@ def _download_once(target: Target, progress: Progress | None) -> Path:
             raise DownloadError(f"{url}: HTTP {response.status_code} {response.reason}")
         expected_length = response.headers.get("Content-Length")
         total = int(expected_length) if expected_length and expected_length.isdigit() else None
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.path.name}.", suffix=".part", dir=target.path.parent)
-        tmp = Path(tmp_name)
-        try:
-            digest, received = _stream_to(response, fd, total, progress)
+        def stream_and_verify(out: IO[bytes]) -> None:
+            digest, received = _stream_to(response, out, total, progress)
             if total is not None and received != total:
                 raise DownloadError(f"{url}: transfer cut short ({received} of {total} bytes)")
             if target.sha1 is not None and digest != target.sha1:
                 raise DownloadError(f"{url}: checksum mismatch (expected SHA-1 {target.sha1}, got {digest})")
-            _umask = os.umask(0)
-            os.umask(_umask)
-            os.chmod(tmp, 0o666 & ~_umask)  # mkstemp makes it private; a cached corpus is not
-            os.replace(tmp, target.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+
+        try:
+            write_atomic(target.path, stream_and_verify)  # only a complete, verified file gets the name
+        except OSError as e:
+            raise DownloadError(f"cannot write {target.path}: {e.strerror or e}") from None
     return target.path
 
 
-def _stream_to(response: requests.Response, fd: int, total: int | None, progress: Progress | None) -> tuple[str, int]:
+def _stream_to(response: requests.Response, out: IO[bytes], total: int | None, progress: Progress | None) -> tuple[str, int]:
+    """Copy the body into `out`; return its SHA-1 and length. A broken transfer is a DownloadError."""
     digest = hashlib.sha1()
     received = 0
     url = response.url
-    with os.fdopen(fd, "wb") as out:
-        try:
-            for chunk in response.iter_content(CHUNK_BYTES):
-                out.write(chunk)
-                digest.update(chunk)
-                received += len(chunk)
-                if progress is not None:
-                    progress(received, total)
-        except requests.exceptions.ConnectionError as e:  # includes read timeouts mid-stream
-            cause = "timed out" if "timed out" in str(e).lower() else "connection lost"
-            raise DownloadError(f"{url}: transfer cut short after {received} bytes ({cause})") from None
-        except requests.exceptions.ChunkedEncodingError:
-            raise DownloadError(f"{url}: transfer cut short after {received} bytes") from None
-        except OSError as e:
-            raise DownloadError(f"cannot write the download: {e.strerror}") from None
-        out.flush()
-        os.fsync(out.fileno())
+    try:
+        for chunk in response.iter_content(CHUNK_BYTES):
+            out.write(chunk)
+            digest.update(chunk)
+            received += len(chunk)
+            if progress is not None:
+                progress(received, total)
+    except requests.exceptions.ConnectionError as e:  # includes read timeouts mid-stream
+        cause = "timed out" if "timed out" in str(e).lower() else "connection lost"
+        raise DownloadError(f"{url}: transfer cut short after {received} bytes ({cause})") from None
+    except requests.exceptions.ChunkedEncodingError:
+        raise DownloadError(f"{url}: transfer cut short after {received} bytes") from None
     return digest.hexdigest(), received
 
 

@@ -36,6 +36,7 @@ from .device import autocast, resolve_device, resolve_precision
 from .errors import CheckpointError, ConfigError, LstmlmError
 from .generate import prepare_prefix
 from .model import CharLM, convert
+from .plot import perplexity_chart
 from .train import EpochEnded, Evaluated, Event, Finished, Sampled, Started, Stepped, Trainer, prepare_data
 from .vocab import Vocab
 
@@ -349,6 +350,8 @@ def train(
             done = _render(cfg, trainer.run(stop), as_json)
     finally:
         distributed.stop(world)
+    if not as_json and done.epochs > 1:
+        out.print(perplexity_chart(store.read_metrics(), width=min(out.width, 100), height=10))
     _report(done, as_json)
     if done.reason == "interrupted":
         where = "" if runs_dir == Path("runs") else f" --runs-dir {shlex.quote(str(runs_dir))}"  # a command that works as is

@@ -22,10 +22,11 @@ import lstmlm.checkpoint as checkpoint_mod
 from lstmlm.checkpoint import load_checkpoint
 from lstmlm.cli import app
 from lstmlm.config import Config
-from lstmlm.model import CharLM
+from lstmlm.model import CharLM, convert
 from lstmlm.vocab import Vocab
 
 from conftest import synthetic_text
+from test_checkpoint import Payload
 from test_generate import predict_ch8
 
 TINY = ["--hidden", "16", "--batch-size", "8", "--num-steps", "10", "--device", "cpu"]
@@ -97,11 +98,10 @@ def runs_copy(trained: Path, runs_dir: Path) -> Path:
 def checkpoint_model(run: Path, core: str | None = None) -> tuple[CharLM, Vocab]:
     payload = load_checkpoint(run / "latest.pt")
     cfg = Config().with_overrides(json.loads(payload["config"])["model"])
-    net = CharLM.from_config(cfg.model, len(Vocab.from_json(payload["vocab"])))
-    from lstmlm.model import convert
-
+    vocab = Vocab.from_json(payload["vocab"])
+    net = CharLM.from_config(cfg.model, len(vocab))
     net.load_state_dict(convert(payload["model"], core or cfg.model.model))
-    return net.eval(), Vocab.from_json(payload["vocab"])
+    return net.eval(), vocab
 
 
 # ---- train: --json, --resume ----------------------------------------------------------------------
@@ -275,8 +275,6 @@ def test_generate_on_a_corrupt_checkpoint_is_one_line(runs_copy: Path) -> None:
 
 
 def test_generate_on_a_malicious_checkpoint_is_one_line_and_runs_nothing(runs_copy: Path, tmp_path: Path) -> None:
-    from test_checkpoint import Payload
-
     marker = tmp_path / "pwned"
     path = runs_copy / "d2l" / "latest.pt"
     torch.save({**load_checkpoint(path), "evil": Payload(marker)}, path)

@@ -114,6 +114,7 @@ def test_json_lines_parse_and_carry_the_fields(tiny_train_args: list[str], runs_
     result = cli(*tiny_train_args, "--normalize", "d2l", "--epochs", "3", "--run", "j", "--json")
     assert result.code == 0, result.stderr
     records = result.json()  # every stdout line is JSON
+    assert result.stderr == ""  # and nothing else is printed
     epochs = [r for r in records if r["event"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2, 3]
     for r in epochs:

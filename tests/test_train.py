@@ -98,6 +98,28 @@ def test_perplexity_is_exp_of_the_token_weighted_mean_loss(make_trainer: MakeTra
     assert [r["train_perplexity"] for r in trainer.store.read_metrics()] == reported
 
 
+def test_perplexity_is_exactly_exp_of_the_mean_of_the_batch_losses(
+    make_trainer: MakeTrainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each batch's mean loss, weighted by its tokens, as the trainer's own steps returned them."""
+    trainer = make_trainer(epochs=2, iterator="random")
+    seen: list[tuple[int, float, int]] = []
+    real_step = train_mod.train_step
+
+    def step(model: CharLM, optimizer: Any, X: torch.Tensor, Y: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        loss, state = real_step(model, optimizer, X, Y, *args, **kwargs)
+        seen.append((trainer.state.epoch + 1, loss.item(), Y.numel()))
+        return loss, state
+
+    monkeypatch.setattr(train_mod, "train_step", step)
+    reported = {e.epoch: e.train_perplexity for e in trainer.run() if isinstance(e, EpochEnded)}
+    for epoch in (1, 2):
+        total = sum(loss * n for e, loss, n in seen if e == epoch)
+        count = sum(n for e, _, n in seen if e == epoch)
+        assert count >= trainer.steps_per_epoch * 8 * 10  # every batch of the epoch was seen
+        assert reported[epoch] == math.exp(total / count)
+
+
 def test_validation_perplexity_is_exp_of_the_mean_loss_per_character(make_trainer: MakeTrainer) -> None:
     """evaluate() predicts each validation character once; check it one character at a time."""
     trainer = make_trainer(epochs=1, val_fraction=0.2)

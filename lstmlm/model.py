@@ -68,8 +68,10 @@ class CharLM(nn.Module):
         """X: (batch, steps) ids → logits (batch, steps, vocab) and the final state."""
         if X.is_floating_point() or X.dtype == torch.bool or X.dim() != 2:
             raise ShapeError(f"X must be (batch, steps) integer ids, got {tuple(X.shape)} {X.dtype}")
-        if X.device.type == "cpu" and X.numel() and (int(X.min()) < 0 or int(X.max()) >= self.vocab_size):
-            raise ShapeError(f"ids must lie in [0, {self.vocab_size}), got [{int(X.min())}, {int(X.max())}]")
+        if X.device.type == "cpu" and X.numel():  # one reduction: generation calls this per character
+            low, high = (int(v) for v in torch.aminmax(X))
+            if low < 0 or high >= self.vocab_size:
+                raise ShapeError(f"ids must lie in [0, {self.vocab_size}), got [{low}, {high}]")
         inputs = X.T  # (steps, batch): the cores run time-major, like the seed
         if self.embedding is not None:
             inputs = self.embedding(inputs)  # (steps, batch, embedding)

@@ -242,3 +242,110 @@ def test_int32_ids_work_like_int64(core_name: str) -> None:
     core = {"reference": reference, "fused": fused, "cudnn": cudnn}[core_name]
     X = torch.randint(0, 10, (5, 3))
     assert_close(core(X.int())[0], core(X)[0], 0.0, "outputs")
+
+
+# ---- the fast path ---------------------------------------------------------------------------
+
+
+def test_fast_path_is_one_autograd_node_per_layer() -> None:
+    """The hand-written backward replaces the per-step graph: autograd records one node a layer."""
+    _, fused, _ = make_cores(10, 8, 2, torch.float32)
+    outputs, _ = fused(torch.randint(0, 10, (6, 3)))
+    assert type(outputs.grad_fn).__name__ == "LSTMSequenceBackward"
+    assert type(outputs.grad_fn.next_functions[0][0]).__name__ == "LSTMSequenceBackward"  # the layer below
+
+
+@pytest.mark.parametrize("kind", ["ids", "dense"])
+def test_fast_path_with_dropout_equals_reference(kind: str) -> None:
+    """Dropout between layers draws the same masks in both paths, so they stay equal."""
+    reference, fused, _ = make_cores(10, 8, 3, torch.float64)
+    reference.dropout = fused.dropout = 0.5
+    X, state = make_inputs(6, 3, 10, 8, 3, torch.float64, kind, "random")
+    weights = torch.randn(6, 3, 8, dtype=torch.float64)
+    torch.manual_seed(7)
+    expected = run(reference, X, state, weights)
+    torch.manual_seed(7)
+    actual = run(fused, X, state, weights)
+    for a, e in zip(actual, expected, strict=True):
+        assert_close(a, e, 1e-10)
+    for (name, p), q in zip(fused.named_parameters(), reference.parameters()):
+        assert_close(p.grad, q.grad, 1e-10, name)
+
+
+def test_stacked_weights_follow_parameter_updates_without_autograd() -> None:
+    """Generation runs without autograd and caches the stacked weights: an optimizer step or a
+    load_state_dict between two calls must still be seen."""
+    reference, fused, _ = make_cores(10, 8, 2, torch.float64)
+    X = torch.randint(0, 10, (5, 2))
+    with torch.no_grad():
+        fused(X)  # fills the cache
+    loss = fused(X)[0].sum()
+    loss.backward()
+    torch.optim.SGD(fused.parameters(), lr=0.1).step()
+    reference.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        assert_close(fused(X)[0], reference(X)[0], 1e-12, "after an optimizer step")
+        fused.load_state_dict({k: v * 0.5 for k, v in fused.state_dict().items()})
+        reference.load_state_dict(fused.state_dict())
+        assert_close(fused(X)[0], reference(X)[0], 1e-12, "after load_state_dict")
+
+
+@pytest.mark.parametrize("steps", [1, 5], ids=["one-step", "sequence"])
+@pytest.mark.parametrize("kind", ["ids", "dense"])
+def test_fast_path_without_autograd_equals_reference(steps: int, kind: str) -> None:
+    """Generation and evaluation skip the autograd Function (one step at a time, or a whole
+    sequence): the same function still, state carried."""
+    reference, fused, _ = make_cores(10, 8, 2, torch.float64)
+    X, state = make_inputs(steps, 3, 10, 8, 2, torch.float64, kind, "random")
+    with torch.no_grad():
+        expected, (H, C) = reference(X, state)
+        actual, (H2, C2) = fused(X, state)
+    assert_close(actual, expected, 1e-12, "outputs")
+    assert_close(H2, H, 1e-12, "H")
+    assert_close(C2, C, 1e-12, "C")
+
+
+# ---- bf16 under autocast ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ids", "dense"])
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_fast_path_under_bf16_autocast(kind: str, num_layers: int) -> None:
+    """Under CPU bf16 autocast the products run in bf16 (the outputs come out bf16) while the
+    state, the cell state and every gradient stay fp32 and close to the fp32 run."""
+    _, fused, _ = make_cores(10, 16, num_layers, torch.float32)
+    with torch.no_grad():  # gates of order one, as in training; bf16 keeps 8 bits of them
+        for p in fused.parameters():
+            p.mul_(0.5)
+    X, state = make_inputs(12, 4, 10, 16, num_layers, torch.float32, kind, "random")
+    weights = torch.randn(12, 4, 16)
+    expected = run(fused, X, state, weights)
+    expected_grads = [p.grad.clone() for p in fused.parameters()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs, (H, C) = fused(X, state)
+    assert outputs.dtype == torch.bfloat16
+    assert H.dtype == C.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual = run(fused, X, state, weights)
+    for a, e, name in zip(actual, expected, ["outputs", "H", "C", "dX", "dH0", "dC0"]):
+        assert a.dtype == e.dtype or name == "outputs", name
+        assert_close(a.float(), e, 3e-2, f"bf16 {name}")
+    for (name, p), e in zip(fused.named_parameters(), expected_grads):
+        assert p.grad.dtype == torch.float32, name
+        assert_close(p.grad, e, 3e-2, f"bf16 d{name}")
+
+
+def test_autocast_off_is_fp32() -> None:
+    _, fused, _ = make_cores(10, 8, 1, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        outputs, _ = fused(torch.randint(0, 10, (3, 2)))
+    assert outputs.dtype == torch.float32
+
+
+def test_changing_outputs_in_place_is_refused() -> None:
+    """The backward reads the saved H_t, of which the outputs are views: autograd refuses an
+    in-place change rather than let it corrupt the gradient."""
+    _, fused, _ = make_cores(10, 8, 1, torch.float32)
+    outputs, _ = fused(torch.randint(0, 10, (4, 2)))
+    with pytest.raises(RuntimeError, match="modified inplace"):
+        outputs.mul_(2)

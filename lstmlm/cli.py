@@ -60,29 +60,37 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def friendly(command: F) -> F:
-    """Turn library errors (and a few OS ones) into one line and exit code 1."""
+    """Turn every error into one line: library errors and OS errors as they are, out-of-memory
+    with a hint, anything unexpected as an internal error; exit code 1 (130 on Ctrl-C).
+    LSTMLM_DEBUG=1 shows the traceback instead."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except LstmlmError as e:
-            if os.environ.get("LSTMLM_DEBUG") == "1":
+        except (typer.Exit, typer.Abort):
+            raise
+        except BaseException as e:  # noqa: BLE001 - this is the one place that decides what the user sees
+            if os.environ.get("LSTMLM_DEBUG") == "1" or isinstance(e, SystemExit):
                 raise
-            raise fail(str(e)) from None
-        except OSError as e:
-            if os.environ.get("LSTMLM_DEBUG") == "1":
-                raise
-            where = f": {e.filename}" if e.filename else ""
-            raise fail(f"{e.strerror or e}{where}") from None
-        except (MemoryError, RuntimeError) as e:  # torch's allocators raise RuntimeError
-            if os.environ.get("LSTMLM_DEBUG") == "1" or not _out_of_memory(e):
-                raise
-            size = re.search(r"tried to allocate (\d+) bytes", str(e))
-            what = f" allocating {int(size.group(1)):,} bytes" if size else ""
-            raise fail(f"out of memory{what}: lower --hidden, --embedding, --batch-size or --num-steps") from None
+            raise fail(_one_line(e), 130 if isinstance(e, KeyboardInterrupt) else 1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, LstmlmError):
+        return str(e)
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+    if isinstance(e, (MemoryError, RuntimeError)) and _out_of_memory(e):  # torch's allocators raise RuntimeError
+        size = re.search(r"tried to allocate (\d+) bytes", str(e))
+        what = f" allocating {int(size.group(1)):,} bytes" if size else ""
+        return f"out of memory{what}: lower --hidden, --embedding, --batch-size or --num-steps"
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"internal error: {type(e).__name__}: {first} (LSTMLM_DEBUG=1 shows the traceback; please report it)"
 
 
 def _out_of_memory(e: BaseException) -> bool:

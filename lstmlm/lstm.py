@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from .errors import ShapeError
@@ -31,15 +32,20 @@ from .errors import ShapeError
 State = tuple[torch.Tensor, torch.Tensor]  # (H, C), each (layers, batch, hiddens)
 
 GATES = ("i", "f", "o", "c")  # the article's order; nn.LSTM packs i, f, g(=c), o
-# The fast path's order: the three sigmoid gates side by side, then the candidate, so one
-# sigmoid and one tanh cover a step, and in backward the gates that take dL/dC (i, f, c̃) are
-# side by side too.
+# The fast path's order: o first, so in backward the gates that take dL/dC (i, f, c̃) are side
+# by side; the candidate last.
 FAST_ORDER = ("o", "i", "f", "c")
 FAST_NAMES = tuple(f"{kind}{g}" for kind in ("W_x", "W_h", "b_") for g in FAST_ORDER)
 
 
 class Stacked(NamedTuple):
-    """A layer's weights with the four gates side by side (FAST_ORDER), in the compute dtype."""
+    """A layer's weights for the fast path's forward: the four gates side by side (FAST_ORDER),
+    in the compute dtype, the candidate's columns doubled.
+
+    Doubling them lets one sigmoid cover all four gates of a step, the candidate through
+    tanh(x) = 2σ(2x) - 1: on a CPU a sigmoid costs less than half a tanh, and one operation
+    over the whole (batch, 4·hiddens) row is large enough for torch to spread over the cores.
+    """
 
     W_x: torch.Tensor  # (inputs, 4·hiddens)
     W_h: torch.Tensor  # (hiddens, 4·hiddens)
@@ -115,13 +121,21 @@ class ScratchLSTMLayer(nn.Module):
 
 
 def stack_gates(params: tuple[torch.Tensor, ...], dtype: torch.dtype, ids: bool) -> Stacked:
-    """The twelve parameters (FAST_ORDER) as three stacked tensors, outside autograd: the
-    fast path's Function routes the gradients back to the parameters itself."""
+    """The twelve parameters (FAST_ORDER) as `Stacked` forward weights, outside autograd: the
+    fast path's Function routes the gradients back to the parameters itself. Doubling is
+    exact in floating point."""
     with torch.no_grad():
-        W_x = torch.cat(params[0:4], dim=1).to(dtype)  # (inputs, 4·hiddens)
-        W_h = torch.cat(params[4:8], dim=1).to(dtype)  # (hiddens, 4·hiddens)
-        b = torch.cat(params[8:12]).to(dtype)  # (4·hiddens,)
+        W_x = torch.cat([*params[0:3], 2 * params[3]], dim=1).to(dtype)  # (inputs, 4·hiddens)
+        W_h = torch.cat([*params[4:7], 2 * params[7]], dim=1).to(dtype)  # (hiddens, 4·hiddens)
+        b = torch.cat([*params[8:11], 2 * params[11]]).to(dtype)  # (4·hiddens,)
     return Stacked(W_x, W_h, b, W_x + b if ids else None)
+
+
+def transposed(weights: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+    """[W_o; W_i; W_f; W_c]ᵀ, (4·hiddens, inputs) contiguous: the backward's products take
+    dGates (…, 4·hiddens) to the inputs, and a contiguous right operand is faster than a
+    transposed view."""
+    return torch.cat([W.T for W in weights]).to(dtype)
 
 
 def compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -143,27 +157,26 @@ def input_projection(X: torch.Tensor, weights: Stacked) -> torch.Tensor:
 
 
 def gate_views(gates: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """O, I, F, C̃ as (steps, batch, hiddens) views into the stacked gates."""
+    """The four (steps, batch, hiddens) blocks of stacked gates (FAST_ORDER), as views."""
     return gates.unflatten(2, (4, -1)).unbind(2)
 
 
 def forward_steps(gates: torch.Tensor, Hs: torch.Tensor, Cs: torch.Tensor, tanh_C: torch.Tensor, W_h: torch.Tensor) -> None:
-    """The recurrence, in place: `gates` holds X_t W_x + b on entry and the activations
-    O, I, F, C̃ on exit; Hs[t + 1], Cs[t + 1] and tanh_C[t] receive H_t, C_t and tanh(C_t).
+    """The recurrence, in place: `gates` holds X_t W_x + b on entry and O, I, F, S on exit,
+    where S = σ(2·c̃'s pre-activation), so C̃ = 2S - 1; Hs[t + 1], Cs[t + 1] and tanh_C[t]
+    receive H_t, C_t and tanh(C_t). `W_h` is Stacked's, the candidate's columns doubled.
 
     Every view is made before the loop and every result written into a preallocated buffer:
     at batch 32 a step's arithmetic takes a few microseconds, as long as creating a tensor does.
     """
-    hiddens = W_h.shape[0]
     pre = gates.unbind(0)  # (batch, 4·hiddens) per step
-    sigmoid_part = gates[..., : 3 * hiddens].unbind(0)  # O, I, F side by side
-    O, I, F_, C_tilde = (g.unbind(0) for g in gate_views(gates))  # (batch, hiddens) per step
+    O, I, F_, S = (g.unbind(0) for g in gate_views(gates))  # (batch, hiddens) per step
     H, C, tanh_C_ = Hs.unbind(0), Cs.unbind(0), tanh_C.unbind(0)
     for t in range(len(pre)):
         pre[t].addmm_(H[t], W_h)  # + H_{t-1} W_h: the four gates in one product
-        sigmoid_part[t].sigmoid_()  # O_t, I_t, F_t
-        C_tilde[t].tanh_()  # C̃_t
-        torch.mul(F_[t], C[t], out=C[t + 1]).addcmul_(I[t], C_tilde[t])  # C_t = F_t ⊙ C_{t-1} + I_t ⊙ C̃_t
+        pre[t].sigmoid_()  # O_t, I_t, F_t, and S_t with C̃_t = 2 S_t - 1
+        # C_t = F_t ⊙ C_{t-1} + I_t ⊙ C̃_t = F_t ⊙ C_{t-1} + 2 I_t ⊙ S_t - I_t
+        torch.mul(F_[t], C[t], out=C[t + 1]).addcmul_(I[t], S[t], value=2).sub_(I[t])
         torch.tanh(C[t + 1], out=tanh_C_[t])
         torch.mul(O[t], tanh_C_[t], out=H[t + 1])  # H_t = O_t ⊙ tanh(C_t)
 
@@ -171,61 +184,59 @@ def forward_steps(gates: torch.Tensor, Hs: torch.Tensor, Cs: torch.Tensor, tanh_
 def one_step(X_t: torch.Tensor, H: torch.Tensor, C: torch.Tensor, weights: Stacked) -> tuple[torch.Tensor, torch.Tensor]:
     """A single step without buffers or autograd: generation's unit of work, where building
     the sequence buffers would cost more than the arithmetic. X_t: (batch,) ids or (batch, inputs)."""
-    hiddens = weights.W_h.shape[0]
     if weights.W_xb is not None:
         gates = torch.index_select(weights.W_xb, 0, X_t)  # (batch, 4·hiddens)
     else:
         gates = torch.addmm(weights.b, X_t.to(weights.W_x.dtype), weights.W_x)
-    gates.addmm_(H.to(gates.dtype), weights.W_h)
-    gates[:, : 3 * hiddens].sigmoid_()
-    gates[:, 3 * hiddens :].tanh_()
-    O, I, F_, C_tilde = gates.chunk(4, dim=1)
-    C = torch.addcmul(F_ * C, I, C_tilde)  # C_t = F_t ⊙ C_{t-1} + I_t ⊙ C̃_t, in C's dtype
+    gates.addmm_(H.to(gates.dtype), weights.W_h).sigmoid_()
+    O, I, F_, S = gates.chunk(4, dim=1)
+    C = torch.addcmul(F_ * C, I, S * 2 - 1)  # C_t = F_t ⊙ C_{t-1} + I_t ⊙ C̃_t, in C's dtype
     H = (O * torch.tanh(C)).to(gates.dtype)  # H_t = O_t ⊙ tanh(C_t)
     return H, C
 
 
-def local_derivatives(gates: torch.Tensor, Cs: torch.Tensor, tanh_C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def local_derivatives(gates: torch.Tensor, Cs: torch.Tensor, tanh_C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The factors of the backward pass that do not depend on the recurrence, for every step
-    at once (few large operations instead of many small ones), in the cell state's dtype:
+    at once (few large operations instead of many small ones), in the cell state's dtype.
 
-        dO_dH   = tanh(C_t) ⊙ σ'(o)             dL/d(o's pre-activation) = dL/dH_t ⊙ dO_dH
-        dC_dH   = O_t ⊙ (1 - tanh²(C_t))        the part of dL/dC_t that comes through H_t
-        dIFC_dC = (C̃_t σ'(i), C_{t-1} σ'(f), I_t (1 - C̃_t²))   dL/d(i, f, c̃ pre-activations) = dL/dC_t ⊙ dIFC_dC
+    dGates_dHC (steps, batch, 4·hiddens), with σ' = σ (1 - σ) written in terms of the gate's
+    value and C̃ = 2S - 1, so 1 - C̃² = 4 S (1 - S):
 
-    with σ' = σ (1 - σ) written in terms of the gate's value.
+        o: tanh(C_t) σ'(o)    i: C̃_t σ'(i)    f: C_{t-1} σ'(f)    c̃: I_t (1 - C̃_t²)
+
+    dL/d(o's pre-activation) is dL/dH_t times its o block; those of i, f, c̃ are dL/dC_t times
+    theirs. And dC_dH = O_t (1 - tanh²(C_t)), the part of dL/dC_t that comes through H_t.
     """
-    O, I, F_, C_tilde = gate_views(gates)
-    steps, batch, hiddens = O.shape
-    sigmoids = gates[..., : 3 * hiddens].to(Cs.dtype)
-    dsigmoid = torch.addcmul(sigmoids, sigmoids, sigmoids, value=-1)  # σ - σ² for O, I, F
-    dsigmoid_o, dsigmoid_i, dsigmoid_f = dsigmoid.unflatten(2, (3, hiddens)).unbind(2)
-    dO_dH = tanh_C * dsigmoid_o  # (steps, batch, hiddens)
+    A = gates.to(Cs.dtype)  # O, I, F, S
+    O, I, _, S = gate_views(A)
+    dGates_dHC = torch.addcmul(A, A, A, value=-1)  # σ - σ² in every block: (steps, batch, 4·hiddens)
+    d_o, d_i, d_f, d_c = gate_views(dGates_dHC)
+    d_o.mul_(tanh_C)
+    d_i.mul_(S * 2 - 1)  # C̃
+    d_f.mul_(Cs[:-1])
+    d_c.mul_(I).mul_(4)
     dC_dH = torch.addcmul(O, O * tanh_C, tanh_C, value=-1)  # O - O tanh²(C)
-    dIFC_dC = Cs.new_empty((steps, batch, 3, hiddens))
-    torch.mul(C_tilde, dsigmoid_i, out=dIFC_dC[:, :, 0])
-    torch.mul(Cs[:-1], dsigmoid_f, out=dIFC_dC[:, :, 1])
-    torch.addcmul(I, I * C_tilde, C_tilde, value=-1, out=dIFC_dC[:, :, 2])  # I - I C̃²
-    return dO_dH, dC_dH, dIFC_dC
+    return dGates_dHC, dC_dH
 
 
 def backward_steps(
-    dHs: torch.Tensor, dC_T: torch.Tensor | None, gates: torch.Tensor, Cs: torch.Tensor, tanh_C: torch.Tensor, W_h: torch.Tensor
+    dHs: torch.Tensor, dC_T: torch.Tensor | None, gates: torch.Tensor, Cs: torch.Tensor, tanh_C: torch.Tensor, W_hT: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward through time: dL/d(gate pre-activations) of every step, (steps, batch, 4·hiddens)
-    in the compute dtype, and dL/dC_0. `dHs` is dL/dH_t from above (the outputs' gradient).
+    in the compute dtype, and dL/dC_0. `dHs` is dL/dH_t from above (the outputs' gradient),
+    W_hT the article's W_hᵀ (4·hiddens, hiddens).
 
         dL/dH_t = dHs[t] + dGates_{t+1} W_hᵀ
         dL/dC_t = dL/dC_{t+1} ⊙ F_{t+1} + dL/dH_t ⊙ dC_dH
     """
-    dO_dH, dC_dH, dIFC_dC = local_derivatives(gates, Cs, tanh_C)
-    steps, batch, hiddens = dO_dH.shape
-    F_next = gate_views(gates)[2]
+    dGates_dHC, dC_dH = local_derivatives(gates, Cs, tanh_C)
+    steps, batch, hiddens = dC_dH.shape
     dGates = gates.new_empty(gates.shape)  # (steps, batch, 4·hiddens)
     dO = dGates[..., :hiddens].unbind(0)
     dIFC = dGates[..., hiddens:].unflatten(2, (3, hiddens)).unbind(0)  # (batch, 3, hiddens) per step
-    dGates_, dHs_, F_, dO_dH_, dC_dH_, dIFC_dC_ = (x.unbind(0) for x in (dGates, dHs, F_next, dO_dH, dC_dH, dIFC_dC))
-    W_hT = W_h.T  # (4·hiddens, hiddens)
+    dO_dH = dGates_dHC[..., :hiddens].unbind(0)
+    dIFC_dC = dGates_dHC[..., hiddens:].unflatten(2, (3, hiddens)).unbind(0)
+    dGates_, dHs_, F_, dC_dH_ = (x.unbind(0) for x in (dGates, dHs, gate_views(gates)[2], dC_dH))
     dH = dHs.new_empty((batch, hiddens))
     dC = dC_T.to(Cs.dtype, copy=True) if dC_T is not None else Cs.new_zeros((batch, hiddens))
     for t in reversed(range(steps)):
@@ -235,15 +246,15 @@ def backward_steps(
             dH_t = torch.addmm(dHs_[t], dGates_[t + 1], W_hT, out=dH)  # from the output and from step t+1
             dC.mul_(F_[t + 1])  # through C_{t+1} = F_{t+1} ⊙ C_t + …
         dC.addcmul_(dH_t, dC_dH_[t])  # through H_t = O_t ⊙ tanh(C_t)
-        torch.mul(dH_t, dO_dH_[t], out=dO[t])
-        torch.mul(dC.unsqueeze(1), dIFC_dC_[t], out=dIFC[t])
+        torch.mul(dH_t, dO_dH[t], out=dO[t])
+        torch.mul(dC.unsqueeze(1), dIFC_dC[t], out=dIFC[t])
     return dGates, dC.mul_(F_[0])
 
 
 class Sequence(NamedTuple):
     """A layer's forward pass over a sequence: what backward through time needs."""
 
-    gates: torch.Tensor  # (steps, batch, 4·hiddens): the activations O, I, F, C̃, compute dtype
+    gates: torch.Tensor  # (steps, batch, 4·hiddens): the activations O, I, F, S (C̃ = 2S - 1), compute dtype
     Hs: torch.Tensor  # (steps + 1, batch, hiddens): H_0 … H_T, compute dtype (the next product's input)
     Cs: torch.Tensor  # (steps + 1, batch, hiddens): C_0 … C_T, the parameters' dtype (fp32 under bf16)
     tanh_C: torch.Tensor  # (steps, batch, hiddens): tanh(C_1) … tanh(C_T)
@@ -283,24 +294,24 @@ class LSTMSequence(torch.autograd.Function):
         seq = run_sequence(X, H_0, C_0, weights, params[0].dtype)
         # Saved through autograd, so an in-place change of the outputs (views of seq.Hs) before
         # backward is an error rather than a silently wrong gradient.
-        ctx.save_for_backward(X, *seq)
-        ctx.weights = weights
+        ctx.save_for_backward(X, *seq, *params[0:8])
         ctx.input_dtypes = (X.dtype, H_0.dtype, C_0.dtype)
         return seq.Hs[1:], seq.Cs[-1]
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dHs: torch.Tensor | None, dC_T: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        X, gates, Hs, Cs, tanh_C = ctx.saved_tensors
-        W_x, W_h = ctx.weights.W_x, ctx.weights.W_h
+        X, gates, Hs, Cs, tanh_C, *W = ctx.saved_tensors
         X_dtype, H_0_dtype, C_0_dtype = ctx.input_dtypes
         needs = ctx.needs_input_grad
+        W_hT = transposed(W[4:8], Hs.dtype)  # (4·hiddens, hiddens)
         dHs = Hs[1:].new_zeros(Hs[1:].shape) if dHs is None else dHs.to(Hs.dtype)
-        dGates, dC_0 = backward_steps(dHs, dC_T, gates, Cs, tanh_C, W_h)  # (steps, batch, 4·hiddens)
-        dX = (dGates @ W_x.T).to(X_dtype) if needs[0] else None  # (steps, batch, inputs)
-        dH_0 = (dGates[0] @ W_h.T).to(H_0_dtype) if needs[1] else None
+        dGates, dC_0 = backward_steps(dHs, dC_T, gates, Cs, tanh_C, W_hT)  # (steps, batch, 4·hiddens)
+        dX = (dGates @ transposed(W[0:4], Hs.dtype)).to(X_dtype) if needs[0] else None  # (steps, batch, inputs)
+        dH_0 = (dGates[0] @ W_hT).to(H_0_dtype) if needs[1] else None
         dC_0 = dC_0.to(C_0_dtype) if needs[2] else None
-        param_grads = weight_gradients(X, Hs[:-1], dGates, W_x.shape[0], Cs.dtype) if any(needs[4:]) else (None,) * 12
+        num_inputs = W[0].shape[0]
+        param_grads = weight_gradients(X, Hs[:-1], dGates, num_inputs, Cs.dtype) if any(needs[4:]) else (None,) * 12
         return dX, dH_0, dC_0, None, *param_grads
 
 
@@ -385,10 +396,23 @@ class CudnnLSTM(nn.Module):
 
     def forward(self, X: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         state = check_input(X, state, self.num_inputs, self.num_hiddens, self.num_layers, self.lstm.weight_ih_l0)
+        weight = self.lstm.weight_ih_l0
         if not X.is_floating_point():  # nn.LSTM multiplies its input: one-hot it (cheap at char vocab sizes)
-            X = F.one_hot(X.long(), self.num_inputs).to(self.lstm.weight_ih_l0.dtype)
+            X = F.one_hot(X.long(), self.num_inputs).to(weight.dtype)
+        dtype = compute_dtype(weight)
+        if X.device.type == "cpu" and dtype != weight.dtype:
+            return self._forward_in(dtype, X, state)
         outputs, (H, C) = self.lstm(X, state)
         return outputs, (H, C)
+
+    def _forward_in(self, dtype: torch.dtype, X: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """oneDNN's CPU LSTM refuses autocast's mixed dtypes: run it on `dtype` copies of the
+        weights, input and state instead. The casts are differentiable, so the gradients still
+        reach the fp32 parameters; the returned state is in the parameters' dtype."""
+        weights = {name: p.to(dtype) for name, p in self.lstm.named_parameters()}
+        with torch.autocast(X.device.type, enabled=False):
+            outputs, (H, C) = functional_call(self.lstm, weights, (X.to(dtype), (state[0].to(dtype), state[1].to(dtype))))
+        return outputs, (H.to(self.lstm.weight_ih_l0.dtype), C.to(self.lstm.weight_ih_l0.dtype))
 
 
 def zero_state(num_layers: int, batch_size: int, num_hiddens: int, like: torch.Tensor) -> State:

@@ -165,3 +165,19 @@ def test_bad_input_is_refused(core: str, X: torch.Tensor, state, message: str) -
     model = scratch if core == "scratch" else cudnn
     with pytest.raises(ShapeError, match=f"^{re.escape(message)}$"):
         model(X, state)
+
+
+def test_cudnn_core_runs_under_cpu_bf16_autocast() -> None:
+    # oneDNN's LSTM refuses autocast's mixed dtypes on the CPU; the core runs on bf16 copies
+    # instead: the loss stays within bf16 rounding of fp32, the state and gradients are fp32.
+    torch.manual_seed(0)
+    model = CharLM(10, 16, 2, core="cudnn")
+    X, Y = torch.randint(0, 10, (3, 5)), torch.randint(0, 10, (3, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, (H, C) = model(X)
+        loss = loss_fn(logits, Y)
+    loss.backward()
+    assert H.dtype == C.dtype == torch.float32
+    assert loss.item() == pytest.approx(loss_fn(model(X)[0], Y).item(), rel=1e-2)
+    grads = [p.grad for p in model.core.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)

@@ -1,0 +1,393 @@
+"""Training speed: the seed's own code against lstmlm's, side by side (issue 5's table).
+
+    python benchmarks/bench_train.py [--config d2l|larger|both] [--rounds 7] [--precision auto|fp32|bf16|fp32,bf16]
+                                     [--device cpu|cuda] [--threads N] [--json]
+
+Contenders, each training with its own step on the same batches:
+
+- seed scratch: the article's code as written — get_lstm_params / init_lstm_state / lstm, the
+  per-gate loop on F.one_hot(X.T, V).float() inputs, in d2l's RNNModelScratch — trained with
+  d2l's train_epoch_ch8 step: state detached between batches, l.backward() on the mean loss,
+  d2l's grad_clipping (the global norm computed by hand) and d2l's sgd (param -= lr · grad).
+- seed nn.LSTM: the article's second model, d2l's RNNModel (nn.LSTM on one-hot input, then
+  nn.Linear), with the same step and torch.optim.SGD as d2l's train_ch8 gives it.
+- lstmlm scratch / cudnn: CharLM with lstmlm.train.train_step, in fp32 and (where asked) bf16.
+
+The d2l config runs on The Time Machine as lstmlm encodes it (d2l mode, first 10,000 tokens,
+from $LSTMLM_TEST_DATA, default ../shared/data) in lstmlm.batches.sequential's batches; the
+larger config (batch 64, 100 steps, 512 hidden, 2 layers, 65 characters) on random ids. A
+round is one epoch (d2l: 8 batches of 32×35) or 4 batches (larger); the contenders alternate
+round by round (A B C A B C …) so a busy machine slows all of them alike, and each figure
+is the median over the rounds. SGD lr 1, clipping θ = 1 everywhere, as d2l.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lstmlm import batches as lstmlm_batches
+from lstmlm.bench import Dims, measure_generation
+from lstmlm.corpus import normalize, read_text
+from lstmlm.device import cpu_has_fast_bf16, resolve_precision
+from lstmlm.model import CharLM
+from lstmlm.train import build_vocab, train_step
+
+D2L = Dims(vocab_size=28, hidden=256, layers=1, batch_size=32, num_steps=35)
+LARGER = Dims(vocab_size=65, hidden=512, layers=2, batch_size=64, num_steps=100)
+LARGER_BATCHES_PER_ROUND = 4
+LR, THETA = 1.0, 1.0
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+# ---- the seed's code, from the article (d2l's chapter 9.2 and the functions it imports) ---------
+
+
+def get_lstm_params(vocab_size: int, num_hiddens: int, device: torch.device) -> list[torch.Tensor]:
+    num_inputs = num_outputs = vocab_size
+
+    def normal(shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(size=shape, device=device) * 0.01
+
+    def three() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (normal((num_inputs, num_hiddens)), normal((num_hiddens, num_hiddens)), torch.zeros(num_hiddens, device=device))
+
+    W_xi, W_hi, b_i = three()  # input gate
+    W_xf, W_hf, b_f = three()  # forget gate
+    W_xo, W_ho, b_o = three()  # output gate
+    W_xc, W_hc, b_c = three()  # candidate memory cell
+    W_hq = normal((num_hiddens, num_outputs))
+    b_q = torch.zeros(num_outputs, device=device)
+    params = [W_xi, W_hi, b_i, W_xf, W_hf, b_f, W_xo, W_ho, b_o, W_xc, W_hc, b_c, W_hq, b_q]
+    for param in params:
+        param.requires_grad_(True)
+    return params
+
+
+def init_lstm_state(batch_size: int, num_hiddens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.zeros((batch_size, num_hiddens), device=device), torch.zeros((batch_size, num_hiddens), device=device))
+
+
+def lstm(inputs: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], params: list[torch.Tensor]):  # noqa: ANN201
+    [W_xi, W_hi, b_i, W_xf, W_hf, b_f, W_xo, W_ho, b_o, W_xc, W_hc, b_c, W_hq, b_q] = params
+    (H, C) = state
+    outputs = []
+    for X in inputs:
+        I = torch.sigmoid((X @ W_xi) + (H @ W_hi) + b_i)  # noqa: E741
+        F_ = torch.sigmoid((X @ W_xf) + (H @ W_hf) + b_f)
+        O = torch.sigmoid((X @ W_xo) + (H @ W_ho) + b_o)
+        C_tilda = torch.tanh((X @ W_xc) + (H @ W_hc) + b_c)
+        C = F_ * C + I * C_tilda
+        H = O * torch.tanh(C)
+        Y = (H @ W_hq) + b_q
+        outputs.append(Y)
+    return torch.cat(outputs, dim=0), (H, C)
+
+
+class RNNModelScratch:
+    """d2l's RNNModelScratch: one-hot input, then the forward function."""
+
+    def __init__(self, vocab_size: int, num_hiddens: int, device: torch.device, get_params, init_state, forward_fn) -> None:  # noqa: ANN001
+        self.vocab_size, self.num_hiddens = vocab_size, num_hiddens
+        self.params = get_params(vocab_size, num_hiddens, device)
+        self.init_state, self.forward_fn = init_state, forward_fn
+
+    def __call__(self, X: torch.Tensor, state):  # noqa: ANN001, ANN204
+        X = F.one_hot(X.T, self.vocab_size).type(torch.float32)
+        return self.forward_fn(X, state, self.params)
+
+    def begin_state(self, batch_size: int, device: torch.device):  # noqa: ANN201
+        return self.init_state(batch_size, self.num_hiddens, device)
+
+
+class RNNModel(nn.Module):
+    """d2l's RNNModel: nn.LSTM on one-hot input, then nn.Linear."""
+
+    def __init__(self, rnn_layer: nn.LSTM, vocab_size: int) -> None:
+        super().__init__()
+        self.rnn = rnn_layer
+        self.vocab_size = vocab_size
+        self.num_hiddens = self.rnn.hidden_size
+        self.num_directions = 1
+        self.linear = nn.Linear(self.num_hiddens, self.vocab_size)
+
+    def forward(self, inputs: torch.Tensor, state):  # noqa: ANN001, ANN201
+        X = F.one_hot(inputs.T.long(), self.vocab_size)
+        X = X.to(torch.float32)
+        Y, state = self.rnn(X, state)
+        output = self.linear(Y.reshape((-1, Y.shape[-1])))
+        return output, state
+
+    def begin_state(self, device: torch.device, batch_size: int = 1):  # noqa: ANN201
+        shape = (self.num_directions * self.rnn.num_layers, batch_size, self.num_hiddens)
+        return (torch.zeros(shape, device=device), torch.zeros(shape, device=device))
+
+
+def grad_clipping(net, theta: float) -> None:  # noqa: ANN001
+    """d2l's: the global gradient norm, computed by hand."""
+    if isinstance(net, nn.Module):
+        params = [p for p in net.parameters() if p.requires_grad]
+    else:
+        params = net.params
+    norm = torch.sqrt(sum(torch.sum((p.grad**2)) for p in params))
+    if norm > theta:
+        for param in params:
+            param.grad[:] *= theta / norm
+
+
+def sgd(params: list[torch.Tensor], lr: float, batch_size: int) -> None:
+    """d2l's minibatch SGD."""
+    with torch.no_grad():
+        for param in params:
+            param -= lr * param.grad / batch_size
+            param.grad.zero_()
+
+
+def seed_epoch(net, batches: Iterable[Batch], updater, device: torch.device) -> int:  # noqa: ANN001
+    """d2l's train_epoch_ch8 (sequential iterator), less its timer; returns the tokens seen."""
+    state, loss, tokens = None, nn.CrossEntropyLoss(), 0
+    total = 0.0  # d2l's Accumulator: a float per batch, so one host sync per batch
+    for X, Y in batches:
+        if state is None:
+            state = net.begin_state(batch_size=X.shape[0], device=device)
+        else:
+            for s in state:
+                s.detach_()
+        y = Y.T.reshape(-1)
+        X, y = X.to(device), y.to(device)
+        y_hat, state = net(X, state)
+        l = loss(y_hat, y.long()).mean()  # noqa: E741
+        if isinstance(updater, torch.optim.Optimizer):
+            updater.zero_grad()
+            l.backward()
+            grad_clipping(net, THETA)
+            updater.step()
+        else:
+            l.backward()
+            grad_clipping(net, THETA)
+            updater(batch_size=1)
+        total += float(l.detach() * y.numel())
+        tokens += y.numel()
+    return tokens
+
+
+# ---- lstmlm ------------------------------------------------------------------------------------
+
+
+def lstmlm_epoch(model: CharLM, optimizer: torch.optim.Optimizer, batches: Iterable[Batch], device: torch.device, precision: str) -> int:
+    """lstmlm's step on each batch, the state carried and detached, as its trainer does."""
+    state, tokens, loss = None, 0, torch.zeros(())
+    for X, Y in batches:
+        loss, state = train_step(model, optimizer, X.to(device), Y.to(device), state, THETA, device, precision)
+        state = (state[0].detach(), state[1].detach())
+        tokens += Y.numel()
+    loss.item()  # wait for the device
+    return tokens
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+
+def timemachine_ids() -> torch.Tensor:
+    """The seed's corpus as lstmlm encodes it in d2l mode: the first 10,000 token ids."""
+    data = Path(os.environ.get("LSTMLM_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    path = data / "timemachine.txt"
+    if not path.is_file():
+        sys.exit(f"bench_train: {path} not found (set LSTMLM_TEST_DATA to the directory holding timemachine.txt)")
+    text = normalize(read_text(path), "d2l")
+    vocab = build_vocab(text, "d2l")
+    assert len(vocab) == D2L.vocab_size, f"expected d2l's 28 tokens, got {len(vocab)}"
+    return vocab.encode(text)[:10_000]
+
+
+def d2l_rounds(ids: torch.Tensor) -> Callable[[int], list[Batch]]:
+    """Round r's epoch of sequential batches; every contender gets the same ones in round r."""
+    return lambda r: list(lstmlm_batches.sequential(ids, D2L.batch_size, D2L.num_steps, random.Random(r)))
+
+
+def synthetic_rounds(dims: Dims, count: int) -> Callable[[int], list[Batch]]:
+    def make(r: int) -> list[Batch]:
+        g = torch.Generator().manual_seed(r)
+        ids = torch.randint(0, dims.vocab_size, (count, dims.batch_size, dims.num_steps + 1), generator=g)
+        return [(b[:, :-1], b[:, 1:]) for b in ids]
+
+    return make
+
+
+# ---- the race ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Contender:
+    name: str
+    epoch: Callable[[list[Batch]], int]  # trains on the batches, returns the tokens seen
+    rates: list[float]
+    error: str = ""
+
+
+def seed_scratch(device: torch.device) -> Contender:
+    net = RNNModelScratch(D2L.vocab_size, D2L.hidden, device, get_lstm_params, init_lstm_state, lstm)
+    updater = lambda batch_size: sgd(net.params, LR, batch_size)  # noqa: E731
+    return Contender("seed scratch", lambda bs: seed_epoch(net, bs, updater, device), [])
+
+
+def seed_nn_lstm(device: torch.device) -> Contender:
+    net = RNNModel(nn.LSTM(D2L.vocab_size, D2L.hidden), D2L.vocab_size).to(device)
+    updater = torch.optim.SGD(net.parameters(), LR)
+    return Contender("seed nn.LSTM", lambda bs: seed_epoch(net, bs, updater, device), [])
+
+
+def lstmlm_contender(core: str, dims: Dims, device: torch.device, precision: str) -> Contender:
+    model = CharLM(dims.vocab_size, dims.hidden, dims.layers, core=core).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    return Contender(f"{core} {precision}", lambda bs: lstmlm_epoch(model, optimizer, bs, device, precision), [])
+
+
+def race(contenders: list[Contender], rounds: Callable[[int], list[Batch]], count: int, device: torch.device) -> None:
+    """Round r: each contender in turn trains on round r's batches; tokens/s into `rates`.
+    Round 0 is a warm-up and is not recorded."""
+    for r in range(count + 1):
+        batches = rounds(r)
+        for c in contenders:
+            if c.error:
+                continue
+            try:
+                _synchronize(device)
+                start = time.perf_counter()
+                tokens = c.epoch(batches)
+                _synchronize(device)
+            except RuntimeError as e:  # e.g. oneDNN has no bf16 LSTM on this CPU
+                c.error = str(e).splitlines()[0][:100]
+                continue
+            if r > 0:
+                c.rates.append(tokens / (time.perf_counter() - start))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- the report --------------------------------------------------------------------------------
+
+# (config, numerator, denominator, target): issue 5's table
+TARGETS = [
+    ("d2l", "cudnn fp32", "seed nn.LSTM", 1.0),
+    ("d2l", "cudnn bf16", "seed nn.LSTM", 1.6),
+    ("d2l", "scratch fp32", "seed scratch", 1.6),
+    ("d2l", "scratch fp32", "cudnn fp32", 0.65),
+    ("d2l", "scratch bf16", "scratch fp32", 1.3),
+    ("larger", "scratch fp32", "cudnn fp32", 0.75),
+    ("larger", "scratch bf16", "cudnn fp32", 1.0),
+]
+GENERATION_TARGET = 10_000.0  # chars/s, d2l model, batch 1, greedy
+
+
+def machine() -> dict[str, object]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "fast_bf16_cpu": cpu_has_fast_bf16(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+    }
+
+
+def median(c: Contender) -> float | None:
+    return statistics.median(c.rates) if c.rates else None
+
+
+def report(results: dict[str, list[Contender]], generation: dict[str, float], as_json: bool) -> None:
+    medians = {(cfg, c.name): median(c) for cfg, cs in results.items() for c in cs}
+    ratios = []
+    for cfg, num, den, target in TARGETS:
+        a, b = medians.get((cfg, num)), medians.get((cfg, den))
+        if (cfg, num) in medians and (cfg, den) in medians:
+            ratios.append((cfg, f"{num} / {den}", a / b if a and b else None, target))
+    if as_json:
+        print(json.dumps({
+            "machine": machine(),
+            "tokens_per_s": {cfg: {c.name: {"median": median(c), "rounds": c.rates, "error": c.error} for c in cs} for cfg, cs in results.items()},
+            "ratios": [{"config": cfg, "figure": fig, "ratio": r, "target": t} for cfg, fig, r, t in ratios],
+            "generation_chars_per_s": generation,
+        }, indent=2))
+        return
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()))
+    print(f"\n{'config':8} {'contender':16} {'tokens/s':>10}  rounds")
+    for cfg, cs in results.items():
+        for c in cs:
+            figure = f"{median(c):10,.0f}" if c.rates else f"{'—':>10}"
+            print(f"{cfg:8} {c.name:16} {figure}  {len(c.rates)}{'  ' + c.error if c.error else ''}")
+    print(f"\n{'config':8} {'figure':30} {'ratio':>6}  target")
+    for cfg, fig, r, target in ratios:
+        shown = f"{r:6.2f}" if r is not None else f"{'—':>6}"
+        verdict = "" if r is None else ("  met" if r >= target else "  NOT met")
+        print(f"{cfg:8} {fig:30} {shown}  ≥ {target}{verdict}")
+    for name, rate in generation.items():
+        verdict = "met" if rate >= GENERATION_TARGET else "NOT met"
+        print(f"{'d2l':8} {'generation ' + name + ' (chars/s)':30} {rate:6,.0f}  ≥ {GENERATION_TARGET:,.0f}  {verdict}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=["d2l", "larger", "both"], default="both")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--precision", default="auto", help="auto, fp32, bf16 or a comma list (auto: fp32, plus bf16 where it is fast)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--no-generation", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    precisions = precisions_for(args.precision, device)
+    torch.manual_seed(0)
+
+    results: dict[str, list[Contender]] = {}
+    if args.config in ("d2l", "both"):
+        contenders = [seed_scratch(device), seed_nn_lstm(device)]
+        contenders += [lstmlm_contender(core, D2L, device, p) for p in precisions for core in ("scratch", "cudnn")]
+        race(contenders, d2l_rounds(timemachine_ids()), args.rounds, device)
+        results["d2l"] = contenders
+    if args.config in ("larger", "both"):
+        contenders = [lstmlm_contender(core, LARGER, device, p) for p in precisions for core in ("scratch", "cudnn")]
+        race(contenders, synthetic_rounds(LARGER, LARGER_BATCHES_PER_ROUND), args.rounds, device)
+        results["larger"] = contenders
+    generation = {}
+    if not args.no_generation:
+        for core in ("scratch", "cudnn"):
+            runs = [measure_generation(core, D2L, device, length=1000).chars_per_s for _ in range(3)]
+            generation[core] = statistics.median(runs)
+    report(results, generation, args.json)
+
+
+def precisions_for(spec: str, device: torch.device) -> list[str]:
+    if spec == "auto":
+        return ["fp32"] + (["bf16"] if resolve_precision("auto", device) == "bf16" else [])
+    return [p.strip() for p in spec.split(",")]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""What this machine does: the matrix-product ceiling, training tokens/s, generation characters/s.
+
+The functions behind `lstmlm bench` return plain dataclasses and print nothing (the CLI renders).
+
+FLOPs per token, the yardstick of `utilisation`: each multiply-add counts 2 FLOPs, and only the
+matrix products the model needs are counted,
+
+    forward  = 2 · Σ_k 4H·(H + I_k)  +  2 · H·V
+    training = 3 · forward              (backward = 2 · forward: gradients of inputs and of weights)
+
+with H the hidden size, V the vocabulary, and I_k the width of layer k's input: 0 for the
+first layer on one-hot input (a row gather, no product), the embedding size with an
+embedding, H above the first layer. The d2l model (H 256, V 28, one layer, one-hot) makes
+538,624 FLOPs per token forward, 1,615,872 per token trained. Elementwise work (gates,
+softmax, clipping) is left out: it is a few percent of the products at these sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .config import Config
+from .device import autocast
+from .errors import DeviceError
+from .generate import generate
+from .lstm import State
+from .model import CharLM
+from .train import train_step
+from .vocab import Vocab
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The shapes that decide the speed: the model's and the batch's."""
+
+    vocab_size: int
+    hidden: int = 256
+    layers: int = 1
+    batch_size: int = 32
+    num_steps: int = 35
+    embedding: int = 0  # 0: one-hot input, as the seed
+
+    @classmethod
+    def from_config(cls, cfg: Config, vocab_size: int) -> Dims:
+        m, d = cfg.model, cfg.data
+        return cls(vocab_size, m.hidden, m.layers, d.batch_size, d.num_steps, m.embedding)
+
+
+def forward_flops_per_token(dims: Dims) -> int:
+    """2 · (multiply-adds of the products) for one token, forward (see the module docstring)."""
+    H, V = dims.hidden, dims.vocab_size
+    first_input = dims.embedding  # one-hot: a gather, no product
+    inputs = [first_input] + [H] * (dims.layers - 1)
+    return 2 * sum(4 * H * (H + I) for I in inputs) + 2 * H * V
+
+
+def training_flops_per_token(dims: Dims) -> int:
+    return 3 * forward_flops_per_token(dims)
+
+
+# ---- the ceiling -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    device: str
+    precision: str  # fp32 | bf16
+    size: int  # n of the n×n by n×n product timed
+    gflops: float  # the best of the repeats, 1e9 FLOP/s
+
+
+def measure_matmul_ceiling(
+    device: torch.device | str, precision: str = "fp32", max_size: int = 2048, min_seconds: float = 0.5
+) -> Ceiling:
+    """GFLOP/s of a large square matrix product, the best of repeats over `min_seconds`.
+
+    The size grows from 256 until one product takes a tenth of a second or reaches `max_size`,
+    so a precision the hardware emulates slowly (bf16 on a CPU without AVX512-BF16) is
+    measured in seconds, not minutes."""
+    device = torch.device(device)
+    dtype = DTYPES[precision]
+    size = 256
+    while True:
+        seconds = _time_matmul(size, dtype, device)
+        if size >= max_size or seconds > 0.1:
+            break
+        size *= 2
+    best, spent = seconds, seconds
+    while spent < min_seconds:
+        seconds = _time_matmul(size, dtype, device)
+        best, spent = min(best, seconds), spent + seconds
+    return Ceiling(str(device), precision, size, 2 * size**3 / best / 1e9)
+
+
+def _time_matmul(size: int, dtype: torch.dtype, device: torch.device) -> float:
+    A = torch.randn(size, size, device=device).to(dtype)
+    B = torch.randn(size, size, device=device).to(dtype)
+    A @ B  # warm up: kernels chosen, memory mapped
+    _synchronize(device)
+    start = time.perf_counter()
+    A @ B
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingSpeed:
+    core: str  # scratch | cudnn
+    precision: str
+    device: str
+    tokens_per_s: float
+    gflops: float  # tokens_per_s × training_flops_per_token
+    utilisation: float | None  # gflops / the ceiling passed in, when one was
+    flops_per_token: int
+    peak_memory_bytes: int | None  # see `PeakMemory`
+    steps: int
+    seconds: float
+
+
+def measure_training(
+    core: str,
+    dims: Dims,
+    device: torch.device | str,
+    precision: str = "fp32",
+    steps: int = 20,
+    warmup: int = 3,
+    ceiling: Ceiling | None = None,
+    seed: int = 0,
+) -> TrainingSpeed:
+    """Tokens/s of `steps` optimizer steps on random ids, as training runs them: d2l's SGD
+    (lr 1) and clipping (θ = 1), the state carried from batch to batch and detached."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    device = torch.device(device)
+    check_precision(precision)
+    torch.manual_seed(seed)
+    with PeakMemory(device) as memory:
+        model = CharLM(dims.vocab_size, dims.hidden, dims.layers, core=core, embedding=dims.embedding).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        batches = torch.randint(0, dims.vocab_size, (2, dims.batch_size, dims.num_steps + 1), device=device)
+
+        def run(n: int) -> None:
+            state: State | None = None
+            loss = torch.zeros(())
+            for i in range(n):
+                X, Y = batches[i % 2, :, :-1], batches[i % 2, :, 1:]
+                loss, state = train_step(model, optimizer, X, Y, state, 1.0, device, precision)
+                state = (state[0].detach(), state[1].detach())
+            loss.item()  # wait for the device
+
+        run(warmup)
+        start = time.perf_counter()
+        run(steps)
+        seconds = time.perf_counter() - start
+    tokens_per_s = steps * dims.batch_size * dims.num_steps / seconds
+    flops = training_flops_per_token(dims)
+    gflops = tokens_per_s * flops / 1e9
+    utilisation = gflops / ceiling.gflops if ceiling is not None else None
+    return TrainingSpeed(core, precision, str(device), tokens_per_s, gflops, utilisation, flops, memory.peak, steps, seconds)
+
+
+def check_precision(precision: str) -> None:
+    if precision not in DTYPES:
+        raise DeviceError(f"unknown precision '{precision}' (expected fp32 or bf16)")
+
+
+# ---- generation --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationSpeed:
+    core: str
+    precision: str
+    device: str
+    chars_per_s: float
+    length: int  # characters generated in the timed run
+    peak_memory_bytes: int | None
+
+
+def measure_generation(
+    core: str,
+    dims: Dims,
+    device: torch.device | str,
+    precision: str = "fp32",
+    length: int = 500,
+    prefix: int = 10,
+    warmup: int = 20,
+    seed: int = 0,
+) -> GenerationSpeed:
+    """Characters/s of greedy generation at batch 1 (d2l's predict): the state primed on a
+    `prefix`-character prefix, then one model call, argmax and decode per character — the
+    path `lstmlm generate` takes, on an untrained model of the given shape."""
+    device = torch.device(device)
+    check_precision(precision)
+    torch.manual_seed(seed)
+    vocab = Vocab(["<unk>"] + [chr(0x100 + i) for i in range(dims.vocab_size - 1)])  # any distinct characters
+    with PeakMemory(device) as memory:
+        model = CharLM(dims.vocab_size, dims.hidden, dims.layers, core=core, embedding=dims.embedding).to(device).eval()
+        text = "".join(vocab.tokens[1 + i % (dims.vocab_size - 1)] for i in range(prefix))
+
+        def run(n: int) -> None:
+            with autocast(device, precision):
+                for _ in generate(model, vocab, text, n):
+                    pass
+
+        run(warmup)
+        start = time.perf_counter()
+        run(length)
+        seconds = time.perf_counter() - start
+    return GenerationSpeed(core, precision, str(device), length / seconds, length, memory.peak)
+
+
+# ---- memory ------------------------------------------------------------------------------------
+
+
+class PeakMemory:
+    """The peak memory of a block, in bytes (`peak`, None where it cannot be measured).
+
+    CUDA: the allocator's peak of tensor memory. CPU: the peak resident size of the process
+    above its size when the block began, sampled every 5 ms from /proc/self/statm (torch
+    allocates outside what Python's tracemalloc sees). MPS: the driver's allocation at the end.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.device.type == "cpu" and _rss_bytes() is not None:
+            self._baseline = self._max = _rss_bytes() or 0
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.device.type == "mps":
+            self.peak = torch.mps.driver_allocated_memory()
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(0, max(self._max, _rss_bytes() or 0) - self._baseline)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self._max = max(self._max, _rss_bytes() or 0)
+
+
+def _rss_bytes() -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

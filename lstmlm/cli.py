@@ -32,8 +32,8 @@ from . import generate as gen
 from . import train as train_mod
 from .checkpoint import BEST, LATEST, RunStore, checkpoint_config, checkpoint_vocab, latest_run, load_weights
 from .config import Config
-from .device import autocast, resolve_device, resolve_precision
-from .errors import CheckpointError, ConfigError, LstmlmError
+from .device import autocast, describe, resolve_device, resolve_precision
+from .errors import CheckpointError, ConfigError, DeviceError, LstmlmError
 from .generate import prepare_prefix
 from .model import CharLM, convert
 from .plot import perplexity_chart
@@ -480,6 +480,60 @@ def evaluate(
 
 
 # ---- plot -----------------------------------------------------------------------------------
+
+
+# ---- bench ----------------------------------------------------------------------------------
+
+
+@app.command()
+@friendly
+def bench(
+    config_file: Optional[Path] = typer.Option(None, "--config", help="Model and batch shapes to measure (default: the d2l model)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16, auto, or both."),
+    steps: int = typer.Option(20, "--steps", min=1, help="Timed training steps per core."),
+    vocab_size: int = typer.Option(28, "--vocab-size", min=2, help="Vocabulary size (28: The Time Machine in d2l mode)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON line per measurement."),
+) -> None:
+    """Measure this machine: matrix-product ceiling, training tokens/s of both cores, generation chars/s."""
+    from . import bench as b
+
+    cfg = config.load(config_file) if config_file else Config()
+    dims = b.Dims.from_config(cfg, vocab_size)
+    dev = resolve_device(device)
+    precisions = ["fp32", "bf16"] if precision == "both" else [resolve_precision(precision, dev)]
+    rows: list[dict[str, Any]] = []
+    for prec in precisions:
+        ceiling = b.measure_matmul_ceiling(dev, prec)
+        rows.append({"what": f"matmul {ceiling.size}×{ceiling.size}", "precision": prec, "figure": f"{ceiling.gflops:,.1f} GFLOP/s",
+                     "of_ceiling": 1.0, "memory": None, "raw": dataclasses.asdict(ceiling)})
+        for core in ("scratch", "cudnn"):
+            try:
+                speed = b.measure_training(core, dims, dev, prec, steps=steps, ceiling=ceiling)
+            except DeviceError as e:
+                rows.append({"what": f"train {core}", "precision": prec, "figure": f"skipped: {e}", "of_ceiling": None, "memory": None, "raw": None})
+                continue
+            rows.append({"what": f"train {core}", "precision": prec, "figure": f"{speed.tokens_per_s:,.0f} tokens/s",
+                         "of_ceiling": speed.utilisation, "memory": speed.peak_memory_bytes, "raw": dataclasses.asdict(speed)})
+        if prec == "fp32":
+            for core in ("scratch", "cudnn"):
+                gen_speed = b.measure_generation(core, dims, dev, prec)
+                rows.append({"what": f"generate {core}", "precision": prec, "figure": f"{gen_speed.chars_per_s:,.0f} chars/s",
+                             "of_ceiling": None, "memory": gen_speed.peak_memory_bytes, "raw": dataclasses.asdict(gen_speed)})
+    if as_json:
+        for row in rows:
+            _json({"event": "bench", "what": row["what"], "precision": row["precision"], **(row["raw"] or {"skipped": row["figure"]})})
+        return
+    title = (f"{describe(dev)}: hidden {dims.hidden}, {dims.layers} layer(s), batch {dims.batch_size}, "
+             f"{dims.num_steps} steps, vocab {dims.vocab_size} — {b.training_flops_per_token(dims):,} FLOPs per trained token")
+    table = Table(title=title)
+    for column in ("measure", "precision", "figure", "of ceiling", "peak memory"):
+        table.add_column(column, justify="left" if column in ("measure", "precision") else "right")
+    for row in rows:
+        share = f"{row['of_ceiling']:.0%}" if row["of_ceiling"] is not None else ""
+        memory = f"{row['memory'] / 2**20:,.0f} MiB" if row["memory"] else ""
+        table.add_row(row["what"], row["precision"], row["figure"], share, memory)
+    out.print(table)
 
 
 @app.command("plot")

@@ -76,3 +76,21 @@ def test_peak_memory_sees_a_large_allocation() -> None:
     if memory.peak is None:
         pytest.skip("no /proc/self/statm here")
     assert memory.peak >= 32 << 20
+
+
+def test_bench_command_measures_every_core(tmp_path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from lstmlm.cli import app
+
+    config = tmp_path / "tiny.toml"
+    config.write_text("[data]\nbatch_size = 2\nnum_steps = 3\n[model]\nhidden = 8\n")
+    result = CliRunner().invoke(app, ["bench", "--config", str(config), "--device", "cpu", "--steps", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    assert [r["what"] for r in rows] == ["matmul " + rows[0]["what"].split()[1], "train scratch", "train cudnn", "generate scratch", "generate cudnn"]
+    train = [r for r in rows if r["what"].startswith("train")]
+    assert all(r["tokens_per_s"] > 0 and r["flops_per_token"] == train[0]["flops_per_token"] for r in train)
+    assert all(0 < r["utilisation"] for r in train)

@@ -387,7 +387,7 @@ def _report(done: Finished, as_json: bool) -> None:
     if done.val_perplexity is not None:
         out.print(f"validation perplexity {done.val_perplexity:.3f}, {math.log2(done.val_perplexity):.3f} bits per character")
     for text in done.samples.values():
-        out.print(escape(text))
+        out.print(escape(text), soft_wrap=True)
 
 
 # ---- generate -------------------------------------------------------------------------------
@@ -445,7 +445,7 @@ def generate(
             samples = [s + c for s, c in zip(samples, chars)]
     for i, sample in enumerate(samples, 1):
         out.print(f"[dim]--- sample {i}[/]")
-        out.print(escape(sample))
+        out.print(escape(sample), soft_wrap=True)
 
 
 # ---- evaluate -------------------------------------------------------------------------------

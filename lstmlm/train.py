@@ -446,8 +446,13 @@ class Trainer:
                 if any_all(should_stop() or self._out_of_time(started), self.world, self.device):
                     st.epoch_seconds += time.perf_counter() - tic
                     st.loss_sum = self._finite(loss_sum)
-                    yield Saved(st.epoch, self.save(LATEST, self._gather(state)))
+                    carry = self._gather(state)
+                    yield Saved(st.epoch, self.save(LATEST, carry))
                     reason = "interrupted" if should_stop() else "time_limit"
+                    if reason == "time_limit":  # the run ends here: report where the model got to
+                        if has_val:
+                            yield from self._validate_and_keep(carry)
+                        yield from self.sample()
                     yield self.finished(reason, math.exp(st.loss_sum / st.tokens))
                     return
             seconds = st.epoch_seconds + time.perf_counter() - tic

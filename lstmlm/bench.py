@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import Config
+from .distributed import World
 from .device import autocast
 from .errors import DeviceError
 from .generate import generate
@@ -137,9 +138,12 @@ def measure_training(
     warmup: int = 3,
     ceiling: Ceiling | None = None,
     seed: int = 0,
+    world: World = World(),
 ) -> TrainingSpeed:
     """Tokens/s of `steps` optimizer steps on random ids, as training runs them: d2l's SGD
-    (lr 1) and clipping (θ = 1), the state carried from batch to batch and detached."""
+    (lr 1) and clipping (θ = 1), the state carried from batch to batch and detached.
+    Under torchrun (`world` active) every process trains its share of the batch's rows
+    through DistributedDataParallel, and the figure is the whole batch's tokens/s."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     device = torch.device(device)
@@ -149,13 +153,17 @@ def measure_training(
         model = CharLM(dims.vocab_size, dims.hidden, dims.layers, core=core, embedding=dims.embedding).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         batches = torch.randint(0, dims.vocab_size, (2, dims.batch_size, dims.num_steps + 1), device=device)
+        rows = world.rows(dims.batch_size)  # this process's streams: all of them in one process
+        net: torch.nn.Module = model
+        if world.active:
+            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
         def run(n: int) -> None:
             state: State | None = None
             loss = torch.zeros(())
             for i in range(n):
-                X, Y = batches[i % 2, :, :-1], batches[i % 2, :, 1:]
-                loss, state = train_step(model, optimizer, X, Y, state, 1.0, device, precision)
+                X, Y = batches[i % 2, rows, :-1], batches[i % 2, rows, 1:]
+                loss, state = train_step(net, optimizer, X, Y, state, 1.0, device, precision)
                 state = (state[0].detach(), state[1].detach())
             loss.item()  # wait for the device
 

@@ -500,8 +500,40 @@ def bench(
 
     cfg = config.load(config_file) if config_file else Config()
     dims = b.Dims.from_config(cfg, vocab_size)
-    dev = resolve_device(device)
+    world = distributed.from_environment()  # under torchrun: also measure data-parallel scaling
+    dev = distributed.start(world, resolve_device(device), dims.batch_size)
     precisions = ["fp32", "bf16"] if precision == "both" else [resolve_precision(precision, dev)]
+    rows: list[dict[str, Any]] = []
+    try:
+        if world.is_main:
+            rows = _bench_one_process(b, dims, dev, precisions, steps)
+        distributed.barrier(world)  # the others wait: one process measures alone first
+        if world.active:
+            rows += _bench_scaling(b, dims, dev, precisions, steps, world, rows)
+    finally:
+        distributed.stop(world)
+    if not world.is_main:
+        return
+    _bench_report(rows, dims, dev, as_json)
+
+
+def _bench_scaling(b: Any, dims: Any, dev: torch.device, precisions: list[str], steps: int, world: distributed.World, single: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Training tokens/s of all processes together, and its ratio to one process's."""
+    rows = []
+    for prec in precisions:
+        for core in ("scratch", "cudnn"):
+            speed = b.measure_training(core, dims, dev, prec, steps=steps, world=world)  # every process takes part
+            alone = next((r["raw"] for r in single if r["what"] == f"train {core}" and r["precision"] == prec and r["raw"]), None)
+            if alone is None:  # on the other processes, which report nothing
+                continue
+            scaling = speed.tokens_per_s / alone["tokens_per_s"]
+            rows.append({"what": f"train {core} ×{world.size} processes", "precision": prec,
+                         "figure": f"{speed.tokens_per_s:,.0f} tokens/s ({scaling:.2f}× one)", "of_ceiling": None,
+                         "memory": speed.peak_memory_bytes, "raw": {**dataclasses.asdict(speed), "processes": world.size, "scaling": scaling}})
+    return rows
+
+
+def _bench_one_process(b: Any, dims: Any, dev: torch.device, precisions: list[str], steps: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for prec in precisions:
         ceiling = b.measure_matmul_ceiling(dev, prec)
@@ -520,6 +552,12 @@ def bench(
                 gen_speed = b.measure_generation(core, dims, dev, prec)
                 rows.append({"what": f"generate {core}", "precision": prec, "figure": f"{gen_speed.chars_per_s:,.0f} chars/s",
                              "of_ceiling": None, "memory": gen_speed.peak_memory_bytes, "raw": dataclasses.asdict(gen_speed)})
+    return rows
+
+
+def _bench_report(rows: list[dict[str, Any]], dims: Any, dev: torch.device, as_json: bool) -> None:
+    from . import bench as b
+
     if as_json:
         for row in rows:
             _json({"event": "bench", "what": row["what"], "precision": row["precision"], **(row["raw"] or {"skipped": row["figure"]})})

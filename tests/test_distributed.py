@@ -100,3 +100,16 @@ def test_batch_not_divisible_by_processes_is_refused(corpus: Path, tmp_path: Pat
     assert result.returncode != 0
     assert "batch_size 7 must be divisible by the 2 processes" in result.stderr
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_bench_reports_scaling_under_torchrun(tmp_path: Path) -> None:
+    config = tmp_path / "tiny.toml"
+    config.write_text("[data]\nbatch_size = 4\nnum_steps = 3\n[model]\nhidden = 8\n")
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = ["-m", "lstmlm", "bench", "--config", str(config), "--device", "cpu", "--steps", "1", "--json"]
+    result = subprocess.run([sys.executable, *launcher, *args], capture_output=True, text=True, env=_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    scaled = {r["what"]: r for r in rows if "processes" in r["what"]}
+    assert set(scaled) == {"train scratch ×2 processes", "train cudnn ×2 processes"}  # reported once, by rank 0
+    assert all(r["processes"] == 2 and r["scaling"] > 0 for r in scaled.values())

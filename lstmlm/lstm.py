@@ -189,11 +189,16 @@ def one_step(X_t: torch.Tensor, H: torch.Tensor, C: torch.Tensor, weights: Stack
         gates = torch.index_select(weights.W_xb, 0, X_t)  # (batch, 4·hiddens)
     else:
         gates = torch.addmm(weights.b, X_t.to(weights.b.dtype), weights.W_xT.T)  # type: ignore[union-attr]
-    gates.addmm_(H.to(gates.dtype), weights.W_hT.T).sigmoid_()
+    gates.addmm_(as_dtype(H, gates.dtype), weights.W_hT.T).sigmoid_()
     O, I, F_, S = gates.chunk(4, dim=1)
-    C = torch.addcmul(F_ * C, I, S * 2 - 1)  # C_t = F_t ⊙ C_{t-1} + I_t ⊙ C̃_t, in C's dtype
-    H = (O * torch.tanh(C)).to(gates.dtype)  # H_t = O_t ⊙ tanh(C_t)
+    C = torch.addcmul(F_ * C, I, S, value=2).sub_(I)  # C_t = F_t ⊙ C_{t-1} + I_t ⊙ (2 S_t - 1), in C's dtype
+    H = as_dtype(O * torch.tanh(C), gates.dtype)  # H_t = O_t ⊙ tanh(C_t)
     return H, C
+
+
+def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`; a no-op `.to` still costs microseconds, which generation pays per character."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def local_derivatives(gates: torch.Tensor, Cs: torch.Tensor, tanh_C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,8 +375,9 @@ class ScratchLSTM(nn.Module):
         )
 
     def forward(self, X: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        H_0, C_0 = check_input(X, state, self.num_inputs, self.num_hiddens, self.num_layers, self.layers[0].W_xi)
-        dtype = compute_dtype(self.layers[0].W_xi)
+        weight = self.layers[0].W_xi
+        H_0, C_0 = check_input(X, state, self.num_inputs, self.num_hiddens, self.num_layers, weight)
+        dtype = compute_dtype(weight)
         Hs, Cs = [], []
         for k, layer in enumerate(self.layers):
             if k > 0 and self.dropout > 0 and self.training:
@@ -386,7 +392,7 @@ class ScratchLSTM(nn.Module):
             Hs.append(H)
             Cs.append(C)
         C = torch.stack(Cs)  # (layers, batch, hiddens)
-        return X, (torch.stack(Hs).to(C.dtype), C)
+        return X, (as_dtype(torch.stack(Hs), C.dtype), C)
 
 
 def fast_layer(layer: ScratchLSTMLayer, X: torch.Tensor, H_0: torch.Tensor, C_0: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -396,7 +402,7 @@ def fast_layer(layer: ScratchLSTMLayer, X: torch.Tensor, H_0: torch.Tensor, C_0:
         return LSTMSequence.apply(X, H_0, C_0, weights, *layer.fast_params())
     state_dtype = layer.W_xi.dtype
     if X.shape[0] == 1:  # one step without autograd: generation
-        H, C = one_step(X[0], H_0, C_0.to(state_dtype), weights)
+        H, C = one_step(X[0], H_0, as_dtype(C_0, state_dtype), weights)
         return H.unsqueeze(0), C
     seq = run_sequence(X, H_0, C_0, weights, state_dtype)  # without autograd: evaluation
     return seq.Hs[1:].transpose(1, 2), seq.Cs[-1].T

@@ -17,8 +17,10 @@ The d2l config runs on The Time Machine as lstmlm encodes it (d2l mode, first 10
 from $LSTMLM_TEST_DATA, default ../shared/data) in lstmlm.batches.sequential's batches; the
 larger config (batch 64, 100 steps, 512 hidden, 2 layers, 65 characters) on random ids. A
 round is one epoch (d2l: 8 batches of 32×35) or 4 batches (larger); the contenders alternate
-round by round (A B C A B C …) so a busy machine slows all of them alike, and each figure
-is the median over the rounds. SGD lr 1, clipping θ = 1 everywhere, as d2l.
+round by round (A B C A B C …) so a slower moment slows all of them alike, and each figure
+is the median over the rounds. On a shared machine a round during which other processes
+were busy is discarded and rerun (`--patience`): one busy neighbour halves a 2-thread run.
+SGD lr 1, clipping θ = 1 everywhere, as d2l.
 """
 
 from __future__ import annotations
@@ -256,24 +258,68 @@ def lstmlm_contender(core: str, dims: Dims, device: torch.device, precision: str
     return Contender(f"{core} {precision}", lambda bs: lstmlm_epoch(model, optimizer, bs, device, precision), [])
 
 
-def race(contenders: list[Contender], rounds: Callable[[int], list[Batch]], count: int, device: torch.device) -> None:
+def race(contenders: list[Contender], rounds: Callable[[int], list[Batch]], count: int, device: torch.device, patience: int) -> int:
     """Round r: each contender in turn trains on round r's batches; tokens/s into `rates`.
-    Round 0 is a warm-up and is not recorded."""
-    for r in range(count + 1):
+    Round 0 is a warm-up. A round during which other processes took more than 2% of the CPU is
+    discarded and run again with new batches, up to `patience` times in all (on a shared
+    machine a single busy neighbour halves a 2-thread run). Returns the rounds discarded."""
+    r, discarded = 0, 0
+    while min((len(c.rates) for c in contenders if not c.error), default=count) < count:
         batches = rounds(r)
+        with OtherLoad() as load:
+            rates = {c.name: _time_round(c, batches, device) for c in contenders if not c.error}
+        r += 1
+        if r == 1:
+            continue
+        if load.busy and discarded < patience:
+            discarded += 1
+            continue
         for c in contenders:
-            if c.error:
-                continue
-            try:
-                _synchronize(device)
-                start = time.perf_counter()
-                tokens = c.epoch(batches)
-                _synchronize(device)
-            except RuntimeError as e:  # e.g. oneDNN has no bf16 LSTM on this CPU
-                c.error = str(e).splitlines()[0][:100]
-                continue
-            if r > 0:
-                c.rates.append(tokens / (time.perf_counter() - start))
+            if rates.get(c.name) is not None:
+                c.rates.append(rates[c.name])  # type: ignore[arg-type]
+    return discarded
+
+
+def _time_round(c: Contender, batches: list[Batch], device: torch.device) -> float | None:
+    try:
+        _synchronize(device)
+        start = time.perf_counter()
+        tokens = c.epoch(batches)
+        _synchronize(device)
+    except RuntimeError as e:  # a kernel this machine lacks
+        c.error = str(e).splitlines()[0][:100]
+        return None
+    return tokens / (time.perf_counter() - start)
+
+
+class OtherLoad:
+    """Whether other processes took more than 2% of the machine's CPU during the block, from
+    /proc/stat less this process's own time (Linux; elsewhere never busy)."""
+
+    def __enter__(self) -> OtherLoad:
+        self.start = time.perf_counter(), _cpu_jiffies()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall, before = time.perf_counter() - self.start[0], self.start[1]
+        after = _cpu_jiffies()
+        self.busy = False
+        if before is not None and after is not None:
+            others = (after[0] - before[0]) - (after[1] - before[1])  # jiffies
+            self.busy = others / os.sysconf("SC_CLK_TCK") > 0.02 * wall * (os.cpu_count() or 1)
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(all processes' busy CPU time, this process's), in clock ticks."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:8]]
+        with open("/proc/self/stat") as f:
+            mine = f.read().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + fields[4]  # idle, iowait
+    return sum(fields) - idle, int(mine[11]) + int(mine[12])  # utime + stime, all threads
 
 
 def _synchronize(device: torch.device) -> None:
@@ -318,7 +364,7 @@ def median(c: Contender) -> float | None:
     return statistics.median(c.rates) if c.rates else None
 
 
-def report(results: dict[str, list[Contender]], generation: dict[str, float], as_json: bool) -> None:
+def report(results: dict[str, list[Contender]], discarded: dict[str, int], generation: dict[str, float], as_json: bool) -> None:
     medians = {(cfg, c.name): median(c) for cfg, cs in results.items() for c in cs}
     ratios = []
     for cfg, num, den, target in TARGETS:
@@ -330,12 +376,14 @@ def report(results: dict[str, list[Contender]], generation: dict[str, float], as
             "machine": machine(),
             "tokens_per_s": {cfg: {c.name: {"median": median(c), "rounds": c.rates, "error": c.error} for c in cs} for cfg, cs in results.items()},
             "ratios": [{"config": cfg, "figure": fig, "ratio": r, "target": t} for cfg, fig, r, t in ratios],
+            "discarded_busy_rounds": discarded,
             "generation_chars_per_s": generation,
         }, indent=2))
         return
     print("machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()))
     print(f"\n{'config':8} {'contender':16} {'tokens/s':>10}  rounds")
     for cfg, cs in results.items():
+        print(f"{cfg:8} ({discarded.get(cfg, 0)} rounds discarded: other processes were busy)")
         for c in cs:
             figure = f"{median(c):10,.0f}" if c.rates else f"{'—':>10}"
             print(f"{cfg:8} {c.name:16} {figure}  {len(c.rates)}{'  ' + c.error if c.error else ''}")
@@ -356,6 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", default="auto", help="auto, fp32, bf16 or a comma list (auto: fp32, plus bf16 where it is fast)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--patience", type=int, default=100, help="busy rounds to discard and rerun, at most")
     parser.add_argument("--no-generation", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -366,21 +415,32 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
 
     results: dict[str, list[Contender]] = {}
+    discarded: dict[str, int] = {}
     if args.config in ("d2l", "both"):
         contenders = [seed_scratch(device), seed_nn_lstm(device)]
         contenders += [lstmlm_contender(core, D2L, device, p) for p in precisions for core in ("scratch", "cudnn")]
-        race(contenders, d2l_rounds(timemachine_ids()), args.rounds, device)
+        discarded["d2l"] = race(contenders, d2l_rounds(timemachine_ids()), args.rounds, device, args.patience)
         results["d2l"] = contenders
     if args.config in ("larger", "both"):
         contenders = [lstmlm_contender(core, LARGER, device, p) for p in precisions for core in ("scratch", "cudnn")]
-        race(contenders, synthetic_rounds(LARGER, LARGER_BATCHES_PER_ROUND), args.rounds, device)
+        discarded["larger"] = race(contenders, synthetic_rounds(LARGER, LARGER_BATCHES_PER_ROUND), args.rounds, device, args.patience)
         results["larger"] = contenders
-    generation = {}
-    if not args.no_generation:
-        for core in ("scratch", "cudnn"):
-            runs = [measure_generation(core, D2L, device, length=1000).chars_per_s for _ in range(3)]
-            generation[core] = statistics.median(runs)
-    report(results, generation, args.json)
+    generation = {} if args.no_generation else generation_speeds(device, args.patience)
+    report(results, discarded, generation, args.json)
+
+
+def generation_speeds(device: torch.device, patience: int, runs: int = 3) -> dict[str, float]:
+    """Greedy batch-1 characters/s of the d2l model, each core in turn, busy runs rerun."""
+    speeds: dict[str, list[float]] = {"scratch": [], "cudnn": []}
+    while len(speeds["scratch"]) < runs:
+        with OtherLoad() as load:
+            measured = {core: measure_generation(core, D2L, device, length=1000).chars_per_s for core in speeds}
+        if load.busy and patience > 0:
+            patience -= 1
+            continue
+        for core, rate in measured.items():
+            speeds[core].append(rate)
+    return {core: statistics.median(rates) for core, rates in speeds.items()}
 
 
 def precisions_for(spec: str, device: torch.device) -> list[str]:

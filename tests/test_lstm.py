@@ -349,3 +349,20 @@ def test_changing_outputs_in_place_is_refused() -> None:
     outputs, _ = fused(torch.randint(0, 10, (4, 2)))
     with pytest.raises(RuntimeError, match="modified inplace"):
         outputs.mul_(2)
+
+
+def test_fast_path_equals_nn_lstm_at_the_d2l_size() -> None:
+    """35 steps, batch 32, 28 ids, 256 hiddens, nn.LSTM's own initialisation: the sizes where
+    the fast path's buffers and its one product for all weight gradients matter most."""
+    torch.manual_seed(0)
+    cudnn = CudnnLSTM(28, 256, 1)
+    fused = ScratchLSTM(28, 256, 1)
+    fused.load_state_dict(to_scratch(cudnn.state_dict()))
+    X = torch.randint(0, 28, (35, 32))
+    state = (torch.randn(1, 32, 256) * 0.5, torch.randn(1, 32, 256) * 0.5)
+    weights = torch.randn(35, 32, 256)
+    for a, e, name in zip(run(fused, X, state, weights), run(cudnn, X, state, weights), ["outputs", "H", "C"]):
+        assert_close(a, e, 1e-5, name)
+    mapped = scratch_grads_as_cudnn(fused)
+    for name, p in cudnn.named_parameters():
+        assert_close(p.grad, mapped[name.replace("bias_hh", "bias_ih")], 1e-5, f"d{name}")

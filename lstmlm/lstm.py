@@ -181,19 +181,28 @@ def forward_steps(gates: torch.Tensor, Hs: torch.Tensor, Cs: torch.Tensor, tanh_
         torch.mul(O[t], tanh_C_[t], out=H[t + 1])  # H_t = O_t ⊙ tanh(C_t)
 
 
-def one_step(X_t: torch.Tensor, H: torch.Tensor, C: torch.Tensor, weights: Stacked) -> tuple[torch.Tensor, torch.Tensor]:
-    """A single step without buffers or autograd, batch-major: generation's unit of work,
-    where building the sequence buffers would cost more than the arithmetic.
-    X_t: (batch,) ids or (batch, inputs); H, C: (batch, hiddens)."""
-    if weights.W_xb is not None:
-        gates = torch.index_select(weights.W_xb, 0, X_t)  # (batch, 4·hiddens)
-    else:
-        gates = torch.addmm(weights.b, X_t.to(weights.b.dtype), weights.W_xT.T)  # type: ignore[union-attr]
-    gates.addmm_(as_dtype(H, gates.dtype), weights.W_hT.T).sigmoid_()
-    O, I, F_, S = gates.chunk(4, dim=1)
-    C = torch.addcmul(F_ * C, I, S, value=2).sub_(I)  # C_t = F_t ⊙ C_{t-1} + I_t ⊙ (2 S_t - 1), in C's dtype
-    H = as_dtype(O * torch.tanh(C), gates.dtype)  # H_t = O_t ⊙ tanh(C_t)
-    return H, C
+class CellInPlace:
+    """The elementwise half of a layer's step, batch-major, in place on buffers given once:
+    generation's unit of work, where each operation at batch 1 is shorter than creating a
+    tensor (or even a view), so `step` creates nothing.
+
+    `gates` (batch, 4·hiddens) is to hold the pre-activations X_t W_x + H_{t-1} W_h + b in
+    FAST_ORDER, the candidate doubled (see Stacked); `step` turns them into O_t, I_t, F_t,
+    S_t, takes C (batch, hiddens) from C_{t-1} to C_t and writes H_t into H. C stays in its
+    own dtype (fp32 under bf16), H in the products'. Any of them may be views.
+    """
+
+    def __init__(self, gates: torch.Tensor, C: torch.Tensor, H: torch.Tensor) -> None:
+        self.gates, self.C, self.H = gates, C, H
+        self.O, self.I, self.F, self.S = gates.chunk(4, dim=1)
+        self.tanh_C = torch.empty_like(C)
+
+    def step(self) -> None:
+        self.gates.sigmoid_()
+        # C_t = F_t ⊙ C_{t-1} + I_t ⊙ (2 S_t - 1)
+        self.C.mul_(self.F).addcmul_(self.I, self.S, value=2).sub_(self.I)
+        torch.tanh(self.C, out=self.tanh_C)
+        torch.mul(self.O, self.tanh_C, out=self.H)  # H_t = O_t ⊙ tanh(C_t)
 
 
 def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -400,11 +409,7 @@ def fast_layer(layer: ScratchLSTMLayer, X: torch.Tensor, H_0: torch.Tensor, C_0:
     weights = layer.stacked(dtype, ids=not X.is_floating_point())
     if torch.is_grad_enabled():
         return LSTMSequence.apply(X, H_0, C_0, weights, *layer.fast_params())
-    state_dtype = layer.W_xi.dtype
-    if X.shape[0] == 1:  # one step without autograd: generation
-        H, C = one_step(X[0], H_0, as_dtype(C_0, state_dtype), weights)
-        return H.unsqueeze(0), C
-    seq = run_sequence(X, H_0, C_0, weights, state_dtype)  # without autograd: evaluation
+    seq = run_sequence(X, H_0, C_0, weights, layer.W_xi.dtype)  # without autograd: evaluation
     return seq.Hs[1:].transpose(1, 2), seq.Cs[-1].T
 
 

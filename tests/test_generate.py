@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lstmlm.errors import VocabError
-from lstmlm.generate import choose_next, complete, generate, prepare_prefix
+from lstmlm.generate import Stepper, choose_next, complete, generate, prepare_prefix
 from lstmlm.model import CharLM, convert
 from lstmlm.vocab import Vocab
 
@@ -38,6 +38,40 @@ def predict_ch8(prefix: str, num_preds: int, net: CharLM, vocab: Vocab) -> str:
         y, state = net(get_input(), state)  # y: (1, 1, vocab) here; d2l's is (1, vocab)
         outputs.append(int(y.reshape(1, -1).argmax(dim=1).reshape(1)))
     return "".join(vocab.tokens[i] for i in outputs)
+
+
+@pytest.mark.parametrize("core", ["scratch", "cudnn"])
+@pytest.mark.parametrize(("layers", "embedding", "batch"), [(1, 0, 1), (2, 0, 1), (3, 0, 3), (2, 8, 1), (1, 8, 2)])
+def test_stepper_computes_what_the_model_computes(core: str, layers: int, embedding: int, batch: int) -> None:
+    """Generation's Stepper (fused products, biases in a row, state in place) gives, step after
+    step from a non-zero state, the logits of the training model's forward over the sequence."""
+    torch.manual_seed(1)
+    net = CharLM(len(VOCAB), num_hiddens=24, num_layers=layers, core=core, embedding=embedding).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.5)
+    X = torch.randint(len(VOCAB), (batch, 30))
+    state = (torch.randn(layers, batch, 24), torch.randn(layers, batch, 24))
+    before = tuple(S.clone() for S in state)
+    with torch.inference_mode():
+        expected, _ = net(X, state)  # (batch, 30, vocab)
+        step = Stepper(net, state)
+        got = torch.stack([step(X[:, t].tolist()).clone() for t in range(30)], dim=1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(S, S0) for S, S0 in zip(state, before))  # the caller's state is left alone
+
+
+def test_stepper_under_bf16_autocast_follows_the_fp32_model() -> None:
+    """Under CPU bf16 autocast the Stepper multiplies in bf16 (logits come out bf16) and keeps C in fp32."""
+    net = lively_model("scratch", layers=2)
+    X = torch.randint(len(VOCAB), (1, 20))
+    with torch.inference_mode():
+        expected, _ = net(X)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            step = Stepper(net, net.begin_state(1))
+            got = torch.stack([step(X[:, t].tolist()).float() for t in range(20)], dim=1)
+    assert step.logits.dtype == torch.bfloat16 and step.cells[0].C.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0.05, atol=0.3)
 
 
 @pytest.mark.parametrize(("core", "layers"), [("scratch", 1), ("scratch", 2), ("cudnn", 1), ("cudnn", 2)])

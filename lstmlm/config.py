@@ -69,7 +69,7 @@ class TrainConfig:
     eval_every: int = 0  # optimizer steps between validations; 0 = once per epoch
     checkpoint_every: int = 10  # epochs between checkpoints (and always at the end)
     patience: int = 0  # validations without improvement before stopping; 0 = never stop early
-    max_minutes: float = 0.0  # stop (with a checkpoint) after this much training; 0 = no limit
+    max_minutes: float = 0.0  # stop (with a checkpoint) after this much training; 0 = no limit. A cosine schedule then anneals by the time too
 
 
 @dataclass(frozen=True)

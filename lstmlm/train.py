@@ -224,15 +224,21 @@ def build_optimizer(t: TrainConfig, model: CharLM) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def lr_factor(t: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """The multiplier of the base learning rate after `step` optimizer steps."""
+def lr_factor(t: TrainConfig, step: int, steps_per_epoch: int, time_used: float = 0.0) -> float:
+    """The multiplier of the base learning rate after `step` optimizer steps.
+
+    `time_used` is the fraction of the session's `max_minutes` spent (0 without a limit). The
+    cosine anneals over whichever ends the run first, its epochs or its time limit: its
+    progress is the larger of the two fractions, so a time-limited run ends with the learning
+    rate at its floor however fast the machine is. (A resumed session has its own limit, so
+    its learning rate rises back to where its steps put it and anneals again.)"""
     if step < t.warmup_steps:
         return (step + 1) / t.warmup_steps
     if t.schedule == "step":
         return t.gamma ** (step // (t.step_every * steps_per_epoch))
     if t.schedule == "cosine":
         total = max(1, t.epochs * steps_per_epoch - t.warmup_steps)
-        progress = min(1.0, (step - t.warmup_steps) / total)
+        progress = min(1.0, max((step - t.warmup_steps) / total, time_used))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     return 1.0
 
@@ -309,8 +315,9 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.train, self.model)
         d = cfg.data
         self.steps_per_epoch = batches.num_batches(len(data.train), d.batch_size, d.num_steps, d.iterator)
+        self._session_start: float | None = None  # when run() began: max_minutes counts from it
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(cfg.train, s, self.steps_per_epoch)
+            self.optimizer, lambda s: lr_factor(cfg.train, s, self.steps_per_epoch, self._time_used())
         )
         # the dropout stream's start, owned by this trainer: run() restores it, so another
         # trainer built (or anything random done) in between cannot change this run
@@ -404,7 +411,7 @@ class Trainer:
             start_epoch=st.epoch,
             epochs=t.epochs,
         )
-        started = time.perf_counter()
+        started = self._session_start = time.perf_counter()
         train_ppl = math.nan
         if st.torch_rng is not None:
             torch.set_rng_state(st.torch_rng)
@@ -522,6 +529,13 @@ class Trainer:
     def _diverged(self, what: str) -> None:
         last = "the last good checkpoint is kept" if self.store.has_checkpoint() else "no checkpoint was written"
         raise TrainingError(f"{what} (learning rate too high?); training stopped and {last}")
+
+    def _time_used(self) -> float:
+        """The fraction of this session's max_minutes spent; 0 without a limit or outside run()."""
+        limit = self.cfg.train.max_minutes
+        if not limit or self._session_start is None:
+            return 0.0
+        return min(1.0, (time.perf_counter() - self._session_start) / (limit * 60))
 
     def _out_of_time(self, started: float) -> bool:
         limit = self.cfg.train.max_minutes

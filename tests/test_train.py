@@ -266,3 +266,41 @@ def test_lr_too_high_stops_before_anything_is_saved(make_trainer: MakeTrainer) -
     with pytest.raises(TrainingError, match=r"the loss became .* in epoch 1 \(learning rate too high\?\); training stopped and no checkpoint was written"):
         list(trainer.run())
     assert not trainer.store.has_checkpoint()
+
+
+# ---- learning-rate schedules ----------------------------------------------------------------
+
+
+def test_schedules_warm_up_then_decay() -> None:
+    from lstmlm.config import TrainConfig
+
+    warm = TrainConfig(schedule="cosine", epochs=2, warmup_steps=4)
+    assert [train_mod.lr_factor(warm, s, 10) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert train_mod.lr_factor(warm, 4, 10) == 1.0  # the cosine starts at the top
+    assert train_mod.lr_factor(warm, 4 + 8, 10) == pytest.approx(0.5)  # half way through the 16 cosine steps
+    assert train_mod.lr_factor(warm, 20, 10) == pytest.approx(0.0)
+    step = TrainConfig(schedule="step", step_every=2, gamma=0.5)
+    assert [train_mod.lr_factor(step, s, 10) for s in (0, 19, 20, 39, 40)] == [1.0, 1.0, 0.5, 0.5, 0.25]
+    assert train_mod.lr_factor(TrainConfig(), 1000, 10) == 1.0
+
+
+def test_cosine_anneals_by_whichever_ends_first_steps_or_time() -> None:
+    from lstmlm.config import TrainConfig
+
+    t = TrainConfig(schedule="cosine", epochs=100, max_minutes=1.0)
+    assert train_mod.lr_factor(t, 10, 10, time_used=0.5) == pytest.approx(0.5)  # time is further along
+    assert train_mod.lr_factor(t, 500, 10, time_used=0.0) == pytest.approx(0.5)  # the steps are
+    assert train_mod.lr_factor(t, 10, 10, time_used=1.0) == pytest.approx(0.0)
+    # step and constant schedules ignore the clock
+    assert train_mod.lr_factor(TrainConfig(schedule="step", step_every=1, max_minutes=1.0), 5, 10, time_used=0.9) == 1.0
+
+
+def test_a_time_limited_cosine_run_ends_with_the_learning_rate_at_its_floor(make_trainer: MakeTrainer) -> None:
+    """Far more epochs than the time allows: the run stops on its time limit, and by then the
+    cosine, driven by the clock, has brought the learning rate down to (almost) nothing."""
+    trainer = make_trainer(epochs=10_000, optimizer="adam", lr=0.01, schedule="cosine", max_minutes=0.02)
+    events = list(trainer.run())
+    done = events[-1]
+    assert isinstance(done, Finished) and done.reason == "time_limit"
+    assert done.epochs < 10_000
+    assert trainer.optimizer.param_groups[0]["lr"] < 0.01 * 0.05  # by epochs it would still be ~0.01

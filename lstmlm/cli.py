@@ -293,7 +293,7 @@ def train(
     num_steps: Optional[int] = typer.Option(None, "--num-steps", help="Characters per sequence (backprop through time)."),
     hidden: Optional[int] = typer.Option(None, "--hidden", help="Hidden units per layer."),
     layers: Optional[int] = typer.Option(None, "--layers"),
-    dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout between layers."),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout on the non-recurrent connections (embedding, between layers, before the output layer)."),
     embedding: Optional[int] = typer.Option(None, "--embedding", help="Learned embedding size (0 = one-hot input)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate."),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd, adam or adamw."),

@@ -47,7 +47,7 @@ class ModelConfig:
     model: Core = "scratch"
     hidden: int = 256
     layers: int = 1
-    dropout: float = 0.0  # between layers, as nn.LSTM applies it
+    dropout: float = 0.0  # on the non-recurrent connections: embedding output, between layers, before the output layer
     embedding: int = 0  # 0 = the seed's one-hot input; > 0 = a learned embedding of this size
 
 

@@ -1,5 +1,9 @@
 """CharLM: characters → recurrent core (scratch or nn.LSTM) → output layer; weight conversion.
 
+Dropout, when set, acts on every non-recurrent connection, as Zaremba, Sutskever and Vinyals
+(2014) regularize LSTM language models: the embedding's output, between layers (inside the
+core, as nn.LSTM applies it) and the top layer's output; never on the recurrence H_{t-1} → H_t.
+
     logits_t = H_t W_hq + b_q                      (batch, vocab) per step
 
 Both cores have the same parameters up to layout, so a state dict converts exactly from one
@@ -33,7 +37,7 @@ class CharLM(nn.Module):
     ) -> None:
         super().__init__()
         self.vocab_size, self.num_hiddens, self.num_layers = vocab_size, num_hiddens, num_layers
-        self.core_name = core
+        self.core_name, self.dropout = core, dropout
         self.embedding = nn.Embedding(vocab_size, embedding) if embedding > 0 else None
         num_inputs = embedding or vocab_size  # one-hot input has one column per character
         if core == "scratch":
@@ -73,9 +77,14 @@ class CharLM(nn.Module):
             if low < 0 or high >= self.vocab_size:
                 raise ShapeError(f"ids must lie in [0, {self.vocab_size}), got [{low}, {high}]")
         inputs = X.T  # (steps, batch): the cores run time-major, like the seed
+        drop = self.dropout > 0 and self.training
         if self.embedding is not None:
             inputs = self.embedding(inputs)  # (steps, batch, embedding)
+            if drop:
+                inputs = F.dropout(inputs, self.dropout)
         outputs, state = self.core(inputs, state)  # (steps, batch, hiddens)
+        if drop:  # contiguous first, so both cores' outputs draw the same mask (see ScratchLSTM)
+            outputs = F.dropout(outputs.contiguous(), self.dropout)
         logits = outputs @ self.W_hq + self.b_q  # (steps, batch, vocab)
         return logits.transpose(0, 1), state
 

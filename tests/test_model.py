@@ -181,3 +181,30 @@ def test_cudnn_core_runs_under_cpu_bf16_autocast() -> None:
     assert loss.item() == pytest.approx(loss_fn(model(X)[0], Y).item(), rel=1e-2)
     grads = [p.grad for p in model.core.parameters()]
     assert all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_dropout_acts_on_the_non_recurrent_connections_and_only_in_training(layers: int) -> None:
+    """Dropout on the embedding's output and the top layer's output (and between layers): in
+    training mode a 1-layer model's logits change with the mask; both cores, given the same
+    weights and the same seed, draw the same masks; eval mode is deterministic."""
+    torch.manual_seed(0)
+    net = CharLM(12, 16, num_layers=layers, dropout=0.5, embedding=6)
+    twin = CharLM(12, 16, num_layers=layers, dropout=0.5, embedding=6, core="cudnn")
+    twin.load_state_dict(convert(net.state_dict(), "cudnn"))
+    X = torch.randint(12, (3, 9))
+    torch.manual_seed(1)
+    a, _ = net(X)
+    torch.manual_seed(1)
+    b, _ = twin(X)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    c, _ = net(X)  # another mask
+    assert not torch.allclose(a, c)
+    net.eval()
+    d, _ = net(X)
+    e, _ = net(X)
+    assert torch.equal(d, e) and not torch.allclose(a, d)
+    # the output layer sees dropped units: with no embedding and one layer (no between-layers
+    # dropout), training-mode logits still differ from eval-mode ones
+    plain = CharLM(12, 16, dropout=0.5)
+    assert not torch.allclose(plain(X)[0], plain.eval()(X)[0])

@@ -75,6 +75,14 @@ def layer_weights(model: CharLM, dtype: torch.dtype) -> list[Stacked]:
     return weights
 
 
+def everything_that_reads_H(W_in: torch.Tensor, b_in: torch.Tensor, W_h: torch.Tensor) -> torch.Tensor:
+    """[[W_in, W_h], [b_in, 0]]: (hiddens + 1, inputs + 4·hiddens). [H_t, 1] times it is
+    [H_t W_in + b_in, H_t W_h]: the reader's input and this layer's next recurrent term."""
+    top = torch.cat([W_in, W_h], dim=1)
+    bottom = torch.cat([b_in, torch.zeros(W_h.shape[1], dtype=b_in.dtype, device=b_in.device)])[None]
+    return torch.cat([top, bottom]).contiguous()
+
+
 class Stepper:
     """A model's inference one character at a time: `stepper(X_t)` takes a list of `batch` ids
     and returns the logits (batch, vocab) of the next character, advancing the state in place.
@@ -101,10 +109,7 @@ class Stepper:
         self.cells: list[CellInPlace] = []
         self.outputs: list[torch.Tensor] = []  # per layer: H_t W_in + b_in, a view of P
         for k, (w, (W_in, b_in)) in enumerate(zip(weights, readers)):
-            W_h = w.W_hT.T
-            top = torch.cat([W_in, W_h], dim=1)
-            bottom = torch.cat([b_in, torch.zeros_like(w.b)])[None]
-            self.W.append(torch.cat([top, bottom]).contiguous())
+            self.W.append(everything_that_reads_H(W_in, b_in, w.W_hT.T))
             H1 = torch.ones(batch, hiddens + 1, dtype=dtype, device=H_0.device)
             H1[:, :hiddens] = H_0[k]
             self.H1.append(H1)

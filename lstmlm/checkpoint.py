@@ -129,7 +129,10 @@ class RunStore:
     def has_checkpoint(self, which: str = LATEST) -> bool:
         return self.path(which).is_file()
 
-    def save(self, cfg: Config, vocab: Vocab, model: dict[str, torch.Tensor], trainer: dict[str, Any], which: str = LATEST) -> Path:
+    def save(
+        self, cfg: Config, vocab: Vocab, model: dict[str, torch.Tensor], trainer: dict[str, Any], which: str = LATEST, prime: str = ""
+    ) -> Path:
+        """`prime`: text for generation to read before a prefix (train.prime_text); optional."""
         payload = {
             "format": FORMAT,
             "version": VERSION,
@@ -137,6 +140,7 @@ class RunStore:
             "vocab": vocab.to_json(),
             "model": {k: v.detach().cpu() for k, v in model.items()},
             "trainer": trainer,
+            "prime": prime,
         }
         write_atomic(self.path(which), lambda f: torch.save(payload, f))
         return self.path(which)

@@ -393,8 +393,9 @@ def _report(done: Finished, as_json: bool) -> None:
 # ---- generate -------------------------------------------------------------------------------
 
 
-def load_model(runs_dir: Path, run: str | None, core: str | None, which: str = LATEST) -> tuple[CharLM, Config, Vocab]:
-    """A trained model from a run store, converted to `core` if asked, in eval mode on the CPU."""
+def load_model(runs_dir: Path, run: str | None, core: str | None, which: str = LATEST) -> tuple[CharLM, Config, Vocab, str]:
+    """A trained model from a run store, converted to `core` if asked, in eval mode on the CPU;
+    with its config, vocab and the text generation reads before a prefix ("" if none)."""
     store = RunStore.open(runs_dir / run) if run else latest_run(runs_dir)
     payload = store.load(which)
     cfg, vocab = checkpoint_config(payload), checkpoint_vocab(payload)
@@ -403,7 +404,8 @@ def load_model(runs_dir: Path, run: str | None, core: str | None, which: str = L
         raise ConfigError(f"--model must be scratch or cudnn, not {core!r}")
     net = CharLM.from_config(dataclasses.replace(cfg.model, model=core), len(vocab))
     load_weights(net, convert(payload["model"], core), store.path(which))
-    return net.eval(), cfg, vocab
+    prime = payload.get("prime", "")
+    return net.eval(), cfg, vocab, prime if isinstance(prime, str) and all(c in vocab.index for c in prime) else ""
 
 
 @app.command()
@@ -421,17 +423,18 @@ def generate(
     device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda or mps."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or auto."),
     best: bool = typer.Option(False, "--best", help="Use the best-validation checkpoint instead of the latest."),
+    prime: bool = typer.Option(True, "--prime/--no-prime", help="Read the end of the training text before the prefix (raw-mode runs)."),
     runs_dir: Path = RUNS_DIR_OPTION,
 ) -> None:
     """Continue a prefix with a trained model, streaming the characters."""
-    net, cfg, vocab = load_model(runs_dir, run, model, BEST if best else LATEST)
+    net, cfg, vocab, prime_text = load_model(runs_dir, run, model, BEST if best else LATEST)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     net = net.to(dev)
     text = prepare_prefix(prefix, vocab, cfg.data.normalize)
     if text != prefix:
         err.print(f"[dim]prefix normalized as the model was trained (d2l): {text!r}[/]")
-    steps = gen.generate(net, vocab, text, length, temperature, top_k, top_p, num_samples, seed)
+    steps = gen.generate(net, vocab, text, length, temperature, top_k, top_p, num_samples, seed, prime_text if prime else "")
     with autocast(dev, prec):
         if num_samples == 1:
             sys.stdout.write(text)
@@ -463,7 +466,7 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
 ) -> None:
     """Perplexity and bits per character of a text under a trained model."""
-    net, cfg, vocab = load_model(runs_dir, run, None, BEST if best else LATEST)
+    net, cfg, vocab, _ = load_model(runs_dir, run, None, BEST if best else LATEST)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     text = corpus.normalize(corpus.read_text(file), cfg.data.normalize)
@@ -665,7 +668,7 @@ def inspect_(
     if (text is None) == (file is None):
         raise ConfigError("give the text with exactly one of --text or --file")
     name = run or latest_run(runs_dir).name
-    net, cfg, vocab = load_model(runs_dir, name, None, BEST if best else LATEST)
+    net, cfg, vocab, _ = load_model(runs_dir, name, None, BEST if best else LATEST)
     given = text if text is not None else corpus.read_text(file)
     seen = corpus.normalize(given, cfg.data.normalize)
     if seen != given:

@@ -142,13 +142,16 @@ def generate(
     top_p: float = 1.0,
     num_samples: int = 1,
     seed: int | None = None,
+    prime: str = "",
 ) -> Iterator[list[str]]:
-    """Yield, per step, the next character of each of `num_samples` continuations of `prefix`.
+    """Yield, per step, the next character of each of `num_samples` continuations of `prefix`,
+    the state having read `prime` first (context that is not part of the output; see
+    train.prime_text).
 
     The characters are made `CHUNK` at a time: torch re-enters inference mode on every
     resumption of a decorated generator, which at a character's cost of ~0.1 ms is worth
     avoiding; a chunk still streams within a few milliseconds."""
-    for chunk in _generate_chunks(model, vocab, prefix, length, temperature, top_k, top_p, num_samples, seed):
+    for chunk in _generate_chunks(model, vocab, prime + prefix, length, temperature, top_k, top_p, num_samples, seed):
         yield from chunk
 
 
@@ -156,7 +159,7 @@ def generate(
 def _generate_chunks(
     model: CharLM,
     vocab: Vocab,
-    prefix: str,
+    context: str,
     length: int,
     temperature: float,
     top_k: int,
@@ -164,13 +167,14 @@ def _generate_chunks(
     num_samples: int,
     seed: int | None,
 ) -> Iterator[list[list[str]]]:
+    """`generate`'s characters, CHUNK steps at a time, after reading `context`."""
     device = model.W_hq.device
     generator = torch.Generator(device=device)  # its own: sampling never moves the global RNG
     if seed is None:
         generator.seed()
     else:
         generator.manual_seed(seed)
-    ids = torch.tensor([vocab.index[c] for c in prefix], device=device).repeat(num_samples, 1)  # (samples, len)
+    ids = torch.tensor([vocab.index[c] for c in context], device=device).repeat(num_samples, 1)  # (samples, len)
     state = model.begin_state(num_samples)
     if ids.shape[1] > 1:  # warm up on all but the last character at once
         _, state = model(ids[:, :-1], state)

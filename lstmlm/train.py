@@ -37,6 +37,7 @@ from .vocab import Vocab
 
 MAX_LOSS = math.log(sys.float_info.max)  # nats per character; above it exp (perplexity) overflows
 SAMPLE_LENGTH = 50  # characters per progress sample, as d2l
+PRIME_CHARS = 256  # at most this much training text is kept to read before a prefix
 D2L_PREFIXES = ("time traveller", "traveller")
 
 
@@ -298,6 +299,25 @@ def sample_prefixes(cfg: Config, data: Data) -> list[str]:
     return [first or data.vocab.decode(data.train[:8])]
 
 
+def prime_text(cfg: Config, data: Data) -> str:
+    """Context for generation to read before a prefix: the training text up to its last
+    paragraph break ("\n\n"), from a line start at most PRIME_CHARS back.
+
+    Trained with the state carried from batch to batch, a model has met a zero state only at
+    the start of each epoch, and from one it can be lost for a while ("ROMEO:" → "XVVVV…");
+    after reading some of its own kind of text it is where training left it. Empty in d2l
+    mode (the seed's predict starts from zeros, and its lines are joined) and where the text
+    has no paragraph break."""
+    if cfg.data.normalize == "d2l":
+        return ""
+    tail = data.vocab.decode(data.train[-20 * PRIME_CHARS :])
+    end = tail.rfind("\n\n") + 2
+    if end < 2:
+        return ""
+    start = tail.find("\n", max(0, end - PRIME_CHARS), end - 2) + 1  # after a line break (0: none found)
+    return tail[start:end] if start > 0 else tail[max(0, end - PRIME_CHARS) : end]
+
+
 class Trainer:
     """Holds what the loop needs; `run()` is the loop. Build one with `Trainer.start`."""
 
@@ -323,6 +343,7 @@ class Trainer:
         # trainer built (or anything random done) in between cannot change this run
         self.state = TrainerState(epoch_rng=random.Random(cfg.train.seed).getstate(), torch_rng=torch.get_rng_state())
         self.samples: dict[str, str] = {}
+        self.prime = prime_text(cfg, data)
 
     def resume(self) -> None:
         """Continue from the run's latest checkpoint (weights, optimizer, schedule, RNGs, position)."""
@@ -353,7 +374,7 @@ class Trainer:
         trainer = {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(), "state": st.to_dict()}
         if self.device.type == "cuda":
             trainer["cuda_rng"] = torch.cuda.get_rng_state()
-        return str(self.store.save(self.cfg, self.data.vocab, self.model.state_dict(), trainer, which))
+        return str(self.store.save(self.cfg, self.data.vocab, self.model.state_dict(), trainer, which, self.prime))
 
     def validate(self) -> tuple[float, bool]:
         """(validation loss, whether it is the best so far), saving `best` when it is."""
@@ -375,7 +396,7 @@ class Trainer:
         if not self.world.is_main:
             return out
         for prefix in sample_prefixes(self.cfg, self.data):
-            text = complete(self.model, self.data.vocab, prefix, SAMPLE_LENGTH)
+            text = complete(self.model, self.data.vocab, prefix, SAMPLE_LENGTH, prime=self.prime)
             self.samples[prefix] = text
             out.append(Sampled(self.state.epoch, prefix, text))
         return out

@@ -22,6 +22,7 @@ import lstmlm.checkpoint as checkpoint_mod
 from lstmlm.checkpoint import load_checkpoint
 from lstmlm.cli import app
 from lstmlm.config import Config
+from lstmlm.generate import complete
 from lstmlm.model import CharLM, convert
 from lstmlm.vocab import Vocab
 
@@ -210,6 +211,19 @@ def test_generate_on_the_other_core_gives_the_same_text(trained: Path, run: str,
     assert converted.stdout == same.stdout
     sampled = ["--temperature", "0.9", "--top-k", "5", "--seed", "3"]
     assert cli(*args, *sampled, "--model", other).stdout == cli(*args, *sampled).stdout
+
+
+def test_generate_reads_the_runs_prime_unless_told_not_to(runs_copy: Path) -> None:
+    """A raw run's checkpoint carries the end of its training text; generate reads it before
+    the prefix, and --no-prime starts from the zero state as the training model would."""
+    net, vocab = checkpoint_model(runs_copy / "raw")
+    payload = load_checkpoint(runs_copy / "raw" / "latest.pt")
+    prime = "the time\n\n"  # the fixture's text has no paragraph break: give the run one
+    payload["prime"] = prime
+    torch.save(payload, runs_copy / "raw" / "latest.pt")
+    args = ["generate", "--run", "raw", "--runs-dir", runs_copy, "--prefix", "time", "--length", "40"]
+    assert cli(*args).stdout == complete(net, vocab, "time", 40, prime=prime) + "\n"
+    assert cli(*args, "--no-prime").stdout == complete(net, vocab, "time", 40) + "\n"
 
 
 def test_generate_same_seed_same_text(trained: Path) -> None:

@@ -158,3 +158,11 @@ def test_raw_prefix_with_unknown_characters_lists_them() -> None:
         prepare_prefix("Time é traveller!", VOCAB, "raw")
     assert prepare_prefix("time traveller", VOCAB, "raw") == "time traveller"
 
+
+
+def test_the_prime_is_read_before_the_prefix_and_left_out_of_the_text() -> None:
+    net = lively_model()
+    prime = "the time machine\n\n"
+    primed = complete(net, VOCAB, "t", 40, prime=prime)
+    assert primed == complete(net, VOCAB, prime + "t", 40)[len(prime) :]
+    assert primed != complete(net, VOCAB, "t", 40)  # the context changes the continuation

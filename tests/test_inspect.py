@@ -140,7 +140,7 @@ def test_pearson_matches_numpy_and_is_zero_for_a_constant_unit() -> None:
 
 def test_find_units_ranks_a_trained_quote_cell_first(quote_run: tuple[Path, str]) -> None:
     runs_dir, run = quote_run
-    model, _, vocab = load_model(runs_dir, run, None)
+    model, _, vocab, _ = load_model(runs_dir, run, None)
     text = quoted_corpus(20, seed=1)  # sentences the model never saw
     ranking = insp.find_units(insp.activations(model, vocab, text), text, QUOTE)
 
@@ -161,7 +161,7 @@ def test_inspect_find_lists_the_best_unit_first(quote_run: tuple[Path, str]) -> 
     result = CliRunner().invoke(app, ["inspect", "--run", run, "--runs-dir", str(runs_dir), "--text", text, "--find", QUOTE, "--top", "2"])
     assert result.exit_code == 0, result.output
 
-    model, _, vocab = load_model(runs_dir, run, None)
+    model, _, vocab, _ = load_model(runs_dir, run, None)
     best = insp.find_units(insp.activations(model, vocab, text), text, QUOTE)[0]
     rows = re.findall(r"│\s*(\d+)\s*│\s*(\d+)\s*│\s*(\d+)\s*│\s*([+-]\d\.\d{3})\s*│", result.stdout)
     assert rows[0] == ("1", str(best.layer), str(best.unit), f"{best.correlation:+.3f}")
@@ -257,7 +257,7 @@ def test_html_page_from_a_trained_run_holds_the_text_and_every_unit(quote_run: t
     assert parser.chars == list(text)  # every character, once each, in order, escaped and back
     data = json.loads(parser.data)
 
-    model, _, vocab = load_model(runs_dir, run, None)
+    model, _, vocab, _ = load_model(runs_dir, run, None)
     layers = insp.activations(model, vocab, text)
     assert data["steps"] == len(text) and data["hiddens"] == 16 and len(data["values"]) == 1
     assert set(data["values"][0]) == set(insp.GATES)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -304,3 +305,27 @@ def test_a_time_limited_cosine_run_ends_with_the_learning_rate_at_its_floor(make
     assert isinstance(done, Finished) and done.reason == "time_limit"
     assert done.epochs < 10_000
     assert trainer.optimizer.param_groups[0]["lr"] < 0.01 * 0.05  # by epochs it would still be ~0.01
+
+
+# ---- the text generation reads before a prefix ----------------------------------------------
+
+
+def test_prime_is_the_training_text_up_to_its_last_paragraph_break(make_trainer: MakeTrainer, tmp_path: Path) -> None:
+    from conftest import synthetic_text
+
+    corpus = tmp_path / "plays.txt"
+    corpus.write_text("".join(f"SPEAKER {i}:\n{synthetic_text(3, seed=i)}\n" for i in range(40)), encoding="utf-8")
+    trainer = make_trainer(corpus=corpus, epochs=1)
+    train_text = trainer.data.vocab.decode(trainer.data.train)
+    prime = trainer.prime
+    end = train_text.rfind("\n\n") + 2
+    assert prime.endswith("\n\n") and 0 < len(prime) <= train_mod.PRIME_CHARS
+    assert train_text[end - len(prime) : end] == prime  # the training text's, never the validation's
+    assert train_text[end - len(prime) - 1] == "\n"  # starting at a line
+    list(trainer.run())
+    assert load_checkpoint(trainer.store.path(LATEST))["prime"] == prime
+
+
+def test_no_prime_in_d2l_mode_or_without_paragraph_breaks(make_trainer: MakeTrainer) -> None:
+    assert make_trainer("raw").prime == ""  # the synthetic corpus has single line breaks only
+    assert make_trainer("d2l", normalize="d2l").prime == ""

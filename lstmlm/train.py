@@ -306,8 +306,8 @@ def prime_text(cfg: Config, data: Data) -> str:
     Trained with the state carried from batch to batch, a model has met a zero state only at
     the start of each epoch, and from one it can be lost for a while ("ROMEO:" → "XVVVV…");
     after reading some of its own kind of text it is where training left it. Empty in d2l
-    mode (the seed's predict starts from zeros, and its lines are joined) and where the text
-    has no paragraph break."""
+    mode (the seed's predict starts from zeros, and its lines are joined) and where the last
+    20·PRIME_CHARS characters of the training text hold no paragraph break."""
     if cfg.data.normalize == "d2l":
         return ""
     tail = data.vocab.decode(data.train[-20 * PRIME_CHARS :])

@@ -207,8 +207,8 @@ def measure_generation(
     seed: int = 0,
 ) -> GenerationSpeed:
     """Characters/s of greedy generation at batch 1 (d2l's predict): the state primed on a
-    `prefix`-character prefix, then one model call, argmax and decode per character — the
-    path `lstmlm generate` takes, on an untrained model of the given shape."""
+    `prefix`-character prefix, then one inference step (generate.Stepper), argmax and decode
+    per character — the path `lstmlm generate` takes, on an untrained model of the given shape."""
     device = torch.device(device)
     check_precision(precision)
     torch.manual_seed(seed)

@@ -206,7 +206,7 @@ class CellInPlace:
 
 
 def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x in `dtype`; a no-op `.to` still costs microseconds, which generation pays per character."""
+    """x in `dtype`, without the microseconds a no-op `.to` still costs."""
     return x if x.dtype == dtype else x.to(dtype)
 
 

@@ -41,12 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lstmlm import batches as lstmlm_batches
+from lstmlm.data import batches as lstmlm_batches
 from lstmlm.bench import Dims, measure_generation
-from lstmlm.corpus import normalize, read_text
+from lstmlm.data.text import normalize, read_text
 from lstmlm.device import cpu_has_fast_bf16, resolve_precision
 from lstmlm.model import CharLM
-from lstmlm.train import build_vocab, train_step
+from lstmlm.data.pipeline import build_vocab
+from lstmlm.train import train_step
 
 D2L = Dims(vocab_size=28, hidden=256, layers=1, batch_size=32, num_steps=35)
 LARGER = Dims(vocab_size=65, hidden=512, layers=2, batch_size=64, num_steps=100)

@@ -1,7 +1,8 @@
-"""Atomic file writes: a temporary file beside the destination, fsynced, then renamed over it.
+"""Every durable write: a temporary file beside the destination, fsynced, then renamed over it.
 
 A crash, a kill -9 or a full disk at any moment leaves either the old file or the new one under
 the final name, never a mix; the temporary file is removed on any failure we live through.
+A failure is a `WriteError` that names what was being written ("checkpoint", "plot", ...).
 """
 
 from __future__ import annotations
@@ -13,12 +14,29 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from .errors import LstmlmError, WriteError
 
-def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+
+def write_atomic(path: Path, write: Callable[[IO[bytes]], object], what: str = "file") -> None:
     """Write through `write` into a temporary file beside `path`, then rename it to `path`.
 
-    Errors (OSError from the disk, or whatever `write` raises) propagate unchanged.
+    A disk error becomes a WriteError naming `what` and `path`; an LstmlmError that `write`
+    raises (a checksum mismatch while a download streams, say) passes through unchanged.
     """
+    path = Path(path)
+    try:
+        _replace(path, write)
+    except LstmlmError:
+        raise
+    except OSError as e:
+        raise WriteError(f"cannot write the {what} {path}: {e.strerror or e}") from None
+
+
+def write_text_atomic(path: Path, text: str, what: str = "file") -> None:
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")), what)
+
+
+def _replace(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
     try:

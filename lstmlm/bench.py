@@ -21,21 +21,21 @@ import contextlib
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
+from . import config as config_mod
+from . import distributed
 from .config import Config
+from .device import DTYPES, describe, resolve_device, resolve_precision
 from .distributed import World
-from .device import autocast
 from .errors import DeviceError
-from .generate import generate
+from .generate import Sampling, generate
 from .lstm import State
 from .model import CharLM
 from .train import train_step
 from .vocab import Vocab
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -218,9 +218,8 @@ def measure_generation(
         text = "".join(vocab.tokens[1 + i % (dims.vocab_size - 1)] for i in range(prefix))
 
         def run(n: int) -> None:
-            with autocast(device, precision):
-                for _ in generate(model, vocab, text, n):
-                    pass
+            for _ in generate(model, vocab, text, Sampling(length=n), precision=precision):
+                pass
 
         run(warmup)
         start = time.perf_counter()
@@ -277,6 +276,92 @@ def _rss_bytes() -> int | None:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     return None
+
+
+# ---- `lstmlm bench`: every measurement, as rows ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measurement: `value` in `unit` (GFLOP/s, tokens/s, chars/s), or `skipped` with the reason."""
+
+    measure: str  # "matmul 2048×2048", "train scratch", "generate cudnn", "train cudnn ×2 processes"
+    precision: str
+    value: float | None
+    unit: str
+    of_ceiling: float | None = None  # the figure as a fraction of the matching product ceiling
+    memory: int | None = None  # peak bytes
+    scaling: float | None = None  # all processes' tokens/s over one process's
+    skipped: str | None = None
+    raw: dict[str, object] | None = None  # the measurement's dataclass, for --json
+
+
+@dataclass(frozen=True)
+class Report:
+    device: str
+    dims: Dims
+    flops_per_token: int
+    rows: list[Row]
+    is_main: bool  # under torchrun only the main process reports
+
+
+def run(
+    config_file: str | None = None, device: str = "auto", precision: str = "fp32", steps: int = 20, vocab_size: int = 28
+) -> Report:
+    """What `lstmlm bench` measures: the product ceiling, both cores' training and generation,
+    for the model and batch shapes of `config_file` (default: the d2l model); `precision` is
+    fp32, bf16, auto or "both". Under torchrun the main process measures alone first, then all
+    processes train together and their speed is compared with its."""
+    cfg = config_mod.load(config_file) if config_file else Config()
+    dims = Dims.from_config(cfg, vocab_size)
+    world = distributed.from_environment()
+    dev = distributed.start(world, resolve_device(device), dims.batch_size)
+    precisions = ["fp32", "bf16"] if precision == "both" else [resolve_precision(precision, dev)]
+    rows: list[Row] = []
+    try:
+        if world.is_main:
+            rows = measure_one_process(dims, dev, precisions, steps)
+        distributed.barrier(world)  # the others wait: one process measures alone first
+        if world.active:
+            rows += measure_scaling(dims, dev, precisions, steps, world, rows)
+    finally:
+        distributed.stop(world)
+    return Report(describe(dev), dims, training_flops_per_token(dims), rows, world.is_main)
+
+
+def measure_one_process(dims: Dims, device: torch.device, precisions: list[str], steps: int) -> list[Row]:
+    rows: list[Row] = []
+    for prec in precisions:
+        ceiling = measure_matmul_ceiling(device, prec)
+        rows.append(Row(f"matmul {ceiling.size}×{ceiling.size}", prec, ceiling.gflops, "GFLOP/s", 1.0, raw=asdict(ceiling)))
+        for core in ("scratch", "cudnn"):
+            try:
+                speed = measure_training(core, dims, device, prec, steps=steps, ceiling=ceiling)
+            except DeviceError as e:
+                rows.append(Row(f"train {core}", prec, None, "tokens/s", skipped=str(e)))
+                continue
+            rows.append(Row(f"train {core}", prec, speed.tokens_per_s, "tokens/s", speed.utilisation, speed.peak_memory_bytes, raw=asdict(speed)))
+        if prec == "fp32":
+            for core in ("scratch", "cudnn"):
+                gen = measure_generation(core, dims, device, prec)
+                rows.append(Row(f"generate {core}", prec, gen.chars_per_s, "chars/s", memory=gen.peak_memory_bytes, raw=asdict(gen)))
+    return rows
+
+
+def measure_scaling(dims: Dims, device: torch.device, precisions: list[str], steps: int, world: World, single: list[Row]) -> list[Row]:
+    """Training tokens/s of all processes together, and its ratio to one process's (on the main process)."""
+    rows = []
+    for prec in precisions:
+        for core in ("scratch", "cudnn"):
+            speed = measure_training(core, dims, device, prec, steps=steps, world=world)  # every process takes part
+            alone = next((r.value for r in single if r.measure == f"train {core}" and r.precision == prec and r.value), None)
+            if alone is None:  # on the other processes, which report nothing
+                continue
+            scaling = speed.tokens_per_s / alone
+            raw = {**asdict(speed), "processes": world.size, "scaling": scaling}
+            rows.append(Row(f"train {core} ×{world.size} processes", prec, speed.tokens_per_s, "tokens/s",
+                            memory=speed.peak_memory_bytes, scaling=scaling, raw=raw))  # fmt: skip
+    return rows
 
 
 def _synchronize(device: torch.device) -> None:

@@ -31,45 +31,50 @@ DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 Precision = Literal["fp32", "bf16", "auto"]
 
 
+def setting(default: Any, help: str) -> Any:
+    """A config field with the help text its command-line option shows (`lstmlm train --help`)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    corpus: str = "timemachine"  # a known corpus name, a local file or a directory of text files
-    normalize: Normalize = "d2l"
-    max_tokens: int = -1  # 0 = the whole corpus; -1 = auto: 10,000 in d2l mode (the seed), all in raw
-    val_fraction: float = -1.0  # the last fraction, never trained on; -1 = auto: 0 in d2l, 0.1 in raw
-    batch_size: int = 32
-    num_steps: int = 35
-    iterator: Iterator = "sequential"
+    corpus: str = setting("timemachine", "A known corpus name, a text file or a directory of text files.")
+    normalize: Normalize = setting("d2l", "d2l (the seed's letters-only text) or raw (every character).")
+    max_tokens: int = setting(-1, "Train on the first N tokens (0 = all; -1 = 10,000 in d2l mode, as the seed, else all).")
+    val_fraction: float = setting(-1.0, "The last fraction of the text, held out for validation (-1 = 0 in d2l mode, else 0.1).")
+    batch_size: int = setting(32, "Sequences per batch.")
+    num_steps: int = setting(35, "Characters per sequence (backprop through time).")
+    iterator: Iterator = setting("sequential", "sequential (state carried between batches) or random.")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: Core = "scratch"
-    hidden: int = 256
-    layers: int = 1
-    dropout: float = 0.0  # on the non-recurrent connections: embedding output, between layers, before the output layer
-    embedding: int = 0  # 0 = the seed's one-hot input; > 0 = a learned embedding of this size
+    model: Core = setting("scratch", "scratch (the article's LSTM) or cudnn (nn.LSTM).")
+    hidden: int = setting(256, "Hidden units per layer.")
+    layers: int = setting(1, "Stacked LSTM layers.")
+    dropout: float = setting(0.0, "Dropout on the non-recurrent connections (embedding, between layers, before the output layer).")
+    embedding: int = setting(0, "Learned embedding size (0 = the seed's one-hot input).")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 500
-    lr: float = 1.0
-    optimizer: Optimizer = "sgd"
-    weight_decay: float = 0.0
-    clip: float = 1.0  # global gradient-norm threshold θ; 0 = no clipping
-    schedule: Schedule = "constant"
-    warmup_steps: int = 0
-    step_every: int = 0  # epochs between step decays ("step" schedule)
-    gamma: float = 0.1  # factor of each step decay
-    seed: int = 0
-    device: DeviceName = "auto"
-    precision: Precision = "fp32"
-    sample_every: int = 0  # epochs between greedy samples; 0 = only at the end
-    eval_every: int = 0  # optimizer steps between validations; 0 = once per epoch
-    checkpoint_every: int = 10  # epochs between checkpoints (and always at the end)
-    patience: int = 0  # validations without improvement before stopping; 0 = never stop early
-    max_minutes: float = 0.0  # stop (with a checkpoint) after this much training; 0 = no limit. A cosine schedule then anneals by the time too
+    epochs: int = setting(500, "Passes over the training text.")
+    lr: float = setting(1.0, "Learning rate.")
+    optimizer: Optimizer = setting("sgd", "sgd, adam or adamw.")
+    weight_decay: float = setting(0.0, "Weight decay (L2 for sgd and adam, decoupled for adamw).")
+    clip: float = setting(1.0, "Global gradient-norm clipping threshold θ (0 = off).")
+    schedule: Schedule = setting("constant", "Learning-rate schedule: constant, step or cosine.")
+    warmup_steps: int = setting(0, "Optimizer steps of linear learning-rate warm-up.")
+    step_every: int = setting(0, "Epochs between decays of the step schedule.")
+    gamma: float = setting(0.1, "Factor of each step-schedule decay.")
+    seed: int = setting(0, "Seed of the initialization, the data order and dropout.")
+    device: DeviceName = setting("auto", "auto, cpu, cuda or mps.")
+    precision: Precision = setting("fp32", "fp32, bf16 or auto (bf16 where the hardware multiplies it natively).")
+    sample_every: int = setting(0, "Epochs between greedy samples (0 = only at the end).")
+    eval_every: int = setting(0, "Optimizer steps between validations (0 = once per epoch).")
+    checkpoint_every: int = setting(10, "Epochs between checkpoints (and always at the end).")
+    patience: int = setting(0, "Stop after N validations without improvement (0 = never).")
+    max_minutes: float = setting(0.0, "Stop (validated, sampled, saved) after this much training; a cosine schedule anneals by the clock too.")
 
 
 @dataclass(frozen=True)
@@ -100,17 +105,44 @@ class Config:
         for key, value in overrides.items():
             if value is None:
                 continue
-            tables[_section_of(key)][key] = value
+            tables[section_of(key)][key] = value
         return from_dict({name: {**getattr(self, name).__dict__, **tables[name]} for name in SECTIONS})
+
+    def value(self, key: str) -> Any:
+        """A field's value by its name alone (names are unique across the tables)."""
+        return getattr(getattr(self, section_of(key)), key)
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
-# Fields that change the model's function or its parameters' shapes: a resumed run may not change them.
+# Fields that change the model's function or its parameters' shapes: a checkpoint must agree on them.
 MODEL_DEFINING = ("normalize", "model", "hidden", "layers", "embedding")
 
+# Fields a resumed run may change: they alter neither the model nor the data.
+RESUMABLE = frozenset(
+    {"epochs", "device", "precision", "sample_every", "eval_every", "checkpoint_every", "patience", "max_minutes"}
+)
 
-def _section_of(key: str) -> str:
+
+@dataclass(frozen=True)
+class FieldInfo:
+    name: str
+    table: str
+    type: Any  # the resolved annotation: int, float, str or a Literal of the choices
+    help: str
+
+
+def all_fields() -> list[FieldInfo]:
+    """Every config field, table by table, in declaration order: what `lstmlm train` offers as options."""
+    return [
+        FieldInfo(f.name, table, get_type_hints(cls)[f.name], f.metadata.get("help", ""))
+        for table, cls in SECTIONS.items()
+        for f in fields(cls)
+    ]
+
+
+def section_of(key: str) -> str:
+    """The table ("data", "model" or "train") that holds the field `key`."""
     for name, cls in SECTIONS.items():
         if key in {f.name for f in fields(cls)}:
             return name

@@ -1,7 +1,8 @@
-"""Corpora: the known ones (name → URL, SHA-1), downloading them safely, reading and normalizing text.
+"""Corpora by name: the known ones (name → URL, SHA-1), the cache they live in, downloading them.
 
 A download streams into a temporary file beside its destination, is checked against its SHA-1,
-and only then renamed into place, so the cache never holds a partial or wrong file.
+and only then renamed into place, so the cache never holds a partial or wrong file. Reading
+and normalizing the text is the data pipeline's first stage (`lstmlm.data.text`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import hashlib
 import os
 import re
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +100,7 @@ def resolve_target(
         raise DownloadError("--url is for a known corpus name; pass the URL itself instead")
     if sha1 is not None and not re.fullmatch(r"[0-9a-fA-F]{40}", sha1):
         raise DownloadError(f"--sha1 must be 40 hexadecimal digits, not '{sha1}'")
-    filename = Path(requests.utils.urlparse(name_or_url).path).name or "corpus.txt"
+    filename = Path(urllib.parse.urlparse(name_or_url).path).name or "corpus.txt"
     return Target(name_or_url, sha1.lower() if sha1 else None, root / filename)
 
 
@@ -158,10 +160,7 @@ def _download_once(target: Target, progress: Progress | None) -> Path:
             if target.sha1 is not None and digest != target.sha1:
                 raise DownloadError(f"{url}: checksum mismatch (expected SHA-1 {target.sha1}, got {digest})")
 
-        try:
-            write_atomic(target.path, stream_and_verify)  # only a complete, verified file gets the name
-        except OSError as e:
-            raise DownloadError(f"cannot write {target.path}: {e.strerror or e}") from None
+        write_atomic(target.path, stream_and_verify, "download")  # only a complete, verified file gets the name
     return target.path
 
 
@@ -195,64 +194,6 @@ def _root_cause(e: BaseException) -> str:
     return type(e).__name__
 
 
-# ---- reading and normalizing ----------------------------------------------------------------
-
-
-def read_text(path: str | Path) -> str:
-    """A UTF-8 file, or every file in a directory (sorted by name, joined), as one string."""
-    path = Path(path)
-    if path.is_dir():
-        files = corpus_files(path)
-        if not files:
-            raise CorpusError(f"corpus directory {path} holds no files")
-        return "".join(_read_one(p) for p in files)
-    return _read_one(path)
-
-
-def corpus_files(directory: Path) -> list[Path]:
-    """The files of a directory corpus in reading order, hidden files and folders (.git) left out."""
-    return sorted(
-        p for p in directory.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)
-    )
-
-
-def _read_one(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CorpusError(f"corpus file not found: {path}") from None
-    except IsADirectoryError:
-        raise CorpusError(f"corpus path is a directory: {path}") from None
-    except OSError as e:
-        raise CorpusError(f"cannot read corpus {path}: {e.strerror}") from None
-    if not data:
-        raise CorpusError(f"corpus {path} is empty")
-    nul = data.find(b"\x00")
-    if nul >= 0:
-        raise CorpusError(f"corpus {path} looks binary (NUL byte at offset {nul})")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CorpusError(f"corpus {path} is not UTF-8 (invalid byte at offset {e.start})") from None
-
-
-_NOT_LETTERS = re.compile("[^A-Za-z]+")
-
-
-def normalize(text: str, mode: str) -> str:
-    """`d2l`: the seed's preprocessing; `raw`: the text unchanged.
-
-    d2l reads with readlines() (universal newlines), maps each run of non-letters to one space,
-    strips and lowercases every line, then joins the lines with no separator at all.
-    """
-    if mode == "raw":
-        return text
-    if mode != "d2l":
-        raise CorpusError(f"unknown normalization '{mode}' (expected d2l or raw)")
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    return "".join(_NOT_LETTERS.sub(" ", line).strip().lower() for line in lines)
-
-
 def locate(source: str, progress: Progress | None = None) -> Path:
     """The local path of a corpus: a known name (downloaded into the cache on first use) or a path."""
     if source in KNOWN and not Path(source).exists():
@@ -262,21 +203,3 @@ def locate(source: str, progress: Progress | None = None) -> Path:
         known = f"; known corpora: {', '.join(KNOWN)}" if os.sep not in source else ""
         raise CorpusError(f"corpus not found: {source}{known}")
     return path
-
-
-def content_sha1(path: Path) -> str:
-    """SHA-1 of a file, or of a directory's files in the order read_text joins them."""
-    if not path.is_dir():
-        return sha1_of(path)
-    digest = hashlib.sha1()
-    for p in corpus_files(path):
-        digest.update(sha1_of(p).encode())
-    return digest.hexdigest()
-
-
-def load_corpus(source: str, mode: str, progress: Progress | None = None) -> str:
-    """The normalized text of a known corpus (downloaded on first use) or a local path."""
-    text = normalize(read_text(locate(source, progress)), mode)
-    if not text:
-        raise CorpusError(f"corpus {source} is empty after {mode} normalization")
-    return text

@@ -15,6 +15,8 @@ import torch
 
 from .errors import DeviceError
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # a resolved precision's dtype of the products
+
 
 def resolve_device(name: str) -> torch.device:
     """`auto`: cuda, then mps, then cpu. Asking for an absent device is an error."""

@@ -29,6 +29,10 @@ class DeviceError(LstmlmError):
     """A device or precision that this machine does not have."""
 
 
+class WriteError(LstmlmError):
+    """A file that could not be written (a full disk, no permission); the message names what it was."""
+
+
 class TrainingError(LstmlmError):
     """Training that cannot go on: a non-finite loss, an unwritable run directory."""
 

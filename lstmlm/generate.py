@@ -9,20 +9,46 @@ fresh tensors, cost four times as long.
 
 temperature 0 is the seed's greedy argmax (d2l's predict_ch8); above 0 the next character is
 sampled from softmax(logits / temperature), optionally cut to the top-k characters or to the
-smallest set whose probability reaches top-p.
+smallest set whose probability reaches top-p (`Sampling`).
+
+Generation also owns its context: the prefixes training samples from, and the "prime" — the
+end of the training text that generation reads before a prefix (see `prime_text`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
-from .corpus import normalize
+from .data.text import normalize
+from .device import DTYPES, autocast
 from .errors import VocabError
-from .lstm import FAST_NAMES, CellInPlace, Stacked, State, compute_dtype, stack_gates
-from .model import CharLM, convert
+from .fused import CellInPlace, Stacked, stack_gates
+from .lstm import FAST_NAMES, State
+from .model import CharLM, convert, scratch_layer
 from .vocab import Vocab, describe_chars
+
+SAMPLE_LENGTH = 50  # characters per training sample, as d2l
+PRIME_CHARS = 256  # at most this much training text is kept to read before a prefix
+D2L_PREFIXES = ("time traveller", "traveller")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to continue a prefix: `length` characters for each of `num_samples` continuations;
+    temperature 0 is greedy, above 0 samples (top-k, top-p cut the candidates; `seed` repeats)."""
+
+    length: int = SAMPLE_LENGTH
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_samples: int = 1
+    seed: int | None = None
+
+
+# ---- context --------------------------------------------------------------------------------
 
 
 def prepare_prefix(prefix: str, vocab: Vocab, mode: str) -> str:
@@ -31,19 +57,50 @@ def prepare_prefix(prefix: str, vocab: Vocab, mode: str) -> str:
         prefix = normalize(prefix, "d2l")
     if not prefix:
         raise VocabError("the prefix is empty" + (" after d2l normalization" if mode == "d2l" else ""))
-    unknown = [c for c in prefix if c not in vocab.index or c == "<unk>"]
+    unknown = vocab.unknown_chars(prefix)
     if unknown:
         raise VocabError(f"prefix characters outside the model's vocabulary: {describe_chars(unknown)}")
     return prefix
 
 
-def choose_next(
-    logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def sample_prefixes(vocab: Vocab, train: torch.Tensor, mode: str) -> list[str]:
+    """What training samples from: d2l's two prefixes where the vocabulary can read them, else
+    the training text's first line (at most 16 characters)."""
+    fits = [p for p in D2L_PREFIXES if vocab.knows(p)]
+    if mode == "d2l" or fits:
+        return fits
+    first = vocab.decode(train[:64]).split("\n")[0][:16]
+    return [first or vocab.decode(train[:8])]
+
+
+def prime_text(vocab: Vocab, train: torch.Tensor, mode: str) -> str:
+    """Context for generation to read before a prefix: the training text up to its last
+    paragraph break ("\n\n"), from a line start at most PRIME_CHARS back.
+
+    Trained with the state carried from batch to batch, a model has met a zero state only at
+    the start of each epoch, and from one it can be lost for a while ("ROMEO:" → "XVVVV…");
+    after reading some of its own kind of text it is where training left it. Empty in d2l
+    mode (the seed's predict starts from zeros, and its lines are joined) and where the last
+    20·PRIME_CHARS characters of the training text hold no paragraph break."""
+    if mode == "d2l":
+        return ""
+    tail = vocab.decode(train[-20 * PRIME_CHARS :])
+    end = tail.rfind("\n\n") + 2
+    if end < 2:
+        return ""
+    start = tail.find("\n", max(0, end - PRIME_CHARS), end - 2) + 1  # after a line break (0: none found)
+    return tail[start:end] if start > 0 else tail[max(0, end - PRIME_CHARS) : end]
+
+
+# ---- choosing the next character ------------------------------------------------------------
+
+
+def choose_next(logits: torch.Tensor, sampling: Sampling = Sampling(), generator: torch.Generator | None = None) -> torch.Tensor:
     """Next ids (batch,) from logits (batch, vocab)."""
-    if temperature <= 0.0:
+    if sampling.temperature <= 0.0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float() / sampling.temperature
+    top_k, top_p = sampling.top_k, sampling.top_p
     if 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (batch, 1): the k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -56,21 +113,26 @@ def choose_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+# ---- the inference step ---------------------------------------------------------------------
+
+
 def layer_weights(model: CharLM, dtype: torch.dtype) -> list[Stacked]:
     """Each layer's fast-path weights in `dtype`, the first layer's input always as a table of
     rows gathered by id: (X_t W_x + b) for one-hot X_t, (E[id] W_x + b) with an embedding E."""
     embedding = model.embedding
-    if model.core_name == "scratch":
-        weights = [layer.stacked(dtype, ids=(k == 0 and embedding is None)) for k, layer in enumerate(model.core.layers)]  # type: ignore[union-attr]
+    scratch = model.scratch_core
+    if scratch is not None:
+        weights = [layer.stacked(dtype, ids=(k == 0 and embedding is None)) for k, layer in enumerate(scratch.scratch_layers())]
     else:
         sd = convert(model.state_dict(), "scratch")
-        weights = [
-            stack_gates(tuple(sd[f"core.layers.{k}.{name}"] for name in FAST_NAMES), dtype, ids=(k == 0 and embedding is None))
-            for k in range(model.num_layers)
-        ]
+        weights = []
+        for k in range(model.num_layers):
+            p = scratch_layer(sd, k)
+            weights.append(stack_gates(tuple(p[name] for name in FAST_NAMES), dtype, ids=(k == 0 and embedding is None)))
     if embedding is not None:
         first = weights[0]
-        table = torch.addmm(first.b.float(), embedding.weight.detach().float(), first.W_xT.T.float())  # type: ignore[union-attr]
+        assert first.W_xT is not None  # an embedding feeds the first layer dense input
+        table = torch.addmm(first.b.float(), embedding.weight.detach().float(), first.W_xT.T.float())
         weights[0] = Stacked(None, first.W_hT, first.b, table.to(dtype))
     return weights
 
@@ -92,17 +154,18 @@ class Stepper:
     product, the biases in a last row that a constant 1 after H_t picks up. At batch 1 that is
     one product a layer per character, and the model's recurrence is one row-vector product
     over one matrix. The returned logits are a view that the next step overwrites. Dropout is
-    never applied: this is inference.
+    never applied: this is inference. The products run in `dtype` (bf16 as training's under
+    bf16), the cell state in the parameters' dtype.
     """
 
-    def __init__(self, model: CharLM, state: State) -> None:
-        dtype = compute_dtype(model.W_hq)  # bf16 under autocast, as the training model's products
+    def __init__(self, model: CharLM, state: State, dtype: torch.dtype = torch.float32) -> None:
         weights = layer_weights(model, dtype)
         H_0, C_0 = state  # (layers, batch, hiddens)
         batch, hiddens = H_0.shape[1], H_0.shape[2]
+        assert weights[0].W_xb is not None  # layer_weights always gives the first layer a table
         self.table = weights[0].W_xb  # (vocab, 4·hiddens): X_t W_x + b_0 for each id
         self.rows = self.table.unbind(0)  # its rows as views made once: tensor[i] costs microseconds
-        readers = [(w.W_xT.T, w.b) for w in weights[1:]] + [(model.W_hq.detach().to(dtype), model.b_q.detach().to(dtype))]
+        readers = [(w.W_xT.T, w.b) for w in weights[1:] if w.W_xT is not None] + [(model.W_hq.detach().to(dtype), model.b_q.detach().to(dtype))]
         self.W: list[torch.Tensor] = []  # per layer: [[W_in, W_h], [b_in, 0]], (hiddens + 1, inputs of the reader + 4·hiddens)
         self.H1: list[torch.Tensor] = []  # per layer: [H_t, 1], (batch, hiddens + 1)
         self.P: list[torch.Tensor] = []  # per layer: [H_t W_in + b_in, H_t W_h], the product's output
@@ -133,67 +196,51 @@ CHUNK = 32  # characters made per resumption of the inner generator
 
 
 def generate(
-    model: CharLM,
-    vocab: Vocab,
-    prefix: str,
-    length: int,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    num_samples: int = 1,
-    seed: int | None = None,
-    prime: str = "",
+    model: CharLM, vocab: Vocab, prefix: str, sampling: Sampling = Sampling(), prime: str = "", precision: str = "fp32"
 ) -> Iterator[list[str]]:
-    """Yield, per step, the next character of each of `num_samples` continuations of `prefix`,
-    the state having read `prime` first (context that is not part of the output; see
-    train.prime_text).
+    """Yield, per step, the next character of each of `sampling.num_samples` continuations of
+    `prefix`, the state having read `prime` first (context that is not part of the output; see
+    `prime_text`). The products run in `precision` ("fp32" or "bf16").
 
     The characters are made `CHUNK` at a time: torch re-enters inference mode on every
     resumption of a decorated generator, which at a character's cost of ~0.1 ms is worth
     avoiding; a chunk still streams within a few milliseconds."""
-    for chunk in _generate_chunks(model, vocab, prime + prefix, length, temperature, top_k, top_p, num_samples, seed):
+    for chunk in _generate_chunks(model, vocab, prime + prefix, sampling, precision):
         yield from chunk
 
 
 @torch.inference_mode()
-def _generate_chunks(
-    model: CharLM,
-    vocab: Vocab,
-    context: str,
-    length: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    num_samples: int,
-    seed: int | None,
-) -> Iterator[list[list[str]]]:
+def _generate_chunks(model: CharLM, vocab: Vocab, context: str, sampling: Sampling, precision: str) -> Iterator[list[list[str]]]:
     """`generate`'s characters, CHUNK steps at a time, after reading `context`."""
     device = model.W_hq.device
     generator = torch.Generator(device=device)  # its own: sampling never moves the global RNG
-    if seed is None:
+    if sampling.seed is None:
         generator.seed()
     else:
-        generator.manual_seed(seed)
-    ids = torch.tensor([vocab.index[c] for c in context], device=device).repeat(num_samples, 1)  # (samples, len)
-    state = model.begin_state(num_samples)
+        generator.manual_seed(sampling.seed)
+    ids = torch.tensor([vocab.index[c] for c in context], device=device).repeat(sampling.num_samples, 1)  # (samples, len)
+    state = model.begin_state(sampling.num_samples)
     if ids.shape[1] > 1:  # warm up on all but the last character at once
-        _, state = model(ids[:, :-1], state)
-    step = Stepper(model, state)
+        with autocast(device, precision):
+            _, state = model(ids[:, :-1], state)
+    step = Stepper(model, state, DTYPES[precision])
     X = ids[:, -1].tolist()  # Python ints: decoding needs them anyway, and at batch 1 the input
     tokens = vocab.tokens  # projection is then a row view instead of a gather
+    length = sampling.length
     for start in range(0, length, CHUNK):
         chunk = []
         for _ in range(min(CHUNK, length - start)):
-            X = choose_next(step(X), temperature, top_k, top_p, generator).tolist()
+            X = choose_next(step(X), sampling, generator).tolist()
             chunk.append([tokens[i] for i in X])
         yield chunk
 
 
-def complete(model: CharLM, vocab: Vocab, prefix: str, length: int, **options: object) -> str:
-    """The prefix and one continuation as a string (the model runs in eval mode, then is restored)."""
+def complete(model: CharLM, vocab: Vocab, prefix: str, length: int = SAMPLE_LENGTH, prime: str = "") -> str:
+    """The prefix and its greedy continuation as a string, as training's samples show it (the
+    model runs in eval mode, then is restored)."""
     was_training = model.training
     model.eval()
     try:
-        return prefix + "".join(chars[0] for chars in generate(model, vocab, prefix, length, **options))  # type: ignore[arg-type]
+        return prefix + "".join(chars[0] for chars in generate(model, vocab, prefix, Sampling(length=length), prime))
     finally:
         model.train(was_training)

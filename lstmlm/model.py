@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import CheckpointError, ShapeError
-from .lstm import CudnnLSTM, ScratchLSTM, State, zero_state
+from .lstm import PARAMETERS, CudnnLSTM, ScratchLSTM, State, zero_state
 
 
 class CharLM(nn.Module):
@@ -65,6 +65,11 @@ class CharLM(nn.Module):
                 self.W_hq.uniform_(-bound, bound)
                 self.b_q.uniform_(-bound, bound)
 
+    @property
+    def scratch_core(self) -> ScratchLSTM | None:
+        """The core as the article's LSTM, or None for nn.LSTM."""
+        return self.core if isinstance(self.core, ScratchLSTM) else None
+
     def begin_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         return zero_state(self.num_layers, batch_size, self.num_hiddens, self.W_hq.to(device) if device else self.W_hq)
 
@@ -100,6 +105,16 @@ def loss_fn(logits: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
 _CUDNN_BLOCK = {"i": 0, "f": 1, "c": 2, "o": 3}
 
 
+def scratch_key(layer: int, name: str) -> str:
+    """The state-dict key of scratch layer `layer`'s parameter `name` (W_xi, b_c, ...)."""
+    return f"core.layers.{layer}.{name}"
+
+
+def scratch_layer(state_dict: dict[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
+    """Scratch layer `layer`'s twelve parameters by the article's names, from a scratch state dict."""
+    return {name: state_dict[scratch_key(layer, name)] for name in PARAMETERS}
+
+
 def core_of(state_dict: dict[str, torch.Tensor]) -> str:
     if any(k.startswith("core.lstm.") for k in state_dict):
         return "cudnn"
@@ -119,11 +134,11 @@ def _num_layers(state_dict: dict[str, torch.Tensor], pattern: str) -> int:
 def scratch_to_cudnn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = _shared(state_dict)
     for k in range(_num_layers(state_dict, r"core\.layers\.(\d+)\.")):
-        p = lambda name: state_dict[f"core.layers.{k}.{name}"]  # noqa: E731
-        order = sorted(_CUDNN_BLOCK, key=_CUDNN_BLOCK.get)  # i, f, c, o
-        out[f"core.lstm.weight_ih_l{k}"] = torch.cat([p(f"W_x{g}").T for g in order])  # (4H, inputs)
-        out[f"core.lstm.weight_hh_l{k}"] = torch.cat([p(f"W_h{g}").T for g in order])  # (4H, H)
-        out[f"core.lstm.bias_ih_l{k}"] = torch.cat([p(f"b_{g}") for g in order])
+        p = scratch_layer(state_dict, k)
+        order = sorted(_CUDNN_BLOCK, key=_CUDNN_BLOCK.__getitem__)  # i, f, c, o
+        out[f"core.lstm.weight_ih_l{k}"] = torch.cat([p[f"W_x{g}"].T for g in order])  # (4H, inputs)
+        out[f"core.lstm.weight_hh_l{k}"] = torch.cat([p[f"W_h{g}"].T for g in order])  # (4H, H)
+        out[f"core.lstm.bias_ih_l{k}"] = torch.cat([p[f"b_{g}"] for g in order])
         out[f"core.lstm.bias_hh_l{k}"] = torch.zeros_like(out[f"core.lstm.bias_ih_l{k}"])
     return {k: v.contiguous() for k, v in out.items()}
 
@@ -135,9 +150,9 @@ def cudnn_to_scratch(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         W_hh = state_dict[f"core.lstm.weight_hh_l{k}"].chunk(4)
         b = (state_dict[f"core.lstm.bias_ih_l{k}"] + state_dict[f"core.lstm.bias_hh_l{k}"]).chunk(4)
         for g, block in _CUDNN_BLOCK.items():
-            out[f"core.layers.{k}.W_x{g}"] = W_ih[block].T.contiguous()  # (inputs, H)
-            out[f"core.layers.{k}.W_h{g}"] = W_hh[block].T.contiguous()
-            out[f"core.layers.{k}.b_{g}"] = b[block].clone()
+            out[scratch_key(k, f"W_x{g}")] = W_ih[block].T.contiguous()  # (inputs, H)
+            out[scratch_key(k, f"W_h{g}")] = W_hh[block].T.contiguous()
+            out[scratch_key(k, f"b_{g}")] = b[block].clone()
     return out
 
 

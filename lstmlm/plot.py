@@ -16,8 +16,9 @@ from typing import Any
 
 from rich.text import Text
 
-from .checkpoint import RunStore, write_atomic
+from .atomic import write_atomic
 from .errors import PlotError
+from .runs import RunStore
 
 FORMATS = ("png", "svg")
 TRAIN_STYLE, VAL_STYLE, BOTH_STYLE = "cyan", "magenta", "bold white"
@@ -197,5 +198,5 @@ def plot_runs(run_dirs: Sequence[Path], out_path: Path) -> list[Series]:
         ax.legend(fontsize="small")
     axes["perplexity"].set_title("perplexity")
     axes["bits per character"].set_title("bits per character (log₂ perplexity)")
-    write_atomic(out_path, lambda f: fig.savefig(f, format=fmt))
+    write_atomic(out_path, lambda f: fig.savefig(f, format=fmt), "plot")
     return series

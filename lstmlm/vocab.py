@@ -108,8 +108,17 @@ class Vocab:
         return out
 
     def unknown_chars(self, text: str) -> list[str]:
-        """The distinct characters of `text` that the vocabulary lacks (sorted)."""
-        return sorted({c for c in set(text) if c not in self.index or c == UNK})
+        """The distinct characters of `text` that the vocabulary lacks (sorted): the one test of
+        "can this model read this text" that prefixes, primes, samples and inspection use."""
+        return sorted(c for c in set(text) if c not in self.index)
+
+    def knows(self, text: str) -> bool:
+        """Every character of `text` has its own id (none would read as <unk>)."""
+        return not self.unknown_chars(text)
+
+    def count_unknown(self, ids: torch.Tensor) -> int:
+        """How many of `encode`'s ids stand for characters outside the vocabulary."""
+        return int((ids == 0).sum()) if self.has_unk else 0
 
     def decode(self, ids: torch.Tensor | list[int]) -> str:
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import collections
 import http.server
+import json
 import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 if TYPE_CHECKING:
+    import torch
+
     from lstmlm.config import Config
+    from lstmlm.data.pipeline import Data
+    from lstmlm.model import CharLM
     from lstmlm.train import Trainer
+    from lstmlm.vocab import Vocab
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 # ---- test data and cache ----------------------------------------------------------------------
@@ -220,14 +228,24 @@ def tiny_config(corpus: Path, **overrides: object) -> Config:
     return Config().with_overrides({**base, **overrides}).resolved()
 
 
+def d2l_data(corpus: Path, **overrides: object) -> Data:
+    """What `lstmlm train --config configs/d2l.toml --corpus CORPUS` trains on: the path training takes."""
+    from lstmlm import config
+    from lstmlm.data.pipeline import prepare_data
+
+    cfg = config.load(CONFIGS / "d2l.toml").with_overrides({"corpus": str(corpus), **overrides}).resolved()
+    return prepare_data(cfg)
+
+
 @pytest.fixture
 def make_trainer(runs_dir: Path, corpus_file: Path) -> Callable[..., Trainer]:
     """make_trainer(name, corpus=None, **config overrides): a Trainer (CPU, fp32) writing
     runs_dir/name; an existing run is reopened (call .resume() to continue it)."""
     import torch
 
-    from lstmlm.checkpoint import RunStore
-    from lstmlm.train import Trainer, prepare_data
+    from lstmlm.data.pipeline import prepare_data
+    from lstmlm.runs import RunStore
+    from lstmlm.train import Trainer
 
     def make(name: str = "run", corpus: Path | None = None, **overrides: object) -> Trainer:
         cfg = tiny_config(corpus or corpus_file, **overrides)
@@ -237,3 +255,82 @@ def make_trainer(runs_dir: Path, corpus_file: Path) -> Callable[..., Trainer]:
         return Trainer(store, cfg, data, torch.device("cpu"), "fp32")
 
     return make
+
+
+# ---- the command line, in-process -----------------------------------------------------------------
+
+
+class Result:
+    def __init__(self, code: int, stdout: str, stderr: str) -> None:
+        self.code, self.stdout, self.stderr = code, stdout, stderr
+
+    def json(self) -> list[dict[str, Any]]:
+        """stdout's JSON lines, strictly: NaN or Infinity (not JSON) fail the test."""
+        return [json.loads(line, parse_constant=_not_json) for line in self.stdout.splitlines()]
+
+
+def _not_json(constant: str) -> Any:
+    raise AssertionError(f"{constant} is not JSON")
+
+
+def cli(*args: str | Path) -> Result:
+    """`lstmlm ARGS...` run in this process: its exit code, stdout and stderr."""
+    from typer.testing import CliRunner
+
+    from lstmlm.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return Result(result.exit_code, result.stdout, result.stderr)
+
+
+def assert_one_error_line(result: Result, *fragments: str, code: int = 1, during_training: bool = False) -> None:
+    """One "error: ..." line on stderr; a failure during training may follow the progress bar's
+    last frame (Rich prints it when the bar stops), nothing else."""
+    assert result.code == code, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.splitlines()
+    if during_training:
+        assert all(line.startswith("epoch ") for line in lines[:-1]), result.stderr
+        lines = lines[-1:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+# ---- shared checks and models ----------------------------------------------------------------------
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
+    """|actual - expected| ≤ tol · max(1, max|expected|): absolute for values of order one,
+    relative for large gradients."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    diff = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert diff <= tol * scale, f"{what}: max difference {diff:.3g} > {tol:.0e} × {scale:.3g}"
+
+
+class Payload:
+    """Unpickling this runs `touch(marker)`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+def predict_ch8(prefix: str, num_preds: int, net: CharLM, vocab: Vocab) -> str:
+    """d2l's predict_ch8: warm up on the prefix one character at a time, then feed back the argmax."""
+    import torch
+
+    state = net.begin_state(batch_size=1)
+    outputs = [vocab.index[prefix[0]]]
+    get_input = lambda: torch.tensor([outputs[-1]]).reshape((1, 1))  # noqa: E731
+    for y in prefix[1:]:  # warm-up period
+        _, state = net(get_input(), state)
+        outputs.append(vocab.index[y])
+    for _ in range(num_preds):  # predict num_preds steps
+        y, state = net(get_input(), state)  # y: (1, 1, vocab) here; d2l's is (1, vocab)
+        outputs.append(int(y.reshape(1, -1).argmax(dim=1).reshape(1)))
+    return "".join(vocab.tokens[i] for i in outputs)

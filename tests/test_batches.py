@@ -6,6 +6,7 @@ slice every row came from; the same seed on the real ids must then give those sl
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from collections.abc import Callable, Iterator
@@ -14,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lstmlm.batches import Batch, check_length, min_tokens, num_batches, random_subsequences, sequential, split
-from lstmlm.corpus import load_corpus
+from lstmlm.data.batches import Batch, check_length, min_tokens, num_batches, random_subsequences, sequential, split
 from lstmlm.errors import CorpusError
-from lstmlm.vocab import Vocab
+
+from conftest import d2l_data
 
 BATCH, STEPS, MAX_TOKENS = 32, 35, 10_000
 SEEDS = (0, 1, 7, 1234)
@@ -26,9 +27,11 @@ BatchIterator = Callable[[torch.Tensor, int, int, random.Random], Iterator[Batch
 
 @pytest.fixture(scope="module")
 def ids(data_dir: Path) -> torch.Tensor:
-    """The seed's training corpus: the first 10,000 d2l tokens of The Time Machine."""
-    text = load_corpus(str(data_dir / "timemachine.txt"), "d2l")
-    return Vocab.build(text).encode(text)[:MAX_TOKENS]
+    """The seed's training corpus, as `lstmlm train --config configs/d2l.toml` reads it: the first
+    10,000 d2l tokens of The Time Machine."""
+    ids = d2l_data(data_dir / "timemachine.txt").train
+    assert len(ids) == MAX_TOKENS
+    return ids
 
 
 def positions(n: int) -> torch.Tensor:
@@ -70,7 +73,7 @@ def test_sequential_batches_are_the_corpus_shifted_by_one(ids: torch.Tensor, see
 @pytest.mark.parametrize("seed", SEEDS)
 def test_sequential_rows_continue_across_batches(seed: int) -> None:
     batches = epoch(sequential, positions(MAX_TOKENS), seed)
-    for (X, _), (X_next, _) in zip(batches, batches[1:]):
+    for (X, _), (X_next, _) in itertools.pairwise(batches):
         assert torch.equal(X_next[:, 0], X[:, -1] + 1)  # row r goes on where it stopped
     first = batches[0][0]
     row_length = int(first[1, 0] - first[0, 0])
@@ -99,7 +102,7 @@ def test_random_subsequences_do_not_overlap(ids: torch.Tensor, seed: int) -> Non
         assert torch.equal(Y, ids[X_pos + 1].long())
         starts += X_pos[:, 0].tolist()
     ordered = sorted(starts)
-    assert all(b - a >= STEPS for a, b in zip(ordered, ordered[1:]))
+    assert all(b - a >= STEPS for a, b in itertools.pairwise(ordered))
     assert len({s % STEPS for s in starts}) == 1  # one offset, then a grid of num_steps
     assert starts != ordered  # shuffled
 

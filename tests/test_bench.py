@@ -1,9 +1,13 @@
 """lstmlm.bench: the figures `lstmlm bench` shows are computed from the right quantities.
-Behaviour only, at tiny sizes: no assertion here depends on how fast the machine is."""
+
+The clock is replaced by one that advances a fixed second per reading, so every figure has
+an exact expected value and no assertion depends on how fast the machine is."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,49 +16,86 @@ from lstmlm import bench
 from lstmlm.bench import Dims
 from lstmlm.errors import DeviceError
 
+from conftest import cli
+
 TINY = Dims(vocab_size=7, hidden=8, layers=2, batch_size=3, num_steps=5)
+
+
+class Clock:
+    """time, as bench reads it: each perf_counter() call is one second after the last."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(bench, "time", fake)
+    return fake
+
+
+@pytest.fixture
+def steps_taken(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Every training step bench takes, with the shapes and precision it took it in."""
+    taken: list[dict[str, Any]] = []
+    real = bench.train_step
+
+    def step(model: Any, optimizer: Any, X: torch.Tensor, Y: torch.Tensor, state: Any, clip: float, device: Any, precision: str) -> Any:
+        taken.append({"X": tuple(X.shape), "precision": precision, "clip": clip})
+        return real(model, optimizer, X, Y, state, clip, device, precision)
+
+    monkeypatch.setattr(bench, "train_step", step)
+    return taken
 
 
 def test_flops_of_the_d2l_model() -> None:
     """4H·H for the gates' recurrent product, H·V for the output, no product for one-hot input."""
     d2l = Dims(vocab_size=28, hidden=256, layers=1, batch_size=32, num_steps=35)
-    assert bench.forward_flops_per_token(d2l) == 2 * (4 * 256 * 256 + 256 * 28) == 538_624
-    assert bench.training_flops_per_token(d2l) == 3 * 538_624
+    assert bench.forward_flops_per_token(d2l) == 538_624
+    assert bench.training_flops_per_token(d2l) == 1_615_872
 
 
 def test_flops_count_the_input_products_of_dense_inputs() -> None:
+    """With an embedding the first layer multiplies its input (64 wide), the second its input from below."""
     dims = Dims(vocab_size=65, hidden=512, layers=2, embedding=64)
-    first, second = 4 * 512 * (512 + 64), 4 * 512 * (512 + 512)
-    assert bench.forward_flops_per_token(dims) == 2 * (first + second + 512 * 65)
+    assert bench.forward_flops_per_token(dims) == 2 * (1_179_648 + 2_097_152 + 33_280)  # 4H(H+64), 4H(H+H), HV
 
 
-def test_ceiling_is_a_positive_rate_of_a_square_product() -> None:
-    ceiling = bench.measure_matmul_ceiling("cpu", "fp32", max_size=256, min_seconds=0.0)
-    assert ceiling.precision == "fp32" and ceiling.device == "cpu"
-    assert ceiling.size == 256 and ceiling.gflops > 0
+def test_ceiling_is_two_n_cubed_flops_over_the_fastest_product(clock: Clock) -> None:
+    """Each product reads the clock twice (one second apart): 2·256³ FLOPs per second."""
+    ceiling = bench.measure_matmul_ceiling("cpu", "fp32", max_size=256, min_seconds=3.0)
+    assert (ceiling.precision, ceiling.device, ceiling.size) == ("fp32", "cpu", 256)
+    assert ceiling.gflops == pytest.approx(2 * 256**3 / 1.0 / 1e9)
+
+
+def test_the_ceilings_size_grows_until_a_product_is_slow_enough_or_the_limit() -> None:
+    ceiling = bench.measure_matmul_ceiling("cpu", "fp32", max_size=512, min_seconds=0.0)
+    assert ceiling.size in (256, 512)  # 256 is kept only if one product took over 0.1 s
+    assert bench.measure_matmul_ceiling("cpu", "fp32", max_size=256, min_seconds=0.0).size == 256
 
 
 @pytest.mark.parametrize("core", ["scratch", "cudnn"])
-def test_training_speed_is_tokens_over_time(core: str) -> None:
+def test_training_speed_is_the_timed_steps_tokens_over_their_time(core: str, clock: Clock, steps_taken: list[dict[str, Any]]) -> None:
     ceiling = bench.Ceiling("cpu", "fp32", 256, 100.0)
-    speed = bench.measure_training(core, TINY, "cpu", steps=2, warmup=1, ceiling=ceiling)
-    assert speed.core == core and speed.precision == "fp32" and speed.steps == 2
-    assert speed.tokens_per_s == pytest.approx(2 * 3 * 5 / speed.seconds)
-    assert speed.flops_per_token == bench.training_flops_per_token(TINY)
-    assert speed.gflops == pytest.approx(speed.tokens_per_s * speed.flops_per_token / 1e9)
+    speed = bench.measure_training(core, TINY, "cpu", steps=4, warmup=2, ceiling=ceiling)
+    assert len(steps_taken) == 6 and {s["X"] for s in steps_taken} == {(3, 5)}  # warm-up and timed steps, whole batches
+    assert all(s["clip"] == 1.0 and s["precision"] == "fp32" for s in steps_taken)  # d2l's step
+    assert speed.seconds == 1.0  # two clock readings around the timed steps only
+    assert speed.tokens_per_s == 4 * 3 * 5
+    assert speed.gflops == pytest.approx(60 * bench.training_flops_per_token(TINY) / 1e9)
     assert speed.utilisation == pytest.approx(speed.gflops / 100.0)
-    assert speed.peak_memory_bytes is None or speed.peak_memory_bytes >= 0
-
-
-def test_training_speed_without_a_ceiling_has_no_utilisation() -> None:
-    speed = bench.measure_training("scratch", TINY, "cpu", steps=1, warmup=0)
-    assert speed.utilisation is None
+    assert bench.measure_training(core, TINY, "cpu", steps=1, warmup=0).utilisation is None  # no ceiling, no share
 
 
 @pytest.mark.parametrize("core", ["scratch", "cudnn"])
-def test_both_cores_train_in_bf16_on_any_cpu(core: str) -> None:
+def test_bf16_training_steps_run_in_bf16_on_any_cpu(core: str, steps_taken: list[dict[str, Any]]) -> None:
     speed = bench.measure_training(core, TINY, "cpu", "bf16", steps=1, warmup=0)
-    assert speed.precision == "bf16" and speed.tokens_per_s > 0
+    assert speed.precision == "bf16" and [s["precision"] for s in steps_taken] == ["bf16"]
 
 
 def test_unknown_precision_is_refused() -> None:
@@ -63,9 +104,9 @@ def test_unknown_precision_is_refused() -> None:
 
 
 @pytest.mark.parametrize("core", ["scratch", "cudnn"])
-def test_generation_speed_is_characters_over_time(core: str) -> None:
+def test_generation_speed_is_characters_over_their_time(core: str, clock: Clock) -> None:
     speed = bench.measure_generation(core, TINY, "cpu", length=20, warmup=2)
-    assert speed.core == core and speed.length == 20 and speed.chars_per_s > 0
+    assert (speed.core, speed.length, speed.chars_per_s) == (core, 20, 20.0)
 
 
 def test_peak_memory_sees_a_large_allocation() -> None:
@@ -76,21 +117,22 @@ def test_peak_memory_sees_a_large_allocation() -> None:
     if memory.peak is None:
         pytest.skip("no /proc/self/statm here")
     assert memory.peak >= 32 << 20
+    with bench.PeakMemory(torch.device("cpu")) as nothing:
+        time.sleep(0.02)
+    assert nothing.peak is not None and nothing.peak < 16 << 20
 
 
-def test_bench_command_measures_every_core(tmp_path) -> None:
-    import json
-
-    from typer.testing import CliRunner
-
-    from lstmlm.cli import app
-
+def test_bench_command_measures_every_core_against_its_ceiling(tmp_path: Path) -> None:
     config = tmp_path / "tiny.toml"
     config.write_text("[data]\nbatch_size = 2\nnum_steps = 3\n[model]\nhidden = 8\n")
-    result = CliRunner().invoke(app, ["bench", "--config", str(config), "--device", "cpu", "--steps", "1", "--json"])
-    assert result.exit_code == 0, result.output
-    rows = [json.loads(line) for line in result.output.splitlines()]
-    assert [r["what"] for r in rows] == ["matmul " + rows[0]["what"].split()[1], "train scratch", "train cudnn", "generate scratch", "generate cudnn"]
-    train = [r for r in rows if r["what"].startswith("train")]
-    assert all(r["tokens_per_s"] > 0 and r["flops_per_token"] == train[0]["flops_per_token"] for r in train)
-    assert all(0 < r["utilisation"] for r in train)
+    result = cli("bench", "--config", config, "--device", "cpu", "--steps", "1", "--json")
+    assert result.code == 0, result.stderr
+    rows = result.json()
+    assert [r["what"] for r in rows] == [rows[0]["what"], "train scratch", "train cudnn", "generate scratch", "generate cudnn"]
+    assert rows[0]["what"].startswith("matmul ")
+    ceiling = rows[0]["gflops"]
+    for train in rows[1:3]:
+        assert (train["flops_per_token"], train["steps"]) == (bench.training_flops_per_token(Dims(28, 8, 1, 2, 3)), 1)
+        assert train["utilisation"] == pytest.approx(train["gflops"] / ceiling)  # the share of this run's own ceiling
+    table = cli("bench", "--config", config, "--device", "cpu", "--steps", "1")
+    assert table.code == 0 and "train scratch" in table.stdout and "of ceiling" in table.stdout

@@ -18,11 +18,15 @@ import pytest
 import torch
 
 import lstmlm.checkpoint as checkpoint_mod
-from lstmlm.checkpoint import LATEST, RunStore, load_checkpoint, write_atomic
-from lstmlm.errors import CheckpointError
-from lstmlm.train import EpochEnded, Trainer
+from lstmlm import checkpoint
+from lstmlm.atomic import write_atomic
+from lstmlm.checkpoint import load_checkpoint
+from lstmlm.errors import CheckpointError, WriteError
+from lstmlm.events import EpochEnded
+from lstmlm.runs import LATEST, RunStore
+from lstmlm.train import Trainer
 
-from conftest import synthetic_text
+from conftest import Payload, synthetic_text
 
 MakeTrainer = Callable[..., Trainer]
 
@@ -56,7 +60,7 @@ def test_disk_full_mid_write_is_a_clear_error_and_the_old_checkpoint_survives(
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(checkpoint_mod.torch, "save", save_until_the_disk_fills)
-    with pytest.raises(CheckpointError, match=rf"cannot write {path}: No space left on device"):
+    with pytest.raises(WriteError, match=rf"cannot write the checkpoint {path}: No space left on device"):
         trained.save()
     assert path.read_bytes() == before
     assert temp_files(trained.store.root) == []
@@ -73,8 +77,8 @@ def test_unwritable_run_directory_is_a_clear_error_and_the_old_checkpoint_surviv
     def refuse(src: Any, dst: Any) -> None:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dst))
 
-    monkeypatch.setattr(checkpoint_mod.os, "replace", refuse)
-    with pytest.raises(CheckpointError, match=rf"cannot write {path}: Permission denied"):
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(WriteError, match=rf"cannot write the checkpoint {path}: Permission denied"):
         trained.save()
     assert path.read_bytes() == before
     assert temp_files(trained.store.root) == []
@@ -103,16 +107,6 @@ def test_metrics_line_cut_by_a_crash_is_skipped(trained: Trainer) -> None:
 # ---- loading never runs code --------------------------------------------------------------------
 
 
-class Payload:
-    """Unpickling this runs `touch(marker)`."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (Path.touch, (self.marker,))
-
-
 @pytest.mark.parametrize("container", ["torch-zip", "plain-pickle"])
 def test_a_checkpoint_crafted_to_run_code_is_refused_and_the_code_does_not_run(
     trained: Trainer, tmp_path: Path, container: str
@@ -125,7 +119,7 @@ def test_a_checkpoint_crafted_to_run_code_is_refused_and_the_code_does_not_run(
     else:
         path.write_bytes(pickle.dumps(payload))
     with pytest.raises(CheckpointError, match=rf"{path}"):
-        trained.store.load()
+        checkpoint.load(trained.store)
     with pytest.raises(CheckpointError):
         Trainer(trained.store, trained.cfg, trained.data, trained.device, "fp32").resume()
     assert not marker.exists()
@@ -236,7 +230,8 @@ def test_checkpoint_from_another_vocabulary_is_named(make_trainer: MakeTrainer, 
     assert len(mine.data.vocab) == len(theirs.data.vocab) and mine.data.vocab != theirs.data.vocab
     list(mine.run()), list(theirs.run())
     adopt(mine, theirs)
-    with pytest.raises(CheckpointError, match=r"latest.pt was trained on another vocabulary \(26 tokens; this run has 26; only in the checkpoint: 'A'; only in this run: 'a'\)"):
+    expected = r"latest.pt was trained on another vocabulary \(26 tokens; this run has 26; only in the checkpoint: 'A'; only in this run: 'a'\)"
+    with pytest.raises(CheckpointError, match=expected):
         make_trainer("mine", epochs=1).resume()
 
 

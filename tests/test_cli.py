@@ -8,57 +8,30 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import lstmlm.checkpoint as checkpoint_mod
 from lstmlm.checkpoint import load_checkpoint
-from lstmlm.cli import app
 from lstmlm.config import Config
+from lstmlm.data.pipeline import prepare_data
 from lstmlm.generate import complete
 from lstmlm.model import CharLM, convert
+from lstmlm.runs import RunStore
 from lstmlm.vocab import Vocab
 
-from conftest import synthetic_text
-from test_checkpoint import Payload
-from test_generate import predict_ch8
+from conftest import LoopbackServer, Payload, Result, assert_one_error_line, cli, predict_ch8, synthetic_text
 
 TINY = ["--hidden", "16", "--batch-size", "8", "--num-steps", "10", "--device", "cpu"]
-
-
-class Result:
-    def __init__(self, code: int, stdout: str, stderr: str) -> None:
-        self.code, self.stdout, self.stderr = code, stdout, stderr
-
-    def json(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.stdout.splitlines()]
-
-
-def cli(*args: str | Path) -> Result:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    return Result(result.exit_code, result.stdout, result.stderr)
-
-
-def assert_one_error_line(result: Result, *fragments: str, code: int = 1, during_training: bool = False) -> None:
-    """One "error: ..." line on stderr; a failure during training may follow the progress bar's
-    last frame (Rich prints it when the bar stops), nothing else."""
-    assert result.code == code, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr + result.stdout
-    lines = result.stderr.splitlines()
-    if during_training:
-        assert all(line.startswith("epoch ") for line in lines[:-1]), result.stderr
-        lines = lines[-1:]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 def assert_usage_error(result: Result, *fragments: str) -> None:
@@ -452,9 +425,93 @@ def test_disk_full_during_training_is_one_line_and_the_checkpoint_survives(
 
     monkeypatch.setattr(checkpoint_mod.torch, "save", full)
     result = cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--epochs", "3")
-    assert_one_error_line(result, f"cannot write {runs_dir / 'r'}", ".pt: No space left on device", during_training=True)
+    assert_one_error_line(result, f"cannot write the checkpoint {runs_dir / 'r'}", ".pt: No space left on device", during_training=True)
     assert {name: (runs_dir / "r" / name).read_bytes() for name in before} == before
     monkeypatch.undo()
     # the space is back: the run resumes from the surviving checkpoint and finishes
     records = cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--epochs", "3", "--json").json()
     assert [r["epoch"] for r in records if r["event"] == "epoch"] == [3]
+
+
+# ---- evaluate ---------------------------------------------------------------------------------------
+
+
+def test_evaluate_on_the_validation_text_gives_the_figure_training_reported(tiny_train_args: list[str], runs_dir: Path, tmp_path: Path) -> None:
+    records = cli(*tiny_train_args, "--val-fraction", "0.2", "--run", "v", "--json").json()
+    reported = records[-1]["val_perplexity"]
+    data = prepare_data(RunStore.open(runs_dir / "v").config)
+    val = tmp_path / "val.txt"
+    val.write_text(data.vocab.decode(data.val), encoding="utf-8")
+    result = cli("evaluate", val, "--run", "v", "--runs-dir", runs_dir, "--json")
+    assert result.code == 0, result.stderr
+    (score,) = result.json()
+    assert score["perplexity"] == pytest.approx(reported, rel=1e-9)
+    assert score["bits_per_char"] == pytest.approx(math.log2(reported), rel=1e-9)
+    streams = 8  # the batch size: the text is read as 8 rows, each row's first character unpredicted
+    assert (score["characters"], score["predicted"], score["unknown_characters"]) == (len(data.val), streams * ((len(data.val) - 1) // streams), 0)
+    human = cli("evaluate", val, "--run", "v", "--runs-dir", runs_dir)
+    assert human.stdout.startswith(f"{val}: perplexity {reported:.3f}, ") and "0 outside the vocabulary" in human.stdout
+
+
+def test_evaluate_counts_the_characters_outside_the_vocabulary(trained: Path, tmp_path: Path) -> None:
+    text = tmp_path / "odd.txt"
+    text.write_text("the time ☃☃ traveller é\n", encoding="utf-8")
+    (score,) = cli("evaluate", text, "--run", "raw", "--runs-dir", trained, "--json").json()
+    assert score["unknown_characters"] == 3 and score["characters"] == len(text.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("missing.txt",), "corpus file not found"),
+        (("{empty}",), "is empty"),
+        (("{empty}", "--run", "nope"), "no run at"),
+        (("{empty}", "--best"), "has no best checkpoint"),
+    ],
+)
+def test_evaluate_errors_are_one_line(trained: Path, runs_copy: Path, tmp_path: Path, args: tuple[str, ...], fragment: str) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    (runs_copy / "d2l" / "best.pt").unlink(missing_ok=True)
+    args = tuple(a.format(empty=empty) for a in args)
+    run = () if "--run" in args else ("--run", "d2l")
+    assert_one_error_line(cli("evaluate", *args, *run, "--runs-dir", runs_copy), fragment)
+
+
+# ---- --run is a name under --runs-dir, in every command --------------------------------------------
+
+
+@pytest.mark.parametrize("command", [("generate",), ("evaluate", "x.txt"), ("inspect", "--text", "abc"), ("plot",)])
+@pytest.mark.parametrize("name", ["/tmp/x", "../elsewhere", ".."])
+def test_run_must_be_a_plain_name_everywhere(trained: Path, command: tuple[str, ...], name: str) -> None:
+    args = [*command, name] if command == ("plot",) else [*command, "--run", name]
+    assert_one_error_line(cli(*args, "--runs-dir", trained), "--run must be a plain name", "--runs-dir")
+
+
+# ---- commands that do not train start without torch -------------------------------------------------
+
+NO_TORCH = """
+import sys
+from lstmlm.cli import app
+try:
+    app(sys.argv[1:], prog_name="lstmlm")
+except SystemExit as e:
+    code = e.code
+print("torch imported" if "torch" in sys.modules else "no torch", code, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("command", ["--help", "download", "plot"])
+def test_commands_that_do_not_train_never_import_torch(command: str, http_server: LoopbackServer, serve_dir: Path, tmp_path: Path) -> None:
+    (serve_dir / "corpus.txt").write_text("abc abc\n", encoding="utf-8")
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(Config().to_json(), encoding="utf-8")
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "train_perplexity": 9.0}\n{"epoch": 2, "train_perplexity": 5.0}\n', encoding="utf-8")
+    args = {
+        "--help": ["--help"],
+        "download": ["download", http_server.url("corpus.txt"), "--dir", str(tmp_path / "cache")],
+        "plot": ["plot", "r", "--runs-dir", str(tmp_path / "runs")],
+    }[command]
+    done = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True, timeout=60)
+    assert done.stderr.strip().splitlines()[-1] == "no torch 0", done.stderr

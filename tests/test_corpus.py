@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from lstmlm.corpus import load_corpus, normalize, read_text
+from lstmlm.data.text import normalize, read_text
 from lstmlm.errors import CorpusError
-from lstmlm.vocab import Vocab
+
+from conftest import d2l_data
 
 D2L_TOKENS = ["<unk>", " ", *"etainoshrdlmucfwgypbvkxzjq"]
 
@@ -84,8 +85,8 @@ def test_nul_byte_is_binary(tmp_path: Path) -> None:
 
 def test_invalid_utf8_gives_byte_offset(tmp_path: Path) -> None:
     path = tmp_path / "latin1.txt"
-    path.write_bytes("café au lait, naïve".encode("utf-8") + " crème".encode("latin-1"))
-    offset = len("café au lait, naïve ".encode("utf-8")) + 2  # the latin-1 è after "cr"
+    path.write_bytes("café au lait, naïve".encode() + " crème".encode("latin-1"))
+    offset = len("café au lait, naïve ".encode()) + 2  # the latin-1 è after "cr"
     with pytest.raises(CorpusError, match=re.escape(f"corpus {path} is not UTF-8 (invalid byte at offset {offset})")):
         read_text(path)
 
@@ -109,7 +110,7 @@ def test_text_empty_after_normalization_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "digits.txt"
     path.write_text("1234\n5678\n", encoding="utf-8")
     with pytest.raises(CorpusError, match="empty after d2l normalization"):
-        load_corpus(str(path), "d2l")
+        d2l_data(path)
 
 
 # ---- parity with d2l on the real Time Machine ----
@@ -120,29 +121,33 @@ def timemachine(data_dir: Path) -> Path:
     return data_dir / "timemachine.txt"
 
 
+# Each goes through `prepare_data`, the path `lstmlm train` takes, with configs/d2l.toml.
+
+
 def test_timemachine_d2l_text(timemachine: Path) -> None:
-    text = load_corpus(str(timemachine), "d2l")
+    data = d2l_data(timemachine, max_tokens=0)  # the whole text
+    text = data.vocab.decode(data.train)
     assert len(text) == 170_580
     assert text == d2l_reference(timemachine)
     assert text.startswith("the time machine by h g wellsithe time traveller for so it will be convenient to speak of himwas")
 
 
 def test_timemachine_d2l_vocab(timemachine: Path) -> None:
-    vocab = Vocab.build(load_corpus(str(timemachine), "d2l"))
+    vocab = d2l_data(timemachine).vocab
     assert vocab.tokens == D2L_TOKENS
     assert len(vocab) == 28
 
 
 def test_timemachine_first_10000_tokens(timemachine: Path) -> None:
-    text = load_corpus(str(timemachine), "d2l")
-    ids = Vocab.build(text).encode(text)[:10_000]
+    ids = d2l_data(timemachine).train  # max_tokens = 10000, no validation split
     expected = [D2L_TOKENS.index(c) for c in d2l_reference(timemachine)[:10_000]]
     assert ids.tolist() == expected
     assert ids[:5].tolist() == [3, 9, 2, 1, 3]  # "the t"
 
 
 def test_timemachine_raw_keeps_the_file(timemachine: Path) -> None:
-    text = load_corpus(str(timemachine), "raw")
+    data = d2l_data(timemachine, normalize="raw", max_tokens=0, val_fraction=0.0)
+    text = data.vocab.decode(data.train)
     assert text == timemachine.read_text(encoding="utf-8")
     assert len(text) == 178_979
     assert len(set(text)) == 70

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lstmlm.checkpoint import RunStore
+from lstmlm.runs import RunStore
 
 EPOCHS = 4
 TRAIN = ["--hidden", "24", "--batch-size", "8", "--num-steps", "10", "--checkpoint-every", "1", "--seed", "3"]
@@ -69,7 +69,7 @@ def test_resume_under_torchrun_is_exact(runs: dict) -> None:
     straight = perplexities(runs["double"])
     resumed = perplexities(runs["first"]) + perplexities(runs["rest"])
     assert resumed == straight
-    done = [e for e in runs["rest"] if e["event"] == "done"][0]
+    done = next(e for e in runs["rest"] if e["event"] == "done")
     assert done["epochs"] == EPOCHS
 
 

@@ -7,13 +7,20 @@ import pytest
 import torch
 
 from lstmlm.errors import VocabError
-from lstmlm.generate import Stepper, choose_next, complete, generate, prepare_prefix
+from lstmlm.generate import Sampling, Stepper, choose_next, complete, generate, prepare_prefix
 from lstmlm.model import CharLM, convert
 from lstmlm.vocab import Vocab
 
-from conftest import synthetic_text
+from conftest import predict_ch8, synthetic_text
 
 VOCAB = Vocab.build(synthetic_text(), order="frequency")
+
+
+
+def sample(net: CharLM, prefix: str, length: int, prime: str = "", **options: object) -> str:
+    """The prefix and one continuation, sampled as `lstmlm generate` samples."""
+    steps = generate(net, VOCAB, prefix, Sampling(length=length, **options), prime)  # type: ignore[arg-type]
+    return prefix + "".join(chars[0] for chars in steps)
 
 
 def lively_model(core: str = "scratch", layers: int = 1, seed: int = 0) -> CharLM:
@@ -24,20 +31,6 @@ def lively_model(core: str = "scratch", layers: int = 1, seed: int = 0) -> CharL
         for p in net.parameters():
             p.normal_(0.0, 0.8)
     return net.eval()
-
-
-def predict_ch8(prefix: str, num_preds: int, net: CharLM, vocab: Vocab) -> str:
-    """d2l's predict_ch8: warm up on the prefix one character at a time, then feed back the argmax."""
-    state = net.begin_state(batch_size=1)
-    outputs = [vocab.index[prefix[0]]]
-    get_input = lambda: torch.tensor([outputs[-1]]).reshape((1, 1))  # noqa: E731
-    for y in prefix[1:]:  # warm-up period
-        _, state = net(get_input(), state)
-        outputs.append(vocab.index[y])
-    for _ in range(num_preds):  # predict num_preds steps
-        y, state = net(get_input(), state)  # y: (1, 1, vocab) here; d2l's is (1, vocab)
-        outputs.append(int(y.reshape(1, -1).argmax(dim=1).reshape(1)))
-    return "".join(vocab.tokens[i] for i in outputs)
 
 
 @pytest.mark.parametrize("core", ["scratch", "cudnn"])
@@ -61,15 +54,14 @@ def test_stepper_computes_what_the_model_computes(core: str, layers: int, embedd
     assert all(torch.equal(S, S0) for S, S0 in zip(state, before))  # the caller's state is left alone
 
 
-def test_stepper_under_bf16_autocast_follows_the_fp32_model() -> None:
-    """Under CPU bf16 autocast the Stepper multiplies in bf16 (logits come out bf16) and keeps C in fp32."""
+def test_stepper_in_bf16_follows_the_fp32_model() -> None:
+    """In bf16 the Stepper multiplies in bf16 (logits come out bf16) and keeps C in fp32."""
     net = lively_model("scratch", layers=2)
     X = torch.randint(len(VOCAB), (1, 20))
     with torch.inference_mode():
         expected, _ = net(X)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            step = Stepper(net, net.begin_state(1))
-            got = torch.stack([step(X[:, t].tolist()).float() for t in range(20)], dim=1)
+        step = Stepper(net, net.begin_state(1), torch.bfloat16)
+        got = torch.stack([step(X[:, t].tolist()).float() for t in range(20)], dim=1)
     assert step.logits.dtype == torch.bfloat16 and step.cells[0].C.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=0.05, atol=0.3)
 
@@ -92,7 +84,7 @@ def test_both_cores_generate_the_same_text_from_the_same_weights() -> None:
         assert complete(twin, VOCAB, "time traveller", 60) == complete(net, VOCAB, "time traveller", 60)
         for seed in (0, 1):
             options = {"temperature": 0.8, "top_k": 5, "seed": seed}
-            assert complete(twin, VOCAB, "time", 60, **options) == complete(net, VOCAB, "time", 60, **options)
+            assert sample(twin, "time", 60, **options) == sample(net, "time", 60, **options)
 
 
 # ---- sampling -------------------------------------------------------------------------------------
@@ -100,9 +92,9 @@ def test_both_cores_generate_the_same_text_from_the_same_weights() -> None:
 
 def test_same_seed_same_samples_different_seed_different_samples() -> None:
     net = lively_model()
-    first = complete(net, VOCAB, "time", 80, temperature=1.0, seed=7)
-    assert complete(net, VOCAB, "time", 80, temperature=1.0, seed=7) == first
-    assert complete(net, VOCAB, "time", 80, temperature=1.0, seed=8) != first
+    first = sample(net, "time", 80, temperature=1.0, seed=7)
+    assert sample(net, "time", 80, temperature=1.0, seed=7) == first
+    assert sample(net, "time", 80, temperature=1.0, seed=8) != first
 
 
 def test_sampling_leaves_the_global_rng_alone() -> None:
@@ -110,31 +102,31 @@ def test_sampling_leaves_the_global_rng_alone() -> None:
     torch.manual_seed(3)
     expected = torch.rand(4)
     torch.manual_seed(3)
-    complete(net, VOCAB, "time", 30, temperature=1.0, seed=1)
-    complete(net, VOCAB, "time", 30, temperature=1.0)  # unseeded: its own fresh generator
+    sample(net, "time", 30, temperature=1.0, seed=1)
+    sample(net, "time", 30, temperature=1.0)  # unseeded: its own fresh generator
     assert torch.equal(torch.rand(4), expected)
 
 
 def test_top_k_1_and_a_tiny_top_p_are_greedy() -> None:
     net = lively_model()
     greedy = complete(net, VOCAB, "time", 50)
-    assert complete(net, VOCAB, "time", 50, temperature=1.5, top_k=1, seed=0) == greedy
-    assert complete(net, VOCAB, "time", 50, temperature=1.5, top_p=1e-6, seed=0) == greedy
+    assert sample(net, "time", 50, temperature=1.5, top_k=1, seed=0) == greedy
+    assert sample(net, "time", 50, temperature=1.5, top_p=1e-6, seed=0) == greedy
 
 
 def test_choose_next_samples_only_inside_top_k_and_top_p() -> None:
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
     gen = torch.Generator().manual_seed(0)
-    assert set(choose_next(logits, 1.0, top_k=2, generator=gen).tolist()) == {0, 1}
+    assert set(choose_next(logits, Sampling(temperature=1.0, top_k=2), gen).tolist()) == {0, 1}
     # softmax: 0.636, 0.234, 0.086, ...: top-p 0.8 keeps the first two (0.636 < 0.8 ≤ 0.870)
-    assert set(choose_next(logits, 1.0, top_p=0.8, generator=gen).tolist()) == {0, 1}
-    assert set(choose_next(logits, 1.0, generator=gen).tolist()) == {0, 1, 2, 3, 4}
-    assert choose_next(logits[:3], 0.0).tolist() == [0, 0, 0]
+    assert set(choose_next(logits, Sampling(temperature=1.0, top_p=0.8), gen).tolist()) == {0, 1}
+    assert set(choose_next(logits, Sampling(temperature=1.0), gen).tolist()) == {0, 1, 2, 3, 4}
+    assert choose_next(logits[:3], Sampling(temperature=0.0)).tolist() == [0, 0, 0]
 
 
 def test_several_samples_are_independent_and_reproducible() -> None:
     net = lively_model()
-    steps = lambda: ["".join(c) for c in zip(*generate(net, VOCAB, "time", 40, 1.0, num_samples=3, seed=5))]  # noqa: E731
+    steps = lambda: ["".join(c) for c in zip(*generate(net, VOCAB, "time", Sampling(length=40, temperature=1.0, num_samples=3, seed=5)))]  # noqa: E731
     samples = steps()
     assert len(samples) == 3 and len(set(samples)) == 3
     assert steps() == samples

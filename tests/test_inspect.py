@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from lstmlm import inspect as insp
-from lstmlm.cli import app, load_model
+from lstmlm import units, units_page
 from lstmlm.errors import InspectError
 from lstmlm.model import CharLM
+from lstmlm.session import load_trained
 from lstmlm.vocab import Vocab
+
+from conftest import cli
 
 QUOTE = r'"[^"]*"'
 
@@ -49,12 +50,12 @@ def quote_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, 
     corpus_file.write_text(quoted_corpus(150), encoding="utf-8")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LSTMLM_HOME", str(root / "home"))
-        result = CliRunner().invoke(app, [
+        result = cli(*[
             "train", "--corpus", str(corpus_file), "--normalize", "raw", "--model", "cudnn", "--hidden", "16",
             "--epochs", "4", "--batch-size", "8", "--num-steps", "32", "--optimizer", "adam", "--lr", "0.03",
             "--device", "cpu", "--run", "quotes", "--runs-dir", str(root / "runs"),
         ])
-    assert result.exit_code == 0, result.output
+    assert result.code == 0, result.stdout + result.stderr
     yield root / "runs", "quotes"
 
 
@@ -77,7 +78,7 @@ TEXT = 'He said "no" & left.\n<b>{{text}}</b>'
 def test_activations_match_the_models_forward(core: str, embedding: int) -> None:
     vocab = Vocab.build(TEXT)
     model = randomized(CharLM(len(vocab), 12, num_layers=2, core=core, embedding=embedding))
-    layers = insp.activations(model, vocab, TEXT)
+    layers = units.activations(model, vocab, TEXT)
 
     ids = vocab.encode(TEXT).long()[None]  # (batch 1, steps)
     X = ids.T if model.embedding is None else model.embedding(ids.T)
@@ -93,10 +94,10 @@ def test_activations_match_the_models_forward(core: str, embedding: int) -> None
 
 def test_gates_lie_in_their_ranges_and_compose_as_the_equations() -> None:
     vocab = Vocab.build(TEXT)
-    layer = insp.activations(randomized(CharLM(len(vocab), 8)), vocab, TEXT)[0]
-    for gate in insp.SIGMOID_GATES:
+    layer = units.activations(randomized(CharLM(len(vocab), 8)), vocab, TEXT)[0]
+    for gate in units.SIGMOID_GATES:
         assert 0 <= layer.gate(gate).min() and layer.gate(gate).max() <= 1
-    for gate in insp.TANH_GATES:
+    for gate in units.TANH_GATES:
         assert -1 <= layer.gate(gate).min() and layer.gate(gate).max() <= 1
     C_prev = torch.cat([torch.zeros(1, 8), layer.C[:-1]])
     assert torch.allclose(layer.C, layer.F * C_prev + layer.I * layer.C_tilde, atol=1e-6)
@@ -106,24 +107,24 @@ def test_gates_lie_in_their_ranges_and_compose_as_the_equations() -> None:
 def test_unknown_characters_read_as_unk_and_empty_text_is_refused() -> None:
     vocab = Vocab.build("abc")
     model = randomized(CharLM(len(vocab), 4))
-    with_unknown = insp.activations(model, vocab, "a€c")
-    as_unk = insp.activations(model, vocab, "a<c")  # '<' is outside the vocabulary too
+    with_unknown = units.activations(model, vocab, "a€c")
+    as_unk = units.activations(model, vocab, "a<c")  # '<' is outside the vocabulary too
     assert torch.equal(with_unknown[0].C, as_unk[0].C)
     with pytest.raises(InspectError, match="empty"):
-        insp.activations(model, vocab, "")
+        units.activations(model, vocab, "")
 
 
 # ---- finding units ------------------------------------------------------------------------------
 
 
 def test_span_feature_marks_the_matched_characters() -> None:
-    assert insp.span_feature('ab "cd" e "f"', QUOTE).tolist() == [0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1]
+    assert units.span_feature('ab "cd" e "f"', QUOTE).tolist() == [0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1]
     with pytest.raises(InspectError, match="invalid regular expression"):
-        insp.span_feature("abc", "(")
+        units.span_feature("abc", "(")
     with pytest.raises(InspectError, match="matches nothing"):
-        insp.span_feature("abc", "x")
+        units.span_feature("abc", "x")
     with pytest.raises(InspectError, match="whole text"):
-        insp.span_feature("abc", ".+")
+        units.span_feature("abc", ".+")
 
 
 def test_pearson_matches_numpy_and_is_zero_for_a_constant_unit() -> None:
@@ -131,7 +132,7 @@ def test_pearson_matches_numpy_and_is_zero_for_a_constant_unit() -> None:
     A = torch.randn(50, 3)
     A[:, 2] = 0.7  # a unit that never moves
     y = (torch.rand(50) > 0.5).double()
-    r = insp.pearson(A, y)
+    r = units.pearson(A, y)
     for k in range(2):
         expected = torch.corrcoef(torch.stack([A[:, k].double(), y]))[0, 1]
         assert r[k].item() == pytest.approx(expected.item(), abs=1e-12)
@@ -140,9 +141,10 @@ def test_pearson_matches_numpy_and_is_zero_for_a_constant_unit() -> None:
 
 def test_find_units_ranks_a_trained_quote_cell_first(quote_run: tuple[Path, str]) -> None:
     runs_dir, run = quote_run
-    model, _, vocab, _ = load_model(runs_dir, run, None)
+    trained = load_trained(runs_dir, run)
+    model, vocab = trained.model, trained.vocab
     text = quoted_corpus(20, seed=1)  # sentences the model never saw
-    ranking = insp.find_units(insp.activations(model, vocab, text), text, QUOTE)
+    ranking = units.find_units(units.activations(model, vocab, text), text, QUOTE)
 
     assert len(ranking) == 16 and [abs(s.correlation) for s in ranking] == sorted((abs(s.correlation) for s in ranking), reverse=True)
     best = abs(ranking[0].correlation)
@@ -152,17 +154,18 @@ def test_find_units_ranks_a_trained_quote_cell_first(quote_run: tuple[Path, str]
     # the quote cell is learned: an untrained model of the same shape has none as good
     torch.manual_seed(0)
     untrained = CharLM(len(vocab), 16, core="cudnn").eval()
-    assert best > abs(insp.find_units(insp.activations(untrained, vocab, text), text, QUOTE)[0].correlation) + 0.2
+    assert best > abs(units.find_units(units.activations(untrained, vocab, text), text, QUOTE)[0].correlation) + 0.2
 
 
 def test_inspect_find_lists_the_best_unit_first(quote_run: tuple[Path, str]) -> None:
     runs_dir, run = quote_run
     text = quoted_corpus(20, seed=1)
-    result = CliRunner().invoke(app, ["inspect", "--run", run, "--runs-dir", str(runs_dir), "--text", text, "--find", QUOTE, "--top", "2"])
-    assert result.exit_code == 0, result.output
+    result = cli("inspect", "--run", run, "--runs-dir", str(runs_dir), "--text", text, "--find", QUOTE, "--top", "2")
+    assert result.code == 0, result.stdout + result.stderr
 
-    model, _, vocab, _ = load_model(runs_dir, run, None)
-    best = insp.find_units(insp.activations(model, vocab, text), text, QUOTE)[0]
+    trained = load_trained(runs_dir, run)
+    model, vocab = trained.model, trained.vocab
+    best = units.find_units(units.activations(model, vocab, text), text, QUOTE)[0]
     rows = re.findall(r"│\s*(\d+)\s*│\s*(\d+)\s*│\s*(\d+)\s*│\s*([+-]\d\.\d{3})\s*│", result.stdout)
     assert rows[0] == ("1", str(best.layer), str(best.unit), f"{best.correlation:+.3f}")
     assert len(rows) == 2
@@ -179,8 +182,8 @@ def test_inspect_refuses_bad_options_in_one_line(quote_run: tuple[Path, str]) ->
         (["--text", "ab", "--unit", "16"], "unit 16 does not exist"),
         (["--text", "ab", "--find", "("], "invalid regular expression"),
     ]:
-        result = CliRunner().invoke(app, base + args)
-        assert result.exit_code == 1, (args, result.output)
+        result = cli(*base + args)
+        assert result.code == 1, (args, result.stdout + result.stderr)
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
@@ -190,8 +193,8 @@ def test_inspect_refuses_bad_options_in_one_line(quote_run: tuple[Path, str]) ->
 def test_saturation_counts_the_time_each_gate_spends_beyond_the_thresholds() -> None:
     I = torch.tensor([[0.05, 0.5], [0.05, 0.95], [0.5, 0.95], [0.95, 0.95]])  # (4 steps, 2 units)
     half = torch.full((4, 2), 0.5)
-    layer = insp.LayerActivations(I=I, F=half, O=half, C_tilde=half * 0, C=half * 0, H=half * 0)
-    stats = {s.gate: s for s in insp.saturation([layer])}
+    layer = units.LayerActivations(I=I, F=half, O=half, C_tilde=half * 0, C=half * 0, H=half * 0)
+    stats = {s.gate: s for s in units.saturation([layer])}
     assert stats["input"].left.tolist() == [0.5, 0.0]
     assert stats["input"].right.tolist() == [0.25, 0.75]
     assert stats["forget"].left.tolist() == [0.0, 0.0] and stats["forget"].right.tolist() == [0.0, 0.0]
@@ -245,10 +248,10 @@ def test_html_page_from_a_trained_run_holds_the_text_and_every_unit(quote_run: t
     runs_dir, run = quote_run
     text = quoted_corpus(3, seed=2) + 'tricky: </script> <b>bold</b> & {{data}} \\u003c\r\n'
     page_file = tmp_path / "page.html"
-    result = CliRunner().invoke(app, [
+    result = cli(*[
         "inspect", "--run", run, "--runs-dir", str(runs_dir), "--text", text, "--find", QUOTE, "--html", str(page_file),
     ])
-    assert result.exit_code == 0, result.output
+    assert result.code == 0, result.stdout + result.stderr
 
     page = page_file.read_text(encoding="utf-8")
     assert "http://" not in page and "https://" not in page and "src=" not in page  # self-contained
@@ -257,25 +260,30 @@ def test_html_page_from_a_trained_run_holds_the_text_and_every_unit(quote_run: t
     assert parser.chars == list(text)  # every character, once each, in order, escaped and back
     data = json.loads(parser.data)
 
-    model, _, vocab, _ = load_model(runs_dir, run, None)
-    layers = insp.activations(model, vocab, text)
+    trained = load_trained(runs_dir, run)
+    model, vocab = trained.model, trained.vocab
+    layers = units.activations(model, vocab, text)
     assert data["steps"] == len(text) and data["hiddens"] == 16 and len(data["values"]) == 1
-    assert set(data["values"][0]) == set(insp.GATES)
+    assert set(data["values"][0]) == set(units.GATES)
     for gate, entry in data["values"][0].items():
         values = decode(entry, len(text))
         assert values.shape == (len(text), 16)  # every unit of every gate is in the page
-        if gate in insp.SIGMOID_GATES:
+        if gate in units.SIGMOID_GATES:
             assert 0 <= values.min() and values.max() <= 1
-        elif gate in insp.TANH_GATES:
+        elif gate in units.TANH_GATES:
             assert -1 <= values.min() and values.max() <= 1
         step = (entry["hi"] - entry["lo"]) / 255
         assert torch.allclose(values, layers[0].gate(gate).double(), atol=step / 2 + 1e-6)
-    ranked = insp.find_units(layers, text, QUOTE)
+        # the page colours by lstmlm's one colour scale: level q's colour is units.colour of its value's level
+        for q in (0, 1, 127, 200, 255):
+            value = torch.tensor(entry["lo"] + q / 255 * (entry["hi"] - entry["lo"]), dtype=torch.float64)
+            assert entry["palette"][q] == "#{:02x}{:02x}{:02x}".format(*units.colour(float(units.level(gate, value))))
+    ranked = units.find_units(layers, text, QUOTE)
     assert (data["ranking"][0]["layer"], data["ranking"][0]["unit"]) == (ranked[0].layer, ranked[0].unit)
 
 
 def test_html_page_refuses_a_text_of_another_length() -> None:
     vocab = Vocab.build("abc")
-    layers = insp.activations(randomized(CharLM(len(vocab), 4)), vocab, "abc")
+    layers = units.activations(randomized(CharLM(len(vocab), 4)), vocab, "abc")
     with pytest.raises(InspectError, match="3 steps"):
-        insp.html_page(layers, "abcd")
+        units_page.html_page(layers, "abcd")

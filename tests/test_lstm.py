@@ -21,6 +21,8 @@ from lstmlm.errors import ShapeError
 from lstmlm.lstm import CudnnLSTM, ScratchLSTM, State, project
 from lstmlm.model import cudnn_to_scratch, scratch_to_cudnn
 
+from conftest import assert_close
+
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 # (steps, batch, inputs, hiddens, layers)
@@ -29,15 +31,6 @@ SHAPE_IDS = ["1x1", "7x5", "3-layers", "2-layers-vocab28"]
 
 
 # ---- helpers -------------------------------------------------------------------------------
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
-    """|actual - expected| ≤ tol · max(1, max|expected|): absolute for values of order one,
-    relative for large gradients."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    diff = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    assert diff <= tol * scale, f"{what}: max difference {diff:.3g} > {tol:.0e} × {scale:.3g}"
 
 
 def to_cudnn(core_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -12,15 +12,9 @@ import torch.nn.functional as F
 from lstmlm.errors import CheckpointError, ShapeError
 from lstmlm.model import CharLM, convert, core_of, loss_fn
 
+from conftest import assert_close
+
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
-    """|actual - expected| ≤ tol · max(1, max|expected|)."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    scale = max(1.0, expected.abs().max().item())
-    diff = (actual - expected).abs().max().item()
-    assert diff <= tol * scale, f"{what}: max difference {diff:.3g} > {tol:.0e} × {scale:.3g}"
 
 
 def make_pair(vocab_size: int, num_hiddens: int, num_layers: int, embedding: int, dtype: torch.dtype) -> tuple[CharLM, CharLM]:
@@ -68,7 +62,7 @@ def seed_lstm(inputs: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], pa
     (H, C) = state
     outputs = []
     for X in inputs:
-        I = torch.sigmoid((X @ W_xi) + (H @ W_hi) + b_i)  # noqa: E741
+        I = torch.sigmoid((X @ W_xi) + (H @ W_hi) + b_i)
         F_ = torch.sigmoid((X @ W_xf) + (H @ W_hf) + b_f)
         O = torch.sigmoid((X @ W_xo) + (H @ W_ho) + b_o)
         C_tilda = torch.tanh((X @ W_xc) + (H @ W_hc) + b_c)
@@ -139,7 +133,7 @@ def test_convert_to_the_same_core_copies() -> None:
 
 
 def test_foreign_weights_are_refused() -> None:
-    with pytest.raises(CheckpointError, match="neither a scratch nor an nn.LSTM core"):
+    with pytest.raises(CheckpointError, match=r"neither a scratch nor an nn\.LSTM core"):
         convert({"W_hq": torch.zeros(2, 2)}, "cudnn")
 
 

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
-from typer.testing import CliRunner
 
 from lstmlm import plot
-from lstmlm.checkpoint import RunStore
-from lstmlm.cli import app
 from lstmlm.config import Config
 from lstmlm.errors import PlotError
+from lstmlm.runs import RunStore
 from lstmlm.vocab import Vocab
+
+from conftest import cli
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -94,12 +94,12 @@ def trained_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pat
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LSTMLM_HOME", str(root / "home"))
         for name, n in epochs.items():
-            result = CliRunner().invoke(app, [
+            result = cli(*[
                 "train", "--corpus", str(corpus_file), "--normalize", "raw", "--model", "cudnn", "--hidden", "16",
                 "--epochs", str(n), "--batch-size", "8", "--num-steps", "16", "--optimizer", "adam", "--lr", "0.01",
                 "--device", "cpu", "--run", name, "--runs-dir", str(root / "runs"),
             ])
-            assert result.exit_code == 0, result.output
+            assert result.code == 0, result.stdout + result.stderr
     yield root / "runs", epochs
 
 
@@ -112,8 +112,8 @@ def test_svg_of_two_runs_has_every_series_with_one_point_per_epoch(trained_runs:
     pytest.importorskip("matplotlib")
     runs_dir, epochs = trained_runs
     out = tmp_path / "ppl.svg"
-    result = CliRunner().invoke(app, ["plot", *epochs, "-o", str(out), "--runs-dir", str(runs_dir)])
-    assert result.exit_code == 0, result.output
+    result = cli("plot", *epochs, "-o", str(out), "--runs-dir", str(runs_dir))
+    assert result.code == 0, result.stdout + result.stderr
     assert "8 series from 2 run(s)" in result.stdout
 
     groups = {g.get("id"): g for g in ET.parse(out).getroot().iter(f"{SVG}g") if (g.get("id") or "").startswith("lstmlm-series-")}
@@ -138,8 +138,8 @@ def test_png_is_an_image(trained_runs: tuple[Path, dict[str, int]], tmp_path: Pa
 
 def test_plot_without_output_draws_each_run_in_the_terminal(trained_runs: tuple[Path, dict[str, int]]) -> None:
     runs_dir, epochs = trained_runs
-    result = CliRunner().invoke(app, ["plot", *epochs, "--runs-dir", str(runs_dir)])
-    assert result.exit_code == 0, result.output
+    result = cli("plot", *epochs, "--runs-dir", str(runs_dir))
+    assert result.code == 0, result.stdout + result.stderr
     assert result.stdout.count("perplexity per epoch") == 2
     assert "small 2 epochs" in result.stdout and "smaller 3 epochs" in result.stdout
 
@@ -153,8 +153,8 @@ def test_missing_matplotlib_says_how_to_install_it(tmp_path: Path, monkeypatch: 
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(PlotError, match=r"pip install 'lstmlm\[plot\]'"):
         plot.plot_runs([tmp_path / "r"], tmp_path / "out.png")
-    result = CliRunner().invoke(app, ["plot", "r", "-o", str(tmp_path / "out.svg"), "--runs-dir", str(tmp_path)])
-    assert result.exit_code == 1
+    result = cli("plot", "r", "-o", str(tmp_path / "out.svg"), "--runs-dir", str(tmp_path))
+    assert result.code == 1
     assert "lstmlm[plot]" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out.svg").exists()
 
@@ -166,5 +166,5 @@ def test_plot_refuses_unknown_formats_empty_runs_and_missing_runs(tmp_path: Path
         plot.plot_runs([tmp_path / "r"], tmp_path / "out.pdf")
     with pytest.raises(PlotError, match="no finished epoch"):
         plot.read_metrics(tmp_path / "empty")
-    result = CliRunner().invoke(app, ["plot", "nope", "--runs-dir", str(tmp_path)])
-    assert result.exit_code == 1 and "no run at" in result.stderr
+    result = cli("plot", "nope", "--runs-dir", str(tmp_path))
+    assert result.code == 1 and "no run at" in result.stderr

@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from lstmlm.checkpoint import load_checkpoint
-from lstmlm.cli import app
+
+from conftest import cli
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -113,12 +113,6 @@ def started() -> Any:
         training.kill()
 
 
-def cli(*args: str | Path) -> Any:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    return result
-
-
 def weights(run: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(run / "latest.pt")["model"]
 
@@ -159,12 +153,12 @@ def test_signal_saves_says_how_to_resume_and_resumes_exactly_and_a_second_traini
 
     # meanwhile, a second training into the same run is refused, and disturbs nothing (checked below)
     second = cli("train", "--resume", "--run", "stopped", "--runs-dir", runs_dir, "--epochs", "600")
-    assert second.exit_code == 1 and "Traceback" not in second.stderr
+    assert second.code == 1 and "Traceback" not in second.stderr
     assert second.stderr.splitlines() == [
         f"error: run {runs_dir / 'stopped'} is in use by another training (pid {training.proc.pid})"
     ]
     fresh = cli(*args, "--epochs", "3", "--run", "stopped")
-    assert fresh.exit_code == 1 and "already exists" in fresh.stderr
+    assert fresh.code == 1 and "already exists" in fresh.stderr
 
     training.wait_for_epoch()  # the first goes on
     training.proc.send_signal(signum)
@@ -180,12 +174,12 @@ def test_signal_saves_says_how_to_resume_and_resumes_exactly_and_a_second_traini
     state = load_checkpoint(run / "latest.pt")["trainer"]["state"]
     epochs = state["epoch"] + 2  # finish one more epoch than was started
     resumed = cli("train", "--resume", "--run", "stopped", "--runs-dir", runs_dir, "--epochs", epochs, "--json")
-    assert resumed.exit_code == 0, resumed.stderr
+    assert resumed.code == 0, resumed.stderr
     done = [json.loads(line) for line in resumed.stdout.splitlines()][-1]
     assert done["reason"] == "completed" and done["epochs"] == epochs
 
     # the interrupted-and-resumed run is the run that was never interrupted, bit for bit
-    assert cli(*args, "--epochs", epochs, "--run", "straight").exit_code == 0
+    assert cli(*args, "--epochs", epochs, "--run", "straight").code == 0
     assert_same_run(run, runs_dir / "straight")
 
 
@@ -237,11 +231,11 @@ def test_kill_9_in_the_middle_of_a_checkpoint_write(
     assert_every_checkpoint_loads(run)
     assert load_checkpoint(run / "latest.pt")["trainer"]["state"]["epoch"] == 1  # the previous one, whole
     resumed = cli("train", "--resume", "--run", "killed", "--runs-dir", runs_dir, "--json")
-    assert resumed.exit_code == 0, resumed.stderr
+    assert resumed.code == 0, resumed.stderr
     records = [json.loads(line) for line in resumed.stdout.splitlines()]
     assert [r["epoch"] for r in records if r["event"] == "epoch"] == [2, 3, 4]
     assert not half[0].exists()  # the next training cleared the dead one's temporary file
-    assert cli(*args, "--epochs", "4", "--checkpoint-every", "1", "--run", "straight").exit_code == 0
+    assert cli(*args, "--epochs", "4", "--checkpoint-every", "1", "--run", "straight").code == 0
     assert_same_run(run, runs_dir / "straight")
 
 
@@ -264,7 +258,7 @@ def test_kill_9_at_random_moments(started: Any, env: dict[str, str], corpus_file
         assert epochs == sorted(epochs) and len(set(epochs)) == len(epochs)
 
     reached = load_checkpoint(run / "latest.pt")["trainer"]["state"]["epoch"]
-    assert cli("train", "--resume", "--run", "killed", "--runs-dir", runs_dir, "--epochs", reached + 1).exit_code == 0
+    assert cli("train", "--resume", "--run", "killed", "--runs-dir", runs_dir, "--epochs", reached + 1).code == 0
     assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, reached + 2))
-    assert cli(*args, "--epochs", reached + 1, "--checkpoint-every", "1", "--run", "straight").exit_code == 0
+    assert cli(*args, "--epochs", reached + 1, "--checkpoint-every", "1", "--run", "straight").code == 0
     assert_same_run(run, runs_dir / "straight")

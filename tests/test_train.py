@@ -4,6 +4,7 @@ good checkpoint."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Callable
@@ -15,11 +16,14 @@ import torch
 import torch.nn.functional as F
 
 import lstmlm.train as train_mod
-from lstmlm import batches
-from lstmlm.checkpoint import LATEST, RunStore, load_checkpoint
+from lstmlm.checkpoint import load_checkpoint
+from lstmlm.data import batches
 from lstmlm.errors import TrainingError
+from lstmlm.events import EpochEnded, Finished, Saved
+from lstmlm.generate import PRIME_CHARS
 from lstmlm.model import CharLM
-from lstmlm.train import EpochEnded, Finished, Saved, Trainer
+from lstmlm.runs import LATEST, RunStore
+from lstmlm.train import Trainer
 
 MakeTrainer = Callable[..., Trainer]
 
@@ -46,7 +50,7 @@ def test_loss_falls(make_trainer: MakeTrainer) -> None:
     ppl = [e.train_perplexity for e in events if isinstance(e, EpochEnded)]
     val = [e.val_perplexity for e in events if isinstance(e, EpochEnded)]
     assert len(ppl) == 5
-    assert all(b < a for a, b in zip(ppl, ppl[1:])), ppl
+    assert all(b < a for a, b in itertools.pairwise(ppl)), ppl
     assert ppl[-1] < 0.6 * ppl[0]
     assert val[-1] < val[0]
     done = events[-1]
@@ -319,7 +323,7 @@ def test_prime_is_the_training_text_up_to_its_last_paragraph_break(make_trainer:
     train_text = trainer.data.vocab.decode(trainer.data.train)
     prime = trainer.prime
     end = train_text.rfind("\n\n") + 2
-    assert prime.endswith("\n\n") and 0 < len(prime) <= train_mod.PRIME_CHARS
+    assert prime.endswith("\n\n") and 0 < len(prime) <= PRIME_CHARS
     assert train_text[end - len(prime) : end] == prime  # the training text's, never the validation's
     assert train_text[end - len(prime) - 1] == "\n"  # starting at a line
     list(trainer.run())
@@ -329,3 +333,97 @@ def test_prime_is_the_training_text_up_to_its_last_paragraph_break(make_trainer:
 def test_no_prime_in_d2l_mode_or_without_paragraph_breaks(make_trainer: MakeTrainer) -> None:
     assert make_trainer("raw").prime == ""  # the synthetic corpus has single line breaks only
     assert make_trainer("d2l", normalize="d2l").prime == ""
+
+
+# ---- validation cadence, patience, and the one way out ----------------------------------------------
+
+
+@pytest.fixture
+def scripted_validation(monkeypatch: pytest.MonkeyPatch) -> Callable[[Trainer, list[float]], list[int]]:
+    """script(trainer, losses): the trainer's validations return `losses` in turn; the list
+    returned fills with the global step of each validation."""
+
+    def script(trainer: Trainer, losses: list[float]) -> list[int]:
+        at: list[int] = []
+        queue = list(losses)
+
+        def evaluate(model: Any, ids: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[float, int]:
+            at.append(trainer.state.global_step)
+            return queue.pop(0), len(ids) - 1
+
+        monkeypatch.setattr(train_mod, "evaluate", evaluate)
+        return at
+
+    return script
+
+
+def kinds(events: list[Any]) -> list[str]:
+    """The events after the last Stepped, by name (Saved as Saved:which), repeats folded (two samples: one Sampled)."""
+    last_step = max(i for i, e in enumerate(events) if type(e).__name__ == "Stepped")
+    names = [f"Saved:{Path(e.path).stem}" if isinstance(e, Saved) else type(e).__name__ for e in events[last_step + 1 :]]
+    return [name for i, name in enumerate(names) if i == 0 or names[i - 1] != name]
+
+
+def test_eval_every_validates_every_n_steps_across_epoch_edges(make_trainer: MakeTrainer, scripted_validation: Any) -> None:
+    trainer = make_trainer(epochs=3, eval_every=5)
+    at = scripted_validation(trainer, [3.0 - 0.01 * i for i in range(100)])
+    events = list(trainer.run())
+    total = trainer.state.global_step  # an epoch has at least steps_per_epoch batches, one more for some offsets
+    assert total >= 3 * trainer.steps_per_epoch
+    assert at == list(range(5, total + 1, 5)) + ([total] if total % 5 else [])  # and once where training ends
+    evaluated = [e for e in events if type(e).__name__ == "Evaluated"]
+    assert [e.global_step for e in evaluated] == at and all(e.best for e in evaluated)
+    # each epoch's record carries the latest validation, not one of its own
+    ends = [i for i, e in enumerate(events) if isinstance(e, EpochEnded)]
+    for i in ends:
+        last = [e for e in events[:i] if type(e).__name__ == "Evaluated"][-1]
+        assert events[i].val_perplexity == last.val_perplexity
+
+
+def test_patience_stops_at_the_epoch_that_spends_it_saving_latest_once(make_trainer: MakeTrainer, scripted_validation: Any) -> None:
+    """Validation per epoch: 2.0 (best), 1.5 (best), 1.6, 1.7 → patience 2 is spent at epoch 4."""
+    trainer = make_trainer(epochs=10, patience=2, checkpoint_every=1)
+    scripted_validation(trainer, [2.0, 1.5, 1.6, 1.7, 1.0, 1.0])
+    events = list(trainer.run())
+    done = events[-1]
+    assert isinstance(done, Finished) and (done.reason, done.epochs) == ("early_stop", 4)
+    assert kinds(events) == ["Evaluated", "EpochEnded", "Saved:latest", "Sampled", "Finished"]  # latest written once
+    assert done.val_perplexity == pytest.approx(math.exp(1.7))
+    assert checkpoint_state(trainer, "best")["best_val"] == 1.5 and checkpoint_state(trainer, "best")["epoch"] == 2
+    assert checkpoint_state(trainer, "latest")["best_val"] == 1.5 and checkpoint_state(trainer, "latest")["epoch"] == 4
+
+
+def test_patience_with_eval_every_stops_mid_epoch_and_still_saves_and_samples(make_trainer: MakeTrainer, scripted_validation: Any) -> None:
+    trainer = make_trainer(epochs=10, patience=1, eval_every=3)
+    at = scripted_validation(trainer, [2.0, 2.5, 1.0])
+    events = list(trainer.run())
+    done = events[-1]
+    assert isinstance(done, Finished) and done.reason == "early_stop"
+    assert at == [3, 6] and trainer.state.global_step == 6  # stopped at the step whose validation spent the patience
+    assert kinds(events) == ["Evaluated", "Saved:latest", "Sampled", "Finished"]
+    latest = checkpoint_state(trainer, "latest")
+    assert latest["global_step"] == 6 and latest["best_val"] == 2.0
+    assert (latest["step"] == 0) == (6 % trainer.steps_per_epoch == 0)
+
+
+def test_a_completed_run_validates_saves_samples_in_that_order(make_trainer: MakeTrainer) -> None:
+    events = list(make_trainer(epochs=2, checkpoint_every=5).run())
+    assert kinds(events)[-5:] == ["Evaluated", "EpochEnded", "Saved:latest", "Sampled", "Finished"]
+
+
+def test_a_checkpoint_from_before_this_layout_resumes(make_trainer: MakeTrainer) -> None:
+    """Checkpoints written by the first release hold a trainer state with an unused "extra"."""
+    trainer = make_trainer(epochs=1)
+    list(trainer.run())
+    path = trainer.store.path(LATEST)
+    payload = load_checkpoint(path)
+    payload["trainer"]["state"]["extra"] = {}
+    torch.save(payload, path)
+    resumed = make_trainer(epochs=2)
+    resumed.resume()
+    assert resumed.state.epoch == 1
+    assert isinstance(list(resumed.run())[-1], Finished)
+
+
+def checkpoint_state(trainer: Trainer, which: str) -> dict[str, Any]:
+    return load_checkpoint(trainer.store.path(which))["trainer"]["state"]

@@ -150,7 +150,7 @@ def test_chunked_encode_equals_unchunked(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_chunked_encode_reports_unknowns_from_every_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lstmlm.vocab, "CHUNK_CHARS", 4)
     vocab = Vocab.build("abcd", unk=False)
-    with pytest.raises(VocabError, match="'x' 'y' '😀'$"):
+    with pytest.raises(VocabError, match=r"'x' 'y' '😀'$"):
         vocab.encode("axbcdabcd😀bcdaby")
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import write_atomic
-from .corpus import cache_dir, content_sha1
-from .errors import LstmlmError
-from .vocab import Vocab
+from ..atomic import write_atomic
+from ..corpus import cache_dir
+from ..errors import LstmlmError
+from ..vocab import Vocab
+from .text import content_sha1
 
 
 def entry(path: Path, mode: str) -> Path:
@@ -38,4 +39,4 @@ def load(where: Path) -> tuple[Vocab, torch.Tensor] | None:
 def save(where: Path, vocab: Vocab, ids: torch.Tensor) -> None:
     with contextlib.suppress(OSError, LstmlmError):
         where.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(where, lambda f: torch.save({"vocab": vocab.to_json(), "ids": ids}, f))
+        write_atomic(where, lambda f: torch.save({"vocab": vocab.to_json(), "ids": ids}, f), "encoded-corpus cache")

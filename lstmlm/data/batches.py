@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import CorpusError
+from ..errors import CorpusError
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # X, Y: (batch, num_steps) int64 ids; Y is X shifted by one
 

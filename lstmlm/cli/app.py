@@ -1,0 +1,56 @@
+"""The Typer application: the root options and the commands, each from its own module."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .bench import bench
+from .console import out
+from .download import download
+from .errors import friendly
+from .evaluate import evaluate
+from .generate import generate
+from .inspect import inspect_
+from .plot import plot_
+from .train import train
+
+app = typer.Typer(
+    name="lstmlm",
+    help="Train character-level LSTM language models: the d2l LSTM from scratch and on cuDNN.",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+for name, command in (
+    ("download", download),
+    ("train", train),
+    ("generate", generate),
+    ("evaluate", evaluate),
+    ("bench", bench),
+    ("plot", plot_),
+    ("inspect", inspect_),
+):
+    app.command(name)(friendly(command))
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        out.print(f"lstmlm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Train character-level LSTM language models: the d2l LSTM from scratch and on cuDNN."""
+
+
+def main() -> None:
+    app()

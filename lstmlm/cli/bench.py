@@ -1,0 +1,58 @@
+"""`lstmlm bench`: what this machine does, as a table or JSON lines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from . import options
+from .console import out, print_json
+
+if TYPE_CHECKING:
+    from ..bench import Report, Row
+
+
+def bench(
+    config_file: Annotated[Path | None, typer.Option("--config", help="Model and batch shapes to measure (default: the d2l model).")] = None,
+    device: options.Device = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="fp32, bf16, auto, or both.")] = "fp32",
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed training steps per core.")] = 20,
+    vocab_size: Annotated[int, typer.Option("--vocab-size", min=2, help="Vocabulary size (28: The Time Machine in d2l mode).")] = 28,
+    as_json: options.Json = False,
+) -> None:
+    """Measure this machine: matrix-product ceiling, training tokens/s of both cores, generation chars/s."""
+    from .. import bench as b
+
+    report = b.run(str(config_file) if config_file else None, device, precision, steps, vocab_size)
+    if not report.is_main:
+        return
+    if as_json:
+        for row in report.rows:
+            print_json({"event": "bench", "what": row.measure, "precision": row.precision, **(row.raw or {"skipped": row.skipped})})
+        return
+    out.print(table(report))
+
+
+def table(report: Report) -> Table:
+    d = report.dims
+    title = (f"{report.device}: hidden {d.hidden}, {d.layers} layer(s), batch {d.batch_size}, {d.num_steps} steps, "
+             f"vocab {d.vocab_size} — {report.flops_per_token:,} FLOPs per trained token")  # fmt: skip
+    t = Table(title=title)
+    for column in ("measure", "precision", "figure", "of ceiling", "peak memory"):
+        t.add_column(column, justify="left" if column in ("measure", "precision") else "right")
+    for row in report.rows:
+        share = f"{row.of_ceiling:.0%}" if row.of_ceiling is not None else ""
+        memory = f"{row.memory / 2**20:,.0f} MiB" if row.memory else ""
+        t.add_row(row.measure, row.precision, figure(row), share, memory)
+    return t
+
+
+def figure(row: Row) -> str:
+    if row.value is None:
+        return f"skipped: {row.skipped}"
+    number = f"{row.value:,.1f}" if row.unit == "GFLOP/s" else f"{row.value:,.0f}"
+    scaling = f" ({row.scaling:.2f}× one)" if row.scaling is not None else ""
+    return f"{number} {row.unit}{scaling}"

@@ -1,0 +1,65 @@
+"""The one place that decides what a failure looks like: one red line on stderr and an exit code.
+
+Library errors (`LstmlmError`) and OS errors print as they are, out-of-memory with a hint,
+anything unexpected as an internal error; exit code 1 (130 on Ctrl-C; Typer's usage errors
+are 2). LSTMLM_DEBUG=1 shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.markup import escape
+
+from ..errors import LstmlmError
+from .console import err
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def friendly(command: F) -> F:
+    """Run `command`, turning every error into one line and an exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except BaseException as e:
+            if os.environ.get("LSTMLM_DEBUG") == "1" or isinstance(e, SystemExit):
+                raise
+            raise fail(one_line(e), 130 if isinstance(e, KeyboardInterrupt) else 1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def one_line(e: BaseException) -> str:
+    if isinstance(e, LstmlmError):
+        return str(e)
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+    if isinstance(e, (MemoryError, RuntimeError)) and _out_of_memory(e):  # torch's allocators raise RuntimeError
+        size = re.search(r"tried to allocate (\d+) bytes", str(e))
+        what = f" allocating {int(size.group(1)):,} bytes" if size else ""
+        return f"out of memory{what}: lower --hidden, --embedding, --batch-size or --num-steps"
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"internal error: {type(e).__name__}: {first} (LSTMLM_DEBUG=1 shows the traceback; please report it)"
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """An allocation that failed, or whose size does not even fit torch's integers."""
+    message = str(e).lower()
+    return isinstance(e, MemoryError) or any(s in message for s in ("out of memory", "can't allocate memory", "overflow"))

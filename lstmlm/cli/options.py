@@ -1,0 +1,48 @@
+"""Options that several commands share, declared once: the same flag means the same everywhere."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_origin, get_type_hints
+
+import typer
+
+from .. import config
+
+Run = Annotated[
+    str | None,
+    typer.Option(
+        "--run", "--name",
+        help="A run's name under --runs-dir; default: the most recently trained (for train: a new run, corpus-model). "
+        "Under torchrun, say --name.",
+    ),
+]  # fmt: skip
+RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Where runs are kept.", envvar="LSTMLM_RUNS")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")]
+Precision = Annotated[str, typer.Option("--precision", help="fp32, bf16 or auto (bf16 where the hardware multiplies it natively).")]
+Best = Annotated[bool, typer.Option("--best", help="Use the best-validation checkpoint instead of the latest.")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON lines on stdout, nothing else.")]
+ConfigFile = Annotated[Path | None, typer.Option("--config", help="A TOML config (see configs/); options override it.")]
+
+
+def with_config_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give `command` one option per config field (`--batch-size` for batch_size, the field's
+    help text, default: unset), passed on in `**overrides`: the config is the one list of them.
+    A field of choices takes any string here; the config refuses a wrong one by name."""
+    hints = get_type_hints(command, include_extras=True)
+    own = [  # resolved here: a signature set by hand is not evaluated again
+        p.replace(annotation=hints[p.name])
+        for p in inspect.signature(command).parameters.values()
+        if p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
+    generated = []
+    for f in config.all_fields():
+        kind = str if get_origin(f.type) is Literal else f.type
+        annotation = Annotated[kind | None, typer.Option(f"--{f.name.replace('_', '-')}", help=f.help)]  # type: ignore[valid-type]
+        generated.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
+        hints[f.name] = annotation
+    command.__signature__ = inspect.Signature(own + generated)  # type: ignore[attr-defined]
+    command.__annotations__ = hints
+    return command

@@ -1,0 +1,34 @@
+"""`lstmlm plot`: perplexity per epoch of one or several runs, in the terminal or as a PNG/SVG file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from .. import plot
+from ..runs import DEFAULT_RUNS_DIR, check_run_name
+from . import options
+from .console import out
+
+
+def plot_(
+    runs: Annotated[list[str], typer.Argument(help="Run names under --runs-dir; several share one figure.")],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write FILE.png or FILE.svg (needs: pip install 'lstmlm[plot]'); default: a chart per run here."),
+    ] = None,
+    runs_dir: options.RunsDir = DEFAULT_RUNS_DIR,
+) -> None:
+    """Train and validation perplexity per epoch (and bits per character in files), from the runs' metrics."""
+    dirs = [runs_dir / check_run_name(name) for name in runs]
+    if output is not None:
+        series = plot.plot_runs(dirs, output)
+        out.print(f"wrote {escape(str(output))}: {len(series)} series from {len(dirs)} run(s)", soft_wrap=True)
+        return
+    for d in dirs:
+        records = plot.read_metrics(d)
+        out.print(f"[bold]{escape(d.name)}[/] [dim]{len(records)} epochs[/]")
+        out.print(plot.perplexity_chart(records, width=min(out.width, 100), height=12))

@@ -1,0 +1,78 @@
+"""What training reports, as plain frozen dataclasses: `Trainer.run` yields them, the CLI renders
+them (a progress bar, samples, JSON lines), tests `list(...)` them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Started:
+    run: str
+    device: str
+    precision: str
+    model: str
+    vocab_size: int
+    num_params: int
+    train_tokens: int
+    val_tokens: int
+    batches_per_epoch: int
+    start_epoch: int
+    epochs: int
+
+
+@dataclass(frozen=True)
+class Stepped:
+    epoch: int  # 1-based, the epoch in progress
+    step: int  # batches done in this epoch
+    global_step: int
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    epoch: int  # epochs completed
+    global_step: int
+    val_perplexity: float
+    val_bpc: float
+    best: bool  # the best validation so far: best.pt was just written
+
+
+@dataclass(frozen=True)
+class EpochEnded:
+    epoch: int
+    train_perplexity: float
+    val_perplexity: float | None
+    val_bpc: float | None
+    tokens_per_s: float
+    seconds: float
+    lr: float
+
+
+@dataclass(frozen=True)
+class Sampled:
+    epoch: int
+    prefix: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Saved:
+    epoch: int
+    path: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # completed | interrupted | early_stop | time_limit
+    perplexity: float  # training perplexity: the last epoch's, or the interrupted epoch's so far
+    val_perplexity: float | None
+    tokens_per_s: float
+    device: str
+    model: str
+    run: str
+    epochs: int  # epochs completed
+    vocab_size: int
+    samples: dict[str, str]
+
+
+Event = Started | Stepped | Evaluated | EpochEnded | Sampled | Saved | Finished

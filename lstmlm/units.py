@@ -1,0 +1,279 @@
+"""Inside a trained LSTM: every gate over a text, units that track a feature, saturation, colours.
+
+After Karpathy, Johnson and Fei-Fei, "Visualizing and Understanding Recurrent Networks" (2015):
+single cells that switch on inside quotes, count line length or track brackets.
+
+`activations` reruns the article's equations (`lstm.cell`) one character at a time on the
+model's own parameters — converted to the scratch layout, whichever core trained them — and
+keeps what a forward pass throws away:
+
+    I_t = σ(X_t W_xi + H_{t-1} W_hi + b_i)        input gate        (0, 1)
+    F_t = σ(X_t W_xf + H_{t-1} W_hf + b_f)        forget gate       (0, 1)
+    O_t = σ(X_t W_xo + H_{t-1} W_ho + b_o)        output gate       (0, 1)
+    C̃_t = tanh(X_t W_xc + H_{t-1} W_hc + b_c)     candidate         (-1, 1)
+    C_t = F_t ⊙ C_{t-1} + I_t ⊙ C̃_t               memory cell       unbounded
+    H_t = O_t ⊙ tanh(C_t)                         hidden state      (-1, 1)
+
+Row t of every tensor is the state after reading character t of the text. `inspect_text` is
+what `lstmlm inspect` asks for; `units_page` draws the same analysis as an HTML page.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .data.text import normalize
+from .errors import InspectError
+from .lstm import GATES as GATE_LETTERS
+from .lstm import cell, project
+from .model import CharLM, convert, scratch_layer
+from .vocab import Vocab
+
+# The names people choose on the command line → the equation's symbol (a LayerActivations field).
+SYMBOLS = {"input": "I", "forget": "F", "output": "O", "candidate": "C_tilde", "cell": "C", "hidden": "H"}
+GATES = tuple(SYMBOLS)
+SIGMOID_GATES = ("input", "forget", "output")  # in (0, 1): the ones that saturate
+TANH_GATES = ("candidate", "hidden")  # in (-1, 1); the cell alone is unbounded
+
+# The paper's thresholds: a gate below 0.1 is left-saturated (closed), above 0.9 right-saturated (open).
+LEFT, RIGHT = 0.1, 0.9
+
+
+@dataclass(frozen=True)
+class LayerActivations:
+    """One layer over the text; every tensor is (steps, hiddens)."""
+
+    I: torch.Tensor
+    F: torch.Tensor
+    O: torch.Tensor
+    C_tilde: torch.Tensor
+    C: torch.Tensor
+    H: torch.Tensor
+
+    def gate(self, name: str) -> torch.Tensor:
+        values: torch.Tensor = getattr(self, SYMBOLS[check_gate(name)])
+        return values
+
+    @property
+    def num_hiddens(self) -> int:
+        return self.H.shape[1]
+
+
+def check_gate(name: str) -> str:
+    if name not in SYMBOLS:
+        raise InspectError(f"unknown gate '{name}' (choose from {', '.join(GATES)})")
+    return name
+
+
+# ---- activations ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def activations(model: CharLM, vocab: Vocab, text: str) -> list[LayerActivations]:
+    """Every layer's gates over `text`, starting from the zero state as generation does.
+
+    Characters outside the vocabulary read as `<unk>` (a vocabulary without one refuses them).
+    """
+    if not text:
+        raise InspectError("the text to inspect is empty")
+    ids = vocab.encode(text).long()  # (steps,)
+    # Read the parameters through the scratch layout: one code path for both cores, and the
+    # forward's fused kernels never need to expose their intermediate gates.
+    params = {k: v.detach().float().cpu() for k, v in convert(model.state_dict(), "scratch").items()}
+    X = params["embedding.weight"][ids] if "embedding.weight" in params else ids  # ids read as one-hot
+    layers = []
+    for k in range(model.num_layers):
+        layer = run_layer(X, scratch_layer(params, k))
+        layers.append(layer)
+        X = layer.H  # the next layer reads this one's H; no dropout at inference
+    return layers
+
+
+def run_layer(X: torch.Tensor, p: dict[str, torch.Tensor]) -> LayerActivations:
+    """The article's equations for one layer, one step at a time, keeping every gate.
+
+    X: (steps,) ids, read as one-hot, or (steps, inputs) floats.
+    """
+    num_hiddens = p["W_hi"].shape[0]
+    XW = {g: project(X, p[f"W_x{g}"]) for g in GATE_LETTERS}  # X_t W_x for all steps at once: (steps, hiddens)
+    H = C = torch.zeros(num_hiddens)
+    steps = []
+    for t in range(len(X)):
+        step = cell({g: XW[g][t] for g in GATE_LETTERS}, H, C, p)  # every gate, (hiddens,) each
+        H, C = step.H, step.C
+        steps.append(step)
+    return LayerActivations(*(torch.stack(values) for values in zip(*steps)))  # each (steps, hiddens)
+
+
+def check_layer(layers: list[LayerActivations], layer: int) -> LayerActivations:
+    if not 0 <= layer < len(layers):
+        raise InspectError(f"layer {layer} does not exist: the model has layers 0..{len(layers) - 1}")
+    return layers[layer]
+
+
+def check_text(layers: list[LayerActivations], text: str) -> str:
+    if len(text) != len(layers[0].H):
+        raise InspectError(f"the text has {len(text)} characters but the activations {len(layers[0].H)} steps")
+    return text
+
+
+def check_unit(layer: LayerActivations, unit: int) -> int:
+    if not 0 <= unit < layer.num_hiddens:
+        raise InspectError(f"unit {unit} does not exist: the layer has units 0..{layer.num_hiddens - 1}")
+    return unit
+
+
+def most_variable_units(layer: LayerActivations, gate: str, k: int) -> list[int]:
+    """The k units whose activation changes most over the text: a default worth looking at."""
+    spread = layer.gate(gate).std(dim=0) if len(layer.H) > 1 else layer.gate(gate).abs()[0]
+    return spread.topk(min(k, layer.num_hiddens)).indices.tolist()
+
+
+# ---- units that track a feature -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnitScore:
+    layer: int
+    unit: int
+    correlation: float  # Pearson r between the unit's activation and the feature, in [-1, 1]
+
+
+def span_feature(text: str, regex: str) -> torch.Tensor:
+    """1.0 at every character inside a span that `regex` matches, else 0.0: (steps,)."""
+    try:
+        pattern = re.compile(regex)
+    except re.error as e:
+        raise InspectError(f"invalid regular expression {regex!r}: {e}") from None
+    feature = torch.zeros(len(text), dtype=torch.float64)
+    for match in pattern.finditer(text):
+        feature[match.start() : match.end()] = 1.0
+    if not feature.any():
+        raise InspectError(f"{regex!r} matches nothing in the text: no feature to track")
+    if feature.all():
+        raise InspectError(f"{regex!r} covers the whole text: a constant feature has no correlation")
+    return feature
+
+
+def pearson(A: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Pearson r of each column of A (steps, units) with y (steps,); 0 for a constant column."""
+    A = A.double() - A.double().mean(dim=0)
+    y = y.double() - y.double().mean()
+    norms = A.norm(dim=0) * y.norm()  # (units,)
+    r = (A * y[:, None]).sum(dim=0) / norms.clamp_min(torch.finfo(torch.float64).tiny)
+    return torch.where(norms > 0, r, torch.zeros_like(r))
+
+
+def find_units(
+    layers: list[LayerActivations], text: str, regex: str, gate: str = "cell", layer: int | None = None
+) -> list[UnitScore]:
+    """Every unit of `gate` (in every layer, or only `layer`) ranked by |r| with "inside a match of regex"."""
+    check_gate(gate)
+    feature = span_feature(check_text(layers, text), regex)
+    chosen = [layer] if layer is not None else range(len(layers))
+    scores = []
+    for k in chosen:
+        r = pearson(check_layer(layers, k).gate(gate), feature)
+        scores += [UnitScore(k, unit, float(value)) for unit, value in enumerate(r)]
+    return sorted(scores, key=lambda s: -abs(s.correlation))
+
+
+# ---- saturation -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Saturation:
+    layer: int
+    gate: str
+    left: torch.Tensor  # (hiddens,) fraction of steps with the gate < LEFT
+    right: torch.Tensor  # (hiddens,) fraction of steps with the gate > RIGHT
+
+
+def saturation(layers: list[LayerActivations]) -> list[Saturation]:
+    """Per layer and sigmoid gate, how often each unit is left- or right-saturated (the paper's Fig. 3)."""
+    stats = []
+    for k, layer in enumerate(layers):
+        for gate in SIGMOID_GATES:
+            values = layer.gate(gate)  # (steps, hiddens)
+            stats.append(Saturation(k, gate, (values < LEFT).double().mean(0), (values > RIGHT).double().mean(0)))
+    return stats
+
+
+def saturation_rows(stats: list[Saturation]) -> list[tuple[str, ...]]:
+    """The saturation table as the terminal and the page both show it, under SATURATION_HEADER."""
+    return [
+        (str(s.layer), s.gate, f"{float(s.left.mean()):.1%}", f"{float(s.right.mean()):.1%}",
+         str(int((s.left > 0.5).sum())), str(int((s.right > 0.5).sum())))
+        for s in stats
+    ]  # fmt: skip
+
+
+SATURATION_HEADER = ("layer", "gate", "time < 0.1", "time > 0.9", "units mostly < 0.1", "units mostly > 0.9")
+
+
+# ---- the colour scale -------------------------------------------------------------------------
+
+BLUE, RED = (33, 102, 172), (178, 24, 43)  # below and above the neutral level (white)
+
+
+def level(gate: str, values: torch.Tensor) -> torch.Tensor:
+    """Values on one scale in [-1, 1] for colouring: a sigmoid gate's 0.5 is neutral, and the cell
+    goes through tanh as H sees it (and as the paper shows it)."""
+    if gate in SIGMOID_GATES:
+        return 2 * values - 1
+    if gate == "cell":
+        return torch.tanh(values)
+    return values
+
+
+def colour(level: float) -> tuple[int, int, int]:
+    """The one colour scale, terminal and page alike: blue below 0, red above, white at 0, for
+    levels in [-1, 1]."""
+    r, g, b = BLUE if level < 0 else RED
+    a = min(abs(level), 1.0)
+    return round(255 + (r - 255) * a), round(255 + (g - 255) * a), round(255 + (b - 255) * a)
+
+
+# ---- what `lstmlm inspect` shows ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Inspection:
+    text: str  # as the model read it (d2l-normalized for a d2l model)
+    normalized: bool  # whether that changed the text given
+    unknown: list[str]  # characters outside the vocabulary, read as <unk>
+    layers: list[LayerActivations]
+    gate: str
+    find: str | None
+    ranking: list[UnitScore]  # every unit by |r| with --find's feature; empty without one
+    chosen: list[tuple[int, int]]  # (layer, unit) to colour the text by
+
+
+def inspect_text(
+    model: CharLM,
+    vocab: Vocab,
+    mode: str,
+    text: str,
+    gate: str = "cell",
+    layer: int | None = None,
+    units: list[int] | None = None,
+    find: str | None = None,
+    top: int = 3,
+) -> Inspection:
+    """Read `text` through the model and choose what to show: the given `units` of `layer`
+    (default: the last), else the `top` units that track `find` best, else the `top` that vary most."""
+    check_gate(gate)
+    seen = normalize(text, mode)
+    layers = activations(model, vocab, seen)
+    shown_layer = layer if layer is not None else len(layers) - 1
+    acts = check_layer(layers, shown_layer)
+    ranking = find_units(layers, seen, find, gate, layer) if find else []
+    if units:
+        chosen = [(shown_layer, check_unit(acts, u)) for u in units]
+    elif ranking:
+        chosen = [(s.layer, s.unit) for s in ranking[:top]]
+    else:
+        chosen = [(shown_layer, u) for u in most_variable_units(acts, gate, top)]
+    return Inspection(seen, seen != text, vocab.unknown_chars(seen), layers, gate, find, ranking, chosen)

@@ -8,8 +8,10 @@ a dozen small operations; going through the training model's forward, with its c
 fresh tensors, cost four times as long.
 
 temperature 0 is the seed's greedy argmax (d2l's predict_ch8); above 0 the next character is
-sampled from softmax(logits / temperature), optionally cut to the top-k characters or to the
-smallest set whose probability reaches top-p (`Sampling`).
+sampled from softmax(logits / temperature), optionally cut to the top-k characters, to the
+smallest set whose probability reaches top-p, and to those at least min-p times as likely as
+the most likely one (`Sampling`, `choose_next`). Stop strings end a sample where one first
+appears (`Continuation`), around the per-step stream: the steps themselves never see them.
 
 Generation also owns its context: the prefixes training samples from, and the "prime" — the
 end of the training text that generation reads before a prefix (see `prime_text`).
@@ -18,13 +20,13 @@ end of the training text that generation reads before a prefix (see `prime_text`
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .data.text import normalize
 from .device import DTYPES, autocast
-from .errors import VocabError
+from .errors import ConfigError, VocabError
 from .fused import CellInPlace, Stacked, stack_gates
 from .lstm import FAST_NAMES, State
 from .model import CharLM, convert, scratch_layer
@@ -38,7 +40,8 @@ D2L_PREFIXES = ("time traveller", "traveller")
 @dataclass(frozen=True)
 class Sampling:
     """How to continue a prefix: `length` characters for each of `num_samples` continuations;
-    temperature 0 is greedy, above 0 samples (top-k, top-p cut the candidates; `seed` repeats)."""
+    temperature 0 is greedy, above 0 samples (top-k, top-p and min-p cut the candidates; `seed`
+    repeats). A sample ends early at the first of the `stop` strings, which is left out."""
 
     length: int = SAMPLE_LENGTH
     temperature: float = 0.0
@@ -46,6 +49,17 @@ class Sampling:
     top_p: float = 1.0
     num_samples: int = 1
     seed: int | None = None
+    min_p: float = 0.0
+    stop: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        for name, value, low, high in (("top_p", self.top_p, 0.0, 1.0), ("min_p", self.min_p, 0.0, 1.0)):
+            if not low <= value <= high:
+                raise ConfigError(f"{name} must lie in [{low}, {high}], not {value}")
+        if self.length < 0 or self.top_k < 0 or self.temperature < 0 or self.num_samples < 1:
+            raise ConfigError("length, top_k and temperature must not be negative, and num_samples at least 1")
+        if any(not s for s in self.stop):
+            raise ConfigError("a stop string must not be empty")
 
 
 # ---- context --------------------------------------------------------------------------------
@@ -110,6 +124,9 @@ def choose_next(logits: torch.Tensor, sampling: Sampling = Sampling(), generator
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely characters
         sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # always keeps the most likely
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    if sampling.min_p > 0.0:  # Nguyen et al. 2024: p_i < min_p · max_j p_j is cut; the most likely always stays
+        floor = sampling.min_p * probs.amax(dim=-1, keepdim=True)  # (batch, 1)
+        probs = probs.masked_fill(probs < floor, 0.0)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -197,16 +214,17 @@ CHUNK = 32  # characters made per resumption of the inner generator
 
 def generate(
     model: CharLM, vocab: Vocab, prefix: str, sampling: Sampling = Sampling(), prime: str = "", precision: str = "fp32"
-) -> Iterator[list[str]]:
-    """Yield, per step, the next character of each of `sampling.num_samples` continuations of
+) -> Continuation:
+    """Per step, the next character of each of `sampling.num_samples` continuations of
     `prefix`, the state having read `prime` first (context that is not part of the output; see
-    `prime_text`). The products run in `precision` ("fp32" or "bf16").
+    `prime_text`). The products run in `precision` ("fp32" or "bf16"). With stop strings, see
+    `Continuation` for what a step holds.
 
     The characters are made `CHUNK` at a time: torch re-enters inference mode on every
     resumption of a decorated generator, which at a character's cost of ~0.1 ms is worth
     avoiding; a chunk still streams within a few milliseconds."""
-    for chunk in _generate_chunks(model, vocab, prime + prefix, sampling, precision):
-        yield from chunk
+    chunks = _generate_chunks(model, vocab, prime + prefix, sampling, precision)
+    return Continuation(chunks, sampling.stop, sampling.num_samples)
 
 
 @torch.inference_mode()
@@ -233,6 +251,69 @@ def _generate_chunks(model: CharLM, vocab: Vocab, context: str, sampling: Sampli
             X = choose_next(step(X), sampling, generator).tolist()
             chunk.append([tokens[i] for i in X])
         yield chunk
+
+
+class Continuation(Iterator[list[str]]):
+    """The steps of `generate`: per step, the text each sample adds.
+
+    Without stop strings that is one character each. With them, each sample ends at the first
+    occurrence of any of them in its continuation, the stop string left out: characters that
+    could be the start of one are held back (a step adds "") until the next ones show they are
+    not (then that step adds them all); an ended sample adds "". The steps end when every
+    sample has ended (the model stops working) or after `sampling.length` characters, and
+    `ended[i]` is the stop string that ended sample i (None: it ran to its length).
+    """
+
+    def __init__(self, chunks: Iterator[list[list[str]]], stop: tuple[str, ...], num_samples: int) -> None:
+        self._chunks = chunks
+        self._steps: Iterator[list[str]] = (chars for chunk in chunks for chars in chunk)
+        self.stop = stop
+        self.ended: list[str | None] = [None] * num_samples
+        self._held = [""] * num_samples  # per sample: text that may begin a stop string
+        self._shown: list[list[str]] = [[] for _ in range(num_samples)]  # per sample: what the steps added
+        self._finished = False
+
+    @property
+    def text(self) -> list[str]:
+        """Per sample, the continuation the steps have added so far."""
+        return ["".join(parts) for parts in self._shown]
+
+    def __next__(self) -> list[str]:
+        if self._finished:
+            raise StopIteration
+        if not self.stop:
+            released = next(self._steps)
+        elif (chars := next(self._steps, None)) is None:  # the length is reached: what was held back was no stop after all
+            self._finished = True
+            released, self._held = self._held, [""] * len(self._held)
+        else:
+            released = [self._scan(i, c) for i, c in enumerate(chars)]
+            if all(e is not None for e in self.ended):
+                self.close()
+        for shown, t in zip(self._shown, released):
+            shown.append(t)
+        return released
+
+    def _scan(self, i: int, c: str) -> str:
+        """What sample i shows after adding c: text no stop string can begin any more."""
+        if self.ended[i] is not None:
+            return ""
+        held = self._held[i] + c
+        found = [(held.find(s), s) for s in self.stop if s in held]
+        if found:
+            at, s = min(found)  # the earliest occurrence ends the sample
+            self.ended[i], self._held[i] = s, ""
+            return held[:at]
+        keep = next((k for k in range(len(held)) if any(s.startswith(held[k:]) for s in self.stop)), len(held))
+        self._held[i] = held[keep:]
+        return held[:keep]
+
+    def close(self) -> None:
+        """Stop generating (the model's work ends here); the steps end."""
+        self._finished = True
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
 
 
 def complete(model: CharLM, vocab: Vocab, prefix: str, length: int = SAMPLE_LENGTH, prime: str = "") -> str:

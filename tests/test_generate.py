@@ -1,13 +1,16 @@
 """Generation: greedy equals d2l's predict_ch8, sampling is seeded, both cores generate the
-same text from the same weights, and prefixes are normalized (d2l) or checked (raw)."""
+same text from the same weights, prefixes are normalized (d2l) or checked (raw), min-p cuts
+the unlikely characters, and stop strings end a sample where they first appear."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
 
-from lstmlm.errors import VocabError
-from lstmlm.generate import Sampling, Stepper, choose_next, complete, generate, prepare_prefix
+from lstmlm.errors import ConfigError, VocabError
+from lstmlm.generate import Continuation, Sampling, Stepper, choose_next, complete, generate, prepare_prefix
 from lstmlm.model import CharLM, convert
 from lstmlm.vocab import Vocab
 
@@ -158,3 +161,105 @@ def test_the_prime_is_read_before_the_prefix_and_left_out_of_the_text() -> None:
     primed = complete(net, VOCAB, "t", 40, prime=prime)
     assert primed == complete(net, VOCAB, prime + "t", 40)[len(prime) :]
     assert primed != complete(net, VOCAB, "t", 40)  # the context changes the continuation
+
+
+# ---- min-p ----------------------------------------------------------------------------------------
+
+
+def test_min_p_0_equals_plain_sampling() -> None:
+    net = lively_model(layers=2)
+    for seed in (0, 1, 2):
+        plain = sample(net, "time", 80, temperature=1.0, seed=seed)
+        assert sample(net, "time", 80, temperature=1.0, seed=seed, min_p=0.0) == plain
+        assert sample(net, "time", 80, temperature=1.0, top_k=6, top_p=0.9, seed=seed, min_p=0.0) == sample(
+            net, "time", 80, temperature=1.0, top_k=6, top_p=0.9, seed=seed
+        )
+
+
+def test_choose_next_samples_only_characters_at_least_min_p_times_the_likeliest() -> None:
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)  # softmax: 0.636, 0.234, 0.086, 0.032, 0.012
+    gen = torch.Generator().manual_seed(0)
+    chosen = lambda min_p: set(choose_next(logits, Sampling(temperature=1.0, min_p=min_p), gen).tolist())  # noqa: E731
+    assert chosen(0.3) == {0, 1}  # floor 0.191: 0.234 stays, 0.086 goes
+    assert chosen(0.1) == {0, 1, 2}  # floor 0.064
+    assert chosen(0.01) == {0, 1, 2, 3, 4}  # floor 0.006
+    # temperature first: at T = 2 the probabilities are flatter (0.43, 0.26, 0.16, ...), so 0.3 keeps three
+    assert set(choose_next(logits, Sampling(temperature=2.0, min_p=0.3), gen).tolist()) == {0, 1, 2}
+
+
+def test_min_p_1_is_greedy() -> None:
+    net = lively_model()
+    assert sample(net, "time", 50, temperature=1.5, min_p=1.0, seed=0) == complete(net, VOCAB, "time", 50)
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [({"min_p": 1.5}, "min_p must lie in [0.0, 1.0]"), ({"top_p": -0.1}, "top_p must lie"), ({"stop": ("",)}, "a stop string must not be empty")],
+)
+def test_bad_sampling_settings_are_refused_by_name(options: dict[str, object], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        Sampling(**options)  # type: ignore[arg-type]
+
+
+# ---- stop strings ---------------------------------------------------------------------------------
+
+
+def continuation(text: str, *stop: str, samples: int = 1) -> tuple[list[str], Continuation]:
+    """Feed `text` through a Continuation with `stop` (every sample the same text), in chunks of
+    3 steps; return what each step added to sample 0, and the Continuation."""
+    steps = [[c] * samples for c in text]
+    chunks = iter([steps[i : i + 3] for i in range(0, len(steps), 3)])
+    cont = Continuation(chunks, stop, samples)
+    return [chars[0] for chars in cont], cont
+
+
+def test_a_stop_string_ends_the_sample_and_is_left_out() -> None:
+    added, cont = continuation("abcabcab", "ca")
+    assert "".join(added) == "ab" and cont.text == ["ab"] and cont.ended == ["ca"]
+    assert added == ["a", "b", "", ""]  # "c" is held back until "a" shows it begins "ca"; then it ends
+
+
+def test_text_held_back_is_released_once_it_cannot_begin_a_stop_string() -> None:
+    added, cont = continuation("abcabd", "abd!")
+    assert added == ["", "", "abc", "", "", "", "abd"]  # "abd" waits for a "!" that never comes: released at the end
+    assert cont.text == ["abcabd"] and cont.ended == [None]
+
+
+def test_the_earliest_stop_string_wins() -> None:
+    _, cont = continuation("xxabyyb", "yb", "aby", "b")
+    assert cont.text == ["xxa"] and cont.ended == ["b"]
+    _, cont = continuation("xxabyyb", "yb", "xab")
+    assert cont.text == ["x"] and cont.ended == ["xab"]
+
+
+def test_no_stop_string_passes_every_character_through() -> None:
+    added, cont = continuation("hello world")
+    assert added == list("hello world") and cont.ended == [None]
+
+
+def test_stop_strings_on_a_model_cut_its_continuation_where_the_string_first_appears() -> None:
+    net = lively_model(layers=2)
+    options = {"temperature": 1.0, "seed": 4}
+    tokens = [chars[0] for chars in generate(net, VOCAB, "time", Sampling(length=200, **options))]  # type: ignore[arg-type]
+    full = "".join(tokens)  # (a token may be "<unk>")
+    stop = full[40:42]  # two characters the model does write
+    first = full.find(stop)
+    stopped = generate(net, VOCAB, "time", Sampling(length=200, stop=(stop,), **options))  # type: ignore[arg-type]
+    steps = list(stopped)
+    assert "".join(chars[0] for chars in steps) == full[:first] == stopped.text[0]
+    assert stopped.ended == [stop]
+    made = next(n for n in range(len(tokens)) if stop in "".join(tokens[: n + 1]))
+    assert len(steps) == made + 1 < 200  # the model stopped working at the stop string
+
+
+def test_each_sample_ends_at_its_own_stop() -> None:
+    net = lively_model()
+    options = {"temperature": 1.0, "seed": 5, "num_samples": 3, "length": 120}
+    plain = generate(net, VOCAB, "time", Sampling(**options))  # type: ignore[arg-type]
+    list(plain)
+    stopped = generate(net, VOCAB, "time", Sampling(**options, stop=("e",)))  # type: ignore[arg-type]
+    list(stopped)
+    for full, cut, ended in zip(plain.text, stopped.text, stopped.ended):
+        assert cut == (full[: full.index("e")] if "e" in full else full)
+        assert ended == ("e" if "e" in full else None)
+    assert len({len(t) for t in stopped.text}) > 1  # the samples did end at different places

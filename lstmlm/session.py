@@ -3,7 +3,7 @@
 The CLI reads options, calls one function here, and renders what it returns:
 
     prepare_training → training      lstmlm train (config → data → run store → lock → Trainer → resume)
-    start_generation                 lstmlm generate
+    start_generation, Conversation   lstmlm generate (--interactive: one model, a turn per prefix)
     evaluate_file                    lstmlm evaluate
     inspect_run                      lstmlm inspect
 
@@ -32,7 +32,7 @@ from .distributed import World
 from .errors import ConfigError
 from .evaluation import Score, score_text
 from .events import Event
-from .generate import Sampling, generate, prepare_prefix
+from .generate import Continuation, Sampling, generate, prepare_prefix
 from .model import CharLM, convert
 from .runs import BEST, LATEST, RunStore, check_run_name
 from .train import Trainer
@@ -202,7 +202,14 @@ def load_trained(runs_dir: Path, run: str | None = None, core: str | None = None
 class Generation:
     prefix: str  # as the model reads it: d2l-normalized for a d2l model
     normalized: bool  # whether that changed the prefix given
-    steps: Iterator[list[str]]  # per step, the next character of each sample
+    steps: Continuation  # per step, the text each sample adds (see generate.Continuation)
+
+
+def continue_prefix(trained: Trained, prefix: str, sampling: Sampling, precision: str = "fp32", context: str = "") -> Generation:
+    """Continue `prefix` with a loaded model (on its device), having read `context` first."""
+    text = prepare_prefix(prefix, trained.vocab, trained.config.data.normalize)
+    steps = generate(trained.model, trained.vocab, text, sampling, context, precision)
+    return Generation(text, text != prefix, steps)
 
 
 def start_generation(
@@ -217,13 +224,48 @@ def start_generation(
     prime: bool = True,
 ) -> Generation:
     """Continue `prefix` with a trained model; the characters come as `steps` is iterated."""
+    trained, prec = load_for_generation(runs_dir, run, core, best, device, precision)
+    return continue_prefix(trained, prefix, sampling, prec, trained.prime if prime else "")
+
+
+def load_for_generation(runs_dir: Path, run: str | None, core: str | None, best: bool, device: str, precision: str) -> tuple[Trained, str]:
+    """A trained model moved to `device`, and the precision it generates in there."""
     trained = load_trained(runs_dir, run, core, best)
     dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
-    text = prepare_prefix(prefix, trained.vocab, trained.config.data.normalize)
-    context = trained.prime if prime else ""
-    steps = generate(trained.model.to(dev), trained.vocab, text, sampling, context, prec)
-    return Generation(text, text != prefix, steps)
+    trained.model.to(dev)
+    return trained, resolve_precision(precision, dev)
+
+
+class Conversation:
+    """`lstmlm generate --interactive`: the model loaded once, each `turn` a prefix continued.
+
+    Without `carry` every turn starts afresh (after the prime), exactly as `lstmlm generate`
+    with the same options. With `carry` a turn reads on from where the last one ended: its
+    context is the prime and the whole transcript so far — every prefix, every continuation
+    as far as it was shown and the stop string that ended it — which puts the LSTM in the state
+    that reading them gives, and an empty prefix simply continues.
+    """
+
+    def __init__(self, trained: Trained, sampling: Sampling, precision: str = "fp32", prime: bool = True, carry: bool = False) -> None:
+        if carry and sampling.num_samples > 1:
+            raise ConfigError("--carry keeps one state between turns: it needs --num-samples 1")
+        self.trained, self.sampling, self.precision, self.carry = trained, sampling, precision, carry
+        self.prime = trained.prime if prime else ""
+        self.transcript = ""  # with carry: everything read and written so far
+        self._last: Generation | None = None
+
+    def turn(self, prefix: str) -> Generation:
+        if self.carry and self._last is not None:  # what the last turn showed, as far as it was read
+            last = self._last
+            self.transcript += last.prefix + last.steps.text[0] + (last.steps.ended[0] or "")
+            self._last = None
+        if self.carry and self.transcript and prefix == "":
+            model, vocab = self.trained.model, self.trained.vocab
+            generation = Generation("", False, generate(model, vocab, "", self.sampling, self.prime + self.transcript, self.precision))
+        else:
+            generation = continue_prefix(self.trained, prefix, self.sampling, self.precision, self.prime + self.transcript)
+        self._last = generation
+        return generation
 
 
 def evaluate_file(

@@ -334,3 +334,24 @@ def predict_ch8(prefix: str, num_preds: int, net: CharLM, vocab: Vocab) -> str:
         y, state = net(get_input(), state)  # y: (1, 1, vocab) here; d2l's is (1, vocab)
         outputs.append(int(y.reshape(1, -1).argmax(dim=1).reshape(1)))
     return "".join(vocab.tokens[i] for i in outputs)
+
+
+# ---- trained runs shared by the session (generation, serving and export never write to them) --------
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A runs directory with two tiny trained runs, 3 epochs each, read-only for the tests:
+    "raw" (raw text in paragraphs, so it has a prime; scratch, 2 layers) and "d2l" (d2l text, cudnn)."""
+    root = tmp_path_factory.mktemp("tiny-runs")
+    corpus = root / "corpus.txt"
+    lines = synthetic_text(80).splitlines(keepends=True)
+    corpus.write_text("".join(line + ("\n" if i % 8 == 7 else "") for i, line in enumerate(lines)), encoding="utf-8")
+    tiny = ["--hidden", "16", "--batch-size", "8", "--num-steps", "10", "--device", "cpu", "--epochs", "3", "--optimizer", "adam", "--lr", "0.02"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LSTMLM_HOME", str(root / "home"))
+        common = ["train", "--corpus", corpus, "--runs-dir", root / "runs", *tiny]
+        for args in (("--normalize", "raw", "--run", "raw", "--model", "scratch", "--layers", "2"), ("--normalize", "d2l", "--run", "d2l", "--model", "cudnn")):
+            result = cli(*common, *args)
+            assert result.code == 0, result.stderr
+    yield root / "runs"

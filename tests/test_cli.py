@@ -256,6 +256,32 @@ def test_generate_usage_errors_exit_2(trained: Path, args: tuple[str, ...], frag
     assert_usage_error(cli("generate", "--run", "d2l", "--runs-dir", trained, *args), fragment)
 
 
+def test_generate_min_p_0_is_plain_sampling_and_a_stop_string_cuts_the_text(trained: Path) -> None:
+    args = ["generate", "--run", "raw", "--runs-dir", trained, "--prefix", "the", "--length", "120", "--temperature", "1", "--seed", "2"]
+    plain = cli(*args)
+    assert plain.code == 0 and cli(*args, "--min-p", "0").stdout == plain.stdout
+    assert cli(*args, "--min-p", "0.2").stdout != plain.stdout  # the option is applied
+    continuation = plain.stdout[len("the") : -1]
+    stop = continuation[30:32]
+    stopped = cli(*args, "--stop", stop, "--stop", "no such text")
+    assert stopped.code == 0 and stopped.stdout == "the" + continuation[: continuation.find(stop)] + "\n"
+
+
+def test_generate_stop_takes_escapes(trained: Path) -> None:
+    args = ["generate", "--run", "raw", "--runs-dir", trained, "--prefix", "the", "--length", "300", "--temperature", "1", "--seed", "2"]
+    plain = cli(*args).stdout
+    assert "\n" in plain[:-1]  # the text has a line break to stop at
+    assert cli(*args, "--stop", "\\n").stdout == plain[: plain.index("\n")] + "\n"
+
+
+def test_generate_carry_without_interactive_is_a_usage_error(trained: Path) -> None:
+    assert_usage_error(cli("generate", "--run", "d2l", "--runs-dir", trained, "--carry"), "--carry")
+
+
+def test_generate_empty_stop_string_is_one_line(trained: Path) -> None:
+    assert_one_error_line(cli("generate", "--run", "d2l", "--runs-dir", trained, "--stop", ""), "a stop string must not be empty")
+
+
 def test_generate_on_a_corrupt_checkpoint_is_one_line(runs_copy: Path) -> None:
     path = runs_copy / "d2l" / "latest.pt"
     path.write_bytes(path.read_bytes()[:5000])

@@ -34,7 +34,7 @@ def friendly(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (typer.Exit, typer.Abort):
+        except (typer.Exit, typer.Abort, typer.BadParameter):  # a command's usage error is Typer's to report (exit code 2)
             raise
         except BaseException as e:
             if os.environ.get("LSTMLM_DEBUG") == "1" or isinstance(e, SystemExit):

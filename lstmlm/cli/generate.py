@@ -1,9 +1,10 @@
-"""`lstmlm generate`: a prefix continued by a trained model, streamed as it is made."""
+"""`lstmlm generate`: a prefix continued by a trained model, streamed as it is made; with
+--interactive, a prompt loop that continues each line typed."""
 
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -11,6 +12,12 @@ from rich.markup import escape
 from ..runs import DEFAULT_RUNS_DIR
 from . import options
 from .console import err, out
+from .errors import fail, one_line
+
+if TYPE_CHECKING:
+    from ..session import Conversation, Generation
+
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 
 
 def generate(
@@ -20,8 +27,12 @@ def generate(
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy (the seed); > 0 samples.")] = 0.0,
     top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample among the k most likely characters (0 = all).")] = 0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Sample within this probability mass.")] = 1.0,
+    min_p: Annotated[float, typer.Option("--min-p", min=0.0, max=1.0, help="Keep characters at least this share as likely as the likeliest (0 = all).")] = 0.0,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help=r"End a sample at this string, left out (repeatable; \n, \t, \\ are escapes).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling (same seed, same text).")] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="Independent continuations.")] = 1,
+    interactive: Annotated[bool, typer.Option("--interactive", "-i", help="A prompt loop: each line typed is continued (Ctrl-D ends it).")] = False,
+    carry: Annotated[bool, typer.Option("--carry", help="With --interactive: each turn reads on from where the last one ended.")] = False,
     model: Annotated[str | None, typer.Option("--model", help="Run the weights on scratch or cudnn (default: as trained).")] = None,
     device: options.Device = "cpu",
     precision: options.Precision = "fp32",
@@ -31,22 +42,91 @@ def generate(
 ) -> None:
     """Continue a prefix with a trained model, streaming the characters."""
     from ..generate import Sampling
-    from ..session import start_generation
+    from ..session import Conversation, load_for_generation, start_generation
 
-    sampling = Sampling(length, temperature, top_k, top_p, num_samples, seed)
-    generation = start_generation(runs_dir, run, prefix, sampling, model, best, device, precision, prime)
+    if carry and not interactive:
+        raise typer.BadParameter("--carry keeps the state between the turns of --interactive", param_hint="--carry")
+    sampling = Sampling(length, temperature, top_k, top_p, num_samples, seed, min_p, tuple(unescape(s) for s in stop or ()))
+    if interactive:
+        trained, prec = load_for_generation(runs_dir, run, model, best, device, precision)
+        converse(Conversation(trained, sampling, prec, prime, carry))
+        return
+    show(start_generation(runs_dir, run, prefix, sampling, model, best, device, precision, prime))
+
+
+def unescape(text: str) -> str:
+    r"""\n, \t, \r and \\ as the characters they name; any other backslash stays as it is."""
+    chars, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in ESCAPES:
+            chars.append(ESCAPES[text[i + 1]])
+            i += 2
+        else:
+            chars.append(text[i])
+            i += 1
+    return "".join(chars)
+
+
+def write(text: str) -> None:
+    """Generated text onto stdout as it is made: the one place it is written, so one function
+    can make it safe for a terminal."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def show(generation: Generation) -> None:
+    """One sample streamed as prefix + continuation on a line; several, each under a header once made."""
     if generation.normalized:
         err.print(f"[dim]prefix normalized as the model was trained (d2l): {escape(repr(generation.prefix))}[/]")
-    if num_samples == 1:
-        sys.stdout.write(generation.prefix)
-        for chars in generation.steps:
-            sys.stdout.write(chars[0])
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+    steps = generation.steps
+    if len(steps.ended) == 1:
+        write(generation.prefix)
+        for chars in steps:
+            write(chars[0])
+        write("\n")
         return
-    samples = [generation.prefix] * num_samples
-    for chars in generation.steps:
-        samples = [s + c for s, c in zip(samples, chars)]
-    for i, sample in enumerate(samples, 1):
+    for _ in steps:
+        pass
+    for i, sample in enumerate(steps.text, 1):
         out.print(f"[dim]--- sample {i}[/]")
-        out.print(escape(sample), soft_wrap=True)
+        out.print(escape(generation.prefix + sample), soft_wrap=True)
+
+
+def converse(conversation: Conversation) -> None:
+    """Read a prefix per line and continue it, until end of input (Ctrl-D) or Ctrl-C at the
+    prompt. Ctrl-C during a continuation ends that one and prompts again; a prefix the model
+    cannot read is one error line, and the loop goes on."""
+    from ..errors import LstmlmError
+
+    prompt = "> " if sys.stdin.isatty() and sys.stdout.isatty() else ""
+    if prompt:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    while True:
+        try:
+            line = input(prompt) if prompt else read_line()
+        except (EOFError, KeyboardInterrupt):
+            if prompt:
+                write("\n")  # the shell's prompt on a line of its own
+            return
+        generation = None
+        try:
+            generation = conversation.turn(line)
+            show(generation)
+        except KeyboardInterrupt:
+            write("\n")
+        except LstmlmError as e:
+            fail(one_line(e))  # printed; the loop goes on
+        finally:
+            if generation is not None:
+                generation.steps.close()
+
+
+def read_line() -> str:
+    """A line of piped input without its line break; EOFError at the end."""
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.removesuffix("\n").removesuffix("\r")

@@ -1,0 +1,169 @@
+"""`lstmlm generate --interactive` in a real pseudo-terminal (the child's controlling terminal, so
+Ctrl-C and Ctrl-D are the terminal's), and with piped input: each turn is `lstmlm generate`'s
+text for the same options; --carry reads on from the last turn; Ctrl-C during a continuation
+returns to the prompt, Ctrl-D or Ctrl-C at the prompt end the loop with exit code 0."""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import cli
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX pseudo-terminals")
+
+ESCAPE = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")  # a terminal control sequence (readline may send some)
+PROMPT = b"> "
+SAMPLING = ["--length", "60", "--temperature", "0.8", "--seed", "3"]
+
+
+class Terminal:
+    """`python -m lstmlm ARGS` on a new pseudo-terminal; what it writes, as the terminal shows it."""
+
+    def __init__(self, args: list[str]) -> None:
+        env = {**os.environ, "TERM": "dumb", "LSTMLM_DEBUG": "0"}
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: the pty is its controlling terminal and stdin, stdout, stderr
+            os.execve(sys.executable, [sys.executable, "-m", "lstmlm", *args], env)
+        self.pid, self.fd = pid, fd
+        self.seen = b""  # everything read so far, escape sequences removed
+        self.mark = 0  # where the last read_until's match ended
+        self.code: int | None = None
+
+    def read_until(self, pattern: bytes, timeout: float = 60.0) -> str:
+        """The output after the last match up to and including `pattern`, with the terminal's
+        \\r\\n as \\n."""
+        deadline = time.monotonic() + timeout
+        while (at := self.seen.find(pattern, self.mark)) < 0:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {pattern!r} within {timeout} s; the terminal shows …{self.seen[self.mark:][-500:]!r}"
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                try:
+                    chunk = os.read(self.fd, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    chunk = b""
+                assert chunk, f"the program ended before {pattern!r}; it showed {self.seen[self.mark:]!r}"
+                self.seen = ESCAPE.sub(b"", self.seen + chunk)
+        text = self.seen[self.mark : at + len(pattern)]
+        self.mark = at + len(pattern)
+        return text.decode().replace("\r\n", "\n")
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.fd, keys)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        """The exit code, once the program has ended; the rest of its output is read."""
+        deadline = time.monotonic() + timeout
+        while self.code is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.code = os.waitstatus_to_exitcode(status)
+                break
+            assert time.monotonic() < deadline, f"still running after {timeout} s: …{self.seen[self.mark:][-500:]!r}"
+            ready, _, _ = select.select([self.fd], [], [], 0.1)
+            if ready:
+                try:
+                    self.seen += os.read(self.fd, 65536)
+                except OSError:
+                    pass
+        return self.code
+
+    def close(self) -> None:
+        if self.code is None:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        os.close(self.fd)
+
+
+@pytest.fixture
+def terminal() -> Iterator[type[Terminal]]:
+    started: list[Terminal] = []
+
+    def start(args: list[str]) -> Terminal:
+        t = Terminal(args)
+        started.append(t)
+        return t
+
+    yield start  # type: ignore[misc]
+    for t in started:
+        t.close()
+
+
+def generate_text(runs: Path, prefix: str, *options: str) -> str:
+    """What `lstmlm generate` prints for `prefix` (without its final line break)."""
+    result = cli("generate", "--run", "raw", "--runs-dir", runs, "--prefix", prefix, *options)
+    assert result.code == 0, result.stderr
+    return result.stdout.removesuffix("\n")
+
+
+def turn(term: Terminal, prefix: str) -> str:
+    """Type a prefix at the prompt; the text the program answers with (its echo left out)."""
+    term.type(prefix.encode() + b"\n")
+    term.read_until(prefix.encode() + b"\r\n")  # the terminal's echo of the line typed
+    return term.read_until(b"\n" + PROMPT).removesuffix("\n" + PROMPT.decode())
+
+
+def test_each_turn_is_what_generate_prints_and_ctrl_d_ends_the_loop(tiny_runs: Path, terminal: type[Terminal]) -> None:
+    term = terminal(["generate", "--interactive", "--run", "raw", "--runs-dir", str(tiny_runs), *SAMPLING])
+    assert term.read_until(PROMPT) == PROMPT.decode()
+    for prefix in ("the", "time traveller", "the"):
+        assert turn(term, prefix) == generate_text(tiny_runs, prefix, *SAMPLING)
+    term.type(b"\x04")  # Ctrl-D at the start of a line: end of input
+    assert term.wait() == 0
+    assert b"Traceback" not in term.seen and b"error" not in term.seen
+
+
+def test_carry_reads_on_from_where_the_last_turn_ended(tiny_runs: Path, terminal: type[Terminal]) -> None:
+    """With --carry a turn continues the transcript: it is what `generate` makes for the whole
+    transcript as its prefix; an empty line continues without a prefix."""
+    options = ["--length", "40"]  # greedy
+    term = terminal(["generate", "--interactive", "--carry", "--run", "raw", "--runs-dir", str(tiny_runs), *options])
+    term.read_until(PROMPT)
+    transcript = ""
+    for prefix in ("the", "", "was", ""):
+        answer = turn(term, prefix)
+        assert answer.startswith(prefix)
+        expected = generate_text(tiny_runs, transcript + prefix, *options)
+        assert transcript + answer == expected
+        transcript = expected
+    fresh = generate_text(tiny_runs, "was", *options)
+    assert transcript[-len(fresh) :] != fresh  # what came before changed the continuation: the state was carried
+    term.type(b"\x04")
+    assert term.wait() == 0
+
+
+def test_ctrl_c_ends_a_continuation_then_ctrl_c_at_the_prompt_ends_the_loop(tiny_runs: Path, terminal: type[Terminal]) -> None:
+    term = terminal(["generate", "--interactive", "--run", "raw", "--runs-dir", str(tiny_runs), "--length", "100000000", "--temperature", "1"])
+    term.read_until(PROMPT)
+    for _ in range(2):  # a second turn works after the first was cut short
+        term.type(b"the\n")
+        term.read_until(b"the\r\nthe")  # the echo, then the continuation starts
+        term.read_until(b" ")  # it is streaming
+        term.type(b"\x03")  # Ctrl-C: the terminal sends SIGINT
+        term.read_until(b"\n" + PROMPT)  # back at the prompt, long before 10^8 characters
+    term.type(b"\x03")  # Ctrl-C at the prompt
+    assert term.wait() == 0
+    assert b"Traceback" not in term.seen and b"error" not in term.seen
+
+
+def test_piped_lines_are_turns_and_a_bad_prefix_is_one_error_line(tiny_runs: Path) -> None:
+    """Without a terminal there is no prompt: each line read is a turn, and a prefix the model
+    cannot read is one error line on stderr while the loop goes on."""
+    done = subprocess.run(
+        [sys.executable, "-m", "lstmlm", "generate", "--interactive", "--run", "raw", "--runs-dir", str(tiny_runs), *SAMPLING],
+        input="the\nTHE!\ntime\n", capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == generate_text(tiny_runs, "the", *SAMPLING) + "\n" + generate_text(tiny_runs, "time", *SAMPLING) + "\n"
+    assert done.stderr.splitlines() == ["error: prefix characters outside the model's vocabulary: '!' 'E' 'H' 'T'"]

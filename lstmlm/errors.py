@@ -47,3 +47,11 @@ class InspectError(LstmlmError):
 
 class PlotError(LstmlmError):
     """A plot that cannot be drawn: no epochs logged, an unknown image format, matplotlib missing."""
+
+
+class ServeError(LstmlmError):
+    """A server that cannot start: its extra missing, an address that cannot be bound, bad limits."""
+
+
+class ExportError(LstmlmError):
+    """A model that cannot be exported: an unknown format, its extra missing, a runtime that disagrees."""

@@ -6,6 +6,7 @@ The CLI reads options, calls one function here, and renders what it returns:
     start_generation, Conversation   lstmlm generate (--interactive: one model, a turn per prefix)
     evaluate_file                    lstmlm evaluate
     inspect_run                      lstmlm inspect
+    export_run                       lstmlm export
 
 Runs are named, never pathed: `--run NAME` is `RUNS_DIR/NAME` in every command.
 """
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from . import checkpoint, config, distributed
 from .atomic import write_text_atomic
@@ -37,6 +38,9 @@ from .model import CharLM, convert
 from .runs import BEST, LATEST, RunStore, check_run_name
 from .train import Trainer
 from .units import Inspection, inspect_text
+
+if TYPE_CHECKING:
+    from .export import Exported
 from .vocab import Vocab
 
 # ---- training ---------------------------------------------------------------------------------
@@ -311,3 +315,15 @@ def inspect_run(
         page = html_page(inspection.layers, inspection.text, f"lstmlm inspect · {trained.store.name}", find, gate, ranking)
         write_text_atomic(html, page, "page")
     return InspectedRun(trained.store.name, inspection)
+
+
+def export_run(runs_dir: Path, run: str | None, format: str, output: Path | None = None, best: bool = False) -> Exported:
+    """A trained run's one-step model written to `output` (default: RUN.onnx or RUN.pt here),
+    checked against lstmlm first."""
+    from .export import FORMATS, SUFFIXES, export_model
+
+    if format not in FORMATS:
+        raise ConfigError(f"--format must be onnx or torchscript, not {format!r}")
+    trained = load_trained(runs_dir, run, best=best)
+    path = output if output is not None else Path(trained.store.name + SUFFIXES[format])
+    return export_model(trained.model, trained.vocab, trained.config.data.normalize, trained.prime, trained.store.name, path, format)

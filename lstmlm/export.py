@@ -1,0 +1,233 @@
+"""`lstmlm export`: a trained model as one step of its LSTM, for a runtime without lstmlm.
+
+    logits, H, C = step(ids, H, C)     ids (batch,) int64 · H, C (layers, batch, hiddens) float32
+                                       logits (batch, vocab): the next character's, before softmax
+
+ONNX (run by onnxruntime, or any ONNX runtime; needs `pip install 'lstmlm[export]'`) or
+TorchScript (torch.jit.load, libtorch in C++). The step is `OneStep`: the article's equations
+(`lstm.cell`, the code every core is checked against) on the model's parameters in the
+scratch layout, whichever core trained them, with the batch left open. The file carries what a
+loop needs besides the weights as metadata under "lstmlm" (JSON): the vocabulary (id → token),
+the text normalization, the prime (the training text generation reads before a prefix; see
+generate.prime_text), and the state's shape.
+
+Every export is checked before it is kept: the exported file, loaded in its runtime, steps
+through CHECK_STEPS characters beside lstmlm's own forward and must give the same logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from . import __version__
+from .atomic import write_atomic
+from .errors import ExportError
+from .lstm import GATES, Gates, cell, project
+from .model import CharLM, convert, scratch_layer
+from .vocab import Vocab
+
+FORMATS = ("onnx", "torchscript")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
+EXTRA_HINT = "exporting to ONNX needs onnx, onnxscript and onnxruntime: pip install 'lstmlm[export]'"
+CHECK_STEPS = 64  # characters the exported file steps through beside lstmlm before it is kept
+TOLERANCE = 1e-4  # the largest difference in a logit allowed between the two (float32 rounding)
+OPSET = 18
+
+
+class OneStep(nn.Module):
+    """One character through the model: ids, (H, C) → logits, (H', C'); no dropout, float32."""
+
+    def __init__(self, model: CharLM) -> None:
+        super().__init__()
+        weights = {k: v.detach().float().cpu().clone() for k, v in convert(model.state_dict(), "scratch").items()}
+        self.num_layers = model.num_layers
+        self.embedding = nn.Parameter(weights["embedding.weight"], requires_grad=False) if model.embedding is not None else None
+        self.layers = nn.ModuleList(
+            nn.ParameterDict({name: nn.Parameter(p, requires_grad=False) for name, p in scratch_layer(weights, k).items()})
+            for k in range(model.num_layers)
+        )
+        self.W_hq = nn.Parameter(weights["W_hq"], requires_grad=False)  # (hiddens, vocab)
+        self.b_q = nn.Parameter(weights["b_q"], requires_grad=False)
+
+    def forward(self, ids: torch.Tensor, H: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        X = self.embedding[ids] if self.embedding is not None else ids  # (batch, embedding) or ids, read as one-hot
+        Hs, Cs = [], []
+        for k in range(self.num_layers):
+            p = cast(Mapping[str, torch.Tensor], self.layers[k])  # the layer's twelve, by the article's names
+            step: Gates = cell({g: project(X, p[f"W_x{g}"]) for g in GATES}, H[k], C[k], p)
+            Hs.append(step.H)
+            Cs.append(step.C)
+            X = step.H  # the next layer reads this one's H
+        logits = X @ self.W_hq + self.b_q  # (batch, vocab)
+        return logits, torch.stack(Hs), torch.stack(Cs)
+
+
+def metadata(model: CharLM, vocab: Vocab, normalize: str, prime: str, run: str) -> dict[str, Any]:
+    """What a generation loop needs besides the weights."""
+    return {
+        "lstmlm": __version__,
+        "run": run,
+        "tokens": vocab.tokens,  # id → token; a token is one character, or "<unk>"
+        "normalize": normalize,  # "d2l": lowercase letters and spaces (lstmlm's data.text.normalize); "raw": as is
+        "prime": prime,
+        "layers": model.num_layers,
+        "hiddens": model.num_hiddens,
+        "inputs": ["ids", "H", "C"],
+        "outputs": ["logits", "H", "C"],
+    }
+
+
+@dataclass(frozen=True)
+class Exported:
+    path: Path
+    format: str
+    bytes: int
+    checked_steps: int
+    max_difference: float  # the largest |logit difference| with lstmlm over the checked steps
+
+
+def export_model(model: CharLM, vocab: Vocab, normalize: str, prime: str, run: str, path: Path, format: str) -> Exported:
+    """Write `model`'s one step to `path` in `format`, checked against lstmlm before it is kept
+    (written atomically: an export that fails leaves nothing, or the file that was there)."""
+    if format not in FORMATS:
+        raise ExportError(f"unknown format {format!r} (choose onnx or torchscript)")
+    step = OneStep(model).eval()
+    meta = metadata(model, vocab, normalize, prime, run)
+    with tempfile.TemporaryDirectory(prefix="lstmlm-export-") as tmp:
+        staged = Path(tmp) / f"model{SUFFIXES[format]}"
+        if format == "onnx":
+            write_onnx(step, meta, staged)
+        else:
+            write_torchscript(step, meta, staged)
+        difference = check(staged, format, model, len(vocab))
+        if not difference <= TOLERANCE:
+            raise ExportError(f"the exported model's logits differ from lstmlm's by {difference:.3g} (over {TOLERANCE:g}); nothing was written")
+        data = staged.read_bytes()
+    write_atomic(Path(path), lambda f: f.write(data), "exported model")
+    return Exported(Path(path), format, len(data), CHECK_STEPS, difference)
+
+
+def example_inputs(step: OneStep, hiddens: int, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    shape = (step.num_layers, batch, hiddens)
+    return torch.zeros(batch, dtype=torch.long), torch.zeros(shape), torch.zeros(shape)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """The exporters' progress lines, deprecation notes and logging are not the CLI's output."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
+def write_onnx(step: OneStep, meta: dict[str, Any], path: Path) -> None:
+    """torch's exporter (torch.export → ONNX), the batch dimension left open, metadata added."""
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (torch's exporter needs it)
+    except ImportError:
+        raise ExportError(EXTRA_HINT) from None
+    batch = torch.export.Dim("batch", min=1)
+    with quiet(), torch.no_grad():
+        program = torch.onnx.export(
+            step,
+            example_inputs(step, step.W_hq.shape[0]),
+            input_names=["ids", "H", "C"],
+            output_names=["logits", "H_next", "C_next"],
+            dynamic_shapes=({0: batch}, {1: batch}, {1: batch}),
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
+        )
+        assert program is not None
+        program.save(str(path))
+    proto = onnx.load(str(path))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "lstmlm", json.dumps(meta)
+    onnx.save(proto, str(path))
+
+
+def write_torchscript(step: OneStep, meta: dict[str, Any], path: Path) -> None:
+    """A traced module (the step has no data-dependent control flow), metadata as an extra file."""
+    with quiet(), torch.no_grad():
+        traced = torch.jit.trace(step, example_inputs(step, step.W_hq.shape[0]), check_trace=False)
+        torch.jit.save(traced, str(path), _extra_files={"lstmlm.json": json.dumps(meta)})
+
+
+# ---- reading an exported file back ------------------------------------------------------------
+
+
+def load_runtime(path: Path, format: str) -> Any:
+    """A callable (ids, H, C) → (logits, H, C) of numpy arrays, running the file in its runtime."""
+    import numpy as np
+
+    if format == "onnx":
+        try:
+            import onnxruntime
+        except ImportError:
+            raise ExportError(EXTRA_HINT) from None
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return lambda ids, H, C: tuple(session.run(None, {"ids": ids, "H": H, "C": C}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated; TorchScript files still load
+        module = torch.jit.load(str(path))
+
+    def run(ids: Any, H: Any, C: Any) -> tuple[Any, ...]:
+        with torch.no_grad():
+            outputs = module(torch.from_numpy(ids), torch.from_numpy(H), torch.from_numpy(C))
+        return tuple(np.asarray(t) for t in outputs)
+
+    return run
+
+
+def read_metadata(path: Path, format: str) -> dict[str, Any]:
+    """The metadata an export carries (`metadata`)."""
+    if format == "onnx":
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        return dict(json.loads(props["lstmlm"]))
+    extra = {"lstmlm.json": ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.load(str(path), _extra_files=extra)
+    return dict(json.loads(extra["lstmlm.json"]))
+
+
+@torch.no_grad()
+def check(path: Path, format: str, model: CharLM, vocab_size: int, steps: int = CHECK_STEPS, batch: int = 2) -> float:
+    """The largest |logit difference| between the exported file in its runtime, stepping one
+    character at a time from the zero state, and lstmlm's forward (of `model`, in eval mode on
+    the CPU) over the same characters."""
+    if model.training:
+        raise ExportError("the model must be in eval mode to be checked (dropout would differ)")
+    ids = torch.randint(vocab_size, (batch, steps), generator=torch.Generator().manual_seed(0))
+    expected, _ = model(ids)  # (batch, steps, vocab)
+    run = load_runtime(path, format)
+    shape = (model.num_layers, batch, model.num_hiddens)
+    H, C = torch.zeros(shape).numpy(), torch.zeros(shape).numpy()
+    worst = 0.0
+    for t in range(steps):
+        logits, H, C = run(ids[:, t].numpy(), H, C)
+        worst = max(worst, float((torch.from_numpy(logits) - expected[:, t]).abs().max()))
+    return worst

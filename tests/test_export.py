@@ -1,0 +1,131 @@
+"""`lstmlm export`: the exported one-step model, run by onnxruntime and by TorchScript, gives
+lstmlm's logits and state for 200 steps (both cores, 1 and 2 layers, an embedding); it carries
+what a loop needs; a greedy loop on it writes `lstmlm generate`'s text; the README's loop runs;
+and a failed export leaves nothing behind."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lstmlm import export as export_mod
+from lstmlm.export import export_model, load_runtime, read_metadata
+from lstmlm.model import CharLM
+from lstmlm.vocab import Vocab
+
+from conftest import assert_close, assert_one_error_line, cli, synthetic_text
+
+VOCAB = Vocab.build(synthetic_text(), order="frequency")
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def lively_model(core: str, layers: int, embedding: int = 0) -> CharLM:
+    """An untrained model with weights large enough that the logits move from step to step."""
+    torch.manual_seed(layers)
+    net = CharLM(len(VOCAB), num_hiddens=24, num_layers=layers, core=core, embedding=embedding)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.5)
+    return net.eval()
+
+
+@pytest.mark.parametrize("format", ["onnx", "torchscript"])
+@pytest.mark.parametrize(("core", "layers", "embedding"), [("scratch", 1, 0), ("scratch", 2, 0), ("cudnn", 1, 0), ("cudnn", 2, 0), ("cudnn", 2, 8)])
+def test_exported_step_gives_lstmlms_logits_for_200_steps(tmp_path: Path, format: str, core: str, layers: int, embedding: int) -> None:
+    if format == "onnx" and embedding:
+        pytest.skip("one embedding case is enough (TorchScript); the ONNX export is the slow one")
+    net = lively_model(core, layers, embedding)
+    path = tmp_path / f"model.{format}"
+    done = export_model(net, VOCAB, "raw", "the prime\n\n", "lively", path, format)
+    assert done.path == path and path.stat().st_size == done.bytes and done.max_difference <= 1e-4
+    ids = torch.randint(len(VOCAB), (3, 200), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected, (H_T, C_T) = net(ids)  # (3, 200, vocab): lstmlm's forward over the whole sequence
+    step = load_runtime(path, format)  # the file alone, in its runtime
+    H = C = np.zeros((layers, 3, 24), np.float32)
+    logits = []
+    for t in range(200):
+        out, H, C = step(ids[:, t].numpy(), H, C)
+        logits.append(torch.from_numpy(out))
+    assert_close(torch.stack(logits, dim=1), expected, 1e-5, f"{format} logits")
+    assert_close(torch.from_numpy(H), H_T, 1e-5, "H")
+    assert_close(torch.from_numpy(C), C_T, 1e-5, "C")
+    meta = read_metadata(path, format)
+    assert meta["tokens"] == VOCAB.tokens and meta["prime"] == "the prime\n\n" and (meta["layers"], meta["hiddens"]) == (layers, 24)
+
+
+def greedy(step: object, meta: dict[str, object], prefix: str, length: int) -> str:
+    """A loop that knows only the exported file: read the prime and the prefix, then argmax."""
+    tokens = list(meta["tokens"])  # type: ignore[call-overload]
+    index = {t: i for i, t in enumerate(tokens)}
+    H = C = np.zeros((meta["layers"], 1, meta["hiddens"]), np.float32)  # type: ignore[misc]
+    logits = None
+    for c in str(meta["prime"]) + prefix:
+        logits, H, C = step(np.array([index[c]]), H, C)  # type: ignore[operator]
+    text = prefix
+    for _ in range(length):
+        i = int(np.argmax(logits[0]))  # type: ignore[index]
+        text += tokens[i]
+        logits, H, C = step(np.array([i]), H, C)  # type: ignore[operator]
+    return text
+
+
+@pytest.mark.parametrize("format", ["onnx", "torchscript"])
+def test_a_greedy_loop_on_the_export_writes_what_lstmlm_generate_writes(tiny_runs: Path, tmp_path: Path, format: str) -> None:
+    out = tmp_path / "raw.model"
+    result = cli("export", "--run", "raw", "--runs-dir", tiny_runs, "--format", format, "-o", out)
+    assert result.code == 0, result.stderr
+    assert re.fullmatch(rf"wrote {re.escape(str(out))} \({format}, [\d,]+ bytes\); its logits match lstmlm's over 64 steps within \S+\n", result.stdout)
+    meta = read_metadata(out, format)
+    assert meta["prime"]  # the run has one: the loop must read it as generate does
+    expected = cli("generate", "--run", "raw", "--runs-dir", tiny_runs, "--prefix", "the", "--length", "80").stdout
+    assert greedy(load_runtime(out, format), meta, "the", 80) + "\n" == expected
+
+
+def test_the_readme_onnxruntime_loop_runs_on_an_export(
+    tiny_runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    block = README.read_text(encoding="utf-8").split("<!-- the onnxruntime loop -->")[1].split("```python\n")[1].split("```")[0]
+    assert len(block.strip().splitlines()) <= 14, "the README promises a short loop"
+    monkeypatch.chdir(tmp_path)
+    assert cli("export", "--run", "raw", "--runs-dir", tiny_runs, "-o", "model.onnx").code == 0
+    exec(compile(block.replace('"ROMEO:"', '"the"').replace('"shakespeare.onnx"', '"model.onnx"'), "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    tokens = read_metadata(tmp_path / "model.onnx", "onnx")["tokens"]
+    assert printed.startswith("the") and len(printed) >= len("the") + 200
+    assert set(printed.removesuffix("\n")) <= set("".join(tokens))
+
+
+def test_export_defaults_to_the_run_name_here(tiny_runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert cli("export", "--run", "d2l", "--runs-dir", tiny_runs, "--format", "torchscript").code == 0
+    assert (tmp_path / "d2l.pt").is_file()
+    assert read_metadata(tmp_path / "d2l.pt", "torchscript")["normalize"] == "d2l"
+
+
+def test_an_unknown_format_is_one_line(tiny_runs: Path, tmp_path: Path) -> None:
+    result = cli("export", "--run", "raw", "--runs-dir", tiny_runs, "--format", "tflite", "-o", tmp_path / "x")
+    assert_one_error_line(result, "--format must be onnx or torchscript, not 'tflite'")
+    assert not (tmp_path / "x").exists()
+
+
+def test_onnx_without_the_extra_is_a_one_line_hint(tiny_runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # import onnxscript now raises ImportError
+    result = cli("export", "--run", "raw", "--runs-dir", tiny_runs, "-o", tmp_path / "x.onnx")
+    assert_one_error_line(result, "pip install 'lstmlm[export]'")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_an_export_that_disagrees_with_lstmlm_is_not_kept(tiny_runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "model.pt"
+    target.write_bytes(b"the previous export")
+    monkeypatch.setattr(export_mod, "TOLERANCE", -1.0)  # no difference is small enough now
+    result = cli("export", "--run", "raw", "--runs-dir", tiny_runs, "--format", "torchscript", "-o", target)
+    assert_one_error_line(result, "the exported model's logits differ from lstmlm's", "nothing was written")
+    assert target.read_bytes() == b"the previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]

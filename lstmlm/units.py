@@ -21,7 +21,7 @@ what `lstmlm inspect` asks for; `units_page` draws the same analysis as an HTML 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -71,14 +71,15 @@ def check_gate(name: str) -> str:
 # ---- activations ------------------------------------------------------------------------------
 
 @torch.no_grad()
-def activations(model: CharLM, vocab: Vocab, text: str) -> list[LayerActivations]:
-    """Every layer's gates over `text`, starting from the zero state as generation does.
+def activations(model: CharLM, vocab: Vocab, text: str, context: str = "") -> list[LayerActivations]:
+    """Every layer's gates over `text`, starting from the zero state as generation does, or
+    from the state after reading `context` (generation's prime; its rows are left out).
 
     Characters outside the vocabulary read as `<unk>` (a vocabulary without one refuses them).
     """
     if not text:
         raise InspectError("the text to inspect is empty")
-    ids = vocab.encode(text).long()  # (steps,)
+    ids = vocab.encode(context + text).long()  # (steps,): one id per character
     # Read the parameters through the scratch layout: one code path for both cores, and the
     # forward's fused kernels never need to expose their intermediate gates.
     params = {k: v.detach().float().cpu() for k, v in convert(model.state_dict(), "scratch").items()}
@@ -88,6 +89,8 @@ def activations(model: CharLM, vocab: Vocab, text: str) -> list[LayerActivations
         layer = run_layer(X, scratch_layer(params, k))
         layers.append(layer)
         X = layer.H  # the next layer reads this one's H; no dropout at inference
+    if context:
+        layers = [LayerActivations(*(getattr(layer, f.name)[len(context) :] for f in fields(LayerActivations))) for layer in layers]
     return layers
 
 
@@ -123,6 +126,15 @@ def check_unit(layer: LayerActivations, unit: int) -> int:
     if not 0 <= unit < layer.num_hiddens:
         raise InspectError(f"unit {unit} does not exist: the layer has units 0..{layer.num_hiddens - 1}")
     return unit
+
+
+def strongest_units(layer: LayerActivations, gate: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """At every step, the k units furthest from the gate's neutral level (`level`): their
+    indices and values, each (steps, k), strongest first."""
+    k = min(k, layer.num_hiddens)
+    values = layer.gate(gate)
+    units = level(gate, values).abs().topk(k, dim=1).indices  # (steps, k)
+    return units, values.gather(1, units)
 
 
 def most_variable_units(layer: LayerActivations, gate: str, k: int) -> list[int]:
@@ -261,12 +273,14 @@ def inspect_text(
     units: list[int] | None = None,
     find: str | None = None,
     top: int = 3,
+    context: str = "",
 ) -> Inspection:
-    """Read `text` through the model and choose what to show: the given `units` of `layer`
-    (default: the last), else the `top` units that track `find` best, else the `top` that vary most."""
+    """Read `text` through the model (after `context`, if any) and choose what to show: the
+    given `units` of `layer` (default: the last), else the `top` units that track `find`
+    best, else the `top` that vary most."""
     check_gate(gate)
     seen = normalize(text, mode)
-    layers = activations(model, vocab, seen)
+    layers = activations(model, vocab, seen, context)
     shown_layer = layer if layer is not None else len(layers) - 1
     acts = check_layer(layers, shown_layer)
     ranking = find_units(layers, seen, find, gate, layer) if find else []

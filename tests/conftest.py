@@ -355,3 +355,93 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             result = cli(*common, *args)
             assert result.code == 0, result.stderr
     yield root / "runs"
+
+
+# ---- a real `lstmlm serve` process ------------------------------------------------------------------
+
+
+class ServeProcess:
+    """`python -m lstmlm serve ARGS --port 0` (a free loopback port): its URL once it serves,
+    and everything it wrote on stderr (drained by a thread, so the pipe never fills)."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lstmlm", "serve", "--port", "0", *args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        self.lines: list[str] = []
+        self._serving = threading.Event()
+        threading.Thread(target=self._drain, daemon=True).start()
+        self.url = ""
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+            if line.startswith("serving the runs"):
+                self.url = line.split(" at ")[1].split(" ")[0].rstrip("/")
+                self._serving.set()
+        self._serving.set()  # it ended: whoever waits learns it at once
+
+    def wait_serving(self, timeout: float = 90.0) -> ServeProcess:
+        self._serving.wait(timeout)
+        assert self.url, f"lstmlm serve did not start: {self.lines}"
+        return self
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.url.removeprefix("http://").rsplit(":", 1)
+        return host, int(port)
+
+    def rss(self) -> int:
+        """The server's resident memory in bytes (/proc)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def stop(self) -> int:
+        """Ctrl-C, as a user stops it; its exit code."""
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def serve_process() -> Iterator[Callable[..., ServeProcess]]:
+    """serve_process(*args, wait=True): start `lstmlm serve`; every one is stopped at teardown."""
+    started: list[ServeProcess] = []
+
+    def start(*args: str | Path, wait: bool = True) -> ServeProcess:
+        server = ServeProcess([str(a) for a in args])
+        started.append(server)
+        return server.wait_serving() if wait else server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 30.0) -> tuple[int, Any]:
+    """(status, parsed JSON) of a GET, or of a POST of `body` as JSON, with the standard library."""
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())

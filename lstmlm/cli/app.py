@@ -11,9 +11,11 @@ from .console import out
 from .download import download
 from .errors import friendly
 from .evaluate import evaluate
+from .export import export
 from .generate import generate
 from .inspect import inspect_
 from .plot import plot_
+from .serve import serve
 from .train import train
 
 app = typer.Typer(
@@ -33,6 +35,8 @@ for name, command in (
     ("bench", bench),
     ("plot", plot_),
     ("inspect", inspect_),
+    ("serve", serve),
+    ("export", export),
 ):
     app.command(name)(friendly(command))
 

@@ -1,0 +1,160 @@
+"""`lstmlm serve` under load: many clients streaming generations at once, for a while.
+
+    python benchmarks/bench_serve.py --runs-dir runs --run shakespeare [--clients 32] [--seconds 30]
+        [--length 500] [--max-concurrent 8] [--temperature 0.8]
+
+Starts `lstmlm serve` on a free loopback port (or uses --url, a server already running), warms
+it up, then runs --clients threads that each stream one generation after another (POST
+/api/generate, server-sent events) until --seconds have passed. Prints what happened to the
+requests (completed, refused with 503 at the concurrency limit, failed), the characters the
+server streamed per second in all, the time to a stream's first characters and to its end
+(median and 95th percentile, of completed streams), the most generations seen running at
+once, and the server's resident memory before and after (when it started the server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+
+def start_server(runs_dir: str, max_concurrent: int, max_length: int) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lstmlm", "serve", "--runs-dir", runs_dir, "--port", "0",
+         "--max-concurrent", str(max_concurrent), "--max-length", str(max_length)],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.startswith("serving the runs"):
+            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
+            return proc, line.split(" at ")[1].split(" ")[0].rstrip("/")
+    raise SystemExit(f"lstmlm serve did not start (exit code {proc.wait()})")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def get_json(url: str, path: str) -> Any:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("GET", path)
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
+def stream(url: str, body: dict[str, Any]) -> tuple[str, float, float, int]:
+    """(outcome, seconds to the first characters, seconds to the end, characters) of one generation."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=600)
+    start = time.perf_counter()
+    first = float("nan")
+    chars = 0
+    try:
+        conn.request("POST", "/api/generate", json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.status == 503:
+            response.read()
+            return "refused", first, time.perf_counter() - start, 0
+        if response.status != 200:
+            return f"HTTP {response.status}", first, time.perf_counter() - start, 0
+        name = ""
+        while line := response.readline():
+            text = line.decode().rstrip("\n")
+            if text.startswith("event: "):
+                name = text[7:]
+            elif text.startswith("data: ") and name == "text":
+                if chars == 0:
+                    first = time.perf_counter() - start
+                chars += len(json.loads(text[6:])["text"])
+            elif text.startswith("data: ") and name == "done":
+                return "completed", first, time.perf_counter() - start, chars
+        return "cut short", first, time.perf_counter() - start, chars
+    except OSError as e:
+        return f"{type(e).__name__}", first, time.perf_counter() - start, chars
+    finally:
+        conn.close()
+
+
+def percentiles(values: list[float]) -> str:
+    if not values:
+        return "–"
+    values = sorted(values)
+    p95 = values[min(len(values) - 1, round(0.95 * (len(values) - 1)))]
+    return f"median {statistics.median(values) * 1000:,.0f} ms, 95% {p95 * 1000:,.0f} ms"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--url", help="A server already running (default: start one on a free loopback port).")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--length", type=int, default=500)
+    parser.add_argument("--prefix", default="\n")
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--max-concurrent", type=int, default=8)
+    args = parser.parse_args()
+
+    proc, url = (None, args.url.rstrip("/")) if args.url else start_server(args.runs_dir, args.max_concurrent, args.length)
+    body = {"run": args.run, "prefix": args.prefix, "length": args.length, "temperature": args.temperature}
+    try:
+        for _ in range(3):  # the model loaded, the worker threads started
+            outcome = stream(url, body)[0]
+            if outcome != "completed":
+                raise SystemExit(f"a warm-up generation was {outcome}: is --run right?")
+        before = rss_mib(proc.pid) if proc else float("nan")
+        results: list[tuple[str, float, float, int]] = []
+        active: list[int] = []
+        end = time.perf_counter() + args.seconds
+
+        def client() -> None:
+            while time.perf_counter() < end:
+                results.append(stream(url, body))
+
+        threads = [threading.Thread(target=client) for _ in range(args.clients)]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            active.append(get_json(url, "/api/status")["active"])
+            time.sleep(0.25)
+        elapsed = time.perf_counter() - started
+        after = rss_mib(proc.pid) if proc else float("nan")
+        alive = proc is None or proc.poll() is None
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait()
+
+    outcomes = Counter(r[0] for r in results)
+    done = [r for r in results if r[0] == "completed"]
+    chars = sum(r[3] for r in results)
+    print(f"{args.clients} clients for {elapsed:.1f} s, run {args.run}, {args.length} characters a stream, "
+          f"at most {args.max_concurrent} at once on the server")  # fmt: skip
+    print("requests:            " + ", ".join(f"{n:,} {k}" for k, n in outcomes.most_common()))
+    print(f"streamed:            {chars:,} characters, {chars / elapsed:,.0f} characters/s in all")
+    print(f"first characters:    {percentiles([r[1] for r in done])}")
+    print(f"whole stream:        {percentiles([r[2] for r in done])}")
+    print(f"running at once:     at most {max(active, default=0)} seen")
+    print(f"server memory (RSS): {before:,.0f} MiB before, {after:,.0f} MiB after; still up: {'yes' if alive else 'NO'}")
+
+
+if __name__ == "__main__":
+    main()

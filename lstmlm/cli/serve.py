@@ -1,0 +1,36 @@
+"""`lstmlm serve`: the runs over HTTP, an API and a page (needs: pip install 'lstmlm[serve]')."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from ..runs import DEFAULT_RUNS_DIR
+from . import options
+from .console import err
+
+
+def serve(
+    runs_dir: options.RunsDir = DEFAULT_RUNS_DIR,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; anything but loopback lets other machines in (no authentication).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0: a free one).")] = 8000,
+    max_length: Annotated[int, typer.Option("--max-length", min=1, help="Most characters one generation may ask for.")] = 10_000,
+    max_text: Annotated[int, typer.Option("--max-text", min=1, help="Most characters of a prefix or of a text to inspect.")] = 5_000,
+    max_concurrent: Annotated[int, typer.Option("--max-concurrent", min=1, help="Generations and inspections at once; more are refused (503).")] = 8,
+    deadline: Annotated[float, typer.Option("--deadline", min=0.001, help="Seconds a generation may run; then it ends with what it made.")] = 60.0,
+    device: options.Device = "cpu",
+    precision: options.Precision = "fp32",
+) -> None:
+    """Serve the runs: an HTTP API (generate as server-sent events or JSON, inspect, metrics) and a page at /."""
+    from ..serve import Limits, open_server
+
+    server = open_server(runs_dir, host, port, Limits(max_length, max_text, max_concurrent, deadline), device, precision)
+    if not server.loopback:
+        err.print(f"[yellow]warning:[/] serving on {escape(host)}: anyone who can reach this machine can use the API (no authentication)", soft_wrap=True)
+    err.print(f"serving the runs in {escape(str(runs_dir))} at {server.url} (Ctrl-C stops)", soft_wrap=True, highlight=False)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn has shut down and passes Ctrl-C on: the way a server is stopped
+        err.print("stopped")

@@ -1,0 +1,360 @@
+"""The HTTP API and the page, on FastAPI: every route a thin layer over the library.
+
+    GET  /                           the page (static/index.html)
+    GET  /api/runs                   the runs: config, vocabulary size, best validation, last epoch
+    GET  /api/runs/{name}/metrics    a run's epochs (metrics.jsonl), for a chart that follows training
+    POST /api/generate               a prefix continued: server-sent events, or JSON with "stream": false
+    POST /api/inspect                a text's gates, per character (units.inspect_text)
+    GET  /api/status                 the limits and the generations running now
+
+Generation is `session.continue_prefix` — the text `lstmlm generate` prints for the same
+options — run in worker threads a few dozen milliseconds at a time, so the event loop never
+waits on the model. Every generation and inspection holds one of `Limits.max_concurrent`
+slots (more are refused at once with 503, never queued), a generation ends at its deadline
+with what it made, and the slot comes back however the request ends: done, failed, or its
+client gone (the response's `__call__` releases it, even for a stream never started).
+
+Errors are one-line JSON, {"error": "..."}: 400 malformed JSON or a path-like run name, 404
+an unknown run or route, 409 a run without a checkpoint yet, 422 a field out of bounds or
+unknown, 503 busy.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
+
+from .. import __version__
+from ..errors import CheckpointError, ConfigError, InspectError, LstmlmError, VocabError
+from ..runs import check_run_name
+from . import Limits
+from .catalog import Loaded, Models, NoCheckpoint, finite, list_runs, open_run
+
+STATIC = Path(__file__).resolve().parent / "static"
+PAGE_POLICY = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+Gate = Literal["cell", "hidden", "input", "forget", "output", "candidate"]  # units.GATES
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+class Strict(BaseModel):
+    """A request body: unknown fields refused, no NaN or infinity, no strings taken for numbers."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+
+class GenerateRequest(Strict):
+    """The options of `lstmlm generate`, with its defaults."""
+
+    run: str
+    prefix: str
+    length: int = Field(50, ge=0)
+    temperature: float = Field(0.0, ge=0.0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: list[StopString] = Field(default_factory=list, max_length=16)
+    prime: bool = True
+    best: bool = False
+    stream: bool = True
+
+
+class InspectRequest(Strict):
+    """What `lstmlm inspect` reads, and which values to send back per character."""
+
+    run: str
+    text: str
+    gate: Gate = "cell"
+    layer: int | None = Field(None, ge=0)
+    units: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=32)
+    top: int = Field(5, ge=0, le=32)  # per character, this many units furthest from neutral
+    prime: bool = True  # read the run's prime first, as generation does
+    best: bool = False
+
+
+class Slots:
+    """At most `n` generations and inspections at once; `take` answers at once, never waits."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.active = n, 0
+        self._lock = threading.Lock()
+
+    def take(self) -> None:
+        with self._lock:
+            if self.active >= self.n:
+                raise ApiError(503, f"busy: {self.n} requests are running, as many as this server runs at once; try again shortly", {"Retry-After": "1"})
+            self.active += 1
+
+    def give(self) -> None:
+        with self._lock:
+            self.active -= 1
+
+
+class HostCheck:
+    """Answer only requests whose Host header names one of `allowed` (any port): a loopback
+    server must not answer a page whose own name was rebound to 127.0.0.1 (DNS rebinding)."""
+
+    def __init__(self, app: Any, allowed: list[str]) -> None:
+        self.app, self.allowed = app, set(allowed)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = Headers(scope=scope).get("host", "")
+            name = host[: host.find("]") + 1] if host.startswith("[") else host.split(":")[0]
+            if name not in self.allowed:
+                message = f"this server answers requests for {', '.join(sorted(self.allowed))} only, not for Host {host!r}"
+                await JSONResponse({"error": one_line(message)}, 400)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that run `release` when the response ends, however it ends."""
+
+    def __init__(self, events: AsyncIterator[str], release: Callable[[], None]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.events, self.release = events, release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.events.aclose()  # type: ignore[attr-defined]
+            self.release()
+
+
+def event(name: str, data: dict[str, Any]) -> str:
+    """One server-sent event; the data is JSON, so a line break in the text is escaped."""
+    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def pull(steps: Any, deadline: float, within: float = 0.05, most: int = 512) -> tuple[str, str | None]:
+    """The text the model makes within `within` seconds (at most `most` characters) and why
+    the generation ended ("length", "stop", "deadline"; None: it goes on)."""
+    parts: list[str] = []
+    until = min(deadline, time.monotonic() + within)
+    for chars in steps:
+        parts.append(chars[0])
+        if len(parts) >= most or time.monotonic() >= until:
+            return "".join(parts), "deadline" if time.monotonic() >= deadline else None
+    return "".join(parts), "stop" if steps.ended[0] is not None else "length"
+
+
+def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", precision: str = "fp32", allowed_hosts: list[str] | None = None) -> FastAPI:
+    """The app over the runs in `runs_dir`. `allowed_hosts` (the Host header's names) keeps a
+    loopback server from answering pages that rebind a name of theirs to 127.0.0.1."""
+    app = FastAPI(title="lstmlm", version=__version__, docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
+    if allowed_hosts:
+        app.add_middleware(HostCheck, allowed=allowed_hosts)
+    models = Models(runs_dir, device, precision)
+    slots = Slots(limits.max_concurrent)
+    app.state.models, app.state.slots = models, slots
+
+    # ---- errors: one line of JSON -------------------------------------------------------------
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse({"error": one_line(e.message)}, e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        errors = e.errors()
+        if any(err["type"] == "json_invalid" for err in errors):
+            return JSONResponse({"error": "the body is not valid JSON"}, 400)
+        if any(err["loc"] == ("body",) for err in errors):  # not an object, or not sent as JSON at all
+            return JSONResponse({"error": "the body must be a JSON object, sent with Content-Type: application/json"}, 400)
+        return JSONResponse({"error": one_line("; ".join(describe(err) for err in errors))}, 422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
+        message = "no such page" if e.status_code == 404 else str(e.detail)
+        return JSONResponse({"error": one_line(message)}, e.status_code, headers=e.headers)
+
+    @app.exception_handler(LstmlmError)
+    async def library_error(_: Request, e: LstmlmError) -> JSONResponse:
+        status = 422 if isinstance(e, (ConfigError, VocabError, InspectError)) else 500
+        return JSONResponse({"error": one_line(str(e))}, status)
+
+    def run_named(name: str) -> str:
+        try:
+            check_run_name(name)
+            open_run(runs_dir, name)
+        except ConfigError:
+            raise ApiError(400, f"a run is named, not pathed: {name!r} is not a plain name under the runs directory") from None
+        except CheckpointError:
+            raise ApiError(404, f"no run named {name!r} in this server's runs directory") from None
+        return name
+
+    async def load(name: str, best: bool) -> Loaded:
+        run_named(name)
+        try:
+            return await anyio.to_thread.run_sync(models.get, name, best)
+        except NoCheckpoint as e:
+            raise ApiError(409, str(e)) from None
+
+    def within(text: str, what: str) -> None:
+        if len(text) > limits.max_text:
+            raise ApiError(422, f"{what} has {len(text):,} characters, over this server's limit of {limits.max_text:,}")
+
+    # ---- the page -------------------------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    # ---- runs -----------------------------------------------------------------------------------
+
+    @app.get("/api/runs")
+    async def runs() -> JSONResponse:
+        return JSONResponse({"runs": await anyio.to_thread.run_sync(list_runs, runs_dir)})
+
+    @app.get("/api/runs/{name}/metrics")
+    async def metrics(name: str) -> JSONResponse:
+        store = open_run(runs_dir, run_named(name))
+        return JSONResponse({"run": name, "epochs": finite(store.read_metrics())})
+
+    @app.get("/api/status")
+    async def status() -> JSONResponse:
+        return JSONResponse({"version": __version__, "active": slots.active, **vars(limits)})
+
+    # ---- generation -----------------------------------------------------------------------------
+
+    @app.post("/api/generate", response_model=None)
+    async def generate(body: GenerateRequest) -> Response:
+        from ..generate import Sampling
+        from ..session import continue_prefix
+
+        if body.length > limits.max_length:
+            raise ApiError(422, f"length {body.length:,} is over this server's limit of {limits.max_length:,} characters")
+        within(body.prefix, "the prefix")
+        loaded = await load(body.run, body.best)
+        trained = loaded.trained
+        sampling = Sampling(body.length, body.temperature, body.top_k, body.top_p, 1, body.seed, body.min_p, tuple(body.stop))
+        slots.take()
+        try:
+            generation = continue_prefix(trained, body.prefix, sampling, loaded.precision, trained.prime if body.prime else "")
+        except BaseException:
+            slots.give()
+            raise
+        steps = generation.steps
+        deadline = time.monotonic() + limits.deadline_s
+        head = {"run": body.run, "prefix": generation.prefix, "normalized": generation.normalized}
+
+        def release() -> None:
+            steps.close()
+            slots.give()
+
+        if not body.stream:
+            try:
+                while (reason := (await anyio.to_thread.run_sync(pull, steps, deadline, 1.0, 1 << 30))[1]) is None:
+                    pass
+            finally:
+                release()
+            text = steps.text[0]
+            return JSONResponse({**head, "text": text, "characters": len(text), "finish_reason": reason})
+
+        async def events() -> AsyncIterator[str]:
+            yield event("start", head)
+            made = 0
+            while True:
+                try:
+                    text, reason = await anyio.to_thread.run_sync(pull, steps, deadline)
+                except LstmlmError as e:
+                    yield event("error", {"error": one_line(str(e))})
+                    return
+                made += len(text)
+                if text:
+                    yield event("text", {"text": text})
+                if reason is not None:
+                    yield event("done", {"characters": made, "finish_reason": reason})
+                    return
+
+        return EventStream(events(), release)
+
+    # ---- inspection -----------------------------------------------------------------------------
+
+    @app.post("/api/inspect")
+    async def inspect(body: InspectRequest) -> JSONResponse:
+        within(body.text, "the text")
+        loaded = await load(body.run, body.best)
+        slots.take()
+        try:
+            return JSONResponse(await anyio.to_thread.run_sync(inspection, loaded, body))
+        finally:
+            slots.give()
+
+    return app
+
+
+def inspection(loaded: Loaded, body: InspectRequest) -> dict[str, Any]:
+    """`units.inspect_text` on the text, after the prime when asked, as JSON-ready data: the
+    chosen units' values and colours (units.colour, the one scale) per character, and per
+    character the `top` units furthest from the gate's neutral level."""
+    from ..units import check_layer, colour, inspect_text, level, strongest_units
+    from ..units_page import hex_colour
+
+    trained = loaded.trained
+    context = trained.prime if body.prime else ""
+    seen = inspect_text(trained.model, trained.vocab, trained.config.data.normalize, body.text, body.gate, body.layer, body.units or None, None, 3, context)
+    layer = body.layer if body.layer is not None else len(seen.layers) - 1
+    acts = check_layer(seen.layers, layer)
+    values = acts.gate(body.gate)  # (steps, hiddens)
+    units = []
+    for _, u in seen.chosen:
+        column = values[:, u]
+        units.append({"unit": u, "values": rounded(column.tolist()), "colours": [hex_colour(colour(v)) for v in level(body.gate, column).tolist()]})
+    top_units, top_values = strongest_units(acts, body.gate, body.top)
+    top = [[[u, v] for u, v in zip(us, rounded(vs))] for us, vs in zip(top_units.tolist(), top_values.tolist())]
+    return {
+        "run": trained.store.name,
+        "text": seen.text,
+        "normalized": seen.normalized,
+        "unknown": seen.unknown,
+        "gate": body.gate,
+        "layer": layer,
+        "layers": len(seen.layers),
+        "hiddens": acts.num_hiddens,
+        "units": units,
+        "top": top,
+    }
+
+
+def rounded(values: list[float]) -> list[float]:
+    return [round(v, 4) for v in values]
+
+
+def describe(error: Any) -> str:
+    """One validation error in words: the field, then what is wrong with it."""
+    where = ".".join(str(part) for part in error["loc"] if part != "body")
+    if error["type"] == "extra_forbidden":
+        return f"unknown field {where!r}"
+    if error["type"] == "missing":
+        return f"missing field {where!r}"
+    return f"{where}: {error['msg']}" if where else str(error["msg"])
+
+
+def one_line(message: str) -> str:
+    return " ".join(message.split())

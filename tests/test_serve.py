@@ -1,0 +1,343 @@
+"""`lstmlm serve`'s API with FastAPI's test client: every endpoint; generation equal to `lstmlm
+generate` (streamed and as JSON); inspection equal to the `inspect` analysis; metrics that
+follow a training; one loaded model per run; the bounds (length, text, concurrency, deadline);
+every bad request a 4xx with a one-line JSON error. The real server process, under load and
+in a browser, is tested in test_serve_process.py and test_page.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install '.[serve]')")
+
+from fastapi.testclient import TestClient
+
+from lstmlm.runs import RunStore
+from lstmlm.serve import Limits
+from lstmlm.serve.app import create_app
+from lstmlm.session import load_trained
+from lstmlm.units import activations, colour, level
+from lstmlm.units_page import hex_colour
+
+from conftest import assert_one_error_line, cli
+
+
+def client(runs: Path, **limits: Any) -> TestClient:
+    return TestClient(create_app(runs, Limits(**limits)))
+
+
+@pytest.fixture(scope="module")
+def api(tiny_runs: Path) -> Iterator[TestClient]:
+    with client(tiny_runs) as c:
+        yield c
+
+
+@pytest.fixture
+def runs_copy(tiny_runs: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained runs, for tests that write to them."""
+    shutil.copytree(tiny_runs, tmp_path / "runs")
+    return tmp_path / "runs"
+
+
+def events(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """A server-sent event stream as (event, data) pairs; every data line is strict JSON."""
+    parsed = []
+    for block in text.split("\n\n"):
+        if block:
+            name, data = block.split("\n")
+            assert name.startswith("event: ") and data.startswith("data: ")
+            parsed.append((name[7:], json.loads(data[6:], parse_constant=_not_json)))
+    return parsed
+
+
+def _not_json(constant: str) -> Any:
+    raise AssertionError(f"{constant} is not JSON")
+
+
+def streamed(api: TestClient, **body: Any) -> tuple[str, dict[str, Any], str]:
+    """(prefix, done event, continuation) of a streamed generation."""
+    response = api.post("/api/generate", json=body)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    got = events(response.text)
+    assert got[0][0] == "start" and got[-1][0] == "done" and all(name == "text" for name, _ in got[1:-1])
+    return got[0][1]["prefix"], got[-1][1], "".join(data["text"] for _, data in got[1:-1])
+
+
+def assert_error(response: Any, status: int, *fragments: str) -> None:
+    """A 4xx (or 5xx) whose body is exactly {"error": one line}."""
+    assert response.status_code == status, (response.status_code, response.text)
+    body = response.json()
+    assert list(body) == ["error"] and isinstance(body["error"], str)
+    assert "\n" not in body["error"] and body["error"] and "Traceback" not in body["error"]
+    for fragment in fragments:
+        assert fragment in body["error"], body["error"]
+
+
+# ---- generation: the text of `lstmlm generate` ------------------------------------------------------
+
+CASES = [
+    ("raw", "the", {}),  # greedy, the run's prime read first
+    ("raw", "the", {"temperature": 0.9, "seed": 3}),
+    ("raw", "was", {"temperature": 1.2, "top_k": 5, "top_p": 0.9, "min_p": 0.05, "seed": 11}),
+    ("raw", "the", {"temperature": 1.0, "seed": 4, "prime": False}),
+    ("d2l", "Time Traveller!", {"temperature": 0.8, "seed": 2}),  # normalized as d2l
+    ("raw", "was", {"best": True}),  # the best-validation checkpoint
+]
+
+
+@pytest.mark.parametrize(("run", "prefix", "options"), CASES)
+def test_generate_streams_the_text_lstmlm_generate_prints(api: TestClient, tiny_runs: Path, run: str, prefix: str, options: dict[str, Any]) -> None:
+    args = ["generate", "--run", run, "--runs-dir", tiny_runs, "--prefix", prefix, "--length", "150"]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        args += ([flag] if value is True else ["--no-prime"] if key == "prime" else [flag, str(value)])
+    expected = cli(*args).stdout
+    read, done, text = streamed(api, run=run, prefix=prefix, length=150, **options)
+    assert read + text + "\n" == expected
+    assert done == {"characters": len(text), "finish_reason": "length"}  # 150 tokens; "<unk>" is one of 5 characters
+    whole = api.post("/api/generate", json={"run": run, "prefix": prefix, "length": 150, "stream": False, **options}).json()
+    assert whole == {"run": run, "prefix": read, "normalized": read != prefix, "text": text, "characters": len(text), "finish_reason": "length"}
+
+
+def test_a_long_generation_streams_in_several_events(api: TestClient) -> None:
+    response = api.post("/api/generate", json={"run": "raw", "prefix": "the", "length": 3000, "temperature": 1.0, "seed": 1})
+    texts = [data["text"] for name, data in events(response.text) if name == "text"]
+    assert len(texts) >= 3000 // 512 and len("".join(texts)) >= 3000  # at most 512 steps an event
+
+
+def test_generate_ends_at_a_stop_string(api: TestClient, tiny_runs: Path) -> None:
+    body = {"run": "raw", "prefix": "the", "length": 300, "temperature": 1.0, "seed": 5}
+    full = api.post("/api/generate", json={**body, "stream": False}).json()["text"]
+    stop = full[50:53]
+    _, done, text = streamed(api, **body, stop=[stop, "never written"])
+    assert text == full[: full.index(stop)] and done["finish_reason"] == "stop"
+    args = ["generate", "--run", "raw", "--runs-dir", tiny_runs, "--prefix", "the", "--length", "300", "--temperature", "1", "--seed", "5"]
+    assert "the" + text + "\n" == cli(*args, "--stop", stop).stdout
+
+
+# ---- inspection: the `inspect` analysis ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("gate", "layer", "prime"), [("cell", None, True), ("forget", 0, True), ("hidden", 1, False), ("candidate", 0, True)])
+def test_inspect_gives_the_inspect_analysis_per_character(api: TestClient, tiny_runs: Path, gate: str, layer: int | None, prime: bool) -> None:
+    text = "the time traveller was"
+    answer = api.post("/api/inspect", json={"run": "raw", "text": text, "gate": gate, "layer": layer, "units": [3, 7], "top": 4, "prime": prime}).json()
+    trained = load_trained(tiny_runs, "raw")
+    acts = activations(trained.model, trained.vocab, text, trained.prime if prime else "")
+    shown = layer if layer is not None else 1
+    values = acts[shown].gate(gate)  # (steps, hiddens)
+    assert (answer["text"], answer["layer"], answer["layers"], answer["hiddens"], answer["gate"]) == (text, shown, 2, 16, gate)
+    assert [u["unit"] for u in answer["units"]] == [3, 7]
+    for u in answer["units"]:
+        column = values[:, u["unit"]]
+        assert u["values"] == pytest.approx(column.tolist(), abs=1e-4)
+        assert u["colours"] == [hex_colour(colour(v)) for v in level(gate, column).tolist()]
+    strength = level(gate, values).abs()
+    for t, top in enumerate(answer["top"]):
+        assert len(top) == 4
+        assert [strength[t, u] for u, _ in top] == sorted((strength[t, u] for u, _ in top), reverse=True)
+        assert min(strength[t, u] for u, _ in top) >= strength[t].topk(4).values[-1] - 1e-6
+        assert all(v == pytest.approx(float(values[t, u]), abs=1e-4) for u, v in top)
+
+
+def test_inspect_after_the_prime_differs_from_a_zero_state(api: TestClient) -> None:
+    body = {"run": "raw", "text": "the time", "units": [0]}
+    primed, cold = (api.post("/api/inspect", json={**body, "prime": p}).json()["units"][0]["values"] for p in (True, False))
+    assert primed != cold
+
+
+def test_inspect_without_units_shows_the_most_variable(api: TestClient, tiny_runs: Path) -> None:
+    answer = api.post("/api/inspect", json={"run": "d2l", "text": "the time traveller"}).json()
+    trained = load_trained(tiny_runs, "d2l")
+    spread = activations(trained.model, trained.vocab, "the time traveller")[0].C.std(dim=0)
+    assert [u["unit"] for u in answer["units"]] == spread.topk(3).indices.tolist()
+
+
+# ---- runs and metrics -----------------------------------------------------------------------------------
+
+
+def test_runs_lists_each_run_with_its_figures(api: TestClient, tiny_runs: Path) -> None:
+    runs = {r["name"]: r for r in api.get("/api/runs").json()["runs"]}
+    assert set(runs) == {"raw", "d2l"}
+    for name, run in runs.items():
+        store = RunStore.open(tiny_runs / name)
+        records = store.read_metrics()
+        assert run["config"] == store.config.to_dict() and run["vocab_size"] == len(store.vocab)
+        assert run["trained"] is True and run["epochs"] == 3 and run["last"] == records[-1]
+        validated = [r for r in records if r["val_perplexity"] is not None]
+        best = min(validated, key=lambda r: r["val_perplexity"]) if validated else None
+        assert run["best"] == (best and {"epoch": best["epoch"], "val_perplexity": best["val_perplexity"], "val_bpc": best["val_bpc"]})
+
+
+def test_metrics_follow_a_training_and_stay_strict_json(runs_copy: Path) -> None:
+    with client(runs_copy) as api:
+        before = api.get("/api/runs/raw/metrics").json()
+        assert before == {"run": "raw", "epochs": RunStore.open(runs_copy / "raw").read_metrics()}
+        RunStore.open(runs_copy / "raw").append_metrics({"epoch": 4, "train_perplexity": math.inf, "val_perplexity": 9.5})
+        after = api.get("/api/runs/raw/metrics")
+        json.loads(after.text, parse_constant=_not_json)  # infinity travels as null
+        assert after.json()["epochs"][-1] == {"epoch": 4, "train_perplexity": None, "val_perplexity": 9.5}
+        assert api.get("/api/runs").json()["runs"][0]["name"] == "raw"  # the run trained last comes first
+
+
+def test_a_run_still_in_its_first_epoch_is_listed_but_cannot_generate(runs_copy: Path) -> None:
+    young = runs_copy / "young"
+    young.mkdir()
+    shutil.copy(runs_copy / "raw" / "config.json", young)
+    shutil.copy(runs_copy / "raw" / "vocab.json", young)
+    with client(runs_copy) as api:
+        listed = {r["name"]: r for r in api.get("/api/runs").json()["runs"]}["young"]
+        assert listed["trained"] is False and listed["epochs"] == 0 and listed["best"] is None
+        assert api.get("/api/runs/young/metrics").json() == {"run": "young", "epochs": []}
+        assert_error(api.post("/api/generate", json={"run": "young", "prefix": "the"}), 409, "run young has no checkpoint yet")
+
+
+def test_one_model_per_run_reused_until_training_writes_a_new_checkpoint(runs_copy: Path) -> None:
+    app = create_app(runs_copy)
+    body = {"run": "raw", "prefix": "the", "length": 60, "stream": False}
+    with TestClient(app) as api:
+        first = api.post("/api/generate", json=body).json()["text"]
+        models = app.state.models
+        loaded = models.get("raw")
+        api.post("/api/generate", json=body)
+        assert models.get("raw") is loaded  # not read again
+        path = runs_copy / "raw" / "latest.pt"
+        payload = torch.load(path, weights_only=False)
+        payload["model"] = {k: -v for k, v in payload["model"].items()}  # a training step of sorts
+        torch.save(payload, path)
+        assert models.get("raw") is not loaded
+        assert api.post("/api/generate", json=body).json()["text"] != first
+
+
+# ---- the page -----------------------------------------------------------------------------------------
+
+
+def test_the_page_and_its_files_are_served_from_the_package(api: TestClient) -> None:
+    page = api.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert '<script src="/static/app.js">' in page.text and "http" not in page.text.replace("http-equiv", "")
+    for name, kind in (("app.js", "javascript"), ("style.css", "text/css")):
+        response = api.get(f"/static/{name}")
+        assert response.status_code == 200 and kind in response.headers["content-type"]
+        assert "http://" not in response.text and "https://" not in response.text  # no network resources
+    assert_error(api.get("/static/../runs.py"), 404)
+
+
+def test_status_reports_the_limits_and_the_work_in_flight(tiny_runs: Path) -> None:
+    with client(tiny_runs, max_length=123, max_concurrent=2, deadline_s=9.0) as api:
+        assert api.get("/api/status").json() == {"version": "0.1.0", "active": 0, "max_length": 123, "max_text": 5000, "max_concurrent": 2, "deadline_s": 9.0}
+
+
+# ---- bounds ---------------------------------------------------------------------------------------------
+
+
+def test_a_generation_ends_at_the_deadline_with_what_it_made(tiny_runs: Path) -> None:
+    with client(tiny_runs, max_length=10**9, deadline_s=0.3) as api:
+        _, done, text = streamed(api, run="raw", prefix="the", length=10**9, temperature=1.0)
+        assert done["finish_reason"] == "deadline" and 0 < done["characters"] == len(text) < 10**9
+        whole = api.post("/api/generate", json={"run": "raw", "prefix": "the", "length": 10**9, "stream": False}).json()
+        assert whole["finish_reason"] == "deadline" and 0 < whole["characters"] < 10**9
+        assert api.get("/api/status").json()["active"] == 0
+
+
+def test_requests_beyond_the_concurrency_limit_are_refused_at_once_and_the_slot_comes_back(tiny_runs: Path) -> None:
+    with client(tiny_runs, max_concurrent=1, max_length=10**8, deadline_s=120) as api:
+        long = {"run": "raw", "prefix": "the", "length": 10**8, "temperature": 1.0}
+        with api.stream("POST", "/api/generate", json=long) as first:
+            lines = first.iter_lines()
+            assert next(lines) == "event: start"  # the one slot is taken
+            assert api.get("/api/status").json()["active"] == 1
+            busy = api.post("/api/generate", json={"run": "raw", "prefix": "the"})
+            assert_error(busy, 503, "busy: 1 requests are running")
+            assert busy.headers["retry-after"] == "1"
+            assert_error(api.post("/api/inspect", json={"run": "raw", "text": "the"}), 503, "busy")
+        # the client hung up mid-stream: the generation stopped and gave its slot back
+        for _ in range(100):
+            if api.get("/api/status").json()["active"] == 0:
+                break
+            __import__("time").sleep(0.05)
+        assert api.get("/api/status").json()["active"] == 0
+        assert api.post("/api/generate", json={"run": "raw", "prefix": "the", "stream": False}).status_code == 200
+
+
+# ---- bad requests: 4xx, one line of JSON -----------------------------------------------------------------
+
+GOOD = {"run": "raw", "prefix": "the"}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ({**GOOD, "run": "nope"}, 404, "no run named 'nope'"),
+        ({**GOOD, "run": "../raw"}, 400, "not a plain name"),
+        ({**GOOD, "run": "/etc"}, 400, "not a plain name"),
+        ({**GOOD, "run": ".."}, 400, "not a plain name"),
+        ({**GOOD, "length": 10_001}, 422, "length 10,001 is over this server's limit of 10,000"),
+        ({**GOOD, "prefix": "the " * 1300}, 422, "the prefix has 5,200 characters, over this server's limit of 5,000"),
+        ({**GOOD, "bogus": 1}, 422, "unknown field 'bogus'"),
+        ({"prefix": "the"}, 422, "missing field 'run'"),
+        ({**GOOD, "length": "50"}, 422, "length: Input should be a valid integer"),
+        ({**GOOD, "length": -1}, 422, "length: Input should be greater than or equal to 0"),
+        ({**GOOD, "temperature": -0.5}, 422, "temperature"),
+        ({**GOOD, "top_p": 1.5}, 422, "top_p"),
+        ({**GOOD, "min_p": -1}, 422, "min_p"),
+        ({**GOOD, "seed": -3}, 422, "seed"),
+        ({**GOOD, "stop": [""]}, 422, "stop.0"),
+        ({**GOOD, "stop": ["x"] * 17}, 422, "stop"),
+        ({**GOOD, "prefix": "THE"}, 422, "prefix characters outside the model's vocabulary: 'E' 'H' 'T'"),
+        ({**GOOD, "prefix": ""}, 422, "the prefix is empty"),
+        ([GOOD], 400, "the body must be a JSON object"),
+    ],
+)
+def test_bad_generate_requests_are_4xx_with_one_line(api: TestClient, body: Any, status: int, fragment: str) -> None:
+    assert_error(api.post("/api/generate", json=body), status, fragment)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ({"run": "raw", "text": "the", "gate": "memory"}, 422, "gate"),
+        ({"run": "raw", "text": "the", "layer": 2}, 422, "layer 2 does not exist: the model has layers 0..1"),
+        ({"run": "raw", "text": "the", "units": [16]}, 422, "unit 16 does not exist: the layer has units 0..15"),
+        ({"run": "raw", "text": ""}, 422, "the text to inspect is empty"),
+        ({"run": "raw", "text": "x" * 5001}, 422, "the text has 5,001 characters"),
+        ({"run": "raw", "text": "the", "top": 99}, 422, "top"),
+        ({"run": "a/b", "text": "the"}, 400, "not a plain name"),
+        ({"run": "nope", "text": "the"}, 404, "no run named"),
+    ],
+)
+def test_bad_inspect_requests_are_4xx_with_one_line(api: TestClient, body: Any, status: int, fragment: str) -> None:
+    assert_error(api.post("/api/inspect", json=body), status, fragment)
+
+
+def test_malformed_json_is_400_and_nan_is_no_number(api: TestClient) -> None:
+    json_body = {"content-type": "application/json"}
+    assert_error(api.post("/api/generate", content='{"run": "raw", "prefix": ', headers=json_body), 400, "the body is not valid JSON")
+    assert_error(api.post("/api/generate", content='{"run": "raw", "prefix": "a", "temperature": NaN}', headers=json_body), 422, "temperature")
+
+
+def test_a_body_not_sent_as_json_is_400(api: TestClient) -> None:
+    assert_error(api.post("/api/generate", content=json.dumps(GOOD)), 400, "Content-Type: application/json")
+
+
+def test_unknown_routes_methods_and_run_names_in_paths(api: TestClient) -> None:
+    assert_error(api.get("/api/nothing"), 404, "no such page")
+    assert_error(api.get("/api/generate"), 405)
+    assert_error(api.get("/api/runs/nope/metrics"), 404, "no run named 'nope'")
+    assert_error(api.get("/api/runs/%2E%2E/metrics"), 400, "not a plain name")
+
+
+def test_serve_without_the_extra_is_a_one_line_hint(tiny_runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn now raises ImportError
+    assert_one_error_line(cli("serve", "--runs-dir", tiny_runs, "--port", "0"), "lstmlm serve needs FastAPI and uvicorn: pip install 'lstmlm[serve]'")

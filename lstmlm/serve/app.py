@@ -24,9 +24,9 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import anyio
 from fastapi import FastAPI, Request
@@ -43,6 +43,9 @@ from ..errors import CheckpointError, ConfigError, InspectError, LstmlmError, Vo
 from ..runs import check_run_name
 from . import Limits
 from .catalog import Loaded, Models, NoCheckpoint, finite, list_runs, open_run
+
+if TYPE_CHECKING:
+    from ..generate import Continuation
 
 STATIC = Path(__file__).resolve().parent / "static"
 PAGE_POLICY = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
@@ -131,7 +134,7 @@ class HostCheck:
 class EventStream(StreamingResponse):
     """Server-sent events that run `release` when the response ends, however it ends."""
 
-    def __init__(self, events: AsyncIterator[str], release: Callable[[], None]) -> None:
+    def __init__(self, events: AsyncGenerator[str, None], release: Callable[[], None]) -> None:
         super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.events, self.release = events, release
 
@@ -140,7 +143,7 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             with anyio.CancelScope(shield=True):
-                await self.events.aclose()  # type: ignore[attr-defined]
+                await self.events.aclose()
             self.release()
 
 
@@ -149,7 +152,7 @@ def event(name: str, data: dict[str, Any]) -> str:
     return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def pull(steps: Any, deadline: float, within: float = 0.05, most: int = 512) -> tuple[str, str | None]:
+def pull(steps: Continuation, deadline: float, within: float = 0.05, most: int = 512) -> tuple[str, str | None]:
     """The text the model makes within `within` seconds (at most `most` characters) and why
     the generation ended ("length", "stop", "deadline"; None: it goes on)."""
     parts: list[str] = []
@@ -276,7 +279,7 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
             text = steps.text[0]
             return JSONResponse({**head, "text": text, "characters": len(text), "finish_reason": reason})
 
-        async def events() -> AsyncIterator[str]:
+        async def events() -> AsyncGenerator[str, None]:
             yield event("start", head)
             made = 0
             while True:

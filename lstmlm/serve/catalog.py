@@ -10,10 +10,13 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError, LstmlmError
 from ..runs import BEST, LATEST, RunStore, check_run_name
+
+if TYPE_CHECKING:
+    from ..session import Trained
 
 
 class NoCheckpoint(CheckpointError):
@@ -82,7 +85,7 @@ def changed(store: RunStore) -> float:
 
 @dataclass(frozen=True)
 class Loaded:
-    trained: Any  # session.Trained (torch is imported only when a model is)
+    trained: Trained
     precision: str
     stamp: tuple[int, int]  # the checkpoint's (mtime_ns, size) when it was read
 

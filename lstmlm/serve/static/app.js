@@ -279,7 +279,7 @@ function series(epochs, key) {
 function drawChart(epochs) {
   const canvas = $("chart");
   const ratio = window.devicePixelRatio || 1;
-  const width = 520, height = 280;
+  const width = Math.max(300, Math.round(canvas.clientWidth || 520)), height = Math.round(width * 0.55);  // drawn at the size shown
   canvas.width = width * ratio;
   canvas.height = height * ratio;
   const g = canvas.getContext("2d");
@@ -322,8 +322,8 @@ function drawChart(epochs) {
   line(train, "#1f77b4");
   line(val, "#c2185b");
   g.textAlign = "left"; g.font = "12px system-ui, sans-serif";
-  g.fillStyle = "#1f77b4"; g.fillText("train", right - 110, top + 10);
-  g.fillStyle = "#c2185b"; g.fillText("validation", right - 70, top + 10);
+  g.fillStyle = "#1f77b4"; g.fillText("train", right - 100, top + 10);
+  g.fillStyle = "#c2185b"; g.fillText("validation", right - 62, top + 10);
   const last = epochs.at(-1);
   $("chart-info").textContent = `${epochs.length} epochs · last: train ${fixed(last.train_perplexity)}, validation ${fixed(last.val_perplexity)}`;
 }

@@ -19,7 +19,7 @@ end of the training text that generation reads before a prefix (see `prime_text`
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -213,23 +213,24 @@ CHUNK = 32  # characters made per resumption of the inner generator
 
 
 def generate(
-    model: CharLM, vocab: Vocab, prefix: str, sampling: Sampling = Sampling(), prime: str = "", precision: str = "fp32"
+    model: CharLM, vocab: Vocab, prefix: str, sampling: Sampling = Sampling(), prime: str | Sequence[str] = "", precision: str = "fp32"
 ) -> Continuation:
     """Per step, the next character of each of `sampling.num_samples` continuations of
     `prefix`, the state having read `prime` first (context that is not part of the output; see
-    `prime_text`). The products run in `precision` ("fp32" or "bf16"). With stop strings, see
-    `Continuation` for what a step holds.
+    `prime_text`): a text, or a list of tokens (what `Continuation.tokens` holds, where a
+    generated "<unk>" is one token). The products run in `precision` ("fp32" or "bf16"). With
+    stop strings, see `Continuation` for what a step holds.
 
     The characters are made `CHUNK` at a time: torch re-enters inference mode on every
     resumption of a decorated generator, which at a character's cost of ~0.1 ms is worth
     avoiding; a chunk still streams within a few milliseconds."""
-    chunks = _generate_chunks(model, vocab, prime + prefix, sampling, precision)
+    chunks = _generate_chunks(model, vocab, [*prime, *prefix], sampling, precision)
     return Continuation(chunks, sampling.stop, sampling.num_samples)
 
 
 @torch.inference_mode()
-def _generate_chunks(model: CharLM, vocab: Vocab, context: str, sampling: Sampling, precision: str) -> Iterator[list[list[str]]]:
-    """`generate`'s characters, CHUNK steps at a time, after reading `context`."""
+def _generate_chunks(model: CharLM, vocab: Vocab, context: Sequence[str], sampling: Sampling, precision: str) -> Iterator[list[list[str]]]:
+    """`generate`'s characters, CHUNK steps at a time, after reading `context` (its tokens)."""
     device = model.W_hq.device
     generator = torch.Generator(device=device)  # its own: sampling never moves the global RNG
     if sampling.seed is None:
@@ -262,6 +263,8 @@ class Continuation(Iterator[list[str]]):
     not (then that step adds them all); an ended sample adds "". The steps end when every
     sample has ended (the model stops working) or after `sampling.length` characters, and
     `ended[i]` is the stop string that ended sample i (None: it ran to its length).
+    `tokens[i]` is what the model wrote for sample i, stop string and held-back text included:
+    reading them back puts a model where this sample left it.
     """
 
     def __init__(self, chunks: Iterator[list[list[str]]], stop: tuple[str, ...], num_samples: int) -> None:
@@ -271,6 +274,7 @@ class Continuation(Iterator[list[str]]):
         self.ended: list[str | None] = [None] * num_samples
         self._held = [""] * num_samples  # per sample: text that may begin a stop string
         self._shown: list[list[str]] = [[] for _ in range(num_samples)]  # per sample: what the steps added
+        self.tokens: list[list[str]] = [[] for _ in range(num_samples)]  # per sample: what the model wrote
         self._finished = False
 
     @property
@@ -283,10 +287,15 @@ class Continuation(Iterator[list[str]]):
             raise StopIteration
         if not self.stop:
             released = next(self._steps)
+            for written, c in zip(self.tokens, released):
+                written.append(c)
         elif (chars := next(self._steps, None)) is None:  # the length is reached: what was held back was no stop after all
             self._finished = True
             released, self._held = self._held, [""] * len(self._held)
         else:
+            for written, c, ended in zip(self.tokens, chars, self.ended):
+                if ended is None:
+                    written.append(c)
             released = [self._scan(i, c) for i, c in enumerate(chars)]
             if all(e is not None for e in self.ended):
                 self.close()

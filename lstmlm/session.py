@@ -209,8 +209,9 @@ class Generation:
     steps: Continuation  # per step, the text each sample adds (see generate.Continuation)
 
 
-def continue_prefix(trained: Trained, prefix: str, sampling: Sampling, precision: str = "fp32", context: str = "") -> Generation:
-    """Continue `prefix` with a loaded model (on its device), having read `context` first."""
+def continue_prefix(trained: Trained, prefix: str, sampling: Sampling, precision: str = "fp32", context: str | list[str] = "") -> Generation:
+    """Continue `prefix` with a loaded model (on its device), having read `context` first (a
+    text, or tokens: see generate.generate)."""
     text = prepare_prefix(prefix, trained.vocab, trained.config.data.normalize)
     steps = generate(trained.model, trained.vocab, text, sampling, context, precision)
     return Generation(text, text != prefix, steps)
@@ -245,29 +246,34 @@ class Conversation:
 
     Without `carry` every turn starts afresh (after the prime), exactly as `lstmlm generate`
     with the same options. With `carry` a turn reads on from where the last one ended: its
-    context is the prime and the whole transcript so far — every prefix, every continuation
-    as far as it was shown and the stop string that ended it — which puts the LSTM in the state
-    that reading them gives, and an empty prefix simply continues.
+    context is the prime and every token read and written so far — each prefix, and what the
+    model wrote after it, held-back text and stop strings included, as far as it got — which
+    puts the LSTM in the state that reading them gives; an empty prefix simply continues. A
+    seed then moves on by one a turn (turn k samples with seed + k): the session repeats, but
+    its turns do not draw the same random numbers over again.
     """
 
     def __init__(self, trained: Trained, sampling: Sampling, precision: str = "fp32", prime: bool = True, carry: bool = False) -> None:
         if carry and sampling.num_samples > 1:
             raise ConfigError("--carry keeps one state between turns: it needs --num-samples 1")
         self.trained, self.sampling, self.precision, self.carry = trained, sampling, precision, carry
-        self.prime = trained.prime if prime else ""
-        self.transcript = ""  # with carry: everything read and written so far
+        self.context: list[str] = list(trained.prime if prime else "")  # the tokens every turn reads first
+        self.turns = 0
         self._last: Generation | None = None
 
     def turn(self, prefix: str) -> Generation:
-        if self.carry and self._last is not None:  # what the last turn showed, as far as it was read
-            last = self._last
-            self.transcript += last.prefix + last.steps.text[0] + (last.steps.ended[0] or "")
+        if self.carry and self._last is not None:  # the last turn, as far as the model got
+            self.context += [*self._last.prefix, *self._last.steps.tokens[0]]
             self._last = None
-        if self.carry and self.transcript and prefix == "":
+        sampling = self.sampling
+        if self.carry and sampling.seed is not None:
+            sampling = dataclasses.replace(sampling, seed=sampling.seed + self.turns)
+        if self.carry and self.turns and prefix == "":
             model, vocab = self.trained.model, self.trained.vocab
-            generation = Generation("", False, generate(model, vocab, "", self.sampling, self.prime + self.transcript, self.precision))
+            generation = Generation("", False, generate(model, vocab, "", sampling, self.context, self.precision))
         else:
-            generation = continue_prefix(self.trained, prefix, self.sampling, self.precision, self.prime + self.transcript)
+            generation = continue_prefix(self.trained, prefix, sampling, self.precision, self.context)
+        self.turns += 1
         self._last = generation
         return generation
 

@@ -155,6 +155,26 @@ def test_raw_prefix_with_unknown_characters_lists_them() -> None:
 
 
 
+def test_a_prime_of_tokens_reads_a_written_unk_back_as_one_token() -> None:
+    """What a continuation wrote, read back as context, is the state the model was in: a
+    generated "<unk>" is one token, not five characters the vocabulary does not know."""
+    net = lively_model()
+    first = generate(net, VOCAB, "time", Sampling(length=300, temperature=2.0, seed=1))
+    list(first)
+    assert "<unk>" in first.tokens[0]
+    context = [*"time", *first.tokens[0]]
+    after = sample(net, "t", 40, prime=context, temperature=1.0, seed=2)
+    ids = torch.tensor([[VOCAB.index[t] for t in [*context, "t"]]])
+    with torch.no_grad():
+        _, state = net(ids[:, :-1])
+        step = Stepper(net, state)
+        greedy = [VOCAB.tokens[int(step([int(ids[0, -1])]).argmax())]]
+        for _ in range(39):
+            greedy.append(VOCAB.tokens[int(step([VOCAB.index[greedy[-1]]]).argmax())])
+    assert sample(net, "t", 40, prime=context) == "t" + "".join(greedy)
+    assert after.startswith("t") and len(after) > 40
+
+
 def test_the_prime_is_read_before_the_prefix_and_left_out_of_the_text() -> None:
     net = lively_model()
     prime = "the time machine\n\n"
@@ -217,12 +237,13 @@ def test_a_stop_string_ends_the_sample_and_is_left_out() -> None:
     added, cont = continuation("abcabcab", "ca")
     assert "".join(added) == "ab" and cont.text == ["ab"] and cont.ended == ["ca"]
     assert added == ["a", "b", "", ""]  # "c" is held back until "a" shows it begins "ca"; then it ends
+    assert cont.tokens == [list("abca")]  # what the model wrote, the stop string included
 
 
 def test_text_held_back_is_released_once_it_cannot_begin_a_stop_string() -> None:
     added, cont = continuation("abcabd", "abd!")
     assert added == ["", "", "abc", "", "", "", "abd"]  # "abd" waits for a "!" that never comes: released at the end
-    assert cont.text == ["abcabd"] and cont.ended == [None]
+    assert cont.text == ["abcabd"] and cont.ended == [None] and cont.tokens == [list("abcabd")]
 
 
 def test_the_earliest_stop_string_wins() -> None:

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from lstmlm.generate import Sampling, generate
+from lstmlm.session import load_trained
+
 from conftest import cli
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX pseudo-terminals")
@@ -139,6 +142,24 @@ def test_carry_reads_on_from_where_the_last_turn_ended(tiny_runs: Path, terminal
         transcript = expected
     fresh = generate_text(tiny_runs, "was", *options)
     assert transcript[-len(fresh) :] != fresh  # what came before changed the continuation: the state was carried
+    term.type(b"\x04")
+    assert term.wait() == 0
+
+
+def test_carry_with_sampling_reads_back_every_token_the_model_wrote(tiny_runs: Path, terminal: type[Terminal]) -> None:
+    """Sampled, with a seed that moves on by one a turn: each turn is the library's generation
+    after every token so far, a "<unk>" the model wrote read back as the one token it was."""
+    trained = load_trained(tiny_runs, "raw")
+    term = terminal(["generate", "-i", "--carry", "--run", "raw", "--runs-dir", str(tiny_runs), "--length", "80", "--temperature", "1.3", "--seed", "5"])
+    term.read_until(PROMPT)
+    context, written = list(trained.prime), []
+    for k, prefix in enumerate(("the", "", "was", "", "")):
+        expected = generate(trained.model, trained.vocab, prefix, Sampling(length=80, temperature=1.3, seed=5 + k), context)
+        text = prefix + "".join(chars[0] for chars in expected)
+        assert turn(term, prefix) == text
+        context += [*prefix, *expected.tokens[0]]
+        written += expected.tokens[0]
+    assert "<unk>" in written  # the tiny model does write it at this temperature: the test has teeth
     term.type(b"\x04")
     assert term.wait() == 0
 

@@ -15,7 +15,7 @@ from .console import out
 
 def export(
     run: options.Run = None,
-    format: Annotated[str, typer.Option("--format", help="onnx (needs: pip install 'lstmlm[export]') or torchscript.")] = "onnx",
+    format: Annotated[str, typer.Option("--format", help="onnx (needs: pip install 'lstmlm\\[export]') or torchscript.")] = "onnx",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="The file to write (default: RUN.onnx or RUN.pt here).")] = None,
     best: options.Best = False,
     runs_dir: options.RunsDir = DEFAULT_RUNS_DIR,

@@ -273,35 +273,38 @@ class Continuation(Iterator[list[str]]):
         self.stop = stop
         self.ended: list[str | None] = [None] * num_samples
         self._held = [""] * num_samples  # per sample: text that may begin a stop string
-        self._shown: list[list[str]] = [[] for _ in range(num_samples)]  # per sample: what the steps added
-        self.tokens: list[list[str]] = [[] for _ in range(num_samples)]  # per sample: what the model wrote
+        self._added: list[list[str]] = []  # per step: what each sample added (one list append a step)
+        self._written: list[list[str]] = []  # with stop strings, per step: what the model wrote for each sample
+        self._ends: list[int | None] = [None] * num_samples  # per sample: the steps it wrote before it ended
         self._finished = False
 
     @property
     def text(self) -> list[str]:
         """Per sample, the continuation the steps have added so far."""
-        return ["".join(parts) for parts in self._shown]
+        return ["".join(step[i] for step in self._added) for i in range(len(self.ended))]
+
+    @property
+    def tokens(self) -> list[list[str]]:
+        """Per sample, the tokens the model wrote so far (stop string and held-back text included)."""
+        if not self.stop:
+            return [[step[i] for step in self._added] for i in range(len(self.ended))]
+        return [[step[i] for step in self._written[:end]] for i, end in enumerate(self._ends)]
 
     def __next__(self) -> list[str]:
         if self._finished:
             raise StopIteration
         if not self.stop:
-            released = next(self._steps)
-            for written, c in zip(self.tokens, released):
-                written.append(c)
+            added = next(self._steps)
         elif (chars := next(self._steps, None)) is None:  # the length is reached: what was held back was no stop after all
             self._finished = True
-            released, self._held = self._held, [""] * len(self._held)
+            added, self._held = self._held, [""] * len(self._held)
         else:
-            for written, c, ended in zip(self.tokens, chars, self.ended):
-                if ended is None:
-                    written.append(c)
-            released = [self._scan(i, c) for i, c in enumerate(chars)]
+            self._written.append(chars)
+            added = [self._scan(i, c) for i, c in enumerate(chars)]
             if all(e is not None for e in self.ended):
                 self.close()
-        for shown, t in zip(self._shown, released):
-            shown.append(t)
-        return released
+        self._added.append(added)
+        return added
 
     def _scan(self, i: int, c: str) -> str:
         """What sample i shows after adding c: text no stop string can begin any more."""
@@ -311,7 +314,7 @@ class Continuation(Iterator[list[str]]):
         found = [(held.find(s), s) for s in self.stop if s in held]
         if found:
             at, s = min(found)  # the earliest occurrence ends the sample
-            self.ended[i], self._held[i] = s, ""
+            self.ended[i], self._held[i], self._ends[i] = s, "", len(self._written)
             return held[:at]
         keep = next((k for k in range(len(held)) if any(s.startswith(held[k:]) for s in self.stop)), len(held))
         self._held[i] = held[keep:]

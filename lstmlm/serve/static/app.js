@@ -349,4 +349,5 @@ $("prev").addEventListener("click", () => stepUnit(-1));
 $("next").addEventListener("click", () => stepUnit(1));
 $("output").addEventListener("mouseover", hover);
 setInterval(refreshMetrics, POLL_MS);
+api("/api/status").then((limits) => { $("length").max = String(limits.max_length); }).catch(() => {});
 loadRuns().catch((e) => status("runs: " + e.message, true));

@@ -1,8 +1,10 @@
 """Corpora by name: the known ones (name → URL, SHA-1), the cache they live in, downloading them.
 
 A download streams into a temporary file beside its destination, is checked against its SHA-1,
-and only then renamed into place, so the cache never holds a partial or wrong file. Reading
-and normalizing the text is the data pipeline's first stage (`lstmlm.data.text`).
+and only then renamed into place, so the cache never holds a partial or wrong file. A known
+corpus that comes zipped (enwik8) is then unzipped by the standard library, its member's CRC
+checked, into the cache the same way. Reading and normalizing the text is the data
+pipeline's first stage (`lstmlm.data`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import re
 import time
 import urllib.parse
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +30,16 @@ from .errors import CorpusError, DownloadError
 class KnownCorpus:
     name: str
     url: str
-    sha1: str
+    sha1: str  # of the file downloaded (the archive, for a zipped corpus)
     filename: str
+    normalize: str = "raw"  # how `--normalize auto` reads it
+    split: str = ""  # its standard train,validation,test split, if it has one
+    member: str | None = None  # the file inside a zip archive that is the corpus
+
+    @property
+    def corpus_filename(self) -> str:
+        """The name of the corpus file in the cache (the archive's member, unzipped)."""
+        return self.member or self.filename
 
 
 KNOWN: dict[str, KnownCorpus] = {
@@ -39,12 +50,26 @@ KNOWN: dict[str, KnownCorpus] = {
             "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt",
             "090b5e7e70c295757f55df93cb0a180b9691891a",
             "timemachine.txt",
+            normalize="d2l",
         ),
         KnownCorpus(
             "tinyshakespeare",
             "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
             "04486597058d11dcc2c556b1d0433891eb639d2e",
             "tinyshakespeare.txt",
+        ),
+        # Hutter's enwik8: the first 10^8 bytes of an English Wikipedia dump, the standard
+        # character-level benchmark, reported in bits per byte on its 90M/5M/5M split. The SHA-1
+        # of enwik8.zip (36,445,475 bytes) as GluonNLP pins it for this URL:
+        # dmlc/gluon-nlp, scripts/datasets/url_checksums/language_model.txt.
+        KnownCorpus(
+            "enwik8",
+            "http://mattmahoney.net/dc/enwik8.zip",
+            "d856b1ccd937c51aeb9c342e47666fb8c38e7e72",
+            "enwik8.zip",
+            normalize="bytes",
+            split="90M,5M,5M",
+            member="enwik8",
         ),
     )
 }
@@ -56,6 +81,9 @@ CHUNK_BYTES = 1 << 16
 
 # progress(bytes_so_far, total_bytes_or_None) is called as the download streams.
 Progress = Callable[[int, "int | None"], None]
+# stage_progress(stage, done, total_or_None): the same for each stage of getting a corpus ready
+# ("downloading", "unzipping", "reading", "encoding"), in bytes; the CLI draws one bar a stage.
+StageProgress = Callable[[str, int, "int | None"], None]
 
 
 def cache_dir(override: str | Path | None = None) -> Path:
@@ -80,6 +108,13 @@ class Target:
     url: str
     sha1: str | None
     path: Path
+    member: str | None = None  # unzip this member of the downloaded archive...
+    extracted: Path | None = None  # ...into this file: the corpus
+
+    @property
+    def corpus_path(self) -> Path:
+        """The corpus file this target gives: the download itself, or the member unzipped from it."""
+        return self.extracted or self.path
 
 
 def resolve_target(
@@ -91,7 +126,8 @@ def resolve_target(
         known = KNOWN[name_or_url]
         if sha1 is not None and sha1.lower() != known.sha1:
             raise DownloadError(f"'{known.name}' has SHA-1 {known.sha1}; --sha1 {sha1} contradicts it")
-        return Target(url or known.url, known.sha1, root / known.filename)
+        extracted = root / known.member if known.member else None
+        return Target(url or known.url, known.sha1, root / known.filename, known.member, extracted)
     if not re.match(r"^https?://", name_or_url):
         raise DownloadError(
             f"unknown corpus '{name_or_url}': use one of {', '.join(KNOWN)} or an http(s) URL"
@@ -105,16 +141,27 @@ def resolve_target(
 
 
 def is_cached(target: Target) -> bool:
-    """A cached file counts only when its checksum is right (or none is known)."""
+    """A cached file counts only when its checksum is right (or none is known), and, for an
+    archive, when its member has been unzipped whole beside it."""
     if not target.path.is_file():
         return False
-    return target.sha1 is None or sha1_of(target.path) == target.sha1
+    if target.sha1 is not None and sha1_of(target.path) != target.sha1:
+        return False
+    return target.extracted is None or _unzipped_whole(target)
 
 
-def download(target: Target, force: bool = False, progress: Progress | None = None) -> Path:
-    """Fetch `target` into the cache unless a verified copy is there; return its path."""
+def download(target: Target, force: bool = False, progress: Progress | None = None, unzip_progress: Progress | None = None) -> Path:
+    """Fetch `target` into the cache unless a verified copy is there (unzipping its member, if
+    it is an archive); return the corpus file's path."""
     if not force and is_cached(target):
-        return target.path
+        return target.corpus_path
+    path = _fetch(target, progress)
+    if target.member is not None:
+        return unzip(target, unzip_progress)
+    return path
+
+
+def _fetch(target: Target, progress: Progress | None) -> Path:
     try:
         target.path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -194,10 +241,47 @@ def _root_cause(e: BaseException) -> str:
     return type(e).__name__
 
 
-def locate(source: str, progress: Progress | None = None) -> Path:
+def unzip(target: Target, progress: Progress | None = None) -> Path:
+    """Unzip the target's member beside the archive (streamed, its CRC checked by `zipfile`,
+    renamed into place only when whole); return its path."""
+    assert target.member is not None and target.extracted is not None
+    try:
+        with zipfile.ZipFile(target.path) as archive:
+            info = archive.getinfo(target.member)
+
+            def copy(out: IO[bytes]) -> None:
+                done = 0
+                with archive.open(info) as member:
+                    while chunk := member.read(1 << 20):
+                        out.write(chunk)
+                        done += len(chunk)
+                        if progress is not None:
+                            progress(done, info.file_size)
+
+            write_atomic(target.extracted, copy, "unzipped corpus")
+    except KeyError:
+        raise DownloadError(f"{target.path} does not hold {target.member}") from None
+    except (zipfile.BadZipFile, EOFError) as e:  # a bad CRC or a damaged archive
+        raise DownloadError(f"{target.path} is damaged: {e}") from None
+    return target.extracted
+
+
+def _unzipped_whole(target: Target) -> bool:
+    """The member is unzipped, with the size the archive gives it."""
+    assert target.member is not None and target.extracted is not None
+    try:
+        with zipfile.ZipFile(target.path) as archive:
+            return target.extracted.stat().st_size == archive.getinfo(target.member).file_size
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return False
+
+
+def locate(source: str, progress: StageProgress | None = None) -> Path:
     """The local path of a corpus: a known name (downloaded into the cache on first use) or a path."""
     if source in KNOWN and not Path(source).exists():
-        return download(resolve_target(source), progress=progress)
+        fetched = (lambda done, total: progress("downloading", done, total)) if progress else None
+        unzipped = (lambda done, total: progress("unzipping", done, total)) if progress else None
+        return download(resolve_target(source), progress=fetched, unzip_progress=unzipped)
     path = Path(source).expanduser()
     if not path.exists():
         known = f"; known corpora: {', '.join(KNOWN)}" if os.sep not in source else ""

@@ -26,6 +26,10 @@ class Stepped:
     epoch: int  # 1-based, the epoch in progress
     step: int  # batches done in this epoch
     global_step: int
+    batches: int = 0  # batches in this epoch
+    tokens: int = 0  # tokens trained on in this epoch so far (all processes)
+    epoch_tokens: int = 0  # tokens in the whole epoch
+    tokens_per_s: float = 0.0  # this epoch's rate so far
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class Evaluated:
     epoch: int  # epochs completed
     global_step: int
     val_perplexity: float
-    val_bpc: float
+    val_bpc: float  # bits per token: per character, or per byte in bytes mode
     best: bool  # the best validation so far: best.pt was just written
 
 

@@ -4,7 +4,7 @@ The CLI reads options, calls one function here, and renders what it returns:
 
     prepare_training → training      lstmlm train (config → data → run store → lock → Trainer → resume)
     start_generation                 lstmlm generate
-    evaluate_file                    lstmlm evaluate
+    evaluate_file, evaluate_part     lstmlm evaluate FILE, lstmlm evaluate --part val|test
     inspect_run                      lstmlm inspect
 
 Runs are named, never pathed: `--run NAME` is `RUNS_DIR/NAME` in every command.
@@ -12,8 +12,10 @@ Runs are named, never pathed: `--run NAME` is `RUNS_DIR/NAME` in every command.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import dataclasses
+import glob
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,13 +26,13 @@ from typing import Any, cast
 from . import checkpoint, config, distributed
 from .atomic import write_text_atomic
 from .config import Config
-from .corpus import Progress
-from .data.pipeline import Data, prepare_data
-from .data.text import read_text
+from .corpus import StageProgress
+from .data.pipeline import Data, encode_file, prepare_data
+from .data.text import as_text, normalize, read_text
 from .device import resolve_device, resolve_precision
 from .distributed import World
 from .errors import ConfigError
-from .evaluation import Score, score_text
+from .evaluation import Score, score_ids
 from .events import Event
 from .generate import Sampling, generate, prepare_prefix
 from .model import CharLM, convert
@@ -67,8 +69,13 @@ class StopFlag:
 
 
 def default_run_name(cfg: Config, runs_dir: Path) -> str:
-    """corpus-model, with -2, -3, ... when that run exists already."""
-    base = f"{Path(cfg.data.corpus).stem or 'corpus'}-{cfg.model.model}"
+    """corpus-model, with -2, -3, ... when that run exists already (a glob's corpus is named by
+    the folder it starts in: 'linux/**/*.[ch]' → linux)."""
+    corpus = Path(cfg.data.corpus)
+    if glob.has_magic(cfg.data.corpus):
+        plain = [part for part in corpus.parts if not glob.has_magic(part) and part not in ("/", ".", "..", "~")]
+        corpus = Path(plain[-1] if plain else "corpus")
+    base = f"{corpus.stem or 'corpus'}-{cfg.model.model}"
     name, n = base, 1
     while (runs_dir / name).exists():
         n += 1
@@ -110,10 +117,10 @@ def prepare_training(
     overrides: dict[str, Any] | None = None,
     config_file: Path | None = None,
     resume: bool = False,
-    progress: Progress | None = None,
+    progress: StageProgress | None = None,
 ) -> Plan:
     """The effective config (a file, then options; or the resumed run's) and its data, read or
-    downloaded (`progress` follows a download). Nothing is written yet."""
+    downloaded and encoded (`progress` follows each stage). Nothing is written in the run yet."""
     overrides = overrides or {}
     if run is not None:
         check_run_name(run)
@@ -124,7 +131,7 @@ def prepare_training(
         base = config.load(config_file) if config_file else Config()
         cfg = base.with_overrides(overrides).resolved()
     resolve_device(cfg.train.device)  # an absent device is refused before any download
-    data = prepare_data(cfg, vocab=store.vocab if store else None, progress=progress)
+    data = prepare_data(cfg, vocab=store.vocab if store else None, progress=progress, scratch=runs_dir)
     return Plan(cfg, data, runs_dir, run, store)
 
 
@@ -162,11 +169,12 @@ def training(plan: Plan) -> Iterator[Training]:
 
 
 def create_run(path: Path, cfg: Config, vocab: Vocab, world: World) -> RunStore:
-    """Rank 0 creates the run; the others open it once it exists."""
+    """Rank 0 creates the run; the others only name it (they never write it, and on another
+    machine it is not even there)."""
     distributed.barrier(world)  # every process has chosen the name before it exists
-    store = RunStore.create(path, cfg, vocab) if world.is_main else None
+    store = RunStore.create(path, cfg, vocab) if world.is_main else RunStore(path)
     distributed.barrier(world)
-    return store or RunStore.open(path)
+    return store
 
 
 # ---- a trained model ----------------------------------------------------------------------------
@@ -202,7 +210,7 @@ def load_trained(runs_dir: Path, run: str | None = None, core: str | None = None
 class Generation:
     prefix: str  # as the model reads it: d2l-normalized for a d2l model
     normalized: bool  # whether that changed the prefix given
-    steps: Iterator[list[str]]  # per step, the next character of each sample
+    steps: Iterator[list[str]]  # per step, the next text of each sample (a character; for a bytes model, what its bytes decode to so far)
 
 
 def start_generation(
@@ -220,20 +228,68 @@ def start_generation(
     trained = load_trained(runs_dir, run, core, best)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    text = prepare_prefix(prefix, trained.vocab, trained.config.data.normalize)
+    mode = trained.config.data.normalize
+    text = prepare_prefix(normalize(prefix, mode) if mode == "bytes" else prefix, trained.vocab, mode)
     context = trained.prime if prime else ""
     steps = generate(trained.model.to(dev), trained.vocab, text, sampling, context, prec)
+    if mode == "bytes":
+        return Generation(as_text(text, mode), False, _decoded(steps, sampling.num_samples))
     return Generation(text, text != prefix, steps)
 
 
+def _decoded(steps: Iterator[list[str]], samples: int) -> Iterator[list[str]]:
+    """A bytes model's steps as text: each sample's bytes decoded as UTF-8 as they come (a
+    character made of several bytes appears with its last; an invalid sequence as U+FFFD)."""
+    decoders = [codecs.getincrementaldecoder("utf-8")("replace") for _ in range(samples)]
+    for symbols in steps:
+        yield [d.decode(c.encode("latin-1")) for d, c in zip(decoders, symbols)]
+    yield [d.decode(b"", final=True) for d in decoders]
+
+
 def evaluate_file(
-    runs_dir: Path, run: str | None, file: Path, best: bool = False, device: str = "cpu", precision: str = "fp32"
+    runs_dir: Path,
+    run: str | None,
+    file: Path,
+    best: bool = False,
+    device: str = "cpu",
+    precision: str = "fp32",
+    progress: StageProgress | None = None,
 ) -> Score:
-    """Perplexity and bits per character of a text file under a trained model, as validation measures them."""
+    """Perplexity and bits per character (per byte) of a text file — or a directory, or a glob —
+    under a trained model, as validation measures them: all of it, streamed like a corpus."""
     trained = load_trained(runs_dir, run, best=best)
     dev = resolve_device(device)
     d = trained.config.data
-    return score_text(trained.model, trained.vocab, read_text(file), d.normalize, d.batch_size, d.num_steps, dev, resolve_precision(precision, dev))
+    encoded = encode_file(file, trained.vocab, d.normalize, progress, scratch=runs_dir)
+    return score_ids(trained.model, encoded.ids, encoded.unknown, d.normalize, d.batch_size, d.num_steps, dev, resolve_precision(precision, dev))
+
+
+PARTS = ("train", "val", "test")
+
+
+def evaluate_part(
+    runs_dir: Path,
+    run: str | None,
+    part: str,
+    best: bool = False,
+    device: str = "cpu",
+    precision: str = "fp32",
+    progress: StageProgress | None = None,
+) -> Score:
+    """The same for a part of the run's own corpus: its whole validation or test text (the
+    split the run was trained with; training validated on a sample of it, `val_tokens`)."""
+    if part not in PARTS:
+        raise ConfigError(f"--part must be one of {', '.join(PARTS)}, not {part!r}")
+    trained = load_trained(runs_dir, run, best=best)
+    dev = resolve_device(device)
+    d = trained.config.data
+    data = prepare_data(trained.config, vocab=trained.vocab, progress=progress, scratch=runs_dir)
+    ids = {"train": data.train, "val": data.val, "test": data.test}[part]
+    if len(ids) < 2:
+        how = f"--split {d.split}" if d.split else f"--val-fraction {d.val_fraction}"
+        raise ConfigError(f"run {trained.store.name} has no {part} text (it was trained with {how})")
+    unknown = trained.vocab.count_unknown(ids)
+    return score_ids(trained.model, ids, unknown, d.normalize, d.batch_size, d.num_steps, dev, resolve_precision(precision, dev))
 
 
 @dataclass(frozen=True)

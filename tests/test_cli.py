@@ -336,7 +336,7 @@ def test_corpus_directory_without_files(train_into: Any, tmp_path: Path) -> None
         (("--model", "gru"), "[model] model must be one of scratch, cudnn, not 'gru'"),
         (("--optimizer", "rmsprop"), "[train] optimizer must be one of sgd, adam, adamw, not 'rmsprop'"),
         (("--iterator", "shuffled"), "[data] iterator must be one of sequential, random, not 'shuffled'"),
-        (("--normalize", "lower"), "[data] normalize must be one of d2l, raw, not 'lower'"),
+        (("--normalize", "lower"), "[data] normalize must be one of d2l, raw, bytes, auto, not 'lower'"),
         (("--hidden", str(2**70)), "[model] hidden is too large"),
         (("--run", "../elsewhere"), "--run must be a plain name, not '../elsewhere'"),
         (("--run", ".."), "--run must be a plain name"),

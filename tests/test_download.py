@@ -217,7 +217,7 @@ def test_failed_force_keeps_the_good_cached_file(served: LoopbackServer, cache: 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"name_or_url": "nope"}, "unknown corpus 'nope': use one of timemachine, tinyshakespeare or an http(s) URL"),
+        ({"name_or_url": "nope"}, "unknown corpus 'nope': use one of timemachine, tinyshakespeare, enwik8 or an http(s) URL"),
         ({"name_or_url": "ftp://example.com/a.txt"}, "unknown corpus 'ftp://example.com/a.txt'"),
         ({"name_or_url": "http://127.0.0.1/a.txt", "sha1": "abc"}, "--sha1 must be 40 hexadecimal digits, not 'abc'"),
         ({"name_or_url": "http://127.0.0.1/a.txt", "sha1": "g" * 40}, "--sha1 must be 40 hexadecimal digits"),

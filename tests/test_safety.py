@@ -220,7 +220,7 @@ def test_kill_9_in_the_middle_of_a_checkpoint_write(
     started: Any, env: dict[str, str], corpus_file: Path, runs_dir: Path
 ) -> None:
     args = ["train", "--corpus", corpus_file, "--normalize", "raw", "--runs-dir", runs_dir, *EXACT, "--val-fraction", "0"]
-    training = started(*args, "--epochs", "4", "--checkpoint-every", "1", "--run", "killed", "--json", env=env, code=STALL_MID_WRITE)
+    training = started(*args, "--epochs", "4", "--checkpoint-every", "1e", "--run", "killed", "--json", env=env, code=STALL_MID_WRITE)
     training.wait_for("err", lambda line: line.strip() == "MID-WRITE")
     run = runs_dir / "killed"
     half = [p for p in run.iterdir() if p.name.startswith(".latest.pt.") and p.name.endswith(".tmp")]
@@ -235,7 +235,7 @@ def test_kill_9_in_the_middle_of_a_checkpoint_write(
     records = [json.loads(line) for line in resumed.stdout.splitlines()]
     assert [r["epoch"] for r in records if r["event"] == "epoch"] == [2, 3, 4]
     assert not half[0].exists()  # the next training cleared the dead one's temporary file
-    assert cli(*args, "--epochs", "4", "--checkpoint-every", "1", "--run", "straight").code == 0
+    assert cli(*args, "--epochs", "4", "--checkpoint-every", "1e", "--run", "straight").code == 0
     assert_same_run(run, runs_dir / "straight")
 
 

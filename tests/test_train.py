@@ -245,7 +245,7 @@ def test_weights_broken_by_the_last_step_are_not_checkpointed(
 ) -> None:
     """The loss is measured before the update: if the epoch's last update makes the weights
     non-finite, every recorded loss is finite, yet the checkpoint must not take them."""
-    trainer = make_trainer(epochs=3, checkpoint_every=1, val_fraction=0.0)
+    trainer = make_trainer(epochs=3, checkpoint_every="1e", val_fraction=0.0)  # a checkpoint at each epoch's end
     real_step = train_mod.train_step
 
     def step(model: CharLM, *args: Any, **kwargs: Any) -> Any:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+from ..corpus import StageProgress
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -19,8 +23,9 @@ def print_json(record: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def download_bar() -> Progress:
-    """A transient bar on stderr for a download: bytes, rate, time left."""
+def stage_bar() -> Progress:
+    """Transient bars on stderr for work measured in bytes (downloading, reading, encoding a
+    corpus): bytes, rate, time left."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -30,3 +35,22 @@ def download_bar() -> Progress:
         console=err,
         transient=True,
     )
+
+
+@contextlib.contextmanager
+def corpus_progress() -> Iterator[StageProgress | None]:
+    """A bar for each stage the corpus goes through (downloading, unzipping, reading, encoding:
+    bytes, rate, time left), shown only where there is one; none in a log or a pipe, where a bar
+    is noise (and Rich leaves a blank line there, before any error line)."""
+    if not err.is_terminal:
+        yield None
+        return
+    with stage_bar() as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(stage: str, done: int, total: int | None) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        yield progress

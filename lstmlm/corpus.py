@@ -15,6 +15,7 @@ import re
 import time
 import urllib.parse
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,7 +262,7 @@ def unzip(target: Target, progress: Progress | None = None) -> Path:
             write_atomic(target.extracted, copy, "unzipped corpus")
     except KeyError:
         raise DownloadError(f"{target.path} does not hold {target.member}") from None
-    except (zipfile.BadZipFile, EOFError) as e:  # a bad CRC or a damaged archive
+    except (zipfile.BadZipFile, EOFError, zlib.error) as e:  # a bad CRC, a damaged archive or member
         raise DownloadError(f"{target.path} is damaged: {e}") from None
     return target.extracted
 

@@ -262,3 +262,55 @@ def test_kill_9_at_random_moments(started: Any, env: dict[str, str], corpus_file
     assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, reached + 2))
     assert cli(*args, "--epochs", reached + 1, "--checkpoint-every", "1", "--run", "straight").code == 0
     assert_same_run(run, runs_dir / "straight")
+
+
+# ---- a checkpoint by the clock, mid-epoch, then kill -9 -------------------------------------------
+
+# Runs the CLI on a fake clock that moves 20 s with each training step, and stops still after
+# the first checkpoint written inside an epoch, waiting there to be killed.
+FAKE_CLOCK_STALL_AFTER_SAVE = r"""
+import sys, time
+import lstmlm.train as train
+
+now = [0.0]
+train.clock = lambda: now[0]
+real_step = train.train_step
+
+def step(*args, **kwargs):
+    now[0] += 20.0
+    return real_step(*args, **kwargs)
+
+train.train_step = step
+real_save = train.Trainer.save
+
+def save(self, which="latest"):
+    path = real_save(self, which)
+    if which == "latest" and self.state.step > 0:
+        print(f"SAVED epoch {self.state.epoch} step {self.state.step}", file=sys.stderr, flush=True)
+        time.sleep(600)
+    return path
+
+train.Trainer.save = save
+from lstmlm.cli import app
+app(sys.argv[1:], prog_name="lstmlm")
+"""
+
+
+def test_a_checkpoint_by_the_clock_mid_epoch_then_kill_9_resumes_exactly(
+    started: Any, env: dict[str, str], corpus_file: Path, runs_dir: Path
+) -> None:
+    args = ["train", "--corpus", corpus_file, "--normalize", "raw", "--runs-dir", runs_dir, *EXACT, "--epochs", "2", "--checkpoint-every", "1m"]
+    training = started(*args, "--run", "killed", "--json", env=env, code=FAKE_CLOCK_STALL_AFTER_SAVE)
+    line = training.wait_for("err", lambda s: s.startswith("SAVED"))
+    assert line.strip() == "SAVED epoch 0 step 3"  # 3 steps × 20 s ≥ 1 minute: inside the first epoch
+    training.proc.kill()
+    assert training.finish() == -signal.SIGKILL
+
+    run = runs_dir / "killed"
+    assert_every_checkpoint_loads(run)
+    state = load_checkpoint(run / "latest.pt")["trainer"]["state"]
+    assert (state["epoch"], state["step"]) == (0, 3)
+    resumed = cli("train", "--resume", "--run", "killed", "--runs-dir", runs_dir, "--json")
+    assert resumed.code == 0, resumed.stderr
+    assert cli(*args, "--run", "straight").code == 0
+    assert_same_run(run, runs_dir / "straight")

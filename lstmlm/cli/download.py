@@ -25,9 +25,9 @@ def download(
     summary = summarize(path)
     out.out(str(path))  # verbatim: no markup, no wrapping, so scripts can use the line
     if summary.characters is None:
-        out.print(f"{summary.bytes:,} bytes, {summary.distinct:,} distinct bytes (not UTF-8 text: train on it with --normalize bytes)")
+        out.print(f"{summary.bytes:,} bytes, {summary.distinct:,} distinct bytes (not UTF-8 text: train on it with --normalize bytes)", soft_wrap=True)
     else:
-        out.print(f"{summary.bytes:,} bytes, {summary.characters:,} characters, {summary.distinct:,} distinct")
+        out.print(f"{summary.bytes:,} bytes, {summary.characters:,} characters, {summary.distinct:,} distinct", soft_wrap=True)
 
 
 def fetch(target: corpus.Target, force: bool) -> Path:

@@ -218,11 +218,12 @@ def concatenated(files: list[Path], size: int, out: Path) -> Path:
     with open(out, "wb") as f:
         while written < size:
             for path in files:
-                data = path.read_bytes()[: size - written]
+                data = path.read_bytes()
+                if written + len(data) >= size:  # the last one: up to its last line end that fits
+                    f.write(data[: data.rfind(b"\n", 0, size - written) + 1])
+                    return out
                 f.write(data)
                 written += len(data)
-                if written >= size:
-                    break
     return out
 
 

@@ -47,7 +47,7 @@ class DataConfig:
     )
     max_tokens: int = setting(-1, "Train on the first N tokens (0 = all; -1 = 10,000 in d2l mode, as the seed, else all).")
     val_fraction: float = setting(-1.0, "The last fraction of the text, held out for validation (-1 = 0 in d2l mode, else 0.1).")
-    split: str = setting("", "Train, validation [and test] sizes from the start: '90M,5M,5M' (tokens; k, M, G) or '0.9,0.05,0.05'.")
+    split: str = setting("", "Train, validation and (optionally) test sizes from the start: '90M,5M,5M' (tokens; k, M, G) or '0.9,0.05,0.05'.")
     batch_size: int = setting(32, "Sequences per batch.")
     num_steps: int = setting(35, "Characters per sequence (backprop through time).")
     iterator: Iterator = setting("sequential", "sequential (state carried between batches) or random.")

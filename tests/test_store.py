@@ -384,6 +384,18 @@ def test_strict_refuses_a_bad_file(tree: Path, runs_dir: Path) -> None:
     assert not runs_dir.exists() or not any(runs_dir.iterdir())
 
 
+def test_strict_refuses_a_corpus_whose_cached_store_skipped_files(tree: Path, runs_dir: Path) -> None:
+    """The store made without --strict is found by its files' stat; --strict still refuses."""
+    for path in tree.rglob("*"):
+        if path.is_file():
+            os.utime(path, ns=(1_600_000_000 * 10**9, 1_600_000_000 * 10**9))  # not "racy": indexed
+    selection = select(str(tree / "**" / "*.[ch]"))
+    assert len(encode_corpus(selection, "raw").skipped) == 3
+    assert cache.read_index(selection.signature("raw")) is not None
+    with pytest.raises(CorpusError, match=r"blob.c looks binary \(NUL byte at offset 6\) \(--strict: no file is skipped\)"):
+        encode_corpus(selection, "raw", strict=True)
+
+
 def test_an_empty_glob_names_the_pattern(tmp_path: Path, runs_dir: Path) -> None:
     pattern = str(tmp_path / "nothing" / "**" / "*.txt")
     assert_one_error_line(cli("train", "--corpus", pattern, "--runs-dir", runs_dir), f"no files match the corpus pattern {pattern!r}")

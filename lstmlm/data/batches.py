@@ -129,9 +129,6 @@ def random_subsequences(corpus: torch.Tensor, batch_size: int, num_steps: int, r
     return iter(BatchSource(corpus, batch_size, num_steps, "random").epoch(rng))
 
 
-ITERATORS = {"sequential": sequential, "random": random_subsequences}
-
-
 def num_batches(num_tokens: int, batch_size: int, num_steps: int, iterator: str) -> int:
     """Batches per epoch for the largest offset, the count every epoch reaches at least."""
     if iterator == "sequential":

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import CorpusError
 from .text import normalize
 
 UNK = "<unk>"
@@ -127,11 +128,16 @@ class Problem:
 
 
 def _read(segment: Segment) -> bytes:
-    with open(segment.path, "rb") as f:
-        f.seek(segment.start)
-        data = f.read(segment.size)
+    """A segment's bytes. A file that cannot be read, or changed since it was listed, is a
+    CorpusError (an OSError here would read as a store that cannot be written)."""
+    try:
+        with open(segment.path, "rb") as f:
+            f.seek(segment.start)
+            data = f.read(segment.size)
+    except OSError as e:
+        raise CorpusError(f"cannot read corpus file {segment.path}: {e.strerror or e}") from None
     if len(data) != segment.size:
-        raise OSError(f"{segment.path} changed while it was read (expected {segment.size:,} bytes from offset {segment.start:,})")
+        raise CorpusError(f"corpus file {segment.path} changed while it was read (it is shorter than when listed)")
     return data
 
 
@@ -254,7 +260,7 @@ def encode(piece: Piece, mode: str, tokens: list[str], dtype: str, out_path: str
     else:
         texts, problems = _texts(piece)
         if problems:  # the scan found none: the file changed since
-            raise OSError(f"{piece[0].path} changed while the corpus was encoded")
+            raise CorpusError(f"corpus file {piece[0].path} changed while the corpus was encoded")
         table = lookup_table(tokens)
         parts, unknown = [], 0
         for text in _normalized(texts, mode):

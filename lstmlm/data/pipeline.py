@@ -40,6 +40,12 @@ class Data:
     warnings: tuple[str, ...] = ()  # one line each, for the user (the CLI prints them)
 
 
+def build_vocab(text: str, normalize: str) -> Vocab:
+    """A whole text's vocabulary, as a store's is built: d2l by descending frequency, else `<unk>`
+    then every character by code point (`benchmarks/bench_train.py` uses it on the seed's text)."""
+    return Vocab.build(text, order="frequency" if normalize == "d2l" else "codepoint", unk=True)
+
+
 def prepare_data(
     cfg: Config, vocab: Vocab | None = None, progress: StageProgress | None = None, scratch: Path | None = None
 ) -> Data:

@@ -148,6 +148,8 @@ def encode_corpus(
     with cache.locked(signature):
         known = cache.read_index(signature)
         if known is not None and (store := _cached(known.sha1, mode, vocab)) is not None:
+            if strict and known.skipped:  # skipped when the store was made; refused now
+                raise CorpusError(_refusal(known.skipped[0]))
             return Encoded(store, known.skipped, ())
         started = cache.now_ns()
         scanned = _scan(selection, mode, strict, progress)
@@ -221,6 +223,11 @@ def _scan(selection: Selection, mode: str, strict: bool, progress: StageProgress
     return Scanned(mode, sha1, pieces, scans, tuple(skipped[i] for i in sorted(skipped)))
 
 
+def _refusal(skipped: Skipped) -> str:
+    why = skipped.reason if skipped.reason.startswith("looks") else f"is {skipped.reason}"
+    return f"corpus file {skipped.path} {why} (--strict: no file is skipped)"
+
+
 def _empty(selection: Selection, strict: bool) -> dict[int, Skipped]:
     """The empty files, by index: skipped (or refused: a single file, or under --strict)."""
     empty = {}
@@ -229,9 +236,9 @@ def _empty(selection: Selection, strict: bool) -> dict[int, Skipped]:
             continue
         if not selection.many:
             raise CorpusError(f"corpus {f.path} is empty")
-        if strict:
-            raise CorpusError(f"corpus file {f.path} is empty (--strict: no file is skipped)")
         empty[i] = Skipped(str(f.path), "empty", 0)
+        if strict:
+            raise CorpusError(_refusal(empty[i]))
     if len(empty) == len(selection.files):
         raise CorpusError(f"every file of corpus {selection.source} is empty")
     return empty
@@ -260,9 +267,9 @@ def _problems(selection: Selection, problems: list[Problem], strict: bool) -> di
         reason = f"looks binary (NUL byte at offset {p.offset})" if p.kind == "nul" else f"is not UTF-8 (invalid byte at offset {p.offset})"
         if not selection.many:
             raise CorpusError(f"corpus {f.path} {reason}")
-        if strict:
-            raise CorpusError(f"corpus file {f.path} {reason} (--strict: no file is skipped)")
         bad[i] = Skipped(str(f.path), reason.removeprefix("is "), f.size)
+        if strict:
+            raise CorpusError(_refusal(bad[i]))
     return bad
 
 

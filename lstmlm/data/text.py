@@ -8,12 +8,10 @@ is read piece by piece instead (`encode.py`), with the same `normalize`. Imports
 from __future__ import annotations
 
 import codecs
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..corpus import sha1_of
 from ..errors import CorpusError
 from .files import corpus_files
 
@@ -112,13 +110,3 @@ def summarize(path: Path, chunk_bytes: int = 1 << 22) -> Summary:
     if text_ok and not byte_seen[0]:  # UTF-8 without NUL bytes: text
         return Summary(size, characters, len(chars))
     return Summary(size, None, sum(byte_seen))
-
-
-def content_sha1(path: Path) -> str:
-    """SHA-1 of a file, or of a directory's files in the order read_text joins them."""
-    if not path.is_dir():
-        return sha1_of(path)
-    digest = hashlib.sha1()
-    for p in corpus_files(path):
-        digest.update(sha1_of(p).encode())
-    return digest.hexdigest()

@@ -129,17 +129,25 @@ def test_both_cores_encode_and_give_the_same_ids(tmp_path: Path, monkeypatch: py
     path = tmp_path / "corpus.txt"
     path.write_text(TEXTS["cjk"] * 2000 + TEXTS["ascii"] * 2000, encoding="utf-8")
     pools: list[int] = []
-    real = store_mod._executor
+    pids: set[int] = set()
+    real_start, real_run = store_mod._start_pool, store_mod.Workers.run
 
-    def recording(workers: int) -> Any:
+    def start(workers: int) -> Any:
         pools.append(workers)
-        return real(workers)
+        return real_start(workers)
 
-    monkeypatch.setattr(store_mod, "_executor", recording)
+    def run(self: store_mod.Workers, *args: Any, **kwargs: Any) -> Any:
+        results = real_run(self, *args, **kwargs)
+        if self._pool is not None:
+            pids.update(self._pool._processes)  # type: ignore[attr-defined]
+        return results
+
+    monkeypatch.setattr(store_mod, "_start_pool", start)
+    monkeypatch.setattr(store_mod.Workers, "run", run)
     monkeypatch.setattr(store_mod, "PIECE_BYTES", 16 << 10)
     monkeypatch.setattr(store_mod, "WORKERS", 2)
     assert encoded(path, "raw") == reference([path], "raw")
-    assert pools == [2, 2]  # the scan and the encoding each on two worker processes
+    assert pools == [2] and len(pids) == 2 and os.getpid() not in pids  # one pool of two processes, for both passes
 
 
 @pytest.mark.parametrize(("distinct", "dtype", "itemsize"), [(200, torch.uint8, 1), (3000, torch.uint16, 2), (70_000, torch.int32, 4)])

@@ -152,16 +152,17 @@ def encode_corpus(
                 raise CorpusError(_refusal(known.skipped[0]))
             return Encoded(store, known.skipped, ())
         started = cache.now_ns()
-        scanned = _scan(selection, mode, strict, progress)
-        cache.write_index(signature, selection, cache.IndexEntry(scanned.sha1, scanned.skipped), started)
-        if (store := _cached(scanned.sha1, mode, vocab)) is not None:
-            return Encoded(store, scanned.skipped, ())
-        if scanned.length == 0:
-            raise CorpusError(f"corpus {selection.source} is empty after {mode} normalization")
-        built = bytes_vocab() if mode == "bytes" else _vocab(scanned)
-        target = vocab or built
-        where = cache.store_path(scanned.sha1, mode, None if target == built else target)
-        store, warnings = _write(scanned, target, where, progress, scratch)
+        with Workers() as workers:
+            scanned = _scan(selection, mode, strict, progress, workers)
+            cache.write_index(signature, selection, cache.IndexEntry(scanned.sha1, scanned.skipped), started)
+            if (store := _cached(scanned.sha1, mode, vocab)) is not None:
+                return Encoded(store, scanned.skipped, ())
+            if scanned.length == 0:
+                raise CorpusError(f"corpus {selection.source} is empty after {mode} normalization")
+            built = bytes_vocab() if mode == "bytes" else _vocab(scanned)
+            target = vocab or built
+            where = cache.store_path(scanned.sha1, mode, None if target == built else target)
+            store, warnings = _write(scanned, target, where, progress, scratch, workers)
         return Encoded(store, scanned.skipped, warnings)
 
 
@@ -190,7 +191,7 @@ class Scanned:
         return sum(s.length for s in self.scans)
 
 
-def _scan(selection: Selection, mode: str, strict: bool, progress: StageProgress | None) -> Scanned:
+def _scan(selection: Selection, mode: str, strict: bool, progress: StageProgress | None, workers: Workers) -> Scanned:
     """Hash every file (in a thread: hashlib releases the GIL) while the pieces are scanned. A file
     that is empty is skipped at once; one that is not text is skipped and the rest scanned again
     without it (rare: the pieces around it may have read across it)."""
@@ -203,7 +204,7 @@ def _scan(selection: Selection, mode: str, strict: bool, progress: StageProgress
         while True:
             chosen = [selection.files[i] for i in files]
             pieces = encode.plan([str(f.path) for f in chosen], [f.size for f in chosen], mode, PIECE_BYTES, files)
-            scans = _run(encode.scan, [(p, mode) for p in pieces], pieces, "reading", progress)
+            scans = workers.run(encode.scan, [(p, mode) for p in pieces], pieces, "reading", progress)
             bad = _problems(selection, [p for s in scans for p in s.problems], strict)
             if not bad:
                 break
@@ -299,27 +300,31 @@ def _vocab(scanned: Scanned) -> Vocab:
 # ---- pass 2: encode into the store ------------------------------------------------------------------
 
 
-def _write(scanned: Scanned, vocab: Vocab, where: Path, progress: StageProgress | None, scratch: Path | None) -> tuple[TokenStore, tuple[str, ...]]:
+def _write(
+    scanned: Scanned, vocab: Vocab, where: Path, progress: StageProgress | None, scratch: Path | None, workers: Workers
+) -> tuple[TokenStore, tuple[str, ...]]:
     """Encode into `where` in the cache; failing that, a temporary file in `scratch`; failing
     that too, memory (small corpora only)."""
     dtype = dtype_for(len(vocab))
     nbytes = scanned.length * np.dtype(dtype).itemsize
     try:
-        return _into_file(scanned, vocab, dtype, where.parent, where, progress), ()
+        return _into_file(scanned, vocab, dtype, where.parent, where, progress, workers), ()
     except OSError as e:
         cache_failure = f"cannot write the token store in {where.parent} ({_reason(e)})"
     scratch = scratch or Path(tempfile.gettempdir())
     try:
-        store = _into_file(scanned, vocab, dtype, scratch, None, progress)
+        store = _into_file(scanned, vocab, dtype, scratch, None, progress, workers)
         return store, (f"{cache_failure}; training from a temporary copy in {scratch}",)
     except OSError as e:
         scratch_failure = f"nor in {scratch} ({_reason(e)})"
     if nbytes > MEMORY_FALLBACK_BYTES:
         raise CorpusError(f"{cache_failure}, {scratch_failure}: free some space, or set LSTMLM_HOME to a disk with {nbytes:,} bytes free")
-    return _into_memory(scanned, vocab, dtype, progress), (f"{cache_failure}, {scratch_failure}; keeping the {nbytes:,} bytes of ids in memory",)
+    return _into_memory(scanned, vocab, dtype, progress, workers), (f"{cache_failure}, {scratch_failure}; keeping the {nbytes:,} bytes of ids in memory",)
 
 
-def _into_file(scanned: Scanned, vocab: Vocab, dtype: str, directory: Path, final: Path | None, progress: StageProgress | None) -> TokenStore:
+def _into_file(
+    scanned: Scanned, vocab: Vocab, dtype: str, directory: Path, final: Path | None, progress: StageProgress | None, workers: Workers
+) -> TokenStore:
     """Write the store under a temporary name in `directory`; rename it to `final`, or (None)
     map it and unlink it at once: the mapping keeps the data, the disk is freed at exit."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -335,7 +340,7 @@ def _into_file(scanned: Scanned, vocab: Vocab, dtype: str, directory: Path, fina
         os.ftruncate(fd, total)  # where fallocate is not supported (the space then taken as written)
         offsets = np.cumsum([0] + [s.length for s in scanned.scans])
         jobs = [(p, scanned.mode, vocab.tokens, dtype, name, offset + int(o) * itemsize) for p, o in zip(scanned.pieces, offsets)]
-        unknown = sum(u for u, _ in _run(encode.encode, jobs, scanned.pieces, "encoding", progress))
+        unknown = sum(u for u, _ in workers.run(encode.encode, jobs, scanned.pieces, "encoding", progress))
         os.pwrite(fd, header({**meta, "unknown": unknown}, offset), 0)
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp made it private; a cache file need not be
         os.fsync(fd)
@@ -359,11 +364,11 @@ def _into_file(scanned: Scanned, vocab: Vocab, dtype: str, directory: Path, fina
         raise
 
 
-def _into_memory(scanned: Scanned, vocab: Vocab, dtype: str, progress: StageProgress | None) -> TokenStore:
+def _into_memory(scanned: Scanned, vocab: Vocab, dtype: str, progress: StageProgress | None, workers: Workers) -> TokenStore:
     ids = np.empty(scanned.length, dtype=dtype)
     start, unknown = 0, 0
     jobs = [(p, scanned.mode, vocab.tokens, dtype, None, 0) for p in scanned.pieces]
-    for missing, part in _run(encode.encode, jobs, scanned.pieces, "encoding", progress, in_process=True):
+    for missing, part in workers.run(encode.encode, jobs, scanned.pieces, "encoding", progress, in_process=True):
         assert part is not None
         ids[start : start + len(part)] = part
         start += len(part)
@@ -391,9 +396,8 @@ def _reason(e: OSError) -> str:
 # ---- running jobs on every core ------------------------------------------------------------------
 
 
-def _workers(jobs: int) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(WORKERS or cores, jobs))
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _ignore_interrupts() -> None:
@@ -401,37 +405,46 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _run(
-    job: Callable[..., Any],
-    args: Sequence[tuple[Any, ...]],
-    pieces: Sequence[Piece],
-    stage: str,
-    progress: StageProgress | None,
-    in_process: bool = False,
-) -> list[Any]:
-    """`job(*a)` for each `a`, in order, on one worker process per core (in this process for
-    a single piece); `progress(stage, bytes done, total)` as pieces complete."""
-    total = sum(s.size for p in pieces for s in p)
-    done = 0
-    results = []
-    with _executor(1 if in_process else _workers(len(args))) as pool:
+def _start_pool(workers: int) -> Executor:
+    # spawn, not fork: this process has torch's threads (and maybe a progress bar's) running
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_interrupts)
+
+
+class Workers:
+    """The processes encoding runs on — one per core, started on first use (a corpus of one
+    piece starts none) and shared by both passes — and the one way jobs are run on them."""
+
+    def __init__(self) -> None:
+        self._pool: Executor | None = None
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def run(
+        self,
+        job: Callable[..., Any],
+        args: Sequence[tuple[Any, ...]],
+        pieces: Sequence[Piece],
+        stage: str,
+        progress: StageProgress | None,
+        in_process: bool = False,
+    ) -> list[Any]:
+        """`job(*a)` for each `a`, results in order; `progress(stage, bytes done, total)` as the
+        pieces complete."""
+        workers = 1 if in_process else max(1, min(WORKERS or _cores(), len(args)))
+        if workers > 1 and self._pool is None:
+            self._pool = _start_pool(workers)
+        pool = self._pool if workers > 1 else None
         calls: Iterator[Any] = (job(*a) for a in args) if pool is None else (f.result() for f in [pool.submit(job, *a) for a in args])
+        total = sum(s.size for p in pieces for s in p)
+        done, results = 0, []
         for result, piece in zip(calls, pieces):
             results.append(result)
             done += sum(s.size for s in piece)
             if progress is not None:
                 progress(stage, done, total)
-    return results
-
-
-@contextlib.contextmanager
-def _executor(workers: int) -> Iterator[Executor | None]:
-    if workers <= 1:
-        yield None
-        return
-    # spawn, not fork: this process has torch's threads (and maybe a progress bar's) running
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_interrupts)
-    try:
-        yield pool
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        return results

@@ -25,9 +25,9 @@ import torch
 from .data.text import normalize
 from .device import DTYPES, autocast
 from .errors import VocabError
-from .fused import CellInPlace, Stacked, stack_gates
-from .lstm import FAST_NAMES, State
-from .model import CharLM, convert, scratch_layer
+from .fused import CellInPlace, Stacked, stack_weights
+from .lstm import State
+from .model import PACKED, CharLM, convert, scratch_key
 from .vocab import Vocab, describe_chars
 
 SAMPLE_LENGTH = 50  # characters per training sample, as d2l
@@ -117,8 +117,8 @@ def choose_next(logits: torch.Tensor, sampling: Sampling = Sampling(), generator
 
 
 def layer_weights(model: CharLM, dtype: torch.dtype) -> list[Stacked]:
-    """Each layer's fast-path weights in `dtype`, the first layer's input always as a table of
-    rows gathered by id: (X_t W_x + b) for one-hot X_t, (E[id] W_x + b) with an embedding E."""
+    """Each layer's fast-path weights in `dtype`, the first layer's input always as a table
+    with a column per id: (X_t W_x + b)ᵀ for one-hot X_t, (E[id] W_x + b)ᵀ with an embedding E."""
     embedding = model.embedding
     scratch = model.scratch_core
     if scratch is not None:
@@ -127,13 +127,13 @@ def layer_weights(model: CharLM, dtype: torch.dtype) -> list[Stacked]:
         sd = convert(model.state_dict(), "scratch")
         weights = []
         for k in range(model.num_layers):
-            p = scratch_layer(sd, k)
-            weights.append(stack_gates(tuple(p[name] for name in FAST_NAMES), dtype, ids=(k == 0 and embedding is None)))
+            W_x, W_h, b = (sd[scratch_key(k, name)] for name in PACKED)
+            weights.append(stack_weights(W_x, W_h, b, dtype, ids=(k == 0 and embedding is None)))
     if embedding is not None:
         first = weights[0]
         assert first.W_xT is not None  # an embedding feeds the first layer dense input
-        table = torch.addmm(first.b.float(), embedding.weight.detach().float(), first.W_xT.T.float())
-        weights[0] = Stacked(None, first.W_hT, first.b, table.to(dtype))
+        table = torch.addmm(first.b.float()[:, None], first.W_xT.float(), embedding.weight.detach().float().T)  # (4·hiddens, vocab)
+        weights[0] = Stacked(first.W_hT, None, first.b, table.to(first.b.dtype))
     return weights
 
 
@@ -162,8 +162,8 @@ class Stepper:
         weights = layer_weights(model, dtype)
         H_0, C_0 = state  # (layers, batch, hiddens)
         batch, hiddens = H_0.shape[1], H_0.shape[2]
-        assert weights[0].W_xb is not None  # layer_weights always gives the first layer a table
-        self.table = weights[0].W_xb  # (vocab, 4·hiddens): X_t W_x + b_0 for each id
+        assert weights[0].table is not None  # layer_weights always gives the first layer a table
+        self.table = weights[0].table.T.to(dtype, copy=True).contiguous()  # (vocab, 4·hiddens): X_t W_x + b_0 for each id
         self.rows = self.table.unbind(0)  # its rows as views made once: tensor[i] costs microseconds
         readers = [(w.W_xT.T, w.b) for w in weights[1:] if w.W_xT is not None] + [(model.W_hq.detach().to(dtype), model.b_q.detach().to(dtype))]
         self.W: list[torch.Tensor] = []  # per layer: [[W_in, W_h], [b_in, 0]], (hiddens + 1, inputs of the reader + 4·hiddens)
@@ -172,7 +172,7 @@ class Stepper:
         self.cells: list[CellInPlace] = []
         self.outputs: list[torch.Tensor] = []  # per layer: H_t W_in + b_in, a view of P
         for k, (w, (W_in, b_in)) in enumerate(zip(weights, readers)):
-            self.W.append(everything_that_reads_H(W_in, b_in, w.W_hT.T))
+            self.W.append(everything_that_reads_H(W_in.to(dtype), b_in.to(dtype), w.W_hT.T))
             H1 = torch.ones(batch, hiddens + 1, dtype=dtype, device=H_0.device)
             H1[:, :hiddens] = H_0[k]
             self.H1.append(H1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -30,9 +31,14 @@ def bench(
     if not report.is_main:
         return
     if as_json:
+        print_json({"event": "machine", **dataclasses.asdict(report.machine)})
         for row in report.rows:
             print_json({"event": "bench", "what": row.measure, "precision": row.precision, **(row.raw or {"skipped": row.skipped})})
         return
+    m = report.machine
+    out.print(f"machine: {m.cpu}, {m.cores} cores, {m.torch_threads} torch threads, {m.cpu_capability}, "
+              f"native bf16 {'yes' if m.native_bf16 else 'no'}{', ' + m.gpu if m.gpu else ''}, torch {m.torch}; "
+              f"--precision auto picks {m.auto_precision}", soft_wrap=True)  # fmt: skip
     out.print(table(report))
 
 

@@ -181,9 +181,14 @@ class Stepper:
             self.outputs.append(P[:, : W_in.shape[1]])
             self.cells.append(CellInPlace(P[:, W_in.shape[1] :], C_0[k].to(model.W_hq.dtype, copy=True), H1[:, :hiddens]))
         self.logits = self.outputs[-1]
+        self.picked = self.table.new_empty((batch, self.table.shape[1]))  # the rows of a batch's ids
 
-    def __call__(self, X_t: list[int]) -> torch.Tensor:
-        inputs = self.rows[X_t[0]] if len(X_t) == 1 else self.table[X_t]
+    def __call__(self, X_t: list[int] | torch.Tensor) -> torch.Tensor:
+        """X_t: the ids, a list (batch 1: a row view is the cheapest input) or a tensor (batch > 1)."""
+        if isinstance(X_t, list):
+            inputs = self.rows[X_t[0]] if len(X_t) == 1 else self.table[X_t]
+        else:
+            inputs = torch.index_select(self.table, 0, X_t, out=self.picked)
         for cell, H1, W, P, outputs in zip(self.cells, self.H1, self.W, self.P, self.outputs):
             cell.gates.add_(inputs)  # (H_{t-1} W_h from the last step) + X_t W_x + b
             cell.step()
@@ -224,15 +229,25 @@ def _generate_chunks(model: CharLM, vocab: Vocab, context: str, sampling: Sampli
         with autocast(device, precision):
             _, state = model(ids[:, :-1], state)
     step = Stepper(model, state, DTYPES[precision])
-    X = ids[:, -1].tolist()  # Python ints: decoding needs them anyway, and at batch 1 the input
-    tokens = vocab.tokens  # projection is then a row view instead of a gather
+    tokens = vocab.tokens
     length = sampling.length
+    if sampling.num_samples == 1:  # ids as Python ints: decoding needs them anyway, and the input is a row view
+        X = ids[:, -1].tolist()
+        for start in range(0, length, CHUNK):
+            chunk = []
+            for _ in range(min(CHUNK, length - start)):
+                X = choose_next(step(X), sampling, generator).tolist()
+                chunk.append([tokens[i] for i in X])
+            yield chunk
+        return
+    chosen = ids.new_empty((CHUNK, sampling.num_samples))  # a chunk's ids, kept as tensors and decoded at once
+    previous = ids[:, -1].contiguous()
     for start in range(0, length, CHUNK):
-        chunk = []
-        for _ in range(min(CHUNK, length - start)):
-            X = choose_next(step(X), sampling, generator).tolist()
-            chunk.append([tokens[i] for i in X])
-        yield chunk
+        n = min(CHUNK, length - start)
+        for t in range(n):
+            chosen[t].copy_(choose_next(step(previous), sampling, generator))  # step reads `previous` first
+            previous = chosen[t]
+        yield [[tokens[i] for i in row] for row in chosen[:n].tolist()]
 
 
 def complete(model: CharLM, vocab: Vocab, prefix: str, length: int = SAMPLE_LENGTH, prime: str = "") -> str:

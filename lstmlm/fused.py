@@ -103,18 +103,11 @@ def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def input_projection(X: torch.Tensor, weights: Stacked) -> torch.Tensor:
-    """(X_t W_x + b)ᵀ for every step at once: (steps, 4·hiddens, batch), fresh and contiguous,
-    in the parameters' dtype.
-
-    For ids, the table's columns picked in one index_select, (4·hiddens, steps·batch), then one
-    copy that moves the steps outward (a gather straight into this layout costs five times as
-    much here). For dense input, one batched product: X is then usually a fast layer's output,
-    a transposed view of its (steps, hiddens, batch) buffer, so Xᵀ is free."""
-    steps, batch = X.shape[0], X.shape[1]
-    if weights.table is not None:
-        picked = torch.index_select(weights.table, 1, X.reshape(-1))  # (4·hiddens, steps·batch)
-        return picked.view(-1, steps, batch).permute(1, 0, 2).contiguous()
-    assert weights.W_xT is not None  # Stacked holds W_xT exactly when it holds no table
+    """(X_t W_x + b)ᵀ for every step of dense input at once: (steps, 4·hiddens, batch), fresh
+    and contiguous, in the parameters' dtype — one batched product. X is then usually a fast
+    layer's output, a transposed view of its (steps, hiddens, batch) buffer, so Xᵀ is free.
+    (For ids, forward_steps picks each step's columns from the table as the step begins.)"""
+    assert weights.W_xT is not None  # Stacked holds W_xT for dense input
     XT = X.transpose(1, 2).to(weights.W_xT.dtype)  # (steps, inputs, batch)
     return torch.matmul(weights.W_xT, XT).to(weights.b.dtype).add_(weights.b[:, None])
 
@@ -129,12 +122,16 @@ def tanh_by_sigmoid(C: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return torch.mul(C, 2, out=out).sigmoid_().mul_(2).sub_(1)
 
 
-def forward_steps(gates: torch.Tensor, Hs: torch.Tensor, Cs: torch.Tensor, tanh_C: torch.Tensor, W_hT: torch.Tensor) -> None:
+def forward_steps(
+    gates: torch.Tensor, Hs: torch.Tensor, Cs: torch.Tensor, tanh_C: torch.Tensor, W_hT: torch.Tensor, picks: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> None:
     """The recurrence, in place and feature-major (every per-step tensor transposed): `gates`
-    (steps, 4·hiddens, batch) holds (X_t W_x + b)ᵀ on entry and I, F, S, O on exit, where
-    S = σ(2·c̃'s pre-activation), so C̃ = 2S - 1; Hs[t + 1], Cs[t + 1] (hiddens, batch) and
-    tanh_C[t] receive H_tᵀ, C_tᵀ and tanh(C_t)ᵀ. `W_hT` is Stacked's; Hs is in its dtype,
-    gates, Cs and tanh_C in the parameters'.
+    (steps, 4·hiddens, batch) holds (X_t W_x + b)ᵀ on entry — or, for ids, `picks` = (table,
+    X) and step t's columns are picked from the table as it begins (a small copy per step
+    costs a tenth of moving the whole sequence's picks into this layout) — and I, F, S, O on
+    exit, where S = σ(2·c̃'s pre-activation), so C̃ = 2S - 1; Hs[t + 1], Cs[t + 1] (hiddens,
+    batch) and tanh_C[t] receive H_tᵀ, C_tᵀ and tanh(C_t)ᵀ. `W_hT` is Stacked's; Hs is in its
+    dtype, gates, Cs and tanh_C in the parameters'.
 
     Every view is made before the loop and every result written into a preallocated buffer:
     at batch 32 a step's arithmetic takes a few microseconds, as long as creating a tensor does.
@@ -144,7 +141,10 @@ def forward_steps(gates: torch.Tensor, Hs: torch.Tensor, Cs: torch.Tensor, tanh_
     H, C, tanh_C_ = Hs.unbind(0), Cs.unbind(0), tanh_C.unbind(0)
     mixed = W_hT.dtype != gates.dtype
     product = gates.new_empty(gates.shape[1:], dtype=W_hT.dtype) if mixed else None
+    table, ids = picks if picks is not None else (None, None)
     for t in range(len(pre)):
+        if table is not None:
+            torch.index_select(table, 1, ids[t], out=pre[t])  # type: ignore[index]  # X_t W_x + b, transposed
         if product is None:
             pre[t].addmm_(W_hT, H[t])  # + (H_{t-1} W_h)ᵀ = W_hᵀ H_{t-1}ᵀ: the four gates in one product
         else:
@@ -213,9 +213,10 @@ def local_derivatives(gates: torch.Tensor, Cs: torch.Tensor, tanh_C: torch.Tenso
 def backward_steps(
     dHs: torch.Tensor, dC_T: torch.Tensor | None, gates: torch.Tensor, Cs: torch.Tensor, tanh_C: torch.Tensor, W_h: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward through time, feature-major: dL/d(gate pre-activations)ᵀ of every step,
-    (steps, 4·hiddens, batch), in the gates' dtype and again in W_h's (the products' operand;
-    the same tensor when they agree), and dL/dC_0ᵀ. `dHs` (steps, hiddens, batch) is dL/dH_tᵀ
+    """Backward through time, feature-major: dL/d(gate pre-activations)ᵀ of every step as
+    (4·hiddens, steps, batch) — the layout in which the weight gradients' products read every
+    step's columns side by side without a copy — in the gates' dtype and again in W_h's (the
+    products' operand; the same tensor when they agree), and dL/dC_0ᵀ. `dHs` (steps, hiddens, batch) is dL/dH_tᵀ
     from above (the outputs' gradient), `dC_T` dL/dC_T (batch, hiddens) or None, W_h the packed
     (hiddens, 4·hiddens), contiguous, in the compute dtype.
 
@@ -225,15 +226,16 @@ def backward_steps(
     dGates_dHC, dC_dH = local_derivatives(gates, Cs, tanh_C)
     steps, hiddens, batch = dC_dH.shape
     ifc, o = slice(0, 3 * hiddens), block("o", hiddens)  # the gates that take dL/dC, side by side; o
-    dGates = gates.new_empty(gates.shape)  # (steps, 4·hiddens, batch)
+    dGates = gates.new_empty((4 * hiddens, steps, batch))
     mixed = W_h.dtype != gates.dtype
     dGates_c = dGates.new_empty(dGates.shape, dtype=W_h.dtype) if mixed else dGates  # the products' copy
     product = dHs.new_empty((hiddens, batch), dtype=W_h.dtype) if mixed else None
-    dO = dGates[:, o].unbind(0)  # (hiddens, batch) per step
-    dIFC = dGates[:, ifc].unflatten(1, (3, hiddens)).unbind(0)  # (3, hiddens, batch) per step
+    dO = dGates[o].unbind(1)  # (hiddens, batch) per step
+    dIFC = dGates[ifc].unflatten(0, (3, hiddens)).unbind(2)  # (3, hiddens, batch) per step
     dO_dH = dGates_dHC[:, o].unbind(0)
     dIFC_dC = dGates_dHC[:, ifc].unflatten(1, (3, hiddens)).unbind(0)
-    dG, dG_c, dHs_, F_, dC_dH_ = (x.unbind(0) for x in (dGates, dGates_c, dHs, gate_views(gates)[1], dC_dH))
+    dG, dG_c = dGates.unbind(1), dGates_c.unbind(1)  # (4·hiddens, batch) per step
+    dHs_, F_, dC_dH_ = (x.unbind(0) for x in (dHs, gate_views(gates)[1], dC_dH))
     dH = dHs.new_empty((hiddens, batch))
     dC = Cs.new_zeros((hiddens, batch)) if dC_T is None else dC_T.T.to(Cs.dtype).clone(memory_format=torch.contiguous_format)
     for t in reversed(range(steps)):
@@ -268,13 +270,17 @@ def run_sequence(X: torch.Tensor, H_0: torch.Tensor, C_0: torch.Tensor, weights:
     No autocast guard is needed: every product's operands are already in the compute dtype,
     and autocast leaves in-place and out= operations alone."""
     steps, batch, hiddens = X.shape[0], X.shape[1], weights.W_hT.shape[1]
-    gates = input_projection(X, weights)  # (steps, 4·hiddens, batch), state dtype
+    if weights.table is not None:  # ids: each step picks its columns
+        gates = weights.table.new_empty((steps, 4 * hiddens, batch))
+        picks = (weights.table, X.contiguous())
+    else:
+        gates, picks = input_projection(X, weights), None  # (steps, 4·hiddens, batch), state dtype
     Hs = weights.W_hT.new_empty((steps + 1, hiddens, batch))
     Cs = C_0.new_empty((steps + 1, hiddens, batch), dtype=state_dtype)
     tanh_C = Cs.new_empty((steps, hiddens, batch))
     Hs[0].copy_(H_0.T)
     Cs[0].copy_(C_0.T)
-    forward_steps(gates, Hs, Cs, tanh_C, weights.W_hT)
+    forward_steps(gates, Hs, Cs, tanh_C, weights.W_hT, picks)
     return Sequence(gates, Hs, Cs, tanh_C)
 
 
@@ -420,12 +426,13 @@ def backward_part(
     X_dtype, H_0_dtype, C_0_dtype = input_dtypes
     gates = seq.gates
     dHsT = gates.new_zeros(seq.Hs[1:].shape) if dHs is None else dHs.transpose(1, 2).to(gates.dtype).contiguous()
-    dGates, dGates_c, dC_0 = backward_steps(dHsT, dC_T, gates, seq.Cs, seq.tanh_C, W_h)  # (steps, 4·hiddens, batch)
+    dGates, dGates_c, dC_0 = backward_steps(dHsT, dC_T, gates, seq.Cs, seq.tanh_C, W_h)  # (4·hiddens, steps, batch)
+    _, steps, batch = dGates.shape
     dX = dH_0 = None
     if needs[0]:
-        dX = torch.matmul(W_x, dGates_c).transpose(1, 2).to(X_dtype)  # (steps, batch, inputs)
+        dX = (W_x @ dGates_c.view(-1, steps * batch)).view(-1, steps, batch).permute(1, 2, 0).to(X_dtype)  # (steps, batch, inputs)
     if needs[1]:
-        dH_0 = (W_h @ dGates_c[0]).T.to(H_0_dtype)  # (batch, hiddens)
+        dH_0 = (W_h @ dGates_c[:, 0]).T.to(H_0_dtype)  # (batch, hiddens)
     dC_0_grad = dC_0.T.to(C_0_dtype) if needs[2] else None
     grads = weight_gradients(X, seq.Hs[:-1], dGates, dGates_c, W_x.shape[0]) if need_weights else (None, None, None)
     return dX, dH_0, dC_0_grad, *grads
@@ -439,20 +446,20 @@ def weight_gradients(
 
         dW_h = Σ_t H_{t-1}ᵀ dGates_t        dW_x = Σ_t X_tᵀ dGates_t        db = Σ_t 1ᵀ dGates_t
 
-    dW_h and dW_x are one product each over every step's columns side by side: the steps are
-    moved inward once (one copy of dGates), then BLAS sees one long inner dimension. For ids,
-    X_t is one-hot: a thin product. Under bf16 the products take the bf16 copy of dGates,
-    accumulate in fp32 and round once; db sums the fp32 ones.
+    dW_h and dW_x are one product each over every step's columns side by side: dGates comes as
+    (4·hiddens, steps, batch), so BLAS sees one long inner dimension. For ids, X_t is one-hot:
+    a thin product. Under bf16 the products take the bf16 copy of dGates, accumulate in fp32
+    and round once; db sums the fp32 ones.
     """
-    steps, gates, batch = dGates.shape
+    gates, steps, batch = dGates.shape
     dtype = dGates.dtype
-    dG = dGates_c.permute(1, 0, 2).reshape(gates, steps * batch)  # (4·hiddens, steps·batch), a copy
-    Hp = H_prev.permute(1, 0, 2).reshape(-1, steps * batch)  # (hiddens, steps·batch)
+    dG = dGates_c.view(gates, steps * batch)  # (4·hiddens, steps·batch): a view
+    Hp = H_prev.permute(1, 0, 2).reshape(-1, steps * batch)  # (hiddens, steps·batch), a copy
     dW_h = (Hp @ dG.T).to(dtype)  # (hiddens, 4·hiddens)
     if X.is_floating_point():
         Xf = X.permute(2, 0, 1).reshape(num_inputs, steps * batch).to(dG.dtype)  # (inputs, steps·batch)
     else:
         Xf = F.one_hot(X.reshape(-1), num_inputs).T.to(dG.dtype)  # (inputs, steps·batch), one-hot columns
     dW_x = (Xf @ dG.T).to(dtype)  # (inputs, 4·hiddens)
-    db = dGates.sum(dim=(0, 2))
+    db = dGates.sum(dim=(1, 2))
     return dW_x, dW_h, db

@@ -110,6 +110,7 @@ def test_bench_reports_scaling_under_torchrun(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, *launcher, *args], capture_output=True, text=True, env=_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    scaled = {r["what"]: r for r in rows if "processes" in r["what"]}
+    assert [r["event"] for r in rows].count("machine") == 1  # one report, rank 0's
+    scaled = {r["what"]: r for r in rows if r["event"] == "bench" and "processes" in r["what"]}
     assert set(scaled) == {"train scratch ×2 processes", "train cudnn ×2 processes"}  # reported once, by rank 0
     assert all(r["processes"] == 2 and r["scaling"] > 0 for r in scaled.values())

@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import itertools
 import math
-import shlex
 import signal
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any
@@ -53,8 +52,8 @@ def train(
         out.print(perplexity_chart(metrics, width=min(out.width, 100), height=10))
     report(done, as_json)
     if done.reason == "interrupted":
-        where = "" if runs_dir == DEFAULT_RUNS_DIR else f" --runs-dir {shlex.quote(str(runs_dir))}"  # a command that works as is
-        err.print(f"stopped: checkpoint saved; continue with: lstmlm train --resume --run {shlex.quote(done.run)}{where}", markup=False, soft_wrap=True)
+        command = session.resume_command(done.run, runs_dir, overrides)  # a command that works as is
+        err.print(f"stopped: checkpoint saved; continue with: {command}", markup=False, soft_wrap=True)
         raise typer.Exit(128 + (stop.signal or signal.SIGINT))
 
 

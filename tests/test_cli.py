@@ -7,6 +7,7 @@ Typer reports), never a traceback, and nothing already on disk changes.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -156,6 +157,43 @@ def test_resume_refuses_to_change_the_model(tiny_train_args: list[str], runs_dir
     result = cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--hidden", "32")
     assert_one_error_line(result, "--resume keeps the run's stored hidden = 16; it cannot change to 32")
     assert snapshot(runs_dir) == before
+
+
+def test_resume_refuses_a_config_file(tiny_train_args: list[str], runs_dir: Path, tmp_path: Path) -> None:
+    assert cli(*tiny_train_args, "--run", "r").code == 0
+    other = tmp_path / "other.toml"
+    other.write_text("[model]\nhidden = 64\n", encoding="utf-8")
+    before = snapshot(runs_dir)
+    result = cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--config", other)
+    assert_one_error_line(result, "--config cannot be given with --resume: a resumed run keeps its stored config", "--epochs", "--max-minutes")
+    assert snapshot(runs_dir) == before
+
+
+@pytest.mark.parametrize("change", ["edited", "replaced"])
+def test_resume_refuses_a_corpus_that_changed(tiny_train_args: list[str], runs_dir: Path, corpus_file: Path, change: str) -> None:
+    """The run keeps its corpus's content hash: an edited file, or another moved into its place,
+    would silently train the run on different text."""
+    assert cli(*tiny_train_args, "--run", "r").code == 0
+    then = hashlib.sha1(corpus_file.read_bytes()).hexdigest()
+    if change == "edited":
+        corpus_file.write_text(corpus_file.read_text(encoding="utf-8") + "a new last line\n", encoding="utf-8")
+    else:
+        corpus_file.unlink()
+        corpus_file.write_text(synthetic_text(seed=99), encoding="utf-8")
+    now = hashlib.sha1(corpus_file.read_bytes()).hexdigest()
+    before = snapshot(runs_dir)
+    result = cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--epochs", "3")
+    assert_one_error_line(result, f"the corpus {corpus_file} has changed since run r was created (SHA-1 {then} then, {now} now)")
+    assert snapshot(runs_dir) == before
+
+
+def test_resume_saves_the_options_a_resume_may_change(tiny_train_args: list[str], runs_dir: Path) -> None:
+    assert cli(*tiny_train_args, "--run", "r").code == 0
+    assert cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--epochs", "3", "--patience", "4").code == 0
+    stored = json.loads((runs_dir / "r" / "config.json").read_text())["train"]
+    assert (stored["epochs"], stored["patience"]) == (3, 4)
+    records = cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--epochs", "4", "--json").json()
+    assert [r["epoch"] for r in records if r["event"] == "epoch"] == [4]
 
 
 def test_same_seed_same_samples(tiny_train_args: list[str]) -> None:

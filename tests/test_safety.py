@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import os
 import queue
 import random
@@ -28,7 +29,7 @@ import torch
 
 from lstmlm.checkpoint import load_checkpoint
 
-from conftest import cli
+from conftest import assert_one_error_line, cli
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -186,7 +187,49 @@ def test_signal_saves_says_how_to_resume_and_resumes_exactly_and_a_second_traini
     assert_same_run(run, runs_dir / "straight")
 
 
+def test_the_printed_resume_command_continues_as_the_interrupted_resume_would(
+    started: Any, env: dict[str, str], corpus_file: Path, runs_dir: Path
+) -> None:
+    """A resume's --epochs is saved in the run and repeated in the command printed at Ctrl-C:
+    that command trains on towards it (before, it ran the stored 2 epochs: done at once, NaN)."""
+    args = ["train", "--corpus", corpus_file, "--normalize", "raw", "--runs-dir", runs_dir, *TINY, "--run", "r"]
+    assert cli(*args, "--epochs", "2").code == 0
+    training = started("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--epochs", "500", "--json", env=env)
+    training.wait_for_epoch()
+    training.proc.send_signal(signal.SIGINT)
+    assert training.finish() == 130
+    printed = "".join(training.stderr).strip().splitlines()[-1]
+    assert printed == f"stopped: checkpoint saved; continue with: lstmlm train --resume --run r --runs-dir {runs_dir} --epochs 500"
+    done = json.loads(training.stdout[-1], parse_constant=lambda c: pytest.fail(f"{c} in --json"))
+    assert done["reason"] == "interrupted" and math.isfinite(done["perplexity"])
+    assert json.loads((runs_dir / "r" / "config.json").read_text())["train"]["epochs"] == 500
+
+    bare = cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--max-minutes", "0.01", "--json")
+    done = bare.json()[-1]
+    assert done["reason"] == "time_limit" and done["epochs"] >= 3 and math.isfinite(done["perplexity"])
+
+
 # ---- kill -9 -------------------------------------------------------------------------------------------
+
+
+def test_kill_9_before_the_first_checkpoint_then_resume_is_refused(
+    started: Any, env: dict[str, str], corpus_file: Path, runs_dir: Path
+) -> None:
+    """Killed before its first checkpoint, a run has a best.pt and metrics but no latest.pt: a
+    resume would start over, overwrite best.pt with a worse model and log epochs twice."""
+    args = ["train", "--corpus", corpus_file, "--normalize", "raw", "--runs-dir", runs_dir, *TINY]
+    training = started(*args, "--run", "early", "--epochs", "500", "--checkpoint-every", "1000", "--json", env=env)
+    training.wait_for_epoch()
+    training.wait_for_epoch()
+    training.proc.kill()
+    assert training.finish() == -signal.SIGKILL
+    run = runs_dir / "early"
+    assert (run / "best.pt").is_file() and not (run / "latest.pt").exists()
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.name != ".lock"}  # the lock still names the dead pid
+    result = cli("train", "--resume", "--run", "early", "--runs-dir", runs_dir)
+    assert_one_error_line(result, f"run {run} has no checkpoint to resume from: it stopped before writing its first (delete {run} and train it again)")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != ".lock"} == before
+
 
 # Runs the CLI with torch.save slowed down: the second write of latest.pt stops half-way
 # (flushed to disk) and waits there to be killed.

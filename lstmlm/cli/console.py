@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
+from ..runs import json_line
+
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 
 def print_json(record: dict[str, Any]) -> None:
-    """One JSON line on stdout, flushed at once (a reader may be following)."""
-    sys.stdout.write(json.dumps(record) + "\n")
+    """One line of strict JSON on stdout (NaN and infinities as null), flushed at once (a reader
+    may be following)."""
+    sys.stdout.write(json_line(record) + "\n")
     sys.stdout.flush()
 
 

@@ -137,5 +137,7 @@ def report(done: Finished, as_json: bool) -> None:
     out.print(f"perplexity {done.perplexity:.1f}, {done.tokens_per_s:.1f} tokens/sec on {done.device}")
     if done.val_perplexity is not None:
         out.print(f"validation perplexity {done.val_perplexity:.3f}, {math.log2(done.val_perplexity):.3f} bits per character")
+    if done.best_val_perplexity is not None and done.best_val_perplexity != done.val_perplexity:
+        out.print(f"best validation perplexity {done.best_val_perplexity:.3f} (best.pt)")
     for text in done.samples.values():
         out.print(escape(text), soft_wrap=True)

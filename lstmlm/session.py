@@ -27,19 +27,21 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, cast
 
+import torch
+
 from . import checkpoint, config, distributed
 from .atomic import write_text_atomic
 from .config import Config
 from .corpus import Progress
 from .data.pipeline import Data, prepare_data
 from .data.text import read_text
-from .device import resolve_device, resolve_precision
+from .device import available_memory, describe, resolve_device, resolve_precision
 from .distributed import World
-from .errors import CheckpointError, ConfigError, CorpusError
+from .errors import CheckpointError, ConfigError, CorpusError, DeviceError
 from .evaluation import Score, score_text
 from .events import Event
 from .generate import Sampling, generate, prepare_prefix
-from .model import CharLM, convert
+from .model import CharLM, convert, training_bytes
 from .runs import BEST, DEFAULT_RUNS_DIR, LATEST, RunExists, RunStore, check_run_name
 from .train import Trainer
 from .units import Inspection, inspect_text
@@ -157,11 +159,29 @@ def prepare_training(
     else:
         base = config.load(config_file) if config_file else Config()
         cfg = base.with_overrides(overrides).resolved()
-    resolve_device(cfg.train.device)  # an absent device is refused before any download
+    device = resolve_device(cfg.train.device)  # an absent device is refused before any download
     data = prepare_data(cfg, vocab=store.vocab if store else None, progress=progress)
     if store is not None:
         check_same_corpus(store, data, cfg.data.corpus)
+    check_memory(cfg, len(data.vocab), device)
     return Plan(cfg, data, runs_dir, run, store)
+
+
+def check_memory(cfg: Config, vocab_size: int, device: torch.device) -> None:
+    """Refuse a model that cannot fit before the run is created: past the memory there is, a
+    training would be ended by the OOM killer with no message, its run's name used up."""
+    need, have = training_bytes(cfg, vocab_size), available_memory(device)
+    if have is not None and need > have:
+        m, d = cfg.model, cfg.data
+        raise DeviceError(
+            f"training {m.layers}×{m.hidden} {m.model} with batches of {d.batch_size}×{d.num_steps} needs at least "
+            f"{_gib(need)} of memory and {describe(device)} has {_gib(have)} available: "
+            f"lower --hidden, --layers, --embedding, --batch-size or --num-steps"
+        )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,9 @@ import lstmlm.checkpoint as checkpoint_mod
 from lstmlm.checkpoint import load_checkpoint
 from lstmlm.config import Config
 from lstmlm.data.pipeline import prepare_data
+from lstmlm.device import available_memory
 from lstmlm.generate import complete
-from lstmlm.model import CharLM, convert
+from lstmlm.model import CharLM, convert, num_parameters, training_bytes
 from lstmlm.runs import RunStore
 from lstmlm.vocab import Vocab
 
@@ -385,20 +386,32 @@ def test_invalid_option_values(train_into: Any, corpus_file: Path, args: tuple[s
 
 
 @pytest.mark.parametrize(
-    ("args", "fragment"),
+    "args",
     [
-        (("--hidden", str(10**15)), "out of memory allocating "),  # past any address space
-        (("--embedding", str(2**62)), "out of memory"),  # torch: "Storage size calculation overflowed"
+        ("--hidden", "60000"),  # 14.4 billion parameters: once, the OOM killer ended this with no message
+        ("--hidden", str(10**15)),  # past any address space
+        ("--embedding", str(2**62)),  # past torch's sizes ("Storage size calculation overflowed")
+        ("--layers", "10000000"),  # a small layer, many times over
     ],
 )
-def test_a_model_too_large_for_memory(runs_copy: Path, corpus_file: Path, args: tuple[str, ...], fragment: str) -> None:
-    """The run directory is made before the model, so it stays (config and vocab, no checkpoint)."""
+def test_a_model_too_large_for_memory_is_refused_before_the_run_is_made(runs_copy: Path, corpus_file: Path, args: tuple[str, ...]) -> None:
+    cfg = Config().with_overrides({"corpus": str(corpus_file), "normalize": "raw", "hidden": 16, "batch_size": 8, "num_steps": 10}).resolved()
+    cfg = cfg.with_overrides({args[0][2:].replace("-", "_"): int(args[1])})
+    vocab_size = len(prepare_data(cfg).vocab)
+    need, have = training_bytes(cfg, vocab_size), available_memory(torch.device("cpu"))
+    if have is None or have >= need:
+        pytest.skip(f"this machine has the memory ({have} bytes available, {need} needed)")
     before = snapshot(runs_copy)
     result = cli("train", "--runs-dir", runs_copy, *TINY, "--corpus", corpus_file, "--run", "big", *args)
-    assert_one_error_line(result, fragment, "lower --hidden")
-    after = snapshot(runs_copy)
-    assert {k: after[k] for k in before} == before
-    assert not any(name.endswith(".pt") for name in set(after) - set(before))
+    assert_one_error_line(result, "needs at least ", " GiB of memory and cpu has ", "available: lower --hidden, --layers, --embedding, --batch-size")
+    assert snapshot(runs_copy) == before
+    assert not (runs_copy / "big").exists()
+
+
+@pytest.mark.parametrize(("model", "layers", "embedding"), [("scratch", 1, 0), ("scratch", 3, 0), ("cudnn", 2, 0), ("cudnn", 1, 12), ("scratch", 2, 5)])
+def test_the_parameter_count_is_the_models(model: str, layers: int, embedding: int) -> None:
+    cfg = Config().with_overrides({"model": model, "layers": layers, "embedding": embedding, "hidden": 24}).model
+    assert num_parameters(cfg, 31) == sum(p.numel() for p in CharLM.from_config(cfg, 31).parameters())
 
 
 def test_device_cuda_without_cuda(train_into: Any, corpus_file: Path) -> None:

@@ -210,11 +210,13 @@ def training(plan: Plan) -> Iterator[Training]:
         precision = resolve_precision(cfg.train.precision, device)
         store = plan.store or create_run(plan.runs_dir, plan.run, cfg, plan.data, world)
         with store.locked() if world.is_main else contextlib.nullcontext():
-            trainer = Trainer(store, cfg, plan.data, device, precision, world)
-            if plan.store is not None:
+            resuming = plan.store is not None
+            if resuming:
                 check_resumable(store)
                 if world.is_main and store.config != cfg:
                     store.save_config(cfg)
+            trainer = Trainer(store, cfg, plan.data, device, precision, world)
+            if resuming:
                 trainer.resume()
             yield Training(trainer, store, world)
     finally:

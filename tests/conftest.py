@@ -61,11 +61,11 @@ STALL_BODY = "stall-body"  # send the headers and half the body, then say nothin
 CUT = "cut"  # promise the whole length, send half the body, close the connection
 GZIP = "gzip"  # the file gzipped on the wire (Content-Length: the compressed size), as CDNs do
 BAD_GZIP = "bad-gzip"  # "gzip" that is not: a header, then bytes no inflater accepts
-GZIP_BOMB = "gzip-bomb"  # a few KiB on the wire that inflate to GZIP_BOMB_BYTES of zeros
+GZIP_BOMB = "gzip-bomb"  # a few KiB on the wire that inflate to GZIP_BOMB_BYTES of zeros (made once, when planned)
 DRIP = "drip"  # the file with its length, one byte every DRIP_S
 ENDLESS = "endless"  # no length; the file over and over, ENDLESS_BYTES in all (past any cap a test sets)
 BEHAVIOURS = (SERVE, NOT_FOUND, SERVER_ERROR, STALL, STALL_BODY, CUT, GZIP, BAD_GZIP, GZIP_BOMB, DRIP, ENDLESS)
-GZIP_BOMB_BYTES = 64 << 20
+GZIP_BOMB_BYTES = 16 << 20
 DRIP_S = 0.05
 ENDLESS_BYTES = 16 << 20
 
@@ -101,6 +101,8 @@ class LoopbackServer(http.server.ThreadingHTTPServer):
         """The next requests behave so, in order; once they are used up, files are served."""
         unknown = set(behaviours) - set(BEHAVIOURS)
         assert not unknown, f"unknown behaviours {unknown}"
+        if GZIP_BOMB in behaviours:
+            gzip_bomb()  # now, not while the client waits for the answer
         self.planned.extend(behaviours)
 
     def next_behaviour(self) -> str:

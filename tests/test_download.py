@@ -317,12 +317,12 @@ def test_two_urls_that_end_alike_keep_their_own_files(served: LoopbackServer, se
 
 
 def test_the_summary_reads_a_block_at_a_time(tmp_path: Path) -> None:
-    """Characters split across block edges are counted once; a 24 MiB file is summarized in
-    under 16 MiB of memory (read whole, its bytes and its 4-byte-wide str take over 75 MiB)."""
+    """Characters split across block edges are counted once; an 8 MiB file is summarized in
+    under 16 MiB of memory (read whole, its bytes and its 4-byte-wide str take 26 MiB)."""
     path = tmp_path / "big.txt"
     unit = "naïve 時間 😀 ".encode()  # 1-, 2-, 3- and 4-byte characters: some straddle the 1 MiB blocks
-    path.write_bytes(unit * ((24 << 20) // len(unit)))
-    text_units = (24 << 20) // len(unit)
+    text_units = (8 << 20) // len(unit)
+    path.write_bytes(unit * text_units)
     tracemalloc.start()
     try:
         summary = summarize(path)

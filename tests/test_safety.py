@@ -392,15 +392,18 @@ def test_a_file_size_limit_during_training_is_one_line_and_the_checkpoints_survi
 # ---- two trainings started at the same instant ----------------------------------------------------
 
 # Runs the CLI, held at a gate (a shared flock the test holds exclusively) just before the run is
-# named and created, with every fsync slowed down as on a slow disk: the two processes the test
-# releases together then name and create their runs at the same instant.
+# named and created, with its first fsyncs (the run's files) slowed down as on a slow disk: the
+# two processes the test releases together then name and create their runs at the same instant.
 AT_THE_GATE = r"""
 import fcntl, os, sys, time
 from lstmlm import session
 real_training, real_fsync = session.training, os.fsync
+slow = [3]
 
 def slow_fsync(fd):
-    time.sleep(0.2)
+    if slow[0] > 0:
+        slow[0] -= 1
+        time.sleep(0.2)
     real_fsync(fd)
 
 def training(plan):

@@ -8,6 +8,7 @@ bf16 products natively (a CUDA GPU that supports it, a CPU with AVX512-BF16 or A
 from __future__ import annotations
 
 import contextlib
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -59,6 +60,46 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if name not in ("fp32", "bf16"):
         raise DeviceError(f"unknown precision '{name}' (expected fp32, bf16 or auto)")
     return name
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes this process can still allocate on `device`, or None where that cannot be told.
+
+    CUDA: the driver's free memory. CPU (Linux): MemAvailable, or less where a cgroup (a
+    container's limit, which its OOM killer enforces) leaves less; elsewhere the free pages."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type != "cpu":
+        return None
+    known = [n for n in (_meminfo_available(), _cgroup_headroom()) if n is not None]
+    if not known:
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return None
+    return min(known)
+
+
+def _meminfo_available() -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def _cgroup_headroom() -> int | None:
+    """A cgroup's memory limit less what it uses (v2, then v1); None without a limit."""
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        with contextlib.suppress(OSError, ValueError):
+            limit = Path(limit_file).read_text().strip()
+            if limit == "max" or int(limit) >= 1 << 60:  # v1 writes "no limit" as a huge number
+                return None
+            return max(0, int(limit) - int(Path(usage_file).read_text().strip()))
+    return None
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[None]:

@@ -34,7 +34,7 @@ class Evaluated:
     global_step: int
     val_perplexity: float
     val_bpc: float
-    best: bool  # the best validation so far: best.pt was just written
+    best: bool  # better than the model in best.pt: best.pt was just written
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ class Finished:
     epochs: int  # epochs completed
     vocab_size: int
     samples: dict[str, str]
+    best_val_perplexity: float | None = None  # the model in best.pt's
 
 
 Event = Started | Stepped | Evaluated | EpochEnded | Sampled | Saved | Finished

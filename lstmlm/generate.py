@@ -24,7 +24,7 @@ import torch
 
 from .data.text import normalize
 from .device import DTYPES, autocast
-from .errors import VocabError
+from .errors import ConfigError, VocabError
 from .fused import CellInPlace, Stacked, stack_weights
 from .lstm import State
 from .model import PACKED, CharLM, convert, scratch_key
@@ -46,6 +46,10 @@ class Sampling:
     top_p: float = 1.0
     num_samples: int = 1
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.seed is not None and not 0 <= self.seed < 2**64:  # what torch.Generator takes
+            raise ConfigError(f"--seed must be from 0 to 2**64 - 1, not {self.seed}")
 
 
 # ---- context --------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from .config import Config, ModelConfig
 from .errors import CheckpointError, ShapeError
 from .fused import GATE_ORDER, block
 from .lstm import PARAMETERS, CudnnLSTM, ScratchLSTM, State, zero_state
@@ -93,6 +93,27 @@ class CharLM(nn.Module):
             outputs = F.dropout(outputs.contiguous(), self.dropout)
         logits = outputs @ self.W_hq + self.b_q  # (steps, batch, vocab)
         return logits.transpose(0, 1), state
+
+
+def num_parameters(cfg: ModelConfig, vocab_size: int) -> int:
+    """The model's parameter count from its shapes alone: no tensor is made, so a size too large
+    for any memory is counted, not allocated."""
+    H, E, V = cfg.hidden, cfg.embedding, vocab_size
+    biases = 4 * H if cfg.model == "scratch" else 8 * H  # nn.LSTM keeps two bias vectors
+    core = sum(4 * H * ((E or V) if k == 0 else H) + 4 * H * H + biases for k in range(cfg.layers))
+    return V * E + core + H * V + V
+
+
+def training_bytes(cfg: Config, vocab_size: int) -> int:
+    """At least what training takes in memory: the fp32 weights and their gradients, the
+    optimizer's state (Adam's two moments; plain SGD keeps none), and per trained character
+    the activations kept for the backward pass (each layer's gates, cell and hidden state; the
+    logits and their gradient). Not counted: the framework, the data, temporaries."""
+    P = num_parameters(cfg.model, vocab_size)
+    copies = 2 + (2 if cfg.train.optimizer in ("adam", "adamw") else 0)
+    characters = cfg.data.batch_size * cfg.data.num_steps
+    per_character = 6 * cfg.model.layers * cfg.model.hidden + 2 * vocab_size
+    return 4 * (copies * P + characters * per_character)
 
 
 def loss_fn(logits: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:

@@ -79,7 +79,7 @@ def test_only_rank_zero_writes(runs: dict) -> None:
     store = RunStore.open(root / "double")
     assert [r["epoch"] for r in store.read_metrics()] == list(range(1, EPOCHS + 1))  # each epoch once
     assert sorted(p.name for p in (root / "double").iterdir() if not p.name.startswith(".")) == [
-        "config.json", "latest.pt", "metrics.jsonl", "vocab.json"
+        "config.json", "latest.pt", "metrics.jsonl", "run.json", "vocab.json"
     ]
     assert len([e for e in runs["double"] if e["event"] == "done"]) == 1  # one process reports
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from . import options
@@ -46,13 +47,13 @@ def table(report: Report) -> Table:
     d = report.dims
     title = (f"{report.device}: hidden {d.hidden}, {d.layers} layer(s), batch {d.batch_size}, {d.num_steps} steps, "
              f"vocab {d.vocab_size} — {report.flops_per_token:,} FLOPs per trained token")  # fmt: skip
-    t = Table(title=title)
+    t = Table(title=escape(title))
     for column in ("measure", "precision", "figure", "of ceiling", "peak memory"):
         t.add_column(column, justify="left" if column in ("measure", "precision") else "right")
     for row in report.rows:
         share = f"{row.of_ceiling:.0%}" if row.of_ceiling is not None else ""
         memory = f"{row.memory / 2**20:,.0f} MiB" if row.memory else ""
-        t.add_row(row.measure, row.precision, figure(row), share, memory)
+        t.add_row(escape(row.measure), escape(row.precision), escape(figure(row)), share, memory)
     return t
 
 

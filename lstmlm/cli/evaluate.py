@@ -11,7 +11,7 @@ from rich.markup import escape
 
 from ..runs import DEFAULT_RUNS_DIR
 from . import options
-from .console import out, print_json
+from .console import out, print_json, visible
 
 
 def evaluate(
@@ -30,5 +30,5 @@ def evaluate(
     if as_json:
         print_json({"file": str(file), **dataclasses.asdict(score)})
         return
-    out.print(f"{escape(str(file))}: perplexity {score.perplexity:.3f}, {score.bits_per_char:.3f} bits per character "
+    out.print(f"{escape(visible(str(file)))}: perplexity {score.perplexity:.3f}, {score.bits_per_char:.3f} bits per character "
               f"({score.predicted:,} characters predicted, {score.unknown_characters:,} outside the vocabulary)", soft_wrap=True)  # fmt: skip

@@ -15,7 +15,7 @@ from ..corpus import Progress, locate
 from ..errors import CorpusError
 from ..vocab import Vocab
 from . import batches, cache
-from .text import normalize, read_text
+from .text import content_sha1, normalize, read_text
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class Data:
     vocab: Vocab
     train: torch.Tensor  # int32 ids
     val: torch.Tensor  # int32 ids, empty without a validation split
+    source_sha1: str | None = None  # the corpus's content hash (data.text.content_sha1): a resume checks it
 
 
 def build_vocab(text: str, normalize: str) -> Vocab:
@@ -54,7 +55,7 @@ def prepare_data(cfg: Config, vocab: Vocab | None = None, progress: Progress | N
         ids = ids[: d.max_tokens]
     parts = batches.split(ids, d.val_fraction)
     batches.check_length(len(parts.train), d.batch_size, d.num_steps, "training text")
-    return Data(vocab, parts.train, parts.val)
+    return Data(vocab, parts.train, parts.val, content_sha1(path))
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,18 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+def set_tf32(device: torch.device, allowed: bool) -> bool:
+    """Decide, explicitly, whether fp32 products may run in TF32 on a CUDA GPU — cuBLAS and cuDNN
+    both — so the scratch core (cuBLAS) and nn.LSTM (cuDNN) do the same fp32 arithmetic. Off by
+    default: then "scratch ≡ nn.LSTM" holds on a GPU to fp32's tolerance. Returns what is in force
+    (always False off CUDA, where TF32 does not exist)."""
+    if device.type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    torch.backends.cudnn.allow_tf32 = allowed
+    return allowed
+
+
 def describe(device: torch.device) -> str:
     """The name d2l prints: cuda:0, cpu."""
     if device.type == "cuda":

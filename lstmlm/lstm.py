@@ -215,15 +215,18 @@ class CudnnLSTM(nn.Module):
         if not X.is_floating_point():  # nn.LSTM multiplies its input: one-hot it (cheap at char vocab sizes)
             X = F.one_hot(X.long(), self.num_inputs).to(weight.dtype)
         dtype = compute_dtype(weight)
-        if X.device.type == "cpu" and dtype != weight.dtype:
+        if dtype != weight.dtype:
             return self._forward_in(dtype, X, state)
         outputs, (H, C) = self.lstm(X, state)
         return outputs, (H, C)
 
     def _forward_in(self, dtype: torch.dtype, X: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """oneDNN's CPU LSTM refuses autocast's mixed dtypes: run it on `dtype` copies of the
-        weights, input and state instead. The casts are differentiable, so the gradients still
-        reach the fp32 parameters; the returned state is in the parameters' dtype."""
+        """nn.LSTM under autocast, on any device, runs on `dtype` copies of the weights, input and
+        state with autocast off: oneDNN's CPU LSTM refuses autocast's mixed dtypes, and on a GPU
+        autocast would cast cuDNN's RNN to fp16 whatever dtype it was asked for (and with no
+        gradient scaler). So bf16 reaches the kernel as bf16. The casts are differentiable, so the
+        gradients still reach the fp32 parameters; the returned state (C above all, carried to the
+        next batch) is in the parameters' dtype."""
         weights = {name: p.to(dtype) for name, p in self.lstm.named_parameters()}
         with torch.autocast(X.device.type, enabled=False):
             outputs, (H, C) = functional_call(self.lstm, weights, (X.to(dtype), (state[0].to(dtype), state[1].to(dtype))))

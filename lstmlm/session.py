@@ -35,7 +35,7 @@ from .config import Config
 from .corpus import Progress
 from .data.pipeline import Data, prepare_data
 from .data.text import read_text
-from .device import available_memory, describe, resolve_device, resolve_precision
+from .device import available_memory, describe, resolve_device, resolve_precision, set_tf32
 from .distributed import World
 from .errors import CheckpointError, ConfigError, CorpusError, DeviceError
 from .evaluation import Score, score_text
@@ -208,6 +208,7 @@ def training(plan: Plan) -> Iterator[Training]:
     device = distributed.start(world, resolve_device(cfg.train.device), cfg.data.batch_size)
     try:
         precision = resolve_precision(cfg.train.precision, device)
+        set_tf32(device, cfg.train.tf32)
         store = plan.store or create_run(plan.runs_dir, plan.run, cfg, plan.data, world)
         with store.locked() if world.is_main else contextlib.nullcontext():
             resuming = plan.store is not None

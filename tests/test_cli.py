@@ -566,3 +566,11 @@ def test_commands_that_do_not_train_never_import_torch(command: str, http_server
     }[command]
     done = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True, timeout=60)
     assert done.stderr.strip().splitlines()[-1] == "no torch 0", done.stderr
+
+
+def test_tf32_is_a_stored_option_and_a_config_bool(tiny_train_args: list[str], runs_dir: Path, tmp_path: Path) -> None:
+    assert cli(*tiny_train_args, "--tf32", "--run", "t").code == 0
+    assert json.loads((runs_dir / "t" / "config.json").read_text())["train"]["tf32"] is True
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\ntf32 = 1\n")
+    assert_one_error_line(cli(*tiny_train_args, "--config", bad, "--run", "u"), "[train] tf32 must be a bool, not 1")

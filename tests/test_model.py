@@ -162,14 +162,21 @@ def test_bad_input_is_refused(core: str, X: torch.Tensor, state, message: str) -
 
 
 def test_cudnn_core_runs_under_cpu_bf16_autocast() -> None:
-    # oneDNN's LSTM refuses autocast's mixed dtypes on the CPU; the core runs on bf16 copies
-    # instead: the loss stays within bf16 rounding of fp32, the state and gradients are fp32.
+    # oneDNN's LSTM refuses autocast's mixed dtypes on the CPU (and CUDA's autocast would cast
+    # cuDNN's RNN to fp16); the core runs on bf16 copies instead, with autocast off: bf16 is what
+    # reaches nn.LSTM, the loss stays within bf16 rounding of fp32, the state and gradients are fp32.
     torch.manual_seed(0)
     model = CharLM(10, 16, 2, core="cudnn")
     X, Y = torch.randint(0, 10, (3, 5)), torch.randint(0, 10, (3, 5))
+    reached: list[tuple[torch.dtype, ...]] = []
+    hook = model.core.lstm.register_forward_pre_hook(
+        lambda module, args: reached.append((args[0].dtype, args[1][0].dtype, module.weight_hh_l1.dtype, torch.is_autocast_enabled("cpu")))
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, (H, C) = model(X)
         loss = loss_fn(logits, Y)
+    hook.remove()
+    assert reached == [(torch.bfloat16, torch.bfloat16, torch.bfloat16, False)]
     loss.backward()
     assert H.dtype == C.dtype == torch.float32
     assert loss.item() == pytest.approx(loss_fn(model(X)[0], Y).item(), rel=1e-2)
@@ -250,3 +257,11 @@ def test_a_checkpoint_of_the_first_release_loads(core: str) -> None:
     model.load_state_dict(convert(old, core))
     X = torch.randint(0, 10, (3, 7))
     torch.testing.assert_close(model.eval()(X)[0], packed.eval()(X)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_tf32_is_decided_explicitly_and_only_on_cuda() -> None:
+    from lstmlm.device import set_tf32
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    assert set_tf32(torch.device("cpu"), True) is False  # no TF32 off CUDA, and nothing changed
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before

@@ -77,6 +77,7 @@ class TrainConfig:
     seed: int = setting(0, "Seed of the initialization, the data order and dropout.")
     device: DeviceName = setting("auto", "auto, cpu, cuda or mps.")
     precision: Precision = setting("fp32", "fp32, bf16 or auto (bf16 where the hardware multiplies it natively).")
+    tf32: bool = setting(False, "On a CUDA GPU, let fp32 products use TF32 (faster; about 1e-3 relative error, so the two cores then differ that much).")
     sample_every: str = setting("10m", "Greedy samples every N steps ('2000'), minutes ('10m') or epochs ('1e'); '1e,10m': whichever first; 0 = at the end.")
     eval_every: str = setting("1e,10m", "Validation every N steps, minutes ('10m') or epochs ('1e'), or whichever first ('1e,10m'); 0 = at the end.")
     checkpoint_every: str = setting("10m", "Checkpoints every N steps, minutes ('10m') or epochs ('1e'), or whichever first; 0 = at the end.")
@@ -139,7 +140,7 @@ MODEL_DEFINING = ("normalize", "model", "hidden", "layers", "embedding")
 
 # Fields a resumed run may change: they alter neither the model nor the data.
 RESUMABLE = frozenset(
-    {"epochs", "device", "precision", "sample_every", "eval_every", "checkpoint_every", "patience", "max_minutes", "val_tokens", "strict"}
+    {"epochs", "device", "precision", "tf32", "sample_every", "eval_every", "checkpoint_every", "patience", "max_minutes", "val_tokens", "strict"}
 )
 
 # ---- cadences: how often something happens during training ------------------------------------

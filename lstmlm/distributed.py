@@ -90,6 +90,15 @@ def any_each(flags: list[bool], world: World, device: torch.device) -> list[bool
     return [bool(v) for v in t.tolist()]
 
 
+def broadcast_name(name: str, world: World) -> str:
+    """Rank 0's `name` on every process (itself in a single process)."""
+    if not world.active:
+        return name
+    names = [name]
+    dist.broadcast_object_list(names, src=0)
+    return str(names[0])
+
+
 def barrier(world: World) -> None:
     if world.active:
         dist.barrier()

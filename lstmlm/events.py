@@ -38,7 +38,7 @@ class Evaluated:
     global_step: int
     val_perplexity: float
     val_bpc: float  # bits per token: per character, or per byte in bytes mode
-    best: bool  # the best validation so far: best.pt was just written
+    best: bool  # better than the model in best.pt: best.pt was just written
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,7 @@ class Finished:
     epochs: int  # epochs completed
     vocab_size: int
     samples: dict[str, str]
+    best_val_perplexity: float | None = None  # the model in best.pt's
 
 
 Event = Started | Stepped | Evaluated | EpochEnded | Sampled | Saved | Finished

@@ -8,6 +8,10 @@ The CLI reads options, calls one function here, and renders what it returns:
     inspect_run                      lstmlm inspect
 
 Runs are named, never pathed: `--run NAME` is `RUNS_DIR/NAME` in every command.
+
+A resume does what the stored run says, plus the options a resume may change (config.RESUMABLE,
+saved into the run), or refuses with the reason: a --config file, any other option that differs,
+a run that never wrote a checkpoint, a corpus whose content is not the one the run was made from.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import codecs
 import contextlib
 import dataclasses
 import glob
+import itertools
+import shlex
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,20 +29,22 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, cast
 
+import torch
+
 from . import checkpoint, config, distributed
 from .atomic import write_text_atomic
 from .config import Config
 from .corpus import StageProgress
 from .data.pipeline import Data, encode_file, prepare_data
 from .data.text import as_text, normalize, read_text
-from .device import resolve_device, resolve_precision
+from .device import available_memory, describe, resolve_device, resolve_precision, set_tf32
 from .distributed import World
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError, CorpusError, DeviceError
 from .evaluation import Score, score_ids
 from .events import Event
 from .generate import Sampling, generate, prepare_prefix
-from .model import CharLM, convert
-from .runs import BEST, LATEST, RunStore, check_run_name
+from .model import CharLM, convert, training_bytes
+from .runs import BEST, DEFAULT_RUNS_DIR, LATEST, RunExists, RunStore, check_run_name
 from .train import Trainer
 from .units import Inspection, inspect_text
 from .vocab import Vocab
@@ -68,19 +76,14 @@ class StopFlag:
                 signal.signal(s, h)
 
 
-def default_run_name(cfg: Config, runs_dir: Path) -> str:
-    """corpus-model, with -2, -3, ... when that run exists already (a glob's corpus is named by
-    the folder it starts in: 'linux/**/*.[ch]' → linux)."""
+def run_base_name(cfg: Config) -> str:
+    """corpus-model: the name a run gets when none is given (a glob's corpus is named by the
+    folder it starts in: 'linux/**/*.[ch]' → linux)."""
     corpus = Path(cfg.data.corpus)
     if glob.has_magic(cfg.data.corpus):
         plain = [part for part in corpus.parts if not glob.has_magic(part) and part not in ("/", ".", "..", "~")]
         corpus = Path(plain[-1] if plain else "corpus")
-    base = f"{corpus.stem or 'corpus'}-{cfg.model.model}"
-    name, n = base, 1
-    while (runs_dir / name).exists():
-        n += 1
-        name = f"{base}-{n}"
-    return name
+    return f"{corpus.stem or 'corpus'}-{cfg.model.model}"
 
 
 def open_for_resume(runs_dir: Path, run: str | None, overrides: dict[str, Any]) -> tuple[RunStore, Config]:
@@ -98,6 +101,39 @@ def open_for_resume(runs_dir: Path, run: str | None, overrides: dict[str, Any]) 
                 f"(start a new --run instead)"
             )
     return store, stored.with_overrides({k: v for k, v in overrides.items() if k in config.RESUMABLE})
+
+
+def check_resumable(store: RunStore) -> None:
+    """Refuse a run with no checkpoint: resumed, it would start over, overwriting its best.pt and
+    logging its epochs twice (asked while the run is held, so a training still on its way to
+    its first checkpoint is reported as in use instead)."""
+    if not store.has_checkpoint(LATEST):
+        raise CheckpointError(
+            f"run {store.root} has no checkpoint to resume from: it stopped before writing its first "
+            f"(delete {store.root} and train it again)"
+        )
+
+
+def check_same_corpus(store: RunStore, data: Data, corpus: str) -> None:
+    """Refuse to resume on a corpus whose content is not the one the run was created from (an
+    edited file, or another one moved into its place)."""
+    then, now = store.corpus_sha1, data.source_sha1
+    if then is not None and now is not None and then != now:
+        raise CorpusError(
+            f"the corpus {corpus} has changed since run {store.name} was created (SHA-1 {then} then, {now} now): "
+            f"restore it, or train a new --run on it"
+        )
+
+
+def resume_command(run: str, runs_dir: Path, overrides: dict[str, Any]) -> str:
+    """The command that continues `run`, repeating the options given that a resume may change
+    (they are saved in the run too, so the bare command continues the same way)."""
+    words = ["lstmlm", "train", "--resume", "--run", run]
+    if runs_dir != DEFAULT_RUNS_DIR:
+        words += ["--runs-dir", str(runs_dir)]
+    for key in sorted(k for k, v in overrides.items() if v is not None and k in config.RESUMABLE):
+        words += [f"--{key.replace('_', '-')}", str(overrides[key])]
+    return shlex.join(words)
 
 
 @dataclass(frozen=True)
@@ -126,13 +162,38 @@ def prepare_training(
         check_run_name(run)
     store = None
     if resume:
+        if config_file is not None:
+            raise ConfigError(
+                f"--config cannot be given with --resume: a resumed run keeps its stored config "
+                f"(a resume may change only {', '.join('--' + k.replace('_', '-') for k in sorted(config.RESUMABLE))})"
+            )
         store, cfg = open_for_resume(runs_dir, run, overrides)
     else:
         base = config.load(config_file) if config_file else Config()
         cfg = base.with_overrides(overrides).resolved()
-    resolve_device(cfg.train.device)  # an absent device is refused before any download
+    device = resolve_device(cfg.train.device)  # an absent device is refused before any download
     data = prepare_data(cfg, vocab=store.vocab if store else None, progress=progress, scratch=runs_dir)
+    if store is not None:
+        check_same_corpus(store, data, cfg.data.corpus)
+    check_memory(cfg, len(data.vocab), device)
     return Plan(cfg, data, runs_dir, run, store)
+
+
+def check_memory(cfg: Config, vocab_size: int, device: torch.device) -> None:
+    """Refuse a model that cannot fit before the run is created: past the memory there is, a
+    training would be ended by the OOM killer with no message, its run's name used up."""
+    need, have = training_bytes(cfg, vocab_size), available_memory(device)
+    if have is not None and need > have:
+        m, d = cfg.model, cfg.data
+        raise DeviceError(
+            f"training {m.layers}×{m.hidden} {m.model} with batches of {d.batch_size}×{d.num_steps} needs at least "
+            f"{_gib(need)} of memory and {describe(device)} has {_gib(have)} available: "
+            f"lower --hidden, --layers, --embedding, --batch-size or --num-steps"
+        )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
 
 
 @dataclass(frozen=True)
@@ -152,29 +213,50 @@ class Training:
 @contextlib.contextmanager
 def training(plan: Plan) -> Iterator[Training]:
     """Join the processes (under torchrun), create the run (or open it), hold its lock, build the
-    Trainer and resume it from its checkpoint; leave the process group on the way out."""
+    Trainer and resume it from its checkpoint; leave the process group on the way out. A
+    resume's changes to the options it may change are saved into the run once it is held."""
     cfg = plan.config
     world = distributed.from_environment()  # several processes under torchrun, else one
     device = distributed.start(world, resolve_device(cfg.train.device), cfg.data.batch_size)
     try:
         precision = resolve_precision(cfg.train.precision, device)
-        store = plan.store or create_run(plan.runs_dir / (plan.run or default_run_name(cfg, plan.runs_dir)), cfg, plan.data.vocab, world)
+        set_tf32(device, cfg.train.tf32)
+        store = plan.store or create_run(plan.runs_dir, plan.run, cfg, plan.data, world)
         with store.locked() if world.is_main else contextlib.nullcontext():
+            resuming = plan.store is not None
+            if resuming:
+                check_resumable(store)
+                if world.is_main and store.config != cfg:
+                    store.save_config(cfg)
             trainer = Trainer(store, cfg, plan.data, device, precision, world)
-            if plan.store is not None and store.has_checkpoint():
+            if resuming:
                 trainer.resume()
             yield Training(trainer, store, world)
     finally:
         distributed.stop(world)
 
 
-def create_run(path: Path, cfg: Config, vocab: Vocab, world: World) -> RunStore:
-    """Rank 0 creates the run; the others only name it (they never write it, and on another
-    machine it is not even there)."""
-    distributed.barrier(world)  # every process has chosen the name before it exists
-    store = RunStore.create(path, cfg, vocab) if world.is_main else RunStore(path)
-    distributed.barrier(world)
-    return store
+def create_run(runs_dir: Path, run: str | None, cfg: Config, data: Data, world: World) -> RunStore:
+    """Rank 0 claims the run; the others only name the one it claimed (they never write it, and
+    on another machine it is not even there)."""
+    store = claim_run(runs_dir, run, cfg, data) if world.is_main else None
+    name = distributed.broadcast_name(store.name if store else "", world)
+    return store or RunStore(runs_dir / name)
+
+
+def claim_run(runs_dir: Path, run: str | None, cfg: Config, data: Data) -> RunStore:
+    """The run `run`, or without a name the first free one of corpus-model, corpus-model-2, ...:
+    claimed atomically, so two trainings started at the same instant get two runs."""
+    if run is not None:
+        return RunStore.create(runs_dir / run, cfg, data.vocab, data.source_sha1)
+    base = run_base_name(cfg)
+    for n in itertools.count(1):
+        name = base if n == 1 else f"{base}-{n}"
+        if (runs_dir / name).exists():
+            continue
+        with contextlib.suppress(RunExists):  # another training claimed it a moment ago: the next name
+            return RunStore.create(runs_dir / name, cfg, data.vocab, data.source_sha1)
+    raise AssertionError("unreachable")
 
 
 # ---- a trained model ----------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from .data.pipeline import Data
 from .data.text import as_text
 from .device import autocast, describe
 from .distributed import World, all_gather, any_each, sum_all
-from .errors import TrainingError
+from .errors import CheckpointError, TrainingError
 from .evaluation import MAX_LOSS, bits_per_char, evaluate, perplexity
 from .events import EpochEnded, Evaluated, Event, Finished, Sampled, Saved, Started, Stepped
 from .generate import complete, prime_text, sample_prefixes
@@ -72,12 +72,15 @@ def train_step(
 
 
 def build_optimizer(t: TrainConfig, model: CharLM) -> torch.optim.Optimizer:
+    """d2l's SGD (param -= lr · grad), Adam or AdamW; on a GPU their fused kernels (one launch
+    for every parameter instead of several a tensor)."""
     params = list(model.parameters())
-    if t.optimizer == "sgd":  # d2l's sgd: param -= lr · grad
-        return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
+    fused = params[0].is_cuda or None  # None: torch's choice (foreach) off CUDA
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
     if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
 
 
 def lr_factor(t: TrainConfig, step: int, steps_per_epoch: int, time_used: float = 0.0) -> float:
@@ -113,7 +116,8 @@ class TrainerState:
     epoch_seconds: float = 0.0  # the current epoch's training time so far
     seconds: float = 0.0  # training time of the completed epochs
     total_tokens: int = 0
-    best_val: float | None = None
+    best_val: float | None = None  # the best validation loss along this run's steps: patience counts from it
+    best_saved: float | None = None  # the validation loss of the model in best.pt: only a lower one replaces it
     evals_since_best: int = 0
     last_val: float | None = None
     torch_rng: torch.Tensor | None = None
@@ -197,15 +201,20 @@ class Trainer:
         self.train_perplexity = math.nan  # the last completed epoch's
 
     def resume(self) -> None:
-        """Continue from the run's latest checkpoint (weights, optimizer, schedule, RNGs, position)."""
+        """Continue from the run's latest checkpoint (weights, optimizer, schedule, RNGs, position),
+        keeping best.pt unless a better model comes."""
         path = self.store.path(LATEST)
         payload = checkpoint.load(self.store, LATEST)
         checkpoint.check_compatible(payload, self.cfg, self.data.vocab, path)
         checkpoint.load_weights(self.model, convert(payload["model"], self.cfg.model.model), path)
         trainer = payload["trainer"]
-        self.optimizer.load_state_dict(trainer["optimizer"])
-        self.schedule.load_state_dict(trainer["schedule"])
-        self.state = TrainerState.from_dict(trainer["state"])
+        try:
+            self.optimizer.load_state_dict(trainer["optimizer"])
+            self.schedule.load_state_dict(trainer["schedule"])
+            self.state = TrainerState.from_dict(trainer["state"])
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise CheckpointError(f"{path} is damaged: its trainer state does not load ({type(e).__name__}: {e})") from None
+        self.state.best_saved = self._best_on_disk()
         if self.state.torch_rng is not None:
             torch.set_rng_state(self.state.torch_rng)
         if self.device.type == "cuda" and "cuda_rng" in trainer:
@@ -216,6 +225,18 @@ class Trainer:
             records = self.store.read_metrics()
             if records and isinstance(records[-1].get("train_perplexity"), float):
                 self.train_perplexity = records[-1]["train_perplexity"]
+
+    def _best_on_disk(self) -> float | None:
+        """The validation loss of the model in best.pt, as best.pt itself records it: latest.pt
+        can be older (checkpoints every few epochs, validations every few steps, a kill in
+        between), and a figure taken from it would let a worse model replace the best."""
+        if not self.store.has_checkpoint(BEST):
+            return None
+        state = checkpoint.load(self.store, BEST)["trainer"].get("state")
+        figure = state.get("best_saved", state.get("best_val")) if isinstance(state, dict) else None  # older files: best_val
+        if not isinstance(figure, (int, float)) or isinstance(figure, bool):
+            raise CheckpointError(f"{self.store.path(BEST)} does not record its validation loss: move it aside to resume")
+        return float(figure)
 
     def run(self, should_stop: Callable[[], bool] = lambda: False) -> Iterator[Event]:
         """Train until the epochs are done, the time is up, validation stops improving or
@@ -400,20 +421,26 @@ class Trainer:
     # ---- what the parts do ----
 
     def _validate(self) -> Iterator[Event]:
-        """Validate; a new best is saved as `best` at once."""
+        """Validate; a model better than best.pt's is saved as `best` at once.
+
+        Two figures, which agree unless a resume replays steps from a latest.pt older than
+        best.pt: `best_val` follows this run's steps (so patience counts as if never
+        interrupted), `best_saved` is best.pt's (so best.pt is only ever replaced by a better model)."""
         d, st = self.cfg.data, self.state
         loss, _ = evaluate(self.model, self.data.val, d.batch_size, d.num_steps, self.device, self.precision, self.cfg.train.val_tokens)
         if not loss <= MAX_LOSS:  # NaN, Inf, or a perplexity that overflows
             self._diverged(f"the validation loss became {loss:.4g} after {st.global_step} steps")
         st.last_val = loss
-        improved = st.best_val is None or loss < st.best_val
-        if improved:
+        if st.best_val is None or loss < st.best_val:
             st.best_val, st.evals_since_best = loss, 0
-            yield self._save(BEST)
         else:
             st.evals_since_best += 1
+        better = st.best_saved is None or loss < st.best_saved
+        if better:
+            st.best_saved = loss
+            yield self._save(BEST)
         self._validated_at = st.global_step
-        yield Evaluated(st.epoch, st.global_step, perplexity(loss), bits_per_char(loss), improved)
+        yield Evaluated(st.epoch, st.global_step, perplexity(loss), bits_per_char(loss), better)
 
     def _patience_spent(self) -> bool:
         patience = self.cfg.train.patience
@@ -479,6 +506,7 @@ class Trainer:
             epochs=st.epoch,
             vocab_size=len(self.data.vocab),
             samples=dict(self.samples),
+            best_val_perplexity=perplexity(st.best_saved) if st.best_saved is not None else None,
         )
 
     def _gather(self, state: State | None) -> State | None:

@@ -80,7 +80,7 @@ def test_only_rank_zero_writes(runs: dict) -> None:
     store = RunStore.open(root / "double")
     assert [r["epoch"] for r in store.read_metrics()] == list(range(1, EPOCHS + 1))  # each epoch once
     assert sorted(p.name for p in (root / "double").iterdir() if not p.name.startswith(".")) == [
-        "best.pt", "config.json", "latest.pt", "metrics.jsonl", "vocab.json"
+        "best.pt", "config.json", "latest.pt", "metrics.jsonl", "run.json", "vocab.json"
     ]  # a corpus given by path is read raw, its last 10% validating: best.pt
     assert len([e for e in runs["double"] if e["event"] == "done"]) == 1  # one process reports
 
@@ -145,6 +145,7 @@ def test_bench_reports_scaling_under_torchrun(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, *launcher, *args], capture_output=True, text=True, env=_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    scaled = {r["what"]: r for r in rows if "processes" in r["what"]}
+    assert [r["event"] for r in rows].count("machine") == 1  # one report, rank 0's
+    scaled = {r["what"]: r for r in rows if r["event"] == "bench" and "processes" in r["what"]}
     assert set(scaled) == {"train scratch ×2 processes", "train cudnn ×2 processes"}  # reported once, by rank 0
     assert all(r["processes"] == 2 and r["scaling"] > 0 for r in scaled.values())

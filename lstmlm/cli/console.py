@@ -1,25 +1,52 @@
-"""Where the CLI writes: results on stdout, progress and errors on stderr, JSON lines verbatim."""
+"""Where the CLI writes: results on stdout, progress and errors on stderr, JSON lines verbatim.
+
+Text that is not ours (what a model generates, a corpus's characters, names and paths a user
+gave) reaches a terminal only through `visible` and, when it goes into a Rich string, through
+`rich.markup.escape`: a terminal never receives a control sequence from it (clear the screen,
+set the title, write the clipboard with OSC 52) and Rich never reads markup in it.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import json
+import re
 import sys
 from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from ..corpus import StageProgress
+from ..runs import json_line
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 
+# Every control character but newline and tab: C0 (ESC, CR, BEL, backspace, ...), DEL and C1 (CSI 0x9b, ...).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def visible(text: str) -> str:
+    """`text` with each control character other than newline and tab shown as a visible
+    character instead of acted on: C0 and DEL as Unicode's control pictures (ESC as ␛, CR as
+    ␍, BEL as ␇), C1 controls, which have none, as \\x80 … \\x9f."""
+    return _CONTROL.sub(_picture, text)
+
+
+def _picture(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if code < 0x20:
+        return chr(0x2400 + code)
+    return "\u2421" if code == 0x7F else f"\\x{code:02x}"
+
+
 def print_json(record: dict[str, Any]) -> None:
-    """One JSON line on stdout, flushed at once (a reader may be following)."""
-    sys.stdout.write(json.dumps(record) + "\n")
+    """One line of strict JSON on stdout (NaN and infinities as null), flushed at once (a reader
+    may be following)."""
+    sys.stdout.write(json_line(record) + "\n")
     sys.stdout.flush()
 
 
@@ -50,7 +77,7 @@ def corpus_progress() -> Iterator[StageProgress | None]:
 
         def progress(stage: str, done: int, total: int | None) -> None:
             if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
+                tasks[stage] = bar.add_task(escape(visible(stage)), total=total)  # a stage names a file: never markup
             bar.update(tasks[stage], completed=done, total=total)
 
         yield progress

@@ -11,7 +11,7 @@ from rich.markup import escape
 
 from ..runs import DEFAULT_RUNS_DIR
 from . import options
-from .console import corpus_progress, out, print_json
+from .console import corpus_progress, out, print_json, visible
 
 
 def evaluate(
@@ -41,5 +41,5 @@ def evaluate(
         print_json({"file": str(file) if file is not None else None, "part": part, **dataclasses.asdict(score)})
         return
     unit = score.unit
-    out.print(f"{escape(what)}: perplexity {score.perplexity:.3f}, {score.bits_per_char:.3f} bits per {unit} "
+    out.print(f"{escape(visible(what))}: perplexity {score.perplexity:.3f}, {score.bits_per_char:.3f} bits per {unit} "
               f"({score.predicted:,} {unit}s predicted, {score.unknown_characters:,} outside the vocabulary)", soft_wrap=True)  # fmt: skip

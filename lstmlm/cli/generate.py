@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from ..runs import DEFAULT_RUNS_DIR
 from . import options
-from .console import err, out
+from .console import err, out, visible
 
 
 def generate(
@@ -20,7 +20,7 @@ def generate(
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy (the seed); > 0 samples.")] = 0.0,
     top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample among the k most likely characters (0 = all).")] = 0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Sample within this probability mass.")] = 1.0,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling (same seed, same text).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", min=0, max=2**64 - 1, help="Seed for sampling (same seed, same text).")] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="Independent continuations.")] = 1,
     model: Annotated[str | None, typer.Option("--model", help="Run the weights on scratch or cudnn (default: as trained).")] = None,
     device: options.Device = "cpu",
@@ -28,8 +28,15 @@ def generate(
     best: options.Best = False,
     prime: Annotated[bool, typer.Option("--prime/--no-prime", help="Read the end of the training text before the prefix (raw-mode runs).")] = True,
     runs_dir: options.RunsDir = DEFAULT_RUNS_DIR,
+    raw_output: Annotated[
+        bool,
+        typer.Option("--raw-output", help="Write control characters as they are, even to a terminal (they always are into a pipe or a file)."),
+    ] = False,
 ) -> None:
-    """Continue a prefix with a trained model, streaming the characters."""
+    """Continue a prefix with a trained model, streaming the characters.
+
+    On a terminal, control characters other than newline and tab are shown as ␛, ␍, ... (a model
+    can make escape sequences); piped or redirected, the text is written as it is."""
     from ..generate import Sampling
     from ..session import start_generation
 
@@ -37,10 +44,11 @@ def generate(
     generation = start_generation(runs_dir, run, prefix, sampling, model, best, device, precision, prime)
     if generation.normalized:
         err.print(f"[dim]prefix normalized as the model was trained (d2l): {escape(repr(generation.prefix))}[/]")
+    show = (lambda text: text) if raw_output or not sys.stdout.isatty() else visible
     if num_samples == 1:
-        sys.stdout.write(generation.prefix)
+        sys.stdout.write(show(generation.prefix))
         for chars in generation.steps:
-            sys.stdout.write(chars[0])
+            sys.stdout.write(show(chars[0]))
             sys.stdout.flush()
         sys.stdout.write("\n")
         return
@@ -49,4 +57,4 @@ def generate(
         samples = [s + c for s, c in zip(samples, chars)]
     for i, sample in enumerate(samples, 1):
         out.print(f"[dim]--- sample {i}[/]")
-        out.print(escape(sample), soft_wrap=True)
+        out.print(escape(show(sample)), soft_wrap=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import shlex
 import signal
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated, Any
@@ -21,7 +20,7 @@ from ..config import Config
 from ..events import EpochEnded, Evaluated, Event, Finished, Sampled, Started, Stepped
 from ..runs import DEFAULT_RUNS_DIR
 from . import options
-from .console import corpus_progress, err, out, print_json
+from .console import corpus_progress, err, out, print_json, visible
 
 if TYPE_CHECKING:
     from ..data.pipeline import Data
@@ -57,8 +56,8 @@ def train(
         out.print(perplexity_chart(metrics, width=min(out.width, 100), height=10))
     report(done, as_json, "byte" if training.config.data.normalize == "bytes" else "character")
     if done.reason == "interrupted":
-        where = "" if runs_dir == DEFAULT_RUNS_DIR else f" --runs-dir {shlex.quote(str(runs_dir))}"  # a command that works as is
-        err.print(f"stopped: checkpoint saved; continue with: lstmlm train --resume --run {shlex.quote(done.run)}{where}", markup=False, soft_wrap=True)
+        command = session.resume_command(done.run, runs_dir, overrides)  # a command that works as is
+        err.print(f"stopped: checkpoint saved; continue with: {visible(command)}", markup=False, soft_wrap=True)
         raise typer.Exit(128 + (stop.signal or signal.SIGINT))
 
 
@@ -75,19 +74,19 @@ def warn_about(data: Data) -> None:
 
 
 def config_table(cfg: Config, started: Started) -> Table:
-    table = Table(title=f"run [bold]{escape(started.run)}[/]", show_header=False, box=None, padding=(0, 2))
+    table = Table(title=f"run [bold]{escape(visible(started.run))}[/]", show_header=False, box=None, padding=(0, 2))
     table.add_column(style="dim")
     table.add_column()
     table.add_column(style="dim")
     table.add_column()
-    rows = [(k, escape(str(v))) for section in cfg.to_dict().values() for k, v in section.items()]
+    rows = [(k, escape(visible(str(v)))) for section in cfg.to_dict().values() for k, v in section.items()]
     rows += [
         ("parameters", f"{started.num_params:,}"),
         ("vocab", str(started.vocab_size)),
         ("train tokens", f"{started.train_tokens:,}"),
         ("val tokens", f"{started.val_tokens:,}"),
         ("batches/epoch", str(started.batches_per_epoch)),
-        ("on", f"{started.device} {started.precision}"),
+        ("on", escape(f"{started.device} {started.precision}")),
     ]
     half = (len(rows) + 1) // 2
     for left, right in itertools.zip_longest(rows[:half], rows[half:], fillvalue=("", "")):
@@ -127,7 +126,7 @@ def render(cfg: Config, events: Iterator[Event], as_json: bool) -> Finished:
             elif isinstance(event, Evaluated) and as_json:
                 print_json({"event": "eval", **dataclasses.asdict(event)})
             elif isinstance(event, Sampled) and not as_json and event.epoch < cfg.train.epochs:
-                progress.console.print(f"[dim]epoch {event.epoch}[/] {escape(event.text)}")
+                progress.console.print(f"[dim]epoch {event.epoch}[/] {escape(visible(event.text))}")
             elif isinstance(event, Finished):
                 return event
     raise AssertionError("training ended without a Finished event")
@@ -158,8 +157,10 @@ def report(done: Finished, as_json: bool, unit: str = "character") -> None:
         out.print(f"early stop after epoch {done.epochs}: validation stopped improving")
     if done.reason == "time_limit":
         out.print(f"time limit reached after epoch {done.epochs}")
-    out.print(f"perplexity {done.perplexity:.1f}, {done.tokens_per_s:.1f} tokens/sec on {done.device}")
+    out.print(f"perplexity {done.perplexity:.1f}, {done.tokens_per_s:.1f} tokens/sec on {escape(done.device)}")
     if done.val_perplexity is not None:
         out.print(f"validation perplexity {done.val_perplexity:.3f}, {math.log2(done.val_perplexity):.3f} bits per {unit}")
+    if done.best_val_perplexity is not None and done.best_val_perplexity != done.val_perplexity:
+        out.print(f"best validation perplexity {done.best_val_perplexity:.3f} (best.pt)")
     for text in done.samples.values():
-        out.print(escape(text), soft_wrap=True)
+        out.print(escape(visible(text)), soft_wrap=True)

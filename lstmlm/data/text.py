@@ -82,7 +82,7 @@ class Summary:
     distinct: int  # distinct characters (of a UTF-8 file), else distinct bytes
 
 
-def summarize(path: Path, chunk_bytes: int = 1 << 22) -> Summary:
+def summarize(path: Path, chunk_bytes: int = 1 << 20) -> Summary:
     """A file's size, characters and distinct symbols, read a chunk at a time."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     size, characters = 0, 0

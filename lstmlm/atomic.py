@@ -2,12 +2,14 @@
 
 A crash, a kill -9 or a full disk at any moment leaves either the old file or the new one under
 the final name, never a mix; the temporary file is removed on any failure we live through.
-A failure is a `WriteError` that names what was being written ("checkpoint", "plot", ...).
+A failure is a `WriteError` that names what was being written ("checkpoint", "plot", ...),
+whatever the writer raised: torch's zip writer turns a failed write into a RuntimeError.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -17,26 +19,47 @@ from typing import IO
 from .errors import LstmlmError, WriteError
 
 
-def write_atomic(path: Path, write: Callable[[IO[bytes]], object], what: str = "file") -> None:
-    """Write through `write` into a temporary file beside `path`, then rename it to `path`.
+def write_atomic(path: Path, write: Callable[[IO[bytes]], object], what: str = "file", replace: bool = True) -> None:
+    """Write through `write` into a temporary file beside `path`, then rename it to `path`; with
+    `replace=False`, link it there instead, which fails with FileExistsError (and leaves the
+    file there alone) if `path` exists: a claim that two writers cannot both win.
 
-    A disk error becomes a WriteError naming `what` and `path`; an LstmlmError that `write`
-    raises (a checksum mismatch while a download streams, say) passes through unchanged.
+    Any failure becomes a WriteError naming `what`, `path` and the OS's reason where there is
+    one; an LstmlmError that `write` raises (a checksum mismatch while a download streams,
+    say) passes through unchanged.
     """
     path = Path(path)
     try:
-        _replace(path, write)
+        _replace(path, write, replace)
+    except _Taken:
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
     except LstmlmError:
         raise
-    except OSError as e:
-        raise WriteError(f"cannot write the {what} {path}: {e.strerror or e}") from None
+    except Exception as e:
+        raise WriteError(f"cannot write the {what} {path}: {_reason(e)}") from None
 
 
-def write_text_atomic(path: Path, text: str, what: str = "file") -> None:
-    write_atomic(path, lambda f: f.write(text.encode("utf-8")), what)
+def _reason(e: BaseException) -> str:
+    """The OS error behind `e` ("No space left on device"), even where a library wrapped it in
+    its own exception (the OSError is then its cause or context); else `e` in a few words."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen.strerror or str(seen)
+        seen = seen.__cause__ or seen.__context__
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
-def _replace(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+def write_text_atomic(path: Path, text: str, what: str = "file", replace: bool = True) -> None:
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")), what, replace)
+
+
+class _Taken(Exception):
+    """`path` existed when it was to be created, not replaced."""
+
+
+def _replace(path: Path, write: Callable[[IO[bytes]], object], replace: bool) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
     try:
@@ -45,7 +68,15 @@ def _replace(path: Path, write: Callable[[IO[bytes]], object]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it private; the final file need not be
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # atomic, and never over an existing name
+            except FileExistsError:
+                raise _Taken from None
+            with contextlib.suppress(OSError):  # the claim is made; a leftover is swept as a stale temporary
+                tmp.unlink()
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

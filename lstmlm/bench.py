@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -28,7 +29,7 @@ import torch
 from . import config as config_mod
 from . import distributed
 from .config import Config
-from .device import DTYPES, describe, resolve_device, resolve_precision
+from .device import DTYPES, cpu_has_fast_bf16, describe, resolve_device, resolve_precision
 from .distributed import World
 from .errors import DeviceError
 from .generate import Sampling, generate
@@ -191,8 +192,9 @@ class GenerationSpeed:
     core: str
     precision: str
     device: str
-    chars_per_s: float
-    length: int  # characters generated in the timed run
+    chars_per_s: float  # all samples' characters together
+    length: int  # characters generated per sample in the timed run
+    samples: int  # continuations made at once, as one batch
     peak_memory_bytes: int | None
 
 
@@ -205,10 +207,13 @@ def measure_generation(
     prefix: int = 10,
     warmup: int = 20,
     seed: int = 0,
+    samples: int = 1,
 ) -> GenerationSpeed:
-    """Characters/s of greedy generation at batch 1 (d2l's predict): the state primed on a
-    `prefix`-character prefix, then one inference step (generate.Stepper), argmax and decode
-    per character — the path `lstmlm generate` takes, on an untrained model of the given shape."""
+    """Characters/s of generation — the path `lstmlm generate` takes, on an untrained model of
+    the given shape: the state primed on a `prefix`-character prefix, then one inference step
+    (generate.Stepper), the next character chosen and decoded, per character. One sample is
+    greedy (d2l's predict); several are sampled at temperature 1, as one batch, and counted
+    together (`lstmlm generate --num-samples N`)."""
     device = torch.device(device)
     check_precision(precision)
     torch.manual_seed(seed)
@@ -218,14 +223,41 @@ def measure_generation(
         text = "".join(vocab.tokens[1 + i % (dims.vocab_size - 1)] for i in range(prefix))
 
         def run(n: int) -> None:
-            for _ in generate(model, vocab, text, Sampling(length=n), precision=precision):
+            sampling = Sampling(length=n, num_samples=samples, temperature=0.0 if samples == 1 else 1.0, seed=seed)
+            for _ in generate(model, vocab, text, sampling, precision=precision):
                 pass
 
         run(warmup)
         start = time.perf_counter()
         run(length)
         seconds = time.perf_counter() - start
-    return GenerationSpeed(core, precision, str(device), length / seconds, length, memory.peak)
+    return GenerationSpeed(core, precision, str(device), samples * length / seconds, length, samples, memory.peak)
+
+
+# ---- the machine -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What decides the figures: the processor and its matrix units, torch's threads, what `auto` picks."""
+
+    cpu: str
+    cores: int | None
+    torch_threads: int
+    cpu_capability: str  # torch's vectorization level: DEFAULT, AVX2, AVX512
+    native_bf16: bool  # AVX512-BF16 or AMX: bf16 products in hardware
+    gpu: str | None
+    torch: str
+    auto_precision: str  # what --precision auto picks on the device measured
+
+
+def machine(device: torch.device) -> Machine:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
+        cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return Machine(cpu, os.cpu_count(), torch.get_num_threads(), torch.backends.cpu.get_cpu_capability(), cpu_has_fast_bf16(),
+                   gpu, torch.__version__, resolve_precision("auto", device))  # fmt: skip
 
 
 # ---- memory ------------------------------------------------------------------------------------
@@ -299,6 +331,7 @@ class Row:
 @dataclass(frozen=True)
 class Report:
     device: str
+    machine: Machine
     dims: Dims
     flops_per_token: int
     rows: list[Row]
@@ -326,7 +359,10 @@ def run(
             rows += measure_scaling(dims, dev, precisions, steps, world, rows)
     finally:
         distributed.stop(world)
-    return Report(describe(dev), dims, training_flops_per_token(dims), rows, world.is_main)
+    return Report(describe(dev), machine(dev), dims, training_flops_per_token(dims), rows, world.is_main)
+
+
+GENERATION_SAMPLES = (1, 64)  # one greedy continuation; 64 sampled at once
 
 
 def measure_one_process(dims: Dims, device: torch.device, precisions: list[str], steps: int) -> list[Row]:
@@ -341,10 +377,11 @@ def measure_one_process(dims: Dims, device: torch.device, precisions: list[str],
                 rows.append(Row(f"train {core}", prec, None, "tokens/s", skipped=str(e)))
                 continue
             rows.append(Row(f"train {core}", prec, speed.tokens_per_s, "tokens/s", speed.utilisation, speed.peak_memory_bytes, raw=asdict(speed)))
-        if prec == "fp32":
-            for core in ("scratch", "cudnn"):
-                gen = measure_generation(core, dims, device, prec)
-                rows.append(Row(f"generate {core}", prec, gen.chars_per_s, "chars/s", memory=gen.peak_memory_bytes, raw=asdict(gen)))
+        for core in ("scratch", "cudnn"):
+            for samples in GENERATION_SAMPLES:
+                gen = measure_generation(core, dims, device, prec, samples=samples)
+                what = f"generate {core}" + (f" ×{samples}" if samples > 1 else "")
+                rows.append(Row(what, prec, gen.chars_per_s, "chars/s", memory=gen.peak_memory_bytes, raw=asdict(gen)))
     return rows
 
 

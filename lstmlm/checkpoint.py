@@ -3,16 +3,19 @@
 A checkpoint is one `torch.save` archive of plain data: the format and its version, the config
 and vocabulary as JSON, the weights, the trainer's state and the prime text. It is loaded with
 `torch.load(weights_only=True)`: tensors, numbers, strings and containers only, so a crafted
-file cannot run code; anything else is refused with the reason.
+file cannot run code; anything else is refused with the reason. Before torch reads it, the
+archive is checked the way torch.save writes one: every entry stored, none compressed (a small
+crafted file could otherwise inflate to gigabytes) and none larger than the archive holds.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -20,7 +23,7 @@ from . import config as config_mod
 from .atomic import write_atomic
 from .config import Config
 from .errors import CheckpointError, ConfigError, VocabError
-from .runs import LATEST, RunStore
+from .runs import LATEST, RunStore, open_regular
 from .vocab import Vocab, describe_chars
 
 FORMAT = "lstmlm-checkpoint"
@@ -59,30 +62,70 @@ def load(store: RunStore, which: str = LATEST) -> dict[str, Any]:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint's contents, refusing anything that is not plain data of our format."""
+    """A checkpoint's contents, refusing anything that is not plain data of our format (read
+    from the file itself: a symbolic link in its place is refused)."""
     try:
-        empty, archive = path.stat().st_size == 0, zipfile.is_zipfile(path)
+        f = os.fdopen(open_regular(path, os.O_RDONLY), "rb")
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-    if empty or not archive:  # torch.save writes a zip; anything else is cut short or foreign
-        raise CheckpointError(f"{path} is corrupt or truncated ({'empty' if empty else 'not a complete checkpoint archive'})")
+    with f:
+        check_archive(f, path)
+        f.seek(0)
+        payload = _unpickle(f, path)
+    return check_sections(payload, path)
+
+
+def check_archive(f: IO[bytes], path: Path) -> None:
+    """Refuse what torch.save does not write: not a zip (cut short, or foreign), a compressed
+    entry, or an entry that claims more bytes than the archive has."""
+    size = os.fstat(f.fileno()).st_size
+    if size == 0:
+        raise CheckpointError(f"{path} is corrupt or truncated (empty)")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        entries = zipfile.ZipFile(f).infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):  # torch.save writes a zip; anything else is cut short or foreign
+        raise CheckpointError(f"{path} is corrupt or truncated (not a complete checkpoint archive)") from None
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(f"refusing {path}: its entry {entry.filename!r} is compressed, and lstmlm checkpoints never are")
+        if entry.file_size != entry.compress_size or entry.header_offset + entry.compress_size > size:
+            raise CheckpointError(
+                f"refusing {path}: its entry {entry.filename!r} claims {entry.file_size:,} bytes, more than the archive holds"
+            )
+
+
+def _unpickle(f: IO[bytes], path: Path) -> Any:
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         what = f"it would call {unsafe.group(1)}" if unsafe else "unsafe content"
         raise CheckpointError(f"refusing to load {path}: it holds more than plain weights ({what})") from None
     except Exception as e:  # any other damage: weights_only loading cannot have run code from it
         raise CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__})") from None
+
+
+# Each section of a checkpoint and the type it must have.
+SECTIONS: dict[str, type] = {"config": str, "vocab": str, "model": dict, "trainer": dict}
+
+
+def check_sections(payload: Any, path: Path) -> dict[str, Any]:
+    """Our format, our version, and every section of the type it is written with: a crafted
+    file with a number for its config is refused here, not a TypeError later."""
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an lstmlm checkpoint")
     if payload.get("version") != VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format version {payload.get('version')!r}; this lstmlm reads version {VERSION}"
         )
-    for key in ("config", "vocab", "model", "trainer"):
+    for key, kind in SECTIONS.items():
         if key not in payload:
             raise CheckpointError(f"{path} lacks its '{key}' section")
+        if not isinstance(payload[key], kind):
+            raise CheckpointError(f"{path} is damaged: its '{key}' section is a {type(payload[key]).__name__}, not a {kind.__name__}")
+    weights = payload["model"]
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
+        raise CheckpointError(f"{path} is damaged: its 'model' section holds something other than named tensors")
     return payload
 
 

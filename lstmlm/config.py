@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, get_args, get_type_hints
+from typing import Any, Literal, cast, get_args, get_type_hints
 
 from .errors import ConfigError
 
@@ -22,7 +23,7 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10
     import tomli as tomllib
 
-Normalize = Literal["d2l", "raw"]
+Normalize = Literal["d2l", "raw", "bytes", "auto"]
 Iterator = Literal["sequential", "random"]
 Core = Literal["scratch", "cudnn"]
 Optimizer = Literal["sgd", "adam", "adamw"]
@@ -38,13 +39,19 @@ def setting(default: Any, help: str) -> Any:
 
 @dataclass(frozen=True)
 class DataConfig:
-    corpus: str = setting("timemachine", "A known corpus name, a text file or a directory of text files.")
-    normalize: Normalize = setting("d2l", "d2l (the seed's letters-only text) or raw (every character).")
+    corpus: str = setting("timemachine", "A known corpus name, a text file, a directory, or a glob ('src/**/*.[ch]').")
+    normalize: Normalize = setting(
+        "auto",
+        "d2l (the seed's letters-only text), raw (every character), bytes (every byte: 256 symbols) "
+        "or auto (d2l for timemachine, bytes for enwik8, else raw).",
+    )
     max_tokens: int = setting(-1, "Train on the first N tokens (0 = all; -1 = 10,000 in d2l mode, as the seed, else all).")
     val_fraction: float = setting(-1.0, "The last fraction of the text, held out for validation (-1 = 0 in d2l mode, else 0.1).")
+    split: str = setting("", "Train, validation and (optionally) test sizes from the start: '90M,5M,5M' (tokens; k, M, G) or '0.9,0.05,0.05'.")
     batch_size: int = setting(32, "Sequences per batch.")
     num_steps: int = setting(35, "Characters per sequence (backprop through time).")
     iterator: Iterator = setting("sequential", "sequential (state carried between batches) or random.")
+    strict: bool = setting(False, "In a directory or glob, refuse an empty or unreadable file instead of skipping it.")
 
 
 @dataclass(frozen=True)
@@ -70,9 +77,11 @@ class TrainConfig:
     seed: int = setting(0, "Seed of the initialization, the data order and dropout.")
     device: DeviceName = setting("auto", "auto, cpu, cuda or mps.")
     precision: Precision = setting("fp32", "fp32, bf16 or auto (bf16 where the hardware multiplies it natively).")
-    sample_every: int = setting(0, "Epochs between greedy samples (0 = only at the end).")
-    eval_every: int = setting(0, "Optimizer steps between validations (0 = once per epoch).")
-    checkpoint_every: int = setting(10, "Epochs between checkpoints (and always at the end).")
+    tf32: bool = setting(False, "On a CUDA GPU, let fp32 products use TF32 (faster; about 1e-3 relative error, so the two cores then differ that much).")
+    sample_every: str = setting("10m", "Greedy samples every N steps ('2000'), minutes ('10m') or epochs ('1e'); '1e,10m': whichever first; 0 = at the end.")
+    eval_every: str = setting("1e,10m", "Validation every N steps, minutes ('10m') or epochs ('1e'), or whichever first ('1e,10m'); 0 = at the end.")
+    checkpoint_every: str = setting("10m", "Checkpoints every N steps, minutes ('10m') or epochs ('1e'), or whichever first; 0 = at the end.")
+    val_tokens: int = setting(250_000, "Validate during training on this many tokens of the validation text, a fixed sample (0 = all of it).")
     patience: int = setting(0, "Stop after N validations without improvement (0 = never).")
     max_minutes: float = setting(0.0, "Stop (validated, sampled, saved) after this much training; a cosine schedule anneals by the clock too.")
 
@@ -84,14 +93,25 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def resolved(self) -> Config:
-        """The config with every "auto" (-1) data field replaced by its value for the chosen mode."""
+        """The config with every "auto" data field replaced by its value for the corpus and mode.
+
+        The d2l corpus (`timemachine`) keeps the seed: d2l text, its first 10,000 tokens, no
+        validation. Any other corpus (a path, a glob, another known name) is read raw, whole,
+        with the last 10% held out; a known corpus may bring its own mode and standard split
+        (enwik8: bytes, 90M,5M,5M)."""
+        from .corpus import KNOWN  # no torch, no network: only the table of known corpora
+
         d = self.data
-        d2l = d.normalize == "d2l"
+        known = KNOWN.get(d.corpus)
+        normalize = cast(Normalize, d.normalize if d.normalize != "auto" else known.normalize if known else "raw")
+        d2l = normalize == "d2l"
+        split = d.split
+        if not split and d.val_fraction == -1.0 and known is not None:
+            split = known.split
         max_tokens = (10_000 if d2l else 0) if d.max_tokens == -1 else d.max_tokens
-        val_fraction = (0.0 if d2l else 0.1) if d.val_fraction == -1.0 else d.val_fraction
-        return dataclasses.replace(
-            self, data=dataclasses.replace(d, max_tokens=max_tokens, val_fraction=val_fraction)
-        )
+        val_fraction = (0.0 if d2l or split else 0.1) if d.val_fraction == -1.0 else d.val_fraction
+        data = dataclasses.replace(d, normalize=normalize, max_tokens=max_tokens, val_fraction=val_fraction, split=split)
+        return dataclasses.replace(self, data=data)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -120,8 +140,99 @@ MODEL_DEFINING = ("normalize", "model", "hidden", "layers", "embedding")
 
 # Fields a resumed run may change: they alter neither the model nor the data.
 RESUMABLE = frozenset(
-    {"epochs", "device", "precision", "sample_every", "eval_every", "checkpoint_every", "patience", "max_minutes"}
+    {"epochs", "device", "precision", "tf32", "sample_every", "eval_every", "checkpoint_every", "patience", "max_minutes", "val_tokens", "strict"}
 )
+
+# ---- cadences: how often something happens during training ------------------------------------
+
+CADENCES = ("sample_every", "eval_every", "checkpoint_every")
+_CADENCE_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([mhe]?)")
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """Every `steps` optimizer steps, every `minutes` minutes, at every `epochs`-th epoch end —
+    whichever of those given comes first (a part that is 0 is absent; all 0: never).
+
+    Written "2000" (steps), "10m" (minutes), "2h" (hours), "1e" (epochs), or several joined by
+    commas ("1e,10m"). Steps and epochs count the same on every machine; minutes let one
+    setting suit a 1 MB corpus and a 10 GB one alike."""
+
+    steps: int = 0
+    minutes: float = 0.0
+    epochs: int = 0
+
+    @classmethod
+    def parse(cls, value: int | str, what: str = "a cadence") -> Cadence:
+        if isinstance(value, bool):
+            raise ConfigError(f"{what} must be steps (2000), minutes ('10m') or epochs ('1e'), not {value!r}")
+        if isinstance(value, int):
+            value = str(value)
+        steps, minutes, epochs = 0, 0.0, 0
+        for part in str(value).replace(" ", "").split(","):
+            m = _CADENCE_PART.fullmatch(part)
+            if m is None or (m.group(2) in ("", "e") and "." in m.group(1)):
+                raise ConfigError(f"{what} must be steps (2000), minutes ('10m'), hours ('2h') or epochs ('1e'), or several joined by commas; not {value!r}")
+            number, unit = m.groups()
+            if unit == "m" or unit == "h":
+                minutes = float(number) * (60 if unit == "h" else 1)
+                if not math.isfinite(minutes):
+                    raise ConfigError(f"{what} is too large: {value!r}")
+            elif unit == "e":
+                epochs = int(number)
+            else:
+                steps = int(number)
+        if steps >= 2**63 or epochs >= 2**63:
+            raise ConfigError(f"{what} is too large: {value!r}")
+        return cls(steps, minutes, epochs)
+
+    def __str__(self) -> str:
+        parts = ([str(self.steps)] if self.steps else []) + ([f"{self.epochs}e"] if self.epochs else [])
+        if self.minutes:
+            parts.append(f"{self.minutes:g}m")
+        return ",".join(parts) or "0"
+
+    @property
+    def never(self) -> bool:
+        return not (self.steps or self.minutes or self.epochs)
+
+
+def cadence(cfg: Config, key: str) -> Cadence:
+    """A cadence field of the config, parsed (the config holds them in their written form)."""
+    return Cadence.parse(cfg.value(key), key)
+
+
+# ---- split: train, validation and test sizes -------------------------------------------------------
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)([kMG]?)")
+_SCALE = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9}
+
+
+@dataclass(frozen=True)
+class SplitSizes:
+    sizes: tuple[float, ...]  # train, validation[, test]
+    fractions: bool  # of the text; else token counts
+
+
+def parse_split(text: str) -> SplitSizes:
+    """'90M,5M,5M' → token counts (90e6, 5e6, 5e6); '0.9,0.05,0.05' → fractions of the text.
+    Two or three parts (train, validation[, test]); counts are whole numbers, fractions sum to at most 1."""
+    parts = text.replace(" ", "").replace("_", "").split(",")
+    where = "[data] split"
+    if not 2 <= len(parts) <= 3:
+        raise ConfigError(f"{where} must give train and validation sizes, and optionally test: '90M,5M,5M' or '0.9,0.1'; not {text!r}")
+    matches = [_SIZE.fullmatch(p) for p in parts]
+    if any(m is None for m in matches):
+        raise ConfigError(f"{where} sizes are token counts (k, M, G: thousands, millions, billions) or fractions; not {text!r}")
+    fractions = all("." in m.group(1) and not m.group(2) for m in matches if m)
+    values = tuple(float(m.group(1)) * _SCALE[m.group(2)] for m in matches if m)
+    if fractions:
+        if sum(values) > 1.0 + 1e-9 or values[0] <= 0:
+            raise ConfigError(f"{where} fractions must be positive for training and sum to at most 1; not {text!r}")
+        return SplitSizes(values, True)
+    if any(v != int(v) for v in values) or values[0] < 1:
+        raise ConfigError(f"{where} counts must be whole numbers of tokens, at least 1 for training; not {text!r}")
+    return SplitSizes(values, False)
 
 
 @dataclass(frozen=True)
@@ -152,13 +263,17 @@ def section_of(key: str) -> str:
 def _coerce(table: str, key: str, value: Any, hint: Any) -> Any:
     """Check one value against its field's type; ints are accepted where floats are expected."""
     where = f"[{table}] {key}"
+    if key in CADENCES:  # an integer (steps) or a string: kept in its canonical written form
+        return str(Cadence.parse(value, where))
     choices = get_args(hint)
     if choices:  # a Literal
         if value not in choices:
             raise ConfigError(f"{where} must be one of {', '.join(map(str, choices))}, not {value!r}")
         return value
     if hint is bool or isinstance(value, bool):
-        raise ConfigError(f"{where} must be a {hint.__name__}, not {value!r}")
+        if hint is bool and isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be {'true or false' if hint is bool else 'a ' + hint.__name__}, not {value!r}")
     if hint is float and isinstance(value, int):
         try:
             value = float(value)
@@ -192,9 +307,7 @@ def _validate(cfg: Config) -> None:
         (t.warmup_steps >= 0, "[train] warmup_steps must not be negative"),
         (t.step_every >= 0, "[train] step_every must not be negative"),
         (0.0 < t.gamma <= 1.0, "[train] gamma must be in (0, 1]"),
-        (t.sample_every >= 0, "[train] sample_every must not be negative"),
-        (t.eval_every >= 0, "[train] eval_every must not be negative"),
-        (t.checkpoint_every >= 1, "[train] checkpoint_every must be at least 1"),
+        (t.val_tokens >= 0, "[train] val_tokens must be 0 (all) or positive"),
         (t.patience >= 0, "[train] patience must not be negative"),
         (t.max_minutes >= 0.0, "[train] max_minutes must not be negative"),
         (t.schedule != "step" or t.step_every >= 1, "[train] schedule 'step' needs step_every >= 1"),
@@ -202,6 +315,10 @@ def _validate(cfg: Config) -> None:
     for ok, message in rules:
         if not ok:
             raise ConfigError(message)
+    if d.split:
+        parse_split(d.split)
+        if d.val_fraction not in (-1.0, 0.0):
+            raise ConfigError("give the validation text with either [data] split or [data] val_fraction, not both")
 
 
 def from_dict(raw: Any) -> Config:
@@ -250,7 +367,22 @@ def from_json(text: str) -> Config:
         raw = json.loads(text)
     except (ValueError, RecursionError) as e:  # JSONDecodeError; an integer of > 4300 digits; deep nesting
         raise ConfigError(f"stored config is not valid JSON: {_reason(e)}") from None
-    return from_dict(raw)
+    return from_dict(_from_before_cadences(raw))
+
+
+def _from_before_cadences(raw: Any) -> Any:
+    """A config stored before cadences (it has no val_tokens) counted checkpoints and samples in
+    epochs and validations in steps (0: every epoch); say so in today's terms."""
+    train = raw.get("train") if isinstance(raw, dict) else None
+    if not isinstance(train, dict) or "val_tokens" in train:
+        return raw
+    train = dict(train)
+    for key in ("checkpoint_every", "sample_every"):
+        if isinstance(train.get(key), int) and not isinstance(train[key], bool):
+            train[key] = f"{train[key]}e" if train[key] > 0 else "0"
+    if train.get("eval_every") == 0:
+        train["eval_every"] = "1e"
+    return {**raw, "train": train}
 
 
 def _reason(e: Exception) -> str:

@@ -8,6 +8,7 @@ bf16 products natively (a CUDA GPU that supports it, a CPU with AVX512-BF16 or A
 from __future__ import annotations
 
 import contextlib
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -61,11 +62,63 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes this process can still allocate on `device`, or None where that cannot be told.
+
+    CUDA: the driver's free memory. CPU (Linux): MemAvailable, or less where a cgroup (a
+    container's limit, which its OOM killer enforces) leaves less; elsewhere the free pages."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type != "cpu":
+        return None
+    known = [n for n in (_meminfo_available(), _cgroup_headroom()) if n is not None]
+    if not known:
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return None
+    return min(known)
+
+
+def _meminfo_available() -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def _cgroup_headroom() -> int | None:
+    """A cgroup's memory limit less what it uses (v2, then v1); None without a limit."""
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        with contextlib.suppress(OSError, ValueError):
+            limit = Path(limit_file).read_text().strip()
+            if limit == "max" or int(limit) >= 1 << 60:  # v1 writes "no limit" as a huge number
+                return None
+            return max(0, int(limit) - int(Path(usage_file).read_text().strip()))
+    return None
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[None]:
     """The context the forward pass and loss run in: bf16 products, or nothing changed."""
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def set_tf32(device: torch.device, allowed: bool) -> bool:
+    """Decide, explicitly, whether fp32 products may run in TF32 on a CUDA GPU — cuBLAS and cuDNN
+    both — so the scratch core (cuBLAS) and nn.LSTM (cuDNN) do the same fp32 arithmetic. Off by
+    default: then "scratch ≡ nn.LSTM" holds on a GPU to fp32's tolerance. Returns what is in force
+    (always False off CUDA, where TF32 does not exist)."""
+    if device.type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    torch.backends.cudnn.allow_tf32 = allowed
+    return allowed
 
 
 def describe(device: torch.device) -> str:

@@ -81,13 +81,22 @@ def all_gather(value: torch.Tensor, world: World) -> list[torch.Tensor]:
     return parts
 
 
-def any_all(flag: bool, world: World, device: torch.device) -> bool:
-    """True on every process when it is true on one: all stop at the same batch or none does."""
+def any_each(flags: list[bool], world: World, device: torch.device) -> list[bool]:
+    """Each flag true on every process when it is true on one: one collective for them all."""
     if not world.active:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return flags
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
+
+
+def broadcast_name(name: str, world: World) -> str:
+    """Rank 0's `name` on every process (itself in a single process)."""
+    if not world.active:
+        return name
+    names = [name]
+    dist.broadcast_object_list(names, src=0)
+    return str(names[0])
 
 
 def barrier(world: World) -> None:

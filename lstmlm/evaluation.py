@@ -1,7 +1,11 @@
-"""How well a model predicts a text: mean loss in nats, perplexity, bits per character.
+"""How well a model predicts a text: mean loss in nats, perplexity, bits per character (per
+byte in bytes mode).
 
 The one evaluation both training's validation and `lstmlm evaluate` run, so the figure that
-`evaluate` prints for the validation text is the one training reported.
+`evaluate` prints for the validation text is the one training reported (training may read a
+bounded sample of it, `val_tokens`, so that validating a 10 GB corpus's tail takes seconds;
+`evaluate` reads all of it). The text is read a block of columns at a time from its ids (a
+memory map, for a corpus's validation or test part): never copied whole.
 """
 
 from __future__ import annotations
@@ -33,39 +37,62 @@ def perplexity(loss: float) -> float:
 
 @torch.no_grad()
 def evaluate(
-    model: CharLM, ids: torch.Tensor, batch_size: int, num_steps: int, device: torch.device, precision: str = "fp32"
+    model: CharLM,
+    ids: torch.Tensor,
+    batch_size: int,
+    num_steps: int,
+    device: torch.device,
+    precision: str = "fp32",
+    max_tokens: int = 0,
 ) -> tuple[float, int]:
-    """(mean loss in nats, characters predicted) over the whole text, the state carried.
+    """(mean loss in nats, characters predicted) over the text, the state carried.
 
     The text is cut into `streams` contiguous rows read in parallel, each from a zero state;
-    every character after a row's first is predicted once.
+    every character after a row's first is predicted once. With `max_tokens`, each row reads
+    only its first max_tokens / streams characters: a fixed sample, spread over the whole text.
     """
     streams = min(batch_size, max(1, (len(ids) - 1) // num_steps))
-    columns = (len(ids) - 1) // streams
-    if columns < 1:
+    row_length = (len(ids) - 1) // streams
+    if row_length < 1:
         raise TrainingError(f"text of {len(ids)} characters is too short to evaluate")
-    X = ids[: streams * columns].long().reshape(streams, columns).to(device)
-    Y = ids[1 : streams * columns + 1].long().reshape(streams, columns).to(device)
+    columns = min(row_length, max(1, max_tokens // streams)) if max_tokens > 0 else row_length
+    starts = torch.arange(streams, dtype=torch.int64) * row_length  # (streams,)
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     state = None
     for i in range(0, columns, num_steps):
+        width = min(num_steps, columns - i)
+        W = ids[(starts + i)[:, None] + torch.arange(width + 1)].long().to(device)  # (streams, width + 1)
+        X, Y = W[:, :-1], W[:, 1:]
         with autocast(device, precision):
-            logits, state = model(X[:, i : i + num_steps], state)
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y[:, i : i + num_steps].reshape(-1), reduction="sum").double()
+            logits, state = model(X, state)
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1), reduction="sum").double()
     model.train(was_training)
     return total.item() / (streams * columns), streams * columns
 
 
 @dataclass(frozen=True)
 class Score:
-    characters: int  # in the text, after normalization
+    characters: int  # in the text, after normalization (bytes, in bytes mode)
     predicted: int  # characters the model predicted (all but each stream's first)
     unknown_characters: int  # read as <unk>
     loss: float  # nats per character
     perplexity: float
-    bits_per_char: float
+    bits_per_char: float  # bits per byte in bytes mode
+    unit: str = "character"  # what a token is: "character", or "byte" in bytes mode
+
+
+def unit_of(mode: str) -> str:
+    return "byte" if mode == "bytes" else "character"
+
+
+def score_ids(
+    model: CharLM, ids: torch.Tensor, unknown: int, mode: str, batch_size: int, num_steps: int, device: torch.device, precision: str
+) -> Score:
+    """Ids of a text, as the model was trained to read it, scored as validation scores (all of them)."""
+    loss, count = evaluate(model.to(device), ids, batch_size, num_steps, device, precision)
+    return Score(len(ids), count, unknown, loss, perplexity(loss), bits_per_char(loss), unit_of(mode))
 
 
 def score_text(
@@ -73,5 +100,4 @@ def score_text(
 ) -> Score:
     """A text, normalized as the model was trained, scored as validation scores."""
     encoded = encode_text(text, vocab, normalize)
-    loss, count = evaluate(model.to(device), encoded.ids, batch_size, num_steps, device, precision)
-    return Score(len(encoded.text), count, encoded.unknown, loss, perplexity(loss), bits_per_char(loss))
+    return score_ids(model, encoded.ids, encoded.unknown, normalize, batch_size, num_steps, device, precision)

@@ -26,6 +26,10 @@ class Stepped:
     epoch: int  # 1-based, the epoch in progress
     step: int  # batches done in this epoch
     global_step: int
+    batches: int = 0  # batches in this epoch
+    tokens: int = 0  # tokens trained on in this epoch so far (all processes)
+    epoch_tokens: int = 0  # tokens in the whole epoch
+    tokens_per_s: float = 0.0  # this epoch's rate so far
 
 
 @dataclass(frozen=True)
@@ -33,8 +37,8 @@ class Evaluated:
     epoch: int  # epochs completed
     global_step: int
     val_perplexity: float
-    val_bpc: float
-    best: bool  # the best validation so far: best.pt was just written
+    val_bpc: float  # bits per token: per character, or per byte in bytes mode
+    best: bool  # better than the model in best.pt: best.pt was just written
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ class Finished:
     epochs: int  # epochs completed
     vocab_size: int
     samples: dict[str, str]
+    best_val_perplexity: float | None = None  # the model in best.pt's
 
 
 Event = Started | Stepped | Evaluated | EpochEnded | Sampled | Saved | Finished

@@ -1,15 +1,26 @@
 """The scratch LSTM's fast path: the same equations as `lstm.ScratchLSTMLayer`, computed for
 speed, with a hand-written backward pass through time (as jcjohnson/torch-rnn does for Torch).
 
-Per layer and sequence: the input projection of every step at once (a gather for ids), then
-the recurrence in place on preallocated buffers, feature-major — each step's tensors are
-transposed, (features, batch), so a step's product W_hᵀ H_{t-1}ᵀ runs at the shape BLAS runs
-fastest at batch 32 and every gate is a contiguous block — and in backward the factors that
-do not depend on the recurrence for all steps at once, the weight gradients as one product.
+The layer's parameters are packed, as the fast path wants them: W_x (inputs, 4·hiddens), W_h
+(hiddens, 4·hiddens) and b (4·hiddens), the four gates side by side in nn.LSTM's order
+i, f, c̃, o (GATE_ORDER); the article's twelve matrices are views of them.
 
-Memory per layer and sequence (steps T, batch B, hiddens H, in the compute dtype unless
-noted): the gates 4·T·H·B, H_0 … H_T (T+1)·H·B, C_0 … C_T (T+1)·H·B and tanh(C) T·H·B in
-the parameters' dtype — 7·T·H·B numbers, kept for backward — and in backward dGates 4·T·H·B.
+Per layer and sequence: the input projection of every step at once (for ids, columns picked
+from a table: no product), then the recurrence in place on preallocated buffers,
+feature-major — each step's tensors are transposed, (features, batch), so a step's product
+W_hᵀ H_{t-1}ᵀ is one contiguous (4·hiddens × hiddens) matrix times a (hiddens × batch) one,
+the shape BLAS runs fastest at batch 32, and every gate is a contiguous block — and in
+backward the factors that do not depend on the recurrence for all steps at once, and each
+weight gradient as one product over every step.
+
+Precision: the products run in the compute dtype (bf16 under autocast: about twice as fast on
+a CPU with AVX512-BF16), everything elementwise in the parameters' dtype (fp32), where it is
+both exact enough and, per element, faster than bf16 on a CPU. So a step's gates are kept in
+fp32, and H in both (fp32 for the next layer, the compute dtype as the next product's operand).
+
+Memory per layer and sequence (steps T, batch B, hiddens H, in fp32 unless noted): the gates
+4·T·H·B, C_0 … C_T (T+1)·H·B, tanh(C) T·H·B and H_0 … H_T (T+1)·H·B in the compute dtype —
+about 7·T·H·B numbers, kept for backward — and in backward dGates 4·T·H·B (twice under bf16).
 
 `tests/test_lstm.py` proves this path equal to the readable loop and to nn.LSTM, outputs and
 every gradient, and gradchecks it in float64.
@@ -17,45 +28,65 @@ every gradient, and gradchecks it in float64.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import contextlib
+import itertools
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-# The fast path's gate order: o first, so in backward the gates that take dL/dC (i, f, c̃) are
-# side by side; the candidate last.
-FAST_ORDER = ("o", "i", "f", "c")
+GATE_ORDER = ("i", "f", "c", "o")  # the packed blocks: nn.LSTM's i, f, g (= c̃), o
+_T = TypeVar("_T")
+_P = TypeVar("_P")
+
+
+def block(gate: str, hiddens: int) -> slice:
+    """The columns (or rows, transposed) of `gate` in a packed (…, 4·hiddens) tensor."""
+    k = GATE_ORDER.index(gate)
+    return slice(k * hiddens, (k + 1) * hiddens)
 
 
 class Stacked(NamedTuple):
-    """A layer's weights for the fast path's forward, in the compute dtype: the gates stacked
-    in FAST_ORDER, transposed for the feature-major products, the candidate's rows doubled.
+    """A layer's weights for the fast path's forward, transposed for the feature-major
+    products, the candidate's rows doubled; the products' operands in the compute dtype.
 
     Doubling them lets one sigmoid cover all four gates of a step, the candidate through
-    tanh(x) = 2σ(2x) - 1: on a CPU a sigmoid costs less than half a tanh, and one operation
-    over a step's whole (4·hiddens, batch) gates is large enough for torch to spread over cores.
+    tanh(x) = 2σ(2x) - 1: on a CPU a sigmoid costs a sixth of a tanh, and one operation over a
+    step's whole (4·hiddens, batch) gates costs less than three.
     """
 
-    W_xT: torch.Tensor | None  # (4·hiddens, inputs) for dense inputs; None for ids
-    W_hT: torch.Tensor  # (4·hiddens, hiddens)
-    b: torch.Tensor  # (4·hiddens,)
-    W_xb: torch.Tensor | None  # (inputs, 4·hiddens): W_x + b, whose rows ids gather; None for dense inputs
+    W_hT: torch.Tensor  # (4·hiddens, hiddens), contiguous, compute dtype
+    W_xT: torch.Tensor | None  # (4·hiddens, inputs), compute dtype, for dense inputs; None for ids
+    b: torch.Tensor  # (4·hiddens,), the parameters' dtype
+    table: torch.Tensor | None  # (4·hiddens, inputs): (W_x + b)ᵀ, the parameters' dtype, whose columns ids pick; None for dense
 
 
-
-def stack_gates(params: tuple[torch.Tensor, ...], dtype: torch.dtype, ids: bool) -> Stacked:
-    """The twelve parameters (FAST_ORDER) as `Stacked` forward weights, outside autograd: the
-    fast path's Function routes the gradients back to the parameters itself. Doubling is
-    exact in floating point."""
-    W_xo, W_xi, W_xf, W_xc, W_ho, W_hi, W_hf, W_hc, b_o, b_i, b_f, b_c = params
+def stack_weights(W_x: torch.Tensor, W_h: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, ids: bool) -> Stacked:
+    """The packed parameters as `Stacked` forward weights, outside autograd: the fast path's
+    Function routes the gradients back to the parameters itself. Doubling is exact."""
     with torch.no_grad():
-        W_hT = torch.cat([W_ho.T, W_hi.T, W_hf.T, 2 * W_hc.T]).to(dtype)  # (4·hiddens, hiddens)
-        b = torch.cat([b_o, b_i, b_f, 2 * b_c])  # (4·hiddens,)
+        c = block("c", W_h.shape[0])
+        W_hT = transposed(W_h, dtype)
+        W_hT[c] *= 2
+        b2 = b.clone()
+        b2[c] *= 2
         if ids:
-            W_xb = torch.cat([W_xo, W_xi, W_xf, 2 * W_xc], dim=1) + b  # (inputs, 4·hiddens)
-            return Stacked(None, W_hT, b.to(dtype), W_xb.to(dtype))
-        W_xT = torch.cat([W_xo.T, W_xi.T, W_xf.T, 2 * W_xc.T]).to(dtype)  # (4·hiddens, inputs)
-        return Stacked(W_xT, W_hT, b.to(dtype), None)
+            table = (W_x + b).T.contiguous()  # (4·hiddens, inputs): b added in the parameters' dtype
+            table[c] *= 2
+            return Stacked(W_hT, None, b2, table)
+        W_xT = transposed(W_x, dtype)
+        W_xT[c] *= 2
+        return Stacked(W_hT, W_xT, b2, None)
+
+
+def transposed(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Wᵀ as a fresh contiguous matrix in `dtype`: BLAS multiplies a transposed view about half
+    as fast at these shapes."""
+    out = torch.empty((W.shape[1], W.shape[0]), dtype=dtype, device=W.device)
+    return out.copy_(W.T)
 
 
 def compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -72,43 +103,56 @@ def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def input_projection(X: torch.Tensor, weights: Stacked) -> torch.Tensor:
-    """(X_t W_x + b)ᵀ for every step at once: (steps, 4·hiddens, batch), fresh and contiguous.
-
-    For ids, a gather straight into that layout (gathering rows, then transposing them, costs
-    four times as much here). For dense input, one batched product: X is then usually a fast
-    layer's output, a transposed view of its (steps, hiddens, batch) buffer, so Xᵀ is free."""
-    steps = X.shape[0]
-    if weights.W_xb is not None:  # gates[t, g, b] = (W_x + b)[X[t, b], g], gathered in place
-        W_xbT = weights.W_xb.T.expand(steps, -1, -1)  # (steps, 4·hiddens, inputs), no copy
-        return torch.gather(W_xbT, 2, X[:, None, :].long().expand(-1, W_xbT.shape[1], -1))
-    assert weights.W_xT is not None  # Stacked holds W_xT exactly when W_xb is None
-    XT = X.transpose(1, 2).to(weights.W_hT.dtype)  # (steps, inputs, batch)
-    return torch.matmul(weights.W_xT, XT).add_(weights.b[:, None])
+    """(X_t W_x + b)ᵀ for every step of dense input at once: (steps, 4·hiddens, batch), fresh
+    and contiguous, in the parameters' dtype — one batched product. X is then usually a fast
+    layer's output, a transposed view of its (steps, hiddens, batch) buffer, so Xᵀ is free.
+    (For ids, forward_steps picks each step's columns from the table as the step begins.)"""
+    assert weights.W_xT is not None  # Stacked holds W_xT for dense input
+    XT = X.transpose(1, 2).to(weights.W_xT.dtype)  # (steps, inputs, batch)
+    return torch.matmul(weights.W_xT, XT).to(weights.b.dtype).add_(weights.b[:, None])
 
 
 def gate_views(gates: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The four (steps, hiddens, batch) blocks of feature-major gates (FAST_ORDER), as views."""
+    """The four (steps, hiddens, batch) blocks of feature-major gates (GATE_ORDER), as views."""
     return tuple(gates.unflatten(1, (4, -1)).unbind(1))
 
 
-def forward_steps(gates: torch.Tensor, Hs: torch.Tensor, Cs: torch.Tensor, tanh_C: torch.Tensor, W_hT: torch.Tensor) -> None:
+def tanh_by_sigmoid(C: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """tanh(C) = 2σ(2C) - 1 into `out`: four cheap operations, together a third of one tanh here."""
+    return torch.mul(C, 2, out=out).sigmoid_().mul_(2).sub_(1)
+
+
+def forward_steps(
+    gates: torch.Tensor, Hs: torch.Tensor, Cs: torch.Tensor, tanh_C: torch.Tensor, W_hT: torch.Tensor, picks: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> None:
     """The recurrence, in place and feature-major (every per-step tensor transposed): `gates`
-    (steps, 4·hiddens, batch) holds (X_t W_x + b)ᵀ on entry and O, I, F, S on exit, where
-    S = σ(2·c̃'s pre-activation), so C̃ = 2S - 1; Hs[t + 1], Cs[t + 1] (hiddens, batch) and
-    tanh_C[t] receive H_tᵀ, C_tᵀ and tanh(C_t)ᵀ. `W_hT` is Stacked's.
+    (steps, 4·hiddens, batch) holds (X_t W_x + b)ᵀ on entry — or, for ids, `picks` = (table,
+    X) and step t's columns are picked from the table as it begins (a small copy per step
+    costs a tenth of moving the whole sequence's picks into this layout) — and I, F, S, O on
+    exit, where S = σ(2·c̃'s pre-activation), so C̃ = 2S - 1; Hs[t + 1], Cs[t + 1] (hiddens,
+    batch) and tanh_C[t] receive H_tᵀ, C_tᵀ and tanh(C_t)ᵀ. `W_hT` is Stacked's; Hs is in its
+    dtype, gates, Cs and tanh_C in the parameters'.
 
     Every view is made before the loop and every result written into a preallocated buffer:
     at batch 32 a step's arithmetic takes a few microseconds, as long as creating a tensor does.
     """
     pre = gates.unbind(0)  # (4·hiddens, batch) per step
-    O, I, F_, S = (g.unbind(0) for g in gate_views(gates))  # (hiddens, batch) per step, contiguous
+    I, F_, S, O = (g.unbind(0) for g in gate_views(gates))  # (hiddens, batch) per step, contiguous
     H, C, tanh_C_ = Hs.unbind(0), Cs.unbind(0), tanh_C.unbind(0)
+    mixed = W_hT.dtype != gates.dtype
+    product = gates.new_empty(gates.shape[1:], dtype=W_hT.dtype) if mixed else None
+    table, ids = picks if picks is not None else (None, None)
     for t in range(len(pre)):
-        pre[t].addmm_(W_hT, H[t])  # + (H_{t-1} W_h)ᵀ = W_hᵀ H_{t-1}ᵀ: the four gates in one product
-        pre[t].sigmoid_()  # O_t, I_t, F_t, and S_t with C̃_t = 2 S_t - 1
+        if table is not None:
+            torch.index_select(table, 1, ids[t], out=pre[t])  # type: ignore[index]  # X_t W_x + b, transposed
+        if product is None:
+            pre[t].addmm_(W_hT, H[t])  # + (H_{t-1} W_h)ᵀ = W_hᵀ H_{t-1}ᵀ: the four gates in one product
+        else:
+            pre[t].add_(torch.mm(W_hT, H[t], out=product))  # the product in bf16, the sum in fp32
+        pre[t].sigmoid_()  # I_t, F_t, O_t, and S_t with C̃_t = 2 S_t - 1
         # C_t = F_t ⊙ C_{t-1} + I_t ⊙ C̃_t = F_t ⊙ C_{t-1} + 2 I_t ⊙ S_t - I_t
         torch.mul(F_[t], C[t], out=C[t + 1]).addcmul_(I[t], S[t], value=2).sub_(I[t])
-        torch.tanh(C[t + 1], out=tanh_C_[t])
+        tanh_by_sigmoid(C[t + 1], out=tanh_C_[t])
         torch.mul(O[t], tanh_C_[t], out=H[t + 1])  # H_t = O_t ⊙ tanh(C_t)
 
 
@@ -118,87 +162,105 @@ class CellInPlace:
     tensor (or even a view), so `step` creates nothing.
 
     `gates` (batch, 4·hiddens) is to hold the pre-activations X_t W_x + H_{t-1} W_h + b in
-    FAST_ORDER, the candidate doubled (see Stacked); `step` turns them into O_t, I_t, F_t,
-    S_t, takes C (batch, hiddens) from C_{t-1} to C_t and writes H_t into H. C stays in its
-    own dtype (fp32 under bf16), H in the products'. Any of them may be views.
+    GATE_ORDER, the candidate doubled (see Stacked); `step` turns them into I_t, F_t, S_t,
+    O_t, takes C (batch, hiddens) from C_{t-1} to C_t and writes H_t into H. The arithmetic is
+    in C's dtype (fp32): gates in another dtype (bf16 products) are first copied into a buffer
+    of C's. Any of them may be views.
     """
 
     def __init__(self, gates: torch.Tensor, C: torch.Tensor, H: torch.Tensor) -> None:
         self.gates, self.C, self.H = gates, C, H
-        self.O, self.I, self.F, self.S = gates.chunk(4, dim=1)
+        self.work = gates if gates.dtype == C.dtype else torch.empty(gates.shape, dtype=C.dtype, device=C.device)
+        self.I, self.F, self.S, self.O = self.work.chunk(4, dim=1)
         self.tanh_C = torch.empty_like(C)
 
     def step(self) -> None:
-        self.gates.sigmoid_()
+        if self.work is not self.gates:
+            self.work.copy_(self.gates)
+        self.work.sigmoid_()
         # C_t = F_t ⊙ C_{t-1} + I_t ⊙ (2 S_t - 1)
         self.C.mul_(self.F).addcmul_(self.I, self.S, value=2).sub_(self.I)
-        torch.tanh(self.C, out=self.tanh_C)
+        if self.C.shape[0] == 1:  # a row of a few hundred numbers: one tanh costs less than four cheap operations
+            torch.tanh(self.C, out=self.tanh_C)
+        else:
+            tanh_by_sigmoid(self.C, out=self.tanh_C)
         torch.mul(self.O, self.tanh_C, out=self.H)  # H_t = O_t ⊙ tanh(C_t)
 
 
 def local_derivatives(gates: torch.Tensor, Cs: torch.Tensor, tanh_C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The factors of the backward pass that do not depend on the recurrence, for every step
-    at once (few large operations instead of many small ones), in the cell state's dtype.
+    at once (few large operations instead of many small ones), in the gates' dtype.
 
     dGates_dHC (steps, 4·hiddens, batch), with σ' = σ (1 - σ) written in terms of the gate's
     value and C̃ = 2S - 1, so 1 - C̃² = 4 S (1 - S):
 
-        o: tanh(C_t) σ'(o)    i: C̃_t σ'(i)    f: C_{t-1} σ'(f)    c̃: I_t (1 - C̃_t²)
+        i: C̃_t σ'(i)    f: C_{t-1} σ'(f)    c̃: I_t (1 - C̃_t²)    o: tanh(C_t) σ'(o)
 
     dL/d(o's pre-activation) is dL/dH_t times its o block; those of i, f, c̃ are dL/dC_t times
     theirs. And dC_dH = O_t (1 - tanh²(C_t)), the part of dL/dC_t that comes through H_t.
     """
-    A = gates.to(Cs.dtype)  # O, I, F, S
-    O, I, _, S = gate_views(A)
-    dGates_dHC = torch.addcmul(A, A, A, value=-1)  # σ - σ² in every block: (steps, 4·hiddens, batch)
-    d_o, d_i, d_f, d_c = gate_views(dGates_dHC)
-    d_o.mul_(tanh_C)
+    I, _, S, O = gate_views(gates)
+    dGates_dHC = torch.addcmul(gates, gates, gates, value=-1)  # σ - σ² in every block: (steps, 4·hiddens, batch)
+    d_i, d_f, d_c, d_o = gate_views(dGates_dHC)
     d_i.mul_(S * 2 - 1)  # C̃
     d_f.mul_(Cs[:-1])
     d_c.mul_(I).mul_(4)
+    d_o.mul_(tanh_C)
     dC_dH = torch.addcmul(O, O * tanh_C, tanh_C, value=-1)  # O - O tanh²(C)
     return dGates_dHC, dC_dH
 
 
 def backward_steps(
     dHs: torch.Tensor, dC_T: torch.Tensor | None, gates: torch.Tensor, Cs: torch.Tensor, tanh_C: torch.Tensor, W_h: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward through time, feature-major: dL/d(gate pre-activations)ᵀ of every step,
-    (steps, 4·hiddens, batch) in the compute dtype, and dL/dC_0ᵀ. `dHs` (steps, hiddens, batch)
-    is dL/dH_tᵀ from above (the outputs' gradient), `dC_T` dL/dC_T (batch, hiddens) or None,
-    W_h the article's (hiddens, 4·hiddens).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward through time, feature-major: dL/d(gate pre-activations)ᵀ of every step as
+    (4·hiddens, steps, batch) — the layout in which the weight gradients' products read every
+    step's columns side by side without a copy — in the gates' dtype and again in W_h's (the
+    products' operand; the same tensor when they agree), and dL/dC_0ᵀ. `dHs` (steps, hiddens, batch) is dL/dH_tᵀ
+    from above (the outputs' gradient), `dC_T` dL/dC_T (batch, hiddens) or None, W_h the packed
+    (hiddens, 4·hiddens), contiguous, in the compute dtype.
 
         dL/dH_t = dHs[t] + dGates_{t+1} W_hᵀ             (transposed: W_h dGates_{t+1}ᵀ)
         dL/dC_t = dL/dC_{t+1} ⊙ F_{t+1} + dL/dH_t ⊙ dC_dH
     """
     dGates_dHC, dC_dH = local_derivatives(gates, Cs, tanh_C)
     steps, hiddens, batch = dC_dH.shape
-    dGates = gates.new_empty(gates.shape)  # (steps, 4·hiddens, batch)
-    dO = dGates[:, :hiddens].unbind(0)  # (hiddens, batch) per step
-    dIFC = dGates[:, hiddens:].unflatten(1, (3, hiddens)).unbind(0)  # (3, hiddens, batch) per step
-    dO_dH = dGates_dHC[:, :hiddens].unbind(0)
-    dIFC_dC = dGates_dHC[:, hiddens:].unflatten(1, (3, hiddens)).unbind(0)
-    dGates_, dHs_, F_, dC_dH_ = (x.unbind(0) for x in (dGates, dHs, gate_views(gates)[2], dC_dH))
+    ifc, o = slice(0, 3 * hiddens), block("o", hiddens)  # the gates that take dL/dC, side by side; o
+    dGates = gates.new_empty((4 * hiddens, steps, batch))
+    mixed = W_h.dtype != gates.dtype
+    dGates_c = dGates.new_empty(dGates.shape, dtype=W_h.dtype) if mixed else dGates  # the products' copy
+    product = dHs.new_empty((hiddens, batch), dtype=W_h.dtype) if mixed else None
+    dO = dGates[o].unbind(1)  # (hiddens, batch) per step
+    dIFC = dGates[ifc].unflatten(0, (3, hiddens)).unbind(2)  # (3, hiddens, batch) per step
+    dO_dH = dGates_dHC[:, o].unbind(0)
+    dIFC_dC = dGates_dHC[:, ifc].unflatten(1, (3, hiddens)).unbind(0)
+    dG, dG_c = dGates.unbind(1), dGates_c.unbind(1)  # (4·hiddens, batch) per step
+    dHs_, F_, dC_dH_ = (x.unbind(0) for x in (dHs, gate_views(gates)[1], dC_dH))
     dH = dHs.new_empty((hiddens, batch))
     dC = Cs.new_zeros((hiddens, batch)) if dC_T is None else dC_T.T.to(Cs.dtype).clone(memory_format=torch.contiguous_format)
     for t in reversed(range(steps)):
         if t == steps - 1:
             dH_t = dHs_[t]
         else:
-            dH_t = torch.addmm(dHs_[t], W_h, dGates_[t + 1], out=dH)  # from the output and from step t+1
+            if product is None:
+                dH_t = torch.addmm(dHs_[t], W_h, dG_c[t + 1], out=dH)  # from the output and from step t+1
+            else:
+                dH_t = torch.add(dHs_[t], torch.mm(W_h, dG_c[t + 1], out=product), out=dH)
             dC.mul_(F_[t + 1])  # through C_{t+1} = F_{t+1} ⊙ C_t + …
         dC.addcmul_(dH_t, dC_dH_[t])  # through H_t = O_t ⊙ tanh(C_t)
         torch.mul(dH_t, dO_dH[t], out=dO[t])
-        torch.mul(dC.unsqueeze(0), dIFC_dC[t], out=dIFC[t])
-    return dGates, dC.mul_(F_[0])
+        torch.mul(dIFC_dC[t], dC, out=dIFC[t])
+        if mixed:
+            dG_c[t].copy_(dG[t])
+    return dGates, dGates_c, dC.mul_(F_[0])
 
 
 class Sequence(NamedTuple):
     """A layer's forward pass over a sequence: what backward through time needs."""
 
-    gates: torch.Tensor  # (steps, 4·hiddens, batch): the activations O, I, F, S (C̃ = 2S - 1), compute dtype
+    gates: torch.Tensor  # (steps, 4·hiddens, batch): the activations I, F, S, O (C̃ = 2S - 1), the parameters' dtype
     Hs: torch.Tensor  # (steps + 1, hiddens, batch): H_0ᵀ … H_Tᵀ, compute dtype (the next product's input)
-    Cs: torch.Tensor  # (steps + 1, hiddens, batch): C_0ᵀ … C_Tᵀ, the parameters' dtype (fp32 under bf16)
+    Cs: torch.Tensor  # (steps + 1, hiddens, batch): C_0ᵀ … C_Tᵀ, the parameters' dtype
     tanh_C: torch.Tensor  # (steps, hiddens, batch): tanh(C_1)ᵀ … tanh(C_T)ᵀ
 
 
@@ -208,87 +270,196 @@ def run_sequence(X: torch.Tensor, H_0: torch.Tensor, C_0: torch.Tensor, weights:
     No autocast guard is needed: every product's operands are already in the compute dtype,
     and autocast leaves in-place and out= operations alone."""
     steps, batch, hiddens = X.shape[0], X.shape[1], weights.W_hT.shape[1]
-    gates = input_projection(X, weights)  # (steps, 4·hiddens, batch)
+    if weights.table is not None:  # ids: each step picks its columns
+        gates = weights.table.new_empty((steps, 4 * hiddens, batch))
+        picks = (weights.table, X.contiguous())
+    else:
+        gates, picks = input_projection(X, weights), None  # (steps, 4·hiddens, batch), state dtype
     Hs = weights.W_hT.new_empty((steps + 1, hiddens, batch))
     Cs = C_0.new_empty((steps + 1, hiddens, batch), dtype=state_dtype)
     tanh_C = Cs.new_empty((steps, hiddens, batch))
     Hs[0].copy_(H_0.T)
     Cs[0].copy_(C_0.T)
-    forward_steps(gates, Hs, Cs, tanh_C, weights.W_hT)
+    forward_steps(gates, Hs, Cs, tanh_C, weights.W_hT, picks)
     return Sequence(gates, Hs, Cs, tanh_C)
+
+
+# ---- the batch across the cores --------------------------------------------------------------
+#
+# At batch 32 a step's elementwise work (8,192 numbers a gate) is below the size at which torch
+# spreads an operation over threads, and a step's product is small enough that two threads
+# share it poorly. Rows of a batch are independent sequences, though, so the batch is cut into
+# one part per core and each part runs the whole recurrence, forward or backward, on a thread
+# of its own with one torch thread: nothing is shared until the sequence ends. The parts' weight
+# gradients are summed; everything else is concatenated.
+
+MIN_PART_ROWS = 8  # a part of fewer rows runs its products too inefficiently to pay
+
+
+class _Pool:
+    """Worker threads, each set to one torch thread once, made on first use."""
+
+    def __init__(self) -> None:
+        self.executor: ThreadPoolExecutor | None = None
+        self.size = 0
+
+    def get(self, size: int) -> ThreadPoolExecutor:
+        if self.executor is None or self.size != size:
+            if self.executor is not None:
+                self.executor.shutdown(wait=False)
+            self.executor = ThreadPoolExecutor(size, thread_name_prefix="lstmlm-part", initializer=torch.set_num_threads, initargs=(1,))
+            self.size = size
+        return self.executor
+
+
+_POOL = _Pool()
+_FORCED_PARTS: int | None = None  # tests set it (`split_batch`) to exercise the split on any machine
+
+
+@contextlib.contextmanager
+def split_batch(parts: int | None) -> Iterator[None]:
+    """Within the block, cut every batch into `parts` parts (1: never; None: by the cores)."""
+    global _FORCED_PARTS
+    previous, _FORCED_PARTS = _FORCED_PARTS, parts
+    try:
+        yield
+    finally:
+        _FORCED_PARTS = previous
+
+
+def batch_parts(batch: int, device: torch.device) -> list[slice]:
+    """The rows each part runs: one part per torch thread on a CPU, when each gets enough rows."""
+    parts = _FORCED_PARTS
+    if parts is None:
+        parts = torch.get_num_threads() if device.type == "cpu" else 1
+    parts = max(1, min(parts, batch // MIN_PART_ROWS if _FORCED_PARTS is None else batch))
+    bounds = [round(k * batch / parts) for k in range(parts + 1)]
+    return [slice(a, z) for a, z in itertools.pairwise(bounds)]
+
+
+def in_parts(parts: list[_P], work: Callable[[_P], _T]) -> list[_T]:
+    """`work(part)` for every part: on the calling thread for one part, else on one worker each,
+    without autograd (which is per thread; the fast path's Function does its own)."""
+    if len(parts) == 1:
+        return [work(parts[0])]
+
+    def unrecorded(part: _P) -> _T:
+        with torch.no_grad():
+            return work(part)
+
+    return list(_POOL.get(len(parts)).map(unrecorded, parts))
 
 
 class LSTMSequence(torch.autograd.Function):
     """One layer of the article's LSTM over a whole sequence, with a hand-written backward
-    through time (as jcjohnson/torch-rnn for Torch): the gates' activations are kept in
-    preallocated buffers, and each weight gradient is one large product over all steps
-    instead of one small product per step.
-
-    Inside, every per-step tensor is feature-major, (features, batch): a step's product is
-    W_hᵀ (4·hiddens × hiddens) times H_{t-1}ᵀ (hiddens × batch), a shape BLAS runs about half
-    again as fast at batch 32 as H_{t-1} W_h, and every gate is a contiguous block.
+    through time: the gates' activations are kept in preallocated buffers, and each weight
+    gradient is one large product over all steps instead of one small product per step.
 
     Inputs: X (steps, batch) ids or (steps, batch, inputs) floats, H_0 and C_0 (batch, hiddens),
-    the layer's `Stacked` weights in the compute dtype, then the twelve parameters themselves
-    (`ScratchLSTMLayer.fast_params()`), which autograd routes the gradients to.
+    the layer's `Stacked` weights, then the packed parameters W_x, W_h, b themselves, which
+    autograd routes the gradients to.
     Outputs: H_1 … H_T (steps, batch, hiddens) in the compute dtype and C_T in the parameters'.
     """
 
     @staticmethod
     def forward(
-        ctx: Any, X: torch.Tensor, H_0: torch.Tensor, C_0: torch.Tensor, weights: Stacked, *params: torch.Tensor
+        ctx: Any, X: torch.Tensor, H_0: torch.Tensor, C_0: torch.Tensor, weights: Stacked, W_x: torch.Tensor, W_h: torch.Tensor, b: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.set_materialize_grads(False)  # an unused C_T needs no zero gradient
-        seq = run_sequence(X, H_0, C_0, weights, params[0].dtype)
-        # Saved through autograd, so an in-place change of the outputs (views of seq.Hs) before
-        # backward is an error rather than a silently wrong gradient.
-        ctx.save_for_backward(X, *seq, *params[0:8])
+        parts = batch_parts(X.shape[1], X.device)
+        seqs = in_parts(parts, lambda rows: run_sequence(X[:, rows], H_0[rows], C_0[rows], weights, W_h.dtype))
+        # Saved through autograd, so an in-place change of the outputs (views of the parts' H)
+        # before backward is an error rather than a silently wrong gradient.
+        ctx.save_for_backward(X, W_x, W_h, *(t for seq in seqs for t in seq))
+        ctx.parts = parts
         ctx.input_dtypes = (X.dtype, H_0.dtype, C_0.dtype)
-        return seq.Hs[1:].transpose(1, 2), seq.Cs[-1].T  # (steps, batch, hiddens), (batch, hiddens)
+        if len(seqs) == 1:
+            return seqs[0].Hs[1:].transpose(1, 2), seqs[0].Cs[-1].T  # (steps, batch, hiddens), (batch, hiddens)
+        outputs = torch.cat([seq.Hs[1:] for seq in seqs], dim=2).transpose(1, 2)
+        return outputs, torch.cat([seq.Cs[-1] for seq in seqs], dim=1).T
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dHs: torch.Tensor | None, dC_T: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        X, gates, Hs, Cs, tanh_C, *W = ctx.saved_tensors
-        X_dtype, H_0_dtype, C_0_dtype = ctx.input_dtypes
-        needs = ctx.needs_input_grad
-        dtype = Hs.dtype
-        W_h = torch.cat(W[4:8], dim=1).to(dtype)  # (hiddens, 4·hiddens), the article's
-        dHsT = Hs[1:].new_zeros(Hs[1:].shape) if dHs is None else dHs.transpose(1, 2).to(dtype).contiguous()
-        dGates, dC_0 = backward_steps(dHsT, dC_T, gates, Cs, tanh_C, W_h)  # (steps, 4·hiddens, batch)
-        dX = dH_0 = None
-        if needs[0]:
-            W_x = torch.cat(W[0:4], dim=1).to(dtype)  # (inputs, 4·hiddens)
-            dX = torch.matmul(W_x, dGates).transpose(1, 2).to(X_dtype)  # (steps, batch, inputs)
-        if needs[1]:
-            dH_0 = (W_h @ dGates[0]).T.to(H_0_dtype)  # (batch, hiddens)
-        dC_0_grad = dC_0.T.to(C_0_dtype) if needs[2] else None
-        num_inputs = W[0].shape[0]
-        param_grads = weight_gradients(X, Hs[:-1], dGates, num_inputs, Cs.dtype) if any(needs[4:]) else (None,) * 12
-        return dX, dH_0, dC_0_grad, None, *param_grads
+        X, W_x, W_h, *saved = ctx.saved_tensors
+        seqs = [Sequence(*saved[k : k + 4]) for k in range(0, len(saved), 4)]
+        dtype = seqs[0].Hs.dtype  # the products'
+        W_h_ = as_dtype(W_h, dtype)  # (hiddens, 4·hiddens): contiguous, as the parameter is stored
+        W_x_ = as_dtype(W_x, dtype)
+        need_weights = any(ctx.needs_input_grad[4:])
+
+        def part(k: int) -> tuple[torch.Tensor | None, ...]:
+            rows, seq = ctx.parts[k], seqs[k]
+            return backward_part(X[:, rows], seq, None if dHs is None else dHs[:, rows], None if dC_T is None else dC_T[rows],
+                                 W_x_, W_h_, ctx.needs_input_grad, need_weights, ctx.input_dtypes)  # fmt: skip
+
+        results = in_parts(list(range(len(seqs))), part)
+        dX, dH_0, dC_0 = (_joined([r[i] for r in results], dim) for i, dim in ((0, 1), (1, 0), (2, 0)))
+        dW_x, dW_h, db = (_summed([r[i] for r in results]) for i in (3, 4, 5))
+        return dX, dH_0, dC_0, None, dW_x, dW_h, db
+
+
+def _joined(parts: list[torch.Tensor | None], dim: int) -> torch.Tensor | None:
+    """The parts' gradients of batch rows, side by side again."""
+    tensors = [p for p in parts if p is not None]
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim) if tensors else None
+
+
+def _summed(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """The parts' shares of a weight gradient, added up."""
+    tensors = [p for p in parts if p is not None]
+    return sum(tensors[1:], tensors[0]) if tensors else None
+
+
+def backward_part(
+    X: torch.Tensor,
+    seq: Sequence,
+    dHs: torch.Tensor | None,
+    dC_T: torch.Tensor | None,
+    W_x: torch.Tensor,
+    W_h: torch.Tensor,
+    needs: tuple[bool, ...],
+    need_weights: bool,
+    input_dtypes: tuple[torch.dtype, ...],
+) -> tuple[torch.Tensor | None, ...]:
+    """Backward through one part's rows: dX, dH_0, dC_0 and its share of dW_x, dW_h, db."""
+    X_dtype, H_0_dtype, C_0_dtype = input_dtypes
+    gates = seq.gates
+    dHsT = gates.new_zeros(seq.Hs[1:].shape) if dHs is None else dHs.transpose(1, 2).to(gates.dtype).contiguous()
+    dGates, dGates_c, dC_0 = backward_steps(dHsT, dC_T, gates, seq.Cs, seq.tanh_C, W_h)  # (4·hiddens, steps, batch)
+    _, steps, batch = dGates.shape
+    dX = dH_0 = None
+    if needs[0]:
+        dX = (W_x @ dGates_c.view(-1, steps * batch)).view(-1, steps, batch).permute(1, 2, 0).to(X_dtype)  # (steps, batch, inputs)
+    if needs[1]:
+        dH_0 = (W_h @ dGates_c[:, 0]).T.to(H_0_dtype)  # (batch, hiddens)
+    dC_0_grad = dC_0.T.to(C_0_dtype) if needs[2] else None
+    grads = weight_gradients(X, seq.Hs[:-1], dGates, dGates_c, W_x.shape[0]) if need_weights else (None, None, None)
+    return dX, dH_0, dC_0_grad, *grads
 
 
 def weight_gradients(
-    X: torch.Tensor, H_prev: torch.Tensor, dGates: torch.Tensor, num_inputs: int, dtype: torch.dtype
-) -> tuple[torch.Tensor, ...]:
-    """dW_h, dW_x and db summed over every step and batch row, split back into the twelve
-    parameters' gradients (FAST_ORDER) in the parameters' dtype:
+    X: torch.Tensor, H_prev: torch.Tensor, dGates: torch.Tensor, dGates_c: torch.Tensor, num_inputs: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dW_x, dW_h and db summed over every step and batch row, in the packed parameters' layout
+    and the gates' dtype:
 
         dW_h = Σ_t H_{t-1}ᵀ dGates_t        dW_x = Σ_t X_tᵀ dGates_t        db = Σ_t 1ᵀ dGates_t
 
-    All three are one product, dGatesᵀ [H_{t-1} | X_t | 1] over every step's rows side by side
-    (b is the weight of a constant input 1), with X_t one-hot for ids. One large product runs
-    faster than three, the thin ones (28 characters, one bias column) being inefficient alone.
-    Under bf16 the product accumulates in fp32 and rounds once.
+    dW_h and dW_x are one product each over every step's columns side by side: dGates comes as
+    (4·hiddens, steps, batch), so BLAS sees one long inner dimension. For ids, X_t is one-hot:
+    a thin product. Under bf16 the products take the bf16 copy of dGates, accumulate in fp32
+    and round once; db sums the fp32 ones.
     """
-    steps, hiddens, batch = H_prev.shape
-    dG = dGates.permute(1, 0, 2).reshape(dGates.shape[1], -1)  # (4·hiddens, steps·batch), a copy
-    R = dG.new_empty((steps * batch, hiddens + num_inputs + 1))  # rows [H_{t-1} | X_t | 1]
-    R[:, :hiddens].view(steps, batch, hiddens).copy_(H_prev.transpose(1, 2))
+    gates, steps, batch = dGates.shape
+    dtype = dGates.dtype
+    dG = dGates_c.view(gates, steps * batch)  # (4·hiddens, steps·batch): a view
+    Hp = H_prev.permute(1, 0, 2).reshape(-1, steps * batch)  # (hiddens, steps·batch), a copy
+    dW_h = (Hp @ dG.T).to(dtype)  # (hiddens, 4·hiddens)
     if X.is_floating_point():
-        R[:, hiddens:-1].copy_(X.reshape(-1, num_inputs))
+        Xf = X.permute(2, 0, 1).reshape(num_inputs, steps * batch).to(dG.dtype)  # (inputs, steps·batch)
     else:
-        R[:, hiddens:-1].zero_().scatter_(1, X.reshape(-1, 1).long(), 1.0)  # one-hot rows
-    R[:, -1] = 1.0
-    dW_hT, dW_xT, db = (dG @ R).to(dtype).split([hiddens, num_inputs, 1], dim=1)  # (4·hiddens, ·) each
-    return (*(g.T for g in dW_xT.chunk(4)), *(g.T for g in dW_hT.chunk(4)), *db.squeeze(1).chunk(4))
+        Xf = F.one_hot(X.reshape(-1), num_inputs).T.to(dG.dtype)  # (inputs, steps·batch), one-hot columns
+    dW_x = (Xf @ dG.T).to(dtype)  # (inputs, 4·hiddens)
+    db = dGates.sum(dim=(1, 2))
+    return dW_x, dW_h, db

@@ -27,9 +27,9 @@ import torch
 from .data.text import normalize
 from .device import DTYPES, autocast
 from .errors import ConfigError, VocabError
-from .fused import CellInPlace, Stacked, stack_gates
-from .lstm import FAST_NAMES, State
-from .model import CharLM, convert, scratch_layer
+from .fused import CellInPlace, Stacked, stack_weights
+from .lstm import State
+from .model import PACKED, CharLM, convert, scratch_key
 from .vocab import Vocab, describe_chars
 
 SAMPLE_LENGTH = 50  # characters per training sample, as d2l
@@ -60,6 +60,8 @@ class Sampling:
             raise ConfigError("length, top_k and temperature must not be negative, and num_samples at least 1")
         if any(not s for s in self.stop):
             raise ConfigError("a stop string must not be empty")
+        if self.seed is not None and not 0 <= self.seed < 2**64:  # what torch.Generator takes
+            raise ConfigError(f"--seed must be from 0 to 2**64 - 1, not {self.seed}")
 
 
 # ---- context --------------------------------------------------------------------------------
@@ -134,8 +136,8 @@ def choose_next(logits: torch.Tensor, sampling: Sampling = Sampling(), generator
 
 
 def layer_weights(model: CharLM, dtype: torch.dtype) -> list[Stacked]:
-    """Each layer's fast-path weights in `dtype`, the first layer's input always as a table of
-    rows gathered by id: (X_t W_x + b) for one-hot X_t, (E[id] W_x + b) with an embedding E."""
+    """Each layer's fast-path weights in `dtype`, the first layer's input always as a table
+    with a column per id: (X_t W_x + b)ᵀ for one-hot X_t, (E[id] W_x + b)ᵀ with an embedding E."""
     embedding = model.embedding
     scratch = model.scratch_core
     if scratch is not None:
@@ -144,13 +146,13 @@ def layer_weights(model: CharLM, dtype: torch.dtype) -> list[Stacked]:
         sd = convert(model.state_dict(), "scratch")
         weights = []
         for k in range(model.num_layers):
-            p = scratch_layer(sd, k)
-            weights.append(stack_gates(tuple(p[name] for name in FAST_NAMES), dtype, ids=(k == 0 and embedding is None)))
+            W_x, W_h, b = (sd[scratch_key(k, name)] for name in PACKED)
+            weights.append(stack_weights(W_x, W_h, b, dtype, ids=(k == 0 and embedding is None)))
     if embedding is not None:
         first = weights[0]
         assert first.W_xT is not None  # an embedding feeds the first layer dense input
-        table = torch.addmm(first.b.float(), embedding.weight.detach().float(), first.W_xT.T.float())
-        weights[0] = Stacked(None, first.W_hT, first.b, table.to(dtype))
+        table = torch.addmm(first.b.float()[:, None], first.W_xT.float(), embedding.weight.detach().float().T)  # (4·hiddens, vocab)
+        weights[0] = Stacked(first.W_hT, None, first.b, table.to(first.b.dtype))
     return weights
 
 
@@ -179,8 +181,8 @@ class Stepper:
         weights = layer_weights(model, dtype)
         H_0, C_0 = state  # (layers, batch, hiddens)
         batch, hiddens = H_0.shape[1], H_0.shape[2]
-        assert weights[0].W_xb is not None  # layer_weights always gives the first layer a table
-        self.table = weights[0].W_xb  # (vocab, 4·hiddens): X_t W_x + b_0 for each id
+        assert weights[0].table is not None  # layer_weights always gives the first layer a table
+        self.table = weights[0].table.T.to(dtype, copy=True).contiguous()  # (vocab, 4·hiddens): X_t W_x + b_0 for each id
         self.rows = self.table.unbind(0)  # its rows as views made once: tensor[i] costs microseconds
         readers = [(w.W_xT.T, w.b) for w in weights[1:] if w.W_xT is not None] + [(model.W_hq.detach().to(dtype), model.b_q.detach().to(dtype))]
         self.W: list[torch.Tensor] = []  # per layer: [[W_in, W_h], [b_in, 0]], (hiddens + 1, inputs of the reader + 4·hiddens)
@@ -189,7 +191,7 @@ class Stepper:
         self.cells: list[CellInPlace] = []
         self.outputs: list[torch.Tensor] = []  # per layer: H_t W_in + b_in, a view of P
         for k, (w, (W_in, b_in)) in enumerate(zip(weights, readers)):
-            self.W.append(everything_that_reads_H(W_in, b_in, w.W_hT.T))
+            self.W.append(everything_that_reads_H(W_in.to(dtype), b_in.to(dtype), w.W_hT.T))
             H1 = torch.ones(batch, hiddens + 1, dtype=dtype, device=H_0.device)
             H1[:, :hiddens] = H_0[k]
             self.H1.append(H1)
@@ -198,9 +200,14 @@ class Stepper:
             self.outputs.append(P[:, : W_in.shape[1]])
             self.cells.append(CellInPlace(P[:, W_in.shape[1] :], C_0[k].to(model.W_hq.dtype, copy=True), H1[:, :hiddens]))
         self.logits = self.outputs[-1]
+        self.picked = self.table.new_empty((batch, self.table.shape[1]))  # the rows of a batch's ids
 
-    def __call__(self, X_t: list[int]) -> torch.Tensor:
-        inputs = self.rows[X_t[0]] if len(X_t) == 1 else self.table[X_t]
+    def __call__(self, X_t: list[int] | torch.Tensor) -> torch.Tensor:
+        """X_t: the ids, a list (batch 1: a row view is the cheapest input) or a tensor (batch > 1)."""
+        if isinstance(X_t, list):
+            inputs = self.rows[X_t[0]] if len(X_t) == 1 else self.table[X_t]
+        else:
+            inputs = torch.index_select(self.table, 0, X_t, out=self.picked)
         for cell, H1, W, P, outputs in zip(self.cells, self.H1, self.W, self.P, self.outputs):
             cell.gates.add_(inputs)  # (H_{t-1} W_h from the last step) + X_t W_x + b
             cell.step()
@@ -243,15 +250,25 @@ def _generate_chunks(model: CharLM, vocab: Vocab, context: Sequence[str], sampli
         with autocast(device, precision):
             _, state = model(ids[:, :-1], state)
     step = Stepper(model, state, DTYPES[precision])
-    X = ids[:, -1].tolist()  # Python ints: decoding needs them anyway, and at batch 1 the input
-    tokens = vocab.tokens  # projection is then a row view instead of a gather
+    tokens = vocab.tokens
     length = sampling.length
+    if sampling.num_samples == 1:  # ids as Python ints: decoding needs them anyway, and the input is a row view
+        X = ids[:, -1].tolist()
+        for start in range(0, length, CHUNK):
+            chunk = []
+            for _ in range(min(CHUNK, length - start)):
+                X = choose_next(step(X), sampling, generator).tolist()
+                chunk.append([tokens[i] for i in X])
+            yield chunk
+        return
+    chosen = ids.new_empty((CHUNK, sampling.num_samples))  # a chunk's ids, kept as tensors and decoded at once
+    previous = ids[:, -1].contiguous()
     for start in range(0, length, CHUNK):
-        chunk = []
-        for _ in range(min(CHUNK, length - start)):
-            X = choose_next(step(X), sampling, generator).tolist()
-            chunk.append([tokens[i] for i in X])
-        yield chunk
+        n = min(CHUNK, length - start)
+        for t in range(n):
+            chosen[t].copy_(choose_next(step(previous), sampling, generator))  # step reads `previous` first
+            previous = chosen[t]
+        yield [[tokens[i] for i in row] for row in chosen[:n].tolist()]
 
 
 class Continuation(Iterator[list[str]]):

@@ -30,13 +30,12 @@ from torch import nn
 from torch.func import functional_call
 
 from .errors import ShapeError
-from .fused import FAST_ORDER, LSTMSequence, Stacked, as_dtype, compute_dtype, run_sequence, stack_gates
+from .fused import LSTMSequence, Stacked, as_dtype, block, compute_dtype, run_sequence, stack_weights
 
 State = tuple[torch.Tensor, torch.Tensor]  # (H, C), each (layers, batch, hiddens)
 
 GATES = ("i", "f", "o", "c")  # the article's order; nn.LSTM packs i, f, g(=c), o
 PARAMETERS = tuple(f"{kind}{g}" for g in GATES for kind in ("W_x", "W_h", "b_"))  # a layer's twelve, by name
-FAST_NAMES = tuple(f"{kind}{g}" for kind in ("W_x", "W_h", "b_") for g in FAST_ORDER)  # the fast path's order
 
 
 def project(X: torch.Tensor, W_x: torch.Tensor) -> torch.Tensor:
@@ -68,53 +67,63 @@ def cell(XW: Mapping[str, torch.Tensor], H: torch.Tensor, C: torch.Tensor, p: Ma
 
 
 class ScratchLSTMLayer(nn.Module):
-    """One layer of the article's LSTM: four gates, each with W_x*, W_h*, b_*."""
+    """One layer of the article's LSTM: four gates, each with W_x*, W_h*, b_*.
 
-    W_xi: torch.Tensor  # (inputs, hiddens)
-    W_hi: torch.Tensor  # (hiddens, hiddens)
-    b_i: torch.Tensor  # (hiddens,)
-    W_xf: torch.Tensor
-    W_hf: torch.Tensor
-    b_f: torch.Tensor
-    W_xo: torch.Tensor
-    W_ho: torch.Tensor
-    b_o: torch.Tensor
-    W_xc: torch.Tensor
-    W_hc: torch.Tensor
-    b_c: torch.Tensor
+    The parameters are stored packed, as the fast path multiplies them: W_x (inputs, 4·hiddens),
+    W_h (hiddens, 4·hiddens) and b (4·hiddens), the gates side by side in `fused.GATE_ORDER`
+    (i, f, c̃, o: nn.LSTM's). The article's twelve — W_xi, W_hi, b_i, … — are views of them
+    (`layer.W_xi`, `layer.views()`), so the readable loop and `lstmlm inspect` read the
+    equations' names while one optimizer step updates three tensors.
+    """
+
+    W_x: nn.Parameter
+    W_h: nn.Parameter
+    b: nn.Parameter
 
     def __init__(self, num_inputs: int, num_hiddens: int) -> None:
         super().__init__()
         self.num_inputs, self.num_hiddens = num_inputs, num_hiddens
-        for g in GATES:
-            self.register_parameter(f"W_x{g}", nn.Parameter(torch.empty(num_inputs, num_hiddens)))
-            self.register_parameter(f"W_h{g}", nn.Parameter(torch.empty(num_hiddens, num_hiddens)))
-            self.register_parameter(f"b_{g}", nn.Parameter(torch.empty(num_hiddens)))
+        self.W_x = nn.Parameter(torch.empty(num_inputs, 4 * num_hiddens))
+        self.W_h = nn.Parameter(torch.empty(num_hiddens, 4 * num_hiddens))
+        self.b = nn.Parameter(torch.empty(4 * num_hiddens))
         self._stacked_key: tuple[Any, ...] | None = None
         self._stacked: Stacked | None = None
         self._stacked_sources: list[torch.Tensor] = []
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The seed's init: weights N(0, 0.01²), biases 0."""
-        for name, p in self.named_parameters():
-            with torch.no_grad():
-                p.normal_(0.0, 0.01) if name.startswith("W_") else p.zero_()
+        """The seed's init: weights N(0, 0.01²), biases 0, drawn matrix by matrix in the article's
+        order (W_xi, W_hi, W_xf, …) so a seed gives the weights it gave the twelve-tensor layout."""
+        with torch.no_grad():
+            for g in GATES:
+                for packed in (self.W_x, self.W_h):
+                    cols = block(g, self.num_hiddens)
+                    packed[:, cols] = torch.empty(packed.shape[0], self.num_hiddens, dtype=packed.dtype).normal_(0.0, 0.01)
+            self.b.zero_()
+
+    def views(self) -> dict[str, torch.Tensor]:
+        """The article's twelve parameters by name, as views of the packed three."""
+        return {name: self.view(name) for name in PARAMETERS}
+
+    def view(self, name: str) -> torch.Tensor:
+        kind, g = name[:-1], name[-1]  # "W_x" "i", "b_" "c"
+        cols = block(g, self.num_hiddens)
+        return {"W_x": self.W_x, "W_h": self.W_h, "b_": self.b}[kind][..., cols]
+
+    def __getattr__(self, name: str) -> Any:
+        if name in PARAMETERS:
+            return self.view(name)
+        return super().__getattr__(name)
 
     def forward(self, X: torch.Tensor, H: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The article's loop, one step at a time: the readable reference."""
-        p = self._parameters  # the twelve, by the article's names
+        p = self.views()  # the twelve, by the article's names
         outputs = []
         for X_t in X:  # X_t: (batch,) ids or (batch, inputs)
-            step = cell({g: project(X_t, p[f"W_x{g}"]) for g in GATES}, H, C, p)  # type: ignore[arg-type]
+            step = cell({g: project(X_t, p[f"W_x{g}"]) for g in GATES}, H, C, p)
             H, C = step.H, step.C
             outputs.append(H)
         return torch.stack(outputs), H, C  # (steps, batch, hiddens)
-
-    def fast_params(self) -> tuple[nn.Parameter, ...]:
-        """The twelve parameters in the fast path's order: W_x*, W_h*, b_* for gates o, i, f, c."""
-        params = self._parameters  # a dict lookup: nn.Module.__getattr__ costs a microsecond a name
-        return tuple(params[name] for name in FAST_NAMES)  # type: ignore[misc]
 
     def stacked(self, dtype: torch.dtype, ids: bool = False) -> Stacked:
         """The layer's `Stacked` forward weights in `dtype`, for id (`ids`) or dense inputs.
@@ -127,12 +136,12 @@ class ScratchLSTMLayer(nn.Module):
         move no version counter: they are invisible here as they are to autograd.) With
         autograd on, parameters change every step and stacking is cheap next to the step.
         """
-        params = self.fast_params()
+        params = (self.W_x, self.W_h, self.b)
         if torch.is_grad_enabled():
-            return stack_gates(params, dtype, ids)
+            return stack_weights(*params, dtype, ids)
         key = (dtype, ids, *((p.data_ptr(), p._version) for p in params))
         if self._stacked is None or self._stacked_key != key:
-            self._stacked, self._stacked_key = stack_gates(params, dtype, ids), key
+            self._stacked, self._stacked_key = stack_weights(*params, dtype, ids), key
             self._stacked_sources = [p.detach() for p in params]
         return self._stacked
 
@@ -140,10 +149,9 @@ class ScratchLSTMLayer(nn.Module):
         """This layer on the fast path: every step's H (steps, batch, hiddens) in `dtype`, and C_T."""
         weights = self.stacked(dtype, ids=not X.is_floating_point())
         if torch.is_grad_enabled():
-            return cast(tuple[torch.Tensor, torch.Tensor], LSTMSequence.apply(X, H_0, C_0, weights, *self.fast_params()))
-        seq = run_sequence(X, H_0, C_0, weights, self.W_xi.dtype)  # without autograd: evaluation
+            return cast(tuple[torch.Tensor, torch.Tensor], LSTMSequence.apply(X, H_0, C_0, weights, self.W_x, self.W_h, self.b))
+        seq = run_sequence(X, H_0, C_0, weights, self.W_h.dtype)  # without autograd: evaluation
         return seq.Hs[1:].transpose(1, 2), seq.Cs[-1].T
-
 
 
 class ScratchLSTM(nn.Module):
@@ -168,7 +176,7 @@ class ScratchLSTM(nn.Module):
 
     def forward(self, X: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         layers = self.scratch_layers()
-        weight = layers[0].W_xi
+        weight = layers[0].W_x
         H_0, C_0 = check_input(X, state, self.num_inputs, self.num_hiddens, self.num_layers, weight)
         dtype = compute_dtype(weight)
         Hs, Cs = [], []
@@ -207,15 +215,18 @@ class CudnnLSTM(nn.Module):
         if not X.is_floating_point():  # nn.LSTM multiplies its input: one-hot it (cheap at char vocab sizes)
             X = F.one_hot(X.long(), self.num_inputs).to(weight.dtype)
         dtype = compute_dtype(weight)
-        if X.device.type == "cpu" and dtype != weight.dtype:
+        if dtype != weight.dtype:
             return self._forward_in(dtype, X, state)
         outputs, (H, C) = self.lstm(X, state)
         return outputs, (H, C)
 
     def _forward_in(self, dtype: torch.dtype, X: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """oneDNN's CPU LSTM refuses autocast's mixed dtypes: run it on `dtype` copies of the
-        weights, input and state instead. The casts are differentiable, so the gradients still
-        reach the fp32 parameters; the returned state is in the parameters' dtype."""
+        """nn.LSTM under autocast, on any device, runs on `dtype` copies of the weights, input and
+        state with autocast off: oneDNN's CPU LSTM refuses autocast's mixed dtypes, and on a GPU
+        autocast would cast cuDNN's RNN to fp16 whatever dtype it was asked for (and with no
+        gradient scaler). So bf16 reaches the kernel as bf16. The casts are differentiable, so the
+        gradients still reach the fp32 parameters; the returned state (C above all, carried to the
+        next batch) is in the parameters' dtype."""
         weights = {name: p.to(dtype) for name, p in self.lstm.named_parameters()}
         with torch.autocast(X.device.type, enabled=False):
             outputs, (H, C) = functional_call(self.lstm, weights, (X.to(dtype), (state[0].to(dtype), state[1].to(dtype))))

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from .config import Config, ModelConfig
 from .errors import CheckpointError, ShapeError
+from .fused import GATE_ORDER, block
 from .lstm import PARAMETERS, CudnnLSTM, ScratchLSTM, State, zero_state
 
 
@@ -94,25 +95,54 @@ class CharLM(nn.Module):
         return logits.transpose(0, 1), state
 
 
+def num_parameters(cfg: ModelConfig, vocab_size: int) -> int:
+    """The model's parameter count from its shapes alone: no tensor is made, so a size too large
+    for any memory is counted, not allocated."""
+    H, E, V = cfg.hidden, cfg.embedding, vocab_size
+    biases = 4 * H if cfg.model == "scratch" else 8 * H  # nn.LSTM keeps two bias vectors
+    core = sum(4 * H * ((E or V) if k == 0 else H) + 4 * H * H + biases for k in range(cfg.layers))
+    return V * E + core + H * V + V
+
+
+def training_bytes(cfg: Config, vocab_size: int) -> int:
+    """At least what training takes in memory: the fp32 weights and their gradients, the
+    optimizer's state (Adam's two moments; plain SGD keeps none), and per trained character
+    the activations kept for the backward pass (each layer's gates, cell and hidden state; the
+    logits and their gradient). Not counted: the framework, the data, temporaries."""
+    P = num_parameters(cfg.model, vocab_size)
+    copies = 2 + (2 if cfg.train.optimizer in ("adam", "adamw") else 0)
+    characters = cfg.data.batch_size * cfg.data.num_steps
+    per_character = 6 * cfg.model.layers * cfg.model.hidden + 2 * vocab_size
+    return 4 * (copies * P + characters * per_character)
+
+
 def loss_fn(logits: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over every (batch, step) position, in fp32 whatever the matmul precision."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1))
 
 
 # ---- weight conversion between the cores ---------------------------------------------------
+#
+# The scratch core stores each layer packed — W_x (inputs, 4H), W_h (H, 4H), b (4H) — with the
+# gates in nn.LSTM's order (i, f, g = c̃, o), so nn.LSTM's weight_ih is W_xᵀ, weight_hh is
+# W_hᵀ, and its two biases add up to b. Checkpoints of the first release hold the article's
+# twelve tensors per layer (W_xi, W_hi, b_i, …); `convert` packs them.
 
-# The article's gate letter → its block in nn.LSTM's packed (i, f, g, o) layout.
-_CUDNN_BLOCK = {"i": 0, "f": 1, "c": 2, "o": 3}
+PACKED = ("W_x", "W_h", "b")
 
 
 def scratch_key(layer: int, name: str) -> str:
-    """The state-dict key of scratch layer `layer`'s parameter `name` (W_xi, b_c, ...)."""
+    """The state-dict key of scratch layer `layer`'s packed parameter `name` (W_x, W_h or b)."""
     return f"core.layers.{layer}.{name}"
 
 
 def scratch_layer(state_dict: dict[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
-    """Scratch layer `layer`'s twelve parameters by the article's names, from a scratch state dict."""
-    return {name: state_dict[scratch_key(layer, name)] for name in PARAMETERS}
+    """Scratch layer `layer`'s twelve parameters by the article's names (views of the packed
+    ones), from a scratch state dict."""
+    W_x, W_h, b = (state_dict[scratch_key(layer, name)] for name in PACKED)
+    packed = {"W_x": W_x, "W_h": W_h, "b_": b}
+    hiddens = W_h.shape[0]
+    return {name: packed[name[:-1]][..., block(name[-1], hiddens)] for name in PARAMETERS}
 
 
 def core_of(state_dict: dict[str, torch.Tensor]) -> str:
@@ -131,34 +161,44 @@ def _num_layers(state_dict: dict[str, torch.Tensor], pattern: str) -> int:
     return len({int(m.group(1)) for k in state_dict if (m := re.match(pattern, k))})
 
 
-def scratch_to_cudnn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def pack_twelve(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A scratch state dict of the first release (twelve tensors a layer) in the packed layout;
+    a packed one is returned as it is."""
+    if not any(re.match(r"core\.layers\.\d+\.W_xi$", k) for k in state_dict):
+        return dict(state_dict)
     out = _shared(state_dict)
     for k in range(_num_layers(state_dict, r"core\.layers\.(\d+)\.")):
-        p = scratch_layer(state_dict, k)
-        order = sorted(_CUDNN_BLOCK, key=_CUDNN_BLOCK.__getitem__)  # i, f, c, o
-        out[f"core.lstm.weight_ih_l{k}"] = torch.cat([p[f"W_x{g}"].T for g in order])  # (4H, inputs)
-        out[f"core.lstm.weight_hh_l{k}"] = torch.cat([p[f"W_h{g}"].T for g in order])  # (4H, H)
-        out[f"core.lstm.bias_ih_l{k}"] = torch.cat([p[f"b_{g}"] for g in order])
-        out[f"core.lstm.bias_hh_l{k}"] = torch.zeros_like(out[f"core.lstm.bias_ih_l{k}"])
-    return {k: v.contiguous() for k, v in out.items()}
+        p = {name: state_dict[scratch_key(k, name)] for name in PARAMETERS}
+        out[scratch_key(k, "W_x")] = torch.cat([p[f"W_x{g}"] for g in GATE_ORDER], dim=1)
+        out[scratch_key(k, "W_h")] = torch.cat([p[f"W_h{g}"] for g in GATE_ORDER], dim=1)
+        out[scratch_key(k, "b")] = torch.cat([p[f"b_{g}"] for g in GATE_ORDER])
+    return out
+
+
+def scratch_to_cudnn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    state_dict = pack_twelve(state_dict)
+    out = _shared(state_dict)
+    for k in range(_num_layers(state_dict, r"core\.layers\.(\d+)\.")):
+        W_x, W_h, b = (state_dict[scratch_key(k, name)] for name in PACKED)
+        out[f"core.lstm.weight_ih_l{k}"] = W_x.T.contiguous()  # (4H, inputs)
+        out[f"core.lstm.weight_hh_l{k}"] = W_h.T.contiguous()  # (4H, H)
+        out[f"core.lstm.bias_ih_l{k}"] = b.clone()
+        out[f"core.lstm.bias_hh_l{k}"] = torch.zeros_like(b)
+    return out
 
 
 def cudnn_to_scratch(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = _shared(state_dict)
     for k in range(_num_layers(state_dict, r"core\.lstm\.weight_ih_l(\d+)$")):
-        W_ih = state_dict[f"core.lstm.weight_ih_l{k}"].chunk(4)  # each (H, inputs)
-        W_hh = state_dict[f"core.lstm.weight_hh_l{k}"].chunk(4)
-        b = (state_dict[f"core.lstm.bias_ih_l{k}"] + state_dict[f"core.lstm.bias_hh_l{k}"]).chunk(4)
-        for g, block in _CUDNN_BLOCK.items():
-            out[scratch_key(k, f"W_x{g}")] = W_ih[block].T.contiguous()  # (inputs, H)
-            out[scratch_key(k, f"W_h{g}")] = W_hh[block].T.contiguous()
-            out[scratch_key(k, f"b_{g}")] = b[block].clone()
+        out[scratch_key(k, "W_x")] = state_dict[f"core.lstm.weight_ih_l{k}"].T.contiguous()  # (inputs, 4H)
+        out[scratch_key(k, "W_h")] = state_dict[f"core.lstm.weight_hh_l{k}"].T.contiguous()  # (H, 4H)
+        out[scratch_key(k, "b")] = state_dict[f"core.lstm.bias_ih_l{k}"] + state_dict[f"core.lstm.bias_hh_l{k}"]
     return out
 
 
 def convert(state_dict: dict[str, torch.Tensor], core: str) -> dict[str, torch.Tensor]:
-    """The state dict for a CharLM with `core`, whichever core it was saved from."""
+    """The state dict for a CharLM with `core`, whichever core (or release) it was saved from."""
     source = core_of(state_dict)
     if source == core:
-        return dict(state_dict)
+        return pack_twelve(state_dict) if core == "scratch" else dict(state_dict)
     return scratch_to_cudnn(state_dict) if core == "cudnn" else cudnn_to_scratch(state_dict)

@@ -1,22 +1,30 @@
 """The run store: `runs/NAME/` with the config, the vocab, checkpoints and `metrics.jsonl`.
 
-    runs/NAME/config.json     the effective config (also inside every checkpoint)
+    runs/NAME/config.json     the effective config (also inside every checkpoint); a resume saves
+                              the options it may change (config.RESUMABLE) here
     runs/NAME/vocab.json      the vocabulary (also inside every checkpoint)
+    runs/NAME/run.json        what the run was made from: the corpus's content hash
     runs/NAME/latest.pt       weights + trainer state, rewritten every few epochs (checkpoint.py)
     runs/NAME/best.pt         the checkpoint with the best validation perplexity so far
     runs/NAME/metrics.jsonl   one JSON line per epoch
     runs/NAME/.lock           held (flock) by the one training that writes here
 
-Every file is written through `atomic.write_atomic`. This module imports no torch, so reading
-a run's metrics (`lstmlm plot`) starts at once; the checkpoints themselves are `checkpoint.py`'s.
+A run is claimed by linking its config.json into place, which fails if one is there: of two
+trainings that chose the same name at the same instant, one gets it and the other hears so.
+Every file is written through `atomic.write_atomic` and opened with `open_regular`, which
+never follows a symbolic link planted under a run's file name. This module imports no torch,
+so reading a run's metrics (`lstmlm plot`) starts at once; the checkpoints are `checkpoint.py`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
+import math
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,13 +32,54 @@ from typing import TYPE_CHECKING, Any
 from . import config as config_mod
 from .atomic import write_text_atomic
 from .config import Config
-from .errors import CheckpointError, ConfigError, VocabError
+from .errors import CheckpointError, ConfigError, VocabError, WriteError
 
 if TYPE_CHECKING:
     from .vocab import Vocab
 
 LATEST, BEST = "latest", "best"
 DEFAULT_RUNS_DIR = Path("runs")
+
+
+class RunExists(CheckpointError):
+    """The run's name is taken: another run (or another training, a moment ago) has it."""
+
+
+def open_regular(path: Path, flags: int, mode: int = 0o644) -> int:
+    """A descriptor for the regular file at `path`, never through a symbolic link planted under
+    its name (that would let a run's writes land anywhere the user may write) and never on a
+    FIFO or a device (which would block or read forever): either is a CheckpointError."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EMLINK) or os.path.islink(path):
+            raise CheckpointError(f"refusing to open {path}: it is a symbolic link, and a run's files are its own") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"refusing to open {path}: it is not a regular file")
+    return fd
+
+
+def read_regular(path: Path) -> str:
+    """A run's UTF-8 text file, read through `open_regular`."""
+    with os.fdopen(open_regular(path, os.O_RDONLY), encoding="utf-8") as f:
+        return f.read()
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """`record` as one line of strict JSON: a NaN or an infinity (JSON has no word for either) is null."""
+
+    def strict(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: strict(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [strict(v) for v in value]
+        return value
+
+    return json.dumps(strict(record), allow_nan=False)
 
 
 def check_run_name(name: str) -> str:
@@ -51,18 +100,24 @@ class RunStore:
     # ---- creating and opening ----
 
     @classmethod
-    def create(cls, root: Path, cfg: Config, vocab: Vocab) -> RunStore:
-        """A new run; refused if `root` already holds one (resume it or choose another name)."""
+    def create(cls, root: Path, cfg: Config, vocab: Vocab, corpus_sha1: str | None = None) -> RunStore:
+        """A new run, claimed before anything else is written; RunExists if `root` holds one
+        (resume it or choose another name). `corpus_sha1`: the corpus's content hash, which a
+        resume checks."""
         root = Path(root)
         if (root / "config.json").exists():
-            raise CheckpointError(f"run {root} already exists: continue it with --resume or choose another --run")
+            raise RunExists(f"run {root} already exists: continue it with --resume or choose another --run")
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise CheckpointError(f"cannot create run directory {root}: {e.strerror or e}") from None
+        try:
+            write_text_atomic(root / "config.json", cfg.to_json(), "run's config", replace=False)
+        except FileExistsError:  # another training claimed it since the check above
+            raise RunExists(f"run {root} already exists: continue it with --resume or choose another --run") from None
         store = cls(root)
-        write_text_atomic(root / "config.json", cfg.to_json(), "run's config")
         write_text_atomic(root / "vocab.json", vocab.to_json(), "run's vocabulary")
+        write_text_atomic(root / "run.json", json.dumps({"corpus_sha1": corpus_sha1}, indent=2), "run's record")
         return store
 
     @classmethod
@@ -82,18 +137,35 @@ class RunStore:
     @property
     def config(self) -> Config:
         try:
-            return config_mod.from_json((self.root / "config.json").read_text(encoding="utf-8"))
+            return config_mod.from_json(read_regular(self.root / "config.json"))
         except (OSError, UnicodeDecodeError, ConfigError) as e:
             raise CheckpointError(f"run {self.root} has an unreadable config: {e}") from None
+
+    def save_config(self, cfg: Config) -> None:
+        """Replace the stored config (a resume's changes to the options it may change)."""
+        write_text_atomic(self.root / "config.json", cfg.to_json(), "run's config")
 
     @property
     def vocab(self) -> Vocab:
         from .vocab import Vocab  # torch: only when a vocabulary is wanted
 
         try:
-            return Vocab.from_json((self.root / "vocab.json").read_text(encoding="utf-8"))
+            return Vocab.from_json(read_regular(self.root / "vocab.json"))
         except (OSError, UnicodeDecodeError, VocabError) as e:
             raise CheckpointError(f"run {self.root} has an unreadable vocabulary: {e}") from None
+
+    @property
+    def corpus_sha1(self) -> str | None:
+        """The content hash of the corpus the run was created from; None for a run made before
+        lstmlm kept one."""
+        path = self.root / "run.json"
+        if not path.exists() and not path.is_symlink():
+            return None
+        try:
+            value = json.loads(read_regular(path)).get("corpus_sha1")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"run {self.root} has an unreadable run.json: {e}") from None
+        return value if isinstance(value, str) else None
 
     # ---- the lock ----
 
@@ -101,21 +173,26 @@ class RunStore:
     def locked(self) -> Iterator[RunStore]:
         """Hold the run for one training; a second one is refused. The OS drops it if we die."""
         path = self.root / ".lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = open_regular(path, os.O_RDWR | os.O_CREAT)
+        except OSError as e:
+            raise CheckpointError(f"cannot open the run's lock {path}: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise CheckpointError(f"run {self.root} is in use by another training (pid {holder})") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        with contextlib.suppress(OSError):  # the pid only names the holder: a full disk is the checkpoint's to report
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
         for stale in self.root.glob(".*.tmp"):  # a killed writer's half-written temporaries: ours to clear now
             stale.unlink(missing_ok=True)
         try:
             yield self
         finally:
-            os.ftruncate(fd, 0)
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
@@ -135,18 +212,22 @@ class RunStore:
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         try:
-            with open(self.metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            with os.fdopen(open_regular(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8") as f:
+                f.write(json_line(record) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:
-            raise CheckpointError(f"cannot write {self.metrics_path}: {e.strerror or e}") from None
+            raise WriteError(f"cannot write the run's metrics {self.metrics_path}: {e.strerror or e}") from None
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_path.is_file():
+        if not self.metrics_path.exists() and not self.metrics_path.is_symlink():
             return []
+        try:
+            text = read_regular(self.metrics_path)
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read {self.metrics_path}: {e}") from None
         records = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+        for line in text.splitlines():
             with contextlib.suppress(json.JSONDecodeError):  # a line cut by a crash mid-write
                 records.append(json.loads(line))
         return records
@@ -154,12 +235,12 @@ class RunStore:
     def truncate_metrics(self, last_epoch: int) -> None:
         """Drop the epochs after `last_epoch`: a crash may have logged epochs no checkpoint holds."""
         kept = [r for r in self.read_metrics() if r.get("epoch", 0) <= last_epoch]
-        write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept), "run's metrics")
+        write_text_atomic(self.metrics_path, "".join(json_line(r) + "\n" for r in kept), "run's metrics")
 
 
 def latest_run(runs_dir: Path) -> RunStore:
     """The run whose latest checkpoint was written most recently."""
-    candidates = [p for p in Path(runs_dir).glob("*/latest.pt") if p.is_file()] if Path(runs_dir).is_dir() else []
+    candidates = [p for p in Path(runs_dir).glob("*/latest.pt") if p.is_file() and not p.is_symlink()] if Path(runs_dir).is_dir() else []
     if not candidates:
         raise CheckpointError(f"no trained run in {runs_dir} (train one with: lstmlm train)")
     return RunStore(max(candidates, key=lambda p: p.stat().st_mtime).parent)

@@ -4,17 +4,25 @@ The CLI reads options, calls one function here, and renders what it returns:
 
     prepare_training → training      lstmlm train (config → data → run store → lock → Trainer → resume)
     start_generation, Conversation   lstmlm generate (--interactive: one model, a turn per prefix)
-    evaluate_file                    lstmlm evaluate
+    evaluate_file, evaluate_part     lstmlm evaluate FILE, lstmlm evaluate --part val|test
     inspect_run                      lstmlm inspect
     export_run                       lstmlm export
 
 Runs are named, never pathed: `--run NAME` is `RUNS_DIR/NAME` in every command.
+
+A resume does what the stored run says, plus the options a resume may change (config.RESUMABLE,
+saved into the run), or refuses with the reason: a --config file, any other option that differs,
+a run that never wrote a checkpoint, a corpus whose content is not the one the run was made from.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import dataclasses
+import glob
+import itertools
+import shlex
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,20 +30,22 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, cast
 
+import torch
+
 from . import checkpoint, config, distributed
 from .atomic import write_text_atomic
 from .config import Config
-from .corpus import Progress
-from .data.pipeline import Data, prepare_data
-from .data.text import read_text
-from .device import resolve_device, resolve_precision
+from .corpus import StageProgress
+from .data.pipeline import Data, encode_file, prepare_data
+from .data.text import as_text, normalize, read_text
+from .device import available_memory, describe, resolve_device, resolve_precision, set_tf32
 from .distributed import World
-from .errors import ConfigError
-from .evaluation import Score, score_text
+from .errors import CheckpointError, ConfigError, CorpusError, DeviceError
+from .evaluation import Score, score_ids
 from .events import Event
 from .generate import Continuation, Sampling, generate, prepare_prefix
-from .model import CharLM, convert
-from .runs import BEST, LATEST, RunStore, check_run_name
+from .model import CharLM, convert, training_bytes
+from .runs import BEST, DEFAULT_RUNS_DIR, LATEST, RunExists, RunStore, check_run_name
 from .train import Trainer
 from .units import Inspection, inspect_text
 
@@ -70,14 +80,14 @@ class StopFlag:
                 signal.signal(s, h)
 
 
-def default_run_name(cfg: Config, runs_dir: Path) -> str:
-    """corpus-model, with -2, -3, ... when that run exists already."""
-    base = f"{Path(cfg.data.corpus).stem or 'corpus'}-{cfg.model.model}"
-    name, n = base, 1
-    while (runs_dir / name).exists():
-        n += 1
-        name = f"{base}-{n}"
-    return name
+def run_base_name(cfg: Config) -> str:
+    """corpus-model: the name a run gets when none is given (a glob's corpus is named by the
+    folder it starts in: 'linux/**/*.[ch]' → linux)."""
+    corpus = Path(cfg.data.corpus)
+    if glob.has_magic(cfg.data.corpus):
+        plain = [part for part in corpus.parts if not glob.has_magic(part) and part not in ("/", ".", "..", "~")]
+        corpus = Path(plain[-1] if plain else "corpus")
+    return f"{corpus.stem or 'corpus'}-{cfg.model.model}"
 
 
 def open_for_resume(runs_dir: Path, run: str | None, overrides: dict[str, Any]) -> tuple[RunStore, Config]:
@@ -97,6 +107,39 @@ def open_for_resume(runs_dir: Path, run: str | None, overrides: dict[str, Any]) 
     return store, stored.with_overrides({k: v for k, v in overrides.items() if k in config.RESUMABLE})
 
 
+def check_resumable(store: RunStore) -> None:
+    """Refuse a run with no checkpoint: resumed, it would start over, overwriting its best.pt and
+    logging its epochs twice (asked while the run is held, so a training still on its way to
+    its first checkpoint is reported as in use instead)."""
+    if not store.has_checkpoint(LATEST):
+        raise CheckpointError(
+            f"run {store.root} has no checkpoint to resume from: it stopped before writing its first "
+            f"(delete {store.root} and train it again)"
+        )
+
+
+def check_same_corpus(store: RunStore, data: Data, corpus: str) -> None:
+    """Refuse to resume on a corpus whose content is not the one the run was created from (an
+    edited file, or another one moved into its place)."""
+    then, now = store.corpus_sha1, data.source_sha1
+    if then is not None and now is not None and then != now:
+        raise CorpusError(
+            f"the corpus {corpus} has changed since run {store.name} was created (SHA-1 {then} then, {now} now): "
+            f"restore it, or train a new --run on it"
+        )
+
+
+def resume_command(run: str, runs_dir: Path, overrides: dict[str, Any]) -> str:
+    """The command that continues `run`, repeating the options given that a resume may change
+    (they are saved in the run too, so the bare command continues the same way)."""
+    words = ["lstmlm", "train", "--resume", "--run", run]
+    if runs_dir != DEFAULT_RUNS_DIR:
+        words += ["--runs-dir", str(runs_dir)]
+    for key in sorted(k for k, v in overrides.items() if v is not None and k in config.RESUMABLE):
+        words += [f"--{key.replace('_', '-')}", str(overrides[key])]
+    return shlex.join(words)
+
+
 @dataclass(frozen=True)
 class Plan:
     """A training made ready: its config, its data, and the run it writes (`store` when resuming)."""
@@ -114,22 +157,47 @@ def prepare_training(
     overrides: dict[str, Any] | None = None,
     config_file: Path | None = None,
     resume: bool = False,
-    progress: Progress | None = None,
+    progress: StageProgress | None = None,
 ) -> Plan:
     """The effective config (a file, then options; or the resumed run's) and its data, read or
-    downloaded (`progress` follows a download). Nothing is written yet."""
+    downloaded and encoded (`progress` follows each stage). Nothing is written in the run yet."""
     overrides = overrides or {}
     if run is not None:
         check_run_name(run)
     store = None
     if resume:
+        if config_file is not None:
+            raise ConfigError(
+                f"--config cannot be given with --resume: a resumed run keeps its stored config "
+                f"(a resume may change only {', '.join('--' + k.replace('_', '-') for k in sorted(config.RESUMABLE))})"
+            )
         store, cfg = open_for_resume(runs_dir, run, overrides)
     else:
         base = config.load(config_file) if config_file else Config()
         cfg = base.with_overrides(overrides).resolved()
-    resolve_device(cfg.train.device)  # an absent device is refused before any download
-    data = prepare_data(cfg, vocab=store.vocab if store else None, progress=progress)
+    device = resolve_device(cfg.train.device)  # an absent device is refused before any download
+    data = prepare_data(cfg, vocab=store.vocab if store else None, progress=progress, scratch=runs_dir)
+    if store is not None:
+        check_same_corpus(store, data, cfg.data.corpus)
+    check_memory(cfg, len(data.vocab), device)
     return Plan(cfg, data, runs_dir, run, store)
+
+
+def check_memory(cfg: Config, vocab_size: int, device: torch.device) -> None:
+    """Refuse a model that cannot fit before the run is created: past the memory there is, a
+    training would be ended by the OOM killer with no message, its run's name used up."""
+    need, have = training_bytes(cfg, vocab_size), available_memory(device)
+    if have is not None and need > have:
+        m, d = cfg.model, cfg.data
+        raise DeviceError(
+            f"training {m.layers}×{m.hidden} {m.model} with batches of {d.batch_size}×{d.num_steps} needs at least "
+            f"{_gib(need)} of memory and {describe(device)} has {_gib(have)} available: "
+            f"lower --hidden, --layers, --embedding, --batch-size or --num-steps"
+        )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
 
 
 @dataclass(frozen=True)
@@ -149,28 +217,50 @@ class Training:
 @contextlib.contextmanager
 def training(plan: Plan) -> Iterator[Training]:
     """Join the processes (under torchrun), create the run (or open it), hold its lock, build the
-    Trainer and resume it from its checkpoint; leave the process group on the way out."""
+    Trainer and resume it from its checkpoint; leave the process group on the way out. A
+    resume's changes to the options it may change are saved into the run once it is held."""
     cfg = plan.config
     world = distributed.from_environment()  # several processes under torchrun, else one
     device = distributed.start(world, resolve_device(cfg.train.device), cfg.data.batch_size)
     try:
         precision = resolve_precision(cfg.train.precision, device)
-        store = plan.store or create_run(plan.runs_dir / (plan.run or default_run_name(cfg, plan.runs_dir)), cfg, plan.data.vocab, world)
+        set_tf32(device, cfg.train.tf32)
+        store = plan.store or create_run(plan.runs_dir, plan.run, cfg, plan.data, world)
         with store.locked() if world.is_main else contextlib.nullcontext():
+            resuming = plan.store is not None
+            if resuming:
+                check_resumable(store)
+                if world.is_main and store.config != cfg:
+                    store.save_config(cfg)
             trainer = Trainer(store, cfg, plan.data, device, precision, world)
-            if plan.store is not None and store.has_checkpoint():
+            if resuming:
                 trainer.resume()
             yield Training(trainer, store, world)
     finally:
         distributed.stop(world)
 
 
-def create_run(path: Path, cfg: Config, vocab: Vocab, world: World) -> RunStore:
-    """Rank 0 creates the run; the others open it once it exists."""
-    distributed.barrier(world)  # every process has chosen the name before it exists
-    store = RunStore.create(path, cfg, vocab) if world.is_main else None
-    distributed.barrier(world)
-    return store or RunStore.open(path)
+def create_run(runs_dir: Path, run: str | None, cfg: Config, data: Data, world: World) -> RunStore:
+    """Rank 0 claims the run; the others only name the one it claimed (they never write it, and
+    on another machine it is not even there)."""
+    store = claim_run(runs_dir, run, cfg, data) if world.is_main else None
+    name = distributed.broadcast_name(store.name if store else "", world)
+    return store or RunStore(runs_dir / name)
+
+
+def claim_run(runs_dir: Path, run: str | None, cfg: Config, data: Data) -> RunStore:
+    """The run `run`, or without a name the first free one of corpus-model, corpus-model-2, ...:
+    claimed atomically, so two trainings started at the same instant get two runs."""
+    if run is not None:
+        return RunStore.create(runs_dir / run, cfg, data.vocab, data.source_sha1)
+    base = run_base_name(cfg)
+    for n in itertools.count(1):
+        name = base if n == 1 else f"{base}-{n}"
+        if (runs_dir / name).exists():
+            continue
+        with contextlib.suppress(RunExists):  # another training claimed it a moment ago: the next name
+            return RunStore.create(runs_dir / name, cfg, data.vocab, data.source_sha1)
+    raise AssertionError("unreachable")
 
 
 # ---- a trained model ----------------------------------------------------------------------------
@@ -206,14 +296,18 @@ def load_trained(runs_dir: Path, run: str | None = None, core: str | None = None
 class Generation:
     prefix: str  # as the model reads it: d2l-normalized for a d2l model
     normalized: bool  # whether that changed the prefix given
-    steps: Continuation  # per step, the text each sample adds (see generate.Continuation)
+    steps: Continuation  # per step, the text each sample adds (see generate.Continuation; a bytes model's, decoded)
 
 
 def continue_prefix(trained: Trained, prefix: str, sampling: Sampling, precision: str = "fp32", context: str | list[str] = "") -> Generation:
     """Continue `prefix` with a loaded model (on its device), having read `context` first (a
-    text, or tokens: see generate.generate)."""
-    text = prepare_prefix(prefix, trained.vocab, trained.config.data.normalize)
+    text, or tokens: see generate.generate). A bytes model reads the prefix's UTF-8 bytes and
+    its steps come decoded (`Decoded`)."""
+    mode = trained.config.data.normalize
+    text = prepare_prefix(normalize(prefix, mode) if mode == "bytes" else prefix, trained.vocab, mode)
     steps = generate(trained.model, trained.vocab, text, sampling, context, precision)
+    if mode == "bytes":
+        return Generation(as_text(text, mode), False, Decoded(steps, sampling.num_samples))
     return Generation(text, text != prefix, steps)
 
 
@@ -278,14 +372,87 @@ class Conversation:
         return generation
 
 
+class Decoded(Continuation):
+    """A bytes model's steps as text: each sample's bytes decoded as UTF-8 as they come (a
+    character made of several bytes appears with its last; an invalid sequence as U+FFFD), a
+    last step adding what is left. What the model wrote (`tokens`, `ended`) stays the bytes
+    model's own: reading them back (--carry) puts it where the sample left it."""
+
+    def __init__(self, steps: Continuation, samples: int) -> None:  # wraps: keeps no chunks of its own
+        self.steps = steps
+        self.decoders = [codecs.getincrementaldecoder("utf-8")("replace") for _ in range(samples)]
+        self._flushed = False
+
+    @property
+    def ended(self) -> list[str | None]:  # type: ignore[override]
+        return self.steps.ended
+
+    @property
+    def tokens(self) -> list[list[str]]:
+        return self.steps.tokens
+
+    @property
+    def text(self) -> list[str]:
+        return [as_text("".join(t), "bytes") for t in self.steps.text]
+
+    def __next__(self) -> list[str]:
+        try:
+            symbols = next(self.steps)
+        except StopIteration:
+            if self._flushed:
+                raise
+            self._flushed = True
+            return [d.decode(b"", final=True) for d in self.decoders]
+        return [d.decode(c.encode("latin-1")) for d, c in zip(self.decoders, symbols)]
+
+    def close(self) -> None:
+        self.steps.close()
+
+
 def evaluate_file(
-    runs_dir: Path, run: str | None, file: Path, best: bool = False, device: str = "cpu", precision: str = "fp32"
+    runs_dir: Path,
+    run: str | None,
+    file: Path,
+    best: bool = False,
+    device: str = "cpu",
+    precision: str = "fp32",
+    progress: StageProgress | None = None,
 ) -> Score:
-    """Perplexity and bits per character of a text file under a trained model, as validation measures them."""
+    """Perplexity and bits per character (per byte) of a text file — or a directory, or a glob —
+    under a trained model, as validation measures them: all of it, streamed like a corpus."""
     trained = load_trained(runs_dir, run, best=best)
     dev = resolve_device(device)
     d = trained.config.data
-    return score_text(trained.model, trained.vocab, read_text(file), d.normalize, d.batch_size, d.num_steps, dev, resolve_precision(precision, dev))
+    encoded = encode_file(file, trained.vocab, d.normalize, progress, scratch=runs_dir)
+    return score_ids(trained.model, encoded.ids, encoded.unknown, d.normalize, d.batch_size, d.num_steps, dev, resolve_precision(precision, dev))
+
+
+PARTS = ("train", "val", "test")
+
+
+def evaluate_part(
+    runs_dir: Path,
+    run: str | None,
+    part: str,
+    best: bool = False,
+    device: str = "cpu",
+    precision: str = "fp32",
+    progress: StageProgress | None = None,
+) -> Score:
+    """The same for a part of the run's own corpus: its whole validation or test text (the
+    split the run was trained with; training validated on a sample of it, `val_tokens`)."""
+    if part not in PARTS:
+        raise ConfigError(f"--part must be one of {', '.join(PARTS)}, not {part!r}")
+    trained = load_trained(runs_dir, run, best=best)
+    dev = resolve_device(device)
+    d = trained.config.data
+    data = prepare_data(trained.config, vocab=trained.vocab, progress=progress, scratch=runs_dir)
+    ids = {"train": data.train, "val": data.val, "test": data.test}[part]
+    if len(ids) < 2:
+        how = f"--split {d.split}" if d.split else f"--val-fraction {d.val_fraction}"
+        raise ConfigError(f"run {trained.store.name} has no {part} text (it was trained with {how})")
+    unknown = trained.vocab.count_unknown(ids)
+    return score_ids(trained.model, ids, unknown, d.normalize, d.batch_size, d.num_steps, dev, resolve_precision(precision, dev))
 
 
 @dataclass(frozen=True)

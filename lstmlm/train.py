@@ -8,6 +8,11 @@ are clipped to a global norm θ; perplexity is exp of the token-weighted mean lo
 Everything that decides what happens next is in `TrainerState` and saved in every checkpoint —
 the data generator's state at the epoch's start, the batch index within the epoch, the carried
 (H, C), torch's RNG — so a run resumed from any checkpoint continues exactly as it would have.
+
+Between two steps the loop may validate, sample and checkpoint, each on its own cadence —
+every N steps, every N minutes, at every N-th epoch end, or whichever of those comes first
+(`config.Cadence`) — so an epoch of a 10 GB corpus, which can take a day, is checkpointed every
+few minutes like an epoch of a 1 MB one.
 """
 
 from __future__ import annotations
@@ -23,13 +28,14 @@ from typing import Any
 import torch
 
 from . import checkpoint
-from .config import Config, TrainConfig
+from .config import Cadence, Config, TrainConfig, cadence
 from .data import batches
-from .data.batches import Batch
+from .data.batches import BatchSource, Epoch
 from .data.pipeline import Data
+from .data.text import as_text
 from .device import autocast, describe
-from .distributed import World, all_gather, any_all, sum_all
-from .errors import TrainingError
+from .distributed import World, all_gather, any_each, sum_all
+from .errors import CheckpointError, TrainingError
 from .evaluation import MAX_LOSS, bits_per_char, evaluate, perplexity
 from .events import EpochEnded, Evaluated, Event, Finished, Sampled, Saved, Started, Stepped
 from .generate import complete, prime_text, sample_prefixes
@@ -66,12 +72,15 @@ def train_step(
 
 
 def build_optimizer(t: TrainConfig, model: CharLM) -> torch.optim.Optimizer:
+    """d2l's SGD (param -= lr · grad), Adam or AdamW; on a GPU their fused kernels (one launch
+    for every parameter instead of several a tensor)."""
     params = list(model.parameters())
-    if t.optimizer == "sgd":  # d2l's sgd: param -= lr · grad
-        return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
+    fused = params[0].is_cuda or None  # None: torch's choice (foreach) off CUDA
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
     if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
 
 
 def lr_factor(t: TrainConfig, step: int, steps_per_epoch: int, time_used: float = 0.0) -> float:
@@ -107,7 +116,8 @@ class TrainerState:
     epoch_seconds: float = 0.0  # the current epoch's training time so far
     seconds: float = 0.0  # training time of the completed epochs
     total_tokens: int = 0
-    best_val: float | None = None
+    best_val: float | None = None  # the best validation loss along this run's steps: patience counts from it
+    best_saved: float | None = None  # the validation loss of the model in best.pt: only a lower one replaces it
     evals_since_best: int = 0
     last_val: float | None = None
     torch_rng: torch.Tensor | None = None
@@ -138,6 +148,20 @@ def _rng_from_list(d: list[Any]) -> tuple[Any, ...]:
 
 # ---- the loop -------------------------------------------------------------------------------
 
+clock: Callable[[], float] = time.perf_counter  # seconds; a test may put a fake clock here
+
+VALIDATE, SAMPLE, SAVE = "eval_every", "sample_every", "checkpoint_every"
+
+
+@dataclass(frozen=True)
+class Due:
+    """What to do between this step and the next."""
+
+    validate: bool = False
+    sample: bool = False
+    save: bool = False
+    stop: str | None = None  # "interrupted" or "time_limit"
+
 
 class Trainer:
     """Holds what the loop needs; `run()` is the loop, `resume()` continues a stored run.
@@ -157,6 +181,11 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.train, self.model)
         d = cfg.data
         self.steps_per_epoch = batches.num_batches(len(data.train), d.batch_size, d.num_steps, d.iterator)
+        self.batches = BatchSource(data.train, d.batch_size, d.num_steps, d.iterator, world.rows(d.batch_size))
+        self.cadences: dict[str, Cadence] = {key: cadence(cfg, key) for key in (VALIDATE, SAMPLE, SAVE)}
+        self.clock = clock
+        self._last: dict[str, float] = {}  # when each cadence's action last happened (clock seconds)
+        self._tic = 0.0  # when the current stretch of training steps began
         self._session_start: float | None = None  # when run() began: max_minutes counts from it
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg.train, s, self.steps_per_epoch, self._time_used())
@@ -172,15 +201,20 @@ class Trainer:
         self.train_perplexity = math.nan  # the last completed epoch's
 
     def resume(self) -> None:
-        """Continue from the run's latest checkpoint (weights, optimizer, schedule, RNGs, position)."""
+        """Continue from the run's latest checkpoint (weights, optimizer, schedule, RNGs, position),
+        keeping best.pt unless a better model comes."""
         path = self.store.path(LATEST)
         payload = checkpoint.load(self.store, LATEST)
         checkpoint.check_compatible(payload, self.cfg, self.data.vocab, path)
         checkpoint.load_weights(self.model, convert(payload["model"], self.cfg.model.model), path)
         trainer = payload["trainer"]
-        self.optimizer.load_state_dict(trainer["optimizer"])
-        self.schedule.load_state_dict(trainer["schedule"])
-        self.state = TrainerState.from_dict(trainer["state"])
+        try:
+            self.optimizer.load_state_dict(trainer["optimizer"])
+            self.schedule.load_state_dict(trainer["schedule"])
+            self.state = TrainerState.from_dict(trainer["state"])
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise CheckpointError(f"{path} is damaged: its trainer state does not load ({type(e).__name__}: {e})") from None
+        self.state.best_saved = self._best_on_disk()
         if self.state.torch_rng is not None:
             torch.set_rng_state(self.state.torch_rng)
         if self.device.type == "cuda" and "cuda_rng" in trainer:
@@ -192,11 +226,24 @@ class Trainer:
             if records and isinstance(records[-1].get("train_perplexity"), float):
                 self.train_perplexity = records[-1]["train_perplexity"]
 
+    def _best_on_disk(self) -> float | None:
+        """The validation loss of the model in best.pt, as best.pt itself records it: latest.pt
+        can be older (checkpoints every few epochs, validations every few steps, a kill in
+        between), and a figure taken from it would let a worse model replace the best."""
+        if not self.store.has_checkpoint(BEST):
+            return None
+        state = checkpoint.load(self.store, BEST)["trainer"].get("state")
+        figure = state.get("best_saved", state.get("best_val")) if isinstance(state, dict) else None  # older files: best_val
+        if not isinstance(figure, (int, float)) or isinstance(figure, bool):
+            raise CheckpointError(f"{self.store.path(BEST)} does not record its validation loss: move it aside to resume")
+        return float(figure)
+
     def run(self, should_stop: Callable[[], bool] = lambda: False) -> Iterator[Event]:
         """Train until the epochs are done, the time is up, validation stops improving or
         `should_stop()` says so; every way out ends the same: validate, save, sample, Finished."""
         yield self._started()
-        self._session_start = time.perf_counter()
+        self._session_start = self.clock()
+        self._last = dict.fromkeys(self.cadences, self._session_start)
         if self.state.torch_rng is not None:
             torch.set_rng_state(self.state.torch_rng)
         self.model.train()
@@ -209,45 +256,85 @@ class Trainer:
         """The epochs and their batches; returns why training stopped."""
         st, t = self.state, self.cfg.train
         while st.epoch < t.epochs:
-            rng, epoch_batches = self._epoch_batches()
+            rng, epoch = self._epoch_batches()
             state = self._carried_state()
             # this process's share of the epoch's loss sum; the saved sum is the global one
             loss_sum = torch.tensor(st.loss_sum if self.world.is_main else 0.0, dtype=torch.float64, device=self.device)
-            tic = time.perf_counter()
-            for X, Y in epoch_batches:
+            self._tic = self.clock()
+            for X, Y in epoch:
                 state = self._step(X, Y, state, loss_sum)
-                yield Stepped(st.epoch + 1, st.step, st.global_step)
-                validate_now = self.has_val and t.eval_every and st.global_step % t.eval_every == 0
-                stop_now = any_all(should_stop() or self._out_of_time(), self.world, self.device)
-                if validate_now or stop_now:
-                    st.epoch_seconds += time.perf_counter() - tic
-                    st.loss_sum = self._finite(loss_sum)
-                    self._carry = self._gather(state)
-                    if validate_now:
-                        yield from self._validate()
-                    if stop_now:
-                        return "interrupted" if should_stop() else "time_limit"
-                    if self._patience_spent():
-                        return "early_stop"
-                    tic = time.perf_counter()
-            st.epoch_seconds += time.perf_counter() - tic
-            st.loss_sum = self._finite(loss_sum)
-            yield from self._end_epoch(rng)
-            if self._patience_spent():
-                return "early_stop"
-            if self._out_of_time():
-                return "time_limit"
+                yield self._stepped(epoch)
+                reason = yield from self._between_steps(rng, epoch, state, loss_sum, should_stop)
+                if reason is not None:
+                    return reason
+            if st.step > 0:  # resumed after the epoch's last batch (a checkpoint taken there): close it
+                reason = yield from self._between_steps(rng, epoch, state, loss_sum, should_stop)
+                if reason is not None:
+                    return reason
         return "completed"
 
-    def _epoch_batches(self) -> tuple[random.Random, Iterator[Batch]]:
+    def _between_steps(
+        self, rng: random.Random, epoch: Epoch, state: State | None, loss_sum: torch.Tensor, should_stop: Callable[[], bool]
+    ) -> Generator[Event, None, str | None]:
+        """After a step: close the epoch if it was its last; validate, record, sample and save as
+        their cadences say; stop if asked to, out of time, or out of patience (the reason)."""
+        st = self.state
+        now = self.clock()
+        st.epoch_seconds += now - self._tic
+        ends_epoch = st.step >= len(epoch)
+        due = self._due(ends_epoch, should_stop, now)
+        if not ends_epoch and due == Due():
+            self._tic = self.clock()
+            return None
+        st.loss_sum = self._finite(loss_sum)
+        self._carry = None if ends_epoch else self._gather(state)
+        closed = self._close_epoch(rng) if ends_epoch else None
+        if due.validate:
+            yield from self._validate()
+        if closed is not None:
+            yield self._epoch_ended(*closed)
+        if self._patience_spent():
+            return "early_stop"
+        if due.sample:
+            yield from self._sample()
+        if due.save:
+            yield self._save()
+        self._tic = self.clock()
+        return due.stop
+
+    def _due(self, ends_epoch: bool, should_stop: Callable[[], bool], now: float) -> Due:
+        """Which cadences are due after this step (the clock's, agreed by every process: one
+        collective for all), and whether to stop. An epoch's last step counts as epoch st.epoch + 1."""
+        st, t = self.state, self.cfg.train
+        epoch = st.epoch + 1 if ends_epoch else st.epoch
+        finishing = ends_epoch and epoch >= t.epochs  # the stop path validates, saves and samples then
+
+        def counted(c: Cadence) -> bool:
+            return bool(c.steps and st.global_step % c.steps == 0) or bool(ends_epoch and c.epochs and epoch % c.epochs == 0)
+
+        def timed(key: str) -> bool:
+            minutes = self.cadences[key].minutes
+            return bool(minutes) and now - self._last[key] >= minutes * 60
+
+        keys = (VALIDATE, SAMPLE, SAVE)
+        interrupted, out_of_time, *by_clock = any_each([should_stop(), self._out_of_time(), *(timed(k) for k in keys)], self.world, self.device)
+        validate, sample, save = (counted(self.cadences[k]) or by_time for k, by_time in zip(keys, by_clock))
+        for key, fired in zip(keys, (validate, sample, save)):
+            if fired:
+                self._last[key] = now
+        stop = "interrupted" if interrupted else "time_limit" if out_of_time else None
+        return Due(
+            validate=validate and self.has_val and not interrupted,
+            sample=sample and stop is None and not finishing,
+            save=save and stop is None,
+            stop=stop,
+        )
+
+    def _epoch_batches(self) -> tuple[random.Random, Epoch]:
         """The current epoch's batches from its stored generator state, past those already trained on."""
-        d, st = self.cfg.data, self.state
         rng = random.Random()
-        rng.setstate(st.epoch_rng)
-        epoch_batches = batches.ITERATORS[d.iterator](self.data.train, d.batch_size, d.num_steps, rng)
-        for _ in range(st.step):  # resuming mid-epoch: replay the batches already trained on
-            next(epoch_batches)
-        return rng, epoch_batches
+        rng.setstate(self.state.epoch_rng)
+        return rng, self.batches.epoch(rng, skip=self.state.step)
 
     def _carried_state(self) -> State | None:
         """This process's rows of the (H, C) a mid-epoch checkpoint carried, or None."""
@@ -265,8 +352,7 @@ class Trainer:
             state = (state[0].detach(), state[1].detach())  # truncate backprop at the batch edge
         else:
             state = None  # zero state: the epoch's first batch, or every random-iterator batch
-        rows = self.world.rows(d.batch_size)  # this process's streams: all of them in one process
-        X, Y = X[rows].to(self.device, non_blocking=True), Y[rows].to(self.device, non_blocking=True)
+        X, Y = X.to(self.device, non_blocking=True), Y.to(self.device, non_blocking=True)  # this process's rows
         loss, state = train_step(self.net, self.optimizer, X, Y, state, self.cfg.train.clip, self.device, self.precision)
         loss_sum += loss.double() * Y.numel()
         self.schedule.step()
@@ -275,9 +361,9 @@ class Trainer:
         st.tokens += Y.numel() * self.world.size
         return state
 
-    def _end_epoch(self, rng: random.Random) -> Iterator[Event]:
-        """Close the epoch: its figures, validation (when per epoch), metrics, samples, checkpoint."""
-        st, t = self.state, self.cfg.train
+    def _close_epoch(self, rng: random.Random) -> tuple[float, float, int]:
+        """Roll the state over to the next epoch; (its training loss, seconds, tokens)."""
+        st = self.state
         seconds, train_loss, epoch_tokens = st.epoch_seconds, st.loss_sum / st.tokens, st.tokens
         st.seconds += seconds
         st.total_tokens += st.tokens
@@ -286,8 +372,11 @@ class Trainer:
         st.epoch_rng = rng.getstate()
         self._carry = None
         self.train_perplexity = perplexity(train_loss)
-        if self.has_val and not t.eval_every:
-            yield from self._validate()
+        return train_loss, seconds, epoch_tokens
+
+    def _epoch_ended(self, train_loss: float, seconds: float, epoch_tokens: int) -> EpochEnded:
+        """The epoch's record (with the latest validation), logged to the run's metrics."""
+        st = self.state
         val = st.last_val
         record = EpochEnded(
             epoch=st.epoch,
@@ -300,11 +389,20 @@ class Trainer:
         )
         if self.world.is_main:
             self.store.append_metrics({**asdict(record), "train_loss": train_loss, "global_step": st.global_step})
-        yield record
-        if t.sample_every and st.epoch % t.sample_every == 0 and st.epoch < t.epochs:
-            yield from self._sample()
-        if st.epoch % t.checkpoint_every == 0:
-            yield self._save()
+        return record
+
+    def _stepped(self, epoch: Epoch) -> Stepped:
+        st, d = self.state, self.cfg.data
+        seconds = st.epoch_seconds + (self.clock() - self._tic)
+        return Stepped(
+            epoch=st.epoch + 1,
+            step=st.step,
+            global_step=st.global_step,
+            batches=len(epoch),
+            tokens=st.tokens,
+            epoch_tokens=len(epoch) * d.batch_size * d.num_steps,
+            tokens_per_s=st.tokens / seconds if seconds > 0 else 0.0,
+        )
 
     def _stop(self, reason: str) -> Iterator[Event]:
         """The one way out: validate where the model stands (unless interrupted, or just done),
@@ -323,20 +421,26 @@ class Trainer:
     # ---- what the parts do ----
 
     def _validate(self) -> Iterator[Event]:
-        """Validate; a new best is saved as `best` at once."""
+        """Validate; a model better than best.pt's is saved as `best` at once.
+
+        Two figures, which agree unless a resume replays steps from a latest.pt older than
+        best.pt: `best_val` follows this run's steps (so patience counts as if never
+        interrupted), `best_saved` is best.pt's (so best.pt is only ever replaced by a better model)."""
         d, st = self.cfg.data, self.state
-        loss, _ = evaluate(self.model, self.data.val, d.batch_size, d.num_steps, self.device, self.precision)
+        loss, _ = evaluate(self.model, self.data.val, d.batch_size, d.num_steps, self.device, self.precision, self.cfg.train.val_tokens)
         if not loss <= MAX_LOSS:  # NaN, Inf, or a perplexity that overflows
             self._diverged(f"the validation loss became {loss:.4g} after {st.global_step} steps")
         st.last_val = loss
-        improved = st.best_val is None or loss < st.best_val
-        if improved:
+        if st.best_val is None or loss < st.best_val:
             st.best_val, st.evals_since_best = loss, 0
-            yield self._save(BEST)
         else:
             st.evals_since_best += 1
+        better = st.best_saved is None or loss < st.best_saved
+        if better:
+            st.best_saved = loss
+            yield self._save(BEST)
         self._validated_at = st.global_step
-        yield Evaluated(st.epoch, st.global_step, perplexity(loss), bits_per_char(loss), improved)
+        yield Evaluated(st.epoch, st.global_step, perplexity(loss), bits_per_char(loss), better)
 
     def _patience_spent(self) -> bool:
         patience = self.cfg.train.patience
@@ -368,9 +472,10 @@ class Trainer:
         if not self.world.is_main:
             return
         for prefix in sample_prefixes(self.data.vocab, self.data.train, self.cfg.data.normalize):
-            text = complete(self.model, self.data.vocab, prefix, prime=self.prime)
-            self.samples[prefix] = text
-            yield Sampled(self.state.epoch, prefix, text)
+            text = as_text(complete(self.model, self.data.vocab, prefix, prime=self.prime), self.cfg.data.normalize)
+            shown = as_text(prefix, self.cfg.data.normalize)
+            self.samples[shown] = text
+            yield Sampled(self.state.epoch, shown, text)
 
     def _started(self) -> Started:
         return Started(
@@ -401,6 +506,7 @@ class Trainer:
             epochs=st.epoch,
             vocab_size=len(self.data.vocab),
             samples=dict(self.samples),
+            best_val_perplexity=perplexity(st.best_saved) if st.best_saved is not None else None,
         )
 
     def _gather(self, state: State | None) -> State | None:
@@ -429,7 +535,7 @@ class Trainer:
         limit = self.cfg.train.max_minutes
         if not limit or self._session_start is None:
             return 0.0
-        return min(1.0, (time.perf_counter() - self._session_start) / (limit * 60))
+        return min(1.0, (self.clock() - self._session_start) / (limit * 60))
 
     def _out_of_time(self) -> bool:
         return self._time_used() >= 1.0

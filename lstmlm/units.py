@@ -21,14 +21,14 @@ what `lstmlm inspect` asks for; `units_page` draws the same analysis as an HTML 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 from .data.text import normalize
 from .errors import InspectError
 from .lstm import GATES as GATE_LETTERS
-from .lstm import cell, project
+from .lstm import Gates, cell, project
 from .model import CharLM, convert, scratch_layer
 from .vocab import Vocab
 
@@ -42,16 +42,10 @@ TANH_GATES = ("candidate", "hidden")  # in (-1, 1); the cell alone is unbounded
 LEFT, RIGHT = 0.1, 0.9
 
 
-@dataclass(frozen=True)
-class LayerActivations:
-    """One layer over the text; every tensor is (steps, hiddens)."""
+class LayerActivations(Gates):
+    """One layer over the text: every quantity of the equations (`lstm.Gates`), each (steps, hiddens)."""
 
-    I: torch.Tensor
-    F: torch.Tensor
-    O: torch.Tensor
-    C_tilde: torch.Tensor
-    C: torch.Tensor
-    H: torch.Tensor
+    __slots__ = ()
 
     def gate(self, name: str) -> torch.Tensor:
         values: torch.Tensor = getattr(self, SYMBOLS[check_gate(name)])
@@ -90,7 +84,7 @@ def activations(model: CharLM, vocab: Vocab, text: str, context: str = "") -> li
         layers.append(layer)
         X = layer.H  # the next layer reads this one's H; no dropout at inference
     if context:
-        layers = [LayerActivations(*(getattr(layer, f.name)[len(context) :] for f in fields(LayerActivations))) for layer in layers]
+        layers = [LayerActivations(*(values[len(context) :] for values in layer)) for layer in layers]  # the text's steps only
     return layers
 
 

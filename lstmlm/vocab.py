@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import VocabError
@@ -69,17 +70,23 @@ class Vocab:
         """`frequency`: the seed's order (descending count, ties by first appearance);
         `codepoint`: sorted by code point. With `unk`, `<unk>` comes first."""
         present, counts, first = char_stats(text)
+        return cls.from_stats(present.numpy(), counts.numpy(), first.numpy(), order, unk)
+
+    @classmethod
+    def from_stats(cls, chars: np.ndarray, counts: np.ndarray, first: np.ndarray, order: str = "frequency", unk: bool = True) -> Vocab:
+        """The vocabulary of a text known by its statistics: its distinct code points (ascending),
+        how often each occurs and where each first occurs — gathered in one pass over a corpus of
+        any size, piece by piece (`data.store`)."""
         if order == "frequency":
             # sort by first appearance, then stably by descending count: ties keep first-seen order
-            by_first = torch.argsort(first, stable=True)
-            by_count = torch.argsort(counts[by_first], descending=True, stable=True)
-            chosen = present[by_first][by_count]
+            by_first = np.argsort(first, kind="stable")
+            by_count = np.argsort(-counts[by_first], kind="stable")
+            chosen = chars[by_first][by_count]
         elif order == "codepoint":
-            chosen = present
+            chosen = chars
         else:
             raise VocabError(f"unknown vocabulary order '{order}'")
-        chars = [chr(int(c)) for c in chosen]
-        return cls(([UNK] if unk else []) + chars)
+        return cls(([UNK] if unk else []) + [chr(int(c)) for c in chosen])
 
     def __len__(self) -> int:
         return len(self.tokens)

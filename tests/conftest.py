@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import collections
+import functools
+import gzip
 import http.server
 import json
 import os
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,7 +59,20 @@ SERVER_ERROR = "500"
 STALL = "stall"  # accept the request, then say nothing until the test ends
 STALL_BODY = "stall-body"  # send the headers and half the body, then say nothing
 CUT = "cut"  # promise the whole length, send half the body, close the connection
-BEHAVIOURS = (SERVE, NOT_FOUND, SERVER_ERROR, STALL, STALL_BODY, CUT)
+GZIP = "gzip"  # the file gzipped on the wire (Content-Length: the compressed size), as CDNs do
+BAD_GZIP = "bad-gzip"  # "gzip" that is not: a header, then bytes no inflater accepts
+GZIP_BOMB = "gzip-bomb"  # a few KiB on the wire that inflate to GZIP_BOMB_BYTES of zeros (made once, when planned)
+DRIP = "drip"  # the file with its length, one byte every DRIP_S
+ENDLESS = "endless"  # no length; the file over and over, ENDLESS_BYTES in all (past any cap a test sets)
+BEHAVIOURS = (SERVE, NOT_FOUND, SERVER_ERROR, STALL, STALL_BODY, CUT, GZIP, BAD_GZIP, GZIP_BOMB, DRIP, ENDLESS)
+GZIP_BOMB_BYTES = 16 << 20
+DRIP_S = 0.05
+ENDLESS_BYTES = 16 << 20
+
+
+@functools.lru_cache(maxsize=1)
+def gzip_bomb() -> bytes:
+    return gzip.compress(bytes(GZIP_BOMB_BYTES), compresslevel=9)
 
 
 class LoopbackServer(http.server.ThreadingHTTPServer):
@@ -85,6 +101,8 @@ class LoopbackServer(http.server.ThreadingHTTPServer):
         """The next requests behave so, in order; once they are used up, files are served."""
         unknown = set(behaviours) - set(BEHAVIOURS)
         assert not unknown, f"unknown behaviours {unknown}"
+        if GZIP_BOMB in behaviours:
+            gzip_bomb()  # now, not while the client waits for the answer
         self.planned.extend(behaviours)
 
     def next_behaviour(self) -> str:
@@ -118,6 +136,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
         elif behaviour == SERVE:
             self._send(body, len(body))
+        elif behaviour in (GZIP, BAD_GZIP, GZIP_BOMB):
+            wire = {GZIP: lambda: gzip.compress(body), BAD_GZIP: lambda: b"\x1f\x8b\x08\x00" + b"not deflate data" * 64, GZIP_BOMB: gzip_bomb}[behaviour]()
+            self._send(wire, len(wire), encoding="gzip")
+        elif behaviour == DRIP:
+            self._send(b"", len(body))
+            for i in range(len(body)):
+                if self.server.released.wait(DRIP_S):  # the test is over
+                    break
+                self._write(body[i : i + 1])
+            self.close_connection = True
+        elif behaviour == ENDLESS:
+            self._send(b"", None)
+            for _ in range(ENDLESS_BYTES // len(body)):
+                if self.server.released.is_set() or not self._write(body):
+                    break
+            self.close_connection = True
         else:
             self._send(body[: len(body) // 2], len(body))
             if behaviour == STALL_BODY:
@@ -125,16 +159,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _file_body(self) -> bytes | None:
-        path = self.server.root / self.path.lstrip("/").split("?")[0]
+        path = self.server.root / urllib.parse.unquote(self.path.lstrip("/").split("?")[0])
         return path.read_bytes() if path.is_file() else None
 
-    def _send(self, body: bytes, length: int) -> None:
+    def _send(self, body: bytes, length: int | None, encoding: str | None = None) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(length))
+        if encoding is not None:
+            self.send_header("Content-Encoding", encoding)
+        if length is not None:
+            self.send_header("Content-Length", str(length))
         self.end_headers()
-        self.wfile.write(body)
-        self.wfile.flush()
+        self._write(body)
+
+    def _write(self, data: bytes) -> bool:
+        """Send `data`; False once the client has gone."""
+        try:
+            self.wfile.write(data)
+            self.wfile.flush()
+        except OSError:
+            return False
+        return True
 
     def log_message(self, format: str, *args: object) -> None:  # keep test output clean
         pass

@@ -127,12 +127,15 @@ def test_bench_command_measures_every_core_against_its_ceiling(tmp_path: Path) -
     config.write_text("[data]\nbatch_size = 2\nnum_steps = 3\n[model]\nhidden = 8\n")
     result = cli("bench", "--config", config, "--device", "cpu", "--steps", "1", "--json")
     assert result.code == 0, result.stderr
-    rows = result.json()
-    assert [r["what"] for r in rows] == [rows[0]["what"], "train scratch", "train cudnn", "generate scratch", "generate cudnn"]
+    machine, *rows = result.json()
+    assert machine["event"] == "machine" and machine["auto_precision"] in ("fp32", "bf16") and machine["torch_threads"] >= 1
+    assert [r["what"] for r in rows] == [rows[0]["what"], "train scratch", "train cudnn",
+                                        "generate scratch", "generate scratch ×64", "generate cudnn", "generate cudnn ×64"]  # fmt: skip
+    assert [r["samples"] for r in rows[3:]] == [1, 64, 1, 64]
     assert rows[0]["what"].startswith("matmul ")
     ceiling = rows[0]["gflops"]
     for train in rows[1:3]:
         assert (train["flops_per_token"], train["steps"]) == (bench.training_flops_per_token(Dims(28, 8, 1, 2, 3)), 1)
         assert train["utilisation"] == pytest.approx(train["gflops"] / ceiling)  # the share of this run's own ceiling
     table = cli("bench", "--config", config, "--device", "cpu", "--steps", "1")
-    assert table.code == 0 and "train scratch" in table.stdout and "of ceiling" in table.stdout
+    assert table.code == 0 and "train scratch" in table.stdout and "of ceiling" in table.stdout and "--precision auto picks" in table.stdout

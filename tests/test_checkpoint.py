@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import shutil
+import struct
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,7 @@ from lstmlm.events import EpochEnded
 from lstmlm.runs import LATEST, RunStore
 from lstmlm.train import Trainer
 
-from conftest import Payload, synthetic_text
+from conftest import Payload, assert_one_error_line, cli, synthetic_text
 
 MakeTrainer = Callable[..., Trainer]
 
@@ -273,3 +274,83 @@ def test_creating_a_run_that_exists_is_refused(trained: Trainer) -> None:
     with pytest.raises(CheckpointError, match="already exists: continue it with --resume or choose another --run"):
         RunStore.create(trained.store.root, trained.cfg, trained.data.vocab)
     assert {p.name: p.read_bytes() for p in trained.store.root.iterdir()} == before
+
+
+# ---- planted symbolic links -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [".lock", "metrics.jsonl", "config.json", "latest.pt"])
+def test_a_symlink_planted_in_a_run_is_refused_and_its_target_untouched(tiny_train_args: list[str], runs_dir: Path, tmp_path: Path, name: str) -> None:
+    """A run's files are opened without following links: a link planted as the lock or the
+    metrics would have had training truncate or append to whatever it points at."""
+    assert cli(*tiny_train_args, "--run", "r").code == 0
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me\n")
+    planted = runs_dir / "r" / name
+    planted.unlink(missing_ok=True)
+    planted.symlink_to(victim)
+    result = cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--epochs", "3")
+    assert_one_error_line(result, f"refusing to open {planted}: it is a symbolic link", during_training=name == "metrics.jsonl")
+    assert victim.read_text() == "keep me\n"
+    assert planted.is_symlink()
+
+
+def test_a_fifo_planted_as_the_lock_is_refused(tiny_train_args: list[str], runs_dir: Path) -> None:
+    assert cli(*tiny_train_args, "--run", "r").code == 0
+    lock = runs_dir / "r" / ".lock"
+    lock.unlink(missing_ok=True)
+    os.mkfifo(lock)
+    assert_one_error_line(cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--epochs", "3"), f"refusing to open {lock}: it is not a regular file")
+
+
+# ---- crafted archives ------------------------------------------------------------------------------
+
+
+def test_a_compressed_checkpoint_is_refused_before_anything_is_inflated(trained: Trainer) -> None:
+    """torch.save stores its entries; torch.load would inflate deflated ones too, so a few
+    hundred KiB could demand gigabytes before any format check. This one carries 256 MiB of
+    zeros in 256 KiB."""
+    path = trained.store.path(LATEST)
+    with zipfile.ZipFile(path) as original:
+        entries = {info.filename: original.read(info) for info in original.infolist()}
+    prefix = next(iter(entries)).split("/")[0]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as crafted:
+        for name, data in entries.items():
+            crafted.writestr(name, data)
+        crafted.writestr(f"{prefix}/data/bomb", bytes(256 << 20))
+    assert path.stat().st_size < 1 << 20
+    with pytest.raises(CheckpointError, match=rf"^refusing {path}: its entry '{prefix}/data.pkl' is compressed, and lstmlm checkpoints never are$"):
+        load_checkpoint(path)
+
+
+def test_an_entry_that_claims_more_than_the_archive_holds_is_refused(trained: Trainer) -> None:
+    """The central directory says how long each entry is; a lie (here 2 GiB for a few bytes of
+    weights) is caught before torch allocates for it."""
+    path = trained.store.path(LATEST)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        name = next(info.filename for info in archive.infolist() if info.filename.endswith("/data/0"))
+    header = data.index(b"PK\x01\x02")  # the first central-directory header
+    while data[header + 46 : header + 46 + len(name)] != name.encode():  # walk to the entry's own header
+        header = data.index(b"PK\x01\x02", header + 4)
+    data[header + 20 : header + 28] = struct.pack("<II", 2**31 - 1, 2**31 - 1)  # compressed and stored size
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"^refusing {path}: its entry '{name}' claims 2,147,483,647 bytes, more than the archive holds$"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(("section", "value", "kind"), [("config", 5, "int"), ("vocab", ["a"], "list"), ("model", "weights", "str"), ("trainer", [], "list")])
+def test_a_section_of_the_wrong_type_is_refused_by_name(trained: Trainer, section: str, value: Any, kind: str) -> None:
+    path = trained.store.path(LATEST)
+    torch.save({**load_checkpoint(path), section: value}, path)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(path)
+    expected = "dict" if section in ("model", "trainer") else "str"
+    assert str(caught.value) == f"{path} is damaged: its '{section}' section is a {kind}, not a {expected}"
+
+
+def test_generate_on_a_checkpoint_with_a_config_of_the_wrong_type_is_one_line(tiny_train_args: list[str], runs_dir: Path) -> None:
+    assert cli(*tiny_train_args, "--run", "r").code == 0
+    path = runs_dir / "r" / "latest.pt"
+    torch.save({**load_checkpoint(path), "config": {"model": {"hidden": "sixteen"}}}, path)
+    assert_one_error_line(cli("generate", "--run", "r", "--runs-dir", runs_dir), f"{path} is damaged: its 'config' section is a dict, not a str")

@@ -7,6 +7,7 @@ Typer reports), never a traceback, and nothing already on disk changes.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -24,8 +25,9 @@ import lstmlm.checkpoint as checkpoint_mod
 from lstmlm.checkpoint import load_checkpoint
 from lstmlm.config import Config
 from lstmlm.data.pipeline import prepare_data
+from lstmlm.device import available_memory
 from lstmlm.generate import complete
-from lstmlm.model import CharLM, convert
+from lstmlm.model import CharLM, convert, num_parameters, training_bytes
 from lstmlm.runs import RunStore
 from lstmlm.vocab import Vocab
 
@@ -156,6 +158,43 @@ def test_resume_refuses_to_change_the_model(tiny_train_args: list[str], runs_dir
     result = cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--hidden", "32")
     assert_one_error_line(result, "--resume keeps the run's stored hidden = 16; it cannot change to 32")
     assert snapshot(runs_dir) == before
+
+
+def test_resume_refuses_a_config_file(tiny_train_args: list[str], runs_dir: Path, tmp_path: Path) -> None:
+    assert cli(*tiny_train_args, "--run", "r").code == 0
+    other = tmp_path / "other.toml"
+    other.write_text("[model]\nhidden = 64\n", encoding="utf-8")
+    before = snapshot(runs_dir)
+    result = cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--config", other)
+    assert_one_error_line(result, "--config cannot be given with --resume: a resumed run keeps its stored config", "--epochs", "--max-minutes")
+    assert snapshot(runs_dir) == before
+
+
+@pytest.mark.parametrize("change", ["edited", "replaced"])
+def test_resume_refuses_a_corpus_that_changed(tiny_train_args: list[str], runs_dir: Path, corpus_file: Path, change: str) -> None:
+    """The run keeps its corpus's content hash: an edited file, or another moved into its place,
+    would silently train the run on different text."""
+    assert cli(*tiny_train_args, "--run", "r").code == 0
+    then = hashlib.sha1(corpus_file.read_bytes()).hexdigest()
+    if change == "edited":
+        corpus_file.write_text(corpus_file.read_text(encoding="utf-8") + "a new last line\n", encoding="utf-8")
+    else:
+        corpus_file.unlink()
+        corpus_file.write_text(synthetic_text(seed=99), encoding="utf-8")
+    now = hashlib.sha1(corpus_file.read_bytes()).hexdigest()
+    before = snapshot(runs_dir)
+    result = cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--epochs", "3")
+    assert_one_error_line(result, f"the corpus {corpus_file} has changed since run r was created (SHA-1 {then} then, {now} now)")
+    assert snapshot(runs_dir) == before
+
+
+def test_resume_saves_the_options_a_resume_may_change(tiny_train_args: list[str], runs_dir: Path) -> None:
+    assert cli(*tiny_train_args, "--run", "r").code == 0
+    assert cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--epochs", "3", "--patience", "4").code == 0
+    stored = json.loads((runs_dir / "r" / "config.json").read_text())["train"]
+    assert (stored["epochs"], stored["patience"]) == (3, 4)
+    records = cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--epochs", "4", "--json").json()
+    assert [r["epoch"] for r in records if r["event"] == "epoch"] == [4]
 
 
 def test_same_seed_same_samples(tiny_train_args: list[str]) -> None:
@@ -362,7 +401,7 @@ def test_corpus_directory_without_files(train_into: Any, tmp_path: Path) -> None
         (("--model", "gru"), "[model] model must be one of scratch, cudnn, not 'gru'"),
         (("--optimizer", "rmsprop"), "[train] optimizer must be one of sgd, adam, adamw, not 'rmsprop'"),
         (("--iterator", "shuffled"), "[data] iterator must be one of sequential, random, not 'shuffled'"),
-        (("--normalize", "lower"), "[data] normalize must be one of d2l, raw, not 'lower'"),
+        (("--normalize", "lower"), "[data] normalize must be one of d2l, raw, bytes, auto, not 'lower'"),
         (("--hidden", str(2**70)), "[model] hidden is too large"),
         (("--run", "../elsewhere"), "--run must be a plain name, not '../elsewhere'"),
         (("--run", ".."), "--run must be a plain name"),
@@ -373,20 +412,32 @@ def test_invalid_option_values(train_into: Any, corpus_file: Path, args: tuple[s
 
 
 @pytest.mark.parametrize(
-    ("args", "fragment"),
+    "args",
     [
-        (("--hidden", str(10**15)), "out of memory allocating "),  # past any address space
-        (("--embedding", str(2**62)), "out of memory"),  # torch: "Storage size calculation overflowed"
+        ("--hidden", "60000"),  # 14.4 billion parameters: once, the OOM killer ended this with no message
+        ("--hidden", str(10**15)),  # past any address space
+        ("--embedding", str(2**62)),  # past torch's sizes ("Storage size calculation overflowed")
+        ("--layers", "10000000"),  # a small layer, many times over
     ],
 )
-def test_a_model_too_large_for_memory(runs_copy: Path, corpus_file: Path, args: tuple[str, ...], fragment: str) -> None:
-    """The run directory is made before the model, so it stays (config and vocab, no checkpoint)."""
+def test_a_model_too_large_for_memory_is_refused_before_the_run_is_made(runs_copy: Path, corpus_file: Path, args: tuple[str, ...]) -> None:
+    cfg = Config().with_overrides({"corpus": str(corpus_file), "normalize": "raw", "hidden": 16, "batch_size": 8, "num_steps": 10}).resolved()
+    cfg = cfg.with_overrides({args[0][2:].replace("-", "_"): int(args[1])})
+    vocab_size = len(prepare_data(cfg).vocab)
+    need, have = training_bytes(cfg, vocab_size), available_memory(torch.device("cpu"))
+    if have is None or have >= need:
+        pytest.skip(f"this machine has the memory ({have} bytes available, {need} needed)")
     before = snapshot(runs_copy)
     result = cli("train", "--runs-dir", runs_copy, *TINY, "--corpus", corpus_file, "--run", "big", *args)
-    assert_one_error_line(result, fragment, "lower --hidden")
-    after = snapshot(runs_copy)
-    assert {k: after[k] for k in before} == before
-    assert not any(name.endswith(".pt") for name in set(after) - set(before))
+    assert_one_error_line(result, "needs at least ", " GiB of memory and cpu has ", "available: lower --hidden, --layers, --embedding, --batch-size")
+    assert snapshot(runs_copy) == before
+    assert not (runs_copy / "big").exists()
+
+
+@pytest.mark.parametrize(("model", "layers", "embedding"), [("scratch", 1, 0), ("scratch", 3, 0), ("cudnn", 2, 0), ("cudnn", 1, 12), ("scratch", 2, 5)])
+def test_the_parameter_count_is_the_models(model: str, layers: int, embedding: int) -> None:
+    cfg = Config().with_overrides({"model": model, "layers": layers, "embedding": embedding, "hidden": 24}).model
+    assert num_parameters(cfg, 31) == sum(p.numel() for p in CharLM.from_config(cfg, 31).parameters())
 
 
 def test_device_cuda_without_cuda(train_into: Any, corpus_file: Path) -> None:
@@ -541,3 +592,11 @@ def test_commands_that_do_not_train_never_import_torch(command: str, http_server
     }[command]
     done = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True, timeout=60)
     assert done.stderr.strip().splitlines()[-1] == "no torch 0", done.stderr
+
+
+def test_tf32_is_a_stored_option_and_a_config_bool(tiny_train_args: list[str], runs_dir: Path, tmp_path: Path) -> None:
+    assert cli(*tiny_train_args, "--tf32", "--run", "t").code == 0
+    assert json.loads((runs_dir / "t" / "config.json").read_text())["train"]["tf32"] is True
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\ntf32 = 1\n")
+    assert_one_error_line(cli(*tiny_train_args, "--config", bad, "--run", "u"), "[train] tf32 must be true or false, not 1")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -79,8 +80,8 @@ def test_only_rank_zero_writes(runs: dict) -> None:
     store = RunStore.open(root / "double")
     assert [r["epoch"] for r in store.read_metrics()] == list(range(1, EPOCHS + 1))  # each epoch once
     assert sorted(p.name for p in (root / "double").iterdir() if not p.name.startswith(".")) == [
-        "config.json", "latest.pt", "metrics.jsonl", "vocab.json"
-    ]
+        "best.pt", "config.json", "latest.pt", "metrics.jsonl", "run.json", "vocab.json"
+    ]  # a corpus given by path is read raw, its last 10% validating: best.pt
     assert len([e for e in runs["double"] if e["event"] == "done"]) == 1  # one process reports
 
 
@@ -91,6 +92,40 @@ def test_distributed_run_generates_on_one_cpu(runs: dict) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("time traveller") and len(result.stdout.rstrip("\n")) == len("time traveller") + 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_two_machines_by_c10d_rendezvous_follow_one_process(corpus: Path, runs: dict, tmp_path: Path) -> None:
+    """Two torchrun agents, as on two machines (each its own runs directory and cache), meet at a
+    c10d rendezvous on 127.0.0.1 — the README's multi-node command — and train one model, each
+    process reading its rows from its own memory-mapped store: the one-process trajectory."""
+    port = free_port()
+    agents = []
+    for node in ("a", "b"):
+        launcher = ["-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                    "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "lstmlm-test"]  # fmt: skip
+        train = ["-m", "lstmlm", "train", "--corpus", str(corpus), "--runs-dir", str(tmp_path / node / "runs"), "--name", "nodes", "--json",
+                 *TRAIN, "--epochs", str(EPOCHS)]  # fmt: skip
+        env = {**_env(), "LSTMLM_HOME": str(tmp_path / node / "cache")}
+        agents.append(subprocess.Popen([sys.executable, *launcher, *train], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    outputs = []
+    for agent in agents:
+        try:
+            stdout, stderr = agent.communicate(timeout=300)
+        finally:
+            agent.kill()
+        assert agent.returncode == 0, stderr[-2000:]
+        outputs.append([json.loads(line) for line in stdout.splitlines() if line.startswith("{")])
+    (events,) = [o for o in outputs if o]  # rank 0's machine reports; the other prints nothing
+    assert perplexities(events) == pytest.approx(perplexities(runs["single"]), rel=1e-4)
+    written = [node for node in ("a", "b") if (tmp_path / node / "runs" / "nodes" / "latest.pt").is_file()]
+    assert len(written) == 1 and not (tmp_path / ({"a", "b"} - set(written)).pop() / "runs").exists()  # only rank 0's machine writes the run
+    assert all(any((tmp_path / node / "cache" / "encoded").glob("*.tokens")) for node in ("a", "b"))  # each machine its own store
 
 
 def test_batch_not_divisible_by_processes_is_refused(corpus: Path, tmp_path: Path) -> None:
@@ -110,6 +145,7 @@ def test_bench_reports_scaling_under_torchrun(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, *launcher, *args], capture_output=True, text=True, env=_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    scaled = {r["what"]: r for r in rows if "processes" in r["what"]}
+    assert [r["event"] for r in rows].count("machine") == 1  # one report, rank 0's
+    scaled = {r["what"]: r for r in rows if r["event"] == "bench" and "processes" in r["what"]}
     assert set(scaled) == {"train scratch ×2 processes", "train cudnn ×2 processes"}  # reported once, by rank 0
     assert all(r["processes"] == 2 and r["scaling"] > 0 for r in scaled.values())

@@ -6,22 +6,40 @@ backoff between retries is recorded instead of slept.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import re
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import lstmlm.corpus as corpus
-from lstmlm.corpus import Target, download, resolve_target, sha1_of
+from lstmlm.corpus import Target, cached_name, download, resolve_target, sha1_of
+from lstmlm.data.text import summarize
 from lstmlm.errors import DownloadError
 
-from conftest import CUT, NOT_FOUND, SERVER_ERROR, STALL, STALL_BODY, LoopbackServer, Result, assert_one_error_line, cli
+from conftest import (
+    BAD_GZIP,
+    CUT,
+    DRIP,
+    ENDLESS,
+    GZIP,
+    GZIP_BOMB,
+    NOT_FOUND,
+    SERVER_ERROR,
+    STALL,
+    STALL_BODY,
+    LoopbackServer,
+    Result,
+    assert_one_error_line,
+    cli,
+)
 
 PAYLOAD = ("The Time Traveller — “quoted”, naïve, 時間, 😀.\n" * 4000).encode("utf-8")
 PAYLOAD_SHA1 = hashlib.sha1(PAYLOAD).hexdigest()
@@ -73,10 +91,11 @@ def assert_nothing_written(directory: Path) -> None:
 
 def test_success_writes_the_verified_file(served: LoopbackServer, cache: Path) -> None:
     path = download(target_for(served, cache))
-    assert path == cache / "corpus.txt"
+    assert path == cache / cached_name(served.url("corpus.txt"))
+    assert re.fullmatch(r"corpus-[0-9a-f]{10}\.txt", path.name)
     assert path.read_bytes() == PAYLOAD
     assert sha1_of(path) == PAYLOAD_SHA1
-    assert sorted(p.name for p in cache.iterdir()) == ["corpus.txt"]
+    assert sorted(p.name for p in cache.iterdir()) == [path.name]
     assert served.requests == ["/corpus.txt"]
 
 
@@ -97,7 +116,7 @@ def test_known_corpus_from_a_mirror(mirror: LoopbackServer, cache: Path, data_di
 
 def test_default_cache_is_lstmlm_home(served: LoopbackServer, isolated_cache: Path) -> None:
     path = download(resolve_target(served.url("corpus.txt"), sha1=PAYLOAD_SHA1))
-    assert path == isolated_cache / "corpus.txt"
+    assert path == isolated_cache / cached_name(served.url("corpus.txt"))
 
 
 def test_404_is_not_retried(served: LoopbackServer, cache: Path) -> None:
@@ -195,8 +214,9 @@ def test_force_downloads_again(served: LoopbackServer, cache: Path) -> None:
 
 def test_cached_file_with_wrong_checksum_is_replaced(served: LoopbackServer, cache: Path) -> None:
     cache.mkdir()
-    (cache / "corpus.txt").write_bytes(PAYLOAD[:-10])
-    path = download(target_for(served, cache))
+    target = target_for(served, cache)
+    target.path.write_bytes(PAYLOAD[:-10])
+    path = download(target)
     assert path.read_bytes() == PAYLOAD
     assert served.requests == ["/corpus.txt"]
 
@@ -207,8 +227,127 @@ def test_failed_force_keeps_the_good_cached_file(served: LoopbackServer, cache: 
     served.plan(CUT)
     with pytest.raises(DownloadError, match="transfer cut short"):
         download(target, force=True)
-    assert sorted(p.name for p in cache.iterdir()) == ["corpus.txt"]
-    assert (cache / "corpus.txt").read_bytes() == PAYLOAD
+    assert sorted(p.name for p in cache.iterdir()) == [target.path.name]
+    assert target.path.read_bytes() == PAYLOAD
+
+
+# ---- compressed, endless, dripping and bombing servers ----
+
+
+@pytest.fixture
+def patient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read timeout no busy machine reaches: these tests are about what the server sends."""
+    monkeypatch.setattr(corpus, "READ_TIMEOUT_S", 30.0)
+
+
+def test_a_gzipped_transfer_is_checked_on_the_wire_and_by_the_decoded_sha1(served: LoopbackServer, cache: Path, patient: None) -> None:
+    """Content-Length counts the compressed bytes: the length check compares what came over
+    the wire, the SHA-1 what was decoded."""
+    served.plan(GZIP)
+    wire = len(gzip.compress(PAYLOAD))
+    assert wire < len(PAYLOAD) // 2
+    reports: list[tuple[int, int | None]] = []
+    path = download(target_for(served, cache), progress=lambda done, total: reports.append((done, total)))
+    assert path.read_bytes() == PAYLOAD
+    assert reports[-1] == (wire, wire)
+    assert served.requests == ["/corpus.txt"]
+
+
+def test_a_gzipped_transfer_without_a_checksum_is_the_decoded_text(served: LoopbackServer, cache: Path, patient: None) -> None:
+    served.plan(GZIP)
+    assert download(target_for(served, cache, sha1=None)).read_bytes() == PAYLOAD
+
+
+def test_a_malformed_compressed_body_is_a_download_error(served: LoopbackServer, cache: Path, patient: None) -> None:
+    served.plan(BAD_GZIP)
+    with pytest.raises(DownloadError) as caught:
+        download(target_for(served, cache))
+    assert str(caught.value).startswith(f"{served.url('corpus.txt')}: the compressed body is malformed (")
+    assert_nothing_written(cache)
+
+
+def test_a_body_past_max_bytes_is_refused_and_leaves_nothing(served: LoopbackServer, cache: Path, patient: None) -> None:
+    served.plan(ENDLESS)  # no length announced: only counting stops it
+    with pytest.raises(DownloadError) as caught:
+        download(target_for(served, cache), max_bytes=1 << 20)
+    assert str(caught.value) == f"{served.url('corpus.txt')}: the body is larger than --max-bytes 1,048,576"
+    assert_nothing_written(cache)
+
+
+def test_an_announced_length_past_max_bytes_is_refused_before_reading(served: LoopbackServer, cache: Path) -> None:
+    with pytest.raises(DownloadError) as caught:
+        download(target_for(served, cache), max_bytes=1000)
+    assert str(caught.value) == f"{served.url('corpus.txt')}: the server announces {len(PAYLOAD):,} bytes, more than --max-bytes 1,000"
+    assert_nothing_written(cache)
+
+
+def test_a_gzip_bomb_stops_at_max_bytes_of_decoded_text(served: LoopbackServer, cache: Path, patient: None) -> None:
+    """A few KiB on the wire, 16 MiB inflated: the cap counts what the file would get."""
+    served.plan(GZIP_BOMB)
+    with pytest.raises(DownloadError, match=r"the body is larger than --max-bytes 1,048,576$"):
+        download(target_for(served, cache), max_bytes=1 << 20)
+    assert served.requests == ["/corpus.txt"]
+    assert_nothing_written(cache)
+
+
+def test_a_server_that_drips_is_given_up_on(
+    served: LoopbackServer, serve_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, patient: None
+) -> None:
+    """One byte every 50 ms never trips the read timeout; the rate does, after its window (0.5 s
+    here, a minute by default). The whole drip would take 10 s."""
+    monkeypatch.setattr(corpus, "RATE_WINDOW_S", 0.5)
+    monkeypatch.setattr(corpus, "MIN_RATE_BYTES_S", 100)
+    (serve_dir / "slow.txt").write_bytes(PAYLOAD[:200])
+    served.plan(DRIP)
+    url = served.url("slow.txt")
+    with pytest.raises(DownloadError) as caught:
+        download(resolve_target(url, directory=cache))
+    assert re.fullmatch(re.escape(url) + r": too slow \(\d+ bytes in \d+ s, under 100 bytes/s\): given up after \d+ bytes", str(caught.value))
+    assert_nothing_written(cache)
+
+
+def test_two_urls_that_end_alike_keep_their_own_files(served: LoopbackServer, serve_dir: Path, cache: Path) -> None:
+    for folder, text in (("a", b"first corpus\n"), ("b", b"second corpus\n")):
+        (serve_dir / folder).mkdir()
+        (serve_dir / folder / "input.txt").write_bytes(text)
+    first = download(resolve_target(served.url("a/input.txt"), directory=cache))  # no --sha1: any cached copy counts
+    second = download(resolve_target(served.url("b/input.txt"), directory=cache))
+    assert first != second and first.name.startswith("input-") and first.suffix == ".txt"
+    assert (first.read_bytes(), second.read_bytes()) == (b"first corpus\n", b"second corpus\n")
+    assert served.requests == ["/a/input.txt", "/b/input.txt"]
+
+
+def test_the_summary_reads_a_block_at_a_time(tmp_path: Path) -> None:
+    """Characters split across block edges are counted once; an 8 MiB file is summarized in
+    under 16 MiB of memory (read whole, its bytes and its 4-byte-wide str take 26 MiB)."""
+    path = tmp_path / "big.txt"
+    unit = "naïve 時間 😀 ".encode()  # 1-, 2-, 3- and 4-byte characters: some straddle the 1 MiB blocks
+    text_units = (8 << 20) // len(unit)
+    path.write_bytes(unit * text_units)
+    tracemalloc.start()
+    try:
+        summary = summarize(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (summary.bytes, summary.characters, summary.distinct) == (len(unit) * text_units, len(unit.decode()) * text_units, len(set(unit.decode())))
+    assert peak < 16 << 20
+
+
+@pytest.mark.parametrize(
+    ("content", "distinct"),
+    [
+        (b"abc" * 400_000 + b"\xff", 4),  # not UTF-8 past the first block
+        (b"a" * ((1 << 20) - 1) + "é".encode() + b"\x00", 4),  # a NUL byte: binary
+        (b"a" * ((1 << 20) - 1) + "é".encode()[:1], 2),  # cut inside a character at the end
+    ],
+)
+def test_a_file_that_is_not_text_is_summarized_in_bytes(tmp_path: Path, content: bytes, distinct: int) -> None:
+    """Any file is a corpus in bytes mode: the summary counts its bytes, and says it is not text."""
+    path = tmp_path / "odd.bin"
+    path.write_bytes(content)
+    summary = summarize(path)
+    assert (summary.bytes, summary.characters, summary.distinct) == (len(content), None, distinct)
 
 
 # ---- what to download ----
@@ -217,7 +356,7 @@ def test_failed_force_keeps_the_good_cached_file(served: LoopbackServer, cache: 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"name_or_url": "nope"}, "unknown corpus 'nope': use one of timemachine, tinyshakespeare or an http(s) URL"),
+        ({"name_or_url": "nope"}, "unknown corpus 'nope': use one of timemachine, tinyshakespeare, enwik8 or an http(s) URL"),
         ({"name_or_url": "ftp://example.com/a.txt"}, "unknown corpus 'ftp://example.com/a.txt'"),
         ({"name_or_url": "http://127.0.0.1/a.txt", "sha1": "abc"}, "--sha1 must be 40 hexadecimal digits, not 'abc'"),
         ({"name_or_url": "http://127.0.0.1/a.txt", "sha1": "g" * 40}, "--sha1 must be 40 hexadecimal digits"),
@@ -326,6 +465,31 @@ def test_cli_bad_requests_are_one_line(args: tuple[str, ...], fragment: str, cac
     assert not cache.exists()
 
 
+@pytest.mark.parametrize(
+    ("behaviour", "args", "fragment"),
+    [
+        (BAD_GZIP, (), "the compressed body is malformed"),
+        (ENDLESS, ("--max-bytes", "100000"), "the body is larger than --max-bytes 100,000"),
+        (GZIP_BOMB, ("--max-bytes", "100000"), "the body is larger than --max-bytes 100,000"),
+    ],
+)
+def test_cli_hostile_servers_are_one_line(
+    served: LoopbackServer, cache: Path, behaviour: str, args: tuple[str, ...], fragment: str, patient: None
+) -> None:
+    served.plan(behaviour)
+    url = served.url("corpus.txt")
+    code, stdout, stderr = invoke(url, "--dir", str(cache), *args)
+    assert_download_failed(code, stdout, stderr, url, fragment)
+    assert_nothing_written(cache)
+
+
+def test_cli_gzipped_download(served: LoopbackServer, cache: Path, patient: None) -> None:
+    served.plan(GZIP)
+    code, stdout, stderr = invoke(served.url("corpus.txt"), "--sha1", PAYLOAD_SHA1, "--dir", str(cache))
+    assert code == 0, stderr
+    assert stdout.splitlines()[1].startswith(f"{len(PAYLOAD):,} bytes, ")
+
+
 def test_cli_refused_connection_is_one_line(served: LoopbackServer, cache: Path) -> None:
     served.stop()
     url = served.url("corpus.txt")
@@ -338,7 +502,7 @@ def test_cli_prints_the_path_verbatim(served: LoopbackServer, tmp_path: Path) ->
     cache = tmp_path / "[bold]not markup[/bold]" / ("a-directory-name-long-enough-to-wrap-" * 3)
     code, stdout, _ = invoke(served.url("corpus.txt"), "--sha1", PAYLOAD_SHA1, "--dir", str(cache))
     assert code == 0
-    assert stdout.splitlines()[0] == str(cache / "corpus.txt")
+    assert stdout.splitlines()[0] == str(cache / cached_name(served.url("corpus.txt")))
 
 
 def test_python_m_lstmlm_failure_is_one_line(served: LoopbackServer, cache: Path) -> None:

@@ -10,6 +10,7 @@ float precision allows).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from torch.autograd import gradcheck
 from torch.func import functional_call
 
 from lstmlm.errors import ShapeError
+from lstmlm.fused import split_batch
 from lstmlm.lstm import CudnnLSTM, ScratchLSTM, State, project
 from lstmlm.model import cudnn_to_scratch, scratch_to_cudnn
 
@@ -100,11 +102,19 @@ def scratch_grads_as_cudnn(core: ScratchLSTM) -> dict[str, torch.Tensor]:
 # ---- forward and backward equivalence -------------------------------------------------------
 
 
+@pytest.fixture(params=[1, 3], ids=["whole-batch", "3-parts"])
+def parts(request: pytest.FixtureRequest) -> Iterator[int]:
+    """The fast path with the batch whole, and cut into three parts run on three threads (as
+    on a 3-core machine), whatever this machine has."""
+    with split_batch(request.param):
+        yield request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("kind", ["ids", "dense"])
 @pytest.mark.parametrize("initial", ["zero", "random"])
-def test_cores_agree(dtype: torch.dtype, shape: tuple[int, ...], kind: str, initial: str) -> None:
+def test_cores_agree(dtype: torch.dtype, shape: tuple[int, ...], kind: str, initial: str, parts: int) -> None:
     steps, batch, num_inputs, num_hiddens, num_layers = shape
     reference, fused, cudnn = make_cores(num_inputs, num_hiddens, num_layers, dtype)
     X, state = make_inputs(steps, batch, num_inputs, num_hiddens, num_layers, dtype, kind, initial)
@@ -125,10 +135,10 @@ def test_cores_agree(dtype: torch.dtype, shape: tuple[int, ...], kind: str, init
 
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
 @pytest.mark.parametrize("kind", ["ids", "dense"])
-def test_gradcheck(fused: bool, kind: str) -> None:
+def test_gradcheck(fused: bool, kind: str, parts: int) -> None:
     """Analytic gradients of every parameter, the input and the initial state equal finite differences."""
     torch.manual_seed(0)
-    steps, batch, num_inputs, num_hiddens, num_layers = 4, 2, 3, 3, 2
+    steps, batch, num_inputs, num_hiddens, num_layers = 4, 3, 3, 3, 2
     core = ScratchLSTM(num_inputs, num_hiddens, num_layers, fused=fused).double()
     params = {name: (torch.randn_like(p) * 0.5).requires_grad_() for name, p in core.named_parameters()}
     names = list(params)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lstmlm.errors import CheckpointError, ShapeError
-from lstmlm.model import CharLM, convert, core_of, loss_fn
+from lstmlm.model import CharLM, convert, core_of, loss_fn, scratch_layer
 
 from conftest import assert_close
 
@@ -162,14 +162,21 @@ def test_bad_input_is_refused(core: str, X: torch.Tensor, state, message: str) -
 
 
 def test_cudnn_core_runs_under_cpu_bf16_autocast() -> None:
-    # oneDNN's LSTM refuses autocast's mixed dtypes on the CPU; the core runs on bf16 copies
-    # instead: the loss stays within bf16 rounding of fp32, the state and gradients are fp32.
+    # oneDNN's LSTM refuses autocast's mixed dtypes on the CPU (and CUDA's autocast would cast
+    # cuDNN's RNN to fp16); the core runs on bf16 copies instead, with autocast off: bf16 is what
+    # reaches nn.LSTM, the loss stays within bf16 rounding of fp32, the state and gradients are fp32.
     torch.manual_seed(0)
     model = CharLM(10, 16, 2, core="cudnn")
     X, Y = torch.randint(0, 10, (3, 5)), torch.randint(0, 10, (3, 5))
+    reached: list[tuple[torch.dtype, ...]] = []
+    hook = model.core.lstm.register_forward_pre_hook(
+        lambda module, args: reached.append((args[0].dtype, args[1][0].dtype, module.weight_hh_l1.dtype, torch.is_autocast_enabled("cpu")))
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, (H, C) = model(X)
         loss = loss_fn(logits, Y)
+    hook.remove()
+    assert reached == [(torch.bfloat16, torch.bfloat16, torch.bfloat16, False)]
     loss.backward()
     assert H.dtype == C.dtype == torch.float32
     assert loss.item() == pytest.approx(loss_fn(model(X)[0], Y).item(), rel=1e-2)
@@ -202,3 +209,59 @@ def test_dropout_acts_on_the_non_recurrent_connections_and_only_in_training(laye
     # dropout), training-mode logits still differ from eval-mode ones
     plain = CharLM(12, 16, dropout=0.5)
     assert not torch.allclose(plain(X)[0], plain.eval()(X)[0])
+
+
+# ---- the packed layout -----------------------------------------------------------------------------
+
+
+def test_the_twelve_named_parameters_are_views_of_the_packed_three() -> None:
+    """W_xi … b_c read and write the packed W_x, W_h, b (gates side by side as nn.LSTM's i, f, g, o)."""
+    model = CharLM(10, 6, 2, core="scratch")
+    layer = model.core.layers[1]
+    assert [name for name, _ in layer.named_parameters()] == ["W_x", "W_h", "b"]
+    assert layer.W_xi.shape == (6, 6) and layer.W_hc.shape == (6, 6) and layer.b_o.shape == (6,)
+    with torch.no_grad():
+        layer.W_hf.fill_(7.0)  # through the view
+    assert torch.equal(layer.W_h[:, 6:12], torch.full((6, 6), 7.0)) and (layer.W_h[:, :6] != 7.0).all()
+    assert torch.equal(layer.views()["b_c"], layer.b[12:18])
+
+
+def test_the_seeds_init_draws_the_weights_the_twelve_tensor_layout_drew() -> None:
+    """Matrix by matrix in the article's order (W_xi, W_hi, W_xf, W_hf, W_xo, W_ho, W_xc, W_hc), N(0, 0.01²)."""
+    torch.manual_seed(3)
+    layer = CharLM(10, 6, 1, core="scratch").core.layers[0]
+    torch.manual_seed(3)
+    expected = {}
+    for g in "ifoc":
+        expected[f"W_x{g}"] = torch.empty(10, 6).normal_(0.0, 0.01)
+        expected[f"W_h{g}"] = torch.empty(6, 6).normal_(0.0, 0.01)
+    for name, value in expected.items():
+        assert torch.equal(layer.views()[name], value), name
+    assert not layer.b.any()
+
+
+@pytest.mark.parametrize("core", ["scratch", "cudnn"])
+def test_a_checkpoint_of_the_first_release_loads(core: str) -> None:
+    """The first release saved each scratch layer as the article's twelve tensors: they convert to
+    the packed layout (or to nn.LSTM) and give the same function."""
+    torch.manual_seed(0)
+    packed = CharLM(10, 6, 2, core="scratch", embedding=4)
+    with torch.no_grad():
+        for p in packed.parameters():
+            p.normal_(0.0, 0.5)
+    old = {k: v for k, v in packed.state_dict().items() if not k.startswith("core.")}
+    for k in range(2):
+        old.update({f"core.layers.{k}.{name}": v.clone() for name, v in scratch_layer(packed.state_dict(), k).items()})
+    assert "core.layers.0.W_xi" in old and "core.layers.0.W_x" not in old
+    model = CharLM(10, 6, 2, core=core, embedding=4)
+    model.load_state_dict(convert(old, core))
+    X = torch.randint(0, 10, (3, 7))
+    torch.testing.assert_close(model.eval()(X)[0], packed.eval()(X)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_tf32_is_decided_explicitly_and_only_on_cuda() -> None:
+    from lstmlm.device import set_tf32
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    assert set_tf32(torch.device("cpu"), True) is False  # no TF32 off CUDA, and nothing changed
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before

@@ -8,10 +8,14 @@ stdout; resuming and the reference runs happen in-process, which is faster.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import math
 import os
 import queue
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -25,7 +29,7 @@ import torch
 
 from lstmlm.checkpoint import load_checkpoint
 
-from conftest import cli
+from conftest import assert_one_error_line, cli
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -135,9 +139,9 @@ def assert_every_checkpoint_loads(run: Path) -> None:
         if path.suffix == ".pt":
             load_checkpoint(path)
         else:
-            assert path.name in {"config.json", "vocab.json", "metrics.jsonl", ".lock"} or path.name.endswith(".tmp"), path
-    json.loads((run / "config.json").read_text())
-    json.loads((run / "vocab.json").read_text())
+            assert path.name in {"config.json", "vocab.json", "run.json", "metrics.jsonl", ".lock"} or path.name.endswith(".tmp"), path
+    for name in ("config.json", "vocab.json", "run.json"):
+        json.loads((run / name).read_text())
 
 
 # ---- SIGINT, SIGTERM ----------------------------------------------------------------------------------
@@ -183,7 +187,49 @@ def test_signal_saves_says_how_to_resume_and_resumes_exactly_and_a_second_traini
     assert_same_run(run, runs_dir / "straight")
 
 
+def test_the_printed_resume_command_continues_as_the_interrupted_resume_would(
+    started: Any, env: dict[str, str], corpus_file: Path, runs_dir: Path
+) -> None:
+    """A resume's --epochs is saved in the run and repeated in the command printed at Ctrl-C:
+    that command trains on towards it (before, it ran the stored 2 epochs: done at once, NaN)."""
+    args = ["train", "--corpus", corpus_file, "--normalize", "raw", "--runs-dir", runs_dir, *TINY, "--run", "r"]
+    assert cli(*args, "--epochs", "2").code == 0
+    training = started("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--epochs", "500", "--json", env=env)
+    training.wait_for_epoch()
+    training.proc.send_signal(signal.SIGINT)
+    assert training.finish() == 130
+    printed = "".join(training.stderr).strip().splitlines()[-1]
+    assert printed == f"stopped: checkpoint saved; continue with: lstmlm train --resume --run r --runs-dir {runs_dir} --epochs 500"
+    done = json.loads(training.stdout[-1], parse_constant=lambda c: pytest.fail(f"{c} in --json"))
+    assert done["reason"] == "interrupted" and math.isfinite(done["perplexity"])
+    assert json.loads((runs_dir / "r" / "config.json").read_text())["train"]["epochs"] == 500
+
+    bare = cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--max-minutes", "0.01", "--json")
+    done = bare.json()[-1]
+    assert done["reason"] == "time_limit" and done["epochs"] >= 3 and math.isfinite(done["perplexity"])
+
+
 # ---- kill -9 -------------------------------------------------------------------------------------------
+
+
+def test_kill_9_before_the_first_checkpoint_then_resume_is_refused(
+    started: Any, env: dict[str, str], corpus_file: Path, runs_dir: Path
+) -> None:
+    """Killed before its first checkpoint, a run has a best.pt and metrics but no latest.pt: a
+    resume would start over, overwrite best.pt with a worse model and log epochs twice."""
+    args = ["train", "--corpus", corpus_file, "--normalize", "raw", "--runs-dir", runs_dir, *TINY]
+    training = started(*args, "--run", "early", "--epochs", "500", "--checkpoint-every", "1000", "--json", env=env)
+    training.wait_for_epoch()
+    training.wait_for_epoch()
+    training.proc.kill()
+    assert training.finish() == -signal.SIGKILL
+    run = runs_dir / "early"
+    assert (run / "best.pt").is_file() and not (run / "latest.pt").exists()
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.name != ".lock"}  # the lock still names the dead pid
+    result = cli("train", "--resume", "--run", "early", "--runs-dir", runs_dir)
+    assert_one_error_line(result, f"run {run} has no checkpoint to resume from: it stopped before writing its first (delete {run} and train it again)")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != ".lock"} == before
+
 
 # Runs the CLI with torch.save slowed down: the second write of latest.pt stops half-way
 # (flushed to disk) and waits there to be killed.
@@ -220,7 +266,7 @@ def test_kill_9_in_the_middle_of_a_checkpoint_write(
     started: Any, env: dict[str, str], corpus_file: Path, runs_dir: Path
 ) -> None:
     args = ["train", "--corpus", corpus_file, "--normalize", "raw", "--runs-dir", runs_dir, *EXACT, "--val-fraction", "0"]
-    training = started(*args, "--epochs", "4", "--checkpoint-every", "1", "--run", "killed", "--json", env=env, code=STALL_MID_WRITE)
+    training = started(*args, "--epochs", "4", "--checkpoint-every", "1e", "--run", "killed", "--json", env=env, code=STALL_MID_WRITE)
     training.wait_for("err", lambda line: line.strip() == "MID-WRITE")
     run = runs_dir / "killed"
     half = [p for p in run.iterdir() if p.name.startswith(".latest.pt.") and p.name.endswith(".tmp")]
@@ -235,7 +281,7 @@ def test_kill_9_in_the_middle_of_a_checkpoint_write(
     records = [json.loads(line) for line in resumed.stdout.splitlines()]
     assert [r["epoch"] for r in records if r["event"] == "epoch"] == [2, 3, 4]
     assert not half[0].exists()  # the next training cleared the dead one's temporary file
-    assert cli(*args, "--epochs", "4", "--checkpoint-every", "1", "--run", "straight").code == 0
+    assert cli(*args, "--epochs", "4", "--checkpoint-every", "1e", "--run", "straight").code == 0
     assert_same_run(run, runs_dir / "straight")
 
 
@@ -261,4 +307,210 @@ def test_kill_9_at_random_moments(started: Any, env: dict[str, str], corpus_file
     assert cli("train", "--resume", "--run", "killed", "--runs-dir", runs_dir, "--epochs", reached + 1).code == 0
     assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, reached + 2))
     assert cli(*args, "--epochs", reached + 1, "--checkpoint-every", "1", "--run", "straight").code == 0
+    assert_same_run(run, runs_dir / "straight")
+
+
+# ---- a real full disk ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Any:
+    """A real 1 MiB filesystem (tmpfs) mounted in tmp_path; needs root and mount."""
+    mountpoint = tmp_path / "disk"
+    mountpoint.mkdir()
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"cannot mount a filesystem here: {e}")
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a filesystem here (needs root): {done.stderr.decode().strip()}")
+    yield mountpoint
+    subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, timeout=30)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Write until the filesystem says it is full, then give back `leave` bytes; the filler file,
+    to delete to make room again."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+        f.truncate(f.tell() - leave)
+    return filler
+
+
+def assert_full_disk_kept_the_run(result: Any, run: Path, before: dict[str, bytes], reason: str) -> None:
+    """One line naming the checkpoint write and the OS's reason; the checkpoints as they were, no temporaries."""
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot write the checkpoint {run}/") and last.endswith(f".pt: {reason}"), result.stderr
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert_every_checkpoint_loads(run)
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_full_filesystem_during_training_is_one_line_and_the_checkpoints_survive(
+    small_disk: Path, env: dict[str, str], corpus_file: Path
+) -> None:
+    runs = small_disk / "runs"
+    args = ["train", "--corpus", corpus_file, "--normalize", "raw", "--runs-dir", runs, *TINY, "--run", "r"]
+    assert cli(*args, "--epochs", "1").code == 0
+    run = runs / "r"
+    before = {name: (run / name).read_bytes() for name in ("latest.pt", "best.pt")}
+    filler = fill(small_disk, leave=8192)  # room for the config and a metrics line, not for a checkpoint
+    resume = [sys.executable, "-m", "lstmlm", "train", "--resume", "--run", "r", "--runs-dir", str(runs), "--epochs", "3"]
+    result = subprocess.run(resume, capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
+    assert_full_disk_kept_the_run(result, run, before, "No space left on device")
+    filler.unlink()  # room again: the run resumes from the checkpoint that survived
+    again = cli("train", "--resume", "--run", "r", "--runs-dir", runs, "--epochs", "3", "--json")
+    assert [r["epoch"] for r in again.json() if r["event"] == "epoch"] == [2, 3]
+
+
+def test_a_file_size_limit_during_training_is_one_line_and_the_checkpoints_survive(
+    env: dict[str, str], corpus_file: Path, runs_dir: Path
+) -> None:
+    """RLIMIT_FSIZE (Python ignores SIGXFSZ): every write past 8 KiB fails with EFBIG, as a
+    full disk fails with ENOSPC, inside torch's zip writer; the metrics line still fits."""
+    args = ["train", "--corpus", corpus_file, "--normalize", "raw", "--runs-dir", runs_dir, *TINY, "--run", "r"]
+    assert cli(*args, "--epochs", "1").code == 0
+    run = runs_dir / "r"
+    before = {name: (run / name).read_bytes() for name in ("latest.pt", "best.pt")}
+    assert min(len(b) for b in before.values()) > 8192
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+
+    resume = [sys.executable, "-m", "lstmlm", "train", "--resume", "--run", "r", "--runs-dir", str(runs_dir), "--epochs", "3"]
+    result = subprocess.run(resume, capture_output=True, text=True, env=env, timeout=TIMEOUT_S, preexec_fn=limit)
+    assert_full_disk_kept_the_run(result, run, before, "File too large")
+
+
+# ---- two trainings started at the same instant ----------------------------------------------------
+
+# Runs the CLI, held at a gate (a shared flock the test holds exclusively) just before the run is
+# named and created, with its first fsyncs (the run's files) slowed down as on a slow disk: the
+# two processes the test releases together then name and create their runs at the same instant.
+AT_THE_GATE = r"""
+import fcntl, os, sys, time
+from lstmlm import session
+real_training, real_fsync = session.training, os.fsync
+slow = [3]
+
+def slow_fsync(fd):
+    if slow[0] > 0:
+        slow[0] -= 1
+        time.sleep(0.2)
+    real_fsync(fd)
+
+def training(plan):
+    print("AT THE GATE", file=sys.stderr, flush=True)
+    with open(os.environ["GATE"]) as gate:
+        fcntl.flock(gate, fcntl.LOCK_SH)
+    os.fsync = slow_fsync
+    return real_training(plan)
+
+session.training = training
+from lstmlm.cli import app
+app(sys.argv[1:], prog_name="lstmlm")
+"""
+
+
+def test_two_trainings_started_at_the_same_instant_get_a_run_each(
+    started: Any, env: dict[str, str], corpus_file: Path, runs_dir: Path, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    gate.touch()
+    args = ["train", "--corpus", corpus_file, "--normalize", "raw", "--runs-dir", runs_dir, *TINY, "--epochs", "1", "--json"]
+    with open(gate) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        trainings = {seed: started(*args, "--seed", seed, env={**env, "GATE": str(gate)}, code=AT_THE_GATE) for seed in ("1", "2")}
+        for training in trainings.values():
+            training.wait_for("err", lambda line: line.strip() == "AT THE GATE")
+    # released: both name and create their runs now
+    for training in trainings.values():
+        assert training.finish() == 0, "".join(training.stderr)
+    names = {seed: json.loads(t.stdout[-1])["run"] for seed, t in trainings.items()}
+    assert sorted(names.values()) == ["corpus-scratch", "corpus-scratch-2"]
+    for seed, name in names.items():  # each run's files describe the training that wrote it
+        assert json.loads((runs_dir / name / "config.json").read_text())["train"]["seed"] == int(seed)
+        assert json.loads(load_checkpoint(runs_dir / name / "latest.pt")["config"])["train"]["seed"] == int(seed)
+
+
+def test_two_trainings_into_one_named_run_at_the_same_instant_one_is_refused(
+    started: Any, env: dict[str, str], corpus_file: Path, runs_dir: Path, tmp_path: Path
+) -> None:
+    """The name is claimed before anything is written: the loser writes nothing, so the run's
+    config is the winner's (before, both wrote theirs and the lock came too late)."""
+    gate = tmp_path / "gate"
+    gate.touch()
+    args = ["train", "--corpus", corpus_file, "--normalize", "raw", "--runs-dir", runs_dir, *TINY, "--epochs", "1", "--json", "--run", "same"]
+    with open(gate) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        trainings = {seed: started(*args, "--seed", seed, env={**env, "GATE": str(gate)}, code=AT_THE_GATE) for seed in ("1", "2")}
+        for training in trainings.values():
+            training.wait_for("err", lambda line: line.strip() == "AT THE GATE")
+    codes = {seed: training.finish() for seed, training in trainings.items()}
+    assert sorted(codes.values()) == [0, 1]
+    winner, loser = sorted(codes, key=codes.__getitem__)
+    assert "".join(trainings[loser].stderr).strip().splitlines()[-1] == (
+        f"error: run {runs_dir / 'same'} already exists: continue it with --resume or choose another --run"
+    )
+    assert json.loads(trainings[winner].stdout[-1])["run"] == "same"
+    assert json.loads((runs_dir / "same" / "config.json").read_text())["train"]["seed"] == int(winner)
+    assert json.loads(load_checkpoint(runs_dir / "same" / "latest.pt")["config"])["train"]["seed"] == int(winner)
+
+
+# ---- a checkpoint by the clock, mid-epoch, then kill -9 -------------------------------------------
+
+# Runs the CLI on a fake clock that moves 20 s with each training step, and stops still after
+# the first checkpoint written inside an epoch, waiting there to be killed.
+FAKE_CLOCK_STALL_AFTER_SAVE = r"""
+import sys, time
+import lstmlm.train as train
+
+now = [0.0]
+train.clock = lambda: now[0]
+real_step = train.train_step
+
+def step(*args, **kwargs):
+    now[0] += 20.0
+    return real_step(*args, **kwargs)
+
+train.train_step = step
+real_save = train.Trainer.save
+
+def save(self, which="latest"):
+    path = real_save(self, which)
+    if which == "latest" and self.state.step > 0:
+        print(f"SAVED epoch {self.state.epoch} step {self.state.step}", file=sys.stderr, flush=True)
+        time.sleep(600)
+    return path
+
+train.Trainer.save = save
+from lstmlm.cli import app
+app(sys.argv[1:], prog_name="lstmlm")
+"""
+
+
+def test_a_checkpoint_by_the_clock_mid_epoch_then_kill_9_resumes_exactly(
+    started: Any, env: dict[str, str], corpus_file: Path, runs_dir: Path
+) -> None:
+    args = ["train", "--corpus", corpus_file, "--normalize", "raw", "--runs-dir", runs_dir, *EXACT, "--epochs", "2", "--checkpoint-every", "1m"]
+    training = started(*args, "--run", "killed", "--json", env=env, code=FAKE_CLOCK_STALL_AFTER_SAVE)
+    line = training.wait_for("err", lambda s: s.startswith("SAVED"))
+    assert line.strip() == "SAVED epoch 0 step 3"  # 3 steps × 20 s ≥ 1 minute: inside the first epoch
+    training.proc.kill()
+    assert training.finish() == -signal.SIGKILL
+
+    run = runs_dir / "killed"
+    assert_every_checkpoint_loads(run)
+    state = load_checkpoint(run / "latest.pt")["trainer"]["state"]
+    assert (state["epoch"], state["step"]) == (0, 3)
+    resumed = cli("train", "--resume", "--run", "killed", "--runs-dir", runs_dir, "--json")
+    assert resumed.code == 0, resumed.stderr
+    assert cli(*args, "--run", "straight").code == 0
     assert_same_run(run, runs_dir / "straight")

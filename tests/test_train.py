@@ -19,10 +19,10 @@ import lstmlm.train as train_mod
 from lstmlm.checkpoint import load_checkpoint
 from lstmlm.data import batches
 from lstmlm.errors import TrainingError
-from lstmlm.events import EpochEnded, Finished, Saved
+from lstmlm.events import EpochEnded, Evaluated, Finished, Saved
 from lstmlm.generate import PRIME_CHARS
 from lstmlm.model import CharLM
-from lstmlm.runs import LATEST, RunStore
+from lstmlm.runs import BEST, LATEST, RunStore
 from lstmlm.train import Trainer
 
 MakeTrainer = Callable[..., Trainer]
@@ -210,15 +210,53 @@ def test_resume_at_an_epoch_edge_is_bitwise_exact(make_trainer: MakeTrainer, ite
 
 def test_resume_drops_metrics_no_checkpoint_holds(make_trainer: MakeTrainer) -> None:
     """A crash after an epoch was logged but before its checkpoint: resume re-logs it once."""
-    trainer = make_trainer(epochs=3, checkpoint_every=2)
+    trainer = make_trainer(epochs=3, checkpoint_every="2e")
     for event in trainer.run():
         if isinstance(event, EpochEnded) and event.epoch == 3:
             break  # "killed" after logging epoch 3, whose checkpoint is never written
     assert [r["epoch"] for r in trainer.store.read_metrics()] == [1, 2, 3]
-    again = make_trainer(epochs=3, checkpoint_every=2)
+    again = make_trainer(epochs=3, checkpoint_every="2e")
     again.resume()
     list(again.run())
     assert [r["epoch"] for r in again.store.read_metrics()] == [1, 2, 3]
+
+
+def test_a_resume_from_a_latest_older_than_best_never_makes_best_worse(make_trainer: MakeTrainer) -> None:
+    """latest.pt every 3 epochs, validation every epoch, the process killed after epoch 5:
+    best.pt holds epoch 5's model, better than anything latest.pt (epoch 3) knows of. Resumed
+    to stop at epoch 4, the run must keep it, and report its figure."""
+    args = {"checkpoint_every": "3e", "optimizer": "adam", "lr": 0.01}
+    first = make_trainer("r", epochs=6, **args)
+    events = first.run()
+    vals = {}
+    for event in events:
+        if isinstance(event, Evaluated):
+            vals[event.epoch] = event.val_perplexity
+        if isinstance(event, EpochEnded) and event.epoch == 5:
+            break
+    events.close()  # killed: no last save
+    best_path = first.store.path(BEST)
+    best_before = best_path.read_bytes()
+    latest = load_checkpoint(first.store.path(LATEST))["trainer"]["state"]
+    assert latest["epoch"] == 3
+    assert vals[5] < vals[4] < vals[3] == pytest.approx(math.exp(latest["best_val"]), rel=1e-12)  # epoch 4 beats what latest.pt knows
+
+    resumed = make_trainer("r", epochs=4, **args)
+    resumed.resume()
+    events = list(resumed.run())
+    (evaluated,) = [e for e in events if isinstance(e, Evaluated)]
+    assert (evaluated.epoch, evaluated.val_perplexity, evaluated.best) == (4, vals[4], False)
+    assert best_path.read_bytes() == best_before
+    assert events[-1].best_val_perplexity == pytest.approx(vals[5], rel=1e-12)
+    # the replay was exact, and patience counted as in the run never interrupted
+    assert math.exp(resumed.state.best_val) == pytest.approx(vals[4], rel=1e-12) and resumed.state.evals_since_best == 0
+
+
+def test_best_is_replaced_only_by_a_better_model(make_trainer: MakeTrainer, scripted_validation: Any) -> None:
+    trainer = make_trainer(epochs=5)
+    scripted_validation(trainer, [3.0, 2.0, 2.5, 2.0, 1.5, 1.5])
+    saved_best = [e.epoch for e in trainer.run() if isinstance(e, Saved) and e.path.endswith("best.pt")]
+    assert saved_best == [1, 2, 5]
 
 
 # ---- non-finite losses ----------------------------------------------------------------------------
@@ -245,7 +283,7 @@ def test_weights_broken_by_the_last_step_are_not_checkpointed(
 ) -> None:
     """The loss is measured before the update: if the epoch's last update makes the weights
     non-finite, every recorded loss is finite, yet the checkpoint must not take them."""
-    trainer = make_trainer(epochs=3, checkpoint_every=1, val_fraction=0.0)
+    trainer = make_trainer(epochs=3, checkpoint_every="1e", val_fraction=0.0)  # a checkpoint at each epoch's end
     real_step = train_mod.train_step
 
     def step(model: CharLM, *args: Any, **kwargs: Any) -> Any:
@@ -382,7 +420,7 @@ def test_eval_every_validates_every_n_steps_across_epoch_edges(make_trainer: Mak
 
 def test_patience_stops_at_the_epoch_that_spends_it_saving_latest_once(make_trainer: MakeTrainer, scripted_validation: Any) -> None:
     """Validation per epoch: 2.0 (best), 1.5 (best), 1.6, 1.7 → patience 2 is spent at epoch 4."""
-    trainer = make_trainer(epochs=10, patience=2, checkpoint_every=1)
+    trainer = make_trainer(epochs=10, patience=2, checkpoint_every="1e")
     scripted_validation(trainer, [2.0, 1.5, 1.6, 1.7, 1.0, 1.0])
     events = list(trainer.run())
     done = events[-1]
@@ -407,7 +445,7 @@ def test_patience_with_eval_every_stops_mid_epoch_and_still_saves_and_samples(ma
 
 
 def test_a_completed_run_validates_saves_samples_in_that_order(make_trainer: MakeTrainer) -> None:
-    events = list(make_trainer(epochs=2, checkpoint_every=5).run())
+    events = list(make_trainer(epochs=2, checkpoint_every="5e").run())
     assert kinds(events)[-5:] == ["Evaluated", "EpochEnded", "Saved:latest", "Sampled", "Finished"]
 
 

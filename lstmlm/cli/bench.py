@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from . import options
@@ -30,9 +32,14 @@ def bench(
     if not report.is_main:
         return
     if as_json:
+        print_json({"event": "machine", **dataclasses.asdict(report.machine)})
         for row in report.rows:
             print_json({"event": "bench", "what": row.measure, "precision": row.precision, **(row.raw or {"skipped": row.skipped})})
         return
+    m = report.machine
+    out.print(f"machine: {m.cpu}, {m.cores} cores, {m.torch_threads} torch threads, {m.cpu_capability}, "
+              f"native bf16 {'yes' if m.native_bf16 else 'no'}{', ' + m.gpu if m.gpu else ''}, torch {m.torch}; "
+              f"--precision auto picks {m.auto_precision}", soft_wrap=True)  # fmt: skip
     out.print(table(report))
 
 
@@ -40,13 +47,13 @@ def table(report: Report) -> Table:
     d = report.dims
     title = (f"{report.device}: hidden {d.hidden}, {d.layers} layer(s), batch {d.batch_size}, {d.num_steps} steps, "
              f"vocab {d.vocab_size} — {report.flops_per_token:,} FLOPs per trained token")  # fmt: skip
-    t = Table(title=title)
+    t = Table(title=escape(title))
     for column in ("measure", "precision", "figure", "of ceiling", "peak memory"):
         t.add_column(column, justify="left" if column in ("measure", "precision") else "right")
     for row in report.rows:
         share = f"{row.of_ceiling:.0%}" if row.of_ceiling is not None else ""
         memory = f"{row.memory / 2**20:,.0f} MiB" if row.memory else ""
-        t.add_row(row.measure, row.precision, figure(row), share, memory)
+        t.add_row(escape(row.measure), escape(row.precision), escape(figure(row)), share, memory)
     return t
 
 

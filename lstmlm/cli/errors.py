@@ -2,14 +2,18 @@
 
 Library errors (`LstmlmError`) and OS errors print as they are, out-of-memory with a hint,
 anything unexpected as an internal error; exit code 1 (130 on Ctrl-C; Typer's usage errors
-are 2). LSTMLM_DEBUG=1 shows the traceback instead.
+are 2). A reader that closes the pipe early ends the command quietly, with 141 as SIGPIPE
+would. LSTMLM_DEBUG=1 shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
+import signal
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -17,13 +21,14 @@ import typer
 from rich.markup import escape
 
 from ..errors import LstmlmError
-from .console import err
+from .console import err, visible
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
+    one = visible(message).replace("\n", "\u240a")  # one line, whatever a path or a name held
+    err.print(f"[bold red]error:[/] {escape(one)}", markup=True, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -36,12 +41,24 @@ def friendly(command: F) -> F:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort, typer.BadParameter):  # a command's usage error is Typer's to report (exit code 2)
             raise
+        except BrokenPipeError:  # the reader went away (`lstmlm generate | head`): nothing to say
+            _discard_stdout()
+            raise typer.Exit(128 + signal.SIGPIPE) from None  # as a program killed by SIGPIPE exits
         except BaseException as e:
             if os.environ.get("LSTMLM_DEBUG") == "1" or isinstance(e, SystemExit):
                 raise
             raise fail(one_line(e), 130 if isinstance(e, KeyboardInterrupt) else 1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush on the way out does not fail
+    on the closed pipe again (and say so on stderr)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # a test's stdout has no descriptor
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def one_line(e: BaseException) -> str:

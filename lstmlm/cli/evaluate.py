@@ -1,4 +1,4 @@
-"""`lstmlm evaluate`: perplexity and bits per character of a text under a trained model."""
+"""`lstmlm evaluate`: perplexity and bits per character (per byte) of a text under a trained model."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from rich.markup import escape
 
 from ..runs import DEFAULT_RUNS_DIR
 from . import options
-from .console import out, print_json
+from .console import corpus_progress, out, print_json, visible
 
 
 def evaluate(
-    file: Annotated[Path, typer.Argument(help="A UTF-8 text file to score.")],
+    file: Annotated[Path | None, typer.Argument(help="A text file (or directory, or glob) to score.")] = None,
+    part: Annotated[str | None, typer.Option("--part", help="Score the run's own validation or test text instead: val or test.")] = None,
     run: options.Run = None,
     best: options.Best = False,
     device: options.Device = "cpu",
@@ -23,12 +24,22 @@ def evaluate(
     runs_dir: options.RunsDir = DEFAULT_RUNS_DIR,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line.")] = False,
 ) -> None:
-    """Perplexity and bits per character of a text under a trained model."""
-    from ..session import evaluate_file
+    """Perplexity and bits per character (per byte for a bytes model) of a text under a trained model."""
+    from ..errors import ConfigError
+    from ..session import evaluate_file, evaluate_part
 
-    score = evaluate_file(runs_dir, run, file, best, device, precision)
+    if (file is None) == (part is None):
+        raise ConfigError("give a FILE to score, or --part val|test for the run's own text (not both)")
+    with corpus_progress() as progress:
+        if file is not None:
+            score = evaluate_file(runs_dir, run, file, best, device, precision, progress)
+        else:
+            assert part is not None
+            score = evaluate_part(runs_dir, run, part, best, device, precision, progress)
+    what = str(file) if file is not None else f"{part} text"
     if as_json:
-        print_json({"file": str(file), **dataclasses.asdict(score)})
+        print_json({"file": str(file) if file is not None else None, "part": part, **dataclasses.asdict(score)})
         return
-    out.print(f"{escape(str(file))}: perplexity {score.perplexity:.3f}, {score.bits_per_char:.3f} bits per character "
-              f"({score.predicted:,} characters predicted, {score.unknown_characters:,} outside the vocabulary)", soft_wrap=True)  # fmt: skip
+    unit = score.unit
+    out.print(f"{escape(visible(what))}: perplexity {score.perplexity:.3f}, {score.bits_per_char:.3f} bits per {unit} "
+              f"({score.predicted:,} {unit}s predicted, {score.unknown_characters:,} outside the vocabulary)", soft_wrap=True)  # fmt: skip

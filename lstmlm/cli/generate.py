@@ -11,7 +11,7 @@ from rich.markup import escape
 
 from ..runs import DEFAULT_RUNS_DIR
 from . import options
-from .console import err, out
+from .console import err, out, visible
 from .errors import fail, one_line
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ def generate(
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Sample within this probability mass.")] = 1.0,
     min_p: Annotated[float, typer.Option("--min-p", min=0.0, max=1.0, help="Keep characters at least this share as likely as the likeliest (0 = all).")] = 0.0,
     stop: Annotated[list[str] | None, typer.Option("--stop", help=r"End a sample at this string, left out (repeatable; \n, \t, \\ are escapes).")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling (same seed, same text).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", min=0, max=2**64 - 1, help="Seed for sampling (same seed, same text).")] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="Independent continuations.")] = 1,
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="A prompt loop: each line typed is continued (Ctrl-D ends it).")] = False,
     carry: Annotated[bool, typer.Option("--carry", help="With --interactive: each turn reads on from where the last one ended.")] = False,
@@ -39,19 +39,27 @@ def generate(
     best: options.Best = False,
     prime: Annotated[bool, typer.Option("--prime/--no-prime", help="Read the end of the training text before the prefix (raw-mode runs).")] = True,
     runs_dir: options.RunsDir = DEFAULT_RUNS_DIR,
+    raw_output: Annotated[
+        bool,
+        typer.Option("--raw-output", help="Write control characters as they are, even to a terminal (they always are into a pipe or a file)."),
+    ] = False,
 ) -> None:
-    """Continue a prefix with a trained model, streaming the characters."""
+    """Continue a prefix with a trained model, streaming the characters.
+
+    On a terminal, control characters other than newline and tab are shown as ␛, ␍, ... (a model
+    can make escape sequences); piped or redirected, the text is written as it is."""
     from ..generate import Sampling
     from ..session import Conversation, load_for_generation, start_generation
 
     if carry and not interactive:
         raise typer.BadParameter("--carry keeps the state between the turns of --interactive", param_hint="--carry")
     sampling = Sampling(length, temperature, top_k, top_p, num_samples, seed, min_p, tuple(unescape(s) for s in stop or ()))
+    raw = raw_output or not sys.stdout.isatty()
     if interactive:
         trained, prec = load_for_generation(runs_dir, run, model, best, device, precision)
-        converse(Conversation(trained, sampling, prec, prime, carry))
+        converse(Conversation(trained, sampling, prec, prime, carry), raw)
         return
-    show(start_generation(runs_dir, run, prefix, sampling, model, best, device, precision, prime))
+    show(start_generation(runs_dir, run, prefix, sampling, model, best, device, precision, prime), raw)
 
 
 def unescape(text: str) -> str:
@@ -67,32 +75,32 @@ def unescape(text: str) -> str:
     return "".join(chars)
 
 
-def write(text: str) -> None:
-    """Generated text onto stdout as it is made: the one place it is written, so one function
-    can make it safe for a terminal."""
-    sys.stdout.write(text)
+def write(text: str, raw: bool) -> None:
+    """Generated text onto stdout as it is made: the one place it is written. Unless `raw` (a
+    pipe, a file, --raw-output), control characters are shown, not acted on (console.visible)."""
+    sys.stdout.write(text if raw else visible(text))
     sys.stdout.flush()
 
 
-def show(generation: Generation) -> None:
+def show(generation: Generation, raw: bool) -> None:
     """One sample streamed as prefix + continuation on a line; several, each under a header once made."""
     if generation.normalized:
-        err.print(f"[dim]prefix normalized as the model was trained (d2l): {escape(repr(generation.prefix))}[/]")
+        err.print(f"[dim]prefix normalized as the model was trained (d2l): {escape(visible(repr(generation.prefix)))}[/]")
     steps = generation.steps
     if len(steps.ended) == 1:
-        write(generation.prefix)
+        write(generation.prefix, raw)
         for chars in steps:
-            write(chars[0])
-        write("\n")
+            write(chars[0], raw)
+        write("\n", raw)
         return
     for _ in steps:
         pass
     for i, sample in enumerate(steps.text, 1):
         out.print(f"[dim]--- sample {i}[/]")
-        out.print(escape(generation.prefix + sample), soft_wrap=True)
+        out.print(escape(generation.prefix + sample if raw else visible(generation.prefix + sample)), soft_wrap=True)
 
 
-def converse(conversation: Conversation) -> None:
+def converse(conversation: Conversation, raw: bool) -> None:
     """Read a prefix per line and continue it, until end of input (Ctrl-D) or Ctrl-C at the
     prompt. Ctrl-C during a continuation ends that one and prompts again; a prefix the model
     cannot read is one error line, and the loop goes on."""
@@ -109,14 +117,14 @@ def converse(conversation: Conversation) -> None:
             line = input(prompt) if prompt else read_line()
         except (EOFError, KeyboardInterrupt):
             if prompt:
-                write("\n")  # the shell's prompt on a line of its own
+                write("\n", raw)  # the shell's prompt on a line of its own
             return
         generation = None
         try:
             generation = conversation.turn(line)
-            show(generation)
+            show(generation, raw)
         except KeyboardInterrupt:
-            write("\n")
+            write("\n", raw)
         except LstmlmError as e:
             fail(one_line(e))  # printed; the loop goes on
         finally:

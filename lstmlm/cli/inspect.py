@@ -13,7 +13,7 @@ from rich.text import Text
 
 from ..runs import DEFAULT_RUNS_DIR
 from . import options
-from .console import err, out
+from .console import err, out, visible
 
 if TYPE_CHECKING:
     from ..units import Inspection, Saturation
@@ -48,15 +48,15 @@ def inspect_(
     if seen.unknown:
         from ..vocab import describe_chars
 
-        err.print(f"[yellow]read as <unk>, outside the vocabulary:[/] {escape(describe_chars(seen.unknown))}")
+        err.print(f"[yellow]read as <unk>, outside the vocabulary:[/] {escape(visible(describe_chars(seen.unknown)))}")
     if seen.ranking:
-        out.print(f"[bold]{gate} units tracking[/] {escape(find or '')}", soft_wrap=True)  # a long regex stays whole
+        out.print(f"[bold]{escape(gate)} units tracking[/] {escape(visible(find or ''))}", soft_wrap=True)  # a long regex stays whole
         out.print(ranking_table(seen, top))
     show_units(seen)
     out.print()
     out.print(saturation_table(saturation(seen.layers)))
     if html_out is not None:
-        out.print(f"wrote {escape(str(html_out))}", soft_wrap=True)
+        out.print(f"wrote {escape(visible(str(html_out)))}", soft_wrap=True)
 
 
 def show_units(seen: Inspection) -> None:
@@ -83,7 +83,7 @@ def coloured(text: str, levels: list[float], inside: list[bool]) -> Text:
     for c, lvl, m in zip(text, levels, inside):
         r, g, b = colour(round(lvl, 2))
         ink = "white" if abs(lvl) > 0.6 else "black"
-        line.append(c, f"{ink} on rgb({r},{g},{b}){' underline' if m else ''}")
+        line.append(visible(c), f"{ink} on rgb({r},{g},{b}){' underline' if m else ''}")
     return line
 
 

@@ -11,7 +11,7 @@ from rich.markup import escape
 from .. import plot
 from ..runs import DEFAULT_RUNS_DIR, check_run_name
 from . import options
-from .console import out
+from .console import out, visible
 
 
 def plot_(
@@ -26,9 +26,9 @@ def plot_(
     dirs = [runs_dir / check_run_name(name) for name in runs]
     if output is not None:
         series = plot.plot_runs(dirs, output)
-        out.print(f"wrote {escape(str(output))}: {len(series)} series from {len(dirs)} run(s)", soft_wrap=True)
+        out.print(f"wrote {escape(visible(str(output)))}: {len(series)} series from {len(dirs)} run(s)", soft_wrap=True)
         return
     for d in dirs:
         records = plot.read_metrics(d)
-        out.print(f"[bold]{escape(d.name)}[/] [dim]{len(records)} epochs[/]")
+        out.print(f"[bold]{escape(visible(d.name))}[/] [dim]{len(records)} epochs[/]")
         out.print(plot.perplexity_chart(records, width=min(out.width, 100), height=12))

@@ -1,16 +1,15 @@
-"""`lstmlm train`: the effective config as a table, progress and samples as training goes, the
-perplexity chart and the result at the end; or JSON lines with --json."""
+"""`lstmlm train`: bars while the corpus is made ready, the effective config as a table, progress
+and samples as training goes, the perplexity chart and the result at the end; or JSON lines
+with --json."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import math
-import shlex
 import signal
-from collections.abc import Callable, Iterator
-from typing import Annotated, Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -21,7 +20,10 @@ from ..config import Config
 from ..events import EpochEnded, Evaluated, Event, Finished, Sampled, Started, Stepped
 from ..runs import DEFAULT_RUNS_DIR
 from . import options
-from .console import download_bar, err, out, print_json
+from .console import corpus_progress, err, out, print_json, visible
+
+if TYPE_CHECKING:
+    from ..data.pipeline import Data
 
 STEP_BAR_MIN_BATCHES = 50  # epochs this long get a bar within the epoch too
 
@@ -39,8 +41,9 @@ def train(
     from .. import session
     from ..plot import perplexity_chart
 
-    with corpus_download_progress() as progress:
+    with corpus_progress() as progress:
         plan = session.prepare_training(runs_dir, run, overrides, config_file, resume, progress)
+    warn_about(plan.data)
     stop = session.StopFlag()
     with session.training(plan) as training, stop.installed():
         if not training.world.is_main:  # only rank 0 shows anything
@@ -51,39 +54,39 @@ def train(
         metrics = training.store.read_metrics()
     if not as_json and done.epochs > 1:
         out.print(perplexity_chart(metrics, width=min(out.width, 100), height=10))
-    report(done, as_json)
+    report(done, as_json, "byte" if training.config.data.normalize == "bytes" else "character")
     if done.reason == "interrupted":
-        where = "" if runs_dir == DEFAULT_RUNS_DIR else f" --runs-dir {shlex.quote(str(runs_dir))}"  # a command that works as is
-        err.print(f"stopped: checkpoint saved; continue with: lstmlm train --resume --run {shlex.quote(done.run)}{where}", markup=False, soft_wrap=True)
+        command = session.resume_command(done.run, runs_dir, overrides)  # a command that works as is
+        err.print(f"stopped: checkpoint saved; continue with: {visible(command)}", markup=False, soft_wrap=True)
         raise typer.Exit(128 + (stop.signal or signal.SIGINT))
 
 
-@contextlib.contextmanager
-def corpus_download_progress() -> Iterator[Callable[[int, int | None], None] | None]:
-    """A bar that shows only if the corpus has to be downloaded; none in a log or a pipe, where a
-    bar is noise (and Rich leaves a blank line there, before any error line)."""
-    if not err.is_terminal:
-        yield None
-        return
-    with download_bar() as bar:
-        task = bar.add_task("downloading the corpus", total=None, visible=False)
-        yield lambda done, total: bar.update(task, completed=done, total=total, visible=True)
+def warn_about(data: Data) -> None:
+    """One line for each file of the corpus that was skipped, their count at the end, and any
+    other warning (the token store could not be cached, say)."""
+    for skipped in data.skipped:
+        err.print(f"warning: skipped {skipped.path}: {skipped.reason}", markup=False, highlight=False, soft_wrap=True)
+    if data.skipped:
+        total = sum(s.size for s in data.skipped)
+        err.print(f"warning: skipped {len(data.skipped):,} file(s), {total:,} bytes (--strict refuses them instead)", markup=False, soft_wrap=True)
+    for warning in data.warnings:
+        err.print(f"warning: {warning}", markup=False, soft_wrap=True)
 
 
 def config_table(cfg: Config, started: Started) -> Table:
-    table = Table(title=f"run [bold]{escape(started.run)}[/]", show_header=False, box=None, padding=(0, 2))
+    table = Table(title=f"run [bold]{escape(visible(started.run))}[/]", show_header=False, box=None, padding=(0, 2))
     table.add_column(style="dim")
     table.add_column()
     table.add_column(style="dim")
     table.add_column()
-    rows = [(k, escape(str(v))) for section in cfg.to_dict().values() for k, v in section.items()]
+    rows = [(k, escape(visible(str(v)))) for section in cfg.to_dict().values() for k, v in section.items()]
     rows += [
         ("parameters", f"{started.num_params:,}"),
         ("vocab", str(started.vocab_size)),
         ("train tokens", f"{started.train_tokens:,}"),
         ("val tokens", f"{started.val_tokens:,}"),
         ("batches/epoch", str(started.batches_per_epoch)),
-        ("on", f"{started.device} {started.precision}"),
+        ("on", escape(f"{started.device} {started.precision}")),
     ]
     half = (len(rows) + 1) // 2
     for left, right in itertools.zip_longest(rows[:half], rows[half:], fillvalue=("", "")):
@@ -92,7 +95,8 @@ def config_table(cfg: Config, started: Started) -> Table:
 
 
 def render(cfg: Config, events: Iterator[Event], as_json: bool) -> Finished:
-    """Show the events: a progress bar and samples, or JSON lines on stdout."""
+    """Show the events: progress bars (the epochs; inside a long epoch its tokens, rate and time
+    left) and samples, or JSON lines on stdout."""
     progress = Progress(
         TextColumn("{task.description} {task.completed:.0f}/{task.total:.0f}"),
         BarColumn(),
@@ -101,6 +105,7 @@ def render(cfg: Config, events: Iterator[Event], as_json: bool) -> Finished:
         console=err,
         disable=as_json,
     )
+    unit = "bpb" if cfg.data.normalize == "bytes" else "bpc"
     epochs: Any = None
     steps = None
     with progress:
@@ -112,22 +117,39 @@ def render(cfg: Config, events: Iterator[Event], as_json: bool) -> Finished:
                 if event.batches_per_epoch >= STEP_BAR_MIN_BATCHES:
                     steps = progress.add_task("step", total=event.batches_per_epoch, stats="")
             elif isinstance(event, Stepped) and steps is not None:
-                progress.update(steps, completed=event.step)
+                progress.update(steps, completed=event.step, total=event.batches, stats=within_epoch(event))
             elif isinstance(event, EpochEnded):
-                val = f"  val {event.val_perplexity:.3f} ({event.val_bpc:.3f} bpc)" if event.val_perplexity else ""
+                val = f"  val {event.val_perplexity:.3f} ({event.val_bpc:.3f} {unit})" if event.val_perplexity else ""
                 progress.update(epochs, completed=event.epoch, stats=f"ppl {event.train_perplexity:.3f}{val}  {event.tokens_per_s:,.0f} tok/s")
                 if as_json:
                     print_json({"event": "epoch", **dataclasses.asdict(event)})
             elif isinstance(event, Evaluated) and as_json:
                 print_json({"event": "eval", **dataclasses.asdict(event)})
             elif isinstance(event, Sampled) and not as_json and event.epoch < cfg.train.epochs:
-                progress.console.print(f"[dim]epoch {event.epoch}[/] {escape(event.text)}")
+                progress.console.print(f"[dim]epoch {event.epoch}[/] {escape(visible(event.text))}")
             elif isinstance(event, Finished):
                 return event
     raise AssertionError("training ended without a Finished event")
 
 
-def report(done: Finished, as_json: bool) -> None:
+def within_epoch(step: Stepped) -> str:
+    """'12.3M/1.0G tokens  7,700 tok/s  epoch ends in 1:02:03'."""
+    text = f"{count(step.tokens)}/{count(step.epoch_tokens)} tokens  {step.tokens_per_s:,.0f} tok/s"
+    if step.tokens_per_s > 0:
+        left = int((step.epoch_tokens - step.tokens) / step.tokens_per_s)
+        text += f"  epoch ends in {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+    return text
+
+
+def count(n: float) -> str:
+    """1234 → '1.2k', 3_400_000 → '3.4M': a count to read at a glance."""
+    for size, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{suffix}"
+    return f"{n:.0f}"
+
+
+def report(done: Finished, as_json: bool, unit: str = "character") -> None:
     if as_json:
         print_json({"event": "done", **dataclasses.asdict(done)})
         return
@@ -135,8 +157,10 @@ def report(done: Finished, as_json: bool) -> None:
         out.print(f"early stop after epoch {done.epochs}: validation stopped improving")
     if done.reason == "time_limit":
         out.print(f"time limit reached after epoch {done.epochs}")
-    out.print(f"perplexity {done.perplexity:.1f}, {done.tokens_per_s:.1f} tokens/sec on {done.device}")
+    out.print(f"perplexity {done.perplexity:.1f}, {done.tokens_per_s:.1f} tokens/sec on {escape(done.device)}")
     if done.val_perplexity is not None:
-        out.print(f"validation perplexity {done.val_perplexity:.3f}, {math.log2(done.val_perplexity):.3f} bits per character")
+        out.print(f"validation perplexity {done.val_perplexity:.3f}, {math.log2(done.val_perplexity):.3f} bits per {unit}")
+    if done.best_val_perplexity is not None and done.best_val_perplexity != done.val_perplexity:
+        out.print(f"best validation perplexity {done.best_val_perplexity:.3f} (best.pt)")
     for text in done.samples.values():
-        out.print(escape(text), soft_wrap=True)
+        out.print(escape(visible(text)), soft_wrap=True)

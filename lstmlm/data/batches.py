@@ -1,21 +1,37 @@
 """Minibatches of (X, Y) token ids: the seed's sequential and random iterators, and the split.
 
 Both iterators draw their random offset (and the random one its shuffle) from a
-`random.Random` passed in, so an epoch's batches are fixed by that generator's state: a
-checkpoint stores the state at the start of the epoch and resume rebuilds the same batches.
+`random.Random` passed in, exactly as the seed's `seq_data_iter_sequential` and
+`seq_data_iter_random` draw them, so an epoch's batches are fixed by that generator's state:
+a checkpoint stores the state at the start of the epoch and resume rebuilds the same batches.
+
+Nothing copies the text. A batch is gathered from its rows' windows: row r of batch i reads
+the num_steps + 1 tokens from start(i, r), X the first num_steps, Y the last. The sequential
+iterator's rows are one stream cut in `batch_size`:
+
+    tokens:  o ....................................................... (offset o ∈ [0, num_steps])
+    row 0:   o              o+n            o+2n   ...                  n = num_steps
+    row 1:   o+L            o+L+n          o+L+2n ...                  L = (len - o - 1) // batch_size
+    ...      batch 0        batch 1        batch 2                     (a row continues batch to batch)
+
+the random iterator's rows are non-overlapping windows o + k·n, in shuffled order. So the
+tokens can be a memory map of any size (each batch touches batch_size windows) — or a tensor on
+a GPU: the index arithmetic runs on the tokens' device.
 """
 
 from __future__ import annotations
 
+import array
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import CorpusError
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # X, Y: (batch, num_steps) int64 ids; Y is X shifted by one
+Batch = tuple[torch.Tensor, torch.Tensor]  # X, Y: (rows, num_steps) int64 ids; Y is X shifted by one
 
 
 def min_tokens(batch_size: int, num_steps: int) -> int:
@@ -32,36 +48,85 @@ def check_length(num_tokens: int, batch_size: int, num_steps: int, what: str = "
         )
 
 
+class BatchSource:
+    """The batches of a token sequence for the rows this process trains on (all of them in one
+    process; its block of every batch under torchrun). `epoch(rng)` draws an epoch's order from
+    `rng` and yields its batches; `skip` resumes one part-way without gathering what is skipped."""
+
+    def __init__(self, tokens: torch.Tensor, batch_size: int, num_steps: int, iterator: str, rows: slice = slice(None)) -> None:
+        if iterator not in ("sequential", "random"):
+            raise CorpusError(f"unknown iterator '{iterator}' (expected sequential or random)")
+        self.tokens, self.batch_size, self.num_steps, self.iterator = tokens, batch_size, num_steps, iterator
+        self.rows = torch.arange(batch_size)[rows]  # which rows of a batch this process reads
+        self.window = torch.arange(num_steps + 1, device=tokens.device)  # (steps + 1,)
+
+    def epoch(self, rng: random.Random, skip: int = 0) -> Epoch:
+        if self.iterator == "sequential":
+            return self._sequential(rng, skip)
+        return self._random(rng, skip)
+
+    def gather(self, starts: torch.Tensor) -> Batch:
+        """The batch whose rows start at `starts` (rows,): each row's window of num_steps + 1."""
+        W = self.tokens[starts.to(self.tokens.device)[:, None] + self.window].long()  # (rows, steps + 1)
+        return W[:, :-1], W[:, 1:]
+
+    def _sequential(self, rng: random.Random, skip: int) -> Epoch:
+        """The seed's seq_data_iter_sequential: offset o, then the text from o as `batch_size`
+        rows of L tokens, walked num_steps columns at a time."""
+        n, B = self.num_steps, self.batch_size
+        offset = rng.randint(0, n)
+        row_length = (len(self.tokens) - offset - 1) // B
+        first = offset + self.rows * row_length  # (rows,): where each row starts
+        return Epoch(self, row_length // n, skip, sequential_starts=first)
+
+    def _random(self, rng: random.Random, skip: int) -> Epoch:
+        """The seed's seq_data_iter_random: offset o, the windows o + k·n shuffled (the same
+        Fisher–Yates draws as shuffling the seed's list, on 4 bytes a window), batch_size at a time."""
+        n, B = self.num_steps, self.batch_size
+        offset = rng.randint(0, n - 1)
+        num_subseqs = (len(self.tokens) - offset - 1) // n
+        order = array.array("I" if num_subseqs < 2**32 else "Q", np.arange(num_subseqs, dtype=np.uint32 if num_subseqs < 2**32 else np.uint64).tobytes())
+        rng.shuffle(order)  # the seed shuffles a list; shuffle needs only len and item assignment
+        return Epoch(self, num_subseqs // B, skip, offset=offset, order=order)
+
+
+@dataclass
+class Epoch:
+    """One epoch's batches: `len()` of them, iterated from batch `skip` on."""
+
+    source: BatchSource
+    num_batches: int
+    skip: int = 0
+    sequential_starts: torch.Tensor | None = None  # sequential: each row's start in batch 0
+    offset: int = 0  # random: the windows' offset
+    order: array.array | None = None  # random: the window indices, shuffled
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def starts(self, i: int) -> torch.Tensor:
+        """Where this process's rows of batch i start."""
+        s = self.source
+        if self.sequential_starts is not None:
+            return self.sequential_starts + i * s.num_steps
+        assert self.order is not None
+        windows = torch.tensor(self.order[i * s.batch_size : (i + 1) * s.batch_size], dtype=torch.int64)
+        return self.offset + windows[s.rows] * s.num_steps
+
+    def __iter__(self) -> Iterator[Batch]:
+        for i in range(self.skip, self.num_batches):
+            yield self.source.gather(self.starts(i))
+
+
 def sequential(corpus: torch.Tensor, batch_size: int, num_steps: int, rng: random.Random) -> Iterator[Batch]:
     """The seed's seq_data_iter_sequential: each row of X is a contiguous stream, so batch k+1
     continues batch k row by row and the recurrent state can be carried between them."""
-    offset = rng.randint(0, num_steps)
-    num_tokens = ((len(corpus) - offset - 1) // batch_size) * batch_size
-    Xs = corpus[offset : offset + num_tokens].long().reshape(batch_size, -1)  # (batch, columns)
-    Ys = corpus[offset + 1 : offset + 1 + num_tokens].long().reshape(batch_size, -1)
-    num_batches = Xs.shape[1] // num_steps
-    for i in range(0, num_steps * num_batches, num_steps):
-        yield Xs[:, i : i + num_steps], Ys[:, i : i + num_steps]
+    return iter(BatchSource(corpus, batch_size, num_steps, "sequential").epoch(rng))
 
 
-def random_subsequences(
-    corpus: torch.Tensor, batch_size: int, num_steps: int, rng: random.Random
-) -> Iterator[Batch]:
+def random_subsequences(corpus: torch.Tensor, batch_size: int, num_steps: int, rng: random.Random) -> Iterator[Batch]:
     """The seed's seq_data_iter_random: non-overlapping subsequences in shuffled order."""
-    corpus = corpus[rng.randint(0, num_steps - 1) :]
-    num_subseqs = (len(corpus) - 1) // num_steps
-    initial_indices = list(range(0, num_subseqs * num_steps, num_steps))
-    rng.shuffle(initial_indices)
-    num_batches = num_subseqs // batch_size
-    windows = torch.arange(num_steps)
-    for i in range(0, batch_size * num_batches, batch_size):
-        starts = torch.tensor(initial_indices[i : i + batch_size]).unsqueeze(1)  # (batch, 1)
-        X = corpus[starts + windows].long()  # (batch, num_steps)
-        Y = corpus[starts + windows + 1].long()
-        yield X, Y
-
-
-ITERATORS = {"sequential": sequential, "random": random_subsequences}
+    return iter(BatchSource(corpus, batch_size, num_steps, "random").epoch(rng))
 
 
 def num_batches(num_tokens: int, batch_size: int, num_steps: int, iterator: str) -> int:

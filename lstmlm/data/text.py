@@ -1,16 +1,19 @@
-"""Corpus text: reading files and directories as UTF-8, and the two normalizations.
+"""Corpus text: reading files and directories as UTF-8, the normalizations, a file's summary.
 
-Imports no torch: `lstmlm download` reads a file's summary with it and starts at once.
+`read_text` reads a small text whole (a prefix file, a text to inspect); a corpus for training
+is read piece by piece instead (`encode.py`), with the same `normalize`. Imports no torch:
+`lstmlm download` summarizes a file with it and starts at once.
 """
 
 from __future__ import annotations
 
-import hashlib
+import codecs
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..corpus import sha1_of
 from ..errors import CorpusError
+from .files import corpus_files
 
 
 def read_text(path: str | Path) -> str:
@@ -22,13 +25,6 @@ def read_text(path: str | Path) -> str:
             raise CorpusError(f"corpus directory {path} holds no files")
         return "".join(_read_one(p) for p in files)
     return _read_one(path)
-
-
-def corpus_files(directory: Path) -> list[Path]:
-    """The files of a directory corpus in reading order, hidden files and folders (.git) left out."""
-    return sorted(
-        p for p in directory.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)
-    )
 
 
 def _read_one(path: Path) -> str:
@@ -55,24 +51,62 @@ _NOT_LETTERS = re.compile("[^A-Za-z]+")
 
 
 def normalize(text: str, mode: str) -> str:
-    """`d2l`: the seed's preprocessing; `raw`: the text unchanged.
+    """`d2l`: the seed's preprocessing; `raw`: the text unchanged; `bytes`: its UTF-8 bytes, each
+    as the character of that code point (a byte-level model's symbols; see `as_text`).
 
     d2l reads with readlines() (universal newlines), maps each run of non-letters to one space,
     strips and lowercases every line, then joins the lines with no separator at all.
     """
     if mode == "raw":
         return text
+    if mode == "bytes":
+        return text.encode("utf-8", "surrogateescape").decode("latin-1")
     if mode != "d2l":
-        raise CorpusError(f"unknown normalization '{mode}' (expected d2l or raw)")
+        raise CorpusError(f"unknown normalization '{mode}' (expected d2l, raw or bytes)")
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     return "".join(_NOT_LETTERS.sub(" ", line).strip().lower() for line in lines)
 
 
-def content_sha1(path: Path) -> str:
-    """SHA-1 of a file, or of a directory's files in the order read_text joins them."""
-    if not path.is_dir():
-        return sha1_of(path)
-    digest = hashlib.sha1()
-    for p in corpus_files(path):
-        digest.update(sha1_of(p).encode())
-    return digest.hexdigest()
+def as_text(symbols: str, mode: str) -> str:
+    """A model's symbols as text to show: in bytes mode the bytes decoded as UTF-8 (a sequence
+    cut mid-character shows U+FFFD), otherwise the symbols themselves."""
+    if mode != "bytes":
+        return symbols
+    return symbols.encode("latin-1").decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class Summary:
+    bytes: int
+    characters: int | None  # None where the file is not UTF-8 text
+    distinct: int  # distinct characters (of a UTF-8 file), else distinct bytes
+
+
+def summarize(path: Path, chunk_bytes: int = 1 << 20) -> Summary:
+    """A file's size, characters and distinct symbols, read a chunk at a time."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    size, characters = 0, 0
+    chars: set[str] = set()
+    byte_seen = bytearray(256)
+    text_ok = True
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            size += len(chunk)
+            for b in set(chunk):
+                byte_seen[b] = 1
+            if text_ok:
+                try:
+                    piece = decoder.decode(chunk)
+                except UnicodeDecodeError:
+                    text_ok = False
+                    continue
+                characters += len(piece)
+                chars.update(piece)
+    if text_ok:
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            text_ok = False
+    if text_ok and not byte_seen[0]:  # UTF-8 without NUL bytes: text
+        return Summary(size, characters, len(chars))
+    return Summary(size, None, sum(byte_seen))

@@ -1,0 +1,450 @@
+"""The token store: a corpus's ids in one file, read through a memory map.
+
+A store file is a header and the ids:
+
+    lstmlm-tokens 1 0000000000004096\\n      the magic line and where the ids begin
+    {"vocab": [...], "dtype": "uint8", "length": ..., "source_sha1": ..., ...}\\n   padded to a page
+    ids                                      `length` ids, little-endian, in the narrowest dtype the
+                                             vocabulary allows: uint8 up to 256 symbols, uint16 up to
+                                             65,536, else int32
+
+Training, validation and every rank read it through a copy-on-write memory map (`np.memmap`,
+then `torch.from_numpy`): slicing is free and only the pages a batch touches are read, so no
+process ever holds the corpus in memory in any dtype; the pages are the file's, clean, and
+the kernel drops them when memory is short.
+
+`encode_corpus` makes one, streaming: the corpus is cut into pieces (encode.py), scanned for
+its characters (one pass: counts per piece, merged into the vocabulary) while the parent
+hashes the files, then encoded into the file at each piece's offset — both passes on every
+core, with a progress callback per stage. The file is written under a temporary name and
+renamed when complete. Where the cache cannot take it (a full disk, no permission), the
+store is made in a temporary file in `scratch` (unlinked once mapped), or for a small corpus
+in memory — with one warning, never an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import multiprocessing
+import os
+import signal
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..atomic import _fsync_dir, _umask
+from ..corpus import StageProgress
+from ..errors import CorpusError, VocabError
+from ..vocab import Vocab
+from . import cache, encode
+from .encode import Piece, Problem, Scan
+from .files import CorpusFile, Selection, Skipped
+
+MAGIC = b"lstmlm-tokens 1 "
+FORMAT_VERSION = 1
+PAGE = 4096
+PIECE_BYTES = 8 << 20  # a piece of the corpus per job: bounds a worker's memory to ~100 MB
+WORKERS = 0  # processes encoding at once; 0 = one per core this process may use
+MEMORY_FALLBACK_BYTES = 256 << 20  # with no disk to write to, a store this small is kept in memory
+DTYPES = {"uint8": torch.uint8, "uint16": torch.uint16, "int32": torch.int32}
+
+
+def dtype_for(vocab_size: int) -> str:
+    """The narrowest dtype that holds every id of a vocabulary."""
+    return "uint8" if vocab_size <= 256 else "uint16" if vocab_size <= 65_536 else "int32"
+
+
+def bytes_vocab() -> Vocab:
+    """Bytes mode: 256 symbols, id = byte value, no <unk> (every byte is known)."""
+    return Vocab([chr(b) for b in range(256)])
+
+
+@dataclass(frozen=True)
+class TokenStore:
+    vocab: Vocab
+    ids: torch.Tensor  # (length,) in the store's dtype: a view of the mapped file (or of memory)
+    source_sha1: str  # the content hash of the corpus files read
+    unknown: int  # characters outside the vocabulary, read as <unk>
+    path: Path | None  # where it lives in the cache; None for a temporary copy
+
+
+@dataclass(frozen=True)
+class Encoded:
+    store: TokenStore
+    skipped: tuple[Skipped, ...]  # files of a directory or glob that were left out
+    warnings: tuple[str, ...]  # e.g. the store could not be written in the cache
+
+
+# ---- the file -------------------------------------------------------------------------------------
+
+
+def header(meta: dict[str, Any], offset: int | None = None) -> bytes:
+    """The magic line and the metadata as one JSON line, padded with spaces to `offset` (by
+    default the next whole page)."""
+    body = json.dumps(meta, ensure_ascii=True).encode() + b"\n"
+    first = len(MAGIC) + 17
+    offset = offset if offset is not None else -(-(first + len(body)) // PAGE) * PAGE
+    if first + len(body) > offset:
+        raise ValueError("the store's header does not fit before its ids")
+    return MAGIC + f"{offset:016d}\n".encode() + body + b" " * (offset - first - len(body))
+
+
+def open_store(path: Path) -> TokenStore | None:
+    """A store file, mapped; None if it is missing or damaged in any way (it is then rebuilt)."""
+    try:
+        with open(path, "rb") as f:
+            first = f.read(len(MAGIC) + 17)
+            if not first.startswith(MAGIC) or not first.endswith(b"\n"):
+                return None
+            offset = int(first[len(MAGIC) : -1])
+            meta = json.loads(f.read(offset - len(first)))
+            size = os.fstat(f.fileno()).st_size
+        vocab = Vocab(meta["vocab"])
+        dtype, length = meta["dtype"], meta["length"]
+        if meta.get("format") != "lstmlm-tokens" or meta.get("version") != FORMAT_VERSION:
+            return None
+        if dtype != dtype_for(len(vocab)) or not isinstance(length, int):
+            return None
+        if size != offset + length * np.dtype(dtype).itemsize:
+            return None
+        return TokenStore(vocab, _mapped(path, dtype, offset, length), str(meta["source_sha1"]), int(meta.get("unknown", 0)), path)
+    except (OSError, ValueError, KeyError, TypeError, VocabError):
+        return None
+
+
+def _mapped(path: Path, dtype: str, offset: int, length: int) -> torch.Tensor:
+    if length == 0:
+        return torch.empty(0, dtype=DTYPES[dtype])
+    # copy-on-write ("c"): writable for torch, yet reading never dirties a page
+    return torch.from_numpy(np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=(length,)))
+
+
+# ---- making one -------------------------------------------------------------------------------------
+
+
+def encode_corpus(
+    selection: Selection,
+    mode: str,
+    vocab: Vocab | None = None,
+    strict: bool = False,
+    progress: StageProgress | None = None,
+    scratch: Path | None = None,
+) -> Encoded:
+    """The corpus as a token store: from the cache when its files are unchanged (not a byte of
+    the text read), else encoded and stored. The vocabulary is built from the text (`<unk>` then
+    the characters: by frequency in d2l mode, by code point in raw mode; the 256 bytes in bytes
+    mode) unless one is given (a resumed run keeps its own)."""
+    signature = selection.signature(mode)
+    with cache.locked(signature):
+        known = cache.read_index(signature)
+        if known is not None and (store := _cached(known.sha1, mode, vocab)) is not None:
+            if strict and known.skipped:  # skipped when the store was made; refused now
+                raise CorpusError(_refusal(known.skipped[0]))
+            return Encoded(store, known.skipped, ())
+        started = cache.now_ns()
+        with Workers() as workers:
+            scanned = _scan(selection, mode, strict, progress, workers)
+            cache.write_index(signature, selection, cache.IndexEntry(scanned.sha1, scanned.skipped), started)
+            if (store := _cached(scanned.sha1, mode, vocab)) is not None:
+                return Encoded(store, scanned.skipped, ())
+            if scanned.length == 0:
+                raise CorpusError(f"corpus {selection.source} is empty after {mode} normalization")
+            built = bytes_vocab() if mode == "bytes" else _vocab(scanned)
+            target = vocab or built
+            where = cache.store_path(scanned.sha1, mode, None if target == built else target)
+            store, warnings = _write(scanned, target, where, progress, scratch, workers)
+        return Encoded(store, scanned.skipped, warnings)
+
+
+def _cached(sha1: str, mode: str, vocab: Vocab | None) -> TokenStore | None:
+    """The store of this content, under `vocab` if one is given."""
+    for path in (cache.store_path(sha1, mode), *([cache.store_path(sha1, mode, vocab)] if vocab is not None else [])):
+        store = open_store(path)
+        if store is not None and (vocab is None or store.vocab == vocab):
+            return store
+    return None
+
+
+# ---- pass 1: hash and scan ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scanned:
+    mode: str
+    sha1: str
+    pieces: list[Piece]
+    scans: list[Scan]
+    skipped: tuple[Skipped, ...]
+
+    @property
+    def length(self) -> int:
+        return sum(s.length for s in self.scans)
+
+
+def _scan(selection: Selection, mode: str, strict: bool, progress: StageProgress | None, workers: Workers) -> Scanned:
+    """Hash every file (in a thread: hashlib releases the GIL) while the pieces are scanned. A file
+    that is empty is skipped at once; one that is not text is skipped and the rest scanned again
+    without it (rare: the pieces around it may have read across it)."""
+    skipped = _empty(selection, strict)
+    files = [i for i in range(len(selection.files)) if i not in skipped]
+    digests: dict[int, str] = {}
+    hashing = threading.Thread(target=_hash_files, args=([selection.files[i] for i in files], files, digests), daemon=True)
+    hashing.start()
+    try:
+        while True:
+            chosen = [selection.files[i] for i in files]
+            pieces = encode.plan([str(f.path) for f in chosen], [f.size for f in chosen], mode, PIECE_BYTES, files)
+            scans = workers.run(encode.scan, [(p, mode) for p in pieces], pieces, "reading", progress)
+            bad = _problems(selection, [p for s in scans for p in s.problems], strict)
+            if not bad:
+                break
+            skipped.update(bad)
+            files = [i for i in files if i not in bad]
+            if not files:
+                raise CorpusError(f"no file of corpus {selection.source} is readable text ({len(skipped)} skipped)")
+    finally:
+        hashing.join()
+    missing = [selection.files[i].path for i in files if i not in digests]
+    if missing:
+        raise CorpusError(f"cannot read corpus file {missing[0]}")
+    if selection.many:
+        sha1 = hashlib.sha1("".join(digests[i] for i in files).encode()).hexdigest()
+    else:
+        sha1 = digests[files[0]]
+    return Scanned(mode, sha1, pieces, scans, tuple(skipped[i] for i in sorted(skipped)))
+
+
+def _refusal(skipped: Skipped) -> str:
+    why = skipped.reason if skipped.reason.startswith("looks") else f"is {skipped.reason}"
+    return f"corpus file {skipped.path} {why} (--strict: no file is skipped)"
+
+
+def _empty(selection: Selection, strict: bool) -> dict[int, Skipped]:
+    """The empty files, by index: skipped (or refused: a single file, or under --strict)."""
+    empty = {}
+    for i, f in enumerate(selection.files):
+        if f.size > 0:
+            continue
+        if not selection.many:
+            raise CorpusError(f"corpus {f.path} is empty")
+        empty[i] = Skipped(str(f.path), "empty", 0)
+        if strict:
+            raise CorpusError(_refusal(empty[i]))
+    if len(empty) == len(selection.files):
+        raise CorpusError(f"every file of corpus {selection.source} is empty")
+    return empty
+
+
+def _hash_files(files: list[CorpusFile], indices: list[int], digests: dict[int, str]) -> None:
+    for i, f in zip(indices, files):
+        digest = hashlib.sha1()
+        with contextlib.suppress(OSError), open(f.path, "rb") as stream:  # a read error surfaces in the scan
+            while chunk := stream.read(1 << 18):
+                digest.update(chunk)
+            digests[i] = digest.hexdigest()
+
+
+def _problems(selection: Selection, problems: list[Problem], strict: bool) -> dict[int, Skipped]:
+    """The files that are not text, each with its first problem (a NUL byte, as reading the file
+    whole finds it, before any invalid UTF-8); an error for a single file or under --strict."""
+    first: dict[int, Problem] = {}
+    for p in problems:
+        seen = first.get(p.file)
+        if seen is None or (p.kind, p.offset) < (seen.kind, seen.offset):  # "nul" sorts before "utf8"
+            first[p.file] = p
+    bad = {}
+    for i, p in sorted(first.items()):
+        f = selection.files[i]
+        reason = f"looks binary (NUL byte at offset {p.offset})" if p.kind == "nul" else f"is not UTF-8 (invalid byte at offset {p.offset})"
+        if not selection.many:
+            raise CorpusError(f"corpus {f.path} {reason}")
+        bad[i] = Skipped(str(f.path), reason.removeprefix("is "), f.size)
+        if strict:
+            raise CorpusError(_refusal(bad[i]))
+    return bad
+
+
+def _vocab(scanned: Scanned) -> Vocab:
+    """The vocabulary of the scanned text: the pieces' counts merged one piece at a time (their
+    first offsets made global), in memory proportional to the distinct characters only."""
+    chars = np.empty(0, dtype=np.int64)
+    counts = np.empty(0, dtype=np.int64)
+    first = np.empty(0, dtype=np.int64)
+    start = 0
+    for s in scanned.scans:
+        merged = np.union1d(chars, s.chars)
+        into_old, into_new = np.searchsorted(merged, chars), np.searchsorted(merged, s.chars)
+        counts_, first_ = np.zeros(len(merged), np.int64), np.full(len(merged), np.iinfo(np.int64).max, np.int64)
+        counts_[into_old], first_[into_old] = counts, first
+        counts_[into_new] += s.counts
+        if scanned.mode == "d2l":
+            first_[into_new] = np.minimum(first_[into_new], start + s.first)
+        chars, counts, first = merged, counts_, first_
+        start += s.length
+    if not len(chars):
+        raise CorpusError("the corpus holds no characters")
+    order = "frequency" if scanned.mode == "d2l" else "codepoint"
+    return Vocab.from_stats(chars, counts, first, order)
+
+
+# ---- pass 2: encode into the store ------------------------------------------------------------------
+
+
+def _write(
+    scanned: Scanned, vocab: Vocab, where: Path, progress: StageProgress | None, scratch: Path | None, workers: Workers
+) -> tuple[TokenStore, tuple[str, ...]]:
+    """Encode into `where` in the cache; failing that, a temporary file in `scratch`; failing
+    that too, memory (small corpora only)."""
+    dtype = dtype_for(len(vocab))
+    nbytes = scanned.length * np.dtype(dtype).itemsize
+    try:
+        return _into_file(scanned, vocab, dtype, where.parent, where, progress, workers), ()
+    except OSError as e:
+        cache_failure = f"cannot write the token store in {where.parent} ({_reason(e)})"
+    scratch = scratch or Path(tempfile.gettempdir())
+    try:
+        store = _into_file(scanned, vocab, dtype, scratch, None, progress, workers)
+        return store, (f"{cache_failure}; training from a temporary copy in {scratch}",)
+    except OSError as e:
+        scratch_failure = f"nor in {scratch} ({_reason(e)})"
+    if nbytes > MEMORY_FALLBACK_BYTES:
+        raise CorpusError(f"{cache_failure}, {scratch_failure}: free some space, or set LSTMLM_HOME to a disk with {nbytes:,} bytes free")
+    return _into_memory(scanned, vocab, dtype, progress, workers), (f"{cache_failure}, {scratch_failure}; keeping the {nbytes:,} bytes of ids in memory",)
+
+
+def _into_file(
+    scanned: Scanned, vocab: Vocab, dtype: str, directory: Path, final: Path | None, progress: StageProgress | None, workers: Workers
+) -> TokenStore:
+    """Write the store under a temporary name in `directory`; rename it to `final`, or (None)
+    map it and unlink it at once: the mapping keeps the data, the disk is freed at exit."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=directory, prefix=f".{final.name if final else 'lstmlm-tokens'}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        itemsize = np.dtype(dtype).itemsize
+        meta = _meta(scanned, vocab, dtype)
+        offset = len(header({**meta, "unknown": 10**20}))  # room for any count of unknown characters
+        total = offset + scanned.length * itemsize
+        with contextlib.suppress(OSError):  # reserve the space first: a full disk fails now, not mid-way
+            os.posix_fallocate(fd, 0, total)
+        os.ftruncate(fd, total)  # where fallocate is not supported (the space then taken as written)
+        offsets = np.cumsum([0] + [s.length for s in scanned.scans])
+        jobs = [(p, scanned.mode, vocab.tokens, dtype, name, offset + int(o) * itemsize) for p, o in zip(scanned.pieces, offsets)]
+        unknown = sum(u for u, _ in workers.run(encode.encode, jobs, scanned.pieces, "encoding", progress))
+        os.pwrite(fd, header({**meta, "unknown": unknown}, offset), 0)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp made it private; a cache file need not be
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        if final is not None:
+            os.replace(tmp, final)
+            _fsync_dir(directory)
+            store = open_store(final)
+        else:
+            store = open_store(tmp)
+            tmp.unlink()
+            store = store and TokenStore(store.vocab, store.ids, store.source_sha1, store.unknown, None)
+        if store is None:
+            raise OSError(errno.EIO, "the store just written does not read back")
+        return store
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _into_memory(scanned: Scanned, vocab: Vocab, dtype: str, progress: StageProgress | None, workers: Workers) -> TokenStore:
+    ids = np.empty(scanned.length, dtype=dtype)
+    start, unknown = 0, 0
+    jobs = [(p, scanned.mode, vocab.tokens, dtype, None, 0) for p in scanned.pieces]
+    for missing, part in workers.run(encode.encode, jobs, scanned.pieces, "encoding", progress, in_process=True):
+        assert part is not None
+        ids[start : start + len(part)] = part
+        start += len(part)
+        unknown += missing
+    return TokenStore(vocab, torch.from_numpy(ids), scanned.sha1, unknown, None)
+
+
+def _meta(scanned: Scanned, vocab: Vocab, dtype: str) -> dict[str, Any]:
+    return {
+        "format": "lstmlm-tokens",
+        "version": FORMAT_VERSION,
+        "mode": scanned.mode,
+        "source_sha1": scanned.sha1,
+        "dtype": dtype,
+        "length": scanned.length,
+        "unknown": 0,
+        "vocab": vocab.tokens,
+    }
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
+# ---- running jobs on every core ------------------------------------------------------------------
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _ignore_interrupts() -> None:
+    """Workers leave Ctrl-C to the parent, which stops them (no traceback from each)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _start_pool(workers: int) -> Executor:
+    # spawn, not fork: this process has torch's threads (and maybe a progress bar's) running
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_interrupts)
+
+
+class Workers:
+    """The processes encoding runs on — one per core, started on first use (a corpus of one
+    piece starts none) and shared by both passes — and the one way jobs are run on them."""
+
+    def __init__(self) -> None:
+        self._pool: Executor | None = None
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def run(
+        self,
+        job: Callable[..., Any],
+        args: Sequence[tuple[Any, ...]],
+        pieces: Sequence[Piece],
+        stage: str,
+        progress: StageProgress | None,
+        in_process: bool = False,
+    ) -> list[Any]:
+        """`job(*a)` for each `a`, results in order; `progress(stage, bytes done, total)` as the
+        pieces complete."""
+        workers = 1 if in_process else max(1, min(WORKERS or _cores(), len(args)))
+        if workers > 1 and self._pool is None:
+            self._pool = _start_pool(workers)
+        pool = self._pool if workers > 1 else None
+        calls: Iterator[Any] = (job(*a) for a in args) if pool is None else (f.result() for f in [pool.submit(job, *a) for a in args])
+        total = sum(s.size for p in pieces for s in p)
+        done, results = 0, []
+        for result, piece in zip(calls, pieces):
+            results.append(result)
+            done += sum(s.size for s in piece)
+            if progress is not None:
+                progress(stage, done, total)
+        return results

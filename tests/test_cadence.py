@@ -1,0 +1,177 @@
+"""Cadences: checkpoints, samples and validations every N steps, every N minutes (a fake clock
+here, never the wall clock), at every N-th epoch's end, or whichever comes first; validation
+during training on a bounded, fixed sample; progress inside an epoch."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lstmlm.train as train_mod
+from lstmlm import config
+from lstmlm.checkpoint import load_checkpoint
+from lstmlm.config import Cadence, Config
+from lstmlm.errors import ConfigError
+from lstmlm.evaluation import evaluate
+from lstmlm.events import EpochEnded, Evaluated, Sampled, Saved, Stepped
+from lstmlm.train import Trainer
+
+MakeTrainer = Callable[..., Trainer]
+
+
+@pytest.mark.parametrize(
+    ("written", "steps", "minutes", "epochs", "canonical"),
+    [
+        (2000, 2000, 0.0, 0, "2000"),
+        ("2000", 2000, 0.0, 0, "2000"),
+        ("10m", 0, 10.0, 0, "10m"),
+        ("1.5m", 0, 1.5, 0, "1.5m"),
+        ("2h", 0, 120.0, 0, "120m"),
+        ("1e", 0, 0.0, 1, "1e"),
+        ("1e,10m", 0, 10.0, 1, "1e,10m"),
+        ("10m, 500, 3e", 500, 10.0, 3, "500,3e,10m"),
+        (0, 0, 0.0, 0, "0"),
+    ],
+)
+def test_a_cadence_is_steps_minutes_epochs_or_several(written: Any, steps: int, minutes: float, epochs: int, canonical: str) -> None:
+    cadence = Cadence.parse(written)
+    assert (cadence.steps, cadence.minutes, cadence.epochs) == (steps, minutes, epochs)
+    assert str(cadence) == canonical and Cadence.parse(canonical) == cadence
+    assert Config().with_overrides({"checkpoint_every": written}).train.checkpoint_every == canonical
+
+
+@pytest.mark.parametrize("written", ["-5", "ten", "1.5", "1.5e", "5s", "1e,", "", True, "1e10m"])
+def test_a_bad_cadence_is_refused_by_name(written: Any) -> None:
+    with pytest.raises(ConfigError, match=r"\[train\] checkpoint_every must be steps \(2000\), minutes \('10m'\)"):
+        Config().with_overrides({"checkpoint_every": written})
+
+
+def test_a_config_stored_before_cadences_reads_in_todays_terms() -> None:
+    """Then checkpoints and samples were counted in epochs, validations in steps (0: every epoch)."""
+    stored = json.loads(Config().to_json())
+    for key in ("val_tokens", "split", "strict"):
+        stored["train"].pop(key, None)
+        stored["data"].pop(key, None)
+    stored["train"].update(checkpoint_every=10, sample_every=0, eval_every=0)
+    old = config.from_json(json.dumps(stored))
+    assert (old.train.checkpoint_every, old.train.sample_every, old.train.eval_every) == ("10e", "0", "1e")
+    stored["train"].update(sample_every=100, eval_every=50)
+    old = config.from_json(json.dumps(stored))
+    assert (old.train.sample_every, old.train.eval_every) == ("100e", "50")
+
+
+class FakeClock:
+    """Seconds that pass only when a training step runs (`per_step` each)."""
+
+    def __init__(self, per_step: float) -> None:
+        self.now, self.per_step = 1000.0, per_step
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def fake_clock(monkeypatch: pytest.MonkeyPatch) -> Callable[[float], FakeClock]:
+    def install(per_step: float) -> FakeClock:
+        clock = FakeClock(per_step)
+        real_step = train_mod.train_step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            clock.now += clock.per_step
+            return real_step(*args, **kwargs)
+
+        monkeypatch.setattr(train_mod, "train_step", step)
+        monkeypatch.setattr(train_mod, "clock", clock)
+        return clock
+
+    return install
+
+
+def saves(events: list[Any], which: str = "latest") -> list[int]:
+    """The global step of each checkpoint written, from the Stepped event before it."""
+    at, step = [], 0
+    for e in events:
+        if isinstance(e, Stepped):
+            step = e.global_step
+        elif isinstance(e, Saved) and e.path.endswith(f"{which}.pt"):
+            at.append(step)
+    return at
+
+
+def test_a_checkpoint_every_minute_lands_mid_epoch(make_trainer: MakeTrainer, fake_clock: Any) -> None:
+    """25 s a step: a checkpoint at every third step (75 s ≥ 1 min since the last), inside the epochs."""
+    fake_clock(25.0)
+    trainer = make_trainer(epochs=2, checkpoint_every="1m", eval_every="0", sample_every="0", val_fraction=0.0)
+    events = list(trainer.run())
+    total = trainer.state.global_step
+    assert saves(events) == [*range(3, total + 1, 3), *([total] if total % 3 else [])]  # and once at the end
+    mid = make_trainer("mid", epochs=1, checkpoint_every="1m", eval_every="0", sample_every="0", val_fraction=0.0)
+    for event in mid.run():
+        if isinstance(event, Saved):
+            break
+    state = load_checkpoint(mid.store.path("latest"))["trainer"]["state"]
+    assert (state["epoch"], state["step"], state["global_step"]) == (0, 3, 3)  # mid-epoch: its position, carry and loss so far
+    assert state["carry"] is not None and state["tokens"] == 3 * 8 * 10
+
+
+def test_steps_and_epochs_cadences(make_trainer: MakeTrainer, fake_clock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_clock(0.0)  # the clock stands still: only steps and epochs count
+    trainer = make_trainer(epochs=4, checkpoint_every=7, sample_every="2e", eval_every="1e,10")
+    events = list(trainer.run())
+    total, per_epoch = trainer.state.global_step, [e for e in events if isinstance(e, EpochEnded)]
+    assert saves(events) == [*range(7, total + 1, 7), *([total] if total % 7 else [])]
+    assert [e.epoch for e in events if isinstance(e, Sampled) and e.prefix == "time traveller"] == [2, 4]  # 4: the end's
+    ends = [e for e in events if isinstance(e, (Stepped, EpochEnded))]
+    epoch_end_steps = [ends[i - 1].global_step for i, e in enumerate(ends) if isinstance(e, EpochEnded)]
+    validated = [e.global_step for e in events if isinstance(e, Evaluated)]
+    assert validated == sorted(set(range(10, total + 1, 10)) | set(epoch_end_steps))
+    assert len(per_epoch) == 4
+
+
+def test_validation_during_training_reads_a_bounded_sample(make_trainer: MakeTrainer, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[int] = []
+    real = train_mod.evaluate
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(args[6])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "evaluate", spy)
+    list(make_trainer(epochs=1, val_tokens=123).run())
+    assert seen and set(seen) == {123}
+
+
+def test_a_bounded_validation_is_a_fixed_sample_of_rows_across_the_text(make_trainer: MakeTrainer) -> None:
+    """Each of the streams reads the first max_tokens / streams characters of its row, from a
+    zero state: rows start evenly across the whole text; all of it when the bound is larger."""
+    trainer = make_trainer(epochs=1)
+    model, ids = trainer.model.eval(), trainer.data.train
+    whole, _ = evaluate(model, ids, 8, 10, torch.device("cpu"))
+    assert evaluate(model, ids, 8, 10, torch.device("cpu"), max_tokens=len(ids) * 2) == evaluate(model, ids, 8, 10, torch.device("cpu"))
+    loss, count = evaluate(model, ids, 8, 10, torch.device("cpu"), max_tokens=400)
+    row_length, columns = (len(ids) - 1) // 8, 400 // 8
+    assert count == 8 * columns
+    total = 0.0
+    with torch.no_grad():
+        for r in range(8):
+            window = ids[r * row_length : r * row_length + columns + 1].long()
+            logits, _ = model(window[None, :-1], None)
+            total += F.cross_entropy(logits[0], window[1:], reduction="sum").item()
+    assert loss == pytest.approx(total / count, rel=1e-6)
+    assert not math.isclose(loss, whole)
+
+
+def test_each_step_reports_the_epochs_tokens_rate_and_size(make_trainer: MakeTrainer, fake_clock: Any) -> None:
+    fake_clock(2.0)
+    trainer = make_trainer(epochs=1)
+    steps = [e for e in trainer.run() if isinstance(e, Stepped)]
+    assert [s.step for s in steps] == list(range(1, len(steps) + 1)) and steps[-1].batches == len(steps)
+    for s in steps:
+        assert s.tokens == s.step * 8 * 10 and s.epoch_tokens == s.batches * 8 * 10
+        assert s.tokens_per_s == pytest.approx(s.tokens / (2.0 * s.step))  # 2 s a step on the fake clock

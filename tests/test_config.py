@@ -1,0 +1,87 @@
+"""The defaults a corpus gets: the d2l corpus keeps the seed; anything else is read raw, whole,
+with a validation split; a known corpus may bring its own mode and split. And the split's syntax."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lstmlm import config
+from lstmlm.config import Config, parse_split
+from lstmlm.errors import ConfigError
+
+from conftest import CONFIGS, cli
+
+SEED = ("d2l", 10_000, 0.0, "")
+
+
+def data_of(cfg: Config) -> tuple[str, int, float, str]:
+    d = cfg.resolved().data
+    return d.normalize, d.max_tokens, d.val_fraction, d.split
+
+
+def test_the_d2l_corpus_keeps_the_seed() -> None:
+    assert data_of(Config()) == SEED  # plain `lstmlm train`
+    assert data_of(config.load(CONFIGS / "d2l.toml")) == SEED
+    seed = config.load(CONFIGS / "d2l.toml").resolved()
+    assert (seed.data.batch_size, seed.data.num_steps, seed.model.hidden, seed.train.lr, seed.train.epochs) == (32, 35, 256, 1.0, 500)
+
+
+@pytest.mark.parametrize("corpus", ["mybook.txt", "books/", "linux/**/*.[ch]", "tinyshakespeare", "/data/timemachine.txt"])
+def test_any_other_corpus_is_read_raw_whole_with_a_validation_split(corpus: str) -> None:
+    assert data_of(Config().with_overrides({"corpus": corpus})) == ("raw", 0, 0.1, "")
+
+
+def test_a_known_corpus_brings_its_mode_and_split() -> None:
+    assert data_of(Config().with_overrides({"corpus": "enwik8"})) == ("bytes", 0, 0.0, "90M,5M,5M")
+    assert data_of(Config().with_overrides({"corpus": "enwik8", "val_fraction": 0.1})) == ("bytes", 0, 0.1, "")  # the fraction form stays
+    assert data_of(Config().with_overrides({"corpus": "enwik8", "normalize": "raw", "split": "80M,10M"})) == ("raw", 0, 0.0, "80M,10M")
+
+
+def test_what_is_given_wins_over_the_defaults() -> None:
+    given = Config().with_overrides({"corpus": "mybook.txt", "normalize": "d2l", "max_tokens": 500, "val_fraction": 0.2})
+    assert data_of(given) == ("d2l", 500, 0.2, "")
+
+
+@pytest.mark.parametrize(
+    ("text", "sizes", "fractions"),
+    [
+        ("90M,5M,5M", (90e6, 5e6, 5e6), False),
+        ("90k,5k", (90e3, 5e3), False),
+        ("1G,1000,2", (1e9, 1000, 2), False),
+        ("1.5M,500k", (1.5e6, 5e5), False),
+        ("0.9,0.05,0.05", (0.9, 0.05, 0.05), True),
+        ("0.8, 0.2", (0.8, 0.2), True),
+    ],
+)
+def test_split_sizes(text: str, sizes: tuple[float, ...], fractions: bool) -> None:
+    parsed = parse_split(text)
+    assert parsed.sizes == pytest.approx(sizes) and parsed.fractions == fractions
+
+
+@pytest.mark.parametrize("text", ["90M", "1,2,3,4", "90X,5M", "0.9,0.2", "0,5", "1.5,2", "0.5,5M", "a,b"])
+def test_a_bad_split_is_refused(text: str) -> None:
+    with pytest.raises(ConfigError, match=r"\[data\] split"):
+        Config().with_overrides({"split": text})
+
+
+def test_split_and_val_fraction_are_not_both_given() -> None:
+    with pytest.raises(ConfigError, match="either \\[data\\] split or \\[data\\] val_fraction"):
+        Config().with_overrides({"split": "90k,5k", "val_fraction": 0.1})
+
+
+def test_strict_is_a_flag(tmp_path: Path) -> None:
+    assert Config().with_overrides({"strict": True}).data.strict is True
+    with pytest.raises(ConfigError, match=r"\[data\] strict must be true or false, not 1"):
+        Config().with_overrides({"strict": 1})
+    path = tmp_path / "c.toml"
+    path.write_text("[data]\nstrict = true\n")
+    assert config.load(path).data.strict is True
+
+
+def test_the_effective_settings_are_printed(corpus_file: Path, runs_dir: Path) -> None:
+    result = cli("train", "--corpus", corpus_file, "--runs-dir", runs_dir, "--hidden", "8", "--batch-size", "4", "--num-steps", "5", "--epochs", "1")
+    assert result.code == 0, result.stderr
+    table = {tuple(line.split()[:2]) for line in result.stdout.splitlines()} | {tuple(line.split()[2:4]) for line in result.stdout.splitlines()}
+    assert {("normalize", "raw"), ("max_tokens", "0"), ("val_fraction", "0.1"), ("checkpoint_every", "10m"), ("val_tokens", "250000")} <= table

@@ -1,0 +1,451 @@
+"""The token store: a corpus encoded piece by piece into a memory-mapped file gives exactly the
+ids reading it whole gives; a second run reads no text; damage is rebuilt; a cache that cannot
+be written is worked around; and a corpus larger than a memory budget trains within it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import lstmlm.data.store as store_mod
+from lstmlm.config import Config
+from lstmlm.data import cache
+from lstmlm.data.files import select
+from lstmlm.data.pipeline import prepare_data
+from lstmlm.data.store import encode_corpus, open_store
+from lstmlm.data.text import normalize, read_text
+from lstmlm.errors import CorpusError
+from lstmlm.runs import RunStore
+from lstmlm.train import Trainer
+from lstmlm.vocab import Vocab
+
+from conftest import assert_one_error_line, cli, synthetic_text
+
+TEXTS = {
+    "ascii": "The Time Traveller (for so it will be convenient to speak of him)\r\nwas expounding a recondite matter to us.\n\n",
+    "cjk": "時間旅行者は、難解な問題を説明していた。灰色の目が輝き、\n时间机器 — “quoted” naïve café.\n",
+    "emoji": "😀🎉𝄞 done. 👩‍👩‍👧 ✓ ★\nend of line 😀\r\n",
+}
+
+
+def reference(paths: list[Path], mode: str) -> tuple[list[str], list[int]]:
+    """What today's whole-text encoder gives: the files read whole and joined, normalized, the
+    vocabulary built on the text, every character encoded; bytes mode: the bytes themselves."""
+    if mode == "bytes":
+        data = b"".join(p.read_bytes() for p in paths)
+        return [chr(b) for b in range(256)], list(data)
+    text = normalize("".join(read_text(p) for p in paths), mode)
+    vocab = Vocab.build(text, order="frequency" if mode == "d2l" else "codepoint")
+    return vocab.tokens, vocab.encode(text).tolist()
+
+
+def encoded(source: Path | str, mode: str) -> tuple[list[str], list[int]]:
+    s = encode_corpus(select(str(source)), mode).store
+    return s.vocab.tokens, s.ids.tolist()
+
+
+@pytest.fixture
+def tiny_pieces(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
+    """Cut corpora into pieces of a few bytes: every boundary rule is exercised on small text."""
+
+    def set_bytes(n: int) -> None:
+        monkeypatch.setattr(store_mod, "PIECE_BYTES", n)
+        monkeypatch.setattr(store_mod, "WORKERS", 1)
+
+    return set_bytes
+
+
+# ---- exactly today's ids ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["raw", "d2l", "bytes"])
+@pytest.mark.parametrize("kind", list(TEXTS))
+@pytest.mark.parametrize("piece", [1, 2, 3, 5, 64, 1 << 20])
+def test_a_file_gives_exactly_the_whole_text_ids(tmp_path: Path, tiny_pieces: Any, mode: str, kind: str, piece: int) -> None:
+    """Pieces of 1, 2, 3 and 5 bytes cut every multi-byte character (CJK: 3 bytes, emoji: 4)."""
+    tiny_pieces(piece)
+    path = tmp_path / "corpus.txt"
+    path.write_bytes((TEXTS[kind] * 3).encode("utf-8"))
+    assert encoded(path, mode) == reference([path], mode)
+
+
+@pytest.mark.parametrize("mode", ["raw", "d2l", "bytes"])
+def test_a_directory_gives_exactly_the_joined_files_ids(tmp_path: Path, tiny_pieces: Any, mode: str) -> None:
+    """d2l joins the files' lines: a file without a final newline runs on into the next, so
+    "…matter!" + "!Start" reads as one line, exactly as reading the files whole and joining them."""
+    tiny_pieces(4)
+    books = tmp_path / "books"
+    (books / "b").mkdir(parents=True)
+    (books / "a.txt").write_text("the end of a line without a newline!", encoding="utf-8")
+    (books / "b" / "c.txt").write_text("!Start -- of the next file\r", encoding="utf-8")
+    (books / "b" / "d.txt").write_text("\nand a CRLF split across files; 時間 😀\n", encoding="utf-8")
+    (books / ".hidden").write_text("never read", encoding="utf-8")
+    paths = [books / "a.txt", books / "b" / "c.txt", books / "b" / "d.txt"]
+    assert encoded(books, mode) == reference(paths, mode)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    texts=st.lists(st.text(alphabet=st.sampled_from(list("ab \n\r.!é時😀\t")), min_size=1, max_size=40), min_size=1, max_size=4),
+    piece=st.integers(1, 24),
+    mode=st.sampled_from(["raw", "d2l", "bytes"]),
+)
+def test_any_files_any_piece_size_give_the_whole_text_ids(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch, texts: list[str], piece: int, mode: str
+) -> None:
+    monkeypatch.setattr(store_mod, "PIECE_BYTES", piece)
+    monkeypatch.setattr(store_mod, "WORKERS", 1)
+    root = tmp_path_factory.mktemp("files")
+    paths = []
+    for i, text in enumerate(texts):
+        paths.append(root / f"{i:02d}.txt")
+        paths[-1].write_bytes(text.encode("utf-8"))
+    source = root if len(paths) > 1 else paths[0]
+    if mode != "bytes" and not normalize("".join(texts), mode):
+        with pytest.raises(CorpusError, match="empty after"):
+            encoded(source, mode)
+        return
+    assert encoded(source, mode) == reference(paths, mode)
+
+
+def test_both_cores_encode_and_give_the_same_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With several pieces the work goes to a pool of processes (one per core): the same ids."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXTS["cjk"] * 2000 + TEXTS["ascii"] * 2000, encoding="utf-8")
+    pools: list[int] = []
+    pids: set[int] = set()
+    real_start, real_run = store_mod._start_pool, store_mod.Workers.run
+
+    def start(workers: int) -> Any:
+        pools.append(workers)
+        return real_start(workers)
+
+    def run(self: store_mod.Workers, *args: Any, **kwargs: Any) -> Any:
+        results = real_run(self, *args, **kwargs)
+        if self._pool is not None:
+            pids.update(self._pool._processes)  # type: ignore[attr-defined]
+        return results
+
+    monkeypatch.setattr(store_mod, "_start_pool", start)
+    monkeypatch.setattr(store_mod.Workers, "run", run)
+    monkeypatch.setattr(store_mod, "PIECE_BYTES", 16 << 10)
+    monkeypatch.setattr(store_mod, "WORKERS", 2)
+    assert encoded(path, "raw") == reference([path], "raw")
+    assert pools == [2] and len(pids) == 2 and os.getpid() not in pids  # one pool of two processes, for both passes
+
+
+@pytest.mark.parametrize(("distinct", "dtype", "itemsize"), [(200, torch.uint8, 1), (3000, torch.uint16, 2), (70_000, torch.int32, 4)])
+def test_ids_take_the_narrowest_dtype(tmp_path: Path, distinct: int, dtype: torch.dtype, itemsize: int) -> None:
+    """<unk> and `distinct` characters: up to 256 symbols in a byte, up to 65,536 in two."""
+    first = 0x21 if distinct < 256 else 0x4E00 if distinct < 20_000 else 0x10000  # clear of the surrogates
+    chars = [chr(c) for c in range(first, first + distinct)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(chars) * 2, encoding="utf-8")
+    s = encode_corpus(select(str(path)), "raw").store
+    assert s.ids.dtype == dtype and len(s.vocab) == distinct + 1
+    assert s.path is not None and s.path.stat().st_size % 4096 == (2 * distinct * itemsize) % 4096  # header pages + the ids
+    assert s.ids.tolist() == Vocab(s.vocab.tokens).encode("".join(chars) * 2).tolist()
+
+
+# ---- the cache --------------------------------------------------------------------------------------
+
+
+def test_a_second_run_reads_no_text(tmp_path: Path) -> None:
+    """The cache's index trusts unchanged files (path, size, mtime, inode) as git does: change a
+    file's bytes behind its back, keeping all four, and the second run still has the first ids —
+    it never read the text."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(synthetic_text(), encoding="utf-8")
+    os.utime(path, ns=(1_600_000_000 * 10**9, 1_600_000_000 * 10**9))  # long ago: not "racy"
+    cfg = Config().with_overrides({"corpus": str(path)}).resolved()
+    first = prepare_data(cfg)
+    stat = path.stat()
+    with open(path, "r+b") as f:  # same inode, same size
+        f.write(b"X" * 100)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again = prepare_data(cfg)
+    assert torch.equal(again.train, first.train) and again.source_sha1 == first.source_sha1
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # a real edit moves the mtime: read again
+    changed = prepare_data(cfg)
+    assert changed.source_sha1 != first.source_sha1 and changed.vocab.decode(changed.train).startswith("X" * 100)
+
+
+def test_the_content_hash_is_the_files_sha1(tmp_path: Path) -> None:
+    import hashlib
+
+    path = tmp_path / "corpus.txt"
+    path.write_text(synthetic_text(), encoding="utf-8")
+    data = prepare_data(Config().with_overrides({"corpus": str(path)}).resolved())
+    assert data.source_sha1 == hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "magic", "header"])
+def test_a_damaged_store_is_rebuilt(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "corpus.txt"
+    path.write_text(synthetic_text(), encoding="utf-8")
+    first = encode_corpus(select(str(path)), "raw").store
+    assert first.path is not None
+    stored = first.path.read_bytes()
+    broken = {"truncate": stored[:-10], "magic": b"x" + stored[1:], "header": stored[:40] + b"{" + stored[41:]}[damage]
+    first.path.write_bytes(broken)
+    assert open_store(first.path) is None
+    again = encode_corpus(select(str(path)), "raw").store
+    assert again.ids.tolist() == reference([path], "raw")[1]
+    assert first.path.read_bytes() == stored  # rebuilt in place
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs /proc")
+def test_the_ids_are_a_view_of_the_file(tmp_path: Path) -> None:
+    """Training slices the map: the tensor's memory is the store file's own pages, not a copy."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(synthetic_text(), encoding="utf-8")
+    s = encode_corpus(select(str(path)), "raw").store
+    assert s.path is not None
+    mapped = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.endswith(str(s.path)):
+            low, high = (int(a, 16) for a in line.split()[0].split("-"))
+            mapped.append((low, high))
+    address = s.ids.data_ptr()
+    assert any(low <= address and address + len(s.ids) <= high for low, high in mapped), mapped
+
+
+# ---- a cache that cannot be written --------------------------------------------------------------------
+
+
+def test_an_unwritable_cache_trains_from_a_temporary_copy_with_one_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the cache should be")
+    monkeypatch.setenv("LSTMLM_HOME", str(blocker / "home"))  # mkdir fails: ENOTDIR, a real OS error
+    path = tmp_path / "corpus.txt"
+    path.write_text(synthetic_text(), encoding="utf-8")
+    scratch = tmp_path / "runs"
+    data = prepare_data(Config().with_overrides({"corpus": str(path)}).resolved(), scratch=scratch)
+    assert data.vocab.decode(torch.cat([data.train, data.val])) == path.read_text(encoding="utf-8")
+    (warning,) = data.warnings
+    assert warning.startswith(f"cannot write the token store in {blocker / 'home' / 'encoded'} (Not a directory)")
+    assert warning.endswith(f"training from a temporary copy in {scratch}")
+    assert list(scratch.iterdir()) == []  # unlinked once mapped: nothing is left behind
+
+    data = prepare_data(Config().with_overrides({"corpus": str(path)}).resolved(), scratch=blocker / "runs")
+    (warning,) = data.warnings
+    assert "keeping the" in warning and "bytes of ids in memory" in warning
+    assert data.vocab.decode(torch.cat([data.train, data.val])) == path.read_text(encoding="utf-8")
+
+
+def test_a_full_disk_still_trains(tmp_path: Path, corpus_file: Path) -> None:
+    """A real limit, not a mock: `lstmlm train` with RLIMIT_FSIZE below the store's size (SIGXFSZ
+    ignored, so writes fail with EFBIG) trains from memory, with one warning line."""
+    corpus = tmp_path / "big.txt"
+    corpus.write_text(synthetic_text(lines=6000), encoding="utf-8")  # ~400 KB of ids; a tiny checkpoint is ~20 KB
+    limit = 200_000
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    args = ["train", "--corpus", str(corpus), "--runs-dir", str(tmp_path / "runs"), "--hidden", "8", "--batch-size", "4",
+            "--num-steps", "5", "--epochs", "1", "--max-minutes", "0.01", "--val-tokens", "500", "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "lstmlm", *args], capture_output=True, text=True, env=env, preexec_fn=limited, timeout=300)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "File too large" in warnings[0] and "in memory" in warnings[0], result.stderr
+    assert (tmp_path / "runs" / "big-scratch" / "latest.pt").is_file()
+
+
+def test_no_room_anywhere_for_a_large_store_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("LSTMLM_HOME", str(blocker / "home"))
+    monkeypatch.setattr(store_mod, "MEMORY_FALLBACK_BYTES", 100)
+    path = tmp_path / "corpus.txt"
+    path.write_text(synthetic_text(), encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"cannot write the token store in .* nor in .*: free some space, or set LSTMLM_HOME"):
+        prepare_data(Config().with_overrides({"corpus": str(path)}).resolved(), scratch=blocker / "runs")
+
+
+# ---- within a memory budget ----------------------------------------------------------------------------
+
+
+class LargestTensor(TorchDispatchMode):
+    """The largest tensor any torch operation makes while active (bytes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+def test_a_corpus_larger_than_the_memory_budget_trains_within_it(tmp_path: Path, runs_dir: Path, corpus_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """12 MB of text, a 4 MB budget: encoding (Python and numpy objects: tracemalloc) and training
+    with validation and a checkpoint (every tensor torch makes) never hold the text whole."""
+    budget = 4_000_000
+    rng = random.Random(5)
+    words = ["time", "traveller", "時間", "machine", "😀", "naïve", "\n"]
+    path = tmp_path / "corpus.txt"
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(100):
+            f.write(" ".join(rng.choice(words) for _ in range(20_000)))
+    assert path.stat().st_size > 3 * budget
+    monkeypatch.setattr(store_mod, "PIECE_BYTES", 128 << 10)
+    monkeypatch.setattr(store_mod, "WORKERS", 1)  # in this process, where tracemalloc sees it
+    cfg = Config().with_overrides({
+        "corpus": str(path), "hidden": 8, "batch_size": 8, "num_steps": 10, "epochs": 1, "val_tokens": 4000,
+        "checkpoint_every": 5, "eval_every": 10, "device": "cpu",
+    }).resolved()  # fmt: skip
+    warm = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, corpus=str(corpus_file)))  # torch's lazy imports happen here, untraced
+    warm_data = prepare_data(warm)
+    list(Trainer(RunStore.create(runs_dir / "warm", warm, warm_data.vocab), warm, warm_data, torch.device("cpu"), "fp32").run(lambda: True))
+    tracemalloc.start()
+    try:
+        data = prepare_data(cfg)
+        encoding_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        trainer = Trainer(RunStore.create(runs_dir / "budget", cfg, data.vocab), cfg, data, torch.device("cpu"), "fp32")
+        with LargestTensor() as largest:
+            events = list(trainer.run(lambda: trainer.state.global_step >= 30))
+        training_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(data.train) + len(data.val) > 2 * budget  # the ids alone are twice the budget
+    assert encoding_peak < budget, encoding_peak
+    assert training_peak < budget, training_peak
+    assert largest.largest < budget, largest.largest
+    assert type(events[-1]).__name__ == "Finished" and trainer.state.global_step == 30
+
+
+# ---- many files: globs, skipped files, --strict ------------------------------------------------------
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """src/ with C files, a header, an empty file, a Latin-1 file, a binary, a hidden file."""
+    src = tmp_path / "src"
+    (src / "lib").mkdir(parents=True)
+    (src / "main.c").write_text("int main(void) { return 0; }\n" * 40, encoding="utf-8")
+    (src / "lib" / "util.c").write_text("/* naïve — “util” */\nint f(int x) { return x; }\n" * 40, encoding="utf-8")
+    (src / "lib" / "util.h").write_text("int f(int x);\n" * 40, encoding="utf-8")
+    (src / "lib" / "empty.h").write_bytes(b"")
+    (src / "lib" / "latin1.c").write_bytes("/* caf\xe9 */\nint g;\n".encode("latin-1"))
+    (src / "lib" / "blob.c").write_bytes(b"int h;\x00\x01\x02\n")
+    (src / ".git.c").write_text("hidden\n", encoding="utf-8")
+    (src / "README").write_text("not C\n", encoding="utf-8")
+    return src
+
+
+def test_a_glob_selects_files_in_a_stable_order(tree: Path) -> None:
+    selection = select(str(tree / "**" / "*.[ch]"))
+    assert [f.path.relative_to(tree).as_posix() for f in selection.files] == [
+        "lib/blob.c", "lib/empty.h", "lib/latin1.c", "lib/util.c", "lib/util.h", "main.c",
+    ]  # fmt: skip
+    assert selection.many
+
+
+def test_bad_files_are_skipped_each_named_with_the_count_at_the_end(tree: Path, runs_dir: Path) -> None:
+    result = cli("train", "--corpus", tree / "**" / "*.[ch]", "--runs-dir", runs_dir, "--hidden", "8", "--batch-size", "4",
+                 "--num-steps", "5", "--epochs", "1", "--device", "cpu", "--json")  # fmt: skip
+    assert result.code == 0, result.stderr
+    skipped_bytes = sum((tree / "lib" / name).stat().st_size for name in ("blob.c", "empty.h", "latin1.c"))
+    assert result.stderr.splitlines() == [
+        f"warning: skipped {tree / 'lib' / 'blob.c'}: looks binary (NUL byte at offset 6)",
+        f"warning: skipped {tree / 'lib' / 'empty.h'}: empty",
+        f"warning: skipped {tree / 'lib' / 'latin1.c'}: not UTF-8 (invalid byte at offset 6)",
+        f"warning: skipped 3 file(s), {skipped_bytes} bytes (--strict refuses them instead)",
+    ]
+    assert result.json()[-1]["run"] == "src-scratch"
+    data = prepare_data(RunStore.open(runs_dir / "src-scratch").config)
+    text = data.vocab.decode(torch.cat([data.train, data.val]))
+    assert text == "".join((tree / name).read_text(encoding="utf-8") for name in ("lib/util.c", "lib/util.h", "main.c"))
+
+
+def test_strict_refuses_a_bad_file(tree: Path, runs_dir: Path) -> None:
+    """Empty files are known before a byte is read, so one is refused first."""
+    pattern = tree / "**" / "*.[ch]"
+    result = cli("train", "--corpus", pattern, "--runs-dir", runs_dir, "--strict", "--epochs", "1")
+    assert_one_error_line(result, f"corpus file {tree / 'lib' / 'empty.h'} is empty (--strict: no file is skipped)")
+    (tree / "lib" / "empty.h").unlink()
+    result = cli("train", "--corpus", pattern, "--runs-dir", runs_dir, "--strict", "--epochs", "1")
+    assert_one_error_line(result, f"corpus file {tree / 'lib' / 'blob.c'} looks binary (NUL byte at offset 6) (--strict: no file is skipped)")
+    assert not runs_dir.exists() or not any(runs_dir.iterdir())
+
+
+def test_strict_refuses_a_corpus_whose_cached_store_skipped_files(tree: Path, runs_dir: Path) -> None:
+    """The store made without --strict is found by its files' stat; --strict still refuses."""
+    for path in tree.rglob("*"):
+        if path.is_file():
+            os.utime(path, ns=(1_600_000_000 * 10**9, 1_600_000_000 * 10**9))  # not "racy": indexed
+    selection = select(str(tree / "**" / "*.[ch]"))
+    assert len(encode_corpus(selection, "raw").skipped) == 3
+    assert cache.read_index(selection.signature("raw")) is not None
+    with pytest.raises(CorpusError, match=r"blob.c looks binary \(NUL byte at offset 6\) \(--strict: no file is skipped\)"):
+        encode_corpus(selection, "raw", strict=True)
+
+
+def test_an_empty_glob_names_the_pattern(tmp_path: Path, runs_dir: Path) -> None:
+    pattern = str(tmp_path / "nothing" / "**" / "*.txt")
+    assert_one_error_line(cli("train", "--corpus", pattern, "--runs-dir", runs_dir), f"no files match the corpus pattern {pattern!r}")
+
+
+def test_in_bytes_mode_any_file_is_a_corpus(tree: Path) -> None:
+    """Binary and Latin-1 files are bytes like any other; only the empty one is skipped."""
+    encoded_ = encode_corpus(select(str(tree / "**" / "*.[ch]")), "bytes")
+    assert [s.path for s in encoded_.skipped] == [str(tree / "lib" / "empty.h")]
+    names = ["lib/blob.c", "lib/latin1.c", "lib/util.c", "lib/util.h", "main.c"]
+    assert bytes(encoded_.store.ids.tolist()) == b"".join((tree / n).read_bytes() for n in names)
+
+
+def test_a_single_bad_file_is_an_error_with_its_offset_across_pieces(tmp_path: Path, tiny_pieces: Any) -> None:
+    tiny_pieces(8)
+    path = tmp_path / "late.txt"
+    good = "ok — fine\n" * 10
+    path.write_bytes(good.encode("utf-8") + b"\xff tail")
+    with pytest.raises(CorpusError, match=rf"is not UTF-8 \(invalid byte at offset {len(good.encode('utf-8'))}\)"):
+        encode_corpus(select(str(path)), "raw")
+    path.write_bytes(good.encode("utf-8") + b"\xff" + b"x" * 30 + b"\x00")  # a NUL is reported before bad UTF-8, as reading whole does
+    with pytest.raises(CorpusError, match=rf"looks binary \(NUL byte at offset {len(good.encode('utf-8')) + 31}\)"):
+        encode_corpus(select(str(path)), "raw")
+
+
+def test_progress_is_reported_for_each_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod, "PIECE_BYTES", 1 << 10)
+    monkeypatch.setattr(store_mod, "WORKERS", 1)
+    path = tmp_path / "corpus.txt"
+    path.write_text(synthetic_text(), encoding="utf-8")
+    seen: list[tuple[str, int, int | None]] = []
+    prepare_data(Config().with_overrides({"corpus": str(path)}).resolved(), progress=lambda *a: seen.append(a))
+    size = path.stat().st_size
+    for stage in ("reading", "encoding"):
+        done = [d for s, d, t in seen if s == stage]
+        assert done == sorted(done) and done[-1] == size and len(done) > 2
+        assert {t for s, _, t in seen if s == stage} == {size}
+
+
+def test_index_entries_are_not_written_for_files_changed_just_now(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.txt"
+    path.write_text(synthetic_text(), encoding="utf-8")  # modified this instant
+    selection = select(str(path))
+    encode_corpus(selection, "raw")
+    assert cache.read_index(selection.signature("raw")) is None

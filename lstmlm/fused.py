@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from . import native
+
 GATE_ORDER = ("i", "f", "c", "o")  # the packed blocks: nn.LSTM's i, f, g (= c̃), o
 _T = TypeVar("_T")
 _P = TypeVar("_P")
@@ -210,6 +212,25 @@ def local_derivatives(gates: torch.Tensor, Cs: torch.Tensor, tanh_C: torch.Tenso
     return dGates_dHC, dC_dH
 
 
+def compiled(gates: torch.Tensor, W: torch.Tensor) -> Any | None:
+    """`native`'s compiled recurrence, where it computes what the Python loop would: on a CPU,
+    the gates and cell in fp32, the products in fp32 or bf16."""
+    if gates.device.type != "cpu" or gates.dtype != torch.float32 or W.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return native.recurrence()
+
+
+def recurrence_backward(
+    dHs: torch.Tensor, dC_T: torch.Tensor | None, gates: torch.Tensor, Cs: torch.Tensor, tanh_C: torch.Tensor, W_h: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`backward_steps`, compiled where `native` has it for this CPU."""
+    ops = compiled(gates, W_h)
+    if ops is None:
+        return backward_steps(dHs, dC_T, gates, Cs, tanh_C, W_h)
+    dGates, dGates_c, dC_0 = ops.backward(dHs, dC_T, gates, Cs, tanh_C, W_h)
+    return dGates, dGates_c, dC_0
+
+
 def backward_steps(
     dHs: torch.Tensor, dC_T: torch.Tensor | None, gates: torch.Tensor, Cs: torch.Tensor, tanh_C: torch.Tensor, W_h: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -265,7 +286,8 @@ class Sequence(NamedTuple):
 
 
 def run_sequence(X: torch.Tensor, H_0: torch.Tensor, C_0: torch.Tensor, weights: Stacked, state_dtype: torch.dtype) -> Sequence:
-    """One layer over the whole sequence, outside autograd, feature-major.
+    """One layer over the whole sequence, outside autograd, feature-major: compiled where
+    `native` has the recurrence for this CPU, else the Python loop `forward_steps`.
 
     No autocast guard is needed: every product's operands are already in the compute dtype,
     and autocast leaves in-place and out= operations alone."""
@@ -275,6 +297,10 @@ def run_sequence(X: torch.Tensor, H_0: torch.Tensor, C_0: torch.Tensor, weights:
         picks = (weights.table, X.contiguous())
     else:
         gates, picks = input_projection(X, weights), None  # (steps, 4·hiddens, batch), state dtype
+    ops = compiled(gates, weights.W_hT)
+    if ops is not None:
+        ids = None if picks is None else picks[1].long()
+        return Sequence(*ops.forward(gates, weights.table, ids, weights.W_hT, H_0, C_0))
     Hs = weights.W_hT.new_empty((steps + 1, hiddens, batch))
     Cs = C_0.new_empty((steps + 1, hiddens, batch), dtype=state_dtype)
     tanh_C = Cs.new_empty((steps, hiddens, batch))
@@ -426,7 +452,7 @@ def backward_part(
     X_dtype, H_0_dtype, C_0_dtype = input_dtypes
     gates = seq.gates
     dHsT = gates.new_zeros(seq.Hs[1:].shape) if dHs is None else dHs.transpose(1, 2).to(gates.dtype).contiguous()
-    dGates, dGates_c, dC_0 = backward_steps(dHsT, dC_T, gates, seq.Cs, seq.tanh_C, W_h)  # (4·hiddens, steps, batch)
+    dGates, dGates_c, dC_0 = recurrence_backward(dHsT, dC_T, gates, seq.Cs, seq.tanh_C, W_h)  # (4·hiddens, steps, batch)
     _, steps, batch = dGates.shape
     dX = dH_0 = None
     if needs[0]:

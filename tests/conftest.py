@@ -8,6 +8,7 @@ import gzip
 import http.server
 import json
 import os
+import tempfile
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -26,6 +27,10 @@ if TYPE_CHECKING:
     from lstmlm.vocab import Vocab
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+# One build of the compiled recurrence (lstmlm/native.py) for the whole session, its processes
+# included: each test has its own $LSTMLM_HOME, where the build would otherwise be made again.
+os.environ.setdefault("LSTMLM_NATIVE_DIR", tempfile.mkdtemp(prefix="lstmlm-native-"))
 
 
 # ---- test data and cache ----------------------------------------------------------------------

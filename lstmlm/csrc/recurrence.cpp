@@ -1,0 +1,257 @@
+// The scratch LSTM's recurrence on a CPU, compiled: fused.py's forward_steps and backward_steps
+// as one C++ call per layer and sequence (see lstmlm/native.py, which builds and loads this
+// file, and lstmlm/fused.py, whose Python loop computes the same and is the fallback).
+//
+// Why C++: at batch 32 a step's elementwise work is a few microseconds, as long as Python takes
+// to issue one torch operation, and the Python loop issues a dozen a step; here each step is one
+// matrix product (torch's, so the BLAS torch uses) and one pass over the gates, and the call
+// runs without the GIL, so the parts of a batch (fused.batch_parts) really run side by side.
+//
+// Layouts and meanings are fused.py's, so either half (forward or backward) pairs with the
+// other's Python version: feature-major, every per-step tensor (features, batch); the gates
+// packed i, f, c̃, o with the candidate's weights doubled, so one sigmoid gives all four and
+// C̃ = 2·S - 1 (S is what `gates` keeps in the candidate's block).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+// exp for float, written so that the compiler vectorizes the loops that call it (std::exp is a
+// library call per element): Cephes' expf, a degree-5 polynomial on [-ln2/2, ln2/2] times 2^n.
+// Within 2 ulp over the range used; NaN stays NaN (every comparison with it is false).
+inline float exp_(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  const float p = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
+                   1.6666665459e-1f) * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+}
+
+inline float sigmoid_(float x) { return 1.0f / (1.0f + exp_(-x)); }
+inline float tanh_(float x) { return 2.0f * sigmoid_(2.0f * x) - 1.0f; }  // tanh(x) = 2σ(2x) - 1
+
+// bf16 as its 16 bits: c10::BFloat16's conversions check for NaN with a branch, which keeps the
+// compiler from vectorizing a loop; these round to nearest even as it does (a NaN stays a NaN,
+// but for one whose payload sits only in the low 16 bits).
+using bf16 = uint16_t;
+inline float to_float(float x) { return x; }
+inline float to_float(bf16 h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+}
+template <typename T> inline T from_float(float x);
+template <> inline float from_float<float>(float x) { return x; }
+template <> inline bf16 from_float<bf16>(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return static_cast<bf16>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+template <typename T> T* data(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+
+// A @ B, a step's product. torch's fp32 product is MKL's, which on some CPUs (AMD's) runs an
+// AVX2 kernel at half the speed of oneDNN's, the library nn.LSTM runs on; so fp32 goes through
+// oneDNN's linear (X Wᵀ: here A (Bᵀ)ᵀ) where this torch has it. bf16 products are oneDNN's already.
+at::Tensor product_of(const at::Tensor& A, const at::Tensor& B) {
+  static const std::optional<c10::OperatorHandle> linear = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  if (!linear || A.scalar_type() != at::kFloat) return at::mm(A, B);
+  torch::jit::Stack stack{A, B.t(), c10::IValue(), c10::IValue("none"), c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue()};
+  linear->callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+// ---- forward ----------------------------------------------------------------------------------
+
+// One step's gates, (4H, B): pre-activation = X_t W_x + b (in `gates` already for dense input,
+// or the table's columns at the step's ids) + W_hᵀ H_{t-1}ᵀ (`product`), then σ of it in place.
+// Two passes: a gather and a sigmoid in one loop vectorize poorly together.
+template <typename P>
+void activate(float* __restrict gates, const P* __restrict product, const float* __restrict table, const int64_t* __restrict ids,
+              int64_t rows, int64_t batch, int64_t vocab) {
+  const int64_t n = rows * batch;
+  if (table != nullptr) {
+    for (int64_t g = 0; g < rows; ++g) {
+      float* __restrict out = gates + g * batch;
+      const float* __restrict row = table + g * vocab;
+      const P* __restrict prod = product + g * batch;
+      for (int64_t b = 0; b < batch; ++b) out[b] = row[ids[b]] + to_float(prod[b]);
+    }
+    for (int64_t k = 0; k < n; ++k) gates[k] = sigmoid_(gates[k]);
+  } else {
+    for (int64_t k = 0; k < n; ++k) gates[k] = sigmoid_(gates[k] + to_float(product[k]));
+  }
+}
+
+// C_t = F_t ⊙ C_{t-1} + I_t ⊙ (2 S_t - 1), H_t = O_t ⊙ tanh(C_t), over the step's n = H·B numbers.
+template <typename P>
+void cell(const float* __restrict gates, const float* __restrict C_prev, float* __restrict C, float* __restrict tanh_C, P* __restrict H,
+          int64_t n) {
+  const float *__restrict I = gates, *__restrict F = gates + n, *__restrict S = gates + 2 * n, *__restrict O = gates + 3 * n;
+  for (int64_t k = 0; k < n; ++k) {
+    const float c = F[k] * C_prev[k] + I[k] * (2.0f * S[k] - 1.0f);
+    const float tc = tanh_(c);
+    C[k] = c;
+    tanh_C[k] = tc;
+    H[k] = from_float<P>(O[k] * tc);
+  }
+}
+
+template <typename P>
+std::vector<at::Tensor> forward_typed(const at::Tensor& gates, const c10::optional<at::Tensor>& table, const c10::optional<at::Tensor>& ids,
+                                      const at::Tensor& W_hT, const at::Tensor& H_0, const at::Tensor& C_0) {
+  const int64_t steps = gates.size(0), rows = gates.size(1), batch = gates.size(2), hiddens = rows / 4, n = hiddens * batch;
+  at::Tensor Hs = at::empty({steps + 1, hiddens, batch}, W_hT.options());
+  at::Tensor Cs = at::empty({steps + 1, hiddens, batch}, gates.options());
+  at::Tensor tanh_C = at::empty({steps, hiddens, batch}, gates.options());
+  Hs[0].copy_(H_0.t());
+  Cs[0].copy_(C_0.t());
+  const float* tab = table ? data<float>(*table) : nullptr;
+  const int64_t vocab = table ? table->size(1) : 0;
+  const int64_t* id = ids ? data<int64_t>(*ids) : nullptr;
+  float* G = data<float>(gates);
+  float* C = data<float>(Cs);
+  float* tC = data<float>(tanh_C);
+  P* H = data<P>(Hs);
+  for (int64_t t = 0; t < steps; ++t) {
+    const at::Tensor product = product_of(W_hT, Hs[t]);  // W_hᵀ H_{t-1}ᵀ: the four gates in one product
+    activate<P>(G + t * rows * batch, data<P>(product), tab, id ? id + t * batch : nullptr, rows, batch, vocab);
+    cell<P>(G + t * rows * batch, C + t * n, C + (t + 1) * n, tC + t * n, H + (t + 1) * n, n);
+  }
+  return {gates, Hs, Cs, tanh_C};
+}
+
+// gates: (steps, 4H, B) float, X W_x + b for dense input (turned into the activations in place),
+// or to be filled from `table` (4H, vocab) at `ids` (steps, B); W_hT (4H, H) in the products'
+// dtype; H_0, C_0 (B, H). Returns gates, Hs (steps + 1, H, B) in W_hT's dtype, Cs and tanh_C.
+std::vector<at::Tensor> forward(const at::Tensor& gates, const c10::optional<at::Tensor>& table, const c10::optional<at::Tensor>& ids,
+                                const at::Tensor& W_hT, const at::Tensor& H_0, const at::Tensor& C_0) {
+  TORCH_CHECK(gates.scalar_type() == at::kFloat && gates.is_contiguous() && gates.dim() == 3, "gates must be contiguous float (steps, 4H, B)");
+  TORCH_CHECK(W_hT.is_contiguous() && W_hT.dim() == 2 && W_hT.size(0) == gates.size(1), "W_hT must be contiguous (4H, H)");
+  TORCH_CHECK(table.has_value() == ids.has_value(), "table and ids go together");
+  if (table) {
+    TORCH_CHECK(table->scalar_type() == at::kFloat && table->is_contiguous() && table->size(0) == gates.size(1), "table must be contiguous float (4H, vocab)");
+    TORCH_CHECK(ids->scalar_type() == at::kLong && ids->is_contiguous() && ids->size(0) == gates.size(0) && ids->size(1) == gates.size(2),
+                "ids must be contiguous int64 (steps, B)");
+  }
+  at::NoGradGuard no_grad;
+  if (W_hT.scalar_type() == at::kBFloat16) return forward_typed<bf16>(gates, table, ids, W_hT, H_0, C_0);
+  TORCH_CHECK(W_hT.scalar_type() == at::kFloat, "W_hT must be float or bfloat16");
+  return forward_typed<float>(gates, table, ids, W_hT, H_0, C_0);
+}
+
+// ---- backward ---------------------------------------------------------------------------------
+
+// One step back: from dL/dH_t (dH_out, the output's gradient, plus W_h dGates_{t+1}ᵀ in
+// `product` but at the last step) and dL/dC_{t+1} in dC, dL/dC_t into dC and the four gates'
+// pre-activation gradients into dGates (4H, steps, B) at step t's columns, into its copy dG_c
+// when the products' dtype P is not float, and into `next` (4H, B), contiguous in P: the operand
+// of the product that takes them to step t-1. `last`: step T, where nothing comes from a later
+// step (a template parameter, so that the loop holds no condition and vectorizes).
+template <typename P, bool last>
+void step_back(int64_t t, int64_t steps, int64_t hiddens, int64_t batch, const float* __restrict gates, const float* __restrict F_next,
+               const float* __restrict C_prev, const float* __restrict tanh_C, const float* __restrict dH_out, const P* __restrict product,
+               float* __restrict dC, float* dG, P* dG_c, P* __restrict next) {
+  constexpr bool mixed = !std::is_same_v<P, float>;
+  const int64_t n = hiddens * batch, block = hiddens * steps * batch;  // a gate's rows in dGates
+  const float *__restrict I = gates, *__restrict F = gates + n, *__restrict S = gates + 2 * n, *__restrict O = gates + 3 * n;
+  for (int64_t j = 0; j < hiddens; ++j) {
+    const int64_t row = j * batch, at = j * steps * batch + t * batch;  // (j, ·) in a step's arrays; (j, t, ·) in dGates
+    float *__restrict d_i = dG + at, *__restrict d_f = d_i + block, *__restrict d_c = d_f + block, *__restrict d_o = d_c + block;
+    P *__restrict c_i = dG_c + at, *__restrict c_f = c_i + block, *__restrict c_c = c_f + block, *__restrict c_o = c_c + block;
+    P *__restrict n_i = next + row, *__restrict n_f = n_i + n, *__restrict n_c = n_f + n, *__restrict n_o = n_c + n;
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t k = row + b;
+      float dH = dH_out[k];
+      if constexpr (!last) dH += to_float(product[k]);
+      const float i = I[k], f = F[k], s = S[k], o = O[k], tc = tanh_C[k];
+      // dL/dC_t: through C_{t+1} = F_{t+1} ⊙ C_t + …, and through H_t = O_t ⊙ tanh(C_t)
+      float dc = dC[k];
+      if constexpr (!last) dc *= F_next[k];
+      dc += dH * o * (1.0f - tc * tc);
+      dC[k] = dc;
+      d_i[b] = dc * (2.0f * s - 1.0f) * i * (1.0f - i);  // C̃ σ'(i)
+      d_f[b] = dc * C_prev[k] * f * (1.0f - f);           // C_{t-1} σ'(f)
+      d_c[b] = dc * i * 4.0f * s * (1.0f - s);            // I (1 - C̃²), as 1 - C̃² = 4 S (1 - S)
+      d_o[b] = dH * tc * o * (1.0f - o);                  // tanh(C_t) σ'(o)
+      n_i[b] = from_float<P>(d_i[b]);
+      n_f[b] = from_float<P>(d_f[b]);
+      n_c[b] = from_float<P>(d_c[b]);
+      n_o[b] = from_float<P>(d_o[b]);
+      if constexpr (mixed) {
+        c_i[b] = n_i[b];
+        c_f[b] = n_f[b];
+        c_c[b] = n_c[b];
+        c_o[b] = n_o[b];
+      }
+    }
+  }
+}
+
+template <typename P>
+std::vector<at::Tensor> backward_typed(const at::Tensor& dHs, const at::Tensor& dC_T, const at::Tensor& gates, const at::Tensor& Cs,
+                                       const at::Tensor& tanh_C, const at::Tensor& W_h) {
+  const int64_t steps = gates.size(0), rows = gates.size(1), batch = gates.size(2), hiddens = rows / 4, n = hiddens * batch;
+  const bool mixed = W_h.scalar_type() != at::kFloat;
+  at::Tensor dGates = at::empty({rows, steps, batch}, gates.options());
+  at::Tensor dGates_c = mixed ? at::empty({rows, steps, batch}, W_h.options()) : dGates;
+  at::Tensor next = at::empty({rows, batch}, W_h.options());  // the step's dGates, as the next product reads them
+  at::Tensor dC = dC_T.defined() ? dC_T.t().to(at::kFloat).contiguous() : at::zeros({hiddens, batch}, gates.options());
+  const float* G = data<float>(gates);
+  const float* C = data<float>(Cs);
+  const float* tC = data<float>(tanh_C);
+  const float* dH_out = data<float>(dHs);
+  P* dG_c = data<P>(dGates_c);  // dGates itself for float
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    if (t == steps - 1) {
+      step_back<P, true>(t, steps, hiddens, batch, G + t * rows * batch, nullptr, C + t * n, tC + t * n, dH_out + t * n, nullptr, data<float>(dC),
+                         data<float>(dGates), dG_c, data<P>(next));
+      continue;
+    }
+    const at::Tensor product = product_of(W_h, next);  // W_h dGates_{t+1}ᵀ: dL/dH_t through step t+1
+    step_back<P, false>(t, steps, hiddens, batch, G + t * rows * batch, G + (t + 1) * rows * batch + n, C + t * n, tC + t * n, dH_out + t * n,
+                        data<P>(product), data<float>(dC), data<float>(dGates), dG_c, data<P>(next));
+  }
+  dC.mul_(gates[0].narrow(0, hiddens, hiddens));  // dL/dC_0 = dL/dC_1's part through C_1 = F_1 ⊙ C_0 + …
+  return {dGates, dGates_c, dC};
+}
+
+// dHs (steps, H, B) float: dL/dH_tᵀ from above; dC_T (B, H) or undefined; gates, Cs, tanh_C as
+// forward left them; W_h (H, 4H) contiguous in the products' dtype. Returns dGates (4H, steps,
+// B) float, the same in W_h's dtype (the same tensor for float), and dL/dC_0ᵀ (H, B).
+std::vector<at::Tensor> backward(const at::Tensor& dHs, const c10::optional<at::Tensor>& dC_T, const at::Tensor& gates, const at::Tensor& Cs,
+                                 const at::Tensor& tanh_C, const at::Tensor& W_h) {
+  TORCH_CHECK(gates.scalar_type() == at::kFloat && gates.is_contiguous(), "gates must be contiguous float");
+  TORCH_CHECK(dHs.scalar_type() == at::kFloat && dHs.is_contiguous() && dHs.size(0) == gates.size(0), "dHs must be contiguous float (steps, H, B)");
+  TORCH_CHECK(Cs.is_contiguous() && tanh_C.is_contiguous() && W_h.is_contiguous(), "Cs, tanh_C and W_h must be contiguous");
+  at::NoGradGuard no_grad;
+  const at::Tensor dC = dC_T ? *dC_T : at::Tensor();
+  if (W_h.scalar_type() == at::kBFloat16) return backward_typed<bf16>(dHs, dC, gates, Cs, tanh_C, W_h);
+  TORCH_CHECK(W_h.scalar_type() == at::kFloat, "W_h must be float or bfloat16");
+  return backward_typed<float>(dHs, dC, gates, Cs, tanh_C, W_h);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lstmlm_recurrence, m) {
+  m.def("forward(Tensor gates, Tensor? table, Tensor? ids, Tensor W_hT, Tensor H_0, Tensor C_0) -> Tensor[]");
+  m.def("backward(Tensor dHs, Tensor? dC_T, Tensor gates, Tensor Cs, Tensor tanh_C, Tensor W_h) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(lstmlm_recurrence, CPU, m) {
+  m.impl("forward", forward);
+  m.impl("backward", backward);
+}

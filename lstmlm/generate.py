@@ -21,12 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
 from .data.text import normalize
 from .device import DTYPES, autocast
 from .errors import ConfigError, VocabError
+from . import native
 from .fused import CellInPlace, Stacked, stack_weights
 from .lstm import State
 from .model import PACKED, CharLM, convert, scratch_key
@@ -201,9 +203,18 @@ class Stepper:
             self.cells.append(CellInPlace(P[:, W_in.shape[1] :], C_0[k].to(model.W_hq.dtype, copy=True), H1[:, :hiddens]))
         self.logits = self.outputs[-1]
         self.picked = self.table.new_empty((batch, self.table.shape[1]))  # the rows of a batch's ids
+        # The step compiled (native.py) where it computes what the loop below does: a step is
+        # then one call, where the loop issues a dozen operations a layer.
+        self.C = [cell.C for cell in self.cells]
+        on_cpu = H_0.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+        self.compiled = native.recurrence() if on_cpu and all(C.dtype == torch.float32 for C in self.C) else None
 
     def __call__(self, X_t: list[int] | torch.Tensor) -> torch.Tensor:
         """X_t: the ids, a list (batch 1: a row view is the cheapest input) or a tensor (batch > 1)."""
+        if self.compiled is not None:
+            ids = X_t if isinstance(X_t, torch.Tensor) else torch.tensor(X_t)
+            self.compiled.step(ids, self.table, self.W, self.H1, self.P, self.C)
+            return self.logits
         if isinstance(X_t, list):
             inputs = self.rows[X_t[0]] if len(X_t) == 1 else self.table[X_t]
         else:
@@ -214,6 +225,16 @@ class Stepper:
             torch.mm(H1, W, out=P)
             inputs = outputs  # the next layer's X_t W_x + b
         return self.logits
+
+    def greedy(self, X_t: list[int], steps: int) -> list[list[int]]:
+        """`steps` greedy characters after reading X_t, each fed back: their ids, a list a step."""
+        if self.compiled is not None:
+            return cast(list[list[int]], self.compiled.greedy(torch.tensor(X_t), steps, self.logits.shape[1], self.table, self.W, self.H1, self.P, self.C).tolist())
+        chosen = []
+        for _ in range(steps):
+            X_t = self(X_t).argmax(dim=-1).tolist()
+            chosen.append(X_t)
+        return chosen
 
 
 CHUNK = 32  # characters made per resumption of the inner generator
@@ -252,6 +273,13 @@ def _generate_chunks(model: CharLM, vocab: Vocab, context: Sequence[str], sampli
     step = Stepper(model, state, DTYPES[precision])
     tokens = vocab.tokens
     length = sampling.length
+    if sampling.num_samples == 1 and sampling.temperature <= 0.0:  # d2l's predict, a chunk at a time
+        X = ids[:, -1].tolist()
+        for start in range(0, length, CHUNK):
+            chosen = step.greedy(X, min(CHUNK, length - start))
+            X = chosen[-1]
+            yield [[tokens[i] for i in row] for row in chosen]
+        return
     if sampling.num_samples == 1:  # ids as Python ints: decoding needs them anyway, and the input is a row view
         X = ids[:, -1].tolist()
         for start in range(0, length, CHUNK):

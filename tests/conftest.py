@@ -56,6 +56,21 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     return home
 
 
+@pytest.fixture(params=["compiled", "loop"])
+def recurrence(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The scratch core's recurrence and generation's step both ways: compiled (lstmlm/native.py)
+    and the Python loop it replaces, which runs where no C++ compiler is."""
+    from lstmlm import native
+
+    if request.param == "loop":
+        with native.disabled():
+            yield "loop"
+        return
+    if native.recurrence() is None:
+        pytest.skip(f"the compiled recurrence is not here: {native.status()}")
+    yield "compiled"
+
+
 # ---- loopback HTTP server -----------------------------------------------------------------------
 
 SERVE = "serve"  # the file, whole

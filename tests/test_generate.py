@@ -38,7 +38,7 @@ def lively_model(core: str = "scratch", layers: int = 1, seed: int = 0) -> CharL
 
 @pytest.mark.parametrize("core", ["scratch", "cudnn"])
 @pytest.mark.parametrize(("layers", "embedding", "batch"), [(1, 0, 1), (2, 0, 1), (3, 0, 3), (2, 8, 1), (1, 8, 2)])
-def test_stepper_computes_what_the_model_computes(core: str, layers: int, embedding: int, batch: int) -> None:
+def test_stepper_computes_what_the_model_computes(core: str, layers: int, embedding: int, batch: int, recurrence: str) -> None:
     """Generation's Stepper (fused products, biases in a row, state in place) gives, step after
     step from a non-zero state, the logits of the training model's forward over the sequence."""
     torch.manual_seed(1)
@@ -53,11 +53,12 @@ def test_stepper_computes_what_the_model_computes(core: str, layers: int, embedd
         expected, _ = net(X, state)  # (batch, 30, vocab)
         step = Stepper(net, state)
         got = torch.stack([step(X[:, t].tolist()).clone() for t in range(30)], dim=1)
+    assert (step.compiled is not None) == (recurrence == "compiled")
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert all(torch.equal(S, S0) for S, S0 in zip(state, before))  # the caller's state is left alone
 
 
-def test_stepper_in_bf16_follows_the_fp32_model() -> None:
+def test_stepper_in_bf16_follows_the_fp32_model(recurrence: str) -> None:
     """In bf16 the Stepper multiplies in bf16 (logits come out bf16) and keeps C in fp32."""
     net = lively_model("scratch", layers=2)
     X = torch.randint(len(VOCAB), (1, 20))
@@ -71,7 +72,7 @@ def test_stepper_in_bf16_follows_the_fp32_model() -> None:
 
 @pytest.mark.parametrize(("core", "layers"), [("scratch", 1), ("scratch", 2), ("cudnn", 1), ("cudnn", 2)])
 @pytest.mark.parametrize("prefix", ["time traveller", "t", "the "])
-def test_greedy_equals_d2l_predict(core: str, layers: int, prefix: str) -> None:
+def test_greedy_equals_d2l_predict(core: str, layers: int, prefix: str, recurrence: str) -> None:
     net = lively_model(core, layers)
     with torch.no_grad():
         expected = predict_ch8(prefix, 40, net, VOCAB)

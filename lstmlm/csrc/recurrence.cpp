@@ -244,14 +244,105 @@ std::vector<at::Tensor> backward(const at::Tensor& dHs, const c10::optional<at::
   return backward_typed<float>(dHs, dC, gates, Cs, tanh_C, W_h);
 }
 
+// ---- generation: one character at a time ------------------------------------------------------
+//
+// generate.Stepper's step, batch-major, in place on its buffers: per layer k, P[k] (batch, in_k +
+// 4H) = [H_t, 1] [[W_in, W_h], [b_in, 0]] holds the reader's input H_t W_in + b_in and this
+// layer's next recurrent term H_t W_h side by side (the last layer's reader is the output
+// layer: its part of P is the logits). A step adds the layer's input to the recurrent term,
+// runs the cell and multiplies [H_t, 1] once. Nothing is allocated but the products' outputs.
+
+// The cell for one row: gates = σ(recurrent + input) (the candidate doubled), C and H in place.
+template <typename P>
+void cell_row(const P* __restrict recurrent, const P* __restrict input, float* __restrict C, P* __restrict H, int64_t hiddens) {
+  const P *__restrict r_i = recurrent, *__restrict r_f = r_i + hiddens, *__restrict r_s = r_f + hiddens, *__restrict r_o = r_s + hiddens;
+  const P *__restrict x_i = input, *__restrict x_f = x_i + hiddens, *__restrict x_s = x_f + hiddens, *__restrict x_o = x_s + hiddens;
+  for (int64_t j = 0; j < hiddens; ++j) {
+    const float i = sigmoid_(to_float(r_i[j]) + to_float(x_i[j])), f = sigmoid_(to_float(r_f[j]) + to_float(x_f[j]));
+    const float s = sigmoid_(to_float(r_s[j]) + to_float(x_s[j])), o = sigmoid_(to_float(r_o[j]) + to_float(x_o[j]));
+    const float c = f * C[j] + i * (2.0f * s - 1.0f);
+    C[j] = c;
+    H[j] = from_float<P>(o * tanh_(c));
+  }
+}
+
+template <typename P>
+void step_typed(const int64_t* ids, const at::Tensor& table, at::TensorList W, at::TensorList H1, at::TensorList Pk, at::TensorList C) {
+  const int64_t batch = H1[0].size(0), hiddens = H1[0].size(1) - 1, gates = 4 * hiddens;
+  for (size_t k = 0; k < W.size(); ++k) {
+    const int64_t width = Pk[k].size(1), in = width - gates;  // P[k]: the reader's input, then the recurrent term
+    for (int64_t b = 0; b < batch; ++b) {
+      const P* input = k == 0 ? data<P>(table) + ids[b] * gates : data<P>(Pk[k - 1]) + b * Pk[k - 1].size(1);
+      cell_row<P>(data<P>(Pk[k]) + b * width + in, input, data<float>(C[k]) + b * hiddens, data<P>(H1[k]) + b * (hiddens + 1), hiddens);
+    }
+    at::mm_out(const_cast<at::Tensor&>(Pk[k]), H1[k], W[k]);  // [H_t, 1] times everything that reads H_t
+  }
+}
+
+void check_stepper(const at::Tensor& ids, const at::Tensor& table, at::TensorList W, at::TensorList H1, at::TensorList Pk, at::TensorList C) {
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.dim() == 1, "ids must be contiguous int64 (batch,)");
+  TORCH_CHECK(!W.empty() && W.size() == H1.size() && W.size() == Pk.size() && W.size() == C.size(), "one W, H1, P and C a layer");
+  TORCH_CHECK(table.is_contiguous() && table.dim() == 2, "table must be contiguous (vocab, 4H)");
+  for (size_t k = 0; k < W.size(); ++k) {
+    TORCH_CHECK(W[k].scalar_type() == table.scalar_type() && H1[k].scalar_type() == table.scalar_type() && Pk[k].scalar_type() == table.scalar_type(),
+                "W, H1, P and the table share one dtype");
+    TORCH_CHECK(H1[k].is_contiguous() && Pk[k].is_contiguous() && C[k].is_contiguous() && C[k].scalar_type() == at::kFloat, "contiguous buffers, C in float");
+    TORCH_CHECK(H1[k].size(0) == ids.size(0), "one id a row");
+  }
+}
+
+void dispatch_step(const int64_t* ids, const at::Tensor& table, at::TensorList W, at::TensorList H1, at::TensorList Pk, at::TensorList C) {
+  if (table.scalar_type() == at::kBFloat16) return step_typed<bf16>(ids, table, W, H1, Pk, C);
+  TORCH_CHECK(table.scalar_type() == at::kFloat, "the stepper's dtype must be float or bfloat16");
+  step_typed<float>(ids, table, W, H1, Pk, C);
+}
+
+// One step: ids (batch,) are the characters read; afterwards the last P holds the next logits.
+void step(const at::Tensor& ids, const at::Tensor& table, at::TensorList W, at::TensorList H1, at::TensorList Pk, at::TensorList C) {
+  check_stepper(ids, table, W, H1, Pk, C);
+  at::NoGradGuard no_grad;
+  dispatch_step(data<int64_t>(ids), table, W, H1, Pk, C);
+}
+
+// `steps` greedy characters after reading ids (batch,): d2l's predict, the argmax fed back.
+// Returns them, (steps, batch); the state and the last P are those after the last one read.
+at::Tensor greedy(const at::Tensor& ids, int64_t steps, int64_t vocab, const at::Tensor& table, at::TensorList W, at::TensorList H1, at::TensorList Pk,
+                  at::TensorList C) {
+  check_stepper(ids, table, W, H1, Pk, C);
+  at::NoGradGuard no_grad;
+  const int64_t batch = ids.size(0);
+  at::Tensor chosen = at::empty({steps, batch}, ids.options());
+  std::vector<int64_t> X(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + batch);
+  const at::Tensor& logits = Pk.back();  // (batch, vocab + 4H): the logits first
+  for (int64_t t = 0; t < steps; ++t) {
+    dispatch_step(X.data(), table, W, H1, Pk, C);
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t row = b * logits.size(1);
+      int64_t best = 0;
+      float top = 0.0f;
+      for (int64_t v = 0; v < vocab; ++v) {  // the first of equal maxima, as torch.argmax
+        const float x = table.scalar_type() == at::kBFloat16 ? to_float(data<bf16>(logits)[row + v]) : data<float>(logits)[row + v];
+        if (v == 0 || x > top) best = v, top = x;
+      }
+      X[b] = best;
+      chosen.data_ptr<int64_t>()[t * batch + b] = best;
+    }
+  }
+  return chosen;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lstmlm_recurrence, m) {
   m.def("forward(Tensor gates, Tensor? table, Tensor? ids, Tensor W_hT, Tensor H_0, Tensor C_0) -> Tensor[]");
   m.def("backward(Tensor dHs, Tensor? dC_T, Tensor gates, Tensor Cs, Tensor tanh_C, Tensor W_h) -> Tensor[]");
+  m.def("step(Tensor ids, Tensor table, Tensor[] W, Tensor(a!)[] H1, Tensor(b!)[] P, Tensor(c!)[] C) -> ()");
+  m.def("greedy(Tensor ids, int steps, int vocab, Tensor table, Tensor[] W, Tensor(a!)[] H1, Tensor(b!)[] P, Tensor(c!)[] C) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lstmlm_recurrence, CPU, m) {
   m.impl("forward", forward);
   m.impl("backward", backward);
+  m.impl("step", step);
+  m.impl("greedy", greedy);
 }

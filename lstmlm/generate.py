@@ -25,10 +25,10 @@ from typing import cast
 
 import torch
 
+from . import native
 from .data.text import normalize
 from .device import DTYPES, autocast
 from .errors import ConfigError, VocabError
-from . import native
 from .fused import CellInPlace, Stacked, stack_weights
 from .lstm import State
 from .model import PACKED, CharLM, convert, scratch_key
@@ -229,7 +229,8 @@ class Stepper:
     def greedy(self, X_t: list[int], steps: int) -> list[list[int]]:
         """`steps` greedy characters after reading X_t, each fed back: their ids, a list a step."""
         if self.compiled is not None:
-            return cast(list[list[int]], self.compiled.greedy(torch.tensor(X_t), steps, self.logits.shape[1], self.table, self.W, self.H1, self.P, self.C).tolist())
+            chosen = self.compiled.greedy(torch.tensor(X_t), steps, self.logits.shape[1], self.table, self.W, self.H1, self.P, self.C)
+            return cast(list[list[int]], chosen.tolist())
         chosen = []
         for _ in range(steps):
             X_t = self(X_t).argmax(dim=-1).tolist()

@@ -277,9 +277,9 @@ def _generate_chunks(model: CharLM, vocab: Vocab, context: Sequence[str], sampli
     if sampling.num_samples == 1 and sampling.temperature <= 0.0:  # d2l's predict, a chunk at a time
         X = ids[:, -1].tolist()
         for start in range(0, length, CHUNK):
-            chosen = step.greedy(X, min(CHUNK, length - start))
-            X = chosen[-1]
-            yield [[tokens[i] for i in row] for row in chosen]
+            made = step.greedy(X, min(CHUNK, length - start))
+            X = made[-1]
+            yield [[tokens[i] for i in row] for row in made]
         return
     if sampling.num_samples == 1:  # ids as Python ints: decoding needs them anyway, and the input is a row view
         X = ids[:, -1].tolist()

@@ -387,6 +387,11 @@ def test_dropconnect_mask_is_bernoulli_scaled_to_keep_the_expectation() -> None:
     assert M.mean().item() == pytest.approx(1.0, abs=0.03)
 
 
+def mask_of(name: str, masks: list[torch.Tensor]) -> torch.Tensor | float:
+    """The DropConnect mask of the scratch parameter `name`: layer K's for "layers.K.W_h", none (1) for W_x and b."""
+    return masks[int(name.split(".")[1])] if name.endswith("W_h") else 1.0
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
 @pytest.mark.parametrize("kind", ["ids", "dense"])
 def test_dropconnect_runs_each_batch_on_W_h_times_one_new_mask(fused: bool, kind: str, parts: int) -> None:
@@ -404,14 +409,13 @@ def test_dropconnect_runs_each_batch_on_W_h_times_one_new_mask(fused: bool, kind
     assert not torch.equal(masks[0][0], masks[1][0])
     plain = ScratchLSTM(10, 8, 2, fused=False).double()
     for batch, batch_masks in zip(batches, masks):
-        plain.load_state_dict({name: v * batch_masks[int(name[7])] if name.endswith("W_h") else v for name, v in core.state_dict().items()})
+        plain.load_state_dict({name: v * mask_of(name, batch_masks) for name, v in core.state_dict().items()})
         expected = run(plain, X, state, weights)
         outputs, grads = batch[: len(expected)], batch[len(expected) :]
         for a, e in zip(outputs, expected, strict=True):
             assert_close(a, e, 1e-10)
         for (name, p), g in zip(plain.named_parameters(), grads):
-            M = batch_masks[int(name[7])] if name.endswith("W_h") else 1.0  # layers.K.
-            assert_close(g, p.grad * M, 1e-10, f"d{name}")
+            assert_close(g, p.grad * mask_of(name, batch_masks), 1e-10, f"d{name}")
     assert not torch.equal(batches[0][0], batches[1][0])  # a new mask, new outputs
 
 

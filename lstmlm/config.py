@@ -61,6 +61,12 @@ class ModelConfig:
     layers: int = setting(1, "Stacked LSTM layers.")
     dropout: float = setting(0.0, "Dropout on the non-recurrent connections (embedding, between layers, before the output layer).")
     embedding: int = setting(0, "Learned embedding size (0 = the seed's one-hot input).")
+    dropout_input: float = setting(-1.0, "Dropout on the embedding's output (-1 = dropout's rate; needs an embedding). AWD-LSTM's dropouti.")
+    dropout_hidden: float = setting(-1.0, "Dropout between layers (-1 = dropout's rate; needs 2 layers or more). AWD-LSTM's dropouth.")
+    dropout_output: float = setting(-1.0, "Dropout on the top layer's output, before the output layer (-1 = dropout's rate). AWD-LSTM's dropout.")
+    locked_dropout: bool = setting(False, "Those dropouts with one mask per sequence, shared by every time step (variational, Gal & Ghahramani 2016).")
+    weight_drop: float = setting(0.0, "DropConnect on the recurrent weights W_h: one mask per batch (Wan et al. 2013; AWD-LSTM's wdrop).")
+    embedding_dropout: float = setting(0.0, "Drop whole rows of the embedding matrix (whole characters) per batch (needs an embedding). AWD-LSTM's dropoute.")
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,8 @@ class TrainConfig:
     val_tokens: int = setting(250_000, "Validate during training on this many tokens of the validation text, a fixed sample (0 = all of it).")
     patience: int = setting(0, "Stop after N validations without improvement (0 = never).")
     max_minutes: float = setting(0.0, "Stop (validated, sampled, saved) after this much training; a cosine schedule anneals by the clock too.")
+    ar: float = setting(0.0, "Activation regularization α: α·mean(H²) of the top layer's dropped outputs, added to the training loss (Merity et al. 2017).")
+    tar: float = setting(0.0, "Temporal activation regularization β: β·mean((H_t − H_{t−1})²) of the top layer's outputs, added to the training loss.")
 
 
 @dataclass(frozen=True)
@@ -136,9 +144,11 @@ class Config:
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
 # Fields that change the model's function or its parameters' shapes: a checkpoint must agree on them.
+# (Dropout of every kind, DropConnect, AR and TAR act in training only: not among them.)
 MODEL_DEFINING = ("normalize", "model", "hidden", "layers", "embedding")
 
-# Fields a resumed run may change: they alter neither the model nor the data.
+# Fields a resumed run may change: they alter neither the model nor the data. (The regularization
+# alters the training itself, so a resume keeps it, as it keeps lr: it stays exact.)
 RESUMABLE = frozenset(
     {"epochs", "device", "precision", "tf32", "sample_every", "eval_every", "checkpoint_every", "patience", "max_minutes", "val_tokens", "strict"}
 )
@@ -288,6 +298,11 @@ def _coerce(table: str, key: str, value: Any, hint: Any) -> Any:
     return value
 
 
+def _place_rates(m: ModelConfig) -> list[tuple[str, float]]:
+    """The dropout rates of the three places, by name."""
+    return [("dropout_input", m.dropout_input), ("dropout_hidden", m.dropout_hidden), ("dropout_output", m.dropout_output)]
+
+
 def _validate(cfg: Config) -> None:
     d, m, t = cfg.data, cfg.model, cfg.train
     rules = [
@@ -300,6 +315,12 @@ def _validate(cfg: Config) -> None:
         (m.layers >= 1, "[model] layers must be at least 1"),
         (0.0 <= m.dropout < 1.0, "[model] dropout must be in [0, 1)"),
         (m.embedding >= 0, "[model] embedding must be 0 (one-hot) or positive"),
+        *((0.0 <= r < 1.0 or r == -1.0, f"[model] {k} must be in [0, 1), or -1 for dropout's rate") for k, r in _place_rates(m)),
+        (0.0 <= m.weight_drop < 1.0, "[model] weight_drop must be in [0, 1)"),
+        (0.0 <= m.embedding_dropout < 1.0, "[model] embedding_dropout must be in [0, 1)"),
+        (m.embedding_dropout == 0 or m.embedding > 0, "[model] embedding_dropout drops rows of the embedding matrix: it needs embedding > 0"),
+        (m.dropout_input <= 0 or m.embedding > 0, "[model] dropout_input acts on the embedding's output: it needs embedding > 0"),
+        (m.dropout_hidden <= 0 or m.layers > 1, "[model] dropout_hidden acts between layers: it needs layers > 1"),
         (t.epochs >= 1, "[train] epochs must be at least 1"),
         (t.lr > 0.0, "[train] lr must be positive"),
         (t.weight_decay >= 0.0, "[train] weight_decay must not be negative"),
@@ -310,6 +331,8 @@ def _validate(cfg: Config) -> None:
         (t.val_tokens >= 0, "[train] val_tokens must be 0 (all) or positive"),
         (t.patience >= 0, "[train] patience must not be negative"),
         (t.max_minutes >= 0.0, "[train] max_minutes must not be negative"),
+        (t.ar >= 0.0, "[train] ar must not be negative"),
+        (t.tar >= 0.0, "[train] tar must not be negative"),
         (t.schedule != "step" or t.step_every >= 1, "[train] schedule 'step' needs step_every >= 1"),
     ]
     for ok, message in rules:

@@ -17,6 +17,19 @@ reads like the equations, which `cell` below writes once:
 For one-hot X_t, X_t W_x is the row of W_x at the character's id: a gather, never a product.
 Training runs the same function on the fast path (`fused.py`); `cell` is the reference that
 the readable loop and `lstmlm inspect` (which keeps every gate) run.
+
+Regularization inside the cores, in training only (AWD-LSTM's; Merity, Keskar and Socher 2017,
+"Regularizing and Optimizing LSTM Language Models"):
+
+- DropConnect on the recurrent weights (Wan et al. 2013): each batch runs on W̃_h = W_h ⊙ M
+  for one mask M, M_ij ~ Bernoulli(1 - p) / (1 - p), shared by every step and row of the
+  batch, so E[W̃_h] = W_h and the recurrence H_{t-1} → H_t is regularized without a mask per
+  step. W_x and b are left alone. The mask is drawn in the scratch core's packed layout
+  (hiddens, 4·hiddens); nn.LSTM's weight_hh is W_hᵀ, so its core uses Mᵀ: same seed, same
+  dropped weights.
+- Dropout between layers: per element (Zaremba et al. 2014, as nn.LSTM does), or locked —
+  one mask per sequence, shared by every time step (Gal and Ghahramani 2016's variational
+  dropout), the same mask for X_t at every t as DropConnect's is for W_h.
 """
 
 from __future__ import annotations
@@ -36,6 +49,28 @@ State = tuple[torch.Tensor, torch.Tensor]  # (H, C), each (layers, batch, hidden
 
 GATES = ("i", "f", "o", "c")  # the article's order; nn.LSTM packs i, f, g(=c), o
 PARAMETERS = tuple(f"{kind}{g}" for g in GATES for kind in ("W_x", "W_h", "b_"))  # a layer's twelve, by name
+
+
+def dropconnect_mask(num_hiddens: int, p: float, like: torch.Tensor) -> torch.Tensor:
+    """DropConnect's M for one batch, in the scratch core's packed W_h layout (hiddens,
+    4·hiddens): each entry 1 / (1 - p) with probability 1 - p, else 0, so E[W_h ⊙ M] = W_h.
+    Drawn from torch's generator (saved in checkpoints) in `like`'s dtype and device."""
+    M = torch.empty((num_hiddens, 4 * num_hiddens), dtype=like.dtype, device=like.device)  # a fixed shape and memory order, whichever core asks
+    return M.bernoulli_(1 - p).div_(1 - p)
+
+
+def drop(X: torch.Tensor, p: float, locked: bool) -> torch.Tensor:
+    """Dropout on (steps, batch, features) activations at rate p: per element, or `locked`
+    (variational), one mask per sequence (1, batch, features) that every step shares. X itself
+    for p = 0."""
+    if p == 0:
+        return X
+    if locked:
+        mask = X.new_empty((1, *X.shape[1:])).bernoulli_(1 - p).div_(1 - p)  # (1, batch, features): a fresh, contiguous draw
+        return X * mask
+    # contiguous first: the fast path's outputs are transposed views, and dropout draws its
+    # mask in memory order; so both cores draw the same mask
+    return F.dropout(X.contiguous(), p, training=True)
 
 
 def project(X: torch.Tensor, W_x: torch.Tensor) -> torch.Tensor:
@@ -101,23 +136,27 @@ class ScratchLSTMLayer(nn.Module):
                     packed[:, cols] = torch.empty(packed.shape[0], self.num_hiddens, dtype=packed.dtype).normal_(0.0, 0.01)
             self.b.zero_()
 
-    def views(self) -> dict[str, torch.Tensor]:
-        """The article's twelve parameters by name, as views of the packed three."""
-        return {name: self.view(name) for name in PARAMETERS}
+    def views(self, W_h: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The article's twelve parameters by name, as views of the packed three; with `W_h`
+        (DropConnect's W_h ⊙ M) in the parameter's place when given."""
+        return {name: self.view(name, W_h) for name in PARAMETERS}
 
-    def view(self, name: str) -> torch.Tensor:
+    def view(self, name: str, W_h: torch.Tensor | None = None) -> torch.Tensor:
         kind, g = name[:-1], name[-1]  # "W_x" "i", "b_" "c"
         cols = block(g, self.num_hiddens)
-        return {"W_x": self.W_x, "W_h": self.W_h, "b_": self.b}[kind][..., cols]
+        return {"W_x": self.W_x, "W_h": self.W_h if W_h is None else W_h, "b_": self.b}[kind][..., cols]
 
     def __getattr__(self, name: str) -> Any:
         if name in PARAMETERS:
             return self.view(name)
         return super().__getattr__(name)
 
-    def forward(self, X: torch.Tensor, H: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The article's loop, one step at a time: the readable reference."""
-        p = self.views()  # the twelve, by the article's names
+    def forward(
+        self, X: torch.Tensor, H: torch.Tensor, C: torch.Tensor, W_h: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The article's loop, one step at a time: the readable reference. `W_h`, when given,
+        replaces the parameter for the whole sequence (DropConnect's W_h ⊙ M)."""
+        p = self.views(W_h)  # the twelve, by the article's names
         outputs = []
         for X_t in X:  # X_t: (batch,) ids or (batch, inputs)
             step = cell({g: project(X_t, p[f"W_x{g}"]) for g in GATES}, H, C, p)
@@ -125,8 +164,10 @@ class ScratchLSTMLayer(nn.Module):
             outputs.append(H)
         return torch.stack(outputs), H, C  # (steps, batch, hiddens)
 
-    def stacked(self, dtype: torch.dtype, ids: bool = False) -> Stacked:
-        """The layer's `Stacked` forward weights in `dtype`, for id (`ids`) or dense inputs.
+    def stacked(self, dtype: torch.dtype, ids: bool = False, W_h: torch.Tensor | None = None) -> Stacked:
+        """The layer's `Stacked` forward weights in `dtype`, for id (`ids`) or dense inputs, with
+        `W_h` in place of the parameter when given (DropConnect's W_h ⊙ M: new every batch, so
+        never cached).
 
         Without autograd (generation, evaluation) the result is cached until a parameter
         changes — its version counter moves on every in-place update and load_state_dict, its
@@ -136,8 +177,8 @@ class ScratchLSTMLayer(nn.Module):
         move no version counter: they are invisible here as they are to autograd.) With
         autograd on, parameters change every step and stacking is cheap next to the step.
         """
-        params = (self.W_x, self.W_h, self.b)
-        if torch.is_grad_enabled():
+        params = (self.W_x, self.W_h if W_h is None else W_h, self.b)
+        if torch.is_grad_enabled() or params[1] is not self.W_h:
             return stack_weights(*params, dtype, ids)
         key = (dtype, ids, *((p.data_ptr(), p._version) for p in params))
         if self._stacked is None or self._stacked_key != key:
@@ -145,17 +186,25 @@ class ScratchLSTMLayer(nn.Module):
             self._stacked_sources = [p.detach() for p in params]
         return self._stacked
 
-    def fast_forward(self, X: torch.Tensor, H_0: torch.Tensor, C_0: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer on the fast path: every step's H (steps, batch, hiddens) in `dtype`, and C_T."""
-        weights = self.stacked(dtype, ids=not X.is_floating_point())
+    def fast_forward(
+        self, X: torch.Tensor, H_0: torch.Tensor, C_0: torch.Tensor, dtype: torch.dtype, W_h: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer on the fast path: every step's H (steps, batch, hiddens) in `dtype`, and C_T.
+
+        `W_h`, when given, runs in the parameter's place (DropConnect's W_h ⊙ M): the fast path
+        takes it as its W_h, so the gradient it returns for it reaches the parameter through
+        the product with M, by autograd."""
+        W_h = self.W_h if W_h is None else W_h
+        weights = self.stacked(dtype, ids=not X.is_floating_point(), W_h=W_h)
         if torch.is_grad_enabled():
-            return cast(tuple[torch.Tensor, torch.Tensor], LSTMSequence.apply(X, H_0, C_0, weights, self.W_x, self.W_h, self.b))
-        seq = run_sequence(X, H_0, C_0, weights, self.W_h.dtype)  # without autograd: evaluation
+            return cast(tuple[torch.Tensor, torch.Tensor], LSTMSequence.apply(X, H_0, C_0, weights, self.W_x, W_h, self.b))
+        seq = run_sequence(X, H_0, C_0, weights, W_h.dtype)  # without autograd: evaluation
         return seq.Hs[1:].transpose(1, 2), seq.Cs[-1].T
 
 
 class ScratchLSTM(nn.Module):
-    """The article's LSTM, stacked `num_layers` deep with dropout between layers (as nn.LSTM).
+    """The article's LSTM, stacked `num_layers` deep with dropout between layers (as nn.LSTM;
+    `locked`: one mask per sequence) and DropConnect on each layer's W_h at rate `weight_drop`.
 
     `fused=False` runs the literal per-gate loop, the readable reference; `fused=True` (the
     default) the fast path (`fused.LSTMSequence`). Both compute the same function on the same
@@ -163,10 +212,19 @@ class ScratchLSTM(nn.Module):
     cell state, the returned state and the weight gradients in the parameters' dtype.
     """
 
-    def __init__(self, num_inputs: int, num_hiddens: int, num_layers: int = 1, dropout: float = 0.0, fused: bool = True) -> None:
+    def __init__(
+        self,
+        num_inputs: int,
+        num_hiddens: int,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        fused: bool = True,
+        locked: bool = False,
+        weight_drop: float = 0.0,
+    ) -> None:
         super().__init__()
         self.num_inputs, self.num_hiddens, self.num_layers = num_inputs, num_hiddens, num_layers
-        self.dropout, self.fused = dropout, fused
+        self.dropout, self.fused, self.locked, self.weight_drop = dropout, fused, locked, weight_drop
         self.layers = nn.ModuleList(
             ScratchLSTMLayer(num_inputs if k == 0 else num_hiddens, num_hiddens) for k in range(num_layers)
         )
@@ -180,29 +238,49 @@ class ScratchLSTM(nn.Module):
         H_0, C_0 = check_input(X, state, self.num_inputs, self.num_hiddens, self.num_layers, weight)
         dtype = compute_dtype(weight)
         Hs, Cs = [], []
-        for k, layer in enumerate(layers):
-            if k > 0 and self.dropout > 0 and self.training:
-                # contiguous first: the fast path's outputs are transposed views, and dropout
-                # draws its mask in memory order; so both paths draw the same mask
-                X = F.dropout(X.contiguous(), self.dropout, training=True)
+        for k, (layer, W_h) in enumerate(zip(layers, self.recurrent_weights())):
+            if k > 0 and self.training:
+                X = drop(X, self.dropout, self.locked)
             if self.fused:
-                X, C = layer.fast_forward(X, H_0[k], C_0[k], dtype)
+                X, C = layer.fast_forward(X, H_0[k], C_0[k], dtype, W_h)
                 H = X[-1]
             else:
-                X, H, C = layer(X, H_0[k], C_0[k])
+                X, H, C = layer(X, H_0[k], C_0[k], W_h)
             Hs.append(H)
             Cs.append(C)
         C = torch.stack(Cs)  # (layers, batch, hiddens)
         return X, (as_dtype(torch.stack(Hs), C.dtype), C)
 
+    def recurrent_weights(self) -> list[torch.Tensor]:
+        """Each layer's W_h as this batch's recurrence uses it: in training with DropConnect,
+        W_h ⊙ M (differentiable: dL/dW_h = dL/dW̃_h ⊙ M), else the parameter itself. Every
+        layer's M is drawn before any activation dropout, as nn.LSTM's core draws them."""
+        layers = self.scratch_layers()
+        if not (self.training and self.weight_drop > 0):
+            return [layer.W_h for layer in layers]
+        return [layer.W_h * dropconnect_mask(self.num_hiddens, self.weight_drop, layer.W_h) for layer in layers]  # (hiddens, 4·hiddens)
+
 
 class CudnnLSTM(nn.Module):
-    """torch.nn.LSTM (cuDNN on a GPU, oneDNN on a CPU) behind the scratch core's interface."""
+    """torch.nn.LSTM (cuDNN on a GPU, oneDNN on a CPU) behind the scratch core's interface,
+    with the scratch core's regularization: DropConnect on weight_hh and locked dropout between
+    layers, both through functional weights (`torch.func.functional_call`), never by changing
+    the module's own parameters or internals."""
 
-    def __init__(self, num_inputs: int, num_hiddens: int, num_layers: int = 1, dropout: float = 0.0) -> None:
+    def __init__(
+        self, num_inputs: int, num_hiddens: int, num_layers: int = 1, dropout: float = 0.0, locked: bool = False, weight_drop: float = 0.0
+    ) -> None:
         super().__init__()
         self.num_inputs, self.num_hiddens, self.num_layers = num_inputs, num_hiddens, num_layers
-        self.lstm = nn.LSTM(num_inputs, num_hiddens, num_layers, dropout=dropout if num_layers > 1 else 0.0)
+        self.dropout, self.locked, self.weight_drop = dropout, locked, weight_drop
+        by_layer = locked and dropout > 0 and num_layers > 1  # nn.LSTM's own dropout between layers is per element
+        self.lstm = nn.LSTM(num_inputs, num_hiddens, num_layers, dropout=dropout if num_layers > 1 and not by_layer else 0.0)
+        # For locked dropout between layers, training runs one layer at a time on this module's
+        # weights: through one-layer nn.LSTMs of the same sizes whose own parameters are never
+        # used (on the meta device: no memory; a tuple: not submodules, nothing in the state dict).
+        self.layer_kernels: tuple[nn.LSTM, ...] = (
+            tuple(nn.LSTM(num_inputs if k == 0 else num_hiddens, num_hiddens, device="meta") for k in range(num_layers)) if by_layer else ()
+        )
 
     @property
     def weight(self) -> torch.Tensor:
@@ -215,22 +293,53 @@ class CudnnLSTM(nn.Module):
         if not X.is_floating_point():  # nn.LSTM multiplies its input: one-hot it (cheap at char vocab sizes)
             X = F.one_hot(X.long(), self.num_inputs).to(weight.dtype)
         dtype = compute_dtype(weight)
-        if dtype != weight.dtype:
-            return self._forward_in(dtype, X, state)
-        outputs, (H, C) = self.lstm(X, state)
+        regularized = self.training and (self.weight_drop > 0 or bool(self.layer_kernels))
+        if dtype != weight.dtype or regularized:
+            return self._functional_forward(dtype, X, state)
+        outputs, (H, C) = self.lstm(X, state)  # the module's own (on a GPU, cuDNN-flattened) weights
         return outputs, (H, C)
 
-    def _forward_in(self, dtype: torch.dtype, X: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """nn.LSTM under autocast, on any device, runs on `dtype` copies of the weights, input and
-        state with autocast off: oneDNN's CPU LSTM refuses autocast's mixed dtypes, and on a GPU
-        autocast would cast cuDNN's RNN to fp16 whatever dtype it was asked for (and with no
-        gradient scaler). So bf16 reaches the kernel as bf16. The casts are differentiable, so the
-        gradients still reach the fp32 parameters; the returned state (C above all, carried to the
-        next batch) is in the parameters' dtype."""
-        weights = {name: p.to(dtype) for name, p in self.lstm.named_parameters()}
+    def _functional_forward(self, dtype: torch.dtype, X: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """nn.LSTM on this batch's weights (`functional_weights`) in `dtype`, with autocast off.
+
+        Under autocast, on any device, it runs on `dtype` copies of the weights, input and state:
+        oneDNN's CPU LSTM refuses autocast's mixed dtypes, and on a GPU autocast would cast
+        cuDNN's RNN to fp16 whatever dtype it was asked for (and with no gradient scaler). So
+        bf16 reaches the kernel as bf16. The casts and masks are differentiable, so the
+        gradients still reach the fp32 parameters; the returned state (C above all, carried to
+        the next batch) is in the parameters' dtype."""
+        weights = self.functional_weights(dtype)
         with torch.autocast(X.device.type, enabled=False):
-            outputs, (H, C) = functional_call(self.lstm, weights, (X.to(dtype), (state[0].to(dtype), state[1].to(dtype))))
+            X, state = X.to(dtype), (state[0].to(dtype), state[1].to(dtype))
+            if self.training and self.layer_kernels:
+                outputs, (H, C) = self._layer_by_layer(weights, X, state)
+            else:
+                outputs, (H, C) = functional_call(self.lstm, weights, (X, state))
         return outputs, (H.to(self.weight.dtype), C.to(self.weight.dtype))
+
+    def functional_weights(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """nn.LSTM's parameters by name as this batch uses them, in `dtype`. In training with
+        DropConnect, weight_hh_l{k} ⊙ M_kᵀ: M_k drawn in the scratch core's layout (hiddens,
+        4·hiddens), layer after layer, as the scratch core draws its own, since weight_hh is W_hᵀ."""
+        weights: dict[str, torch.Tensor] = dict(self.lstm.named_parameters())
+        if self.training and self.weight_drop > 0:
+            for k in range(self.num_layers):
+                W_hT = weights[f"weight_hh_l{k}"]  # (4·hiddens, hiddens)
+                weights[f"weight_hh_l{k}"] = W_hT * dropconnect_mask(self.num_hiddens, self.weight_drop, W_hT).T
+        return {name: as_dtype(p, dtype) for name, p in weights.items()}
+
+    def _layer_by_layer(self, weights: dict[str, torch.Tensor], X: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """The layers one at a time on `weights`, with locked dropout between them."""
+        H_0, C_0 = state
+        Hs, Cs = [], []
+        for k, kernel in enumerate(self.layer_kernels):
+            if k > 0:
+                X = drop(X, self.dropout, locked=True)
+            own = {f"{kind}_l0": weights[f"{kind}_l{k}"] for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+            X, (H, C) = functional_call(kernel, own, (X, (H_0[k : k + 1], C_0[k : k + 1])))  # (steps, batch, hiddens)
+            Hs.append(H)
+            Cs.append(C)
+        return X, (torch.cat(Hs), torch.cat(Cs))  # (layers, batch, hiddens) each
 
 
 def zero_state(num_layers: int, batch_size: int, num_hiddens: int, like: torch.Tensor) -> State:

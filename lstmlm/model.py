@@ -6,6 +6,16 @@ core, as nn.LSTM applies it) and the top layer's output; never on the recurrence
 
     logits_t = H_t W_hq + b_q                      (batch, vocab) per step
 
+AWD-LSTM's regularization (Merity, Keskar and Socher 2017), each off unless asked for
+(`Dropouts`), all in training only:
+- a rate of its own at each of the three places, and locked (variational) masks: one per
+  sequence, shared by every step (Gal and Ghahramani 2016);
+- DropConnect on the recurrence's weights W_h (Wan et al. 2013), inside the cores (`lstm.py`);
+- embedding dropout: whole rows of the embedding matrix, whole characters, dropped for a
+  batch, the rest scaled by 1 / (1 - p) (Gal and Ghahramani 2016);
+- AR and TAR on the top layer's outputs (`activation_penalty`, Merity, McCann and Socher 2017,
+  "Revisiting Activation Regularization for Language RNNs"), added to the training loss.
+
 Both cores have the same parameters up to layout, so a state dict converts exactly from one
 core to the other: nn.LSTM packs the gates as i, f, g(=c̃), o into weight_ih_l{k} (4H, inputs)
 and weight_hh_l{k} (4H, H), and splits the bias in two (bias_ih + bias_hh).
@@ -15,6 +25,8 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, overload
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +35,34 @@ from torch import nn
 from .config import Config, ModelConfig
 from .errors import CheckpointError, ShapeError
 from .fused import GATE_ORDER, block
-from .lstm import PARAMETERS, CudnnLSTM, ScratchLSTM, State, zero_state
+from .lstm import PARAMETERS, CudnnLSTM, ScratchLSTM, State, drop, zero_state
+
+
+@dataclass(frozen=True)
+class Dropouts:
+    """Every rate CharLM drops at in training, each in [0, 1) (0: off)."""
+
+    input: float = 0.0  # the embedding's output
+    hidden: float = 0.0  # between layers, inside the core
+    output: float = 0.0  # the top layer's output, before the output layer
+    locked: bool = False  # those three: one mask per sequence, shared by every step; else per element
+    weight: float = 0.0  # DropConnect on each layer's W_h, one mask per batch
+    embedding: float = 0.0  # whole rows of the embedding matrix, one draw per character per batch
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> Dropouts:
+        """The config's rates; -1 at a place means `dropout`'s rate there."""
+        def rate(r: float) -> float:
+            return cfg.dropout if r == -1.0 else r
+
+        return cls(rate(cfg.dropout_input), rate(cfg.dropout_hidden), rate(cfg.dropout_output), cfg.locked_dropout, cfg.weight_drop, cfg.embedding_dropout)
+
+
+class TopLayer(NamedTuple):
+    """The top layer's outputs for a batch, which AR and TAR penalize."""
+
+    H: torch.Tensor  # (steps, batch, hiddens): as the core gave them
+    H_dropped: torch.Tensor  # (steps, batch, hiddens): after output dropout, as the output layer reads them
 
 
 class CharLM(nn.Module):
@@ -32,19 +71,22 @@ class CharLM(nn.Module):
         vocab_size: int,
         num_hiddens: int = 256,
         num_layers: int = 1,
-        dropout: float = 0.0,
+        dropout: float | Dropouts = 0.0,
         core: str = "scratch",
         embedding: int = 0,
     ) -> None:
+        """`dropout`: one rate for the embedding's output, between layers and the top layer's
+        output (Zaremba et al.), or `Dropouts` for each on its own and the rest of AWD-LSTM's."""
         super().__init__()
         self.vocab_size, self.num_hiddens, self.num_layers = vocab_size, num_hiddens, num_layers
-        self.core_name, self.dropout = core, dropout
+        self.core_name = core
+        self.dropouts = d = dropout if isinstance(dropout, Dropouts) else Dropouts(dropout, dropout, dropout)
         self.embedding = nn.Embedding(vocab_size, embedding) if embedding > 0 else None
         num_inputs = embedding or vocab_size  # one-hot input has one column per character
         if core == "scratch":
-            self.core: nn.Module = ScratchLSTM(num_inputs, num_hiddens, num_layers, dropout)
+            self.core: nn.Module = ScratchLSTM(num_inputs, num_hiddens, num_layers, d.hidden, locked=d.locked, weight_drop=d.weight)
         elif core == "cudnn":
-            self.core = CudnnLSTM(num_inputs, num_hiddens, num_layers, dropout)
+            self.core = CudnnLSTM(num_inputs, num_hiddens, num_layers, d.hidden, locked=d.locked, weight_drop=d.weight)
         else:
             raise ValueError(f"unknown core '{core}' (expected scratch or cudnn)")
         self.W_hq = nn.Parameter(torch.empty(num_hiddens, vocab_size))
@@ -53,7 +95,7 @@ class CharLM(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, vocab_size: int) -> CharLM:
-        return cls(vocab_size, cfg.hidden, cfg.layers, cfg.dropout, cfg.model, cfg.embedding)
+        return cls(vocab_size, cfg.hidden, cfg.layers, Dropouts.of(cfg), cfg.model, cfg.embedding)
 
     def reset_output_layer(self) -> None:
         """The seed's init for the scratch model (N(0, 0.01²), zero bias); nn.Linear's for nn.LSTM."""
@@ -74,8 +116,16 @@ class CharLM(nn.Module):
     def begin_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         return zero_state(self.num_layers, batch_size, self.num_hiddens, self.W_hq.to(device) if device else self.W_hq)
 
-    def forward(self, X: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        """X: (batch, steps) ids → logits (batch, steps, vocab) and the final state."""
+    @overload
+    def forward(self, X: torch.Tensor, state: State | None = None, *, top: Literal[False] = False) -> tuple[torch.Tensor, State]: ...
+    @overload
+    def forward(self, X: torch.Tensor, state: State | None = None, *, top: Literal[True]) -> tuple[torch.Tensor, State, TopLayer]: ...
+
+    def forward(
+        self, X: torch.Tensor, state: State | None = None, *, top: bool = False
+    ) -> tuple[torch.Tensor, State] | tuple[torch.Tensor, State, TopLayer]:
+        """X: (batch, steps) ids → logits (batch, steps, vocab) and the final state; with `top`,
+        the top layer's outputs too (for AR and TAR)."""
         if X.is_floating_point() or X.dtype == torch.bool or X.dim() != 2:
             raise ShapeError(f"X must be (batch, steps) integer ids, got {tuple(X.shape)} {X.dtype}")
         if X.device.type == "cpu" and X.numel():  # one reduction: generation calls this per character
@@ -83,16 +133,24 @@ class CharLM(nn.Module):
             if low < 0 or high >= self.vocab_size:
                 raise ShapeError(f"ids must lie in [0, {self.vocab_size}), got [{low}, {high}]")
         inputs = X.T  # (steps, batch): the cores run time-major, like the seed
-        drop = self.dropout > 0 and self.training
+        d = self.dropouts if self.training else Dropouts()
         if self.embedding is not None:
-            inputs = self.embedding(inputs)  # (steps, batch, embedding)
-            if drop:
-                inputs = F.dropout(inputs, self.dropout)
+            inputs = self.embed(inputs, d.embedding)  # (steps, batch, embedding)
+            inputs = drop(inputs, d.input, d.locked)
         outputs, state = self.core(inputs, state)  # (steps, batch, hiddens)
-        if drop:  # contiguous first, so both cores' outputs draw the same mask (see ScratchLSTM)
-            outputs = F.dropout(outputs.contiguous(), self.dropout)
-        logits = outputs @ self.W_hq + self.b_q  # (steps, batch, vocab)
-        return logits.transpose(0, 1), state
+        dropped = drop(outputs, d.output, d.locked)
+        logits = (dropped @ self.W_hq + self.b_q).transpose(0, 1)  # (batch, steps, vocab)
+        return (logits, state, TopLayer(outputs, dropped)) if top else (logits, state)
+
+    def embed(self, ids: torch.Tensor, p: float) -> torch.Tensor:
+        """E[ids] (steps, batch, embedding); for p > 0, from E with whole rows dropped — a
+        character's every occurrence in the batch — and the kept rows scaled by 1 / (1 - p)."""
+        assert self.embedding is not None  # called only with an embedding
+        E = self.embedding.weight  # (vocab, embedding)
+        if p > 0:
+            keep = E.new_empty((E.shape[0], 1)).bernoulli_(1 - p).div_(1 - p)  # (vocab, 1): one draw per character
+            E = E * keep
+        return F.embedding(ids, E)
 
 
 def num_parameters(cfg: ModelConfig, vocab_size: int) -> int:
@@ -119,6 +177,20 @@ def training_bytes(cfg: Config, vocab_size: int) -> int:
 def loss_fn(logits: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over every (batch, step) position, in fp32 whatever the matmul precision."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1))
+
+
+def activation_penalty(top: TopLayer, ar: float, tar: float) -> torch.Tensor:
+    """AR + TAR (Merity, McCann and Socher 2017), in fp32, for the training loss only:
+
+        AR  = α · mean(H̃_t²)                  H̃: the top layer's outputs after dropout; keeps them small
+        TAR = β · mean((H_t − H_{t−1})²)      H: before dropout, within the batch; keeps them slow
+
+    A batch of one step has no pair of steps: TAR is 0 there."""
+    H, H_dropped = top.H.float(), top.H_dropped.float()  # (steps, batch, hiddens)
+    penalty = H_dropped.pow(2).mean() * ar if ar > 0 else H.new_zeros(())
+    if tar > 0 and H.shape[0] > 1:
+        penalty = penalty + (H[1:] - H[:-1]).pow(2).mean() * tar
+    return penalty
 
 
 # ---- weight conversion between the cores ---------------------------------------------------

@@ -3,7 +3,9 @@
 The seed's semantics (d2l's train_ch8): the recurrent state starts at zero on an epoch's first
 batch (on every batch for the random iterator) and is detached between batches, so gradients
 flow back only through the current `num_steps`; the loss is the mean cross-entropy; gradients
-are clipped to a global norm θ; perplexity is exp of the token-weighted mean loss.
+are clipped to a global norm θ; perplexity is exp of the token-weighted mean loss. AR and TAR,
+when set, are added to what is differentiated, never to the loss reported: perplexity stays
+exp of the cross-entropy.
 
 Everything that decides what happens next is in `TrainerState` and saved in every checkpoint —
 the data generator's state at the epoch's start, the batch index within the epoch, the carried
@@ -40,7 +42,7 @@ from .evaluation import MAX_LOSS, bits_per_char, evaluate, perplexity
 from .events import EpochEnded, Evaluated, Event, Finished, Sampled, Saved, Started, Stepped
 from .generate import complete, prime_text, sample_prefixes
 from .lstm import State
-from .model import CharLM, convert, loss_fn
+from .model import CharLM, activation_penalty, convert, loss_fn
 from .runs import BEST, LATEST, RunStore
 
 # ---- one step -------------------------------------------------------------------------------
@@ -55,13 +57,21 @@ def train_step(
     clip: float,
     device: torch.device,
     precision: str = "fp32",
+    ar: float = 0.0,
+    tar: float = 0.0,
 ) -> tuple[torch.Tensor, State]:
-    """Forward, mean loss, backward, clip, update. Returns the loss (on the device, no sync)."""
+    """Forward, mean loss, backward, clip, update. Returns the loss — the cross-entropy alone,
+    whatever AR (`ar`) and TAR (`tar`) add to the objective — on the device, no sync."""
     with autocast(device, precision):
-        logits, state = model(X, state)  # (batch, steps, vocab)
-        loss = loss_fn(logits, Y)
+        if ar > 0 or tar > 0:
+            logits, state, top = model(X, state, top=True)  # (batch, steps, vocab)
+            loss = loss_fn(logits, Y)
+            objective = loss + activation_penalty(top, ar, tar)
+        else:
+            logits, state = model(X, state)
+            objective = loss = loss_fn(logits, Y)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    objective.backward()
     if clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
     optimizer.step()
@@ -347,13 +357,13 @@ class Trainer:
     def _step(self, X: torch.Tensor, Y: torch.Tensor, state: State | None, loss_sum: torch.Tensor) -> State:
         """One optimizer step on this process's rows of the batch; its loss, weighted by its
         tokens, is added to `loss_sum` on the device (no sync per batch)."""
-        d, st = self.cfg.data, self.state
+        d, t, st = self.cfg.data, self.cfg.train, self.state
         if state is not None and d.iterator == "sequential":
             state = (state[0].detach(), state[1].detach())  # truncate backprop at the batch edge
         else:
             state = None  # zero state: the epoch's first batch, or every random-iterator batch
         X, Y = X.to(self.device, non_blocking=True), Y.to(self.device, non_blocking=True)  # this process's rows
-        loss, state = train_step(self.net, self.optimizer, X, Y, state, self.cfg.train.clip, self.device, self.precision)
+        loss, state = train_step(self.net, self.optimizer, X, Y, state, t.clip, self.device, self.precision, t.ar, t.tar)
         loss_sum += loss.double() * Y.numel()
         self.schedule.step()
         st.step += 1

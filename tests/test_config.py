@@ -3,6 +3,7 @@ with a validation split; a known corpus may bring its own mode and split. And th
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from lstmlm import config
 from lstmlm.config import Config, parse_split
 from lstmlm.errors import ConfigError
 
-from conftest import CONFIGS, cli
+from conftest import CONFIGS, assert_one_error_line, cli
 
 SEED = ("d2l", 10_000, 0.0, "")
 
@@ -85,3 +86,50 @@ def test_the_effective_settings_are_printed(corpus_file: Path, runs_dir: Path) -
     assert result.code == 0, result.stderr
     table = {tuple(line.split()[:2]) for line in result.stdout.splitlines()} | {tuple(line.split()[2:4]) for line in result.stdout.splitlines()}
     assert {("normalize", "raw"), ("max_tokens", "0"), ("val_fraction", "0.1"), ("checkpoint_every", "10m"), ("val_tokens", "250000")} <= table
+
+
+# ---- regularization ---------------------------------------------------------------------------
+
+
+def test_the_regularization_is_off_by_default() -> None:
+    m, t = Config().model, Config().train
+    assert (m.weight_drop, m.embedding_dropout, m.locked_dropout, t.ar, t.tar) == (0.0, 0.0, False, 0.0, 0.0)
+    assert (m.dropout_input, m.dropout_hidden, m.dropout_output) == (-1.0, -1.0, -1.0)  # dropout's rate, which is 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"embedding_dropout": 0.1}, "[model] embedding_dropout drops rows of the embedding matrix: it needs embedding > 0"),
+        ({"dropout_input": 0.2}, "[model] dropout_input acts on the embedding's output: it needs embedding > 0"),
+        ({"dropout_hidden": 0.2}, "[model] dropout_hidden acts between layers: it needs layers > 1"),
+        ({"weight_drop": 1.0}, "[model] weight_drop must be in [0, 1)"),
+        ({"weight_drop": -0.1}, "[model] weight_drop must be in [0, 1)"),
+        ({"embedding_dropout": 1.0, "embedding": 8}, "[model] embedding_dropout must be in [0, 1)"),
+        ({"dropout_output": 1.5}, "[model] dropout_output must be in [0, 1), or -1 for dropout's rate"),
+        ({"dropout_hidden": -0.5, "layers": 2}, "[model] dropout_hidden must be in [0, 1), or -1 for dropout's rate"),
+        ({"ar": -1.0}, "[train] ar must not be negative"),
+        ({"tar": -0.5}, "[train] tar must not be negative"),
+        ({"locked_dropout": 1}, "[model] locked_dropout must be true or false, not 1"),
+    ],
+)
+def test_bad_regularization_is_refused_by_name(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        Config().with_overrides(overrides)
+
+
+def test_awd_lstm_settings_are_accepted_and_plain_dropout_still_needs_nothing(tmp_path: Path) -> None:
+    assert Config().with_overrides({"dropout": 0.5}).model.dropout == 0.5  # one-hot, one layer: as before
+    path = tmp_path / "awd.toml"
+    path.write_text(
+        "[model]\nembedding = 16\nlayers = 3\ndropout_input = 0.65\ndropout_hidden = 0.3\ndropout_output = 0.4\n"
+        "locked_dropout = true\nweight_drop = 0.5\nembedding_dropout = 0.1\n[train]\nar = 2\ntar = 1\n"
+    )
+    cfg = config.load(path)
+    assert (cfg.model.weight_drop, cfg.model.locked_dropout, cfg.train.ar, cfg.train.tar) == (0.5, True, 2.0, 1.0)
+
+
+def test_a_regularization_option_is_refused_in_one_line(corpus_file: Path, runs_dir: Path) -> None:
+    result = cli("train", "--corpus", corpus_file, "--runs-dir", runs_dir, "--embedding-dropout", "0.1", "--epochs", "1")
+    assert_one_error_line(result, "[model] embedding_dropout drops rows of the embedding matrix: it needs embedding > 0")
+    assert not runs_dir.exists() or not any(runs_dir.iterdir())

@@ -4,13 +4,15 @@ With weights converted between them, the article's scratch LSTM (the per-gate re
 and the fused path) and torch's nn.LSTM give the same outputs, final state and gradients of
 every parameter, input and initial state: to 1e-5 in float32 and 1e-10 in float64 (relative to
 the size of the values compared, so large gradients are not held to a tighter bound than their
-float precision allows).
+float precision allows). In training with DropConnect and dropout between layers (per element
+or locked) too: the same seed draws the same masks in both.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ from torch.func import functional_call
 
 from lstmlm.errors import ShapeError
 from lstmlm.fused import split_batch
-from lstmlm.lstm import CudnnLSTM, ScratchLSTM, State, project
+from lstmlm.lstm import CudnnLSTM, ScratchLSTM, State, drop, dropconnect_mask, project
 from lstmlm.model import cudnn_to_scratch, scratch_to_cudnn
 
 from conftest import assert_close
@@ -47,20 +49,21 @@ def to_scratch(core_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def make_cores(
-    num_inputs: int, num_hiddens: int, num_layers: int, dtype: torch.dtype, seed: int = 0
+    num_inputs: int, num_hiddens: int, num_layers: int, dtype: torch.dtype, seed: int = 0, **regularization: Any
 ) -> tuple[ScratchLSTM, ScratchLSTM, CudnnLSTM]:
-    """The reference loop, the fused path and nn.LSTM with the same random weights.
+    """The reference loop, the fused path and nn.LSTM with the same random weights (and the
+    same `dropout`, `locked`, `weight_drop`, when given).
 
     The weights start as nn.LSTM's with both of its biases random, so the conversion's summing
     of bias_ih and bias_hh is exercised too; their scale keeps the gates away from saturation.
     """
     torch.manual_seed(seed)
-    cudnn = CudnnLSTM(num_inputs, num_hiddens, num_layers).to(dtype)
+    cudnn = CudnnLSTM(num_inputs, num_hiddens, num_layers, **regularization).to(dtype)
     with torch.no_grad():
         for p in cudnn.parameters():
             p.normal_(0.0, 0.5)
-    reference = ScratchLSTM(num_inputs, num_hiddens, num_layers, fused=False).to(dtype)
-    fused = ScratchLSTM(num_inputs, num_hiddens, num_layers, fused=True).to(dtype)
+    reference = ScratchLSTM(num_inputs, num_hiddens, num_layers, fused=False, **regularization).to(dtype)
+    fused = ScratchLSTM(num_inputs, num_hiddens, num_layers, fused=True, **regularization).to(dtype)
     reference.load_state_dict(to_scratch(cudnn.state_dict()))
     fused.load_state_dict(to_scratch(cudnn.state_dict()))
     return reference, fused, cudnn
@@ -369,3 +372,126 @@ def test_fast_path_equals_nn_lstm_at_the_d2l_size() -> None:
     mapped = scratch_grads_as_cudnn(fused)
     for name, p in cudnn.named_parameters():
         assert_close(p.grad, mapped[name.replace("bias_hh", "bias_ih")], 1e-5, f"d{name}")
+
+
+# ---- regularization: DropConnect on W_h, dropout between layers --------------------------------
+
+
+def test_dropconnect_mask_is_bernoulli_scaled_to_keep_the_expectation() -> None:
+    """Each entry 0 or 1/(1 - p), dropped with probability p: E[W_h ⊙ M] = W_h."""
+    torch.manual_seed(0)
+    M = dropconnect_mask(64, 0.3, torch.empty(0))
+    assert M.shape == (64, 256)
+    assert M.unique().tolist() == [0.0, pytest.approx(1 / 0.7)]
+    assert (M == 0).float().mean().item() == pytest.approx(0.3, abs=0.02)  # 16,384 draws: σ = 0.004
+    assert M.mean().item() == pytest.approx(1.0, abs=0.03)
+
+
+def mask_of(name: str, masks: list[torch.Tensor]) -> torch.Tensor | float:
+    """The DropConnect mask of the scratch parameter `name`: layer K's for "layers.K.W_h", none (1) for W_x and b."""
+    return masks[int(name.split(".")[1])] if name.endswith("W_h") else 1.0
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("kind", ["ids", "dense"])
+def test_dropconnect_runs_each_batch_on_W_h_times_one_new_mask(fused: bool, kind: str, parts: int) -> None:
+    """A batch with DropConnect is the same core without it on W_h ⊙ M — one mask for every
+    step (and row) of the batch, drawn from torch's generator, a new one the next batch — and
+    W_x, b as they are; the gradient reaches W_h through the mask (dL/dW_h = dL/dW̃_h ⊙ M)."""
+    reference, fast, _ = make_cores(10, 8, 2, torch.float64, weight_drop=0.4)
+    core = fast if fused else reference
+    X, state = make_inputs(6, 3, 10, 8, 2, torch.float64, kind, "random")
+    weights = torch.randn(6, 3, 8, dtype=torch.float64)
+    torch.manual_seed(3)
+    batches = [run(core, X, state, weights) + tuple(p.grad for p in core.parameters()) for _ in range(2)]
+    torch.manual_seed(3)
+    masks = [[dropconnect_mask(8, 0.4, weights) for _ in range(2)] for _ in range(2)]  # a batch's masks: one a layer
+    assert not torch.equal(masks[0][0], masks[1][0])
+    plain = ScratchLSTM(10, 8, 2, fused=False).double()
+    for batch, batch_masks in zip(batches, masks):
+        plain.load_state_dict({name: v * mask_of(name, batch_masks) for name, v in core.state_dict().items()})
+        expected = run(plain, X, state, weights)
+        outputs, grads = batch[: len(expected)], batch[len(expected) :]
+        for a, e in zip(outputs, expected, strict=True):
+            assert_close(a, e, 1e-10)
+        for (name, p), g in zip(plain.named_parameters(), grads):
+            assert_close(g, p.grad * mask_of(name, batch_masks), 1e-10, f"d{name}")
+    assert not torch.equal(batches[0][0], batches[1][0])  # a new mask, new outputs
+
+
+@pytest.mark.parametrize("core_name", ["reference", "fused", "cudnn"])
+def test_dropconnect_is_off_in_evaluation(core_name: str) -> None:
+    """model.eval(): the core without DropConnect, deterministic, and no number drawn."""
+    cores = make_cores(10, 8, 2, torch.float32, weight_drop=0.5)
+    plain = make_cores(10, 8, 2, torch.float32)
+    index = ["reference", "fused", "cudnn"].index(core_name)
+    core = cores[index].eval()
+    X = torch.randint(0, 10, (5, 3))
+    rng = torch.get_rng_state()
+    with torch.no_grad():
+        first, second = core(X)[0], core(X)[0]
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert torch.equal(first, second)
+        assert torch.equal(first, plain[index](X)[0])
+        assert not torch.equal(first, core.train()(X)[0])
+
+
+REGULARIZED = [
+    pytest.param({"weight_drop": 0.3}, id="weight-drop"),
+    pytest.param({"dropout": 0.4, "locked": True}, id="locked-between-layers"),
+    pytest.param({"dropout": 0.4, "weight_drop": 0.3}, id="weight-drop-and-dropout"),
+    pytest.param({"dropout": 0.4, "locked": True, "weight_drop": 0.3}, id="weight-drop-and-locked"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("regularization", REGULARIZED)
+@pytest.mark.parametrize("kind", ["ids", "dense"])
+def test_cores_agree_in_training_with_regularization(dtype: torch.dtype, regularization: dict[str, Any], kind: str, parts: int) -> None:
+    """Same seed, same masks: DropConnect drawn in the scratch layout (Mᵀ for nn.LSTM's W_hᵀ),
+    dropout between layers per element or locked; outputs, state and every gradient agree."""
+    reference, fused, cudnn = make_cores(10, 8, 3, dtype, **regularization)
+    X, state = make_inputs(7, 4, 10, 8, 3, dtype, kind, "random")
+    weights = torch.randn(7, 4, 8, dtype=dtype)
+    torch.manual_seed(11)
+    expected = run(cudnn, X, state, weights)
+    tol = TOL[dtype]
+    for scratch in (reference, fused):
+        torch.manual_seed(11)
+        actual = run(scratch, X, state, weights)
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            assert_close(a, e, tol, f"{'fused' if scratch.fused else 'reference'} output {i}")
+        mapped = scratch_grads_as_cudnn(scratch)
+        for name, p in cudnn.named_parameters():
+            assert_close(p.grad, mapped[name.replace("bias_hh", "bias_ih")], tol, f"{'fused' if scratch.fused else 'reference'} d{name}")
+    torch.manual_seed(12)
+    assert not torch.equal(run(fused, X, state, weights)[0], expected[0])  # the masks do act
+
+
+def test_locked_dropout_keeps_one_mask_per_sequence_over_time() -> None:
+    """Locked: every step of a sequence shares the mask (1/(1 - p) or 0 per feature); per
+    element: each step has its own."""
+    torch.manual_seed(0)
+    X = torch.ones(20, 4, 16)  # (steps, batch, features)
+    locked = drop(X, 0.5, locked=True)
+    assert torch.equal(locked, locked[:1].expand_as(locked))
+    assert set(locked.unique().tolist()) == {0.0, 2.0}
+    assert not torch.equal(locked[:, 0], locked[:, 1])  # one mask per sequence, not per batch
+    plain = drop(X, 0.5, locked=False)
+    assert not torch.equal(plain, plain[:1].expand_as(plain))
+    assert drop(X, 0.0, locked=True) is X
+
+
+def test_stacked_weights_are_not_cached_for_a_masked_W_h() -> None:
+    """Without autograd, a masked W_h (new every batch, its storage reusable by the next) is
+    stacked afresh: the cache serves the parameter's own weights only."""
+    _, fused, _ = make_cores(10, 8, 1, torch.float64)
+    layer = fused.scratch_layers()[0]
+    with torch.no_grad():
+        own = layer.stacked(torch.float64, ids=True)
+        assert layer.stacked(torch.float64, ids=True) is own  # cached
+        for scale in (0.0, 2.0):
+            masked = layer.stacked(torch.float64, ids=True, W_h=layer.W_h * scale)
+            assert masked is not own
+            assert_close(masked.W_hT[:8], (layer.W_h * scale).T[:8], 0.0, "W_hᵀ, i block")
+        assert layer.stacked(torch.float64, ids=True) is own

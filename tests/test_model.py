@@ -3,29 +3,33 @@ model is the seed's own code, one-hot products and all."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from lstmlm.config import Config
 from lstmlm.errors import CheckpointError, ShapeError
-from lstmlm.model import CharLM, convert, core_of, loss_fn, scratch_layer
+from lstmlm.model import CharLM, Dropouts, TopLayer, activation_penalty, convert, core_of, loss_fn, scratch_layer
 
 from conftest import assert_close
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
-def make_pair(vocab_size: int, num_hiddens: int, num_layers: int, embedding: int, dtype: torch.dtype) -> tuple[CharLM, CharLM]:
+def make_pair(
+    vocab_size: int, num_hiddens: int, num_layers: int, embedding: int, dtype: torch.dtype, dropout: float | Dropouts = 0.0
+) -> tuple[CharLM, CharLM]:
     """A scratch CharLM with random weights (large enough to use the nonlinearities) and the
     nn.LSTM CharLM converted from it."""
     torch.manual_seed(0)
-    scratch = CharLM(vocab_size, num_hiddens, num_layers, core="scratch", embedding=embedding).to(dtype)
+    scratch = CharLM(vocab_size, num_hiddens, num_layers, dropout, core="scratch", embedding=embedding).to(dtype)
     with torch.no_grad():
         for p in scratch.parameters():
             p.normal_(0.0, 0.5)
-    cudnn = CharLM(vocab_size, num_hiddens, num_layers, core="cudnn", embedding=embedding).to(dtype)
+    cudnn = CharLM(vocab_size, num_hiddens, num_layers, dropout, core="cudnn", embedding=embedding).to(dtype)
     cudnn.load_state_dict(convert(scratch.state_dict(), "cudnn"))
     return scratch, cudnn
 
@@ -209,6 +213,104 @@ def test_dropout_acts_on_the_non_recurrent_connections_and_only_in_training(laye
     # dropout), training-mode logits still differ from eval-mode ones
     plain = CharLM(12, 16, dropout=0.5)
     assert not torch.allclose(plain(X)[0], plain.eval()(X)[0])
+
+
+# ---- AWD-LSTM's regularization ---------------------------------------------------------------------
+
+AWD = Dropouts(input=0.3, hidden=0.25, output=0.4, weight=0.5, embedding=0.2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("num_layers", [1, 3])
+@pytest.mark.parametrize("locked", [False, True], ids=["per-element", "locked"])
+def test_the_models_agree_in_training_with_every_regularization(dtype: torch.dtype, num_layers: int, locked: bool) -> None:
+    """Embedding dropout, dropout at each place (per element or locked) and DropConnect: the same
+    seed draws the same masks in both cores, so logits, state and every gradient agree."""
+    vocab_size, batch, steps = 12, 3, 7
+    scratch, cudnn = make_pair(vocab_size, 8, num_layers, 6, dtype, dataclasses.replace(AWD, locked=locked))
+    X, Y = torch.randint(0, vocab_size, (batch, steps)), torch.randint(0, vocab_size, (batch, steps))
+    torch.manual_seed(4)
+    expected = forward_backward(cudnn, X, Y, None)
+    torch.manual_seed(4)
+    actual = forward_backward(scratch, X, Y, None)
+    tol = TOL[dtype]
+    for a, e, name in zip(actual, expected, ["logits", "H", "C"]):
+        assert_close(a, e, tol, name)
+    mapped = convert({name: p.grad for name, p in scratch.named_parameters()}, "cudnn")
+    for name, p in cudnn.named_parameters():
+        assert_close(p.grad, mapped[name.replace("bias_hh", "bias_ih")], tol, f"d{name}")
+    assert not torch.allclose(actual[0], scratch.eval()(X)[0])  # the regularization does act
+
+
+@pytest.mark.parametrize("core", ["scratch", "cudnn"])
+def test_evaluation_ignores_every_regularization(core: str) -> None:
+    """model.eval(): the same function as the model without regularization, on the same
+    parameters (the regularization adds none), and no random number drawn."""
+    torch.manual_seed(0)
+    regularized = CharLM(12, 8, 2, dataclasses.replace(AWD, locked=True), core=core, embedding=6)
+    plain = CharLM(12, 8, 2, core=core, embedding=6)
+    plain.load_state_dict(regularized.state_dict())  # strict: the same parameters, by name and shape
+    X = torch.randint(0, 12, (3, 7))
+    rng = torch.get_rng_state()
+    assert torch.equal(regularized.eval()(X)[0], plain.eval()(X)[0])
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_embedding_dropout_drops_whole_rows() -> None:
+    """A dropped character is dropped at every position of the batch (its row of E is zero),
+    a kept one scaled by 1/(1 - p) everywhere; a new draw the next batch; none in evaluation."""
+    torch.manual_seed(0)
+    model = CharLM(12, 8, embedding=5, dropout=Dropouts(embedding=0.5))
+    seen: list[torch.Tensor] = []
+    model.core.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    X = torch.arange(12).repeat(2, 3)  # (2, 36): every character 6 times
+    model(X)
+    model(X)
+    E = model.embedding.weight.detach()
+    fates = []
+    for inputs in seen:  # (steps, batch, embedding)
+        ids = X.T
+        kept = inputs.abs().sum(-1) > 0  # (steps, batch)
+        for c in range(12):
+            assert kept[ids == c].all() or not kept[ids == c].any(), f"character {c} is dropped in some places only"
+        assert_close(inputs[kept], 2 * E[ids[kept]], 1e-6, "kept rows")
+        fates.append([bool(kept[ids == c][0]) for c in range(12)])
+    assert 0 < sum(fates[0]) < 12 and fates[0] != fates[1]
+    model.eval()(X)
+    assert torch.equal(seen[-1], E[X.T])
+
+
+@pytest.mark.parametrize("core", ["scratch", "cudnn"])
+def test_locked_dropout_keeps_one_mask_over_the_steps_of_a_sequence(core: str) -> None:
+    """The output layer reads H_t ⊙ m for one m per sequence (batch, hiddens), the same at every step."""
+    torch.manual_seed(0)
+    model = CharLM(12, 16, core=core, dropout=Dropouts(output=0.5, locked=True))
+    _, _, top = model(torch.randint(0, 12, (4, 20)), top=True)
+    assert isinstance(top, TopLayer)
+    H, H_dropped = top.H.detach(), top.H_dropped.detach()  # (steps, batch, hiddens)
+    kept = H_dropped != 0
+    assert torch.equal(kept, kept[:1].expand_as(kept)) and 0 < kept[0].sum() < kept[0].numel()
+    assert_close(H_dropped[kept], 2 * H[kept], 1e-6, "kept units")
+
+
+def test_the_config_gives_each_place_its_rate() -> None:
+    """-1 (the default) at a place is `dropout`'s rate; a rate given is that place's own."""
+    base = Config().with_overrides({"dropout": 0.3, "layers": 2, "embedding": 4}).model
+    assert Dropouts.of(base) == Dropouts(0.3, 0.3, 0.3)
+    awd = dataclasses.replace(base, dropout_input=0.6, dropout_output=0.0, locked_dropout=True, weight_drop=0.5, embedding_dropout=0.1)
+    assert Dropouts.of(awd) == Dropouts(input=0.6, hidden=0.3, output=0.0, locked=True, weight=0.5, embedding=0.1)
+    model = CharLM.from_config(awd, 12)
+    assert (model.core.dropout, model.core.locked, model.core.weight_drop) == (0.3, True, 0.5)
+
+
+def test_activation_penalty_is_ar_on_the_dropped_outputs_plus_tar_on_the_steps() -> None:
+    H = torch.tensor([[[1.0, 2.0]], [[3.0, 2.0]], [[3.0, 0.0]]])  # (steps 3, batch 1, hiddens 2)
+    H_dropped = torch.tensor([[[2.0, 0.0]], [[0.0, 4.0]], [[6.0, 0.0]]])
+    top = TopLayer(H, H_dropped)
+    assert activation_penalty(top, 2.0, 0.0).item() == pytest.approx(2.0 * (4 + 16 + 36) / 6)  # α · mean(H̃²)
+    assert activation_penalty(top, 0.0, 3.0).item() == pytest.approx(3.0 * (4 + 0 + 0 + 4) / 4)  # β · mean((H_t - H_{t-1})²)
+    assert activation_penalty(top, 2.0, 3.0).item() == pytest.approx(2.0 * 56 / 6 + 3.0 * 2)
+    assert activation_penalty(TopLayer(H[:1], H_dropped[:1]), 0.0, 3.0).item() == 0.0  # one step: no pair
 
 
 # ---- the packed layout -----------------------------------------------------------------------------

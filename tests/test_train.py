@@ -21,9 +21,11 @@ from lstmlm.data import batches
 from lstmlm.errors import TrainingError
 from lstmlm.events import EpochEnded, Evaluated, Finished, Saved
 from lstmlm.generate import PRIME_CHARS
-from lstmlm.model import CharLM
+from lstmlm.model import CharLM, Dropouts, activation_penalty, loss_fn
 from lstmlm.runs import BEST, LATEST, RunStore
-from lstmlm.train import Trainer
+from lstmlm.train import Trainer, train_step
+
+from conftest import assert_close
 
 MakeTrainer = Callable[..., Trainer]
 
@@ -146,6 +148,63 @@ def test_validation_perplexity_is_exp_of_the_mean_loss_per_character(make_traine
     assert reported == [pytest.approx(expected, rel=1e-5)]
 
 
+# ---- AR and TAR: in the gradient, not in the figures ----------------------------------------------
+
+
+def test_ar_and_tar_change_the_gradient_not_the_reported_loss() -> None:
+    """train_step returns the cross-entropy alone; the update differs from the plain one by
+    exactly the gradient of α·mean(H̃²) + β·mean((H_t − H_{t−1})²) (SGD, lr 1, no clipping)."""
+    torch.manual_seed(0)
+    model = CharLM(12, 16, 2, Dropouts(output=0.3, hidden=0.2), embedding=5).double()
+    with torch.no_grad():  # weights large enough for activations of order one
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    X, Y = torch.randint(0, 12, (4, 9)), torch.randint(0, 12, (4, 9))
+    results = []
+    for ar, tar in ((0.0, 0.0), (2.0, 1.0)):
+        model.load_state_dict(start)
+        torch.manual_seed(1)  # the same dropout masks in both steps
+        loss, _ = train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), X, Y, None, 0.0, torch.device("cpu"), ar=ar, tar=tar)
+        results.append((loss, {k: v.clone() for k, v in model.state_dict().items()}))
+    (plain_loss, plain), (loss, regularized) = results
+    model.load_state_dict(start)
+    torch.manual_seed(1)
+    logits, _, top = model(X, top=True)
+    assert loss.item() == plain_loss.item() == loss_fn(logits, Y).item()  # bitwise: the penalty is not in it
+    model.zero_grad()
+    activation_penalty(top, 2.0, 1.0).backward()
+    for name, p in model.named_parameters():  # W_hq and b_q come after the top layer: untouched
+        penalty_grad = torch.zeros_like(p) if p.grad is None else p.grad
+        assert_close(plain[name] - regularized[name], penalty_grad, 1e-10, name)
+    assert model.W_hq.grad is None and all(p.grad.abs().max() > 1e-6 for p in model.core.parameters())
+
+
+def test_the_trainer_trains_on_ar_and_tar_and_reports_the_cross_entropy(make_trainer: MakeTrainer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same run with AR and TAR: its first batch reports the same loss (the same model,
+    cross-entropy alone), its updates differ; perplexity is still exp of those losses."""
+    real_step = train_mod.train_step
+    seen: list[float] = []
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        loss, state = real_step(*args, **kwargs)
+        seen.append(loss.item())
+        return loss, state
+
+    monkeypatch.setattr(train_mod, "train_step", step)
+    losses, trained = [], []
+    for name, extra in (("plain", {}), ("ar", {"ar": 5.0, "tar": 5.0})):
+        seen.clear()
+        trainer = make_trainer(name, epochs=1, val_fraction=0.0, **extra)
+        reported = [e.train_perplexity for e in trainer.run() if isinstance(e, EpochEnded)]
+        assert reported == [pytest.approx(math.exp(sum(seen) / len(seen)), rel=1e-12)]  # batches of equal size
+        losses.append(list(seen))
+        trained.append(weights(trainer))
+    (plain, regularized), (plain_weights, regularized_weights) = losses, trained
+    assert regularized[0] == plain[0] and regularized[1:] != plain[1:]
+    assert not torch.equal(regularized_weights["W_hq"], plain_weights["W_hq"])
+
+
 # ---- reproducibility and exact resume -------------------------------------------------------------
 
 
@@ -167,13 +226,20 @@ RESUME_CASES = [
     pytest.param("sequential", "cudnn", id="sequential-cudnn"),
     pytest.param("random", "cudnn", id="random-cudnn"),
 ]
+# AWD-LSTM's regularization, all of it: every mask drawn from the generator the checkpoint saves
+AWD = {"embedding": 6, "embedding_dropout": 0.1, "dropout_input": 0.2, "dropout_hidden": 0.25, "dropout_output": 0.3,
+       "locked_dropout": True, "weight_drop": 0.4, "ar": 2.0, "tar": 1.0}  # fmt: skip
 
 
-@pytest.mark.parametrize(("iterator", "model"), RESUME_CASES)
-def test_resume_mid_epoch_is_bitwise_exact(make_trainer: MakeTrainer, iterator: str, model: str) -> None:
+@pytest.mark.parametrize(
+    ("iterator", "model", "regularization"),
+    [*((*case.values, {}) for case in RESUME_CASES), ("sequential", "scratch", AWD), ("sequential", "cudnn", AWD)],
+    ids=[*(str(case.id) for case in RESUME_CASES), "sequential-scratch-awd", "sequential-cudnn-awd"],
+)
+def test_resume_mid_epoch_is_bitwise_exact(make_trainer: MakeTrainer, iterator: str, model: str, regularization: dict[str, Any]) -> None:
     """Stop after k batches (as SIGINT does), resume in a fresh trainer: the same weights and the
     same per-epoch losses as a run never stopped; dropout > 0 so the torch RNG matters."""
-    args = {"epochs": 2, "dropout": 0.3, "layers": 2, "iterator": iterator, "model": model, "checkpoint_every": 5}
+    args = {"epochs": 2, "dropout": 0.3, "layers": 2, "iterator": iterator, "model": model, "checkpoint_every": 5, **regularization}
     straight = make_trainer("straight", **args)
     list(straight.run())
 

@@ -227,7 +227,7 @@ def recurrence_backward(
     ops = compiled(gates, W_h)
     if ops is None:
         return backward_steps(dHs, dC_T, gates, Cs, tanh_C, W_h)
-    dGates, dGates_c, dC_0 = ops.backward(dHs, dC_T, gates, Cs, tanh_C, W_h)
+    dGates, dGates_c, dC_0 = ops.backward(dHs, dC_T, gates, Cs, tanh_C, W_h, torch.get_num_threads())
     return dGates, dGates_c, dC_0
 
 
@@ -300,7 +300,7 @@ def run_sequence(X: torch.Tensor, H_0: torch.Tensor, C_0: torch.Tensor, weights:
     ops = compiled(gates, weights.W_hT)
     if ops is not None:
         ids = None if picks is None else picks[1].long()
-        return Sequence(*ops.forward(gates, weights.table, ids, weights.W_hT, H_0, C_0))
+        return Sequence(*ops.forward(gates, weights.table, ids, weights.W_hT, H_0, C_0, torch.get_num_threads()))
     Hs = weights.W_hT.new_empty((steps + 1, hiddens, batch))
     Cs = C_0.new_empty((steps + 1, hiddens, batch), dtype=state_dtype)
     tanh_C = Cs.new_empty((steps, hiddens, batch))
@@ -354,10 +354,11 @@ def split_batch(parts: int | None) -> Iterator[None]:
 
 
 def batch_parts(batch: int, device: torch.device) -> list[slice]:
-    """The rows each part runs: one part per torch thread on a CPU, when each gets enough rows."""
+    """The rows each part runs: one part per torch thread on a CPU, when each gets enough rows;
+    one where the recurrence is compiled, which cuts each step by hidden units instead."""
     parts = _FORCED_PARTS
     if parts is None:
-        parts = torch.get_num_threads() if device.type == "cpu" else 1
+        parts = torch.get_num_threads() if device.type == "cpu" and native.recurrence() is None else 1
     parts = max(1, min(parts, batch // MIN_PART_ROWS if _FORCED_PARTS is None else batch))
     bounds = [round(k * batch / parts) for k in range(parts + 1)]
     return [slice(a, z) for a, z in itertools.pairwise(bounds)]

@@ -36,7 +36,7 @@ import torch
 from .corpus import cache_dir
 
 SOURCE = Path(__file__).with_name("csrc") / "recurrence.cpp"
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++20", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-std=c++20", "-shared", "-fPIC")
 BUILD_SECONDS = 600  # a compiler that takes longer is given up on
 
 _lock = threading.Lock()

@@ -175,3 +175,35 @@ def test_switched_off_by_the_environment(fresh: Path, monkeypatch: pytest.Monkey
     assert native.recurrence() is None
     assert native.status() == "python loop (LSTMLM_NATIVE=0)"
     assert not fresh.exists(), "nothing was built"
+
+
+@needs_build
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["ids", "dense"])
+def test_the_units_cut_across_threads_compute_what_one_thread_does(dtype: torch.dtype, kind: str) -> None:
+    """The compiled recurrence cuts every step by hidden units, a part a thread meeting the
+    others once a step: three parts give one part's gates, states and gradients."""
+    from lstmlm import fused
+    from lstmlm.lstm import ScratchLSTMLayer
+
+    torch.manual_seed(0)
+    layer = ScratchLSTMLayer(12, 96)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.uniform_(-0.3, 0.3)
+    X = torch.randint(0, 12, (9, 8)) if kind == "ids" else torch.randn(9, 8, 12)
+    H_0, C_0 = torch.randn(8, 96), torch.randn(8, 96)
+    weights = fused.stack_weights(layer.W_x, layer.W_h, layer.b, dtype, ids=kind == "ids")
+    W_h = fused.as_dtype(layer.W_h.detach(), dtype).contiguous()
+    dHs, dC_T = torch.randn(9, 96, 8), torch.randn(8, 96)
+    results = {}
+    threads = torch.get_num_threads()
+    try:
+        for parts in (1, 3):  # 96 units: three parts of 32
+            torch.set_num_threads(parts)
+            seq = fused.run_sequence(X, H_0, C_0, weights, torch.float32)
+            results[parts] = [*seq, *fused.recurrence_backward(dHs, dC_T, seq.gates, seq.Cs, seq.tanh_C, W_h)]
+    finally:
+        torch.set_num_threads(threads)
+    for k, (a, e) in enumerate(zip(results[3], results[1], strict=True)):
+        assert_close(a.float(), e.float(), 1e-5 if dtype == torch.float32 else 2e-2, f"tensor {k}")

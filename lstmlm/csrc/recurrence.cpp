@@ -15,7 +15,12 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <exception>
 #include <cstring>
 #include <optional>
 #include <type_traits>
@@ -74,34 +79,88 @@ at::Tensor product_of(const at::Tensor& A, const at::Tensor& B) {
   return stack[0].toTensor();
 }
 
+// ---- the hidden units across the cores -------------------------------------------------------
+//
+// A step's product and elementwise work are cut by hidden units, not by batch rows: part p of
+// `parts` computes the four gates of units [u0, u1) for the whole batch, so each thread's
+// product keeps the full batch as its narrow dimension (at batch 32 a product of 16 columns
+// runs at half the rate of one of 32), and the threads meet once a step (a barrier), when the
+// new H (forward) or the new gate gradients (backward) are whole.
+
+constexpr int64_t kMinUnits = 32;  // fewer units a part would not pay for the barrier
+
+struct Units {
+  int64_t u0, u1;
+  int64_t size() const { return u1 - u0; }
+};
+
+Units units_of(int64_t p, int64_t parts, int64_t hiddens) { return {p * hiddens / parts, (p + 1) * hiddens / parts}; }
+
+int64_t parts_for(int64_t threads, int64_t hiddens) { return std::max<int64_t>(1, std::min(threads, hiddens / kMinUnits)); }
+
+// The four gates' rows of units u in a packed (4H, ·) matrix, stacked: (4·|u|, ·).
+at::Tensor gate_rows(const at::Tensor& M, Units u, int64_t hiddens) {
+  std::vector<at::Tensor> blocks;
+  for (int64_t g = 0; g < 4; ++g) blocks.push_back(M.narrow(0, g * hiddens + u.u0, u.size()));
+  return at::cat(blocks).contiguous();
+}
+
+// Runs step(p, t) for t in `order` on `parts` threads, all threads done with step t before any
+// begins the next. An exception in any part ends every part after that step and is rethrown.
+template <typename Step>
+void in_parts(int64_t parts, int64_t steps, bool backwards, Step step) {
+  std::exception_ptr failure;
+  std::atomic<bool> failed{false};
+#pragma omp parallel num_threads(parts) if (parts > 1)
+  {
+    const int64_t p = parts > 1 ? omp_get_thread_num() : 0;
+    for (int64_t k = 0; k < steps; ++k) {
+      try {
+        step(p, backwards ? steps - 1 - k : k);
+      } catch (...) {
+#pragma omp critical
+        if (!failure) failure = std::current_exception();
+        failed = true;
+      }
+#pragma omp barrier
+      if (failed) break;
+    }
+  }
+  if (failure) std::rethrow_exception(failure);
+}
+
 // ---- forward ----------------------------------------------------------------------------------
 
-// One step's gates, (4H, B): pre-activation = X_t W_x + b (in `gates` already for dense input,
-// or the table's columns at the step's ids) + W_hᵀ H_{t-1}ᵀ (`product`), then σ of it in place.
-// Two passes: a gather and a sigmoid in one loop vectorize poorly together.
+// Units u's gates at one step, in `gates_t` (4H, B): pre-activation = X_t W_x + b (there already
+// for dense input, or the table's columns at the step's ids) + W_hᵀ H_{t-1}ᵀ (`product`, the
+// part's (4·|u|, B)), then σ of it in place. A gather and a sigmoid in one loop vectorize poorly
+// together: two passes.
 template <typename P>
-void activate(float* __restrict gates, const P* __restrict product, const float* __restrict table, const int64_t* __restrict ids,
-              int64_t rows, int64_t batch, int64_t vocab) {
-  const int64_t n = rows * batch;
-  if (table != nullptr) {
-    for (int64_t g = 0; g < rows; ++g) {
-      float* __restrict out = gates + g * batch;
-      const float* __restrict row = table + g * vocab;
-      const P* __restrict prod = product + g * batch;
-      for (int64_t b = 0; b < batch; ++b) out[b] = row[ids[b]] + to_float(prod[b]);
+void activate(float* __restrict gates_t, const P* __restrict product, const float* __restrict table, const int64_t* __restrict ids,
+              int64_t hiddens, Units u, int64_t batch, int64_t vocab) {
+  const int64_t n = u.size() * batch;
+  for (int64_t g = 0; g < 4; ++g) {
+    float* __restrict out = gates_t + (g * hiddens + u.u0) * batch;
+    const P* __restrict prod = product + g * n;
+    if (table != nullptr) {
+      for (int64_t r = 0; r < u.size(); ++r) {
+        const float* __restrict row = table + (g * hiddens + u.u0 + r) * vocab;
+        for (int64_t b = 0; b < batch; ++b) out[r * batch + b] = row[ids[b]] + to_float(prod[r * batch + b]);
+      }
+      for (int64_t k = 0; k < n; ++k) out[k] = sigmoid_(out[k]);
+    } else {
+      for (int64_t k = 0; k < n; ++k) out[k] = sigmoid_(out[k] + to_float(prod[k]));
     }
-    for (int64_t k = 0; k < n; ++k) gates[k] = sigmoid_(gates[k]);
-  } else {
-    for (int64_t k = 0; k < n; ++k) gates[k] = sigmoid_(gates[k] + to_float(product[k]));
   }
 }
 
-// C_t = F_t ⊙ C_{t-1} + I_t ⊙ (2 S_t - 1), H_t = O_t ⊙ tanh(C_t), over the step's n = H·B numbers.
+// C_t = F_t ⊙ C_{t-1} + I_t ⊙ (2 S_t - 1), H_t = O_t ⊙ tanh(C_t), over `count` numbers; the
+// gates' blocks `stride` apart.
 template <typename P>
-void cell(const float* __restrict gates, const float* __restrict C_prev, float* __restrict C, float* __restrict tanh_C, P* __restrict H,
-          int64_t n) {
-  const float *__restrict I = gates, *__restrict F = gates + n, *__restrict S = gates + 2 * n, *__restrict O = gates + 3 * n;
-  for (int64_t k = 0; k < n; ++k) {
+void cell(const float* __restrict gates, int64_t stride, const float* __restrict C_prev, float* __restrict C, float* __restrict tanh_C,
+          P* __restrict H, int64_t count) {
+  const float *__restrict I = gates, *__restrict F = gates + stride, *__restrict S = gates + 2 * stride, *__restrict O = gates + 3 * stride;
+  for (int64_t k = 0; k < count; ++k) {
     const float c = F[k] * C_prev[k] + I[k] * (2.0f * S[k] - 1.0f);
     const float tc = tanh_(c);
     C[k] = c;
@@ -112,13 +171,16 @@ void cell(const float* __restrict gates, const float* __restrict C_prev, float* 
 
 template <typename P>
 std::vector<at::Tensor> forward_typed(const at::Tensor& gates, const c10::optional<at::Tensor>& table, const c10::optional<at::Tensor>& ids,
-                                      const at::Tensor& W_hT, const at::Tensor& H_0, const at::Tensor& C_0) {
+                                      const at::Tensor& W_hT, const at::Tensor& H_0, const at::Tensor& C_0, int64_t threads) {
   const int64_t steps = gates.size(0), rows = gates.size(1), batch = gates.size(2), hiddens = rows / 4, n = hiddens * batch;
   at::Tensor Hs = at::empty({steps + 1, hiddens, batch}, W_hT.options());
   at::Tensor Cs = at::empty({steps + 1, hiddens, batch}, gates.options());
   at::Tensor tanh_C = at::empty({steps, hiddens, batch}, gates.options());
   Hs[0].copy_(H_0.t());
   Cs[0].copy_(C_0.t());
+  const int64_t parts = parts_for(threads, hiddens);
+  std::vector<at::Tensor> W_part;  // each part's rows of W_hᵀ
+  for (int64_t p = 0; p < parts; ++p) W_part.push_back(parts == 1 ? W_hT : gate_rows(W_hT, units_of(p, parts, hiddens), hiddens));
   const float* tab = table ? data<float>(*table) : nullptr;
   const int64_t vocab = table ? table->size(1) : 0;
   const int64_t* id = ids ? data<int64_t>(*ids) : nullptr;
@@ -126,19 +188,23 @@ std::vector<at::Tensor> forward_typed(const at::Tensor& gates, const c10::option
   float* C = data<float>(Cs);
   float* tC = data<float>(tanh_C);
   P* H = data<P>(Hs);
-  for (int64_t t = 0; t < steps; ++t) {
-    const at::Tensor product = product_of(W_hT, Hs[t]);  // W_hᵀ H_{t-1}ᵀ: the four gates in one product
-    activate<P>(G + t * rows * batch, data<P>(product), tab, id ? id + t * batch : nullptr, rows, batch, vocab);
-    cell<P>(G + t * rows * batch, C + t * n, C + (t + 1) * n, tC + t * n, H + (t + 1) * n, n);
-  }
+  in_parts(parts, steps, false, [&](int64_t p, int64_t t) {
+    const Units u = units_of(p, parts, hiddens);
+    const at::Tensor product = product_of(W_part[p], Hs[t]);  // W_hᵀ H_{t-1}ᵀ, the part's rows: its units' four gates in one product
+    float* gates_t = G + t * rows * batch;
+    activate<P>(gates_t, data<P>(product), tab, id ? id + t * batch : nullptr, hiddens, u, batch, vocab);
+    const int64_t at = u.u0 * batch;
+    cell<P>(gates_t + at, n, C + t * n + at, C + (t + 1) * n + at, tC + t * n + at, H + (t + 1) * n + at, u.size() * batch);
+  });
   return {gates, Hs, Cs, tanh_C};
 }
 
 // gates: (steps, 4H, B) float, X W_x + b for dense input (turned into the activations in place),
 // or to be filled from `table` (4H, vocab) at `ids` (steps, B); W_hT (4H, H) in the products'
-// dtype; H_0, C_0 (B, H). Returns gates, Hs (steps + 1, H, B) in W_hT's dtype, Cs and tanh_C.
+// dtype; H_0, C_0 (B, H); up to `threads` threads. Returns gates, Hs (steps + 1, H, B) in W_hT's
+// dtype, Cs and tanh_C.
 std::vector<at::Tensor> forward(const at::Tensor& gates, const c10::optional<at::Tensor>& table, const c10::optional<at::Tensor>& ids,
-                                const at::Tensor& W_hT, const at::Tensor& H_0, const at::Tensor& C_0) {
+                                const at::Tensor& W_hT, const at::Tensor& H_0, const at::Tensor& C_0, int64_t threads) {
   TORCH_CHECK(gates.scalar_type() == at::kFloat && gates.is_contiguous() && gates.dim() == 3, "gates must be contiguous float (steps, 4H, B)");
   TORCH_CHECK(W_hT.is_contiguous() && W_hT.dim() == 2 && W_hT.size(0) == gates.size(1), "W_hT must be contiguous (4H, H)");
   TORCH_CHECK(table.has_value() == ids.has_value(), "table and ids go together");
@@ -148,35 +214,37 @@ std::vector<at::Tensor> forward(const at::Tensor& gates, const c10::optional<at:
                 "ids must be contiguous int64 (steps, B)");
   }
   at::NoGradGuard no_grad;
-  if (W_hT.scalar_type() == at::kBFloat16) return forward_typed<bf16>(gates, table, ids, W_hT, H_0, C_0);
+  if (W_hT.scalar_type() == at::kBFloat16) return forward_typed<bf16>(gates, table, ids, W_hT, H_0, C_0, threads);
   TORCH_CHECK(W_hT.scalar_type() == at::kFloat, "W_hT must be float or bfloat16");
-  return forward_typed<float>(gates, table, ids, W_hT, H_0, C_0);
+  return forward_typed<float>(gates, table, ids, W_hT, H_0, C_0, threads);
 }
 
 // ---- backward ---------------------------------------------------------------------------------
 
-// One step back: from dL/dH_t (dH_out, the output's gradient, plus W_h dGates_{t+1}ᵀ in
-// `product` but at the last step) and dL/dC_{t+1} in dC, dL/dC_t into dC and the four gates'
-// pre-activation gradients into dGates (4H, steps, B) at step t's columns, into its copy dG_c
-// when the products' dtype P is not float, and into `next` (4H, B), contiguous in P: the operand
-// of the product that takes them to step t-1. `last`: step T, where nothing comes from a later
-// step (a template parameter, so that the loop holds no condition and vectorizes).
+// One step back for units u: from dL/dH_t (dH_out, the output's gradient, plus W_h dGates_{t+1}ᵀ
+// in `product` (|u|, B), but at the last step) and dL/dC_{t+1} in dC, dL/dC_t into dC and the
+// four gates' pre-activation gradients into dGates (4H, steps, B) at step t's columns, into
+// its copy dG_c when the products' dtype P is not float, and into `next` (4H, B), contiguous in
+// P: the operand of the product that takes them to step t-1. Arrays of a step are (H, B) or
+// (4H, B) from their start. `last`: step T, where nothing comes from a later step (a template
+// parameter, so that the loop holds no condition and vectorizes).
 template <typename P, bool last>
-void step_back(int64_t t, int64_t steps, int64_t hiddens, int64_t batch, const float* __restrict gates, const float* __restrict F_next,
+void step_back(int64_t t, int64_t steps, int64_t hiddens, int64_t batch, Units u, const float* __restrict gates, const float* __restrict F_next,
                const float* __restrict C_prev, const float* __restrict tanh_C, const float* __restrict dH_out, const P* __restrict product,
                float* __restrict dC, float* dG, P* dG_c, P* __restrict next) {
   constexpr bool mixed = !std::is_same_v<P, float>;
-  const int64_t n = hiddens * batch, block = hiddens * steps * batch;  // a gate's rows in dGates
+  const int64_t n = hiddens * batch, block = hiddens * steps * batch;  // a gate's rows in a step's gates; in dGates
   const float *__restrict I = gates, *__restrict F = gates + n, *__restrict S = gates + 2 * n, *__restrict O = gates + 3 * n;
-  for (int64_t j = 0; j < hiddens; ++j) {
+  for (int64_t j = u.u0; j < u.u1; ++j) {
     const int64_t row = j * batch, at = j * steps * batch + t * batch;  // (j, ·) in a step's arrays; (j, t, ·) in dGates
+    const P* __restrict prod = product + (j - u.u0) * batch;
     float *__restrict d_i = dG + at, *__restrict d_f = d_i + block, *__restrict d_c = d_f + block, *__restrict d_o = d_c + block;
     P *__restrict c_i = dG_c + at, *__restrict c_f = c_i + block, *__restrict c_c = c_f + block, *__restrict c_o = c_c + block;
     P *__restrict n_i = next + row, *__restrict n_f = n_i + n, *__restrict n_c = n_f + n, *__restrict n_o = n_c + n;
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t k = row + b;
       float dH = dH_out[k];
-      if constexpr (!last) dH += to_float(product[k]);
+      if constexpr (!last) dH += to_float(prod[b]);
       const float i = I[k], f = F[k], s = S[k], o = O[k], tc = tanh_C[k];
       // dL/dC_t: through C_{t+1} = F_{t+1} ⊙ C_t + …, and through H_t = O_t ⊙ tanh(C_t)
       float dc = dC[k];
@@ -203,45 +271,53 @@ void step_back(int64_t t, int64_t steps, int64_t hiddens, int64_t batch, const f
 
 template <typename P>
 std::vector<at::Tensor> backward_typed(const at::Tensor& dHs, const at::Tensor& dC_T, const at::Tensor& gates, const at::Tensor& Cs,
-                                       const at::Tensor& tanh_C, const at::Tensor& W_h) {
+                                       const at::Tensor& tanh_C, const at::Tensor& W_h, int64_t threads) {
   const int64_t steps = gates.size(0), rows = gates.size(1), batch = gates.size(2), hiddens = rows / 4, n = hiddens * batch;
   const bool mixed = W_h.scalar_type() != at::kFloat;
   at::Tensor dGates = at::empty({rows, steps, batch}, gates.options());
   at::Tensor dGates_c = mixed ? at::empty({rows, steps, batch}, W_h.options()) : dGates;
-  at::Tensor next = at::empty({rows, batch}, W_h.options());  // the step's dGates, as the next product reads them
+  // a step's dGates as the next product reads them: two, so that step t-1's product reads one
+  // while the parts write the other (the parts meet once a step)
+  const at::Tensor next[2] = {at::empty({rows, batch}, W_h.options()), at::empty({rows, batch}, W_h.options())};
   at::Tensor dC = dC_T.defined() ? dC_T.t().to(at::kFloat).contiguous() : at::zeros({hiddens, batch}, gates.options());
+  const int64_t parts = parts_for(threads, hiddens);
   const float* G = data<float>(gates);
   const float* C = data<float>(Cs);
   const float* tC = data<float>(tanh_C);
   const float* dH_out = data<float>(dHs);
+  float* dc = data<float>(dC);
+  float* dG = data<float>(dGates);
   P* dG_c = data<P>(dGates_c);  // dGates itself for float
-  for (int64_t t = steps - 1; t >= 0; --t) {
+  in_parts(parts, steps, true, [&](int64_t p, int64_t t) {
+    const Units u = units_of(p, parts, hiddens);
+    const float* gates_t = G + t * rows * batch;
+    P* written = data<P>(next[t % 2]);
     if (t == steps - 1) {
-      step_back<P, true>(t, steps, hiddens, batch, G + t * rows * batch, nullptr, C + t * n, tC + t * n, dH_out + t * n, nullptr, data<float>(dC),
-                         data<float>(dGates), dG_c, data<P>(next));
-      continue;
+      step_back<P, true>(t, steps, hiddens, batch, u, gates_t, nullptr, C + t * n, tC + t * n, dH_out + t * n, nullptr, dc, dG, dG_c, written);
+      return;
     }
-    const at::Tensor product = product_of(W_h, next);  // W_h dGates_{t+1}ᵀ: dL/dH_t through step t+1
-    step_back<P, false>(t, steps, hiddens, batch, G + t * rows * batch, G + (t + 1) * rows * batch + n, C + t * n, tC + t * n, dH_out + t * n,
-                        data<P>(product), data<float>(dC), data<float>(dGates), dG_c, data<P>(next));
-  }
+    const at::Tensor product = product_of(W_h.narrow(0, u.u0, u.size()), next[(t + 1) % 2]);  // W_h dGates_{t+1}ᵀ, the part's units
+    step_back<P, false>(t, steps, hiddens, batch, u, gates_t, G + (t + 1) * rows * batch + n, C + t * n, tC + t * n, dH_out + t * n,
+                        data<P>(product), dc, dG, dG_c, written);
+  });
   dC.mul_(gates[0].narrow(0, hiddens, hiddens));  // dL/dC_0 = dL/dC_1's part through C_1 = F_1 ⊙ C_0 + …
   return {dGates, dGates_c, dC};
 }
 
 // dHs (steps, H, B) float: dL/dH_tᵀ from above; dC_T (B, H) or undefined; gates, Cs, tanh_C as
-// forward left them; W_h (H, 4H) contiguous in the products' dtype. Returns dGates (4H, steps,
-// B) float, the same in W_h's dtype (the same tensor for float), and dL/dC_0ᵀ (H, B).
+// forward left them; W_h (H, 4H) contiguous in the products' dtype; up to `threads` threads.
+// Returns dGates (4H, steps, B) float, the same in W_h's dtype (the same tensor for float), and
+// dL/dC_0ᵀ (H, B).
 std::vector<at::Tensor> backward(const at::Tensor& dHs, const c10::optional<at::Tensor>& dC_T, const at::Tensor& gates, const at::Tensor& Cs,
-                                 const at::Tensor& tanh_C, const at::Tensor& W_h) {
+                                 const at::Tensor& tanh_C, const at::Tensor& W_h, int64_t threads) {
   TORCH_CHECK(gates.scalar_type() == at::kFloat && gates.is_contiguous(), "gates must be contiguous float");
   TORCH_CHECK(dHs.scalar_type() == at::kFloat && dHs.is_contiguous() && dHs.size(0) == gates.size(0), "dHs must be contiguous float (steps, H, B)");
   TORCH_CHECK(Cs.is_contiguous() && tanh_C.is_contiguous() && W_h.is_contiguous(), "Cs, tanh_C and W_h must be contiguous");
   at::NoGradGuard no_grad;
   const at::Tensor dC = dC_T ? *dC_T : at::Tensor();
-  if (W_h.scalar_type() == at::kBFloat16) return backward_typed<bf16>(dHs, dC, gates, Cs, tanh_C, W_h);
+  if (W_h.scalar_type() == at::kBFloat16) return backward_typed<bf16>(dHs, dC, gates, Cs, tanh_C, W_h, threads);
   TORCH_CHECK(W_h.scalar_type() == at::kFloat, "W_h must be float or bfloat16");
-  return backward_typed<float>(dHs, dC, gates, Cs, tanh_C, W_h);
+  return backward_typed<float>(dHs, dC, gates, Cs, tanh_C, W_h, threads);
 }
 
 // ---- generation: one character at a time ------------------------------------------------------
@@ -334,8 +410,8 @@ at::Tensor greedy(const at::Tensor& ids, int64_t steps, int64_t vocab, const at:
 }  // namespace
 
 TORCH_LIBRARY(lstmlm_recurrence, m) {
-  m.def("forward(Tensor gates, Tensor? table, Tensor? ids, Tensor W_hT, Tensor H_0, Tensor C_0) -> Tensor[]");
-  m.def("backward(Tensor dHs, Tensor? dC_T, Tensor gates, Tensor Cs, Tensor tanh_C, Tensor W_h) -> Tensor[]");
+  m.def("forward(Tensor gates, Tensor? table, Tensor? ids, Tensor W_hT, Tensor H_0, Tensor C_0, int threads) -> Tensor[]");
+  m.def("backward(Tensor dHs, Tensor? dC_T, Tensor gates, Tensor Cs, Tensor tanh_C, Tensor W_h, int threads) -> Tensor[]");
   m.def("step(Tensor ids, Tensor table, Tensor[] W, Tensor(a!)[] H1, Tensor(b!)[] P, Tensor(c!)[] C) -> ()");
   m.def("greedy(Tensor ids, int steps, int vocab, Tensor table, Tensor[] W, Tensor(a!)[] H1, Tensor(b!)[] P, Tensor(c!)[] C) -> Tensor");
 }

@@ -98,7 +98,8 @@ def main() -> None:
     build_s, build_mb, vocab = measure(lambda: Vocab.build(text), args.runs)
     print(f"Vocab.build:  {build_s:6.2f} s  {megabytes / build_s:7.1f} MB/s  peak +{build_mb:,.0f} MB  ({len(vocab)} tokens)")
     encode_s, encode_mb, ids = measure(lambda: vocab.encode(text), args.runs)
-    print(f"Vocab.encode: {encode_s:6.2f} s  {megabytes / encode_s:7.1f} MB/s  peak +{encode_mb:,.0f} MB  (ids {ids.numel() * ids.element_size() / 1e6:,.0f} MB)")
+    ids_mb = ids.numel() * ids.element_size() / 1e6
+    print(f"Vocab.encode: {encode_s:6.2f} s  {megabytes / encode_s:7.1f} MB/s  peak +{encode_mb:,.0f} MB  (ids {ids_mb:,.0f} MB)")
     print(f"process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3:,.0f} MB")
 
 

@@ -5,7 +5,9 @@
 
 Starts `lstmlm serve` on a free loopback port (or uses --url, a server already running), warms
 it up, then runs --clients threads that each stream one generation after another (POST
-/api/generate, server-sent events) until --seconds have passed. Prints what happened to the
+/api/generate, server-sent events) until --seconds have passed; a client refused at the
+concurrency limit waits what the 503's Retry-After says before it asks again, as a client
+should (--no-wait: at once, a storm of refusals the server spends its cores answering). Prints what happened to the
 requests (completed, refused with 503 at the concurrency limit, failed), the characters the
 server streamed per second in all, the time to a stream's first characters and to its end
 (median and 95th percentile, of completed streams), the most generations seen running at
@@ -58,8 +60,9 @@ def get_json(url: str, path: str) -> Any:
         conn.close()
 
 
-def stream(url: str, body: dict[str, Any]) -> tuple[str, float, float, int]:
-    """(outcome, seconds to the first characters, seconds to the end, characters) of one generation."""
+def stream(url: str, body: dict[str, Any]) -> tuple[str, float, float, int, float]:
+    """(outcome, seconds to the first characters, seconds to the end, characters, the seconds a
+    refusal's Retry-After asks to wait) of one generation."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=600)
     start = time.perf_counter()
@@ -70,9 +73,9 @@ def stream(url: str, body: dict[str, Any]) -> tuple[str, float, float, int]:
         response = conn.getresponse()
         if response.status == 503:
             response.read()
-            return "refused", first, time.perf_counter() - start, 0
+            return "refused", first, time.perf_counter() - start, 0, float(response.getheader("Retry-After") or 0)
         if response.status != 200:
-            return f"HTTP {response.status}", first, time.perf_counter() - start, 0
+            return f"HTTP {response.status}", first, time.perf_counter() - start, 0, 0.0
         name = ""
         while line := response.readline():
             text = line.decode().rstrip("\n")
@@ -83,10 +86,10 @@ def stream(url: str, body: dict[str, Any]) -> tuple[str, float, float, int]:
                     first = time.perf_counter() - start
                 chars += len(json.loads(text[6:])["text"])
             elif text.startswith("data: ") and name == "done":
-                return "completed", first, time.perf_counter() - start, chars
-        return "cut short", first, time.perf_counter() - start, chars
+                return "completed", first, time.perf_counter() - start, chars, 0.0
+        return "cut short", first, time.perf_counter() - start, chars, 0.0
     except OSError as e:
-        return f"{type(e).__name__}", first, time.perf_counter() - start, chars
+        return f"{type(e).__name__}", first, time.perf_counter() - start, chars, 0.0
     finally:
         conn.close()
 
@@ -110,6 +113,7 @@ def main() -> None:
     parser.add_argument("--prefix", default="\n")
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--max-concurrent", type=int, default=8)
+    parser.add_argument("--no-wait", action="store_true", help="Ask again at once after a refusal, ignoring Retry-After.")
     args = parser.parse_args()
 
     proc, url = (None, args.url.rstrip("/")) if args.url else start_server(args.runs_dir, args.max_concurrent, args.length)
@@ -120,13 +124,16 @@ def main() -> None:
             if outcome != "completed":
                 raise SystemExit(f"a warm-up generation was {outcome}: is --run right?")
         before = rss_mib(proc.pid) if proc else float("nan")
-        results: list[tuple[str, float, float, int]] = []
+        results: list[tuple[str, float, float, int, float]] = []
         active: list[int] = []
         end = time.perf_counter() + args.seconds
 
         def client() -> None:
             while time.perf_counter() < end:
                 results.append(stream(url, body))
+                wait = 0.0 if args.no_wait else min(results[-1][4], end - time.perf_counter())
+                if wait > 0:
+                    time.sleep(wait)
 
         threads = [threading.Thread(target=client) for _ in range(args.clients)]
         started = time.perf_counter()
@@ -146,8 +153,9 @@ def main() -> None:
     outcomes = Counter(r[0] for r in results)
     done = [r for r in results if r[0] == "completed"]
     chars = sum(r[3] for r in results)
+    refused = "asks again at once" if args.no_wait else "waits its Retry-After"
     print(f"{args.clients} clients for {elapsed:.1f} s, run {args.run}, {args.length} characters a stream, "
-          f"at most {args.max_concurrent} at once on the server")  # fmt: skip
+          f"at most {args.max_concurrent} at once on the server; a refused client {refused}")  # fmt: skip
     print("requests:            " + ", ".join(f"{n:,} {k}" for k, n in outcomes.most_common()))
     print(f"streamed:            {chars:,} characters, {chars / elapsed:,.0f} characters/s in all")
     print(f"first characters:    {percentiles([r[1] for r in done])}")

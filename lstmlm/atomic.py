@@ -4,6 +4,10 @@ A crash, a kill -9 or a full disk at any moment leaves either the old file or th
 the final name, never a mix; the temporary file is removed on any failure we live through.
 A failure is a `WriteError` that names what was being written ("checkpoint", "plot", ...),
 whatever the writer raised: torch's zip writer turns a failed write into a RuntimeError.
+
+A file that several processes fill at their own offsets (the token store) cannot be written
+through one callback; its writer makes the temporary file itself, in the destination's
+directory, and ends with `publish`, the same last step as `write_atomic`'s.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ def _replace(path: Path, write: Callable[[IO[bytes]], object], replace: bool) ->
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it private; the final file need not be
+        os.chmod(tmp, file_mode())  # mkstemp made it private; the final file need not be
         if replace:
             os.replace(tmp, path)
         else:
@@ -83,10 +87,18 @@ def _replace(path: Path, write: Callable[[IO[bytes]], object], replace: bool) ->
     _fsync_dir(path.parent)
 
 
-def _umask() -> int:
+def publish(tmp: Path, path: Path) -> None:
+    """Rename `tmp` — complete, fsynced, in `path`'s directory — over `path`, and make the rename
+    durable: a reader sees the old file or the whole new one. OSError on failure."""
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def file_mode() -> int:
+    """The mode a new file gets from this process's umask (mkstemp makes temporaries 0600)."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -245,6 +245,21 @@ _WORDS = (
 ).split()
 
 
+def lively_model(vocab: Vocab, core: str = "scratch", layers: int = 1, embedding: int = 0, seed: int = 0, scale: float = 0.8) -> CharLM:
+    """An untrained model (24 hiddens) with weights N(0, scale²), large enough that its logits, and
+    their argmax, move from step to step."""
+    import torch
+
+    from lstmlm.model import CharLM
+
+    torch.manual_seed(seed)
+    net = CharLM(len(vocab), num_hiddens=24, num_layers=layers, core=core, embedding=embedding)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, scale)
+    return net.eval()
+
+
 def synthetic_text(lines: int = 60, seed: int = 1234) -> str:
     import random
 
@@ -336,6 +351,23 @@ class Result:
 
 def _not_json(constant: str) -> Any:
     raise AssertionError(f"{constant} is not JSON")
+
+
+def strict_json(text: str) -> Any:
+    """`text` parsed as JSON, strictly: NaN or Infinity (not JSON) fail the test."""
+    return json.loads(text, parse_constant=_not_json)
+
+
+def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """A server-sent event stream as (event, data) pairs: each block one `event:` line and one
+    `data:` line of strict JSON."""
+    parsed = []
+    for block in text.split("\n\n"):
+        if block:
+            name, data = block.split("\n")
+            assert name.startswith("event: ") and data.startswith("data: "), block
+            parsed.append((name[7:], strict_json(data[6:])))
+    return parsed
 
 
 def cli(*args: str | Path) -> Result:

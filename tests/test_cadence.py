@@ -4,6 +4,7 @@ during training on a bounded, fixed sample; progress inside an epoch."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from lstmlm.checkpoint import load_checkpoint
 from lstmlm.config import Cadence, Config
 from lstmlm.errors import ConfigError
 from lstmlm.evaluation import evaluate
-from lstmlm.events import EpochEnded, Evaluated, Sampled, Saved, Stepped
+from lstmlm.events import EpochEnded, Evaluated, Finished, Sampled, Saved, Started, Stepped
 from lstmlm.train import Trainer
 
 MakeTrainer = Callable[..., Trainer]
@@ -165,6 +166,25 @@ def test_a_bounded_validation_is_a_fixed_sample_of_rows_across_the_text(make_tra
             total += F.cross_entropy(logits[0], window[1:], reduction="sum").item()
     assert loss == pytest.approx(total / count, rel=1e-6)
     assert not math.isclose(loss, whole)
+
+
+def test_a_long_epoch_shows_its_tokens_rate_and_time_left_on_a_bar_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `lstmlm train` draws from the Stepped events of an epoch of 10,000 batches."""
+    from rich.console import Console
+
+    import lstmlm.cli.train as cli_train
+
+    screen = Console(file=io.StringIO(), force_terminal=True, width=160, record=True)
+    monkeypatch.setattr(cli_train, "err", screen)
+    assert cli_train.within_epoch(Stepped(1, 1500, 1500, 10_000, 12_300_000, 1_000_000_000, 7_700.0)) == (
+        "12.3M/1.0G tokens  7,700 tok/s  epoch ends in 35:37:52"  # (1e9 - 12.3e6) / 7,700 = 128,272 s
+    )
+    started = Started("r", "cpu", "fp32", "scratch", 66, 1000, 10**9, 10**7, 10_000, 0, 1)
+    steps = [Stepped(1, s, s, 10_000, s * 3200, 10_000 * 3200, 6400.0) for s in (1, 2, 5000)]
+    done = Finished("interrupted", 9.0, None, 6400.0, "cpu", "scratch", "r", 0, 66, {})
+    assert cli_train.render(Config(), iter([started, *steps, done]), as_json=False) is done
+    shown = screen.export_text()
+    assert "step 5000/10000" in shown and "16.0M/32.0M tokens  6,400 tok/s  epoch ends in 0:41:40" in shown
 
 
 def test_each_step_reports_the_epochs_tokens_rate_and_size(make_trainer: MakeTrainer, fake_clock: Any) -> None:

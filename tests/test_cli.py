@@ -558,11 +558,14 @@ def test_evaluate_errors_are_one_line(trained: Path, runs_copy: Path, tmp_path: 
 # ---- --run is a name under --runs-dir, in every command --------------------------------------------
 
 
-@pytest.mark.parametrize("command", [("generate",), ("evaluate", "x.txt"), ("inspect", "--text", "abc"), ("plot",)])
+@pytest.mark.parametrize("command", [("train",), ("generate",), ("evaluate", "x.txt"), ("inspect", "--text", "abc"), ("export",), ("plot",)])
 @pytest.mark.parametrize("name", ["/tmp/x", "../elsewhere", ".."])
 def test_run_must_be_a_plain_name_everywhere(trained: Path, command: tuple[str, ...], name: str) -> None:
+    """`lstmlm train --run /tmp/x` and `lstmlm generate --run /tmp/x` alike: a name under --runs-dir, never a path."""
+    before = sorted(p.name for p in trained.iterdir())
     args = [*command, name] if command == ("plot",) else [*command, "--run", name]
     assert_one_error_line(cli(*args, "--runs-dir", trained), "--run must be a plain name", "--runs-dir")
+    assert sorted(p.name for p in trained.iterdir()) == before  # nothing made
 
 
 # ---- commands that do not train start without torch -------------------------------------------------

@@ -15,23 +15,12 @@ import torch
 
 from lstmlm import export as export_mod
 from lstmlm.export import export_model, load_runtime, read_metadata
-from lstmlm.model import CharLM
 from lstmlm.vocab import Vocab
 
-from conftest import assert_close, assert_one_error_line, cli, synthetic_text
+from conftest import assert_close, assert_one_error_line, cli, lively_model, synthetic_text
 
 VOCAB = Vocab.build(synthetic_text(), order="frequency")
 README = Path(__file__).resolve().parent.parent / "README.md"
-
-
-def lively_model(core: str, layers: int, embedding: int = 0) -> CharLM:
-    """An untrained model with weights large enough that the logits move from step to step."""
-    torch.manual_seed(layers)
-    net = CharLM(len(VOCAB), num_hiddens=24, num_layers=layers, core=core, embedding=embedding)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0.0, 0.5)
-    return net.eval()
 
 
 CASES = [(core, layers, 0, format) for format in ("onnx", "torchscript") for core in ("scratch", "cudnn") for layers in (1, 2)]
@@ -39,7 +28,7 @@ CASES = [(core, layers, 0, format) for format in ("onnx", "torchscript") for cor
 
 @pytest.mark.parametrize(("core", "layers", "embedding", "format"), [*CASES, ("cudnn", 2, 8, "torchscript")])  # and one with an embedding
 def test_exported_step_gives_lstmlms_logits_for_200_steps(tmp_path: Path, format: str, core: str, layers: int, embedding: int) -> None:
-    net = lively_model(core, layers, embedding)
+    net = lively_model(VOCAB, core, layers, embedding, seed=layers, scale=0.5)
     path = tmp_path / f"model.{format}"
     done = export_model(net, VOCAB, "raw", "the prime\n\n", "lively", path, format)
     assert done.path == path and path.stat().st_size == done.bytes and done.max_difference <= 1e-4

@@ -14,7 +14,7 @@ from lstmlm.generate import Continuation, Sampling, Stepper, choose_next, comple
 from lstmlm.model import CharLM, convert
 from lstmlm.vocab import Vocab
 
-from conftest import predict_ch8, synthetic_text
+from conftest import lively_model, predict_ch8, synthetic_text
 
 VOCAB = Vocab.build(synthetic_text(), order="frequency")
 
@@ -24,16 +24,6 @@ def sample(net: CharLM, prefix: str, length: int, prime: str = "", **options: ob
     """The prefix and one continuation, sampled as `lstmlm generate` samples."""
     steps = generate(net, VOCAB, prefix, Sampling(length=length, **options), prime)  # type: ignore[arg-type]
     return prefix + "".join(chars[0] for chars in steps)
-
-
-def lively_model(core: str = "scratch", layers: int = 1, seed: int = 0) -> CharLM:
-    """An untrained model with weights large enough that argmax changes from step to step."""
-    torch.manual_seed(seed)
-    net = CharLM(len(VOCAB), num_hiddens=24, num_layers=layers, core=core)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0.0, 0.8)
-    return net.eval()
 
 
 @pytest.mark.parametrize("core", ["scratch", "cudnn"])
@@ -60,7 +50,7 @@ def test_stepper_computes_what_the_model_computes(core: str, layers: int, embedd
 
 def test_stepper_in_bf16_follows_the_fp32_model(recurrence: str) -> None:
     """In bf16 the Stepper multiplies in bf16 (logits come out bf16) and keeps C in fp32."""
-    net = lively_model("scratch", layers=2)
+    net = lively_model(VOCAB, "scratch", layers=2)
     X = torch.randint(len(VOCAB), (1, 20))
     with torch.inference_mode():
         expected, _ = net(X)
@@ -73,7 +63,7 @@ def test_stepper_in_bf16_follows_the_fp32_model(recurrence: str) -> None:
 @pytest.mark.parametrize(("core", "layers"), [("scratch", 1), ("scratch", 2), ("cudnn", 1), ("cudnn", 2)])
 @pytest.mark.parametrize("prefix", ["time traveller", "t", "the "])
 def test_greedy_equals_d2l_predict(core: str, layers: int, prefix: str, recurrence: str) -> None:
-    net = lively_model(core, layers)
+    net = lively_model(VOCAB, core, layers)
     with torch.no_grad():
         expected = predict_ch8(prefix, 40, net, VOCAB)
     assert complete(net, VOCAB, prefix, 40) == expected
@@ -82,7 +72,7 @@ def test_greedy_equals_d2l_predict(core: str, layers: int, prefix: str, recurren
 
 def test_both_cores_generate_the_same_text_from_the_same_weights() -> None:
     for source, target in (("scratch", "cudnn"), ("cudnn", "scratch")):
-        net = lively_model(source, layers=2)
+        net = lively_model(VOCAB, source, layers=2)
         twin = CharLM(len(VOCAB), num_hiddens=24, num_layers=2, core=target).eval()
         twin.load_state_dict(convert(net.state_dict(), target))
         assert complete(twin, VOCAB, "time traveller", 60) == complete(net, VOCAB, "time traveller", 60)
@@ -95,14 +85,14 @@ def test_both_cores_generate_the_same_text_from_the_same_weights() -> None:
 
 
 def test_same_seed_same_samples_different_seed_different_samples() -> None:
-    net = lively_model()
+    net = lively_model(VOCAB)
     first = sample(net, "time", 80, temperature=1.0, seed=7)
     assert sample(net, "time", 80, temperature=1.0, seed=7) == first
     assert sample(net, "time", 80, temperature=1.0, seed=8) != first
 
 
 def test_sampling_leaves_the_global_rng_alone() -> None:
-    net = lively_model()
+    net = lively_model(VOCAB)
     torch.manual_seed(3)
     expected = torch.rand(4)
     torch.manual_seed(3)
@@ -112,7 +102,7 @@ def test_sampling_leaves_the_global_rng_alone() -> None:
 
 
 def test_top_k_1_and_a_tiny_top_p_are_greedy() -> None:
-    net = lively_model()
+    net = lively_model(VOCAB)
     greedy = complete(net, VOCAB, "time", 50)
     assert sample(net, "time", 50, temperature=1.5, top_k=1, seed=0) == greedy
     assert sample(net, "time", 50, temperature=1.5, top_p=1e-6, seed=0) == greedy
@@ -129,7 +119,7 @@ def test_choose_next_samples_only_inside_top_k_and_top_p() -> None:
 
 
 def test_several_samples_are_independent_and_reproducible() -> None:
-    net = lively_model()
+    net = lively_model(VOCAB)
     steps = lambda: ["".join(c) for c in zip(*generate(net, VOCAB, "time", Sampling(length=40, temperature=1.0, num_samples=3, seed=5)))]  # noqa: E731
     samples = steps()
     assert len(samples) == 3 and len(set(samples)) == 3
@@ -159,7 +149,7 @@ def test_raw_prefix_with_unknown_characters_lists_them() -> None:
 def test_a_prime_of_tokens_reads_a_written_unk_back_as_one_token() -> None:
     """What a continuation wrote, read back as context, is the state the model was in: a
     generated "<unk>" is one token, not five characters the vocabulary does not know."""
-    net = lively_model()
+    net = lively_model(VOCAB)
     first = generate(net, VOCAB, "time", Sampling(length=300, temperature=2.0, seed=1))
     list(first)
     assert "<unk>" in first.tokens[0]
@@ -177,7 +167,7 @@ def test_a_prime_of_tokens_reads_a_written_unk_back_as_one_token() -> None:
 
 
 def test_the_prime_is_read_before_the_prefix_and_left_out_of_the_text() -> None:
-    net = lively_model()
+    net = lively_model(VOCAB)
     prime = "the time machine\n\n"
     primed = complete(net, VOCAB, "t", 40, prime=prime)
     assert primed == complete(net, VOCAB, prime + "t", 40)[len(prime) :]
@@ -188,7 +178,7 @@ def test_the_prime_is_read_before_the_prefix_and_left_out_of_the_text() -> None:
 
 
 def test_min_p_0_equals_plain_sampling() -> None:
-    net = lively_model(layers=2)
+    net = lively_model(VOCAB, layers=2)
     for seed in (0, 1, 2):
         plain = sample(net, "time", 80, temperature=1.0, seed=seed)
         assert sample(net, "time", 80, temperature=1.0, seed=seed, min_p=0.0) == plain
@@ -209,7 +199,7 @@ def test_choose_next_samples_only_characters_at_least_min_p_times_the_likeliest(
 
 
 def test_min_p_1_is_greedy() -> None:
-    net = lively_model()
+    net = lively_model(VOCAB)
     assert sample(net, "time", 50, temperature=1.5, min_p=1.0, seed=0) == complete(net, VOCAB, "time", 50)
 
 
@@ -260,7 +250,7 @@ def test_no_stop_string_passes_every_character_through() -> None:
 
 
 def test_stop_strings_on_a_model_cut_its_continuation_where_the_string_first_appears() -> None:
-    net = lively_model(layers=2)
+    net = lively_model(VOCAB, layers=2)
     options = {"temperature": 1.0, "seed": 4}
     tokens = [chars[0] for chars in generate(net, VOCAB, "time", Sampling(length=200, **options))]  # type: ignore[arg-type]
     full = "".join(tokens)  # (a token may be "<unk>")
@@ -275,7 +265,7 @@ def test_stop_strings_on_a_model_cut_its_continuation_where_the_string_first_app
 
 
 def test_each_sample_ends_at_its_own_stop() -> None:
-    net = lively_model()
+    net = lively_model(VOCAB)
     options = {"temperature": 1.0, "seed": 5, "num_samples": 3, "length": 120}
     plain = generate(net, VOCAB, "time", Sampling(**options))  # type: ignore[arg-type]
     list(plain)

@@ -28,7 +28,7 @@ from lstmlm.session import load_trained
 from lstmlm.units import activations, colour, level
 from lstmlm.units_page import hex_colour
 
-from conftest import assert_one_error_line, cli
+from conftest import assert_one_error_line, cli, sse_events, strict_json
 
 
 def client(runs: Path, **limits: Any) -> TestClient:
@@ -48,27 +48,12 @@ def runs_copy(tiny_runs: Path, tmp_path: Path) -> Path:
     return tmp_path / "runs"
 
 
-def events(text: str) -> list[tuple[str, dict[str, Any]]]:
-    """A server-sent event stream as (event, data) pairs; every data line is strict JSON."""
-    parsed = []
-    for block in text.split("\n\n"):
-        if block:
-            name, data = block.split("\n")
-            assert name.startswith("event: ") and data.startswith("data: ")
-            parsed.append((name[7:], json.loads(data[6:], parse_constant=_not_json)))
-    return parsed
-
-
-def _not_json(constant: str) -> Any:
-    raise AssertionError(f"{constant} is not JSON")
-
-
 def streamed(api: TestClient, **body: Any) -> tuple[str, dict[str, Any], str]:
     """(prefix, done event, continuation) of a streamed generation."""
     response = api.post("/api/generate", json=body)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/event-stream")
-    got = events(response.text)
+    got = sse_events(response.text)
     assert got[0][0] == "start" and got[-1][0] == "done" and all(name == "text" for name, _ in got[1:-1])
     return got[0][1]["prefix"], got[-1][1], "".join(data["text"] for _, data in got[1:-1])
 
@@ -111,7 +96,7 @@ def test_generate_streams_the_text_lstmlm_generate_prints(api: TestClient, tiny_
 
 def test_a_long_generation_streams_in_several_events(api: TestClient) -> None:
     response = api.post("/api/generate", json={"run": "raw", "prefix": "the", "length": 3000, "temperature": 1.0, "seed": 1})
-    texts = [data["text"] for name, data in events(response.text) if name == "text"]
+    texts = [data["text"] for name, data in sse_events(response.text) if name == "text"]
     assert len(texts) >= 3000 // 512 and len("".join(texts)) >= 3000  # at most 512 steps an event
 
 
@@ -185,7 +170,7 @@ def test_metrics_follow_a_training_and_stay_strict_json(runs_copy: Path) -> None
         assert before == {"run": "raw", "epochs": RunStore.open(runs_copy / "raw").read_metrics()}
         RunStore.open(runs_copy / "raw").append_metrics({"epoch": 4, "train_perplexity": math.inf, "val_perplexity": 9.5})
         after = api.get("/api/runs/raw/metrics")
-        json.loads(after.text, parse_constant=_not_json)  # infinity travels as null
+        strict_json(after.text)  # infinity travels as null
         assert after.json()["epochs"][-1] == {"epoch": 4, "train_perplexity": None, "val_perplexity": 9.5}
         assert api.get("/api/runs").json()["runs"][0]["name"] == "raw"  # the run trained last comes first
 

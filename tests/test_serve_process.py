@@ -23,16 +23,12 @@ import pytest
 
 pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install '.[serve]')")
 
-from conftest import ServeProcess, assert_one_error_line, cli, http_json
+from conftest import ServeProcess, assert_one_error_line, cli, http_json, sse_events
 
 CLIENTS = 32
 LOAD_SECONDS = 5.0  # how long the clients keep asking
 MAX_CONCURRENT = 8
 MEMORY_GROWTH = 64 * 2**20  # the most the server may grow under load, after a warm-up
-
-
-def events(text: str) -> list[tuple[str, dict[str, Any]]]:
-    return [(b.split("\n")[0][7:], json.loads(b.split("\n")[1][6:])) for b in text.split("\n\n") if b]
 
 
 def stream_once(address: tuple[str, int], body: dict[str, Any]) -> str:
@@ -47,7 +43,7 @@ def stream_once(address: tuple[str, int], body: dict[str, Any]) -> str:
             assert list(error) == ["error"] and error["error"].startswith("busy:"), error
             return "refused"
         assert response.status == 200, (response.status, response.read())
-        got = events(response.read().decode())
+        got = sse_events(response.read().decode())
         text = "".join(data["text"] for name, data in got if name == "text")
         assert got[0][0] == "start" and got[-1] == ("done", {"characters": len(text), "finish_reason": "length"}), got[-1]
         return "done"

@@ -154,6 +154,22 @@ def test_a_downloaded_files_name_is_never_read_as_markup(http_server: LoopbackSe
     assert "downloading [red]corpus-" in shown
 
 
+def test_a_corpus_path_and_run_name_that_look_like_markup_train_and_show_as_themselves(
+    corpus_file: Path, runs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`[/x]` in a corpus path was a MarkupError once the run directory existed; `[red]` in a run
+    name turned the table red. Both are config values and names: shown as typed."""
+    monkeypatch.chdir(tmp_path)  # a short relative path: the table shows it on one line
+    corpus = Path("a[/x]/c[bold].txt")  # directories "a[" and "x]"
+    corpus.parent.mkdir(parents=True)
+    corpus.write_bytes(corpus_file.read_bytes())
+    args = ["--normalize", "raw", "--runs-dir", runs_dir, "--hidden", "8", "--batch-size", "4", "--num-steps", "5", "--epochs", "1"]
+    result = cli("train", "--corpus", corpus, "--run", "m[red]x", *args)
+    assert result.code == 0, result.stderr
+    assert "run m[red]x" in result.stdout and " a[/x]/c[bold].txt " in result.stdout
+    assert (runs_dir / "m[red]x" / "latest.pt").is_file()
+
+
 # ---- pipes and JSON ------------------------------------------------------------------------------
 
 

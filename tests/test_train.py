@@ -515,6 +515,36 @@ def test_a_completed_run_validates_saves_samples_in_that_order(make_trainer: Mak
     assert kinds(events)[-5:] == ["Evaluated", "EpochEnded", "Saved:latest", "Sampled", "Finished"]
 
 
+@pytest.mark.parametrize(
+    ("reason", "ending"),
+    [
+        ("time_limit", ["Saved:best", "Evaluated", "Saved:latest", "Sampled", "Finished"]),  # its first validation: the best yet
+        ("interrupted", ["Saved:latest", "Finished"]),  # Ctrl-C: saved at once, neither validated nor sampled
+    ],
+)
+def test_a_stop_inside_an_epoch_takes_the_one_way_out(make_trainer: MakeTrainer, monkeypatch: pytest.MonkeyPatch, reason: str, ending: list[str]) -> None:
+    """The time limit and Ctrl-C, three steps into the first epoch, end as every stop does: the
+    stop path validates (unless interrupted), saves latest once, samples (unless interrupted)."""
+    now = [0.0]  # 10 s a training step, on a clock of the test's own
+    real_step = train_mod.train_step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        now[0] += 10.0
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", step)
+    monkeypatch.setattr(train_mod, "clock", lambda: now[0])
+    cadences = {"checkpoint_every": "0", "sample_every": "0", "eval_every": "0"}  # nothing due before the stop
+    trainer = make_trainer(epochs=10, max_minutes=0.5 if reason == "time_limit" else 0.0, **cadences)  # 0.5 min: 3 steps
+    assert trainer.steps_per_epoch > 3
+    events = list(trainer.run(lambda: reason == "interrupted" and trainer.state.global_step >= 3))
+    done = events[-1]
+    assert isinstance(done, Finished) and done.reason == reason and trainer.state.global_step == 3
+    assert kinds(events) == ending
+    latest = checkpoint_state(trainer, "latest")
+    assert (latest["epoch"], latest["step"], latest["global_step"]) == (0, 3, 3) and latest["carry"] is not None
+
+
 def test_a_checkpoint_from_before_this_layout_resumes(make_trainer: MakeTrainer) -> None:
     """Checkpoints written by the first release hold a trainer state with an unused "extra"."""
     trainer = make_trainer(epochs=1)

@@ -13,7 +13,7 @@ from .errors import friendly
 from .evaluate import evaluate
 from .export import export
 from .generate import generate
-from .inspect import inspect_
+from .inspect_units import inspect_
 from .plot import plot_
 from .serve import serve
 from .train import train

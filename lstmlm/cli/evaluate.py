@@ -22,7 +22,7 @@ def evaluate(
     device: options.Device = "cpu",
     precision: options.Precision = "fp32",
     runs_dir: options.RunsDir = DEFAULT_RUNS_DIR,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line.")] = False,
+    as_json: options.Json = False,
 ) -> None:
     """Perplexity and bits per character (per byte for a bytes model) of a text under a trained model."""
     from ..errors import ConfigError

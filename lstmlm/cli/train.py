@@ -34,10 +34,11 @@ def train(
     run: options.Run = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run (default: the latest) from its last checkpoint.")] = False,
     runs_dir: options.RunsDir = DEFAULT_RUNS_DIR,
-    as_json: Annotated[bool, typer.Option("--json", help="Print only JSON lines: one per epoch and a last 'done'.")] = False,
+    as_json: options.Json = False,
     **overrides: Any,
 ) -> None:
-    """Train a character-level LSTM; prints perplexity as it falls and samples at the end."""
+    """Train a character-level LSTM; prints perplexity as it falls and samples at the end
+    (with --json: a JSON line per epoch and validation, and a last 'done')."""
     from .. import session
     from ..plot import perplexity_chart
 

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic import _fsync_dir, _umask
+from ..atomic import file_mode, publish
 from ..corpus import StageProgress
 from ..errors import CorpusError, VocabError
 from ..vocab import Vocab
@@ -342,13 +342,12 @@ def _into_file(
         jobs = [(p, scanned.mode, vocab.tokens, dtype, name, offset + int(o) * itemsize) for p, o in zip(scanned.pieces, offsets)]
         unknown = sum(u for u, _ in workers.run(encode.encode, jobs, scanned.pieces, "encoding", progress))
         os.pwrite(fd, header({**meta, "unknown": unknown}, offset), 0)
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp made it private; a cache file need not be
+        os.fchmod(fd, file_mode())  # mkstemp made it private; a cache file need not be
         os.fsync(fd)
         os.close(fd)
         fd = -1
         if final is not None:
-            os.replace(tmp, final)
-            _fsync_dir(directory)
+            publish(tmp, final)
             store = open_store(final)
         else:
             store = open_store(tmp)

@@ -1,5 +1,8 @@
 """`lstmlm inspect`: a text coloured by single LSTM units in the terminal, units ranked by a
-feature, gate saturation; the whole analysis as an HTML page with --html."""
+feature, gate saturation; the whole analysis as an HTML page with --html.
+
+(Not named inspect.py: a module of that name beside `options.py`, which imports the standard
+library's `inspect`, would read as if it shadowed it.)"""
 
 from __future__ import annotations
 

@@ -29,10 +29,11 @@ every gradient, and gradchecks it in float64.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +90,25 @@ def transposed(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     as fast at these shapes."""
     out = torch.empty((W.shape[1], W.shape[0]), dtype=dtype, device=W.device)
     return out.copy_(W.T)
+
+
+@functools.lru_cache(maxsize=1)
+def _onednn_linear() -> Callable[..., torch.Tensor] | None:
+    """oneDNN's linear (X Wᵀ), where this torch build has it."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return cast(Callable[..., torch.Tensor], torch.ops.mkldnn._linear_pointwise)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def times_T(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """A Bᵀ. On a CPU in fp32 through oneDNN's linear where torch has it: torch.mm takes MKL's
+    fp32 GEMM, which on AMD CPUs runs an AVX2 kernel at about half oneDNN's rate (the library
+    nn.LSTM's CPU kernel is built on). bf16 products are oneDNN's in torch.mm already."""
+    linear = _onednn_linear() if A.dtype == torch.float32 and A.device.type == "cpu" else None
+    return linear(A, B, None, "none", [], "") if linear is not None else A @ B.T
 
 
 def compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -457,7 +477,7 @@ def backward_part(
     _, steps, batch = dGates.shape
     dX = dH_0 = None
     if needs[0]:
-        dX = (W_x @ dGates_c.view(-1, steps * batch)).view(-1, steps, batch).permute(1, 2, 0).to(X_dtype)  # (steps, batch, inputs)
+        dX = times_T(dGates_c.view(-1, steps * batch).T, W_x).view(steps, batch, -1).to(X_dtype)  # (steps, batch, inputs)
     if needs[1]:
         dH_0 = (W_h @ dGates_c[:, 0]).T.to(H_0_dtype)  # (batch, hiddens)
     dC_0_grad = dC_0.T.to(C_0_dtype) if needs[2] else None
@@ -482,11 +502,11 @@ def weight_gradients(
     dtype = dGates.dtype
     dG = dGates_c.view(gates, steps * batch)  # (4·hiddens, steps·batch): a view
     Hp = H_prev.permute(1, 0, 2).reshape(-1, steps * batch)  # (hiddens, steps·batch), a copy
-    dW_h = (Hp @ dG.T).to(dtype)  # (hiddens, 4·hiddens)
+    dW_h = times_T(Hp, dG).to(dtype)  # (hiddens, 4·hiddens)
     if X.is_floating_point():
         Xf = X.permute(2, 0, 1).reshape(num_inputs, steps * batch).to(dG.dtype)  # (inputs, steps·batch)
     else:
         Xf = F.one_hot(X.reshape(-1), num_inputs).T.to(dG.dtype)  # (inputs, steps·batch), one-hot columns
-    dW_x = (Xf @ dG.T).to(dtype)  # (inputs, 4·hiddens)
+    dW_x = times_T(Xf, dG).to(dtype)  # (inputs, 4·hiddens)
     db = dGates.sum(dim=(1, 2))
     return dW_x, dW_h, db

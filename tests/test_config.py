@@ -85,3 +85,18 @@ def test_the_effective_settings_are_printed(corpus_file: Path, runs_dir: Path) -
     assert result.code == 0, result.stderr
     table = {tuple(line.split()[:2]) for line in result.stdout.splitlines()} | {tuple(line.split()[2:4]) for line in result.stdout.splitlines()}
     assert {("normalize", "raw"), ("max_tokens", "0"), ("val_fraction", "0.1"), ("checkpoint_every", "10m"), ("val_tokens", "250000")} <= table
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        config.load(CONFIGS / "d2l.toml"),
+        config.load(CONFIGS / "tinyshakespeare.toml").resolved(),
+        Config().with_overrides({"corpus": 'odd "name"\\ \x1b\x7f é.txt', "lr": 1e-05, "max_minutes": 1e16, "tf32": True, "eval_every": "1e,10m"}),
+    ],
+)
+def test_a_config_written_as_toml_reads_back_the_same(cfg: Config, tmp_path: Path) -> None:
+    path = tmp_path / "written.toml"
+    path.write_text(cfg.to_toml("a header\nof two lines"), encoding="utf-8")
+    assert config.load(path) == cfg
+    assert path.read_text(encoding="utf-8").startswith("# a header\n# of two lines\n\n[data]\n")

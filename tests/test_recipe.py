@@ -1,17 +1,23 @@
 """The default recipe: `recipe.choose` on its boundaries (tiny and huge corpora, slow and fast
-machines, more minutes or speed never a smaller model, always a valid config)."""
+machines, more minutes or speed never a smaller model, always a valid config), and its use by
+`lstmlm train --corpus C --max-minutes M` without a config (the d2l corpus keeps the seed)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lstmlm import recipe
+from lstmlm import recipe, session
 from lstmlm.config import Config
 from lstmlm.data.batches import min_tokens
 from lstmlm.errors import ConfigError, CorpusError
 from lstmlm.recipe import Recipe, choose
+
+from conftest import CONFIGS, assert_one_error_line, cli, synthetic_text
 
 SHAKESPEARE = 1_003_854  # training characters of tinyshakespeare (90%), 65 symbols
 
@@ -96,3 +102,79 @@ def test_what_no_recipe_can_be_chosen_for(args: tuple[int, int, float, float], e
 def test_the_embedding_grows_with_the_vocabulary() -> None:
     sizes = [recipe.embedding_for(v) for v in (2, 28, 65, 256, 5000, 100_000)]
     assert sizes == sorted(sizes) and sizes[0] == 16 and sizes[2] == 48 and sizes[-1] == 256
+
+
+# ---- lstmlm train with the recipe -----------------------------------------------------------------
+
+
+@pytest.fixture
+def book(tmp_path: Path) -> Path:
+    path = tmp_path / "book.txt"
+    path.write_text(synthetic_text(120), encoding="utf-8")
+    return path
+
+
+def test_a_timed_run_without_a_config_takes_the_recipe_options_overriding(book: Path, runs_dir: Path) -> None:
+    plan = session.prepare_training(runs_dir, "r", {"corpus": str(book), "max_minutes": 0.01, "device": "cpu", "hidden": 24})
+    assert plan.recipe is not None and plan.recipe.tokens_per_s > 0 and plan.recipe.given == ("hidden",)
+    expected = choose(len(plan.data.train), len(plan.data.vocab), plan.recipe.tokens_per_s, 0.01)
+    assert plan.recipe.recipe == expected
+    chosen = {k: v for k, v in expected.overrides().items() if k != "hidden"}
+    assert {k: plan.config.value(k) for k in chosen} == chosen
+    assert plan.config.model.hidden == 24  # the option wins
+    assert plan.config.data.normalize == "raw" and plan.config.train.max_minutes == 0.01
+
+
+def test_train_prints_the_recipe_and_trains_it(book: Path, runs_dir: Path) -> None:
+    result = cli("train", "--corpus", book, "--max-minutes", "0.01", "--device", "cpu", "--runs-dir", runs_dir, "--run", "r")
+    assert result.code == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("default recipe for "))
+    stored = json.loads((runs_dir / "r" / "config.json").read_text())
+    assert f"batches {stored['data']['batch_size']}×{stored['data']['num_steps']}" in line
+    assert (stored["train"]["optimizer"], stored["train"]["schedule"]) == ("adam", "cosine")
+
+
+def test_a_corpus_too_short_for_the_default_batches_trains_on_the_recipes(tmp_path: Path, runs_dir: Path) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text(synthetic_text(8), encoding="utf-8")  # ~500 characters: less than one batch of 32×35
+    common = ["train", "--corpus", short, "--device", "cpu", "--runs-dir", runs_dir, "--epochs", "1"]
+    assert_one_error_line(cli(*common), "too short for one batch of 32×35")
+    assert cli(*common, "--max-minutes", "0.01").code == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "uses"),
+    [
+        ({"max_minutes": 10.0}, False),  # lstmlm train with no corpus: the d2l corpus keeps the seed
+        ({"corpus": "timemachine", "max_minutes": 10.0}, False),
+        ({"corpus": "book.txt", "normalize": "d2l", "max_minutes": 10.0}, False),  # d2l text: the seed's setup
+        ({"corpus": "book.txt"}, False),  # no time budget: the defaults as they are
+        ({"corpus": "book.txt", "max_minutes": 10.0}, True),
+        ({"corpus": "tinyshakespeare", "max_minutes": 10.0}, True),
+        ({"corpus": "book.txt", "max_minutes": 10.0, **dict.fromkeys(recipe.RECIPE_KEYS, "given")}, False),  # nothing left to choose
+    ],
+)
+def test_which_runs_take_the_recipe(overrides: dict[str, object], uses: bool) -> None:
+    cfg = Config().with_overrides({k: v for k, v in overrides.items() if v != "given"}).resolved()
+    assert session.uses_default_recipe(cfg, overrides) is uses
+
+
+def test_d2l_text_keeps_the_seeds_settings_with_a_time_limit(book: Path, runs_dir: Path) -> None:
+    plan = session.prepare_training(runs_dir, None, {"corpus": str(book), "normalize": "d2l", "max_minutes": 0.01, "device": "cpu"})
+    assert plan.recipe is None
+    m, t, d = plan.config.model, plan.config.train, plan.config.data
+    assert (m.hidden, m.layers, m.embedding, t.optimizer, t.lr, d.batch_size, d.num_steps) == (256, 1, 0, "sgd", 1.0, 32, 35)
+
+
+def test_a_config_file_is_never_replaced_by_the_recipe(book: Path, runs_dir: Path) -> None:
+    plan = session.prepare_training(runs_dir, None, {"corpus": str(book), "max_minutes": 0.01, "device": "cpu"}, CONFIGS / "tinyshakespeare.toml")
+    assert plan.recipe is None and plan.config.model.hidden == 512
+
+
+def test_every_recipe_setting_given_needs_no_probe(book: Path, runs_dir: Path) -> None:
+    given: dict[str, object] = {"hidden": 16, "layers": 1, "embedding": 8, "lr": 0.01, "batch_size": 8, "num_steps": 10, "dropout": 0.0, "warmup_steps": 0}
+    given |= {"optimizer": "adam", "schedule": "constant"}
+    plan = session.prepare_training(runs_dir, None, {"corpus": str(book), "max_minutes": 0.01, "device": "cpu", **given})
+    assert plan.recipe is None
+
+

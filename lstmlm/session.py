@@ -24,7 +24,7 @@ import glob
 import itertools
 import shlex
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -267,7 +267,7 @@ class Training:
     def config(self) -> Config:
         return self.trainer.cfg
 
-    def run(self, should_stop: StopFlag | None = None) -> Iterator[Event]:
+    def run(self, should_stop: Callable[[], bool] | None = None) -> Iterator[Event]:  # a StopFlag, or any test of whether to stop (tune: the pruner too)
         return self.trainer.run(should_stop or (lambda: False))
 
 

@@ -127,6 +127,15 @@ class Config:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+    def to_toml(self, header: str = "") -> str:
+        """The config as a TOML file that `load` reads back to this same config; `header`, if
+        given, opens it as comment lines."""
+        lines = [f"# {line}".rstrip() for line in header.splitlines()]
+        for table, values in self.to_dict().items():
+            lines += ["", f"[{table}]"] if lines else [f"[{table}]"]
+            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        return "\n".join(lines) + "\n"
+
     def with_overrides(self, overrides: dict[str, Any]) -> Config:
         """A copy with the given fields replaced (None values are ignored); validates the result."""
         tables: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
@@ -139,6 +148,17 @@ class Config:
     def value(self, key: str) -> Any:
         """A field's value by its name alone (names are unique across the tables)."""
         return getattr(getattr(self, section_of(key)), key)
+
+
+def _toml_value(value: Any) -> str:
+    """A field's value in TOML: true/false, Python's repr of a number (TOML's syntax for every
+    finite one), a string in JSON's escapes, which TOML's basic strings share (DEL, which JSON
+    leaves as it is and TOML refuses, escaped too)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}

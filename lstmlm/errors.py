@@ -55,3 +55,7 @@ class ServeError(LstmlmError):
 
 class ExportError(LstmlmError):
     """A model that cannot be exported: an unknown format, its extra missing, a runtime that disagrees."""
+
+
+class TuneError(LstmlmError):
+    """A study that cannot run: Optuna missing, a storage that cannot be opened, a study made with other settings, trials that keep failing."""

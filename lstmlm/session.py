@@ -24,7 +24,7 @@ import glob
 import itertools
 import shlex
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -34,8 +34,10 @@ import torch
 
 from . import checkpoint, config, distributed
 from .atomic import write_text_atomic
+from .bench import measure_training
 from .config import Config
 from .corpus import StageProgress
+from .data.batches import check_length
 from .data.pipeline import Data, encode_file, prepare_data
 from .data.text import as_text, normalize, read_text
 from .device import available_memory, describe, resolve_device, resolve_precision, set_tf32
@@ -45,6 +47,7 @@ from .evaluation import Score, score_ids
 from .events import Event
 from .generate import Continuation, Sampling, generate, prepare_prefix
 from .model import CharLM, convert, training_bytes
+from .recipe import RECIPE_KEYS, Recipe, choose, probe_dims
 from .runs import BEST, DEFAULT_RUNS_DIR, LATEST, RunExists, RunStore, check_run_name
 from .train import Trainer
 from .units import Inspection, inspect_text
@@ -149,6 +152,16 @@ class Plan:
     runs_dir: Path
     run: str | None
     store: RunStore | None
+    recipe: Chosen | None = None  # when the default recipe chose the settings
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """The default recipe's choice (`recipe.choose`) and the speed it was chosen for."""
+
+    recipe: Recipe
+    tokens_per_s: float  # the probe's, measured here
+    given: tuple[str, ...]  # the recipe's settings that options gave instead
 
 
 def prepare_training(
@@ -158,9 +171,14 @@ def prepare_training(
     config_file: Path | None = None,
     resume: bool = False,
     progress: StageProgress | None = None,
+    default_recipe: bool = True,
 ) -> Plan:
     """The effective config (a file, then options; or the resumed run's) and its data, read or
-    downloaded and encoded (`progress` follows each stage). Nothing is written in the run yet."""
+    downloaded and encoded (`progress` follows each stage). Nothing is written in the run yet.
+
+    A new run on a corpus other than d2l's, with --max-minutes and no --config, takes its
+    model and training from the default recipe (`recipe.py`; off with `default_recipe=False`),
+    for this machine's speed as a probe measures it in a few batches; options override it."""
     overrides = overrides or {}
     if run is not None:
         check_run_name(run)
@@ -176,11 +194,50 @@ def prepare_training(
         base = config.load(config_file) if config_file else Config()
         cfg = base.with_overrides(overrides).resolved()
     device = resolve_device(cfg.train.device)  # an absent device is refused before any download
-    data = prepare_data(cfg, vocab=store.vocab if store else None, progress=progress, scratch=runs_dir)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    chosen = None
+    if default_recipe and store is None and config_file is None and uses_default_recipe(cfg, given):
+        data = prepare_data(smallest_batches(cfg, given), progress=progress, scratch=runs_dir)
+        cfg, chosen = apply_default_recipe(cfg, given, data, device)
+    else:
+        data = prepare_data(cfg, vocab=store.vocab if store else None, progress=progress, scratch=runs_dir)
     if store is not None:
         check_same_corpus(store, data, cfg.data.corpus)
     check_memory(cfg, len(data.vocab), device)
-    return Plan(cfg, data, runs_dir, run, store)
+    return Plan(cfg, data, runs_dir, run, store, chosen)
+
+
+PROBE_TIMED = 4  # the probe's timed batches (after one to warm up): about a second on two CPU cores
+
+
+def uses_default_recipe(cfg: Config, given: dict[str, Any]) -> bool:
+    """A time budget, text other than d2l's (which keeps the seed), a recipe setting left to
+    choose, and one process: under torchrun each would time its own probe and might choose
+    another model (the process group, which could agree on one, starts later)."""
+    return (
+        cfg.train.max_minutes > 0
+        and cfg.data.normalize != "d2l"
+        and not set(RECIPE_KEYS) <= set(given)
+        and not distributed.from_environment().active
+    )
+
+
+def smallest_batches(cfg: Config, given: dict[str, Any]) -> Config:
+    """`cfg` with batches of one character where the recipe will choose them: the corpus is read
+    before the recipe sizes its batches to it, so a short text is not refused for the defaults'."""
+    sizes = {key: given.get(key, 1) for key in ("batch_size", "num_steps")}
+    return cfg.with_overrides(sizes)
+
+
+def apply_default_recipe(cfg: Config, given: dict[str, Any], data: Data, device: torch.device) -> tuple[Config, Chosen]:
+    """The recipe for this corpus, vocabulary, machine and time, under the options given."""
+    probe = probe_dims(len(data.vocab))
+    speed = measure_training(cfg.model.model, probe, device, resolve_precision(cfg.train.precision, device), steps=PROBE_TIMED, warmup=1)
+    recipe = choose(len(data.train), len(data.vocab), speed.tokens_per_s, cfg.train.max_minutes)
+    cfg = cfg.with_overrides({**recipe.overrides(), **given})
+    check_length(len(data.train), cfg.data.batch_size, cfg.data.num_steps, "training text")
+    return cfg, Chosen(recipe, speed.tokens_per_s, tuple(k for k in RECIPE_KEYS if k in given))
+
 
 
 def check_memory(cfg: Config, vocab_size: int, device: torch.device) -> None:
@@ -210,7 +267,7 @@ class Training:
     def config(self) -> Config:
         return self.trainer.cfg
 
-    def run(self, should_stop: StopFlag | None = None) -> Iterator[Event]:
+    def run(self, should_stop: Callable[[], bool] | None = None) -> Iterator[Event]:  # a StopFlag, or any test of whether to stop (tune: the pruner too)
         return self.trainer.run(should_stop or (lambda: False))
 
 

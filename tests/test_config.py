@@ -133,3 +133,18 @@ def test_a_regularization_option_is_refused_in_one_line(corpus_file: Path, runs_
     result = cli("train", "--corpus", corpus_file, "--runs-dir", runs_dir, "--embedding-dropout", "0.1", "--epochs", "1")
     assert_one_error_line(result, "[model] embedding_dropout drops rows of the embedding matrix: it needs embedding > 0")
     assert not runs_dir.exists() or not any(runs_dir.iterdir())
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        config.load(CONFIGS / "d2l.toml"),
+        config.load(CONFIGS / "tinyshakespeare.toml").resolved(),
+        Config().with_overrides({"corpus": 'odd "name"\\ \x1b\x7f é.txt', "lr": 1e-05, "max_minutes": 1e16, "tf32": True, "eval_every": "1e,10m"}),
+    ],
+)
+def test_a_config_written_as_toml_reads_back_the_same(cfg: Config, tmp_path: Path) -> None:
+    path = tmp_path / "written.toml"
+    path.write_text(cfg.to_toml("a header\nof two lines"), encoding="utf-8")
+    assert config.load(path) == cfg
+    assert path.read_text(encoding="utf-8").startswith("# a header\n# of two lines\n\n[data]\n")

@@ -17,6 +17,7 @@ from .inspect_units import inspect_
 from .plot import plot_
 from .serve import serve
 from .train import train
+from .tune import tune
 
 app = typer.Typer(
     name="lstmlm",
@@ -30,6 +31,7 @@ app = typer.Typer(
 for name, command in (
     ("download", download),
     ("train", train),
+    ("tune", tune),
     ("generate", generate),
     ("evaluate", evaluate),
     ("bench", bench),

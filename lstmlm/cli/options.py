@@ -31,6 +31,15 @@ def with_config_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Give `command` one option per config field (`--batch-size` for batch_size, the field's
     help text, default: unset), passed on in `**overrides`: the config is the one list of them.
     A field of choices takes any string here; the config refuses a wrong one by name."""
+    return config_options()(command)
+
+
+def config_options(*exclude: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`with_config_options` without the fields in `exclude` (a command that sets them itself)."""
+    return lambda command: _add_config_options(command, exclude)
+
+
+def _add_config_options(command: Callable[..., Any], exclude: tuple[str, ...]) -> Callable[..., Any]:
     hints = get_type_hints(command, include_extras=True)
     own = [  # resolved here: a signature set by hand is not evaluated again
         p.replace(annotation=hints[p.name])
@@ -39,6 +48,8 @@ def with_config_options(command: Callable[..., Any]) -> Callable[..., Any]:
     ]
     generated = []
     for f in config.all_fields():
+        if f.name in exclude:
+            continue
         kind = str if get_origin(f.type) is Literal else f.type
         annotation = Annotated[kind | None, typer.Option(f"--{f.name.replace('_', '-')}", help=f.help)]  # type: ignore[valid-type]
         generated.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))

@@ -24,6 +24,7 @@ from .console import corpus_progress, err, out, print_json, visible
 
 if TYPE_CHECKING:
     from ..data.pipeline import Data
+    from ..session import Chosen
 
 STEP_BAR_MIN_BATCHES = 50  # epochs this long get a bar within the epoch too
 
@@ -45,6 +46,8 @@ def train(
     with corpus_progress() as progress:
         plan = session.prepare_training(runs_dir, run, overrides, config_file, resume, progress)
     warn_about(plan.data)
+    if plan.recipe is not None and not as_json:
+        out.print(recipe_line(plan.recipe, len(plan.data.train), len(plan.data.vocab), plan.config.train.max_minutes), soft_wrap=True, markup=False)
     stop = session.StopFlag()
     with session.training(plan) as training, stop.installed():
         if not training.world.is_main:  # only rank 0 shows anything
@@ -72,6 +75,17 @@ def warn_about(data: Data) -> None:
         err.print(f"warning: skipped {len(data.skipped):,} file(s), {total:,} bytes (--strict refuses them instead)", markup=False, soft_wrap=True)
     for warning in data.warnings:
         err.print(f"warning: {warning}", markup=False, soft_wrap=True)
+
+
+def recipe_line(chosen: Chosen, tokens: int, vocab: int, minutes: float) -> str:
+    """What the default recipe chose and for what (the whole config follows in the table)."""
+    r = chosen.recipe
+    text = (
+        f"default recipe for {count(tokens)} training tokens of {vocab} symbols, {minutes:g} min at {chosen.tokens_per_s:,.0f} tokens/s "
+        f"(the probe): {r.layers}×{r.hidden}, embedding {r.embedding}, {r.parameters:,} parameters, batches {r.batch_size}×{r.num_steps}, "
+        f"{r.optimizer} lr {r.lr:g} {r.schedule}, dropout {r.dropout:g}; about {r.epochs:.2g} epochs"
+    )
+    return text + (f" (the options given override {', '.join(chosen.given)})" if chosen.given else "")
 
 
 def config_table(cfg: Config, started: Started) -> Table:

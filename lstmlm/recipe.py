@@ -1,0 +1,163 @@
+"""The default recipe: a model and its training chosen from the corpus, the vocabulary, this
+machine's speed and the minutes there are (`lstmlm train --corpus C --max-minutes M`, no config).
+
+`choose` is a pure function of those four numbers. The speed is what `PROBE`, a fixed model,
+trains at here (session.py times a few of its batches before the run is created); times its
+FLOPs per token and the seconds, that is the compute the run has. Then:
+
+    size      a model of P weights costs F(P) FLOPs per trained token (bench.py's count), so in
+              the time it sees compute / F(P) tokens; the widest model that still sees
+              TOKENS_PER_PARAMETER tokens per weight, and has at most PARAMETERS_PER_TOKEN
+              weights per token of the corpus (past that it learns the text by heart)
+    depth     one layer, a second (third) only once one layer would be wider than WIDE
+    lr        Adam, BASE_LR for a BASE_HIDDEN-wide layer, × √(BASE_HIDDEN / hidden): wider
+              layers sum more terms into each unit, so they take smaller steps
+    batches   NUM_STEPS characters per sequence, a batch of a power of two that makes about
+              TARGET_UPDATES optimizer steps; a tiny corpus gets shorter sequences and smaller
+              batches, so an epoch still has BATCHES_PER_EPOCH of them
+    dropout   none while the text is seen at most FREE_EPOCHS times, then DROPOUT_PER_DOUBLING
+              for each doubling of the epochs
+
+The constants are placeholders: the hand-made `configs/tinyshakespeare.toml` (1.19 M weights,
+4.6 M tokens seen in 10 minutes, 4 epochs, Adam 8e-3 at 512 wide, no dropout) is the one
+point they are set from. They are to be fitted from the tune studies in the README's table of
+studies (`lstmlm tune` on corpora of different size and kind); change them there first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .bench import Dims, training_flops_per_token
+from .config import ModelConfig
+from .data.batches import min_tokens
+from .errors import ConfigError, CorpusError
+from .model import num_parameters
+
+TOKENS_PER_PARAMETER = 4.0  # the hand recipe: 4.6 M tokens seen for 1.19 M weights
+PARAMETERS_PER_TOKEN = 2.0  # at most this many weights per training token
+BASE_LR, BASE_HIDDEN, MIN_LR, MAX_LR = 8e-3, 512, 1e-3, 2e-2
+MIN_HIDDEN, MAX_HIDDEN, HIDDEN_STEP = 32, 2048, 32
+WIDE, MAX_LAYERS = 1024, 3
+NUM_STEPS, MIN_BATCH, MAX_BATCH, TARGET_UPDATES, BATCHES_PER_EPOCH = 100, 16, 256, 3000, 8
+FREE_EPOCHS, DROPOUT_PER_DOUBLING, MAX_DROPOUT = 4.0, 0.1, 0.5
+MAX_WARMUP = 100  # warm-up steps: a fiftieth of the updates, at most this many
+
+# What the probe trains: one layer of 256, batches of 32 × 50 (its embedding as the recipe's).
+PROBE_HIDDEN, PROBE_BATCH, PROBE_STEPS = 256, 32, 50
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The settings `choose` picks, and what it expects of them."""
+
+    hidden: int
+    layers: int
+    embedding: int
+    lr: float
+    batch_size: int
+    num_steps: int
+    dropout: float
+    warmup_steps: int
+    parameters: int  # the model's weights
+    tokens: float  # tokens the run is expected to train on in its minutes
+    epochs: float  # passes over the corpus that makes
+    optimizer: str = "adam"
+    schedule: str = "cosine"  # annealed by the clock (max_minutes), so it ends at its floor on time
+
+    def overrides(self) -> dict[str, Any]:
+        """The config fields this recipe sets (options given on the command line override them)."""
+        return {key: getattr(self, key) for key in RECIPE_KEYS}
+
+
+RECIPE_KEYS = ("hidden", "layers", "embedding", "lr", "batch_size", "num_steps", "dropout", "warmup_steps", "optimizer", "schedule")
+
+
+def embedding_for(vocab_size: int) -> int:
+    """A multiple of 16 near 6·√vocab, in [16, 256]: 48 for Shakespeare's 65 characters, 96 for bytes."""
+    return min(256, max(16, 16 * round(6 * math.sqrt(vocab_size) / 16)))
+
+
+def probe_dims(vocab_size: int) -> Dims:
+    """The model whose training speed `choose` takes (`tokens_per_s`)."""
+    return Dims(vocab_size, PROBE_HIDDEN, 1, PROBE_BATCH, PROBE_STEPS, embedding_for(vocab_size))
+
+
+def choose(corpus_tokens: int, vocab_size: int, tokens_per_s: float, minutes: float) -> Recipe:
+    """The recipe for `minutes` of training on a corpus of `corpus_tokens` training tokens and
+    `vocab_size` symbols, on a machine that trains `probe_dims(vocab_size)` at `tokens_per_s`."""
+    if corpus_tokens < min_tokens(1, 1):
+        raise CorpusError(f"the training text has {corpus_tokens} tokens: too short to train on")
+    if vocab_size < 1 or not tokens_per_s > 0 or not minutes > 0 or not math.isfinite(tokens_per_s * minutes):
+        raise ConfigError("a recipe needs a vocabulary, a positive speed and a positive number of minutes")
+    compute = tokens_per_s * training_flops_per_token(probe_dims(vocab_size)) * minutes * 60  # FLOPs the run has
+    embedding = embedding_for(vocab_size)
+    layers, hidden = _shape(compute, corpus_tokens, vocab_size, embedding)
+    tokens = compute / _flops(hidden, layers, vocab_size, embedding)
+    num_steps, batch_size = _batches(corpus_tokens, tokens)
+    updates = tokens / (batch_size * num_steps)
+    epochs = tokens / corpus_tokens
+    return Recipe(
+        hidden=hidden,
+        layers=layers,
+        embedding=embedding,
+        lr=float(f"{min(MAX_LR, max(MIN_LR, BASE_LR * math.sqrt(BASE_HIDDEN / hidden))):.2g}"),
+        batch_size=batch_size,
+        num_steps=num_steps,
+        dropout=_dropout(epochs),
+        warmup_steps=int(min(MAX_WARMUP, updates / 50)),
+        parameters=_parameters(hidden, layers, vocab_size, embedding),
+        tokens=tokens,
+        epochs=epochs,
+    )
+
+
+def _shape(compute: float, corpus_tokens: int, vocab_size: int, embedding: int) -> tuple[int, int]:
+    """(layers, hidden): the fewest layers whose widest fitting size is at most WIDE. More
+    compute never gives fewer layers, nor, with as many layers, fewer units."""
+    for layers in range(1, MAX_LAYERS + 1):
+        hidden = _widest(layers, compute, corpus_tokens, vocab_size, embedding)
+        if hidden <= WIDE or layers == MAX_LAYERS:
+            return layers, hidden
+    raise AssertionError("unreachable")
+
+
+def _widest(layers: int, compute: float, corpus_tokens: int, vocab_size: int, embedding: int) -> int:
+    """The widest layer (a multiple of HIDDEN_STEP) whose model sees enough tokens per weight in
+    the compute there is and is not too large for the corpus; MIN_HIDDEN if none is."""
+
+    def fits(hidden: int) -> bool:
+        weights = _parameters(hidden, layers, vocab_size, embedding)
+        seen = compute / _flops(hidden, layers, vocab_size, embedding)
+        return seen >= TOKENS_PER_PARAMETER * weights and weights <= PARAMETERS_PER_TOKEN * corpus_tokens
+
+    return max((h for h in range(MIN_HIDDEN, MAX_HIDDEN + 1, HIDDEN_STEP) if fits(h)), default=MIN_HIDDEN)
+
+
+def _batches(corpus_tokens: int, tokens: float) -> tuple[int, int]:
+    """(num_steps, batch_size): sequences of NUM_STEPS, a batch for about TARGET_UPDATES steps;
+    both cut down for a corpus too small for BATCHES_PER_EPOCH such batches."""
+    num_steps = min(NUM_STEPS, max(1, corpus_tokens // (BATCHES_PER_EPOCH * 2)))  # room for batches of two at least
+    wanted = 2 ** max(0, math.floor(math.log2(max(1.0, tokens / (num_steps * TARGET_UPDATES)))))
+    batch = min(MAX_BATCH, max(MIN_BATCH, wanted))
+    batch = max(1, min(batch, corpus_tokens // (BATCHES_PER_EPOCH * num_steps)))
+    while batch > 1 and min_tokens(batch, num_steps) > corpus_tokens:
+        batch -= 1
+    return num_steps, batch
+
+
+def _dropout(epochs: float) -> float:
+    """0 while the text is seen at most FREE_EPOCHS times; then a step per doubling, to the nearest 0.05."""
+    if epochs <= FREE_EPOCHS:
+        return 0.0
+    return round(min(MAX_DROPOUT, DROPOUT_PER_DOUBLING * math.log2(epochs / FREE_EPOCHS)) * 20) / 20
+
+
+def _parameters(hidden: int, layers: int, vocab_size: int, embedding: int) -> int:
+    return num_parameters(ModelConfig(hidden=hidden, layers=layers, embedding=embedding), vocab_size)
+
+
+def _flops(hidden: int, layers: int, vocab_size: int, embedding: int) -> int:
+    return training_flops_per_token(Dims(vocab_size, hidden, layers, embedding=embedding))

@@ -1,0 +1,180 @@
+"""The default recipe: `recipe.choose` on its boundaries (tiny and huge corpora, slow and fast
+machines, more minutes or speed never a smaller model, always a valid config), and its use by
+`lstmlm train --corpus C --max-minutes M` without a config (the d2l corpus keeps the seed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lstmlm import recipe, session
+from lstmlm.config import Config
+from lstmlm.data.batches import min_tokens
+from lstmlm.errors import ConfigError, CorpusError
+from lstmlm.recipe import Recipe, choose
+
+from conftest import CONFIGS, assert_one_error_line, cli, synthetic_text
+
+SHAKESPEARE = 1_003_854  # training characters of tinyshakespeare (90%), 65 symbols
+
+
+def as_config(r: Recipe) -> Config:
+    return Config().with_overrides({"corpus": "book.txt", "max_minutes": 10.0, **r.overrides()})  # validates
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    corpus=st.integers(min_value=3, max_value=10**10),
+    vocab=st.integers(min_value=2, max_value=100_000),
+    speed=st.floats(min_value=1.0, max_value=1e8),
+    minutes=st.floats(min_value=0.01, max_value=10_000.0),
+)
+def test_always_a_valid_config_whose_batches_fit_the_corpus(corpus: int, vocab: int, speed: float, minutes: float) -> None:
+    r = choose(corpus, vocab, speed, minutes)
+    cfg = as_config(r)
+    assert min_tokens(cfg.data.batch_size, cfg.data.num_steps) <= corpus
+    assert recipe.MIN_HIDDEN <= r.hidden <= recipe.MAX_HIDDEN and 1 <= r.layers <= recipe.MAX_LAYERS
+    assert recipe.MIN_LR <= r.lr <= recipe.MAX_LR and 0.0 <= r.dropout <= recipe.MAX_DROPOUT
+    if r.hidden > recipe.MIN_HIDDEN:  # above the floor the two rules hold: enough tokens a weight, not too many weights
+        assert r.tokens >= recipe.TOKENS_PER_PARAMETER * r.parameters and r.parameters <= recipe.PARAMETERS_PER_TOKEN * corpus
+
+
+MINUTES = [0.1, 0.5, 1, 2, 5, 10, 30, 60, 180, 600, 3000]
+SPEEDS = [50.0, 500.0, 5e3, 5e4, 5e5, 5e6]
+
+
+@pytest.mark.parametrize(("corpus", "vocab"), [(SHAKESPEARE, 65), (100_000_000, 256), (20_000, 3000)])
+def test_more_minutes_or_speed_never_choose_a_smaller_model(corpus: int, vocab: int) -> None:
+    """Never fewer layers; with as many layers, never fewer units."""
+    for speed in SPEEDS:
+        shapes = [(r.layers, r.hidden) for r in (choose(corpus, vocab, speed, m) for m in MINUTES)]
+        assert shapes == sorted(shapes), (speed, shapes)
+    for minutes in MINUTES:
+        shapes = [(r.layers, r.hidden) for r in (choose(corpus, vocab, s, minutes) for s in SPEEDS)]
+        assert shapes == sorted(shapes), (minutes, shapes)
+
+
+def test_a_slow_machine_gets_the_smallest_model_and_a_fast_one_a_large_one() -> None:
+    slow, fast = choose(SHAKESPEARE, 65, 10.0, 1), choose(100_000_000, 256, 5e6, 600)
+    assert (slow.layers, slow.hidden) == (1, recipe.MIN_HIDDEN) and slow.dropout == 0.0
+    assert fast.layers > 1 and fast.hidden > recipe.WIDE // 2 and fast.batch_size == recipe.MAX_BATCH
+    assert fast.lr < slow.lr  # wider layers, smaller steps
+
+
+def test_a_tiny_corpus_gets_a_small_model_short_batches_and_dropout() -> None:
+    r = choose(600, 30, 5e4, 10)
+    assert r.hidden == recipe.MIN_HIDDEN and r.num_steps < recipe.NUM_STEPS and r.batch_size < recipe.MIN_BATCH
+    assert (600 - r.num_steps - 1) // (r.batch_size * r.num_steps) >= recipe.BATCHES_PER_EPOCH - 1  # an epoch of several batches
+    assert r.epochs > 1000 and r.dropout == recipe.MAX_DROPOUT  # seen over and over: regularized
+    smallest = choose(3, 2, 1e4, 1)
+    assert (smallest.batch_size, smallest.num_steps) == (1, 1)
+
+
+def test_a_huge_corpus_is_seen_once_without_dropout() -> None:
+    r = choose(10**10, 256, 5e4, 60)
+    assert r.epochs < 1 and r.dropout == 0.0 and r.parameters <= 2 * 10**10
+
+
+def test_the_model_grows_with_the_corpus_until_the_compute_caps_it() -> None:
+    sizes = [choose(n, 65, 2e4, 10).parameters for n in (1_000, 10_000, 100_000, 1_000_000, 10_000_000)]
+    assert sizes == sorted(sizes) and sizes[-1] == sizes[-2]  # the last two: the same compute, enough text for both
+
+
+def test_the_hand_recipes_corner_is_near_the_hand_recipe() -> None:
+    """The constants come from configs/tinyshakespeare.toml: its corpus and time give a model of
+    its kind (one layer, some hundreds of units, Adam near 8e-3, no dropout, batches of 100 steps)."""
+    r = choose(SHAKESPEARE, 65, 12_000.0, 10)
+    assert r.layers == 1 and 256 <= r.hidden <= 768 and r.embedding == 48
+    assert 4e-3 <= r.lr <= 1.2e-2 and r.dropout == 0.0 and r.num_steps == 100
+    assert (r.optimizer, r.schedule) == ("adam", "cosine")
+
+
+@pytest.mark.parametrize(("args", "error"), [((2, 65, 1e4, 1), CorpusError), ((1000, 65, 0.0, 1), ConfigError), ((1000, 65, 1e4, 0), ConfigError)])
+def test_what_no_recipe_can_be_chosen_for(args: tuple[int, int, float, float], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        choose(*args)
+
+
+def test_the_embedding_grows_with_the_vocabulary() -> None:
+    sizes = [recipe.embedding_for(v) for v in (2, 28, 65, 256, 5000, 100_000)]
+    assert sizes == sorted(sizes) and sizes[0] == 16 and sizes[2] == 48 and sizes[-1] == 256
+
+
+# ---- lstmlm train with the recipe -----------------------------------------------------------------
+
+
+@pytest.fixture
+def book(tmp_path: Path) -> Path:
+    path = tmp_path / "book.txt"
+    path.write_text(synthetic_text(120), encoding="utf-8")
+    return path
+
+
+def test_a_timed_run_without_a_config_takes_the_recipe_options_overriding(book: Path, runs_dir: Path) -> None:
+    plan = session.prepare_training(runs_dir, "r", {"corpus": str(book), "max_minutes": 0.01, "device": "cpu", "hidden": 24})
+    assert plan.recipe is not None and plan.recipe.tokens_per_s > 0 and plan.recipe.given == ("hidden",)
+    expected = choose(len(plan.data.train), len(plan.data.vocab), plan.recipe.tokens_per_s, 0.01)
+    assert plan.recipe.recipe == expected
+    chosen = {k: v for k, v in expected.overrides().items() if k != "hidden"}
+    assert {k: plan.config.value(k) for k in chosen} == chosen
+    assert plan.config.model.hidden == 24  # the option wins
+    assert plan.config.data.normalize == "raw" and plan.config.train.max_minutes == 0.01
+
+
+def test_train_prints_the_recipe_and_trains_it(book: Path, runs_dir: Path) -> None:
+    result = cli("train", "--corpus", book, "--max-minutes", "0.01", "--device", "cpu", "--runs-dir", runs_dir, "--run", "r")
+    assert result.code == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("default recipe for "))
+    stored = json.loads((runs_dir / "r" / "config.json").read_text())
+    assert f"batches {stored['data']['batch_size']}×{stored['data']['num_steps']}" in line
+    assert (stored["train"]["optimizer"], stored["train"]["schedule"]) == ("adam", "cosine")
+
+
+def test_a_corpus_too_short_for_the_default_batches_trains_on_the_recipes(tmp_path: Path, runs_dir: Path) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text(synthetic_text(8), encoding="utf-8")  # ~500 characters: less than one batch of 32×35
+    common = ["train", "--corpus", short, "--device", "cpu", "--runs-dir", runs_dir, "--epochs", "1"]
+    assert_one_error_line(cli(*common), "too short for one batch of 32×35")
+    assert cli(*common, "--max-minutes", "0.01").code == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "uses"),
+    [
+        ({"max_minutes": 10.0}, False),  # lstmlm train with no corpus: the d2l corpus keeps the seed
+        ({"corpus": "timemachine", "max_minutes": 10.0}, False),
+        ({"corpus": "book.txt", "normalize": "d2l", "max_minutes": 10.0}, False),  # d2l text: the seed's setup
+        ({"corpus": "book.txt"}, False),  # no time budget: the defaults as they are
+        ({"corpus": "book.txt", "max_minutes": 10.0}, True),
+        ({"corpus": "tinyshakespeare", "max_minutes": 10.0}, True),
+        ({"corpus": "book.txt", "max_minutes": 10.0, **dict.fromkeys(recipe.RECIPE_KEYS, "given")}, False),  # nothing left to choose
+    ],
+)
+def test_which_runs_take_the_recipe(overrides: dict[str, object], uses: bool) -> None:
+    cfg = Config().with_overrides({k: v for k, v in overrides.items() if v != "given"}).resolved()
+    assert session.uses_default_recipe(cfg, overrides) is uses
+
+
+def test_d2l_text_keeps_the_seeds_settings_with_a_time_limit(book: Path, runs_dir: Path) -> None:
+    plan = session.prepare_training(runs_dir, None, {"corpus": str(book), "normalize": "d2l", "max_minutes": 0.01, "device": "cpu"})
+    assert plan.recipe is None
+    m, t, d = plan.config.model, plan.config.train, plan.config.data
+    assert (m.hidden, m.layers, m.embedding, t.optimizer, t.lr, d.batch_size, d.num_steps) == (256, 1, 0, "sgd", 1.0, 32, 35)
+
+
+def test_a_config_file_is_never_replaced_by_the_recipe(book: Path, runs_dir: Path) -> None:
+    plan = session.prepare_training(runs_dir, None, {"corpus": str(book), "max_minutes": 0.01, "device": "cpu"}, CONFIGS / "tinyshakespeare.toml")
+    assert plan.recipe is None and plan.config.model.hidden == 512
+
+
+def test_every_recipe_setting_given_needs_no_probe(book: Path, runs_dir: Path) -> None:
+    given: dict[str, object] = {"hidden": 16, "layers": 1, "embedding": 8, "lr": 0.01, "batch_size": 8, "num_steps": 10, "dropout": 0.0, "warmup_steps": 0}
+    given |= {"optimizer": "adam", "schedule": "constant"}
+    plan = session.prepare_training(runs_dir, None, {"corpus": str(book), "max_minutes": 0.01, "device": "cpu", **given})
+    assert plan.recipe is None
+
+

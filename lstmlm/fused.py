@@ -311,16 +311,20 @@ def run_sequence(X: torch.Tensor, H_0: torch.Tensor, C_0: torch.Tensor, weights:
 
     No autocast guard is needed: every product's operands are already in the compute dtype,
     and autocast leaves in-place and out= operations alone."""
+    ops = compiled(weights.b, weights.W_hT) if state_dtype == torch.float32 else None
+    if ops is not None:
+        threads = torch.get_num_threads()
+        if weights.table is not None:
+            return Sequence(*ops.forward(weights.table, X.long().contiguous(), None, None, None, weights.W_hT, H_0, C_0, threads))
+        assert weights.W_xT is not None  # Stacked holds W_xT for dense input
+        XT = X.transpose(1, 2).to(weights.W_xT.dtype).contiguous()  # (steps, inputs, batch): free for a fast layer's output
+        return Sequence(*ops.forward(None, None, XT, weights.W_xT, weights.b, weights.W_hT, H_0, C_0, threads))
     steps, batch, hiddens = X.shape[0], X.shape[1], weights.W_hT.shape[1]
     if weights.table is not None:  # ids: each step picks its columns
         gates = weights.table.new_empty((steps, 4 * hiddens, batch))
         picks = (weights.table, X.contiguous())
     else:
         gates, picks = input_projection(X, weights), None  # (steps, 4·hiddens, batch), state dtype
-    ops = compiled(gates, weights.W_hT)
-    if ops is not None:
-        ids = None if picks is None else picks[1].long()
-        return Sequence(*ops.forward(gates, weights.table, ids, weights.W_hT, H_0, C_0, torch.get_num_threads()))
     Hs = weights.W_hT.new_empty((steps + 1, hiddens, batch))
     Cs = C_0.new_empty((steps + 1, hiddens, batch), dtype=state_dtype)
     tanh_C = Cs.new_empty((steps, hiddens, batch))

@@ -131,26 +131,41 @@ void in_parts(int64_t parts, int64_t steps, bool backwards, Step step) {
 
 // ---- forward ----------------------------------------------------------------------------------
 
-// Units u's gates at one step, in `gates_t` (4H, B): pre-activation = X_t W_x + b (there already
-// for dense input, or the table's columns at the step's ids) + W_hᵀ H_{t-1}ᵀ (`product`, the
-// part's (4·|u|, B)), then σ of it in place. A gather and a sigmoid in one loop vectorize poorly
+// The input term of a step: for ids, the table's columns (X_t W_x + b)ᵀ at the step's ids
+// (table (4H, vocab), ids (B,)); for dense input, b plus the product W_xᵀ X_tᵀ (`input`, the
+// part's (4·|u|, B) rows).
+template <typename P>
+struct Input {
+  const float* table = nullptr;
+  const int64_t* ids = nullptr;
+  int64_t vocab = 0;
+  const float* bias = nullptr;  // (4H,)
+  const P* product = nullptr;
+};
+
+// Units u's gates at one step, in `gates_t` (4H, B): σ(input term + W_hᵀ H_{t-1}ᵀ), the latter
+// the part's rows `product` (4·|u|, B). A gather and a sigmoid in one loop vectorize poorly
 // together: two passes.
 template <typename P>
-void activate(float* __restrict gates_t, const P* __restrict product, const float* __restrict table, const int64_t* __restrict ids,
-              int64_t hiddens, Units u, int64_t batch, int64_t vocab) {
+void activate(float* __restrict gates_t, const P* __restrict product, const Input<P>& x, int64_t hiddens, Units u, int64_t batch) {
   const int64_t n = u.size() * batch;
   for (int64_t g = 0; g < 4; ++g) {
     float* __restrict out = gates_t + (g * hiddens + u.u0) * batch;
     const P* __restrict prod = product + g * n;
-    if (table != nullptr) {
+    if (x.table != nullptr) {
+      const int64_t* __restrict ids = x.ids;
       for (int64_t r = 0; r < u.size(); ++r) {
-        const float* __restrict row = table + (g * hiddens + u.u0 + r) * vocab;
+        const float* __restrict row = x.table + (g * hiddens + u.u0 + r) * x.vocab;
         for (int64_t b = 0; b < batch; ++b) out[r * batch + b] = row[ids[b]] + to_float(prod[r * batch + b]);
       }
-      for (int64_t k = 0; k < n; ++k) out[k] = sigmoid_(out[k]);
     } else {
-      for (int64_t k = 0; k < n; ++k) out[k] = sigmoid_(out[k] + to_float(prod[k]));
+      const P* __restrict in = x.product + g * n;
+      for (int64_t r = 0; r < u.size(); ++r) {
+        const float bias = x.bias[g * hiddens + u.u0 + r];
+        for (int64_t b = 0; b < batch; ++b) out[r * batch + b] = bias + to_float(in[r * batch + b]) + to_float(prod[r * batch + b]);
+      }
     }
+    for (int64_t k = 0; k < n; ++k) out[k] = sigmoid_(out[k]);
   }
 }
 
@@ -170,53 +185,73 @@ void cell(const float* __restrict gates, int64_t stride, const float* __restrict
 }
 
 template <typename P>
-std::vector<at::Tensor> forward_typed(const at::Tensor& gates, const c10::optional<at::Tensor>& table, const c10::optional<at::Tensor>& ids,
-                                      const at::Tensor& W_hT, const at::Tensor& H_0, const at::Tensor& C_0, int64_t threads) {
-  const int64_t steps = gates.size(0), rows = gates.size(1), batch = gates.size(2), hiddens = rows / 4, n = hiddens * batch;
+std::vector<at::Tensor> forward_typed(const c10::optional<at::Tensor>& table, const c10::optional<at::Tensor>& ids, const c10::optional<at::Tensor>& XT,
+                                      const c10::optional<at::Tensor>& W_xT, const c10::optional<at::Tensor>& bias, const at::Tensor& W_hT,
+                                      const at::Tensor& H_0, const at::Tensor& C_0, int64_t threads) {
+  const int64_t steps = table ? ids->size(0) : XT->size(0), batch = H_0.size(0), rows = W_hT.size(0), hiddens = rows / 4, n = hiddens * batch;
+  const auto state = H_0.options().dtype(at::kFloat);
+  at::Tensor gates = at::empty({steps, rows, batch}, state);
   at::Tensor Hs = at::empty({steps + 1, hiddens, batch}, W_hT.options());
-  at::Tensor Cs = at::empty({steps + 1, hiddens, batch}, gates.options());
-  at::Tensor tanh_C = at::empty({steps, hiddens, batch}, gates.options());
+  at::Tensor Cs = at::empty({steps + 1, hiddens, batch}, state);
+  at::Tensor tanh_C = at::empty({steps, hiddens, batch}, state);
   Hs[0].copy_(H_0.t());
   Cs[0].copy_(C_0.t());
   const int64_t parts = parts_for(threads, hiddens);
-  std::vector<at::Tensor> W_part;  // each part's rows of W_hᵀ
-  for (int64_t p = 0; p < parts; ++p) W_part.push_back(parts == 1 ? W_hT : gate_rows(W_hT, units_of(p, parts, hiddens), hiddens));
-  const float* tab = table ? data<float>(*table) : nullptr;
-  const int64_t vocab = table ? table->size(1) : 0;
-  const int64_t* id = ids ? data<int64_t>(*ids) : nullptr;
+  std::vector<at::Tensor> Wh_part, Wx_part;  // each part's rows of W_hᵀ (and W_xᵀ)
+  for (int64_t p = 0; p < parts; ++p) {
+    const Units u = units_of(p, parts, hiddens);
+    Wh_part.push_back(parts == 1 ? W_hT : gate_rows(W_hT, u, hiddens));
+    if (W_xT) Wx_part.push_back(parts == 1 ? *W_xT : gate_rows(*W_xT, u, hiddens));
+  }
   float* G = data<float>(gates);
   float* C = data<float>(Cs);
   float* tC = data<float>(tanh_C);
   P* H = data<P>(Hs);
   in_parts(parts, steps, false, [&](int64_t p, int64_t t) {
     const Units u = units_of(p, parts, hiddens);
-    const at::Tensor product = product_of(W_part[p], Hs[t]);  // W_hᵀ H_{t-1}ᵀ, the part's rows: its units' four gates in one product
+    const at::Tensor product = product_of(Wh_part[p], Hs[t]);  // W_hᵀ H_{t-1}ᵀ, the part's rows: its units' four gates in one product
+    Input<P> x;
+    at::Tensor input;
+    if (table) {
+      x.table = data<float>(*table), x.ids = data<int64_t>(*ids) + t * batch, x.vocab = table->size(1);
+    } else {
+      input = product_of(Wx_part[p], (*XT)[t]);  // W_xᵀ X_tᵀ
+      x.bias = data<float>(*bias), x.product = data<P>(input);
+    }
     float* gates_t = G + t * rows * batch;
-    activate<P>(gates_t, data<P>(product), tab, id ? id + t * batch : nullptr, hiddens, u, batch, vocab);
+    activate<P>(gates_t, data<P>(product), x, hiddens, u, batch);
     const int64_t at = u.u0 * batch;
     cell<P>(gates_t + at, n, C + t * n + at, C + (t + 1) * n + at, tC + t * n + at, H + (t + 1) * n + at, u.size() * batch);
   });
   return {gates, Hs, Cs, tanh_C};
 }
 
-// gates: (steps, 4H, B) float, X W_x + b for dense input (turned into the activations in place),
-// or to be filled from `table` (4H, vocab) at `ids` (steps, B); W_hT (4H, H) in the products'
-// dtype; H_0, C_0 (B, H); up to `threads` threads. Returns gates, Hs (steps + 1, H, B) in W_hT's
-// dtype, Cs and tanh_C.
-std::vector<at::Tensor> forward(const at::Tensor& gates, const c10::optional<at::Tensor>& table, const c10::optional<at::Tensor>& ids,
-                                const at::Tensor& W_hT, const at::Tensor& H_0, const at::Tensor& C_0, int64_t threads) {
-  TORCH_CHECK(gates.scalar_type() == at::kFloat && gates.is_contiguous() && gates.dim() == 3, "gates must be contiguous float (steps, 4H, B)");
-  TORCH_CHECK(W_hT.is_contiguous() && W_hT.dim() == 2 && W_hT.size(0) == gates.size(1), "W_hT must be contiguous (4H, H)");
-  TORCH_CHECK(table.has_value() == ids.has_value(), "table and ids go together");
+// One layer over a sequence. Its input: ids (steps, B) int64 and `table` (4H, vocab) float, the
+// columns (X_t W_x + b)ᵀ; or XT (steps, inputs, B) with W_xT (4H, inputs), both in the products'
+// dtype, and `bias` (4H,) float. W_hT (4H, H) in the products' dtype; H_0, C_0 (B, H); up to
+// `threads` threads. Returns gates (steps, 4H, B) float, Hs (steps + 1, H, B) in W_hT's dtype,
+// Cs and tanh_C, float.
+std::vector<at::Tensor> forward(const c10::optional<at::Tensor>& table, const c10::optional<at::Tensor>& ids, const c10::optional<at::Tensor>& XT,
+                                const c10::optional<at::Tensor>& W_xT, const c10::optional<at::Tensor>& bias, const at::Tensor& W_hT,
+                                const at::Tensor& H_0, const at::Tensor& C_0, int64_t threads) {
+  TORCH_CHECK(W_hT.is_contiguous() && W_hT.dim() == 2 && W_hT.size(0) == 4 * W_hT.size(1), "W_hT must be contiguous (4H, H)");
+  TORCH_CHECK(H_0.dim() == 2 && C_0.sizes() == H_0.sizes() && H_0.size(1) == W_hT.size(1), "H_0 and C_0 must be (B, H)");
+  const int64_t rows = W_hT.size(0), batch = H_0.size(0);
   if (table) {
-    TORCH_CHECK(table->scalar_type() == at::kFloat && table->is_contiguous() && table->size(0) == gates.size(1), "table must be contiguous float (4H, vocab)");
-    TORCH_CHECK(ids->scalar_type() == at::kLong && ids->is_contiguous() && ids->size(0) == gates.size(0) && ids->size(1) == gates.size(2),
-                "ids must be contiguous int64 (steps, B)");
+    TORCH_CHECK(ids && !XT && !W_xT && !bias, "either ids and a table, or XT, W_xT and a bias");
+    TORCH_CHECK(table->scalar_type() == at::kFloat && table->is_contiguous() && table->size(0) == rows, "table must be contiguous float (4H, vocab)");
+    TORCH_CHECK(ids->scalar_type() == at::kLong && ids->is_contiguous() && ids->dim() == 2 && ids->size(1) == batch, "ids must be contiguous int64 (steps, B)");
+  } else {
+    TORCH_CHECK(XT && W_xT && bias && !ids, "either ids and a table, or XT, W_xT and a bias");
+    TORCH_CHECK(XT->is_contiguous() && XT->dim() == 3 && XT->size(2) == batch && XT->scalar_type() == W_hT.scalar_type(), "XT must be contiguous (steps, inputs, B) in W_hT's dtype");
+    TORCH_CHECK(W_xT->is_contiguous() && W_xT->size(0) == rows && W_xT->size(1) == XT->size(1) && W_xT->scalar_type() == W_hT.scalar_type(),
+                "W_xT must be contiguous (4H, inputs) in W_hT's dtype");
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == rows, "bias must be contiguous float (4H,)");
   }
   at::NoGradGuard no_grad;
-  if (W_hT.scalar_type() == at::kBFloat16) return forward_typed<bf16>(gates, table, ids, W_hT, H_0, C_0, threads);
+  if (W_hT.scalar_type() == at::kBFloat16) return forward_typed<bf16>(table, ids, XT, W_xT, bias, W_hT, H_0, C_0, threads);
   TORCH_CHECK(W_hT.scalar_type() == at::kFloat, "W_hT must be float or bfloat16");
-  return forward_typed<float>(gates, table, ids, W_hT, H_0, C_0, threads);
+  return forward_typed<float>(table, ids, XT, W_xT, bias, W_hT, H_0, C_0, threads);
 }
 
 // ---- backward ---------------------------------------------------------------------------------
@@ -410,7 +445,7 @@ at::Tensor greedy(const at::Tensor& ids, int64_t steps, int64_t vocab, const at:
 }  // namespace
 
 TORCH_LIBRARY(lstmlm_recurrence, m) {
-  m.def("forward(Tensor gates, Tensor? table, Tensor? ids, Tensor W_hT, Tensor H_0, Tensor C_0, int threads) -> Tensor[]");
+  m.def("forward(Tensor? table, Tensor? ids, Tensor? XT, Tensor? W_xT, Tensor? bias, Tensor W_hT, Tensor H_0, Tensor C_0, int threads) -> Tensor[]");
   m.def("backward(Tensor dHs, Tensor? dC_T, Tensor gates, Tensor Cs, Tensor tanh_C, Tensor W_h, int threads) -> Tensor[]");
   m.def("step(Tensor ids, Tensor table, Tensor[] W, Tensor(a!)[] H1, Tensor(b!)[] P, Tensor(c!)[] C) -> ()");
   m.def("greedy(Tensor ids, int steps, int vocab, Tensor table, Tensor[] W, Tensor(a!)[] H1, Tensor(b!)[] P, Tensor(c!)[] C) -> Tensor");

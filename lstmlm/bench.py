@@ -29,7 +29,7 @@ import torch
 from . import config as config_mod
 from . import distributed
 from .config import Config
-from .device import DTYPES, cpu_has_fast_bf16, describe, resolve_device, resolve_precision
+from .device import DTYPES, cpu_has_fast_bf16, describe, resolve_device, resolve_precision, synchronize
 from .distributed import World
 from .errors import DeviceError
 from .generate import Sampling, generate
@@ -106,10 +106,10 @@ def _time_matmul(size: int, dtype: torch.dtype, device: torch.device) -> float:
     A = torch.randn(size, size, device=device).to(dtype)
     B = torch.randn(size, size, device=device).to(dtype)
     A @ B  # warm up: kernels chosen, memory mapped
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     A @ B
-    _synchronize(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -400,9 +400,3 @@ def measure_scaling(dims: Dims, device: torch.device, precisions: list[str], ste
                             memory=speed.peak_memory_bytes, scaling=scaling, raw=raw))  # fmt: skip
     return rows
 
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()

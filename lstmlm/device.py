@@ -121,6 +121,23 @@ def set_tf32(device: torch.device, allowed: bool) -> bool:
     return allowed
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait until `device` has done the work queued on it: a GPU runs behind the host, so a
+    clock read without this counts the work launched, not the work done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def checks_ids(X: torch.Tensor) -> bool:
+    """Whether to check, before using them, that ids lie in the vocabulary: on a CPU, where the
+    check is one cheap reduction; not on a GPU, where reading its result on the host would wait
+    for the device (a sync per batch, per generated character), and the kernels' own device-side
+    asserts catch an id out of range."""
+    return X.device.type == "cpu" and X.numel() > 0
+
+
 def describe(device: torch.device) -> str:
     """The name d2l prints: cuda:0, cpu."""
     if device.type == "cuda":

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config, ModelConfig
+from .device import checks_ids
 from .errors import CheckpointError, ShapeError
 from .fused import GATE_ORDER, block
 from .lstm import PARAMETERS, CudnnLSTM, ScratchLSTM, State, zero_state
@@ -78,7 +79,7 @@ class CharLM(nn.Module):
         """X: (batch, steps) ids → logits (batch, steps, vocab) and the final state."""
         if X.is_floating_point() or X.dtype == torch.bool or X.dim() != 2:
             raise ShapeError(f"X must be (batch, steps) integer ids, got {tuple(X.shape)} {X.dtype}")
-        if X.device.type == "cpu" and X.numel():  # one reduction: generation calls this per character
+        if checks_ids(X):  # one reduction (on a CPU only): generation calls this per character
             low, high = (int(v) for v in torch.aminmax(X))
             if low < 0 or high >= self.vocab_size:
                 raise ShapeError(f"ids must lie in [0, {self.vocab_size}), got [{low}, {high}]")

@@ -30,10 +30,10 @@ import torch
 from . import checkpoint
 from .config import Cadence, Config, TrainConfig, cadence
 from .data import batches
-from .data.batches import BatchSource, Epoch
+from .data.batches import BatchSource, Epoch, on_device
 from .data.pipeline import Data
 from .data.text import as_text
-from .device import autocast, describe
+from .device import autocast, describe, synchronize
 from .distributed import World, all_gather, any_each, sum_all
 from .errors import CheckpointError, TrainingError
 from .evaluation import MAX_LOSS, bits_per_char, evaluate, perplexity
@@ -181,7 +181,8 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.train, self.model)
         d = cfg.data
         self.steps_per_epoch = batches.num_batches(len(data.train), d.batch_size, d.num_steps, d.iterator)
-        self.batches = BatchSource(data.train, d.batch_size, d.num_steps, d.iterator, world.rows(d.batch_size))
+        tokens = on_device(data.train, device)  # the whole text on a GPU where it fits: batches gathered there
+        self.batches = BatchSource(tokens, d.batch_size, d.num_steps, d.iterator, world.rows(d.batch_size), device)
         self.cadences: dict[str, Cadence] = {key: cadence(cfg, key) for key in (VALIDATE, SAMPLE, SAVE)}
         self.clock = clock
         self._last: dict[str, float] = {}  # when each cadence's action last happened (clock seconds)
@@ -280,12 +281,13 @@ class Trainer:
         their cadences say; stop if asked to, out of time, or out of patience (the reason)."""
         st = self.state
         now = self.clock()
-        st.epoch_seconds += now - self._tic
         ends_epoch = st.step >= len(epoch)
         due = self._due(ends_epoch, should_stop, now)
         if not ends_epoch and due == Due():
+            st.epoch_seconds += now - self._tic
             self._tic = self.clock()
             return None
+        st.epoch_seconds += self._settled(now) - self._tic
         st.loss_sum = self._finite(loss_sum)
         self._carry = None if ends_epoch else self._gather(state)
         closed = self._close_epoch(rng) if ends_epoch else None
@@ -302,6 +304,14 @@ class Trainer:
         self._tic = self.clock()
         return due.stop
 
+    def _settled(self, now: float) -> float:
+        """The time the steps so far took: on a GPU, which runs behind the host, the time once it
+        has done the work queued (so tokens/s counts work done, not launched); `now` on a CPU."""
+        if self.device.type == "cpu":
+            return now
+        synchronize(self.device)
+        return self.clock()
+
     def _due(self, ends_epoch: bool, should_stop: Callable[[], bool], now: float) -> Due:
         """Which cadences are due after this step (the clock's, agreed by every process: one
         collective for all), and whether to stop. An epoch's last step counts as epoch st.epoch + 1."""
@@ -317,7 +327,7 @@ class Trainer:
             return bool(minutes) and now - self._last[key] >= minutes * 60
 
         keys = (VALIDATE, SAMPLE, SAVE)
-        interrupted, out_of_time, *by_clock = any_each([should_stop(), self._out_of_time(), *(timed(k) for k in keys)], self.world, self.device)
+        interrupted, out_of_time, *by_clock = any_each([should_stop(), self._out_of_time(), *(timed(k) for k in keys)], self.world)
         validate, sample, save = (counted(self.cadences[k]) or by_time for k, by_time in zip(keys, by_clock))
         for key, fired in zip(keys, (validate, sample, save)):
             if fired:
@@ -352,7 +362,7 @@ class Trainer:
             state = (state[0].detach(), state[1].detach())  # truncate backprop at the batch edge
         else:
             state = None  # zero state: the epoch's first batch, or every random-iterator batch
-        X, Y = X.to(self.device, non_blocking=True), Y.to(self.device, non_blocking=True)  # this process's rows
+        X, Y = X.to(self.device, non_blocking=True), Y.to(self.device, non_blocking=True)  # this process's rows (already there on a GPU)
         loss, state = train_step(self.net, self.optimizer, X, Y, state, self.cfg.train.clip, self.device, self.precision)
         loss_sum += loss.double() * Y.numel()
         self.schedule.step()
@@ -427,7 +437,7 @@ class Trainer:
         best.pt: `best_val` follows this run's steps (so patience counts as if never
         interrupted), `best_saved` is best.pt's (so best.pt is only ever replaced by a better model)."""
         d, st = self.cfg.data, self.state
-        loss, _ = evaluate(self.model, self.data.val, d.batch_size, d.num_steps, self.device, self.precision, self.cfg.train.val_tokens)
+        loss, _ = evaluate(self.model, self.data.val, d.batch_size, d.num_steps, self.device, self.precision, self.cfg.train.val_tokens, self.world)
         if not loss <= MAX_LOSS:  # NaN, Inf, or a perplexity that overflows
             self._diverged(f"the validation loss became {loss:.4g} after {st.global_step} steps")
         st.last_val = loss

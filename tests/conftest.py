@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import gzip
 import http.server
@@ -353,6 +354,66 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what:
     scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
     diff = (actual - expected).abs().max().item() if expected.numel() else 0.0
     assert diff <= tol * scale, f"{what}: max difference {diff:.3g} > {tol:.0e} × {scale:.3g}"
+
+
+# ---- host synchronisation, counted on a CPU as a GPU would meet it ---------------------------------
+
+HOST_READS = ("tolist", "numpy", "cpu")  # tensor methods that copy values to the host (no aten op of their own)
+
+
+@contextlib.contextmanager
+def host_syncs() -> Iterator[list[str]]:
+    """Within the block, every operation that would make the host wait for a GPU, by name, on
+    any device: reading a value (item, bool, float, int: aten._local_scalar_dense) and the
+    methods that copy to the host. (A wait inside one kernel is not seen, as none is inside
+    the step on a GPU: F.one_hot checks values only on a CPU — `as_on_a_gpu` — and sampling
+    avoids torch.multinomial, which checks its input on the host on every device.)"""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: list[str] = []
+
+    class ScalarReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if func is torch.ops.aten._local_scalar_dense.default:
+                seen.append("item")
+            return func(*args, **(kwargs or {}))
+
+    def counted(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def read(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            seen.append(name)
+            return method(self, *args, **kwargs)
+
+        return read
+
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+    try:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, counted(name, method))
+        with ScalarReads():
+            yield seen
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)
+
+
+def as_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checks that read values on the host on a CPU only, off as on a GPU: lstmlm's id
+    checks (`device.checks_ids`) and F.one_hot's range check (on CUDA left to scatter's
+    device-side assert)."""
+    import torch
+    import torch.nn.functional as F
+
+    from lstmlm import lstm, model
+
+    for module in (lstm, model):
+        monkeypatch.setattr(module, "checks_ids", lambda X: False)
+
+    def one_hot(X: torch.Tensor, num_classes: int = -1) -> torch.Tensor:
+        assert num_classes > 0  # lstmlm always says how many: finding out would read the maximum
+        return torch.zeros((*X.shape, num_classes), dtype=torch.int64, device=X.device).scatter_(-1, X.unsqueeze(-1), 1)
+
+    monkeypatch.setattr(F, "one_hot", one_hot)
 
 
 class Payload:

@@ -19,11 +19,13 @@ import lstmlm.train as train_mod
 from lstmlm.checkpoint import load_checkpoint
 from lstmlm.data import batches
 from lstmlm.errors import TrainingError
-from lstmlm.events import EpochEnded, Evaluated, Finished, Saved
+from lstmlm.events import EpochEnded, Evaluated, Finished, Saved, Stepped
 from lstmlm.generate import PRIME_CHARS
 from lstmlm.model import CharLM
 from lstmlm.runs import BEST, LATEST, RunStore
 from lstmlm.train import Trainer
+
+from conftest import as_on_a_gpu, host_syncs
 
 MakeTrainer = Callable[..., Trainer]
 
@@ -465,3 +467,24 @@ def test_a_checkpoint_from_before_this_layout_resumes(make_trainer: MakeTrainer)
 
 def checkpoint_state(trainer: Trainer, which: str) -> dict[str, Any]:
     return load_checkpoint(trainer.store.path(which))["trainer"]["state"]
+
+
+# ---- no waiting for the device between reports ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("iterator", "model"), RESUME_CASES)
+def test_a_step_never_waits_for_the_device_only_a_report_does(make_trainer: MakeTrainer, monkeypatch: pytest.MonkeyPatch, iterator: str, model: str) -> None:
+    """On a GPU the host queues the steps and runs ahead; reading any value back makes it wait.
+    Counted on a CPU as a GPU meets them (`as_on_a_gpu`): not one such read from one step to the
+    next; reads only where a figure is reported (an epoch's loss, validation, a checkpoint)."""
+    as_on_a_gpu(monkeypatch)
+    trainer = make_trainer(epochs=2, iterator=iterator, model=model, layers=2)
+    between: list[tuple[object, list[str]]] = []  # each event, and the reads made since the one before
+    with host_syncs() as seen:
+        done = 0
+        for event in trainer.run():
+            between.append((event, seen[done:]))
+            done = len(seen)
+    steps = [reads for (before, _), (event, reads) in itertools.pairwise(between) if isinstance(before, Stepped) and isinstance(event, Stepped)]
+    assert len(steps) >= 2 * (trainer.steps_per_epoch - 1) and not any(steps)
+    assert any(reads for event, reads in between if isinstance(event, EpochEnded | Evaluated | Saved))  # the count counts

@@ -27,15 +27,15 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import config as config_mod
-from . import distributed
-from .config import Config
+from . import distributed, graphs
+from .config import Config, TrainConfig
 from .device import DTYPES, cpu_has_fast_bf16, describe, resolve_device, resolve_precision, synchronize
 from .distributed import World
 from .errors import DeviceError
 from .generate import Sampling, generate
 from .lstm import State
 from .model import CharLM
-from .train import train_step
+from .train import build_optimizer, train_step
 from .vocab import Vocab
 
 
@@ -136,15 +136,16 @@ def measure_training(
     device: torch.device | str,
     precision: str = "fp32",
     steps: int = 20,
-    warmup: int = 3,
+    warmup: int = graphs.WARMUP + 2,  # past a CUDA graph's eager steps and its recording
     ceiling: Ceiling | None = None,
     seed: int = 0,
     world: World = World(),
 ) -> TrainingSpeed:
     """Tokens/s of `steps` optimizer steps on random ids, as training runs them: d2l's SGD
-    (lr 1) and clipping (θ = 1), the state carried from batch to batch and detached.
-    Under torchrun (`world` active) every process trains its share of the batch's rows
-    through DistributedDataParallel, and the figure is the whole batch's tokens/s."""
+    (lr 1) and clipping (θ = 1), the state carried from batch to batch and detached, the
+    scratch core's step a CUDA graph on a GPU (`graphs`). Under torchrun (`world` active) every
+    process trains its share of the batch's rows through DistributedDataParallel, and the
+    figure is the whole batch's tokens/s."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     device = torch.device(device)
@@ -152,19 +153,26 @@ def measure_training(
     torch.manual_seed(seed)
     with PeakMemory(device) as memory:
         model = CharLM(dims.vocab_size, dims.hidden, dims.layers, core=core, embedding=dims.embedding).to(device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        optimizer = build_optimizer(TrainConfig(optimizer="sgd", lr=1.0), model)  # fused on a GPU
         batches = torch.randint(0, dims.vocab_size, (2, dims.batch_size, dims.num_steps + 1), device=device)
         rows = world.rows(dims.batch_size)  # this process's streams: all of them in one process
         net: torch.nn.Module = model
         if world.active:
             net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+        def eager(X: torch.Tensor, Y: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+            return train_step(net, optimizer, X, Y, state, 1.0, device, precision)
+
+        step: graphs.Step = eager
+        if graphs.pays(device, core) and not world.active:
+            step = graphs.GraphedStep(eager, optimizer, (dims.layers, dims.batch_size, dims.hidden), graphs.capture(device))
+
         def run(n: int) -> None:
             state: State | None = None
             loss = torch.zeros(())
             for i in range(n):
                 X, Y = batches[i % 2, rows, :-1], batches[i % 2, rows, 1:]
-                loss, state = train_step(net, optimizer, X, Y, state, 1.0, device, precision)
+                loss, state = step(X, Y, state)
                 state = (state[0].detach(), state[1].detach())
             loss.item()  # wait for the device
 

@@ -105,7 +105,9 @@ def _cgroup_headroom() -> int | None:
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[None]:
     """The context the forward pass and loss run in: bf16 products, or nothing changed."""
     if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        # no cast is made twice in a step, so autocast's cache of them saves nothing; and a
+        # CUDA graph must not record casts that the cache would keep (torch's CUDA-graph notes)
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
 

@@ -416,6 +416,33 @@ def as_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(F, "one_hot", one_hot)
 
 
+class Replayed:
+    """A `graphs.Capture` that runs on a CPU: recording keeps the body without running it (as a
+    CUDA graph's does), each replay runs it. Everything of a graphed step but the graph."""
+
+    def __init__(self, device: object = None) -> None:
+        self.body: Callable[[], None] | None = None
+        self.recorded = 0
+
+    def warm_up(self, step: Callable[[], Any]) -> Any:
+        return step()
+
+    def record(self, body: Callable[[], None]) -> None:
+        self.body, self.recorded = body, self.recorded + 1
+
+    def replay(self) -> None:
+        assert self.body is not None
+        self.body()
+
+
+def graphs_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trainers built from here on graph the scratch core's step on the CPU, with `Replayed`."""
+    from lstmlm import graphs
+
+    monkeypatch.setattr(graphs, "pays", lambda device, core: core == "scratch")
+    monkeypatch.setattr(graphs, "capture", Replayed)
+
+
 class Payload:
     """Unpickling this runs `touch(marker)`."""
 

@@ -25,7 +25,7 @@ from lstmlm.model import CharLM
 from lstmlm.runs import BEST, LATEST, RunStore
 from lstmlm.train import Trainer
 
-from conftest import as_on_a_gpu, host_syncs
+from conftest import as_on_a_gpu, graphs_on_the_cpu, host_syncs
 
 MakeTrainer = Callable[..., Trainer]
 
@@ -472,12 +472,17 @@ def checkpoint_state(trainer: Trainer, which: str) -> dict[str, Any]:
 # ---- no waiting for the device between reports ---------------------------------------------------
 
 
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graphed"])
 @pytest.mark.parametrize(("iterator", "model"), RESUME_CASES)
-def test_a_step_never_waits_for_the_device_only_a_report_does(make_trainer: MakeTrainer, monkeypatch: pytest.MonkeyPatch, iterator: str, model: str) -> None:
+def test_a_step_never_waits_for_the_device_only_a_report_does(
+    make_trainer: MakeTrainer, monkeypatch: pytest.MonkeyPatch, iterator: str, model: str, graphed: bool
+) -> None:
     """On a GPU the host queues the steps and runs ahead; reading any value back makes it wait.
     Counted on a CPU as a GPU meets them (`as_on_a_gpu`): not one such read from one step to the
     next; reads only where a figure is reported (an epoch's loss, validation, a checkpoint)."""
     as_on_a_gpu(monkeypatch)
+    if graphed:
+        graphs_on_the_cpu(monkeypatch)
     trainer = make_trainer(epochs=2, iterator=iterator, model=model, layers=2)
     between: list[tuple[object, list[str]]] = []  # each event, and the reads made since the one before
     with host_syncs() as seen:

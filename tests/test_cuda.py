@@ -13,6 +13,7 @@ Every test here skips, with the reason, on a machine without CUDA.
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,10 +26,12 @@ from lstmlm.config import TrainConfig
 from lstmlm.data.batches import BatchSource, on_device
 from lstmlm.device import set_tf32
 from lstmlm.events import Stepped, Warned
+from lstmlm.generate import Sampling, generate
 from lstmlm.lstm import CudnnLSTM, ScratchLSTM, State
 from lstmlm.model import CharLM, convert, loss_fn
 from lstmlm.session import load_trained
 from lstmlm.train import Trainer, build_optimizer, train_step
+from lstmlm.vocab import Vocab
 
 from conftest import assert_close, cli, predict_ch8
 
@@ -198,3 +201,20 @@ def test_a_cuda_training_step_never_waits_for_the_host_between_reports(make_trai
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
+
+def test_generation_on_cuda_copies_ids_back_a_chunk_at_a_time() -> None:
+    vocab = Vocab(["<unk>", *"abcdefghij"])
+    model = CharLM(len(vocab), 32).to(CUDA).eval()
+    samplings = (Sampling(length=96), Sampling(length=96, temperature=1.0, top_k=5, top_p=0.9, seed=1), Sampling(length=96, num_samples=8, temperature=1.0))
+    for sampling in samplings:
+        steps = generate(model, vocab, "abc", sampling)
+        next(steps)  # the prefix read and the first chunk made
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                rest = list(steps)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert len(rest) == 95
+        assert len(seen) <= 2  # the two chunks after the first: one copy each

@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from lstmlm.bench import Dims, machine, measure_generation, measure_matmul_ceiling, measure_training
+from lstmlm.device import set_tf32
 
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE_S = 8 * 60
@@ -250,6 +251,7 @@ def main() -> None:
     no_gpu = "no CUDA GPU here"
     budget = Budget(DEADLINE_S)
     start = time.perf_counter()
+    set_tf32(device, False)  # fp32 is fp32 on both cores, as `lstmlm train` runs it by default
     about = machine(device)
     epochs = 1 if args.dry else 100
     rows = cuda_tests(budget, "--dry" if args.dry else None if has_cuda else no_gpu)
@@ -261,7 +263,7 @@ def main() -> None:
         rows += torchrun_one(budget, args.corpus, device.type, epochs, Path(runs))
     rows += targets(rows)
     seconds = time.perf_counter() - start
-    header = f"gpu_check{' --dry' if args.dry else ''}: {about.gpu or about.cpu}, torch {about.torch}, {seconds:.0f} s"
+    header = f"gpu_check{' --dry' if args.dry else ''}: {about.gpu or about.cpu}, torch {about.torch}, TF32 {'on' if about.tf32 else 'off'}, {seconds:.0f} s"
     result = {"machine": dataclasses.asdict(about), "dry": args.dry, "seconds": seconds, "rows": [dataclasses.asdict(r) for r in rows]}
     Path(args.out).write_text(json.dumps(result, indent=2, default=lambda o: None if isinstance(o, float) and not math.isfinite(o) else str(o)))
     show(rows, header)

@@ -29,7 +29,7 @@ import torch
 from . import config as config_mod
 from . import distributed, graphs
 from .config import Config, TrainConfig
-from .device import DTYPES, cpu_has_fast_bf16, describe, resolve_device, resolve_precision, synchronize
+from .device import DTYPES, cpu_has_fast_bf16, describe, resolve_device, resolve_precision, set_tf32, synchronize
 from .distributed import World
 from .errors import DeviceError
 from .generate import Sampling, generate
@@ -257,6 +257,7 @@ class Machine:
     gpu: str | None
     torch: str
     auto_precision: str  # what --precision auto picks on the device measured
+    tf32: bool = False  # fp32 products in TF32 on the GPU measured (cuBLAS and cuDNN), as set for the measurement
 
 
 def machine(device: torch.device) -> Machine:
@@ -264,8 +265,9 @@ def machine(device: torch.device) -> Machine:
     with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
         cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     return Machine(cpu, os.cpu_count(), torch.get_num_threads(), torch.backends.cpu.get_cpu_capability(), cpu_has_fast_bf16(),
-                   gpu, torch.__version__, resolve_precision("auto", device))  # fmt: skip
+                   gpu, torch.__version__, resolve_precision("auto", device), tf32)  # fmt: skip
 
 
 # ---- memory ------------------------------------------------------------------------------------
@@ -347,16 +349,19 @@ class Report:
 
 
 def run(
-    config_file: str | None = None, device: str = "auto", precision: str = "fp32", steps: int = 20, vocab_size: int = 28
+    config_file: str | None = None, device: str = "auto", precision: str = "fp32", steps: int = 20, vocab_size: int = 28, tf32: bool = False
 ) -> Report:
     """What `lstmlm bench` measures: the product ceiling, both cores' training and generation,
     for the model and batch shapes of `config_file` (default: the d2l model); `precision` is
-    fp32, bf16, auto or "both". Under torchrun the main process measures alone first, then all
-    processes train together and their speed is compared with its."""
+    fp32, bf16, auto or "both"; `tf32` decided explicitly, as training does (cuDNN's own default
+    would let nn.LSTM use TF32 while the scratch core's products stay fp32). Under torchrun the
+    main process measures alone first, then all processes train together and their speed is
+    compared with its."""
     cfg = config_mod.load(config_file) if config_file else Config()
     dims = Dims.from_config(cfg, vocab_size)
     world = distributed.from_environment()
     dev = distributed.start(world, resolve_device(device), dims.batch_size)
+    set_tf32(dev, tf32)
     precisions = ["fp32", "bf16"] if precision == "both" else [resolve_precision(precision, dev)]
     rows: list[Row] = []
     try:

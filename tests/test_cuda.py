@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from lstmlm import graphs
+from lstmlm.bench import machine
 from lstmlm.checkpoint import load_checkpoint
 from lstmlm.config import TrainConfig
 from lstmlm.data.batches import BatchSource, on_device
@@ -90,9 +91,11 @@ def test_bf16_reaches_cudnn_as_bf16_not_fp16() -> None:
     assert H.dtype == C.dtype == torch.float32  # the state carried to the next batch
 
 
-def test_tf32_follows_the_config() -> None:
+def test_tf32_follows_the_config_and_bench_reports_it() -> None:
     assert set_tf32(CUDA, True) and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert machine(CUDA).tf32
     assert not set_tf32(CUDA, False) and not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert not machine(CUDA).tf32
 
 
 def train_args(corpus: Path, runs: Path, *extra: str) -> list[str | Path]:

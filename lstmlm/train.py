@@ -99,11 +99,19 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """A checkpoint's optimizer state into `optimizer`, which keeps its own implementation flags
-    (fused, capturable, …): a run trained on a GPU resumes on a CPU, and the other way round."""
+    (fused, capturable, …): a run trained on a GPU resumes on a CPU, and the other way round.
+    Adam's step count goes where this optimizer keeps it: on the parameters' device when fused
+    or capturable (a CPU run's count is a CPU tensor), else as it was saved."""
     own = [{k: group[k] for k in IMPLEMENTATION if k in group} for group in optimizer.param_groups]
     optimizer.load_state_dict(state)
     for group, flags in zip(optimizer.param_groups, own):
         group.update(flags)
+        if not (group.get("fused") or group.get("capturable")):
+            continue
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                optimizer.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
 
 
 def lr_factor(t: TrainConfig, step: int, steps_per_epoch: int, time_used: float = 0.0) -> float:

@@ -113,6 +113,16 @@ def test_resume_on_cuda_is_exact_within_the_tolerance(core: str, corpus_file: Pa
         assert_close(b[name], a[name], TOL["fp32"], name)
 
 
+@pytest.mark.parametrize("core", ["scratch", "cudnn"])
+def test_a_run_moves_between_the_cpu_and_cuda(core: str, corpus_file: Path, runs_dir: Path) -> None:
+    """Adam's state from a CPU run into a fused (and, graphed, capturable) optimizer on CUDA, and back."""
+    args = train_args(corpus_file, runs_dir, "--model", core, "--run", "moving")
+    assert cli(*[a if a != "cuda" else "cpu" for a in args], "--epochs", "2").code == 0
+    assert cli("train", "--resume", "--run", "moving", "--runs-dir", runs_dir, "--epochs", "4", "--device", "cuda").code == 0
+    assert cli("train", "--resume", "--run", "moving", "--runs-dir", runs_dir, "--epochs", "6", "--device", "cpu").code == 0
+    assert load_checkpoint(runs_dir / "moving" / "latest.pt")["trainer"]["state"]["epoch"] == 6
+
+
 def test_fused_optimizers_on_cuda() -> None:
     model = CharLM(28, 16).to(CUDA)
     for name in ("sgd", "adam", "adamw"):

@@ -493,3 +493,23 @@ def test_a_step_never_waits_for_the_device_only_a_report_does(
     steps = [reads for (before, _), (event, reads) in itertools.pairwise(between) if isinstance(before, Stepped) and isinstance(event, Stepped)]
     assert len(steps) >= 2 * (trainer.steps_per_epoch - 1) and not any(steps)
     assert any(reads for event, reads in between if isinstance(event, EpochEnded | Evaluated | Saved))  # the count counts
+
+
+def test_an_optimizer_state_loads_into_an_optimizer_built_another_way() -> None:
+    """A checkpoint from a GPU (fused, the learning rate a tensor) resumes on a CPU and the other
+    way round: the loading optimizer keeps its own flags, the saved learning rate is a float."""
+    torch.manual_seed(0)
+    model = CharLM(9, 6)
+    saved = train_mod.build_optimizer(train_mod.TrainConfig(optimizer="adam", lr=0.01), model)  # foreach, as on a CPU
+    model(torch.randint(0, 9, (2, 4)))[0].sum().backward()
+    saved.step()
+    saved.param_groups[0]["lr"] = torch.tensor(0.01)  # as a graphed step leaves it
+    state = train_mod.optimizer_state(saved)
+    assert state["param_groups"][0]["lr"] == pytest.approx(0.01) and isinstance(state["param_groups"][0]["lr"], float)
+    fused = torch.optim.Adam(model.parameters(), lr=0.5, fused=True)  # as built on a GPU
+    train_mod.load_optimizer_state(fused, state)
+    group = fused.param_groups[0]
+    assert group["fused"] is True and group["foreach"] is None and group["lr"] == pytest.approx(0.01)
+    assert all(fused.state[p]["step"].dtype == torch.float32 for p in model.parameters())
+    fused.step()  # and it steps
+    assert all(fused.state[p]["step"].item() == 2 for p in model.parameters())

@@ -453,6 +453,8 @@ class Trainer:
 
     def _stepped(self, epoch: Epoch) -> Stepped:
         st, d = self.state, self.cfg.data
+        # the progress bar's rate, by the host's clock: on a GPU it runs ahead of the work done
+        # by the steps still queued (the epoch's figure is taken after a synchronize)
         seconds = st.epoch_seconds + (self.clock() - self._tic)
         return Stepped(
             epoch=st.epoch + 1,

@@ -54,7 +54,7 @@ def pays(device: torch.device, core: str) -> bool:
 def why_eager(dropout: float, distributed: bool) -> str | None:
     """Why a step that would pay as a graph must run eagerly, or None when it can be one."""
     if distributed:
-        return "DistributedDataParallel all-reduces the gradients from hooks that a graph does not replay"
+        return "under DistributedDataParallel (capturing its all-reduce takes NCCL settings and a longer warm-up, not made here)"
     if dropout > 0:
         return "dropout draws random numbers, which this graph has not been checked to draw as the eager step does"
     return None

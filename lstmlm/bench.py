@@ -27,15 +27,15 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import config as config_mod
-from . import distributed
-from .config import Config
-from .device import DTYPES, cpu_has_fast_bf16, describe, resolve_device, resolve_precision
+from . import distributed, graphs
+from .config import Config, TrainConfig
+from .device import DTYPES, cpu_has_fast_bf16, describe, resolve_device, resolve_precision, set_tf32, synchronize
 from .distributed import World
 from .errors import DeviceError
 from .generate import Sampling, generate
 from .lstm import State
 from .model import CharLM
-from .train import train_step
+from .train import build_optimizer, train_step
 from .vocab import Vocab
 
 
@@ -106,10 +106,10 @@ def _time_matmul(size: int, dtype: torch.dtype, device: torch.device) -> float:
     A = torch.randn(size, size, device=device).to(dtype)
     B = torch.randn(size, size, device=device).to(dtype)
     A @ B  # warm up: kernels chosen, memory mapped
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     A @ B
-    _synchronize(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -136,15 +136,16 @@ def measure_training(
     device: torch.device | str,
     precision: str = "fp32",
     steps: int = 20,
-    warmup: int = 3,
+    warmup: int = graphs.WARMUP + 2,  # past a CUDA graph's eager steps and its recording
     ceiling: Ceiling | None = None,
     seed: int = 0,
     world: World = World(),
 ) -> TrainingSpeed:
     """Tokens/s of `steps` optimizer steps on random ids, as training runs them: d2l's SGD
-    (lr 1) and clipping (θ = 1), the state carried from batch to batch and detached.
-    Under torchrun (`world` active) every process trains its share of the batch's rows
-    through DistributedDataParallel, and the figure is the whole batch's tokens/s."""
+    (lr 1) and clipping (θ = 1), the state carried from batch to batch and detached, the
+    scratch core's step a CUDA graph on a GPU (`graphs`). Under torchrun (`world` active) every
+    process trains its share of the batch's rows through DistributedDataParallel, and the
+    figure is the whole batch's tokens/s."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     device = torch.device(device)
@@ -152,19 +153,26 @@ def measure_training(
     torch.manual_seed(seed)
     with PeakMemory(device) as memory:
         model = CharLM(dims.vocab_size, dims.hidden, dims.layers, core=core, embedding=dims.embedding).to(device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        optimizer = build_optimizer(TrainConfig(optimizer="sgd", lr=1.0), model)  # fused on a GPU
         batches = torch.randint(0, dims.vocab_size, (2, dims.batch_size, dims.num_steps + 1), device=device)
         rows = world.rows(dims.batch_size)  # this process's streams: all of them in one process
         net: torch.nn.Module = model
         if world.active:
             net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+        def eager(X: torch.Tensor, Y: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+            return train_step(net, optimizer, X, Y, state, 1.0, device, precision)
+
+        step: graphs.Step = eager
+        if graphs.pays(device, core) and not world.active:
+            step = graphs.GraphedStep(eager, optimizer, (dims.layers, dims.batch_size, dims.hidden), graphs.capture(device))
+
         def run(n: int) -> None:
             state: State | None = None
             loss = torch.zeros(())
             for i in range(n):
                 X, Y = batches[i % 2, rows, :-1], batches[i % 2, rows, 1:]
-                loss, state = train_step(net, optimizer, X, Y, state, 1.0, device, precision)
+                loss, state = step(X, Y, state)
                 state = (state[0].detach(), state[1].detach())
             loss.item()  # wait for the device
 
@@ -249,6 +257,7 @@ class Machine:
     gpu: str | None
     torch: str
     auto_precision: str  # what --precision auto picks on the device measured
+    tf32: bool = False  # fp32 products in TF32 on the GPU measured (cuBLAS and cuDNN), as set for the measurement
 
 
 def machine(device: torch.device) -> Machine:
@@ -256,8 +265,9 @@ def machine(device: torch.device) -> Machine:
     with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
         cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     return Machine(cpu, os.cpu_count(), torch.get_num_threads(), torch.backends.cpu.get_cpu_capability(), cpu_has_fast_bf16(),
-                   gpu, torch.__version__, resolve_precision("auto", device))  # fmt: skip
+                   gpu, torch.__version__, resolve_precision("auto", device), tf32)  # fmt: skip
 
 
 # ---- memory ------------------------------------------------------------------------------------
@@ -339,16 +349,19 @@ class Report:
 
 
 def run(
-    config_file: str | None = None, device: str = "auto", precision: str = "fp32", steps: int = 20, vocab_size: int = 28
+    config_file: str | None = None, device: str = "auto", precision: str = "fp32", steps: int = 20, vocab_size: int = 28, tf32: bool = False
 ) -> Report:
     """What `lstmlm bench` measures: the product ceiling, both cores' training and generation,
     for the model and batch shapes of `config_file` (default: the d2l model); `precision` is
-    fp32, bf16, auto or "both". Under torchrun the main process measures alone first, then all
-    processes train together and their speed is compared with its."""
+    fp32, bf16, auto or "both"; `tf32` decided explicitly, as training does (cuDNN's own default
+    would let nn.LSTM use TF32 while the scratch core's products stay fp32). Under torchrun the
+    main process measures alone first, then all processes train together and their speed is
+    compared with its."""
     cfg = config_mod.load(config_file) if config_file else Config()
     dims = Dims.from_config(cfg, vocab_size)
     world = distributed.from_environment()
     dev = distributed.start(world, resolve_device(device), dims.batch_size)
+    set_tf32(dev, tf32)
     precisions = ["fp32", "bf16"] if precision == "both" else [resolve_precision(precision, dev)]
     rows: list[Row] = []
     try:
@@ -400,9 +413,3 @@ def measure_scaling(dims: Dims, device: torch.device, precisions: list[str], ste
                             memory=speed.peak_memory_bytes, scaling=scaling, raw=raw))  # fmt: skip
     return rows
 
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()

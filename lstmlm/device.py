@@ -105,7 +105,9 @@ def _cgroup_headroom() -> int | None:
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[None]:
     """The context the forward pass and loss run in: bf16 products, or nothing changed."""
     if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        # no cast is made twice in a step, so autocast's cache of them saves nothing; and a
+        # CUDA graph must not record casts that the cache would keep (torch's CUDA-graph notes)
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
 
@@ -119,6 +121,23 @@ def set_tf32(device: torch.device, allowed: bool) -> bool:
     torch.backends.cuda.matmul.allow_tf32 = allowed
     torch.backends.cudnn.allow_tf32 = allowed
     return allowed
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait until `device` has done the work queued on it: a GPU runs behind the host, so a
+    clock read without this counts the work launched, not the work done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def checks_ids(X: torch.Tensor) -> bool:
+    """Whether to check, before using them, that ids lie in the vocabulary: on a CPU, where the
+    check is one cheap reduction; not on a GPU, where reading its result on the host would wait
+    for the device (a sync per batch, per generated character), and the kernels' own device-side
+    asserts catch an id out of range."""
+    return X.device.type == "cpu" and X.numel() > 0
 
 
 def describe(device: torch.device) -> str:

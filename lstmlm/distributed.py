@@ -3,7 +3,21 @@
 `torchrun --nproc_per_node N -m lstmlm train ...` starts N processes with RANK, WORLD_SIZE and
 LOCAL_RANK set. Each trains the same model on its own share of every batch's rows (streams);
 DistributedDataParallel averages the gradients, so the update equals one process's update on
-the whole batch. Only rank 0 writes the run store and prints.
+the whole batch. Only rank 0 writes the run store and prints. Validation is shared too: each
+process reads its block of the validation streams and the loss sums are added up.
+
+What the processes agree on after every step — stop now? is a cadence due by the clock? — is a
+few flags on the host. On a GPU they go over a second, CPU-only process group (gloo), so that
+agreeing waits for the other processes' hosts, never for a GPU: an all-reduce over NCCL would
+put them on the device and reading them back would wait for every step queued before.
+
+Overlap: DDP all-reduces a bucket of gradients once all of them are made. The scratch core's
+backward is one autograd Function a layer (`fused.LSTMSequence`), which hands over the
+layer's W_x, W_h and b together when its backward through time ends; the output layer's come
+first, the first layer's (and an embedding's) last. So an all-reduce overlaps the backward of
+the layers below it, when the buckets fall between layers (DDP's 25 MB buckets hold a whole
+d2l model: there nothing overlaps, with either core). Within a layer nothing can overlap:
+no weight gradient is complete before the last time step's is added.
 """
 
 from __future__ import annotations
@@ -31,10 +45,10 @@ class World:
     def active(self) -> bool:
         return self.size > 1
 
-    def rows(self, batch_size: int) -> slice:
-        """This process's share of a batch's rows: a contiguous block, disjoint from the others'."""
-        share = batch_size // self.size
-        return slice(self.rank * share, (self.rank + 1) * share)
+    def rows(self, count: int) -> slice:
+        """This process's share of `count` rows (a batch's, the validation streams): a contiguous
+        block, disjoint from the others', all of them together; equal when `size` divides `count`."""
+        return slice(self.rank * count // self.size, (self.rank + 1) * count // self.size)
 
 
 def from_environment() -> World:
@@ -45,8 +59,13 @@ def from_environment() -> World:
     return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
+_control: dist.ProcessGroup | None = None  # gloo, for the flags agreed each step; None: the default group is gloo
+
+
 def start(world: World, device: torch.device, batch_size: int) -> torch.device:
-    """Join the process group (nccl on CUDA, gloo on CPU); return this process's device."""
+    """Join the process group (nccl on CUDA, gloo on CPU, and a gloo one beside nccl for the
+    flags); return this process's device."""
+    global _control
     if not world.active:
         return device
     if batch_size % world.size:
@@ -58,12 +77,15 @@ def start(world: World, device: torch.device, batch_size: int) -> torch.device:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    _control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     return device
 
 
 def stop(world: World) -> None:
+    global _control
     if world.active and dist.is_initialized():
         dist.destroy_process_group()
+    _control = None
 
 
 def sum_all(value: torch.Tensor, world: World) -> torch.Tensor:
@@ -81,12 +103,13 @@ def all_gather(value: torch.Tensor, world: World) -> list[torch.Tensor]:
     return parts
 
 
-def any_each(flags: list[bool], world: World, device: torch.device) -> list[bool]:
-    """Each flag true on every process when it is true on one: one collective for them all."""
+def any_each(flags: list[bool], world: World) -> list[bool]:
+    """Each flag true on every process when it is true on one: one collective for them all, on
+    the host (see the module's docstring)."""
     if not world.active:
         return flags
-    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags])  # on the CPU, whatever the device
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control)
     return [bool(v) for v in t.tolist()]
 
 

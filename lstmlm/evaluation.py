@@ -5,7 +5,9 @@ The one evaluation both training's validation and `lstmlm evaluate` run, so the 
 `evaluate` prints for the validation text is the one training reported (training may read a
 bounded sample of it, `val_tokens`, so that validating a 10 GB corpus's tail takes seconds;
 `evaluate` reads all of it). The text is read a block of columns at a time from its ids (a
-memory map, for a corpus's validation or test part): never copied whole.
+memory map, for a corpus's validation or test part): never copied whole. Under torchrun each
+process reads its block of the streams and the loss sums are added up: the figure one process
+would get, to float rounding.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 
 from .data.pipeline import encode_text
 from .device import autocast
+from .distributed import World, sum_all
 from .errors import TrainingError
 from .model import CharLM
 from .vocab import Vocab
@@ -44,22 +47,33 @@ def evaluate(
     device: torch.device,
     precision: str = "fp32",
     max_tokens: int = 0,
+    world: World = World(),
 ) -> tuple[float, int]:
     """(mean loss in nats, characters predicted) over the text, the state carried.
 
     The text is cut into `streams` contiguous rows read in parallel, each from a zero state;
     every character after a row's first is predicted once. With `max_tokens`, each row reads
     only its first max_tokens / streams characters: a fixed sample, spread over the whole text.
+    Under torchrun (`world` active) this process reads its block of the rows.
     """
     streams = min(batch_size, max(1, (len(ids) - 1) // num_steps))
     row_length = (len(ids) - 1) // streams
     if row_length < 1:
         raise TrainingError(f"text of {len(ids)} characters is too short to evaluate")
     columns = min(row_length, max(1, max_tokens // streams)) if max_tokens > 0 else row_length
-    starts = torch.arange(streams, dtype=torch.int64) * row_length  # (streams,)
+    starts = torch.arange(streams, dtype=torch.int64)[world.rows(streams)] * row_length  # (this process's streams,)
+    total = sum_all(loss_sum(model, ids, starts, columns, num_steps, device, precision), world)
+    return total.item() / (streams * columns), streams * columns
+
+
+def loss_sum(model: CharLM, ids: torch.Tensor, starts: torch.Tensor, columns: int, num_steps: int, device: torch.device, precision: str) -> torch.Tensor:
+    """The summed loss (float64, on the device) of predicting `columns` characters of each
+    stream that starts at `starts`, num_steps columns at a time, the state carried."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    if not len(starts):  # a process left without a stream (more processes than streams)
+        return total
     was_training = model.training
     model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
     state = None
     for i in range(0, columns, num_steps):
         width = min(num_steps, columns - i)
@@ -67,9 +81,10 @@ def evaluate(
         X, Y = W[:, :-1], W[:, 1:]
         with autocast(device, precision):
             logits, state = model(X, state)
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1), reduction="sum").double()
+        # summed in float64 position by position: the sum is then the same however the streams are shared out
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1), reduction="none").double().sum()
     model.train(was_training)
-    return total.item() / (streams * columns), streams * columns
+    return total
 
 
 @dataclass(frozen=True)

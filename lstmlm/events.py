@@ -80,4 +80,9 @@ class Finished:
     best_val_perplexity: float | None = None  # the model in best.pt's
 
 
-Event = Started | Stepped | Evaluated | EpochEnded | Sampled | Saved | Finished
+@dataclass(frozen=True)
+class Warned:
+    message: str  # one line: something the user should know that does not stop training
+
+
+Event = Started | Warned | Stepped | Evaluated | EpochEnded | Sampled | Saved | Finished

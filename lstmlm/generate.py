@@ -131,7 +131,16 @@ def choose_next(logits: torch.Tensor, sampling: Sampling = Sampling(), generator
     if sampling.min_p > 0.0:  # Nguyen et al. 2024: p_i < min_p · max_j p_j is cut; the most likely always stays
         floor = sampling.min_p * probs.amax(dim=-1, keepdim=True)  # (batch, 1)
         probs = probs.masked_fill(probs < floor, 0.0)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(probs, generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One id per row of `probs` (batch, vocab), drawn with those probabilities: argmax of p / q
+    for q ~ Exp(1), the draw torch.multinomial(probs, 1) makes, from the same random numbers —
+    without its checks of `probs`, which it reads on the host (on a GPU: a wait per character).
+    Here probs is a softmax, cut: finite, non-negative, and positive somewhere."""
+    q = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / q).argmax(dim=-1)
 
 
 # ---- the inference step ---------------------------------------------------------------------
@@ -241,6 +250,14 @@ class Stepper:
 CHUNK = 32  # characters made per resumption of the inner generator
 
 
+def ids_on_host(device: torch.device, num_samples: int) -> bool:
+    """Whether each step's chosen ids come back to the host as Python ints: for one sample on a
+    CPU, where an int is the cheapest input (a row view) and decoding needs it anyway. On a GPU
+    that would wait for the device at every character: there the ids stay on the device and a
+    chunk of them comes back at once."""
+    return num_samples == 1 and device.type == "cpu"
+
+
 def generate(
     model: CharLM, vocab: Vocab, prefix: str, sampling: Sampling = Sampling(), prime: str | Sequence[str] = "", precision: str = "fp32"
 ) -> Continuation:
@@ -274,14 +291,14 @@ def _generate_chunks(model: CharLM, vocab: Vocab, context: Sequence[str], sampli
     step = Stepper(model, state, DTYPES[precision])
     tokens = vocab.tokens
     length = sampling.length
-    if sampling.num_samples == 1 and sampling.temperature <= 0.0:  # d2l's predict, a chunk at a time
+    if ids_on_host(device, sampling.num_samples) and sampling.temperature <= 0.0:  # d2l's predict, a chunk at a time
         X = ids[:, -1].tolist()
         for start in range(0, length, CHUNK):
             made = step.greedy(X, min(CHUNK, length - start))
             X = made[-1]
             yield [[tokens[i] for i in row] for row in made]
         return
-    if sampling.num_samples == 1:  # ids as Python ints: decoding needs them anyway, and the input is a row view
+    if ids_on_host(device, sampling.num_samples):
         X = ids[:, -1].tolist()
         for start in range(0, length, CHUNK):
             chunk = []
@@ -290,7 +307,7 @@ def _generate_chunks(model: CharLM, vocab: Vocab, context: Sequence[str], sampli
                 chunk.append([tokens[i] for i in X])
             yield chunk
         return
-    chosen = ids.new_empty((CHUNK, sampling.num_samples))  # a chunk's ids, kept as tensors and decoded at once
+    chosen = ids.new_empty((CHUNK, sampling.num_samples))  # a chunk's ids, kept on the device and decoded at once
     previous = ids[:, -1].contiguous()
     for start in range(0, length, CHUNK):
         n = min(CHUNK, length - start)

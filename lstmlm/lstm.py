@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from .device import checks_ids
 from .errors import ShapeError
 from .fused import LSTMSequence, Stacked, as_dtype, block, compute_dtype, run_sequence, stack_weights
 
@@ -357,7 +358,7 @@ def check_input(
     elif X.dtype in (torch.int64, torch.int32):
         if X.dim() != 2:
             raise ShapeError(f"id input must be (steps, batch), got {tuple(X.shape)}")
-        if X.device.type == "cpu" and X.numel():  # on a GPU the check would cost a host sync per call
+        if checks_ids(X):  # on a CPU only: on a GPU it would cost a host sync per call
             low, high = (int(v) for v in torch.aminmax(X))
             if low < 0 or high >= num_inputs:
                 raise ShapeError(f"ids must lie in [0, {num_inputs}), got [{low}, {high}]")

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config, ModelConfig
+from .device import checks_ids
 from .errors import CheckpointError, ShapeError
 from .fused import GATE_ORDER, block
 from .lstm import PARAMETERS, CudnnLSTM, ScratchLSTM, State, drop, zero_state
@@ -48,6 +49,11 @@ class Dropouts:
     locked: bool = False  # those three: one mask per sequence, shared by every step; else per element
     weight: float = 0.0  # DropConnect on each layer's W_h, one mask per batch
     embedding: float = 0.0  # whole rows of the embedding matrix, one draw per character per batch
+
+    @property
+    def draws(self) -> bool:
+        """Whether training draws random numbers for any of them."""
+        return any(r > 0 for r in (self.input, self.hidden, self.output, self.weight, self.embedding))
 
     @classmethod
     def of(cls, cfg: ModelConfig) -> Dropouts:
@@ -128,7 +134,7 @@ class CharLM(nn.Module):
         the top layer's outputs too (for AR and TAR)."""
         if X.is_floating_point() or X.dtype == torch.bool or X.dim() != 2:
             raise ShapeError(f"X must be (batch, steps) integer ids, got {tuple(X.shape)} {X.dtype}")
-        if X.device.type == "cpu" and X.numel():  # one reduction: generation calls this per character
+        if checks_ids(X):  # one reduction (on a CPU only): generation calls this per character
             low, high = (int(v) for v in torch.aminmax(X))
             if low < 0 or high >= self.vocab_size:
                 raise ShapeError(f"ids must lie in [0, {self.vocab_size}), got [{low}, {high}]")

@@ -29,20 +29,20 @@ from typing import Any
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, graphs
 from .config import Cadence, Config, TrainConfig, cadence
 from .data import batches
-from .data.batches import BatchSource, Epoch
+from .data.batches import BatchSource, Epoch, on_device
 from .data.pipeline import Data
 from .data.text import as_text
-from .device import autocast, describe
+from .device import autocast, describe, synchronize
 from .distributed import World, all_gather, any_each, sum_all
 from .errors import CheckpointError, TrainingError
 from .evaluation import MAX_LOSS, bits_per_char, evaluate, perplexity
-from .events import EpochEnded, Evaluated, Event, Finished, Sampled, Saved, Started, Stepped
+from .events import EpochEnded, Evaluated, Event, Finished, Sampled, Saved, Started, Stepped, Warned
 from .generate import complete, prime_text, sample_prefixes
 from .lstm import State
-from .model import CharLM, activation_penalty, convert, loss_fn
+from .model import CharLM, Dropouts, activation_penalty, convert, loss_fn
 from .runs import BEST, LATEST, RunStore
 
 # ---- one step -------------------------------------------------------------------------------
@@ -81,16 +81,47 @@ def train_step(
 # ---- optimizer and schedule -----------------------------------------------------------------
 
 
-def build_optimizer(t: TrainConfig, model: CharLM) -> torch.optim.Optimizer:
+def build_optimizer(t: TrainConfig, model: CharLM, graphed: bool = False) -> torch.optim.Optimizer:
     """d2l's SGD (param -= lr · grad), Adam or AdamW; on a GPU their fused kernels (one launch
-    for every parameter instead of several a tensor)."""
+    for every parameter instead of several a tensor). `graphed`: a CUDA graph holds the update,
+    so fused wherever it runs (the learning rate, a tensor then, read by the kernel, not the
+    host) and Adam and AdamW capturable (their step count on the device)."""
     params = list(model.parameters())
-    fused = params[0].is_cuda or None  # None: torch's choice (foreach) off CUDA
+    fused = params[0].is_cuda or graphed or None  # None: torch's choice (foreach) off CUDA
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
-    if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
+    adam = torch.optim.Adam if t.optimizer == "adam" else torch.optim.AdamW
+    return adam(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused, capturable=graphed)
+
+
+IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")  # how this process updates, not the run's state
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state dict with each learning rate a float: a graphed step keeps it as a
+    device tensor (`graphs.learning_rate_on_device`), which a checkpoint must not carry to a CPU."""
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"] = group["lr"].item()
+    return state
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """A checkpoint's optimizer state into `optimizer`, which keeps its own implementation flags
+    (fused, capturable, …): a run trained on a GPU resumes on a CPU, and the other way round.
+    Adam's step count goes where this optimizer keeps it: on the parameters' device when fused
+    or capturable (a CPU run's count is a CPU tensor), else as it was saved."""
+    own = [{k: group[k] for k in IMPLEMENTATION if k in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, flags in zip(optimizer.param_groups, own):
+        group.update(flags)
+        if not (group.get("fused") or group.get("capturable")):
+            continue
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                optimizer.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
 
 
 def lr_factor(t: TrainConfig, step: int, steps_per_epoch: int, time_used: float = 0.0) -> float:
@@ -188,10 +219,18 @@ class Trainer:
         if world.active:
             ids = [device.index] if device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.optimizer = build_optimizer(cfg.train, self.model)
-        d = cfg.data
+        m, d = cfg.model, cfg.data
+        # the scratch core on CUDA runs its step as a CUDA graph where it can; eager_because says why not
+        self.eager_because = graphs.why_eager(Dropouts.of(m).draws, world.active) if graphs.pays(device, m.model) else None
+        graphed = graphs.pays(device, m.model) and self.eager_because is None
+        self.optimizer = build_optimizer(cfg.train, self.model, graphed)
+        self.step: graphs.Step = self._eager_step
+        if graphed:
+            self.step = graphs.GraphedStep(self._eager_step, self.optimizer, (m.layers, d.batch_size, m.hidden), graphs.capture(device))
+        self._said_eager = False
         self.steps_per_epoch = batches.num_batches(len(data.train), d.batch_size, d.num_steps, d.iterator)
-        self.batches = BatchSource(data.train, d.batch_size, d.num_steps, d.iterator, world.rows(d.batch_size))
+        tokens = on_device(data.train, device)  # the whole text on a GPU where it fits: batches gathered there
+        self.batches = BatchSource(tokens, d.batch_size, d.num_steps, d.iterator, world.rows(d.batch_size), device)
         self.cadences: dict[str, Cadence] = {key: cadence(cfg, key) for key in (VALIDATE, SAMPLE, SAVE)}
         self.clock = clock
         self._last: dict[str, float] = {}  # when each cadence's action last happened (clock seconds)
@@ -219,7 +258,7 @@ class Trainer:
         checkpoint.load_weights(self.model, convert(payload["model"], self.cfg.model.model), path)
         trainer = payload["trainer"]
         try:
-            self.optimizer.load_state_dict(trainer["optimizer"])
+            load_optimizer_state(self.optimizer, trainer["optimizer"])
             self.schedule.load_state_dict(trainer["schedule"])
             self.state = TrainerState.from_dict(trainer["state"])
         except (KeyError, TypeError, ValueError, IndexError) as e:
@@ -252,6 +291,7 @@ class Trainer:
         """Train until the epochs are done, the time is up, validation stops improving or
         `should_stop()` says so; every way out ends the same: validate, save, sample, Finished."""
         yield self._started()
+        yield from self._why_eager()
         self._session_start = self.clock()
         self._last = dict.fromkeys(self.cadences, self._session_start)
         if self.state.torch_rng is not None:
@@ -273,6 +313,7 @@ class Trainer:
             self._tic = self.clock()
             for X, Y in epoch:
                 state = self._step(X, Y, state, loss_sum)
+                yield from self._why_eager()
                 yield self._stepped(epoch)
                 reason = yield from self._between_steps(rng, epoch, state, loss_sum, should_stop)
                 if reason is not None:
@@ -290,12 +331,13 @@ class Trainer:
         their cadences say; stop if asked to, out of time, or out of patience (the reason)."""
         st = self.state
         now = self.clock()
-        st.epoch_seconds += now - self._tic
         ends_epoch = st.step >= len(epoch)
         due = self._due(ends_epoch, should_stop, now)
         if not ends_epoch and due == Due():
+            st.epoch_seconds += now - self._tic
             self._tic = self.clock()
             return None
+        st.epoch_seconds += self._settled(now) - self._tic
         st.loss_sum = self._finite(loss_sum)
         self._carry = None if ends_epoch else self._gather(state)
         closed = self._close_epoch(rng) if ends_epoch else None
@@ -312,6 +354,14 @@ class Trainer:
         self._tic = self.clock()
         return due.stop
 
+    def _settled(self, now: float) -> float:
+        """The time the steps so far took: on a GPU, which runs behind the host, the time once it
+        has done the work queued (so tokens/s counts work done, not launched); `now` on a CPU."""
+        if self.device.type == "cpu":
+            return now
+        synchronize(self.device)
+        return self.clock()
+
     def _due(self, ends_epoch: bool, should_stop: Callable[[], bool], now: float) -> Due:
         """Which cadences are due after this step (the clock's, agreed by every process: one
         collective for all), and whether to stop. An epoch's last step counts as epoch st.epoch + 1."""
@@ -327,7 +377,7 @@ class Trainer:
             return bool(minutes) and now - self._last[key] >= minutes * 60
 
         keys = (VALIDATE, SAMPLE, SAVE)
-        interrupted, out_of_time, *by_clock = any_each([should_stop(), self._out_of_time(), *(timed(k) for k in keys)], self.world, self.device)
+        interrupted, out_of_time, *by_clock = any_each([should_stop(), self._out_of_time(), *(timed(k) for k in keys)], self.world)
         validate, sample, save = (counted(self.cadences[k]) or by_time for k, by_time in zip(keys, by_clock))
         for key, fired in zip(keys, (validate, sample, save)):
             if fired:
@@ -357,19 +407,30 @@ class Trainer:
     def _step(self, X: torch.Tensor, Y: torch.Tensor, state: State | None, loss_sum: torch.Tensor) -> State:
         """One optimizer step on this process's rows of the batch; its loss, weighted by its
         tokens, is added to `loss_sum` on the device (no sync per batch)."""
-        d, t, st = self.cfg.data, self.cfg.train, self.state
+        d, st = self.cfg.data, self.state
         if state is not None and d.iterator == "sequential":
             state = (state[0].detach(), state[1].detach())  # truncate backprop at the batch edge
         else:
             state = None  # zero state: the epoch's first batch, or every random-iterator batch
-        X, Y = X.to(self.device, non_blocking=True), Y.to(self.device, non_blocking=True)  # this process's rows
-        loss, state = train_step(self.net, self.optimizer, X, Y, state, t.clip, self.device, self.precision, t.ar, t.tar)
+        X, Y = X.to(self.device, non_blocking=True), Y.to(self.device, non_blocking=True)  # this process's rows (already there on a GPU)
+        loss, state = self.step(X, Y, state)
         loss_sum += loss.double() * Y.numel()
         self.schedule.step()
         st.step += 1
         st.global_step += 1
         st.tokens += Y.numel() * self.world.size
         return state
+
+    def _eager_step(self, X: torch.Tensor, Y: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        t = self.cfg.train
+        return train_step(self.net, self.optimizer, X, Y, state, t.clip, self.device, self.precision, t.ar, t.tar)
+
+    def _why_eager(self) -> Iterator[Warned]:
+        """Once: why the scratch core's step runs eagerly on CUDA, where a graph would pay."""
+        why = self.eager_because or (self.step.failure if isinstance(self.step, graphs.GraphedStep) else None)
+        if why is not None and not self._said_eager:
+            self._said_eager = True
+            yield Warned(f"the scratch core's training step runs eagerly, not as a CUDA graph: {why}")
 
     def _close_epoch(self, rng: random.Random) -> tuple[float, float, int]:
         """Roll the state over to the next epoch; (its training loss, seconds, tokens)."""
@@ -395,7 +456,7 @@ class Trainer:
             val_bpc=bits_per_char(val) if val is not None else None,
             tokens_per_s=epoch_tokens / seconds if seconds else 0.0,
             seconds=seconds,
-            lr=self.optimizer.param_groups[0]["lr"],
+            lr=float(self.optimizer.param_groups[0]["lr"]),  # a device tensor under a graph: read where it is shown
         )
         if self.world.is_main:
             self.store.append_metrics({**asdict(record), "train_loss": train_loss, "global_step": st.global_step})
@@ -403,6 +464,8 @@ class Trainer:
 
     def _stepped(self, epoch: Epoch) -> Stepped:
         st, d = self.state, self.cfg.data
+        # the progress bar's rate, by the host's clock: on a GPU it runs ahead of the work done
+        # by the steps still queued (the epoch's figure is taken after a synchronize)
         seconds = st.epoch_seconds + (self.clock() - self._tic)
         return Stepped(
             epoch=st.epoch + 1,
@@ -437,7 +500,7 @@ class Trainer:
         best.pt: `best_val` follows this run's steps (so patience counts as if never
         interrupted), `best_saved` is best.pt's (so best.pt is only ever replaced by a better model)."""
         d, st = self.cfg.data, self.state
-        loss, _ = evaluate(self.model, self.data.val, d.batch_size, d.num_steps, self.device, self.precision, self.cfg.train.val_tokens)
+        loss, _ = evaluate(self.model, self.data.val, d.batch_size, d.num_steps, self.device, self.precision, self.cfg.train.val_tokens, self.world)
         if not loss <= MAX_LOSS:  # NaN, Inf, or a perplexity that overflows
             self._diverged(f"the validation loss became {loss:.4g} after {st.global_step} steps")
         st.last_val = loss
@@ -469,7 +532,9 @@ class Trainer:
         st.torch_rng = torch.get_rng_state()
         carry = self._carry
         st.carry = [s.detach().cpu() for s in carry] if carry is not None and st.step > 0 else None
-        trainer: dict[str, Any] = {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(), "state": st.to_dict()}
+        schedule = self.schedule.state_dict()
+        schedule["_last_lr"] = [float(lr) for lr in schedule.get("_last_lr", [])]  # device tensors under a graph
+        trainer: dict[str, Any] = {"optimizer": optimizer_state(self.optimizer), "schedule": schedule, "state": st.to_dict()}
         if self.device.type == "cuda":
             trainer["cuda_rng"] = torch.cuda.get_rng_state()
         path = checkpoint.save(self.store, self.cfg, self.data.vocab, self.model.state_dict(), trainer, which, self.prime)

@@ -129,6 +129,7 @@ def test_bench_command_measures_every_core_against_its_ceiling(tmp_path: Path) -
     assert result.code == 0, result.stderr
     machine, *rows = result.json()
     assert machine["event"] == "machine" and machine["auto_precision"] in ("fp32", "bf16") and machine["torch_threads"] >= 1
+    assert machine["tf32"] is False  # TF32 exists only on a GPU (tests/test_cuda.py: reported as set there)
     assert [r["what"] for r in rows] == [rows[0]["what"], "train scratch", "train cudnn",
                                         "generate scratch", "generate scratch ×64", "generate cudnn", "generate cudnn ×64"]  # fmt: skip
     assert [r["samples"] for r in rows[3:]] == [1, 64, 1, 64]

@@ -12,19 +12,28 @@ Every test here skips, with the reason, on a machine without CUDA.
 
 from __future__ import annotations
 
+import random
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from lstmlm import graphs
+from lstmlm.bench import machine
 from lstmlm.checkpoint import load_checkpoint
 from lstmlm.config import TrainConfig
+from lstmlm.data.batches import BatchSource, on_device
 from lstmlm.device import set_tf32
-from lstmlm.lstm import CudnnLSTM, ScratchLSTM
+from lstmlm.events import Stepped, Warned
+from lstmlm.generate import Sampling, generate
+from lstmlm.lstm import CudnnLSTM, ScratchLSTM, State
 from lstmlm.model import CharLM, convert, loss_fn
 from lstmlm.session import load_trained
-from lstmlm.train import build_optimizer
+from lstmlm.train import Trainer, build_optimizer, train_step
+from lstmlm.vocab import Vocab
 
 from conftest import assert_close, cli, predict_ch8
 
@@ -90,9 +99,11 @@ def test_bf16_reaches_cudnn_as_bf16_not_fp16() -> None:
     assert H.dtype == C.dtype == torch.float32  # the state carried to the next batch
 
 
-def test_tf32_follows_the_config() -> None:
+def test_tf32_follows_the_config_and_bench_reports_it() -> None:
     assert set_tf32(CUDA, True) and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert machine(CUDA).tf32
     assert not set_tf32(CUDA, False) and not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert not machine(CUDA).tf32
 
 
 def train_args(corpus: Path, runs: Path, *extra: str) -> list[str | Path]:
@@ -108,6 +119,16 @@ def test_resume_on_cuda_is_exact_within_the_tolerance(core: str, corpus_file: Pa
     a, b = (load_checkpoint(runs_dir / r / "latest.pt")["model"] for r in ("straight", "split"))
     for name in a:
         assert_close(b[name], a[name], TOL["fp32"], name)
+
+
+@pytest.mark.parametrize("core", ["scratch", "cudnn"])
+def test_a_run_moves_between_the_cpu_and_cuda(core: str, corpus_file: Path, runs_dir: Path) -> None:
+    """Adam's state from a CPU run into a fused (and, graphed, capturable) optimizer on CUDA, and back."""
+    args = train_args(corpus_file, runs_dir, "--model", core, "--run", "moving")
+    assert cli(*[a if a != "cuda" else "cpu" for a in args], "--epochs", "2").code == 0
+    assert cli("train", "--resume", "--run", "moving", "--runs-dir", runs_dir, "--epochs", "4", "--device", "cuda").code == 0
+    assert cli("train", "--resume", "--run", "moving", "--runs-dir", runs_dir, "--epochs", "6", "--device", "cpu").code == 0
+    assert load_checkpoint(runs_dir / "moving" / "latest.pt")["trainer"]["state"]["epoch"] == 6
 
 
 def test_fused_optimizers_on_cuda() -> None:
@@ -134,3 +155,87 @@ def test_the_loss_is_fp32_under_bf16_on_cuda() -> None:
         logits, (_, C) = model(X)
         loss = loss_fn(logits, X)
     assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32 and C.dtype == torch.float32
+
+
+# ---- the loop without host syncs, the graph ------------------------------------------------------
+
+
+@pytest.mark.parametrize("iterator", ["sequential", "random"])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.int32])
+def test_batches_made_on_the_gpu_are_the_cpu_batches(iterator: str, dtype: torch.dtype) -> None:
+    tokens = torch.randint(0, 200, (5000,), generator=torch.Generator().manual_seed(0)).to(dtype)
+    placed = on_device(tokens, CUDA)
+    assert placed.is_cuda
+    on_gpu = list(BatchSource(placed, 8, 10, iterator, device=CUDA).epoch(random.Random(4)))
+    on_cpu = list(BatchSource(tokens, 8, 10, iterator).epoch(random.Random(4)))
+    staged = list(BatchSource(tokens, 8, 10, iterator, device=CUDA).epoch(random.Random(4)))  # a memory map's path
+    for (X, Y), (X0, Y0), (X1, Y1) in zip(on_gpu, on_cpu, staged, strict=True):
+        assert X.is_cuda and X1.is_cuda and torch.equal(X.cpu(), X0) and torch.equal(Y.cpu(), Y0) and torch.equal(X1.cpu(), X0) and torch.equal(Y1.cpu(), Y0)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_the_graphed_step_on_cuda_is_the_eager_step(optimizer: str) -> None:
+    def run(graphed: bool) -> tuple[list[float], list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = CharLM(28, 64, num_layers=2).to(CUDA)
+        opt = build_optimizer(TrainConfig(optimizer=optimizer, lr=0.5 if optimizer == "sgd" else 0.01), model, graphed)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + s))
+
+        def eager(X: torch.Tensor, Y: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+            return train_step(model, opt, X, Y, state, 1.0, CUDA)
+
+        step: graphs.Step = graphs.GraphedStep(eager, opt, (2, 16, 64), graphs.CudaGraph(CUDA)) if graphed else eager
+        ids = torch.randint(0, 28, (12, 16, 21), device=CUDA, generator=torch.Generator(CUDA).manual_seed(1))
+        losses, state = [], None
+        for i, batch in enumerate(ids):
+            loss, (H, C) = step(batch[:, :-1], batch[:, 1:], None if i % 4 == 0 else state)
+            losses.append(loss.item())
+            state = (H.detach(), C.detach())
+            schedule.step()
+        if graphed:
+            assert isinstance(step, graphs.GraphedStep) and step.failure is None and step.replays == 12 - graphs.WARMUP
+        return losses, [p.detach().clone() for p in model.parameters()]
+
+    set_tf32(CUDA, False)
+    (eager_losses, eager_weights), (graphed_losses, graphed_weights) = run(False), run(True)
+    assert graphed_losses == pytest.approx(eager_losses, rel=1e-6)
+    for a, b in zip(graphed_weights, eager_weights):
+        assert_close(a, b, TOL["fp32"], "weights")
+
+
+def cuda_trainer(make_trainer: Callable[..., Trainer], **overrides: object) -> Trainer:
+    trainer = make_trainer(**overrides)
+    return Trainer(trainer.store, trainer.cfg, trainer.data, CUDA, "fp32")
+
+
+def test_a_cuda_training_step_never_waits_for_the_host_between_reports(make_trainer: Callable[..., Trainer]) -> None:
+    """torch's sync debug mode raises on any synchronizing call: on from one step to the next
+    (after the first epoch, in which the graph is recorded: recording synchronizes once)."""
+    for model in ("scratch", "cudnn"):
+        trainer = cuda_trainer(make_trainer, name=model, model=model, epochs=3, layers=2)
+        assert isinstance(trainer.step, graphs.GraphedStep) == (model == "scratch")
+        try:
+            for event in trainer.run():
+                between_steps = isinstance(event, Stepped) and event.epoch > 1 and event.step < event.batches
+                torch.cuda.set_sync_debug_mode("error" if between_steps else "default")
+                assert not isinstance(event, Warned)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def test_generation_on_cuda_copies_ids_back_a_chunk_at_a_time() -> None:
+    vocab = Vocab(["<unk>", *"abcdefghij"])
+    model = CharLM(len(vocab), 32).to(CUDA).eval()
+    samplings = (Sampling(length=96), Sampling(length=96, temperature=1.0, top_k=5, top_p=0.9, seed=1), Sampling(length=96, num_samples=8, temperature=1.0))
+    for sampling in samplings:
+        steps = generate(model, vocab, "abc", sampling)
+        next(steps)  # the prefix read and the first chunk made
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                rest = list(steps)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert len(rest) == 95
+        assert len(seen) <= 2  # the two chunks after the first: one copy each

@@ -14,7 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from lstmlm.distributed import World
+from lstmlm.evaluation import loss_sum
+from lstmlm.model import CharLM
 from lstmlm.runs import RunStore
 
 EPOCHS = 4
@@ -72,6 +76,31 @@ def test_resume_under_torchrun_is_exact(runs: dict) -> None:
     assert resumed == straight
     done = next(e for e in runs["rest"] if e["event"] == "done")
     assert done["epochs"] == EPOCHS
+
+
+def test_validation_shared_by_two_processes_is_what_one_process_measures(runs: dict) -> None:
+    """Each process validated its half of the streams and the sums were added: the last figure
+    the two reported is the one `lstmlm evaluate` gets in one process from the same weights."""
+    last = [e for e in runs["double"] if e["event"] == "eval"][-1]
+    result = subprocess.run(
+        [sys.executable, "-m", "lstmlm", "evaluate", "--runs-dir", str(runs["root"]), "--run", "double", "--part", "val", "--json"],
+        capture_output=True, text=True, env=_env(), timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["perplexity"] == pytest.approx(last["val_perplexity"], rel=1e-6)
+
+
+@pytest.mark.parametrize("size", [2, 3, 5])
+def test_the_processes_shares_of_the_streams_add_up_to_the_whole(size: int) -> None:
+    """Every stream in exactly one share (5 processes for 4 streams: one reads none)."""
+    torch.manual_seed(0)
+    model = CharLM(20, 12, num_layers=2)
+    ids = torch.randint(0, 20, (403,), generator=torch.Generator().manual_seed(1))
+    starts = torch.arange(4) * 100
+    whole = loss_sum(model, ids, starts, 100, 7, torch.device("cpu"), "fp32")
+    shares = [loss_sum(model, ids, starts[World(rank, size).rows(4)], 100, 7, torch.device("cpu"), "fp32") for rank in range(size)]
+    assert sum(len(range(4)[World(rank, size).rows(4)]) for rank in range(size)) == 4
+    assert sum(s.item() for s in shares) == pytest.approx(whole.item(), rel=1e-12)  # fp32 losses, summed in fp64
 
 
 def test_only_rank_zero_writes(runs: dict) -> None:

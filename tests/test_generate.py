@@ -1,6 +1,7 @@
 """Generation: greedy equals d2l's predict_ch8, sampling is seeded, both cores generate the
 same text from the same weights, prefixes are normalized (d2l) or checked (raw), min-p cuts
-the unlikely characters, and stop strings end a sample where they first appear."""
+the unlikely characters, stop strings end a sample where they first appear, and on a GPU the
+chosen ids come back to the host a chunk at a time."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import re
 import pytest
 import torch
 
+from lstmlm import generate as generate_mod
 from lstmlm.errors import ConfigError, VocabError
-from lstmlm.generate import Continuation, Sampling, Stepper, choose_next, complete, generate, prepare_prefix
+from lstmlm.generate import CHUNK, Continuation, Sampling, Stepper, choose_next, complete, draw, generate, prepare_prefix
 from lstmlm.model import CharLM, convert
 from lstmlm.vocab import Vocab
 
-from conftest import lively_model, predict_ch8, synthetic_text
+from conftest import as_on_a_gpu, host_syncs, lively_model, predict_ch8, synthetic_text
 
 VOCAB = Vocab.build(synthetic_text(), order="frequency")
 
@@ -275,3 +277,43 @@ def test_each_sample_ends_at_its_own_stop() -> None:
         assert cut == (full[: full.index("e")] if "e" in full else full)
         assert ended == ("e" if "e" in full else None)
     assert len({len(t) for t in stopped.text}) > 1  # the samples did end at different places
+
+
+# ---- on a GPU: no wait for the device per character -------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(("batch", "vocab", "cut"), [(1, 28, None), (64, 28, None), (5, 256, 3), (3, 7, 1)])
+def test_a_draw_is_the_draw_multinomial_makes_from_the_same_numbers(seed: int, batch: int, vocab: int, cut: int | None) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(torch.randn(batch, vocab, generator=generator) * 3, dim=-1)
+    if cut is not None:  # as top-k leaves them: zeros but for `cut` characters
+        probs = probs.masked_fill(probs < probs.topk(cut, dim=-1).values[:, -1:], 0.0)
+    mine, theirs = torch.Generator().manual_seed(seed + 10), torch.Generator().manual_seed(seed + 10)
+    for _ in range(5):  # and the generators move on alike
+        assert torch.equal(draw(probs, mine), torch.multinomial(probs, 1, generator=theirs).squeeze(-1))
+
+
+@pytest.mark.parametrize("core", ["scratch", "cudnn"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"temperature": 0.8, "top_k": 5, "top_p": 0.9, "min_p": 0.05, "seed": 3}, {"num_samples": 4, "temperature": 1.0, "seed": 5}],
+    ids=["greedy", "sampled", "batch"],
+)
+def test_on_a_gpu_the_ids_come_back_a_chunk_at_a_time_and_the_text_is_the_same(
+    monkeypatch: pytest.MonkeyPatch, core: str, options: dict[str, object]
+) -> None:
+    """The path a GPU takes (ids kept on the device, `ids_on_host` False), counted on a CPU:
+    at most one read back per chunk of characters, after the prefix's; the same text as the
+    CPU's path."""
+    net = lively_model(VOCAB, core, layers=2)
+    sampling = Sampling(length=3 * CHUNK + 5, **options)  # type: ignore[arg-type]
+    on_cpu = list(generate(net, VOCAB, "the time", sampling))
+    as_on_a_gpu(monkeypatch)
+    monkeypatch.setattr(generate_mod, "ids_on_host", lambda device, num_samples: False)
+    steps = generate(net, VOCAB, "the time", sampling)
+    first = next(steps)  # the prefix read, the first chunk made and read back
+    with host_syncs() as seen:
+        rest = list(steps)
+    assert [first, *rest] == on_cpu
+    assert len(seen) <= 3  # the three chunks after the first: 32, 32 and 5 characters

@@ -19,13 +19,13 @@ import lstmlm.train as train_mod
 from lstmlm.checkpoint import load_checkpoint
 from lstmlm.data import batches
 from lstmlm.errors import TrainingError
-from lstmlm.events import EpochEnded, Evaluated, Finished, Saved
+from lstmlm.events import EpochEnded, Evaluated, Finished, Saved, Stepped
 from lstmlm.generate import PRIME_CHARS
 from lstmlm.model import CharLM, Dropouts, activation_penalty, loss_fn
 from lstmlm.runs import BEST, LATEST, RunStore
 from lstmlm.train import Trainer, train_step
 
-from conftest import assert_close
+from conftest import as_on_a_gpu, assert_close, graphs_on_the_cpu, host_syncs
 
 MakeTrainer = Callable[..., Trainer]
 
@@ -561,3 +561,49 @@ def test_a_checkpoint_from_before_this_layout_resumes(make_trainer: MakeTrainer)
 
 def checkpoint_state(trainer: Trainer, which: str) -> dict[str, Any]:
     return load_checkpoint(trainer.store.path(which))["trainer"]["state"]
+
+
+# ---- no waiting for the device between reports ---------------------------------------------------
+
+
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graphed"])
+@pytest.mark.parametrize(("iterator", "model"), RESUME_CASES)
+def test_a_step_never_waits_for_the_device_only_a_report_does(
+    make_trainer: MakeTrainer, monkeypatch: pytest.MonkeyPatch, iterator: str, model: str, graphed: bool
+) -> None:
+    """On a GPU the host queues the steps and runs ahead; reading any value back makes it wait.
+    Counted on a CPU as a GPU meets them (`as_on_a_gpu`): not one such read from one step to the
+    next; reads only where a figure is reported (an epoch's loss, validation, a checkpoint)."""
+    as_on_a_gpu(monkeypatch)
+    if graphed:
+        graphs_on_the_cpu(monkeypatch)
+    trainer = make_trainer(epochs=2, iterator=iterator, model=model, layers=2)
+    between: list[tuple[object, list[str]]] = []  # each event, and the reads made since the one before
+    with host_syncs() as seen:
+        done = 0
+        for event in trainer.run():
+            between.append((event, seen[done:]))
+            done = len(seen)
+    steps = [reads for (before, _), (event, reads) in itertools.pairwise(between) if isinstance(before, Stepped) and isinstance(event, Stepped)]
+    assert len(steps) >= 2 * (trainer.steps_per_epoch - 1) and not any(steps)
+    assert any(reads for event, reads in between if isinstance(event, EpochEnded | Evaluated | Saved))  # the count counts
+
+
+def test_an_optimizer_state_loads_into_an_optimizer_built_another_way() -> None:
+    """A checkpoint from a GPU (fused, the learning rate a tensor) resumes on a CPU and the other
+    way round: the loading optimizer keeps its own flags, the saved learning rate is a float."""
+    torch.manual_seed(0)
+    model = CharLM(9, 6)
+    saved = train_mod.build_optimizer(train_mod.TrainConfig(optimizer="adam", lr=0.01), model)  # foreach, as on a CPU
+    model(torch.randint(0, 9, (2, 4)))[0].sum().backward()
+    saved.step()
+    saved.param_groups[0]["lr"] = torch.tensor(0.01)  # as a graphed step leaves it
+    state = train_mod.optimizer_state(saved)
+    assert state["param_groups"][0]["lr"] == pytest.approx(0.01) and isinstance(state["param_groups"][0]["lr"], float)
+    fused = torch.optim.Adam(model.parameters(), lr=0.5, fused=True)  # as built on a GPU
+    train_mod.load_optimizer_state(fused, state)
+    group = fused.param_groups[0]
+    assert group["fused"] is True and group["foreach"] is None and group["lr"] == pytest.approx(0.01)
+    assert all(fused.state[p]["step"].dtype == torch.float32 for p in model.parameters())
+    fused.step()  # and it steps
+    assert all(fused.state[p]["step"].item() == 2 for p in model.parameters())

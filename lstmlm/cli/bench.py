@@ -23,12 +23,13 @@ def bench(
     precision: Annotated[str, typer.Option("--precision", help="fp32, bf16, auto, or both.")] = "fp32",
     steps: Annotated[int, typer.Option("--steps", min=1, help="Timed training steps per core.")] = 20,
     vocab_size: Annotated[int, typer.Option("--vocab-size", min=2, help="Vocabulary size (28: The Time Machine in d2l mode).")] = 28,
+    tf32: Annotated[bool, typer.Option("--tf32", help="On a CUDA GPU, let fp32 products use TF32, as `train --tf32` does.")] = False,
     as_json: options.Json = False,
 ) -> None:
     """Measure this machine: matrix-product ceiling, training tokens/s of both cores, generation chars/s."""
     from .. import bench as b
 
-    report = b.run(str(config_file) if config_file else None, device, precision, steps, vocab_size)
+    report = b.run(str(config_file) if config_file else None, device, precision, steps, vocab_size, tf32)
     if not report.is_main:
         return
     if as_json:
@@ -37,8 +38,9 @@ def bench(
             print_json({"event": "bench", "what": row.measure, "precision": row.precision, **(row.raw or {"skipped": row.skipped})})
         return
     m = report.machine
+    gpu = f", {m.gpu}, TF32 {'on' if m.tf32 else 'off'}" if m.gpu else ""
     out.print(f"machine: {m.cpu}, {m.cores} cores, {m.torch_threads} torch threads, {m.cpu_capability}, "
-              f"native bf16 {'yes' if m.native_bf16 else 'no'}{', ' + m.gpu if m.gpu else ''}, torch {m.torch}; "
+              f"native bf16 {'yes' if m.native_bf16 else 'no'}{gpu}, torch {m.torch}; "
               f"--precision auto picks {m.auto_precision}", soft_wrap=True)  # fmt: skip
     out.print(table(report))
 

@@ -17,6 +17,13 @@ iterator's rows are one stream cut in `batch_size`:
 the random iterator's rows are non-overlapping windows o + k·n, in shuffled order. So the
 tokens can be a memory map of any size (each batch touches batch_size windows) — or a tensor on
 a GPU: the index arithmetic runs on the tokens' device.
+
+On a GPU the loop must not wait for the host (or the host for it) between batches: the
+training tokens go to the GPU whole where they fit (`on_device`), and each batch is gathered
+there — the sequential iterator's starts computed on the device, the random one's shuffled
+order copied once an epoch. A corpus too large for the GPU stays a memory map: each batch is
+gathered on the host and copied from pinned memory without waiting (`non_blocking`; a copy
+from ordinary, pageable memory would make the host wait for the device).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..device import available_memory
 from ..errors import CorpusError
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # X, Y: (rows, num_steps) int64 ids; Y is X shifted by one
@@ -48,16 +56,40 @@ def check_length(num_tokens: int, batch_size: int, num_steps: int, what: str = "
         )
 
 
+DEVICE_SHARE = 4  # the training tokens go to a GPU whole when they take at most a quarter of its free memory
+_COPY_CHUNK = 1 << 26  # tokens converted and copied to the device at a time: bounded host memory
+
+
+def on_device(tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The tokens on `device` (a GPU) when they fit in 1/DEVICE_SHARE of its free memory, as
+    uint8 or int32 (uint16 has almost no GPU kernels, indexing among those missing); otherwise,
+    and on a CPU, the tokens as they are. One copy, at the start of training."""
+    if device.type == "cpu" or tokens.device == device:
+        return tokens
+    dtype = tokens.dtype if tokens.dtype in (torch.uint8, torch.int32) else torch.int32
+    free = available_memory(device)
+    if free is None or len(tokens) * dtype.itemsize > free // DEVICE_SHARE:
+        return tokens
+    placed = torch.empty(len(tokens), dtype=dtype, device=device)
+    for a in range(0, len(tokens), _COPY_CHUNK):
+        placed[a : a + _COPY_CHUNK].copy_(tokens[a : a + _COPY_CHUNK].to(dtype))
+    return placed
+
+
 class BatchSource:
     """The batches of a token sequence for the rows this process trains on (all of them in one
     process; its block of every batch under torchrun). `epoch(rng)` draws an epoch's order from
-    `rng` and yields its batches; `skip` resumes one part-way without gathering what is skipped."""
+    `rng` and yields its batches; `skip` resumes one part-way without gathering what is skipped.
+    Batches are made on the tokens' device and delivered on `device` (by default the same)."""
 
-    def __init__(self, tokens: torch.Tensor, batch_size: int, num_steps: int, iterator: str, rows: slice = slice(None)) -> None:
+    def __init__(
+        self, tokens: torch.Tensor, batch_size: int, num_steps: int, iterator: str, rows: slice = slice(None), device: torch.device | None = None
+    ) -> None:
         if iterator not in ("sequential", "random"):
             raise CorpusError(f"unknown iterator '{iterator}' (expected sequential or random)")
         self.tokens, self.batch_size, self.num_steps, self.iterator = tokens, batch_size, num_steps, iterator
-        self.rows = torch.arange(batch_size)[rows]  # which rows of a batch this process reads
+        self.device = tokens.device if device is None else device
+        self.rows = torch.arange(batch_size, device=tokens.device)[rows]  # which rows of a batch this process reads
         self.window = torch.arange(num_steps + 1, device=tokens.device)  # (steps + 1,)
 
     def epoch(self, rng: random.Random, skip: int = 0) -> Epoch:
@@ -68,6 +100,8 @@ class BatchSource:
     def gather(self, starts: torch.Tensor) -> Batch:
         """The batch whose rows start at `starts` (rows,): each row's window of num_steps + 1."""
         W = self.tokens[starts.to(self.tokens.device)[:, None] + self.window].long()  # (rows, steps + 1)
+        if W.device != self.device:  # gathered from a memory map for a GPU: staged, not waited for
+            W = W.pin_memory().to(self.device, non_blocking=True)
         return W[:, :-1], W[:, 1:]
 
     def _sequential(self, rng: random.Random, skip: int) -> Epoch:
@@ -87,7 +121,11 @@ class BatchSource:
         num_subseqs = (len(self.tokens) - offset - 1) // n
         order = array.array("I" if num_subseqs < 2**32 else "Q", np.arange(num_subseqs, dtype=np.uint32 if num_subseqs < 2**32 else np.uint64).tobytes())
         rng.shuffle(order)  # the seed shuffles a list; shuffle needs only len and item assignment
-        return Epoch(self, num_subseqs // B, skip, offset=offset, order=order)
+        on_device = None
+        if self.tokens.device.type != "cpu":  # the whole order in one copy, not a copy per batch
+            on_device = torch.from_numpy(np.frombuffer(order, dtype=np.uint32 if order.typecode == "I" else np.uint64).astype(np.int64))
+            on_device = on_device.pin_memory().to(self.tokens.device, non_blocking=True)
+        return Epoch(self, num_subseqs // B, skip, offset=offset, order=order, order_on_device=on_device)
 
 
 @dataclass
@@ -100,6 +138,7 @@ class Epoch:
     sequential_starts: torch.Tensor | None = None  # sequential: each row's start in batch 0
     offset: int = 0  # random: the windows' offset
     order: array.array | None = None  # random: the window indices, shuffled
+    order_on_device: torch.Tensor | None = None  # random: the same, on the tokens' device (a GPU)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -109,8 +148,12 @@ class Epoch:
         s = self.source
         if self.sequential_starts is not None:
             return self.sequential_starts + i * s.num_steps
-        assert self.order is not None
-        windows = torch.tensor(self.order[i * s.batch_size : (i + 1) * s.batch_size], dtype=torch.int64)
+        batch = slice(i * s.batch_size, (i + 1) * s.batch_size)
+        if self.order_on_device is not None:
+            windows = self.order_on_device[batch]
+        else:
+            assert self.order is not None
+            windows = torch.tensor(self.order[batch], dtype=torch.int64)
         return self.offset + windows[s.rows] * s.num_steps
 
     def __iter__(self) -> Iterator[Batch]:

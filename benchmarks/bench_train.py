@@ -49,7 +49,7 @@ from lstmlm.bench import Dims, machine, measure_generation, measure_matmul_ceili
 from lstmlm.data import batches as lstmlm_batches
 from lstmlm.data.pipeline import build_vocab
 from lstmlm.data.text import normalize, read_text
-from lstmlm.device import resolve_precision
+from lstmlm.device import keep_freed_memory, resolve_precision
 from lstmlm.model import CharLM
 from lstmlm.train import train_step
 
@@ -424,6 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as lstmlm's training does: for every contender alike, the seed's included
     device = torch.device(args.device)
     precisions = precisions_for(args.precision, device)
     torch.manual_seed(0)

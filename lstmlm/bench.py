@@ -29,7 +29,7 @@ import torch
 from . import config as config_mod
 from . import distributed, graphs
 from .config import Config, TrainConfig
-from .device import DTYPES, cpu_has_fast_bf16, describe, resolve_device, resolve_precision, set_tf32, synchronize
+from .device import DTYPES, cpu_has_fast_bf16, describe, keep_freed_memory, resolve_device, resolve_precision, set_tf32, synchronize
 from .distributed import World
 from .errors import DeviceError
 from .generate import Sampling, generate
@@ -150,6 +150,8 @@ def measure_training(
         raise ValueError(f"steps must be at least 1, got {steps}")
     device = torch.device(device)
     check_precision(precision)
+    if device.type == "cpu":
+        keep_freed_memory()  # as a training does
     torch.manual_seed(seed)
     with PeakMemory(device) as memory:
         model = CharLM(dims.vocab_size, dims.hidden, dims.layers, core=core, embedding=dims.embedding).to(device)

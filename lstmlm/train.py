@@ -35,7 +35,7 @@ from .data import batches
 from .data.batches import BatchSource, Epoch, on_device
 from .data.pipeline import Data
 from .data.text import as_text
-from .device import autocast, describe, synchronize
+from .device import autocast, describe, keep_freed_memory, synchronize
 from .distributed import World, all_gather, any_each, sum_all
 from .errors import CheckpointError, TrainingError
 from .evaluation import MAX_LOSS, bits_per_char, evaluate, perplexity
@@ -213,6 +213,8 @@ class Trainer:
     ) -> None:
         self.store, self.cfg, self.data = store, cfg, data
         self.device, self.precision, self.world = device, precision, world
+        if device.type == "cpu":
+            keep_freed_memory()  # every batch frees and makes the same buffers: no fresh pages for each
         torch.manual_seed(cfg.train.seed)  # the same on every process: same init, same dropout stream
         self.model = CharLM.from_config(cfg.model, len(data.vocab)).to(device)
         self.net: torch.nn.Module = self.model  # what the step runs: the model, or its DDP wrapper

@@ -13,6 +13,7 @@
 // C̃ = 2·S - 1 (S is what `gates` keeps in the candidate's block).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <omp.h>
@@ -79,6 +80,42 @@ at::Tensor product_of(const at::Tensor& A, const at::Tensor& B) {
   return stack[0].toTensor();
 }
 
+// A part's step products, C = A B (+ C where `add`), A (M, K) and B (K, N) with contiguous rows,
+// into a buffer of the part's. fp32 takes oneDNN's batch-reduce GEMM micro-kernel (ATen's
+// cpublas::brgemm), the kind nn.LSTM's CPU kernel is built from: no allocation and no primitive
+// lookup a call, which at these sizes cost as much as the arithmetic (about 220 GFLOP/s a core
+// on this project's CPU, against some 150 for a product through ATen). bf16 takes torch's
+// product (oneDNN's), whose brgemm kernel needs AMX.
+template <typename P>
+struct Products {
+  at::Tensor C;
+
+  const P* times(const at::Tensor& A, const at::Tensor& B, bool add) {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+    if constexpr (std::is_same_v<P, float>) {
+      const int64_t M = A.size(0), N = B.size(1), K = A.size(1);
+      if (!C.defined()) C = at::empty({M, N}, A.options());
+      at::native::cpublas::brgemm(M, N, K, A.stride(0), B.stride(0), N, add, data<float>(A), data<float>(B), data<float>(C), false);
+      return data<float>(C);
+    }
+#endif
+    const at::Tensor product = product_of(A, B);
+    C = add ? C.add_(product) : product;
+    return data<P>(C);
+  }
+};
+
+// Whether Products<P> adds a second product into the first in fp32 (so a dense layer's input
+// product and its recurrent one are one sum the gates read), or keeps them apart.
+template <typename P>
+constexpr bool accumulates() {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  return std::is_same_v<P, float>;
+#else
+  return false;
+#endif
+}
+
 // ---- the hidden units across the cores -------------------------------------------------------
 //
 // A step's product and elementwise work are cut by hidden units, not by batch rows: part p of
@@ -140,7 +177,7 @@ struct Input {
   const int64_t* ids = nullptr;
   int64_t vocab = 0;
   const float* bias = nullptr;  // (4H,)
-  const P* product = nullptr;
+  const P* product = nullptr;  // (4·|u|, B), or null where the step's product holds it already
 };
 
 // Units u's gates at one step, in `gates_t` (4H, B): σ(input term + W_hᵀ H_{t-1}ᵀ), the latter
@@ -158,11 +195,16 @@ void activate(float* __restrict gates_t, const P* __restrict product, const Inpu
         const float* __restrict row = x.table + (g * hiddens + u.u0 + r) * x.vocab;
         for (int64_t b = 0; b < batch; ++b) out[r * batch + b] = row[ids[b]] + to_float(prod[r * batch + b]);
       }
-    } else {
+    } else if (x.product != nullptr) {
       const P* __restrict in = x.product + g * n;
       for (int64_t r = 0; r < u.size(); ++r) {
         const float bias = x.bias[g * hiddens + u.u0 + r];
         for (int64_t b = 0; b < batch; ++b) out[r * batch + b] = bias + to_float(in[r * batch + b]) + to_float(prod[r * batch + b]);
+      }
+    } else {  // the input's product is in `product` already
+      for (int64_t r = 0; r < u.size(); ++r) {
+        const float bias = x.bias[g * hiddens + u.u0 + r];
+        for (int64_t b = 0; b < batch; ++b) out[r * batch + b] = bias + to_float(prod[r * batch + b]);
       }
     }
     for (int64_t k = 0; k < n; ++k) out[k] = sigmoid_(out[k]);
@@ -207,19 +249,22 @@ std::vector<at::Tensor> forward_typed(const c10::optional<at::Tensor>& table, co
   float* C = data<float>(Cs);
   float* tC = data<float>(tanh_C);
   P* H = data<P>(Hs);
+  std::vector<Products<P>> recurrent(parts), inputs(parts);
   in_parts(parts, steps, false, [&](int64_t p, int64_t t) {
     const Units u = units_of(p, parts, hiddens);
-    const at::Tensor product = product_of(Wh_part[p], Hs[t]);  // W_hᵀ H_{t-1}ᵀ, the part's rows: its units' four gates in one product
     Input<P> x;
-    at::Tensor input;
+    bool add = false;
     if (table) {
       x.table = data<float>(*table), x.ids = data<int64_t>(*ids) + t * batch, x.vocab = table->size(1);
+    } else if (accumulates<P>()) {  // W_xᵀ X_tᵀ first, the recurrent product added to it
+      recurrent[p].times(Wx_part[p], (*XT)[t], false);
+      x.bias = data<float>(*bias), add = true;
     } else {
-      input = product_of(Wx_part[p], (*XT)[t]);  // W_xᵀ X_tᵀ
-      x.bias = data<float>(*bias), x.product = data<P>(input);
+      x.bias = data<float>(*bias), x.product = inputs[p].times(Wx_part[p], (*XT)[t], false);
     }
+    const P* product = recurrent[p].times(Wh_part[p], Hs[t], add);  // W_hᵀ H_{t-1}ᵀ, the part's rows: its units' four gates in one product
     float* gates_t = G + t * rows * batch;
-    activate<P>(gates_t, data<P>(product), x, hiddens, u, batch);
+    activate<P>(gates_t, product, x, hiddens, u, batch);
     const int64_t at = u.u0 * batch;
     cell<P>(gates_t + at, n, C + t * n + at, C + (t + 1) * n + at, tC + t * n + at, H + (t + 1) * n + at, u.size() * batch);
   });
@@ -323,6 +368,7 @@ std::vector<at::Tensor> backward_typed(const at::Tensor& dHs, const at::Tensor& 
   float* dc = data<float>(dC);
   float* dG = data<float>(dGates);
   P* dG_c = data<P>(dGates_c);  // dGates itself for float
+  std::vector<Products<P>> products(parts);
   in_parts(parts, steps, true, [&](int64_t p, int64_t t) {
     const Units u = units_of(p, parts, hiddens);
     const float* gates_t = G + t * rows * batch;
@@ -331,9 +377,9 @@ std::vector<at::Tensor> backward_typed(const at::Tensor& dHs, const at::Tensor& 
       step_back<P, true>(t, steps, hiddens, batch, u, gates_t, nullptr, C + t * n, tC + t * n, dH_out + t * n, nullptr, dc, dG, dG_c, written);
       return;
     }
-    const at::Tensor product = product_of(W_h.narrow(0, u.u0, u.size()), next[(t + 1) % 2]);  // W_h dGates_{t+1}ᵀ, the part's units
+    const P* product = products[p].times(W_h.narrow(0, u.u0, u.size()), next[(t + 1) % 2], false);  // W_h dGates_{t+1}ᵀ, the part's units
     step_back<P, false>(t, steps, hiddens, batch, u, gates_t, G + (t + 1) * rows * batch + n, C + t * n, tC + t * n, dH_out + t * n,
-                        data<P>(product), dc, dG, dG_c, written);
+                        product, dc, dG, dG_c, written);
   });
   dC.mul_(gates[0].narrow(0, hiddens, hiddens));  // dL/dC_0 = dL/dC_1's part through C_1 = F_1 ⊙ C_0 + …
   return {dGates, dGates_c, dC};

@@ -12,6 +12,7 @@
 // packed i, f, c̃, o with the candidate's weights doubled, so one sigmoid gives all four and
 // C̃ = 2·S - 1 (S is what `gates` keeps in the candidate's block).
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
@@ -428,10 +429,12 @@ void step_typed(const int64_t* ids, const at::Tensor& table, at::TensorList W, a
   const int64_t batch = H1[0].size(0), hiddens = H1[0].size(1) - 1, gates = 4 * hiddens;
   for (size_t k = 0; k < W.size(); ++k) {
     const int64_t width = Pk[k].size(1), in = width - gates;  // P[k]: the reader's input, then the recurrent term
-    for (int64_t b = 0; b < batch; ++b) {
-      const P* input = k == 0 ? data<P>(table) + ids[b] * gates : data<P>(Pk[k - 1]) + b * Pk[k - 1].size(1);
-      cell_row<P>(data<P>(Pk[k]) + b * width + in, input, data<float>(C[k]) + b * hiddens, data<P>(H1[k]) + b * (hiddens + 1), hiddens);
-    }
+    at::parallel_for(0, batch, 8, [&](int64_t begin, int64_t end) {  // rows on the cores where there are enough of them
+      for (int64_t b = begin; b < end; ++b) {
+        const P* input = k == 0 ? data<P>(table) + ids[b] * gates : data<P>(Pk[k - 1]) + b * Pk[k - 1].size(1);
+        cell_row<P>(data<P>(Pk[k]) + b * width + in, input, data<float>(C[k]) + b * hiddens, data<P>(H1[k]) + b * (hiddens + 1), hiddens);
+      }
+    });
     at::mm_out(const_cast<at::Tensor&>(Pk[k]), H1[k], W[k]);  // [H_t, 1] times everything that reads H_t
   }
 }

@@ -27,11 +27,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import config as config_mod
-from . import distributed, graphs
+from . import distributed, graphs, native
 from .config import Config, TrainConfig
 from .device import DTYPES, cpu_has_fast_bf16, describe, keep_freed_memory, resolve_device, resolve_precision, set_tf32, synchronize
 from .distributed import World
 from .errors import DeviceError
+from .fused import times_T
 from .generate import Sampling, generate
 from .lstm import State
 from .model import CharLM
@@ -82,7 +83,9 @@ class Ceiling:
 def measure_matmul_ceiling(
     device: torch.device | str, precision: str = "fp32", max_size: int = 2048, min_seconds: float = 0.5
 ) -> Ceiling:
-    """GFLOP/s of a large square matrix product, the best of repeats over `min_seconds`.
+    """GFLOP/s of a large square matrix product, the best of repeats over `min_seconds`, by
+    the product lstmlm's fast path takes (fused.times_T: on a CPU in fp32 oneDNN's, which on AMD
+    CPUs runs at twice MKL's rate, torch.mm's).
 
     The size grows from 256 until one product takes a tenth of a second or reaches `max_size`,
     so a precision the hardware emulates slowly (bf16 on a CPU without AVX512-BF16) is
@@ -105,10 +108,10 @@ def measure_matmul_ceiling(
 def _time_matmul(size: int, dtype: torch.dtype, device: torch.device) -> float:
     A = torch.randn(size, size, device=device).to(dtype)
     B = torch.randn(size, size, device=device).to(dtype)
-    A @ B  # warm up: kernels chosen, memory mapped
+    times_T(A, B)  # warm up: kernels chosen, memory mapped
     synchronize(device)
     start = time.perf_counter()
-    A @ B
+    times_T(A, B)
     synchronize(device)
     return time.perf_counter() - start
 
@@ -260,6 +263,7 @@ class Machine:
     torch: str
     auto_precision: str  # what --precision auto picks on the device measured
     tf32: bool = False  # fp32 products in TF32 on the GPU measured (cuBLAS and cuDNN), as set for the measurement
+    recurrence: str = ""  # the scratch core's recurrence on a CPU: compiled (native.py), or the Python loop and why
 
 
 def machine(device: torch.device) -> Machine:
@@ -269,7 +273,7 @@ def machine(device: torch.device) -> Machine:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     return Machine(cpu, os.cpu_count(), torch.get_num_threads(), torch.backends.cpu.get_cpu_capability(), cpu_has_fast_bf16(),
-                   gpu, torch.__version__, resolve_precision("auto", device), tf32)  # fmt: skip
+                   gpu, torch.__version__, resolve_precision("auto", device), tf32, native.status())  # fmt: skip
 
 
 # ---- memory ------------------------------------------------------------------------------------

@@ -85,4 +85,9 @@ class Warned:
     message: str  # one line: something the user should know that does not stop training
 
 
-Event = Started | Warned | Stepped | Evaluated | EpochEnded | Sampled | Saved | Finished
+@dataclass(frozen=True)
+class Noted:
+    message: str  # one line about what training is doing before its first step (a one-time build)
+
+
+Event = Started | Warned | Noted | Stepped | Evaluated | EpochEnded | Sampled | Saved | Finished

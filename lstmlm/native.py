@@ -63,6 +63,15 @@ def recurrence() -> Any | None:
     return _load()[0]
 
 
+def needs_build() -> bool:
+    """Whether the next `recurrence()` will compile (some 10-20 s): nothing loaded in this
+    process yet, none built for this source, torch, compiler and CPU in the cache."""
+    if _load.cache_info().currsize or not _enabled or os.environ.get("LSTMLM_NATIVE", "1") == "0":
+        return False
+    compiler = _compiler()
+    return compiler is not None and not (_directory() / f"recurrence-{_key(compiler)}.so").is_file()
+
+
 def status() -> str:
     """"compiled" or "python loop" and, for the latter, why: for `lstmlm bench` and the tests."""
     ops, reason = _load()
@@ -73,7 +82,7 @@ def status() -> str:
 def _load() -> tuple[Any | None, str]:
     if os.environ.get("LSTMLM_NATIVE", "1") == "0":
         return None, "LSTMLM_NATIVE=0"
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    compiler = _compiler()
     if compiler is None:
         return None, "no C++ compiler found: set CXX or install g++"
     global _loaded
@@ -92,7 +101,7 @@ def _build(compiler: str) -> Path:
     """The compiled library for this source, torch, compiler and CPU: from the cache, or built
     into it (into a temporary name first, then renamed, so two processes building at once
     each leave a whole file)."""
-    directory = Path(os.environ.get("LSTMLM_NATIVE_DIR") or cache_dir() / "native")
+    directory = _directory()
     library = directory / f"recurrence-{_key(compiler)}.so"
     if library.is_file():
         return library
@@ -115,6 +124,14 @@ def _build(compiler: str) -> Path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
     return library
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+def _directory() -> Path:
+    return Path(os.environ.get("LSTMLM_NATIVE_DIR") or cache_dir() / "native")
 
 
 def _key(compiler: str) -> str:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, graphs
+from . import checkpoint, graphs, native
 from .config import Cadence, Config, TrainConfig, cadence
 from .data import batches
 from .data.batches import BatchSource, Epoch, on_device
@@ -39,7 +39,7 @@ from .device import autocast, describe, keep_freed_memory, synchronize
 from .distributed import World, all_gather, any_each, sum_all
 from .errors import CheckpointError, TrainingError
 from .evaluation import MAX_LOSS, bits_per_char, evaluate, perplexity
-from .events import EpochEnded, Evaluated, Event, Finished, Sampled, Saved, Started, Stepped, Warned
+from .events import EpochEnded, Evaluated, Event, Finished, Noted, Sampled, Saved, Started, Stepped, Warned
 from .generate import complete, prime_text, sample_prefixes
 from .lstm import State
 from .model import CharLM, Dropouts, activation_penalty, convert, loss_fn
@@ -294,6 +294,7 @@ class Trainer:
         `should_stop()` says so; every way out ends the same: validate, save, sample, Finished."""
         yield self._started()
         yield from self._why_eager()
+        yield from self._compiled_recurrence()
         self._session_start = self.clock()
         self._last = dict.fromkeys(self.cadences, self._session_start)
         if self.state.torch_rng is not None:
@@ -426,6 +427,19 @@ class Trainer:
     def _eager_step(self, X: torch.Tensor, Y: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
         t = self.cfg.train
         return train_step(self.net, self.optimizer, X, Y, state, t.clip, self.device, self.precision, t.ar, t.tar)
+
+    def _compiled_recurrence(self) -> Iterator[Noted | Warned]:
+        """The scratch core on a CPU runs native.py's compiled recurrence: built here, before the
+        clock starts, where this machine has none yet (said, since it takes some seconds), and
+        said where it cannot be (the Python loop, slower, runs instead)."""
+        if self.device.type != "cpu" or self.model.scratch_core is None:
+            return
+        if native.needs_build():
+            yield Noted("compiling the scratch core's recurrence for this CPU (once, some 10-20 seconds)")
+        native.recurrence()  # built now, not inside the first step
+        why = native.status()
+        if why.startswith("python loop") and "LSTMLM_NATIVE=0" not in why:  # switched off on purpose: nothing to say
+            yield Warned(f"the scratch core runs its Python loop, about 2.5x slower: {why}")
 
     def _why_eager(self) -> Iterator[Warned]:
         """Once: why the scratch core's step runs eagerly on CUDA, where a graph would pay."""

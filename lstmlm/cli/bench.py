@@ -41,7 +41,7 @@ def bench(
     gpu = f", {m.gpu}, TF32 {'on' if m.tf32 else 'off'}" if m.gpu else ""
     out.print(f"machine: {m.cpu}, {m.cores} cores, {m.torch_threads} torch threads, {m.cpu_capability}, "
               f"native bf16 {'yes' if m.native_bf16 else 'no'}{gpu}, torch {m.torch}; "
-              f"--precision auto picks {m.auto_precision}", soft_wrap=True)  # fmt: skip
+              f"--precision auto picks {m.auto_precision}; the scratch core's recurrence: {escape(m.recurrence)}", soft_wrap=True)  # fmt: skip
     out.print(table(report))
 
 

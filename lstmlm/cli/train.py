@@ -17,7 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ..config import Config
-from ..events import EpochEnded, Evaluated, Event, Finished, Sampled, Started, Stepped, Warned
+from ..events import EpochEnded, Evaluated, Event, Finished, Noted, Sampled, Started, Stepped, Warned
 from ..runs import DEFAULT_RUNS_DIR
 from . import options
 from .console import corpus_progress, err, out, print_json, visible
@@ -131,6 +131,11 @@ def render(cfg: Config, events: Iterator[Event], as_json: bool) -> Finished:
                 epochs = progress.add_task("epoch", total=event.epochs, completed=event.start_epoch, stats="")
                 if event.batches_per_epoch >= STEP_BAR_MIN_BATCHES:
                     steps = progress.add_task("step", total=event.batches_per_epoch, stats="")
+            elif isinstance(event, Noted):
+                if as_json:
+                    print_json({"event": "note", **dataclasses.asdict(event)})
+                else:
+                    progress.console.print(f"[dim]{escape(visible(event.message))}[/]", soft_wrap=True)
             elif isinstance(event, Warned):
                 if as_json:
                     print_json({"event": "warning", **dataclasses.asdict(event)})

@@ -18,8 +18,10 @@ For each size, in fresh processes with a fresh cache ($LSTMLM_HOME in the work d
     encode      the library path `lstmlm train` takes to its data (`prepare_data`): wall time
     train       `lstmlm train` again, the store now cached: time from the process's start to its
                 first optimizer step, then training for --minutes; tokens/s and a sample
-    data        the median time to gather one batch from the store, sequential and random
-                (and the random iterator's shuffle, once an epoch)
+    data        the median time to gather one batch from the store, sequential and random, over
+                200 consecutive batches from somewhere in an epoch with a training step's work
+                (as long as the train phase's steps) between them, as training walks them; and the random
+                iterator's shuffle, once an epoch
     store       the store file's size against the corpus's
 
 Memory is sampled every 20 ms from /proc/PID/status of the process and its children (the
@@ -86,19 +88,28 @@ from lstmlm.data.batches import BatchSource
 from lstmlm.data.pipeline import prepare_data
 cfg = Config().with_overrides({"corpus": sys.argv[1], "normalize": sys.argv[2]}).resolved()
 data = prepare_data(cfg)
+import torch
+pause = float(sys.argv[5])  # a training step's time: what the next batch's read-ahead has
+work = torch.randn(256, 256)
+
+def train_for(seconds):  # stands for a training step: the cores busy with products, as between batches
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        work @ work
+
 out = {}
 for iterator in ("sequential", "random"):
     source = BatchSource(data.train, int(sys.argv[3]), int(sys.argv[4]), iterator)
     start = time.perf_counter()
     epoch = source.epoch(random.Random(0))
     out[f"{iterator}_epoch_setup_s"] = time.perf_counter() - start
-    rng = random.Random(1)
-    times = []
-    for _ in range(300):
-        i = rng.randrange(len(epoch))
+    epoch.skip = random.Random(1).randrange(max(1, len(epoch) - 300))
+    batches, times = iter(epoch), []
+    for _ in range(200):  # consecutive batches from somewhere in the epoch, as training walks them
         start = time.perf_counter()
-        source.gather(epoch.starts(i))
+        next(batches)
         times.append(time.perf_counter() - start)
+        train_for(pause)
     out[f"{iterator}_batch_us"] = statistics.median(times) * 1e6
 print(json.dumps(out))
 """
@@ -271,7 +282,8 @@ def bench_size(label: str, corpus: str, nbytes: int, args: argparse.Namespace, w
         sample=next(iter(done["samples"].values()), ""),
     )
     batch, steps = (int(x) for x in args.batch.split("x"))
-    timed = measure([py, "-c", DATA_CHILD, corpus, args.normalize, str(batch), str(steps)], env, args.timeout)
+    step_s = batch * steps / done["tokens_per_s"]  # a training step of the run above
+    timed = measure([py, "-c", DATA_CHILD, corpus, args.normalize, str(batch), str(steps), f"{step_s:.4f}"], env, args.timeout)
     row.update(json.loads(timed.stdout.strip().splitlines()[-1]))
     return row
 

@@ -97,3 +97,36 @@ def _after_epoch(source: BatchSource, seed: int) -> object:
     rng = random.Random(seed)
     list(source.epoch(rng))
     return rng.getstate()
+
+
+@pytest.mark.parametrize("iterator", ["sequential", "random"])
+def test_the_next_batch_is_read_ahead_while_one_trains(monkeypatch: pytest.MonkeyPatch, iterator: str) -> None:
+    """While batch i is used, the kernel is asked (madvise WILLNEED) for the pages of batch
+    i + 1's windows, page-aligned and covering each window whole; the batches are unchanged."""
+    from lstmlm.data import batches as batches_mod
+
+    tokens = torch.arange(20_000, dtype=torch.int64) % 97
+    asked: list[tuple[int, int]] = []
+    monkeypatch.setattr(batches_mod, "READ_AHEAD_MIN", 0)
+    monkeypatch.setattr(batches_mod, "_madvise", lambda addr, length, advice: asked.append((addr.value, length.value)) or 0)
+    source = BatchSource(tokens, 4, 35, iterator)
+    epoch = source.epoch(random.Random(3))
+    base, item = tokens.data_ptr(), tokens.element_size()
+    expected = [source.gather(epoch.starts(i)) for i in range(len(epoch))]
+    for i, (X, Y) in enumerate(epoch):
+        assert torch.equal(X, expected[i][0]) and torch.equal(Y, expected[i][1])
+        if i + 1 < len(epoch):
+            window = asked[-4:]  # the 4 rows of batch i + 1
+            for (addr, length), start in zip(window, epoch.starts(i + 1).tolist()):
+                first, last = base + start * item, base + (start + 36) * item
+                assert addr % batches_mod.PAGE == 0 and addr <= first and addr + length >= last
+    assert len(asked) == 4 * (len(epoch) - 1)
+
+
+def test_a_small_store_is_not_read_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lstmlm.data import batches as batches_mod
+
+    asked: list[object] = []
+    monkeypatch.setattr(batches_mod, "_madvise", lambda *a: asked.append(a) or 0)
+    list(BatchSource(torch.arange(5_000) % 7, 4, 35, "random").epoch(random.Random(0)))
+    assert not asked  # in the page cache after one epoch anyway: no system call a batch

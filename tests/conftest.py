@@ -34,6 +34,15 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 os.environ.setdefault("LSTMLM_NATIVE_DIR", tempfile.mkdtemp(prefix="lstmlm-native-"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compiled_recurrence() -> None:
+    """Build it once, first: tests that run lstmlm in a process of its own (under a file-size
+    limit, on a full disk) then find it built rather than build it there."""
+    from lstmlm import native
+
+    native.recurrence()
+
+
 # ---- test data and cache ----------------------------------------------------------------------
 
 

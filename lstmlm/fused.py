@@ -1,5 +1,7 @@
 """The scratch LSTM's fast path: the same equations as `lstm.ScratchLSTMLayer`, computed for
 speed, with a hand-written backward pass through time (as jcjohnson/torch-rnn does for Torch).
+On a CPU the recurrence itself runs compiled (`native.py`, `csrc/recurrence.cpp`) where it can
+be built; the Python loop here is the same arithmetic, and what runs elsewhere.
 
 The layer's parameters are packed, as the fast path wants them: W_x (inputs, 4·hiddens), W_h
 (hiddens, 4·hiddens) and b (4·hiddens), the four gates side by side in nn.LSTM's order
@@ -341,7 +343,9 @@ def run_sequence(X: torch.Tensor, H_0: torch.Tensor, C_0: torch.Tensor, weights:
 # share it poorly. Rows of a batch are independent sequences, though, so the batch is cut into
 # one part per core and each part runs the whole recurrence, forward or backward, on a thread
 # of its own with one torch thread: nothing is shared until the sequence ends. The parts' weight
-# gradients are summed; everything else is concatenated.
+# gradients are summed; everything else is concatenated. This is the Python loop's way to use
+# the cores, and it pays little: each part's loop holds the GIL between its operations. The
+# compiled recurrence (native.py) takes the batch whole and cuts each step by hidden units.
 
 MIN_PART_ROWS = 8  # a part of fewer rows runs its products too inefficiently to pay
 

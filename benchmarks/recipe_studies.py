@@ -30,9 +30,10 @@ import torch
 
 from lstmlm import recipe
 from lstmlm.bench import measure_training
-from lstmlm.config import Config
+from lstmlm.config import Config, ModelConfig
 from lstmlm.data.pipeline import prepare_data
 from lstmlm.device import resolve_precision
+from lstmlm.model import num_parameters
 
 SHOWN = ("hidden", "layers", "embedding", "lr", "batch_size", "num_steps", "dropout", "weight_drop", "warmup_steps", "schedule")
 
@@ -113,6 +114,11 @@ def main() -> None:
             run_study(name, corpus, minutes, trials, args.runs_dir, shlex.split(args.tune_args))
         rows = read_study(name, args.runs_dir)
         report[name] = {"corpus": corpus, "minutes": minutes, "trials": rows, **recipe_for(corpus, minutes)}
+        for row in rows:  # the figure TOKENS_PER_PARAMETER is fitted to: tokens seen per weight
+            if row.get("tokens") and "settings" in row:
+                s = row["settings"]
+                row["parameters"] = num_parameters(ModelConfig(hidden=s["hidden"], layers=s["layers"], embedding=s["embedding"]), report[name]["vocab"])
+                row["tokens_per_parameter"] = row["tokens"] / row["parameters"]
     for name, r in report.items():
         print(f"\n{name}: {r['corpus']}, {r['corpus_tokens']:,} training tokens, {r['vocab']} symbols, {r['minutes']:g} minutes a trial, "
               f"probe {r['probe_tokens_per_s']:,.0f} tokens/s")
@@ -120,7 +126,8 @@ def main() -> None:
             if "val_nats" in row:
                 s = row["settings"]
                 print(f"  #{row['number']:<3} {row['state']:9} {row['val_nats']:.4f} nats  " + "  ".join(f"{k}={s[k]}" for k in SHOWN if s.get(k) is not None)
-                      + (f"  tokens={row['tokens']:,}" if row.get("tokens") else ""))  # fmt: skip
+                      + (f"  tokens={row['tokens']:,}" if row.get("tokens") else "")
+                      + (f"  weights={row['parameters']:,} ({row['tokens_per_parameter']:.1f} tokens each)" if "parameters" in row else ""))  # fmt: skip
             else:
                 print(f"  #{row['number']:<3} {row['state']:9} {row['params']}")
         rec = r["recipe"]

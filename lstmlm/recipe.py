@@ -18,10 +18,15 @@ FLOPs per token and the seconds, that is the compute the run has. Then:
     dropout   none while the text is seen at most FREE_EPOCHS times, then DROPOUT_PER_DOUBLING
               for each doubling of the epochs
 
-The constants are placeholders: the hand-made `configs/tinyshakespeare.toml` (1.19 M weights,
-4.6 M tokens seen in 10 minutes, 4 epochs, Adam 8e-3 at 512 wide, no dropout) is the one
-point they are set from. They are to be fitted from the tune studies in the README's table of
-studies (`lstmlm tune` on corpora of different size and kind); change them there first.
+The constants are fitted to the tune studies in the README ("The studies"): shakespeare (prose,
+4-minute trials), linux-5M (C code) and manpages-zh (Chinese, 1,938 symbols, 3-minute trials).
+In each, the best of the seeded 1×384, 1×512 and 1×768 (no TPE trial beat them) saw about
+0.5–2.5 training tokens per weight (the trials' speeds times their minutes; 0.5 for the Chinese
+corpus, whose weights are mostly its 1,938-row input and output matrices). TOKENS_PER_PARAMETER
+= 1.5 picks 1×544 for linux (best: 512), 1×672 for shakespeare (best: 768) and 1×288 for zh
+(best: 512). The 768 winner has 2.6 weights per token of shakespeare's 1.0 M training tokens,
+hence PARAMETERS_PER_TOKEN = 4. The batch rule (TARGET_UPDATES) is still the hand recipe's: the
+studies' seeds all had batches of 32 or 64.
 """
 
 from __future__ import annotations
@@ -36,8 +41,8 @@ from .data.batches import min_tokens
 from .errors import ConfigError, CorpusError
 from .model import num_parameters
 
-TOKENS_PER_PARAMETER = 4.0  # the hand recipe: 4.6 M tokens seen for 1.19 M weights
-PARAMETERS_PER_TOKEN = 2.0  # at most this many weights per training token
+TOKENS_PER_PARAMETER = 1.5  # the studies' best trials: 0.5–2.5 tokens seen per weight
+PARAMETERS_PER_TOKEN = 4.0  # at most this many weights per training token (shakespeare's best: 2.6)
 BASE_LR, BASE_HIDDEN, MIN_LR, MAX_LR = 8e-3, 512, 1e-3, 2e-2
 MIN_HIDDEN, MAX_HIDDEN, HIDDEN_STEP = 32, 2048, 32
 WIDE, MAX_LAYERS = 1024, 3

@@ -197,7 +197,7 @@ def test_one_model_per_run_reused_until_training_writes_a_new_checkpoint(runs_co
         api.post("/api/generate", json=body)
         assert models.get("raw") is loaded  # not read again
         path = runs_copy / "raw" / "latest.pt"
-        payload = torch.load(path, weights_only=False)
+        payload = torch.load(path, weights_only=True)  # a checkpoint holds tensors and plain values only
         payload["model"] = {k: -v for k, v in payload["model"].items()}  # a training step of sorts
         torch.save(payload, path)
         assert models.get("raw") is not loaded

@@ -51,6 +51,11 @@ class DataConfig:
     batch_size: int = setting(32, "Sequences per batch.")
     num_steps: int = setting(35, "Characters per sequence (backprop through time).")
     iterator: Iterator = setting("sequential", "sequential (state carried between batches) or random.")
+    reset_every: int = setting(
+        0,
+        "Sequential iterator: zero each row's carried state once every N batches, the rows staggered (0 = never, the seed's way). "
+        "A model that only ever continues a state can be lost from a zero one, where generation and validation start.",
+    )
     strict: bool = setting(False, "In a directory or glob, refuse an empty or unreadable file instead of skipping it.")
 
 
@@ -328,6 +333,7 @@ def _validate(cfg: Config) -> None:
     rules = [
         (d.batch_size >= 1, "[data] batch_size must be at least 1"),
         (d.num_steps >= 1, "[data] num_steps must be at least 1"),
+        (d.reset_every >= 0, "[data] reset_every must be 0 (never) or a number of batches"),
         (d.max_tokens >= -1, "[data] max_tokens must be -1 (auto), 0 (all) or positive"),
         (0.0 <= d.val_fraction < 1.0 or d.val_fraction == -1.0, "[data] val_fraction must be in [0, 1)"),
         (bool(d.corpus), "[data] corpus must not be empty"),

@@ -17,6 +17,10 @@ FLOPs per token and the seconds, that is the compute the run has. Then:
               batches, so an epoch still has BATCHES_PER_EPOCH of them
     dropout   none while the text is seen at most FREE_EPOCHS times, then DROPOUT_PER_DOUBLING
               for each doubling of the epochs
+    resets    each row's carried state zeroed every RESET_EVERY batches (`reset_every`): trained
+              on carried state alone, a model can learn cells that only ever grow (|C| in the
+              thousands) and, started from zero at an unlucky place — as validation's streams
+              and generation start — fall into a state it never leaves (README: The studies)
 
 The constants are fitted to the tune studies in the README ("The studies"): shakespeare (prose,
 4-minute trials), linux-5M (C code) and manpages-zh (Chinese, 1,938 symbols, 3-minute trials).
@@ -49,6 +53,7 @@ WIDE, MAX_LAYERS = 1024, 3
 NUM_STEPS, MIN_BATCH, MAX_BATCH, TARGET_UPDATES, BATCHES_PER_EPOCH = 100, 16, 256, 3000, 8
 FREE_EPOCHS, DROPOUT_PER_DOUBLING, MAX_DROPOUT = 4.0, 0.1, 0.5
 MAX_WARMUP = 100  # warm-up steps: a fiftieth of the updates, at most this many
+RESET_EVERY = 20  # batches: a row's state lives at most 2,000 characters; not fitted, one choice that worked
 
 # What the probe trains: one layer of 256, batches of 32 × 50 (its embedding as the recipe's).
 PROBE_HIDDEN, PROBE_BATCH, PROBE_STEPS = 256, 32, 50
@@ -71,13 +76,14 @@ class Recipe:
     epochs: float  # passes over the corpus that makes
     optimizer: str = "adam"
     schedule: str = "cosine"  # annealed by the clock (max_minutes), so it ends at its floor on time
+    reset_every: int = RESET_EVERY
 
     def overrides(self) -> dict[str, Any]:
         """The config fields this recipe sets (options given on the command line override them)."""
         return {key: getattr(self, key) for key in RECIPE_KEYS}
 
 
-RECIPE_KEYS = ("hidden", "layers", "embedding", "lr", "batch_size", "num_steps", "dropout", "warmup_steps", "optimizer", "schedule")
+RECIPE_KEYS = ("hidden", "layers", "embedding", "lr", "batch_size", "num_steps", "dropout", "warmup_steps", "optimizer", "schedule", "reset_every")
 
 
 def embedding_for(vocab_size: int) -> int:

@@ -1,8 +1,9 @@
 """The training loop, as a generator of events (`events.py`): the CLI renders them, tests `list(...)` them.
 
 The seed's semantics (d2l's train_ch8): the recurrent state starts at zero on an epoch's first
-batch (on every batch for the random iterator) and is detached between batches, so gradients
-flow back only through the current `num_steps`; the loss is the mean cross-entropy; gradients
+batch (on every batch for the random iterator; with `reset_every`, on each row once every N
+batches as well) and is detached between batches, so gradients flow back only through the
+current `num_steps`; the loss is the mean cross-entropy; gradients
 are clipped to a global norm θ; perplexity is exp of the token-weighted mean loss. AR and TAR,
 when set, are added to what is differentiated, never to the loss reported: perplexity stays
 exp of the cross-entropy.
@@ -412,7 +413,7 @@ class Trainer:
         tokens, is added to `loss_sum` on the device (no sync per batch)."""
         d, st = self.cfg.data, self.state
         if state is not None and d.iterator == "sequential":
-            state = (state[0].detach(), state[1].detach())  # truncate backprop at the batch edge
+            state = self._reset_rows(state[0].detach(), state[1].detach())  # truncate backprop at the batch edge
         else:
             state = None  # zero state: the epoch's first batch, or every random-iterator batch
         X, Y = X.to(self.device, non_blocking=True), Y.to(self.device, non_blocking=True)  # this process's rows (already there on a GPU)
@@ -423,6 +424,18 @@ class Trainer:
         st.global_step += 1
         st.tokens += Y.numel() * self.world.size
         return state
+
+    def _reset_rows(self, H: torch.Tensor, C: torch.Tensor) -> State:
+        """(H, C) with the rows due to start afresh zeroed (`reset_every`): row r of the batch
+        every N batches, at step r·N/batch of each cycle, so each batch has its share of fresh
+        rows. Decided by the step within the epoch and the row's place in the whole batch, both
+        saved and the same on every process: a resume and a torchrun stay exact."""
+        every, batch = self.cfg.data.reset_every, self.cfg.data.batch_size
+        if every <= 0:
+            return H, C
+        rows = torch.arange(batch, device=H.device)[self.world.rows(batch)]  # made on the device: no copy, no wait
+        keep = ((self.state.step + rows * every // batch) % every != 0)[None, :, None]
+        return H * keep.to(H.dtype), C * keep.to(C.dtype)
 
     def _eager_step(self, X: torch.Tensor, Y: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
         t = self.cfg.train

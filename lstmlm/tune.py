@@ -99,6 +99,7 @@ SPACE = (
     Dimension("warmup_steps", 0, 300),
     Dimension("batch_size", 16, 128, log=True),
     Dimension("num_steps", 32, 256, log=True),
+    Dimension("reset_every", choices=(0, 10, 20, 50)),  # batches between a row's fresh states; 0: never
     Dimension("dropout", 0.0, 0.5),
     # AWD-LSTM's regularization (the other half of issue 19): searched once the config has the field
     Dimension("weight_drop", 0.0, 0.5),  # DropConnect on W_h

@@ -173,7 +173,7 @@ def test_a_config_file_is_never_replaced_by_the_recipe(book: Path, runs_dir: Pat
 
 def test_every_recipe_setting_given_needs_no_probe(book: Path, runs_dir: Path) -> None:
     given: dict[str, object] = {"hidden": 16, "layers": 1, "embedding": 8, "lr": 0.01, "batch_size": 8, "num_steps": 10, "dropout": 0.0, "warmup_steps": 0}
-    given |= {"optimizer": "adam", "schedule": "constant"}
+    given |= {"optimizer": "adam", "schedule": "constant", "reset_every": 0}
     plan = session.prepare_training(runs_dir, None, {"corpus": str(book), "max_minutes": 0.01, "device": "cpu", **given})
     assert plan.recipe is None
 

@@ -233,8 +233,9 @@ AWD = {"embedding": 6, "embedding_dropout": 0.1, "dropout_input": 0.2, "dropout_
 
 @pytest.mark.parametrize(
     ("iterator", "model", "regularization"),
-    [*((*case.values, {}) for case in RESUME_CASES), ("sequential", "scratch", AWD), ("sequential", "cudnn", AWD)],
-    ids=[*(str(case.id) for case in RESUME_CASES), "sequential-scratch-awd", "sequential-cudnn-awd"],
+    [*((*case.values, {}) for case in RESUME_CASES), ("sequential", "scratch", AWD), ("sequential", "cudnn", AWD),
+     ("sequential", "scratch", {"reset_every": 3})],
+    ids=[*(str(case.id) for case in RESUME_CASES), "sequential-scratch-awd", "sequential-cudnn-awd", "sequential-scratch-reset"],
 )
 def test_resume_mid_epoch_is_bitwise_exact(make_trainer: MakeTrainer, iterator: str, model: str, regularization: dict[str, Any]) -> None:
     """Stop after k batches (as SIGINT does), resume in a fresh trainer: the same weights and the
@@ -255,6 +256,30 @@ def test_resume_mid_epoch_is_bitwise_exact(make_trainer: MakeTrainer, iterator: 
 
     assert_bitwise_equal(weights(straight), weights(resumed))
     assert epoch_losses(straight.store) == epoch_losses(resumed.store)
+
+
+def test_reset_every_zeroes_each_row_once_per_cycle_staggered_and_carries_the_rest(make_trainer: MakeTrainer) -> None:
+    """reset_every 4, batches of 8: row r starts afresh at the epoch's steps s with
+    (s + r·4/8) % 4 == 0 (two rows a step), every other row continues the state the last step left."""
+    trainer = make_trainer(epochs=1, reset_every=4)
+    seen: list[tuple[int, Any, Any]] = []
+    original = trainer.step
+
+    def recording(X: torch.Tensor, Y: torch.Tensor, state: Any) -> Any:
+        loss, out = original(X, Y, state)
+        seen.append((trainer.state.step, None if state is None else [s.clone() for s in state], [s.detach().clone() for s in out]))
+        return loss, out
+
+    trainer.step = recording
+    list(trainer.run())
+    assert len(seen) == trainer.steps_per_epoch > 8 and seen[0][1] is None  # the epoch starts from zero
+    for (_, _, before), (step, given, _) in itertools.pairwise(seen):
+        for row in range(8):
+            due = (step + row * 4 // 8) % 4 == 0
+            for got, carried in zip(given, before, strict=True):
+                expected = torch.zeros_like(carried[:, row]) if due else carried[:, row]
+                assert torch.equal(got[:, row], expected), (step, row, due)
+    assert all(bool(before[1].ne(0).any(-1).all()) for _, _, before in seen)  # so a zeroed row is never one that was zero already
 
 
 @pytest.mark.parametrize(("iterator", "model"), RESUME_CASES[:2])
@@ -567,9 +592,10 @@ def checkpoint_state(trainer: Trainer, which: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graphed"])
-@pytest.mark.parametrize(("iterator", "model"), RESUME_CASES)
+@pytest.mark.parametrize(("iterator", "model", "reset_every"), [*((*case.values, 0) for case in RESUME_CASES), ("sequential", "scratch", 3)],
+                         ids=[*(str(case.id) for case in RESUME_CASES), "sequential-scratch-reset"])  # fmt: skip
 def test_a_step_never_waits_for_the_device_only_a_report_does(
-    make_trainer: MakeTrainer, monkeypatch: pytest.MonkeyPatch, iterator: str, model: str, graphed: bool
+    make_trainer: MakeTrainer, monkeypatch: pytest.MonkeyPatch, iterator: str, model: str, reset_every: int, graphed: bool
 ) -> None:
     """On a GPU the host queues the steps and runs ahead; reading any value back makes it wait.
     Counted on a CPU as a GPU meets them (`as_on_a_gpu`): not one such read from one step to the
@@ -577,7 +603,7 @@ def test_a_step_never_waits_for_the_device_only_a_report_does(
     as_on_a_gpu(monkeypatch)
     if graphed:
         graphs_on_the_cpu(monkeypatch)
-    trainer = make_trainer(epochs=2, iterator=iterator, model=model, layers=2)
+    trainer = make_trainer(epochs=2, iterator=iterator, model=model, layers=2, reset_every=reset_every)
     between: list[tuple[object, list[str]]] = []  # each event, and the reads made since the one before
     with host_syncs() as seen:
         done = 0

@@ -83,7 +83,7 @@ def recipe_line(chosen: Chosen, tokens: int, vocab: int, minutes: float) -> str:
     text = (
         f"default recipe for {count(tokens)} training tokens of {vocab} symbols, {minutes:g} min at {chosen.tokens_per_s:,.0f} tokens/s "
         f"(the probe): {r.layers}×{r.hidden}, embedding {r.embedding}, {r.parameters:,} parameters, batches {r.batch_size}×{r.num_steps}, "
-        f"{r.optimizer} lr {r.lr:g} {r.schedule}, dropout {r.dropout:g}; about {r.epochs:.2g} epochs"
+        f"{r.optimizer} lr {r.lr:g} {r.schedule}, dropout {r.dropout:g}, state reset every {r.reset_every} batches; about {r.epochs:.2g} epochs"
     )
     return text + (f" (the options given override {', '.join(chosen.given)})" if chosen.given else "")
 

@@ -65,6 +65,18 @@ class Terminal:
     def type(self, keys: bytes) -> None:
         os.write(self.fd, keys)
 
+    def wait_for_a_key(self, timeout: float = 30.0) -> None:
+        """Until the program sleeps in select or poll, waiting for a key, as a person at the
+        prompt finds it: CPython's readline misses a SIGINT that lands after it printed the
+        prompt and before it began to wait (the test would hang where no person could)."""
+        stat, wchan = Path(f"/proc/{self.pid}/stat"), Path(f"/proc/{self.pid}/wchan")
+        if not wchan.exists():  # no /proc (not Linux): type at once
+            return
+        deadline = time.monotonic() + timeout
+        while not (stat.read_text().rsplit(")", 1)[1].split()[0] == "S" and ("poll" in wchan.read_text() or "select" in wchan.read_text())):
+            assert time.monotonic() < deadline, f"not waiting for a key after {timeout} s: …{self.seen[self.mark:][-500:]!r}"
+            time.sleep(0.01)
+
     def wait(self, timeout: float = 30.0) -> int:
         """The exit code, once the program has ended; the rest of its output is read."""
         deadline = time.monotonic() + timeout
@@ -173,6 +185,7 @@ def test_ctrl_c_ends_a_continuation_then_ctrl_c_at_the_prompt_ends_the_loop(tiny
         term.read_until(b" ")  # it is streaming
         term.type(b"\x03")  # Ctrl-C: the terminal sends SIGINT
         term.read_until(b"\n" + PROMPT)  # back at the prompt, long before 10^8 characters
+    term.wait_for_a_key()
     term.type(b"\x03")  # Ctrl-C at the prompt
     assert term.wait() == 0
     assert b"Traceback" not in term.seen and b"error" not in term.seen

@@ -3,16 +3,17 @@
 The functions behind `lstmlm bench` return plain dataclasses and print nothing (the CLI renders).
 
 FLOPs per token, the yardstick of `utilisation`: each multiply-add counts 2 FLOPs, and only the
-matrix products the model needs are counted,
+matrix products the model needs are counted (the cell's `step_flops`),
 
-    forward  = 2 · Σ_k 4H·(H + I_k)  +  2 · H·V
+    forward  = 2 · Σ_k G·H·(H + I_k)  +  2 · H·V
     training = 3 · forward              (backward = 2 · forward: gradients of inputs and of weights)
 
-with H the hidden size, V the vocabulary, and I_k the width of layer k's input: 0 for the
-first layer on one-hot input (a row gather, no product), the embedding size with an
-embedding, H above the first layer. The d2l model (H 256, V 28, one layer, one-hot) makes
-538,624 FLOPs per token forward, 1,615,872 per token trained. Elementwise work (gates,
-softmax, clipping) is left out: it is a few percent of the products at these sizes.
+with G the cell's blocks (4 for the LSTM, 3 for the GRU, 1 for the RNN), H the hidden size, V
+the vocabulary, and I_k the width of layer k's input: 0 for the first layer on one-hot input (a
+row gather, no product), the embedding size with an embedding, H above the first layer. The d2l
+LSTM (H 256, V 28, one layer, one-hot) makes 538,624 FLOPs per token forward, 1,615,872 per
+token trained. Elementwise work (gates, softmax, clipping) is left out: it is a few percent of
+the products at these sizes.
 """
 
 from __future__ import annotations
@@ -26,16 +27,16 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from . import cells, distributed, graphs, native
 from . import config as config_mod
-from . import distributed, graphs, native
+from .cells.base import State
 from .config import Config, TrainConfig
 from .device import DTYPES, cpu_has_fast_bf16, describe, keep_freed_memory, resolve_device, resolve_precision, set_tf32, synchronize
 from .distributed import World
 from .errors import DeviceError
-from .fused import times_T
 from .generate import Sampling, generate
-from .lstm import State
 from .model import CharLM
+from .recurrence import times_T
 from .train import build_optimizer, train_step
 from .vocab import Vocab
 
@@ -50,11 +51,12 @@ class Dims:
     batch_size: int = 32
     num_steps: int = 35
     embedding: int = 0  # 0: one-hot input, as the seed
+    cell: str = cells.DEFAULT
 
     @classmethod
     def from_config(cls, cfg: Config, vocab_size: int) -> Dims:
         m, d = cfg.model, cfg.data
-        return cls(vocab_size, m.hidden, m.layers, d.batch_size, d.num_steps, m.embedding)
+        return cls(vocab_size, m.hidden, m.layers, d.batch_size, d.num_steps, m.embedding, m.cell)
 
 
 def forward_flops_per_token(dims: Dims) -> int:
@@ -62,7 +64,8 @@ def forward_flops_per_token(dims: Dims) -> int:
     H, V = dims.hidden, dims.vocab_size
     first_input = dims.embedding  # one-hot: a gather, no product
     inputs = [first_input] + [H] * (dims.layers - 1)
-    return 2 * sum(4 * H * (H + I) for I in inputs) + 2 * H * V
+    cell = cells.get(dims.cell)
+    return sum(cell.step_flops(I, H) for I in inputs) + 2 * H * V
 
 
 def training_flops_per_token(dims: Dims) -> int:
@@ -157,7 +160,7 @@ def measure_training(
         keep_freed_memory()  # as a training does
     torch.manual_seed(seed)
     with PeakMemory(device) as memory:
-        model = CharLM(dims.vocab_size, dims.hidden, dims.layers, core=core, embedding=dims.embedding).to(device)
+        model = CharLM(dims.vocab_size, dims.hidden, dims.layers, core=core, embedding=dims.embedding, cell=dims.cell, device=device).to(device)
         optimizer = build_optimizer(TrainConfig(optimizer="sgd", lr=1.0), model)  # fused on a GPU
         batches = torch.randint(0, dims.vocab_size, (2, dims.batch_size, dims.num_steps + 1), device=device)
         rows = world.rows(dims.batch_size)  # this process's streams: all of them in one process
@@ -169,8 +172,8 @@ def measure_training(
             return train_step(net, optimizer, X, Y, state, 1.0, device, precision)
 
         step: graphs.Step = eager
-        if graphs.pays(device, core) and not world.active:
-            step = graphs.GraphedStep(eager, optimizer, (dims.layers, dims.batch_size, dims.hidden), graphs.capture(device))
+        if graphs.pays(device, model.path) and not world.active:
+            step = graphs.GraphedStep(eager, optimizer, (dims.layers, dims.batch_size, dims.hidden), len(model.cell.state), graphs.CudaGraph(device))
 
         def run(n: int) -> None:
             state: State | None = None
@@ -178,7 +181,7 @@ def measure_training(
             for i in range(n):
                 X, Y = batches[i % 2, rows, :-1], batches[i % 2, rows, 1:]
                 loss, state = step(X, Y, state)
-                state = (state[0].detach(), state[1].detach())
+                state = tuple(S.detach() for S in state)
             loss.item()  # wait for the device
 
         run(warmup)
@@ -232,7 +235,7 @@ def measure_generation(
     torch.manual_seed(seed)
     vocab = Vocab(["<unk>"] + [chr(0x100 + i) for i in range(dims.vocab_size - 1)])  # any distinct characters
     with PeakMemory(device) as memory:
-        model = CharLM(dims.vocab_size, dims.hidden, dims.layers, core=core, embedding=dims.embedding).to(device).eval()
+        model = CharLM(dims.vocab_size, dims.hidden, dims.layers, core=core, embedding=dims.embedding, cell=dims.cell, device=device).to(device).eval()
         text = "".join(vocab.tokens[1 + i % (dims.vocab_size - 1)] for i in range(prefix))
 
         def run(n: int) -> None:

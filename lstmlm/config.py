@@ -14,8 +14,9 @@ import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, cast, get_args, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args, get_type_hints
 
+from . import cells
 from .errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -26,6 +27,13 @@ else:  # Python 3.10
 Normalize = Literal["d2l", "raw", "bytes", "auto"]
 Iterator = Literal["sequential", "random"]
 Core = Literal["scratch", "cudnn"]
+if TYPE_CHECKING:
+    CellName = str
+    GruForm = str
+else:  # the registered cells' names, declared once (lstmlm/cells/__init__.py)
+    CellName = Literal[cells.NAMES]
+    GruForm = Literal["cudnn", "d2l"]
+RecurrencePath = Literal["auto", "loop", "fused", "compiled", "graph"]
 Optimizer = Literal["sgd", "adam", "adamw"]
 Schedule = Literal["constant", "step", "cosine"]
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
@@ -61,9 +69,16 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: Core = setting("scratch", "scratch (the article's LSTM) or cudnn (nn.LSTM).")
+    model: Core = setting(
+        "scratch", "scratch (the cell's equations, from the article) or cudnn (torch's fused layer: cuDNN on a GPU, oneDNN on a CPU)."
+    )
+    cell: CellName = setting(cells.DEFAULT, f"The recurrent cell: {', '.join(cells.NAMES)}.")
+    gru_form: GruForm = setting(
+        "cudnn",
+        "Where the GRU's reset gate sits: cudnn (R ⊙ (H W_hh + b_hh), as nn.GRU and cuDNN) or d2l (the book's (R ⊙ H) W_hh; scratch core only).",
+    )
     hidden: int = setting(256, "Hidden units per layer.")
-    layers: int = setting(1, "Stacked LSTM layers.")
+    layers: int = setting(1, "Stacked recurrent layers.")
     dropout: float = setting(0.0, "Dropout on the non-recurrent connections (embedding, between layers, before the output layer).")
     embedding: int = setting(0, "Learned embedding size (0 = the seed's one-hot input).")
     dropout_input: float = setting(-1.0, "Dropout on the embedding's output (-1 = dropout's rate; needs an embedding). AWD-LSTM's dropouti.")
@@ -88,6 +103,11 @@ class TrainConfig:
     seed: int = setting(0, "Seed of the initialization, the data order and dropout.")
     device: DeviceName = setting("auto", "auto, cpu, cuda or mps.")
     precision: Precision = setting("fp32", "fp32, bf16 or auto (bf16 where the hardware multiplies it natively).")
+    path: RecurrencePath = setting(
+        "auto",
+        "How the scratch core runs its recurrence: loop (the readable equations), fused (the LSTM's Python fast path), "
+        "compiled (the cell's kernel in C++, on a CPU), graph (the fused step as a CUDA graph) or auto (the fastest here).",
+    )
     tf32: bool = setting(False, "On a CUDA GPU, let fp32 products use TF32 (faster; about 1e-3 relative error, so the two cores then differ that much).")
     sample_every: str = setting("10m", "Greedy samples every N steps ('2000'), minutes ('10m') or epochs ('1e'); '1e,10m': whichever first; 0 = at the end.")
     eval_every: str = setting("1e,10m", "Validation every N steps, minutes ('10m') or epochs ('1e'), or whichever first ('1e,10m'); 0 = at the end.")
@@ -170,12 +190,12 @@ SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": 
 
 # Fields that change the model's function or its parameters' shapes: a checkpoint must agree on them.
 # (Dropout of every kind, DropConnect, AR and TAR act in training only: not among them.)
-MODEL_DEFINING = ("normalize", "model", "hidden", "layers", "embedding")
+MODEL_DEFINING = ("normalize", "model", "cell", "gru_form", "hidden", "layers", "embedding")
 
 # Fields a resumed run may change: they alter neither the model nor the data. (The regularization
 # alters the training itself, so a resume keeps it, as it keeps lr: it stays exact.)
 RESUMABLE = frozenset(
-    {"epochs", "device", "precision", "tf32", "sample_every", "eval_every", "checkpoint_every", "patience", "max_minutes", "val_tokens", "strict"}
+    {"epochs", "device", "precision", "tf32", "path", "sample_every", "eval_every", "checkpoint_every", "patience", "max_minutes", "val_tokens", "strict"}
 )
 
 # ---- cadences: how often something happens during training ------------------------------------
@@ -347,6 +367,8 @@ def _validate(cfg: Config) -> None:
         (m.embedding_dropout == 0 or m.embedding > 0, "[model] embedding_dropout drops rows of the embedding matrix: it needs embedding > 0"),
         (m.dropout_input <= 0 or m.embedding > 0, "[model] dropout_input acts on the embedding's output: it needs embedding > 0"),
         (m.dropout_hidden <= 0 or m.layers > 1, "[model] dropout_hidden acts between layers: it needs layers > 1"),
+        (m.cell == "gru" or m.gru_form == "cudnn", "[model] gru_form applies to the GRU only (cell = \"gru\")"),
+        (m.gru_form == "cudnn" or m.model == "scratch", "[model] gru_form d2l (the book's GRU) has no torch module: it needs model = \"scratch\""),
         (t.epochs >= 1, "[train] epochs must be at least 1"),
         (t.lr > 0.0, "[train] lr must be positive"),
         (t.weight_decay >= 0.0, "[train] weight_decay must not be negative"),

@@ -12,8 +12,8 @@ agreeing waits for the other processes' hosts, never for a GPU: an all-reduce ov
 put them on the device and reading them back would wait for every step queued before.
 
 Overlap: DDP all-reduces a bucket of gradients once all of them are made. The scratch core's
-backward is one autograd Function a layer (`fused.LSTMSequence`), which hands over the
-layer's W_x, W_h and b together when its backward through time ends; the output layer's come
+backward is one autograd Function a layer (`recurrence.CompiledSequence`, `fused.FusedLSTM`),
+which hands over the layer's W_x, W_h and b together when its backward through time ends; the output layer's come
 first, the first layer's (and an embedding's) last. So an all-reduce overlaps the backward of
 the layers below it, when the buckets fall between layers (DDP's 25 MB buckets hold a whole
 d2l model: there nothing overlaps, with either core). Within a layer nothing can overlap:

@@ -12,6 +12,8 @@ class Started:
     device: str
     precision: str
     model: str
+    cell: str  # lstm, gru, rnn (and the GRU's form where it is not cudnn's: "gru (d2l)")
+    path: str  # how the scratch core's recurrence runs: loop, fused, compiled, graph; "cudnn" for torch's core
     vocab_size: int
     num_params: int
     train_tokens: int

@@ -1,15 +1,16 @@
-"""`lstmlm export`: a trained model as one step of its LSTM, for a runtime without lstmlm.
+"""`lstmlm export`: a trained model as one step of its cell, for a runtime without lstmlm.
 
-    logits, H, C = step(ids, H, C)     ids (batch,) int64 · H, C (layers, batch, hiddens) float32
+    logits, H, C = step(ids, H, C)     the LSTM: ids (batch,) int64 · H, C (layers, batch, hiddens) float32
+    logits, H = step(ids, H)           the GRU and the RNN, whose state is H alone
                                        logits (batch, vocab): the next character's, before softmax
 
 ONNX (run by onnxruntime, or any ONNX runtime; needs `pip install 'lstmlm[export]'`) or
-TorchScript (torch.jit.load, libtorch in C++). The step is `OneStep`: the article's equations
-(`lstm.cell`, the code every core is checked against) on the model's parameters in the
-scratch layout, whichever core trained them, with the batch left open. The file carries what a
-loop needs besides the weights as metadata under "lstmlm" (JSON): the vocabulary (id → token),
-the text normalization, the prime (the training text generation reads before a prefix; see
-generate.prime_text), and the state's shape.
+TorchScript (torch.jit.load, libtorch in C++). The step is `OneStep`: the cell's equations (its
+`step`, the code every core is checked against) on the model's parameters in the scratch
+layout, whichever core trained them, with the batch left open. The file carries what a loop
+needs besides the weights as metadata under "lstmlm" (JSON): the vocabulary (id → token), the
+text normalization, the prime (the training text generation reads before a prefix; see
+generate.prime_text), the cell, and the state's names and shape.
 
 Every export is checked before it is kept: the exported file, loaded in its runtime, steps
 through CHECK_STEPS characters beside lstmlm's own forward and must give the same logits.
@@ -33,8 +34,8 @@ from torch import nn
 
 from . import __version__
 from .atomic import write_atomic
+from .cells.base import Cell, State, project
 from .errors import ExportError
-from .lstm import GATES, Gates, cell, project
 from .model import CharLM, convert, scratch_layer
 from .vocab import Vocab
 
@@ -47,31 +48,49 @@ OPSET = 18
 
 
 class OneStep(nn.Module):
-    """One character through the model: ids, (H, C) → logits, (H', C'); no dropout, float32."""
+    """One character through the model: ids and the state → logits and the next state; no
+    dropout, float32. `StepHC` and `StepH` give it the signature of a two- or one-tensor state."""
 
     def __init__(self, model: CharLM) -> None:
         super().__init__()
-        weights = {k: v.detach().float().cpu().clone() for k, v in convert(model.state_dict(), "scratch").items()}
+        self.cell: Cell = model.cell
+        weights = {k: v.detach().float().cpu().clone() for k, v in convert(model.state_dict(), "scratch", model.cell).items()}
         self.num_layers = model.num_layers
         self.embedding = nn.Parameter(weights["embedding.weight"], requires_grad=False) if model.embedding is not None else None
         self.layers = nn.ModuleList(
-            nn.ParameterDict({name: nn.Parameter(p, requires_grad=False) for name, p in scratch_layer(weights, k).items()})
+            nn.ParameterDict({name: nn.Parameter(p.clone(), requires_grad=False) for name, p in scratch_layer(weights, k, model.cell).items()})
             for k in range(model.num_layers)
         )
         self.W_hq = nn.Parameter(weights["W_hq"], requires_grad=False)  # (hiddens, vocab)
         self.b_q = nn.Parameter(weights["b_q"], requires_grad=False)
 
-    def forward(self, ids: torch.Tensor, H: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def run(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         X = self.embedding[ids] if self.embedding is not None else ids  # (batch, embedding) or ids, read as one-hot
-        Hs, Cs = [], []
+        finals = []
         for k in range(self.num_layers):
-            p = cast(Mapping[str, torch.Tensor], self.layers[k])  # the layer's twelve, by the article's names
-            step: Gates = cell({g: project(X, p[f"W_x{g}"]) for g in GATES}, H[k], C[k], p)
-            Hs.append(step.H)
-            Cs.append(step.C)
-            X = step.H  # the next layer reads this one's H
+            p = cast(Mapping[str, torch.Tensor], self.layers[k])  # the layer's parameters, by the article's names
+            step = self.cell.step({g: project(X, p[f"W_x{g}"]) for g in self.cell.blocks}, tuple(S[k] for S in state), p)
+            final = self.cell.next_state(step)
+            finals.append(final)
+            X = final[0]  # the next layer reads this one's H
         logits = X @ self.W_hq + self.b_q  # (batch, vocab)
-        return logits, torch.stack(Hs), torch.stack(Cs)
+        return logits, tuple(torch.stack([f[i] for f in finals]) for i in range(len(state)))
+
+
+class StepHC(OneStep):
+    def forward(self, ids: torch.Tensor, H: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, (H, C) = self.run(ids, (H, C))
+        return logits, H, C
+
+
+class StepH(OneStep):
+    def forward(self, ids: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, (H,) = self.run(ids, (H,))
+        return logits, H
+
+
+def one_step(model: CharLM) -> OneStep:
+    return StepHC(model) if len(model.cell.state) == 2 else StepH(model)
 
 
 def metadata(model: CharLM, vocab: Vocab, normalize: str, prime: str, run: str) -> dict[str, Any]:
@@ -82,10 +101,12 @@ def metadata(model: CharLM, vocab: Vocab, normalize: str, prime: str, run: str) 
         "tokens": vocab.tokens,  # id → token; a token is one character, or "<unk>"
         "normalize": normalize,  # "d2l": lowercase letters and spaces (lstmlm's data.text.normalize); "raw": as is
         "prime": prime,
+        "cell": model.cell.name,
+        "form": model.cell.form,
         "layers": model.num_layers,
         "hiddens": model.num_hiddens,
-        "inputs": ["ids", "H", "C"],
-        "outputs": ["logits", "H", "C"],
+        "inputs": ["ids", *model.cell.state],
+        "outputs": ["logits", *model.cell.state],
     }
 
 
@@ -103,7 +124,7 @@ def export_model(model: CharLM, vocab: Vocab, normalize: str, prime: str, run: s
     (written atomically: an export that fails leaves nothing, or the file that was there)."""
     if format not in FORMATS:
         raise ExportError(f"unknown format {format!r} (choose onnx or torchscript)")
-    step = OneStep(model).eval()
+    step = one_step(model).eval()
     meta = metadata(model, vocab, normalize, prime, run)
     with tempfile.TemporaryDirectory(prefix="lstmlm-export-") as tmp:
         staged = Path(tmp) / f"model{SUFFIXES[format]}"
@@ -119,9 +140,9 @@ def export_model(model: CharLM, vocab: Vocab, normalize: str, prime: str, run: s
     return Exported(Path(path), format, len(data), CHECK_STEPS, difference)
 
 
-def example_inputs(step: OneStep, hiddens: int, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def example_inputs(step: OneStep, hiddens: int, batch: int = 2) -> tuple[torch.Tensor, ...]:
     shape = (step.num_layers, batch, hiddens)
-    return torch.zeros(batch, dtype=torch.long), torch.zeros(shape), torch.zeros(shape)
+    return (torch.zeros(batch, dtype=torch.long), *(torch.zeros(shape) for _ in step.cell.state))
 
 
 @contextlib.contextmanager
@@ -152,9 +173,9 @@ def write_onnx(step: OneStep, meta: dict[str, Any], path: Path) -> None:
         program = torch.onnx.export(
             step,
             example_inputs(step, step.W_hq.shape[0]),
-            input_names=["ids", "H", "C"],
-            output_names=["logits", "H_next", "C_next"],
-            dynamic_shapes=({0: batch}, {1: batch}, {1: batch}),
+            input_names=["ids", *step.cell.state],
+            output_names=["logits", *(f"{name}_next" for name in step.cell.state)],
+            dynamic_shapes=({0: batch}, *({1: batch} for _ in step.cell.state)),
             opset_version=OPSET,
             dynamo=True,
             external_data=False,
@@ -177,8 +198,9 @@ def write_torchscript(step: OneStep, meta: dict[str, Any], path: Path) -> None:
 # ---- reading an exported file back ------------------------------------------------------------
 
 
-def load_runtime(path: Path, format: str) -> Any:
-    """A callable (ids, H, C) → (logits, H, C) of numpy arrays, running the file in its runtime."""
+def load_runtime(path: Path, format: str, state: tuple[str, ...] = ("H", "C")) -> Any:
+    """A callable (ids, *state) → (logits, *state) of numpy arrays, running the file in its
+    runtime; `state`: the names of the state's tensors, as the metadata's "inputs" give them."""
     import numpy as np
 
     if format == "onnx":
@@ -187,14 +209,14 @@ def load_runtime(path: Path, format: str) -> Any:
         except ImportError:
             raise ExportError(EXTRA_HINT) from None
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return lambda ids, H, C: tuple(session.run(None, {"ids": ids, "H": H, "C": C}))
+        return lambda ids, *S: tuple(session.run(None, {"ids": ids, **dict(zip(state, S))}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated; TorchScript files still load
         module = torch.jit.load(str(path))
 
-    def run(ids: Any, H: Any, C: Any) -> tuple[Any, ...]:
+    def run(ids: Any, *S: Any) -> tuple[Any, ...]:
         with torch.no_grad():
-            outputs = module(torch.from_numpy(ids), torch.from_numpy(H), torch.from_numpy(C))
+            outputs = module(torch.from_numpy(ids), *(torch.from_numpy(s) for s in S))
         return tuple(np.asarray(t) for t in outputs)
 
     return run
@@ -223,11 +245,11 @@ def check(path: Path, format: str, model: CharLM, vocab_size: int, steps: int = 
         raise ExportError("the model must be in eval mode to be checked (dropout would differ)")
     ids = torch.randint(vocab_size, (batch, steps), generator=torch.Generator().manual_seed(0))
     expected, _ = model(ids)  # (batch, steps, vocab)
-    run = load_runtime(path, format)
+    run = load_runtime(path, format, model.cell.state)
     shape = (model.num_layers, batch, model.num_hiddens)
-    H, C = torch.zeros(shape).numpy(), torch.zeros(shape).numpy()
+    state = tuple(torch.zeros(shape).numpy() for _ in model.cell.state)
     worst = 0.0
     for t in range(steps):
-        logits, H, C = run(ids[:, t].numpy(), H, C)
+        logits, *state = run(ids[:, t].numpy(), *state)
         worst = max(worst, float((torch.from_numpy(logits) - expected[:, t]).abs().max()))
     return worst

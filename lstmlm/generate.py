@@ -1,11 +1,13 @@
 """Text from a trained model: prime the state on the prefix once, then one step per character.
 
 The steps run on a `Stepper`, the model rebuilt for inference one character at a time: the
-scratch core's fast-path weights (converted from nn.LSTM's for a cudnn model, the same
-function), the first layer's input projection folded into a table with one row per
-character, and every buffer made once. At batch 1 a step is one (1 × H)·(H × 4H) product and
-a dozen small operations; going through the training model's forward, with its checks and
-fresh tensors, cost four times as long.
+scratch core's stacked weights (converted from torch's for a cudnn model, the same function),
+the first layer's input projection folded into a table with one row per character, and every
+buffer made once. At batch 1 a step is one (1 × H)·(H × blocks·H) product a layer and the
+cell's elementwise part (compiled where the cell has a kernel); going through the training
+model's forward, with its checks and fresh tensors, cost four times as long. A cell whose step
+is not a product of H_{t-1} then an elementwise part (the GRU's d2l form) steps through the
+model's own forward instead (`LoopStepper`).
 
 temperature 0 is the seed's greedy argmax (d2l's predict_ch8); above 0 the next character is
 sampled from softmax(logits / temperature), optionally cut to the top-k characters, to the
@@ -25,13 +27,12 @@ from typing import cast
 
 import torch
 
-from . import native
+from . import recurrence
+from .cells.base import Stacked, State
 from .data.text import normalize
 from .device import DTYPES, autocast
 from .errors import ConfigError, VocabError
-from .fused import CellInPlace, Stacked, stack_weights
-from .lstm import State
-from .model import PACKED, CharLM, convert, scratch_key
+from .model import CharLM, convert, packed_layer
 from .vocab import Vocab, describe_chars
 
 SAMPLE_LENGTH = 50  # characters per training sample, as d2l
@@ -147,31 +148,29 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
 
 
 def layer_weights(model: CharLM, dtype: torch.dtype) -> list[Stacked]:
-    """Each layer's fast-path weights in `dtype`, the first layer's input always as a table
-    with a column per id: (X_t W_x + b)ᵀ for one-hot X_t, (E[id] W_x + b)ᵀ with an embedding E."""
-    embedding = model.embedding
-    scratch = model.scratch_core
+    """Each layer's stacked weights in `dtype`, the first layer's input always as a table with a
+    column per id: (X_t W_x + b)ᵀ for one-hot X_t, (E[id] W_x + b)ᵀ with an embedding E."""
+    embedding, cell, scratch = model.embedding, model.cell, model.scratch_core
     if scratch is not None:
         weights = [layer.stacked(dtype, ids=(k == 0 and embedding is None)) for k, layer in enumerate(scratch.scratch_layers())]
     else:
-        sd = convert(model.state_dict(), "scratch")
-        weights = []
-        for k in range(model.num_layers):
-            W_x, W_h, b = (sd[scratch_key(k, name)] for name in PACKED)
-            weights.append(stack_weights(W_x, W_h, b, dtype, ids=(k == 0 and embedding is None)))
+        sd = convert(model.state_dict(), "scratch", cell)
+        weights = [cell.stack(packed_layer(sd, k, cell), dtype, ids=(k == 0 and embedding is None)) for k in range(model.num_layers)]
     if embedding is not None:
         first = weights[0]
         assert first.W_xT is not None  # an embedding feeds the first layer dense input
-        table = torch.addmm(first.b.float()[:, None], first.W_xT.float(), embedding.weight.detach().float().T)  # (4·hiddens, vocab)
-        weights[0] = Stacked(first.W_hT, None, first.b, table.to(first.b.dtype))
+        table = torch.addmm(first.b.float()[:, None], first.W_xT.float(), embedding.weight.detach().float().T)  # (blocks·hiddens, vocab)
+        weights[0] = first._replace(W_xT=None, table=table.to(first.b.dtype))
     return weights
 
 
-def everything_that_reads_H(W_in: torch.Tensor, b_in: torch.Tensor, W_h: torch.Tensor) -> torch.Tensor:
-    """[[W_in, W_h], [b_in, 0]]: (hiddens + 1, inputs + 4·hiddens). [H_t, 1] times it is
-    [H_t W_in + b_in, H_t W_h]: the reader's input and this layer's next recurrent term."""
+def everything_that_reads_H(W_in: torch.Tensor, b_in: torch.Tensor, W_h: torch.Tensor, b_h: torch.Tensor | None) -> torch.Tensor:
+    """[[W_in, W_h], [b_in, b_h]]: (hiddens + 1, inputs + blocks·hiddens). [H_t, 1] times it is
+    [H_t W_in + b_in, H_t W_h + b_h]: the reader's input and this layer's next recurrent term
+    (b_h: a bias inside the recurrence, the GRU's b_hh; zero for the others)."""
     top = torch.cat([W_in, W_h], dim=1)
-    bottom = torch.cat([b_in, torch.zeros(W_h.shape[1], dtype=b_in.dtype, device=b_in.device)])[None]
+    inner = torch.zeros(W_h.shape[1], dtype=b_in.dtype, device=b_in.device) if b_h is None else b_h.to(b_in.dtype)
+    bottom = torch.cat([b_in, inner])[None]
     return torch.cat([top, bottom]).contiguous()
 
 
@@ -182,69 +181,99 @@ class Stepper:
     Each layer's H_t is multiplied once, by every matrix that reads it: the next layer's W_x
     (the output layer's W_hq on top) and its own W_h for step t + 1, side by side in one
     product, the biases in a last row that a constant 1 after H_t picks up. At batch 1 that is
-    one product a layer per character, and the model's recurrence is one row-vector product
-    over one matrix. The returned logits are a view that the next step overwrites. Dropout is
-    never applied: this is inference. The products run in `dtype` (bf16 as training's under
-    bf16), the cell state in the parameters' dtype.
+    one product a layer per character. The returned logits are a view that the next step
+    overwrites. Dropout is never applied: this is inference. The products run in `dtype` (bf16
+    as training's under bf16); the cell carries its fp32 state S (the LSTM's C; H itself for
+    the others) beside H.
     """
 
-    def __init__(self, model: CharLM, state: State, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: CharLM, state: State, dtype: torch.dtype = torch.float32, compiled: bool | None = None) -> None:
+        """`compiled`: step by the cell's compiled kernel; by default where the model's scratch
+        core runs compiled, or, for torch's core, where the kernel can run here."""
+        self.cell = cell = model.cell
         weights = layer_weights(model, dtype)
-        H_0, C_0 = state  # (layers, batch, hiddens)
+        H_0, S_0 = state[0], state[-1]  # (layers, batch, hiddens)
         batch, hiddens = H_0.shape[1], H_0.shape[2]
         assert weights[0].table is not None  # layer_weights always gives the first layer a table
-        self.table = weights[0].table.T.to(dtype, copy=True).contiguous()  # (vocab, 4·hiddens): X_t W_x + b_0 for each id
+        self.table = weights[0].table.T.to(dtype, copy=True).contiguous()  # (vocab, blocks·hiddens): X_t W_x + b_0 for each id
         self.rows = self.table.unbind(0)  # its rows as views made once: tensor[i] costs microseconds
         readers = [(w.W_xT.T, w.b) for w in weights[1:] if w.W_xT is not None] + [(model.W_hq.detach().to(dtype), model.b_q.detach().to(dtype))]
-        self.W: list[torch.Tensor] = []  # per layer: [[W_in, W_h], [b_in, 0]], (hiddens + 1, inputs of the reader + 4·hiddens)
+        self.W: list[torch.Tensor] = []  # per layer: [[W_in, W_h], [b_in, b_h]], (hiddens + 1, inputs of the reader + blocks·hiddens)
         self.H1: list[torch.Tensor] = []  # per layer: [H_t, 1], (batch, hiddens + 1)
-        self.P: list[torch.Tensor] = []  # per layer: [H_t W_in + b_in, H_t W_h], the product's output
-        self.cells: list[CellInPlace] = []
+        self.P: list[torch.Tensor] = []  # per layer: [H_t W_in + b_in, H_t W_h + b_h], the product's output
+        self.S: list[torch.Tensor] = []  # per layer: the fp32 state (batch, hiddens)
         self.outputs: list[torch.Tensor] = []  # per layer: H_t W_in + b_in, a view of P
+        self.recurrent: list[torch.Tensor] = []  # per layer: H_t W_h + b_h, a view of P
         for k, (w, (W_in, b_in)) in enumerate(zip(weights, readers)):
-            self.W.append(everything_that_reads_H(W_in.to(dtype), b_in.to(dtype), w.W_hT.T))
+            self.W.append(everything_that_reads_H(W_in.to(dtype), b_in.to(dtype), w.W_hT.T, w.b_h))
             H1 = torch.ones(batch, hiddens + 1, dtype=dtype, device=H_0.device)
             H1[:, :hiddens] = H_0[k]
             self.H1.append(H1)
-            P = H1 @ self.W[k]  # the recurrent part, H_0 W_h, is the first step's
+            P = H1 @ self.W[k]  # the recurrent part, H_0 W_h + b_h, is the first step's
             self.P.append(P)
             self.outputs.append(P[:, : W_in.shape[1]])
-            self.cells.append(CellInPlace(P[:, W_in.shape[1] :], C_0[k].to(model.W_hq.dtype, copy=True), H1[:, :hiddens]))
+            self.recurrent.append(P[:, W_in.shape[1] :])
+            self.S.append(S_0[k].to(torch.float32, copy=True).contiguous())
         self.logits = self.outputs[-1]
         self.picked = self.table.new_empty((batch, self.table.shape[1]))  # the rows of a batch's ids
-        # The step compiled (native.py) where it computes what the loop below does: a step is
-        # then one call, where the loop issues a dozen operations a layer.
-        self.C = [cell.C for cell in self.cells]
-        on_cpu = H_0.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-        self.compiled = native.recurrence() if on_cpu and all(C.dtype == torch.float32 for C in self.C) else None
+        # The step compiled (the cell's kernel) where it can run: a step is then one call, where
+        # the Python step issues a dozen operations a layer.
+        if compiled is None:
+            compiled = model.path == "compiled" or (model.scratch_core is None and "compiled" in recurrence.available(cell, H_0.device))
+        self.compiled = compiled and H_0.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
 
     def __call__(self, X_t: list[int] | torch.Tensor) -> torch.Tensor:
         """X_t: the ids, a list (batch 1: a row view is the cheapest input) or a tensor (batch > 1)."""
-        if self.compiled is not None:
+        if self.compiled:
             ids = X_t if isinstance(X_t, torch.Tensor) else torch.tensor(X_t)
-            self.compiled.step(ids, self.table, self.W, self.H1, self.P, self.C)
+            recurrence.ops(self.cell, "step")(ids, self.table, self.W, self.H1, self.P, self.S)
             return self.logits
         if isinstance(X_t, list):
-            inputs = self.rows[X_t[0]] if len(X_t) == 1 else self.table[X_t]
+            inputs = self.rows[X_t[0]][None] if len(X_t) == 1 else self.table[X_t]
         else:
             inputs = torch.index_select(self.table, 0, X_t, out=self.picked)
-        for cell, H1, W, P, outputs in zip(self.cells, self.H1, self.W, self.P, self.outputs):
-            cell.gates.add_(inputs)  # (H_{t-1} W_h from the last step) + X_t W_x + b
-            cell.step()
+        for H1, W, P, S, outputs, recurrent in zip(self.H1, self.W, self.P, self.S, self.outputs, self.recurrent):
+            H1[:, :-1] = self.cell.rows(recurrent, inputs, S)  # the cell's elementwise part: S in place, H_t
             torch.mm(H1, W, out=P)
             inputs = outputs  # the next layer's X_t W_x + b
         return self.logits
 
     def greedy(self, X_t: list[int], steps: int) -> list[list[int]]:
         """`steps` greedy characters after reading X_t, each fed back: their ids, a list a step."""
-        if self.compiled is not None:
-            chosen = self.compiled.greedy(torch.tensor(X_t), steps, self.logits.shape[1], self.table, self.W, self.H1, self.P, self.C)
+        if self.compiled:
+            chosen = recurrence.ops(self.cell, "greedy")(torch.tensor(X_t), steps, self.logits.shape[1], self.table, self.W, self.H1, self.P, self.S)
             return cast(list[list[int]], chosen.tolist())
         chosen = []
         for _ in range(steps):
             X_t = self(X_t).argmax(dim=-1).tolist()
             chosen.append(X_t)
         return chosen
+
+
+class LoopStepper:
+    """One character at a time through the model's own forward (the cell's readable step): for a
+    cell the `Stepper`'s products cannot express. Slower, and the same function."""
+
+    def __init__(self, model: CharLM, state: State, dtype: torch.dtype = torch.float32) -> None:
+        self.model, self.state = model, state
+
+    def __call__(self, X_t: list[int] | torch.Tensor) -> torch.Tensor:
+        ids = X_t if isinstance(X_t, torch.Tensor) else torch.tensor(X_t, device=self.model.W_hq.device)
+        logits, self.state = self.model(ids[:, None], self.state)
+        return cast(torch.Tensor, logits[:, 0])
+
+    def greedy(self, X_t: list[int], steps: int) -> list[list[int]]:
+        chosen = []
+        for _ in range(steps):
+            X_t = self(X_t).argmax(dim=-1).tolist()
+            chosen.append(X_t)
+        return chosen
+
+
+def stepper(model: CharLM, state: State, dtype: torch.dtype = torch.float32) -> Stepper | LoopStepper:
+    """The stepper for `model`: on its stacked weights where the cell's step is a product then an
+    elementwise part, else through its forward."""
+    return Stepper(model, state, dtype) if model.cell.torch_equivalent else LoopStepper(model, state, dtype)
 
 
 CHUNK = 32  # characters made per resumption of the inner generator
@@ -298,7 +327,7 @@ def _generate_chunks(model: CharLM, vocab: Vocab, context: Sequence[str], sampli
     if ids.shape[1] > 1:  # warm up on all but the last character at once
         with autocast(device, precision):
             _, state = model(ids[:, :-1], state)
-    step = Stepper(model, state, step_dtype(precision, device, sampling.num_samples))
+    step = stepper(model, state, step_dtype(precision, device, sampling.num_samples))
     tokens = vocab.tokens
     length = sampling.length
     if ids_on_host(device, sampling.num_samples) and sampling.temperature <= 0.0:  # d2l's predict, a chunk at a time

@@ -37,7 +37,7 @@ from typing import Protocol, TypeVar
 
 import torch
 
-from .lstm import State
+from .cells.base import State
 
 WARMUP = 3  # eager steps before recording, as torch's documentation does for whole-network capture
 _T = TypeVar("_T")
@@ -45,10 +45,11 @@ _T = TypeVar("_T")
 Step = Callable[[torch.Tensor, torch.Tensor, State | None], tuple[torch.Tensor, State]]  # (X, Y, state) → (loss, state)
 
 
-def pays(device: torch.device, core: str) -> bool:
-    """Whether a graph is worth having: the scratch core on CUDA. (A CPU has no graphs, and
-    nn.LSTM's cuDNN core is already a few large kernels a layer.)"""
-    return device.type == "cuda" and core == "scratch"
+def pays(device: torch.device, path: str) -> bool:
+    """Whether a graph is worth having: the scratch core's fused path on CUDA, a dozen small
+    kernels a step. (A CPU has no graphs, and torch's cuDNN core is already a few large kernels a
+    layer.)"""
+    return device.type == "cuda" and path == "fused"
 
 
 def why_eager(draws: bool, distributed: bool) -> str | None:
@@ -95,9 +96,6 @@ class CudaGraph:
         self.graph.replay()
 
 
-capture: Callable[[torch.device], Capture] = CudaGraph  # a test may put a capture that runs on a CPU here
-
-
 @dataclass
 class Buffers:
     """What the graph reads and writes: the batch and the state it starts from, the loss and
@@ -105,29 +103,27 @@ class Buffers:
 
     X: torch.Tensor  # (batch, steps) ids
     Y: torch.Tensor  # (batch, steps) ids
-    H_0: torch.Tensor  # (layers, batch, hiddens)
-    C_0: torch.Tensor
+    start: State  # the state the step starts from, each (layers, batch, hiddens)
     loss: torch.Tensor  # ()
-    H: torch.Tensor  # (layers, batch, hiddens)
-    C: torch.Tensor
+    end: State  # the state it ends in
 
     @classmethod
-    def like(cls, X: torch.Tensor, Y: torch.Tensor, state_shape: tuple[int, int, int]) -> Buffers:
+    def like(cls, X: torch.Tensor, Y: torch.Tensor, state_shape: tuple[int, int, int], states: int) -> Buffers:
         def zeros(shape: tuple[int, ...]) -> torch.Tensor:
             return torch.zeros(shape, device=X.device)
 
-        return cls(torch.empty_like(X), torch.empty_like(Y), zeros(state_shape), zeros(state_shape), zeros(()), zeros(state_shape), zeros(state_shape))
+        start, end = (tuple(zeros(state_shape) for _ in range(states)) for _ in range(2))
+        return cls(torch.empty_like(X), torch.empty_like(Y), start, zeros(()), end)
 
     def load(self, X: torch.Tensor, Y: torch.Tensor, state: State | None) -> None:
         """A step's inputs into place; no state is the zero state (an epoch's first batch)."""
         self.X.copy_(X)
         self.Y.copy_(Y)
-        if state is None:
-            self.H_0.zero_()
-            self.C_0.zero_()
-        else:
-            self.H_0.copy_(state[0])
-            self.C_0.copy_(state[1])
+        for buffer, S in zip(self.start, state or [None] * len(self.start)):
+            if S is None:
+                buffer.zero_()
+            else:
+                buffer.copy_(S)
 
 
 class GraphedStep:
@@ -137,12 +133,13 @@ class GraphedStep:
     its buffers, which the next call overwrites. `failure` says why recording failed (then every
     step runs eagerly). After each replay the parameters' version counters are moved on: a
     replay updates them in place where autograd cannot see it, and version counters are what
-    caches of the weights (`ScratchLSTMLayer.stacked`) and autograd's own checks go by."""
+    caches of the weights (`ScratchLayer.stacked`) and autograd's own checks go by. `states`: how
+    many tensors the cell's state holds."""
 
     def __init__(
-        self, step: Step, optimizer: torch.optim.Optimizer, state_shape: tuple[int, int, int], capture: Capture, warmup: int = WARMUP
+        self, step: Step, optimizer: torch.optim.Optimizer, state_shape: tuple[int, int, int], states: int, capture: Capture, warmup: int = WARMUP
     ) -> None:
-        self.step, self.optimizer, self.state_shape, self.capture, self.warmup = step, optimizer, state_shape, capture, warmup
+        self.step, self.optimizer, self.state_shape, self.states, self.capture, self.warmup = step, optimizer, state_shape, states, capture, warmup
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.warmed = 0
         self.buffers: Buffers | None = None
@@ -166,7 +163,7 @@ class GraphedStep:
         self.capture.replay()
         self.replays += 1
         torch.autograd.graph.increment_version(self.params)
-        return buffers.loss, (buffers.H, buffers.C)
+        return buffers.loss, buffers.end
 
     def _eager(self, X: torch.Tensor, Y: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
         with warnings.catch_warnings():  # a capturable Adam warns when it steps outside a graph: here it is meant to
@@ -176,13 +173,13 @@ class GraphedStep:
     def _record(self, X: torch.Tensor, Y: torch.Tensor) -> bool:
         """Make the buffers and record the step on them; False (and `failure`) when that fails."""
         learning_rate_on_device(self.optimizer, X.device)
-        buffers = Buffers.like(X, Y, self.state_shape)
+        buffers = Buffers.like(X, Y, self.state_shape, self.states)
 
         def body() -> None:
-            loss, (H, C) = self.step(buffers.X, buffers.Y, (buffers.H_0, buffers.C_0))
+            loss, state = self.step(buffers.X, buffers.Y, buffers.start)
             buffers.loss.copy_(loss)
-            buffers.H.copy_(H)
-            buffers.C.copy_(C)
+            for buffer, S in zip(buffers.end, state):
+                buffer.copy_(S)
 
         try:
             self.capture.record(body)

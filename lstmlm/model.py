@@ -1,4 +1,4 @@
-"""CharLM: characters → recurrent core (scratch or nn.LSTM) → output layer; weight conversion.
+"""CharLM: characters → recurrent core (any cell; scratch or torch's) → output layer; weight conversion.
 
 Dropout, when set, acts on every non-recurrent connection, as Zaremba, Sutskever and Vinyals
 (2014) regularize LSTM language models: the embedding's output, between layers (inside the
@@ -10,15 +10,14 @@ AWD-LSTM's regularization (Merity, Keskar and Socher 2017), each off unless aske
 (`Dropouts`), all in training only:
 - a rate of its own at each of the three places, and locked (variational) masks: one per
   sequence, shared by every step (Gal and Ghahramani 2016);
-- DropConnect on the recurrence's weights W_h (Wan et al. 2013), inside the cores (`lstm.py`);
+- DropConnect on the recurrence's weights W_h (Wan et al. 2013), inside the cores (`cells/cores.py`);
 - embedding dropout: whole rows of the embedding matrix, whole characters, dropped for a
   batch, the rest scaled by 1 / (1 - p) (Gal and Ghahramani 2016);
 - AR and TAR on the top layer's outputs (`activation_penalty`, Merity, McCann and Socher 2017,
   "Revisiting Activation Regularization for Language RNNs"), added to the training loss.
 
 Both cores have the same parameters up to layout, so a state dict converts exactly from one
-core to the other: nn.LSTM packs the gates as i, f, g(=c̃), o into weight_ih_l{k} (4H, inputs)
-and weight_hh_l{k} (4H, H), and splits the bias in two (bias_ih + bias_hh).
+core to the other (the cell's `to_torch` and `from_torch`, layer by layer).
 """
 
 from __future__ import annotations
@@ -32,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cells
+from .cells.base import Cell, State
+from .cells.cores import ScratchCore, TorchCore, drop, zero_state
 from .config import Config, ModelConfig
 from .device import checks_ids
 from .errors import CheckpointError, ShapeError
-from .fused import GATE_ORDER, block
-from .lstm import PARAMETERS, CudnnLSTM, ScratchLSTM, State, drop, zero_state
 
 
 @dataclass(frozen=True)
@@ -80,19 +80,27 @@ class CharLM(nn.Module):
         dropout: float | Dropouts = 0.0,
         core: str = "scratch",
         embedding: int = 0,
+        cell: str | Cell = "lstm",
+        path: str = "auto",
+        device: torch.device | str = "cpu",
+        build: bool = True,
     ) -> None:
         """`dropout`: one rate for the embedding's output, between layers and the top layer's
-        output (Zaremba et al.), or `Dropouts` for each on its own and the rest of AWD-LSTM's."""
+        output (Zaremba et al.), or `Dropouts` for each on its own and the rest of AWD-LSTM's.
+        `cell`: a registered cell's name or a Cell (the GRU's d2l form: `cells.get("gru", "d2l")`).
+        `path`: how the scratch core runs its recurrence (`recurrence.py`), chosen for `device`
+        (without `build`, a compiled path is built later: `ScratchCore.settle`)."""
         super().__init__()
         self.vocab_size, self.num_hiddens, self.num_layers = vocab_size, num_hiddens, num_layers
         self.core_name = core
+        self.cell = cells.get(cell) if isinstance(cell, str) else cell
         self.dropouts = d = dropout if isinstance(dropout, Dropouts) else Dropouts(dropout, dropout, dropout)
         self.embedding = nn.Embedding(vocab_size, embedding) if embedding > 0 else None
         num_inputs = embedding or vocab_size  # one-hot input has one column per character
         if core == "scratch":
-            self.core: nn.Module = ScratchLSTM(num_inputs, num_hiddens, num_layers, d.hidden, locked=d.locked, weight_drop=d.weight)
+            self.core: nn.Module = ScratchCore(self.cell, num_inputs, num_hiddens, num_layers, d.hidden, d.locked, d.weight, path, device, build)
         elif core == "cudnn":
-            self.core = CudnnLSTM(num_inputs, num_hiddens, num_layers, d.hidden, locked=d.locked, weight_drop=d.weight)
+            self.core = TorchCore(self.cell, num_inputs, num_hiddens, num_layers, d.hidden, d.locked, d.weight)
         else:
             raise ValueError(f"unknown core '{core}' (expected scratch or cudnn)")
         self.W_hq = nn.Parameter(torch.empty(num_hiddens, vocab_size))
@@ -100,8 +108,11 @@ class CharLM(nn.Module):
         self.reset_output_layer()
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, vocab_size: int) -> CharLM:
-        return cls(vocab_size, cfg.hidden, cfg.layers, Dropouts.of(cfg), cfg.model, cfg.embedding)
+    def from_config(cls, cfg: ModelConfig, vocab_size: int, path: str = "auto", device: torch.device | str = "cpu", build: bool = True) -> CharLM:
+        """The model `cfg` describes, its scratch core's path chosen for `device` (where the
+        caller then moves it)."""
+        cell = cells.get(cfg.cell, cfg.gru_form)
+        return cls(vocab_size, cfg.hidden, cfg.layers, Dropouts.of(cfg), cfg.model, cfg.embedding, cell, path, device, build)
 
     def reset_output_layer(self) -> None:
         """The seed's init for the scratch model (N(0, 0.01²), zero bias); nn.Linear's for nn.LSTM."""
@@ -115,12 +126,18 @@ class CharLM(nn.Module):
                 self.b_q.uniform_(-bound, bound)
 
     @property
-    def scratch_core(self) -> ScratchLSTM | None:
-        """The core as the article's LSTM, or None for nn.LSTM."""
-        return self.core if isinstance(self.core, ScratchLSTM) else None
+    def scratch_core(self) -> ScratchCore | None:
+        """The core as the cell's own equations, or None for torch's."""
+        return self.core if isinstance(self.core, ScratchCore) else None
+
+    @property
+    def path(self) -> str:
+        """How the recurrence runs: the scratch core's path, or "cudnn" (torch's fused layer)."""
+        scratch = self.scratch_core
+        return scratch.path if scratch is not None else "cudnn"
 
     def begin_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
-        return zero_state(self.num_layers, batch_size, self.num_hiddens, self.W_hq.to(device) if device else self.W_hq)
+        return zero_state(self.cell, self.num_layers, batch_size, self.num_hiddens, self.W_hq.to(device) if device else self.W_hq)
 
     @overload
     def forward(self, X: torch.Tensor, state: State | None = None, *, top: Literal[False] = False) -> tuple[torch.Tensor, State]: ...
@@ -163,8 +180,8 @@ def num_parameters(cfg: ModelConfig, vocab_size: int) -> int:
     """The model's parameter count from its shapes alone: no tensor is made, so a size too large
     for any memory is counted, not allocated."""
     H, E, V = cfg.hidden, cfg.embedding, vocab_size
-    biases = 4 * H if cfg.model == "scratch" else 8 * H  # nn.LSTM keeps two bias vectors
-    core = sum(4 * H * ((E or V) if k == 0 else H) + 4 * H * H + biases for k in range(cfg.layers))
+    cell = cells.get(cfg.cell, cfg.gru_form)
+    core = sum(cell.num_parameters((E or V) if k == 0 else H, H, cfg.model) for k in range(cfg.layers))
     return V * E + core + H * V + V
 
 
@@ -176,7 +193,7 @@ def training_bytes(cfg: Config, vocab_size: int) -> int:
     P = num_parameters(cfg.model, vocab_size)
     copies = 2 + (2 if cfg.train.optimizer in ("adam", "adamw") else 0)
     characters = cfg.data.batch_size * cfg.data.num_steps
-    per_character = 6 * cfg.model.layers * cfg.model.hidden + 2 * vocab_size
+    per_character = (cells.get(cfg.model.cell, cfg.model.gru_form).width + 2) * cfg.model.layers * cfg.model.hidden + 2 * vocab_size
     return 4 * (copies * P + characters * per_character)
 
 
@@ -201,34 +218,39 @@ def activation_penalty(top: TopLayer, ar: float, tar: float) -> torch.Tensor:
 
 # ---- weight conversion between the cores ---------------------------------------------------
 #
-# The scratch core stores each layer packed — W_x (inputs, 4H), W_h (H, 4H), b (4H) — with the
-# gates in nn.LSTM's order (i, f, g = c̃, o), so nn.LSTM's weight_ih is W_xᵀ, weight_hh is
-# W_hᵀ, and its two biases add up to b. Checkpoints of the first release hold the article's
-# twelve tensors per layer (W_xi, W_hi, b_i, …); `convert` packs them.
-
-PACKED = ("W_x", "W_h", "b")
+# The scratch core stores each layer packed — W_x (inputs, blocks·H), W_h (H, blocks·H), b (and
+# b_hh where the cell has one) — with the blocks in torch's order, so torch's weight_ih is W_xᵀ,
+# weight_hh is W_hᵀ, and its two biases add up to b (`Cell.to_torch`, `Cell.from_torch`).
+# Checkpoints of the first release hold the LSTM's twelve tensors per layer (W_xi, W_hi, b_i, …);
+# `convert` packs them.
 
 
 def scratch_key(layer: int, name: str) -> str:
-    """The state-dict key of scratch layer `layer`'s packed parameter `name` (W_x, W_h or b)."""
+    """The state-dict key of scratch layer `layer`'s packed parameter `name` (W_x, W_h, b, b_hh)."""
     return f"core.layers.{layer}.{name}"
 
 
-def scratch_layer(state_dict: dict[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor]:
-    """Scratch layer `layer`'s twelve parameters by the article's names (views of the packed
-    ones), from a scratch state dict."""
-    W_x, W_h, b = (state_dict[scratch_key(layer, name)] for name in PACKED)
-    packed = {"W_x": W_x, "W_h": W_h, "b_": b}
-    hiddens = W_h.shape[0]
-    return {name: packed[name[:-1]][..., block(name[-1], hiddens)] for name in PARAMETERS}
+def torch_key(cell: Cell, layer: int, name: str) -> str:
+    """The state-dict key of torch's parameter `name` (weight_ih, …) of layer `layer`."""
+    return f"core.{cell.name}.{name}_l{layer}"
+
+
+def scratch_layer(state_dict: dict[str, torch.Tensor], layer: int, cell: Cell) -> dict[str, torch.Tensor]:
+    """Scratch layer `layer`'s parameters by the article's names (views of the packed ones),
+    from a scratch state dict."""
+    return cell.views(packed_layer(state_dict, layer, cell))
+
+
+def packed_layer(state_dict: dict[str, torch.Tensor], layer: int, cell: Cell) -> dict[str, torch.Tensor]:
+    return {name: state_dict[scratch_key(layer, name)] for name in cell.packed_names()}
 
 
 def core_of(state_dict: dict[str, torch.Tensor]) -> str:
-    if any(k.startswith("core.lstm.") for k in state_dict):
+    if any(k.startswith(tuple(f"core.{name}." for name in cells.NAMES)) for k in state_dict):
         return "cudnn"
     if any(k.startswith("core.layers.") for k in state_dict):
         return "scratch"
-    raise CheckpointError("the weights hold neither a scratch nor an nn.LSTM core")
+    raise CheckpointError("the weights hold neither a scratch nor a torch core")
 
 
 def _shared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -240,43 +262,39 @@ def _num_layers(state_dict: dict[str, torch.Tensor], pattern: str) -> int:
 
 
 def pack_twelve(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A scratch state dict of the first release (twelve tensors a layer) in the packed layout;
-    a packed one is returned as it is."""
+    """A scratch LSTM's state dict of the first release (twelve tensors a layer) in the packed
+    layout; a packed one is returned as it is."""
     if not any(re.match(r"core\.layers\.\d+\.W_xi$", k) for k in state_dict):
         return dict(state_dict)
+    lstm = cells.get("lstm")
     out = _shared(state_dict)
     for k in range(_num_layers(state_dict, r"core\.layers\.(\d+)\.")):
-        p = {name: state_dict[scratch_key(k, name)] for name in PARAMETERS}
-        out[scratch_key(k, "W_x")] = torch.cat([p[f"W_x{g}"] for g in GATE_ORDER], dim=1)
-        out[scratch_key(k, "W_h")] = torch.cat([p[f"W_h{g}"] for g in GATE_ORDER], dim=1)
-        out[scratch_key(k, "b")] = torch.cat([p[f"b_{g}"] for g in GATE_ORDER])
+        named = {name: state_dict[scratch_key(k, name)] for name in lstm.parameter_names()}
+        out.update({scratch_key(k, name): p for name, p in lstm.pack(named).items()})
     return out
 
 
-def scratch_to_cudnn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def scratch_to_torch(state_dict: dict[str, torch.Tensor], cell: Cell) -> dict[str, torch.Tensor]:
+    if not cell.torch_equivalent:
+        raise CheckpointError(f"the {cell.title}'s {cell.form} form has no torch module to convert its weights to")
     state_dict = pack_twelve(state_dict)
     out = _shared(state_dict)
     for k in range(_num_layers(state_dict, r"core\.layers\.(\d+)\.")):
-        W_x, W_h, b = (state_dict[scratch_key(k, name)] for name in PACKED)
-        out[f"core.lstm.weight_ih_l{k}"] = W_x.T.contiguous()  # (4H, inputs)
-        out[f"core.lstm.weight_hh_l{k}"] = W_h.T.contiguous()  # (4H, H)
-        out[f"core.lstm.bias_ih_l{k}"] = b.clone()
-        out[f"core.lstm.bias_hh_l{k}"] = torch.zeros_like(b)
+        out.update({torch_key(cell, k, name): p for name, p in cell.to_torch(packed_layer(state_dict, k, cell)).items()})
     return out
 
 
-def cudnn_to_scratch(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def torch_to_scratch(state_dict: dict[str, torch.Tensor], cell: Cell) -> dict[str, torch.Tensor]:
     out = _shared(state_dict)
-    for k in range(_num_layers(state_dict, r"core\.lstm\.weight_ih_l(\d+)$")):
-        out[scratch_key(k, "W_x")] = state_dict[f"core.lstm.weight_ih_l{k}"].T.contiguous()  # (inputs, 4H)
-        out[scratch_key(k, "W_h")] = state_dict[f"core.lstm.weight_hh_l{k}"].T.contiguous()  # (H, 4H)
-        out[scratch_key(k, "b")] = state_dict[f"core.lstm.bias_ih_l{k}"] + state_dict[f"core.lstm.bias_hh_l{k}"]
+    for k in range(_num_layers(state_dict, rf"core\.{cell.name}\.weight_ih_l(\d+)$")):
+        weights = {name: state_dict[torch_key(cell, k, name)] for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+        out.update({scratch_key(k, name): p for name, p in cell.from_torch(weights).items()})
     return out
 
 
-def convert(state_dict: dict[str, torch.Tensor], core: str) -> dict[str, torch.Tensor]:
-    """The state dict for a CharLM with `core`, whichever core (or release) it was saved from."""
+def convert(state_dict: dict[str, torch.Tensor], core: str, cell: Cell) -> dict[str, torch.Tensor]:
+    """The state dict for a CharLM with `core` and `cell`, whichever core (or release) it was saved from."""
     source = core_of(state_dict)
     if source == core:
         return pack_twelve(state_dict) if core == "scratch" else dict(state_dict)
-    return scratch_to_cudnn(state_dict) if core == "cudnn" else cudnn_to_scratch(state_dict)
+    return scratch_to_torch(state_dict, cell) if core == "cudnn" else torch_to_scratch(state_dict, cell)

@@ -35,7 +35,7 @@ import torch
 
 from .corpus import cache_dir
 
-SOURCE = Path(__file__).with_name("csrc") / "recurrence.cpp"
+DRIVER = Path(__file__).with_name("csrc") / "recurrence.cpp"
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-std=c++20", "-shared", "-fPIC")
 BUILD_SECONDS = 600  # a compiler that takes longer is given up on
 
@@ -97,6 +97,22 @@ def _load() -> tuple[Any | None, str]:
     return torch.ops.lstmlm_recurrence, ""
 
 
+def source() -> str:
+    """What is compiled: the driver every cell shares, then each registered cell's kernel."""
+    from . import cells
+
+    kernels = [f"// ---- {cell.name} (lstmlm/cells) ----\n{cell.kernel}" for cell in cells.every() if cell.kernel is not None]
+    return "\n".join([DRIVER.read_text(encoding="utf-8"), *kernels])
+
+
+def usable(build: bool = True) -> bool:
+    """Whether the compiled recurrence can run here: loaded (building it first if `build`), or,
+    without `build`, switched on with a compiler to build it (the caller builds it later)."""
+    if build:
+        return recurrence() is not None
+    return _enabled and os.environ.get("LSTMLM_NATIVE", "1") != "0" and (_load.cache_info().currsize > 0 or _compiler() is not None)
+
+
 def _build(compiler: str) -> Path:
     """The compiled library for this source, torch, compiler and CPU: from the cache, or built
     into it (into a temporary name first, then renamed, so two processes building at once
@@ -109,9 +125,11 @@ def _build(compiler: str) -> Path:
     torch_dir = Path(torch.__file__).parent
     fd, temporary = tempfile.mkstemp(dir=directory, prefix=".recurrence-", suffix=".so")
     os.close(fd)
+    code = Path(temporary).with_suffix(".cpp")
+    code.write_text(source(), encoding="utf-8")
     command = [
         compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-        f"-I{torch_dir / 'include'}", str(SOURCE), "-o", temporary,
+        f"-I{torch_dir / 'include'}", str(code), "-o", temporary,
         f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}",
     ]  # fmt: skip
     try:
@@ -121,8 +139,9 @@ def _build(compiler: str) -> Path:
             raise RuntimeError(f"the C++ build failed: {errors[0]}")
         os.replace(temporary, library)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
+        for leftover in (temporary, code):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
     return library
 
 
@@ -136,7 +155,7 @@ def _directory() -> Path:
 
 def _key(compiler: str) -> str:
     """What the build depends on: the source, torch, Python, the compiler and this CPU."""
-    h = hashlib.sha1(SOURCE.read_bytes())
+    h = hashlib.sha1(source().encode())
     h.update(" ".join((torch.__version__, sys.version, platform.machine(), compiler, *FLAGS)).encode())
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         h.update(subprocess.run([compiler, "--version"], capture_output=True, timeout=60, check=False).stdout)

@@ -91,22 +91,22 @@ def embedding_for(vocab_size: int) -> int:
     return min(256, max(16, 16 * round(6 * math.sqrt(vocab_size) / 16)))
 
 
-def probe_dims(vocab_size: int) -> Dims:
-    """The model whose training speed `choose` takes (`tokens_per_s`)."""
-    return Dims(vocab_size, PROBE_HIDDEN, 1, PROBE_BATCH, PROBE_STEPS, embedding_for(vocab_size))
+def probe_dims(vocab_size: int, cell: str = "lstm") -> Dims:
+    """The model whose training speed `choose` takes (`tokens_per_s`), of the cell to be trained."""
+    return Dims(vocab_size, PROBE_HIDDEN, 1, PROBE_BATCH, PROBE_STEPS, embedding_for(vocab_size), cell)
 
 
-def choose(corpus_tokens: int, vocab_size: int, tokens_per_s: float, minutes: float) -> Recipe:
+def choose(corpus_tokens: int, vocab_size: int, tokens_per_s: float, minutes: float, cell: str = "lstm") -> Recipe:
     """The recipe for `minutes` of training on a corpus of `corpus_tokens` training tokens and
-    `vocab_size` symbols, on a machine that trains `probe_dims(vocab_size)` at `tokens_per_s`."""
+    `vocab_size` symbols, on a machine that trains `probe_dims(vocab_size, cell)` at `tokens_per_s`."""
     if corpus_tokens < min_tokens(1, 1):
         raise CorpusError(f"the training text has {corpus_tokens} tokens: too short to train on")
     if vocab_size < 1 or not tokens_per_s > 0 or not minutes > 0 or not math.isfinite(tokens_per_s * minutes):
         raise ConfigError("a recipe needs a vocabulary, a positive speed and a positive number of minutes")
-    compute = tokens_per_s * training_flops_per_token(probe_dims(vocab_size)) * minutes * 60  # FLOPs the run has
+    compute = tokens_per_s * training_flops_per_token(probe_dims(vocab_size, cell)) * minutes * 60  # FLOPs the run has
     embedding = embedding_for(vocab_size)
-    layers, hidden = _shape(compute, corpus_tokens, vocab_size, embedding)
-    tokens = compute / _flops(hidden, layers, vocab_size, embedding)
+    layers, hidden = _shape(compute, corpus_tokens, vocab_size, embedding, cell)
+    tokens = compute / _flops(hidden, layers, vocab_size, embedding, cell)
     num_steps, batch_size = _batches(corpus_tokens, tokens)
     updates = tokens / (batch_size * num_steps)
     epochs = tokens / corpus_tokens
@@ -119,29 +119,29 @@ def choose(corpus_tokens: int, vocab_size: int, tokens_per_s: float, minutes: fl
         num_steps=num_steps,
         dropout=_dropout(epochs),
         warmup_steps=int(min(MAX_WARMUP, updates / 50)),
-        parameters=_parameters(hidden, layers, vocab_size, embedding),
+        parameters=_parameters(hidden, layers, vocab_size, embedding, cell),
         tokens=tokens,
         epochs=epochs,
     )
 
 
-def _shape(compute: float, corpus_tokens: int, vocab_size: int, embedding: int) -> tuple[int, int]:
+def _shape(compute: float, corpus_tokens: int, vocab_size: int, embedding: int, cell: str) -> tuple[int, int]:
     """(layers, hidden): the fewest layers whose widest fitting size is at most WIDE. More
     compute never gives fewer layers, nor, with as many layers, fewer units."""
     for layers in range(1, MAX_LAYERS + 1):
-        hidden = _widest(layers, compute, corpus_tokens, vocab_size, embedding)
+        hidden = _widest(layers, compute, corpus_tokens, vocab_size, embedding, cell)
         if hidden <= WIDE or layers == MAX_LAYERS:
             return layers, hidden
     raise AssertionError("unreachable")
 
 
-def _widest(layers: int, compute: float, corpus_tokens: int, vocab_size: int, embedding: int) -> int:
+def _widest(layers: int, compute: float, corpus_tokens: int, vocab_size: int, embedding: int, cell: str) -> int:
     """The widest layer (a multiple of HIDDEN_STEP) whose model sees enough tokens per weight in
     the compute there is and is not too large for the corpus; MIN_HIDDEN if none is."""
 
     def fits(hidden: int) -> bool:
-        weights = _parameters(hidden, layers, vocab_size, embedding)
-        seen = compute / _flops(hidden, layers, vocab_size, embedding)
+        weights = _parameters(hidden, layers, vocab_size, embedding, cell)
+        seen = compute / _flops(hidden, layers, vocab_size, embedding, cell)
         return seen >= TOKENS_PER_PARAMETER * weights and weights <= PARAMETERS_PER_TOKEN * corpus_tokens
 
     return max((h for h in range(MIN_HIDDEN, MAX_HIDDEN + 1, HIDDEN_STEP) if fits(h)), default=MIN_HIDDEN)
@@ -166,9 +166,9 @@ def _dropout(epochs: float) -> float:
     return round(min(MAX_DROPOUT, DROPOUT_PER_DOUBLING * math.log2(epochs / FREE_EPOCHS)) * 20) / 20
 
 
-def _parameters(hidden: int, layers: int, vocab_size: int, embedding: int) -> int:
-    return num_parameters(ModelConfig(hidden=hidden, layers=layers, embedding=embedding), vocab_size)
+def _parameters(hidden: int, layers: int, vocab_size: int, embedding: int, cell: str) -> int:
+    return num_parameters(ModelConfig(cell=cell, hidden=hidden, layers=layers, embedding=embedding), vocab_size)
 
 
-def _flops(hidden: int, layers: int, vocab_size: int, embedding: int) -> int:
-    return training_flops_per_token(Dims(vocab_size, hidden, layers, embedding=embedding))
+def _flops(hidden: int, layers: int, vocab_size: int, embedding: int, cell: str) -> int:
+    return training_flops_per_token(Dims(vocab_size, hidden, layers, embedding=embedding, cell=cell))

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, get_args
 
 import torch
 
@@ -231,9 +231,9 @@ def smallest_batches(cfg: Config, given: dict[str, Any]) -> Config:
 
 def apply_default_recipe(cfg: Config, given: dict[str, Any], data: Data, device: torch.device) -> tuple[Config, Chosen]:
     """The recipe for this corpus, vocabulary, machine and time, under the options given."""
-    probe = probe_dims(len(data.vocab))
+    probe = probe_dims(len(data.vocab), cfg.model.cell)
     speed = measure_training(cfg.model.model, probe, device, resolve_precision(cfg.train.precision, device), steps=PROBE_TIMED, warmup=1)
-    recipe = choose(len(data.train), len(data.vocab), speed.tokens_per_s, cfg.train.max_minutes)
+    recipe = choose(len(data.train), len(data.vocab), speed.tokens_per_s, cfg.train.max_minutes, cfg.model.cell)
     cfg = cfg.with_overrides({**recipe.overrides(), **given})
     check_length(len(data.train), cfg.data.batch_size, cfg.data.num_steps, "training text")
     return cfg, Chosen(recipe, speed.tokens_per_s, tuple(k for k in RECIPE_KEYS if k in given))
@@ -342,10 +342,14 @@ def load_trained(runs_dir: Path, run: str | None = None, core: str | None = None
     payload = checkpoint.load(store, which)
     cfg, vocab = checkpoint.checkpoint_config(payload), checkpoint.checkpoint_vocab(payload)
     core = core or cfg.model.model
-    if core not in ("scratch", "cudnn"):
-        raise ConfigError(f"--model must be scratch or cudnn, not {core!r}")
-    net = CharLM.from_config(dataclasses.replace(cfg.model, model=cast(config.Core, core)), len(vocab))
-    checkpoint.load_weights(net, convert(payload["model"], core), store.path(which))
+    if core not in get_args(config.Core):
+        raise ConfigError(f"--model must be {' or '.join(get_args(config.Core))}, not {core!r}")
+    try:
+        model_cfg = config.from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "model": core}}).model
+    except ConfigError as e:
+        raise ConfigError(f"run {store.name} cannot run as --model {core}: {e}") from None
+    net = CharLM.from_config(model_cfg, len(vocab))
+    checkpoint.load_weights(net, convert(payload["model"], core, net.cell), store.path(which))
     return Trained(net.eval(), cfg, vocab, checkpoint.checkpoint_prime(payload, vocab), store)
 
 
@@ -523,7 +527,7 @@ def inspect_run(
     run: str | None,
     text: str | None = None,
     file: Path | None = None,
-    gate: str = "cell",
+    gate: str | None = None,
     layer: int | None = None,
     units: list[int] | None = None,
     find: str | None = None,
@@ -542,7 +546,7 @@ def inspect_run(
         from .units_page import html_page
 
         ranking = inspection.ranking[: max(top, 10)]
-        page = html_page(inspection.layers, inspection.text, f"lstmlm inspect · {trained.store.name}", find, gate, ranking)
+        page = html_page(inspection.layers, inspection.text, f"lstmlm inspect · {trained.store.name}", find, inspection.gate.name, ranking)
         write_text_atomic(html, page, "page")
     return InspectedRun(trained.store.name, inspection)
 

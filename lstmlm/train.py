@@ -10,7 +10,7 @@ exp of the cross-entropy.
 
 Everything that decides what happens next is in `TrainerState` and saved in every checkpoint —
 the data generator's state at the epoch's start, the batch index within the epoch, the carried
-(H, C), torch's RNG — so a run resumed from any checkpoint continues exactly as it would have.
+state (the cell's: (H, C) for the LSTM), torch's RNG — so a run resumed from any checkpoint continues exactly as it would have.
 
 Between two steps the loop may validate, sample and checkpoint, each on its own cadence —
 every N steps, every N minutes, at every N-th epoch end, or whichever of those comes first
@@ -26,12 +26,13 @@ import random
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from . import checkpoint, graphs, native
-from .config import Cadence, Config, TrainConfig, cadence
+from .cells.base import State
+from .config import Cadence, Config, RecurrencePath, TrainConfig, cadence
 from .data import batches
 from .data.batches import BatchSource, Epoch, on_device
 from .data.pipeline import Data
@@ -42,7 +43,6 @@ from .errors import CheckpointError, TrainingError
 from .evaluation import MAX_LOSS, bits_per_char, evaluate, perplexity
 from .events import EpochEnded, Evaluated, Event, Finished, Noted, Sampled, Saved, Started, Stepped, Warned
 from .generate import complete, prime_text, sample_prefixes
-from .lstm import State
 from .model import CharLM, Dropouts, activation_penalty, convert, loss_fn
 from .runs import BEST, LATEST, RunStore
 
@@ -163,7 +163,7 @@ class TrainerState:
     evals_since_best: int = 0
     last_val: float | None = None
     torch_rng: torch.Tensor | None = None
-    carry: list[torch.Tensor] | None = None  # (H, C) mid-epoch, for the sequential iterator
+    carry: list[torch.Tensor] | None = None  # the state mid-epoch, for the sequential iterator
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -190,8 +190,6 @@ def _rng_from_list(d: list[Any]) -> tuple[Any, ...]:
 
 # ---- the loop -------------------------------------------------------------------------------
 
-clock: Callable[[], float] = time.perf_counter  # seconds; a test may put a fake clock here
-
 VALIDATE, SAMPLE, SAVE = "eval_every", "sample_every", "checkpoint_every"
 
 
@@ -210,26 +208,41 @@ class Trainer:
     `session.training` builds one the way `lstmlm train` does."""
 
     def __init__(
-        self, store: RunStore, cfg: Config, data: Data, device: torch.device, precision: str, world: World = World()
+        self,
+        store: RunStore,
+        cfg: Config,
+        data: Data,
+        device: torch.device,
+        precision: str,
+        world: World = World(),
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+        capture: graphs.Capture | None = None,
     ) -> None:
+        """`clock`: seconds, for the cadences, the time limit and tokens/s. `capture`: records the
+        step as a graph (a CUDA graph by default where one pays; given, it graphs the step on any
+        device, as tests do on a CPU)."""
         self.store, self.cfg, self.data = store, cfg, data
         self.device, self.precision, self.world = device, precision, world
         if device.type == "cpu":
             keep_freed_memory()  # every batch frees and makes the same buffers: no fresh pages for each
         torch.manual_seed(cfg.train.seed)  # the same on every process: same init, same dropout stream
-        self.model = CharLM.from_config(cfg.model, len(data.vocab)).to(device)
+        m, d, t = cfg.model, cfg.data, cfg.train
+        # the path is chosen here; a compiled one is built at run()'s start, where it is said
+        self.model = CharLM.from_config(m, len(data.vocab), t.path, device, build=False).to(device)
         self.net: torch.nn.Module = self.model  # what the step runs: the model, or its DDP wrapper
         if world.active:
             ids = [device.index] if device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        m, d = cfg.model, cfg.data
-        # the scratch core on CUDA runs its step as a CUDA graph where it can; eager_because says why not
-        self.eager_because = graphs.why_eager(Dropouts.of(m).draws, world.active) if graphs.pays(device, m.model) else None
-        graphed = graphs.pays(device, m.model) and self.eager_because is None
-        self.optimizer = build_optimizer(cfg.train, self.model, graphed)
+        # the scratch core's fused step runs as a CUDA graph where it can; eager_because says why not
+        wants_graph = t.path in ("auto", "graph") and (capture is not None or graphs.pays(device, self.model.path))
+        self.eager_because = graphs.why_eager(Dropouts.of(m).draws, world.active) if wants_graph else None
+        graphed = wants_graph and self.eager_because is None
+        self.optimizer = build_optimizer(t, self.model, graphed)
         self.step: graphs.Step = self._eager_step
         if graphed:
-            self.step = graphs.GraphedStep(self._eager_step, self.optimizer, (m.layers, d.batch_size, m.hidden), graphs.capture(device))
+            state_shape = (m.layers, d.batch_size, m.hidden)
+            self.step = graphs.GraphedStep(self._eager_step, self.optimizer, state_shape, len(self.model.cell.state), capture or graphs.CudaGraph(device))
         self._said_eager = False
         self.steps_per_epoch = batches.num_batches(len(data.train), d.batch_size, d.num_steps, d.iterator)
         tokens = on_device(data.train, device)  # the whole text on a GPU where it fits: batches gathered there
@@ -249,7 +262,7 @@ class Trainer:
         self.prime = prime_text(data.vocab, data.train, d.normalize)
         self.has_val = len(data.val) > 1
         self._saved_at = self._validated_at = -1  # global steps of the last save and validation
-        self._carry: State | None = None  # the (H, C) reached, gathered from every process
+        self._carry: State | None = None  # the state reached, gathered from every process
         self.train_perplexity = math.nan  # the last completed epoch's
 
     def resume(self) -> None:
@@ -258,7 +271,7 @@ class Trainer:
         path = self.store.path(LATEST)
         payload = checkpoint.load(self.store, LATEST)
         checkpoint.check_compatible(payload, self.cfg, self.data.vocab, path)
-        checkpoint.load_weights(self.model, convert(payload["model"], self.cfg.model.model), path)
+        checkpoint.load_weights(self.model, convert(payload["model"], self.cfg.model.model, self.model.cell), path)
         trainer = payload["trainer"]
         try:
             load_optimizer_state(self.optimizer, trainer["optimizer"])
@@ -293,9 +306,9 @@ class Trainer:
     def run(self, should_stop: Callable[[], bool] = lambda: False) -> Iterator[Event]:
         """Train until the epochs are done, the time is up, validation stops improving or
         `should_stop()` says so; every way out ends the same: validate, save, sample, Finished."""
+        yield from self._settle_path()
         yield self._started()
         yield from self._why_eager()
-        yield from self._compiled_recurrence()
         self._session_start = self.clock()
         self._last = dict.fromkeys(self.cadences, self._session_start)
         if self.state.torch_rng is not None:
@@ -401,19 +414,19 @@ class Trainer:
         return rng, self.batches.epoch(rng, skip=self.state.step)
 
     def _carried_state(self) -> State | None:
-        """This process's rows of the (H, C) a mid-epoch checkpoint carried, or None."""
+        """This process's rows of the state a mid-epoch checkpoint carried, or None."""
         carry = self.state.carry
         if carry is None:
             return None
         rows = self.world.rows(self.cfg.data.batch_size)
-        return carry[0][:, rows].to(self.device), carry[1][:, rows].to(self.device)
+        return tuple(S[:, rows].to(self.device) for S in carry)
 
     def _step(self, X: torch.Tensor, Y: torch.Tensor, state: State | None, loss_sum: torch.Tensor) -> State:
         """One optimizer step on this process's rows of the batch; its loss, weighted by its
         tokens, is added to `loss_sum` on the device (no sync per batch)."""
         d, st = self.cfg.data, self.state
         if state is not None and d.iterator == "sequential":
-            state = self._reset_rows(state[0].detach(), state[1].detach())  # truncate backprop at the batch edge
+            state = self._reset_rows(tuple(S.detach() for S in state))  # truncate backprop at the batch edge
         else:
             state = None  # zero state: the epoch's first batch, or every random-iterator batch
         X, Y = X.to(self.device, non_blocking=True), Y.to(self.device, non_blocking=True)  # this process's rows (already there on a GPU)
@@ -425,34 +438,42 @@ class Trainer:
         st.tokens += Y.numel() * self.world.size
         return state
 
-    def _reset_rows(self, H: torch.Tensor, C: torch.Tensor) -> State:
-        """(H, C) with the rows due to start afresh zeroed (`reset_every`): row r of the batch
+    def _reset_rows(self, state: State) -> State:
+        """The state with the rows due to start afresh zeroed (`reset_every`): row r of the batch
         every N batches, at step r·N/batch of each cycle, so each batch has its share of fresh
         rows. Decided by the step within the epoch and the row's place in the whole batch, both
         saved and the same on every process: a resume and a torchrun stay exact."""
         every, batch = self.cfg.data.reset_every, self.cfg.data.batch_size
         if every <= 0:
-            return H, C
-        rows = torch.arange(batch, device=H.device)[self.world.rows(batch)]  # made on the device: no copy, no wait
+            return state
+        rows = torch.arange(batch, device=state[0].device)[self.world.rows(batch)]  # made on the device: no copy, no wait
         keep = ((self.state.step + rows * every // batch) % every != 0)[None, :, None]
-        return H * keep.to(H.dtype), C * keep.to(C.dtype)
+        return tuple(S * keep.to(S.dtype) for S in state)
 
     def _eager_step(self, X: torch.Tensor, Y: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
         t = self.cfg.train
         return train_step(self.net, self.optimizer, X, Y, state, t.clip, self.device, self.precision, t.ar, t.tar)
 
-    def _compiled_recurrence(self) -> Iterator[Noted | Warned]:
-        """The scratch core on a CPU runs native.py's compiled recurrence: built here, before the
-        clock starts, where this machine has none yet (said, since it takes some seconds), and
-        said where it cannot be (the Python loop, slower, runs instead)."""
-        if self.device.type != "cpu" or self.model.scratch_core is None:
+    def _settle_path(self) -> Iterator[Noted | Warned]:
+        """The scratch core's path, settled before the clock starts: a compiled recurrence this
+        machine has not built yet is built here (said, since it takes a while, once), and where
+        it cannot be, or the path asked for cannot run here, the path taken instead is said."""
+        scratch = self.model.scratch_core
+        if scratch is None:
             return
-        if native.needs_build():
-            yield Noted("compiling the scratch core's recurrence for this CPU (once, some 10-20 seconds)")
-        native.recurrence()  # built now, not inside the first step
-        why = native.status()
-        if why.startswith("python loop") and "LSTMLM_NATIVE=0" not in why:  # switched off on purpose: nothing to say
-            yield Warned(f"the scratch core runs its Python loop, about 2.5x slower: {why}")
+        if scratch.path == "compiled" and native.needs_build():
+            yield Noted("compiling the scratch core's recurrence for this CPU (once)")
+        why = scratch.settle()
+        if why:
+            yield Warned(f"the scratch core runs its {scratch.path} path: {why}")
+        if self.world.is_main and self.cfg.train.path != self.path:  # the run's config says how it ran
+            self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, path=cast(RecurrencePath, self.path)))
+            self.store.save_config(self.cfg)
+
+    @property
+    def path(self) -> str:
+        """How the recurrence runs: the model's path, or graph where the step is one."""
+        return "graph" if isinstance(self.step, graphs.GraphedStep) else self.model.path
 
     def _why_eager(self) -> Iterator[Warned]:
         """Once: why the scratch core's step runs eagerly on CUDA, where a graph would pay."""
@@ -587,6 +608,8 @@ class Trainer:
             device=describe(self.device),
             precision=self.precision,
             model=self.cfg.model.model,
+            cell=self.model.cell.name + ("" if self.model.cell.form == "cudnn" else f" ({self.model.cell.form})"),
+            path=self.path,
             vocab_size=len(self.data.vocab),
             num_params=sum(p.numel() for p in self.model.parameters()),
             train_tokens=len(self.data.train),
@@ -614,11 +637,10 @@ class Trainer:
         )
 
     def _gather(self, state: State | None) -> State | None:
-        """The carried (H, C) of every stream, from every process, for a mid-epoch checkpoint."""
+        """The carried state of every stream, from every process, for a mid-epoch checkpoint."""
         if state is None or not self.world.active:
             return state
-        H, C = (torch.cat(all_gather(s.detach().contiguous(), self.world), dim=1) for s in state)
-        return H, C
+        return tuple(torch.cat(all_gather(S.detach().contiguous(), self.world), dim=1) for S in state)
 
     def _finite(self, loss_sum: torch.Tensor) -> float:
         """The loss sum over all processes as a float; a NaN or Inf stops training before anything is saved."""

@@ -1,21 +1,15 @@
-"""Inside a trained LSTM: every gate over a text, units that track a feature, saturation, colours.
+"""Inside a trained model: every gate over a text, units that track a feature, saturation, colours.
 
 After Karpathy, Johnson and Fei-Fei, "Visualizing and Understanding Recurrent Networks" (2015):
 single cells that switch on inside quotes, count line length or track brackets.
 
-`activations` reruns the article's equations (`lstm.cell`) one character at a time on the
-model's own parameters — converted to the scratch layout, whichever core trained them — and
-keeps what a forward pass throws away:
-
-    I_t = σ(X_t W_xi + H_{t-1} W_hi + b_i)        input gate        (0, 1)
-    F_t = σ(X_t W_xf + H_{t-1} W_hf + b_f)        forget gate       (0, 1)
-    O_t = σ(X_t W_xo + H_{t-1} W_ho + b_o)        output gate       (0, 1)
-    C̃_t = tanh(X_t W_xc + H_{t-1} W_hc + b_c)     candidate         (-1, 1)
-    C_t = F_t ⊙ C_{t-1} + I_t ⊙ C̃_t               memory cell       unbounded
-    H_t = O_t ⊙ tanh(C_t)                         hidden state      (-1, 1)
-
-Row t of every tensor is the state after reading character t of the text. `inspect_text` is
-what `lstmlm inspect` asks for; `units_page` draws the same analysis as an HTML page.
+`activations` reruns the cell's equations (its `step`) one character at a time on the model's
+own parameters — converted to the scratch layout, whichever core trained them — and keeps what
+a forward pass throws away: every gate the cell has (`Cell.gates`: for the LSTM the input,
+forget and output gates, the candidate, the memory cell and H; for the GRU the reset and update
+gates, the candidate and H), each with its range. Row t of every tensor is the state after
+reading character t of the text. `inspect_text` is what `lstmlm inspect` asks for;
+`units_page` draws the same analysis as an HTML page.
 """
 
 from __future__ import annotations
@@ -25,41 +19,45 @@ from dataclasses import dataclass
 
 import torch
 
+from .cells.base import Cell, Gate, project
 from .data.text import normalize
 from .errors import InspectError
-from .lstm import GATES as GATE_LETTERS
-from .lstm import Gates, cell, project
 from .model import CharLM, convert, scratch_layer
 from .vocab import Vocab
-
-# The names people choose on the command line → the equation's symbol (a LayerActivations field).
-SYMBOLS = {"input": "I", "forget": "F", "output": "O", "candidate": "C_tilde", "cell": "C", "hidden": "H"}
-GATES = tuple(SYMBOLS)
-SIGMOID_GATES = ("input", "forget", "output")  # in (0, 1): the ones that saturate
-TANH_GATES = ("candidate", "hidden")  # in (-1, 1); the cell alone is unbounded
 
 # The paper's thresholds: a gate below 0.1 is left-saturated (closed), above 0.9 right-saturated (open).
 LEFT, RIGHT = 0.1, 0.9
 
 
-class LayerActivations(Gates):
-    """One layer over the text: every quantity of the equations (`lstm.Gates`), each (steps, hiddens)."""
+@dataclass(frozen=True)
+class LayerActivations:
+    """One layer over the text: every quantity of the cell's step, each (steps, hiddens), by symbol."""
 
-    __slots__ = ()
+    cell: Cell
+    values: dict[str, torch.Tensor]
 
     def gate(self, name: str) -> torch.Tensor:
-        values: torch.Tensor = getattr(self, SYMBOLS[check_gate(name)])
-        return values
+        return self.values[gate_of(self.cell, name).symbol]
+
+    @property
+    def H(self) -> torch.Tensor:
+        return self.values["H"]
 
     @property
     def num_hiddens(self) -> int:
         return self.H.shape[1]
 
+    def after(self, start: int) -> LayerActivations:
+        """The steps from `start` on."""
+        return LayerActivations(self.cell, {k: v[start:] for k, v in self.values.items()})
 
-def check_gate(name: str) -> str:
-    if name not in SYMBOLS:
-        raise InspectError(f"unknown gate '{name}' (choose from {', '.join(GATES)})")
-    return name
+
+def gate_of(cell: Cell, name: str) -> Gate:
+    """The cell's gate called `name`; an InspectError naming the ones it has otherwise."""
+    for gate in cell.gates:
+        if gate.name == name:
+            return gate
+    raise InspectError(f"the {cell.title} has no gate '{name}' (choose from {', '.join(g.name for g in cell.gates)})")
 
 
 # ---- activations ------------------------------------------------------------------------------
@@ -76,32 +74,34 @@ def activations(model: CharLM, vocab: Vocab, text: str, context: str = "") -> li
     ids = vocab.encode(context + text).long()  # (steps,): one id per character
     # Read the parameters through the scratch layout: one code path for both cores, and the
     # forward's fused kernels never need to expose their intermediate gates.
-    params = {k: v.detach().float().cpu() for k, v in convert(model.state_dict(), "scratch").items()}
+    cell = model.cell
+    params = {k: v.detach().float().cpu() for k, v in convert(model.state_dict(), "scratch", cell).items()}
     X = params["embedding.weight"][ids] if "embedding.weight" in params else ids  # ids read as one-hot
     layers = []
     for k in range(model.num_layers):
-        layer = run_layer(X, scratch_layer(params, k))
+        layer = run_layer(cell, X, scratch_layer(params, k, cell))
         layers.append(layer)
         X = layer.H  # the next layer reads this one's H; no dropout at inference
     if context:
-        layers = [LayerActivations(*(values[len(context) :] for values in layer)) for layer in layers]  # the text's steps only
+        layers = [layer.after(len(context)) for layer in layers]  # the text's steps only
     return layers
 
 
-def run_layer(X: torch.Tensor, p: dict[str, torch.Tensor]) -> LayerActivations:
-    """The article's equations for one layer, one step at a time, keeping every gate.
+def run_layer(cell: Cell, X: torch.Tensor, p: dict[str, torch.Tensor]) -> LayerActivations:
+    """The cell's equations for one layer, one step at a time, keeping every gate.
 
     X: (steps,) ids, read as one-hot, or (steps, inputs) floats.
     """
-    num_hiddens = p["W_hi"].shape[0]
-    XW = {g: project(X, p[f"W_x{g}"]) for g in GATE_LETTERS}  # X_t W_x for all steps at once: (steps, hiddens)
-    H = C = torch.zeros(num_hiddens)
+    num_hiddens = p["W_h" + cell.blocks[0]].shape[0]
+    XW = {g: project(X, p[f"W_x{g}"]) for g in cell.blocks}  # X_t W_x for all steps at once: (steps, hiddens)
+    state = tuple(torch.zeros(num_hiddens) for _ in cell.state)
     steps = []
     for t in range(len(X)):
-        step = cell({g: XW[g][t] for g in GATE_LETTERS}, H, C, p)  # every gate, (hiddens,) each
-        H, C = step.H, step.C
+        step = cell.step({g: XW[g][t] for g in cell.blocks}, state, p)  # every gate, (hiddens,) each
+        state = cell.next_state(step)
         steps.append(step)
-    return LayerActivations(*(torch.stack(values) for values in zip(*steps)))  # each (steps, hiddens)
+    fields = steps[0]._fields
+    return LayerActivations(cell, {name: torch.stack([getattr(s, name) for s in steps]) for name in fields})  # each (steps, hiddens)
 
 
 def check_layer(layers: list[LayerActivations], layer: int) -> LayerActivations:
@@ -127,7 +127,7 @@ def strongest_units(layer: LayerActivations, gate: str, k: int) -> tuple[torch.T
     indices and values, each (steps, k), strongest first."""
     k = min(k, layer.num_hiddens)
     values = layer.gate(gate)
-    units = level(gate, values).abs().topk(k, dim=1).indices  # (steps, k)
+    units = level(gate_of(layer.cell, gate), values).abs().topk(k, dim=1).indices  # (steps, k)
     return units, values.gather(1, units)
 
 
@@ -173,10 +173,11 @@ def pearson(A: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def find_units(
-    layers: list[LayerActivations], text: str, regex: str, gate: str = "cell", layer: int | None = None
+    layers: list[LayerActivations], text: str, regex: str, gate: str | None = None, layer: int | None = None
 ) -> list[UnitScore]:
-    """Every unit of `gate` (in every layer, or only `layer`) ranked by |r| with "inside a match of regex"."""
-    check_gate(gate)
+    """Every unit of `gate` (the cell's default: the LSTM's memory cell; in every layer, or only
+    `layer`) ranked by |r| with "inside a match of regex"."""
+    gate = gate_of(layers[0].cell, gate or layers[0].cell.default_gate).name
     feature = span_feature(check_text(layers, text), regex)
     chosen = [layer] if layer is not None else range(len(layers))
     scores = []
@@ -201,9 +202,9 @@ def saturation(layers: list[LayerActivations]) -> list[Saturation]:
     """Per layer and sigmoid gate, how often each unit is left- or right-saturated (the paper's Fig. 3)."""
     stats = []
     for k, layer in enumerate(layers):
-        for gate in SIGMOID_GATES:
-            values = layer.gate(gate)  # (steps, hiddens)
-            stats.append(Saturation(k, gate, (values < LEFT).double().mean(0), (values > RIGHT).double().mean(0)))
+        for gate in (g for g in layer.cell.gates if g.saturates):
+            values = layer.values[gate.symbol]  # (steps, hiddens)
+            stats.append(Saturation(k, gate.name, (values < LEFT).double().mean(0), (values > RIGHT).double().mean(0)))
     return stats
 
 
@@ -224,12 +225,13 @@ SATURATION_HEADER = ("layer", "gate", "time < 0.1", "time > 0.9", "units mostly 
 BLUE, RED = (33, 102, 172), (178, 24, 43)  # below and above the neutral level (white)
 
 
-def level(gate: str, values: torch.Tensor) -> torch.Tensor:
-    """Values on one scale in [-1, 1] for colouring: a sigmoid gate's 0.5 is neutral, and the cell
-    goes through tanh as H sees it (and as the paper shows it)."""
-    if gate in SIGMOID_GATES:
+def level(gate: Gate, values: torch.Tensor) -> torch.Tensor:
+    """Values on one scale in [-1, 1] for colouring: a sigmoid gate's 0.5 is neutral, and an
+    unbounded one (the LSTM's memory cell) goes through tanh, as H sees it (and as the paper
+    shows it)."""
+    if gate.saturates:
         return 2 * values - 1
-    if gate == "cell":
+    if gate.low is None:
         return torch.tanh(values)
     return values
 
@@ -251,7 +253,7 @@ class Inspection:
     normalized: bool  # whether that changed the text given
     unknown: list[str]  # characters outside the vocabulary, read as <unk>
     layers: list[LayerActivations]
-    gate: str
+    gate: Gate
     find: str | None
     ranking: list[UnitScore]  # every unit by |r| with --find's feature; empty without one
     chosen: list[tuple[int, int]]  # (layer, unit) to colour the text by
@@ -262,17 +264,18 @@ def inspect_text(
     vocab: Vocab,
     mode: str,
     text: str,
-    gate: str = "cell",
+    gate: str | None = None,
     layer: int | None = None,
     units: list[int] | None = None,
     find: str | None = None,
     top: int = 3,
     context: str = "",
 ) -> Inspection:
-    """Read `text` through the model (after `context`, if any) and choose what to show: the
-    given `units` of `layer` (default: the last), else the `top` units that track `find`
-    best, else the `top` that vary most."""
-    check_gate(gate)
+    """Read `text` through the model (after `context`, if any) and choose what to show of `gate`
+    (the cell's default unless given): the given `units` of `layer` (default: the last), else
+    the `top` units that track `find` best, else the `top` that vary most."""
+    shown_gate = gate_of(model.cell, gate or model.cell.default_gate)
+    gate = shown_gate.name
     seen = normalize(text, mode)
     layers = activations(model, vocab, seen, context)
     shown_layer = layer if layer is not None else len(layers) - 1
@@ -284,4 +287,4 @@ def inspect_text(
         chosen = [(s.layer, s.unit) for s in ranking[:top]]
     else:
         chosen = [(shown_layer, u) for u in most_variable_units(acts, gate, top)]
-    return Inspection(seen, seen != text, vocab.unknown_chars(seen), layers, gate, find, ranking, chosen)
+    return Inspection(seen, seen != text, vocab.unknown_chars(seen), layers, shown_gate, find, ranking, chosen)

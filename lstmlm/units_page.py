@@ -17,16 +17,14 @@ from typing import Any
 
 import torch
 
+from .cells.base import Gate
 from .units import (
-    GATES,
     SATURATION_HEADER,
-    SIGMOID_GATES,
-    TANH_GATES,
     LayerActivations,
     UnitScore,
-    check_gate,
     check_text,
     colour,
+    gate_of,
     level,
     saturation,
     saturation_rows,
@@ -36,12 +34,11 @@ from .units import (
 QUANTA = 255  # values travel as one byte each: a page of 256 units × 6 gates × 2,000 characters stays ~4 MB
 
 
-def value_range(gate: str, values: torch.Tensor) -> tuple[float, float]:
-    """The interval a gate's values are quantized over: its bounds, or ±max|C| for the cell."""
-    if gate in SIGMOID_GATES:
-        return 0.0, 1.0
-    if gate in TANH_GATES:
-        return -1.0, 1.0
+def value_range(gate: Gate, values: torch.Tensor) -> tuple[float, float]:
+    """The interval a gate's values are quantized over: its bounds, or ±max|values| for an
+    unbounded one (the LSTM's memory cell)."""
+    if gate.low is not None and gate.high is not None:
+        return gate.low, gate.high
     bound = float(values.abs().max()) or 1.0
     return -bound, bound
 
@@ -57,30 +54,31 @@ def hex_colour(rgb: tuple[int, int, int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*rgb)
 
 
-def palette(gate: str, lo: float, hi: float) -> list[str]:
+def palette(gate: Gate, lo: float, hi: float) -> list[str]:
     """The colour of each quantized level q = 0 … 255 of a gate quantized over [lo, hi]."""
     values = torch.linspace(lo, hi, QUANTA + 1, dtype=torch.float64)
     return [hex_colour(colour(float(v))) for v in level(gate, values)]
 
 
 def page_data(
-    layers: list[LayerActivations], ranking: list[UnitScore] | None = None, feature: str | None = None, gate: str = "cell"
+    layers: list[LayerActivations], ranking: list[UnitScore] | None = None, feature: str | None = None, gate: str | None = None
 ) -> dict[str, Any]:
     """Everything the page's script needs, as JSON-ready data."""
+    cell = layers[0].cell
     values = []
     for layer in layers:
         per_gate = {}
-        for name in GATES:
-            lo, hi = value_range(name, layer.gate(name))
-            per_gate[name] = {"lo": lo, "hi": hi, "q": quantize(layer.gate(name), lo, hi), "palette": palette(name, lo, hi)}
+        for g in cell.gates:
+            lo, hi = value_range(g, layer.gate(g.name))
+            per_gate[g.name] = {"lo": lo, "hi": hi, "q": quantize(layer.gate(g.name), lo, hi), "palette": palette(g, lo, hi), "unbounded": g.low is None}
         values.append(per_gate)
     return {
         "steps": len(layers[0].H),
         "hiddens": layers[0].num_hiddens,
-        "gates": list(GATES),
+        "gates": [g.name for g in cell.gates],
         "values": values,
         "feature": feature,
-        "gate": gate,
+        "gate": gate_of(cell, gate or cell.default_gate).name,
         "ranking": [{"layer": s.layer, "unit": s.unit, "r": round(s.correlation, 4)} for s in ranking or []],
     }
 
@@ -111,11 +109,11 @@ def html_page(
     text: str,
     title: str = "lstmlm inspect",
     regex: str | None = None,
-    gate: str = "cell",
+    gate: str | None = None,
     ranking: list[UnitScore] | None = None,
 ) -> str:
     """A self-contained page (no network): the text, coloured by any unit of any gate and layer."""
-    check_gate(gate)
+    gate = gate_of(layers[0].cell, gate or layers[0].cell.default_gate).name
     check_text(layers, text)
     parts = {
         "title": html.escape(title),

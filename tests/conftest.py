@@ -66,15 +66,15 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     return home
 
 
-@pytest.fixture(params=["compiled", "loop"])
+@pytest.fixture(params=["compiled", "fused"])
 def recurrence(request: pytest.FixtureRequest) -> Iterator[str]:
-    """The scratch core's recurrence and generation's step both ways: compiled (lstmlm/native.py)
-    and the Python loop it replaces, which runs where no C++ compiler is."""
+    """The scratch core's path, and generation's step, both ways: compiled (lstmlm/native.py)
+    and the Python fast path it replaces where no C++ compiler is. A test builds its model with
+    `path=recurrence`."""
     from lstmlm import native
 
-    if request.param == "loop":
-        with native.disabled():
-            yield "loop"
+    if request.param == "fused":
+        yield "fused"
         return
     if native.recurrence() is None:
         pytest.skip(f"the compiled recurrence is not here: {native.status()}")
@@ -255,7 +255,9 @@ _WORDS = (
 ).split()
 
 
-def lively_model(vocab: Vocab, core: str = "scratch", layers: int = 1, embedding: int = 0, seed: int = 0, scale: float = 0.8) -> CharLM:
+def lively_model(
+    vocab: Vocab, core: str = "scratch", layers: int = 1, embedding: int = 0, seed: int = 0, scale: float = 0.8, cell: str = "lstm", path: str = "auto"
+) -> CharLM:
     """An untrained model (24 hiddens) with weights N(0, scale²), large enough that its logits, and
     their argmax, move from step to step."""
     import torch
@@ -263,7 +265,7 @@ def lively_model(vocab: Vocab, core: str = "scratch", layers: int = 1, embedding
     from lstmlm.model import CharLM
 
     torch.manual_seed(seed)
-    net = CharLM(len(vocab), num_hiddens=24, num_layers=layers, core=core, embedding=embedding)
+    net = CharLM(len(vocab), num_hiddens=24, num_layers=layers, core=core, embedding=embedding, cell=cell, path=path)
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0.0, scale)
@@ -337,12 +339,14 @@ def make_trainer(runs_dir: Path, corpus_file: Path) -> Callable[..., Trainer]:
     from lstmlm.runs import RunStore
     from lstmlm.train import Trainer
 
-    def make(name: str = "run", corpus: Path | None = None, **overrides: object) -> Trainer:
+    def make(name: str = "run", corpus: Path | None = None, capture: Any = None, clock: Any = None, **overrides: object) -> Trainer:
+        """`capture` and `clock` go to the Trainer (a graph recorded on the CPU; a fake clock)."""
         cfg = tiny_config(corpus or corpus_file, **overrides)
         data = prepare_data(cfg)
         root = runs_dir / name
         store = RunStore.open(root) if (root / "config.json").exists() else RunStore.create(root, cfg, data.vocab)
-        return Trainer(store, cfg, data, torch.device("cpu"), "fp32")
+        timing = {"clock": clock} if clock is not None else {}
+        return Trainer(store, cfg, data, torch.device("cpu"), "fp32", capture=capture, **timing)
 
     return make
 
@@ -465,9 +469,10 @@ def as_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
     import torch.nn.functional as F
 
-    from lstmlm import lstm, model
+    from lstmlm import model
+    from lstmlm.cells import cores
 
-    for module in (lstm, model):
+    for module in (cores, model):
         monkeypatch.setattr(module, "checks_ids", lambda X: False)
 
     def one_hot(X: torch.Tensor, num_classes: int = -1) -> torch.Tensor:
@@ -497,11 +502,12 @@ class Replayed:
 
 
 def graphs_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Trainers built from here on graph the scratch core's step on the CPU, with `Replayed`."""
+    """Trainers the command line builds from here on graph the scratch core's step on the CPU,
+    with `Replayed` in the CUDA graph's place (a Trainer built in a test takes `capture=` instead)."""
     from lstmlm import graphs
 
-    monkeypatch.setattr(graphs, "pays", lambda device, core: core == "scratch")
-    monkeypatch.setattr(graphs, "capture", Replayed)
+    monkeypatch.setattr(graphs, "pays", lambda device, path: path in ("fused", "compiled"))
+    monkeypatch.setattr(graphs, "CudaGraph", Replayed)
 
 
 class Payload:

@@ -88,8 +88,7 @@ def fake_clock(monkeypatch: pytest.MonkeyPatch) -> Callable[[float], FakeClock]:
             return real_step(*args, **kwargs)
 
         monkeypatch.setattr(train_mod, "train_step", step)
-        monkeypatch.setattr(train_mod, "clock", clock)
-        return clock
+        return clock  # the test builds its trainers with it: make_trainer(..., clock=clock)
 
     return install
 
@@ -107,12 +106,12 @@ def saves(events: list[Any], which: str = "latest") -> list[int]:
 
 def test_a_checkpoint_every_minute_lands_mid_epoch(make_trainer: MakeTrainer, fake_clock: Any) -> None:
     """25 s a step: a checkpoint at every third step (75 s ≥ 1 min since the last), inside the epochs."""
-    fake_clock(25.0)
-    trainer = make_trainer(epochs=2, checkpoint_every="1m", eval_every="0", sample_every="0", val_fraction=0.0)
+    clock = fake_clock(25.0)
+    trainer = make_trainer(epochs=2, checkpoint_every="1m", eval_every="0", sample_every="0", val_fraction=0.0, clock=clock)
     events = list(trainer.run())
     total = trainer.state.global_step
     assert saves(events) == [*range(3, total + 1, 3), *([total] if total % 3 else [])]  # and once at the end
-    mid = make_trainer("mid", epochs=1, checkpoint_every="1m", eval_every="0", sample_every="0", val_fraction=0.0)
+    mid = make_trainer("mid", epochs=1, checkpoint_every="1m", eval_every="0", sample_every="0", val_fraction=0.0, clock=clock)
     for event in mid.run():
         if isinstance(event, Saved):
             break
@@ -122,8 +121,8 @@ def test_a_checkpoint_every_minute_lands_mid_epoch(make_trainer: MakeTrainer, fa
 
 
 def test_steps_and_epochs_cadences(make_trainer: MakeTrainer, fake_clock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    fake_clock(0.0)  # the clock stands still: only steps and epochs count
-    trainer = make_trainer(epochs=4, checkpoint_every=7, sample_every="2e", eval_every="1e,10")
+    clock = fake_clock(0.0)  # the clock stands still: only steps and epochs count
+    trainer = make_trainer(epochs=4, checkpoint_every=7, sample_every="2e", eval_every="1e,10", clock=clock)
     events = list(trainer.run())
     total, per_epoch = trainer.state.global_step, [e for e in events if isinstance(e, EpochEnded)]
     assert saves(events) == [*range(7, total + 1, 7), *([total] if total % 7 else [])]
@@ -179,7 +178,7 @@ def test_a_long_epoch_shows_its_tokens_rate_and_time_left_on_a_bar_of_its_own(mo
     assert cli_train.within_epoch(Stepped(1, 1500, 1500, 10_000, 12_300_000, 1_000_000_000, 7_700.0)) == (
         "12.3M/1.0G tokens  7,700 tok/s  epoch ends in 35:37:52"  # (1e9 - 12.3e6) / 7,700 = 128,272 s
     )
-    started = Started("r", "cpu", "fp32", "scratch", 66, 1000, 10**9, 10**7, 10_000, 0, 1)
+    started = Started("r", "cpu", "fp32", "scratch", "lstm", "compiled", 66, 1000, 10**9, 10**7, 10_000, 0, 1)
     steps = [Stepped(1, s, s, 10_000, s * 3200, 10_000 * 3200, 6400.0) for s in (1, 2, 5000)]
     done = Finished("interrupted", 9.0, None, 6400.0, "cpu", "scratch", "r", 0, 66, {})
     assert cli_train.render(Config(), iter([started, *steps, done]), as_json=False) is done
@@ -188,8 +187,8 @@ def test_a_long_epoch_shows_its_tokens_rate_and_time_left_on_a_bar_of_its_own(mo
 
 
 def test_each_step_reports_the_epochs_tokens_rate_and_size(make_trainer: MakeTrainer, fake_clock: Any) -> None:
-    fake_clock(2.0)
-    trainer = make_trainer(epochs=1)
+    clock = fake_clock(2.0)
+    trainer = make_trainer(epochs=1, clock=clock)
     steps = [e for e in trainer.run() if isinstance(e, Stepped)]
     assert [s.step for s in steps] == list(range(1, len(steps) + 1)) and steps[-1].batches == len(steps)
     for s in steps:

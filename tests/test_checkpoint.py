@@ -354,3 +354,34 @@ def test_generate_on_a_checkpoint_with_a_config_of_the_wrong_type_is_one_line(ti
     path = runs_dir / "r" / "latest.pt"
     torch.save({**load_checkpoint(path), "config": {"model": {"hidden": "sixteen"}}}, path)
     assert_one_error_line(cli("generate", "--run", "r", "--runs-dir", runs_dir), f"{path} is damaged: its 'config' section is a dict, not a str")
+
+
+# ---- a run made before the cells ------------------------------------------------------------------
+
+BEFORE_CELLS = Path(__file__).parent / "fixtures" / "lstm-before-cells"
+
+
+@pytest.fixture
+def run_before_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """tests/fixtures/lstm-before-cells (README there): an LSTM run whose config has no `cell`,
+    copied into a runs directory beside the corpus it was trained on."""
+    shutil.copytree(BEFORE_CELLS / "old-lstm", tmp_path / "runs" / "old-lstm")
+    shutil.copy(BEFORE_CELLS / "corpus.txt", tmp_path / "corpus.txt")
+    monkeypatch.chdir(tmp_path)  # its config names the corpus relative to where it was trained
+    return tmp_path / "runs"
+
+
+def test_an_lstm_run_made_before_cells_loads_generates_and_resumes(run_before_cells: Path) -> None:
+    stored = json.loads((run_before_cells / "old-lstm" / "config.json").read_text())
+    assert "cell" not in stored["model"]  # the fixture is truly of the old format
+    base = ["--runs-dir", str(run_before_cells), "--run", "old-lstm"]
+    generated = cli("generate", *base, "--prefix", "the time", "--length", "30")
+    assert generated.code == 0, generated.stderr
+    assert generated.stdout.startswith("the time") and len(generated.stdout.rstrip("\n")) == len("the time") + 30
+    inspected = cli("inspect", *base, "--text", "the time traveller")
+    assert inspected.code == 0 and "layer 0 unit" in inspected.stdout  # the LSTM's default gate, the memory cell
+    resumed = cli("train", *base, "--resume", "--epochs", "4", "--json")
+    assert resumed.code == 0, resumed.stderr
+    events = resumed.json()
+    assert [e["epoch"] for e in events if e["event"] == "epoch"] == [4]
+    assert json.loads((run_before_cells / "old-lstm" / "config.json").read_text())["model"]["cell"] == "lstm"

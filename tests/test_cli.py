@@ -76,7 +76,7 @@ def checkpoint_model(run: Path, core: str | None = None) -> tuple[CharLM, Vocab]
     cfg = Config().with_overrides(json.loads(payload["config"])["model"])
     vocab = Vocab.from_json(payload["vocab"])
     net = CharLM.from_config(cfg.model, len(vocab))
-    net.load_state_dict(convert(payload["model"], core or cfg.model.model))
+    net.load_state_dict(convert(payload["model"], core or cfg.model.model, net.cell))
     return net.eval(), vocab
 
 

@@ -21,15 +21,16 @@ from typing import Any
 import pytest
 import torch
 
-from lstmlm import graphs
+from lstmlm import cells, graphs
 from lstmlm.bench import machine
+from lstmlm.cells.base import State
+from lstmlm.cells.cores import ScratchCore, TorchCore
 from lstmlm.checkpoint import load_checkpoint
 from lstmlm.config import TrainConfig
 from lstmlm.data.batches import BatchSource, on_device
 from lstmlm.device import set_tf32
 from lstmlm.events import Stepped, Warned
 from lstmlm.generate import Sampling, generate
-from lstmlm.lstm import CudnnLSTM, ScratchLSTM, State
 from lstmlm.model import CharLM, convert, loss_fn
 from lstmlm.session import load_trained
 from lstmlm.train import Trainer, build_optimizer, train_step
@@ -46,14 +47,18 @@ TOL = {"fp32": 1e-5, "bf16": 3e-2}
 CUDA = torch.device("cuda")
 
 
-def cores(num_inputs: int, num_hiddens: int, num_layers: int, **regularization: Any) -> tuple[ScratchLSTM, CudnnLSTM]:
+LSTM = cells.get("lstm")
+
+
+def cores(num_inputs: int, num_hiddens: int, num_layers: int, **regularization: Any) -> tuple[ScratchCore, TorchCore]:
+    """The scratch LSTM on its GPU path (fused) and nn.LSTM, the same weights."""
     torch.manual_seed(0)
-    cudnn = CudnnLSTM(num_inputs, num_hiddens, num_layers, **regularization)
+    cudnn = TorchCore(LSTM, num_inputs, num_hiddens, num_layers, **regularization)
     with torch.no_grad():
         for p in cudnn.parameters():
             p.uniform_(-0.3, 0.3)
-    scratch = ScratchLSTM(num_inputs, num_hiddens, num_layers, **regularization)
-    scratch.load_state_dict({k.removeprefix("core."): v for k, v in convert({f"core.{k}": v for k, v in cudnn.state_dict().items()}, "scratch").items()})
+    scratch = ScratchCore(LSTM, num_inputs, num_hiddens, num_layers, device=CUDA, **regularization)
+    scratch.load_state_dict({k.removeprefix("core."): v for k, v in convert({f"core.{k}": v for k, v in cudnn.state_dict().items()}, "scratch", LSTM).items()})
     return scratch.to(CUDA), cudnn.to(CUDA)
 
 
@@ -82,7 +87,7 @@ def test_the_cores_agree_on_cuda(precision: str, num_layers: int, regularization
     assert c1.dtype == c2.dtype == torch.float32  # the cell state stays fp32
     for name, a, b in (("outputs", o1, o2), ("H", h1, h2), ("C", c1, c2)):
         assert_close(a, b, tol, name)
-    mapped = {k.removeprefix("core."): v for k, v in convert({f"core.{k}": v for k, v in g1.items()}, "cudnn").items()}
+    mapped = {k.removeprefix("core."): v for k, v in convert({f"core.{k}": v for k, v in g1.items()}, "cudnn", LSTM).items()}
     for name, grad in g2.items():
         assert_close(mapped[name.replace("bias_hh", "bias_ih")], grad, tol, f"d{name}")
 
@@ -132,7 +137,7 @@ def test_a_run_moves_between_the_cpu_and_cuda(core: str, corpus_file: Path, runs
 
 
 def test_fused_optimizers_on_cuda() -> None:
-    model = CharLM(28, 16).to(CUDA)
+    model = CharLM(28, 16, device=CUDA).to(CUDA)
     for name in ("sgd", "adam", "adamw"):
         assert build_optimizer(TrainConfig(optimizer=name), model).defaults["fused"] is True
 
@@ -149,7 +154,7 @@ def test_a_cuda_run_generates_on_cuda_and_on_the_cpu_alike(corpus_file: Path, ru
 
 
 def test_the_loss_is_fp32_under_bf16_on_cuda() -> None:
-    model = CharLM(28, 32, core="scratch").to(CUDA)
+    model = CharLM(28, 32, core="scratch", device=CUDA).to(CUDA)
     X = torch.randint(0, 28, (4, 10), device=CUDA)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         logits, (_, C) = model(X)
@@ -177,14 +182,14 @@ def test_batches_made_on_the_gpu_are_the_cpu_batches(iterator: str, dtype: torch
 def test_the_graphed_step_on_cuda_is_the_eager_step(optimizer: str) -> None:
     def run(graphed: bool) -> tuple[list[float], list[torch.Tensor]]:
         torch.manual_seed(0)
-        model = CharLM(28, 64, num_layers=2).to(CUDA)
+        model = CharLM(28, 64, num_layers=2, device=CUDA).to(CUDA)
         opt = build_optimizer(TrainConfig(optimizer=optimizer, lr=0.5 if optimizer == "sgd" else 0.01), model, graphed)
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + s))
 
         def eager(X: torch.Tensor, Y: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
             return train_step(model, opt, X, Y, state, 1.0, CUDA)
 
-        step: graphs.Step = graphs.GraphedStep(eager, opt, (2, 16, 64), graphs.CudaGraph(CUDA)) if graphed else eager
+        step: graphs.Step = graphs.GraphedStep(eager, opt, (2, 16, 64), 2, graphs.CudaGraph(CUDA)) if graphed else eager
         ids = torch.randint(0, 28, (12, 16, 21), device=CUDA, generator=torch.Generator(CUDA).manual_seed(1))
         losses, state = [], None
         for i, batch in enumerate(ids):
@@ -225,7 +230,7 @@ def test_a_cuda_training_step_never_waits_for_the_host_between_reports(make_trai
 
 def test_generation_on_cuda_copies_ids_back_a_chunk_at_a_time() -> None:
     vocab = Vocab(["<unk>", *"abcdefghij"])
-    model = CharLM(len(vocab), 32).to(CUDA).eval()
+    model = CharLM(len(vocab), 32, device=CUDA).to(CUDA).eval()
     samplings = (Sampling(length=96), Sampling(length=96, temperature=1.0, top_k=5, top_p=0.9, seed=1), Sampling(length=96, num_samples=8, temperature=1.0))
     for sampling in samplings:
         steps = generate(model, vocab, "abc", sampling)

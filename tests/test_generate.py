@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 
+from lstmlm import cells
 from lstmlm import generate as generate_mod
 from lstmlm.errors import ConfigError, VocabError
 from lstmlm.generate import CHUNK, Continuation, Sampling, Stepper, choose_next, complete, draw, generate, prepare_prefix
@@ -28,44 +29,47 @@ def sample(net: CharLM, prefix: str, length: int, prime: str = "", **options: ob
     return prefix + "".join(chars[0] for chars in steps)
 
 
+@pytest.mark.parametrize("cell", cells.NAMES)
 @pytest.mark.parametrize("core", ["scratch", "cudnn"])
 @pytest.mark.parametrize(("layers", "embedding", "batch"), [(1, 0, 1), (2, 0, 1), (3, 0, 3), (2, 8, 1), (1, 8, 2)])
-def test_stepper_computes_what_the_model_computes(core: str, layers: int, embedding: int, batch: int, recurrence: str) -> None:
+def test_stepper_computes_what_the_model_computes(cell: str, core: str, layers: int, embedding: int, batch: int, recurrence: str) -> None:
     """Generation's Stepper (fused products, biases in a row, state in place) gives, step after
     step from a non-zero state, the logits of the training model's forward over the sequence."""
     torch.manual_seed(1)
-    net = CharLM(len(VOCAB), num_hiddens=24, num_layers=layers, core=core, embedding=embedding).eval()
+    net = CharLM(len(VOCAB), num_hiddens=24, num_layers=layers, core=core, embedding=embedding, cell=cell, path="loop").eval()
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0.0, 0.5)
     X = torch.randint(len(VOCAB), (batch, 30))
-    state = (torch.randn(layers, batch, 24), torch.randn(layers, batch, 24))
+    state = tuple(torch.randn(layers, batch, 24) for _ in net.cell.state)
     before = tuple(S.clone() for S in state)
     with torch.inference_mode():
         expected, _ = net(X, state)  # (batch, 30, vocab)
-        step = Stepper(net, state)
+        step = Stepper(net, state, compiled=recurrence == "compiled")
         got = torch.stack([step(X[:, t].tolist()).clone() for t in range(30)], dim=1)
-    assert (step.compiled is not None) == (recurrence == "compiled")
+    assert step.compiled == (recurrence == "compiled")
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert all(torch.equal(S, S0) for S, S0 in zip(state, before))  # the caller's state is left alone
 
 
-def test_stepper_in_bf16_follows_the_fp32_model(recurrence: str) -> None:
-    """In bf16 the Stepper multiplies in bf16 (logits come out bf16) and keeps C in fp32."""
-    net = lively_model(VOCAB, "scratch", layers=2)
+@pytest.mark.parametrize("cell", cells.NAMES)
+def test_stepper_in_bf16_follows_the_fp32_model(cell: str, recurrence: str) -> None:
+    """In bf16 the Stepper multiplies in bf16 (logits come out bf16) and keeps its state S (the
+    LSTM's C, the others' H) in fp32."""
+    net = lively_model(VOCAB, "scratch", layers=2, cell=cell)
     X = torch.randint(len(VOCAB), (1, 20))
     with torch.inference_mode():
         expected, _ = net(X)
-        step = Stepper(net, net.begin_state(1), torch.bfloat16)
+        step = Stepper(net, net.begin_state(1), torch.bfloat16, compiled=recurrence == "compiled")
         got = torch.stack([step(X[:, t].tolist()).float() for t in range(20)], dim=1)
-    assert step.logits.dtype == torch.bfloat16 and step.cells[0].C.dtype == torch.float32
+    assert step.logits.dtype == torch.bfloat16 and step.S[0].dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=0.05, atol=0.3)
 
 
 @pytest.mark.parametrize(("core", "layers"), [("scratch", 1), ("scratch", 2), ("cudnn", 1), ("cudnn", 2)])
 @pytest.mark.parametrize("prefix", ["time traveller", "t", "the "])
 def test_greedy_equals_d2l_predict(core: str, layers: int, prefix: str, recurrence: str) -> None:
-    net = lively_model(VOCAB, core, layers)
+    net = lively_model(VOCAB, core, layers, path=recurrence)
     with torch.no_grad():
         expected = predict_ch8(prefix, 40, net, VOCAB)
     assert complete(net, VOCAB, prefix, 40) == expected
@@ -76,7 +80,7 @@ def test_both_cores_generate_the_same_text_from_the_same_weights() -> None:
     for source, target in (("scratch", "cudnn"), ("cudnn", "scratch")):
         net = lively_model(VOCAB, source, layers=2)
         twin = CharLM(len(VOCAB), num_hiddens=24, num_layers=2, core=target).eval()
-        twin.load_state_dict(convert(net.state_dict(), target))
+        twin.load_state_dict(convert(net.state_dict(), target, net.cell))
         assert complete(twin, VOCAB, "time traveller", 60) == complete(net, VOCAB, "time traveller", 60)
         for seed in (0, 1):
             options = {"temperature": 0.8, "top_k": 5, "seed": seed}

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from lstmlm import graphs
+from lstmlm.cells.base import State
 from lstmlm.checkpoint import load_checkpoint
-from lstmlm.events import EpochEnded, Stepped, Warned
-from lstmlm.lstm import State
+from lstmlm.events import EpochEnded, Started, Stepped, Warned
 from lstmlm.model import CharLM, loss_fn
 from lstmlm.train import Trainer, train_step
 
@@ -24,9 +24,9 @@ MakeTrainer = Callable[..., Trainer]
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 
 
-def test_a_graph_is_for_the_scratch_core_on_cuda() -> None:
-    assert graphs.pays(CUDA, "scratch")
-    assert not graphs.pays(CUDA, "cudnn") and not graphs.pays(CPU, "scratch")
+def test_a_graph_is_for_the_scratch_cores_fused_path_on_cuda() -> None:
+    assert graphs.pays(CUDA, "fused")
+    assert not graphs.pays(CUDA, "cudnn") and not graphs.pays(CUDA, "loop") and not graphs.pays(CPU, "fused")
 
 
 def test_what_keeps_the_step_eager() -> None:
@@ -60,16 +60,16 @@ def carry(step: graphs.Step, data: list[tuple[torch.Tensor, torch.Tensor]], rese
     """The losses of `data` through `step`, the state carried (and detached), zero every few batches."""
     losses, state = [], None
     for i, (X, Y) in enumerate(data):
-        loss, (H, C) = step(X, Y, None if i % reset_every == 0 else state)
+        loss, final = step(X, Y, None if i % reset_every == 0 else state)
         losses.append(loss.item())
-        state = (H.detach(), C.detach())
+        state = tuple(S.detach() for S in final)
     return losses
 
 
 def test_warm_up_then_record_once_then_replay() -> None:
     model, optimizer = tiny()
     capture = Replayed()
-    step = graphs.GraphedStep(eager_step(model, optimizer), optimizer, (2, 4, 8), capture)
+    step = graphs.GraphedStep(eager_step(model, optimizer), optimizer, (2, 4, 8), 2, capture)
     results = [step(X, Y, None) for X, Y in batches(graphs.WARMUP + 3)]
     assert capture.recorded == 1 and step.replays == 3 and step.failure is None
     graphed = results[graphs.WARMUP :]
@@ -77,12 +77,16 @@ def test_warm_up_then_record_once_then_replay() -> None:
     assert results[0][0] is not results[1][0]  # the warm-up steps' own
 
 
-def test_the_graphed_step_is_the_eager_step_bitwise() -> None:
+def test_the_steps_buffers_replayed_are_the_eager_step_bitwise() -> None:
+    """What a graph holds besides its kernels: the batch and state copied into the buffers, the
+    loss and state read back from them, the learning rate on the device. (On a CPU `Replayed`
+    reruns the body: this checks the buffers' wiring, not a CUDA graph; tests/test_cuda.py and
+    benchmarks/gpu_check.py check the graph itself on a GPU.)"""
     data = batches(10)
     model, optimizer = tiny()
     eager = carry(eager_step(model, optimizer), data)
     twin, twin_optimizer = tiny()
-    graphed = carry(graphs.GraphedStep(eager_step(twin, twin_optimizer), twin_optimizer, (2, 4, 8), Replayed()), data)
+    graphed = carry(graphs.GraphedStep(eager_step(twin, twin_optimizer), twin_optimizer, (2, 4, 8), 2, Replayed()), data)
     assert graphed == eager
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
@@ -91,7 +95,7 @@ def test_the_graphed_step_is_the_eager_step_bitwise() -> None:
 def test_the_learning_rate_becomes_a_tensor_the_schedule_fills_in_place() -> None:
     model, optimizer = tiny()
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (s + 1))
-    step = graphs.GraphedStep(eager_step(model, optimizer), optimizer, (2, 4, 8), Replayed())
+    step = graphs.GraphedStep(eager_step(model, optimizer), optimizer, (2, 4, 8), 2, Replayed())
     for X, Y in batches(graphs.WARMUP + 1):
         step(X, Y, None)
         schedule.step()
@@ -103,7 +107,7 @@ def test_the_learning_rate_becomes_a_tensor_the_schedule_fills_in_place() -> Non
 
 def test_a_replay_moves_the_parameters_versions_on() -> None:
     """A graph writes the parameters where autograd cannot see it; the versions must move, or
-    `ScratchLSTMLayer.stacked` would serve evaluation the weights from before the step."""
+    `ScratchLayer.stacked` would serve evaluation the weights from before the step."""
     model, optimizer = tiny()
     params = list(model.parameters())
 
@@ -112,7 +116,7 @@ def test_a_replay_moves_the_parameters_versions_on() -> None:
             p.data.add_(1.0)  # as a replay writes: no version counter moves
         return torch.zeros(()), model.begin_state(X.shape[0])
 
-    step = graphs.GraphedStep(unseen_update, optimizer, (2, 4, 8), Replayed(), warmup=0)
+    step = graphs.GraphedStep(unseen_update, optimizer, (2, 4, 8), 2, Replayed(), warmup=0)
     X, Y = batches(1)[0]
     layer = model.core.layers[0]
     with torch.no_grad():
@@ -126,7 +130,7 @@ def test_a_replay_moves_the_parameters_versions_on() -> None:
 
 def test_a_batch_of_another_shape_runs_eagerly() -> None:
     model, optimizer = tiny()
-    step = graphs.GraphedStep(eager_step(model, optimizer), optimizer, (2, 4, 8), Replayed())
+    step = graphs.GraphedStep(eager_step(model, optimizer), optimizer, (2, 4, 8), 2, Replayed())
     for X, Y in batches(graphs.WARMUP + 1):
         step(X, Y, None)
     X, Y = batches(1, batch=3)[0]
@@ -145,7 +149,7 @@ def test_a_step_that_cannot_be_recorded_runs_eagerly_from_then_on() -> None:
     model, optimizer = tiny()
     eager = carry(eager_step(model, optimizer), data)
     twin, twin_optimizer = tiny()
-    step = graphs.GraphedStep(eager_step(twin, twin_optimizer), twin_optimizer, (2, 4, 8), Refused())
+    step = graphs.GraphedStep(eager_step(twin, twin_optimizer), twin_optimizer, (2, 4, 8), 2, Refused())
     assert carry(step, data) == eager
     assert step.failure == "recording it failed (RuntimeError: operation not permitted when stream is capturing)"
     assert step.replays == 0
@@ -160,12 +164,11 @@ def run_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("iterator", ["sequential", "random"])
-def test_a_graphed_run_is_the_eager_run(make_trainer: MakeTrainer, monkeypatch: pytest.MonkeyPatch, iterator: str) -> None:
+def test_a_graphed_run_is_the_eager_run(make_trainer: MakeTrainer, iterator: str) -> None:
     args = {"epochs": 2, "layers": 2, "iterator": iterator, "schedule": "cosine", "warmup_steps": 4}
     eager = make_trainer("eager", **args)
     expected = run_weights(eager)
-    graphs_on_the_cpu(monkeypatch)
-    graphed = make_trainer("graphed", **args)
+    graphed = make_trainer("graphed", capture=Replayed(), **args)
     assert isinstance(graphed.step, graphs.GraphedStep)
     got = run_weights(graphed)
     assert graphed.step.replays == graphed.state.global_step - graphs.WARMUP  # every step after the warm-up
@@ -173,31 +176,28 @@ def test_a_graphed_run_is_the_eager_run(make_trainer: MakeTrainer, monkeypatch: 
     assert [r["train_loss"] for r in graphed.store.read_metrics()] == [r["train_loss"] for r in eager.store.read_metrics()]
 
 
-def test_a_graphed_run_resumes_exactly_and_its_checkpoint_holds_plain_numbers(make_trainer: MakeTrainer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_graphed_run_resumes_exactly_and_its_checkpoint_holds_plain_numbers(make_trainer: MakeTrainer) -> None:
     """Stopped mid-epoch and resumed, graphed, it ends where the eager run does; its checkpoint's
     learning rate is a float (a run graphed on a GPU resumes on a CPU)."""
     args = {"epochs": 2, "layers": 2, "schedule": "cosine", "checkpoint_every": 5}
     expected = run_weights(make_trainer("eager", **args))
-    graphs_on_the_cpu(monkeypatch)
-    first = make_trainer("graphed", **args)
+    first = make_trainer("graphed", capture=Replayed(), **args)
     list(first.run(lambda: first.state.global_step >= first.steps_per_epoch + 3))
     saved = load_checkpoint(first.store.path())["trainer"]
     assert isinstance(saved["optimizer"]["param_groups"][0]["lr"], float)
     assert all(isinstance(lr, float) for lr in saved["schedule"]["_last_lr"])
-    resumed = make_trainer("graphed", **args)
+    resumed = make_trainer("graphed", capture=Replayed(), **args)
     resumed.resume()
     got = run_weights(resumed)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
-def test_the_trainer_says_once_why_a_graph_could_not_be_used(make_trainer: MakeTrainer, monkeypatch: pytest.MonkeyPatch) -> None:
-    graphs_on_the_cpu(monkeypatch)
-    events = list(make_trainer("dropout", epochs=1, dropout=0.2, layers=2).run())
+def test_the_trainer_says_once_why_a_graph_could_not_be_used(make_trainer: MakeTrainer) -> None:
+    events = list(make_trainer("dropout", capture=Replayed(), epochs=1, dropout=0.2, layers=2).run())
     warned = [e for e in events if isinstance(e, Warned)]
-    assert len(warned) == 1 and "dropout" in warned[0].message and events.index(warned[0]) == 1  # right after Started
+    assert len(warned) == 1 and "dropout" in warned[0].message and isinstance(events[events.index(warned[0]) - 1], Started)  # right after Started
 
-    monkeypatch.setattr(graphs, "capture", Refused)
-    events = list(make_trainer("refused", epochs=2).run())
+    events = list(make_trainer("refused", capture=Refused(), epochs=2).run())
     warned = [e for e in events if isinstance(e, Warned)]
     assert len(warned) == 1 and "recording it failed" in warned[0].message
     first_step = next(i for i, e in enumerate(events) if isinstance(e, Stepped) and e.global_step == graphs.WARMUP + 1)

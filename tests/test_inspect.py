@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lstmlm import units, units_page
+from lstmlm import cells, units, units_page
 from lstmlm.errors import InspectError
 from lstmlm.model import CharLM
 from lstmlm.session import load_trained
@@ -89,19 +89,39 @@ def test_activations_match_the_models_forward(core: str, embedding: int) -> None
     for k, layer in enumerate(layers):
         assert layer.H.shape == (len(TEXT), 12)
         assert torch.allclose(layer.H[-1], H[k, 0], atol=1e-5)
-        assert torch.allclose(layer.C[-1], C[k, 0], atol=1e-5)
+        assert torch.allclose(layer.gate("cell")[-1], C[k, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("core", ["scratch", "cudnn"])
+def test_a_grus_activations_are_its_own_gates_and_match_its_forward(core: str) -> None:
+    vocab = Vocab.build(TEXT)
+    model = randomized(CharLM(len(vocab), 12, num_layers=2, core=core, cell="gru"))
+    layers = units.activations(model, vocab, TEXT)
+    assert set(layers[0].values) == {"R", "Z", "H_tilde", "H"}
+    ids = vocab.encode(TEXT).long()[None]
+    with torch.no_grad():
+        outputs, (H,) = model.core(ids.T)
+    assert torch.allclose(layers[-1].H, outputs[:, 0], atol=1e-5) and torch.allclose(layers[-1].H[-1], H[-1, 0], atol=1e-5)
+    layer = layers[0]
+    H_prev = torch.cat([torch.zeros(1, 12), layer.H[:-1]])
+    Z, H_tilde = layer.gate("update"), layer.gate("candidate")
+    assert torch.allclose(layer.H, Z * H_prev + (1 - Z) * H_tilde, atol=1e-6)  # H_t = Z ⊙ H_{t-1} + (1 - Z) ⊙ H̃
+    for name in ("reset", "update"):
+        assert 0 <= layer.gate(name).min() and layer.gate(name).max() <= 1
+    with pytest.raises(InspectError, match="the GRU has no gate 'forget' \\(choose from reset, update, candidate, hidden\\)"):
+        layer.gate("forget")
 
 
 def test_gates_lie_in_their_ranges_and_compose_as_the_equations() -> None:
     vocab = Vocab.build(TEXT)
     layer = units.activations(randomized(CharLM(len(vocab), 8)), vocab, TEXT)[0]
-    for gate in units.SIGMOID_GATES:
-        assert 0 <= layer.gate(gate).min() and layer.gate(gate).max() <= 1
-    for gate in units.TANH_GATES:
-        assert -1 <= layer.gate(gate).min() and layer.gate(gate).max() <= 1
-    C_prev = torch.cat([torch.zeros(1, 8), layer.C[:-1]])
-    assert torch.allclose(layer.C, layer.F * C_prev + layer.I * layer.C_tilde, atol=1e-6)
-    assert torch.allclose(layer.H, layer.O * torch.tanh(layer.C), atol=1e-6)
+    for gate in layer.cell.gates:
+        if gate.low is not None:
+            assert gate.low <= layer.gate(gate.name).min() and layer.gate(gate.name).max() <= gate.high
+    I, F, O, C_tilde, C, H = (layer.values[k] for k in ("I", "F", "O", "C_tilde", "C", "H"))
+    C_prev = torch.cat([torch.zeros(1, 8), C[:-1]])
+    assert torch.allclose(C, F * C_prev + I * C_tilde, atol=1e-6)
+    assert torch.allclose(H, O * torch.tanh(C), atol=1e-6)
 
 
 def test_unknown_characters_read_as_unk_and_empty_text_is_refused() -> None:
@@ -109,7 +129,7 @@ def test_unknown_characters_read_as_unk_and_empty_text_is_refused() -> None:
     model = randomized(CharLM(len(vocab), 4))
     with_unknown = units.activations(model, vocab, "a€c")
     as_unk = units.activations(model, vocab, "a<c")  # '<' is outside the vocabulary too
-    assert torch.equal(with_unknown[0].C, as_unk[0].C)
+    assert torch.equal(with_unknown[0].gate("cell"), as_unk[0].gate("cell"))
     with pytest.raises(InspectError, match="empty"):
         units.activations(model, vocab, "")
 
@@ -177,7 +197,7 @@ def test_inspect_refuses_bad_options_in_one_line(quote_run: tuple[Path, str]) ->
     base = ["inspect", "--run", run, "--runs-dir", str(runs_dir)]
     for args, message in [
         ([], "exactly one of --text or --file"),
-        (["--text", "ab", "--gate", "memory"], "unknown gate 'memory'"),
+        (["--text", "ab", "--gate", "memory"], "the LSTM has no gate 'memory'"),
         (["--text", "ab", "--layer", "3"], "layer 3 does not exist"),
         (["--text", "ab", "--unit", "16"], "unit 16 does not exist"),
         (["--text", "ab", "--find", "("], "invalid regular expression"),
@@ -193,7 +213,7 @@ def test_inspect_refuses_bad_options_in_one_line(quote_run: tuple[Path, str]) ->
 def test_saturation_counts_the_time_each_gate_spends_beyond_the_thresholds() -> None:
     I = torch.tensor([[0.05, 0.5], [0.05, 0.95], [0.5, 0.95], [0.95, 0.95]])  # (4 steps, 2 units)
     half = torch.full((4, 2), 0.5)
-    layer = units.LayerActivations(I=I, F=half, O=half, C_tilde=half * 0, C=half * 0, H=half * 0)
+    layer = units.LayerActivations(cells.get("lstm"), {"I": I, "F": half, "O": half, "C_tilde": half * 0, "C": half * 0, "H": half * 0})
     stats = {s.gate: s for s in units.saturation([layer])}
     assert stats["input"].left.tolist() == [0.5, 0.0]
     assert stats["input"].right.tolist() == [0.25, 0.75]
@@ -264,20 +284,20 @@ def test_html_page_from_a_trained_run_holds_the_text_and_every_unit(quote_run: t
     model, vocab = trained.model, trained.vocab
     layers = units.activations(model, vocab, text)
     assert data["steps"] == len(text) and data["hiddens"] == 16 and len(data["values"]) == 1
-    assert set(data["values"][0]) == set(units.GATES)
+    gates = {g.name: g for g in model.cell.gates}
+    assert set(data["values"][0]) == set(gates) and data["gates"] == [g.name for g in model.cell.gates]
     for gate, entry in data["values"][0].items():
         values = decode(entry, len(text))
         assert values.shape == (len(text), 16)  # every unit of every gate is in the page
-        if gate in units.SIGMOID_GATES:
-            assert 0 <= values.min() and values.max() <= 1
-        elif gate in units.TANH_GATES:
-            assert -1 <= values.min() and values.max() <= 1
+        low, high = gates[gate].low, gates[gate].high
+        if low is not None and high is not None:
+            assert low <= values.min() and values.max() <= high
         step = (entry["hi"] - entry["lo"]) / 255
         assert torch.allclose(values, layers[0].gate(gate).double(), atol=step / 2 + 1e-6)
         # the page colours by lstmlm's one colour scale: level q's colour is units.colour of its value's level
         for q in (0, 1, 127, 200, 255):
             value = torch.tensor(entry["lo"] + q / 255 * (entry["hi"] - entry["lo"]), dtype=torch.float64)
-            assert entry["palette"][q] == "#{:02x}{:02x}{:02x}".format(*units.colour(float(units.level(gate, value))))
+            assert entry["palette"][q] == "#{:02x}{:02x}{:02x}".format(*units.colour(float(units.level(gates[gate], value))))
     ranked = units.find_units(layers, text, QUOTE)
     assert (data["ranking"][0]["layer"], data["ranking"][0]["unit"]) == (ranked[0].layer, ranked[0].unit)
 

@@ -10,12 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lstmlm import cells
 from lstmlm.config import Config
 from lstmlm.errors import CheckpointError, ShapeError
 from lstmlm.model import CharLM, Dropouts, TopLayer, activation_penalty, convert, core_of, loss_fn, scratch_layer
 
 from conftest import assert_close
 
+LSTM = cells.get("lstm")
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
@@ -30,7 +32,7 @@ def make_pair(
         for p in scratch.parameters():
             p.normal_(0.0, 0.5)
     cudnn = CharLM(vocab_size, num_hiddens, num_layers, dropout, core="cudnn", embedding=embedding).to(dtype)
-    cudnn.load_state_dict(convert(scratch.state_dict(), "cudnn"))
+    cudnn.load_state_dict(convert(scratch.state_dict(), "cudnn", LSTM))
     return scratch, cudnn
 
 
@@ -55,7 +57,7 @@ def test_scratch_and_cudnn_models_agree(dtype: torch.dtype, num_layers: int, emb
     tol = TOL[dtype]
     for a, e, name in zip(forward_backward(scratch, X, Y, state), forward_backward(cudnn, X, Y, state), ["logits", "H", "C"]):
         assert_close(a, e, tol, name)
-    mapped = convert({name: p.grad for name, p in scratch.named_parameters()}, "cudnn")
+    mapped = convert({name: p.grad for name, p in scratch.named_parameters()}, "cudnn", LSTM)
     for name, p in cudnn.named_parameters():
         assert_close(p.grad, mapped[name.replace("bias_hh", "bias_ih")], tol, f"d{name}")
 
@@ -111,9 +113,9 @@ def test_two_chunks_equal_one_run(core: str) -> None:
 def test_conversion_round_trip_is_exact(num_layers: int, embedding: int) -> None:
     scratch, _ = make_pair(10, 8, num_layers, embedding, torch.float32)
     original = scratch.state_dict()
-    to_cudnn = convert(original, "cudnn")
+    to_cudnn = convert(original, "cudnn", LSTM)
     assert core_of(to_cudnn) == "cudnn"
-    back = convert(to_cudnn, "scratch")
+    back = convert(to_cudnn, "scratch", LSTM)
     assert back.keys() == original.keys()
     for name, value in original.items():
         assert torch.equal(back[name], value), name
@@ -124,7 +126,7 @@ def test_cudnn_weights_convert_to_an_equal_scratch_model() -> None:
     torch.manual_seed(1)
     cudnn = CharLM(10, 8, 2, core="cudnn").double()
     scratch = CharLM(10, 8, 2, core="scratch").double()
-    scratch.load_state_dict(convert(cudnn.state_dict(), "scratch"))
+    scratch.load_state_dict(convert(cudnn.state_dict(), "scratch", LSTM))
     X = torch.randint(0, 10, (3, 6))
     assert_close(scratch(X)[0], cudnn(X)[0], 1e-12, "logits")
 
@@ -132,13 +134,13 @@ def test_cudnn_weights_convert_to_an_equal_scratch_model() -> None:
 def test_convert_to_the_same_core_copies() -> None:
     scratch, _ = make_pair(10, 8, 1, 0, torch.float32)
     state = scratch.state_dict()
-    same = convert(state, "scratch")
+    same = convert(state, "scratch", LSTM)
     assert same is not state and same.keys() == state.keys()
 
 
 def test_foreign_weights_are_refused() -> None:
-    with pytest.raises(CheckpointError, match=r"neither a scratch nor an nn\.LSTM core"):
-        convert({"W_hq": torch.zeros(2, 2)}, "cudnn")
+    with pytest.raises(CheckpointError, match=r"neither a scratch nor a torch core"):
+        convert({"W_hq": torch.zeros(2, 2)}, "cudnn", LSTM)
 
 
 @pytest.mark.parametrize("core", ["scratch", "cudnn"])
@@ -196,7 +198,7 @@ def test_dropout_acts_on_the_non_recurrent_connections_and_only_in_training(laye
     torch.manual_seed(0)
     net = CharLM(12, 16, num_layers=layers, dropout=0.5, embedding=6)
     twin = CharLM(12, 16, num_layers=layers, dropout=0.5, embedding=6, core="cudnn")
-    twin.load_state_dict(convert(net.state_dict(), "cudnn"))
+    twin.load_state_dict(convert(net.state_dict(), "cudnn", LSTM))
     X = torch.randint(12, (3, 9))
     torch.manual_seed(1)
     a, _ = net(X)
@@ -236,7 +238,7 @@ def test_the_models_agree_in_training_with_every_regularization(dtype: torch.dty
     tol = TOL[dtype]
     for a, e, name in zip(actual, expected, ["logits", "H", "C"]):
         assert_close(a, e, tol, name)
-    mapped = convert({name: p.grad for name, p in scratch.named_parameters()}, "cudnn")
+    mapped = convert({name: p.grad for name, p in scratch.named_parameters()}, "cudnn", LSTM)
     for name, p in cudnn.named_parameters():
         assert_close(p.grad, mapped[name.replace("bias_hh", "bias_ih")], tol, f"d{name}")
     assert not torch.allclose(actual[0], scratch.eval()(X)[0])  # the regularization does act
@@ -353,10 +355,10 @@ def test_a_checkpoint_of_the_first_release_loads(core: str) -> None:
             p.normal_(0.0, 0.5)
     old = {k: v for k, v in packed.state_dict().items() if not k.startswith("core.")}
     for k in range(2):
-        old.update({f"core.layers.{k}.{name}": v.clone() for name, v in scratch_layer(packed.state_dict(), k).items()})
+        old.update({f"core.layers.{k}.{name}": v.clone() for name, v in scratch_layer(packed.state_dict(), k, LSTM).items()})
     assert "core.layers.0.W_xi" in old and "core.layers.0.W_x" not in old
     model = CharLM(10, 6, 2, core=core, embedding=4)
-    model.load_state_dict(convert(old, core))
+    model.load_state_dict(convert(old, core, LSTM))
     X = torch.randint(0, 10, (3, 7))
     torch.testing.assert_close(model.eval()(X)[0], packed.eval()(X)[0], rtol=1e-5, atol=1e-6)
 

@@ -469,11 +469,12 @@ def test_two_trainings_into_one_named_run_at_the_same_instant_one_is_refused(
 # Runs the CLI on a fake clock that moves 20 s with each training step, and stops still after
 # the first checkpoint written inside an epoch, waiting there to be killed.
 FAKE_CLOCK_STALL_AFTER_SAVE = r"""
-import sys, time
+import functools, sys, time
+import lstmlm.session as session
 import lstmlm.train as train
 
 now = [0.0]
-train.clock = lambda: now[0]
+session.Trainer = functools.partial(train.Trainer, clock=lambda: now[0])  # every trainer the command builds, on this clock
 real_step = train.train_step
 
 def step(*args, **kwargs):

@@ -25,7 +25,7 @@ from lstmlm.runs import RunStore
 from lstmlm.serve import Limits
 from lstmlm.serve.app import create_app
 from lstmlm.session import load_trained
-from lstmlm.units import activations, colour, level
+from lstmlm.units import activations, colour, gate_of, level
 from lstmlm.units_page import hex_colour
 
 from conftest import assert_one_error_line, cli, sse_events, strict_json
@@ -126,8 +126,8 @@ def test_inspect_gives_the_inspect_analysis_per_character(api: TestClient, tiny_
     for u in answer["units"]:
         column = values[:, u["unit"]]
         assert u["values"] == pytest.approx(column.tolist(), abs=1e-4)
-        assert u["colours"] == [hex_colour(colour(v)) for v in level(gate, column).tolist()]
-    strength = level(gate, values).abs()
+        assert u["colours"] == [hex_colour(colour(v)) for v in level(gate_of(trained.model.cell, gate), column).tolist()]
+    strength = level(gate_of(trained.model.cell, gate), values).abs()
     for t, top in enumerate(answer["top"]):
         assert len(top) == 4
         assert [strength[t, u] for u, _ in top] == sorted((strength[t, u] for u, _ in top), reverse=True)
@@ -144,7 +144,7 @@ def test_inspect_after_the_prime_differs_from_a_zero_state(api: TestClient) -> N
 def test_inspect_without_units_shows_the_most_variable(api: TestClient, tiny_runs: Path) -> None:
     answer = api.post("/api/inspect", json={"run": "d2l", "text": "the time traveller"}).json()
     trained = load_trained(tiny_runs, "d2l")
-    spread = activations(trained.model, trained.vocab, "the time traveller")[0].C.std(dim=0)
+    spread = activations(trained.model, trained.vocab, "the time traveller")[0].gate("cell").std(dim=0)
     assert [u["unit"] for u in answer["units"]] == spread.topk(3).indices.tolist()
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import lstmlm.train as train_mod
+from lstmlm import cells
 from lstmlm.checkpoint import load_checkpoint
 from lstmlm.data import batches
 from lstmlm.errors import TrainingError
@@ -234,8 +235,10 @@ AWD = {"embedding": 6, "embedding_dropout": 0.1, "dropout_input": 0.2, "dropout_
 @pytest.mark.parametrize(
     ("iterator", "model", "regularization"),
     [*((*case.values, {}) for case in RESUME_CASES), ("sequential", "scratch", AWD), ("sequential", "cudnn", AWD),
-     ("sequential", "scratch", {"reset_every": 3})],
-    ids=[*(str(case.id) for case in RESUME_CASES), "sequential-scratch-awd", "sequential-cudnn-awd", "sequential-scratch-reset"],
+     ("sequential", "scratch", {"reset_every": 3}),
+     *(("sequential", core, {"cell": cell, "weight_drop": 0.3}) for cell in cells.NAMES if cell != "lstm" for core in ("scratch", "cudnn"))],
+    ids=[*(str(case.id) for case in RESUME_CASES), "sequential-scratch-awd", "sequential-cudnn-awd", "sequential-scratch-reset",
+         *(f"sequential-{core}-{cell}" for cell in cells.NAMES if cell != "lstm" for core in ("scratch", "cudnn"))],
 )
 def test_resume_mid_epoch_is_bitwise_exact(make_trainer: MakeTrainer, iterator: str, model: str, regularization: dict[str, Any]) -> None:
     """Stop after k batches (as SIGINT does), resume in a fresh trainer: the same weights and the
@@ -558,9 +561,8 @@ def test_a_stop_inside_an_epoch_takes_the_one_way_out(make_trainer: MakeTrainer,
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(train_mod, "train_step", step)
-    monkeypatch.setattr(train_mod, "clock", lambda: now[0])
     cadences = {"checkpoint_every": "0", "sample_every": "0", "eval_every": "0"}  # nothing due before the stop
-    trainer = make_trainer(epochs=10, max_minutes=0.5 if reason == "time_limit" else 0.0, **cadences)  # 0.5 min: 3 steps
+    trainer = make_trainer(epochs=10, max_minutes=0.5 if reason == "time_limit" else 0.0, clock=lambda: now[0], **cadences)  # 0.5 min: 3 steps
     assert trainer.steps_per_epoch > 3
     events = list(trainer.run(lambda: reason == "interrupted" and trainer.state.global_step >= 3))
     done = events[-1]

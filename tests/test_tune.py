@@ -6,6 +6,7 @@ path, the best config that `lstmlm train --config` takes, and the errors in one 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shlex
 import signal
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+import lstmlm.session as session_mod
 import lstmlm.train as train_mod
 from lstmlm import checkpoint, config, tune
 from lstmlm.runs import LATEST, RunStore
@@ -45,7 +47,7 @@ def step_clock(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(train_mod, "train_step", step)
-    monkeypatch.setattr(train_mod, "clock", lambda: now[0])
+    monkeypatch.setattr(session_mod, "Trainer", functools.partial(train_mod.Trainer, clock=lambda: now[0]))  # every trial's trainer on this clock
     return steps
 
 

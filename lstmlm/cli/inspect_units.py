@@ -1,4 +1,4 @@
-"""`lstmlm inspect`: a text coloured by single LSTM units in the terminal, units ranked by a
+"""`lstmlm inspect`: a text coloured by single units of a model's cell in the terminal, units ranked by a
 feature, gate saturation; the whole analysis as an HTML page with --html.
 
 (Not named inspect.py: a module of that name beside `options.py`, which imports the standard
@@ -30,14 +30,18 @@ def inspect_(
     file: Annotated[Path | None, typer.Option("--file", help="Read the text from a UTF-8 file instead.")] = None,
     layer: Annotated[int | None, typer.Option("--layer", min=0, help="Layer to show (default: the last; --find searches all).")] = None,
     units: Annotated[list[int] | None, typer.Option("--unit", min=0, help="A unit to colour the text by; repeat for several.")] = None,
-    gate: Annotated[str, typer.Option("--gate", help="cell (C_t), hidden (H_t), input, forget, output or candidate (C̃_t).")] = "cell",
+    gate: Annotated[
+        str | None,
+        typer.Option("--gate", help="The gate to colour by, of the model's cell: the LSTM's cell, hidden, input, forget, output, candidate; "
+                     "the GRU's hidden, reset, update, candidate (default: the LSTM's cell, else hidden)."),
+    ] = None,
     html_out: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained HTML page with every unit browsable.")] = None,
     find: Annotated[str | None, typer.Option("--find", help="Rank units by |correlation| with being inside a match of this regex.")] = None,
     top: Annotated[int, typer.Option("--top", min=1, help="Units to list with --find and to colour without --unit.")] = 3,
     best: options.Best = False,
     runs_dir: options.RunsDir = DEFAULT_RUNS_DIR,
 ) -> None:
-    """Colour a text by single LSTM units (the paper's quote cell), rank units by a feature, show gate saturation.
+    """Colour a text by single units of the model's cell (the paper's quote cell), rank units by a feature, show gate saturation.
 
     Without --unit the text is coloured by the best units for --find, or else by the units that vary most.
     """
@@ -53,7 +57,7 @@ def inspect_(
 
         err.print(f"[yellow]read as <unk>, outside the vocabulary:[/] {escape(visible(describe_chars(seen.unknown)))}")
     if seen.ranking:
-        out.print(f"[bold]{escape(gate)} units tracking[/] {escape(visible(find or ''))}", soft_wrap=True)  # a long regex stays whole
+        out.print(f"[bold]{escape(seen.gate.name)} units tracking[/] {escape(visible(find or ''))}", soft_wrap=True)  # a long regex stays whole
         out.print(ranking_table(seen, top))
     show_units(seen)
     out.print()
@@ -70,9 +74,9 @@ def show_units(seen: Inspection) -> None:
     inside = span_feature(seen.text, seen.find)[: len(shown)].bool().tolist() if seen.find else [False] * len(shown)
     scores = {(s.layer, s.unit): s.correlation for s in seen.ranking}
     for k, u in seen.chosen:
-        values = seen.layers[k].gate(seen.gate)[: len(shown), u]
+        values = seen.layers[k].gate(seen.gate.name)[: len(shown), u]
         r = f"  r = {scores[(k, u)]:+.3f}" if (k, u) in scores else ""
-        out.print(f"\n[bold]layer {k} unit {u}[/] {seen.gate}{r}  [dim]{float(values.min()):+.2f} … {float(values.max()):+.2f}[/]")
+        out.print(f"\n[bold]layer {k} unit {u}[/] {seen.gate.name}{r}  [dim]{float(values.min()):+.2f} … {float(values.max()):+.2f}[/]")
         out.print(coloured(shown, level(seen.gate, values).tolist(), inside))
     if len(seen.text) > len(shown):
         out.print(f"[dim](the first {len(shown):,} of {len(seen.text):,} characters; --html shows them all)[/]")

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
 from fastapi import FastAPI, Request
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 
 STATIC = Path(__file__).resolve().parent / "static"
 PAGE_POLICY = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
-Gate = Literal["cell", "hidden", "input", "forget", "output", "candidate"]  # units.GATES
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=100)]
 
 
@@ -87,7 +86,7 @@ class InspectRequest(Strict):
 
     run: str
     text: str
-    gate: Gate = "cell"
+    gate: str | None = Field(None, max_length=32)  # one of the run's cell's gates (`Cell.gates`); None: the cell's default
     layer: int | None = Field(None, ge=0)
     units: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=32)
     top: int = Field(5, ge=0, le=32)  # per character, this many units furthest from neutral
@@ -322,21 +321,23 @@ def inspection(loaded: Loaded, body: InspectRequest) -> dict[str, Any]:
     trained = loaded.trained
     context = trained.prime if body.prime else ""
     seen = inspect_text(trained.model, trained.vocab, trained.config.data.normalize, body.text, body.gate, body.layer, body.units or None, None, 3, context)
+    gate = seen.gate
     layer = body.layer if body.layer is not None else len(seen.layers) - 1
     acts = check_layer(seen.layers, layer)
-    values = acts.gate(body.gate)  # (steps, hiddens)
+    values = acts.gate(gate.name)  # (steps, hiddens)
     units = []
     for _, u in seen.chosen:
         column = values[:, u]
-        units.append({"unit": u, "values": rounded(column.tolist()), "colours": [hex_colour(colour(v)) for v in level(body.gate, column).tolist()]})
-    top_units, top_values = strongest_units(acts, body.gate, body.top)
+        units.append({"unit": u, "values": rounded(column.tolist()), "colours": [hex_colour(colour(v)) for v in level(gate, column).tolist()]})
+    top_units, top_values = strongest_units(acts, gate.name, body.top)
     top = [[[u, v] for u, v in zip(us, rounded(vs))] for us, vs in zip(top_units.tolist(), top_values.tolist())]
     return {
         "run": trained.store.name,
         "text": seen.text,
         "normalized": seen.normalized,
         "unknown": seen.unknown,
-        "gate": body.gate,
+        "gate": gate.name,
+        "gates": [{"name": g.name, "meaning": g.meaning, "low": g.low, "high": g.high} for g in trained.model.cell.gates],  # the cell's, for the page's choice
         "layer": layer,
         "layers": len(seen.layers),
         "hiddens": acts.num_hiddens,

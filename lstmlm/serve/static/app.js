@@ -73,7 +73,8 @@ function chooseRun() {
   }
   const m = run.config.model;
   const best = run.best ? ` · best validation ${fixed(run.best.val_perplexity)} (epoch ${run.best.epoch})` : "";
-  $("run-info").textContent = `${m.model}, ${m.layers} × ${m.hidden} hidden, vocabulary ${run.vocab_size}, ${run.config.data.normalize} text${best}`;
+  $("run-info").textContent = `${m.cell || "lstm"} ${m.model}, ${m.layers} × ${m.hidden} hidden, vocabulary ${run.vocab_size}, ${run.config.data.normalize} text${best}`;
+  $("gate").innerHTML = "";  // a new model: its cell's gates come with the first colours
   const layer = $("layer");
   layer.innerHTML = "";
   for (let k = 0; k < m.layers; k++) layer.add(new Option(String(k), String(k)));
@@ -198,7 +199,7 @@ async function inspect() {
     while (state.wanted) {
       state.wanted = false;
       const unit = $("unit").value;  // empty: the server picks the unit that varies most
-      const asked = {run: state.run.name, text: state.text, gate: $("gate").value, layer: +$("layer").value, units: unit === "" ? [] : [+unit], top: 6};
+      const asked = {run: state.run.name, text: state.text, gate: $("gate").value || null, layer: +$("layer").value, units: unit === "" ? [] : [+unit], top: 6};
       try {
         const answer = await api("/api/inspect", asked);
         if (unit === "" && $("unit").value === "") $("unit").value = String(answer.units[0].unit);
@@ -214,6 +215,13 @@ async function inspect() {
 }
 
 function paint(answer) {
+  const gate = $("gate");
+  if (Array.from(gate.options, (o) => o.value).join() !== answer.gates.map((g) => g.name).join()) {
+    gate.innerHTML = "";  // the run's cell's gates, its default chosen
+    for (const g of answer.gates) gate.add(new Option(g.meaning, g.name));
+    gate.value = answer.gate;
+  }
+  if (gate.value !== answer.gate) return;  // an answer for the gate chosen before: the chosen one's is on its way
   state.inspected = answer;
   const unit = answer.units[0];
   const spans = $("output").children;
@@ -222,9 +230,9 @@ function paint(answer) {
     spans[t].style.background = unit.colours[t];
     spans[t].style.color = ink(unit.colours[t]);
   }
-  const cell = answer.gate === "cell";
-  $("low").textContent = cell ? "tanh(c) −1" : answer.gate === "hidden" || answer.gate === "candidate" ? "−1" : "0";
-  $("high").textContent = "+1";
+  const shown = answer.gates.find((g) => g.name === answer.gate);
+  $("low").textContent = shown.low === null ? "tanh −1" : String(shown.low).replace("-", "−");
+  $("high").textContent = shown.low === null ? "+1" : "+" + String(shown.high);
   $("output").dataset.painted = String(n);
 }
 

@@ -22,6 +22,12 @@ from conftest import as_on_a_gpu, host_syncs, lively_model, predict_ch8, synthet
 VOCAB = Vocab.build(synthetic_text(), order="frequency")
 
 
+def ungated_scale(cell: str, scale: float) -> float:
+    """The weights' scale for a test: a cell with no gate (the plain RNN), at the gated cells'
+    scale, is chaotic and amplifies fp32's rounding from step to step past any tolerance."""
+    return scale if any(g.saturates for g in cells.get(cell).gates) else 0.25
+
+
 
 def sample(net: CharLM, prefix: str, length: int, prime: str = "", **options: object) -> str:
     """The prefix and one continuation, sampled as `lstmlm generate` samples."""
@@ -39,7 +45,7 @@ def test_stepper_computes_what_the_model_computes(cell: str, core: str, layers: 
     net = CharLM(len(VOCAB), num_hiddens=24, num_layers=layers, core=core, embedding=embedding, cell=cell, path="loop").eval()
     with torch.no_grad():
         for p in net.parameters():
-            p.normal_(0.0, 0.5)
+            p.normal_(0.0, ungated_scale(cell, 0.5))
     X = torch.randint(len(VOCAB), (batch, 30))
     state = tuple(torch.randn(layers, batch, 24) for _ in net.cell.state)
     before = tuple(S.clone() for S in state)
@@ -56,7 +62,7 @@ def test_stepper_computes_what_the_model_computes(cell: str, core: str, layers: 
 def test_stepper_in_bf16_follows_the_fp32_model(cell: str, recurrence: str) -> None:
     """In bf16 the Stepper multiplies in bf16 (logits come out bf16) and keeps its state S (the
     LSTM's C, the others' H) in fp32."""
-    net = lively_model(VOCAB, "scratch", layers=2, cell=cell)
+    net = lively_model(VOCAB, "scratch", layers=2, cell=cell, scale=ungated_scale(cell, 0.8))
     X = torch.randint(len(VOCAB), (1, 20))
     with torch.inference_mode():
         expected, _ = net(X)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 REGISTRY: dict[str, str] = {
     "lstm": "lstmlm.cells.lstm:LSTM",
     "gru": "lstmlm.cells.gru:GRU",
+    "rnn": "lstmlm.cells.rnn:RNN",
 }
 
 NAMES = tuple(REGISTRY)

@@ -23,12 +23,13 @@ no weight gradient is complete before the last time step's is added.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError, DeviceError
+from .errors import ConfigError, DeviceError, TrainingError
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,13 @@ def from_environment() -> World:
 
 
 _control: dist.ProcessGroup | None = None  # gloo, for the flags agreed each step; None: the default group is gloo
+_joined = False  # whether this process joined a process group (and so must end without teardown: `stop`)
 
 
 def start(world: World, device: torch.device, batch_size: int) -> torch.device:
     """Join the process group (nccl on CUDA, gloo on CPU, and a gloo one beside nccl for the
     flags); return this process's device."""
-    global _control
+    global _control, _joined
     if not world.active:
         return device
     if batch_size % world.size:
@@ -77,15 +79,45 @@ def start(world: World, device: torch.device, batch_size: int) -> torch.device:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    _joined = True
     _control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     return device
 
 
-def stop(world: World) -> None:
+def stop(world: World, completed: bool = True) -> None:
+    """Leave the process group: once every process has `completed` its part (a barrier: the
+    main process may still be validating or writing when another would leave), or at once
+    after a failure (a barrier would wait for a process that is gone).
+
+    The group's threads outlive this. DistributedDataParallel keeps a reference to a gloo group
+    that destroy_process_group does not release (torch 2.13; any DDP module, even deleted), so
+    its worker and network-loop threads run until the process ends, and tearing them down in
+    the interpreter's shutdown races with the other processes closing their sockets: one in
+    some 20 to 40 two-process runs here aborted after its work was done ("terminate called
+    without an active exception", SIGABRT), and its torchrun failed. So a process that joined a
+    group ends without that teardown once its work is done (`joined`, `cli.app.main`)."""
     global _control
     if world.active and dist.is_initialized():
+        if completed:
+            dist.barrier()
         dist.destroy_process_group()
     _control = None
+
+
+def other_process_failed(e: RuntimeError, world: World) -> Exception:
+    """A collective that failed because another process of the training is gone (it failed, or
+    its machine did), as one TrainingError saying so; any other error as it was."""
+    message = str(e).strip()
+    if not world.active or not (isinstance(e, dist.DistError) or "gloo" in message or "NCCL" in message):
+        return e
+    first = (message.splitlines() or [""])[0]
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". This is typically")[0]  # gloo's: "[…/pair.cc:537] Read error …: Connection reset by peer"
+    return TrainingError(f"another process of this training stopped, and this one with it (torchrun's report names the first to fail): {reason}")
+
+
+def joined() -> bool:
+    """Whether this process joined a process group: its end must skip the interpreter's teardown."""
+    return _joined
 
 
 def sum_all(value: torch.Tensor, world: World) -> torch.Tensor:

@@ -279,6 +279,7 @@ def training(plan: Plan) -> Iterator[Training]:
     cfg = plan.config
     world = distributed.from_environment()  # several processes under torchrun, else one
     device = distributed.start(world, resolve_device(cfg.train.device), cfg.data.batch_size)
+    completed = False
     try:
         precision = resolve_precision(cfg.train.precision, device)
         set_tf32(device, cfg.train.tf32)
@@ -293,8 +294,11 @@ def training(plan: Plan) -> Iterator[Training]:
             if resuming:
                 trainer.resume()
             yield Training(trainer, store, world)
+            completed = True
+    except RuntimeError as e:
+        raise distributed.other_process_failed(e, world) from None
     finally:
-        distributed.stop(world)
+        distributed.stop(world, completed)
 
 
 def create_run(runs_dir: Path, run: str | None, cfg: Config, data: Data, world: World) -> RunStore:

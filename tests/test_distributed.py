@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -129,32 +131,83 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_two_machines_by_c10d_rendezvous_follow_one_process(corpus: Path, runs: dict, tmp_path: Path) -> None:
-    """Two torchrun agents, as on two machines (each its own runs directory and cache), meet at a
-    c10d rendezvous on 127.0.0.1 — the README's multi-node command — and train one model, each
-    process reading its rows from its own memory-mapped store: the one-process trajectory."""
+def start_agents(corpus: Path, tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> list[subprocess.Popen[str]]:
+    """Two torchrun agents, as on two machines (each its own runs directory and cache), meeting at
+    a c10d rendezvous on 127.0.0.1: the README's multi-node command."""
     port = free_port()
     agents = []
     for node in ("a", "b"):
         launcher = ["-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                     "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "lstmlm-test"]  # fmt: skip
         train = ["-m", "lstmlm", "train", "--corpus", str(corpus), "--runs-dir", str(tmp_path / node / "runs"), "--name", "nodes", "--json",
-                 *TRAIN, "--epochs", str(EPOCHS)]  # fmt: skip
-        env = {**_env(), "LSTMLM_HOME": str(tmp_path / node / "cache")}
-        agents.append(subprocess.Popen([sys.executable, *launcher, *train], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
-    outputs = []
-    for agent in agents:
-        try:
-            stdout, stderr = agent.communicate(timeout=300)
-        finally:
+                 *TRAIN, *extra]  # fmt: skip
+        node_env = {**_env(), **(env or {}), "LSTMLM_HOME": str(tmp_path / node / "cache")}
+        agents.append(subprocess.Popen([sys.executable, *launcher, *train], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=node_env))
+    return agents
+
+
+def finish(agents: list[subprocess.Popen[str]], timeout: float) -> list[tuple[int, str, str]]:
+    """Each agent's (exit code, stdout, stderr), all within `timeout` seconds; past it both are
+    killed and the failure shows both agents' stderr."""
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for agent in agents:
+            stdout, stderr = agent.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append((agent.returncode, stdout, stderr))
+    except subprocess.TimeoutExpired:
+        for agent in agents:
             agent.kill()
-        assert agent.returncode == 0, stderr[-2000:]
+        both = [agent.communicate()[1][-3000:] for agent in agents]
+        pytest.fail(f"the agents did not end within {timeout:.0f} s:\n--- agent a ---\n{both[0]}\n--- agent b ---\n{both[1]}")
+    return results
+
+
+def test_two_machines_by_c10d_rendezvous_follow_one_process(corpus: Path, runs: dict, tmp_path: Path) -> None:
+    """Two agents train one model, each process reading its rows from its own memory-mapped
+    store: the one-process trajectory. Both end when the work ends (an agent whose worker
+    succeeds waits for the other's at torchrun's exit barrier, 300 s, if that one never comes)."""
+    results = finish(start_agents(corpus, tmp_path, "--epochs", str(EPOCHS)), timeout=240)
+    outputs = []
+    for code, stdout, stderr in results:
+        assert code == 0, stderr[-2000:]
         outputs.append([json.loads(line) for line in stdout.splitlines() if line.startswith("{")])
     (events,) = [o for o in outputs if o]  # rank 0's machine reports; the other prints nothing
     assert perplexities(events) == pytest.approx(perplexities(runs["single"]), rel=1e-4)
     written = [node for node in ("a", "b") if (tmp_path / node / "runs" / "nodes" / "latest.pt").is_file()]
     assert len(written) == 1 and not (tmp_path / ({"a", "b"} - set(written)).pop() / "runs").exists()  # only rank 0's machine writes the run
     assert all(any((tmp_path / node / "cache" / "encoded").glob("*.tokens")) for node in ("a", "b"))  # each machine its own store
+
+
+def test_when_the_other_machine_fails_this_one_says_so_at_once(corpus: Path, tmp_path: Path) -> None:
+    """Node b's worker is killed mid-training (SIGKILL, as an out-of-memory kill does): node a's
+    next collective fails, and it ends at once, with one line saying why, not a hang."""
+    agents = start_agents(corpus, tmp_path, "--epochs", "200")
+    deadline = time.monotonic() + 120
+    while not any((tmp_path / node / "runs" / "nodes" / "metrics.jsonl").exists() for node in "ab"):  # rank 0's machine logs an epoch
+        assert time.monotonic() < deadline and all(agent.poll() is None for agent in agents), "training never got going"
+        time.sleep(0.2)
+    reporting = 0 if (tmp_path / "a" / "runs" / "nodes" / "metrics.jsonl").exists() else 1
+    other = agents[1 - reporting]
+    workers = subprocess.run(["pgrep", "-P", str(other.pid), "-f", "lstmlm train"], capture_output=True, text=True).stdout.split()
+    assert workers, "the other machine's worker"
+    os.kill(int(workers[0]), signal.SIGKILL)
+    code, _, stderr = finish(agents, timeout=120)[reporting]
+    assert code != 0
+    assert "error: another process of this training stopped" in stderr, stderr[-2000:]
+
+
+def test_the_same_command_twenty_times_ends_cleanly_every_time(corpus: Path, tmp_path: Path) -> None:
+    """The end of a two-process run used to abort one process in some 20 to 40 runs (DDP keeps
+    the gloo group's threads alive past its destruction: lstmlm/distributed.py, `stop`); now a
+    worker's end skips that teardown. Twenty runs, each exit code 0."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for k in range(20):
+        train = ["-m", "lstmlm", "train", "--corpus", str(corpus), "--runs-dir", str(tmp_path / "runs"), "--name", f"run{k}", "--json",
+                 "--hidden", "8", "--batch-size", "8", "--num-steps", "10", "--epochs", "1", "--seed", "3"]  # fmt: skip
+        done = subprocess.run([sys.executable, *launcher, *train], capture_output=True, text=True, env=_env(), timeout=120)
+        assert done.returncode == 0, f"run {k}: {done.stderr[-2000:]}"
+        assert json.loads(done.stdout.splitlines()[-1])["event"] == "done"
 
 
 def test_batch_not_divisible_by_processes_is_refused(corpus: Path, tmp_path: Path) -> None:

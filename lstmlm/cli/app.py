@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import atexit
+import os
+import sys
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -59,4 +62,26 @@ def _root(
 
 
 def main() -> None:
-    app()
+    """The command, then the process's end: as usual, or, for a process that joined a process
+    group under torchrun, right after its output is flushed and its exit handlers have run,
+    without the interpreter's teardown, where a group's threads that torch never let go of can
+    abort a finished training (lstmlm/distributed.py, `stop`)."""
+    try:
+        app()
+    except SystemExit as e:
+        distributed = sys.modules.get("lstmlm.distributed")  # imported only by commands that start processes
+        if distributed is not None and distributed.joined():
+            end_now(e.code)
+        raise
+
+
+def end_now(code: int | str | None) -> NoReturn:
+    """Exit with `code` as SystemExit would, after flushing the output and running the exit
+    handlers, but without tearing the interpreter down."""
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(code or 0)

@@ -562,15 +562,16 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 class ServeProcess:
     """`python -m lstmlm serve ARGS --port 0` (a free loopback port): its URL once it serves,
-    and everything it wrote on stderr (drained by a thread, so the pipe never fills)."""
+    and everything it wrote on stderr (drained by a thread, so the pipe never fills).
+    `preexec_fn` runs in the child before it starts (to lower its resource limits, say)."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, preexec_fn: Callable[[], None] | None = None) -> None:
         import subprocess
         import sys
 
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lstmlm", "serve", "--port", "0", *args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=preexec_fn,
         )  # fmt: skip
         self.lines: list[str] = []
         self._serving = threading.Event()
@@ -620,11 +621,12 @@ class ServeProcess:
 
 @pytest.fixture
 def serve_process() -> Iterator[Callable[..., ServeProcess]]:
-    """serve_process(*args, wait=True): start `lstmlm serve`; every one is stopped at teardown."""
+    """serve_process(*args, wait=True, preexec_fn=None): start `lstmlm serve`; every one is
+    stopped at teardown."""
     started: list[ServeProcess] = []
 
-    def start(*args: str | Path, wait: bool = True) -> ServeProcess:
-        server = ServeProcess([str(a) for a in args])
+    def start(*args: str | Path, wait: bool = True, preexec_fn: Callable[[], None] | None = None) -> ServeProcess:
+        server = ServeProcess([str(a) for a in args], preexec_fn=preexec_fn)
         started.append(server)
         return server.wait_serving() if wait else server
 

@@ -1,15 +1,21 @@
 """`lstmlm serve`'s API with FastAPI's test client: every endpoint; generation equal to `lstmlm
 generate` (streamed and as JSON); inspection equal to the `inspect` analysis; metrics that
-follow a training; one loaded model per run; the bounds (length, text, concurrency, deadline);
-every bad request a 4xx with a one-line JSON error. The real server process, under load and
-in a browser, is tested in test_serve_process.py and test_page.py."""
+follow a training; one loaded model per run, in a bounded cache that forgets deleted runs; the
+bounds (length, text, body size, concurrency, deadline); the Host check; every bad request a
+4xx with a one-line JSON error; a run whose files are bad listed as unreadable, a symbolic
+link in the runs directory no run, no server path in any answer. The real server process,
+under load, against slow clients and in a browser, is tested in test_serve_process.py and
+test_page.py."""
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import os
 import shutil
 import sys
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +39,14 @@ from conftest import assert_one_error_line, cli, sse_events, strict_json
 
 def client(runs: Path, **limits: Any) -> TestClient:
     return TestClient(create_app(runs, Limits(**limits)))
+
+
+def copies(runs: Path, n: int) -> list[str]:
+    """`n` more runs in `runs`, each a copy of "raw" (its own checkpoint file)."""
+    names = [f"raw{i}" for i in range(n)]
+    for name in names:
+        shutil.copytree(runs / "raw", runs / name)
+    return names
 
 
 @pytest.fixture(scope="module")
@@ -152,12 +166,16 @@ def test_inspect_without_units_shows_the_most_variable(api: TestClient, tiny_run
 
 
 def test_runs_lists_each_run_with_its_figures(api: TestClient, tiny_runs: Path) -> None:
-    runs = {r["name"]: r for r in api.get("/api/runs").json()["runs"]}
+    response = api.get("/api/runs")
+    assert str(tiny_runs.parent) not in response.text  # the corpus by its name, not the server's path to it
+    runs = {r["name"]: r for r in response.json()["runs"]}
     assert set(runs) == {"raw", "d2l"}
     for name, run in runs.items():
         store = RunStore.open(tiny_runs / name)
         records = store.read_metrics()
-        assert run["config"] == store.config.to_dict() and run["vocab_size"] == len(store.vocab)
+        config = store.config.to_dict()
+        config["data"]["corpus"] = "corpus.txt"
+        assert run["config"] == config and run["vocab_size"] == len(store.vocab)
         assert run["trained"] is True and run["epochs"] == 3 and run["last"] == records[-1]
         validated = [r for r in records if r["val_perplexity"] is not None]
         best = min(validated, key=lambda r: r["val_perplexity"]) if validated else None
@@ -204,6 +222,171 @@ def test_one_model_per_run_reused_until_training_writes_a_new_checkpoint(runs_co
         assert api.post("/api/generate", json=body).json()["text"] != first
 
 
+# ---- the model cache: bounded, the least recently used let go, a deleted run forgotten --------------------
+
+
+def generated(api: TestClient, run: str) -> None:
+    response = api.post("/api/generate", json={"run": run, "prefix": "the", "length": 20, "stream": False})
+    assert response.status_code == 200, response.text
+
+
+def test_the_cache_holds_at_most_max_models_and_lets_the_least_recently_used_go(runs_copy: Path) -> None:
+    names = copies(runs_copy, 4)
+    app = create_app(runs_copy, Limits(max_models=2))
+    models = app.state.models
+    with TestClient(app) as api:
+        generated(api, names[0])
+        first = weakref.ref(models.get(names[0]).trained.model)  # already the most recent: the order stays
+        for name in names[1:]:
+            generated(api, name)
+        assert models.held() == [(names[2], False), (names[3], False)]
+        assert api.get("/api/status").json()["models"] == 2
+        gc.collect()
+        assert first() is None  # let go of, not merely forgotten: nothing else holds the model
+        generated(api, names[2])  # used again: now the most recent
+        generated(api, names[0])
+        assert models.held() == [(names[2], False), (names[0], False)]
+
+
+def test_the_cache_holds_at_most_max_model_mib_of_weights(runs_copy: Path) -> None:
+    names = copies(runs_copy, 3)
+    nbytes = create_app(runs_copy).state.models.get(names[0]).nbytes
+    app = create_app(runs_copy, Limits(max_model_mib=1.5 * nbytes / 2**20))  # room for one model, not two
+    with TestClient(app) as api:
+        for name in names:
+            generated(api, name)
+            assert app.state.models.held() == [(name, False)]
+
+
+def test_a_deleted_run_is_forgotten(runs_copy: Path) -> None:
+    names = copies(runs_copy, 2)
+    app = create_app(runs_copy)
+    with TestClient(app) as api:
+        for name in names:
+            generated(api, name)
+        shutil.rmtree(runs_copy / names[0])
+        assert api.get("/api/status").json()["models"] == 1
+        assert app.state.models.held() == [(names[1], False)]
+        assert_error(api.post("/api/generate", json={"run": names[0], "prefix": "the"}), 404, f"no run named '{names[0]}'")
+        (runs_copy / names[1] / "latest.pt").unlink()  # a checkpoint gone is a model gone
+        assert api.get("/api/runs").status_code == 200 and app.state.models.held() == []
+
+
+# ---- the body's size, the Host header -------------------------------------------------------------------
+
+
+def test_a_body_over_the_limit_is_413_from_its_length_or_once_read(tiny_runs: Path) -> None:
+    with client(tiny_runs, max_text=1000) as api:
+        most = api.get("/api/status").json()["max_body"]
+        json_body = {"content-type": "application/json"}
+        big = api.post("/api/generate", content=b" " * (most + 1), headers=json_body)
+        assert_error(big, 413, f"the request body ({most + 1:,} bytes) is over this server's limit of {most:,} bytes", "1,000 characters")
+
+        def chunks(body: bytes, size: int = 4096) -> Iterator[bytes]:  # no Content-Length: sent chunked
+            yield from (body[i : i + size] for i in range(0, len(body), size))
+
+        assert_error(api.post("/api/generate", content=chunks(b" " * (10 * most)), headers=json_body), 413, "the request body is over this server's limit")
+        body = json.dumps({"run": "raw", "prefix": "the", "length": 30, "stream": False}).encode()
+        whole = api.post("/api/generate", content=body, headers=json_body).json()
+        assert api.post("/api/generate", content=chunks(body, 7), headers=json_body).json() == whole  # a chunked body that fits is read as sent
+
+
+def test_the_largest_request_max_text_allows_fits_the_body_limit(api: TestClient) -> None:
+    body = json.dumps({"run": "raw", "prefix": "\U0001f600" * 5000, "stop": ["\U0001f600" * 100] * 16, "length": 10**4, "temperature": 1.5})
+    assert len(body) > 12 * 6000  # every character escaped as a surrogate pair, as JSON may
+    response = api.post("/api/generate", content=body, headers={"content-type": "application/json"})
+    assert_error(response, 422, "prefix characters outside the model's vocabulary")  # read, and judged on its content
+
+
+def test_the_host_check_answers_ip_addresses_and_its_own_names_only(tiny_runs: Path) -> None:
+    with TestClient(create_app(tiny_runs, allowed_hosts=["localhost", "127.0.0.1", "::1", "Lab.Example"])) as api:
+        for host in ("localhost:8000", "LOCALHOST.", "lab.example", "127.0.0.2:80", "10.1.2.3", "[::1]:8000", "[fe80::1]"):
+            assert api.get("/api/status", headers={"host": host}).status_code == 200, host
+        for host in ("evil.example", "localhost.evil.example", "lab.example.evil:80", "127.0.0.1.nip.io"):
+            answer = api.get("/api/status", headers={"host": host})
+            assert_error(answer, 400, "this server answers requests for lab.example, localhost or an IP address only", "--allowed-host")
+
+
+# ---- bad data on disk, symbolic links, server paths ------------------------------------------------------
+
+BAD_FILES = [
+    ("metrics.jsonl", '{"epoch": 1}\n42\n', "run bad's metrics.jsonl has a line that is not a JSON object"),
+    ("metrics.jsonl", '{"epoch": 1}\n["a"]\n', "not a JSON object"),
+    ("metrics.jsonl", "[" * 100_000 + "\n", "nested too deeply"),
+    ("metrics.jsonl", "\udcff\n", "cannot read bad/metrics.jsonl"),
+    ("config.json", "{", "run bad has an unreadable config"),
+    ("config.json", "[]", "run bad"),
+    ("config.json", '{"data": 5}', "run bad"),
+    ("vocab.json", "{}", "run bad has an unreadable vocabulary"),
+    ("vocab.json", None, "run bad has an unreadable vocabulary"),  # removed
+]
+
+
+@pytest.mark.parametrize(("file", "content", "why"), BAD_FILES)
+def test_a_run_with_bad_files_is_listed_as_unreadable_and_the_others_are_listed(runs_copy: Path, file: str, content: str | None, why: str) -> None:
+    bad = runs_copy / "bad"
+    shutil.copytree(runs_copy / "raw", bad)
+    if content is None:
+        (bad / file).unlink()
+    else:
+        (bad / file).write_bytes(content.encode("utf-8", "surrogateescape"))
+    with client(runs_copy) as api:
+        response = api.get("/api/runs")
+        assert response.status_code == 200 and str(runs_copy) not in response.text
+        runs = {r["name"]: r for r in response.json()["runs"]}
+        assert set(runs) == {"raw", "d2l", "bad"} and "error" not in runs["raw"] and "error" not in runs["d2l"]
+        assert list(runs["bad"]) == ["name", "error"] and why in runs["bad"]["error"] and "\n" not in runs["bad"]["error"]
+        if file == "metrics.jsonl":
+            metrics = api.get("/api/runs/bad/metrics")
+            assert_error(metrics, 500, why)
+            assert str(runs_copy) not in metrics.text
+
+
+@pytest.mark.parametrize(("name", "fragment"), [("a" * 256, "at most 255 bytes, and 'aaaa"), ("\u00e9" * 128, "has 256"), ("\ud800", "not a plain name")])
+def test_a_run_name_too_long_for_a_file_is_400(api: TestClient, name: str, fragment: str) -> None:
+    json_body = {"content-type": "application/json"}  # json.dumps escapes a lone surrogate, as a client may send it
+    assert_error(api.post("/api/generate", content=json.dumps({"run": name, "prefix": "the"}), headers=json_body), 400, fragment)
+    assert_error(api.post("/api/inspect", content=json.dumps({"run": name, "text": "the"}), headers=json_body), 400, fragment)
+    if name.isalpha():
+        assert_error(api.get(f"/api/runs/{name}/metrics"), 400, fragment)
+    assert api.post("/api/generate", json={"run": "a" * 255, "prefix": "the"}).status_code == 404  # the longest name a file can have
+
+
+def test_a_symbolic_link_in_the_runs_directory_is_no_run(runs_copy: Path, tmp_path: Path) -> None:
+    shutil.copytree(runs_copy / "raw", tmp_path / "elsewhere")
+    (runs_copy / "out").symlink_to(tmp_path / "elsewhere")
+    (runs_copy / "alias").symlink_to(runs_copy / "raw")  # even a link to a run of its own: a run is a directory
+    with client(runs_copy) as api:
+        assert {r["name"] for r in api.get("/api/runs").json()["runs"]} == {"raw", "d2l"}
+        for name in ("out", "alias"):
+            assert_error(api.post("/api/generate", json={"run": name, "prefix": "the"}), 404, f"no run named '{name}'", "is a symbolic link")
+            assert_error(api.post("/api/inspect", json={"run": name, "text": "the"}), 404, "is a symbolic link")
+            assert_error(api.get(f"/api/runs/{name}/metrics"), 404, "is a symbolic link")
+        generated(api, "raw")
+        os.replace(runs_copy / "raw", runs_copy / "moved")
+        (runs_copy / "raw").symlink_to(runs_copy / "moved")  # a run turned into a link is no longer served, loaded or not
+        assert_error(api.post("/api/generate", json={"run": "raw", "prefix": "the"}), 404, "is a symbolic link")
+
+
+def test_errors_show_no_path_of_the_server_s(runs_copy: Path) -> None:
+    (runs_copy / "raw" / "latest.pt").write_bytes(b"not a checkpoint")
+    with client(runs_copy) as api:
+        response = api.post("/api/generate", json={"run": "raw", "prefix": "the"})
+        assert_error(response, 500, "raw/latest.pt is corrupt or truncated")
+        assert str(runs_copy) not in response.text
+
+
+def test_an_internal_error_is_500_with_one_line_of_json(tiny_runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(runs_dir: Path) -> list[dict[str, Any]]:
+        raise RuntimeError(f"a bug, at {runs_dir}")
+
+    monkeypatch.setattr("lstmlm.serve.app.list_runs", broken)
+    with TestClient(create_app(tiny_runs), raise_server_exceptions=False) as api:
+        response = api.get("/api/runs")
+        assert_error(response, 500, "internal error (RuntimeError)")
+        assert str(tiny_runs) not in response.text
+
+
 # ---- the page -----------------------------------------------------------------------------------------
 
 
@@ -221,7 +404,11 @@ def test_the_page_and_its_files_are_served_from_the_package(api: TestClient) -> 
 
 def test_status_reports_the_limits_and_the_work_in_flight(tiny_runs: Path) -> None:
     with client(tiny_runs, max_length=123, max_concurrent=2, deadline_s=9.0) as api:
-        assert api.get("/api/status").json() == {"version": "0.1.0", "active": 0, "max_length": 123, "max_text": 5000, "max_concurrent": 2, "deadline_s": 9.0}
+        assert api.get("/api/status").json() == {
+            "version": "0.1.0", "active": 0, "models": 0, "max_length": 123, "max_text": 5000, "max_concurrent": 2, "deadline_s": 9.0,
+            "max_models": 4, "max_model_mib": 1024.0, "max_connections": 256, "header_timeout_s": 10.0, "body_timeout_s": 30.0,
+            "max_body": 12 * (5000 + 1600) + 16384,
+        }  # fmt: skip
 
 
 # ---- bounds ---------------------------------------------------------------------------------------------

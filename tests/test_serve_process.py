@@ -1,14 +1,22 @@
 """A real `lstmlm serve` process on a loopback port: 32 concurrent streaming clients for a
 bounded time — every stream completes or is refused cleanly, the server stays up, within its
 concurrency limit, its memory bounded; a client killed mid-stream does not leak its
-generation; loopback by default (other names refused), a warning on any other address; a
-port in use is one line; Ctrl-C stops it."""
+generation; hundreds of slow clients cut off (connection cap, header and body deadlines) while
+the server answers, its log quiet, its descriptor limit raised; a body too large refused
+before it is read; the model cache bounded; bad files and names answered in JSON; loopback
+by default, its own URL answered on any loopback address, only its own names (and IP
+addresses) answered on every address, with a warning; a port in use is one line; Ctrl-C
+stops it."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
+import resource
+import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,12 +24,15 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install '.[serve]')")
+
+from lstmlm.serve.connections import ACCEPT_BATCH, OncePerKind
 
 from conftest import ServeProcess, assert_one_error_line, cli, http_json, sse_events
 
@@ -135,6 +146,17 @@ def test_a_client_killed_mid_stream_does_not_leak_its_generation(tiny_runs: Path
     assert not [line for line in server.lines if "Traceback" in line or "ERROR" in line], server.lines
 
 
+def status_with_host(address: tuple[str, int], host: str) -> tuple[int, dict[str, Any]]:
+    """GET /api/status with this Host header: (status, JSON body)."""
+    conn = http.client.HTTPConnection(*address, timeout=30)
+    try:
+        conn.request("GET", "/api/status", headers={"Host": host})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
 def test_loopback_by_default_answers_only_loopback_names(tiny_runs: Path, serve_process: Any) -> None:
     server: ServeProcess = serve_process("--runs-dir", tiny_runs)
     host, port = server.address
@@ -149,12 +171,31 @@ def test_loopback_by_default_answers_only_loopback_names(tiny_runs: Path, serve_
     assert not any("Traceback" in line for line in server.lines)
 
 
-def test_any_other_address_is_served_with_a_warning(tiny_runs: Path, serve_process: Any) -> None:
-    server: ServeProcess = serve_process("--runs-dir", tiny_runs, "--host", "0.0.0.0")
-    assert server.lines[0] == "warning: serving on 0.0.0.0: anyone who can reach this machine can use the API (no authentication)"
+def test_a_server_on_another_loopback_address_answers_its_own_url(tiny_runs: Path, serve_process: Any) -> None:
+    server: ServeProcess = serve_process("--runs-dir", tiny_runs, "--host", "127.0.0.2")
+    assert server.url.startswith("http://127.0.0.2:") and not any("warning" in line for line in server.lines)
+    assert http_json(server.url + "/api/status")[0] == 200
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "::"])
+def test_any_other_address_is_served_with_a_warning_and_answers_only_its_own_names(tiny_runs: Path, serve_process: Any, address: str) -> None:
+    if address == "::":
+        try:
+            socket.socket(socket.AF_INET6).close()
+        except OSError:
+            pytest.skip("no IPv6 here")
+    server: ServeProcess = serve_process("--runs-dir", tiny_runs, "--host", address, "--allowed-host", "lab.example", "--allowed-host", "Models.Lab.Example")
+    assert server.lines[0] == f"warning: serving on {address}: anyone who can reach this machine can use the API (no authentication)"
     port = server.address[1]
-    assert http_json(f"http://127.0.0.1:{port}/api/status")[0] == 200
+    loopback = ("127.0.0.1" if address == "0.0.0.0" else "::1", port)
+    for host in (f"localhost:{port}", socket.gethostname(), "lab.example", "models.lab.example:80", "192.0.2.7", f"[::1]:{port}"):
+        assert status_with_host(loopback, host)[0] == 200, host
+    for host in ("rebound.example", f"rebound.example:{port}", "lab.example.rebound.example"):
+        status, body = status_with_host(loopback, host)
+        assert status == 400 and body["error"].startswith("this server answers requests for "), body
+        assert all(name in body["error"] for name in ("lab.example", "localhost", "models.lab.example", socket.gethostname(), "or an IP address")), body
     assert server.stop() == 0
+    assert not any("Traceback" in line for line in server.lines)
 
 
 def test_a_port_in_use_is_one_line(tiny_runs: Path) -> None:
@@ -167,3 +208,217 @@ def test_a_port_in_use_is_one_line(tiny_runs: Path) -> None:
 
 def test_an_address_that_does_not_resolve_is_one_line(tiny_runs: Path) -> None:
     assert_one_error_line(cli("serve", "--runs-dir", tiny_runs, "--host", "no-such-host.invalid"), "cannot serve on no-such-host.invalid")
+
+
+# ---- what a request and a connection may hold --------------------------------------------------------
+
+
+def raw_request(address: tuple[str, int], head: bytes, body: Iterator[bytes] = iter(()), timeout: float = 30.0) -> tuple[bytes, int]:
+    """Send `head`, then `body` a piece at a time until the server answers or closes: (what it
+    answered, how many body bytes were sent)."""
+    sent = 0
+    with socket.create_connection(address, timeout=timeout) as sock:
+        sock.sendall(head)
+        for piece in body:
+            if select.select([sock], [], [], 0)[0]:  # answered already
+                break
+            try:
+                sock.sendall(piece)
+            except (BrokenPipeError, ConnectionResetError):  # closed on us: its answer is in the buffer
+                break
+            sent += len(piece)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except ConnectionResetError:  # a server that closes with a body unread resets the connection after its answer
+            pass
+    return answer, sent
+
+
+def answer_json(answer: bytes) -> tuple[int, dict[str, Any]]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(tiny_runs: Path, serve_process: Any) -> None:
+    server: ServeProcess = serve_process("--runs-dir", tiny_runs, "--max-text", 1000)
+    most = http_json(server.url + "/api/status")[1]["max_body"]
+    assert most == 12 * (1000 + 1600) + 16 * 1024
+    post = b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+
+    answer, _ = raw_request(server.address, b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Long: " + b"x" * 20000)  # 20 KB of headers, unfinished
+    assert answer_json(answer) == (400, {"error": "not an HTTP request this server can read: malformed, or its headers over 16 KiB"})
+
+    answer, _ = raw_request(server.address, post + b"Content-Length: 1000000000\r\n\r\n")  # a gigabyte announced, none sent
+    refusal = f"the request body (1,000,000,000 bytes) is over this server's limit of {most:,} bytes (what a text of 1,000 characters may take as JSON)"
+    assert answer_json(answer) == (413, {"error": refusal})
+
+    chunk = b"%x\r\n%s\r\n" % (65536, b" " * 65536)
+    answer, sent = raw_request(server.address, post + b"Transfer-Encoding: chunked\r\n\r\n", iter([chunk] * 16384))  # a gigabyte, chunked
+    assert answer_json(answer)[0] == 413
+    assert sent < 64 * 2**20, f"{sent:,} bytes were taken before the refusal"  # of 1 GiB: refused once it was over, not read whole
+
+    assert stream_once(server.address, {"run": "raw", "prefix": "the", "length": 50}) == "done"
+    assert not [line for line in server.lines if "Traceback" in line], server.lines
+
+
+def test_the_model_cache_stays_within_max_models_and_forgets_deleted_runs(tiny_runs: Path, tmp_path: Path, serve_process: Any) -> None:
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_runs, runs)
+    names = [f"raw{i}" for i in range(6)]
+    for name in names:
+        shutil.copytree(runs / "raw", runs / name)
+    server: ServeProcess = serve_process("--runs-dir", runs, "--max-models", 2)
+    for _ in range(2):
+        for name in names:
+            assert stream_once(server.address, {"run": name, "prefix": "the", "length": 20}) == "done"
+            assert http_json(server.url + "/api/status")[1]["models"] <= 2
+    assert http_json(server.url + "/api/status")[1]["models"] == 2
+    for name in names[-2:]:  # the two held
+        shutil.rmtree(runs / name)
+    assert http_json(server.url + "/api/status")[1]["models"] == 0
+    assert http_json(server.url + "/api/generate", {"run": names[-1], "prefix": "the"})[0] == 404
+
+
+def trickle(sockets: list[socket.socket], stop: threading.Event, pid: int, held: list[int]) -> None:
+    """One header line on each socket every 0.3 s, never the blank line that ends the headers;
+    and each time, how many sockets the server `pid` holds."""
+    while not stop.wait(0.3):
+        for sock in sockets:
+            try:
+                sock.send(b"X-Slow: yes\r\n")
+            except OSError:  # the server has closed it
+                pass
+        held.append(sum(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:") for fd in os.listdir(f"/proc/{pid}/fd")))
+
+
+def slow_answer(sock: socket.socket) -> int:
+    """The status the server answered a slow socket with before closing it (0: closed without one)."""
+    sock.settimeout(30)
+    answer = b""
+    try:
+        while chunk := sock.recv(4096):
+            answer += chunk
+    except ConnectionResetError:
+        pass
+    return int(answer.split()[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+
+
+SLOW_CLIENTS = 300
+NOFILE = 256  # the server's descriptor limit: soft and hard, so it cannot raise it; 32 connections fit
+
+
+def test_slow_clients_are_cut_off_and_the_server_answers_the_others(tiny_runs: Path, serve_process: Any) -> None:
+    limits = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))  # noqa: E731
+    server: ServeProcess = serve_process(
+        "--runs-dir", tiny_runs, "--max-connections", 32, "--header-timeout", 1, "--body-timeout", 1, "--deadline", 3, "--max-length", 10**8,
+        preexec_fn=limits,
+    )  # fmt: skip
+    sockets = []
+    for _ in range(SLOW_CLIENTS):  # ~400 slowloris connections took a server with 1024 descriptors down
+        sock = socket.create_connection(server.address, timeout=30)
+        sock.sendall(b"GET /api/status HTTP/1.1\r\nHost: localhost\r\n")
+        sockets.append(sock)
+    stop, held = threading.Event(), [0]
+    dripping = threading.Thread(target=trickle, args=(sockets, stop, server.proc.pid, held))
+    dripping.start()
+    try:
+        answer, _ = raw_request(server.address, b"GET /api/status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        assert answer_json(answer)[0] in (200, 503)  # meanwhile a request is answered, if only with "busy", not left to time out
+        answers = Counter(slow_answer(sock) for sock in sockets)
+    finally:
+        stop.set()
+        dripping.join()
+        for sock in sockets:
+            sock.close()
+    # each cut off by the server: past the headers' deadline (408), or over the cap at once (503;
+    # a client whose request the server never read may hear a reset in place of the answer: 0)
+    assert {408, 503} <= set(answers) <= {408, 503, 0}, answers
+    assert max(held) <= 1 + 32 + ACCEPT_BATCH  # the listening socket, the connections kept, those just accepted to be refused
+
+    body = {"run": "raw", "prefix": "the", "length": 10**8, "temperature": 1.0}
+    conn = http.client.HTTPConnection(*server.address, timeout=60)
+    conn.request("POST", "/api/generate", json.dumps(body), {"Content-Type": "application/json"})
+    got = sse_events(conn.getresponse().read().decode())  # a stream runs past the deadlines for requests: they are for requests only
+    assert got[-1][0] == "done" and got[-1][1]["finish_reason"] == "deadline"
+    conn.close()
+
+    post = b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    assert answer_json(raw_request(server.address, post + b'{"run"')[0]) == (408, {"error": "the request's body did not arrive within 1 seconds"})
+
+    assert server.proc.poll() is None and stream_once(server.address, {"run": "raw", "prefix": "the", "length": 100}) == "done"
+    assert server.stop() == 0
+    log = server.lines[1:-1]  # between "serving ..." and "stopped": one line for each kind of failure
+    assert sorted(log) == [
+        "WARNING:  closed connections whose request body did not arrive within 1 s of its headers (--body-timeout)",
+        "WARNING:  closed connections whose request headers did not arrive within 1 s (--header-timeout)",
+        "WARNING:  refused connections: 32 were open, as many as this server keeps (--max-connections)",
+    ], server.lines
+
+
+def test_the_log_says_each_kind_of_failure_in_one_line_at_most_once_a_minute() -> None:
+    now = [0.0]
+    once = OncePerKind(clock=lambda: now[0])
+    lines: list[str] = []
+    logger = logging.getLogger("lstmlm-test-once-per-kind")
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    logger.addFilter(once)
+    logger.propagate = False
+    try:
+        for second in range(0, 130, 2):  # a failure of each kind every 2 s for over two minutes
+            now[0] = float(second)
+            try:
+                raise OSError(24, "Too many open files")
+            except OSError as e:
+                logger.error("socket.accept() out of system resource\nsocket: <fd=3>", exc_info=e)
+            logger.warning("closed connections whose request headers did not arrive within %g s", 1.0)
+    finally:
+        logger.removeHandler(handler)
+        logger.removeFilter(once)
+    accept = "socket.accept() out of system resource socket: <fd=3>: OSError: [Errno 24] Too many open files"
+    headers = "closed connections whose request headers did not arrive within 1 s"
+    assert lines == [
+        accept, headers,
+        f"{accept} (and 29 more like it in the 60 s before)", f"{headers} (and 29 more like it in the 60 s before)",
+        f"{accept} (and 29 more like it in the 60 s before)", f"{headers} (and 29 more like it in the 60 s before)",
+    ]  # fmt: skip
+
+
+def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(tiny_runs: Path, serve_process: Any) -> None:
+    server: ServeProcess = serve_process("--runs-dir", tiny_runs, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 1024)))
+    limits = Path(f"/proc/{server.proc.pid}/limits").read_text()
+    assert [line.split()[3:5] for line in limits.splitlines() if line.startswith("Max open files")] == [["1024", "1024"]]
+
+
+def test_too_few_descriptors_for_the_connections_is_one_line(tiny_runs: Path, serve_process: Any) -> None:
+    server: ServeProcess = serve_process("--runs-dir", tiny_runs, wait=False, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200)))
+    with pytest.raises(AssertionError, match="did not start"):
+        server.wait_serving()  # it ends, and everything it wrote is read
+    assert server.proc.wait(timeout=10) == 1
+    assert server.lines == ["error: --max-connections 256 needs about 448 open files, and this process may open 200 (ulimit -n): lower --max-connections"]
+
+
+def test_bad_files_and_names_are_answered_in_json_and_the_log_stays_quiet(tiny_runs: Path, tmp_path: Path, serve_process: Any) -> None:
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_runs, runs)
+    shutil.copytree(runs / "raw", runs / "bad")
+    with (runs / "bad" / "metrics.jsonl").open("a") as f:
+        f.write("42\n")
+    shutil.copytree(runs / "raw", tmp_path / "elsewhere")
+    (runs / "out").symlink_to(tmp_path / "elsewhere")
+    server: ServeProcess = serve_process("--runs-dir", runs)
+    for _ in range(3):
+        status, listing = http_json(server.url + "/api/runs")
+        assert status == 200 and {r["name"]: "error" in r for r in listing["runs"]} == {"raw": False, "d2l": False, "bad": True}
+        assert str(tmp_path) not in json.dumps(listing)
+        status, error = http_json(server.url + "/api/generate", {"run": "a" * 300, "prefix": "the"})
+        assert status == 400 and error["error"].startswith("a run's name has at most 255 bytes")
+        assert http_json(server.url + "/api/runs/" + "a" * 300 + "/metrics")[0] == 400
+        assert http_json(server.url + "/api/runs/out/metrics")[0] == 404
+        status, error = http_json(server.url + "/api/runs/bad/metrics")
+        assert status == 500 and error == {"error": "run bad's metrics.jsonl has a line that is not a JSON object"}
+    assert server.stop() == 0
+    assert server.lines[1:] == ["stopped"]  # nothing logged: not a traceback, not a line

@@ -14,13 +14,20 @@ slots (more are refused at once with 503, never queued), a generation ends at it
 with what it made, and the slot comes back however the request ends: done, failed, or its
 client gone (the response's `__call__` releases it, even for a stream never started).
 
-Errors are one-line JSON, {"error": "..."}: 400 malformed JSON or a path-like run name, 404
-an unknown run or route, 409 a run without a checkpoint yet, 422 a field out of bounds or
-unknown, 503 busy.
+Before any route: a request whose Host names no name of this server's is refused (DNS
+rebinding), and a body over `Limits.max_body` (about what `max_text` characters take as JSON)
+is refused from its Content-Length, or once that many bytes of it are read — never read whole.
+
+Errors are one-line JSON, {"error": "..."}: 400 malformed JSON, a path-like or overlong run
+name, or a Host not this server's; 404 an unknown run or route (a symbolic link in the runs
+directory is no run); 409 a run without a checkpoint yet; 413 a body too large; 422 a field
+out of bounds or unknown; 500 a run's files unreadable or an internal error; 503 busy. No
+message shows a path of the server's outside its runs directory.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import threading
 import time
@@ -40,9 +47,8 @@ from starlette.types import Receive, Scope, Send
 
 from .. import __version__
 from ..errors import CheckpointError, ConfigError, InspectError, LstmlmError, VocabError
-from ..runs import check_run_name
 from . import Limits
-from .catalog import Loaded, Models, NoCheckpoint, finite, list_runs, open_run
+from .catalog import Loaded, Models, NoCheckpoint, NotServed, finite, list_runs, open_run, read_records, shown, without_paths
 
 if TYPE_CHECKING:
     from ..generate import Continuation
@@ -113,21 +119,94 @@ class Slots:
 
 
 class HostCheck:
-    """Answer only requests whose Host header names one of `allowed` (any port): a loopback
-    server must not answer a page whose own name was rebound to 127.0.0.1 (DNS rebinding)."""
+    """Answer only requests whose Host header (any port) is an IP address or one of `allowed`:
+    a page whose own name was rebound to this server's address (DNS rebinding) still names
+    itself in Host, and is refused; an address cannot be rebound, so it is always answered."""
 
     def __init__(self, app: Any, allowed: list[str]) -> None:
-        self.app, self.allowed = app, set(allowed)
+        self.app, self.allowed = app, {name.lower().rstrip(".") for name in allowed if not is_address(name)}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             host = Headers(scope=scope).get("host", "")
-            name = host[: host.find("]") + 1] if host.startswith("[") else host.split(":")[0]
-            if name not in self.allowed:
-                message = f"this server answers requests for {', '.join(sorted(self.allowed))} only, not for Host {host!r}"
+            name = host_name(host)
+            if name not in self.allowed and not is_address(name):
+                names = ", ".join(sorted(self.allowed))
+                message = f"this server answers requests for {names} or an IP address only, not for Host {shown(host)}"
+                message += " (lstmlm serve --allowed-host adds a name)"
                 await JSONResponse({"error": one_line(message)}, 400)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header: without its port, in lower case, without a final dot."""
+    name = host[: host.find("]") + 1] if host.startswith("[") else host.split(":")[0]
+    return name.lower().rstrip(".")
+
+
+def is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return False
+    return True
+
+
+class BodyLimit:
+    """Refuse (413) a request body over `limits.max_body` bytes: at once from its Content-Length
+    (the server then reads no more of it than that says), or, for a chunked body, as soon as
+    more than that has been read — a body is never read whole before it is known to fit."""
+
+    def __init__(self, app: Any, limits: Limits) -> None:
+        self.app, self.limits = app, limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        length = headers.get("content-length")
+        if length is not None:  # a number: h11 refuses anything else
+            if int(length) > self.limits.max_body:
+                await self.refuse(f"the request body ({int(length):,} bytes)", scope, receive, send)
+                return
+        elif "transfer-encoding" in headers:  # chunked: its size is known once it is read
+            body = await self.read(receive)
+            if body is None:
+                await self.refuse("the request body", scope, receive, send)
+                return
+            receive = replay(body, receive)
+        await self.app(scope, receive, send)
+
+    async def read(self, receive: Receive) -> dict[str, Any] | None:
+        """The body as one message (or the disconnect that cut it short); None once it is over the limit."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return dict(message)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limits.max_body:
+                return None
+            if not message.get("more_body", False):
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+    async def refuse(self, what: str, scope: Scope, receive: Receive, send: Send) -> None:
+        limits = self.limits
+        message = f"{what} is over this server's limit of {limits.max_body:,} bytes (what a text of {limits.max_text:,} characters may take as JSON)"
+        await JSONResponse({"error": message}, 413, headers={"Connection": "close"})(scope, receive, send)
+
+
+def replay(first: dict[str, Any], receive: Receive) -> Receive:
+    """`receive` that gives `first` once, then what `receive` gives."""
+    pending = [first]
+
+    async def again() -> Any:
+        return pending.pop() if pending else await receive()
+
+    return again
 
 
 class EventStream(StreamingResponse):
@@ -164,12 +243,13 @@ def pull(steps: Continuation, deadline: float, within: float = 0.05, most: int =
 
 
 def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", precision: str = "fp32", allowed_hosts: list[str] | None = None) -> FastAPI:
-    """The app over the runs in `runs_dir`. `allowed_hosts` (the Host header's names) keeps a
-    loopback server from answering pages that rebind a name of theirs to 127.0.0.1."""
+    """The app over the runs in `runs_dir`. `allowed_hosts` (the Host header's names; None:
+    any) keeps the server from answering pages that rebind a name of theirs to its address."""
     app = FastAPI(title="lstmlm", version=__version__, docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
-    if allowed_hosts:
-        app.add_middleware(HostCheck, allowed=allowed_hosts)
-    models = Models(runs_dir, device, precision)
+    app.add_middleware(BodyLimit, limits=limits)
+    if allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed=allowed_hosts)  # added last, so it runs first
+    models = Models(runs_dir, device, precision, limits.max_models, int(limits.max_model_mib * 2**20))
     slots = Slots(limits.max_concurrent)
     app.state.models, app.state.slots = models, slots
 
@@ -196,16 +276,22 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
     @app.exception_handler(LstmlmError)
     async def library_error(_: Request, e: LstmlmError) -> JSONResponse:
         status = 422 if isinstance(e, (ConfigError, VocabError, InspectError)) else 500
-        return JSONResponse({"error": one_line(str(e))}, status)
+        return JSONResponse({"error": one_line(without_paths(str(e), runs_dir))}, status)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception) -> JSONResponse:
+        # the server's log has one line on it (uvicorn logs what this handler is given)
+        return JSONResponse({"error": f"internal error ({type(e).__name__}): the server's log says more"}, 500)
 
     def run_named(name: str) -> str:
         try:
-            check_run_name(name)
             open_run(runs_dir, name)
-        except ConfigError:
-            raise ApiError(400, f"a run is named, not pathed: {name!r} is not a plain name under the runs directory") from None
+        except ConfigError as e:
+            raise ApiError(400, str(e)) from None
+        except NotServed as e:
+            raise ApiError(404, f"no run named {shown(name)} in this server's runs directory: {e}") from None
         except CheckpointError:
-            raise ApiError(404, f"no run named {name!r} in this server's runs directory") from None
+            raise ApiError(404, f"no run named {shown(name)} in this server's runs directory") from None
         return name
 
     async def load(name: str, best: bool) -> Loaded:
@@ -231,16 +317,18 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
 
     @app.get("/api/runs")
     async def runs() -> JSONResponse:
+        await anyio.to_thread.run_sync(models.forget_gone)
         return JSONResponse({"runs": await anyio.to_thread.run_sync(list_runs, runs_dir)})
 
     @app.get("/api/runs/{name}/metrics")
     async def metrics(name: str) -> JSONResponse:
         store = open_run(runs_dir, run_named(name))
-        return JSONResponse({"run": name, "epochs": finite(store.read_metrics())})
+        return JSONResponse({"run": name, "epochs": finite(await anyio.to_thread.run_sync(read_records, store))})
 
     @app.get("/api/status")
     async def status() -> JSONResponse:
-        return JSONResponse({"version": __version__, "active": slots.active, **vars(limits)})
+        await anyio.to_thread.run_sync(models.forget_gone)
+        return JSONResponse({"version": __version__, "active": slots.active, "models": len(models), **vars(limits), "max_body": limits.max_body})
 
     # ---- generation -----------------------------------------------------------------------------
 
@@ -285,7 +373,7 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
                 try:
                     text, reason = await anyio.to_thread.run_sync(pull, steps, deadline)
                 except LstmlmError as e:
-                    yield event("error", {"error": one_line(str(e))})
+                    yield event("error", {"error": one_line(without_paths(str(e), runs_dir))})
                     return
                 made += len(text)
                 if text:

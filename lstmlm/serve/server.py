@@ -2,15 +2,21 @@
 
 The socket is bound and listening before uvicorn starts, so a port in use is one ServeError
 line (uvicorn would log and exit), port 0 means a free port whose number is known before
-serving, a client may connect as soon as the address is printed, and
-whether the address is loopback is read from the address actually bound, not guessed from
-the name given.
+serving, a client may connect as soon as the address is printed, and whether the address is
+loopback is read from the address actually bound, not guessed from the name given.
+
+Whatever the address, the app answers only requests whose Host is an IP address or a name of
+this server's — loopback's, this machine's, the one `--host` gave, and each `--allowed-host` —
+so a page whose own name was rebound to this address gets no answer (DNS rebinding). uvicorn
+runs `connections.Guarded`, its h11 protocol with a connection cap and header and body
+deadlines, with the descriptor limit raised to fit, and its log one line per kind of failure.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 import uvicorn
@@ -18,8 +24,9 @@ import uvicorn
 from ..errors import ServeError
 from . import Limits
 from .app import create_app
+from .connections import ACCEPT_BATCH, descriptors_needed, guarded, one_line_per_kind, raise_descriptor_limit
 
-LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -31,7 +38,7 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restarted server need not wait for TIME_WAIT
         sock.bind(address)
-        sock.listen(2048)  # connections wait in the queue from now on, before uvicorn has started
+        sock.listen(ACCEPT_BATCH)  # connections wait in the queue from now on, before uvicorn has started
     except OSError as e:
         sock.close()
         raise ServeError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
@@ -39,15 +46,28 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def host_names(host: str, allowed: Sequence[str]) -> list[str]:
+    """The names a server answers for, besides any IP address: loopback's, this machine's,
+    the one it was asked to serve on, and `allowed`."""
+    return sorted({*LOOPBACK_NAMES, socket.gethostname(), host, *allowed} - {""})
+
+
 class Server:
-    def __init__(self, runs_dir: Path, host: str, port: int, limits: Limits, device: str = "cpu", precision: str = "fp32") -> None:
-        self.runs_dir = Path(runs_dir)
+    def __init__(
+        self, runs_dir: Path, host: str, port: int, limits: Limits, device: str = "cpu", precision: str = "fp32", allowed_hosts: Sequence[str] = ()
+    ) -> None:
+        self.runs_dir, self.limits = Path(runs_dir), limits
+        descriptors, needed = raise_descriptor_limit(), descriptors_needed(limits)
+        if descriptors < needed:
+            raise ServeError(
+                f"--max-connections {limits.max_connections} needs about {needed} open files, and this process may open {descriptors} (ulimit -n): "
+                "lower --max-connections"
+            )
         self.socket = bind(host, port)
         address, self.port = self.socket.getsockname()[:2]
         self.loopback = ipaddress.ip_address(address).is_loopback
         self.host = f"[{address}]" if ":" in address else address
-        # on loopback, only requests that name loopback: a page whose name rebinds to 127.0.0.1 gets no answer
-        self.app = create_app(self.runs_dir, limits, device, precision, allowed_hosts=LOOPBACK_NAMES if self.loopback else None)
+        self.app = create_app(self.runs_dir, limits, device, precision, allowed_hosts=host_names(host, allowed_hosts))
 
     @property
     def url(self) -> str:
@@ -55,8 +75,11 @@ class Server:
 
     def run(self) -> None:
         """Serve until Ctrl-C or SIGTERM; open streams get a few seconds to finish."""
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=3)
+        config = uvicorn.Config(
+            self.app, http=guarded(self.limits), backlog=ACCEPT_BATCH, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=3
+        )
         try:
-            uvicorn.Server(config).run(sockets=[self.socket])
+            with one_line_per_kind("uvicorn.error", "asyncio"):
+                uvicorn.Server(config).run(sockets=[self.socket])
         finally:
             self.socket.close()

@@ -13,6 +13,7 @@ import math
 import re
 import sys
 from dataclasses import dataclass, field, fields
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal, cast, get_args, get_type_hints
 
@@ -222,14 +223,22 @@ class Cadence:
         return cls(steps, minutes, epochs)
 
     def __str__(self) -> str:
+        """The canonical written form, which `parse` reads back to this same cadence."""
         parts = ([str(self.steps)] if self.steps else []) + ([f"{self.epochs}e"] if self.epochs else [])
         if self.minutes:
-            parts.append(f"{self.minutes:g}m")
+            parts.append(f"{_positional(self.minutes)}m")
         return ",".join(parts) or "0"
 
     @property
     def never(self) -> bool:
         return not (self.steps or self.minutes or self.epochs)
+
+
+def _positional(x: float) -> str:
+    """`x` in plain decimal digits, the fewest that read back as `x`: never in exponent form
+    ("1e+06"), whose "e" would read as epochs, and never rounded (":g" keeps 6 digits)."""
+    text = format(Decimal(repr(x)), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def cadence(cfg: Config, key: str) -> Cadence:

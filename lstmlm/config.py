@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
+import stat
 import sys
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
@@ -401,11 +403,14 @@ def from_dict(raw: Any) -> Config:
     return cfg
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes; a file this large is something else
+
+
 def load(path: str | Path) -> Config:
     """Read a TOML config file; every problem is a ConfigError naming the file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_config(path).decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -418,6 +423,20 @@ def load(path: str | Path) -> Config:
         return from_dict(raw)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def _read_config(path: Path) -> bytes:
+    """A config file's bytes: a regular file of at most MAX_CONFIG_BYTES. A FIFO would block,
+    and a device such as /dev/zero read until memory runs out; neither is read at all."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # O_NONBLOCK: opening a FIFO waits for no writer
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"config file {path} is not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config")
+    return data
 
 
 def from_json(text: str) -> Config:

@@ -9,6 +9,9 @@ import gzip
 import http.server
 import json
 import os
+import resource
+import subprocess
+import sys
 import tempfile
 import threading
 import urllib.parse
@@ -403,6 +406,18 @@ def assert_one_error_line(result: Result, *fragments: str, code: int = 1, during
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0]
+
+
+def lstmlm_process(*args: str | Path, timeout: float = 180.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m lstmlm ARGS` as a real process with 4 GiB of address space: a command that reads
+    without end fails instead of taking the machine, and one that waits fails the test (timeout)."""
+
+    def bounded() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    environment = {**os.environ, "LSTMLM_DEBUG": "0", **(env or {})}
+    command = [sys.executable, "-m", "lstmlm", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout, preexec_fn=bounded)
 
 
 # ---- shared checks and models ----------------------------------------------------------------------

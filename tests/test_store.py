@@ -50,7 +50,7 @@ def reference(paths: list[Path], mode: str) -> tuple[list[str], list[int]]:
     if mode == "bytes":
         data = b"".join(p.read_bytes() for p in paths)
         return [chr(b) for b in range(256)], list(data)
-    text = normalize("".join(read_text(p) for p in paths), mode)
+    text = normalize("".join(read_text(p, limit=1 << 30) for p in paths), mode)  # whole, however long
     vocab = Vocab.build(text, order="frequency" if mode == "d2l" else "codepoint")
     return vocab.tokens, vocab.encode(text).tolist()
 

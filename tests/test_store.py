@@ -11,6 +11,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,7 @@ from torch.utils._pytree import tree_flatten
 import lstmlm.data.store as store_mod
 from lstmlm.config import Config
 from lstmlm.data import cache
-from lstmlm.data.files import select
+from lstmlm.data.files import Selection, select
 from lstmlm.data.pipeline import prepare_data
 from lstmlm.data.store import encode_corpus, open_store
 from lstmlm.data.text import normalize, read_text
@@ -35,7 +36,7 @@ from lstmlm.runs import RunStore
 from lstmlm.train import Trainer
 from lstmlm.vocab import Vocab
 
-from conftest import assert_one_error_line, cli, synthetic_text
+from conftest import assert_one_error_line, cli, lstmlm_process, synthetic_text
 
 TEXTS = {
     "ascii": "The Time Traveller (for so it will be convenient to speak of him)\r\nwas expounding a recondite matter to us.\n\n",
@@ -362,6 +363,60 @@ def test_a_glob_selects_files_in_a_stable_order(tree: Path) -> None:
         "lib/blob.c", "lib/empty.h", "lib/latin1.c", "lib/util.c", "lib/util.h", "main.c",
     ]  # fmt: skip
     assert selection.many
+
+
+@pytest.fixture
+def looped(tmp_path: Path) -> Path:
+    """corpus/ with two files, two links back up the tree (self -> ., sub/up -> ..), a linked
+    folder outside it, a hard link and a symbolic link to its own files."""
+    corpus, outside = tmp_path / "corpus", tmp_path / "outside"
+    (corpus / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (corpus / "a.txt").write_text(synthetic_text(lines=30, seed=1), encoding="utf-8")
+    (corpus / "sub" / "b.txt").write_text(synthetic_text(lines=30, seed=2), encoding="utf-8")
+    (outside / "c.txt").write_text("never read\n", encoding="utf-8")
+    (corpus / "self").symlink_to(".")
+    (corpus / "sub" / "up").symlink_to("..")
+    (corpus / "elsewhere").symlink_to(outside)
+    os.link(corpus / "a.txt", corpus / "hard.txt")
+    (corpus / "link.txt").symlink_to("sub/b.txt")
+    return corpus
+
+
+def listed(source: str) -> Selection:
+    """select(source) in a thread: a listing that never ends fails the test instead of hanging it."""
+    done: list[Selection] = []
+    listing = threading.Thread(target=lambda: done.append(select(source)), daemon=True)
+    listing.start()
+    listing.join(timeout=60)
+    assert done, f"listing {source} did not end"
+    return done[0]
+
+
+@pytest.mark.parametrize("as_glob", [True, False])
+def test_linked_folders_are_not_entered_and_each_file_is_read_once(looped: Path, as_glob: bool) -> None:
+    selection = listed(str(looped / "**" / "*.txt") if as_glob else str(looped))
+    # by path: a.txt, hard.txt (a.txt again), link.txt (sub/b.txt, first met here), sub/b.txt (again)
+    assert [f.path.relative_to(looped).as_posix() for f in selection.files] == ["a.txt", "link.txt"]
+    assert selection.duplicates == 2
+    store = encode_corpus(selection, "raw").store
+    text = store.vocab.decode(store.ids)
+    assert text == (looped / "a.txt").read_text(encoding="utf-8") + (looped / "sub" / "b.txt").read_text(encoding="utf-8")
+
+
+def test_a_glob_through_two_loops_trains_on_each_file_once_and_says_so(looped: Path, runs_dir: Path) -> None:
+    """A real process: glob.glob listed self/sub/up/self/... until the path was too long (one
+    loop: 41 copies of each file) or for ever (two); the listing now ends at once."""
+    result = lstmlm_process("train", "--corpus", looped / "**" / "*.txt", "--runs-dir", runs_dir, "--hidden", "8", "--batch-size", "4",
+                            "--num-steps", "5", "--epochs", "1", "--device", "cpu", "--json", timeout=240)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "warning: skipped 2 path(s) to a file already read under another path (a hard or symbolic link): each file is read once"
+    ]
+    data = prepare_data(RunStore.open(runs_dir / "corpus-scratch").config)
+    assert data.vocab.decode(torch.cat([data.train, data.val])) == "".join(
+        (looped / name).read_text(encoding="utf-8") for name in ("a.txt", "sub/b.txt")
+    )
 
 
 def test_bad_files_are_skipped_each_named_with_the_count_at_the_end(tree: Path, runs_dir: Path) -> None:

@@ -151,20 +151,20 @@ def encode_corpus(
         if known is not None and (store := _cached(known.sha1, mode, vocab)) is not None:
             if strict and known.skipped:  # skipped when the store was made; refused now
                 raise CorpusError(_refusal(known.skipped[0]))
-            return Encoded(store, known.skipped, ())
+            return Encoded(store, known.skipped, selection.warnings)
         started = cache.now_ns()
         with Workers() as workers:
             scanned = _scan(selection, mode, strict, progress, workers)
             cache.write_index(signature, selection, cache.IndexEntry(scanned.sha1, scanned.skipped), started)
             if (store := _cached(scanned.sha1, mode, vocab)) is not None:
-                return Encoded(store, scanned.skipped, ())
+                return Encoded(store, scanned.skipped, selection.warnings)
             if scanned.length == 0:
                 raise CorpusError(f"corpus {selection.source} is empty after {mode} normalization")
             built = bytes_vocab() if mode == "bytes" else _vocab(scanned)
             target = vocab or built
             where = cache.store_path(scanned.sha1, mode, None if target == built else target)
             store, warnings = _write(scanned, target, where, progress, scratch, workers)
-        return Encoded(store, scanned.skipped, warnings)
+        return Encoded(store, scanned.skipped, selection.warnings + warnings)
 
 
 def _cached(sha1: str, mode: str, vocab: Vocab | None) -> TokenStore | None:

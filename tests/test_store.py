@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -194,6 +195,44 @@ def test_the_content_hash_is_the_files_sha1(tmp_path: Path) -> None:
     path.write_text(synthetic_text(), encoding="utf-8")
     data = prepare_data(Config().with_overrides({"corpus": str(path)}).resolved())
     assert data.source_sha1 == hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+APPENDER = """
+import sys, time
+with open(sys.argv[1], "a", encoding="utf-8") as log:
+    while True:
+        log.write(f"appended at {time.monotonic():.6f}\\n")
+        log.flush()
+        time.sleep(0.001)
+"""
+
+
+def test_a_file_that_grows_while_it_is_encoded_keys_its_store_by_the_bytes_encoded(tmp_path: Path, tiny_pieces: Any) -> None:
+    """A real writer process appends to the corpus all the while. The store's key was the
+    SHA-1 of the file as the hashing thread found it, longer than the part encoded, and every
+    later run on that content got the short store; it is now the SHA-1 of exactly the bytes
+    encoded (the file as listed), and a store made while a file changed is not kept."""
+    import hashlib
+
+    tiny_pieces(256)  # many pieces, encoded one by one in this process: the writer has time to write
+    path = tmp_path / "log.txt"
+    path.write_text(synthetic_text(lines=200, seed=3), encoding="utf-8")
+    writer = subprocess.Popen([sys.executable, "-c", APPENDER, str(path)])
+    try:
+        selection = select(str(path))
+        while path.stat().st_size == selection.files[0].size:  # it has grown since it was listed
+            time.sleep(0.01)
+        made = encode_corpus(selection, "raw")
+    finally:
+        writer.kill()
+        writer.wait()
+    encoded_bytes = made.store.vocab.decode(made.store.ids).encode("utf-8")
+    assert encoded_bytes == path.read_bytes()[: selection.files[0].size]  # the file as listed, then
+    assert made.store.source_sha1 == hashlib.sha1(encoded_bytes).hexdigest()  # keyed by exactly that
+    assert made.warnings == (f"corpus file {path} changed while it was read: its token store is not kept",)
+    again = encode_corpus(select(str(path)), "raw")  # the writer has stopped: the whole file, every time
+    assert again.store.source_sha1 == hashlib.sha1(path.read_bytes()).hexdigest()
+    assert again.store.vocab.decode(again.store.ids) == path.read_text(encoding="utf-8") and again.warnings == ()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "magic", "header"])

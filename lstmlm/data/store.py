@@ -15,7 +15,7 @@ the kernel drops them when memory is short.
 
 `encode_corpus` makes one, streaming: the corpus is cut into pieces (encode.py), scanned for
 its characters (one pass: counts per piece, merged into the vocabulary) while the parent
-hashes the files, then encoded into the file at each piece's offset — both passes on every
+hashes the files (each over the size it was listed at: exactly the bytes encoded), then encoded into the file at each piece's offset — both passes on every
 core, with a progress callback per stage. The file is written under a temporary name and
 renamed when complete. Where the cache cannot take it (a full disk, no permission), the
 store is made in a temporary file in `scratch` (unlinked once mapped), or for a small corpus
@@ -164,7 +164,31 @@ def encode_corpus(
             target = vocab or built
             where = cache.store_path(scanned.sha1, mode, None if target == built else target)
             store, warnings = _write(scanned, target, where, progress, scratch, workers)
+        if (changed := _changed(selection)) is not None:
+            store, warnings = _uncached(store), (*warnings, f"corpus file {changed} changed while it was read: its token store is not kept")
         return Encoded(store, scanned.skipped, selection.warnings + warnings)
+
+
+def _changed(selection: Selection) -> Path | None:
+    """A file whose size, modification time or inode is not what the listing saw, if any.
+    A file that only grew was encoded and hashed as listed (its first `size` bytes); one
+    rewritten in place meanwhile may have been hashed, scanned and encoded as different texts."""
+    for f in selection.files:
+        try:
+            st = os.stat(f.path)
+        except OSError:
+            return f.path
+        if (st.st_size, st.st_mtime_ns, st.st_ino) != (f.size, f.mtime_ns, f.inode):
+            return f.path
+    return None
+
+
+def _uncached(store: TokenStore) -> TokenStore:
+    """The store, taken out of the cache (the mapping keeps its data for this process)."""
+    if store.path is not None:
+        with contextlib.suppress(OSError):
+            store.path.unlink()
+    return TokenStore(store.vocab, store.ids, store.source_sha1, store.unknown, None)
 
 
 def _cached(sha1: str, mode: str, vocab: Vocab | None) -> TokenStore | None:
@@ -217,7 +241,7 @@ def _scan(selection: Selection, mode: str, strict: bool, progress: StageProgress
         hashing.join()
     missing = [selection.files[i].path for i in files if i not in digests]
     if missing:
-        raise CorpusError(f"cannot read corpus file {missing[0]}")
+        raise CorpusError(f"cannot read corpus file {missing[0]}, or it is shorter than when it was listed")
     if selection.many:
         sha1 = hashlib.sha1("".join(digests[i] for i in files).encode()).hexdigest()
     else:
@@ -247,12 +271,17 @@ def _empty(selection: Selection, strict: bool) -> dict[int, Skipped]:
 
 
 def _hash_files(files: list[CorpusFile], indices: list[int], digests: dict[int, str]) -> None:
+    """Each file's SHA-1 over exactly the bytes the pieces encode: its first `size` bytes, the
+    size it had when listed. A file that grows meanwhile (a log being written) keys the store
+    by what was encoded, not by bytes that were never read. A file now shorter gets no digest."""
     for i, f in zip(indices, files):
-        digest = hashlib.sha1()
+        digest, left = hashlib.sha1(), f.size
         with contextlib.suppress(OSError), open(f.path, "rb") as stream:  # a read error surfaces in the scan
-            while chunk := stream.read(1 << 18):
+            while left > 0 and (chunk := stream.read(min(1 << 18, left))):
                 digest.update(chunk)
-            digests[i] = digest.hexdigest()
+                left -= len(chunk)
+            if left == 0:
+                digests[i] = digest.hexdigest()
 
 
 def _problems(selection: Selection, problems: list[Problem], strict: bool) -> dict[int, Skipped]:

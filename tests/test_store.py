@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import lstmlm.data.encode as encode_mod
 import lstmlm.data.store as store_mod
 from lstmlm.config import Config
 from lstmlm.data import cache
@@ -235,19 +236,81 @@ def test_a_file_that_grows_while_it_is_encoded_keys_its_store_by_the_bytes_encod
     assert again.store.vocab.decode(again.store.ids) == path.read_text(encoding="utf-8") and again.warnings == ()
 
 
-@pytest.mark.parametrize("damage", ["truncate", "magic", "header"])
-def test_a_damaged_store_is_rebuilt(tmp_path: Path, damage: str) -> None:
+def ids_offset(stored: bytes) -> int:
+    """Where a store file's ids begin (its magic line says)."""
+    return int(stored[len(b"lstmlm-tokens 1 ") : 32])
+
+
+def damaged(stored: bytes, damage: str) -> bytes:
+    """A store file's bytes, damaged as a disk, a program or a person might."""
+    at = ids_offset(stored) + 100
+    return {
+        "truncate": stored[:-10],
+        "magic": b"x" + stored[1:],
+        "header": stored[:40] + b"{" + stored[41:],
+        "vocab": stored.replace(b'"vocab": ["<unk>", "\\n", " "', b'"vocab": ["<unk>", " ", "\\n"', 1),  # two symbols swapped: still a vocabulary
+        "ids in range": stored[:at] + stored[at + 1 : at + 9] + stored[at : at + 1] + stored[at + 9 :],  # ids moved: every one still valid
+        "ids out of range": stored[:at] + b"\xff" * 8 + stored[at + 8 :],
+    }[damage]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "magic", "header", "vocab", "ids in range", "ids out of range"])
+def test_a_damaged_store_is_made_again_with_one_warning(tmp_path: Path, damage: str) -> None:
     path = tmp_path / "corpus.txt"
     path.write_text(synthetic_text(), encoding="utf-8")
     first = encode_corpus(select(str(path)), "raw").store
     assert first.path is not None
     stored = first.path.read_bytes()
-    broken = {"truncate": stored[:-10], "magic": b"x" + stored[1:], "header": stored[:40] + b"{" + stored[41:]}[damage]
-    first.path.write_bytes(broken)
+    broken = damaged(stored, damage)
+    assert broken != stored
+    first.path.write_bytes(broken)  # a real write: the file's modification time moves
     assert open_store(first.path) is None
-    again = encode_corpus(select(str(path)), "raw").store
-    assert again.ids.tolist() == reference([path], "raw")[1]
-    assert first.path.read_bytes() == stored  # rebuilt in place
+    again = encode_corpus(select(str(path)), "raw")
+    assert again.store.ids.tolist() == reference([path], "raw")[1] and again.store.vocab == first.vocab
+    (warning,) = again.warnings
+    assert warning.startswith(f"the token store {first.path} was damaged (") and warning.endswith("): made again from the corpus")
+    assert first.path.read_bytes()[ids_offset(stored) :] == stored[ids_offset(stored) :]  # made again in place
+    assert encode_corpus(select(str(path)), "raw").warnings == ()  # once
+
+
+def test_a_store_corrupted_on_disk_trains_on_the_corpus_again_with_one_warning_line(tmp_path: Path, corpus_file: Path, runs_dir: Path) -> None:
+    """Ids changed on disk but still in range trained silently on garbage: now the training
+    says so in one line and trains on the corpus's own ids."""
+    args = ["train", "--corpus", corpus_file, "--normalize", "raw", "--runs-dir", runs_dir, "--hidden", "8", "--batch-size", "4",
+            "--num-steps", "5", "--epochs", "1", "--device", "cpu", "--json"]  # fmt: skip
+    assert cli(*args, "--run", "first").code == 0
+    (store_file,) = cache.encoded_dir().glob("*.tokens")
+    store_file.write_bytes(damaged(store_file.read_bytes(), "ids in range"))
+    result = cli(*args, "--run", "second")
+    assert result.code == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"warning: the token store {store_file} was damaged (block 1 of its 1 fails its checksum): made again from the corpus"
+    ]
+    data = prepare_data(RunStore.open(runs_dir / "second").config)
+    assert data.vocab.decode(torch.cat([data.train, data.val])) == corpus_file.read_text(encoding="utf-8")
+
+
+def test_an_untouched_store_is_sampled_and_one_written_to_is_checked_whole_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cost of trusting a store: an open reads SAMPLED_BLOCKS blocks, whatever its size,
+    unless the file was written to since it was made; then every block, once."""
+    monkeypatch.setattr(store_mod, "BLOCK_BYTES", 256)
+    path = tmp_path / "corpus.txt"
+    path.write_text(synthetic_text(), encoding="utf-8")  # some 3,000 ids: a dozen blocks
+    made = encode_corpus(select(str(path)), "raw").store
+    assert made.path is not None
+    checked: list[int] = []
+    real_crc_of = encode_mod.crc_of
+    monkeypatch.setattr(encode_mod, "crc_of", lambda f, offset, size: checked.append(offset) or real_crc_of(f, offset, size))
+    blocks = -(-len(made.ids) // 256)
+    assert blocks >= 10
+    assert open_store(made.path) is not None and len(checked) == store_mod.SAMPLED_BLOCKS
+    written = made.path.stat().st_mtime_ns
+    os.utime(made.path)  # a copy without -p, say: the contents are sound, the time is not the store's
+    checked.clear()
+    assert open_store(made.path) is not None and len(checked) == blocks  # every block, once
+    assert made.path.stat().st_mtime_ns == written
+    checked.clear()
+    assert open_store(made.path) is not None and len(checked) == store_mod.SAMPLED_BLOCKS
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs /proc")

@@ -33,7 +33,7 @@ from torch import nn
 
 from . import __version__
 from .atomic import write_atomic
-from .errors import ExportError
+from .errors import ExportError, WriteError
 from .lstm import GATES, Gates, cell, project
 from .model import CharLM, convert, scratch_layer
 from .vocab import Vocab
@@ -168,10 +168,21 @@ def write_onnx(step: OneStep, meta: dict[str, Any], path: Path) -> None:
 
 
 def write_torchscript(step: OneStep, meta: dict[str, Any], path: Path) -> None:
-    """A traced module (the step has no data-dependent control flow), metadata as an extra file."""
+    """A traced module (the step has no data-dependent control flow), metadata as an extra file.
+
+    Saved into memory, then written by Python: torch's own file writer, when a write fails
+    mid-file (a full $TMPDIR), throws from its destructor and aborts the process (exit 134),
+    so nothing — the staging directory included — is cleaned up and no error line is printed.
+    A model is a few MB; holding it once in memory costs nothing by comparison."""
     with quiet(), torch.no_grad():
         traced = torch.jit.trace(step, example_inputs(step, step.W_hq.shape[0]), check_trace=False)
-        torch.jit.save(traced, str(path), _extra_files={"lstmlm.json": json.dumps(meta)})
+        saved = io.BytesIO()
+        torch.jit.save(traced, saved, _extra_files={"lstmlm.json": json.dumps(meta)})
+    try:
+        with open(path, "wb") as f:
+            f.write(saved.getbuffer())
+    except OSError as e:
+        raise WriteError(f"cannot write the exported model {path}: {e.strerror or e}") from None
 
 
 # ---- reading an exported file back ------------------------------------------------------------

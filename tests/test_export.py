@@ -17,7 +17,7 @@ from lstmlm import export as export_mod
 from lstmlm.export import export_model, load_runtime, read_metadata
 from lstmlm.vocab import Vocab
 
-from conftest import assert_close, assert_one_error_line, cli, lively_model, synthetic_text
+from conftest import assert_close, assert_one_error_line, cli, fill, lively_model, lstmlm_process, synthetic_text
 
 VOCAB = Vocab.build(synthetic_text(), order="frequency")
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -118,3 +118,17 @@ def test_an_export_that_disagrees_with_lstmlm_is_not_kept(tiny_runs: Path, tmp_p
     assert_one_error_line(result, "the exported model's logits differ from lstmlm's", "nothing was written")
     assert target.read_bytes() == b"the previous export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_a_full_tmpdir_during_a_torchscript_export_is_one_line_and_leaves_nothing(tiny_runs: Path, small_disk: Path, tmp_path: Path) -> None:
+    """A real full filesystem as $TMPDIR, where the export is staged: torch's file writer threw
+    from its destructor and the process aborted (exit 134), its staging directory left behind."""
+    fill(small_disk, leave=8192)  # room for the staging directory, not for the model
+    before = sorted(p.name for p in small_disk.iterdir())
+    out = tmp_path / "model.pt"
+    result = lstmlm_process("export", "--run", "raw", "--runs-dir", tiny_runs, "--format", "torchscript", "-o", out, env={"TMPDIR": str(small_disk)})
+    assert result.returncode == 1, result.stderr
+    staged = rf"{re.escape(str(small_disk))}/lstmlm-export-\w+/model\.pt"
+    assert re.fullmatch(rf"error: cannot write the exported model {staged}: No space left on device\n", result.stderr), result.stderr
+    assert sorted(p.name for p in small_disk.iterdir()) == before  # the staging directory is gone
+    assert not out.exists()

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .atomic import write_atomic
+from .atomic import write_output
 from .errors import ExportError, WriteError
 from .lstm import GATES, Gates, cell, project
 from .model import CharLM, convert, scratch_layer
@@ -98,9 +98,12 @@ class Exported:
     max_difference: float  # the largest |logit difference| with lstmlm over the checked steps
 
 
-def export_model(model: CharLM, vocab: Vocab, normalize: str, prime: str, run: str, path: Path, format: str) -> Exported:
+def export_model(
+    model: CharLM, vocab: Vocab, normalize: str, prime: str, run: str, path: Path, format: str, force: bool = False
+) -> Exported:
     """Write `model`'s one step to `path` in `format`, checked against lstmlm before it is kept
-    (written atomically: an export that fails leaves nothing, or the file that was there)."""
+    (atomic.write_output: an export that fails leaves nothing, or the file that was there; an
+    existing file is replaced only with `force`)."""
     if format not in FORMATS:
         raise ExportError(f"unknown format {format!r} (choose onnx or torchscript)")
     step = OneStep(model).eval()
@@ -115,7 +118,7 @@ def export_model(model: CharLM, vocab: Vocab, normalize: str, prime: str, run: s
         if not difference <= TOLERANCE:
             raise ExportError(f"the exported model's logits differ from lstmlm's by {difference:.3g} (over {TOLERANCE:g}); nothing was written")
         data = staged.read_bytes()
-    write_atomic(Path(path), lambda f: f.write(data), "exported model")
+    write_output(Path(path), lambda f: f.write(data), "exported model", force)
     return Exported(Path(path), format, len(data), CHECK_STEPS, difference)
 
 

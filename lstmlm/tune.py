@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import config, distributed, session
-from .atomic import write_text_atomic
+from .atomic import check_output, write_text_output
 from .config import Config
 from .corpus import StageProgress
 from .errors import ConfigError, CorpusError, DeviceError, TrainingError, TuneError
@@ -415,10 +415,18 @@ def check_settings(study: Any, name: str, mine: dict[str, Any]) -> None:
 
 
 def run_study(
-    study: Study, trials: int, should_stop: Callable[[], bool] = lambda: False, output: Path | None = None
+    study: Study, trials: int, should_stop: Callable[[], bool] = lambda: False, output: Path | None = None, force: bool = False
 ) -> Generator[TuneEvent, None, None]:
     """Run `trials` trials (fewer if `should_stop()` says so), then write the study's best
-    trial's config to `output` (default: RUNS_DIR/STUDY-best.toml) and say how it stands."""
+    trial's config to `output` and say how it stands. The default, RUNS_DIR/STUDY-best.toml, is
+    the study's own, rewritten by each of its processes; an `output` given that exists is
+    replaced only with `force` (atomic.write_output's rule), refused here, before any trial."""
+    path = output or study.runs_dir / f"{study.name}-best.toml"
+    check_output(path, force or output is None)
+    return _run_study(study, trials, should_stop, path)
+
+
+def _run_study(study: Study, trials: int, should_stop: Callable[[], bool], path: Path) -> Generator[TuneEvent, None, None]:
     failures = 0
     for _ in range(trials):
         if should_stop():
@@ -429,11 +437,9 @@ def run_study(
         if failures >= FAILURES_IN_A_ROW:
             raise TuneError(f"{failures} trials in a row failed; the last: {ended.reason}")
     best = best_trial(study)
-    path = None
     if best is not None:
-        path = output or study.runs_dir / f"{study.name}-best.toml"
-        write_best(best, study, path)
-    yield StudyEnded("interrupted" if should_stop() else "trials", best, path, states(study))
+        write_best(best, study, path)  # allowed when the study began, which may be hours ago
+    yield StudyEnded("interrupted" if should_stop() else "trials", best, path if best is not None else None, states(study))
 
 
 def sample(study: Study, trial: optuna.Trial) -> dict[str, Any]:
@@ -595,7 +601,7 @@ def best_trial(study: Study) -> Best | None:
 
 def write_best(best: Best, study: Study, path: Path) -> None:
     header = f"lstmlm tune: trial {best.number} of study {study.name}, validation loss {best.val_loss:.4f} nats per token, run {best.run}"
-    write_text_atomic(path, best.config.to_toml(header), "best trial's config")
+    write_text_output(path, best.config.to_toml(header), "best trial's config", force=True)
 
 
 def states(study: Study) -> dict[str, int]:

@@ -178,6 +178,24 @@ def test_without_a_completed_trial_there_is_no_best_config(tune_args: list[str],
     assert not (runs_dir / "s-best.toml").exists()
 
 
+def test_an_output_given_is_refused_before_any_trial_unless_forced(tune_args: list[str], runs_dir: Path, tmp_path: Path) -> None:
+    """tune --output follows export -o's rule (atomic.write_output), checked before the first
+    trial: a study of hours does not end in a refusal. The default file is the study's own."""
+    mine = tmp_path / "best.toml"
+    mine.write_text("# my own recipe\n", encoding="utf-8")
+    assert_one_error_line(cli(*tune_args, "--trials", "1", "--output", mine), f"refusing to replace {mine}: it exists (--force replaces it)")
+    assert mine.read_text(encoding="utf-8") == "# my own recipe\n" and states(runs_dir) == []  # no trial ran
+    result = cli(*tune_args, "--trials", "1", "--output", mine, "--force")
+    assert result.code == 0, result.stderr
+    assert config.load(mine).to_dict() == load(runs_dir).best_trial.user_attrs["config"]
+    run = runs_dir / "s-trial-0"
+    result = cli(*tune_args, "--trials", "1", "--output", run / "best.toml", "--force")
+    assert_one_error_line(result, f"refusing to write {run / 'best.toml'}: {run} is a run's directory")
+    assert states(runs_dir) == ["COMPLETE"]
+    assert cli(*tune_args, "--trials", "0").code == 0 and cli(*tune_args, "--trials", "0").code == 0  # its own file: rewritten each time
+    assert (runs_dir / "s-best.toml").is_file()
+
+
 def test_without_optuna_the_command_is_a_one_line_hint(tune_args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna now raises ImportError
     assert_one_error_line(cli(*tune_args), "lstmlm tune needs Optuna: pip install 'lstmlm[tune]'")

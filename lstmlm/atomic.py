@@ -8,6 +8,19 @@ whatever the writer raised: torch's zip writer turns a failed write into a Runti
 A file that several processes fill at their own offsets (the token store) cannot be written
 through one callback; its writer makes the temporary file itself, in the destination's
 directory, and ends with `publish`, the same last step as `write_atomic`'s.
+
+A file a user names for a command's output (`export -o`, `inspect --html`, `tune --output`) is
+written by `write_output`, after `check_output` (the same rule, run before the work, so that a
+refusal comes first):
+
+    inside a run's directory         refused, --force or not: a run's files are its own
+    a FIFO, a character device       written through, never replaced (/dev/null stays /dev/null)
+    a directory, a socket, a block   refused
+    device
+    an existing regular file         refused without --force; with it, replaced atomically
+    nothing yet                      created atomically
+
+A symbolic link is followed: the file it names is the one judged, and replaced.
 """
 
 from __future__ import annotations
@@ -15,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -109,3 +123,79 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+# ---- a command's output, at a path the user chose ---------------------------------------------------
+
+RUN_FILES = ("config.json", "vocab.json")  # every run directory holds both from the moment it is made (runs.py)
+
+
+def check_output(path: Path, force: bool = False) -> Path:
+    """The file `path` names (symbolic links resolved), if a command may write its output there
+    (the table above); else a WriteError saying why."""
+    real = Path(os.path.realpath(path))
+    if all((real.parent / name).is_file() for name in RUN_FILES):
+        raise WriteError(f"refusing to write {path}: {real.parent} is a run's directory, whose files are the run's own; choose another path")
+    try:
+        mode = os.stat(real).st_mode
+    except FileNotFoundError:
+        return real
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
+    if stat.S_ISREG(mode) and not force:
+        raise WriteError(f"refusing to replace {path}: it exists (--force replaces it)")
+    if not (stat.S_ISREG(mode) or _written_through(mode)):
+        raise WriteError(f"refusing to write {path}: it is {_kind(mode)}, not a file")
+    return real
+
+
+def write_output(path: Path, write: Callable[[IO[bytes]], object], what: str = "file", force: bool = False) -> None:
+    """Write a command's output to the file the user named, by `check_output`'s rule: through a
+    FIFO or a character device, else atomically (`write_atomic`)."""
+    real = check_output(path, force)
+    fd = _open_through(real, path, what)
+    if fd is None:
+        write_atomic(real, write, what)
+        return
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+    except LstmlmError:
+        raise
+    except Exception as e:
+        raise WriteError(f"cannot write the {what} {path}: {_reason(e)}") from None
+
+
+def write_text_output(path: Path, text: str, what: str = "file", force: bool = False) -> None:
+    write_output(path, lambda f: f.write(text.encode("utf-8")), what, force)
+
+
+def _open_through(real: Path, path: Path, what: str) -> int | None:
+    """A descriptor to write through, where `real` is a FIFO or a character device (opening a
+    FIFO waits for its reader, as a shell's redirection does); None for a file to write anew."""
+    try:
+        if not _written_through(os.stat(real).st_mode):
+            return None
+        fd = os.open(real, os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)  # no O_CREAT, no O_TRUNC: it is not ours to make or cut
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise WriteError(f"cannot write the {what} {path}: {e.strerror or e}") from None
+    if not _written_through(os.fstat(fd).st_mode):  # replaced since: judged again as what it is now
+        os.close(fd)
+        raise WriteError(f"refusing to write {path}: it changed while it was opened")
+    return fd
+
+
+def _written_through(mode: int) -> bool:
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"

@@ -10,9 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
+import stat
 import sys
 from dataclasses import dataclass, field, fields
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast, get_args, get_type_hints
 
@@ -242,14 +245,22 @@ class Cadence:
         return cls(steps, minutes, epochs)
 
     def __str__(self) -> str:
+        """The canonical written form, which `parse` reads back to this same cadence."""
         parts = ([str(self.steps)] if self.steps else []) + ([f"{self.epochs}e"] if self.epochs else [])
         if self.minutes:
-            parts.append(f"{self.minutes:g}m")
+            parts.append(f"{_positional(self.minutes)}m")
         return ",".join(parts) or "0"
 
     @property
     def never(self) -> bool:
         return not (self.steps or self.minutes or self.epochs)
+
+
+def _positional(x: float) -> str:
+    """`x` in plain decimal digits, the fewest that read back as `x`: never in exponent form
+    ("1e+06"), whose "e" would read as epochs, and never rounded (":g" keeps 6 digits)."""
+    text = format(Decimal(repr(x)), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def cadence(cfg: Config, key: str) -> Cadence:
@@ -414,11 +425,14 @@ def from_dict(raw: Any) -> Config:
     return cfg
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes; a file this large is something else
+
+
 def load(path: str | Path) -> Config:
     """Read a TOML config file; every problem is a ConfigError naming the file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_config(path).decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -431,6 +445,20 @@ def load(path: str | Path) -> Config:
         return from_dict(raw)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def _read_config(path: Path) -> bytes:
+    """A config file's bytes: a regular file of at most MAX_CONFIG_BYTES. A FIFO would block,
+    and a device such as /dev/zero read until memory runs out; neither is read at all."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # O_NONBLOCK: opening a FIFO waits for no writer
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"config file {path} is not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config")
+    return data
 
 
 def from_json(text: str) -> Config:

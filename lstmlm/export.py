@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from . import __version__
-from .atomic import write_atomic
+from .atomic import write_output
 from .cells.base import Cell, State, project
-from .errors import ExportError
+from .errors import ExportError, WriteError
 from .model import CharLM, convert, scratch_layer
 from .vocab import Vocab
 
@@ -119,9 +119,12 @@ class Exported:
     max_difference: float  # the largest |logit difference| with lstmlm over the checked steps
 
 
-def export_model(model: CharLM, vocab: Vocab, normalize: str, prime: str, run: str, path: Path, format: str) -> Exported:
+def export_model(
+    model: CharLM, vocab: Vocab, normalize: str, prime: str, run: str, path: Path, format: str, force: bool = False
+) -> Exported:
     """Write `model`'s one step to `path` in `format`, checked against lstmlm before it is kept
-    (written atomically: an export that fails leaves nothing, or the file that was there)."""
+    (atomic.write_output: an export that fails leaves nothing, or the file that was there; an
+    existing file is replaced only with `force`)."""
     if format not in FORMATS:
         raise ExportError(f"unknown format {format!r} (choose onnx or torchscript)")
     step = one_step(model).eval()
@@ -136,7 +139,7 @@ def export_model(model: CharLM, vocab: Vocab, normalize: str, prime: str, run: s
         if not difference <= TOLERANCE:
             raise ExportError(f"the exported model's logits differ from lstmlm's by {difference:.3g} (over {TOLERANCE:g}); nothing was written")
         data = staged.read_bytes()
-    write_atomic(Path(path), lambda f: f.write(data), "exported model")
+    write_output(Path(path), lambda f: f.write(data), "exported model", force)
     return Exported(Path(path), format, len(data), CHECK_STEPS, difference)
 
 
@@ -189,10 +192,21 @@ def write_onnx(step: OneStep, meta: dict[str, Any], path: Path) -> None:
 
 
 def write_torchscript(step: OneStep, meta: dict[str, Any], path: Path) -> None:
-    """A traced module (the step has no data-dependent control flow), metadata as an extra file."""
+    """A traced module (the step has no data-dependent control flow), metadata as an extra file.
+
+    Saved into memory, then written by Python: torch's own file writer, when a write fails
+    mid-file (a full $TMPDIR), throws from its destructor and aborts the process (exit 134),
+    so nothing — the staging directory included — is cleaned up and no error line is printed.
+    A model is a few MB; holding it once in memory costs nothing by comparison."""
     with quiet(), torch.no_grad():
         traced = torch.jit.trace(step, example_inputs(step, step.W_hq.shape[0]), check_trace=False)
-        torch.jit.save(traced, str(path), _extra_files={"lstmlm.json": json.dumps(meta)})
+        saved = io.BytesIO()
+        torch.jit.save(traced, saved, _extra_files={"lstmlm.json": json.dumps(meta)})
+    try:
+        with open(path, "wb") as f:
+            f.write(saved.getbuffer())
+    except OSError as e:
+        raise WriteError(f"cannot write the exported model {path}: {e.strerror or e}") from None
 
 
 # ---- reading an exported file back ------------------------------------------------------------

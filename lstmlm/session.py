@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, get_args
 import torch
 
 from . import checkpoint, config, distributed
-from .atomic import write_text_atomic
+from .atomic import check_output, write_text_output
 from .bench import measure_training
 from .config import Config
 from .corpus import StageProgress
@@ -538,11 +538,15 @@ def inspect_run(
     top: int = 3,
     best: bool = False,
     html: Path | None = None,
+    force: bool = False,
 ) -> InspectedRun:
     """A text (given, or read from `file`) read through a trained model, the units to show
-    chosen; with `html`, the whole analysis also written as a page there."""
+    chosen; with `html`, the whole analysis also written as a page there (atomic.write_output's
+    rule: an existing file only with `force`)."""
     if (text is None) == (file is None):
         raise ConfigError("give the text with exactly one of --text or --file")
+    if html is not None:
+        check_output(html, force)  # refused before the work, not after
     trained = load_trained(runs_dir, run, best=best)
     given = text if text is not None else read_text(file)  # type: ignore[arg-type]
     inspection = inspect_text(trained.model, trained.vocab, trained.config.data.normalize, given, gate, layer, units, find, top)
@@ -551,17 +555,18 @@ def inspect_run(
 
         ranking = inspection.ranking[: max(top, 10)]
         page = html_page(inspection.layers, inspection.text, f"lstmlm inspect · {trained.store.name}", find, inspection.gate.name, ranking)
-        write_text_atomic(html, page, "page")
+        write_text_output(html, page, "page", force)
     return InspectedRun(trained.store.name, inspection)
 
 
-def export_run(runs_dir: Path, run: str | None, format: str, output: Path | None = None, best: bool = False) -> Exported:
+def export_run(runs_dir: Path, run: str | None, format: str, output: Path | None = None, best: bool = False, force: bool = False) -> Exported:
     """A trained run's one-step model written to `output` (default: RUN.onnx or RUN.pt here),
-    checked against lstmlm first."""
+    checked against lstmlm first (atomic.write_output's rule: an existing file only with `force`)."""
     from .export import FORMATS, SUFFIXES, export_model
 
     if format not in FORMATS:
         raise ConfigError(f"--format must be onnx or torchscript, not {format!r}")
     trained = load_trained(runs_dir, run, best=best)
     path = output if output is not None else Path(trained.store.name + SUFFIXES[format])
-    return export_model(trained.model, trained.vocab, trained.config.data.normalize, trained.prime, trained.store.name, path, format)
+    check_output(path, force)  # refused before the export, not after
+    return export_model(trained.model, trained.vocab, trained.config.data.normalize, trained.prime, trained.store.name, path, format, force)

@@ -24,11 +24,15 @@ the next process to ask for one after GRACE_S.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import re
 import shlex
+import sqlite3
 import time
+import urllib.parse
 import warnings
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, fields
@@ -36,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import config, distributed, session
-from .atomic import write_text_atomic
+from .atomic import check_output, write_text_output
 from .config import Config
 from .corpus import StageProgress
 from .errors import ConfigError, CorpusError, DeviceError, TrainingError, TuneError
@@ -244,7 +248,7 @@ def open_study(setup: Setup, progress: StageProgress | None = None) -> Study:
     base = session.prepare_training(setup.runs_dir, None, setup.overrides, setup.config_file, default_recipe=False, progress=progress)
     if len(base.data.val) < 2:
         raise ConfigError("tune compares trials by their validation loss, and this corpus has no validation text: give --val-fraction or --split")
-    created = not _exists(storage, name)
+    created = not _exists(storage, name, shown)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # multivariate TPE and the constant liar (experimental in Optuna 3)
         sampler = optuna.samplers.TPESampler(multivariate=True, constant_liar=True)
@@ -271,34 +275,92 @@ def default_storage(runs_dir: Path, name: str) -> str:
 def open_storage(url: str) -> Any:
     """Optuna's RDB storage at `url`, or a TuneError in one line. SQLite waits for another
     process's write (its lock) instead of failing at once; other databases check a pooled
-    connection before using it, since a trial can leave one idle for longer than a server keeps it."""
+    connection before using it, since a trial can leave one idle for longer than a server keeps it.
+    A SQLite database in memory is refused (the study would end with this process, unseen by any
+    other), and so is a SQLite file of another program (Optuna would add its tables to it)."""
     optuna = require_optuna()
+    shown = hide_password(url)
+    check_sqlite(url, shown)
     engine: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat's arguments
             return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
     except Exception as e:  # SQLAlchemy's and the drivers' errors: a bad URL, a missing driver, no server, no such file
-        raise TuneError(f"cannot open the study storage {hide_password(url)}: {_reason(e)}") from None
+        raise TuneError(f"cannot open the study storage {shown}: {_reason(e).replace(url, shown)}") from None
+
+
+def check_sqlite(url: str, shown: str) -> None:
+    """Refuse a SQLite URL whose database is in memory, or a file that holds tables, none of them
+    Optuna's (its `version_info`): another program's database. Other URLs pass unchecked."""
+    database = _sqlite_database(url)
+    if database is None:
+        return
+    if database == "":
+        raise TuneError(
+            f"the study storage {shown} is a database in memory: the study would end with this process and no other could join it; "
+            "give a file (sqlite:///tune.db), or no --storage for RUNS_DIR/tune-STUDY.db"
+        )
+    tables = _sqlite_tables(database)
+    if tables and "version_info" not in tables:
+        listed = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        raise TuneError(f"the study storage {shown} is a database of another program (its tables: {listed}): give lstmlm tune a --storage of its own")
+
+
+def _sqlite_database(url: str) -> str | None:
+    """The file a SQLite URL names; "" for a database in memory; None for any other URL."""
+    from sqlalchemy.engine import make_url  # Optuna's own dependency
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # not a URL: opening it says so
+        return None
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database or ""
+    return "" if database == ":memory:" or parsed.query.get("mode") == "memory" else database
+
+
+def _sqlite_tables(path: str) -> set[str]:
+    """The tables of an existing SQLite file (none for a missing file, or one that is not SQLite:
+    opening it reports that)."""
+    if not os.path.isfile(path):
+        return set()
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro", uri=True)) as db:
+            return {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error:
+        return set()
+
+
+# A URL's query string may carry a password too (?password=, &sslpassword=, &token=, ...).
+_SECRET_PARAMETER = re.compile(r"([?&][^=&#]*(?:pass|pwd|secret|token|key)[^=&#]*=)[^&#]*", re.IGNORECASE)
 
 
 def hide_password(url: str) -> str:
-    """`url` with the password of user:password@ shown as ***."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    """`url` with the password of user:password@, and any query parameter named like a secret,
+    shown as ***."""
+    return _SECRET_PARAMETER.sub(r"\1***", re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url))
 
 
 def _reason(e: BaseException) -> str:
-    """SQLAlchemy's message in one line, without its statement and its link to the docs."""
+    """SQLAlchemy's message in one line, without its statement and its link to the docs; the
+    cause's, where Optuna wrapped it in its own ("An exception is raised during the commit")."""
+    e = e.__cause__ or e
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     first = re.sub(r"\s*\(Background on this error at: [^)]*\)", "", first)
     return re.sub(r"^\([\w.]+\)\s*", "", first)[:300] or type(e).__name__
 
 
-def _exists(storage: Any, name: str) -> bool:
+def _exists(storage: Any, name: str, shown: str) -> bool:
+    """Whether the storage holds the study: the first read of its tables, where a database of
+    another schema fails (Optuna then says only that a commit failed: its cause says why)."""
     try:
         storage.get_study_id_from_name(name)
     except KeyError:
         return False
+    except Exception as e:
+        raise TuneError(f"cannot read the studies in {shown}: {_reason(e)}; is it a storage of lstmlm tune? give it a --storage of its own") from None
     return True
 
 
@@ -353,10 +415,18 @@ def check_settings(study: Any, name: str, mine: dict[str, Any]) -> None:
 
 
 def run_study(
-    study: Study, trials: int, should_stop: Callable[[], bool] = lambda: False, output: Path | None = None
+    study: Study, trials: int, should_stop: Callable[[], bool] = lambda: False, output: Path | None = None, force: bool = False
 ) -> Generator[TuneEvent, None, None]:
     """Run `trials` trials (fewer if `should_stop()` says so), then write the study's best
-    trial's config to `output` (default: RUNS_DIR/STUDY-best.toml) and say how it stands."""
+    trial's config to `output` and say how it stands. The default, RUNS_DIR/STUDY-best.toml, is
+    the study's own, rewritten by each of its processes; an `output` given that exists is
+    replaced only with `force` (atomic.write_output's rule), refused here, before any trial."""
+    path = output or study.runs_dir / f"{study.name}-best.toml"
+    check_output(path, force or output is None)
+    return _run_study(study, trials, should_stop, path)
+
+
+def _run_study(study: Study, trials: int, should_stop: Callable[[], bool], path: Path) -> Generator[TuneEvent, None, None]:
     failures = 0
     for _ in range(trials):
         if should_stop():
@@ -367,11 +437,9 @@ def run_study(
         if failures >= FAILURES_IN_A_ROW:
             raise TuneError(f"{failures} trials in a row failed; the last: {ended.reason}")
     best = best_trial(study)
-    path = None
     if best is not None:
-        path = output or study.runs_dir / f"{study.name}-best.toml"
-        write_best(best, study, path)
-    yield StudyEnded("interrupted" if should_stop() else "trials", best, path, states(study))
+        write_best(best, study, path)  # allowed when the study began, which may be hours ago
+    yield StudyEnded("interrupted" if should_stop() else "trials", best, path if best is not None else None, states(study))
 
 
 def sample(study: Study, trial: optuna.Trial) -> dict[str, Any]:
@@ -533,7 +601,7 @@ def best_trial(study: Study) -> Best | None:
 
 def write_best(best: Best, study: Study, path: Path) -> None:
     header = f"lstmlm tune: trial {best.number} of study {study.name}, validation loss {best.val_loss:.4f} nats per token, run {best.run}"
-    write_text_atomic(path, best.config.to_toml(header), "best trial's config")
+    write_text_output(path, best.config.to_toml(header), "best trial's config", force=True)
 
 
 def states(study: Study) -> dict[str, int]:

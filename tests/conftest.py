@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import functools
 import gzip
 import http.server
 import json
 import os
+import resource
+import subprocess
+import sys
 import tempfile
 import threading
 import urllib.parse
@@ -407,6 +411,50 @@ def assert_one_error_line(result: Result, *fragments: str, code: int = 1, during
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0]
+
+
+def lstmlm_process(*args: str | Path, timeout: float = 180.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m lstmlm ARGS` as a real process with 4 GiB of address space: a command that reads
+    without end fails instead of taking the machine, and one that waits fails the test (timeout)."""
+
+    def bounded() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    environment = {**os.environ, "LSTMLM_DEBUG": "0", **(env or {})}
+    command = [sys.executable, "-m", "lstmlm", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout, preexec_fn=bounded)
+
+
+# ---- a real full disk ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB filesystem (tmpfs) mounted in tmp_path; needs root and mount."""
+    mountpoint = tmp_path / "disk"
+    mountpoint.mkdir()
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"cannot mount a filesystem here: {e}")
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a filesystem here (needs root): {done.stderr.decode().strip()}")
+    yield mountpoint
+    subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, timeout=30)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Write until the filesystem says it is full, then give back `leave` bytes; the filler file,
+    to delete to make room again."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+        f.truncate(f.tell() - leave)
+    return filler
 
 
 # ---- shared checks and models ----------------------------------------------------------------------

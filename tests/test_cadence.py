@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
 import lstmlm.train as train_mod
 from lstmlm import config
@@ -38,6 +40,8 @@ MakeTrainer = Callable[..., Trainer]
         ("1e,10m", 0, 10.0, 1, "1e,10m"),
         ("10m, 500, 3e", 500, 10.0, 3, "500,3e,10m"),
         (0, 0, 0.0, 0, "0"),
+        ("1000000m", 0, 1e6, 0, "1000000m"),  # ":g" wrote 1e+06m, which reads as "1e" and then garbage
+        ("1.23456789m", 0, 1.23456789, 0, "1.23456789m"),  # and 1.23457m, another cadence
     ],
 )
 def test_a_cadence_is_steps_minutes_epochs_or_several(written: Any, steps: int, minutes: float, epochs: int, canonical: str) -> None:
@@ -45,6 +49,18 @@ def test_a_cadence_is_steps_minutes_epochs_or_several(written: Any, steps: int, 
     assert (cadence.steps, cadence.minutes, cadence.epochs) == (steps, minutes, epochs)
     assert str(cadence) == canonical and Cadence.parse(canonical) == cadence
     assert Config().with_overrides({"checkpoint_every": written}).train.checkpoint_every == canonical
+
+
+@given(
+    st.integers(0, 2**63 - 1),
+    st.floats(min_value=0.0, allow_nan=False, allow_infinity=False),
+    st.integers(0, 2**63 - 1),
+)
+def test_every_cadence_reads_back_from_its_written_form(steps: int, minutes: float, epochs: int) -> None:
+    cadence = Cadence(steps, minutes, epochs)
+    assert Cadence.parse(str(cadence)) == cadence
+    stored = Config().with_overrides({"eval_every": str(cadence)}).train.eval_every  # a config keeps the written form
+    assert stored == str(cadence) and Cadence.parse(stored) == cadence
 
 
 @pytest.mark.parametrize("written", ["-5", "ten", "1.5", "1.5e", "5s", "1e,", "", True, "1e10m"])

@@ -3,6 +3,7 @@ with a validation split; a known corpus may bring its own mode and split. And th
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from lstmlm import config
 from lstmlm.config import Config, parse_split
 from lstmlm.errors import ConfigError
 
-from conftest import CONFIGS, assert_one_error_line, cli
+from conftest import CONFIGS, assert_one_error_line, cli, lstmlm_process
 
 SEED = ("d2l", 10_000, 0.0, "")
 
@@ -148,3 +149,28 @@ def test_a_config_written_as_toml_reads_back_the_same(cfg: Config, tmp_path: Pat
     path.write_text(cfg.to_toml("a header\nof two lines"), encoding="utf-8")
     assert config.load(path) == cfg
     assert path.read_text(encoding="utf-8").startswith("# a header\n# of two lines\n\n[data]\n")
+
+
+# ---- reading a config file: only a regular file, and only so much of it ---------------------------
+
+
+def test_a_config_that_is_a_device_or_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "config.fifo"
+    os.mkfifo(fifo)  # nobody writes: opening it to read would wait for ever
+    for path in (Path("/dev/zero"), fifo):
+        result = lstmlm_process("train", "--config", path, "--runs-dir", tmp_path / "runs")
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.strip() == f"error: config file {path} is not a regular file", result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_config_over_a_mebibyte_is_refused_and_a_directory_is_not_read(tmp_path: Path) -> None:
+    big = tmp_path / "big.toml"
+    big.write_text("[train]\nepochs = 3\n" + "#" * (1 << 20) + "\n", encoding="utf-8")  # valid TOML, a comment of 1 MiB
+    with pytest.raises(ConfigError, match=rf"^config file {re.escape(str(big))} is larger than 1 MiB: not a config$"):
+        config.load(big)
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        config.load(tmp_path)
+    fits = tmp_path / "fits.toml"
+    fits.write_text("[train]\nepochs = 3\n" + "#" * ((1 << 20) - 64) + "\n", encoding="utf-8")
+    assert config.load(fits).train.epochs == 3

@@ -5,8 +5,12 @@ and a failed export leaves nothing behind."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import stat
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +21,7 @@ from lstmlm import export as export_mod
 from lstmlm.export import export_model, load_runtime, read_metadata
 from lstmlm.vocab import Vocab
 
-from conftest import assert_close, assert_one_error_line, cli, lively_model, synthetic_text
+from conftest import assert_close, assert_one_error_line, cli, fill, lively_model, lstmlm_process, synthetic_text
 
 VOCAB = Vocab.build(synthetic_text(), order="frequency")
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -114,7 +118,93 @@ def test_an_export_that_disagrees_with_lstmlm_is_not_kept(tiny_runs: Path, tmp_p
     target = tmp_path / "model.pt"
     target.write_bytes(b"the previous export")
     monkeypatch.setattr(export_mod, "TOLERANCE", -1.0)  # no difference is small enough now
-    result = cli("export", "--run", "raw", "--runs-dir", tiny_runs, "--format", "torchscript", "-o", target)
+    result = cli("export", "--run", "raw", "--runs-dir", tiny_runs, "--format", "torchscript", "-o", target, "--force")
     assert_one_error_line(result, "the exported model's logits differ from lstmlm's", "nothing was written")
     assert target.read_bytes() == b"the previous export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_a_full_tmpdir_during_a_torchscript_export_is_one_line_and_leaves_nothing(tiny_runs: Path, small_disk: Path, tmp_path: Path) -> None:
+    """A real full filesystem as $TMPDIR, where the export is staged: torch's file writer threw
+    from its destructor and the process aborted (exit 134), its staging directory left behind."""
+    fill(small_disk, leave=8192)  # room for the staging directory, not for the model
+    before = sorted(p.name for p in small_disk.iterdir())
+    out = tmp_path / "model.pt"
+    result = lstmlm_process("export", "--run", "raw", "--runs-dir", tiny_runs, "--format", "torchscript", "-o", out, env={"TMPDIR": str(small_disk)})
+    assert result.returncode == 1, result.stderr
+    staged = rf"{re.escape(str(small_disk))}/lstmlm-export-\w+/model\.pt"
+    assert re.fullmatch(rf"error: cannot write the exported model {staged}: No space left on device\n", result.stderr), result.stderr
+    assert sorted(p.name for p in small_disk.iterdir()) == before  # the staging directory is gone
+    assert not out.exists()
+
+
+# ---- where an export may go: export -o, and the same rule for inspect --html and tune --output ------
+
+
+def null_device(where: Path) -> Path:
+    """A character device node like /dev/null (major 1, minor 3), made here: if a regression
+    replaced it, the machine's own /dev/null would be spared. Needs root (mknod)."""
+    node = where / "null"
+    try:
+        os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("making a device node needs root")
+    return node
+
+
+def is_null_device(path: Path) -> bool:
+    st = path.stat()
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+
+
+def test_an_export_to_a_device_or_a_fifo_is_written_through_never_replaced(tiny_runs: Path, tmp_path: Path) -> None:
+    """As root, `export -o /dev/null` renamed a regular file over /dev/null; a FIFO became a file."""
+    null = null_device(tmp_path)
+    result = cli("export", "--run", "raw", "--runs-dir", tiny_runs, "--format", "torchscript", "-o", null)
+    assert result.code == 0, result.stderr
+    assert is_null_device(null) and sorted(p.name for p in tmp_path.iterdir()) == ["null"]  # no temporary beside it either
+    fifo = tmp_path / "model.fifo"
+    os.mkfifo(fifo)
+    received = tmp_path / "received.onnx"
+    reader = threading.Thread(target=lambda: received.write_bytes(fifo.read_bytes()), daemon=True)  # waits for the writer
+    reader.start()
+    result = cli("export", "--run", "raw", "--runs-dir", tiny_runs, "-o", fifo)
+    assert result.code == 0, result.stderr
+    reader.join(timeout=60)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)  # still a FIFO
+    assert read_metadata(received, "onnx")["run"] == "raw"  # and what went through it is the export
+
+
+def test_an_existing_file_is_replaced_only_with_force_and_a_runs_file_never(tiny_runs: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_runs / "raw", runs / "raw")  # a run of its own: a regression must not damage the shared one
+    export = ["export", "--run", "raw", "--runs-dir", runs, "--format", "torchscript"]
+    mine = tmp_path / "mine.pt"
+    mine.write_bytes(b"a file I care about")
+    assert_one_error_line(cli(*export, "-o", mine), f"refusing to replace {mine}: it exists (--force replaces it)")
+    assert mine.read_bytes() == b"a file I care about"
+    assert cli(*export, "-o", mine, "--force").code == 0
+    assert read_metadata(mine, "torchscript")["run"] == "raw"
+
+    checkpoints = {name: (runs / "raw" / name).read_bytes() for name in ("latest.pt", "best.pt")}
+    (tmp_path / "link.pt").symlink_to(runs / "raw" / "best.pt")
+    for target in (runs / "raw" / "latest.pt", runs / "raw" / "model.pt", tmp_path / "link.pt"):
+        result = cli(*export, "-o", target, "--force")
+        assert_one_error_line(result, f"refusing to write {target}: {runs / 'raw'} is a run's directory, whose files are the run's own")
+    assert {name: (runs / "raw" / name).read_bytes() for name in checkpoints} == checkpoints
+    assert not (runs / "raw" / "model.pt").exists() and (tmp_path / "link.pt").is_symlink()
+    assert_one_error_line(cli(*export, "-o", tmp_path), f"refusing to write {tmp_path}: it is a directory, not a file")
+
+
+def test_inspect_html_follows_the_same_rule(tiny_runs: Path, tmp_path: Path) -> None:
+    inspect = ["inspect", "--run", "raw", "--runs-dir", tiny_runs, "--text", "the time"]
+    page = tmp_path / "page.html"
+    page.write_text("my own page", encoding="utf-8")
+    assert_one_error_line(cli(*inspect, "--html", page), f"refusing to replace {page}: it exists (--force replaces it)")
+    assert page.read_text(encoding="utf-8") == "my own page"
+    assert cli(*inspect, "--html", page, "--force").code == 0
+    assert page.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    null = null_device(tmp_path)
+    assert cli(*inspect, "--html", null).code == 0 and is_null_device(null)
+    result = cli(*inspect, "--html", tiny_runs / "raw" / "page.html")
+    assert_one_error_line(result, f"{tiny_runs / 'raw'} is a run's directory, whose files are the run's own")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html.parser
 import json
+import os
 import random
 import re
 from collections.abc import Iterator
@@ -15,12 +16,13 @@ import pytest
 import torch
 
 from lstmlm import cells, units, units_page
+from lstmlm.data.text import MAX_TEXT_BYTES
 from lstmlm.errors import InspectError
 from lstmlm.model import CharLM
 from lstmlm.session import load_trained
 from lstmlm.vocab import Vocab
 
-from conftest import cli
+from conftest import cli, lstmlm_process
 
 QUOTE = r'"[^"]*"'
 
@@ -205,6 +207,29 @@ def test_inspect_refuses_bad_options_in_one_line(quote_run: tuple[Path, str]) ->
         result = cli(*base + args)
         assert result.code == 1, (args, result.stdout + result.stderr)
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_inspect_reads_a_regular_file_only_and_only_so_much(quote_run: tuple[Path, str], tmp_path: Path) -> None:
+    """A real process each, its memory bounded: /dev/zero and a FIFO nobody writes are refused
+    at once (they were read until memory ran out, or waited for ever); a text longer than
+    --text could carry is refused; one just within the bound is inspected."""
+    runs_dir, run = quote_run
+    fifo = tmp_path / "text.fifo"
+    os.mkfifo(fifo)
+    long = tmp_path / "long.txt"
+    long.write_text("ab cd " * (MAX_TEXT_BYTES // 6 + 1), encoding="utf-8")
+    for path, message in [
+        (Path("/dev/zero"), "/dev/zero is not a regular file"),
+        (fifo, f"{fifo} is not a regular file"),
+        (long, f"{long} is too long to read whole (over {MAX_TEXT_BYTES:,} bytes)"),
+    ]:
+        result = lstmlm_process("inspect", "--run", run, "--runs-dir", runs_dir, "--file", path)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    short = tmp_path / "short.txt"
+    short.write_text('a "quote" here\n', encoding="utf-8")
+    assert cli("inspect", "--run", run, "--runs-dir", str(runs_dir), "--file", str(short)).code == 0
 
 
 # ---- saturation -----------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ stdout; resuming and the reference runs happen in-process, which is faster.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import math
@@ -29,7 +28,7 @@ import torch
 
 from lstmlm.checkpoint import load_checkpoint
 
-from conftest import assert_one_error_line, cli
+from conftest import assert_one_error_line, cli, fill
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -311,35 +310,6 @@ def test_kill_9_at_random_moments(started: Any, env: dict[str, str], corpus_file
 
 
 # ---- a real full disk ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Any:
-    """A real 1 MiB filesystem (tmpfs) mounted in tmp_path; needs root and mount."""
-    mountpoint = tmp_path / "disk"
-    mountpoint.mkdir()
-    try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)], capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        pytest.skip(f"cannot mount a filesystem here: {e}")
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a filesystem here (needs root): {done.stderr.decode().strip()}")
-    yield mountpoint
-    subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, timeout=30)
-
-
-def fill(disk: Path, leave: int) -> Path:
-    """Write until the filesystem says it is full, then give back `leave` bytes; the filler file,
-    to delete to make room again."""
-    filler = disk / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError as e:
-            assert e.errno == errno.ENOSPC, e
-        f.truncate(f.tell() - leave)
-    return filler
 
 
 def assert_full_disk_kept_the_run(result: Any, run: Path, before: dict[str, bytes], reason: str) -> None:

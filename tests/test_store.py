@@ -11,6 +11,8 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
+import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -23,10 +25,11 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import lstmlm.data.encode as encode_mod
 import lstmlm.data.store as store_mod
 from lstmlm.config import Config
 from lstmlm.data import cache
-from lstmlm.data.files import select
+from lstmlm.data.files import Selection, select
 from lstmlm.data.pipeline import prepare_data
 from lstmlm.data.store import encode_corpus, open_store
 from lstmlm.data.text import normalize, read_text
@@ -35,7 +38,7 @@ from lstmlm.runs import RunStore
 from lstmlm.train import Trainer
 from lstmlm.vocab import Vocab
 
-from conftest import assert_one_error_line, cli, synthetic_text
+from conftest import assert_one_error_line, cli, lstmlm_process, synthetic_text
 
 TEXTS = {
     "ascii": "The Time Traveller (for so it will be convenient to speak of him)\r\nwas expounding a recondite matter to us.\n\n",
@@ -50,7 +53,7 @@ def reference(paths: list[Path], mode: str) -> tuple[list[str], list[int]]:
     if mode == "bytes":
         data = b"".join(p.read_bytes() for p in paths)
         return [chr(b) for b in range(256)], list(data)
-    text = normalize("".join(read_text(p) for p in paths), mode)
+    text = normalize("".join(read_text(p, limit=1 << 30) for p in paths), mode)  # whole, however long
     vocab = Vocab.build(text, order="frequency" if mode == "d2l" else "codepoint")
     return vocab.tokens, vocab.encode(text).tolist()
 
@@ -195,19 +198,119 @@ def test_the_content_hash_is_the_files_sha1(tmp_path: Path) -> None:
     assert data.source_sha1 == hashlib.sha1(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("damage", ["truncate", "magic", "header"])
-def test_a_damaged_store_is_rebuilt(tmp_path: Path, damage: str) -> None:
+APPENDER = """
+import sys, time
+with open(sys.argv[1], "a", encoding="utf-8") as log:
+    while True:
+        log.write(f"appended at {time.monotonic():.6f}\\n")
+        log.flush()
+        time.sleep(0.001)
+"""
+
+
+def test_a_file_that_grows_while_it_is_encoded_keys_its_store_by_the_bytes_encoded(tmp_path: Path, tiny_pieces: Any) -> None:
+    """A real writer process appends to the corpus all the while. The store's key was the
+    SHA-1 of the file as the hashing thread found it, longer than the part encoded, and every
+    later run on that content got the short store; it is now the SHA-1 of exactly the bytes
+    encoded (the file as listed), and a store made while a file changed is not kept."""
+    import hashlib
+
+    tiny_pieces(256)  # many pieces, encoded one by one in this process: the writer has time to write
+    path = tmp_path / "log.txt"
+    path.write_text(synthetic_text(lines=200, seed=3), encoding="utf-8")
+    writer = subprocess.Popen([sys.executable, "-c", APPENDER, str(path)])
+    try:
+        selection = select(str(path))
+        while path.stat().st_size == selection.files[0].size:  # it has grown since it was listed
+            time.sleep(0.01)
+        made = encode_corpus(selection, "raw")
+    finally:
+        writer.kill()
+        writer.wait()
+    encoded_bytes = made.store.vocab.decode(made.store.ids).encode("utf-8")
+    assert encoded_bytes == path.read_bytes()[: selection.files[0].size]  # the file as listed, then
+    assert made.store.source_sha1 == hashlib.sha1(encoded_bytes).hexdigest()  # keyed by exactly that
+    assert made.warnings == (f"corpus file {path} changed while it was read: its token store is not kept",)
+    again = encode_corpus(select(str(path)), "raw")  # the writer has stopped: the whole file, every time
+    assert again.store.source_sha1 == hashlib.sha1(path.read_bytes()).hexdigest()
+    assert again.store.vocab.decode(again.store.ids) == path.read_text(encoding="utf-8") and again.warnings == ()
+
+
+def ids_offset(stored: bytes) -> int:
+    """Where a store file's ids begin (its magic line says)."""
+    return int(stored[len(b"lstmlm-tokens 1 ") : 32])
+
+
+def damaged(stored: bytes, damage: str) -> bytes:
+    """A store file's bytes, damaged as a disk, a program or a person might."""
+    at = ids_offset(stored) + 100
+    return {
+        "truncate": stored[:-10],
+        "magic": b"x" + stored[1:],
+        "header": stored[:40] + b"{" + stored[41:],
+        "vocab": stored.replace(b'"vocab": ["<unk>", "\\n", " "', b'"vocab": ["<unk>", " ", "\\n"', 1),  # two symbols swapped: still a vocabulary
+        "ids in range": stored[:at] + stored[at + 1 : at + 9] + stored[at : at + 1] + stored[at + 9 :],  # ids moved: every one still valid
+        "ids out of range": stored[:at] + b"\xff" * 8 + stored[at + 8 :],
+    }[damage]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "magic", "header", "vocab", "ids in range", "ids out of range"])
+def test_a_damaged_store_is_made_again_with_one_warning(tmp_path: Path, damage: str) -> None:
     path = tmp_path / "corpus.txt"
     path.write_text(synthetic_text(), encoding="utf-8")
     first = encode_corpus(select(str(path)), "raw").store
     assert first.path is not None
     stored = first.path.read_bytes()
-    broken = {"truncate": stored[:-10], "magic": b"x" + stored[1:], "header": stored[:40] + b"{" + stored[41:]}[damage]
-    first.path.write_bytes(broken)
+    broken = damaged(stored, damage)
+    assert broken != stored
+    first.path.write_bytes(broken)  # a real write: the file's modification time moves
     assert open_store(first.path) is None
-    again = encode_corpus(select(str(path)), "raw").store
-    assert again.ids.tolist() == reference([path], "raw")[1]
-    assert first.path.read_bytes() == stored  # rebuilt in place
+    again = encode_corpus(select(str(path)), "raw")
+    assert again.store.ids.tolist() == reference([path], "raw")[1] and again.store.vocab == first.vocab
+    (warning,) = again.warnings
+    assert warning.startswith(f"the token store {first.path} was damaged (") and warning.endswith("): made again from the corpus")
+    assert first.path.read_bytes()[ids_offset(stored) :] == stored[ids_offset(stored) :]  # made again in place
+    assert encode_corpus(select(str(path)), "raw").warnings == ()  # once
+
+
+def test_a_store_corrupted_on_disk_trains_on_the_corpus_again_with_one_warning_line(tmp_path: Path, corpus_file: Path, runs_dir: Path) -> None:
+    """Ids changed on disk but still in range trained silently on garbage: now the training
+    says so in one line and trains on the corpus's own ids."""
+    args = ["train", "--corpus", corpus_file, "--normalize", "raw", "--runs-dir", runs_dir, "--hidden", "8", "--batch-size", "4",
+            "--num-steps", "5", "--epochs", "1", "--device", "cpu", "--json"]  # fmt: skip
+    assert cli(*args, "--run", "first").code == 0
+    (store_file,) = cache.encoded_dir().glob("*.tokens")
+    store_file.write_bytes(damaged(store_file.read_bytes(), "ids in range"))
+    result = cli(*args, "--run", "second")
+    assert result.code == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"warning: the token store {store_file} was damaged (block 1 of its 1 fails its checksum): made again from the corpus"
+    ]
+    data = prepare_data(RunStore.open(runs_dir / "second").config)
+    assert data.vocab.decode(torch.cat([data.train, data.val])) == corpus_file.read_text(encoding="utf-8")
+
+
+def test_an_untouched_store_is_sampled_and_one_written_to_is_checked_whole_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cost of trusting a store: an open reads SAMPLED_BLOCKS blocks, whatever its size,
+    unless the file was written to since it was made; then every block, once."""
+    monkeypatch.setattr(store_mod, "BLOCK_BYTES", 256)
+    path = tmp_path / "corpus.txt"
+    path.write_text(synthetic_text(), encoding="utf-8")  # some 3,000 ids: a dozen blocks
+    made = encode_corpus(select(str(path)), "raw").store
+    assert made.path is not None
+    checked: list[int] = []
+    real_crc_of = encode_mod.crc_of
+    monkeypatch.setattr(encode_mod, "crc_of", lambda f, offset, size: checked.append(offset) or real_crc_of(f, offset, size))
+    blocks = -(-len(made.ids) // 256)
+    assert blocks >= 10
+    assert open_store(made.path) is not None and len(checked) == store_mod.SAMPLED_BLOCKS
+    written = made.path.stat().st_mtime_ns
+    os.utime(made.path)  # a copy without -p, say: the contents are sound, the time is not the store's
+    checked.clear()
+    assert open_store(made.path) is not None and len(checked) == blocks  # every block, once
+    assert made.path.stat().st_mtime_ns == written
+    checked.clear()
+    assert open_store(made.path) is not None and len(checked) == store_mod.SAMPLED_BLOCKS
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs /proc")
@@ -362,6 +465,60 @@ def test_a_glob_selects_files_in_a_stable_order(tree: Path) -> None:
         "lib/blob.c", "lib/empty.h", "lib/latin1.c", "lib/util.c", "lib/util.h", "main.c",
     ]  # fmt: skip
     assert selection.many
+
+
+@pytest.fixture
+def looped(tmp_path: Path) -> Path:
+    """corpus/ with two files, two links back up the tree (self -> ., sub/up -> ..), a linked
+    folder outside it, a hard link and a symbolic link to its own files."""
+    corpus, outside = tmp_path / "corpus", tmp_path / "outside"
+    (corpus / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (corpus / "a.txt").write_text(synthetic_text(lines=30, seed=1), encoding="utf-8")
+    (corpus / "sub" / "b.txt").write_text(synthetic_text(lines=30, seed=2), encoding="utf-8")
+    (outside / "c.txt").write_text("never read\n", encoding="utf-8")
+    (corpus / "self").symlink_to(".")
+    (corpus / "sub" / "up").symlink_to("..")
+    (corpus / "elsewhere").symlink_to(outside)
+    os.link(corpus / "a.txt", corpus / "hard.txt")
+    (corpus / "link.txt").symlink_to("sub/b.txt")
+    return corpus
+
+
+def listed(source: str) -> Selection:
+    """select(source) in a thread: a listing that never ends fails the test instead of hanging it."""
+    done: list[Selection] = []
+    listing = threading.Thread(target=lambda: done.append(select(source)), daemon=True)
+    listing.start()
+    listing.join(timeout=60)
+    assert done, f"listing {source} did not end"
+    return done[0]
+
+
+@pytest.mark.parametrize("as_glob", [True, False])
+def test_linked_folders_are_not_entered_and_each_file_is_read_once(looped: Path, as_glob: bool) -> None:
+    selection = listed(str(looped / "**" / "*.txt") if as_glob else str(looped))
+    # by path: a.txt, hard.txt (a.txt again), link.txt (sub/b.txt, first met here), sub/b.txt (again)
+    assert [f.path.relative_to(looped).as_posix() for f in selection.files] == ["a.txt", "link.txt"]
+    assert selection.duplicates == 2
+    store = encode_corpus(selection, "raw").store
+    text = store.vocab.decode(store.ids)
+    assert text == (looped / "a.txt").read_text(encoding="utf-8") + (looped / "sub" / "b.txt").read_text(encoding="utf-8")
+
+
+def test_a_glob_through_two_loops_trains_on_each_file_once_and_says_so(looped: Path, runs_dir: Path) -> None:
+    """A real process: glob.glob listed self/sub/up/self/... until the path was too long (one
+    loop: 41 copies of each file) or for ever (two); the listing now ends at once."""
+    result = lstmlm_process("train", "--corpus", looped / "**" / "*.txt", "--runs-dir", runs_dir, "--hidden", "8", "--batch-size", "4",
+                            "--num-steps", "5", "--epochs", "1", "--device", "cpu", "--json", timeout=240)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "warning: skipped 2 path(s) to a file already read under another path (a hard or symbolic link): each file is read once"
+    ]
+    data = prepare_data(RunStore.open(runs_dir / "corpus-scratch").config)
+    assert data.vocab.decode(torch.cat([data.train, data.val])) == "".join(
+        (looped / name).read_text(encoding="utf-8") for name in ("a.txt", "sub/b.txt")
+    )
 
 
 def test_bad_files_are_skipped_each_named_with_the_count_at_the_end(tree: Path, runs_dir: Path) -> None:

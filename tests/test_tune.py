@@ -5,11 +5,13 @@ path, the best config that `lstmlm train --config` takes, and the errors in one 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
 import shlex
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -178,6 +180,24 @@ def test_without_a_completed_trial_there_is_no_best_config(tune_args: list[str],
     assert not (runs_dir / "s-best.toml").exists()
 
 
+def test_an_output_given_is_refused_before_any_trial_unless_forced(tune_args: list[str], runs_dir: Path, tmp_path: Path) -> None:
+    """tune --output follows export -o's rule (atomic.write_output), checked before the first
+    trial: a study of hours does not end in a refusal. The default file is the study's own."""
+    mine = tmp_path / "best.toml"
+    mine.write_text("# my own recipe\n", encoding="utf-8")
+    assert_one_error_line(cli(*tune_args, "--trials", "1", "--output", mine), f"refusing to replace {mine}: it exists (--force replaces it)")
+    assert mine.read_text(encoding="utf-8") == "# my own recipe\n" and states(runs_dir) == []  # no trial ran
+    result = cli(*tune_args, "--trials", "1", "--output", mine, "--force")
+    assert result.code == 0, result.stderr
+    assert config.load(mine).to_dict() == load(runs_dir).best_trial.user_attrs["config"]
+    run = runs_dir / "s-trial-0"
+    result = cli(*tune_args, "--trials", "1", "--output", run / "best.toml", "--force")
+    assert_one_error_line(result, f"refusing to write {run / 'best.toml'}: {run} is a run's directory")
+    assert states(runs_dir) == ["COMPLETE"]
+    assert cli(*tune_args, "--trials", "0").code == 0 and cli(*tune_args, "--trials", "0").code == 0  # its own file: rewritten each time
+    assert (runs_dir / "s-best.toml").is_file()
+
+
 def test_without_optuna_the_command_is_a_one_line_hint(tune_args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna now raises ImportError
     assert_one_error_line(cli(*tune_args), "lstmlm tune needs Optuna: pip install 'lstmlm[tune]'")
@@ -199,6 +219,50 @@ def test_a_storage_password_never_reaches_the_terminal(tune_args: list[str]) -> 
     result = cli(*tune_args, "--storage", "postgresql://me:s3cret@127.0.0.1:9/studies")  # no driver here, or no server
     assert_one_error_line(result, "cannot open the study storage postgresql://me:***@127.0.0.1:9/studies")
     assert "s3cret" not in result.stderr + result.stdout
+
+
+def sqlite_file(path: Path, *tables: str) -> Path:
+    """A real SQLite file holding `tables` ("name (columns)"), as another program leaves one."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        for table in tables:
+            db.execute(f"CREATE TABLE {table}")
+        db.commit()
+    return path
+
+
+def tables_of(path: Path) -> set[str]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def test_a_sqlite_file_of_another_program_is_refused_in_one_line_and_left_alone(tune_args: list[str], tmp_path: Path) -> None:
+    """It was "internal error" (its `studies` table is not Optuna's), or Optuna's tables added to it."""
+    for name, tables, message in [
+        ("clash.db", ["studies (name TEXT, colour TEXT)"], "is a database of another program (its tables: studies)"),
+        ("notes.db", ["notes (body TEXT)"], "is a database of another program (its tables: notes)"),
+    ]:
+        path = sqlite_file(tmp_path / name, *tables)
+        assert_one_error_line(cli(*tune_args, "--storage", f"sqlite:///{path}"), f"the study storage sqlite:///{path} {message}")
+        assert tables_of(path) == {t.split()[0] for t in tables}  # nothing written into it
+    # one that names Optuna's tables but is not theirs gets past that check: still one line
+    version_info = "version_info (version_info_id INTEGER PRIMARY KEY, schema_version INT, library_version TEXT)"
+    path = sqlite_file(tmp_path / "lookalike.db", version_info, "studies (name TEXT)")
+    assert_one_error_line(cli(*tune_args, "--storage", f"sqlite:///{path}"), f"cannot read the studies in sqlite:///{path}: no such column: studies.study_id")
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:"])
+def test_a_study_in_memory_is_refused(tune_args: list[str], url: str, runs_dir: Path) -> None:
+    assert_one_error_line(cli(*tune_args, "--storage", url), f"the study storage {url} is a database in memory: the study would end with this process")
+    assert not runs_dir.exists()  # refused before a trial ran
+
+
+def test_a_password_in_the_query_string_never_reaches_the_terminal(tune_args: list[str]) -> None:
+    url = "postgresql://me@127.0.0.1:9/studies?sslmode=disable&password=s3cret&sslpassword=pr1vate"
+    result = cli(*tune_args, "--storage", url)
+    assert_one_error_line(result, "cannot open the study storage postgresql://me@127.0.0.1:9/studies?sslmode=disable&password=***&sslpassword=***")
+    assert "s3cret" not in result.stderr + result.stdout and "pr1vate" not in result.stderr + result.stdout
+    command = tune.continue_command(tune.Setup(1.0, {}, storage=url), "s", 3)
+    assert "s3cret" not in command and "password=***" in command
 
 
 @pytest.mark.parametrize(

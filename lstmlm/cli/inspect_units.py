@@ -39,6 +39,7 @@ def inspect_(
     find: Annotated[str | None, typer.Option("--find", help="Rank units by |correlation| with being inside a match of this regex.")] = None,
     top: Annotated[int, typer.Option("--top", min=1, help="Units to list with --find and to colour without --unit.")] = 3,
     best: options.Best = False,
+    force: options.Force = False,
     runs_dir: options.RunsDir = DEFAULT_RUNS_DIR,
 ) -> None:
     """Colour a text by single units of the model's cell (the paper's quote cell), rank units by a feature, show gate saturation.
@@ -48,7 +49,7 @@ def inspect_(
     from ..session import inspect_run
     from ..units import saturation
 
-    result = inspect_run(runs_dir, run, text, file, gate, layer, units, find, top, best, html_out)
+    result = inspect_run(runs_dir, run, text, file, gate, layer, units, find, top, best, html_out, force)
     seen = result.inspection
     if seen.normalized:
         err.print("[dim]text normalized as the model was trained (d2l)[/]")

@@ -25,6 +25,7 @@ Precision = Annotated[str, typer.Option("--precision", help="fp32, bf16 or auto 
 Best = Annotated[bool, typer.Option("--best", help="Use the best-validation checkpoint instead of the latest.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON lines on stdout, nothing else.")]
 ConfigFile = Annotated[Path | None, typer.Option("--config", help="A TOML config (see configs/); options override it.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace the output file if it exists (never a file in a run's directory).")]
 
 
 def with_config_options(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -43,6 +43,7 @@ def tune(
     pruner: Annotated[Pruner, typer.Option("--pruner", help="median or halving (successive halving).")] = Pruner.median,
     startup_trials: Annotated[int, typer.Option("--startup-trials", min=0, help="Trials the median pruner lets finish before it prunes any.")] = 5,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Where the best trial's config goes (default: RUNS_DIR/STUDY-best.toml).")] = None,
+    force: options.Force = False,
     config_file: options.ConfigFile = None,
     runs_dir: options.RunsDir = DEFAULT_RUNS_DIR,
     as_json: Annotated[bool, typer.Option("--json", help="Print only JSON lines: one per trial and a last 'done'.")] = False,
@@ -62,7 +63,7 @@ def tune(
     again = tuning.continue_command(setup, opened.name, trials)
     try:
         with stop.installed():
-            ended = render(tuning.run_study(opened, trials, stop, output), as_json)
+            ended = render(tuning.run_study(opened, trials, stop, output, force), as_json)
     except KeyboardInterrupt:  # Ctrl-C twice: the trial was told failed on the way out
         err.print(f"stopped: the running trial is marked failed; continue the study with: {visible(again)}", markup=False, soft_wrap=True)
         raise typer.Exit(130) from None

@@ -19,7 +19,9 @@ A piece holds at most a few times `piece_bytes` in memory, whatever the corpus's
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import numpy as np
 
@@ -280,3 +282,22 @@ def encode(piece: Piece, mode: str, tokens: list[str], dtype: str, out_path: str
     finally:
         os.close(fd)
     return unknown, None
+
+
+# ---- the store's checksums ------------------------------------------------------------------------
+
+
+def crc(path: str, offset: int, size: int) -> int:
+    """The CRC-32 of `size` bytes of a file from `offset` (a block of a store's ids)."""
+    with open(path, "rb") as f:
+        return crc_of(f, offset, size)
+
+
+def crc_of(f: BinaryIO, offset: int, size: int, chunk: int = 1 << 20) -> int:
+    """The CRC-32 of `size` bytes of an open file from `offset`, read a chunk at a time."""
+    f.seek(offset)
+    value = 0
+    while size > 0 and (data := f.read(min(chunk, size))):
+        value = zlib.crc32(data, value)
+        size -= len(data)
+    return value

@@ -8,6 +8,18 @@ A store file is a header and the ids:
                                              vocabulary allows: uint8 up to 256 symbols, uint16 up to
                                              65,536, else int32
 
+The store is not trusted blindly. Its header holds a CRC-32 of every BLOCK_BYTES of the ids
+(4 MiB: a 20 GB store has 5,000, some 55 KB of header), one of the header itself, and the
+modification time the file was given when it was written (`written_ns`, a whole second). Each
+open checks the header's CRC and SAMPLED_BLOCKS blocks chosen at random — at most 8 MiB read
+and checksummed, a few milliseconds, whatever the store's size. A store whose modification
+time is not the one it was written with has been written to since (a program, `dd`, a copy
+without -p): it is checked in full once (a 20 GB store, some 20 s at 1 GB/s), and if sound its
+time is set back so that the next open samples again. A mismatch anywhere — or a header that
+does not parse, a store of another version — makes it damaged (`Damaged`): it is deleted and
+rebuilt, with one warning line. Writing costs one more parallel pass over the ids just written
+(from the page cache), to checksum them.
+
 Training, validation and every rank read it through a copy-on-write memory map (`np.memmap`,
 then `torch.from_numpy`): slicing is free and only the pages a batch touches are read, so no
 process ever holds the corpus in memory in any dtype; the pages are the file's, clean, and
@@ -15,7 +27,7 @@ the kernel drops them when memory is short.
 
 `encode_corpus` makes one, streaming: the corpus is cut into pieces (encode.py), scanned for
 its characters (one pass: counts per piece, merged into the vocabulary) while the parent
-hashes the files, then encoded into the file at each piece's offset — both passes on every
+hashes the files (each over the size it was listed at: exactly the bytes encoded), then encoded into the file at each piece's offset — both passes on every
 core, with a progress callback per stage. The file is written under a temporary name and
 renamed when complete. Where the cache cannot take it (a full disk, no permission), the
 store is made in a temporary file in `scratch` (unlinked once mapped), or for a small corpus
@@ -31,9 +43,12 @@ import hashlib
 import json
 import multiprocessing
 import os
+import random
 import signal
 import tempfile
 import threading
+import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -52,7 +67,10 @@ from .encode import Piece, Problem, Scan
 from .files import CorpusFile, Selection, Skipped
 
 MAGIC = b"lstmlm-tokens 1 "
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: with checksums (a version 1 store, without, is rebuilt)
+BLOCK_BYTES = 4 << 20  # the ids are checksummed in blocks of this many bytes
+SAMPLED_BLOCKS = 2  # blocks checked at each open of a store nobody has written to since it was made
+CRC_WIDTH = 0xFFFFFFFF  # the widest CRC-32: the header's room is reserved with it
 PAGE = 4096
 PIECE_BYTES = 8 << 20  # a piece of the corpus per job: bounds a worker's memory to ~100 MB
 WORKERS = 0  # processes encoding at once; 0 = one per core this process may use
@@ -100,27 +118,82 @@ def header(meta: dict[str, Any], offset: int | None = None) -> bytes:
     return MAGIC + f"{offset:016d}\n".encode() + body + b" " * (offset - first - len(body))
 
 
+class Damaged(Exception):
+    """A store file that is there but cannot be trusted; the message says why."""
+
+
 def open_store(path: Path) -> TokenStore | None:
-    """A store file, mapped; None if it is missing or damaged in any way (it is then rebuilt)."""
+    """A store file, mapped and checked; None if it is missing or damaged in any way."""
+    try:
+        return read_store(path)
+    except Damaged:
+        return None
+
+
+def read_store(path: Path) -> TokenStore | None:
+    """A store file, mapped, its header checked and its blocks sampled (all of them if it was
+    written to since it was made); None if there is none, Damaged if it cannot be trusted."""
     try:
         with open(path, "rb") as f:
-            first = f.read(len(MAGIC) + 17)
-            if not first.startswith(MAGIC) or not first.endswith(b"\n"):
-                return None
-            offset = int(first[len(MAGIC) : -1])
-            meta = json.loads(f.read(offset - len(first)))
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            offset, meta = _read_header(f)
+            store = _checked_store(path, meta, offset, st.st_size)
+            touched = st.st_mtime_ns != meta["written_ns"]
+            _check_blocks(f, meta["checksums"], offset, everything=touched)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise Damaged(f"it cannot be read ({e.strerror or e})") from None
+    if touched:  # checked in full and sound: the next open only samples (where the cache can be written)
+        with contextlib.suppress(OSError):
+            os.utime(path, ns=(st.st_atime_ns, meta["written_ns"]))
+    return store
+
+
+def _read_header(f: Any) -> tuple[int, dict[str, Any]]:
+    first = f.read(len(MAGIC) + 17)
+    if not first.startswith(MAGIC) or not first.endswith(b"\n"):
+        raise Damaged("it is not a token store (no magic line)")
+    try:
+        offset = int(first[len(MAGIC) : -1])
+        meta = json.loads(f.read(offset - len(first)))
+    except (ValueError, RecursionError):
+        raise Damaged("its header does not parse") from None
+    if not isinstance(meta, dict) or meta.get("format") != "lstmlm-tokens" or meta.get("version") != FORMAT_VERSION:
+        raise Damaged(f"it is not a version {FORMAT_VERSION} token store")
+    if meta.get("meta_crc") != _meta_crc(meta):
+        raise Damaged("its header fails its checksum")
+    return offset, meta
+
+
+def _checked_store(path: Path, meta: dict[str, Any], offset: int, size: int) -> TokenStore:
+    """The store the header describes, mapped, once the header agrees with itself and the file's size."""
+    try:
         vocab = Vocab(meta["vocab"])
         dtype, length = meta["dtype"], meta["length"]
-        if meta.get("format") != "lstmlm-tokens" or meta.get("version") != FORMAT_VERSION:
-            return None
         if dtype != dtype_for(len(vocab)) or not isinstance(length, int):
-            return None
-        if size != offset + length * np.dtype(dtype).itemsize:
-            return None
+            raise Damaged("its header is inconsistent")
+        nbytes = length * np.dtype(dtype).itemsize
+        if size != offset + nbytes:
+            raise Damaged(f"it is {size:,} bytes, not {offset + nbytes:,}")
+        if meta["block_bytes"] != BLOCK_BYTES or len(meta["checksums"]) != -(-nbytes // BLOCK_BYTES) or not isinstance(meta["written_ns"], int):
+            raise Damaged("its checksums do not cover its ids")
         return TokenStore(vocab, _mapped(path, dtype, offset, length), str(meta["source_sha1"]), int(meta.get("unknown", 0)), path)
-    except (OSError, ValueError, KeyError, TypeError, VocabError):
-        return None
+    except (KeyError, TypeError, ValueError, VocabError):
+        raise Damaged("its header is inconsistent") from None
+
+
+def _check_blocks(f: Any, checksums: list[int], offset: int, everything: bool) -> None:
+    """Check every block's CRC, or SAMPLED_BLOCKS of them at random; Damaged on a mismatch."""
+    blocks = range(len(checksums)) if everything else random.sample(range(len(checksums)), min(SAMPLED_BLOCKS, len(checksums)))
+    for k in blocks:
+        if encode.crc_of(f, offset + k * BLOCK_BYTES, BLOCK_BYTES) != checksums[k]:  # the last block may be shorter: read to the end
+            raise Damaged(f"block {k + 1:,} of its {len(checksums):,} fails its checksum")
+
+
+def _meta_crc(meta: dict[str, Any]) -> int:
+    """The header's own CRC-32: of its JSON with keys sorted, less this field."""
+    return zlib.crc32(json.dumps({k: v for k, v in meta.items() if k != "meta_crc"}, sort_keys=True).encode())
 
 
 def _mapped(path: Path, dtype: str, offset: int, length: int) -> torch.Tensor:
@@ -146,31 +219,63 @@ def encode_corpus(
     the characters: by frequency in d2l mode, by code point in raw mode; the 256 bytes in bytes
     mode) unless one is given (a resumed run keeps its own)."""
     signature = selection.signature(mode)
+    damaged: list[str] = []  # a line for each store found damaged (deleted, and made again)
     with cache.locked(signature):
         known = cache.read_index(signature)
-        if known is not None and (store := _cached(known.sha1, mode, vocab)) is not None:
+        if known is not None and (store := _cached(known.sha1, mode, vocab, damaged)) is not None:
             if strict and known.skipped:  # skipped when the store was made; refused now
                 raise CorpusError(_refusal(known.skipped[0]))
-            return Encoded(store, known.skipped, ())
+            return Encoded(store, known.skipped, (*selection.warnings, *damaged))
         started = cache.now_ns()
         with Workers() as workers:
             scanned = _scan(selection, mode, strict, progress, workers)
             cache.write_index(signature, selection, cache.IndexEntry(scanned.sha1, scanned.skipped), started)
-            if (store := _cached(scanned.sha1, mode, vocab)) is not None:
-                return Encoded(store, scanned.skipped, ())
+            if (store := _cached(scanned.sha1, mode, vocab, damaged)) is not None:
+                return Encoded(store, scanned.skipped, (*selection.warnings, *damaged))
             if scanned.length == 0:
                 raise CorpusError(f"corpus {selection.source} is empty after {mode} normalization")
             built = bytes_vocab() if mode == "bytes" else _vocab(scanned)
             target = vocab or built
             where = cache.store_path(scanned.sha1, mode, None if target == built else target)
             store, warnings = _write(scanned, target, where, progress, scratch, workers)
-        return Encoded(store, scanned.skipped, warnings)
+        if (changed := _changed(selection)) is not None:
+            store, warnings = _uncached(store), (*warnings, f"corpus file {changed} changed while it was read: its token store is not kept")
+        return Encoded(store, scanned.skipped, (*selection.warnings, *damaged, *warnings))
 
 
-def _cached(sha1: str, mode: str, vocab: Vocab | None) -> TokenStore | None:
-    """The store of this content, under `vocab` if one is given."""
+def _changed(selection: Selection) -> Path | None:
+    """A file whose size, modification time or inode is not what the listing saw, if any.
+    A file that only grew was encoded and hashed as listed (its first `size` bytes); one
+    rewritten in place meanwhile may have been hashed, scanned and encoded as different texts."""
+    for f in selection.files:
+        try:
+            st = os.stat(f.path)
+        except OSError:
+            return f.path
+        if (st.st_size, st.st_mtime_ns, st.st_ino) != (f.size, f.mtime_ns, f.inode):
+            return f.path
+    return None
+
+
+def _uncached(store: TokenStore) -> TokenStore:
+    """The store, taken out of the cache (the mapping keeps its data for this process)."""
+    if store.path is not None:
+        with contextlib.suppress(OSError):
+            store.path.unlink()
+    return TokenStore(store.vocab, store.ids, store.source_sha1, store.unknown, None)
+
+
+def _cached(sha1: str, mode: str, vocab: Vocab | None, damaged: list[str]) -> TokenStore | None:
+    """The store of this content, under `vocab` if one is given. A damaged one is deleted, to be
+    made again, and said so in `damaged`."""
     for path in (cache.store_path(sha1, mode), *([cache.store_path(sha1, mode, vocab)] if vocab is not None else [])):
-        store = open_store(path)
+        try:
+            store = read_store(path)
+        except Damaged as e:
+            damaged.append(f"the token store {path} was damaged ({e}): made again from the corpus")
+            with contextlib.suppress(OSError):
+                path.unlink()
+            continue
         if store is not None and (vocab is None or store.vocab == vocab):
             return store
     return None
@@ -217,7 +322,7 @@ def _scan(selection: Selection, mode: str, strict: bool, progress: StageProgress
         hashing.join()
     missing = [selection.files[i].path for i in files if i not in digests]
     if missing:
-        raise CorpusError(f"cannot read corpus file {missing[0]}")
+        raise CorpusError(f"cannot read corpus file {missing[0]}, or it is shorter than when it was listed")
     if selection.many:
         sha1 = hashlib.sha1("".join(digests[i] for i in files).encode()).hexdigest()
     else:
@@ -247,12 +352,17 @@ def _empty(selection: Selection, strict: bool) -> dict[int, Skipped]:
 
 
 def _hash_files(files: list[CorpusFile], indices: list[int], digests: dict[int, str]) -> None:
+    """Each file's SHA-1 over exactly the bytes the pieces encode: its first `size` bytes, the
+    size it had when listed. A file that grows meanwhile (a log being written) keys the store
+    by what was encoded, not by bytes that were never read. A file now shorter gets no digest."""
     for i, f in zip(indices, files):
-        digest = hashlib.sha1()
+        digest, left = hashlib.sha1(), f.size
         with contextlib.suppress(OSError), open(f.path, "rb") as stream:  # a read error surfaces in the scan
-            while chunk := stream.read(1 << 18):
+            while left > 0 and (chunk := stream.read(min(1 << 18, left))):
                 digest.update(chunk)
-            digests[i] = digest.hexdigest()
+                left -= len(chunk)
+            if left == 0:
+                digests[i] = digest.hexdigest()
 
 
 def _problems(selection: Selection, problems: list[Problem], strict: bool) -> dict[int, Skipped]:
@@ -334,16 +444,25 @@ def _into_file(
     try:
         itemsize = np.dtype(dtype).itemsize
         meta = _meta(scanned, vocab, dtype)
-        offset = len(header({**meta, "unknown": 10**20}))  # room for any count of unknown characters
-        total = offset + scanned.length * itemsize
+        nbytes = scanned.length * itemsize
+        blocks = -(-nbytes // BLOCK_BYTES)
+        widest = {"unknown": 10**20, "written_ns": 10**20, "checksums": [CRC_WIDTH] * blocks, "meta_crc": CRC_WIDTH}
+        offset = len(header({**meta, **widest}))  # room for any count of unknown characters, any checksums
+        total = offset + nbytes
         with contextlib.suppress(OSError):  # reserve the space first: a full disk fails now, not mid-way
             os.posix_fallocate(fd, 0, total)
         os.ftruncate(fd, total)  # where fallocate is not supported (the space then taken as written)
         offsets = np.cumsum([0] + [s.length for s in scanned.scans])
         jobs = [(p, scanned.mode, vocab.tokens, dtype, name, offset + int(o) * itemsize) for p, o in zip(scanned.pieces, offsets)]
         unknown = sum(u for u, _ in workers.run(encode.encode, jobs, scanned.pieces, "encoding", progress))
-        os.pwrite(fd, header({**meta, "unknown": unknown}, offset), 0)
+        crcs = [(name, offset + k * BLOCK_BYTES, min(BLOCK_BYTES, nbytes - k * BLOCK_BYTES)) for k in range(blocks)]
+        small = nbytes <= 16 * BLOCK_BYTES  # a few tens of milliseconds: not worth starting processes for
+        checksums = workers.run(encode.crc, crcs, [()] * blocks, "checksumming", None, in_process=small)  # the ids as written, read back
+        written_ns = time.time_ns() // 10**9 * 10**9  # a whole second: every filesystem keeps it exactly
+        meta = {**meta, "unknown": unknown, "checksums": checksums, "written_ns": written_ns}
+        os.pwrite(fd, header({**meta, "meta_crc": _meta_crc(meta)}, offset), 0)
         os.fchmod(fd, file_mode())  # mkstemp made it private; a cache file need not be
+        os.utime(fd, ns=(written_ns, written_ns))  # after the last write: a later write moves it
         os.fsync(fd)
         os.close(fd)
         fd = -1
@@ -386,6 +505,7 @@ def _meta(scanned: Scanned, vocab: Vocab, dtype: str) -> dict[str, Any]:
         "length": scanned.length,
         "unknown": 0,
         "vocab": vocab.tokens,
+        "block_bytes": BLOCK_BYTES,
     }
 
 

@@ -76,7 +76,7 @@ def settle(choice: Choice, cell: Cell, device: torch.device) -> Choice:
     where the build failed, the fastest path left and why."""
     if choice.path != "compiled" or native.usable():
         return choice
-    return Choice(available(cell, device)[0], f"the compiled recurrence cannot be built: {native.status()}")
+    return Choice(available(cell, device)[0], f"the compiled recurrence cannot run: {native.unavailable()}")
 
 
 def why_not(cell: Cell, path: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:

@@ -13,7 +13,6 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -33,18 +32,29 @@ if TYPE_CHECKING:
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
-# One build of the compiled recurrence (lstmlm/native.py) for the whole session, its processes
-# included: each test has its own $LSTMLM_HOME, where the build would otherwise be made again.
-os.environ.setdefault("LSTMLM_NATIVE_DIR", tempfile.mkdtemp(prefix="lstmlm-native-"))
+# The compiled recurrence (lstmlm/native.py): built once a machine into a cache of the tests' own
+# that outlives the session (native.py names each build by its source, torch, compiler and CPU,
+# so an edit of the source builds anew), not into each test's $LSTMLM_HOME, and not for a session
+# whose tests never run it. Its processes inherit the directory. A test that trains or generates
+# asks for one of NEEDS_THE_BUILD; any other that runs the recurrence builds it there on first use.
+os.environ.setdefault("LSTMLM_NATIVE_DIR", str(Path.home() / ".cache" / "lstmlm-test-native"))
+NEEDS_THE_BUILD = {"recurrence", "corpus_file", "tiny_train_args", "make_trainer", "tiny_runs", "serve_process", "data_dir"}
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def compiled_recurrence() -> None:
-    """Build it once, first: tests that run lstmlm in a process of its own (under a file-size
-    limit, on a full disk) then find it built rather than build it there."""
+    """Built (or found built) before the first test that trains or generates: the tests that run
+    lstmlm in a process of their own (under a file-size limit, on a full disk) then find it built
+    rather than build it there."""
     from lstmlm import native
 
     native.recurrence()
+
+
+@pytest.fixture(autouse=True)
+def _built_where_needed(request: pytest.FixtureRequest) -> None:
+    if NEEDS_THE_BUILD.intersection(request.fixturenames):
+        request.getfixturevalue("compiled_recurrence")
 
 
 # ---- test data and cache ----------------------------------------------------------------------

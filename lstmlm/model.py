@@ -37,6 +37,7 @@ from .device import checks_ids
 from .errors import CheckpointError, ShapeError
 from .fused import GATE_ORDER, block
 from .lstm import PARAMETERS, CudnnLSTM, ScratchLSTM, State, drop, zero_state
+from .sizes import num_parameters as num_parameters  # counted without torch, where `lstmlm runs` counts them too
 
 
 @dataclass(frozen=True)
@@ -157,15 +158,6 @@ class CharLM(nn.Module):
             keep = E.new_empty((E.shape[0], 1)).bernoulli_(1 - p).div_(1 - p)  # (vocab, 1): one draw per character
             E = E * keep
         return F.embedding(ids, E)
-
-
-def num_parameters(cfg: ModelConfig, vocab_size: int) -> int:
-    """The model's parameter count from its shapes alone: no tensor is made, so a size too large
-    for any memory is counted, not allocated."""
-    H, E, V = cfg.hidden, cfg.embedding, vocab_size
-    biases = 4 * H if cfg.model == "scratch" else 8 * H  # nn.LSTM keeps two bias vectors
-    core = sum(4 * H * ((E or V) if k == 0 else H) + 4 * H * H + biases for k in range(cfg.layers))
-    return V * E + core + H * V + V
 
 
 def training_bytes(cfg: Config, vocab_size: int) -> int:

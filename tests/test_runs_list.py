@@ -159,6 +159,16 @@ def test_a_checkpoint_newer_than_the_recorded_end_is_an_interrupted_training(run
     assert (run["state"], run["why"]) == ("interrupted", "ended without saying so (killed?)")
 
 
+def test_a_training_out_of_time_is_done_and_says_so(corpus_file: Path, runs_dir: Path) -> None:
+    args = ["--corpus", corpus_file, "--normalize", "d2l", "--runs-dir", runs_dir, "--run", "timed", *TINY, "--epochs", "500", "--max-minutes", "0.01"]
+    trained = cli("train", *args)
+    assert trained.code == 0, trained.stderr
+    run = listed(runs_dir)["timed"]
+    assert (run["state"], run["why"], run["planned_epochs"]) == ("done", "time limit", 500)
+    assert run["epochs"] < 500 and run["tokens"] > 0  # the tokens of the epoch it stopped in too
+    assert "done (time limit)" in cli("runs", "--runs-dir", runs_dir).stdout
+
+
 class Training:
     """`python -m lstmlm train ... --json` in a process of its own; stdout's lines kept by a thread."""
 

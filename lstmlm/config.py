@@ -8,6 +8,7 @@ command-line override names a field alone (`hidden=512`) and `with_overrides` fi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -312,10 +313,17 @@ class FieldInfo:
 def all_fields() -> list[FieldInfo]:
     """Every config field, table by table, in declaration order: what `lstmlm train` offers as options."""
     return [
-        FieldInfo(f.name, table, get_type_hints(cls)[f.name], f.metadata.get("help", ""))
+        FieldInfo(f.name, table, hints(cls)[f.name], f.metadata.get("help", ""))
         for table, cls in SECTIONS.items()
         for f in fields(cls)
     ]
+
+
+@functools.cache
+def hints(cls: type) -> dict[str, Any]:
+    """A table's fields and their resolved types, worked out once (`lstmlm runs` reads hundreds
+    of configs, and resolving the annotations costs more than checking the values)."""
+    return get_type_hints(cls)
 
 
 def section_of(key: str) -> str:
@@ -415,11 +423,11 @@ def from_dict(raw: Any) -> Config:
         values = raw.get(table, {})
         if not isinstance(values, dict):
             raise ConfigError(f"[{table}] must be a table")
-        hints = get_type_hints(cls)
+        types = hints(cls)
         for key in values:
-            if key not in hints:
+            if key not in types:
                 raise ConfigError(f"unknown config key '{key}' in [{table}]")
-        parts[table] = cls(**{k: _coerce(table, k, v, hints[k]) for k, v in values.items()})
+        parts[table] = cls(**{k: _coerce(table, k, v, types[k]) for k, v in values.items()})
     cfg = Config(**parts)
     _validate(cfg)
     return cfg

@@ -37,6 +37,7 @@ from .cells.cores import ScratchCore, TorchCore, drop, zero_state
 from .config import Config, ModelConfig
 from .device import checks_ids
 from .errors import CheckpointError, ShapeError
+from .sizes import num_parameters as num_parameters  # counted without torch, where `lstmlm runs` counts them too
 
 
 @dataclass(frozen=True)
@@ -174,15 +175,6 @@ class CharLM(nn.Module):
             keep = E.new_empty((E.shape[0], 1)).bernoulli_(1 - p).div_(1 - p)  # (vocab, 1): one draw per character
             E = E * keep
         return F.embedding(ids, E)
-
-
-def num_parameters(cfg: ModelConfig, vocab_size: int) -> int:
-    """The model's parameter count from its shapes alone: no tensor is made, so a size too large
-    for any memory is counted, not allocated."""
-    H, E, V = cfg.hidden, cfg.embedding, vocab_size
-    cell = cells.get(cfg.cell, cfg.gru_form)
-    core = sum(cell.num_parameters((E or V) if k == 0 else H, H, cfg.model) for k in range(cfg.layers))
-    return V * E + core + H * V + V
 
 
 def training_bytes(cfg: Config, vocab_size: int) -> int:

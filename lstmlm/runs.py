@@ -3,7 +3,8 @@
     runs/NAME/config.json     the effective config (also inside every checkpoint); a resume saves
                               the options it may change (config.RESUMABLE) here
     runs/NAME/vocab.json      the vocabulary (also inside every checkpoint)
-    runs/NAME/run.json        what the run was made from: the corpus's content hash
+    runs/NAME/run.json        what the run was made from (the corpus's content hash) and how
+                              its last training ended ("done": why, when, epochs, tokens, time)
     runs/NAME/latest.pt       weights + trainer state, rewritten every few epochs (checkpoint.py)
     runs/NAME/best.pt         the checkpoint with the best validation perplexity so far
     runs/NAME/metrics.jsonl   one JSON line per epoch
@@ -13,7 +14,8 @@ A run is claimed by linking its config.json into place, which fails if one is th
 trainings that chose the same name at the same instant, one gets it and the other hears so.
 Every file is written through `atomic.write_atomic` and opened with `open_regular`, which
 never follows a symbolic link planted under a run's file name. This module imports no torch,
-so reading a run's metrics (`lstmlm plot`) starts at once; the checkpoints are `checkpoint.py`'s.
+so reading a run's metrics (`lstmlm plot`, `lstmlm runs`) starts at once; the checkpoints are
+`checkpoint.py`'s.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import fcntl
 import json
 import math
 import os
+import shlex
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,19 +71,32 @@ def read_regular(path: Path) -> str:
         return f.read()
 
 
+def strict(value: Any) -> Any:
+    """`value` with each NaN or infinity (JSON has no word for either) as None, however deep."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    return value
+
+
 def json_line(record: dict[str, Any]) -> str:
-    """`record` as one line of strict JSON: a NaN or an infinity (JSON has no word for either) is null."""
-
-    def strict(value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: strict(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [strict(v) for v in value]
-        return value
-
+    """`record` as one line of strict JSON: a NaN or an infinity is null."""
     return json.dumps(strict(record), allow_nan=False)
+
+
+def resume_command(run: str, runs_dir: Path, overrides: dict[str, Any] | None = None) -> str:
+    """The command that continues `run`, repeating the options given that a resume may change
+    (they are saved in the run too, so the bare command continues the same way)."""
+    overrides = overrides or {}
+    words = ["lstmlm", "train", "--resume", "--run", run]
+    if runs_dir != DEFAULT_RUNS_DIR:
+        words += ["--runs-dir", str(runs_dir)]
+    for key in sorted(k for k, v in overrides.items() if v is not None and k in config_mod.RESUMABLE):
+        words += [f"--{key.replace('_', '-')}", str(overrides[key])]
+    return shlex.join(words)
 
 
 def check_run_name(name: str) -> str:
@@ -158,14 +175,28 @@ class RunStore:
     def corpus_sha1(self) -> str | None:
         """The content hash of the corpus the run was created from; None for a run made before
         lstmlm kept one."""
+        value = self.record.get("corpus_sha1")
+        return value if isinstance(value, str) else None
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """run.json as a table ({} where a run made before lstmlm kept one has none)."""
         path = self.root / "run.json"
         if not path.exists() and not path.is_symlink():
-            return None
+            return {}
         try:
-            value = json.loads(read_regular(path)).get("corpus_sha1")
-        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+            value = json.loads(read_regular(path))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
             raise CheckpointError(f"run {self.root} has an unreadable run.json: {e}") from None
-        return value if isinstance(value, str) else None
+        if not isinstance(value, dict):
+            raise CheckpointError(f"run {self.root} has an unreadable run.json: not a JSON object")
+        return value
+
+    def record_done(self, done: dict[str, Any]) -> None:
+        """Say in run.json how this training ended (why, epochs, tokens, ...), and when: a
+        latest.pt written after that "at" is a later training's, which has not ended (lstmlm runs)."""
+        record = {**self.record, "done": {**strict(done), "at": time.time()}}
+        write_text_atomic(self.root / "run.json", json.dumps(record, indent=2, allow_nan=False), "run's record")
 
     # ---- the lock ----
 
@@ -177,12 +208,10 @@ class RunStore:
             fd = open_regular(path, os.O_RDWR | os.O_CREAT)
         except OSError as e:
             raise CheckpointError(f"cannot open the run's lock {path}: {e.strerror or e}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not hold(fd):
             holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise CheckpointError(f"run {self.root} is in use by another training (pid {holder})") from None
+            raise CheckpointError(f"run {self.root} is in use by another training (pid {holder})")
         with contextlib.suppress(OSError):  # the pid only names the holder: a full disk is the checkpoint's to report
             os.ftruncate(fd, 0)
             os.write(fd, str(os.getpid()).encode())
@@ -194,6 +223,24 @@ class RunStore:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def holder(self) -> int | None:
+        """The pid of the training that holds the run now (0 if it has not written it yet), or
+        None: the lock itself is asked, with a shared hold taken and dropped at once, so a
+        training killed with -9, whose pid the file still holds, is not taken for a live one.
+        CheckpointError for a lock that is a symbolic link; OSError if it cannot be read."""
+        try:
+            fd = open_regular(self.root / ".lock", os.O_RDONLY)
+        except FileNotFoundError:  # never trained here: nothing to hold
+            return None
+        try:
+            if not hold(fd, shared=True):
+                pid = os.read(fd, 32).decode(errors="replace").strip()
+                return int(pid) if pid.isdigit() else 0
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
             os.close(fd)
 
     # ---- checkpoint files (written and read by checkpoint.py) ----
@@ -236,6 +283,24 @@ class RunStore:
         """Drop the epochs after `last_epoch`: a crash may have logged epochs no checkpoint holds."""
         kept = [r for r in self.read_metrics() if r.get("epoch", 0) <= last_epoch]
         write_text_atomic(self.metrics_path, "".join(json_line(r) + "\n" for r in kept), "run's metrics")
+
+
+HOLD_TRIES, HOLD_WAIT_S = 4, 0.05  # a refused exclusive hold is tried again for 0.15 s
+
+
+def hold(fd: int, shared: bool = False) -> bool:
+    """Take the run's lock on `fd` without waiting for a training: False if one holds it. A
+    refused exclusive hold is tried again for a moment, since `holder` (lstmlm runs) takes a
+    shared one for an instant to ask; a shared hold is only asked once."""
+    for attempt in range(1 if shared else HOLD_TRIES):
+        if attempt:
+            time.sleep(HOLD_WAIT_S)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            continue
+    return False
 
 
 def latest_run(runs_dir: Path) -> RunStore:

@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import glob
 import itertools
-import shlex
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -48,7 +47,8 @@ from .events import Event
 from .generate import Continuation, Sampling, generate, prepare_prefix
 from .model import CharLM, convert, training_bytes
 from .recipe import RECIPE_KEYS, Recipe, choose, probe_dims
-from .runs import BEST, DEFAULT_RUNS_DIR, LATEST, RunExists, RunStore, check_run_name
+from .runs import BEST, LATEST, RunExists, RunStore, check_run_name
+from .runs import resume_command as resume_command  # the CLI prints it on Ctrl-C; `lstmlm runs show` too, without torch
 from .train import Trainer
 from .units import Inspection, inspect_text
 
@@ -130,17 +130,6 @@ def check_same_corpus(store: RunStore, data: Data, corpus: str) -> None:
             f"the corpus {corpus} has changed since run {store.name} was created (SHA-1 {then} then, {now} now): "
             f"restore it, or train a new --run on it"
         )
-
-
-def resume_command(run: str, runs_dir: Path, overrides: dict[str, Any]) -> str:
-    """The command that continues `run`, repeating the options given that a resume may change
-    (they are saved in the run too, so the bare command continues the same way)."""
-    words = ["lstmlm", "train", "--resume", "--run", run]
-    if runs_dir != DEFAULT_RUNS_DIR:
-        words += ["--runs-dir", str(runs_dir)]
-    for key in sorted(k for k, v in overrides.items() if v is not None and k in config.RESUMABLE):
-        words += [f"--{key.replace('_', '-')}", str(overrides[key])]
-    return shlex.join(words)
 
 
 @dataclass(frozen=True)

@@ -539,7 +539,10 @@ class Trainer:
             yield from self._sample()
         mid_epoch = st.tokens > 0
         train_ppl = perplexity(st.loss_sum / st.tokens) if mid_epoch else self.train_perplexity
-        yield self._finished(reason, train_ppl)
+        finished = self._finished(reason, train_ppl)
+        if self.world.is_main:  # after the last save: a latest.pt newer than this is a later training's
+            self.store.record_done(self._done_record(finished))
+        yield finished
 
     # ---- what the parts do ----
 
@@ -635,6 +638,19 @@ class Trainer:
             samples=dict(self.samples),
             best_val_perplexity=perplexity(st.best_saved) if st.best_saved is not None else None,
         )
+
+    def _done_record(self, finished: Finished) -> dict[str, Any]:
+        """What run.json keeps of how this training ended (`lstmlm runs` reads it without torch)."""
+        st = self.state
+        return {
+            "reason": finished.reason,
+            "epochs": st.epoch,
+            "global_step": st.global_step,
+            "tokens": st.total_tokens + st.tokens,
+            "seconds": st.seconds + st.epoch_seconds,
+            "val_perplexity": finished.val_perplexity,
+            "best_val_perplexity": finished.best_val_perplexity,
+        }
 
     def _gather(self, state: State | None) -> State | None:
         """The carried state of every stream, from every process, for a mid-epoch checkpoint."""

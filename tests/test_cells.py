@@ -607,3 +607,21 @@ def test_the_two_gru_forms_differ_where_the_reset_gate_sits() -> None:
         assert not torch.allclose(cudnn_form(X)[0], d2l_form(X)[0])
     with pytest.raises(ShapeError, match="has no torch module"):
         TorchCore(cells.get("gru", "d2l"), 6, 5, 1)
+
+
+@pytest.mark.parametrize(("name", "form"), [("lstm", "cudnn"), ("gru", "cudnn"), ("gru", "d2l"), ("rnn", "cudnn")])
+@pytest.mark.parametrize("core_name", ["scratch", "cudnn"])
+def test_the_registry_counts_what_the_modules_hold(name: str, form: str, core_name: str) -> None:
+    """`lstmlm runs` counts parameters from the registry's entries, without torch: they agree with
+    the cell and with the modules it builds, layer by layer, for every form and core."""
+    from lstmlm.config import ModelConfig
+    from lstmlm.sizes import num_parameters
+
+    cell = cells.get(name, form)
+    entry = cells.REGISTRY[name]
+    assert cell.width == entry.blocks and cell.recurrent_bias == (form in entry.recurrent_bias)
+    if core_name == "cudnn" and not cell.torch_equivalent:
+        pytest.skip("the d2l GRU has no torch module")
+    cfg = ModelConfig(model=core_name, cell=name, gru_form=form, hidden=24, layers=2, embedding=7)
+    model = CharLM.from_config(cfg, 13)
+    assert num_parameters(cfg, 13) == sum(p.numel() for p in model.parameters())

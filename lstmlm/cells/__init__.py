@@ -13,16 +13,25 @@ from __future__ import annotations
 
 import importlib
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from .base import Cell
 
-# name → the module and class of the cell (imported when first asked for)
-REGISTRY: dict[str, str] = {
-    "lstm": "lstmlm.cells.lstm:LSTM",
-    "gru": "lstmlm.cells.gru:GRU",
-    "rnn": "lstmlm.cells.rnn:RNN",
+
+class Entry(NamedTuple):
+    """A cell as the registry knows it before its module is imported: where its class is, and
+    its shape, so that a model's size is counted without torch (`lstmlm runs`, `sizes.py`)."""
+
+    where: str  # "module:Class", imported when first asked for
+    blocks: int  # the blocks of H columns in W_x, W_h and b: its gates and candidate
+    recurrent_bias: tuple[str, ...] = ()  # the forms with a bias inside the recurrence (nn.GRU's b_hn)
+
+
+REGISTRY: dict[str, Entry] = {
+    "lstm": Entry("lstmlm.cells.lstm:LSTM", blocks=4),
+    "gru": Entry("lstmlm.cells.gru:GRU", blocks=3, recurrent_bias=("cudnn",)),
+    "rnn": Entry("lstmlm.cells.rnn:RNN", blocks=1),
 }
 
 NAMES = tuple(REGISTRY)
@@ -36,10 +45,19 @@ def get(name: str, form: str = "cudnn") -> Cell:
     apply it, or "d2l", the book's, before the product)."""
     if name not in REGISTRY:
         raise ValueError(f"unknown cell '{name}' (choose from {', '.join(NAMES)})")
-    module, _, cls = REGISTRY[name].partition(":")
+    module, _, cls = REGISTRY[name].where.partition(":")
     return getattr(importlib.import_module(module), cls).variant(form)  # type: ignore[no-any-return]
 
 
 def every() -> list[Cell]:
     """Every registered cell, in its standard form."""
     return [get(name) for name in NAMES]
+
+
+def num_parameters(name: str, form: str, inputs: int, hiddens: int, core: str) -> int:
+    """A layer's parameters, from the registry alone: W_x, W_h and the bias b of blocks·H columns;
+    torch's module keeps two bias vectors, the scratch core one (and b_hh where the form has it)."""
+    entry = REGISTRY[name]
+    G = entry.blocks * hiddens
+    biases = 2 * G if core == "cudnn" else G + (hiddens if form in entry.recurrent_bias else 0)
+    return G * (inputs + hiddens) + biases

@@ -178,10 +178,11 @@ class Cell(ABC):
     # ---- counts ----
 
     def num_parameters(self, inputs: int, hiddens: int, core: str) -> int:
-        """A layer's parameters: torch's keeps two bias vectors, the scratch core one (and b_hh)."""
-        G = self.width
-        biases = 2 * G * hiddens if core == "cudnn" else G * hiddens + (hiddens if self.recurrent_bias else 0)
-        return G * hiddens * (inputs + hiddens) + biases
+        """A layer's parameters (counted from the registry's entry, which `lstmlm runs` reads
+        without torch; tests/test_cells.py holds the two to agree)."""
+        from . import num_parameters
+
+        return num_parameters(self.name, self.form, inputs, hiddens, core)
 
     def step_flops(self, inputs: int, hiddens: int) -> int:
         """Floating-point operations of the products of one step of a layer, per batch row

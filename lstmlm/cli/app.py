@@ -18,6 +18,7 @@ from .export import export
 from .generate import generate
 from .inspect_units import inspect_
 from .plot import plot_
+from .runs import app as runs_app
 from .serve import serve
 from .train import train
 from .tune import tune
@@ -44,6 +45,7 @@ for name, command in (
     ("export", export),
 ):
     app.command(name)(friendly(command))
+app.add_typer(runs_app, name="runs")  # a group: the list, `show` and `rm`
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,424 @@
+"""`lstmlm runs`, `runs show`, `runs rm`: real runs made by `lstmlm train`, a real training holding
+its lock, real signals, damaged runs, and no torch loaded."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import CONFIGS, Result, assert_one_error_line, cli, strict_json, synthetic_text
+
+TINY = ["--hidden", "16", "--batch-size", "8", "--num-steps", "10", "--device", "cpu", "--optimizer", "adam", "--lr", "0.02"]
+TIMEOUT_S = 180
+
+
+# ---- real runs, made once -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A runs directory made by `lstmlm train`, read-only for the tests (they copy it): "raw"
+    (scratch, raw text, 2 epochs), "bytes" (cudnn, bytes, 2 layers, an embedding) and "d2l"
+    (the seed's config: no validation)."""
+    root = tmp_path_factory.mktemp("made")
+    corpus = root / "corpus.txt"
+    corpus.write_text(synthetic_text(80), encoding="utf-8")
+    runs = root / "runs"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LSTMLM_HOME", str(root / "home"))
+        common = ["train", "--corpus", corpus, "--runs-dir", runs, "--epochs", "2"]
+        for args in (
+            [*TINY, "--normalize", "raw", "--run", "raw"],
+            [*TINY, "--normalize", "bytes", "--run", "bytes", "--model", "cudnn", "--layers", "2", "--embedding", "8"],
+            ["--config", CONFIGS / "d2l.toml", "--hidden", "16", "--run", "d2l"],
+        ):
+            result = cli(*common, *args)
+            assert result.code == 0, result.stderr
+    yield runs
+
+
+@pytest.fixture
+def runs_copy(made: Path, tmp_path: Path) -> Path:
+    """A copy of the made runs this test may change (times kept: copy2)."""
+    return Path(shutil.copytree(made, tmp_path / "runs", symlinks=True))
+
+
+def listed(runs_dir: Path, *args: str) -> dict[str, dict[str, Any]]:
+    """`lstmlm runs --json`, by name; each line strict JSON."""
+    result = cli("runs", "--runs-dir", runs_dir, "--json", *args)
+    assert result.code == 0, result.stderr
+    records = result.json()
+    assert len({r["name"] for r in records}) == len(records)
+    return {r["name"]: r for r in records}
+
+
+def on_disk(path: Path) -> int:
+    """What `du` counts: the blocks of the directory and everything under it, links not followed
+    (a file system that reports no blocks: the files' sizes)."""
+    stats = [os.lstat(p) for p in [path, *path.rglob("*")]]
+    return sum(st.st_blocks * 512 or st.st_size for st in stats)
+
+
+# ---- what a row says ------------------------------------------------------------------------------
+
+
+def test_each_run_is_a_row_with_what_its_files_and_checkpoints_hold(made: Path) -> None:
+    from lstmlm.checkpoint import load_checkpoint
+
+    runs = listed(made)
+    assert set(runs) == {"raw", "bytes", "d2l"}
+    for name, run in runs.items():
+        latest = load_checkpoint(made / name / "latest.pt")
+        state = latest["trainer"]["state"]
+        assert (run["state"], run["why"], run["problems"], run["pid"]) == ("done", "completed", [], None)
+        assert (run["epochs"], run["planned_epochs"]) == (2, 2)
+        assert run["parameters"] == sum(t.numel() for t in latest["model"].values())  # counted from the config, no torch
+        assert run["tokens"] == state["total_tokens"]
+        assert run["corpus"] == "corpus.txt" and run["cell"] == "lstm" and run["checkpoint"] is True
+        assert run["size_bytes"] == on_disk(made / name)
+        if name == "d2l":  # the seed validates on nothing
+            assert run["best_val_perplexity"] is None and run["best_val_bits"] is None
+            continue
+        best = load_checkpoint(made / name / "best.pt")["trainer"]["state"]["best_saved"]
+        assert run["best_val_perplexity"] == pytest.approx(math.exp(best), rel=1e-9)
+        assert run["best_val_bits"] == pytest.approx(math.log2(run["best_val_perplexity"]))
+    assert (runs["raw"]["model"], runs["raw"]["layers"], runs["raw"]["hidden"], runs["raw"]["bits_per"]) == ("scratch", 1, 16, "character")
+    assert (runs["bytes"]["model"], runs["bytes"]["layers"], runs["bytes"]["embedding"], runs["bytes"]["bits_per"]) == ("cudnn", 2, 8, "byte")
+    assert runs["bytes"]["vocab_size"] == 256
+
+
+def test_the_table_shows_every_run_and_its_figures(made: Path) -> None:
+    runs = listed(made)
+    result = cli("runs", "--runs-dir", made)
+    assert result.code == 0 and "Traceback" not in result.stderr
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:-1]}
+    assert set(rows) == {"raw", "bytes", "d2l"}
+    assert "lstm cudnn" in rows["bytes"] and "2×16" in rows["bytes"] and f"{runs['bytes']['best_val_bits']:.3f} bpb" in rows["bytes"]
+    assert f"{runs['raw']['best_val_perplexity']:.3f}" in rows["raw"] and "bpc" in rows["raw"] and "2/2" in rows["raw"]
+    assert all(row.rstrip().endswith("done") for row in rows.values())
+    assert result.stdout.splitlines()[-1].startswith("3 run(s)")
+
+
+def test_runs_sort_by_time_name_and_best(runs_copy: Path) -> None:
+    for age, name in enumerate(["d2l", "raw", "bytes"]):  # d2l the newest
+        for path in [runs_copy / name, *(runs_copy / name).iterdir()]:
+            os.utime(path, (1e9 - age * 1000, 1e9 - age * 1000), follow_symlinks=False)
+    order = lambda *args: [r["name"] for r in cli("runs", "--runs-dir", runs_copy, "--json", *args).json()]  # noqa: E731
+    assert order() == order("--sort", "time") == ["d2l", "raw", "bytes"]
+    assert order("--sort", "name") == ["bytes", "d2l", "raw"]
+    runs = listed(runs_copy)
+    by_bits = sorted(["raw", "bytes"], key=lambda n: runs[n]["best_val_bits"])
+    assert order("--sort", "best") == [*by_bits, "d2l"]  # no validation: last
+    assert_one_error_line(cli("runs", "--runs-dir", runs_copy, "--sort", "fastest"), "--sort must be one of best, time, name")
+
+
+def test_an_empty_or_missing_runs_directory(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "tune-study.db").write_bytes(b"not a run")  # files beside the runs are not runs
+    result = cli("runs", "--runs-dir", tmp_path / "empty")
+    assert result.code == 0 and result.stdout.startswith("no runs in")
+    assert cli("runs", "--runs-dir", tmp_path / "empty", "--json").stdout == ""
+    assert_one_error_line(cli("runs", "--runs-dir", tmp_path / "absent"), "no runs directory")
+
+
+# ---- how a run ended --------------------------------------------------------------------------------
+
+
+def test_a_run_made_before_the_end_was_recorded_is_done_when_all_its_epochs_are_logged(runs_copy: Path) -> None:
+    record = json.loads((runs_copy / "raw" / "run.json").read_text())
+    assert record["done"]["reason"] == "completed" and record["done"]["epochs"] == 2
+    (runs_copy / "raw" / "run.json").write_text(json.dumps({"corpus_sha1": record["corpus_sha1"]}))
+    (runs_copy / "bytes" / "run.json").unlink()  # older still: no run.json at all
+    metrics = runs_copy / "d2l" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().splitlines(keepends=True)[0])
+    (runs_copy / "d2l" / "run.json").write_text("{}")
+    runs = listed(runs_copy)
+    assert (runs["raw"]["state"], runs["bytes"]["state"]) == ("done", "done")
+    assert runs["raw"]["tokens"] == record["done"]["tokens"]  # from the epochs' rates and times
+    assert (runs["d2l"]["state"], runs["d2l"]["epochs"]) == ("interrupted", 1)
+
+
+def test_a_checkpoint_newer_than_the_recorded_end_is_an_interrupted_training(runs_copy: Path) -> None:
+    record = json.loads((runs_copy / "raw" / "run.json").read_text())
+    later = record["done"]["at"] + 60
+    os.utime(runs_copy / "raw" / "latest.pt", (later, later))  # as a later training's checkpoint, that then died
+    run = listed(runs_copy)["raw"]
+    assert (run["state"], run["why"]) == ("interrupted", "ended without saying so (killed?)")
+
+
+def test_a_training_out_of_time_is_done_and_says_so(corpus_file: Path, runs_dir: Path) -> None:
+    args = ["--corpus", corpus_file, "--normalize", "d2l", "--runs-dir", runs_dir, "--run", "timed", *TINY, "--epochs", "500", "--max-minutes", "0.01"]
+    trained = cli("train", *args)
+    assert trained.code == 0, trained.stderr
+    run = listed(runs_dir)["timed"]
+    assert (run["state"], run["why"], run["planned_epochs"]) == ("done", "time limit", 500)
+    assert run["epochs"] < 500 and run["tokens"] > 0  # the tokens of the epoch it stopped in too
+    assert "done (time limit)" in cli("runs", "--runs-dir", runs_dir).stdout
+
+
+class Training:
+    """`python -m lstmlm train ... --json` in a process of its own; stdout's lines kept by a thread."""
+
+    def __init__(self, args: list[str | Path], stderr: Path) -> None:
+        self.stderr_path = stderr
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lstmlm", "train", *map(str, args), "--json"],
+            stdout=subprocess.PIPE, stderr=stderr.open("w"), text=True,
+        )  # fmt: skip
+        self.events: list[dict[str, Any]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                self.events.append(json.loads(line))
+
+    def wait_until(self, test: Any, what: str) -> None:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not test():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                pytest.fail(f"no {what}: exit {self.proc.returncode}; stderr: {self.stderr_path.read_text()[-2000:]}")
+            time.sleep(0.1)
+
+    def stop(self, signum: int) -> int:
+        self.proc.send_signal(signum)
+        code = self.proc.wait(timeout=TIMEOUT_S)
+        self._reader.join(timeout=10)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def trainings(tmp_path: Path) -> Iterator[list[Training]]:
+    started: list[Training] = []
+    yield started
+    for training in started:
+        training.kill()
+
+
+def live_args(corpus: Path, runs_dir: Path, run: str) -> list[str | Path]:
+    return ["--corpus", corpus, "--normalize", "raw", "--runs-dir", runs_dir, "--run", run, *TINY, "--epochs", "500", "--checkpoint-every", "1e"]
+
+
+def test_a_live_training_holds_its_run_until_a_sigint_leaves_it_interrupted_and_show_says_how_to_continue(
+    trainings: list[Training], corpus_file: Path, runs_dir: Path, tmp_path: Path
+) -> None:
+    training = Training(live_args(corpus_file, runs_dir, "live"), tmp_path / "stderr")
+    trainings.append(training)
+    training.wait_until(lambda: any(e["event"] == "epoch" for e in training.events), "epoch")
+
+    run = listed(runs_dir)["live"]
+    assert (run["state"], run["pid"], run["why"]) == ("training", training.proc.pid, f"pid {training.proc.pid}")
+    assert f"training (pid {training.proc.pid})" in cli("runs", "--runs-dir", runs_dir).stdout
+    refused = cli("runs", "rm", "live", "--runs-dir", runs_dir, "--yes")
+    assert_one_error_line(refused, f"run live is training now (pid {training.proc.pid})")
+    assert (runs_dir / "live" / "config.json").is_file()
+    assert "training now; once stopped, continue with: lstmlm train --resume --run live" in cli("runs", "show", "live", "--runs-dir", runs_dir).stdout
+
+    assert training.stop(signal.SIGINT) == 130
+    printed = next(line for line in training.stderr_path.read_text().splitlines() if "continue with:" in line)
+    run = listed(runs_dir)["live"]
+    assert (run["state"], run["why"], run["pid"]) == ("interrupted", "stopped, checkpoint saved", None)
+    assert run["epochs"] == training.events[-1]["epochs"]  # the `done` event's
+    shown = cli("runs", "show", "live", "--runs-dir", runs_dir)
+    assert shown.code == 0 and "interrupted" in shown.stdout
+    command = shown.stdout.splitlines()[-1].removeprefix("continue with: ")
+    assert shlex.split(printed.split("continue with: ")[1])[: len(shlex.split(command))] == shlex.split(command)  # the same, less the options saved in the run
+
+    resumed = cli(*shlex.split(command)[1:], "--epochs", str(run["epochs"] + 1))  # the command works as shown
+    assert resumed.code == 0, resumed.stderr
+    again = listed(runs_dir)["live"]
+    assert (again["state"], again["epochs"], again["planned_epochs"]) == ("done", run["epochs"] + 1, run["epochs"] + 1)
+    assert again["tokens"] > run["tokens"]
+
+
+def test_a_killed_training_is_interrupted_without_a_word(trainings: list[Training], corpus_file: Path, runs_dir: Path, tmp_path: Path) -> None:
+    training = Training(live_args(corpus_file, runs_dir, "killed"), tmp_path / "stderr")
+    trainings.append(training)
+    training.wait_until(lambda: (runs_dir / "killed" / "latest.pt").is_file() and listed(runs_dir)["killed"]["epochs"], "checkpoint")
+    assert training.stop(signal.SIGKILL) == -signal.SIGKILL
+    run = listed(runs_dir)["killed"]
+    assert (run["state"], run["why"], run["checkpoint"]) == ("interrupted", "ended without saying so (killed?)", True)
+    assert "done" not in json.loads((runs_dir / "killed" / "run.json").read_text())
+
+
+# ---- damaged runs -------------------------------------------------------------------------------------
+
+
+def _symlink_config(run: Path) -> None:
+    outside = run.parent.parent / "outside-config.json"
+    outside.write_text((run / "config.json").read_text())
+    (run / "config.json").unlink()
+    (run / "config.json").symlink_to(outside)
+
+
+def _symlink_run(run: Path) -> None:
+    outside = run.parent.parent / "outside-run"
+    run.rename(outside)
+    run.symlink_to(outside)
+
+
+def _garbage_line(run: Path) -> None:
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text(lines[0] + "garbage\n" + "".join(lines[1:]))
+
+
+DAMAGE = {
+    "config not JSON": (lambda run: (run / "config.json").write_text("{"), "config.json: stored config is not valid JSON"),
+    "config missing": (lambda run: (run / "config.json").unlink(), "config.json is missing"),
+    "config invalid": (lambda run: (run / "config.json").write_text('{"model": {"hidden": -1}}'), "config.json: [model] hidden must be at least 1"),
+    "config a symlink": (_symlink_config, "config.json is a symbolic link"),
+    "config a directory": (lambda run: ((run / "config.json").unlink(), (run / "config.json").mkdir()), "config.json is not a regular file"),
+    "vocab missing": (lambda run: (run / "vocab.json").unlink(), "vocab.json is missing"),
+    "vocab empty": (lambda run: (run / "vocab.json").write_text('{"tokens": []}'), "vocab.json lists no tokens"),
+    "run.json not UTF-8": (lambda run: (run / "run.json").write_bytes(b"\xff\xfe"), "run.json is not UTF-8 text"),
+    "run.json not JSON": (lambda run: (run / "run.json").write_text("[1, 2"), "run.json is not valid JSON"),
+    "run.json a list": (lambda run: (run / "run.json").write_text("[1, 2]"), "run.json is not a JSON object"),
+    "metrics garbage line": (_garbage_line, "metrics.jsonl line 2 is not a JSON record"),
+    "metrics a FIFO": (lambda run: ((run / "metrics.jsonl").unlink(), os.mkfifo(run / "metrics.jsonl")), "metrics.jsonl is not a regular file"),
+    "lock a symlink": (lambda run: (run / ".lock").symlink_to("/dev/null"), ".lock is a symbolic link"),
+    "run a symlink": (_symlink_run, "a symbolic link to"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_run_is_one_row_saying_what_is_wrong(runs_copy: Path, damage: str) -> None:
+    harm, says = DAMAGE[damage]
+    (runs_copy / "raw" / ".lock").unlink(missing_ok=True)
+    harm(runs_copy / "raw")
+    runs = listed(runs_copy)
+    assert (runs["raw"]["state"], runs["bytes"]["state"], runs["d2l"]["state"]) == ("unreadable", "done", "done")
+    assert says in runs["raw"]["why"] and says in runs["raw"]["problems"][0]
+    table = cli("runs", "--runs-dir", runs_copy)
+    assert table.code == 0 and "Traceback" not in table.stdout + table.stderr
+    assert "unreadable: " + says in next(line for line in table.stdout.splitlines() if line.startswith(" raw") or line.startswith("raw"))
+    shown = cli("runs", "show", "raw", "--runs-dir", runs_copy)
+    assert shown.code == 0 and "Traceback" not in shown.stdout + shown.stderr and says in shown.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a directory whatever its permissions")
+def test_a_run_without_permission_to_read_is_one_row(runs_copy: Path) -> None:
+    os.chmod(runs_copy / "raw", 0)
+    try:
+        run = listed(runs_copy)["raw"]
+    finally:
+        os.chmod(runs_copy / "raw", 0o755)
+    assert run["state"] == "unreadable" and "Permission denied" in run["why"]
+
+
+def test_a_directory_that_is_no_run_and_a_line_cut_by_a_crash(runs_copy: Path) -> None:
+    (runs_copy / "stray").mkdir()
+    with (runs_copy / "raw" / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 3, "train_perp')  # a crash mid-write: the line has no end
+    with (runs_copy / "bytes" / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 3, "val_perplexity": NaN, "train_perplexity": Infinity}\n')  # not strict JSON: no figure
+    runs = listed(runs_copy)
+    assert (runs["stray"]["state"], runs["stray"]["why"]) == ("unreadable", "config.json is missing; vocab.json is missing")
+    assert (runs["raw"]["state"], runs["raw"]["epochs"]) == ("done", 2)
+    assert runs["bytes"]["best_val_perplexity"] is not None and runs["bytes"]["train_perplexity"] is None
+
+
+# ---- runs show ------------------------------------------------------------------------------------
+
+
+def test_show_prints_the_config_history_and_the_command(made: Path) -> None:
+    run = listed(made)["raw"]
+    shown = cli("runs", "show", "raw", "--runs-dir", made)
+    assert shown.code == 0
+    text = shown.stdout
+    assert "optimizer" in text and "adam" in text and "hidden" in text
+    assert f"trained 2/2 epochs, {run['tokens']:,} tokens" in text
+    assert f"best validation perplexity {run['best_val_perplexity']:.3f} ({run['best_val_bits']:.3f} bpc) at epoch 2" in text
+    assert text.splitlines()[-1] == f"continue with more epochs: lstmlm train --resume --run raw --runs-dir {made} --epochs N"
+    as_json = strict_json(cli("runs", "show", "raw", "--runs-dir", made, "--json").stdout)
+    assert as_json["config"]["train"]["optimizer"] == "adam" and as_json["continue"] == f"lstmlm train --resume --run raw --runs-dir {made}"
+    assert_one_error_line(cli("runs", "show", "nope", "--runs-dir", made), "no run nope in")
+    assert_one_error_line(cli("runs", "show", "../raw", "--runs-dir", made), "--run must be a plain name")
+
+
+# ---- runs rm ------------------------------------------------------------------------------------------
+
+
+def rm(runs_dir: Path, *args: str, answer: str | None = None) -> Result:
+    from typer.testing import CliRunner
+
+    from lstmlm.cli import app
+
+    result = CliRunner().invoke(app, ["runs", "rm", *args, "--runs-dir", str(runs_dir)], input=answer)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return Result(result.exit_code, result.stdout, result.stderr)
+
+
+def test_rm_asks_first_and_deletes_only_on_yes(runs_copy: Path) -> None:
+    declined = rm(runs_copy, "raw", answer="n\n")
+    assert declined.code == 0 and "delete raw (" in declined.stderr and "nothing deleted" in declined.stderr
+    assert (runs_copy / "raw").is_dir()
+    unanswered = rm(runs_copy, "raw", answer="")  # stdin closed: no answer
+    assert unanswered.code == 1 and unanswered.stderr.splitlines()[0].startswith("delete raw (")
+    assert unanswered.stderr.splitlines()[1:] == ["error: nothing deleted: no answer to the question (give --yes to delete without asking)"]
+    assert (runs_copy / "raw").is_dir()
+    agreed = rm(runs_copy, "raw", answer="y\n")
+    assert agreed.code == 0 and agreed.stdout.endswith("deleted raw\n") and not (runs_copy / "raw").exists()  # (the runner echoes the answer)
+    assert set(listed(runs_copy)) == {"bytes", "d2l"}
+
+
+def test_rm_yes_deletes_several_and_nothing_when_one_is_not_there(runs_copy: Path) -> None:
+    assert_one_error_line(rm(runs_copy, "bytes", "nope", "--yes"), "no run nope in")
+    assert (runs_copy / "bytes").is_dir()
+    assert_one_error_line(rm(runs_copy, "../bytes", "--yes"), "--run must be a plain name")
+    done = rm(runs_copy, "bytes", "d2l", "--yes")
+    assert done.code == 0 and done.stdout.splitlines() == ["deleted bytes", "deleted d2l"]
+    assert sorted(p.name for p in runs_copy.iterdir()) == ["raw"]
+
+
+def test_rm_never_follows_a_symbolic_link_out_of_the_runs_directory(runs_copy: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    (outside / "dir").mkdir(parents=True)
+    (outside / "keep.txt").write_text("mine")
+    (outside / "dir" / "keep.txt").write_text("mine too")
+    (runs_copy / "raw" / "linked.txt").symlink_to(outside / "keep.txt")
+    (runs_copy / "raw" / "linked-dir").symlink_to(outside / "dir")
+    (runs_copy / "elsewhere").symlink_to(outside)  # a link in a run's place
+    assert rm(runs_copy, "raw", "elsewhere", "--yes").code == 0
+    assert not os.path.lexists(runs_copy / "raw") and not os.path.lexists(runs_copy / "elsewhere")
+    assert (outside / "keep.txt").read_text() == "mine" and (outside / "dir" / "keep.txt").read_text() == "mine too"
+
+
+# ---- no torch -----------------------------------------------------------------------------------------
+
+NO_TORCH = """
+import sys
+from lstmlm.cli import app
+try:
+    app(sys.argv[1:], prog_name="lstmlm")
+except SystemExit as e:
+    code = e.code
+print("torch imported" if "torch" in sys.modules else "no torch", code, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("command", [["runs"], ["runs", "--json", "--sort", "best"], ["runs", "show", "raw"], ["runs", "rm", "d2l", "--yes"]])
+def test_runs_never_imports_torch(runs_copy: Path, command: list[str]) -> None:
+    done = subprocess.run([sys.executable, "-c", NO_TORCH, *command, "--runs-dir", str(runs_copy)], capture_output=True, text=True, timeout=60)
+    assert done.stderr.strip().splitlines()[-1] == "no torch 0", done.stderr
+    assert ("deleted d2l" if "rm" in command else "raw") in done.stdout

@@ -50,6 +50,8 @@ class EpochEnded:
     tokens_per_s: float
     seconds: float
     lr: float
+    global_step: int = 0  # optimizer steps at the epoch's end
+    grad_norm: float | None = None  # the mean gradient norm (before clipping) over the epoch's steps in this session
 
 
 @dataclass(frozen=True)

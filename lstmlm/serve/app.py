@@ -2,7 +2,7 @@
 
     GET  /                           the page (static/index.html)
     GET  /api/runs                   the runs: config, vocabulary size, best validation, last epoch
-    GET  /api/runs/{name}/metrics    a run's epochs (metrics.jsonl), for a chart that follows training
+    GET  /api/runs/{name}/metrics    a run's epochs (metrics.jsonl) and baselines, for a chart that follows training
     POST /api/generate               a prefix continued: server-sent events, or JSON with "stream": false
     POST /api/inspect                a text's gates, per character (units.inspect_text)
     GET  /api/status                 the limits and the generations running now
@@ -42,7 +42,7 @@ from .. import __version__
 from ..errors import CheckpointError, ConfigError, InspectError, LstmlmError, VocabError
 from ..runs import check_run_name
 from . import Limits
-from .catalog import Loaded, Models, NoCheckpoint, finite, list_runs, open_run
+from .catalog import Loaded, Models, NoCheckpoint, finite, list_runs, open_run, run_baselines
 
 if TYPE_CHECKING:
     from ..generate import Continuation
@@ -237,7 +237,7 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
     @app.get("/api/runs/{name}/metrics")
     async def metrics(name: str) -> JSONResponse:
         store = open_run(runs_dir, run_named(name))
-        return JSONResponse({"run": name, "epochs": finite(store.read_metrics())})
+        return JSONResponse({"run": name, "epochs": finite(store.read_metrics()), "baselines": run_baselines(store)})
 
     @app.get("/api/status")
     async def status() -> JSONResponse:

@@ -6,12 +6,14 @@ Nothing here knows HTTP: the app (`app.py`) turns these into responses.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import baselines
 from ..errors import CheckpointError, LstmlmError
 from ..runs import BEST, LATEST, RunStore, check_run_name
 
@@ -46,6 +48,12 @@ def best_epoch(records: list[dict[str, Any]]) -> dict[str, Any] | None:
         return None
     best = min(validated, key=lambda r: r["val_perplexity"])
     return {"epoch": best.get("epoch"), "val_perplexity": best["val_perplexity"], "val_bpc": best.get("val_bpc")}
+
+
+def run_baselines(store: RunStore) -> dict[str, Any] | None:
+    """The run's baselines (baselines.py) for the chart's horizontal lines; None where it keeps none."""
+    found = baselines.read(store.root)
+    return finite(dataclasses.asdict(found)) if found is not None else None
 
 
 def run_summary(store: RunStore) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from . import baselines, checkpoint, config, distributed
+from . import baselines, checkpoint, config, distributed, tensorboard
 from .atomic import write_text_atomic
 from .bench import measure_training
 from .config import Config
@@ -268,11 +268,14 @@ class Training:
         return self.trainer.cfg
 
     def run(self, should_stop: Callable[[], bool] | None = None) -> Iterator[Event]:  # a StopFlag, or any test of whether to stop (tune: the pruner too)
-        """The trainer's events; on rank 0 with the run's baselines after Started."""
+        """The trainer's events; on rank 0 with the run's baselines after Started, and logged
+        to TensorBoard with --tensorboard."""
         events = self.trainer.run(should_stop or (lambda: False))
         if not self.world.is_main:
             return events
-        return with_baselines(events, self.trainer)
+        events = with_baselines(events, self.trainer)
+        logs = tensorboard.directory_of(self.config, self.store.name)
+        return tensorboard.logged(events, logs, self.config, self.trainer.state.global_step) if logs else events
 
 
 def with_baselines(events: Iterator[Event], trainer: Trainer) -> Iterator[Event]:
@@ -300,6 +303,8 @@ def training(plan: Plan) -> Iterator[Training]:
     try:
         precision = resolve_precision(cfg.train.precision, device)
         set_tf32(device, cfg.train.tf32)
+        if cfg.train.tensorboard and world.is_main:
+            tensorboard.prepare(Path(cfg.train.tensorboard))  # before the run is made: a missing extra costs no run
         store = plan.store or create_run(plan.runs_dir, plan.run, cfg, plan.data, world)
         with store.locked() if world.is_main else contextlib.nullcontext():
             resuming = plan.store is not None

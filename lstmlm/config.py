@@ -100,7 +100,7 @@ class TrainConfig:
     tensorboard: str = setting(
         "",
         "Also log to TensorBoard, under DIR/RUN ('tensorboard --logdir DIR' compares the runs, tune's trials among them); '' = off. "
-        "Needs: pip install 'lstmlm[tensorboard]'.",
+        "Needs the tensorboard extra.",
     )
 
 

@@ -39,8 +39,8 @@ def train(
     as_json: options.Json = False,
     **overrides: Any,
 ) -> None:
-    """Train a character-level LSTM; prints perplexity as it falls and samples at the end
-    (with --json: a JSON line per epoch and validation, and a last 'done')."""
+    """Train a character-level LSTM; prints perplexity as it falls, its baselines, and samples at the end
+    (with --json: a JSON line for the baselines, per epoch and validation, and a last 'done')."""
     from .. import baselines, session
     from ..plot import perplexity_chart
 

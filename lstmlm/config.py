@@ -121,6 +121,11 @@ class TrainConfig:
     max_minutes: float = setting(0.0, "Stop (validated, sampled, saved) after this much training; a cosine schedule anneals by the clock too.")
     ar: float = setting(0.0, "Activation regularization α: α·mean(H²) of the top layer's dropped outputs, added to the training loss (Merity et al. 2017).")
     tar: float = setting(0.0, "Temporal activation regularization β: β·mean((H_t − H_{t−1})²) of the top layer's outputs, added to the training loss.")
+    tensorboard: str = setting(
+        "",
+        "Also log to TensorBoard, under DIR/RUN ('tensorboard --logdir DIR' compares the runs, tune's trials among them); '' = off. "
+        "Needs the tensorboard extra.",
+    )
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,7 @@ MODEL_DEFINING = ("normalize", "model", "cell", "gru_form", "hidden", "layers", 
 # alters the training itself, so a resume keeps it, as it keeps lr: it stays exact.)
 RESUMABLE = frozenset(
     {"epochs", "device", "precision", "tf32", "path", "sample_every", "eval_every", "checkpoint_every", "patience", "max_minutes", "val_tokens", "strict"}
+    | {"tensorboard"}  # where the logs go
 )
 
 # ---- cadences: how often something happens during training ------------------------------------

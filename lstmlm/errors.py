@@ -59,3 +59,7 @@ class ExportError(LstmlmError):
 
 class TuneError(LstmlmError):
     """A study that cannot run: Optuna missing, a storage that cannot be opened, a study made with other settings, trials that keep failing."""
+
+
+class TensorBoardError(LstmlmError):
+    """TensorBoard logs that cannot be written: the extra missing, a directory that cannot be made."""

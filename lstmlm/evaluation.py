@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .baselines import Scored
 from .data.pipeline import encode_text
 from .device import autocast
 from .distributed import World, sum_all
@@ -56,14 +57,22 @@ def evaluate(
     only its first max_tokens / streams characters: a fixed sample, spread over the whole text.
     Under torchrun (`world` active) this process reads its block of the rows.
     """
-    streams = min(batch_size, max(1, (len(ids) - 1) // num_steps))
-    row_length = (len(ids) - 1) // streams
-    if row_length < 1:
-        raise TrainingError(f"text of {len(ids)} characters is too short to evaluate")
-    columns = min(row_length, max(1, max_tokens // streams)) if max_tokens > 0 else row_length
+    streams, row_length, columns = layout(len(ids), batch_size, num_steps, max_tokens)
     starts = torch.arange(streams, dtype=torch.int64)[world.rows(streams)] * row_length  # (this process's streams,)
     total = sum_all(loss_sum(model, ids, starts, columns, num_steps, device, precision), world)
     return total.item() / (streams * columns), streams * columns
+
+
+def layout(length: int, batch_size: int, num_steps: int, max_tokens: int = 0) -> tuple[int, int, int]:
+    """How `evaluate` reads a text of `length` characters: (streams, row length, columns read
+    of each row). Stream s starts at s · row length and predicts the `columns` characters after
+    its first (`baselines.py` scores the very same ones)."""
+    streams = min(batch_size, max(1, (length - 1) // num_steps))
+    row_length = (length - 1) // streams
+    if row_length < 1:
+        raise TrainingError(f"text of {length} characters is too short to evaluate")
+    columns = min(row_length, max(1, max_tokens // streams)) if max_tokens > 0 else row_length
+    return streams, row_length, columns
 
 
 def loss_sum(model: CharLM, ids: torch.Tensor, starts: torch.Tensor, columns: int, num_steps: int, device: torch.device, precision: str) -> torch.Tensor:
@@ -96,6 +105,7 @@ class Score:
     perplexity: float
     bits_per_char: float  # bits per byte in bytes mode
     unit: str = "character"  # what a token is: "character", or "byte" in bytes mode
+    baselines: Scored | None = None  # what the run's unigram and bigram models score on the same characters (baselines.py)
 
 
 def unit_of(mode: str) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .baselines import Baselines
+
 
 @dataclass(frozen=True)
 class Started:
@@ -21,6 +23,11 @@ class Started:
     batches_per_epoch: int
     start_epoch: int
     epochs: int
+
+
+@dataclass(frozen=True)
+class Baselined:
+    baselines: Baselines  # what simple models score on the text validation scores (baselines.py); rank 0, after Started
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,8 @@ class EpochEnded:
     tokens_per_s: float
     seconds: float
     lr: float
+    global_step: int = 0  # optimizer steps at the epoch's end
+    grad_norm: float | None = None  # the mean gradient norm (before clipping) over the epoch's steps in this session
 
 
 @dataclass(frozen=True)
@@ -92,4 +101,4 @@ class Noted:
     message: str  # one line about what training is doing before its first step (a one-time build)
 
 
-Event = Started | Warned | Noted | Stepped | Evaluated | EpochEnded | Sampled | Saved | Finished
+Event = Baselined | Started | Warned | Noted | Stepped | Evaluated | EpochEnded | Sampled | Saved | Finished

@@ -1,4 +1,5 @@
-"""Perplexity per epoch from runs' `metrics.jsonl`: a Rich chart for the terminal, PNG or SVG files.
+"""Perplexity per epoch from runs' `metrics.jsonl`: a Rich chart for the terminal, PNG or SVG files;
+a run's baselines (`baselines.json`: uniform, unigram, bigram) as horizontal lines on both.
 
 The terminal chart needs nothing beyond Rich: braille characters give each terminal cell 2×4
 dots, enough for a readable curve in a dozen rows. Files need matplotlib, an optional extra
@@ -16,12 +17,16 @@ from typing import Any
 
 from rich.text import Text
 
+from . import baselines as baselines_mod
 from .atomic import write_atomic
+from .baselines import Baselines
 from .errors import PlotError
 from .runs import RunStore
 
 FORMATS = ("png", "svg")
 TRAIN_STYLE, VAL_STYLE, BOTH_STYLE = "cyan", "magenta", "bold white"
+BASELINE_STYLES = {"bigram": "green", "unigram": "yellow", "uniform": "dim"}  # the terminal's
+BASELINE_DASHES = {"bigram": ":", "unigram": "-.", "uniform": (0, (6, 4))}  # matplotlib's
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,13 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not records:
         raise PlotError(f"run {store.root} has no finished epoch to plot yet")
     return records
+
+
+def baseline_perplexities(b: Baselines | None) -> list[tuple[str, float]]:
+    """(name, perplexity = 2^bits) of each baseline, the best first; none without baselines."""
+    if b is None:
+        return []
+    return [(name, 2.0 ** getattr(b, name)) for name in ("bigram", "unigram", "uniform")]
 
 
 def _points(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -103,8 +115,9 @@ def _label(value: float) -> str:
     return f"{value:.3g}" if value < 1000 else f"{value:,.0f}"
 
 
-def perplexity_chart(records: list[dict[str, Any]], width: int = 72, height: int = 12) -> Text:
-    """Train and validation perplexity per epoch as a braille line chart (log scale).
+def perplexity_chart(records: list[dict[str, Any]], width: int = 72, height: int = 12, baselines: Baselines | None = None) -> Text:
+    """Train and validation perplexity per epoch as a braille line chart (log scale), the
+    run's baselines, if given, as dotted horizontal lines.
 
     `records` are metrics.jsonl lines (RunStore.read_metrics()); `width` is the chart's whole
     width in terminal cells, `height` the plot area's rows (3 at least; an axis, its labels and a legend
@@ -112,7 +125,8 @@ def perplexity_chart(records: list[dict[str, Any]], width: int = 72, height: int
     """
     train = _points(records, "train_perplexity")
     val = _points(records, "val_perplexity")
-    values = train[1] + val[1]
+    lines = baseline_perplexities(baselines) if train[0] or val[0] else []
+    values = train[1] + val[1] + [v for _, v in lines]
     if not values:
         return Text("no epochs to plot yet", style="dim")
     lo, hi = min(values), max(values)
@@ -138,8 +152,11 @@ def perplexity_chart(records: list[dict[str, Any]], width: int = 72, height: int
             canvas.line(x0, y0, x1, y1, name)
         for x, y in points[:1]:  # a lone epoch still shows
             canvas.dot(round(x), round(y), name)
+    for name, value in lines:
+        for x in range(0, dots_x + 1, 3):  # dotted
+            canvas.dot(x, round(y_of(value)), name)
 
-    styles = {"train": TRAIN_STYLE, "validation": VAL_STYLE}
+    styles = {"train": TRAIN_STYLE, "validation": VAL_STYLE, **BASELINE_STYLES}
     row_labels = {(plot_height - 1) // 2: labels[1], 0: labels[0], plot_height - 1: labels[2]}  # ends win
     chart = Text()
     chart.append("perplexity per epoch (log scale)\n", "bold")
@@ -155,6 +172,9 @@ def perplexity_chart(records: list[dict[str, Any]], width: int = 72, height: int
     if val[0]:
         chart.append("   ")
         chart.append("━ validation", VAL_STYLE)
+    for name, value in lines:
+        chart.append("   ")
+        chart.append(f"┄ {name} {_label(value)}", BASELINE_STYLES[name])
     return chart
 
 
@@ -170,10 +190,19 @@ def _figure_class() -> Any:
     return Figure
 
 
+def _plain_numbers() -> Any:
+    """A tick formatter that writes 20, not 2×10¹ (a log axis's default)."""
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda value, _: f"{value:g}")
+
+
 def plot_runs(run_dirs: Sequence[Path], out_path: Path) -> list[Series]:
-    """Perplexity and bits per character per epoch for every run on one figure, written to
-    `out_path` (.png or .svg, atomically). Returns the series drawn: in an SVG, series i is the
-    group with id "lstmlm-series-i"."""
+    """Perplexity (log scale) and bits per character per epoch for every run on one figure, with
+    each run's baselines as horizontal lines in its colour, written to `out_path` (.png or .svg,
+    atomically). Returns the series drawn: in an SVG, series i is the group with id
+    "lstmlm-series-i", and run r's baseline lines "lstmlm-baseline-r-NAME-perplexity" and
+    "lstmlm-baseline-r-NAME-bits"."""
     out_path = Path(out_path)
     fmt = out_path.suffix.lower().lstrip(".")
     if fmt not in FORMATS:
@@ -191,6 +220,16 @@ def plot_runs(run_dirs: Sequence[Path], out_path: Path) -> list[Series]:
             marker="o" if len(s.epochs) == 1 else None, label=f"{s.run} {s.split}",
         )
         line.set_gid(f"lstmlm-series-{i}")
+    for r, d in enumerate(run_dirs):
+        run, found = Path(d).name, baselines_mod.read(Path(d))
+        for name, value in baseline_perplexities(found):
+            for metric, shown, suffix in (("perplexity", value, "perplexity"), ("bits per character", getattr(found, name), "bits")):
+                line = axes[metric].axhline(shown, color=colours[run], linestyle=BASELINE_DASHES[name], linewidth=1, alpha=0.8, label=f"{run} {name}")
+                line.set_gid(f"lstmlm-baseline-{r}-{name}-{suffix}")
+    axes["perplexity"].set_yscale("log")
+    plain = _plain_numbers()
+    axes["perplexity"].yaxis.set_major_formatter(plain)
+    axes["perplexity"].yaxis.set_minor_formatter(plain)
     for metric, ax in axes.items():
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)

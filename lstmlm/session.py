@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, get_args
 
 import torch
 
-from . import checkpoint, config, distributed
+from . import baselines, checkpoint, config, distributed, tensorboard
 from .atomic import check_output, write_text_output
 from .bench import measure_training
 from .config import Config
@@ -42,8 +42,8 @@ from .data.text import as_text, normalize, read_text
 from .device import available_memory, describe, resolve_device, resolve_precision, set_tf32
 from .distributed import World
 from .errors import CheckpointError, ConfigError, CorpusError, DeviceError
-from .evaluation import Score, score_ids
-from .events import Event
+from .evaluation import Score, score_ids, unit_of
+from .events import Baselined, Event, Started
 from .generate import Continuation, Sampling, generate, prepare_prefix
 from .model import CharLM, convert, training_bytes
 from .recipe import RECIPE_KEYS, Recipe, choose, probe_dims
@@ -257,7 +257,28 @@ class Training:
         return self.trainer.cfg
 
     def run(self, should_stop: Callable[[], bool] | None = None) -> Iterator[Event]:  # a StopFlag, or any test of whether to stop (tune: the pruner too)
-        return self.trainer.run(should_stop or (lambda: False))
+        """The trainer's events; on rank 0 with the run's baselines after Started, and logged
+        to TensorBoard with --tensorboard."""
+        events = self.trainer.run(should_stop or (lambda: False))
+        if not self.world.is_main:
+            return events
+        events = with_baselines(events, self.trainer)
+        logs = tensorboard.directory_of(self.config, self.store.name)
+        return tensorboard.logged(events, logs, self.config, self.trainer.state.global_step) if logs else events
+
+
+def with_baselines(events: Iterator[Event], trainer: Trainer) -> Iterator[Event]:
+    """`events` with the run's baselines (baselines.py) after Started: read from the run, or
+    counted and scored there, before the trainer starts its clock."""
+    for event in events:
+        yield event
+        if isinstance(event, Started):
+            d, data = trainer.cfg.data, trainer.data
+            unit = unit_of(d.normalize)
+            found = baselines.for_training(
+                trainer.store.root, data.train, data.val, len(data.vocab), unit, d.batch_size, d.num_steps, trainer.cfg.train.val_tokens
+            )
+            yield Baselined(found)
 
 
 @contextlib.contextmanager
@@ -272,6 +293,8 @@ def training(plan: Plan) -> Iterator[Training]:
     try:
         precision = resolve_precision(cfg.train.precision, device)
         set_tf32(device, cfg.train.tf32)
+        if cfg.train.tensorboard and world.is_main:
+            tensorboard.prepare(Path(cfg.train.tensorboard))  # before the run is made: a missing extra costs no run
         store = plan.store or create_run(plan.runs_dir, plan.run, cfg, plan.data, world)
         with store.locked() if world.is_main else contextlib.nullcontext():
             resuming = plan.store is not None
@@ -473,12 +496,14 @@ def evaluate_file(
     progress: StageProgress | None = None,
 ) -> Score:
     """Perplexity and bits per character (per byte) of a text file — or a directory, or a glob —
-    under a trained model, as validation measures them: all of it, streamed like a corpus."""
+    under a trained model, as validation measures them: all of it, streamed like a corpus;
+    beside it, the run's baselines on the same characters (where the run keeps its counts)."""
     trained = load_trained(runs_dir, run, best=best)
     dev = resolve_device(device)
     d = trained.config.data
     encoded = encode_file(file, trained.vocab, d.normalize, progress, scratch=runs_dir)
-    return score_ids(trained.model, encoded.ids, encoded.unknown, d.normalize, d.batch_size, d.num_steps, dev, resolve_precision(precision, dev))
+    score = score_ids(trained.model, encoded.ids, encoded.unknown, d.normalize, d.batch_size, d.num_steps, dev, resolve_precision(precision, dev))
+    return dataclasses.replace(score, baselines=baselines.for_text(trained.store.root, encoded.ids, d.batch_size, d.num_steps))
 
 
 PARTS = ("train", "val", "test")
@@ -506,7 +531,8 @@ def evaluate_part(
         how = f"--split {d.split}" if d.split else f"--val-fraction {d.val_fraction}"
         raise ConfigError(f"run {trained.store.name} has no {part} text (it was trained with {how})")
     unknown = trained.vocab.count_unknown(ids)
-    return score_ids(trained.model, ids, unknown, d.normalize, d.batch_size, d.num_steps, dev, resolve_precision(precision, dev))
+    score = score_ids(trained.model, ids, unknown, d.normalize, d.batch_size, d.num_steps, dev, resolve_precision(precision, dev))
+    return dataclasses.replace(score, baselines=baselines.for_text(trained.store.root, ids, d.batch_size, d.num_steps))
 
 
 @dataclass(frozen=True)

@@ -60,9 +60,12 @@ def train_step(
     precision: str = "fp32",
     ar: float = 0.0,
     tar: float = 0.0,
+    grad_norms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, State]:
     """Forward, mean loss, backward, clip, update. Returns the loss — the cross-entropy alone,
-    whatever AR (`ar`) and TAR (`tar`) add to the objective — on the device, no sync."""
+    whatever AR (`ar`) and TAR (`tar`) add to the objective — on the device, no sync. The
+    gradient's global norm before clipping is added to `grad_norms` (a float64 scalar on the
+    device, updated in place, so a CUDA graph holds the addition too), if given."""
     with autocast(device, precision):
         if ar > 0 or tar > 0:
             logits, state, top = model(X, state, top=True)  # (batch, steps, vocab)
@@ -73,8 +76,11 @@ def train_step(
             objective = loss = loss_fn(logits, Y)
     optimizer.zero_grad(set_to_none=True)
     objective.backward()
-    if clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True) if clip > 0 else None
+    if grad_norms is not None:
+        if norm is None:  # not clipped: measured for the record alone
+            norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None], foreach=True)
+        grad_norms += norm.double()
     optimizer.step()
     return loss.detach(), state
 
@@ -264,6 +270,10 @@ class Trainer:
         self._saved_at = self._validated_at = -1  # global steps of the last save and validation
         self._carry: State | None = None  # the state reached, gathered from every process
         self.train_perplexity = math.nan  # the last completed epoch's
+        # the gradient norms of this session's steps in the current epoch, summed on the device:
+        # read (a sync) only where the epoch's end synchronizes anyway
+        self.grad_norms = torch.zeros((), dtype=torch.float64, device=device)
+        self._norm_steps = 0
 
     def resume(self) -> None:
         """Continue from the run's latest checkpoint (weights, optimizer, schedule, RNGs, position),
@@ -436,6 +446,7 @@ class Trainer:
         st.step += 1
         st.global_step += 1
         st.tokens += Y.numel() * self.world.size
+        self._norm_steps += 1
         return state
 
     def _reset_rows(self, state: State) -> State:
@@ -452,7 +463,7 @@ class Trainer:
 
     def _eager_step(self, X: torch.Tensor, Y: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
         t = self.cfg.train
-        return train_step(self.net, self.optimizer, X, Y, state, t.clip, self.device, self.precision, t.ar, t.tar)
+        return train_step(self.net, self.optimizer, X, Y, state, t.clip, self.device, self.precision, t.ar, t.tar, grad_norms=self.grad_norms)
 
     def _settle_path(self) -> Iterator[Noted | Warned]:
         """The scratch core's path, settled before the clock starts: a compiled recurrence this
@@ -507,10 +518,20 @@ class Trainer:
             tokens_per_s=epoch_tokens / seconds if seconds else 0.0,
             seconds=seconds,
             lr=float(self.optimizer.param_groups[0]["lr"]),  # a device tensor under a graph: read where it is shown
+            global_step=st.global_step,
+            grad_norm=self._mean_grad_norm(),
         )
         if self.world.is_main:
-            self.store.append_metrics({**asdict(record), "train_loss": train_loss, "global_step": st.global_step})
+            self.store.append_metrics({**asdict(record), "train_loss": train_loss})
         return record
+
+    def _mean_grad_norm(self) -> float | None:
+        """The mean gradient norm over this session's steps of the epoch just closed, then zeroed
+        for the next (in place: a graph adds into this very tensor)."""
+        steps, self._norm_steps = self._norm_steps, 0
+        mean = self.grad_norms.item() / steps if steps else None
+        self.grad_norms.zero_()
+        return mean
 
     def _stepped(self, epoch: Epoch) -> Stepped:
         st, d = self.state, self.cfg.data

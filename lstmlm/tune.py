@@ -63,8 +63,9 @@ PRUNERS = ("median", "halving")
 TRIAL_ONLY = ("eval_every", "checkpoint_every", "sample_every", "val_tokens")
 
 # Settings that may differ between the processes of one study: where the corpus is on each
-# machine (its content must be the same) and what each computes on.
-PER_MACHINE = frozenset({"corpus", "device", "precision", "tf32"})
+# machine (its content must be the same), what each computes on, where each logs (TensorBoard:
+# a trial's run is a subdirectory there).
+PER_MACHINE = frozenset({"corpus", "device", "precision", "tf32", "tensorboard"})
 
 
 # ---- the search space --------------------------------------------------------------------------

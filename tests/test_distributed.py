@@ -111,8 +111,8 @@ def test_only_rank_zero_writes(runs: dict) -> None:
     store = RunStore.open(root / "double")
     assert [r["epoch"] for r in store.read_metrics()] == list(range(1, EPOCHS + 1))  # each epoch once
     assert sorted(p.name for p in (root / "double").iterdir() if not p.name.startswith(".")) == [
-        "best.pt", "config.json", "latest.pt", "metrics.jsonl", "run.json", "vocab.json"
-    ]  # a corpus given by path is read raw, its last 10% validating: best.pt
+        "baselines.json", "best.pt", "config.json", "counts.npz", "latest.pt", "metrics.jsonl", "run.json", "vocab.json"
+    ]  # a corpus given by path is read raw, its last 10% validating: best.pt; rank 0's baselines, once
     assert len([e for e in runs["double"] if e["event"] == "done"]) == 1  # one process reports
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import torch
 
+from lstmlm import baselines
 from lstmlm.checkpoint import load_checkpoint
 
 from conftest import assert_one_error_line, cli, fill
@@ -35,6 +36,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 TINY = ["--hidden", "16", "--batch-size", "8", "--num-steps", "10", "--device", "cpu"]
 EXACT = [*TINY, "--layers", "2", "--dropout", "0.3"]  # dropout: the torch RNG must be restored too
 TIMEOUT_S = 180.0  # a generous bound for a loaded machine; never an assertion on speed
+BASELINE_FILES = (baselines.FIGURES, baselines.COUNTS)  # a run's baselines, written at its start (atomically, as the rest)
 
 
 class Training:
@@ -138,9 +140,13 @@ def assert_every_checkpoint_loads(run: Path) -> None:
         if path.suffix == ".pt":
             load_checkpoint(path)
         else:
-            assert path.name in {"config.json", "vocab.json", "run.json", "metrics.jsonl", ".lock"} or path.name.endswith(".tmp"), path
+            assert path.name in {"config.json", "vocab.json", "run.json", "metrics.jsonl", ".lock", *BASELINE_FILES} or path.name.endswith(".tmp"), path
     for name in ("config.json", "vocab.json", "run.json"):
         json.loads((run / name).read_text())
+    if (run / baselines.FIGURES).exists():
+        assert baselines.read(run) is not None
+    if (run / baselines.COUNTS).exists():
+        assert baselines.load_counts(run) is not None
 
 
 # ---- SIGINT, SIGTERM ----------------------------------------------------------------------------------

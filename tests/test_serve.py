@@ -185,7 +185,8 @@ def test_runs_lists_each_run_with_its_figures(api: TestClient, tiny_runs: Path) 
 def test_metrics_follow_a_training_and_stay_strict_json(runs_copy: Path) -> None:
     with client(runs_copy) as api:
         before = api.get("/api/runs/raw/metrics").json()
-        assert before == {"run": "raw", "epochs": RunStore.open(runs_copy / "raw").read_metrics()}
+        assert before == {"run": "raw", "epochs": RunStore.open(runs_copy / "raw").read_metrics(), "baselines": before["baselines"]}
+        assert before["baselines"]["bigram"] < before["baselines"]["unigram"]  # the chart's lines (test_baselines.py)
         RunStore.open(runs_copy / "raw").append_metrics({"epoch": 4, "train_perplexity": math.inf, "val_perplexity": 9.5})
         after = api.get("/api/runs/raw/metrics")
         strict_json(after.text)  # infinity travels as null
@@ -201,7 +202,7 @@ def test_a_run_still_in_its_first_epoch_is_listed_but_cannot_generate(runs_copy:
     with client(runs_copy) as api:
         listed = {r["name"]: r for r in api.get("/api/runs").json()["runs"]}["young"]
         assert listed["trained"] is False and listed["epochs"] == 0 and listed["best"] is None
-        assert api.get("/api/runs/young/metrics").json() == {"run": "young", "epochs": []}
+        assert api.get("/api/runs/young/metrics").json() == {"run": "young", "epochs": [], "baselines": None}
         assert_error(api.post("/api/generate", json={"run": "young", "prefix": "the"}), 409, "run young has no checkpoint yet")
 
 

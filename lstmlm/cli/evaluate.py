@@ -1,4 +1,5 @@
-"""`lstmlm evaluate`: perplexity and bits per character (per byte) of a text under a trained model."""
+"""`lstmlm evaluate`: perplexity and bits per character (per byte) of a text under a trained model,
+and beside it what the run's baselines (a uniform choice, its unigram and bigram models) score."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from rich.markup import escape
 from ..runs import DEFAULT_RUNS_DIR
 from . import options
 from .console import corpus_progress, out, print_json, visible
+from .train import baselines_line
 
 
 def evaluate(
@@ -43,3 +45,5 @@ def evaluate(
     unit = score.unit
     out.print(f"{escape(visible(what))}: perplexity {score.perplexity:.3f}, {score.bits_per_char:.3f} bits per {unit} "
               f"({score.predicted:,} {unit}s predicted, {score.unknown_characters:,} outside the vocabulary)", soft_wrap=True)  # fmt: skip
+    if score.baselines is not None:
+        out.print(baselines_line(score.baselines, unit, f"the same {unit}s", score.bits_per_char), soft_wrap=True, markup=False)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from .. import plot
+from .. import baselines, plot
 from ..runs import DEFAULT_RUNS_DIR, check_run_name
 from . import options
 from .console import out, visible
@@ -22,7 +22,7 @@ def plot_(
     ] = None,
     runs_dir: options.RunsDir = DEFAULT_RUNS_DIR,
 ) -> None:
-    """Train and validation perplexity per epoch (and bits per character in files), from the runs' metrics."""
+    """Train and validation perplexity per epoch (and bits per character in files), from the runs' metrics; their baselines as lines."""
     dirs = [runs_dir / check_run_name(name) for name in runs]
     if output is not None:
         series = plot.plot_runs(dirs, output)
@@ -31,4 +31,4 @@ def plot_(
     for d in dirs:
         records = plot.read_metrics(d)
         out.print(f"[bold]{escape(visible(d.name))}[/] [dim]{len(records)} epochs[/]")
-        out.print(plot.perplexity_chart(records, width=min(out.width, 100), height=12))
+        out.print(plot.perplexity_chart(records, width=min(out.width, 100), height=12, baselines=baselines.read(d)))

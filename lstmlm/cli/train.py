@@ -16,8 +16,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ..baselines import BIGRAM, UNIGRAM, Baselines, Scored
 from ..config import Config
-from ..events import EpochEnded, Evaluated, Event, Finished, Noted, Sampled, Started, Stepped, Warned
+from ..events import Baselined, EpochEnded, Evaluated, Event, Finished, Noted, Sampled, Started, Stepped, Warned
 from ..runs import DEFAULT_RUNS_DIR
 from . import options
 from .console import corpus_progress, err, out, print_json, visible
@@ -38,9 +39,9 @@ def train(
     as_json: options.Json = False,
     **overrides: Any,
 ) -> None:
-    """Train a character-level LSTM; prints perplexity as it falls and samples at the end
-    (with --json: a JSON line per epoch and validation, and a last 'done')."""
-    from .. import session
+    """Train a character-level LSTM; prints perplexity as it falls, its baselines, and samples at the end
+    (with --json: a JSON line for the baselines, per epoch and validation, and a last 'done')."""
+    from .. import baselines, session
     from ..plot import perplexity_chart
 
     with corpus_progress() as progress:
@@ -57,7 +58,7 @@ def train(
         done = render(training.config, training.run(stop), as_json)
         metrics = training.store.read_metrics()
     if not as_json and done.epochs > 1:
-        out.print(perplexity_chart(metrics, width=min(out.width, 100), height=10))
+        out.print(perplexity_chart(metrics, width=min(out.width, 100), height=10, baselines=baselines.read(training.store.root)))
     report(done, as_json, "byte" if training.config.data.normalize == "bytes" else "character")
     if done.reason == "interrupted":
         command = session.resume_command(done.run, runs_dir, overrides)  # a command that works as is
@@ -111,7 +112,8 @@ def config_table(cfg: Config, started: Started) -> Table:
 
 def render(cfg: Config, events: Iterator[Event], as_json: bool) -> Finished:
     """Show the events: progress bars (the epochs; inside a long epoch its tokens, rate and time
-    left) and samples, or JSON lines on stdout."""
+    left), the baselines under the first validation (or epoch, without validation text) and
+    samples; or JSON lines on stdout."""
     progress = Progress(
         TextColumn("{task.description} {task.completed:.0f}/{task.total:.0f}"),
         BarColumn(),
@@ -123,9 +125,23 @@ def render(cfg: Config, events: Iterator[Event], as_json: bool) -> Finished:
     unit = "bpb" if cfg.data.normalize == "bytes" else "bpc"
     epochs: Any = None
     steps = None
+    baselines: Baselines | None = None  # to show, under the first figure they are a reference for
+
+    def show_baselines(model: float | None) -> None:
+        nonlocal baselines
+        if baselines is not None:
+            on = "the validation text" if baselines.text == "validation" else "the training text (in-sample: this run has no validation text)"
+            progress.console.print(baselines_line(baselines, baselines.unit, on, model), soft_wrap=True, markup=False)
+            baselines = None
+
     with progress:
         for event in events:
-            if isinstance(event, Started):
+            if isinstance(event, Baselined):
+                if as_json:
+                    print_json({"event": "baselines", **dataclasses.asdict(event.baselines)})
+                else:
+                    baselines = event.baselines
+            elif isinstance(event, Started):
                 if not as_json:
                     out.print(config_table(cfg, event))
                 epochs = progress.add_task("epoch", total=event.epochs, completed=event.start_epoch, stats="")
@@ -148,13 +164,28 @@ def render(cfg: Config, events: Iterator[Event], as_json: bool) -> Finished:
                 progress.update(epochs, completed=event.epoch, stats=f"ppl {event.train_perplexity:.3f}{val}  {event.tokens_per_s:,.0f} tok/s")
                 if as_json:
                     print_json({"event": "epoch", **dataclasses.asdict(event)})
-            elif isinstance(event, Evaluated) and as_json:
-                print_json({"event": "eval", **dataclasses.asdict(event)})
+                elif baselines is not None and baselines.text == "training":
+                    show_baselines(math.log2(event.train_perplexity))
+            elif isinstance(event, Evaluated):
+                if as_json:
+                    print_json({"event": "eval", **dataclasses.asdict(event)})
+                else:
+                    show_baselines(event.val_bpc)
             elif isinstance(event, Sampled) and not as_json and event.epoch < cfg.train.epochs:
                 progress.console.print(f"[dim]epoch {event.epoch}[/] {escape(visible(event.text))}")
             elif isinstance(event, Finished):
+                show_baselines(None)  # a training that ended before any figure
                 return event
     raise AssertionError("training ended without a Finished event")
+
+
+def baselines_line(b: Baselines | Scored, unit: str, on: str, model: float | None) -> str:
+    """'baselines on the validation text, bits per character: uniform 6.044 · unigram 4.829
+    (Laplace add-one) · bigram 3.584 (interpolated Kneser–Ney, D 0.46) · the model 2.910'."""
+    figures = [f"uniform {b.uniform:.3f}", f"unigram {b.unigram:.3f} ({UNIGRAM})", f"bigram {b.bigram:.3f} ({BIGRAM}, D {b.discount:.2f})"]
+    if model is not None:
+        figures.append(f"the model {model:.3f}")
+    return f"baselines on {on}, bits per {unit}: " + " · ".join(figures)
 
 
 def within_epoch(step: Stepped) -> str:

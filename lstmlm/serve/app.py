@@ -2,7 +2,7 @@
 
     GET  /                           the page (static/index.html)
     GET  /api/runs                   the runs: config, vocabulary size, best validation, last epoch
-    GET  /api/runs/{name}/metrics    a run's epochs (metrics.jsonl), for a chart that follows training
+    GET  /api/runs/{name}/metrics    a run's epochs (metrics.jsonl) and baselines, for a chart that follows training
     POST /api/generate               a prefix continued: server-sent events, or JSON with "stream": false
     POST /api/inspect                a text's gates, per character (units.inspect_text)
     GET  /api/status                 the limits and the generations running now
@@ -48,7 +48,7 @@ from starlette.types import Receive, Scope, Send
 from .. import __version__
 from ..errors import CheckpointError, ConfigError, InspectError, LstmlmError, VocabError
 from . import Limits
-from .catalog import Loaded, Models, NoCheckpoint, NotServed, finite, list_runs, open_run, read_records, shown, without_paths
+from .catalog import Loaded, Models, NoCheckpoint, NotServed, finite, list_runs, open_run, read_records, run_baselines, shown, without_paths
 
 if TYPE_CHECKING:
     from ..generate import Continuation
@@ -323,7 +323,8 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
     @app.get("/api/runs/{name}/metrics")
     async def metrics(name: str) -> JSONResponse:
         store = open_run(runs_dir, run_named(name))
-        return JSONResponse({"run": name, "epochs": finite(await anyio.to_thread.run_sync(read_records, store))})
+        records, found = await anyio.to_thread.run_sync(lambda: (read_records(store), run_baselines(store)))
+        return JSONResponse({"run": name, "epochs": finite(records), "baselines": found})
 
     @app.get("/api/status")
     async def status() -> JSONResponse:

@@ -11,6 +11,7 @@ Nothing here knows HTTP: the app (`app.py`) turns these into responses.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import baselines
 from ..errors import CheckpointError, ConfigError, LstmlmError
 from ..runs import BEST, LATEST, RunStore, check_run_name
 
@@ -105,6 +107,12 @@ def best_epoch(records: list[dict[str, Any]]) -> dict[str, Any] | None:
         return None
     best = min(validated, key=lambda r: r["val_perplexity"])
     return {"epoch": best.get("epoch"), "val_perplexity": best["val_perplexity"], "val_bpc": best.get("val_bpc")}
+
+
+def run_baselines(store: RunStore) -> dict[str, Any] | None:
+    """The run's baselines (baselines.py) for the chart's horizontal lines; None where it keeps none."""
+    found = baselines.read(store.root)
+    return finite(dataclasses.asdict(found)) if found is not None else None
 
 
 def run_summary(store: RunStore, runs_dir: Path) -> dict[str, Any]:

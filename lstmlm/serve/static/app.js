@@ -268,12 +268,12 @@ async function refreshMetrics() {
   const run = state.run;
   if (!run || document.hidden) return;
   try {
-    const {epochs} = await api(`/api/runs/${encodeURIComponent(run.name)}/metrics`);
+    const {epochs, baselines} = await api(`/api/runs/${encodeURIComponent(run.name)}/metrics`);
     if (state.run !== run) return;
-    const key = run.name + ":" + JSON.stringify(epochs.at(-1) || null) + ":" + epochs.length;
+    const key = run.name + ":" + JSON.stringify(epochs.at(-1) || null) + ":" + epochs.length + ":" + JSON.stringify(baselines);
     if (key !== state.metricsKey) {
       state.metricsKey = key;
-      drawChart(epochs);
+      drawChart(epochs, baselines);
     }
   } catch (e) {
     $("chart-info").textContent = "metrics: " + e.message;
@@ -284,7 +284,11 @@ function series(epochs, key) {
   return epochs.filter((r) => typeof r[key] === "number").map((r) => [r.epoch, r[key]]);
 }
 
-function drawChart(epochs) {
+// The run's baselines as horizontal lines: the perplexity (2^bits) a uniform choice, its unigram
+// and its bigram model score on the validation text (lstmlm/baselines.py).
+const BASELINES = [["bigram", "#2e7d32"], ["unigram", "#ef6c00"], ["uniform", "#888"]];
+
+function drawChart(epochs, baselines) {
   const canvas = $("chart");
   const ratio = window.devicePixelRatio || 1;
   const width = Math.max(300, Math.round(canvas.clientWidth || 520)), height = Math.round(width * 0.55);  // drawn at the size shown
@@ -296,24 +300,28 @@ function drawChart(epochs) {
   g.fillRect(0, 0, width, height);
   const train = series(epochs, "train_perplexity"), val = series(epochs, "val_perplexity");
   const points = train.concat(val);
+  const lines = baselines && points.length ? BASELINES.map(([name, colour]) => [name, colour, 2 ** baselines[name]]) : [];
   canvas.dataset.points = String(points.length);
+  canvas.dataset.baselines = String(lines.length);
   if (!points.length) {
     $("chart-info").textContent = "no finished epoch yet";
     return;
   }
   const left = 50, right = width - 12, top = 14, bottom = height - 34;
-  const xs = points.map((p) => p[0]), ys = points.map((p) => p[1]);
+  const xs = points.map((p) => p[0]), ys = points.map((p) => p[1]).concat(lines.map((l) => l[2]));
   const x0 = Math.min(...xs), x1 = Math.max(Math.max(...xs), x0 + 1);
   let y0 = Math.min(...ys), y1 = Math.max(...ys);
   if (y1 - y0 < 1e-9) { y0 -= 0.5; y1 += 0.5; }
   const X = (e) => left + (e - x0) / (x1 - x0) * (right - left);
-  const Y = (v) => bottom - (v - y0) / (y1 - y0) * (bottom - top);
+  // a log scale where baselines are drawn: a uniform choice's perplexity is the vocabulary's size
+  const scale = lines.length && y0 > 0 ? Math.log : (v) => v;
+  const Y = (v) => bottom - (scale(v) - scale(y0)) / (scale(y1) - scale(y0)) * (bottom - top);
   g.strokeStyle = "#ccc";
   g.fillStyle = "#666";
   g.font = "11px system-ui, sans-serif";
   g.lineWidth = 1;
   for (let i = 0; i <= 4; i++) {  // horizontal grid with perplexity labels
-    const v = y0 + (y1 - y0) * i / 4, y = Y(v);
+    const v = scale === Math.log ? y0 * (y1 / y0) ** (i / 4) : y0 + (y1 - y0) * i / 4, y = Y(v);
     g.beginPath(); g.moveTo(left, y); g.lineTo(right, y); g.stroke();
     g.textAlign = "right"; g.fillText(v.toFixed(v < 10 ? 2 : 1), left - 6, y + 4);
   }
@@ -327,6 +335,15 @@ function drawChart(epochs) {
     g.stroke();
     for (const [e, v] of data) { g.beginPath(); g.arc(X(e), Y(v), 2.5, 0, 2 * Math.PI); g.fill(); }
   };
+  g.setLineDash([4, 4]);
+  g.lineWidth = 1;
+  g.textAlign = "left";
+  for (const [name, colour, v] of lines) {
+    g.strokeStyle = colour; g.fillStyle = colour;
+    g.beginPath(); g.moveTo(left, Y(v)); g.lineTo(right, Y(v)); g.stroke();
+    g.fillText(`${name} ${fixed(v)}`, left + 4, Y(v) - 3);
+  }
+  g.setLineDash([]);
   line(train, "#1f77b4");
   line(val, "#c2185b");
   g.textAlign = "left"; g.font = "12px system-ui, sans-serif";

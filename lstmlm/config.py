@@ -124,7 +124,7 @@ class TrainConfig:
     tensorboard: str = setting(
         "",
         "Also log to TensorBoard, under DIR/RUN ('tensorboard --logdir DIR' compares the runs, tune's trials among them); '' = off. "
-        "Needs the tensorboard extra.",
+        "Needs: pip install 'lstmlm[tensorboard]'.",
     )
 
 

@@ -12,8 +12,8 @@ It is compiled on first use with the machine's C++ compiler (`$CXX`, split as a 
 so `ccache g++` and `g++ -O2` work; else `c++`) against the installed torch, for this CPU
 (`-march=native`), and kept in `$LSTMLM_NATIVE_DIR` (default `$LSTMLM_HOME/native`,
 `~/.cache/lstmlm/native`) under a name that changes with the source, torch, the compiler and the
-CPU, so a cache shared between machines never loads a build made for another. Building takes
-some 10-20 seconds, once.
+CPU, so a cache shared between machines never loads a build made for another. It is built once
+per source, torch, compiler and CPU; training says when it builds.
 
 What is loaded runs inside this process, so the cache is trusted no further than this:
 - the directory must be this user's and writable by no one else (it is made 0700): another
@@ -102,7 +102,7 @@ def recurrence() -> Any | None:
 
 
 def needs_build() -> bool:
-    """Whether the next `recurrence()` will compile (some 10-20 s): nothing loaded in this
+    """Whether the next `recurrence()` will compile: nothing loaded in this
     process yet, and no intact build for this source, torch, compiler and CPU in the cache."""
     if _load.cache_info().currsize or not _enabled or os.environ.get("LSTMLM_NATIVE", "1") == "0":
         return False

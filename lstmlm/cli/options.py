@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_origin, get_type_hints
 
 import typer
+from rich.markup import escape
 
 from .. import config
 
@@ -52,7 +53,10 @@ def _add_config_options(command: Callable[..., Any], exclude: tuple[str, ...]) -
         if f.name in exclude:
             continue
         kind = str if get_origin(f.type) is Literal else f.type
-        annotation = Annotated[kind | None, typer.Option(f"--{f.name.replace('_', '-')}", help=f.help)]  # type: ignore[valid-type]
+        # Typer reads a help text as Rich markup; a config's help is plain text, where '*.[ch]' and
+        # 'lstmlm[tensorboard]' would lose their brackets
+        flag = typer.Option(f"--{f.name.replace('_', '-')}", help=escape(f.help))
+        annotation = Annotated[kind | None, flag]  # type: ignore[valid-type]
         generated.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
         hints[f.name] = annotation
     command.__signature__ = inspect.Signature(own + generated)  # type: ignore[attr-defined]

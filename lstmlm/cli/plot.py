@@ -18,7 +18,7 @@ def plot_(
     runs: Annotated[list[str], typer.Argument(help="Run names under --runs-dir; several share one figure.")],
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="Write FILE.png or FILE.svg (needs: pip install 'lstmlm[plot]'); default: a chart per run here."),
+        typer.Option("--output", "-o", help="Write FILE.png or FILE.svg (needs: pip install 'lstmlm\\[plot]'); default: a chart per run here."),
     ] = None,
     runs_dir: options.RunsDir = DEFAULT_RUNS_DIR,
 ) -> None:

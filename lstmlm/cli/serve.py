@@ -35,7 +35,8 @@ def serve(
     device: options.Device = "cpu",
     precision: options.Precision = "fp32",
 ) -> None:
-    """Serve the runs: an HTTP API (generate as server-sent events or JSON, inspect, metrics) and a page at /."""
+    """Serve the runs: an HTTP API (generate as server-sent events or JSON, inspect, metrics) and a page at /.
+    Needs: pip install 'lstmlm\\[serve]'."""
     from ..serve import Limits, open_server
 
     limits = Limits(max_length, max_text, max_concurrent, deadline, max_models, max_model_mib, max_connections, header_timeout, body_timeout)

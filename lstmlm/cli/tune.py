@@ -49,7 +49,8 @@ def tune(
     as_json: Annotated[bool, typer.Option("--json", help="Print only JSON lines: one per trial and a last 'done'.")] = False,
     **overrides: Any,
 ) -> None:
-    """Search model and training settings on Optuna: each trial a real training of --minutes, pruned on its validation curve; the options given are fixed."""
+    """Search model and training settings on Optuna: each trial a real training of --minutes, pruned on its validation curve; the options given are fixed.
+    Needs: pip install 'lstmlm\\[tune]'."""
     from .. import session
     from .. import tune as tuning
 

@@ -133,7 +133,7 @@ def free_port() -> int:
 
 def start_agents(corpus: Path, tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> list[subprocess.Popen[str]]:
     """Two torchrun agents, as on two machines (each its own runs directory and cache), meeting at
-    a c10d rendezvous on 127.0.0.1: the README's multi-node command."""
+    a c10d rendezvous on 127.0.0.1: the multi-node command of docs/gpus.md."""
     port = free_port()
     agents = []
     for node in ("a", "b"):

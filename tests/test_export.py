@@ -1,6 +1,6 @@
 """`lstmlm export`: the exported one-step model, run by onnxruntime and by TorchScript, gives
 lstmlm's logits and state for 200 steps (both cores, 1 and 2 layers, an embedding); it carries
-what a loop needs; a greedy loop on it writes `lstmlm generate`'s text; the README's loop runs;
+what a loop needs; a greedy loop on it writes `lstmlm generate`'s text; the docs' loop runs;
 and a failed export leaves nothing behind."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from lstmlm.vocab import Vocab
 from conftest import assert_close, assert_one_error_line, cli, fill, lively_model, lstmlm_process, synthetic_text
 
 VOCAB = Vocab.build(synthetic_text(), order="frequency")
-README = Path(__file__).resolve().parent.parent / "README.md"
+EXPORT_DOCS = Path(__file__).resolve().parent.parent / "docs" / "commands" / "export.md"
 
 
 CASES = [(core, layers, 0, format) for format in ("onnx", "torchscript") for core in ("scratch", "cudnn") for layers in (1, 2)]
@@ -80,14 +80,14 @@ def test_a_greedy_loop_on_the_export_writes_what_lstmlm_generate_writes(tiny_run
     assert greedy(load_runtime(out, format), meta, "the", 80) + "\n" == expected
 
 
-def test_the_readme_onnxruntime_loop_runs_on_an_export(
+def test_the_docs_onnxruntime_loop_runs_on_an_export(
     tiny_runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    block = README.read_text(encoding="utf-8").split("<!-- the onnxruntime loop -->")[1].split("```python\n")[1].split("```")[0]
-    assert len(block.strip().splitlines()) <= 14, "the README promises a short loop"
+    block = EXPORT_DOCS.read_text(encoding="utf-8").split("<!-- the onnxruntime loop -->")[1].split("```python\n")[1].split("```")[0]
+    assert len(block.strip().splitlines()) <= 14, "the docs promise a short loop"
     monkeypatch.chdir(tmp_path)
     assert cli("export", "--run", "raw", "--runs-dir", tiny_runs, "-o", "model.onnx").code == 0
-    exec(compile(block.replace('"ROMEO:"', '"the"').replace('"shakespeare.onnx"', '"model.onnx"'), "README.md", "exec"), {})
+    exec(compile(block.replace('"ROMEO:"', '"the"').replace('"shakespeare.onnx"', '"model.onnx"'), "docs/commands/export.md", "exec"), {})
     printed = capsys.readouterr().out
     tokens = read_metadata(tmp_path / "model.onnx", "onnx")["tokens"]
     assert printed.startswith("the") and len(printed) >= len("the") + 200

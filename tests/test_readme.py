@@ -18,10 +18,22 @@ def test_every_link_of_the_readme_leads_to_a_file() -> None:
 
 
 def commands(text: str) -> list[str]:
-    """A shell text's commands, one a line, `&&` chains split, comments and `--quiet` left out."""
+    """A shell text's commands, one a line, `&&` chains split (not inside `$(...)`), comments and
+    `--quiet` left out."""
     lines = [re.sub(r"\s+#.*$", "", line).strip() for line in text.splitlines()]
-    found = [part.strip() for line in lines if line and not line.startswith("#") for part in line.split(" && ")]
+    found = [part.strip() for line in lines if line and not line.startswith("#") for part in chain(line)]
     return [re.sub(r" --quiet\b", "", c) for c in found]
+
+
+def chain(line: str) -> list[str]:
+    parts: list[str] = []
+    depth = start = 0
+    for i, c in enumerate(line):
+        depth += {"(": 1, ")": -1}.get(c, 0)
+        if depth == 0 and line.startswith(" && ", i):
+            parts.append(line[start:i])
+            start = i + 4
+    return [*parts, line[start:]]
 
 
 def test_the_readme_test_block_is_what_ci_runs() -> None:

@@ -64,7 +64,7 @@ from typing import IO, Any
 import torch
 
 from .atomic import publish
-from .corpus import cache_dir
+from .data.home import cache_dir
 
 DRIVER = Path(__file__).with_name("csrc") / "recurrence.cpp"  # the driver every cell shares; each cell adds its kernel
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-std=c++20", "-shared", "-fPIC")

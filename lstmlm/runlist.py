@@ -32,7 +32,7 @@ from typing import Any
 
 from . import config as config_mod
 from .config import Config
-from .corpus import KNOWN
+from .data.download import KNOWN
 from .errors import CheckpointError, ConfigError
 from .runs import LATEST, RunStore, check_run_name, hold, open_regular, read_regular, resume_command, strict
 from .sizes import num_parameters

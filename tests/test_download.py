@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-import lstmlm.corpus as corpus
-from lstmlm.corpus import Target, cached_name, download, resolve_target, sha1_of
+import lstmlm.data.download as corpus
+from lstmlm.data.download import Target, cached_name, download, resolve_target, sha1_of
 from lstmlm.data.text import summarize
 from lstmlm.errors import DownloadError
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import lstmlm.corpus as corpus
+import lstmlm.data.download as corpus
 from lstmlm.config import Config
 from lstmlm.data.pipeline import prepare_data
 from lstmlm.errors import CorpusError

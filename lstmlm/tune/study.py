@@ -16,7 +16,7 @@ import optuna
 from .. import config, distributed, session
 from ..atomic import write_text_output
 from ..config import Config
-from ..corpus import StageProgress
+from ..data.download import StageProgress
 from ..errors import ConfigError, TuneError
 from ..runs import DEFAULT_RUNS_DIR
 from .space import Dimension, search_space

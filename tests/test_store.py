@@ -40,7 +40,8 @@ from lstmlm.runs import RunStore
 from lstmlm.train import Trainer
 from lstmlm.vocab import Vocab
 
-from conftest import assert_one_error_line, cli, lstmlm_process, synthetic_text
+from support.cli import assert_one_error_line, cli, lstmlm_process
+from support.tiny import synthetic_text
 
 TEXTS = {
     "ascii": "The Time Traveller (for so it will be convenient to speak of him)\r\nwas expounding a recondite matter to us.\n\n",

@@ -20,7 +20,7 @@ import lstmlm.train as train_mod
 from lstmlm import baselines, session
 from lstmlm.events import EpochEnded, Sampled
 
-from conftest import assert_one_error_line, cli
+from support.cli import assert_one_error_line, cli
 
 pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed (pip install '.[tensorboard]')")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

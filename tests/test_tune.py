@@ -26,7 +26,7 @@ from lstmlm import checkpoint, config, tune
 from lstmlm.errors import ConfigError
 from lstmlm.runs import LATEST, RunStore
 
-from conftest import Result, assert_one_error_line, cli, lstmlm_process
+from support.cli import Result, assert_one_error_line, cli, lstmlm_process
 
 optuna = pytest.importorskip("optuna", reason="the tune extra is not installed (pip install '.[tune]')")
 

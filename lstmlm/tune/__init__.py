@@ -22,8 +22,9 @@ events like a training; Optuna beats a trial's heartbeat only inside `study.opti
 loop beats it itself, and a trial whose process died (kill -9, a lost machine) is failed by
 the next process to ask for one after GRACE_S.
 
-Optuna is imported once, here, for the whole package: without it, importing `lstmlm.tune` is
-a TuneError that says how to install it.
+Optuna is imported first, here, once for the package (the submodules' own imports then find it
+loaded): without it, importing `lstmlm.tune` is a TuneError that says how to install it. The
+storage's timings (HEARTBEAT_S, GRACE_S) are `tune.storage`'s.
 """
 
 from ..errors import TuneError
@@ -36,14 +37,12 @@ except ImportError:
     raise TuneError(EXTRA_HINT) from None
 
 from .space import SPACE, Dimension, search_space  # noqa: E402
-from .storage import GRACE_S, HEARTBEAT_S, Heartbeat, hide_password, open_storage  # noqa: E402
+from .storage import Heartbeat, hide_password, open_storage  # noqa: E402
 from .study import Best, Setup, Study, continue_command, open_study  # noqa: E402
 from .trials import VALIDATIONS, StudyEnded, TrialEnded, TrialEvaluated, TrialStarted, TuneEvent, run_study  # noqa: E402
 
 __all__ = [
     "EXTRA_HINT",
-    "GRACE_S",
-    "HEARTBEAT_S",
     "SPACE",
     "VALIDATIONS",
     "Best",

@@ -52,21 +52,20 @@ from lstmlm.data.cache import RACY_NS
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = {"k": 10**3, "M": 10**6, "G": 10**9}
 
-# the first optimizer step, stamped on stderr; then the CLI as a user runs it
+# the first optimizer step, stamped on stderr by torch's own hook on every optimizer's step (the
+# library untouched); then the CLI as a user runs it
 FIRST_STEP_DRIVER = r"""
 import sys, time
-import lstmlm.train as train
-real_step = train.train_step
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
 stamped = []
 
-def step(*args, **kwargs):
-    result = real_step(*args, **kwargs)
-    if not stamped:
+def stamp(optimizer, args, kwargs):
+    if not stamped:  # the first step only (a hook that removed itself would mutate the dict torch iterates)
         stamped.append(time.time())
         print(f"FIRST-STEP {stamped[0]:.3f}", file=sys.stderr, flush=True)
-    return result
 
-train.train_step = step
+register_optimizer_step_post_hook(stamp)
 from lstmlm.cli import app
 app(sys.argv[1:], prog_name="lstmlm")
 """

@@ -141,7 +141,7 @@ class Config:
         validation. Any other corpus (a path, a glob, another known name) is read raw, whole,
         with the last 10% held out; a known corpus may bring its own mode and standard split
         (enwik8: bytes, 90M,5M,5M)."""
-        from .corpus import KNOWN  # no torch, no network: only the table of known corpora
+        from .data.download import KNOWN  # no torch, no network: only the table of known corpora
 
         d = self.data
         known = KNOWN.get(d.corpus)

@@ -48,6 +48,7 @@ class Evaluated:
     val_perplexity: float
     val_bpc: float  # bits per token: per character, or per byte in bytes mode
     best: bool  # better than the model in best.pt: best.pt was just written
+    val_loss: float  # nats per token: the mean cross-entropy the perplexity and the bits are of
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,10 @@ so `ccache g++` and `g++ -O2` work; else `c++`) against the installed torch, for
 CPU, so a cache shared between machines never loads a build made for another. It is built once
 per source, torch, compiler and CPU; training says when it builds.
 
-What is loaded runs inside this process, so the cache is trusted no further than this:
-- the directory must be this user's and writable by no one else (it is made 0700): another
-  user's, or a group- or world-writable one, is refused, and the Python loop runs;
-- beside each library its build writes a manifest (size, SHA-256); a library that does not match
-  it (cut short by a full disk or a crash), is another user's or is writable by others is never
-  loaded: it is built again;
-- a library that loads but lacks the ops leaves the Python loop running.
+What is loaded runs inside this process, so the cache is trusted only as far as trust.py
+allows (a private directory, each library matching its manifest): a directory refused leaves
+the Python loop running, a library that does not match is built again, and one that loads but
+lacks the ops leaves the Python loop running.
 One process builds a given library at a time (a lock the kernel drops when its holder dies),
 in a scratch directory beside it, with the compiler's own temporary files; what a killed build
 leaves there the next build removes.
@@ -44,13 +41,11 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import json
 import os
 import platform
 import shlex
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -59,12 +54,13 @@ import time
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 
 from .atomic import publish
-from .corpus import cache_dir
+from .data.home import cache_dir
+from .trust import Untrusted, check_directory, intact, private_directory, write_manifest
 
 DRIVER = Path(__file__).with_name("csrc") / "recurrence.cpp"  # the driver every cell shares; each cell adds its kernel
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-std=c++20", "-shared", "-fPIC")
@@ -109,10 +105,10 @@ def needs_build() -> bool:
     try:
         compiler, directory = _compiler(), _directory()
         if directory.exists():
-            _check_directory(directory)
-    except _Unavailable:
+            check_directory(directory)
+    except (_Unavailable, Untrusted):
         return False
-    return not _intact(*_paths(directory, compiler))
+    return not intact(*_paths(directory, compiler))
 
 
 def unavailable() -> str:
@@ -137,7 +133,7 @@ def _load() -> tuple[Any | None, str]:
             if _loaded is None:  # a namespace registers once a process: a second build's library would abort it
                 torch.ops.load_library(str(library))
                 _loaded = library
-        except _Unavailable as e:
+        except (_Unavailable, Untrusted) as e:
             return None, str(e)
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             return None, str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -187,13 +183,13 @@ def _build(compiler: list[str]) -> Path:
     """The compiled library for this source, torch, compiler and CPU: from the cache where it is
     intact, else built into it — in a scratch directory, then renamed into place, its manifest
     last, so a reader finds the whole library and its manifest or builds it again."""
-    directory = _private_directory()
+    directory = private_directory(_directory())
     library, manifest = _paths(directory, compiler)
-    if _intact(library, manifest):
+    if intact(library, manifest):
         return library
     try:
         with _locked(library.with_suffix(".lock")):
-            if _intact(library, manifest):  # another process built it while this one waited
+            if intact(library, manifest):  # another process built it while this one waited
                 return library
             _sweep(directory, library.stem)
             with tempfile.TemporaryDirectory(prefix=f".{library.stem}-", dir=directory) as scratch:
@@ -244,14 +240,8 @@ def _install(built: Path, library: Path, manifest: Path, compiler: list[str]) ->
     the scratch directory, fsynced, renamed. Between the two renames a reader finds the old
     manifest, which no longer matches, and waits on the lock."""
     os.chmod(built, 0o755)  # the linker's mode follows the umask; a group-writable library would be refused
-    with open(built, "rb") as f:
-        record = {"size": os.fstat(f.fileno()).st_size, "sha256": _sha256(f), "source": str(DRIVER), "compiler": compiler}
     written = built.with_name(manifest.name)
-    with open(written, "w") as f:
-        f.write(json.dumps(record, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(written, 0o644)
+    write_manifest(built, written, source=str(DRIVER), compiler=compiler)
     os.replace(built, library)
     publish(written, manifest)
 
@@ -304,76 +294,6 @@ def _sweep(directory: Path, stem: str) -> None:
                     shutil.rmtree(entry)
                 else:
                     entry.unlink()
-
-
-# ---- what the cache is trusted with -----------------------------------------------------------------
-
-
-def _private_directory() -> Path:
-    """The cache directory, made private (0700) where it is missing; refused where it is not."""
-    directory = _directory()
-    try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as e:
-        raise _Unavailable(f"cannot make the cache directory {directory}: {e.strerror or e}") from None
-    _check_directory(directory)
-    return directory
-
-
-def _check_directory(directory: Path) -> None:
-    try:
-        why = _unsafe(os.stat(directory))
-    except OSError as e:
-        raise _Unavailable(f"cannot read the cache directory {directory}: {e.strerror or e}") from None
-    if why is not None:
-        raise _Unavailable(
-            f"the cache directory {directory} {why}: refused, since whoever may write there could run code in this process; "
-            "chmod go-w it, or set LSTMLM_NATIVE_DIR to a directory of your own"
-        )
-
-
-def _unsafe(st: os.stat_result) -> str | None:
-    """Why someone other than this user could have put a file there, if anyone could."""
-    if st.st_uid != os.geteuid():
-        return f"belongs to another user (uid {st.st_uid})"
-    if st.st_mode & stat.S_IWOTH:
-        return "is world-writable"
-    if st.st_mode & stat.S_IWGRP:
-        return "is group-writable"
-    return None
-
-
-def _intact(library: Path, manifest: Path) -> bool:
-    """Whether `library` is this user's, writable by no one else, and exactly what its build
-    made (its manifest's size and SHA-256, the manifest held to the same rules)."""
-    try:
-        with _open_private(manifest) as f:
-            record = json.loads(f.read(1 << 16))
-        with _open_private(library) as f:
-            if not isinstance(record, dict) or os.fstat(f.fileno()).st_size != record.get("size"):
-                return False
-            return bool(_sha256(f) == record.get("sha256"))
-    except (OSError, ValueError):
-        return False
-
-
-@contextlib.contextmanager
-def _open_private(path: Path) -> Iterator[IO[bytes]]:
-    """`path` opened for reading if it is a regular file (not through a symbolic link), this
-    user's, and writable by no one else; OSError otherwise."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or _unsafe(st) is not None:
-            raise OSError(errno.EPERM, f"not a private regular file: {path}")
-        yield f
-
-
-def _sha256(f: IO[bytes]) -> str:
-    digest = hashlib.sha256()
-    while chunk := f.read(1 << 20):
-        digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---- where, and for what ----------------------------------------------------------------------------

@@ -35,8 +35,8 @@ from . import baselines, checkpoint, config, distributed, tensorboard
 from .atomic import check_output, write_text_output
 from .bench import measure_training
 from .config import Config
-from .corpus import StageProgress
 from .data.batches import check_length
+from .data.download import StageProgress
 from .data.pipeline import Data, encode_file, prepare_data
 from .data.text import as_text, normalize, read_text
 from .device import available_memory, describe, resolve_device, resolve_precision, set_tf32

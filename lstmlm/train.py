@@ -587,7 +587,7 @@ class Trainer:
             st.best_saved = loss
             yield self._save(BEST)
         self._validated_at = st.global_step
-        yield Evaluated(st.epoch, st.global_step, perplexity(loss), bits_per_char(loss), better)
+        yield Evaluated(st.epoch, st.global_step, perplexity(loss), bits_per_char(loss), better, val_loss=loss)
 
     def _patience_spent(self) -> bool:
         patience = self.cfg.train.patience

@@ -21,7 +21,7 @@ from lstmlm.data.pipeline import prepare_data
 from lstmlm.evaluation import layout
 from lstmlm.plot import perplexity_chart
 
-from conftest import cli
+from support.cli import cli
 
 # ---- by hand -------------------------------------------------------------------------------------
 
@@ -176,7 +176,7 @@ def test_missing_or_damaged_files_read_as_none(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     """A tiny run trained through the CLI with --json: (runs dir, its JSON lines)."""
-    from conftest import synthetic_text
+    from support.tiny import synthetic_text
 
     root = tmp_path_factory.mktemp("baseline-runs")
     corpus = root / "corpus.txt"

@@ -18,7 +18,7 @@ import torch
 from lstmlm.data.batches import Batch, check_length, min_tokens, num_batches, random_subsequences, sequential, split
 from lstmlm.errors import CorpusError
 
-from conftest import d2l_data
+from support.tiny import d2l_data
 
 BATCH, STEPS, MAX_TOKENS = 32, 35, 10_000
 SEEDS = (0, 1, 7, 1234)

@@ -16,7 +16,7 @@ from lstmlm import bench
 from lstmlm.bench import Dims
 from lstmlm.errors import DeviceError
 
-from conftest import cli
+from support.cli import cli
 
 TINY = Dims(vocab_size=7, hidden=8, layers=2, batch_size=3, num_steps=5)
 

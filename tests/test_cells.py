@@ -26,7 +26,7 @@ from lstmlm.cells.cores import ScratchCore, TorchCore, drop, dropconnect_mask
 from lstmlm.errors import ShapeError
 from lstmlm.model import CharLM, scratch_to_torch, torch_to_scratch
 
-from conftest import assert_close
+from support.references import assert_close
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 UNGATED_FP32 = 4e-5  # a cell with no gate (the plain RNN) amplifies fp32's rounding from step to step (float64: 1e-10 still)

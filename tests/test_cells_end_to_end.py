@@ -22,7 +22,9 @@ from lstmlm import cells
 from lstmlm.export import load_runtime, read_metadata
 from lstmlm.session import load_trained
 
-from conftest import cli, http_json, synthetic_text
+from support.cli import cli
+from support.serving import http_json
+from support.tiny import synthetic_text
 
 OTHERS = [name for name in cells.NAMES if name != cells.DEFAULT]
 TINY = ["--hidden", "16", "--batch-size", "8", "--num-steps", "10", "--device", "cpu", "--optimizer", "adam", "--lr", "0.02"]

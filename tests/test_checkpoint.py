@@ -27,7 +27,9 @@ from lstmlm.events import EpochEnded
 from lstmlm.runs import LATEST, RunStore
 from lstmlm.train import Trainer
 
-from conftest import Payload, assert_one_error_line, cli, synthetic_text
+from support.cli import assert_one_error_line, cli
+from support.faults import Payload
+from support.tiny import synthetic_text
 
 MakeTrainer = Callable[..., Trainer]
 
@@ -207,19 +209,14 @@ def adopt(trainer: Trainer, other: Trainer) -> None:
     shutil.copy(other.store.path(LATEST), trainer.store.path(LATEST))
 
 
-def test_checkpoint_from_another_model_shape_is_named(make_trainer: MakeTrainer) -> None:
-    mine, theirs = make_trainer("mine", epochs=1), make_trainer("theirs", epochs=1, hidden=24)
-    list(mine.run()), list(theirs.run())
-    adopt(mine, theirs)
-    with pytest.raises(CheckpointError, match=r"latest.pt holds a model with hidden = 24; this run has hidden = 16"):
-        make_trainer("mine", epochs=1).resume()
-
-
-def test_checkpoint_from_another_layer_count_is_named(make_trainer: MakeTrainer) -> None:
-    mine, theirs = make_trainer("mine", epochs=1), make_trainer("theirs", epochs=1, layers=2)
-    list(mine.run()), list(theirs.run())
-    adopt(mine, theirs)
-    with pytest.raises(CheckpointError, match=r"latest.pt holds a model with layers = 2; this run has layers = 1"):
+@pytest.mark.parametrize(
+    ("theirs", "named"), [({"hidden": 24}, "hidden = 24; this run has hidden = 16"), ({"layers": 2}, "layers = 2; this run has layers = 1")]
+)
+def test_checkpoint_from_another_model_shape_is_named(make_trainer: MakeTrainer, theirs: dict[str, int], named: str) -> None:
+    mine, other = make_trainer("mine", epochs=1), make_trainer("theirs", epochs=1, **theirs)
+    list(mine.run()), list(other.run())
+    adopt(mine, other)
+    with pytest.raises(CheckpointError, match=rf"latest.pt holds a model with {named}"):
         make_trainer("mine", epochs=1).resume()
 
 

@@ -12,8 +12,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,11 @@ from lstmlm.model import CharLM, convert, num_parameters, training_bytes
 from lstmlm.runs import RunStore
 from lstmlm.vocab import Vocab
 
-from conftest import LoopbackServer, Payload, Result, assert_one_error_line, cli, predict_ch8, synthetic_text
+from support.cli import Result, assert_no_torch, assert_one_error_line, cli
+from support.faults import Payload
+from support.loopback import LoopbackServer
+from support.references import predict_ch8
+from support.tiny import synthetic_text
 
 TINY = ["--hidden", "16", "--batch-size", "8", "--num-steps", "10", "--device", "cpu"]
 
@@ -570,17 +572,6 @@ def test_run_must_be_a_plain_name_everywhere(trained: Path, command: tuple[str, 
 
 # ---- commands that do not train start without torch -------------------------------------------------
 
-NO_TORCH = """
-import sys
-from lstmlm.cli import app
-try:
-    app(sys.argv[1:], prog_name="lstmlm")
-except SystemExit as e:
-    code = e.code
-print("torch imported" if "torch" in sys.modules else "no torch", code, file=sys.stderr)
-"""
-
-
 @pytest.mark.parametrize("command", ["--help", "download", "plot"])
 def test_commands_that_do_not_train_never_import_torch(command: str, http_server: LoopbackServer, serve_dir: Path, tmp_path: Path) -> None:
     (serve_dir / "corpus.txt").write_text("abc abc\n", encoding="utf-8")
@@ -593,8 +584,7 @@ def test_commands_that_do_not_train_never_import_torch(command: str, http_server
         "download": ["download", http_server.url("corpus.txt"), "--dir", str(tmp_path / "cache")],
         "plot": ["plot", "r", "--runs-dir", str(tmp_path / "runs")],
     }[command]
-    done = subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True, timeout=60)
-    assert done.stderr.strip().splitlines()[-1] == "no torch 0", done.stderr
+    assert_no_torch(*args)
 
 
 def test_tf32_is_a_stored_option_and_a_config_bool(tiny_train_args: list[str], runs_dir: Path, tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ from lstmlm import config
 from lstmlm.config import Config, parse_split
 from lstmlm.errors import ConfigError
 
-from conftest import CONFIGS, assert_one_error_line, cli, lstmlm_process
+from support.cli import assert_one_error_line, cli, lstmlm_process
+from support.tiny import CONFIGS
 
 SEED = ("d2l", 10_000, 0.0, "")
 

@@ -10,7 +10,7 @@ import pytest
 from lstmlm.data.text import normalize, read_text
 from lstmlm.errors import CorpusError
 
-from conftest import d2l_data
+from support.tiny import d2l_data
 
 D2L_TOKENS = ["<unk>", " ", *"etainoshrdlmucfwgypbvkxzjq"]
 

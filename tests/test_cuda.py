@@ -36,7 +36,8 @@ from lstmlm.session import load_trained
 from lstmlm.train import Trainer, build_optimizer, train_step
 from lstmlm.vocab import Vocab
 
-from conftest import assert_close, cli, predict_ch8
+from support.cli import cli
+from support.references import assert_close, predict_ch8
 
 pytestmark = [
     pytest.mark.cuda,

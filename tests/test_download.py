@@ -19,27 +19,13 @@ from pathlib import Path
 
 import pytest
 
-import lstmlm.corpus as corpus
-from lstmlm.corpus import Target, cached_name, download, resolve_target, sha1_of
+import lstmlm.data.download as corpus
+from lstmlm.data.download import Target, cached_name, download, resolve_target, sha1_of
 from lstmlm.data.text import summarize
 from lstmlm.errors import DownloadError
 
-from conftest import (
-    BAD_GZIP,
-    CUT,
-    DRIP,
-    ENDLESS,
-    GZIP,
-    GZIP_BOMB,
-    NOT_FOUND,
-    SERVER_ERROR,
-    STALL,
-    STALL_BODY,
-    LoopbackServer,
-    Result,
-    assert_one_error_line,
-    cli,
-)
+from support.cli import Result, assert_one_error_line, cli
+from support.loopback import BAD_GZIP, CUT, DRIP, ENDLESS, GZIP, GZIP_BOMB, NOT_FOUND, SERVER_ERROR, STALL, STALL_BODY, LoopbackServer
 
 PAYLOAD = ("The Time Traveller — “quoted”, naïve, 時間, 😀.\n" * 4000).encode("utf-8")
 PAYLOAD_SHA1 = hashlib.sha1(PAYLOAD).hexdigest()
@@ -178,21 +164,20 @@ def test_server_error_then_success_is_retried(served: LoopbackServer, cache: Pat
     assert fast_network == [0.5]
 
 
-def test_server_errors_past_the_retries_fail(served: LoopbackServer, cache: Path) -> None:
-    served.plan(SERVER_ERROR, SERVER_ERROR)
+@pytest.mark.parametrize(
+    ("fault", "said"),
+    [
+        (lambda server: server.plan(SERVER_ERROR, SERVER_ERROR), "HTTP 500 Internal Server Error"),  # past the retries
+        (LoopbackServer.stop, "cannot connect (Connection refused)"),
+    ],
+    ids=["server-errors", "refused"],
+)
+def test_a_failed_download_says_why_and_how_to_work_offline(served: LoopbackServer, cache: Path, fault: Callable[[LoopbackServer], None], said: str) -> None:
+    fault(served)
     url = served.url("corpus.txt")
     with pytest.raises(DownloadError) as caught:
         download(target_for(served, cache))
-    assert str(caught.value) == f"{url}: HTTP 500 Internal Server Error {OFFLINE_HINT}"
-    assert_nothing_written(cache)
-
-
-def test_refused_connection_says_how_to_work_offline(served: LoopbackServer, cache: Path) -> None:
-    served.stop()
-    url = served.url("corpus.txt")
-    with pytest.raises(DownloadError) as caught:
-        download(target_for(served, cache))
-    assert str(caught.value) == f"{url}: cannot connect (Connection refused) {OFFLINE_HINT}"
+    assert str(caught.value) == f"{url}: {said} {OFFLINE_HINT}"
     assert_nothing_written(cache)
 
 

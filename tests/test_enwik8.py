@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import lstmlm.corpus as corpus
+import lstmlm.data.download as corpus
 from lstmlm.config import Config
 from lstmlm.data.pipeline import prepare_data
 from lstmlm.errors import CorpusError
 
-from conftest import LoopbackServer, assert_one_error_line, cli
+from support.cli import assert_one_error_line, cli
+from support.loopback import LoopbackServer
 
 PINNED_SHA1 = "d856b1ccd937c51aeb9c342e47666fb8c38e7e72"  # enwik8.zip, 36,445,475 bytes
 

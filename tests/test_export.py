@@ -21,7 +21,10 @@ from lstmlm import export as export_mod
 from lstmlm.export import export_model, load_runtime, read_metadata
 from lstmlm.vocab import Vocab
 
-from conftest import assert_close, assert_one_error_line, cli, fill, lively_model, lstmlm_process, synthetic_text
+from support.cli import assert_one_error_line, cli, lstmlm_process
+from support.faults import fill
+from support.references import assert_close
+from support.tiny import lively_model, synthetic_text
 
 VOCAB = Vocab.build(synthetic_text(), order="frequency")
 EXPORT_DOCS = Path(__file__).resolve().parent.parent / "docs" / "commands" / "export.md"

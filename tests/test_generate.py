@@ -17,7 +17,9 @@ from lstmlm.generate import CHUNK, Continuation, Sampling, Stepper, choose_next,
 from lstmlm.model import CharLM, convert
 from lstmlm.vocab import Vocab
 
-from conftest import as_on_a_gpu, host_syncs, lively_model, predict_ch8, synthetic_text
+from support.on_a_cpu import as_on_a_gpu, host_syncs
+from support.references import predict_ch8
+from support.tiny import lively_model, synthetic_text
 
 VOCAB = Vocab.build(synthetic_text(), order="frequency")
 

@@ -18,7 +18,8 @@ from lstmlm.events import EpochEnded, Started, Stepped, Warned
 from lstmlm.model import CharLM, loss_fn
 from lstmlm.train import Trainer, train_step
 
-from conftest import Replayed, cli, graphs_on_the_cpu
+from support.cli import cli
+from support.on_a_cpu import Replayed, graphs_on_the_cpu
 
 MakeTrainer = Callable[..., Trainer]
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")

@@ -22,7 +22,7 @@ from lstmlm.model import CharLM
 from lstmlm.session import load_trained
 from lstmlm.vocab import Vocab
 
-from conftest import cli, lstmlm_process
+from support.cli import cli, lstmlm_process
 
 QUOTE = r'"[^"]*"'
 

@@ -21,7 +21,7 @@ import pytest
 from lstmlm.generate import Sampling, generate
 from lstmlm.session import load_trained
 
-from conftest import cli
+from support.cli import cli
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX pseudo-terminals")
 

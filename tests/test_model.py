@@ -15,7 +15,7 @@ from lstmlm.config import Config
 from lstmlm.errors import CheckpointError, ShapeError
 from lstmlm.model import CharLM, Dropouts, TopLayer, activation_penalty, convert, core_of, loss_fn, scratch_layer
 
-from conftest import assert_close
+from support.references import assert_close
 
 LSTM = cells.get("lstm")
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}

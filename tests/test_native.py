@@ -36,7 +36,7 @@ from lstmlm import cells, native
 from lstmlm.cells.cores import ScratchCore, TorchCore
 from lstmlm.model import torch_to_scratch
 
-from conftest import assert_close
+from support.references import assert_close
 
 HAS_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
 needs_build = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler on this machine: the fast path runs its Python loop")
@@ -452,21 +452,6 @@ def test_a_process_that_waited_for_the_lock_takes_the_library_built_meanwhile(fr
 
 
 # ---- a real full disk -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 1 MiB filesystem (tmpfs) mounted in tmp_path; needs root and mount."""
-    mountpoint = tmp_path / "disk"
-    mountpoint.mkdir()
-    try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)], capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        pytest.skip(f"cannot mount a filesystem here: {e}")
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a filesystem here (needs root): {done.stderr.decode().strip()}")
-    yield mountpoint
-    subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, timeout=30)
 
 
 def test_a_full_disk_is_said_to_be_one(small_disk: Path, stand_in: StandIn, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from conftest import ServeProcess, http_json
+from support.serving import ServeProcess, http_json
 
 pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install '.[serve]')")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install '.[test]')")

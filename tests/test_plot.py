@@ -19,7 +19,7 @@ from lstmlm.errors import PlotError
 from lstmlm.runs import RunStore
 from lstmlm.vocab import Vocab
 
-from conftest import cli
+from support.cli import cli
 
 SVG = "{http://www.w3.org/2000/svg}"
 

@@ -17,7 +17,8 @@ from lstmlm.data.batches import min_tokens
 from lstmlm.errors import ConfigError, CorpusError
 from lstmlm.recipe import Recipe, choose
 
-from conftest import CONFIGS, assert_one_error_line, cli, synthetic_text
+from support.cli import assert_one_error_line, cli
+from support.tiny import CONFIGS, synthetic_text
 
 SHAKESPEARE = 1_003_854  # training characters of tinyshakespeare (90%), 65 symbols
 

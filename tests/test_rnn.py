@@ -10,7 +10,7 @@ from lstmlm import cells
 from lstmlm.cells.cores import TorchCore
 from lstmlm.model import CharLM, convert
 
-from conftest import assert_close
+from support.references import assert_close
 
 
 def book_rnn(inputs: torch.Tensor, state: tuple[torch.Tensor], params: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor]]:

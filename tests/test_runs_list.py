@@ -9,20 +9,16 @@ import os
 import shlex
 import shutil
 import signal
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import CONFIGS, Result, assert_one_error_line, cli, strict_json, synthetic_text
+from support.cli import LiveProcess, Result, assert_no_torch, assert_one_error_line, cli, strict_json
+from support.tiny import CONFIGS, synthetic_text
 
 TINY = ["--hidden", "16", "--batch-size", "8", "--num-steps", "10", "--device", "cpu", "--optimizer", "adam", "--lr", "0.02"]
-TIMEOUT_S = 180
 
 
 # ---- real runs, made once -------------------------------------------------------------------------
@@ -169,48 +165,9 @@ def test_a_training_out_of_time_is_done_and_says_so(corpus_file: Path, runs_dir:
     assert "done (time limit)" in cli("runs", "--runs-dir", runs_dir).stdout
 
 
-class Training:
-    """`python -m lstmlm train ... --json` in a process of its own; stdout's lines kept by a thread."""
-
-    def __init__(self, args: list[str | Path], stderr: Path) -> None:
-        self.stderr_path = stderr
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lstmlm", "train", *map(str, args), "--json"],
-            stdout=subprocess.PIPE, stderr=stderr.open("w"), text=True,
-        )  # fmt: skip
-        self.events: list[dict[str, Any]] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith("{"):
-                self.events.append(json.loads(line))
-
-    def wait_until(self, test: Any, what: str) -> None:
-        deadline = time.monotonic() + TIMEOUT_S
-        while not test():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                pytest.fail(f"no {what}: exit {self.proc.returncode}; stderr: {self.stderr_path.read_text()[-2000:]}")
-            time.sleep(0.1)
-
-    def stop(self, signum: int) -> int:
-        self.proc.send_signal(signum)
-        code = self.proc.wait(timeout=TIMEOUT_S)
-        self._reader.join(timeout=10)
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture
-def trainings(tmp_path: Path) -> Iterator[list[Training]]:
-    started: list[Training] = []
+def trainings(tmp_path: Path) -> Iterator[list[LiveProcess]]:
+    started: list[LiveProcess] = []
     yield started
     for training in started:
         training.kill()
@@ -221,9 +178,9 @@ def live_args(corpus: Path, runs_dir: Path, run: str) -> list[str | Path]:
 
 
 def test_a_live_training_holds_its_run_until_a_sigint_leaves_it_interrupted_and_show_says_how_to_continue(
-    trainings: list[Training], corpus_file: Path, runs_dir: Path, tmp_path: Path
+    trainings: list[LiveProcess], corpus_file: Path, runs_dir: Path, tmp_path: Path
 ) -> None:
-    training = Training(live_args(corpus_file, runs_dir, "live"), tmp_path / "stderr")
+    training = LiveProcess("train", *live_args(corpus_file, runs_dir, "live"), "--json")
     trainings.append(training)
     training.wait_until(lambda: any(e["event"] == "epoch" for e in training.events), "epoch")
 
@@ -236,7 +193,7 @@ def test_a_live_training_holds_its_run_until_a_sigint_leaves_it_interrupted_and_
     assert "training now; once stopped, continue with: lstmlm train --resume --run live" in cli("runs", "show", "live", "--runs-dir", runs_dir).stdout
 
     assert training.stop(signal.SIGINT) == 130
-    printed = next(line for line in training.stderr_path.read_text().splitlines() if "continue with:" in line)
+    printed = next(line for line in training.stderr if "continue with:" in line).rstrip("\n")
     run = listed(runs_dir)["live"]
     assert (run["state"], run["why"], run["pid"]) == ("interrupted", "stopped, checkpoint saved", None)
     assert run["epochs"] == training.events[-1]["epochs"]  # the `done` event's
@@ -252,8 +209,8 @@ def test_a_live_training_holds_its_run_until_a_sigint_leaves_it_interrupted_and_
     assert again["tokens"] > run["tokens"]
 
 
-def test_a_killed_training_is_interrupted_without_a_word(trainings: list[Training], corpus_file: Path, runs_dir: Path, tmp_path: Path) -> None:
-    training = Training(live_args(corpus_file, runs_dir, "killed"), tmp_path / "stderr")
+def test_a_killed_training_is_interrupted_without_a_word(trainings: list[LiveProcess], corpus_file: Path, runs_dir: Path, tmp_path: Path) -> None:
+    training = LiveProcess("train", *live_args(corpus_file, runs_dir, "killed"), "--json")
     trainings.append(training)
     training.wait_until(lambda: (runs_dir / "killed" / "latest.pt").is_file() and listed(runs_dir)["killed"]["epochs"], "checkpoint")
     assert training.stop(signal.SIGKILL) == -signal.SIGKILL
@@ -406,19 +363,7 @@ def test_rm_never_follows_a_symbolic_link_out_of_the_runs_directory(runs_copy: P
 
 # ---- no torch -----------------------------------------------------------------------------------------
 
-NO_TORCH = """
-import sys
-from lstmlm.cli import app
-try:
-    app(sys.argv[1:], prog_name="lstmlm")
-except SystemExit as e:
-    code = e.code
-print("torch imported" if "torch" in sys.modules else "no torch", code, file=sys.stderr)
-"""
-
-
 @pytest.mark.parametrize("command", [["runs"], ["runs", "--json", "--sort", "best"], ["runs", "show", "raw"], ["runs", "rm", "d2l", "--yes"]])
 def test_runs_never_imports_torch(runs_copy: Path, command: list[str]) -> None:
-    done = subprocess.run([sys.executable, "-c", NO_TORCH, *command, "--runs-dir", str(runs_copy)], capture_output=True, text=True, timeout=60)
-    assert done.stderr.strip().splitlines()[-1] == "no torch 0", done.stderr
+    done = assert_no_torch(*command, "--runs-dir", runs_copy)
     assert ("deleted d2l" if "rm" in command else "raw") in done.stdout

@@ -12,13 +12,11 @@ import fcntl
 import json
 import math
 import os
-import queue
 import random
 import resource
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,8 @@ import torch
 from lstmlm import baselines
 from lstmlm.checkpoint import load_checkpoint
 
-from conftest import assert_one_error_line, cli, fill
+from support.cli import LiveProcess, assert_one_error_line, cli
+from support.faults import fill
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -37,66 +36,6 @@ TINY = ["--hidden", "16", "--batch-size", "8", "--num-steps", "10", "--device", 
 EXACT = [*TINY, "--layers", "2", "--dropout", "0.3"]  # dropout: the torch RNG must be restored too
 TIMEOUT_S = 180.0  # a generous bound for a loaded machine; never an assertion on speed
 BASELINE_FILES = (baselines.FIGURES, baselines.COUNTS)  # a run's baselines, written at its start (atomically, as the rest)
-
-
-class Training:
-    """`python -m lstmlm ARGS` (or a Python driver), its output lines collected as they come."""
-
-    def __init__(self, *args: str | Path, env: dict[str, str], code: str | None = None) -> None:
-        head = [sys.executable, "-c", code] if code else [sys.executable, "-m", "lstmlm"]
-        self.proc = subprocess.Popen(
-            [*head, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-        )
-        self.lines: queue.Queue[tuple[str, str]] = queue.Queue()
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
-        self._readers = [
-            threading.Thread(target=self._read, args=(self.proc.stdout, "out", self.stdout), daemon=True),
-            threading.Thread(target=self._read, args=(self.proc.stderr, "err", self.stderr), daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    def _read(self, stream: Any, name: str, into: list[str]) -> None:
-        for line in stream:
-            into.append(line)
-            self.lines.put((name, line))
-
-    def wait_for(self, stream: str, test: Any) -> str:
-        """The first line on `stream` that passes `test`; fails if the process ends first."""
-        deadline = time.monotonic() + TIMEOUT_S
-        while time.monotonic() < deadline:
-            try:
-                name, line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                if self.proc.poll() is not None and self.lines.empty():
-                    time.sleep(0.2)  # let the readers drain
-                    if self.lines.empty():
-                        pytest.fail(f"exited {self.proc.returncode} first; stderr: {''.join(self.stderr)[-2000:]}")
-                continue
-            if name == stream and test(line):
-                return line
-        self.proc.kill()
-        pytest.fail(f"timed out; stderr: {''.join(self.stderr)[-2000:]}")
-
-    def wait_for_epoch(self) -> dict[str, Any]:
-        line = self.wait_for("out", lambda s: s.startswith("{") and json.loads(s)["event"] == "epoch")
-        return json.loads(line)
-
-    def finish(self) -> int:
-        try:
-            code = self.proc.wait(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
-        for reader in self._readers:
-            reader.join(timeout=10)
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture
@@ -107,10 +46,10 @@ def env(isolated_cache: Path) -> dict[str, str]:
 @pytest.fixture
 def started() -> Any:
     """Start trainings; whatever a failing test leaves running is killed at teardown."""
-    trainings: list[Training] = []
+    trainings: list[LiveProcess] = []
 
-    def start(*args: str | Path, env: dict[str, str], code: str | None = None) -> Training:
-        trainings.append(Training(*args, env=env, code=code))
+    def start(*args: str | Path, env: dict[str, str], code: str | None = None) -> LiveProcess:
+        trainings.append(LiveProcess(*args, env=env, code=code))
         return trainings[-1]
 
     yield start

@@ -34,7 +34,8 @@ from lstmlm.session import load_trained
 from lstmlm.units import activations, colour, gate_of, level
 from lstmlm.units_page import hex_colour
 
-from conftest import assert_one_error_line, cli, sse_events, strict_json
+from support.cli import assert_one_error_line, cli, strict_json
+from support.serving import sse_events
 
 
 def client(runs: Path, **limits: Any) -> TestClient:

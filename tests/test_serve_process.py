@@ -34,7 +34,8 @@ pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip ins
 
 from lstmlm.serve.connections import ACCEPT_BATCH, OncePerKind
 
-from conftest import ServeProcess, assert_one_error_line, cli, http_json, sse_events
+from support.cli import assert_one_error_line, cli
+from support.serving import ServeProcess, http_json, sse_events
 
 CLIENTS = 32
 LOAD_SECONDS = 5.0  # how long the clients keep asking

@@ -27,6 +27,8 @@ from torch.utils._pytree import tree_flatten
 
 import lstmlm.data.encode as encode_mod
 import lstmlm.data.store as store_mod
+import lstmlm.data.storefile as storefile_mod
+import lstmlm.data.workers as workers_mod
 from lstmlm.config import Config
 from lstmlm.data import cache
 from lstmlm.data.files import Selection, select
@@ -38,7 +40,8 @@ from lstmlm.runs import RunStore
 from lstmlm.train import Trainer
 from lstmlm.vocab import Vocab
 
-from conftest import assert_one_error_line, cli, lstmlm_process, synthetic_text
+from support.cli import assert_one_error_line, cli, lstmlm_process
+from support.tiny import synthetic_text
 
 TEXTS = {
     "ascii": "The Time Traveller (for so it will be convenient to speak of him)\r\nwas expounding a recondite matter to us.\n\n",
@@ -69,7 +72,7 @@ def tiny_pieces(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
 
     def set_bytes(n: int) -> None:
         monkeypatch.setattr(store_mod, "PIECE_BYTES", n)
-        monkeypatch.setattr(store_mod, "WORKERS", 1)
+        monkeypatch.setattr(workers_mod, "WORKERS", 1)
 
     return set_bytes
 
@@ -113,7 +116,7 @@ def test_any_files_any_piece_size_give_the_whole_text_ids(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch, texts: list[str], piece: int, mode: str
 ) -> None:
     monkeypatch.setattr(store_mod, "PIECE_BYTES", piece)
-    monkeypatch.setattr(store_mod, "WORKERS", 1)
+    monkeypatch.setattr(workers_mod, "WORKERS", 1)
     root = tmp_path_factory.mktemp("files")
     paths = []
     for i, text in enumerate(texts):
@@ -133,22 +136,22 @@ def test_both_cores_encode_and_give_the_same_ids(tmp_path: Path, monkeypatch: py
     path.write_text(TEXTS["cjk"] * 2000 + TEXTS["ascii"] * 2000, encoding="utf-8")
     pools: list[int] = []
     pids: set[int] = set()
-    real_start, real_run = store_mod._start_pool, store_mod.Workers.run
+    real_start, real_run = workers_mod._start_pool, workers_mod.Workers.run
 
     def start(workers: int) -> Any:
         pools.append(workers)
         return real_start(workers)
 
-    def run(self: store_mod.Workers, *args: Any, **kwargs: Any) -> Any:
+    def run(self: workers_mod.Workers, *args: Any, **kwargs: Any) -> Any:
         results = real_run(self, *args, **kwargs)
         if self._pool is not None:
             pids.update(self._pool._processes)  # type: ignore[attr-defined]
         return results
 
-    monkeypatch.setattr(store_mod, "_start_pool", start)
-    monkeypatch.setattr(store_mod.Workers, "run", run)
+    monkeypatch.setattr(workers_mod, "_start_pool", start)
+    monkeypatch.setattr(workers_mod.Workers, "run", run)
     monkeypatch.setattr(store_mod, "PIECE_BYTES", 16 << 10)
-    monkeypatch.setattr(store_mod, "WORKERS", 2)
+    monkeypatch.setattr(workers_mod, "WORKERS", 2)
     assert encoded(path, "raw") == reference([path], "raw")
     assert pools == [2] and len(pids) == 2 and os.getpid() not in pids  # one pool of two processes, for both passes
 
@@ -293,7 +296,7 @@ def test_a_store_corrupted_on_disk_trains_on_the_corpus_again_with_one_warning_l
 def test_an_untouched_store_is_sampled_and_one_written_to_is_checked_whole_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The cost of trusting a store: an open reads SAMPLED_BLOCKS blocks, whatever its size,
     unless the file was written to since it was made; then every block, once."""
-    monkeypatch.setattr(store_mod, "BLOCK_BYTES", 256)
+    monkeypatch.setattr(storefile_mod, "BLOCK_BYTES", 256)
     path = tmp_path / "corpus.txt"
     path.write_text(synthetic_text(), encoding="utf-8")  # some 3,000 ids: a dozen blocks
     made = encode_corpus(select(str(path)), "raw").store
@@ -303,14 +306,14 @@ def test_an_untouched_store_is_sampled_and_one_written_to_is_checked_whole_once(
     monkeypatch.setattr(encode_mod, "crc_of", lambda f, offset, size: checked.append(offset) or real_crc_of(f, offset, size))
     blocks = -(-len(made.ids) // 256)
     assert blocks >= 10
-    assert open_store(made.path) is not None and len(checked) == store_mod.SAMPLED_BLOCKS
+    assert open_store(made.path) is not None and len(checked) == storefile_mod.SAMPLED_BLOCKS
     written = made.path.stat().st_mtime_ns
     os.utime(made.path)  # a copy without -p, say: the contents are sound, the time is not the store's
     checked.clear()
     assert open_store(made.path) is not None and len(checked) == blocks  # every block, once
     assert made.path.stat().st_mtime_ns == written
     checked.clear()
-    assert open_store(made.path) is not None and len(checked) == store_mod.SAMPLED_BLOCKS
+    assert open_store(made.path) is not None and len(checked) == storefile_mod.SAMPLED_BLOCKS
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs /proc")
@@ -414,7 +417,7 @@ def test_a_corpus_larger_than_the_memory_budget_trains_within_it(tmp_path: Path,
             f.write(" ".join(rng.choice(words) for _ in range(20_000)))
     assert path.stat().st_size > 3 * budget
     monkeypatch.setattr(store_mod, "PIECE_BYTES", 128 << 10)
-    monkeypatch.setattr(store_mod, "WORKERS", 1)  # in this process, where tracemalloc sees it
+    monkeypatch.setattr(workers_mod, "WORKERS", 1)  # in this process, where tracemalloc sees it
     cfg = Config().with_overrides({
         "corpus": str(path), "hidden": 8, "batch_size": 8, "num_steps": 10, "epochs": 1, "val_tokens": 4000,
         "checkpoint_every": 5, "eval_every": 10, "device": "cpu",
@@ -588,7 +591,7 @@ def test_a_single_bad_file_is_an_error_with_its_offset_across_pieces(tmp_path: P
 
 def test_progress_is_reported_for_each_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_mod, "PIECE_BYTES", 1 << 10)
-    monkeypatch.setattr(store_mod, "WORKERS", 1)
+    monkeypatch.setattr(workers_mod, "WORKERS", 1)
     path = tmp_path / "corpus.txt"
     path.write_text(synthetic_text(), encoding="utf-8")
     seen: list[tuple[str, int, int | None]] = []

@@ -20,7 +20,7 @@ import lstmlm.train as train_mod
 from lstmlm import baselines, session
 from lstmlm.events import EpochEnded, Sampled
 
-from conftest import assert_one_error_line, cli
+from support.cli import assert_one_error_line, cli
 
 pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed (pip install '.[tensorboard]')")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -199,7 +199,7 @@ def test_samples_go_to_the_log_as_one_text_a_sampling(tmp_path: Path) -> None:
     from lstmlm.tensorboard import logged
 
     finished = Finished("completed", 2.0, 2.0, 1.0, "cpu", "scratch", "r", 1, 3, {})
-    events = [Evaluated(1, 5, 2.0, 1.0, True), Sampled(1, "a", "ab\ncd"), Sampled(1, "b", "ba"), finished]
+    events = [Evaluated(1, 5, 2.0, 1.0, True, val_loss=math.log(2.0)), Sampled(1, "a", "ab\ncd"), Sampled(1, "b", "ba"), finished]
     assert list(logged(iter(events), tmp_path / "r", Config(), 0)) == events  # passed on as they came
     (text,) = read(tmp_path / "r").Tensors("samples/text_summary")
     assert text.step == 5 and text.tensor_proto.string_val[0].decode() == "    ab\n    cd\n\n    ba"

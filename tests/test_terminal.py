@@ -23,7 +23,8 @@ from lstmlm.cli.console import print_json, visible
 from lstmlm.errors import ConfigError
 from lstmlm.generate import Sampling
 
-from conftest import LoopbackServer, assert_one_error_line, cli
+from support.cli import assert_one_error_line, cli
+from support.loopback import LoopbackServer
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX pseudo-terminals")
 

@@ -26,7 +26,8 @@ from lstmlm.model import CharLM, Dropouts, activation_penalty, loss_fn
 from lstmlm.runs import BEST, LATEST, RunStore
 from lstmlm.train import Trainer, train_step
 
-from conftest import as_on_a_gpu, assert_close, graphs_on_the_cpu, host_syncs
+from support.on_a_cpu import as_on_a_gpu, graphs_on_the_cpu, host_syncs
+from support.references import assert_close
 
 MakeTrainer = Callable[..., Trainer]
 
@@ -447,7 +448,7 @@ def test_a_time_limited_cosine_run_ends_with_the_learning_rate_at_its_floor(make
 
 
 def test_prime_is_the_training_text_up_to_its_last_paragraph_break(make_trainer: MakeTrainer, tmp_path: Path) -> None:
-    from conftest import synthetic_text
+    from support.tiny import synthetic_text
 
     corpus = tmp_path / "plays.txt"
     corpus.write_text("".join(f"SPEAKER {i}:\n{synthetic_text(3, seed=i)}\n" for i in range(40)), encoding="utf-8")

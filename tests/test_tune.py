@@ -6,7 +6,6 @@ path, the best config that `lstmlm train --config` takes, and the errors in one 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import os
 import shlex
@@ -24,9 +23,10 @@ import pytest
 import lstmlm.session as session_mod
 import lstmlm.train as train_mod
 from lstmlm import checkpoint, config, tune
+from lstmlm.errors import ConfigError
 from lstmlm.runs import LATEST, RunStore
 
-from conftest import Result, assert_one_error_line, cli
+from support.cli import Result, assert_one_error_line, cli, lstmlm_process
 
 optuna = pytest.importorskip("optuna", reason="the tune extra is not installed (pip install '.[tune]')")
 
@@ -198,9 +198,14 @@ def test_an_output_given_is_refused_before_any_trial_unless_forced(tune_args: li
     assert (runs_dir / "s-best.toml").is_file()
 
 
-def test_without_optuna_the_command_is_a_one_line_hint(tune_args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna now raises ImportError
-    assert_one_error_line(cli(*tune_args), "lstmlm tune needs Optuna: pip install 'lstmlm[tune]'")
+def test_without_optuna_the_command_is_a_one_line_hint(tune_args: list[str], tmp_path: Path) -> None:
+    """A real process where `import optuna` fails, as it does without the extra."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "optuna.py").write_text("raise ModuleNotFoundError(\"No module named 'optuna'\", name='optuna')\n")
+    path = os.pathsep.join([str(shadow), os.environ.get("PYTHONPATH", "")])
+    done = lstmlm_process(*tune_args, env={"PYTHONPATH": path})
+    assert_one_error_line(Result(done.returncode, done.stdout, done.stderr), "lstmlm tune needs Optuna: pip install 'lstmlm[tune]'")
 
 
 @pytest.mark.parametrize(
@@ -287,15 +292,17 @@ def test_minutes_are_required(corpus_file: Path) -> None:
     assert result.code == 2 and "Missing option '--minutes'" in result.stderr
 
 
-def test_the_space_is_the_configs_fields_less_the_fixed(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A field SPACE names is searched where the config has it, unless an option fixes it."""
+def test_the_space_is_the_configs_fields_less_the_fixed() -> None:
+    """SPACE names config fields, each searched unless an option fixes it; a dimension of a
+    field the config does not have is refused where it is declared."""
     keys = [d.key for d in tune.search_space({})]
     assert keys[:4] == ["hidden", "layers", "embedding", "lr"] and {"weight_drop", "locked_dropout", "ar", "tar"} <= set(keys)
+    assert keys == [d.key for d in tune.SPACE]
     assert "hidden" not in [d.key for d in tune.search_space({"hidden": 64})]
-
-    fields_of = {f.name for f in dataclasses.fields(config.ModelConfig)} - {"weight_drop"}
-    monkeypatch.setattr(tune, "config_keys", lambda: frozenset(fields_of | {f.name for f in dataclasses.fields(config.TrainConfig)}))
-    assert "weight_drop" not in [d.key for d in tune.search_space({})]
+    with pytest.raises(ConfigError, match="unknown config key 'hiden'"):
+        tune.Dimension("hiden", 64, 1024)
+    with pytest.raises(ConfigError, match="unknown config key 'layer'"):
+        tune.Dimension("dropout_hidden", 0.0, 0.5, needs=("layer", 1))
 
 
 def test_a_setting_that_needs_another_is_searched_only_where_it_applies() -> None:
@@ -304,7 +311,7 @@ def test_a_setting_that_needs_another_is_searched_only_where_it_applies() -> Non
     needs = {d.key: d.needs for d in tune.SPACE if d.needs}
     assert needs == {"dropout_input": ("embedding", 0), "dropout_hidden": ("layers", 1), "embedding_dropout": ("embedding", 0)}
     hidden = next(d for d in tune.SPACE if d.key == "dropout_hidden")
-    assert not hidden.applies({"layers": 1}) and hidden.applies({"layers": 2})
+    assert not hidden.applies({"layers": 1}.__getitem__) and hidden.applies({"layers": 2}.__getitem__)
 
 
 @pytest.mark.parametrize(
@@ -355,8 +362,8 @@ def test_a_trial_whose_process_died_is_failed_by_the_next_process_to_ask(tune_ar
     """Optuna beats heartbeats only inside study.optimize; tune beats its own, so a trial left
     running by a process that died (kill -9) is failed once it has been silent GRACE_S."""
     assert cli(*tune_args, "--trials", "0").code == 0
-    monkeypatch.setattr(tune, "HEARTBEAT_S", 1)
-    monkeypatch.setattr(tune, "GRACE_S", 1)
+    monkeypatch.setattr(tune.storage, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(tune.storage, "GRACE_S", 1)
     storage = tune.open_storage(storage_of(runs_dir))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # asking outside study.optimize with a heartbeat: Optuna warns

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from ..corpus import StageProgress
+from ..data.download import StageProgress
 from ..runs import json_line
 
 out = Console(highlight=False)

@@ -8,23 +8,23 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from .. import corpus
+from ..data import download as corpora
 from ..data.text import summarize
 from .console import err, out, stage_bar, visible
 
 
 def download(
-    name: Annotated[str, typer.Argument(help=f"A known corpus ({', '.join(corpus.KNOWN)}) or an http(s) URL.")] = "timemachine",
+    name: Annotated[str, typer.Argument(help=f"A known corpus ({', '.join(corpora.KNOWN)}) or an http(s) URL.")] = "timemachine",
     url: Annotated[str | None, typer.Option("--url", help="Fetch a known corpus from this address (a mirror); its SHA-1 is still checked.")] = None,
     sha1: Annotated[str | None, typer.Option("--sha1", help="Expected SHA-1 of a file given by URL.")] = None,
     directory: Annotated[Path | None, typer.Option("--dir", help="Cache directory (default $LSTMLM_HOME or ~/.cache/lstmlm).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Download again even if a verified copy is cached.")] = False,
     max_bytes: Annotated[
         int, typer.Option("--max-bytes", min=1, help="Refuse a file larger than this (decoded), and leave nothing behind.")
-    ] = corpus.MAX_BYTES,
+    ] = corpora.MAX_BYTES,
 ) -> None:
     """Download a corpus into the cache, checking its SHA-1; a verified cached copy means no network."""
-    target = corpus.resolve_target(name, url=url, sha1=sha1, directory=directory)
+    target = corpora.resolve_target(name, url=url, sha1=sha1, directory=directory)
     path = fetch(target, force, max_bytes)
     summary = summarize(path)
     out.out(str(path))  # verbatim: no markup, no wrapping, so scripts can use the line
@@ -34,16 +34,16 @@ def download(
         out.print(f"{summary.bytes:,} bytes, {summary.characters:,} characters, {summary.distinct:,} distinct", soft_wrap=True)
 
 
-def fetch(target: corpus.Target, force: bool, max_bytes: int) -> Path:
+def fetch(target: corpora.Target, force: bool, max_bytes: int) -> Path:
     """Download (and unzip) with progress bars on stderr; silent when the cache already has the file."""
-    if not force and corpus.is_cached(target):
+    if not force and corpora.is_cached(target):
         return target.corpus_path
     if not err.is_terminal:  # in a log or a pipe a bar is noise, and Rich leaves a blank line there
-        return corpus.download(target, force=True, max_bytes=max_bytes)
+        return corpora.download(target, force=True, max_bytes=max_bytes)
     with stage_bar() as bar:  # the bars' texts are markup: the names in them are escaped
         task = bar.add_task(f"downloading {escape(visible(target.path.name))}", total=None)
         unzipping = bar.add_task(f"unzipping {escape(visible(str(target.member)))}", total=None, visible=False)
-        return corpus.download(
+        return corpora.download(
             target,
             force=True,
             progress=lambda done, total: bar.update(task, completed=done, total=total),

@@ -12,9 +12,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .. import runlist
-from ..runlist import Run
+from .. import runlist, runsummary
 from ..runs import DEFAULT_RUNS_DIR
+from ..runsummary import Run
 from . import options
 from .console import err, out, print_json, visible
 from .errors import fail, friendly
@@ -24,7 +24,7 @@ Sort = Annotated[str, typer.Option("--sort", help="time (the last changed first)
 Names = Annotated[list[str], typer.Argument(help="Run names under --runs-dir.", show_default=False)]
 Yes = Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")]
 
-STATE_STYLE = {runlist.TRAINING: "bold green", runlist.DONE: "", runlist.INTERRUPTED: "yellow", runlist.UNREADABLE: "red"}
+STATE_STYLE = {runsummary.TRAINING: "bold green", runsummary.DONE: "", runsummary.INTERRUPTED: "yellow", runsummary.UNREADABLE: "red"}
 
 WIDE = 10_000  # columns: room enough for any row
 
@@ -88,7 +88,7 @@ def rm(names: Names, runs_dir: options.RunsDir = DEFAULT_RUNS_DIR, yes: Yes = Fa
     for path in paths:
         runlist.check_removable(path)
     if not yes:
-        listed = ", ".join(f"{visible(p.name)} ({size(runlist.summarize(p).size)})" for p in paths)
+        listed = ", ".join(f"{visible(p.name)} ({size(runsummary.summarize(p).size)})" for p in paths)
         try:
             agreed = typer.confirm(f"delete {listed}?", default=False, err=True)
         except typer.Abort:  # no answer to read (stdin closed): nothing is deleted without one
@@ -158,7 +158,7 @@ def state_text(run: Run) -> str:
     """The state, coloured, with why: 'done (early stop)', 'unreadable: config.json is not valid JSON'."""
     style = STATE_STYLE.get(run.state, "")
     why = escape(visible(run.why))
-    text = f"{run.state}: {why}" if run.state == runlist.UNREADABLE else f"{run.state} ({why})" if why and why != "completed" else run.state
+    text = f"{run.state}: {why}" if run.state == runsummary.UNREADABLE else f"{run.state} ({why})" if why and why != "completed" else run.state
     return f"[{style}]{text}[/]" if style else text
 
 
@@ -214,8 +214,8 @@ def continuing(run: Run, command: str | None) -> str:
         return "it cannot be continued while its config.json cannot be read"
     if command is None:
         return f"nothing to continue: it stopped before its first checkpoint (delete it with: lstmlm runs rm {run.name})"
-    if run.state == runlist.TRAINING:
+    if run.state == runsummary.TRAINING:
         return f"training now; once stopped, continue with: {visible(command)}"
-    if run.state == runlist.DONE and run.why == "completed":
+    if run.state == runsummary.DONE and run.why == "completed":
         return f"continue with more epochs: {visible(command)} --epochs N"
     return f"continue with: {visible(command)}"

@@ -54,7 +54,6 @@ def tune(
     from .. import session
     from .. import tune as tuning
 
-    tuning.require_optuna()
     setup = tuning.Setup(minutes, overrides, config_file, runs_dir, study, storage, pruner.value, startup_trials)
     with corpus_progress() as progress:
         opened = tuning.open_study(setup, progress)

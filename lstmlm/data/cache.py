@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import write_text_atomic
-from ..corpus import cache_dir
 from ..errors import LstmlmError
 from ..vocab import Vocab
 from .files import Selection, Skipped
+from .home import cache_dir
 
 RACY_NS = 2_000_000_000  # a file changed this recently may change again within its timestamp's resolution
 

@@ -29,8 +29,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..corpus import StageProgress, locate
 from ..errors import CorpusError
+from .download import StageProgress, locate
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 from ..config import Config, parse_split
-from ..corpus import StageProgress
 from ..errors import CorpusError
 from ..vocab import Vocab
 from . import batches
+from .download import StageProgress
 from .files import Skipped, select
-from .store import TokenStore, encode_corpus
+from .store import encode_corpus
+from .storefile import TokenStore
 from .text import normalize
 
 

@@ -1,86 +1,41 @@
-"""The token store: a corpus's ids in one file, read through a memory map.
+"""Making a corpus's token store (storefile.py), streaming: `encode_corpus`.
 
-A store file is a header and the ids:
-
-    lstmlm-tokens 1 0000000000004096\\n      the magic line and where the ids begin
-    {"vocab": [...], "dtype": "uint8", "length": ..., "source_sha1": ..., ...}\\n   padded to a page
-    ids                                      `length` ids, little-endian, in the narrowest dtype the
-                                             vocabulary allows: uint8 up to 256 symbols, uint16 up to
-                                             65,536, else int32
-
-The store is not trusted blindly. Its header holds a CRC-32 of every BLOCK_BYTES of the ids
-(4 MiB: a 20 GB store has 5,000, some 55 KB of header), one of the header itself, and the
-modification time the file was given when it was written (`written_ns`, a whole second). Each
-open checks the header's CRC and SAMPLED_BLOCKS blocks chosen at random — at most 8 MiB read
-and checksummed, a few milliseconds, whatever the store's size. A store whose modification
-time is not the one it was written with has been written to since (a program, `dd`, a copy
-without -p): it is checked in full once (a 20 GB store, some 20 s at 1 GB/s), and if sound its
-time is set back so that the next open samples again. A mismatch anywhere — or a header that
-does not parse, a store of another version — makes it damaged (`Damaged`): it is deleted and
-rebuilt, with one warning line. Writing costs one more parallel pass over the ids just written
-(from the page cache), to checksum them.
-
-Training, validation and every rank read it through a copy-on-write memory map (`np.memmap`,
-then `torch.from_numpy`): slicing is free and only the pages a batch touches are read, so no
-process ever holds the corpus in memory in any dtype; the pages are the file's, clean, and
-the kernel drops them when memory is short.
-
-`encode_corpus` makes one, streaming: the corpus is cut into pieces (encode.py), scanned for
-its characters (one pass: counts per piece, merged into the vocabulary) while the parent
-hashes the files (each over the size it was listed at: exactly the bytes encoded), then encoded into the file at each piece's offset — both passes on every
-core, with a progress callback per stage. The file is written under a temporary name and
-renamed when complete. Where the cache cannot take it (a full disk, no permission), the
-store is made in a temporary file in `scratch` (unlinked once mapped), or for a small corpus
-in memory — with one warning, never an error.
+The corpus is cut into pieces (encode.py), scanned for its characters (one pass: counts per
+piece, merged into the vocabulary) while the parent hashes the files (each over the size it
+was listed at: exactly the bytes encoded), then encoded into the file at each piece's offset —
+both passes on every core (workers.py), with a progress callback per stage. The file is
+written under a temporary name and renamed when complete. A store found damaged is deleted and
+made again, with one warning line. Where the cache cannot take it (a full disk, no
+permission), the store is made in a temporary file in `scratch` (unlinked once mapped), or for
+a small corpus in memory — with one warning, never an error.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import hashlib
-import json
-import multiprocessing
 import os
-import random
-import signal
 import tempfile
 import threading
-import time
-import zlib
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
 
 from ..atomic import file_mode, publish
-from ..corpus import StageProgress
-from ..errors import CorpusError, VocabError
+from ..errors import CorpusError
 from ..vocab import Vocab
-from . import cache, encode
+from . import cache, encode, storefile
+from .download import StageProgress
 from .encode import Piece, Problem, Scan
 from .files import CorpusFile, Selection, Skipped
+from .storefile import Damaged, TokenStore, dtype_for, open_store, read_store
+from .workers import Workers
 
-MAGIC = b"lstmlm-tokens 1 "
-FORMAT_VERSION = 2  # 2: with checksums (a version 1 store, without, is rebuilt)
-BLOCK_BYTES = 4 << 20  # the ids are checksummed in blocks of this many bytes
-SAMPLED_BLOCKS = 2  # blocks checked at each open of a store nobody has written to since it was made
-CRC_WIDTH = 0xFFFFFFFF  # the widest CRC-32: the header's room is reserved with it
-PAGE = 4096
 PIECE_BYTES = 8 << 20  # a piece of the corpus per job: bounds a worker's memory to ~100 MB
-WORKERS = 0  # processes encoding at once; 0 = one per core this process may use
 MEMORY_FALLBACK_BYTES = 256 << 20  # with no disk to write to, a store this small is kept in memory
-DTYPES = {"uint8": torch.uint8, "uint16": torch.uint16, "int32": torch.int32}
-
-
-def dtype_for(vocab_size: int) -> str:
-    """The narrowest dtype that holds every id of a vocabulary."""
-    return "uint8" if vocab_size <= 256 else "uint16" if vocab_size <= 65_536 else "int32"
 
 
 def bytes_vocab() -> Vocab:
@@ -89,121 +44,10 @@ def bytes_vocab() -> Vocab:
 
 
 @dataclass(frozen=True)
-class TokenStore:
-    vocab: Vocab
-    ids: torch.Tensor  # (length,) in the store's dtype: a view of the mapped file (or of memory)
-    source_sha1: str  # the content hash of the corpus files read
-    unknown: int  # characters outside the vocabulary, read as <unk>
-    path: Path | None  # where it lives in the cache; None for a temporary copy
-
-
-@dataclass(frozen=True)
 class Encoded:
     store: TokenStore
     skipped: tuple[Skipped, ...]  # files of a directory or glob that were left out
     warnings: tuple[str, ...]  # e.g. the store could not be written in the cache
-
-
-# ---- the file -------------------------------------------------------------------------------------
-
-
-def header(meta: dict[str, Any], offset: int | None = None) -> bytes:
-    """The magic line and the metadata as one JSON line, padded with spaces to `offset` (by
-    default the next whole page)."""
-    body = json.dumps(meta, ensure_ascii=True).encode() + b"\n"
-    first = len(MAGIC) + 17
-    offset = offset if offset is not None else -(-(first + len(body)) // PAGE) * PAGE
-    if first + len(body) > offset:
-        raise ValueError("the store's header does not fit before its ids")
-    return MAGIC + f"{offset:016d}\n".encode() + body + b" " * (offset - first - len(body))
-
-
-class Damaged(Exception):
-    """A store file that is there but cannot be trusted; the message says why."""
-
-
-def open_store(path: Path) -> TokenStore | None:
-    """A store file, mapped and checked; None if it is missing or damaged in any way."""
-    try:
-        return read_store(path)
-    except Damaged:
-        return None
-
-
-def read_store(path: Path) -> TokenStore | None:
-    """A store file, mapped, its header checked and its blocks sampled (all of them if it was
-    written to since it was made); None if there is none, Damaged if it cannot be trusted."""
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            offset, meta = _read_header(f)
-            store = _checked_store(path, meta, offset, st.st_size)
-            touched = st.st_mtime_ns != meta["written_ns"]
-            _check_blocks(f, meta["checksums"], offset, everything=touched)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as e:
-        raise Damaged(f"it cannot be read ({e.strerror or e})") from None
-    if touched:  # checked in full and sound: the next open only samples (where the cache can be written)
-        with contextlib.suppress(OSError):
-            os.utime(path, ns=(st.st_atime_ns, meta["written_ns"]))
-    return store
-
-
-def _read_header(f: Any) -> tuple[int, dict[str, Any]]:
-    first = f.read(len(MAGIC) + 17)
-    if not first.startswith(MAGIC) or not first.endswith(b"\n"):
-        raise Damaged("it is not a token store (no magic line)")
-    try:
-        offset = int(first[len(MAGIC) : -1])
-        meta = json.loads(f.read(offset - len(first)))
-    except (ValueError, RecursionError):
-        raise Damaged("its header does not parse") from None
-    if not isinstance(meta, dict) or meta.get("format") != "lstmlm-tokens" or meta.get("version") != FORMAT_VERSION:
-        raise Damaged(f"it is not a version {FORMAT_VERSION} token store")
-    if meta.get("meta_crc") != _meta_crc(meta):
-        raise Damaged("its header fails its checksum")
-    return offset, meta
-
-
-def _checked_store(path: Path, meta: dict[str, Any], offset: int, size: int) -> TokenStore:
-    """The store the header describes, mapped, once the header agrees with itself and the file's size."""
-    try:
-        vocab = Vocab(meta["vocab"])
-        dtype, length = meta["dtype"], meta["length"]
-        if dtype != dtype_for(len(vocab)) or not isinstance(length, int):
-            raise Damaged("its header is inconsistent")
-        nbytes = length * np.dtype(dtype).itemsize
-        if size != offset + nbytes:
-            raise Damaged(f"it is {size:,} bytes, not {offset + nbytes:,}")
-        if meta["block_bytes"] != BLOCK_BYTES or len(meta["checksums"]) != -(-nbytes // BLOCK_BYTES) or not isinstance(meta["written_ns"], int):
-            raise Damaged("its checksums do not cover its ids")
-        return TokenStore(vocab, _mapped(path, dtype, offset, length), str(meta["source_sha1"]), int(meta.get("unknown", 0)), path)
-    except (KeyError, TypeError, ValueError, VocabError):
-        raise Damaged("its header is inconsistent") from None
-
-
-def _check_blocks(f: Any, checksums: list[int], offset: int, everything: bool) -> None:
-    """Check every block's CRC, or SAMPLED_BLOCKS of them at random; Damaged on a mismatch."""
-    blocks = range(len(checksums)) if everything else random.sample(range(len(checksums)), min(SAMPLED_BLOCKS, len(checksums)))
-    for k in blocks:
-        if encode.crc_of(f, offset + k * BLOCK_BYTES, BLOCK_BYTES) != checksums[k]:  # the last block may be shorter: read to the end
-            raise Damaged(f"block {k + 1:,} of its {len(checksums):,} fails its checksum")
-
-
-def _meta_crc(meta: dict[str, Any]) -> int:
-    """The header's own CRC-32: of its JSON with keys sorted, less this field."""
-    return zlib.crc32(json.dumps({k: v for k, v in meta.items() if k != "meta_crc"}, sort_keys=True).encode())
-
-
-def _mapped(path: Path, dtype: str, offset: int, length: int) -> torch.Tensor:
-    if length == 0:
-        return torch.empty(0, dtype=DTYPES[dtype])
-    # copy-on-write ("c"): writable for torch, yet reading never dirties a page
-    return torch.from_numpy(np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=(length,)))
-
-
-# ---- making one -------------------------------------------------------------------------------------
 
 
 def encode_corpus(
@@ -443,11 +287,9 @@ def _into_file(
     tmp = Path(name)
     try:
         itemsize = np.dtype(dtype).itemsize
-        meta = _meta(scanned, vocab, dtype)
+        meta = storefile.new_meta(scanned.mode, scanned.sha1, vocab, dtype, scanned.length)
         nbytes = scanned.length * itemsize
-        blocks = -(-nbytes // BLOCK_BYTES)
-        widest = {"unknown": 10**20, "written_ns": 10**20, "checksums": [CRC_WIDTH] * blocks, "meta_crc": CRC_WIDTH}
-        offset = len(header({**meta, **widest}))  # room for any count of unknown characters, any checksums
+        offset = storefile.header_room(meta, nbytes)
         total = offset + nbytes
         with contextlib.suppress(OSError):  # reserve the space first: a full disk fails now, not mid-way
             os.posix_fallocate(fd, 0, total)
@@ -455,12 +297,11 @@ def _into_file(
         offsets = np.cumsum([0] + [s.length for s in scanned.scans])
         jobs = [(p, scanned.mode, vocab.tokens, dtype, name, offset + int(o) * itemsize) for p, o in zip(scanned.pieces, offsets)]
         unknown = sum(u for u, _ in workers.run(encode.encode, jobs, scanned.pieces, "encoding", progress))
-        crcs = [(name, offset + k * BLOCK_BYTES, min(BLOCK_BYTES, nbytes - k * BLOCK_BYTES)) for k in range(blocks)]
-        small = nbytes <= 16 * BLOCK_BYTES  # a few tens of milliseconds: not worth starting processes for
-        checksums = workers.run(encode.crc, crcs, [()] * blocks, "checksumming", None, in_process=small)  # the ids as written, read back
-        written_ns = time.time_ns() // 10**9 * 10**9  # a whole second: every filesystem keeps it exactly
-        meta = {**meta, "unknown": unknown, "checksums": checksums, "written_ns": written_ns}
-        os.pwrite(fd, header({**meta, "meta_crc": _meta_crc(meta)}, offset), 0)
+        crcs = [(name, offset + start, length) for start, length in storefile.blocks(nbytes)]
+        small = nbytes <= 16 * storefile.BLOCK_BYTES  # a few tens of milliseconds: not worth starting processes for
+        checksums = workers.run(encode.crc, crcs, [()] * len(crcs), "checksumming", None, in_process=small)  # the ids as written, read back
+        head, written_ns = storefile.sealed_header(meta, unknown, checksums, offset)
+        os.pwrite(fd, head, 0)
         os.fchmod(fd, file_mode())  # mkstemp made it private; a cache file need not be
         os.utime(fd, ns=(written_ns, written_ns))  # after the last write: a later write moves it
         os.fsync(fd)
@@ -495,107 +336,7 @@ def _into_memory(scanned: Scanned, vocab: Vocab, dtype: str, progress: StageProg
     return TokenStore(vocab, torch.from_numpy(ids), scanned.sha1, unknown, None)
 
 
-def _meta(scanned: Scanned, vocab: Vocab, dtype: str) -> dict[str, Any]:
-    return {
-        "format": "lstmlm-tokens",
-        "version": FORMAT_VERSION,
-        "mode": scanned.mode,
-        "source_sha1": scanned.sha1,
-        "dtype": dtype,
-        "length": scanned.length,
-        "unknown": 0,
-        "vocab": vocab.tokens,
-        "block_bytes": BLOCK_BYTES,
-    }
-
-
 def _reason(e: OSError) -> str:
     return e.strerror or str(e)
 
 
-# ---- running jobs on every core ------------------------------------------------------------------
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _worker_setup() -> None:
-    """Workers leave Ctrl-C to the parent, which stops them (no traceback from each); and
-    hand each piece's buffers back to the kernel when done with them. A piece's text, decoded
-    and widened to code points, is some 50-100 MB of short-lived blocks; glibc's malloc, by
-    default, raises its mmap threshold after the first such free and serves the next ones from
-    the heap, where they fragment: a worker grew to ~900 MB over a 10 GB corpus of non-ASCII
-    text. A fixed threshold maps every large block and unmaps it at its free."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-_R = TypeVar("_R")
-
-
-def _trimmed(job: Callable[..., _R], *args: Any) -> _R:
-    """`job(*args)` in a worker, then the heap's free memory handed back to the kernel. A
-    piece's text, decoded and widened to code points, is some 50-100 MB of short-lived blocks
-    that glibc's malloc serves from the heap after the first such free, where they fragment: a
-    worker grew to ~900 MB over a 10 GB corpus of non-ASCII text. malloc_trim after each piece
-    keeps it at about a piece's worth (~320 MB with the interpreter and numpy), for some 25%
-    more encoding time on such text (a 10 GB corpus: 89 s against 70)."""
-    try:
-        return job(*args)
-    finally:
-        if _malloc_trim is not None:
-            _malloc_trim(0)
-
-
-def _libc_malloc_trim() -> Callable[[int], int] | None:
-    with contextlib.suppress(OSError, AttributeError):
-        return cast(Callable[[int], int], ctypes.CDLL("libc.so.6").malloc_trim)
-    return None
-
-
-_malloc_trim = _libc_malloc_trim()
-
-
-def _start_pool(workers: int) -> Executor:
-    # spawn, not fork: this process has torch's threads (and maybe a progress bar's) running
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_setup)
-
-
-class Workers:
-    """The processes encoding runs on — one per core, started on first use (a corpus of one
-    piece starts none) and shared by both passes — and the one way jobs are run on them."""
-
-    def __init__(self) -> None:
-        self._pool: Executor | None = None
-
-    def __enter__(self) -> Workers:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def run(
-        self,
-        job: Callable[..., Any],
-        args: Sequence[tuple[Any, ...]],
-        pieces: Sequence[Piece],
-        stage: str,
-        progress: StageProgress | None,
-        in_process: bool = False,
-    ) -> list[Any]:
-        """`job(*a)` for each `a`, results in order; `progress(stage, bytes done, total)` as the
-        pieces complete."""
-        workers = 1 if in_process else max(1, min(WORKERS or _cores(), len(args)))
-        if workers > 1 and self._pool is None:
-            self._pool = _start_pool(workers)
-        pool = self._pool if workers > 1 else None
-        calls: Iterator[Any] = (job(*a) for a in args) if pool is None else (f.result() for f in [pool.submit(_trimmed, job, *a) for a in args])
-        total = sum(s.size for p in pieces for s in p)
-        done, results = 0, []
-        for result, piece in zip(calls, pieces):
-            results.append(result)
-            done += sum(s.size for s in piece)
-            if progress is not None:
-                progress(stage, done, total)
-        return results

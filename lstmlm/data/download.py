@@ -1,4 +1,4 @@
-"""Corpora by name: the known ones (name → URL, SHA-1), the cache they live in, downloading them.
+"""Corpora by name: the known ones (name → URL, SHA-1), downloading them into the cache (home.py).
 
 A download streams into a temporary file beside its destination, is checked against its SHA-1,
 and only then renamed into place, so the cache never holds a partial or wrong file. It is
@@ -27,8 +27,9 @@ import requests
 from urllib3.exceptions import DecodeError, ReadTimeoutError
 from urllib3.exceptions import HTTPError as TransportError
 
-from .atomic import write_atomic
-from .errors import CorpusError, DownloadError
+from ..atomic import write_atomic
+from ..errors import CorpusError, DownloadError
+from .home import cache_dir
 
 
 @dataclass(frozen=True)
@@ -92,13 +93,6 @@ Progress = Callable[[int, "int | None"], None]
 # stage_progress(stage, done, total_or_None): the same for each stage of getting a corpus ready
 # ("downloading", "unzipping", "reading", "encoding"), in bytes; the CLI draws one bar a stage.
 StageProgress = Callable[[str, int, "int | None"], None]
-
-
-def cache_dir(override: str | Path | None = None) -> Path:
-    """Where corpora are kept: the override, else $LSTMLM_HOME, else ~/.cache/lstmlm."""
-    if override is not None:
-        return Path(override)
-    return Path(os.environ.get("LSTMLM_HOME") or Path.home() / ".cache" / "lstmlm")
 
 
 def sha1_of(path: Path) -> str:

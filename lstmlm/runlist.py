@@ -494,4 +494,3 @@ def _held(root: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-

@@ -103,10 +103,7 @@ def open_for_resume(runs_dir: Path, run: str | None, overrides: dict[str, Any]) 
             continue
         current = stored.value(key)
         if value != current:
-            raise ConfigError(
-                f"--resume keeps the run's stored {key} = {current!r}; it cannot change to {value!r} "
-                f"(start a new --run instead)"
-            )
+            raise ConfigError(f"--resume keeps the run's stored {key} = {current!r}; it cannot change to {value!r} (start a new --run instead)")
     return store, stored.with_overrides({k: v for k, v in overrides.items() if k in config.RESUMABLE})
 
 
@@ -116,8 +113,7 @@ def check_resumable(store: RunStore) -> None:
     its first checkpoint is reported as in use instead)."""
     if not store.has_checkpoint(LATEST):
         raise CheckpointError(
-            f"run {store.root} has no checkpoint to resume from: it stopped before writing its first "
-            f"(delete {store.root} and train it again)"
+            f"run {store.root} has no checkpoint to resume from: it stopped before writing its first (delete {store.root} and train it again)"
         )
 
 
@@ -127,8 +123,7 @@ def check_same_corpus(store: RunStore, data: Data, corpus: str) -> None:
     then, now = store.corpus_sha1, data.source_sha1
     if then is not None and now is not None and then != now:
         raise CorpusError(
-            f"the corpus {corpus} has changed since run {store.name} was created (SHA-1 {then} then, {now} now): "
-            f"restore it, or train a new --run on it"
+            f"the corpus {corpus} has changed since run {store.name} was created (SHA-1 {then} then, {now} now): restore it, or train a new --run on it"
         )
 
 
@@ -203,12 +198,7 @@ def uses_default_recipe(cfg: Config, given: dict[str, Any]) -> bool:
     """A time budget, text other than d2l's (which keeps the seed), a recipe setting left to
     choose, and one process: under torchrun each would time its own probe and might choose
     another model (the process group, which could agree on one, starts later)."""
-    return (
-        cfg.train.max_minutes > 0
-        and cfg.data.normalize != "d2l"
-        and not set(RECIPE_KEYS) <= set(given)
-        and not distributed.from_environment().active
-    )
+    return cfg.train.max_minutes > 0 and cfg.data.normalize != "d2l" and not set(RECIPE_KEYS) <= set(given) and not distributed.from_environment().active
 
 
 def smallest_batches(cfg: Config, given: dict[str, Any]) -> Config:
@@ -226,7 +216,6 @@ def apply_default_recipe(cfg: Config, given: dict[str, Any], data: Data, device:
     cfg = cfg.with_overrides({**recipe.overrides(), **given})
     check_length(len(data.train), cfg.data.batch_size, cfg.data.num_steps, "training text")
     return cfg, Chosen(recipe, speed.tokens_per_s, tuple(k for k in RECIPE_KEYS if k in given))
-
 
 
 def check_memory(cfg: Config, vocab_size: int, device: torch.device) -> None:

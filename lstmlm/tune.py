@@ -627,4 +627,3 @@ def continue_command(setup: Setup, study: str, trials: int) -> str:
     for key, value in setup.fixed.items():
         words += [f"--{key.replace('_', '-')}", str(value).lower() if isinstance(value, bool) else str(value)]
     return shlex.join(words)
-

@@ -49,14 +49,14 @@ class Terminal:
         deadline = time.monotonic() + timeout
         while (at := self.seen.find(pattern, self.mark)) < 0:
             left = deadline - time.monotonic()
-            assert left > 0, f"no {pattern!r} within {timeout} s; the terminal shows …{self.seen[self.mark:][-500:]!r}"
+            assert left > 0, f"no {pattern!r} within {timeout} s; the terminal shows …{self.seen[self.mark :][-500:]!r}"
             ready, _, _ = select.select([self.fd], [], [], left)
             if ready:
                 try:
                     chunk = os.read(self.fd, 65536)
                 except OSError:  # EIO: the child closed the terminal
                     chunk = b""
-                assert chunk, f"the program ended before {pattern!r}; it showed {self.seen[self.mark:]!r}"
+                assert chunk, f"the program ended before {pattern!r}; it showed {self.seen[self.mark :]!r}"
                 self.seen = ESCAPE.sub(b"", self.seen + chunk)
         text = self.seen[self.mark : at + len(pattern)]
         self.mark = at + len(pattern)
@@ -74,7 +74,7 @@ class Terminal:
             return
         deadline = time.monotonic() + timeout
         while not (stat.read_text().rsplit(")", 1)[1].split()[0] == "S" and ("poll" in wchan.read_text() or "select" in wchan.read_text())):
-            assert time.monotonic() < deadline, f"not waiting for a key after {timeout} s: …{self.seen[self.mark:][-500:]!r}"
+            assert time.monotonic() < deadline, f"not waiting for a key after {timeout} s: …{self.seen[self.mark :][-500:]!r}"
             time.sleep(0.01)
 
     def wait(self, timeout: float = 30.0) -> int:
@@ -85,7 +85,7 @@ class Terminal:
             if pid:
                 self.code = os.waitstatus_to_exitcode(status)
                 break
-            assert time.monotonic() < deadline, f"still running after {timeout} s: …{self.seen[self.mark:][-500:]!r}"
+            assert time.monotonic() < deadline, f"still running after {timeout} s: …{self.seen[self.mark :][-500:]!r}"
             ready, _, _ = select.select([self.fd], [], [], 0.1)
             if ready:
                 try:

@@ -99,7 +99,7 @@ def test_generate_streams_the_text_lstmlm_generate_prints(api: TestClient, tiny_
     args = ["generate", "--run", run, "--runs-dir", tiny_runs, "--prefix", prefix, "--length", "150"]
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
-        args += ([flag] if value is True else ["--no-prime"] if key == "prime" else [flag, str(value)])
+        args += [flag] if value is True else ["--no-prime"] if key == "prime" else [flag, str(value)]
     expected = cli(*args).stdout
     read, done, text = streamed(api, run=run, prefix=prefix, length=150, **options)
     assert read + text + "\n" == expected

@@ -43,9 +43,7 @@ def config_options(*exclude: str) -> Callable[[Callable[..., Any]], Callable[...
 def _add_config_options(command: Callable[..., Any], exclude: tuple[str, ...]) -> Callable[..., Any]:
     hints = get_type_hints(command, include_extras=True)
     own = [  # resolved here: a signature set by hand is not evaluated again
-        p.replace(annotation=hints[p.name])
-        for p in inspect.signature(command).parameters.values()
-        if p.kind is not inspect.Parameter.VAR_KEYWORD
+        p.replace(annotation=hints[p.name]) for p in inspect.signature(command).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD
     ]
     generated = []
     for f in config.all_fields():

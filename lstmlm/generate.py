@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .cells.base import State
 from .data.text import normalize
 from .device import DTYPES, autocast
 from .errors import VocabError
@@ -99,39 +100,58 @@ def ids_on_host(device: torch.device, num_samples: int) -> bool:
 
 
 def generate(
-    model: CharLM, vocab: Vocab, prefix: str, sampling: Sampling = Sampling(), prime: str | Sequence[str] = "", precision: str = "fp32"
+    model: CharLM,
+    vocab: Vocab,
+    prefix: str,
+    sampling: Sampling = Sampling(),
+    prime: str | Sequence[str] = "",
+    precision: str = "fp32",
+    state: State | None = None,
 ) -> Continuation:
     """Per step, the next character of each of `sampling.num_samples` continuations of
     `prefix`, the state having read `prime` first (context that is not part of the output; see
     `prime_text`): a text, or a list of tokens (what `Continuation.tokens` holds, where a
-    generated "<unk>" is one token). The products run in `precision` ("fp32" or "bf16"). With
+    generated "<unk>" is one token), from `state` (default zeros; `read` gives one). The
+    products run in `precision` ("fp32" or "bf16"). With
     stop strings, see `Continuation` for what a step holds.
 
     The characters are made `CHUNK` at a time: torch re-enters inference mode on every
     resumption of a decorated generator, which at a character's cost of ~0.1 ms is worth
     avoiding; a chunk still streams within a few milliseconds."""
-    chunks = _generate_chunks(model, vocab, [*prime, *prefix], sampling, precision)
+    chunks = _generate_chunks(model, vocab, [*prime, *prefix], sampling, precision, state)
     return Continuation(chunks, sampling.stop, sampling.num_samples)
 
 
 @torch.inference_mode()
-def prime(model: CharLM, vocab: Vocab, context: Sequence[str], rows: int = 1, precision: str = "fp32") -> tuple[Stepper | LoopStepper, torch.Tensor]:
-    """A stepper of `rows` rows that have read `context` (tokens) but its last, read all at once
-    by the model's forward, and that last token's ids (rows,): what the first step reads."""
+def prime(
+    model: CharLM, vocab: Vocab, context: Sequence[str], rows: int = 1, precision: str = "fp32", state: State | None = None
+) -> tuple[Stepper | LoopStepper, torch.Tensor]:
+    """A stepper of `rows` rows that have read `context` (tokens) but its last, from `state`
+    (default: zeros), and that last token's ids (rows,): what the first step reads."""
     device = model.W_hq.device
-    ids = torch.tensor([vocab.index[c] for c in context], device=device).repeat(rows, 1)  # (rows, len)
-    state = model.begin_state(rows)
-    if ids.shape[1] > 1:
-        with autocast(device, precision):
-            _, state = model(ids[:, :-1], state)
-    return stepper(model, state, step_dtype(precision, device, rows)), ids[:, -1].contiguous()
+    last = torch.tensor([vocab.index[context[-1]]], device=device).repeat(rows)  # (rows,)
+    state = read(model, vocab, context[:-1], state if state is not None else model.begin_state(rows), precision)
+    return stepper(model, state, step_dtype(precision, device, rows)), last
 
 
 @torch.inference_mode()
-def _generate_chunks(model: CharLM, vocab: Vocab, context: Sequence[str], sampling: Sampling, precision: str) -> Iterator[list[list[str]]]:
+def read(model: CharLM, vocab: Vocab, tokens: Sequence[str], state: State, precision: str = "fp32") -> State:
+    """The state after reading `tokens` from `state`, all at once by the model's forward (one
+    state row a batch row, each reading the same tokens)."""
+    if not tokens:
+        return state
+    device = model.W_hq.device
+    ids = torch.tensor([vocab.index[c] for c in tokens], device=device).repeat(state[0].shape[1], 1)  # (rows, len)
+    with autocast(device, precision):
+        after: State = model(ids, state)[1]
+    return after
+
+
+@torch.inference_mode()
+def _generate_chunks(model: CharLM, vocab: Vocab, context: Sequence[str], sampling: Sampling, precision: str, state: State | None) -> Iterator[list[list[str]]]:
     """`generate`'s characters, CHUNK steps at a time, after reading `context` (its tokens)."""
     samples, device = sampling.num_samples, model.W_hq.device
-    step, last = prime(model, vocab, context, samples, precision)
+    step, last = prime(model, vocab, context, samples, precision, state)
     rows = Rows(device)
     rows.add(sampling, samples)
     tokens, length = vocab.tokens, sampling.length

@@ -409,3 +409,37 @@ def test_on_a_gpu_the_ids_come_back_a_chunk_at_a_time_and_the_text_is_the_same(m
         rest = list(steps)
     assert [first, *rest] == on_cpu
     assert len(seen) <= 3  # the three chunks after the first: 32, 32 and 5 characters
+
+
+def test_the_command_line_and_the_api_offer_each_sampling_field_with_its_bounds() -> None:
+    """Sampling is the one declaration: `lstmlm generate` has an option per field, and the
+    HTTP request a field per field (but num_samples: a request is one continuation), each
+    with Sampling's default, bounds and help."""
+    import dataclasses
+    import inspect
+    from typing import get_args
+
+    from lstmlm.cli.generate import generate as command
+
+    from conftest import cli
+
+    help_text = cli("generate", "--help").stdout
+    options = {name: get_args(p.annotation)[1] for name, p in inspect.signature(command).parameters.items()}
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    from lstmlm.serve.bodies import GenerateRequest
+
+    schema = GenerateRequest.model_json_schema()["properties"]
+    for f in dataclasses.fields(Sampling):
+        flag, option = f"--{f.name.replace('_', '-')}", options[f.name]
+        assert flag in help_text and flag in (option.default, *option.param_decls) and option.help.startswith(f.metadata["help"].removesuffix(").").rstrip("."))
+        if f.name != "stop":
+            assert (option.min, option.max) == (f.metadata["low"], f.metadata["high"])
+        if f.name == "num_samples":
+            assert f.name not in schema
+            continue
+        field = schema[f.name]
+        assert field["description"] == f.metadata["help"]
+        if f.metadata["low"] is not None and f.name != "seed":
+            assert field["minimum"] == f.metadata["low"] and field.get("maximum") == f.metadata["high"]
+        if f.name not in ("stop", "seed"):
+            assert field["default"] == f.default

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Annotated, Any, Literal, get_origin, get_type_hints
 import typer
 
 from .. import config
+from ..sampling import Sampling
 
 Run = Annotated[
     str | None,
@@ -52,6 +54,31 @@ def _add_config_options(command: Callable[..., Any], exclude: tuple[str, ...]) -
         kind = str if get_origin(f.type) is Literal else f.type
         annotation = Annotated[kind | None, typer.Option(f"--{f.name.replace('_', '-')}", help=f.help)]  # type: ignore[valid-type]
         generated.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
+        hints[f.name] = annotation
+    command.__signature__ = inspect.Signature(own + generated)  # type: ignore[attr-defined]
+    command.__annotations__ = hints
+    return command
+
+
+STOP_ESCAPES = r"; \n, \t, \\ are escapes)."
+
+
+def with_sampling_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give `command` one option per field of `generate.Sampling` (`--top-p` for top_p, the
+    field's help, default and bounds), passed on in `**sampling`: Sampling is the one list of
+    them, for the command line as for the HTTP API. `--stop` is repeatable (a list)."""
+    hints = get_type_hints(command, include_extras=True)
+    own = [p.replace(annotation=hints[p.name]) for p in inspect.signature(command).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    kinds = get_type_hints(Sampling)
+    generated = []
+    for f in dataclasses.fields(Sampling):
+        flag, help, low, high = f"--{f.name.replace('_', '-')}", f.metadata["help"], f.metadata["low"], f.metadata["high"]
+        if f.name == "stop":
+            annotation: Any = Annotated[list[str] | None, typer.Option(flag, help=help.removesuffix(").") + STOP_ESCAPES)]
+            default: Any = None
+        else:
+            annotation, default = Annotated[kinds[f.name], typer.Option(flag, help=help, min=low, max=high)], f.default
+        generated.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
         hints[f.name] = annotation
     command.__signature__ = inspect.Signature(own + generated)  # type: ignore[attr-defined]
     command.__annotations__ = hints

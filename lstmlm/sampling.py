@@ -98,6 +98,7 @@ class Rows:
         self.uniforms = torch.empty((0, BLOCK), device=self.device)  # each row's block of random numbers
         self.used = np.empty(0, dtype=np.int64)  # on the host: how many of its block each row has used
         self.all_greedy = True
+        self.cuts = np.empty((0, 3), dtype=bool)  # on the host: which rows cut by top-k, top-p, min-p (a cut no row makes is skipped)
 
     def __len__(self) -> int:
         return len(self.generators)
@@ -117,6 +118,7 @@ class Rows:
         self.uniforms = torch.cat([self.uniforms, torch.zeros((count, BLOCK), device=device)])
         self.used = np.concatenate([self.used, np.full(count, BLOCK, dtype=np.int64)])  # a fresh block at its first draw
         self.all_greedy = self.all_greedy and sampling.greedy
+        self.cuts = np.concatenate([self.cuts, np.tile([sampling.top_k > 0, sampling.top_p < 1.0, sampling.min_p > 0.0], (count, 1))])
 
     def keep(self, rows: list[int]) -> None:
         """Keep only `rows`, in this order."""
@@ -125,7 +127,7 @@ class Rows:
         self.temperature, self.top_k, self.top_p, self.min_p, self.greedy, self.uniforms = (
             t[on_device] for t in (self.temperature, self.top_k, self.top_p, self.min_p, self.greedy, self.uniforms)
         )
-        self.used, self.draws = self.used[rows], self.draws[rows]
+        self.used, self.draws, self.cuts = self.used[rows], self.draws[rows], self.cuts[rows]
         self.generators = [self.generators[i] for i in rows]
         self.all_greedy = all(g is None for g in self.generators)
 
@@ -140,18 +142,24 @@ class Rows:
         last = (kept > 0).sum(dim=-1, keepdim=True) - 1  # the last character kept (a prefix of the order)
         at = torch.minimum((cumulative <= u).sum(dim=-1, keepdim=True), last)
         chosen = order.gather(-1, at).squeeze(-1)
-        return torch.where(self.greedy, logits.argmax(dim=-1), chosen)
+        return chosen if self.draws.all() else torch.where(self.greedy, logits.argmax(dim=-1), chosen)
 
     def kept(self, weights: torch.Tensor) -> torch.Tensor:
         """`weights` (batch, vocab): each row's exp((logit - the largest) / T) in sorted order, the
         first 1; zero where top-k, top-p or min-p cut (the first always stays)."""
+        used = [bool(self.cuts[:, j].any()) for j in range(3)]  # a cut is nothing to a row that does not make it: skipped where none does
+        top_k, top_p, min_p = used
         rank = torch.arange(weights.shape[-1], device=weights.device)  # (vocab,)
-        k = torch.where(self.top_k > 0, self.top_k, weights.shape[-1])[:, None]  # (batch, 1)
-        weights = weights.masked_fill(rank >= k, 0.0)
-        before = weights.cumsum(dim=-1) - weights  # mass of the more likely characters (unnormalized)
-        cut = (before >= self.top_p[:, None] * weights.sum(dim=-1, keepdim=True)) & (rank > 0)
-        cut |= weights < self.min_p[:, None]  # min-p times the likeliest's weight, which is 1
-        return weights.masked_fill(cut, 0.0)
+        if top_k:
+            k = torch.where(self.top_k > 0, self.top_k, weights.shape[-1])[:, None]  # (batch, 1)
+            weights = weights.masked_fill(rank >= k, 0.0)
+        if top_p:
+            before = weights.cumsum(dim=-1) - weights  # mass of the more likely characters (unnormalized)
+            cut = (before >= self.top_p[:, None] * weights.sum(dim=-1, keepdim=True)) & (rank > 0) & (self.top_p < 1.0)[:, None]
+            weights = weights.masked_fill(cut, 0.0)
+        if min_p:
+            weights = weights.masked_fill(weights < self.min_p[:, None], 0.0)  # min-p times the likeliest's weight, which is 1
+        return weights
 
     def draw(self) -> torch.Tensor:
         """One uniform in [0, 1) per row (batch,): the next of its block, a row's generator

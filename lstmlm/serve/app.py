@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from ..generate import Continuation
 
 STATIC = Path(__file__).resolve().parent / "static"
+LINGER = 0.02  # seconds a stream's characters gather into one event, after its first (which goes at once)
 PAGE_POLICY = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 
 
@@ -103,19 +104,21 @@ def event(name: str, data: dict[str, Any]) -> str:
     return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def pull(row: Row, steps: Continuation, deadline: float, within: float = 0.05, most: int = 512) -> tuple[str, str | None]:
+def pull(row: Row, steps: Continuation, deadline: float, within: float = 0.05, linger: float = 0.0, most: int = 512) -> tuple[str, str | None]:
     """The text the batch makes for `row` within `within` seconds (at most `most` characters)
-    and why the generation ended ("length", "stop", "deadline"; None: it goes on)."""
+    and why the generation ended ("length", "stop", "deadline"; None: it goes on). Once a
+    character has come, the characters of the next `linger` seconds are gathered without
+    waking for each (the batch makes one a step): one wake and one event for them all."""
     parts: list[str] = []
     until = min(deadline, time.monotonic() + within)
-    while len(parts) < most:
-        if not row.wait(until - time.monotonic()):
-            return "".join(parts), "deadline" if time.monotonic() >= deadline else None
+    if row.wait(until - time.monotonic()) and linger > 0:
+        time.sleep(max(0.0, min(until, time.monotonic() + linger) - time.monotonic()))
+    while len(parts) < most and row.wait(0.0):
         chars = next(steps, None)
         if chars is None:
             return "".join(parts), "stop" if steps.ended[0] is not None else "length"
         parts.append(chars[0])
-    return "".join(parts), None
+    return "".join(parts), "deadline" if time.monotonic() >= deadline else None
 
 
 def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", precision: str = "fp32", allowed_hosts: list[str] | None = None) -> FastAPI:
@@ -233,7 +236,7 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
 
         if not body.stream:
             try:
-                while (reason := (await anyio.to_thread.run_sync(pull, row, steps, deadline, 1.0, 1 << 30))[1]) is None:
+                while (reason := (await anyio.to_thread.run_sync(pull, row, steps, deadline, 1.0, 1.0, 1 << 30))[1]) is None:
                     pass
             finally:
                 release()
@@ -245,7 +248,7 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
             made = 0
             while True:
                 try:
-                    text, reason = await anyio.to_thread.run_sync(pull, row, steps, deadline)
+                    text, reason = await anyio.to_thread.run_sync(pull, row, steps, deadline, 0.05, LINGER if made else 0.0)
                 except LstmlmError as e:
                     yield event("error", {"error": one_line(without_paths(str(e), runs_dir))})
                     return

@@ -111,3 +111,27 @@ def test_a_checkpoint_replaced_while_a_batch_runs(tiny_runs: Path, tmp_path: Pat
         rest = sse_events("\n".join(lines) + "\n")
         text = "".join(data["text"] for name, data in rest if name == "text")
         assert "the" + text == before  # the old one's, to the end
+
+
+def test_the_deadline_holds_for_each_row_of_a_batch(tiny_runs: Path) -> None:
+    """Two long generations in one batch, both past the deadline: each ends there with what it
+    made, streamed or not, and its row is let go."""
+    with TestClient(create_app(tiny_runs, Limits(max_length=10**9, deadline_s=0.5))) as api:
+        long = {"run": "raw", "prefix": "the", "length": 10**9, "temperature": 1.0}
+        done: dict[str, Any] = {}
+
+        def whole() -> None:
+            done["whole"] = api.post("/api/generate", json={**long, "stream": False}).json()
+
+        other = threading.Thread(target=whole)
+        other.start()
+        got = sse_events(api.post("/api/generate", json=long).text)
+        other.join()
+        text = "".join(data["text"] for name, data in got if name == "text")
+        assert got[-1] == ("done", {"characters": len(text), "finish_reason": "deadline"}) and 0 < len(text) < 10**9
+        assert done["whole"]["finish_reason"] == "deadline" and 0 < done["whole"]["characters"] < 10**9
+        for _ in range(100):
+            if api.get("/api/status").json()["running"] == 0:
+                break
+            time.sleep(0.05)
+        assert api.get("/api/status").json()["running"] == 0

@@ -98,7 +98,9 @@ class Rows:
         self.uniforms = torch.empty((0, BLOCK), device=self.device)  # each row's block of random numbers
         self.used = np.empty(0, dtype=np.int64)  # on the host: how many of its block each row has used
         self.all_greedy = True
-        self.cuts = np.empty((0, 3), dtype=bool)  # on the host: which rows cut by top-k, top-p, min-p (a cut no row makes is skipped)
+        self.cuts = np.empty((0, 3), dtype=bool)  # on the host: which rows cut by top-k, top-p, min-p
+        self.cutting = (False, False, False)  # whether any row does
+        self._rank: torch.Tensor | None = None  # 0, 1, ..., vocab - 1
 
     def __len__(self) -> int:
         return len(self.generators)
@@ -119,6 +121,7 @@ class Rows:
         self.used = np.concatenate([self.used, np.full(count, BLOCK, dtype=np.int64)])  # a fresh block at its first draw
         self.all_greedy = self.all_greedy and sampling.greedy
         self.cuts = np.concatenate([self.cuts, np.tile([sampling.top_k > 0, sampling.top_p < 1.0, sampling.min_p > 0.0], (count, 1))])
+        self._cutting()
 
     def keep(self, rows: list[int]) -> None:
         """Keep only `rows`, in this order."""
@@ -130,6 +133,11 @@ class Rows:
         self.used, self.draws, self.cuts = self.used[rows], self.draws[rows], self.cuts[rows]
         self.generators = [self.generators[i] for i in rows]
         self.all_greedy = all(g is None for g in self.generators)
+        self._cutting()
+
+    def _cutting(self) -> None:
+        top_k, top_p, min_p = (bool(self.cuts[:, j].any()) for j in range(3))
+        self.cutting = (top_k, top_p, min_p)
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         """The next ids (batch,) from logits (batch, vocab)."""
@@ -138,24 +146,27 @@ class Rows:
         sorted_logits, order = logits.float().sort(dim=-1, descending=True, stable=True)  # (batch, vocab)
         kept = self.kept(torch.exp((sorted_logits - sorted_logits[:, :1]) / self.temperature[:, None]))
         cumulative = kept.cumsum(dim=-1)  # (batch, vocab): the mass kept up to each character
-        u = self.draw()[:, None] * cumulative[:, -1:]  # (batch, 1): where in the kept mass the draw falls
-        last = (kept > 0).sum(dim=-1, keepdim=True) - 1  # the last character kept (a prefix of the order)
-        at = torch.minimum((cumulative <= u).sum(dim=-1, keepdim=True), last)
-        chosen = order.gather(-1, at).squeeze(-1)
+        total = cumulative[:, -1:]  # (batch, 1)
+        # where in the kept mass the draw falls, below the total (u·total can round up to it): the
+        # first character whose cumulative mass passes it has a weight above 0, and is kept
+        u = torch.minimum(self.draw()[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+        chosen = order.gather(-1, (cumulative <= u).sum(dim=-1, keepdim=True)).squeeze(-1)
         return chosen if self.draws.all() else torch.where(self.greedy, logits.argmax(dim=-1), chosen)
 
     def kept(self, weights: torch.Tensor) -> torch.Tensor:
         """`weights` (batch, vocab): each row's exp((logit - the largest) / T) in sorted order, the
-        first 1; zero where top-k, top-p or min-p cut (the first always stays)."""
-        used = [bool(self.cuts[:, j].any()) for j in range(3)]  # a cut is nothing to a row that does not make it: skipped where none does
-        top_k, top_p, min_p = used
-        rank = torch.arange(weights.shape[-1], device=weights.device)  # (vocab,)
+        first 1; zero where top-k, top-p or min-p cut (the first always stays). A cut no row makes
+        is skipped: it is nothing to a row that does not make it."""
+        vocab = weights.shape[-1]
+        if self._rank is None or self._rank.shape[0] != vocab:
+            self._rank = torch.arange(vocab, device=weights.device)  # (vocab,)
+        top_k, top_p, min_p = self.cutting
         if top_k:
-            k = torch.where(self.top_k > 0, self.top_k, weights.shape[-1])[:, None]  # (batch, 1)
-            weights = weights.masked_fill(rank >= k, 0.0)
+            k = torch.where(self.top_k > 0, self.top_k, vocab)[:, None]  # (batch, 1)
+            weights = weights.masked_fill(self._rank >= k, 0.0)
         if top_p:
             before = weights.cumsum(dim=-1) - weights  # mass of the more likely characters (unnormalized)
-            cut = (before >= self.top_p[:, None] * weights.sum(dim=-1, keepdim=True)) & (rank > 0) & (self.top_p < 1.0)[:, None]
+            cut = (before >= self.top_p[:, None] * weights.sum(dim=-1, keepdim=True)) & (self._rank > 0) & (self.top_p < 1.0)[:, None]
             weights = weights.masked_fill(cut, 0.0)
         if min_p:
             weights = weights.masked_fill(weights < self.min_p[:, None], 0.0)  # min-p times the likeliest's weight, which is 1
@@ -169,8 +180,8 @@ class Rows:
             assert generator is not None
             self.uniforms[i] = torch.rand(BLOCK, generator=generator, device=self.device)
             self.used[i] = 0
-        at = torch.from_numpy(np.minimum(self.used, BLOCK - 1)).to(self.device, non_blocking=True)
-        u = self.uniforms.gather(-1, at[:, None]).squeeze(-1)
+        at = torch.from_numpy(np.minimum(self.used, BLOCK - 1))
+        u = self.uniforms.gather(-1, (at if self.device.type == "cpu" else at.to(self.device, non_blocking=True))[:, None]).squeeze(-1)
         self.used += 1
         return u
 

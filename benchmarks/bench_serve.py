@@ -1,14 +1,14 @@
 """`lstmlm serve` under load: many clients streaming generations at once, for a while.
 
     python benchmarks/bench_serve.py --runs-dir runs --run shakespeare [--clients 32] [--seconds 30]
-        [--length 500] [--max-concurrent 8] [--temperature 0.8]
+        [--length 500] [--max-batch 64] [--queue 256] [--temperature 0.8]
 
 Starts `lstmlm serve` on a free loopback port (or uses --url, a server already running), warms
 it up, then runs --clients threads that each stream one generation after another (POST
-/api/generate, server-sent events) until --seconds have passed; a client refused at the
-concurrency limit waits what the 503's Retry-After says before it asks again, as a client
+/api/generate, server-sent events) until --seconds have passed; a client refused past the
+server's queue waits what the 503's Retry-After says before it asks again, as a client
 should (--no-wait: at once, a storm of refusals the server spends its cores answering). Prints what happened to the
-requests (completed, refused with 503 at the concurrency limit, failed), the characters the
+requests (completed, refused with 503 past the queue, failed), the characters the
 server streamed per second in all, the time to a stream's first characters and to its end
 (median and 95th percentile, of completed streams), the most generations seen running at
 once, and the server's resident memory before and after (when it started the server).
@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 
-def start_server(runs_dir: str, max_concurrent: int, max_length: int) -> tuple[subprocess.Popen[str], str]:
+def start_server(runs_dir: str, max_batch: int, queue: int, max_length: int) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "lstmlm", "serve", "--runs-dir", runs_dir, "--port", "0",
-         "--max-concurrent", str(max_concurrent), "--max-length", str(max_length)],
+         "--max-batch", str(max_batch), "--queue", str(queue), "--max-length", str(max_length)],
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert proc.stderr is not None
@@ -112,11 +112,12 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=500)
     parser.add_argument("--prefix", default="\n")
     parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--max-concurrent", type=int, default=8)
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--queue", type=int, default=256)
     parser.add_argument("--no-wait", action="store_true", help="Ask again at once after a refusal, ignoring Retry-After.")
     args = parser.parse_args()
 
-    proc, url = (None, args.url.rstrip("/")) if args.url else start_server(args.runs_dir, args.max_concurrent, args.length)
+    proc, url = (None, args.url.rstrip("/")) if args.url else start_server(args.runs_dir, args.max_batch, args.queue, args.length)
     body = {"run": args.run, "prefix": args.prefix, "length": args.length, "temperature": args.temperature}
     try:
         for _ in range(3):  # the model loaded, the worker threads started
@@ -140,7 +141,7 @@ def main() -> None:
         for t in threads:
             t.start()
         while any(t.is_alive() for t in threads):
-            active.append(get_json(url, "/api/status")["active"])
+            active.append(get_json(url, "/api/status")["running"])
             time.sleep(0.25)
         elapsed = time.perf_counter() - started
         after = rss_mib(proc.pid) if proc else float("nan")
@@ -155,7 +156,7 @@ def main() -> None:
     chars = sum(r[3] for r in results)
     refused = "asks again at once" if args.no_wait else "waits its Retry-After"
     print(f"{args.clients} clients for {elapsed:.1f} s, run {args.run}, {args.length} characters a stream, "
-          f"at most {args.max_concurrent} at once on the server; a refused client {refused}")  # fmt: skip
+          f"at most {args.max_batch} stepping together on the server, {args.queue} waiting; a refused client {refused}")  # fmt: skip
     print("requests:            " + ", ".join(f"{n:,} {k}" for k, n in outcomes.most_common()))
     print(f"streamed:            {chars:,} characters, {chars / elapsed:,.0f} characters/s in all")
     print(f"first characters:    {percentiles([r[1] for r in done])}")

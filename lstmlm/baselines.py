@@ -291,9 +291,7 @@ def load_counts(run_dir: Path) -> Counts | None:
     return counts if sane else None
 
 
-def for_training(
-    run_dir: Path, train: Ids, val: Ids, vocab_size: int, unit: str, batch_size: int, num_steps: int, val_tokens: int
-) -> Baselines:
+def for_training(run_dir: Path, train: Ids, val: Ids, vocab_size: int, unit: str, batch_size: int, num_steps: int, val_tokens: int) -> Baselines:
     """The run's baselines: those it keeps, where they were scored as this training validates;
     else counted (or taken from its counts.npz), scored, and kept."""
     from .evaluation import layout

@@ -83,9 +83,7 @@ class Ceiling:
     gflops: float  # the best of the repeats, 1e9 FLOP/s
 
 
-def measure_matmul_ceiling(
-    device: torch.device | str, precision: str = "fp32", max_size: int = 2048, min_seconds: float = 0.5
-) -> Ceiling:
+def measure_matmul_ceiling(device: torch.device | str, precision: str = "fp32", max_size: int = 2048, min_seconds: float = 0.5) -> Ceiling:
     """GFLOP/s of a large square matrix product, the best of repeats over `min_seconds`, by
     the product lstmlm's fast path takes (fused.times_T: on a CPU in fp32 oneDNN's, which on AMD
     CPUs runs at twice MKL's rate, torch.mm's).
@@ -357,9 +355,7 @@ class Report:
     is_main: bool  # under torchrun only the main process reports
 
 
-def run(
-    config_file: str | None = None, device: str = "auto", precision: str = "fp32", steps: int = 20, vocab_size: int = 28, tf32: bool = False
-) -> Report:
+def run(config_file: str | None = None, device: str = "auto", precision: str = "fp32", steps: int = 20, vocab_size: int = 28, tf32: bool = False) -> Report:
     """What `lstmlm bench` measures: the product ceiling, both cores' training and generation,
     for the model and batch shapes of `config_file` (default: the d2l model); `precision` is
     fp32, bf16, auto or "both"; `tf32` decided explicitly, as training does (cuDNN's own default
@@ -421,4 +417,3 @@ def measure_scaling(dims: Dims, device: torch.device, precisions: list[str], ste
             rows.append(Row(f"train {core} ×{world.size} processes", prec, speed.tokens_per_s, "tokens/s",
                             memory=speed.peak_memory_bytes, scaling=scaling, raw=raw))  # fmt: skip
     return rows
-

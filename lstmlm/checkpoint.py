@@ -89,9 +89,7 @@ def check_archive(f: IO[bytes], path: Path) -> None:
         if entry.compress_type != zipfile.ZIP_STORED:
             raise CheckpointError(f"refusing {path}: its entry {entry.filename!r} is compressed, and lstmlm checkpoints never are")
         if entry.file_size != entry.compress_size or entry.header_offset + entry.compress_size > size:
-            raise CheckpointError(
-                f"refusing {path}: its entry {entry.filename!r} claims {entry.file_size:,} bytes, more than the archive holds"
-            )
+            raise CheckpointError(f"refusing {path}: its entry {entry.filename!r} claims {entry.file_size:,} bytes, more than the archive holds")
 
 
 def _unpickle(f: IO[bytes], path: Path) -> Any:
@@ -115,9 +113,7 @@ def check_sections(payload: Any, path: Path) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an lstmlm checkpoint")
     if payload.get("version") != VERSION:
-        raise CheckpointError(
-            f"{path} has checkpoint format version {payload.get('version')!r}; this lstmlm reads version {VERSION}"
-        )
+        raise CheckpointError(f"{path} has checkpoint format version {payload.get('version')!r}; this lstmlm reads version {VERSION}")
     for key, kind in SECTIONS.items():
         if key not in payload:
             raise CheckpointError(f"{path} lacks its '{key}' section")
@@ -160,16 +156,12 @@ def check_compatible(payload: dict[str, Any], cfg: Config, vocab: Vocab, path: P
             if theirs or ours
             else "the same characters in another order"
         )
-        raise CheckpointError(
-            f"{path} was trained on another vocabulary ({len(stored)} tokens; this run has {len(vocab)}; {diff})"
-        )
+        raise CheckpointError(f"{path} was trained on another vocabulary ({len(stored)} tokens; this run has {len(vocab)}; {diff})")
     trained = checkpoint_config(payload)
     for key in config_mod.MODEL_DEFINING:
         theirs_value, ours_value = trained.value(key), cfg.value(key)
         if theirs_value != ours_value:
-            raise CheckpointError(
-                f"{path} holds a model with {key} = {theirs_value!r}; this run has {key} = {ours_value!r}"
-            )
+            raise CheckpointError(f"{path} holds a model with {key} = {theirs_value!r}; this run has {key} = {ours_value!r}")
 
 
 def load_weights(net: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:

@@ -54,8 +54,7 @@ class DataConfig:
     corpus: str = setting("timemachine", "A known corpus name, a text file, a directory, or a glob ('src/**/*.[ch]').")
     normalize: Normalize = setting(
         "auto",
-        "d2l (the seed's letters-only text), raw (every character), bytes (every byte: 256 symbols) "
-        "or auto (d2l for timemachine, bytes for enwik8, else raw).",
+        "d2l (the seed's letters-only text), raw (every character), bytes (every byte: 256 symbols) or auto (d2l for timemachine, bytes for enwik8, else raw).",
     )
     max_tokens: int = setting(-1, "Train on the first N tokens (0 = all; -1 = 10,000 in d2l mode, as the seed, else all).")
     val_fraction: float = setting(-1.0, "The last fraction of the text, held out for validation (-1 = 0 in d2l mode, else 0.1).")
@@ -73,9 +72,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: Core = setting(
-        "scratch", "scratch (the cell's equations, from the article) or cudnn (torch's fused layer: cuDNN on a GPU, oneDNN on a CPU)."
-    )
+    model: Core = setting("scratch", "scratch (the cell's equations, from the article) or cudnn (torch's fused layer: cuDNN on a GPU, oneDNN on a CPU).")
     cell: CellName = setting(cells.DEFAULT, f"The recurrent cell: {', '.join(cells.NAMES)}.")
     gru_form: GruForm = setting(
         "cudnn",
@@ -318,11 +315,7 @@ class FieldInfo:
 
 def all_fields() -> list[FieldInfo]:
     """Every config field, table by table, in declaration order: what `lstmlm train` offers as options."""
-    return [
-        FieldInfo(f.name, table, hints(cls)[f.name], f.metadata.get("help", ""))
-        for table, cls in SECTIONS.items()
-        for f in fields(cls)
-    ]
+    return [FieldInfo(f.name, table, hints(cls)[f.name], f.metadata.get("help", "")) for table, cls in SECTIONS.items() for f in fields(cls)]
 
 
 @functools.cache
@@ -392,8 +385,8 @@ def _validate(cfg: Config) -> None:
         (m.embedding_dropout == 0 or m.embedding > 0, "[model] embedding_dropout drops rows of the embedding matrix: it needs embedding > 0"),
         (m.dropout_input <= 0 or m.embedding > 0, "[model] dropout_input acts on the embedding's output: it needs embedding > 0"),
         (m.dropout_hidden <= 0 or m.layers > 1, "[model] dropout_hidden acts between layers: it needs layers > 1"),
-        (m.cell == "gru" or m.gru_form == "cudnn", "[model] gru_form applies to the GRU only (cell = \"gru\")"),
-        (m.gru_form == "cudnn" or m.model == "scratch", "[model] gru_form d2l (the book's GRU) has no torch module: it needs model = \"scratch\""),
+        (m.cell == "gru" or m.gru_form == "cudnn", '[model] gru_form applies to the GRU only (cell = "gru")'),
+        (m.gru_form == "cudnn" or m.model == "scratch", '[model] gru_form d2l (the book\'s GRU) has no torch module: it needs model = "scratch"'),
         (t.epochs >= 1, "[train] epochs must be at least 1"),
         (t.lr > 0.0, "[train] lr must be positive"),
         (t.weight_decay >= 0.0, "[train] weight_decay must not be negative"),

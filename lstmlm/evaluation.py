@@ -112,17 +112,13 @@ def unit_of(mode: str) -> str:
     return "byte" if mode == "bytes" else "character"
 
 
-def score_ids(
-    model: CharLM, ids: torch.Tensor, unknown: int, mode: str, batch_size: int, num_steps: int, device: torch.device, precision: str
-) -> Score:
+def score_ids(model: CharLM, ids: torch.Tensor, unknown: int, mode: str, batch_size: int, num_steps: int, device: torch.device, precision: str) -> Score:
     """Ids of a text, as the model was trained to read it, scored as validation scores (all of them)."""
     loss, count = evaluate(model.to(device), ids, batch_size, num_steps, device, precision)
     return Score(len(ids), count, unknown, loss, perplexity(loss), bits_per_char(loss), unit_of(mode))
 
 
-def score_text(
-    model: CharLM, vocab: Vocab, text: str, normalize: str, batch_size: int, num_steps: int, device: torch.device, precision: str
-) -> Score:
+def score_text(model: CharLM, vocab: Vocab, text: str, normalize: str, batch_size: int, num_steps: int, device: torch.device, precision: str) -> Score:
     """A text, normalized as the model was trained, scored as validation scores."""
     encoded = encode_text(text, vocab, normalize)
     return score_ids(model, encoded.ids, encoded.unknown, normalize, batch_size, num_steps, device, precision)

@@ -119,9 +119,7 @@ class Exported:
     max_difference: float  # the largest |logit difference| with lstmlm over the checked steps
 
 
-def export_model(
-    model: CharLM, vocab: Vocab, normalize: str, prime: str, run: str, path: Path, format: str, force: bool = False
-) -> Exported:
+def export_model(model: CharLM, vocab: Vocab, normalize: str, prime: str, run: str, path: Path, format: str, force: bool = False) -> Exported:
     """Write `model`'s one step to `path` in `format`, checked against lstmlm before it is kept
     (atomic.write_output: an export that fails leaves nothing, or the file that was there; an
     existing file is replaced only with `force`)."""

@@ -197,4 +197,3 @@ def learning_rate_on_device(optimizer: torch.optim.Optimizer, device: torch.devi
     for group in optimizer.param_groups:
         if not isinstance(group["lr"], torch.Tensor):
             group["lr"] = torch.tensor(float(group["lr"]), device=device)
-

@@ -59,6 +59,7 @@ class Dropouts:
     @classmethod
     def of(cls, cfg: ModelConfig) -> Dropouts:
         """The config's rates; -1 at a place means `dropout`'s rate there."""
+
         def rate(r: float) -> float:
             return cfg.dropout if r == -1.0 else r
 
@@ -145,9 +146,7 @@ class CharLM(nn.Module):
     @overload
     def forward(self, X: torch.Tensor, state: State | None = None, *, top: Literal[True]) -> tuple[torch.Tensor, State, TopLayer]: ...
 
-    def forward(
-        self, X: torch.Tensor, state: State | None = None, *, top: bool = False
-    ) -> tuple[torch.Tensor, State] | tuple[torch.Tensor, State, TopLayer]:
+    def forward(self, X: torch.Tensor, state: State | None = None, *, top: bool = False) -> tuple[torch.Tensor, State] | tuple[torch.Tensor, State, TopLayer]:
         """X: (batch, steps) ids → logits (batch, steps, vocab) and the final state; with `top`,
         the top layer's outputs too (for AR and TAR)."""
         if X.is_floating_point() or X.dtype == torch.bool or X.dim() != 2:

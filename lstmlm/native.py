@@ -117,7 +117,7 @@ def unavailable() -> str:
 
 
 def status() -> str:
-    """"compiled" or "python loop" and, for the latter, why: for `lstmlm bench` and the tests."""
+    """ "compiled" or "python loop" and, for the latter, why: for `lstmlm bench` and the tests."""
     ops, reason = _load()
     return "compiled (C++)" if ops is not None else f"python loop ({reason})"
 

@@ -216,8 +216,12 @@ def plot_runs(run_dirs: Sequence[Path], out_path: Path) -> list[Series]:
     colours = {run: f"C{i % 10}" for i, run in enumerate(dict.fromkeys(s.run for s in series))}
     for i, s in enumerate(series):
         (line,) = axes[s.metric].plot(
-            s.epochs, s.values, color=colours[s.run], linestyle="-" if s.split == "train" else "--",
-            marker="o" if len(s.epochs) == 1 else None, label=f"{s.run} {s.split}",
+            s.epochs,
+            s.values,
+            color=colours[s.run],
+            linestyle="-" if s.split == "train" else "--",
+            marker="o" if len(s.epochs) == 1 else None,
+            label=f"{s.run} {s.split}",
         )
         line.set_gid(f"lstmlm-series-{i}")
     for r, d in enumerate(run_dirs):

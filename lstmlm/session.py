@@ -44,7 +44,7 @@ from .distributed import World
 from .errors import CheckpointError, ConfigError, CorpusError, DeviceError
 from .evaluation import Score, score_ids, unit_of
 from .events import Baselined, Event, Started
-from .generate import Continuation, Sampling, generate, prepare_prefix
+from .generate import Continuation, Sampling, generate, prepare_prefix, read
 from .model import CharLM, convert, training_bytes
 from .recipe import RECIPE_KEYS, Recipe, choose, probe_dims
 from .runs import BEST, LATEST, RunExists, RunStore, check_run_name
@@ -103,10 +103,7 @@ def open_for_resume(runs_dir: Path, run: str | None, overrides: dict[str, Any]) 
             continue
         current = stored.value(key)
         if value != current:
-            raise ConfigError(
-                f"--resume keeps the run's stored {key} = {current!r}; it cannot change to {value!r} "
-                f"(start a new --run instead)"
-            )
+            raise ConfigError(f"--resume keeps the run's stored {key} = {current!r}; it cannot change to {value!r} (start a new --run instead)")
     return store, stored.with_overrides({k: v for k, v in overrides.items() if k in config.RESUMABLE})
 
 
@@ -116,8 +113,7 @@ def check_resumable(store: RunStore) -> None:
     its first checkpoint is reported as in use instead)."""
     if not store.has_checkpoint(LATEST):
         raise CheckpointError(
-            f"run {store.root} has no checkpoint to resume from: it stopped before writing its first "
-            f"(delete {store.root} and train it again)"
+            f"run {store.root} has no checkpoint to resume from: it stopped before writing its first (delete {store.root} and train it again)"
         )
 
 
@@ -127,8 +123,7 @@ def check_same_corpus(store: RunStore, data: Data, corpus: str) -> None:
     then, now = store.corpus_sha1, data.source_sha1
     if then is not None and now is not None and then != now:
         raise CorpusError(
-            f"the corpus {corpus} has changed since run {store.name} was created (SHA-1 {then} then, {now} now): "
-            f"restore it, or train a new --run on it"
+            f"the corpus {corpus} has changed since run {store.name} was created (SHA-1 {then} then, {now} now): restore it, or train a new --run on it"
         )
 
 
@@ -203,12 +198,7 @@ def uses_default_recipe(cfg: Config, given: dict[str, Any]) -> bool:
     """A time budget, text other than d2l's (which keeps the seed), a recipe setting left to
     choose, and one process: under torchrun each would time its own probe and might choose
     another model (the process group, which could agree on one, starts later)."""
-    return (
-        cfg.train.max_minutes > 0
-        and cfg.data.normalize != "d2l"
-        and not set(RECIPE_KEYS) <= set(given)
-        and not distributed.from_environment().active
-    )
+    return cfg.train.max_minutes > 0 and cfg.data.normalize != "d2l" and not set(RECIPE_KEYS) <= set(given) and not distributed.from_environment().active
 
 
 def smallest_batches(cfg: Config, given: dict[str, Any]) -> Config:
@@ -226,7 +216,6 @@ def apply_default_recipe(cfg: Config, given: dict[str, Any], data: Data, device:
     cfg = cfg.with_overrides({**recipe.overrides(), **given})
     check_length(len(data.train), cfg.data.batch_size, cfg.data.num_steps, "training text")
     return cfg, Chosen(recipe, speed.tokens_per_s, tuple(k for k in RECIPE_KEYS if k in given))
-
 
 
 def check_memory(cfg: Config, vocab_size: int, device: torch.device) -> None:
@@ -380,11 +369,20 @@ def continue_prefix(trained: Trained, prefix: str, sampling: Sampling, precision
     """Continue `prefix` with a loaded model (on its device), having read `context` first (a
     text, or tokens: see generate.generate). A bytes model reads the prefix's UTF-8 bytes and
     its steps come decoded (`Decoded`)."""
+    text = read_prefix(trained, prefix)
+    return as_generation(trained, prefix, text, generate(trained.model, trained.vocab, text, sampling, context, precision))
+
+
+def read_prefix(trained: Trained, prefix: str) -> str:
+    """The prefix as the model reads it: d2l-normalized, a bytes model's UTF-8 bytes; checked."""
     mode = trained.config.data.normalize
-    text = prepare_prefix(normalize(prefix, mode) if mode == "bytes" else prefix, trained.vocab, mode)
-    steps = generate(trained.model, trained.vocab, text, sampling, context, precision)
-    if mode == "bytes":
-        return Generation(as_text(text, mode), False, Decoded(steps, sampling.num_samples))
+    return prepare_prefix(normalize(prefix, mode) if mode == "bytes" else prefix, trained.vocab, mode)
+
+
+def as_generation(trained: Trained, prefix: str, text: str, steps: Continuation) -> Generation:
+    """The continuation of `prefix` (read as `text`) whose steps the model makes in `steps`."""
+    if trained.config.data.normalize == "bytes":
+        return Generation(as_text(text, "bytes"), False, Decoded(steps, len(steps.ended)))
     return Generation(text, text != prefix, steps)
 
 
@@ -422,6 +420,10 @@ class Conversation:
     puts the LSTM in the state that reading them gives; an empty prefix simply continues. A
     seed then moves on by one a turn (turn k samples with seed + k): the session repeats, but
     its turns do not draw the same random numbers over again.
+
+    The state is carried, not the history re-read: the state after the first `read` tokens of
+    the context is kept, and a turn reads only what came after them (the last turn's text and
+    its prefix), so a turn costs the same after 400 turns as after one.
     """
 
     def __init__(self, trained: Trained, sampling: Sampling, precision: str = "fp32", prime: bool = True, carry: bool = False) -> None:
@@ -430,22 +432,28 @@ class Conversation:
         self.trained, self.sampling, self.precision, self.carry = trained, sampling, precision, carry
         self.context: list[str] = list(trained.prime if prime else "")  # the tokens every turn reads first
         self.turns = 0
-        self._last: Generation | None = None
+        self._last: tuple[str, Generation] | None = None  # the last turn: its prefix as read, its generation
+        self.read, self._state = 0, trained.model.begin_state(1)  # the state after reading context[:read]
 
     def turn(self, prefix: str) -> Generation:
-        if self.carry and self._last is not None:  # the last turn, as far as the model got
-            self.context += [*self._last.prefix, *self._last.steps.tokens[0]]
+        if not self.carry:
+            self.turns += 1
+            return continue_prefix(self.trained, prefix, self.sampling, self.precision, self.context)
+        if self._last is not None:  # the last turn, as far as the model got
+            text, last = self._last
+            self.context += [*text, *last.steps.tokens[0]]
             self._last = None
         sampling = self.sampling
-        if self.carry and sampling.seed is not None:
+        if sampling.seed is not None:
             sampling = dataclasses.replace(sampling, seed=sampling.seed + self.turns)
-        if self.carry and self.turns and prefix == "":
-            model, vocab = self.trained.model, self.trained.vocab
-            generation = Generation("", False, generate(model, vocab, "", sampling, self.context, self.precision))
-        else:
-            generation = continue_prefix(self.trained, prefix, sampling, self.precision, self.context)
+        text = "" if self.turns and prefix == "" else read_prefix(self.trained, prefix)
+        model, vocab = self.trained.model, self.trained.vocab
+        whole = [*self.context, *text]  # the last of it is the first step's input
+        self._state = read(model, vocab, whole[self.read : -1], self._state, self.precision)
+        self.read = len(whole) - 1
+        generation = as_generation(self.trained, prefix, text, generate(model, vocab, "", sampling, whole[-1:], self.precision, self._state))
         self.turns += 1
-        self._last = generation
+        self._last = (text, generation)
         return generation
 
 

@@ -258,9 +258,7 @@ class Trainer:
         self._last: dict[str, float] = {}  # when each cadence's action last happened (clock seconds)
         self._tic = 0.0  # when the current stretch of training steps began
         self._session_start: float | None = None  # when run() began: max_minutes counts from it
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(cfg.train, s, self.steps_per_epoch, self._time_used())
-        )
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(cfg.train, s, self.steps_per_epoch, self._time_used()))
         # the dropout stream's start, owned by this trainer: run() restores it, so another
         # trainer built (or anything random done) in between cannot change this run
         self.state = TrainerState(epoch_rng=random.Random(cfg.train.seed).getstate(), torch_rng=torch.get_rng_state())

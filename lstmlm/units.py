@@ -62,6 +62,7 @@ def gate_of(cell: Cell, name: str) -> Gate:
 
 # ---- activations ------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def activations(model: CharLM, vocab: Vocab, text: str, context: str = "") -> list[LayerActivations]:
     """Every layer's gates over `text`, starting from the zero state as generation does, or
@@ -172,9 +173,7 @@ def pearson(A: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.where(norms > 0, r, torch.zeros_like(r))
 
 
-def find_units(
-    layers: list[LayerActivations], text: str, regex: str, gate: str | None = None, layer: int | None = None
-) -> list[UnitScore]:
+def find_units(layers: list[LayerActivations], text: str, regex: str, gate: str | None = None, layer: int | None = None) -> list[UnitScore]:
     """Every unit of `gate` (the cell's default: the LSTM's memory cell; in every layer, or only
     `layer`) ranked by |r| with "inside a match of regex"."""
     gate = gate_of(layers[0].cell, gate or layers[0].cell.default_gate).name

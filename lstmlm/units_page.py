@@ -60,9 +60,7 @@ def palette(gate: Gate, lo: float, hi: float) -> list[str]:
     return [hex_colour(colour(float(v))) for v in level(gate, values)]
 
 
-def page_data(
-    layers: list[LayerActivations], ranking: list[UnitScore] | None = None, feature: str | None = None, gate: str | None = None
-) -> dict[str, Any]:
+def page_data(layers: list[LayerActivations], ranking: list[UnitScore] | None = None, feature: str | None = None, gate: str | None = None) -> dict[str, Any]:
     """Everything the page's script needs, as JSON-ready data."""
     cell = layers[0].cell
     values = []

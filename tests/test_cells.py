@@ -35,6 +35,8 @@ UNGATED_FP32 = 4e-5  # a cell with no gate (the plain RNN) amplifies fp32's roun
 def tol(cell: Cell, dtype: torch.dtype) -> float:
     ungated = not any(g.saturates for g in cell.gates)
     return UNGATED_FP32 if ungated and dtype == torch.float32 else TOL[dtype]
+
+
 CELLS = [cells.get(name) for name in cells.NAMES]
 
 

@@ -49,9 +49,7 @@ def temp_files(root: Path) -> list[str]:
 # ---- atomic writes ----------------------------------------------------------------------------
 
 
-def test_disk_full_mid_write_is_a_clear_error_and_the_old_checkpoint_survives(
-    trained: Trainer, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_disk_full_mid_write_is_a_clear_error_and_the_old_checkpoint_survives(trained: Trainer, monkeypatch: pytest.MonkeyPatch) -> None:
     path = trained.store.path(LATEST)
     before = path.read_bytes()
     real_save = torch.save
@@ -70,9 +68,7 @@ def test_disk_full_mid_write_is_a_clear_error_and_the_old_checkpoint_survives(
     load_checkpoint(path)
 
 
-def test_unwritable_run_directory_is_a_clear_error_and_the_old_checkpoint_survives(
-    trained: Trainer, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_unwritable_run_directory_is_a_clear_error_and_the_old_checkpoint_survives(trained: Trainer, monkeypatch: pytest.MonkeyPatch) -> None:
     """The rename is refused (tests run as root, so chmod cannot make the directory unwritable)."""
     path = trained.store.path(LATEST)
     before = path.read_bytes()
@@ -111,9 +107,7 @@ def test_metrics_line_cut_by_a_crash_is_skipped(trained: Trainer) -> None:
 
 
 @pytest.mark.parametrize("container", ["torch-zip", "plain-pickle"])
-def test_a_checkpoint_crafted_to_run_code_is_refused_and_the_code_does_not_run(
-    trained: Trainer, tmp_path: Path, container: str
-) -> None:
+def test_a_checkpoint_crafted_to_run_code_is_refused_and_the_code_does_not_run(trained: Trainer, tmp_path: Path, container: str) -> None:
     marker = tmp_path / "pwned"
     path = trained.store.path(LATEST)
     payload = {**load_checkpoint(path), "evil": Payload(marker)}

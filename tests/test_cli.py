@@ -453,7 +453,7 @@ def test_device_cuda_without_cuda(train_into: Any, corpus_file: Path) -> None:
     [
         ("[train]\nepochs = 3\nlearning_rate = 0.1\n", "unknown config key 'learning_rate' in [train]"),
         ("[optim]\nlr = 0.1\n", "unknown config table [optim]"),
-        ("[train]\nepochs = \"many\"\n", "[train] epochs must be a int, not 'many'"),
+        ('[train]\nepochs = "many"\n', "[train] epochs must be a int, not 'many'"),
         ("[train\nepochs = 3\n", "is not valid TOML"),
         ("epochs = 3\n", "unknown config table [epochs]"),
         ("[model]\ndropout = nan\n", "[model] dropout must be a finite number, not nan"),
@@ -493,9 +493,7 @@ def test_diverging_training_is_one_line(tiny_train_args: list[str], runs_dir: Pa
     assert not (runs_dir / "nan" / "latest.pt").exists()
 
 
-def test_disk_full_during_training_is_one_line_and_the_checkpoint_survives(
-    tiny_train_args: list[str], runs_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_disk_full_during_training_is_one_line_and_the_checkpoint_survives(tiny_train_args: list[str], runs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert cli(*tiny_train_args, "--run", "r").code == 0
     before = {name: (runs_dir / "r" / name).read_bytes() for name in ("latest.pt", "best.pt")}
 

@@ -111,7 +111,14 @@ def test_only_rank_zero_writes(runs: dict) -> None:
     store = RunStore.open(root / "double")
     assert [r["epoch"] for r in store.read_metrics()] == list(range(1, EPOCHS + 1))  # each epoch once
     assert sorted(p.name for p in (root / "double").iterdir() if not p.name.startswith(".")) == [
-        "baselines.json", "best.pt", "config.json", "counts.npz", "latest.pt", "metrics.jsonl", "run.json", "vocab.json"
+        "baselines.json",
+        "best.pt",
+        "config.json",
+        "counts.npz",
+        "latest.pt",
+        "metrics.jsonl",
+        "run.json",
+        "vocab.json",
     ]  # a corpus given by path is read raw, its last 10% validating: best.pt; rank 0's baselines, once
     assert len([e for e in runs["double"] if e["event"] == "done"]) == 1  # one process reports
 
@@ -119,7 +126,10 @@ def test_only_rank_zero_writes(runs: dict) -> None:
 def test_distributed_run_generates_on_one_cpu(runs: dict) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "lstmlm", "generate", "--runs-dir", str(runs["root"]), "--run", "double", "--length", "20"],
-        capture_output=True, text=True, env=_env(), timeout=120,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("time traveller") and len(result.stdout.rstrip("\n")) == len("time traveller") + 20

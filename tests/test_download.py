@@ -275,9 +275,7 @@ def test_a_gzip_bomb_stops_at_max_bytes_of_decoded_text(served: LoopbackServer, 
     assert_nothing_written(cache)
 
 
-def test_a_server_that_drips_is_given_up_on(
-    served: LoopbackServer, serve_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, patient: None
-) -> None:
+def test_a_server_that_drips_is_given_up_on(served: LoopbackServer, serve_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, patient: None) -> None:
     """One byte every 50 ms never trips the read timeout; the rate does, after its window (0.5 s
     here, a minute by default). The whole drip would take 10 s."""
     monkeypatch.setattr(corpus, "RATE_WINDOW_S", 0.5)
@@ -426,9 +424,7 @@ def test_cli_force_downloads_again(served: LoopbackServer, cache: Path) -> None:
         (None, WRONG_SHA1, f"checksum mismatch (expected SHA-1 {WRONG_SHA1}, got {PAYLOAD_SHA1})"),
     ],
 )
-def test_cli_network_failures_are_one_line(
-    served: LoopbackServer, cache: Path, behaviour: str | None, sha1: str, fragment: str
-) -> None:
+def test_cli_network_failures_are_one_line(served: LoopbackServer, cache: Path, behaviour: str | None, sha1: str, fragment: str) -> None:
     if behaviour is not None:
         served.plan(behaviour, behaviour)
     url = served.url("corpus.txt")
@@ -458,9 +454,7 @@ def test_cli_bad_requests_are_one_line(args: tuple[str, ...], fragment: str, cac
         (GZIP_BOMB, ("--max-bytes", "100000"), "the body is larger than --max-bytes 100,000"),
     ],
 )
-def test_cli_hostile_servers_are_one_line(
-    served: LoopbackServer, cache: Path, behaviour: str, args: tuple[str, ...], fragment: str, patient: None
-) -> None:
+def test_cli_hostile_servers_are_one_line(served: LoopbackServer, cache: Path, behaviour: str, args: tuple[str, ...], fragment: str, patient: None) -> None:
     served.plan(behaviour)
     url = served.url("corpus.txt")
     code, stdout, stderr = invoke(url, "--dir", str(cache), *args)
@@ -495,7 +489,10 @@ def test_python_m_lstmlm_failure_is_one_line(served: LoopbackServer, cache: Path
     env = {**os.environ, "LSTMLM_DEBUG": "0"}
     done = subprocess.run(
         [sys.executable, "-m", "lstmlm", "download", url, "--dir", str(cache)],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert_download_failed(done.returncode, done.stdout, done.stderr, url, "HTTP 404")
     assert_nothing_written(cache)

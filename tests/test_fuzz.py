@@ -33,9 +33,7 @@ scalars = (
     | st.text(max_size=20)
     | st.sampled_from(["d2l", "raw", "scratch", "cudnn", "sgd", "adam", "cpu", "auto", "random", "sequential"])
 )
-json_values = st.recursive(
-    scalars, lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4), max_leaves=12
-)
+json_values = st.recursive(scalars, lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4), max_leaves=12)
 
 
 @st.composite

@@ -13,8 +13,9 @@ import torch
 from lstmlm import cells
 from lstmlm import generate as generate_mod
 from lstmlm.errors import ConfigError, VocabError
-from lstmlm.generate import CHUNK, Continuation, Sampling, Stepper, choose_next, complete, draw, generate, prepare_prefix
+from lstmlm.generate import CHUNK, Continuation, Sampling, Stepper, complete, generate, prepare_prefix, prime
 from lstmlm.model import CharLM, convert
+from lstmlm.sampling import BLOCK, Rows, choose_next
 from lstmlm.vocab import Vocab
 
 from support.on_a_cpu import as_on_a_gpu, host_syncs
@@ -28,7 +29,6 @@ def ungated_scale(cell: str, scale: float) -> float:
     """The weights' scale for a test: a cell with no gate (the plain RNN), at the gated cells'
     scale, is chaotic and amplifies fp32's rounding from step to step past any tolerance."""
     return scale if any(g.saturates for g in cells.get(cell).gates) else 0.25
-
 
 
 def sample(net: CharLM, prefix: str, length: int, prime: str = "", **options: object) -> str:
@@ -124,11 +124,10 @@ def test_top_k_1_and_a_tiny_top_p_are_greedy() -> None:
 
 def test_choose_next_samples_only_inside_top_k_and_top_p() -> None:
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
-    gen = torch.Generator().manual_seed(0)
-    assert set(choose_next(logits, Sampling(temperature=1.0, top_k=2), gen).tolist()) == {0, 1}
+    assert set(choose_next(logits, Sampling(temperature=1.0, top_k=2, seed=0)).tolist()) == {0, 1}
     # softmax: 0.636, 0.234, 0.086, ...: top-p 0.8 keeps the first two (0.636 < 0.8 ≤ 0.870)
-    assert set(choose_next(logits, Sampling(temperature=1.0, top_p=0.8), gen).tolist()) == {0, 1}
-    assert set(choose_next(logits, Sampling(temperature=1.0), gen).tolist()) == {0, 1, 2, 3, 4}
+    assert set(choose_next(logits, Sampling(temperature=1.0, top_p=0.8, seed=0)).tolist()) == {0, 1}
+    assert set(choose_next(logits, Sampling(temperature=1.0, seed=0)).tolist()) == {0, 1, 2, 3, 4}
     assert choose_next(logits[:3], Sampling(temperature=0.0)).tolist() == [0, 0, 0]
 
 
@@ -157,7 +156,6 @@ def test_raw_prefix_with_unknown_characters_lists_them() -> None:
     with pytest.raises(VocabError, match=r"prefix characters outside the model's vocabulary: '!' 'T' 'é'"):
         prepare_prefix("Time é traveller!", VOCAB, "raw")
     assert prepare_prefix("time traveller", VOCAB, "raw") == "time traveller"
-
 
 
 def test_a_prime_of_tokens_reads_a_written_unk_back_as_one_token() -> None:
@@ -203,13 +201,12 @@ def test_min_p_0_equals_plain_sampling() -> None:
 
 def test_choose_next_samples_only_characters_at_least_min_p_times_the_likeliest() -> None:
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)  # softmax: 0.636, 0.234, 0.086, 0.032, 0.012
-    gen = torch.Generator().manual_seed(0)
-    chosen = lambda min_p: set(choose_next(logits, Sampling(temperature=1.0, min_p=min_p), gen).tolist())  # noqa: E731
+    chosen = lambda min_p: set(choose_next(logits, Sampling(temperature=1.0, min_p=min_p, seed=0)).tolist())  # noqa: E731
     assert chosen(0.3) == {0, 1}  # floor 0.191: 0.234 stays, 0.086 goes
     assert chosen(0.1) == {0, 1, 2}  # floor 0.064
     assert chosen(0.01) == {0, 1, 2, 3, 4}  # floor 0.006
     # temperature first: at T = 2 the probabilities are flatter (0.43, 0.26, 0.16, ...), so 0.3 keeps three
-    assert set(choose_next(logits, Sampling(temperature=2.0, min_p=0.3), gen).tolist()) == {0, 1, 2}
+    assert set(choose_next(logits, Sampling(temperature=2.0, min_p=0.3, seed=0)).tolist()) == {0, 1, 2}
 
 
 def test_min_p_1_is_greedy() -> None:
@@ -294,16 +291,103 @@ def test_each_sample_ends_at_its_own_stop() -> None:
 # ---- on a GPU: no wait for the device per character -------------------------------------------------
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize(("batch", "vocab", "cut"), [(1, 28, None), (64, 28, None), (5, 256, 3), (3, 7, 1)])
-def test_a_draw_is_the_draw_multinomial_makes_from_the_same_numbers(seed: int, batch: int, vocab: int, cut: int | None) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    probs = torch.softmax(torch.randn(batch, vocab, generator=generator) * 3, dim=-1)
-    if cut is not None:  # as top-k leaves them: zeros but for `cut` characters
-        probs = probs.masked_fill(probs < probs.topk(cut, dim=-1).values[:, -1:], 0.0)
-    mine, theirs = torch.Generator().manual_seed(seed + 10), torch.Generator().manual_seed(seed + 10)
-    for _ in range(5):  # and the generators move on alike
-        assert torch.equal(draw(probs, mine), torch.multinomial(probs, 1, generator=theirs).squeeze(-1))
+@pytest.mark.parametrize(("options", "kept"), [({}, 5), ({"top_k": 3}, 3), ({"top_p": 0.8}, 2), ({"min_p": 0.1}, 3)])
+def test_a_draw_follows_the_probabilities_it_keeps(options: dict[str, object], kept: int) -> None:
+    """20,000 draws from softmax([4, 3, 2, 1, 0]), cut: each kept character about as often as
+    its share of the mass kept (within 5 standard deviations), the others never."""
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(20_000, 1)
+    counts = torch.bincount(choose_next(logits, Sampling(temperature=1.0, seed=1, **options)), minlength=5)  # type: ignore[arg-type]
+    probs = torch.softmax(logits[0], dim=-1)[:kept]
+    expected = probs / probs.sum() * 20_000
+    assert counts[kept:].sum() == 0
+    assert ((counts[:kept] - expected).abs() <= 5 * expected.sqrt() + 1).all()
+
+
+def test_top_p_0_and_a_temperature_tiny_in_float_terms_are_greedy() -> None:
+    """Issue 27, finding 17: top-p 0 kept nothing (then "<unk>", id 0, every step), and 1e-40
+    overflowed logits / T to NaN; the most likely character always stays."""
+    net = lively_model(VOCAB)
+    greedy = complete(net, VOCAB, "time", 60)
+    assert sample(net, "time", 60, temperature=1.0, top_p=0.0, seed=0) == greedy
+    for tiny in (1e-40, 1e-45, 5e-324):
+        assert sample(net, "time", 60, temperature=tiny, seed=0) == greedy
+    logits = torch.tensor([[-1.0, 3.0, 2.9], [0.0, -5.0, 7.0]])
+    assert choose_next(logits, Sampling(temperature=1e-40, seed=0)).tolist() == [1, 2]
+
+
+def test_each_row_chooses_what_it_chooses_alone_whoever_shares_its_batch() -> None:
+    """Rows with different settings and seeds, together: each row's ids are those it gets in a
+    batch of its own, through several blocks of its stream, as rows leave and others join."""
+    torch.manual_seed(0)
+    settings = [
+        Sampling(temperature=1.0, seed=1),
+        Sampling(),
+        Sampling(temperature=0.7, top_k=4, seed=2),
+        Sampling(temperature=1.3, top_p=0.9, min_p=0.05, seed=3),
+    ]
+    logits = torch.randn(3 * BLOCK, len(settings), 12) * 2  # (steps, rows, vocab)
+    starts, alone = (0, 0, 10, 40), []
+    for i, sampling in enumerate(settings):
+        rows = Rows()
+        rows.add(sampling)
+        alone.append([rows.choose(logits[t, i : i + 1]).item() for t in range(starts[i], len(logits))])
+    together, members = Rows(), [0, 1]  # rows 0 and 1 start; 1 leaves at step 20; 2 joins at 10, 3 at 40
+    together.add(settings[0])
+    together.add(settings[1])
+    made: dict[int, list[int]] = {0: [], 1: [], 2: [], 3: []}
+    for t in range(len(logits)):
+        if t == 10 or t == 40:
+            together.add(settings[2 if t == 10 else 3])
+            members.append(2 if t == 10 else 3)
+        if t == 20:
+            together.keep([0, 2])
+            members.remove(1)
+        for i, chosen in zip(members, together.choose(logits[t, members]).tolist()):
+            made[i].append(chosen)
+    assert made[0] == alone[0] and made[1] == alone[1][:20]
+    assert made[2] == alone[2][: len(logits) - 10] and made[3] == alone[3][: len(logits) - 40]
+
+
+def test_sample_i_of_several_is_what_seed_plus_i_gives_alone() -> None:
+    net = lively_model(VOCAB)
+    together = generate(net, VOCAB, "time", Sampling(length=60, temperature=1.0, num_samples=3, seed=7))
+    texts = ["".join(c) for c in zip(*together)]
+    assert texts == [sample(net, "time", 60, temperature=1.0, seed=7 + i)[4:] for i in range(3)]
+
+
+@pytest.mark.parametrize("cell", cells.NAMES)
+def test_a_row_that_joins_or_leaves_a_batch_steps_exactly_as_it_steps_alone(cell: str) -> None:
+    """The compiled step's product gives a row the same bits whatever the batch around it."""
+    net = lively_model(VOCAB, cell=cell, layers=2)
+    contexts = [list("the time"), list("a traveller"), list("it")]
+    with torch.inference_mode():
+        alone = []
+        for context in contexts:
+            step, last = prime(net, VOCAB, context)
+            X, logits = last, []
+            for _ in range(12):
+                logits.append(step(X).clone())
+                X = logits[-1].argmax(dim=-1)
+            alone.append(logits)
+        batch, X = prime(net, VOCAB, contexts[0])
+        made: list[list[torch.Tensor]] = [[], [], []]
+        members = [0]
+        for t in range(12):
+            if t in (3, 5):  # rows 1 and 2 join
+                joining, first = prime(net, VOCAB, contexts[1 if t == 3 else 2])
+                batch.extend(joining)
+                X = torch.cat([X, first])
+                members.append(1 if t == 3 else 2)
+            if t == 8:  # row 0 leaves
+                batch.keep([1, 2])
+                X, members = X[1:], members[1:]
+            logits = batch(X).clone()
+            for i, row in zip(members, logits):
+                made[i].append(row[None])
+            X = logits.argmax(dim=-1)
+    assert all(torch.equal(a, b) for a, b in zip(made[0], alone[0][:8]))
+    assert all(torch.equal(a, b) for a, b in zip(made[1], alone[1][:9]))
+    assert all(torch.equal(a, b) for a, b in zip(made[2], alone[2][:7]))
 
 
 @pytest.mark.parametrize("core", ["scratch", "cudnn"])
@@ -312,9 +396,7 @@ def test_a_draw_is_the_draw_multinomial_makes_from_the_same_numbers(seed: int, b
     [{}, {"temperature": 0.8, "top_k": 5, "top_p": 0.9, "min_p": 0.05, "seed": 3}, {"num_samples": 4, "temperature": 1.0, "seed": 5}],
     ids=["greedy", "sampled", "batch"],
 )
-def test_on_a_gpu_the_ids_come_back_a_chunk_at_a_time_and_the_text_is_the_same(
-    monkeypatch: pytest.MonkeyPatch, core: str, options: dict[str, object]
-) -> None:
+def test_on_a_gpu_the_ids_come_back_a_chunk_at_a_time_and_the_text_is_the_same(monkeypatch: pytest.MonkeyPatch, core: str, options: dict[str, object]) -> None:
     """The path a GPU takes (ids kept on the device, `ids_on_host` False), counted on a CPU:
     at most one read back per chunk of characters, after the prefix's; the same text as the
     CPU's path."""
@@ -329,3 +411,37 @@ def test_on_a_gpu_the_ids_come_back_a_chunk_at_a_time_and_the_text_is_the_same(
         rest = list(steps)
     assert [first, *rest] == on_cpu
     assert len(seen) <= 3  # the three chunks after the first: 32, 32 and 5 characters
+
+
+def test_the_command_line_and_the_api_offer_each_sampling_field_with_its_bounds() -> None:
+    """Sampling is the one declaration: `lstmlm generate` has an option per field, and the
+    HTTP request a field per field (but num_samples: a request is one continuation), each
+    with Sampling's default, bounds and help."""
+    import dataclasses
+    import inspect
+    from typing import get_args
+
+    from lstmlm.cli.generate import generate as command
+
+    from conftest import cli
+
+    help_text = cli("generate", "--help").stdout
+    options = {name: get_args(p.annotation)[1] for name, p in inspect.signature(command).parameters.items()}
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    from lstmlm.serve.bodies import GenerateRequest
+
+    schema = GenerateRequest.model_json_schema()["properties"]
+    for f in dataclasses.fields(Sampling):
+        flag, option = f"--{f.name.replace('_', '-')}", options[f.name]
+        assert flag in help_text and flag in (option.default, *option.param_decls) and option.help.startswith(f.metadata["help"].removesuffix(").").rstrip("."))
+        if f.name != "stop":
+            assert (option.min, option.max) == (f.metadata["low"], f.metadata["high"])
+        if f.name == "num_samples":
+            assert f.name not in schema
+            continue
+        field = schema[f.name]
+        assert field["description"] == f.metadata["help"]
+        if f.metadata["low"] is not None and f.name != "seed":
+            assert field["minimum"] == f.metadata["low"] and field.get("maximum") == f.metadata["high"]
+        if f.name not in ("stop", "seed"):
+            assert field["default"] == f.default

@@ -52,11 +52,35 @@ def quote_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, 
     corpus_file.write_text(quoted_corpus(150), encoding="utf-8")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LSTMLM_HOME", str(root / "home"))
-        result = cli(*[
-            "train", "--corpus", str(corpus_file), "--normalize", "raw", "--model", "cudnn", "--hidden", "16",
-            "--epochs", "4", "--batch-size", "8", "--num-steps", "32", "--optimizer", "adam", "--lr", "0.03",
-            "--device", "cpu", "--run", "quotes", "--runs-dir", str(root / "runs"),
-        ])
+        result = cli(
+            *[
+                "train",
+                "--corpus",
+                str(corpus_file),
+                "--normalize",
+                "raw",
+                "--model",
+                "cudnn",
+                "--hidden",
+                "16",
+                "--epochs",
+                "4",
+                "--batch-size",
+                "8",
+                "--num-steps",
+                "32",
+                "--optimizer",
+                "adam",
+                "--lr",
+                "0.03",
+                "--device",
+                "cpu",
+                "--run",
+                "quotes",
+                "--runs-dir",
+                str(root / "runs"),
+            ]
+        )
     assert result.code == 0, result.stdout + result.stderr
     yield root / "runs", "quotes"
 
@@ -291,11 +315,23 @@ def decode(entry: dict, steps: int) -> torch.Tensor:
 
 def test_html_page_from_a_trained_run_holds_the_text_and_every_unit(quote_run: tuple[Path, str], tmp_path: Path) -> None:
     runs_dir, run = quote_run
-    text = quoted_corpus(3, seed=2) + 'tricky: </script> <b>bold</b> & {{data}} \\u003c\r\n'
+    text = quoted_corpus(3, seed=2) + "tricky: </script> <b>bold</b> & {{data}} \\u003c\r\n"
     page_file = tmp_path / "page.html"
-    result = cli(*[
-        "inspect", "--run", run, "--runs-dir", str(runs_dir), "--text", text, "--find", QUOTE, "--html", str(page_file),
-    ])
+    result = cli(
+        *[
+            "inspect",
+            "--run",
+            run,
+            "--runs-dir",
+            str(runs_dir),
+            "--text",
+            text,
+            "--find",
+            QUOTE,
+            "--html",
+            str(page_file),
+        ]
+    )
     assert result.code == 0, result.stdout + result.stderr
 
     page = page_file.read_text(encoding="utf-8")

@@ -15,11 +15,12 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from lstmlm.generate import Sampling, generate
-from lstmlm.session import load_trained
+from lstmlm.session import Conversation, load_trained
 
 from support.cli import cli
 
@@ -49,14 +50,14 @@ class Terminal:
         deadline = time.monotonic() + timeout
         while (at := self.seen.find(pattern, self.mark)) < 0:
             left = deadline - time.monotonic()
-            assert left > 0, f"no {pattern!r} within {timeout} s; the terminal shows …{self.seen[self.mark:][-500:]!r}"
+            assert left > 0, f"no {pattern!r} within {timeout} s; the terminal shows …{self.seen[self.mark :][-500:]!r}"
             ready, _, _ = select.select([self.fd], [], [], left)
             if ready:
                 try:
                     chunk = os.read(self.fd, 65536)
                 except OSError:  # EIO: the child closed the terminal
                     chunk = b""
-                assert chunk, f"the program ended before {pattern!r}; it showed {self.seen[self.mark:]!r}"
+                assert chunk, f"the program ended before {pattern!r}; it showed {self.seen[self.mark :]!r}"
                 self.seen = ESCAPE.sub(b"", self.seen + chunk)
         text = self.seen[self.mark : at + len(pattern)]
         self.mark = at + len(pattern)
@@ -74,7 +75,7 @@ class Terminal:
             return
         deadline = time.monotonic() + timeout
         while not (stat.read_text().rsplit(")", 1)[1].split()[0] == "S" and ("poll" in wchan.read_text() or "select" in wchan.read_text())):
-            assert time.monotonic() < deadline, f"not waiting for a key after {timeout} s: …{self.seen[self.mark:][-500:]!r}"
+            assert time.monotonic() < deadline, f"not waiting for a key after {timeout} s: …{self.seen[self.mark :][-500:]!r}"
             time.sleep(0.01)
 
     def wait(self, timeout: float = 30.0) -> int:
@@ -85,7 +86,7 @@ class Terminal:
             if pid:
                 self.code = os.waitstatus_to_exitcode(status)
                 break
-            assert time.monotonic() < deadline, f"still running after {timeout} s: …{self.seen[self.mark:][-500:]!r}"
+            assert time.monotonic() < deadline, f"still running after {timeout} s: …{self.seen[self.mark :][-500:]!r}"
             ready, _, _ = select.select([self.fd], [], [], 0.1)
             if ready:
                 try:
@@ -201,3 +202,30 @@ def test_piped_lines_are_turns_and_a_bad_prefix_is_one_error_line(tiny_runs: Pat
     assert done.returncode == 0, done.stderr
     assert done.stdout == generate_text(tiny_runs, "the", *SAMPLING) + "\n" + generate_text(tiny_runs, "time", *SAMPLING) + "\n"
     assert done.stderr.splitlines() == ["error: prefix characters outside the model's vocabulary: '!' 'E' 'H' 'T'"]
+
+
+def test_carry_reads_only_what_came_since_the_last_turn(tiny_runs: Path) -> None:
+    """Issue 27, finding 21: --carry carries the state; a turn reads the last turn's text and its
+    own prefix, never the whole history again, and gives what reading the history gives."""
+    trained = load_trained(tiny_runs, "raw")
+    conversation = Conversation(trained, Sampling(length=30), carry=True)
+    lengths: list[int] = []
+    forward = trained.model.forward
+
+    def counted(X: Any, *args: Any, **kwargs: Any) -> Any:
+        lengths.append(X.shape[1])
+        return forward(X, *args, **kwargs)
+
+    trained.model.forward = counted  # type: ignore[method-assign]
+    transcript = ""
+    for k in range(12):
+        prefix = "the" if k % 2 == 0 else ""
+        lengths.clear()
+        generation = conversation.turn(prefix)
+        text = prefix + "".join(chars[0] for chars in generation.steps)
+        assert sum(lengths) <= 30 + len(prefix) + (len(trained.prime) if k == 0 else 0)  # this turn's new tokens
+        trained.model.forward = forward  # type: ignore[method-assign]
+        whole = generate(trained.model, trained.vocab, "", Sampling(length=30), [*trained.prime, *transcript, *prefix])
+        assert text == prefix + "".join(chars[0] for chars in whole)  # what reading the whole history gives
+        trained.model.forward = counted  # type: ignore[method-assign]
+        transcript += text

@@ -21,9 +21,7 @@ LSTM = cells.get("lstm")
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
-def make_pair(
-    vocab_size: int, num_hiddens: int, num_layers: int, embedding: int, dtype: torch.dtype, dropout: float | Dropouts = 0.0
-) -> tuple[CharLM, CharLM]:
+def make_pair(vocab_size: int, num_hiddens: int, num_layers: int, embedding: int, dtype: torch.dtype, dropout: float | Dropouts = 0.0) -> tuple[CharLM, CharLM]:
     """A scratch CharLM with random weights (large enough to use the nonlinearities) and the
     nn.LSTM CharLM converted from it."""
     torch.manual_seed(0)
@@ -153,10 +151,16 @@ def test_foreign_weights_are_refused() -> None:
         (torch.zeros(2, 5, 10, dtype=torch.long), None, "X must be (batch, steps) integer ids, got (2, 5, 10) torch.int64"),
         (torch.full((2, 5), 10), None, "ids must lie in [0, 10), got [10, 10]"),
         (torch.tensor([[0, -3, 9]]), None, "ids must lie in [0, 10), got [-3, 9]"),
-        (torch.zeros(2, 5, dtype=torch.long), (torch.zeros(1, 2, 8), torch.zeros(1, 2, 8)),
-         "state H must be (2, 2, 8) (layers, batch, hiddens), got (1, 2, 8)"),
-        (torch.zeros(2, 5, dtype=torch.long), (torch.zeros(2, 2, 8), torch.zeros(2, 5, 8)),
-         "state C must be (2, 2, 8) (layers, batch, hiddens), got (2, 5, 8)"),
+        (
+            torch.zeros(2, 5, dtype=torch.long),
+            (torch.zeros(1, 2, 8), torch.zeros(1, 2, 8)),
+            "state H must be (2, 2, 8) (layers, batch, hiddens), got (1, 2, 8)",
+        ),
+        (
+            torch.zeros(2, 5, dtype=torch.long),
+            (torch.zeros(2, 2, 8), torch.zeros(2, 5, 8)),
+            "state C must be (2, 2, 8) (layers, batch, hiddens), got (2, 5, 8)",
+        ),
     ],
     ids=["float-ids", "bool", "1d", "3d", "id-too-big", "id-negative", "H-layers", "C-batch-is-steps"],
 )

@@ -30,9 +30,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None, reason="no chromium and chromedriver here (apt-get install chromium chromium-driver)"
-)
+pytestmark = pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None, reason="no chromium and chromedriver here (apt-get install chromium chromium-driver)")
 
 SETTINGS = {"run": "raw", "prefix": "the", "length": 1200, "temperature": 1.0, "top_p": 0.95, "seed": 7}
 

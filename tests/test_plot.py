@@ -27,8 +27,12 @@ SVG = "{http://www.w3.org/2000/svg}"
 def records(epochs: int, with_val: bool = True) -> list[dict]:
     """metrics.jsonl lines of a run whose perplexity falls from ~20 towards 1.5."""
     return [
-        {"epoch": e, "train_perplexity": 1.5 + 20 * math.exp(-e / 3), "val_perplexity": 2.0 + 20 * math.exp(-e / 3) if with_val else None,
-         "val_bpc": math.log2(2.0 + 20 * math.exp(-e / 3)) if with_val else None}
+        {
+            "epoch": e,
+            "train_perplexity": 1.5 + 20 * math.exp(-e / 3),
+            "val_perplexity": 2.0 + 20 * math.exp(-e / 3) if with_val else None,
+            "val_bpc": math.log2(2.0 + 20 * math.exp(-e / 3)) if with_val else None,
+        }
         for e in range(1, epochs + 1)
     ]
 
@@ -74,7 +78,10 @@ def test_chart_without_validation_has_one_series_and_a_single_epoch_still_shows(
 def test_series_hold_perplexity_and_bits_per_character_per_split() -> None:
     series = plot.run_series("r", records(3))
     assert [(s.metric, s.split) for s in series] == [
-        ("perplexity", "train"), ("bits per character", "train"), ("perplexity", "validation"), ("bits per character", "validation"),
+        ("perplexity", "train"),
+        ("bits per character", "train"),
+        ("perplexity", "validation"),
+        ("bits per character", "validation"),
     ]
     assert series[0].epochs == [1, 2, 3]
     assert series[3].values == pytest.approx([r["val_bpc"] for r in records(3)])
@@ -94,11 +101,35 @@ def trained_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pat
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LSTMLM_HOME", str(root / "home"))
         for name, n in epochs.items():
-            result = cli(*[
-                "train", "--corpus", str(corpus_file), "--normalize", "raw", "--model", "cudnn", "--hidden", "16",
-                "--epochs", str(n), "--batch-size", "8", "--num-steps", "16", "--optimizer", "adam", "--lr", "0.01",
-                "--device", "cpu", "--run", name, "--runs-dir", str(root / "runs"),
-            ])
+            result = cli(
+                *[
+                    "train",
+                    "--corpus",
+                    str(corpus_file),
+                    "--normalize",
+                    "raw",
+                    "--model",
+                    "cudnn",
+                    "--hidden",
+                    "16",
+                    "--epochs",
+                    str(n),
+                    "--batch-size",
+                    "8",
+                    "--num-steps",
+                    "16",
+                    "--optimizer",
+                    "adam",
+                    "--lr",
+                    "0.01",
+                    "--device",
+                    "cpu",
+                    "--run",
+                    name,
+                    "--runs-dir",
+                    str(root / "runs"),
+                ]
+            )
             assert result.code == 0, result.stdout + result.stderr
     yield root / "runs", epochs
 

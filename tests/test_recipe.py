@@ -177,5 +177,3 @@ def test_every_recipe_setting_given_needs_no_probe(book: Path, runs_dir: Path) -
     given |= {"optimizer": "adam", "schedule": "constant", "reset_every": 0}
     plan = session.prepare_training(runs_dir, None, {"corpus": str(book), "max_minutes": 0.01, "device": "cpu", **given})
     assert plan.recipe is None
-
-

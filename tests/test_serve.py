@@ -100,7 +100,7 @@ def test_generate_streams_the_text_lstmlm_generate_prints(api: TestClient, tiny_
     args = ["generate", "--run", run, "--runs-dir", tiny_runs, "--prefix", prefix, "--length", "150"]
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
-        args += ([flag] if value is True else ["--no-prime"] if key == "prime" else [flag, str(value)])
+        args += [flag] if value is True else ["--no-prime"] if key == "prime" else [flag, str(value)]
     expected = cli(*args).stdout
     read, done, text = streamed(api, run=run, prefix=prefix, length=150, **options)
     assert read + text + "\n" == expected
@@ -405,11 +405,12 @@ def test_the_page_and_its_files_are_served_from_the_package(api: TestClient) -> 
 
 
 def test_status_reports_the_limits_and_the_work_in_flight(tiny_runs: Path) -> None:
-    with client(tiny_runs, max_length=123, max_concurrent=2, deadline_s=9.0) as api:
+    with client(tiny_runs, max_length=123, max_concurrent=2, deadline_s=9.0, max_batch=5, queue=7) as api:
         assert api.get("/api/status").json() == {
-            "version": "0.1.0", "active": 0, "models": 0, "max_length": 123, "max_text": 5000, "max_concurrent": 2, "deadline_s": 9.0,
+            "version": "0.1.0", "active": 0, "running": 0, "queued": 0, "inspecting": 0, "batches": 0, "models": 0,
+            "max_length": 123, "max_text": 5000, "max_concurrent": 2, "deadline_s": 9.0,
             "max_models": 4, "max_model_mib": 1024.0, "max_connections": 256, "header_timeout_s": 10.0, "body_timeout_s": 30.0,
-            "max_body": 12 * (5000 + 1600) + 16384,
+            "max_batch": 5, "queue": 7, "max_body": 12 * (5000 + 1600) + 16384,
         }  # fmt: skip
 
 
@@ -425,24 +426,39 @@ def test_a_generation_ends_at_the_deadline_with_what_it_made(tiny_runs: Path) ->
         assert api.get("/api/status").json()["active"] == 0
 
 
-def test_requests_beyond_the_concurrency_limit_are_refused_at_once_and_the_slot_comes_back(tiny_runs: Path) -> None:
-    with client(tiny_runs, max_concurrent=1, max_length=10**8, deadline_s=120) as api:
+def status_until(api: TestClient, **expected: int) -> dict[str, Any]:
+    """/api/status once it shows `expected` (within 10 s), else as it stands."""
+    for _ in range(200):
+        status = api.get("/api/status").json()
+        if all(status[k] == v for k, v in expected.items()):
+            break
+        __import__("time").sleep(0.05)
+    return dict(status)
+
+
+def test_requests_past_the_queue_are_refused_with_503_and_their_rows_come_back(tiny_runs: Path) -> None:
+    with client(tiny_runs, max_batch=1, queue=1, max_length=10**8, deadline_s=120) as api:
         long = {"run": "raw", "prefix": "the", "length": 10**8, "temperature": 1.0}
         with api.stream("POST", "/api/generate", json=long) as first:
-            lines = first.iter_lines()
-            assert next(lines) == "event: start"  # the one slot is taken
-            assert api.get("/api/status").json()["active"] == 1
-            busy = api.post("/api/generate", json={"run": "raw", "prefix": "the"})
-            assert_error(busy, 503, "busy: 1 requests are running")
-            assert busy.headers["retry-after"] == "1"
-            assert_error(api.post("/api/inspect", json={"run": "raw", "text": "the"}), 503, "busy")
-        # the client hung up mid-stream: the generation stopped and gave its slot back
-        for _ in range(100):
-            if api.get("/api/status").json()["active"] == 0:
-                break
-            __import__("time").sleep(0.05)
-        assert api.get("/api/status").json()["active"] == 0
+            assert next(first.iter_lines()) == "event: start"
+            assert status_until(api, running=1)["running"] == 1  # the batch's one place is taken
+            with api.stream("POST", "/api/generate", json=long) as second:
+                assert second.status_code == 200 and status_until(api, queued=1)["queued"] == 1  # waits for a place
+                busy = api.post("/api/generate", json={"run": "raw", "prefix": "the"})
+                assert_error(busy, 503, "busy: 1 requests wait for a place")
+                assert busy.headers["retry-after"] == "1"
+        # both clients hung up: their rows were let go, and the batch has ended
+        status = status_until(api, running=0, queued=0, batches=0)
+        assert (status["running"], status["queued"], status["batches"], status["active"]) == (0, 0, 0, 0)
         assert api.post("/api/generate", json={"run": "raw", "prefix": "the", "stream": False}).status_code == 200
+
+
+def test_inspections_beyond_the_concurrency_limit_are_refused_at_once(tiny_runs: Path) -> None:
+    with client(tiny_runs, max_concurrent=1) as api:
+        api.app.state.slots.take()  # type: ignore[attr-defined]  # one inspection running
+        assert_error(api.post("/api/inspect", json={"run": "raw", "text": "the"}), 503, "busy")
+        api.app.state.slots.give()  # type: ignore[attr-defined]
+        assert api.post("/api/inspect", json={"run": "raw", "text": "the"}).status_code == 200
 
 
 # ---- bad requests: 4xx, one line of JSON -----------------------------------------------------------------

@@ -39,7 +39,7 @@ from support.serving import ServeProcess, http_json, sse_events
 
 CLIENTS = 32
 LOAD_SECONDS = 5.0  # how long the clients keep asking
-MAX_CONCURRENT = 8
+MAX_BATCH = 8  # rows stepping together, and as many waiting
 MEMORY_GROWTH = 64 * 2**20  # the most the server may grow under load, after a warm-up
 
 
@@ -74,11 +74,11 @@ def wait_idle(url: str, timeout: float = 20.0) -> dict[str, Any]:
 
 
 def test_32_streaming_clients_complete_or_are_refused_and_the_server_stays_up(tiny_runs: Path, serve_process: Any) -> None:
-    server: ServeProcess = serve_process("--runs-dir", tiny_runs, "--max-concurrent", MAX_CONCURRENT, "--max-length", 2000)
+    server: ServeProcess = serve_process("--runs-dir", tiny_runs, "--max-batch", MAX_BATCH, "--queue", MAX_BATCH, "--max-length", 2000)
     body = {"run": "raw", "prefix": "the", "length": 1500, "temperature": 1.0}
     for _ in range(3):  # warm up: the model loaded, worker threads started
         stream_once(server.address, body)
-    warm = [threading.Thread(target=stream_once, args=(server.address, body)) for _ in range(MAX_CONCURRENT)]
+    warm = [threading.Thread(target=stream_once, args=(server.address, body)) for _ in range(MAX_BATCH)]
     for t in warm:
         t.start()
     for t in warm:
@@ -87,7 +87,7 @@ def test_32_streaming_clients_complete_or_are_refused_and_the_server_stays_up(ti
 
     outcomes: Counter[str] = Counter()
     failures: list[str] = []
-    seen_active: list[int] = []
+    seen_running: list[int] = []
     end = time.monotonic() + LOAD_SECONDS
 
     def client() -> None:
@@ -101,14 +101,14 @@ def test_32_streaming_clients_complete_or_are_refused_and_the_server_stays_up(ti
     for t in threads:
         t.start()
     while any(t.is_alive() for t in threads):
-        seen_active.append(http_json(server.url + "/api/status")[1]["active"])
+        seen_running.append(http_json(server.url + "/api/status")[1]["running"])
         time.sleep(0.2)
     for t in threads:
         t.join()
 
     assert failures == [], failures[:5]
-    assert outcomes["done"] > 0 and outcomes["refused"] > 0, outcomes  # both happened: 32 clients, 8 slots
-    assert max(seen_active) <= MAX_CONCURRENT
+    assert outcomes["done"] > 0 and outcomes["refused"] > 0, outcomes  # both happened: 32 clients, 8 places and 8 waiting
+    assert max(seen_running) <= MAX_BATCH
     assert server.proc.poll() is None  # still up
     assert wait_idle(server.url)["active"] == 0  # and every slot back
     assert stream_once(server.address, body) == "done"

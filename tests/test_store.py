@@ -519,9 +519,7 @@ def test_a_glob_through_two_loops_trains_on_each_file_once_and_says_so(looped: P
         "warning: skipped 2 path(s) to a file already read under another path (a hard or symbolic link): each file is read once"
     ]
     data = prepare_data(RunStore.open(runs_dir / "corpus-scratch").config)
-    assert data.vocab.decode(torch.cat([data.train, data.val])) == "".join(
-        (looped / name).read_text(encoding="utf-8") for name in ("a.txt", "sub/b.txt")
-    )
+    assert data.vocab.decode(torch.cat([data.train, data.val])) == "".join((looped / name).read_text(encoding="utf-8") for name in ("a.txt", "sub/b.txt"))
 
 
 def test_bad_files_are_skipped_each_named_with_the_count_at_the_end(tree: Path, runs_dir: Path) -> None:

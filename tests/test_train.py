@@ -107,9 +107,7 @@ def test_perplexity_is_exp_of_the_token_weighted_mean_loss(make_trainer: MakeTra
     assert [r["train_perplexity"] for r in trainer.store.read_metrics()] == reported
 
 
-def test_perplexity_is_exactly_exp_of_the_mean_of_the_batch_losses(
-    make_trainer: MakeTrainer, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_perplexity_is_exactly_exp_of_the_mean_of_the_batch_losses(make_trainer: MakeTrainer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each batch's mean loss, weighted by its tokens, as the trainer's own steps returned them."""
     trainer = make_trainer(epochs=2, iterator="random")
     seen: list[tuple[int, float, int]] = []
@@ -235,11 +233,20 @@ AWD = {"embedding": 6, "embedding_dropout": 0.1, "dropout_input": 0.2, "dropout_
 
 @pytest.mark.parametrize(
     ("iterator", "model", "regularization"),
-    [*((*case.values, {}) for case in RESUME_CASES), ("sequential", "scratch", AWD), ("sequential", "cudnn", AWD),
-     ("sequential", "scratch", {"reset_every": 3}),
-     *(("sequential", core, {"cell": cell, "weight_drop": 0.3}) for cell in cells.NAMES if cell != "lstm" for core in ("scratch", "cudnn"))],
-    ids=[*(str(case.id) for case in RESUME_CASES), "sequential-scratch-awd", "sequential-cudnn-awd", "sequential-scratch-reset",
-         *(f"sequential-{core}-{cell}" for cell in cells.NAMES if cell != "lstm" for core in ("scratch", "cudnn"))],
+    [
+        *((*case.values, {}) for case in RESUME_CASES),
+        ("sequential", "scratch", AWD),
+        ("sequential", "cudnn", AWD),
+        ("sequential", "scratch", {"reset_every": 3}),
+        *(("sequential", core, {"cell": cell, "weight_drop": 0.3}) for cell in cells.NAMES if cell != "lstm" for core in ("scratch", "cudnn")),
+    ],
+    ids=[
+        *(str(case.id) for case in RESUME_CASES),
+        "sequential-scratch-awd",
+        "sequential-cudnn-awd",
+        "sequential-scratch-reset",
+        *(f"sequential-{core}-{cell}" for cell in cells.NAMES if cell != "lstm" for core in ("scratch", "cudnn")),
+    ],
 )
 def test_resume_mid_epoch_is_bitwise_exact(make_trainer: MakeTrainer, iterator: str, model: str, regularization: dict[str, Any]) -> None:
     """Stop after k batches (as SIGINT does), resume in a fresh trainer: the same weights and the
@@ -373,9 +380,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(make_tr
     assert [r["epoch"] for r in trainer.store.read_metrics()] == [1, 2]
 
 
-def test_weights_broken_by_the_last_step_are_not_checkpointed(
-    make_trainer: MakeTrainer, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_weights_broken_by_the_last_step_are_not_checkpointed(make_trainer: MakeTrainer, monkeypatch: pytest.MonkeyPatch) -> None:
     """The loss is measured before the update: if the epoch's last update makes the weights
     non-finite, every recorded loss is finite, yet the checkpoint must not take them."""
     trainer = make_trainer(epochs=3, checkpoint_every="1e", val_fraction=0.0)  # a checkpoint at each epoch's end

@@ -112,9 +112,7 @@ def test_json_lines_a_trial_each_and_done(tune_args: list[str]) -> None:
 
 
 @pytest.mark.parametrize("how", ["sigint", "second-ctrl-c"])
-def test_an_interrupted_study_resumes_with_the_command_it_prints(
-    tune_args: list[str], runs_dir: Path, monkeypatch: pytest.MonkeyPatch, how: str
-) -> None:
+def test_an_interrupted_study_resumes_with_the_command_it_prints(tune_args: list[str], runs_dir: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
     """A Ctrl-C (the stop flag: the trainer stops at the batch's end) or a second one (a
     KeyboardInterrupt inside the step) during the second trial: that trial is failed, not left
     running; the command printed adds trials to the same study."""
@@ -355,7 +353,6 @@ def test_a_trial_tells_optuna_even_when_its_events_stop_being_read(tune_args: li
     assert first.number == 0
     events.close()
     assert states(runs_dir) == ["FAIL"]
-
 
 
 def test_a_trial_whose_process_died_is_failed_by_the_next_process_to_ask(tune_args: list[str], runs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,9 +26,7 @@ def d2l_order(text: str) -> list[str]:
     return [UNK] + [c for c, _ in sorted(counts.items(), key=lambda kv: kv[1], reverse=True)]
 
 
-@pytest.mark.parametrize(
-    "text", ["hello world", "abcabcab", "zyxxyz  ", "the time machine by h g wells", *SAMPLES.values()]
-)
+@pytest.mark.parametrize("text", ["hello world", "abcabcab", "zyxxyz  ", "the time machine by h g wells", *SAMPLES.values()])
 def test_frequency_order_matches_d2l(text: str) -> None:
     assert Vocab.build(text).tokens == d2l_order(text)
 

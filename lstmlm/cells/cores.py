@@ -194,6 +194,7 @@ class ScratchCore(nn.Module):
         W_x = self.scratch_layers()[0].W_x
         self.choice = recurrence.choose(self.cell, self.requested, W_x.device, self.build, W_x.dtype)
         return self
+
     def scratch_layers(self) -> list[ScratchLayer]:
         return [layer for layer in self.layers if isinstance(layer, ScratchLayer)]
 
@@ -314,9 +315,7 @@ def zero_state(cell: Cell, num_layers: int, batch_size: int, num_hiddens: int, l
     return tuple(torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in cell.state)
 
 
-def check_input(
-    X: torch.Tensor, state: State | None, cell: Cell, num_inputs: int, num_hiddens: int, num_layers: int, weight: torch.Tensor
-) -> State:
+def check_input(X: torch.Tensor, state: State | None, cell: Cell, num_inputs: int, num_hiddens: int, num_layers: int, weight: torch.Tensor) -> State:
     """Refuse what would otherwise broadcast silently or fail deep inside a kernel; return the state."""
     if X.is_floating_point():
         if X.dim() != 3 or X.shape[2] != num_inputs:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -20,17 +20,10 @@ if TYPE_CHECKING:
 ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 
 
+@options.with_sampling_options
 def generate(
     run: options.Run = None,
     prefix: Annotated[str, typer.Option("--prefix", help="Text to continue.")] = "time traveller",
-    length: Annotated[int, typer.Option("--length", min=0, help="Characters to generate.")] = 50,
-    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy (the seed); > 0 samples.")] = 0.0,
-    top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample among the k most likely characters (0 = all).")] = 0,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Sample within this probability mass.")] = 1.0,
-    min_p: Annotated[float, typer.Option("--min-p", min=0.0, max=1.0, help="Keep characters at least this share as likely as the likeliest (0 = all).")] = 0.0,
-    stop: Annotated[list[str] | None, typer.Option("--stop", help=r"End a sample at this string, left out (repeatable; \n, \t, \\ are escapes).")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", min=0, max=2**64 - 1, help="Seed for sampling (same seed, same text).")] = None,
-    num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="Independent continuations.")] = 1,
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="A prompt loop: each line typed is continued (Ctrl-D ends it).")] = False,
     carry: Annotated[bool, typer.Option("--carry", help="With --interactive: each turn reads on from where the last one ended.")] = False,
     model: Annotated[str | None, typer.Option("--model", help="Run the weights on scratch or cudnn (default: as trained).")] = None,
@@ -43,6 +36,7 @@ def generate(
         bool,
         typer.Option("--raw-output", help="Write control characters as they are, even to a terminal (they always are into a pipe or a file)."),
     ] = False,
+    **options: Any,
 ) -> None:
     """Continue a prefix with a trained model, streaming the characters.
 
@@ -53,7 +47,7 @@ def generate(
 
     if carry and not interactive:
         raise typer.BadParameter("--carry keeps the state between the turns of --interactive", param_hint="--carry")
-    sampling = Sampling(length, temperature, top_k, top_p, num_samples, seed, min_p, tuple(unescape(s) for s in stop or ()))
+    sampling = Sampling(**{**options, "stop": tuple(unescape(s) for s in options["stop"] or ())})
     raw = raw_output or not sys.stdout.isatty()
     if interactive:
         trained, prec = load_for_generation(runs_dir, run, model, best, device, precision)

@@ -32,8 +32,11 @@ def inspect_(
     units: Annotated[list[int] | None, typer.Option("--unit", min=0, help="A unit to colour the text by; repeat for several.")] = None,
     gate: Annotated[
         str | None,
-        typer.Option("--gate", help="The gate to colour by, of the model's cell: the LSTM's cell, hidden, input, forget, output, candidate; "
-                     "the GRU's hidden, reset, update, candidate (default: the LSTM's cell, else hidden)."),
+        typer.Option(
+            "--gate",
+            help="The gate to colour by, of the model's cell: the LSTM's cell, hidden, input, forget, output, candidate; "
+            "the GRU's hidden, reset, update, candidate (default: the LSTM's cell, else hidden).",
+        ),
     ] = None,
     html_out: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained HTML page with every unit browsable.")] = None,
     find: Annotated[str | None, typer.Option("--find", help="Rank units by |correlation| with being inside a match of this regex.")] = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,7 @@ import typer
 from rich.markup import escape
 
 from .. import config
+from ..sampling import Sampling
 
 Run = Annotated[
     str | None,
@@ -44,9 +46,7 @@ def config_options(*exclude: str) -> Callable[[Callable[..., Any]], Callable[...
 def _add_config_options(command: Callable[..., Any], exclude: tuple[str, ...]) -> Callable[..., Any]:
     hints = get_type_hints(command, include_extras=True)
     own = [  # resolved here: a signature set by hand is not evaluated again
-        p.replace(annotation=hints[p.name])
-        for p in inspect.signature(command).parameters.values()
-        if p.kind is not inspect.Parameter.VAR_KEYWORD
+        p.replace(annotation=hints[p.name]) for p in inspect.signature(command).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD
     ]
     generated = []
     for f in config.all_fields():
@@ -58,6 +58,31 @@ def _add_config_options(command: Callable[..., Any], exclude: tuple[str, ...]) -
         flag = typer.Option(f"--{f.name.replace('_', '-')}", help=escape(f.help))
         annotation = Annotated[kind | None, flag]  # type: ignore[valid-type]
         generated.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
+        hints[f.name] = annotation
+    command.__signature__ = inspect.Signature(own + generated)  # type: ignore[attr-defined]
+    command.__annotations__ = hints
+    return command
+
+
+STOP_ESCAPES = r"; \n, \t, \\ are escapes)."
+
+
+def with_sampling_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give `command` one option per field of `generate.Sampling` (`--top-p` for top_p, the
+    field's help, default and bounds), passed on in `**sampling`: Sampling is the one list of
+    them, for the command line as for the HTTP API. `--stop` is repeatable (a list)."""
+    hints = get_type_hints(command, include_extras=True)
+    own = [p.replace(annotation=hints[p.name]) for p in inspect.signature(command).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    kinds = get_type_hints(Sampling)
+    generated = []
+    for f in dataclasses.fields(Sampling):
+        flag, help, low, high = f"--{f.name.replace('_', '-')}", f.metadata["help"], f.metadata["low"], f.metadata["high"]
+        if f.name == "stop":
+            annotation: Any = Annotated[list[str] | None, typer.Option(flag, help=help.removesuffix(").") + STOP_ESCAPES)]
+            default: Any = None
+        else:
+            annotation, default = Annotated[kinds[f.name], typer.Option(flag, help=help, min=low, max=high)], f.default
+        generated.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
         hints[f.name] = annotation
     command.__signature__ = inspect.Signature(own + generated)  # type: ignore[attr-defined]
     command.__annotations__ = hints

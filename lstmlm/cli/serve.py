@@ -25,7 +25,9 @@ def serve(
     ] = None,
     max_length: Annotated[int, typer.Option("--max-length", min=1, help="Most characters one generation may ask for.")] = 10_000,
     max_text: Annotated[int, typer.Option("--max-text", min=1, help="Most characters of a prefix or of a text to inspect (and so of a body).")] = 5_000,
-    max_concurrent: Annotated[int, typer.Option("--max-concurrent", min=1, help="Generations and inspections at once; more are refused (503).")] = 8,
+    max_concurrent: Annotated[int, typer.Option("--max-concurrent", min=1, help="Inspections at once; more are refused (503).")] = 8,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Generations of one model stepping together; more wait in the queue.")] = 64,
+    queue: Annotated[int, typer.Option("--queue", min=1, help="Generations waiting for a place in a batch; more are refused (503, Retry-After).")] = 256,
     deadline: Annotated[float, typer.Option("--deadline", min=0.001, help="Seconds a generation may run; then it ends with what it made.")] = 60.0,
     max_models: Annotated[int, typer.Option("--max-models", min=1, help="Models kept loaded; the least recently used is let go first.")] = 4,
     max_model_mib: Annotated[float, typer.Option("--max-model-mib", min=0.001, help="MiB of weights kept loaded, all models together.")] = 1024.0,
@@ -39,7 +41,7 @@ def serve(
     Needs: pip install 'lstmlm\\[serve]'."""
     from ..serve import Limits, open_server
 
-    limits = Limits(max_length, max_text, max_concurrent, deadline, max_models, max_model_mib, max_connections, header_timeout, body_timeout)
+    limits = Limits(max_length, max_text, max_concurrent, deadline, max_models, max_model_mib, max_connections, header_timeout, body_timeout, max_batch, queue)
     server = open_server(runs_dir, host, port, limits, device, precision, allowed_host or ())
     if not server.loopback:
         err.print(f"[yellow]warning:[/] serving on {escape(host)}: anyone who can reach this machine can use the API (no authentication)", soft_wrap=True)

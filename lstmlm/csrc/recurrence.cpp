@@ -404,6 +404,66 @@ std::vector<at::Tensor> backward(const at::Tensor& dHs, const std::optional<at::
 // output layer: its part of P is the logits). A step runs the cell on the layer's input and its
 // recurrent term, and multiplies [H_t, 1] once. Nothing is allocated but the products' outputs.
 
+// C = A W for a step, A (batch, K), W (K, N), C (batch, N), in P; each element one chain of fused
+// multiply-adds over k in order, from 0, in fp32. So a row's result is the same bits whatever
+// the batch around it: a stream that joins or leaves a batch (the server's continuous batching)
+// writes the characters it would write alone. torch's product is not: its kernel, and so its
+// order of sums, changes with the batch's size (measured: batch 1, 2, 3, 5, 6, 7 differ from 64
+// in the last bits, and a near tie then picks another character). Tiles of kRows rows × kCols
+// columns keep their sums in registers; the tiles of columns go to the cores.
+constexpr int64_t kRows = 4, kCols = 64;
+
+template <typename P, int64_t R, int64_t C>
+inline void tile(const P* A, int64_t lda, const P* W, int64_t N, int64_t K, P* out, int64_t n) {
+  float acc[R][C] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const P* w = W + k * N;
+    for (int64_t r = 0; r < R; ++r) {
+      const float a = to_float(A[r * lda + k]);
+      for (int64_t j = 0; j < (C ? C : n); ++j) acc[r][j] = __builtin_fmaf(a, to_float(w[j]), acc[r][j]);
+    }
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < (C ? C : n); ++j) out[r * N + j] = from_float<P>(acc[r][j]);
+}
+
+template <typename P, int64_t R>
+inline void tile_of(const P* A, int64_t lda, const P* W, int64_t N, int64_t K, P* out, int64_t n) {
+  if (n == kCols) return tile<P, R, kCols>(A, lda, W, N, K, out, n);
+  float acc[R][kCols];  // the last, narrower tile of columns: the same chain of sums, n of them
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < n; ++j) acc[r][j] = 0.0f;
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t r = 0; r < R; ++r) {
+      const float a = to_float(A[r * lda + k]);
+      for (int64_t j = 0; j < n; ++j) acc[r][j] = __builtin_fmaf(a, to_float(W[k * N + j]), acc[r][j]);
+    }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < n; ++j) out[r * N + j] = from_float<P>(acc[r][j]);
+}
+
+template <typename P>
+void rows_times(const at::Tensor& A, const at::Tensor& W, const at::Tensor& C) {
+  const int64_t batch = A.size(0), K = A.size(1), N = W.size(1), tiles = (N + kCols - 1) / kCols;
+  const P *a = data<P>(A), *w = data<P>(W);
+  P* c = data<P>(C);
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kCols, n = std::min(kCols, N - n0);
+      for (int64_t r0 = 0; r0 < batch; r0 += kRows) {
+        const P* ar = a + r0 * K;
+        P* out = c + r0 * N + n0;
+        switch (std::min(kRows, batch - r0)) {
+          case 1: tile_of<P, 1>(ar, K, w + n0, N, K, out, n); break;
+          case 2: tile_of<P, 2>(ar, K, w + n0, N, K, out, n); break;
+          case 3: tile_of<P, 3>(ar, K, w + n0, N, K, out, n); break;
+          default: tile_of<P, 4>(ar, K, w + n0, N, K, out, n);
+        }
+      }
+    }
+  });
+}
+
 template <typename Cell, typename P>
 void step_typed(const int64_t* ids, const at::Tensor& table, at::TensorList W, at::TensorList H1, at::TensorList Pk, at::TensorList S) {
   const int64_t batch = H1[0].size(0), hiddens = H1[0].size(1) - 1, rows = Cell::kBlocks * hiddens;
@@ -415,7 +475,7 @@ void step_typed(const int64_t* ids, const at::Tensor& table, at::TensorList W, a
         Cell::row(data<P>(Pk[k]) + b * width + in, input, data<float>(S[k]) + b * hiddens, data<P>(H1[k]) + b * (hiddens + 1), hiddens);
       }
     });
-    at::mm_out(const_cast<at::Tensor&>(Pk[k]), H1[k], W[k]);  // [H_t, 1] times everything that reads H_t
+    rows_times<P>(H1[k], W[k], Pk[k]);  // [H_t, 1] times everything that reads H_t
   }
 }
 

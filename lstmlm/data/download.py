@@ -119,9 +119,7 @@ class Target:
         return self.extracted or self.path
 
 
-def resolve_target(
-    name_or_url: str, url: str | None = None, sha1: str | None = None, directory: str | Path | None = None
-) -> Target:
+def resolve_target(name_or_url: str, url: str | None = None, sha1: str | None = None, directory: str | Path | None = None) -> Target:
     """A known corpus name (optionally fetched from a mirror `url`) or a plain http(s) URL."""
     root = cache_dir(directory)
     if name_or_url in KNOWN:
@@ -131,9 +129,7 @@ def resolve_target(
         extracted = root / known.member if known.member else None
         return Target(url or known.url, known.sha1, root / known.filename, known.member, extracted)
     if not re.match(r"^https?://", name_or_url):
-        raise DownloadError(
-            f"unknown corpus '{name_or_url}': use one of {', '.join(KNOWN)} or an http(s) URL"
-        )
+        raise DownloadError(f"unknown corpus '{name_or_url}': use one of {', '.join(KNOWN)} or an http(s) URL")
     if url is not None:
         raise DownloadError("--url is for a known corpus name; pass the URL itself instead")
     if sha1 is not None and not re.fullmatch(r"[0-9a-fA-F]{40}", sha1):
@@ -159,9 +155,7 @@ def is_cached(target: Target) -> bool:
     return target.extracted is None or _unzipped_whole(target)
 
 
-def download(
-    target: Target, force: bool = False, progress: Progress | None = None, unzip_progress: Progress | None = None, max_bytes: int = MAX_BYTES
-) -> Path:
+def download(target: Target, force: bool = False, progress: Progress | None = None, unzip_progress: Progress | None = None, max_bytes: int = MAX_BYTES) -> Path:
     """Fetch `target` into the cache unless a verified copy is there (unzipping its member, if
     it is an archive); return the corpus file's path. A body of more than `max_bytes`
     (decoded) is refused."""

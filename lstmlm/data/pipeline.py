@@ -47,9 +47,7 @@ def build_vocab(text: str, normalize: str) -> Vocab:
     return Vocab.build(text, order="frequency" if normalize == "d2l" else "codepoint", unk=True)
 
 
-def prepare_data(
-    cfg: Config, vocab: Vocab | None = None, progress: StageProgress | None = None, scratch: Path | None = None
-) -> Data:
+def prepare_data(cfg: Config, vocab: Vocab | None = None, progress: StageProgress | None = None, scratch: Path | None = None) -> Data:
     """The config's corpus as ids, split for training, validation (and test).
 
     The vocabulary is built on the whole corpus (as d2l does) unless one is given (a resumed

@@ -277,9 +277,7 @@ def _write(
     return _into_memory(scanned, vocab, dtype, progress, workers), (f"{cache_failure}, {scratch_failure}; keeping the {nbytes:,} bytes of ids in memory",)
 
 
-def _into_file(
-    scanned: Scanned, vocab: Vocab, dtype: str, directory: Path, final: Path | None, progress: StageProgress | None, workers: Workers
-) -> TokenStore:
+def _into_file(scanned: Scanned, vocab: Vocab, dtype: str, directory: Path, final: Path | None, progress: StageProgress | None, workers: Workers) -> TokenStore:
     """Write the store under a temporary name in `directory`; rename it to `final`, or (None)
     map it and unlink it at once: the mapping keeps the data, the disk is freed at exit."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,11 @@
 """`lstmlm serve`: trained runs over HTTP — an API and a page — on FastAPI and uvicorn.
 
     catalog.py      the runs a server offers, their figures, their models (a bounded cache)
+    batching.py     continuous batching: a model's generations step together, one thread a batch
+    bodies.py       the request bodies, a generation's options derived from generate.Sampling
+    guards.py       what a request passes before any route: the Host check, the body's size limit
     app.py          the routes: /api/runs, /api/generate (server-sent events or JSON),
-                    /api/inspect, /api/runs/{name}/metrics, /api/status, and the page at /;
-                    the Host check and the body's size limit
+                    /api/inspect, /api/runs/{name}/metrics, /api/status, and the page at /
     connections.py  what one connection may hold: the connection cap, the header and body
                     deadlines, the descriptor limit, a log of one line per kind of failure
     server.py       a socket bound here and uvicorn serving the app on it
@@ -43,20 +45,22 @@ class Limits:
 
     max_length: int = 10_000  # characters a generation may ask for
     max_text: int = 5_000  # characters of a prefix or of a text to inspect
-    max_concurrent: int = 8  # generations and inspections running at once; more are refused (503)
+    max_concurrent: int = 8  # inspections running at once; more are refused (503)
     deadline_s: float = 60.0  # a generation ends here, with what it has made ("deadline")
     max_models: int = 4  # models kept loaded, the least recently used let go first
     max_model_mib: float = 1024.0  # ... and at most this much of their weights in all
     max_connections: int = 256  # open connections; one more is answered 503 and closed at once
     header_timeout_s: float = 10.0  # a request's line and headers arrive within this, or 408
     body_timeout_s: float = 30.0  # and its body within this after its headers, or 408
+    max_batch: int = 64  # generations of one model stepping together; more wait in the queue
+    queue: int = 256  # generations waiting for a place in a batch; more are refused (503)
 
     def __post_init__(self) -> None:
-        counts = (self.max_length, self.max_text, self.max_concurrent, self.max_models, self.max_connections)
+        counts = (self.max_length, self.max_text, self.max_concurrent, self.max_models, self.max_connections, self.max_batch, self.queue)
         if min(counts) < 1 or not min(self.deadline_s, self.max_model_mib, self.header_timeout_s, self.body_timeout_s) > 0:
             raise ServeError(
                 "--max-length, --max-text, --max-concurrent, --deadline, --max-models, --max-model-mib, "
-                "--max-connections, --header-timeout and --body-timeout must be positive"
+                "--max-connections, --header-timeout, --body-timeout, --max-batch and --queue must be positive"
             )
 
     @property

@@ -5,18 +5,19 @@
     GET  /api/runs/{name}/metrics    a run's epochs (metrics.jsonl) and baselines, for a chart that follows training
     POST /api/generate               a prefix continued: server-sent events, or JSON with "stream": false
     POST /api/inspect                a text's gates, per character (units.inspect_text)
-    GET  /api/status                 the limits and the generations running now
+    GET  /api/status                 the limits, the batches, the rows stepping and the queue
 
-Generation is `session.continue_prefix` — the text `lstmlm generate` prints for the same
-options — run in worker threads a few dozen milliseconds at a time, so the event loop never
-waits on the model. Every generation and inspection holds one of `Limits.max_concurrent`
-slots (more are refused at once with 503, never queued), a generation ends at its deadline
-with what it made, and the slot comes back however the request ends: done, failed, or its
-client gone (the response's `__call__` releases it, even for a stream never started).
+A generation is a row of its model's batch (`batching.py`): primed in a worker thread, queued
+until the batch has a place (at most `Limits.queue` requests wait; more are refused at once
+with 503 and Retry-After), then stepped with every other request of the same model and
+checkpoint — the text `lstmlm generate` prints for the same options. Its text is read in worker
+threads a few dozen milliseconds at a time, so the event loop never waits on the model; it ends
+at its deadline with what it made, and its row is let go however the request ends: done,
+failed, or its client gone (the response's `__call__` releases it, even for a stream never
+started). An inspection holds one of `Limits.max_concurrent` slots (more are refused with 503).
 
-Before any route: a request whose Host names no name of this server's is refused (DNS
-rebinding), and a body over `Limits.max_body` (about what `max_text` characters take as JSON)
-is refused from its Content-Length, or once that many bytes of it are read — never read whole.
+Before any route (guards.py): a request whose Host names no name of this server's is refused
+(DNS rebinding), and a body over `Limits.max_body` is refused without being read whole.
 
 Errors are one-line JSON, {"error": "..."}: 400 malformed JSON, a path-like or overlong run
 name, or a Host not this server's; 404 an unknown run or route (a symbolic link in the runs
@@ -27,20 +28,17 @@ message shows a path of the server's outside its runs directory.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
@@ -48,14 +46,17 @@ from starlette.types import Receive, Scope, Send
 from .. import __version__
 from ..errors import CheckpointError, ConfigError, InspectError, LstmlmError, VocabError
 from . import Limits
+from .batching import Batches, QueueFull, Row
+from .bodies import GenerateRequest, InspectRequest
 from .catalog import Loaded, Models, NoCheckpoint, NotServed, finite, list_runs, open_run, read_records, run_baselines, shown, without_paths
+from .guards import BodyLimit, HostCheck, one_line
 
 if TYPE_CHECKING:
     from ..generate import Continuation
 
 STATIC = Path(__file__).resolve().parent / "static"
+LINGER = 0.02  # seconds a stream's characters gather into one event, after its first (which goes at once)
 PAGE_POLICY = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
-StopString = Annotated[str, StringConstraints(min_length=1, max_length=100)]
 
 
 class ApiError(Exception):
@@ -64,44 +65,8 @@ class ApiError(Exception):
         self.status, self.message, self.headers = status, message, headers
 
 
-class Strict(BaseModel):
-    """A request body: unknown fields refused, no NaN or infinity, no strings taken for numbers."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
-
-
-class GenerateRequest(Strict):
-    """The options of `lstmlm generate`, with its defaults."""
-
-    run: str
-    prefix: str
-    length: int = Field(50, ge=0)
-    temperature: float = Field(0.0, ge=0.0)
-    top_k: int = Field(0, ge=0)
-    top_p: float = Field(1.0, ge=0.0, le=1.0)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: list[StopString] = Field(default_factory=list, max_length=16)
-    prime: bool = True
-    best: bool = False
-    stream: bool = True
-
-
-class InspectRequest(Strict):
-    """What `lstmlm inspect` reads, and which values to send back per character."""
-
-    run: str
-    text: str
-    gate: str | None = Field(None, max_length=32)  # one of the run's cell's gates (`Cell.gates`); None: the cell's default
-    layer: int | None = Field(None, ge=0)
-    units: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=32)
-    top: int = Field(5, ge=0, le=32)  # per character, this many units furthest from neutral
-    prime: bool = True  # read the run's prime first, as generation does
-    best: bool = False
-
-
 class Slots:
-    """At most `n` generations and inspections at once; `take` answers at once, never waits."""
+    """At most `n` inspections at once; `take` answers at once, never waits."""
 
     def __init__(self, n: int) -> None:
         self.n, self.active = n, 0
@@ -110,103 +75,12 @@ class Slots:
     def take(self) -> None:
         with self._lock:
             if self.active >= self.n:
-                raise ApiError(503, f"busy: {self.n} requests are running, as many as this server runs at once; try again shortly", {"Retry-After": "1"})
+                raise ApiError(503, f"busy: {self.n} inspections are running, as many as this server runs at once; try again shortly", {"Retry-After": "1"})
             self.active += 1
 
     def give(self) -> None:
         with self._lock:
             self.active -= 1
-
-
-class HostCheck:
-    """Answer only requests whose Host header (any port) is an IP address or one of `allowed`:
-    a page whose own name was rebound to this server's address (DNS rebinding) still names
-    itself in Host, and is refused; an address cannot be rebound, so it is always answered."""
-
-    def __init__(self, app: Any, allowed: list[str]) -> None:
-        self.app, self.allowed = app, {name.lower().rstrip(".") for name in allowed if not is_address(name)}
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            host = Headers(scope=scope).get("host", "")
-            name = host_name(host)
-            if name not in self.allowed and not is_address(name):
-                names = ", ".join(sorted(self.allowed))
-                message = f"this server answers requests for {names} or an IP address only, not for Host {shown(host)}"
-                message += " (lstmlm serve --allowed-host adds a name)"
-                await JSONResponse({"error": one_line(message)}, 400)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-def host_name(host: str) -> str:
-    """The name in a Host header: without its port, in lower case, without a final dot."""
-    name = host[: host.find("]") + 1] if host.startswith("[") else host.split(":")[0]
-    return name.lower().rstrip(".")
-
-
-def is_address(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name.removeprefix("[").removesuffix("]"))
-    except ValueError:
-        return False
-    return True
-
-
-class BodyLimit:
-    """Refuse (413) a request body over `limits.max_body` bytes: at once from its Content-Length
-    (the server then reads no more of it than that says), or, for a chunked body, as soon as
-    more than that has been read — a body is never read whole before it is known to fit."""
-
-    def __init__(self, app: Any, limits: Limits) -> None:
-        self.app, self.limits = app, limits
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = Headers(scope=scope)
-        length = headers.get("content-length")
-        if length is not None:  # a number: h11 refuses anything else
-            if int(length) > self.limits.max_body:
-                await self.refuse(f"the request body ({int(length):,} bytes)", scope, receive, send)
-                return
-        elif "transfer-encoding" in headers:  # chunked: its size is known once it is read
-            body = await self.read(receive)
-            if body is None:
-                await self.refuse("the request body", scope, receive, send)
-                return
-            receive = replay(body, receive)
-        await self.app(scope, receive, send)
-
-    async def read(self, receive: Receive) -> dict[str, Any] | None:
-        """The body as one message (or the disconnect that cut it short); None once it is over the limit."""
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return dict(message)
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.limits.max_body:
-                return None
-            if not message.get("more_body", False):
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-
-    async def refuse(self, what: str, scope: Scope, receive: Receive, send: Send) -> None:
-        limits = self.limits
-        message = f"{what} is over this server's limit of {limits.max_body:,} bytes (what a text of {limits.max_text:,} characters may take as JSON)"
-        await JSONResponse({"error": message}, 413, headers={"Connection": "close"})(scope, receive, send)
-
-
-def replay(first: dict[str, Any], receive: Receive) -> Receive:
-    """`receive` that gives `first` once, then what `receive` gives."""
-    pending = [first]
-
-    async def again() -> Any:
-        return pending.pop() if pending else await receive()
-
-    return again
 
 
 class EventStream(StreamingResponse):
@@ -230,16 +104,21 @@ def event(name: str, data: dict[str, Any]) -> str:
     return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def pull(steps: Continuation, deadline: float, within: float = 0.05, most: int = 512) -> tuple[str, str | None]:
-    """The text the model makes within `within` seconds (at most `most` characters) and why
-    the generation ended ("length", "stop", "deadline"; None: it goes on)."""
+def pull(row: Row, steps: Continuation, deadline: float, within: float = 0.05, linger: float = 0.0, most: int = 512) -> tuple[str, str | None]:
+    """The text the batch makes for `row` within `within` seconds (at most `most` characters)
+    and why the generation ended ("length", "stop", "deadline"; None: it goes on). Once a
+    character has come, the characters of the next `linger` seconds are gathered without
+    waking for each (the batch makes one a step): one wake and one event for them all."""
     parts: list[str] = []
     until = min(deadline, time.monotonic() + within)
-    for chars in steps:
+    if row.wait(until - time.monotonic()) and linger > 0:
+        time.sleep(max(0.0, min(until, time.monotonic() + linger) - time.monotonic()))
+    while len(parts) < most and row.wait(0.0):
+        chars = next(steps, None)
+        if chars is None:
+            return "".join(parts), "stop" if steps.ended[0] is not None else "length"
         parts.append(chars[0])
-        if len(parts) >= most or time.monotonic() >= until:
-            return "".join(parts), "deadline" if time.monotonic() >= deadline else None
-    return "".join(parts), "stop" if steps.ended[0] is not None else "length"
+    return "".join(parts), "deadline" if time.monotonic() >= deadline else None
 
 
 def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", precision: str = "fp32", allowed_hosts: list[str] | None = None) -> FastAPI:
@@ -250,8 +129,8 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
     if allowed_hosts is not None:
         app.add_middleware(HostCheck, allowed=allowed_hosts)  # added last, so it runs first
     models = Models(runs_dir, device, precision, limits.max_models, int(limits.max_model_mib * 2**20))
-    slots = Slots(limits.max_concurrent)
-    app.state.models, app.state.slots = models, slots
+    slots, batches = Slots(limits.max_concurrent), Batches(limits.max_batch, limits.queue)
+    app.state.models, app.state.slots, app.state.batches = models, slots, batches
 
     # ---- errors: one line of JSON -------------------------------------------------------------
 
@@ -329,38 +208,35 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
     @app.get("/api/status")
     async def status() -> JSONResponse:
         await anyio.to_thread.run_sync(models.forget_gone)
-        return JSONResponse({"version": __version__, "active": slots.active, "models": len(models), **vars(limits), "max_body": limits.max_body})
+        work = {"active": batches.running + slots.active, "inspecting": slots.active, **batches.status()}
+        return JSONResponse({"version": __version__, **work, "models": len(models), **vars(limits), "max_body": limits.max_body})
 
     # ---- generation -----------------------------------------------------------------------------
 
     @app.post("/api/generate", response_model=None)
     async def generate(body: GenerateRequest) -> Response:
-        from ..generate import Sampling
-        from ..session import continue_prefix
-
-        if body.length > limits.max_length:
-            raise ApiError(422, f"length {body.length:,} is over this server's limit of {limits.max_length:,} characters")
+        sampling = body.sampling()
+        if sampling.length > limits.max_length:
+            raise ApiError(422, f"length {sampling.length:,} is over this server's limit of {limits.max_length:,} characters")
         within(body.prefix, "the prefix")
         loaded = await load(body.run, body.best)
-        trained = loaded.trained
-        sampling = Sampling(body.length, body.temperature, body.top_k, body.top_p, 1, body.seed, body.min_p, tuple(body.stop))
-        slots.take()
         try:
-            generation = continue_prefix(trained, body.prefix, sampling, loaded.precision, trained.prime if body.prime else "")
-        except BaseException:
-            slots.give()
-            raise
+            batches.admit()
+        except QueueFull as e:
+            raise ApiError(503, str(e), {"Retry-After": "1"}) from None
+        context = loaded.trained.prime if body.prime else ""
+        generation, row = await anyio.to_thread.run_sync(batches.submit, loaded, body.prefix, sampling, context)
         steps = generation.steps
         deadline = time.monotonic() + limits.deadline_s
         head = {"run": body.run, "prefix": generation.prefix, "normalized": generation.normalized}
 
         def release() -> None:
             steps.close()
-            slots.give()
+            row.cancel()
 
         if not body.stream:
             try:
-                while (reason := (await anyio.to_thread.run_sync(pull, steps, deadline, 1.0, 1 << 30))[1]) is None:
+                while (reason := (await anyio.to_thread.run_sync(pull, row, steps, deadline, 1.0, 1.0, 1 << 30))[1]) is None:
                     pass
             finally:
                 release()
@@ -372,7 +248,7 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
             made = 0
             while True:
                 try:
-                    text, reason = await anyio.to_thread.run_sync(pull, steps, deadline)
+                    text, reason = await anyio.to_thread.run_sync(pull, row, steps, deadline, 0.05, LINGER if made else 0.0)
                 except LstmlmError as e:
                     yield event("error", {"error": one_line(without_paths(str(e), runs_dir))})
                     return
@@ -447,7 +323,3 @@ def describe(error: Any) -> str:
     if error["type"] == "missing":
         return f"missing field {where!r}"
     return f"{where}: {error['msg']}" if where else str(error["msg"])
-
-
-def one_line(message: str) -> str:
-    return " ".join(message.split())

@@ -1,0 +1,208 @@
+"""Continuous batching: the generations of one model and checkpoint step together, one step a
+character for every row, in one thread per batch.
+
+A request is primed alone — the prime and its prefix read by the model's forward at batch 1,
+exactly as `lstmlm generate` reads them — and waits in the queue until its batch has a place;
+it joins at the next step boundary. Each row samples with its own settings and its own random
+stream (`sampling.Rows`), and the compiled step gives a row the same bits whatever the batch
+around it (`stepper.py`), so a request streams the characters `lstmlm generate` prints for the
+same prefix, options and --seed, whoever else is in the batch. A row leaves when it has made
+its length, or at the next step once its request lets go of it (a stop string, the deadline,
+its client gone: `Row.cancel`).
+
+Rows leave rather than stay masked: a masked row costs a whole row of every later step, where
+removing it copies the rows left once (`Stepper.keep`). Measured (benchmarks/bench_generate.py
+--leave, the d2l model, a 2-core AMD EPYC without avx512_bf16, under load): a batch of 64 with
+32 ended, stepped masked, 0.69 ms a step; the 32 left, 0.34 ms, after one keep of 0.13 ms — so
+removal pays from the first step on.
+
+A checkpoint that training replaces gets a batch of its own (the cache hands out the new model):
+the batch of the old one finishes its rows on it, and new requests join the new one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import ServeError
+from ..generate import Continuation, Sampling, prime
+from ..sampling import Rows
+from ..session import Generation, as_generation, read_prefix
+
+if TYPE_CHECKING:
+    from ..stepper import LoopStepper, Stepper
+    from .catalog import Loaded
+
+
+class QueueFull(ServeError):
+    """More requests wait for a place than the queue holds."""
+
+
+class Row:
+    """One request's place in a batch: its primed state until it joins, then the characters the
+    batch makes for it, read by the request's thread as they come."""
+
+    def __init__(self, sampling: Sampling, stepper: Stepper | LoopStepper, first: torch.Tensor) -> None:
+        self.sampling, self.stepper, self.first = sampling, stepper, first
+        self.made = 0
+        self._tokens: deque[str] = deque()
+        self._ready = threading.Condition()
+        self.done = sampling.length == 0  # no more characters will come (made all, or let go)
+
+    def put(self, token: str) -> None:
+        """From the batch: the row's next character; done once it has made its length."""
+        self.made += 1
+        with self._ready:
+            self._tokens.append(token)
+            self.done = self.done or self.made >= self.sampling.length
+            self._ready.notify()
+
+    def cancel(self) -> None:
+        """The request lets go: the batch drops the row at its next step."""
+        with self._ready:
+            self.done = True
+            self._ready.notify()
+
+    def wait(self, timeout: float) -> bool:
+        """Whether a character can be read at once (or the row has ended), waiting `timeout` s at most."""
+        with self._ready:
+            return self._ready.wait_for(lambda: bool(self._tokens) or self.done, max(timeout, 0.0))
+
+    def chunks(self) -> Iterator[list[list[str]]]:
+        """The row's characters, one a step, as `generate.Continuation` reads them; a row whose
+        request closes it is let go."""
+        try:
+            while True:
+                with self._ready:
+                    self._ready.wait_for(lambda: bool(self._tokens) or self.done)
+                    if not self._tokens:
+                        return
+                    token = self._tokens.popleft()
+                yield [[token]]
+        finally:
+            self.cancel()
+
+
+class Batch:
+    """The rows of one model and checkpoint, stepped together by a thread that runs while it has rows."""
+
+    def __init__(self, loaded: Loaded, batches: Batches) -> None:
+        self.loaded, self.batches = loaded, batches
+        self.waiting: deque[Row] = deque()  # primed, not joined yet (under batches.lock)
+        self.rows: list[Row] = []  # stepping (the batch's thread alone changes it)
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Run the thread unless it runs (under batches.lock)."""
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name=f"batch-{self.loaded.trained.store.name}", daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        failed = True
+        try:
+            with torch.inference_mode():
+                self._steps()
+            failed = False
+        finally:
+            with self.batches.lock:
+                self.thread = None
+                self.batches.running -= len(self.rows)
+                for row in [*self.rows, *(self.waiting if failed else ())]:  # after a failure: their requests end
+                    row.cancel()
+                if failed:
+                    self.batches.queued -= len(self.waiting)
+                    self.waiting.clear()
+                self.rows = []
+                self.batches.ended(self)
+
+    def _steps(self) -> None:
+        tokens = self.loaded.trained.vocab.tokens
+        step: Stepper | LoopStepper | None = None
+        rows, X = Rows(self.loaded.trained.model.W_hq.device), torch.empty(0, dtype=torch.long)
+        while True:
+            staying = [i for i, row in enumerate(self.rows) if not row.done]
+            with self.batches.lock:
+                if len(staying) < len(self.rows):
+                    self.batches.running -= len(self.rows) - len(staying)
+                joining = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.batches.max_batch - len(staying)))]
+                self.batches.queued -= len(joining)
+                self.batches.running += len(joining)
+                if not staying and not joining:
+                    self.rows = []
+                    return  # _run ends the batch, or runs it again for a row that comes meanwhile
+            if len(staying) < len(self.rows):
+                assert step is not None
+                step.keep(staying)
+                rows.keep(staying)
+                X, self.rows = X[staying], [self.rows[i] for i in staying]
+            for row in joining:
+                if step is None or not self.rows:
+                    step, X = row.stepper, row.first
+                else:
+                    step.extend(row.stepper)  # type: ignore[arg-type]  # the same model's stepper, of the same kind
+                    X = torch.cat([X, row.first])
+                rows.add(row.sampling)
+                self.rows.append(row)
+            assert step is not None
+            X = rows.choose(step(X))
+            for row, i in zip(self.rows, X.tolist()):
+                row.put(tokens[i])
+
+
+class Batches:
+    """The running batches, one per model and checkpoint, and their admission: at most
+    `max_batch` rows step in a batch, at most `queue` requests wait for a place (more are
+    refused at once: `QueueFull`)."""
+
+    def __init__(self, max_batch: int, queue: int) -> None:
+        self.max_batch, self.queue = max_batch, queue
+        self.lock = threading.Lock()
+        self.batches: dict[int, Batch] = {}  # by the Loaded's identity: a new checkpoint is a new Loaded
+        self.queued = 0  # admitted, not stepping yet (priming, or waiting for a place)
+        self.running = 0  # stepping, in all batches
+
+    def admit(self) -> None:
+        """Count a request in the queue, or refuse it."""
+        with self.lock:
+            if self.queued >= self.queue:
+                raise QueueFull(f"busy: {self.queued} requests wait for a place, as many as this server queues; try again shortly")
+            self.queued += 1
+
+    def submit(self, loaded: Loaded, prefix: str, sampling: Sampling, context: str) -> tuple[Generation, Row]:
+        """A request's continuation, once admitted: primed here (the caller's thread), then
+        queued for its batch. The Generation's steps come as the batch makes them."""
+        trained = loaded.trained
+        try:
+            text = read_prefix(trained, prefix)
+            stepper, first = prime(trained.model, trained.vocab, [*context, *text], 1, loaded.precision)
+        except BaseException:
+            with self.lock:
+                self.queued -= 1
+            raise
+        row = Row(sampling, stepper, first)
+        generation = as_generation(trained, prefix, text, Continuation(row.chunks(), sampling.stop, 1))
+        with self.lock:
+            if row.done:  # length 0: nothing to make
+                self.queued -= 1
+                return generation, row
+            batch = self.batches.setdefault(id(loaded), Batch(loaded, self))
+            batch.waiting.append(row)
+            batch.start()
+        return generation, row
+
+    def ended(self, batch: Batch) -> None:
+        """A batch's thread ends (under the lock): forget it, or run it again for rows that came meanwhile."""
+        if batch.waiting:
+            batch.start()
+        elif self.batches.get(id(batch.loaded)) is batch:
+            del self.batches[id(batch.loaded)]
+
+    def status(self) -> dict[str, int]:
+        with self.lock:
+            return {"running": self.running, "queued": self.queued, "batches": len(self.batches)}

@@ -1,0 +1,137 @@
+"""Continuous batching in `lstmlm serve`: concurrent real HTTP clients, joining and leaving a
+batch mid-stream, each stream exactly what `lstmlm generate` prints for the same options; a
+checkpoint replaced while a batch runs (the batch finishes on the old one, new requests get the
+new one). The queue's 503, the deadline and a client gone are in test_serve.py and
+test_serve_process.py."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install '.[serve]')")
+
+from fastapi.testclient import TestClient
+
+from lstmlm.serve import Limits
+from lstmlm.serve.app import create_app
+
+from conftest import ServeProcess, cli, sse_events
+
+# Each client's options (besides run and prefix), for every sampling setting; the lengths differ
+# so that rows leave while others go on, and the clients start apart so that rows join mid-stream.
+SETTINGS: list[dict[str, Any]] = [
+    {"length": 150},
+    {"length": 90, "temperature": 1.0, "seed": 1},
+    {"length": 200, "temperature": 0.8, "top_k": 5, "seed": 2},
+    {"length": 60, "temperature": 1.2, "top_p": 0.9, "seed": 3},
+    {"length": 170, "temperature": 1.0, "min_p": 0.1, "seed": 4},
+    {"length": 120, "temperature": 1.0, "top_p": 0.0, "seed": 5},
+    {"length": 140, "temperature": 1.5, "top_k": 8, "top_p": 0.95, "min_p": 0.02, "seed": 6},
+    {"length": 200, "temperature": 1.0, "seed": 7, "stop": ["e t"]},
+]
+PREFIXES = ["the", "and the", "it was", "t"]
+
+
+def printed(runs: Path, run: str, prefix: str, options: dict[str, Any]) -> str:
+    """The continuation `lstmlm generate` prints (without the prefix) for these options."""
+    args = ["generate", "--runs-dir", runs, "--run", run, "--prefix", prefix]
+    for name, value in options.items():
+        for one in value if isinstance(value, list) else [value]:
+            args += [f"--{name.replace('_', '-')}", str(one)]
+    result = cli(*args)
+    assert result.code == 0, result.stderr
+    return result.stdout.removesuffix("\n")
+
+
+def stream(address: tuple[str, int], body: dict[str, Any]) -> tuple[str, str]:
+    """A streamed generation over a real connection: (prefix as read, continuation)."""
+    conn = http.client.HTTPConnection(*address, timeout=120)
+    try:
+        conn.request("POST", "/api/generate", json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200, response.read()
+        got = sse_events(response.read().decode())
+    finally:
+        conn.close()
+    assert got[0][0] == "start" and got[-1][0] == "done", got[-1]
+    return got[0][1]["prefix"], "".join(data["text"] for name, data in got if name == "text")
+
+
+@pytest.mark.parametrize("run", ["raw", "d2l"])
+def test_concurrent_clients_stream_what_lstmlm_generate_prints(tiny_runs: Path, serve_process: Any, run: str) -> None:
+    """Eight clients, at most three rows a batch: rows join as others leave, and every stream is,
+    character for character, what `lstmlm generate` prints for its prefix and options."""
+    server: ServeProcess = serve_process("--runs-dir", tiny_runs, "--max-batch", 3, "--queue", 16)
+    bodies = [{"run": run, "prefix": PREFIXES[i % len(PREFIXES)], **options} for i, options in enumerate(SETTINGS)]
+    got: dict[int, tuple[str, str]] = {}
+
+    def client(i: int) -> None:
+        time.sleep(0.02 * i)
+        got[i] = stream(server.address, bodies[i])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == list(range(len(bodies)))
+    for i, body in enumerate(bodies):
+        prefix, text = got[i]
+        options = {k: v for k, v in body.items() if k not in ("run", "prefix")}
+        assert prefix + text == printed(tiny_runs, run, body["prefix"], options), body
+
+
+def test_a_checkpoint_replaced_while_a_batch_runs(tiny_runs: Path, tmp_path: Path) -> None:
+    """The batch on the old checkpoint finishes on it; a request after the replacement gets the new one."""
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_runs, runs)
+    long = {"run": "raw", "prefix": "the", "length": 3000, "temperature": 1.0, "seed": 9}
+    before = printed(runs, "raw", "the", {k: v for k, v in long.items() if k not in ("run", "prefix")})
+    app = create_app(runs, Limits())
+    with TestClient(app) as api, api.stream("POST", "/api/generate", json=long) as old:
+        lines = old.iter_lines()
+        assert next(lines) == "event: start" and next(lines).startswith("data: ") and next(lines) == ""
+        path = runs / "raw" / "latest.pt"
+        payload = torch.load(path, weights_only=True)
+        payload["model"] = {k: -v for k, v in payload["model"].items()}  # a training step of sorts
+        torch.save(payload, path)
+        short = {"run": "raw", "prefix": "the", "length": 80, "temperature": 1.0, "seed": 9, "stream": False}
+        new = api.post("/api/generate", json=short).json()["text"]
+        assert "the" + new == printed(runs, "raw", "the", {"length": 80, "temperature": 1.0, "seed": 9})  # the new checkpoint's
+        assert new != before[3:83]
+        rest = sse_events("\n".join(lines) + "\n")
+        text = "".join(data["text"] for name, data in rest if name == "text")
+        assert "the" + text == before  # the old one's, to the end
+
+
+def test_the_deadline_holds_for_each_row_of_a_batch(tiny_runs: Path) -> None:
+    """Two long generations in one batch, both past the deadline: each ends there with what it
+    made, streamed or not, and its row is let go."""
+    with TestClient(create_app(tiny_runs, Limits(max_length=10**9, deadline_s=0.5))) as api:
+        long = {"run": "raw", "prefix": "the", "length": 10**9, "temperature": 1.0}
+        done: dict[str, Any] = {}
+
+        def whole() -> None:
+            done["whole"] = api.post("/api/generate", json={**long, "stream": False}).json()
+
+        other = threading.Thread(target=whole)
+        other.start()
+        got = sse_events(api.post("/api/generate", json=long).text)
+        other.join()
+        text = "".join(data["text"] for name, data in got if name == "text")
+        assert got[-1] == ("done", {"characters": len(text), "finish_reason": "deadline"}) and 0 < len(text) < 10**9
+        assert done["whole"]["finish_reason"] == "deadline" and 0 < done["whole"]["characters"] < 10**9
+        for _ in range(100):
+            if api.get("/api/status").json()["running"] == 0:
+                break
+            time.sleep(0.05)
+        assert api.get("/api/status").json()["running"] == 0

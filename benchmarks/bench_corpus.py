@@ -55,8 +55,8 @@ SIZES = {"k": 10**3, "M": 10**6, "G": 10**9}
 # the first optimizer step, stamped on stderr; then the CLI as a user runs it
 FIRST_STEP_DRIVER = r"""
 import sys, time
-import lstmlm.train as train
-real_step = train.train_step
+import lstmlm.step as step_mod
+real_step = step_mod.train_step
 stamped = []
 
 def step(*args, **kwargs):
@@ -66,7 +66,7 @@ def step(*args, **kwargs):
         print(f"FIRST-STEP {stamped[0]:.3f}", file=sys.stderr, flush=True)
     return result
 
-train.train_step = step
+step_mod.train_step = step
 from lstmlm.cli import app
 app(sys.argv[1:], prog_name="lstmlm")
 """

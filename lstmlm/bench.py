@@ -30,14 +30,14 @@ import torch
 from . import cells, distributed, graphs, native
 from . import config as config_mod
 from .cells.base import State
-from .config import Config, TrainConfig
+from .config import Config
 from .device import DTYPES, cpu_has_fast_bf16, describe, keep_freed_memory, resolve_device, resolve_precision, set_tf32, synchronize
 from .distributed import World
 from .errors import DeviceError
 from .generate import Sampling, generate
 from .model import CharLM
 from .recurrence import times_T
-from .train import build_optimizer, train_step
+from .step import build_step
 from .vocab import Vocab
 
 
@@ -57,6 +57,11 @@ class Dims:
     def from_config(cls, cfg: Config, vocab_size: int) -> Dims:
         m, d = cfg.model, cfg.data
         return cls(vocab_size, m.hidden, m.layers, d.batch_size, d.num_steps, m.embedding, m.cell)
+
+    def config(self, core: str) -> Config:
+        """A training config of these shapes, with d2l's SGD (lr 1) and clipping (θ = 1)."""
+        shapes = {"model": core, "cell": self.cell, "hidden": self.hidden, "layers": self.layers, "embedding": self.embedding}
+        return Config().with_overrides({**shapes, "batch_size": self.batch_size, "num_steps": self.num_steps})
 
 
 def forward_flops_per_token(dims: Dims) -> int:
@@ -161,19 +166,9 @@ def measure_training(
     torch.manual_seed(seed)
     with PeakMemory(device) as memory:
         model = CharLM(dims.vocab_size, dims.hidden, dims.layers, core=core, embedding=dims.embedding, cell=dims.cell, device=device).to(device)
-        optimizer = build_optimizer(TrainConfig(optimizer="sgd", lr=1.0), model)  # fused on a GPU
+        step = build_step(dims.config(core), model, device, world, precision=precision).run  # d2l's SGD, fused on a GPU; a graph where it pays
         batches = torch.randint(0, dims.vocab_size, (2, dims.batch_size, dims.num_steps + 1), device=device)
         rows = world.rows(dims.batch_size)  # this process's streams: all of them in one process
-        net: torch.nn.Module = model
-        if world.active:
-            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-        def eager(X: torch.Tensor, Y: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
-            return train_step(net, optimizer, X, Y, state, 1.0, device, precision)
-
-        step: graphs.Step = eager
-        if graphs.pays(device, model.path) and not world.active:
-            step = graphs.GraphedStep(eager, optimizer, (dims.layers, dims.batch_size, dims.hidden), len(model.cell.state), graphs.CudaGraph(device))
 
         def run(n: int) -> None:
             state: State | None = None

@@ -480,22 +480,29 @@ def from_json(text: str) -> Config:
         raw = json.loads(text)
     except (ValueError, RecursionError) as e:  # JSONDecodeError; an integer of > 4300 digits; deep nesting
         raise ConfigError(f"stored config is not valid JSON: {_reason(e)}") from None
-    return from_dict(_from_before_cadences(raw))
+    return from_dict(upgrade(raw))
 
 
-def _from_before_cadences(raw: Any) -> Any:
-    """A config stored before cadences (it has no val_tokens) counted checkpoints and samples in
-    epochs and validations in steps (0: every epoch); say so in today's terms."""
+def upgrade(raw: Any) -> Any:
+    """A stored config of an older format in today's terms (one step a format, in order; the
+    checkpoint's chain, `checkpoint.migrate`, takes this as its first):
+
+    - before cadences (no val_tokens): checkpoints and samples were counted in epochs and
+      validations in steps (0: every epoch);
+    - before cells (no `cell`): every model was an LSTM."""
     train = raw.get("train") if isinstance(raw, dict) else None
-    if not isinstance(train, dict) or "val_tokens" in train:
-        return raw
-    train = dict(train)
-    for key in ("checkpoint_every", "sample_every"):
-        if isinstance(train.get(key), int) and not isinstance(train[key], bool):
-            train[key] = f"{train[key]}e" if train[key] > 0 else "0"
-    if train.get("eval_every") == 0:
-        train["eval_every"] = "1e"
-    return {**raw, "train": train}
+    if isinstance(train, dict) and "val_tokens" not in train:
+        train = dict(train)
+        for key in ("checkpoint_every", "sample_every"):
+            if isinstance(train.get(key), int) and not isinstance(train[key], bool):
+                train[key] = f"{train[key]}e" if train[key] > 0 else "0"
+        if train.get("eval_every") == 0:
+            train["eval_every"] = "1e"
+        raw = {**raw, "train": train}
+    model = raw.get("model") if isinstance(raw, dict) else None
+    if isinstance(model, dict) and "cell" not in model:
+        raw = {**raw, "model": {**model, "cell": "lstm"}}
+    return raw
 
 
 def _reason(e: Exception) -> str:

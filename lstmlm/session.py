@@ -264,7 +264,7 @@ class Training:
             return events
         events = with_baselines(events, self.trainer)
         logs = tensorboard.directory_of(self.config, self.store.name)
-        return tensorboard.logged(events, logs, self.config, self.trainer.state.global_step) if logs else events
+        return tensorboard.logged(events, logs, self.config, self.trainer.progress.global_step) if logs else events
 
 
 def with_baselines(events: Iterator[Event], trainer: Trainer) -> Iterator[Event]:

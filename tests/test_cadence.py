@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+import lstmlm.step as step_mod
 import lstmlm.train as train_mod
 from lstmlm import config
 from lstmlm.checkpoint import load_checkpoint
@@ -97,13 +98,13 @@ class FakeClock:
 def fake_clock(monkeypatch: pytest.MonkeyPatch) -> Callable[[float], FakeClock]:
     def install(per_step: float) -> FakeClock:
         clock = FakeClock(per_step)
-        real_step = train_mod.train_step
+        real_step = step_mod.train_step
 
         def step(*args: Any, **kwargs: Any) -> Any:
             clock.now += clock.per_step
             return real_step(*args, **kwargs)
 
-        monkeypatch.setattr(train_mod, "train_step", step)
+        monkeypatch.setattr(step_mod, "train_step", step)
         return clock  # the test builds its trainers with it: make_trainer(..., clock=clock)
 
     return install
@@ -125,14 +126,14 @@ def test_a_checkpoint_every_minute_lands_mid_epoch(make_trainer: MakeTrainer, fa
     clock = fake_clock(25.0)
     trainer = make_trainer(epochs=2, checkpoint_every="1m", eval_every="0", sample_every="0", val_fraction=0.0, clock=clock)
     events = list(trainer.run())
-    total = trainer.state.global_step
+    total = trainer.progress.global_step
     assert saves(events) == [*range(3, total + 1, 3), *([total] if total % 3 else [])]  # and once at the end
     mid = make_trainer("mid", epochs=1, checkpoint_every="1m", eval_every="0", sample_every="0", val_fraction=0.0, clock=clock)
     for event in mid.run():
         if isinstance(event, Saved):
             break
     state = load_checkpoint(mid.store.path("latest"))["trainer"]["state"]
-    assert (state["epoch"], state["step"], state["global_step"]) == (0, 3, 3)  # mid-epoch: its position, carry and loss so far
+    assert (state["epoch"], state["batch"], state["global_step"]) == (0, 3, 3)  # mid-epoch: its position, carry and loss so far
     assert state["carry"] is not None and state["tokens"] == 3 * 8 * 10
 
 
@@ -140,7 +141,7 @@ def test_steps_and_epochs_cadences(make_trainer: MakeTrainer, fake_clock: Any, m
     clock = fake_clock(0.0)  # the clock stands still: only steps and epochs count
     trainer = make_trainer(epochs=4, checkpoint_every=7, sample_every="2e", eval_every="1e,10", clock=clock)
     events = list(trainer.run())
-    total, per_epoch = trainer.state.global_step, [e for e in events if isinstance(e, EpochEnded)]
+    total, per_epoch = trainer.progress.global_step, [e for e in events if isinstance(e, EpochEnded)]
     assert saves(events) == [*range(7, total + 1, 7), *([total] if total % 7 else [])]
     assert [e.epoch for e in events if isinstance(e, Sampled) and e.prefix == "time traveller"] == [2, 4]  # 4: the end's
     ends = [e for e in events if isinstance(e, (Stepped, EpochEnded))]

@@ -21,7 +21,7 @@ import torch
 import lstmlm.checkpoint as checkpoint_mod
 from lstmlm import checkpoint
 from lstmlm.atomic import write_atomic
-from lstmlm.checkpoint import load_checkpoint
+from lstmlm.checkpoint import VERSION, load_checkpoint
 from lstmlm.errors import CheckpointError, WriteError
 from lstmlm.events import EpochEnded
 from lstmlm.runs import LATEST, RunStore
@@ -184,7 +184,9 @@ def test_a_file_that_is_not_a_checkpoint(trained: Trainer, content: bytes, messa
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"version": 2}, r"has checkpoint format version 2; this lstmlm reads version 1"),
+        ({"version": VERSION + 1}, rf"has checkpoint format version {VERSION + 1}; this lstmlm reads versions 1 to {VERSION} \(a newer lstmlm wrote it"),
+        ({"version": 0}, r"has checkpoint format version 0; this lstmlm reads versions 1 to \d+ \(no lstmlm wrote such a version\)"),
+        ({"version": "2"}, r"has checkpoint format version '2'"),
         ({"format": "something-else"}, r"is not an lstmlm checkpoint"),
         ({"trainer": None}, r"lacks its 'trainer' section"),
     ],

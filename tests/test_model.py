@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lstmlm import cells
+from lstmlm.checkpoint import migrate
 from lstmlm.config import Config
 from lstmlm.errors import CheckpointError, ShapeError
 from lstmlm.model import CharLM, Dropouts, TopLayer, activation_penalty, convert, core_of, loss_fn, scratch_layer
@@ -346,8 +347,8 @@ def test_the_seeds_init_draws_the_weights_the_twelve_tensor_layout_drew() -> Non
 
 @pytest.mark.parametrize("core", ["scratch", "cudnn"])
 def test_a_checkpoint_of_the_first_release_loads(core: str) -> None:
-    """The first release saved each scratch layer as the article's twelve tensors: they convert to
-    the packed layout (or to nn.LSTM) and give the same function."""
+    """The first release saved each scratch layer as the article's twelve tensors: the checkpoint's
+    migration packs them, and they convert to nn.LSTM as well, giving the same function."""
     torch.manual_seed(0)
     packed = CharLM(10, 6, 2, core="scratch", embedding=4)
     with torch.no_grad():
@@ -357,8 +358,9 @@ def test_a_checkpoint_of_the_first_release_loads(core: str) -> None:
     for k in range(2):
         old.update({f"core.layers.{k}.{name}": v.clone() for name, v in scratch_layer(packed.state_dict(), k, LSTM).items()})
     assert "core.layers.0.W_xi" in old and "core.layers.0.W_x" not in old
+    migrated = migrate({"format": "lstmlm-checkpoint", "version": 1, "model": old})["model"]
     model = CharLM(10, 6, 2, core=core, embedding=4)
-    model.load_state_dict(convert(old, core, LSTM))
+    model.load_state_dict(convert(migrated, core, LSTM))
     X = torch.randint(0, 10, (3, 7))
     torch.testing.assert_close(model.eval()(X)[0], packed.eval()(X)[0], rtol=1e-5, atol=1e-6)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+import lstmlm.step as step_mod
 import lstmlm.train as train_mod
 from lstmlm import baselines, session
 from lstmlm.events import EpochEnded, Sampled
@@ -147,13 +148,13 @@ def test_a_resume_can_start_logging_and_a_new_run_never_shows_an_old_ones_points
 def test_tune_writes_each_trial_into_a_subdirectory(corpus_file: Path, runs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("optuna", reason="the tune extra is not installed (pip install '.[tune]')")
     now = [1000.0]  # a clock that moves 0.02 s a step: every trial trains the same steps on any machine
-    real_step = train_mod.train_step
+    real_step = step_mod.train_step
 
     def step(*args: Any, **kwargs: Any) -> Any:
         now[0] += 0.02
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "train_step", step)
+    monkeypatch.setattr(step_mod, "train_step", step)
     monkeypatch.setattr(session, "Trainer", functools.partial(train_mod.Trainer, clock=lambda: now[0]))
     board_dir = tmp_path / "tb"
     result = cli(

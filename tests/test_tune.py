@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 import lstmlm.session as session_mod
+import lstmlm.step as step_mod
 import lstmlm.train as train_mod
 from lstmlm import checkpoint, config, tune
 from lstmlm.runs import LATEST, RunStore
@@ -41,14 +42,14 @@ def step_clock(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The trainer's clock advances PER_STEP seconds a training step and stands still otherwise;
     the list counts the steps taken (by every trial and training of the test)."""
     now, steps = [1000.0], [0]
-    real_step = train_mod.train_step
+    real_step = step_mod.train_step
 
     def step(*args: Any, **kwargs: Any) -> Any:
         now[0] += PER_STEP
         steps[0] += 1
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "train_step", step)
+    monkeypatch.setattr(step_mod, "train_step", step)
     monkeypatch.setattr(session_mod, "Trainer", functools.partial(train_mod.Trainer, clock=lambda: now[0]))  # every trial's trainer on this clock
     return steps
 
@@ -118,7 +119,7 @@ def test_an_interrupted_study_resumes_with_the_command_it_prints(
     """A Ctrl-C (the stop flag: the trainer stops at the batch's end) or a second one (a
     KeyboardInterrupt inside the step) during the second trial: that trial is failed, not left
     running; the command printed adds trials to the same study."""
-    steps, stepping = [0], train_mod.train_step
+    steps, stepping = [0], step_mod.train_step
 
     def interrupted_step(*args: Any, **kwargs: Any) -> Any:
         steps[0] += 1
@@ -129,7 +130,7 @@ def test_an_interrupted_study_resumes_with_the_command_it_prints(
                 raise KeyboardInterrupt
         return stepping(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "train_step", interrupted_step)
+    monkeypatch.setattr(step_mod, "train_step", interrupted_step)
     result = cli(*tune_args, "--trials", "3")
     assert result.code == 130, result.stderr
     assert states(runs_dir) == ["COMPLETE", "FAIL"]
@@ -138,7 +139,7 @@ def test_an_interrupted_study_resumes_with_the_command_it_prints(
     command = shlex.split(last.split("continue the study with: ")[1])
     assert command[:2] == ["lstmlm", "tune"]
 
-    monkeypatch.setattr(train_mod, "train_step", stepping)
+    monkeypatch.setattr(step_mod, "train_step", stepping)
     again = cli(*command[1:], "--trials", "1")  # the last --trials wins
     assert again.code == 0, again.stderr
     assert states(runs_dir) == ["COMPLETE", "FAIL", "COMPLETE"]

@@ -133,16 +133,41 @@ def _config_before_cadences(payload: dict[str, Any]) -> None:
 
 def _twelve_tensor_lstm(payload: dict[str, Any]) -> None:
     """Version 1, the first release: each scratch LSTM layer as the article's twelve tensors
-    (W_xi, W_hi, b_i, …), now packed into W_x, W_h, b."""
+    (W_xi, W_hi, b_i, …), now packed into W_x, W_h, b; the optimizer's state per parameter
+    (momentum, Adam's moments) packed the same way, since it is laid out as the weights are."""
     weights = payload.get("model")
     if not isinstance(weights, dict) or not any(isinstance(k, str) and re.match(r"core\.layers\.\d+\.W_xi$", k) for k in weights):
         return
+    payload["model"] = _packed_layers(weights)
+    optimizer = payload["trainer"].get("optimizer") if isinstance(payload.get("trainer"), dict) else None
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict):
+        return
+    old = list(weights)  # a state dict's order is its parameters' order, which the optimizer's indices follow
+    per_param = {old[i]: state for i, state in optimizer["state"].items() if isinstance(i, int) and i < len(old)}
+    packed_state: dict[int, dict[str, Any]] = {}
+    if per_param and len(per_param) == len(old):  # else none kept yet (plain SGD keeps none)
+        first = next(iter(per_param.values()))
+        for key, value in first.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:  # laid out as the weights: packed as they are
+                for j, packed in enumerate(_packed_layers({name: per_param[name][key] for name in old}).values()):
+                    packed_state.setdefault(j, {})[key] = packed
+            else:  # Adam's step count, the same for every parameter
+                for j in range(len(payload["model"])):
+                    packed_state.setdefault(j, {})[key] = value
+    optimizer["state"] = packed_state
+    for group in optimizer.get("param_groups", []):
+        group["params"] = list(range(len(payload["model"])))
+
+
+def _packed_layers(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A first-release state dict (or anything laid out as one) with each scratch LSTM layer's
+    twelve tensors packed into three, in the order today's model holds its parameters."""
     lstm = cells.get("lstm")
-    packed = {k: v for k, v in weights.items() if not k.startswith("core.")}
-    for layer in sorted({int(m.group(1)) for k in weights if (m := re.match(r"core\.layers\.(\d+)\.", k))}):
-        named = {name: weights[scratch_key(layer, name)] for name in lstm.parameter_names()}
+    packed = {k: v for k, v in tensors.items() if not k.startswith("core.")}
+    for layer in sorted({int(m.group(1)) for k in tensors if (m := re.match(r"core\.layers\.(\d+)\.", k))}):
+        named = {name: tensors[scratch_key(layer, name)] for name in lstm.parameter_names()}
         packed.update({scratch_key(layer, name): p for name, p in lstm.pack(named).items()})
-    payload["model"] = packed
+    return packed
 
 
 def _trainer_state_v1(payload: dict[str, Any]) -> None:

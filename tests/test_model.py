@@ -371,3 +371,34 @@ def test_tf32_is_decided_explicitly_and_only_on_cuda() -> None:
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     assert set_tf32(torch.device("cpu"), True) is False  # no TF32 off CUDA, and nothing changed
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+def test_the_first_releases_adam_state_is_packed_as_its_weights_are() -> None:
+    """Adam's moments are laid out as the weights: migrated from the twelve-tensor layout, they
+    are the packed model's own, each at its parameter's index."""
+    torch.manual_seed(0)
+    model = CharLM(10, 6, 2, core="scratch", embedding=4)
+    adam = torch.optim.Adam(model.parameters(), lr=0.01)
+    model(torch.randint(0, 10, (3, 7)))[0].sum().backward()
+    adam.step()
+    names = list(model.state_dict())
+    saved = adam.state_dict()
+
+    def twelve(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        old = {k: v for k, v in packed.items() if not k.startswith("core.")}
+        for k in range(2):
+            old.update({f"core.layers.{k}.{name}": v.clone() for name, v in scratch_layer(packed, k, LSTM).items()})
+        return old
+
+    old_weights = twelve(model.state_dict())
+    moments = {key: twelve({n: saved["state"][i][key] for i, n in enumerate(names)}) for key in ("exp_avg", "exp_avg_sq")}
+    old_state = {i: {"step": saved["state"][0]["step"], **{key: m[n] for key, m in moments.items()}} for i, n in enumerate(old_weights)}
+    groups = [{**saved["param_groups"][0], "params": list(range(len(old_weights)))}]
+    payload = {"version": 1, "model": old_weights, "trainer": {"optimizer": {"state": old_state, "param_groups": groups}, "state": {}}}
+    migrated = migrate(payload)["trainer"]["optimizer"]
+    assert migrated["param_groups"][0]["params"] == list(range(len(names)))
+    for i in range(len(names)):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(migrated["state"][i][key], saved["state"][i][key]), (names[i], key)
+    fresh = torch.optim.Adam(model.parameters(), lr=0.01)
+    fresh.load_state_dict(migrated)  # and it loads into today's optimizer

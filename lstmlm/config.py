@@ -325,6 +325,11 @@ def all_fields() -> list[FieldInfo]:
     ]
 
 
+def field_names() -> list[str]:
+    """Every config field's name, table by table, in declaration order."""
+    return [f.name for cls in SECTIONS.values() for f in fields(cls)]
+
+
 @functools.cache
 def hints(cls: type) -> dict[str, Any]:
     """A table's fields and their resolved types, worked out once (`lstmlm runs` reads hundreds
@@ -459,6 +464,12 @@ def load(path: str | Path) -> Config:
         return from_dict(raw)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def written_keys(path: str | Path) -> frozenset[str]:
+    """The fields a config file writes (the others take their defaults); `load` has read it."""
+    raw = tomllib.loads(_read_config(Path(path)).decode("utf-8"))
+    return frozenset(key for table in raw.values() if isinstance(table, dict) for key in table)
 
 
 def _read_config(path: Path) -> bytes:

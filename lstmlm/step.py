@@ -10,6 +10,7 @@ bench` both build theirs here, so what the benchmark times is what a training ru
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -159,3 +160,27 @@ def settle_path(model: CharLM) -> Iterator[Noted | Warned]:
     why = scratch.settle()
     if why:
         yield Warned(f"the scratch core runs its {scratch.path} path: {why}")
+
+
+def timed_steps(cfg: Config, model: CharLM, device: torch.device, world: World, precision: str, steps: int, warmup: int) -> float:
+    """Seconds that `steps` training steps of `cfg` on `model` take (after `warmup` untimed),
+    on random ids, the recurrent state carried from batch to batch and detached: the step a
+    training builds (`build_step`). Under torchrun each process trains its rows of the batch."""
+    d = cfg.data
+    run_step = build_step(cfg, model, device, world, precision=precision).run
+    batches = torch.randint(0, model.vocab_size, (2, d.batch_size, d.num_steps + 1), device=device)
+    rows = world.rows(d.batch_size)  # this process's streams: all of them in one process
+
+    def run(n: int) -> None:
+        state: State | None = None
+        loss = torch.zeros(())
+        for i in range(n):
+            X, Y = batches[i % 2, rows, :-1], batches[i % 2, rows, 1:]
+            loss, state = run_step(X, Y, state)
+            state = tuple(S.detach() for S in state)
+        loss.item()  # wait for the device
+
+    run(warmup)
+    start = time.perf_counter()
+    run(steps)
+    return time.perf_counter() - start

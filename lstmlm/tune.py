@@ -6,7 +6,7 @@ curve, and stored in a database that several processes (and machines) share.
     run_study    trials one after another, as events (TrialStarted, TrialEvaluated, TrialEnded,
                  then StudyEnded); at the end the best trial's config written as TOML
 
-A trial is `lstmlm train` (session.prepare_training → session.training → Trainer.run) of the
+A trial is `lstmlm train` (training.plan → training.start → Trainer.run) of the
 base config — a --config file or the defaults, with the options given fixed — and the rest of
 SPACE sampled by Optuna's TPE, for --minutes. It validates VALIDATIONS times along its minutes
 and reports each loss to Optuna as step 1, 2, …: a step is a fraction of the time, so trials
@@ -39,13 +39,16 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import config, distributed, session
+from . import config, distributed
 from .atomic import check_output, write_text_output
 from .config import Config
 from .corpus import StageProgress
 from .errors import ConfigError, CorpusError, DeviceError, TrainingError, TuneError
 from .events import Evaluated, Started
 from .runs import DEFAULT_RUNS_DIR, RunExists
+from .training import plan as plan_training
+from .training import run_base_name
+from .training import start as start_training
 
 if TYPE_CHECKING:
     import optuna
@@ -241,12 +244,12 @@ def open_study(setup: Setup, progress: StageProgress | None = None) -> Study:
     if distributed.from_environment().active:
         raise ConfigError("lstmlm tune trains a trial in one process: start several tune processes on one --study instead of torchrun")
     named = (config.load(setup.config_file) if setup.config_file else Config()).with_overrides(setup.overrides).resolved()
-    name = check_study_name(setup.study or f"{session.run_base_name(named)}-{setup.minutes:g}m")
+    name = check_study_name(setup.study or f"{run_base_name(named)}-{setup.minutes:g}m")
     url = setup.storage or default_storage(setup.runs_dir, name)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the library prints nothing; the CLI shows the trials
     storage = open_storage(url)  # before the corpus, which may take minutes to encode the first time
     shown = hide_password(url)
-    base = session.prepare_training(setup.runs_dir, None, setup.overrides, setup.config_file, default_recipe=False, progress=progress)
+    base = plan_training(setup.runs_dir, None, setup.overrides, setup.config_file, default_recipe=False, progress=progress)
     if len(base.data.val) < 2:
         raise ConfigError("tune compares trials by their validation loss, and this corpus has no validation text: give --val-fraction or --split")
     created = not _exists(storage, name, shown)
@@ -506,12 +509,12 @@ def train_trial(
 ) -> Generator[TuneEvent, None, None]:
     """One trial's training, as `lstmlm train` runs it, its validations reported to Optuna."""
     overrides = {**trial_overrides(study.setup), **params}
-    plan = session.prepare_training(study.runs_dir, run, overrides, study.setup.config_file, default_recipe=False)
+    plan = plan_training(study.runs_dir, run, overrides, study.setup.config_file, default_recipe=False)
     outcome.settings = {d.key: plan.config.value(d.key) for d in SPACE if d.key in config_keys()}  # sampled or fixed
     trial.set_user_attr("config", best_config(plan.config, study.base, study.setup.fixed).to_dict())
     heartbeat = Heartbeat(study.storage, study.name, trial.number)
     step = 0
-    with session.training(plan) as training:
+    with start_training(plan) as training:
         for event in training.run(lambda: outcome.prune or should_stop()):
             heartbeat()
             if isinstance(event, Started):

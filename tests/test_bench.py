@@ -37,6 +37,7 @@ class Clock:
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
     monkeypatch.setattr(bench, "time", fake)
+    monkeypatch.setattr(step_mod, "time", fake)  # bench times the training step where it is built
     return fake
 
 

@@ -160,14 +160,33 @@ def test_resume_refuses_to_change_the_model(tiny_train_args: list[str], runs_dir
     assert snapshot(runs_dir) == before
 
 
-def test_resume_refuses_a_config_file(tiny_train_args: list[str], runs_dir: Path, tmp_path: Path) -> None:
+def test_resume_takes_the_command_that_started_the_run_config_and_all(tiny_train_args: list[str], runs_dir: Path, tmp_path: Path) -> None:
+    """The habit: the command that started the run, plus --resume. Its --config agrees with the
+    stored config, so it is accepted; what the file sets that a resume may change (epochs) applies."""
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text("[model]\nlayers = 2\n[train]\nepochs = 1\n", encoding="utf-8")
+    assert tiny_train_args[-4:-2] == ["--epochs", "2"]
+    started = [*tiny_train_args[:-4], *tiny_train_args[-2:], "--run", "r", "--config", str(recipe)]  # the epochs from the file
+    assert cli(*started).code == 0
+    recipe.write_text("[model]\nlayers = 2\n[train]\nepochs = 2\n", encoding="utf-8")
+    resumed = cli(*started, "--resume", "--json")
+    assert resumed.code == 0, resumed.stderr
+    assert [e["epoch"] for e in resumed.json() if e["event"] == "epoch"] == [2]
+
+
+def test_resume_names_the_keys_a_config_file_disagrees_on(tiny_train_args: list[str], runs_dir: Path, tmp_path: Path) -> None:
     assert cli(*tiny_train_args, "--run", "r").code == 0
     other = tmp_path / "other.toml"
     other.write_text("[model]\nhidden = 64\n", encoding="utf-8")
     before = snapshot(runs_dir)
-    result = cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--config", other)
-    assert_one_error_line(result, "--config cannot be given with --resume: a resumed run keeps its stored config", "--epochs", "--max-minutes")
-    assert snapshot(runs_dir) == before
+    result = cli(*tiny_train_args, "--run", "r", "--resume", "--config", other)  # hidden 64 in the file, 16 in the options: these win
+    assert result.code == 0, result.stderr
+    result = cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--config", other)  # the file alone: its hidden, defaults' batches
+    assert_one_error_line(
+        result, f"--resume keeps the run's stored config, and {other} (with the options given) differs from it in",
+        "batch_size (the run's 8, here 32)", "num_steps (the run's 10, here 35)", "hidden (the run's 16, here 64)", "start a new --run",
+    )  # fmt: skip
+    assert snapshot(runs_dir)["r/config.json"] == before["r/config.json"]
 
 
 @pytest.mark.parametrize("change", ["edited", "replaced"])

@@ -31,8 +31,8 @@ from lstmlm.data.batches import BatchSource, on_device
 from lstmlm.device import set_tf32
 from lstmlm.events import Stepped, Warned
 from lstmlm.generate import Sampling, generate
+from lstmlm.inference import load as load_trained
 from lstmlm.model import CharLM, convert, loss_fn
-from lstmlm.session import load_trained
 from lstmlm.step import build_optimizer, train_step
 from lstmlm.train import Trainer
 from lstmlm.vocab import Vocab

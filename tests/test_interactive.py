@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from lstmlm.generate import Sampling, generate
-from lstmlm.session import load_trained
+from lstmlm.inference import load as load_trained
 
 from conftest import cli
 

@@ -372,8 +372,8 @@ def test_a_file_size_limit_during_training_is_one_line_and_the_checkpoints_survi
 # two processes the test releases together then name and create their runs at the same instant.
 AT_THE_GATE = r"""
 import fcntl, os, sys, time
-from lstmlm import session
-real_training, real_fsync = session.training, os.fsync
+from lstmlm import training as trainings
+real_training, real_fsync = trainings.start, os.fsync
 slow = [3]
 
 def slow_fsync(fd):
@@ -389,7 +389,7 @@ def training(plan):
     os.fsync = slow_fsync
     return real_training(plan)
 
-session.training = training
+trainings.start = training
 from lstmlm.cli import app
 app(sys.argv[1:], prog_name="lstmlm")
 """
@@ -446,12 +446,12 @@ def test_two_trainings_into_one_named_run_at_the_same_instant_one_is_refused(
 # the first checkpoint written inside an epoch, waiting there to be killed.
 FAKE_CLOCK_STALL_AFTER_SAVE = r"""
 import functools, sys, time
-import lstmlm.session as session
+import lstmlm.training as trainings
 import lstmlm.step as step_mod
 import lstmlm.train as train
 
 now = [0.0]
-session.Trainer = functools.partial(train.Trainer, clock=lambda: now[0])  # every trainer the command builds, on this clock
+trainings.Trainer = functools.partial(train.Trainer, clock=lambda: now[0])  # every trainer the command builds, on this clock
 real_step = step_mod.train_step
 
 def step(*args, **kwargs):

@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-import lstmlm.session as session_mod
 import lstmlm.step as step_mod
 import lstmlm.train as train_mod
+import lstmlm.training as training_mod
 from lstmlm import checkpoint, config, tune
 from lstmlm.runs import LATEST, RunStore
 
@@ -50,7 +50,7 @@ def step_clock(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(step_mod, "train_step", step)
-    monkeypatch.setattr(session_mod, "Trainer", functools.partial(train_mod.Trainer, clock=lambda: now[0]))  # every trial's trainer on this clock
+    monkeypatch.setattr(training_mod, "Trainer", functools.partial(train_mod.Trainer, clock=lambda: now[0]))  # every trial's trainer on this clock
     return steps
 
 

@@ -25,7 +25,7 @@ from .console import corpus_progress, err, out, print_json, visible
 
 if TYPE_CHECKING:
     from ..data.pipeline import Data
-    from ..session import Chosen
+    from ..training import Chosen
 
 STEP_BAR_MIN_BATCHES = 50  # epochs this long get a bar within the epoch too
 
@@ -41,16 +41,18 @@ def train(
 ) -> None:
     """Train a character-level LSTM; prints perplexity as it falls, its baselines, and samples at the end
     (with --json: a JSON line for the baselines, per epoch and validation, and a last 'done')."""
-    from .. import baselines, session
+    from .. import baselines
+    from .. import training as trainings
     from ..plot import perplexity_chart
+    from ..runs import resume_command
 
     with corpus_progress() as progress:
-        plan = session.prepare_training(runs_dir, run, overrides, config_file, resume, progress)
+        plan = trainings.plan(runs_dir, run, overrides, config_file, resume, progress)
     warn_about(plan.data)
     if plan.recipe is not None and not as_json:
         out.print(recipe_line(plan.recipe, len(plan.data.train), len(plan.data.vocab), plan.config.train.max_minutes), soft_wrap=True, markup=False)
-    stop = session.StopFlag()
-    with session.training(plan) as training, stop.installed():
+    stop = trainings.StopFlag()
+    with trainings.start(plan) as training, stop.installed():
         if not training.world.is_main:  # only rank 0 shows anything
             for _ in training.run(stop):
                 pass
@@ -61,7 +63,7 @@ def train(
         out.print(perplexity_chart(metrics, width=min(out.width, 100), height=10, baselines=baselines.read(training.store.root)))
     report(done, as_json, "byte" if training.config.data.normalize == "bytes" else "character")
     if done.reason == "interrupted":
-        command = session.resume_command(done.run, runs_dir, overrides)  # a command that works as is
+        command = resume_command(done.run, runs_dir, overrides)  # a command that works as is
         err.print(f"stopped: checkpoint saved; continue with: {visible(command)}", markup=False, soft_wrap=True)
         raise typer.Exit(128 + (stop.signal or signal.SIGINT))
 

@@ -50,8 +50,8 @@ def tune(
     **overrides: Any,
 ) -> None:
     """Search model and training settings on Optuna: each trial a real training of --minutes, pruned on its validation curve; the options given are fixed."""
-    from .. import session
     from .. import tune as tuning
+    from ..training import StopFlag
 
     tuning.require_optuna()
     setup = tuning.Setup(minutes, overrides, config_file, runs_dir, study, storage, pruner.value, startup_trials)
@@ -59,7 +59,7 @@ def tune(
         opened = tuning.open_study(setup, progress)
     if not as_json:
         out.print(study_line(opened), soft_wrap=True, markup=False)
-    stop = session.StopFlag()
+    stop = StopFlag()
     again = tuning.continue_command(setup, opened.name, trials)
     try:
         with stop.installed():

@@ -7,7 +7,7 @@
     POST /api/inspect                a text's gates, per character (units.inspect_text)
     GET  /api/status                 the limits and the generations running now
 
-Generation is `session.continue_prefix` — the text `lstmlm generate` prints for the same
+Generation is `inference.continue_prefix` — the text `lstmlm generate` prints for the same
 options — run in worker threads a few dozen milliseconds at a time, so the event loop never
 waits on the model. Every generation and inspection holds one of `Limits.max_concurrent`
 slots (more are refused at once with 503, never queued), a generation ends at its deadline
@@ -336,7 +336,7 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
     @app.post("/api/generate", response_model=None)
     async def generate(body: GenerateRequest) -> Response:
         from ..generate import Sampling
-        from ..session import continue_prefix
+        from ..inference import continue_prefix
 
         if body.length > limits.max_length:
             raise ApiError(422, f"length {body.length:,} is over this server's limit of {limits.max_length:,} characters")

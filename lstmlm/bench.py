@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import config as config_mod
 from . import distributed, graphs, native
 from .config import Config
+from .config_file import load as load_config
 from .device import DTYPES, cpu_has_fast_bf16, describe, keep_freed_memory, resolve_device, resolve_precision, set_tf32, synchronize
 from .distributed import World
 from .errors import DeviceError
@@ -299,7 +299,7 @@ def run(
     would let nn.LSTM use TF32 while the scratch core's products stay fp32). Under torchrun the
     main process measures alone first, then all processes train together and their speed is
     compared with its."""
-    cfg = config_mod.load(config_file) if config_file else Config()
+    cfg = load_config(config_file) if config_file else Config()
     dims = Dims.from_config(cfg, vocab_size)
     world = distributed.from_environment()
     dev = distributed.start(world, resolve_device(device), dims.batch_size)

@@ -1,6 +1,6 @@
 """When training validates, samples and saves, and when its time is up.
 
-Each of the three has its cadence (`config.Cadence`): every N steps, every N minutes, at every
+Each of the three has its cadence (`Cadence`, a config value parsed once): every N steps, every N minutes, at every
 N-th epoch end, or whichever of those comes first — so an epoch of a 10 GB corpus, which can
 take a day, is checkpointed every few minutes like an epoch of a 1 MB one. Minutes, and the
 session's `max_minutes`, count on one clock from the session's start; under torchrun the
@@ -9,12 +9,78 @@ processes agree on what the clock says with one collective a step (`distributed.
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
+from typing import TYPE_CHECKING
 
-from .config import Cadence, Config, cadence
 from .distributed import World, any_each
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import Config
+
+_CADENCE_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([mhe]?)")
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """Every `steps` optimizer steps, every `minutes` minutes, at every `epochs`-th epoch end —
+    whichever of those given comes first (a part that is 0 is absent; all 0: never).
+
+    Written "2000" (steps), "10m" (minutes), "2h" (hours), "1e" (epochs), or several joined by
+    commas ("1e,10m"). Steps and epochs count the same on every machine; minutes let one
+    setting suit a 1 MB corpus and a 10 GB one alike."""
+
+    steps: int = 0
+    minutes: float = 0.0
+    epochs: int = 0
+
+    @classmethod
+    def parse(cls, value: int | str, what: str = "a cadence") -> Cadence:
+        if isinstance(value, bool):
+            raise ConfigError(f"{what} must be steps (2000), minutes ('10m') or epochs ('1e'), not {value!r}")
+        if isinstance(value, int):
+            value = str(value)
+        steps, minutes, epochs = 0, 0.0, 0
+        for part in str(value).replace(" ", "").split(","):
+            m = _CADENCE_PART.fullmatch(part)
+            if m is None or (m.group(2) in ("", "e") and "." in m.group(1)):
+                raise ConfigError(f"{what} must be steps (2000), minutes ('10m'), hours ('2h') or epochs ('1e'), or several joined by commas; not {value!r}")
+            number, unit = m.groups()
+            if unit == "m" or unit == "h":
+                minutes = float(number) * (60 if unit == "h" else 1)
+                if not math.isfinite(minutes):
+                    raise ConfigError(f"{what} is too large: {value!r}")
+            elif unit == "e":
+                epochs = int(number)
+            else:
+                steps = int(number)
+        if steps >= 2**63 or epochs >= 2**63:
+            raise ConfigError(f"{what} is too large: {value!r}")
+        return cls(steps, minutes, epochs)
+
+    def __str__(self) -> str:
+        """The canonical written form, which `parse` reads back to this same cadence."""
+        parts = ([str(self.steps)] if self.steps else []) + ([f"{self.epochs}e"] if self.epochs else [])
+        if self.minutes:
+            parts.append(f"{_positional(self.minutes)}m")
+        return ",".join(parts) or "0"
+
+    @property
+    def never(self) -> bool:
+        return not (self.steps or self.minutes or self.epochs)
+
+
+def _positional(x: float) -> str:
+    """`x` in plain decimal digits, the fewest that read back as `x`: never in exponent form
+    ("1e+06"), whose "e" would read as epochs, and never rounded (":g" keeps 6 digits)."""
+    text = format(Decimal(repr(x)), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
 
 VALIDATE, SAMPLE, SAVE = "eval_every", "sample_every", "checkpoint_every"
 KEYS = (VALIDATE, SAMPLE, SAVE)
@@ -34,7 +100,7 @@ class Cadences:
     """The three cadences and the time limit of one training session, on one clock."""
 
     def __init__(self, cfg: Config, world: World = World(), clock: Callable[[], float] = time.perf_counter) -> None:
-        self.cadences: dict[str, Cadence] = {key: cadence(cfg, key) for key in KEYS}
+        self.cadences: dict[str, Cadence] = {key: cfg.value(key) for key in KEYS}
         self.epochs, self.max_minutes = cfg.train.epochs, cfg.train.max_minutes
         self.world, self.clock = world, clock
         self.started: float | None = None  # when the session began: max_minutes counts from it

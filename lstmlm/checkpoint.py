@@ -25,7 +25,7 @@ from typing import IO, Any
 
 import torch
 
-from . import cells
+from . import cells, config_file
 from . import config as config_mod
 from .atomic import write_atomic
 from .config import Config
@@ -128,7 +128,7 @@ def _config_before_cadences(payload: dict[str, Any]) -> None:
     run's config.json, read without torch, takes the same step)."""
     if isinstance(payload.get("config"), str):
         with contextlib.suppress(ValueError, RecursionError):  # not JSON: checkpoint_config says so
-            payload["config"] = json.dumps(config_mod.upgrade(json.loads(payload["config"])), indent=2, sort_keys=True)
+            payload["config"] = json.dumps(config_file.upgrade(json.loads(payload["config"])), indent=2, sort_keys=True)
 
 
 def _twelve_tensor_lstm(payload: dict[str, Any]) -> None:
@@ -229,7 +229,7 @@ def check_sections(payload: dict[str, Any], path: Path) -> dict[str, Any]:
 
 def checkpoint_config(payload: dict[str, Any]) -> Config:
     try:
-        return config_mod.from_json(payload["config"])
+        return config_file.from_json(payload["config"])
     except ConfigError as e:
         raise CheckpointError(f"checkpoint config is invalid: {e}") from None
 

@@ -10,14 +10,15 @@ name under `lstmlm` (a subpackage's modules, `cells.lstm` or `cli.train`, by the
      3  corpus                         known corpora, downloads and the cache
      4  cells, fused, recurrence,      the recurrent cells and their fast paths (the fused
         native                         Python path, the compiled C++ recurrence)
-     5  config, sizes                  every hyperparameter; a model's size from its cells
+     5  cadences, config, config_file, every hyperparameter (a cadence typed, with its timing);
+        sizes                          reading configs; a model's size from its cells
      6  runs, data                     the run store (no torch); files to token ids to batches
      7  model, graphs, carry           CharLM; the step as a CUDA graph; the state between batches
      8  evaluation, baselines, events, what a trained model is and does: scores, reports,
         generate, units, units_page,   generation, inside a model, export, checkpoints; the
         export, checkpoint, plot,      default recipe
         tensorboard, recipe
-     9  step, cadences, checkpointer   one optimizer step; when to validate, sample, save; saving
+     9  step, checkpointer             one optimizer step and how it is built; saving and resuming
     10  train                          the loop
     11  training, inference            starting and resuming a training; using a trained model
     12  tune, serve, bench, runlist    Optuna studies; the HTTP API; `lstmlm bench`; `lstmlm runs`
@@ -31,11 +32,11 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("atomic", "device", "distributed", "vocab", "progress"),
     ("corpus",),
     ("cells", "fused", "recurrence", "native"),
-    ("config", "sizes"),
+    ("cadences", "config", "config_file", "sizes"),
     ("runs", "data"),
     ("model", "graphs", "carry"),
     ("evaluation", "baselines", "events", "generate", "units", "units_page", "export", "checkpoint", "plot", "tensorboard", "recipe"),
-    ("step", "cadences", "checkpointer"),
+    ("step", "checkpointer"),
     ("train",),
     ("training", "inference"),
     ("tune", "serve", "bench", "runlist"),

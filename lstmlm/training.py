@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from . import baselines, config, distributed, tensorboard
+from . import config_file as config_file_mod
 from .config import Config
 from .corpus import StageProgress
 from .data.batches import check_length
@@ -88,8 +89,8 @@ def plan(
     if run is not None:
         check_run_name(run)
     store = RunStore.find(runs_dir, run) if resume else None
-    base = config.load(config_file) if config_file else Config()
-    written = config.written_keys(config_file) if config_file else frozenset()
+    base = config_file_mod.load(config_file) if config_file else Config()
+    written = config_file_mod.written_keys(config_file) if config_file else frozenset()
     if store is not None:
         given = resumable_changes(store.config, base, written, given, config_file)
         base = store.config

@@ -39,7 +39,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import config, distributed
+from . import config, config_file, distributed
 from .atomic import check_output, write_text_output
 from .config import Config
 from .corpus import StageProgress
@@ -243,7 +243,7 @@ def open_study(setup: Setup, progress: StageProgress | None = None) -> Study:
         raise ConfigError("--minutes must be positive")
     if distributed.from_environment().active:
         raise ConfigError("lstmlm tune trains a trial in one process: start several tune processes on one --study instead of torchrun")
-    named = (config.load(setup.config_file) if setup.config_file else Config()).with_overrides(setup.overrides).resolved()
+    named = (config_file.load(setup.config_file) if setup.config_file else Config()).with_overrides(setup.overrides).resolved()
     name = check_study_name(setup.study or f"{run_base_name(named)}-{setup.minutes:g}m")
     url = setup.storage or default_storage(setup.runs_dir, name)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the library prints nothing; the CLI shows the trials

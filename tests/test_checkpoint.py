@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import lstmlm.checkpoint as checkpoint_mod
-from lstmlm import checkpoint, config
+from lstmlm import checkpoint, config_file
 from lstmlm.atomic import write_atomic
 from lstmlm.checkpoint import VERSION, load_checkpoint
 from lstmlm.errors import CheckpointError, WriteError
@@ -420,7 +420,7 @@ def test_every_older_format_migrates_generates_as_it_did_and_resumes(fixture: st
     migrated = load_checkpoint(latest)
     assert migrated["version"] == VERSION and "prime" in migrated
     assert set(migrated["trainer"]["state"]) <= {f.name for f in dataclasses.fields(Progress)}
-    assert config.from_json(migrated["config"]).model.cell == "lstm"
+    assert config_file.from_json(migrated["config"]).model.cell == "lstm"
 
     base = ["--runs-dir", str(runs), "--run", fixture]
     generated = cli("generate", *base, "--prefix", "the time", "--length", "30")

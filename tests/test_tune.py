@@ -24,7 +24,7 @@ import pytest
 import lstmlm.step as step_mod
 import lstmlm.train as train_mod
 import lstmlm.training as training_mod
-from lstmlm import checkpoint, config, tune
+from lstmlm import checkpoint, config, config_file, tune
 from lstmlm.runs import LATEST, RunStore
 
 from conftest import Result, assert_one_error_line, cli
@@ -81,7 +81,7 @@ def test_two_trials_end_to_end_and_the_best_config_trains_unchanged(tune_args: l
         assert t.user_attrs["run"] == f"s-trial-{t.number}"
         run = RunStore.open(runs_dir / f"s-trial-{t.number}")  # each trial's run is kept
         assert run.has_checkpoint(LATEST) and run.has_checkpoint("best")
-        assert run.config.train.max_minutes == MINUTES and run.config.train.eval_every == f"{MINUTES / tune.VALIDATIONS:g}m"
+        assert run.config.train.max_minutes == MINUTES and str(run.config.train.eval_every) == f"{MINUTES / tune.VALIDATIONS:g}m"
         assert sorted(t.intermediate_values) == list(range(1, len(t.intermediate_values) + 1)) and len(t.intermediate_values) >= 6
         assert t.value == min(t.intermediate_values.values())  # its value: the best validation
         assert (run.config.model.hidden, run.config.data.batch_size) == (16, 8)  # the options given are fixed
@@ -94,10 +94,10 @@ def test_two_trials_end_to_end_and_the_best_config_trains_unchanged(tune_args: l
     assert f"best: trial {best.number}, {best.value:.4f} nats" in result.stdout
 
     written = runs_dir / "s-best.toml"
-    cfg = config.load(written)
+    cfg = config_file.load(written)
     assert cfg.to_dict() == best.user_attrs["config"]
     assert cfg.train.lr == best.params["lr"] and cfg.train.max_minutes == MINUTES
-    assert (cfg.train.eval_every, cfg.train.checkpoint_every, cfg.train.val_tokens) == ("1e,10m", "10m", 250_000)  # train's own cadences
+    assert (str(cfg.train.eval_every), str(cfg.train.checkpoint_every), cfg.train.val_tokens) == ("1e,10m", "10m", 250_000)  # train's own cadences
     trained = cli("train", "--config", written, "--runs-dir", tmp_path / "again", "--run", "best", "--json")
     assert trained.code == 0, trained.stderr
     assert trained.json()[-1]["reason"] == "time_limit"
@@ -190,7 +190,7 @@ def test_an_output_given_is_refused_before_any_trial_unless_forced(tune_args: li
     assert mine.read_text(encoding="utf-8") == "# my own recipe\n" and states(runs_dir) == []  # no trial ran
     result = cli(*tune_args, "--trials", "1", "--output", mine, "--force")
     assert result.code == 0, result.stderr
-    assert config.load(mine).to_dict() == load(runs_dir).best_trial.user_attrs["config"]
+    assert config_file.load(mine).to_dict() == load(runs_dir).best_trial.user_attrs["config"]
     run = runs_dir / "s-trial-0"
     result = cli(*tune_args, "--trials", "1", "--output", run / "best.toml", "--force")
     assert_one_error_line(result, f"refusing to write {run / 'best.toml'}: {run} is a run's directory")

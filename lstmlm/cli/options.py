@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal, get_origin, get_type_hints
 import typer
 
 from .. import config
+from ..cadences import Cadence
 
 Run = Annotated[
     str | None,
@@ -51,7 +52,7 @@ def _add_config_options(command: Callable[..., Any], exclude: tuple[str, ...]) -
     for f in config.all_fields():
         if f.name in exclude:
             continue
-        kind = str if get_origin(f.type) is Literal else f.type
+        kind = str if get_origin(f.type) is Literal or f.type is Cadence else f.type  # the config parses them
         annotation = Annotated[kind | None, typer.Option(f"--{f.name.replace('_', '-')}", help=f.help)]  # type: ignore[valid-type]
         generated.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
         hints[f.name] = annotation

@@ -16,8 +16,8 @@ name under `lstmlm` (a subpackage's modules, `cells.lstm` or `cli.train`, by the
      7  model, graphs, carry           CharLM; the step as a CUDA graph; the state between batches
      8  evaluation, baselines, events, what a trained model is and does: scores, reports,
         generate, units, units_page,   generation, inside a model, export, checkpoints; the
-        export, checkpoint, plot,      default recipe
-        tensorboard, recipe
+        export, checkpoint, plot,      default recipe; what training samples from
+        tensorboard, recipe, samples
      9  step, checkpointer             one optimizer step and how it is built; saving and resuming
     10  train                          the loop
     11  training, inference            starting and resuming a training; using a trained model
@@ -35,7 +35,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("cadences", "config", "config_file", "sizes"),
     ("runs", "data"),
     ("model", "graphs", "carry"),
-    ("evaluation", "baselines", "events", "generate", "units", "units_page", "export", "checkpoint", "plot", "tensorboard", "recipe"),
+    ("evaluation", "baselines", "events", "generate", "units", "units_page", "export", "checkpoint", "plot", "tensorboard", "recipe", "samples"),
     ("step", "checkpointer"),
     ("train",),
     ("training", "inference"),

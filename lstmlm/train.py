@@ -39,10 +39,11 @@ from .distributed import World, sum_all
 from .errors import TrainingError
 from .evaluation import MAX_LOSS, bits_per_char, evaluate, perplexity
 from .events import EpochEnded, Evaluated, Event, Finished, Noted, Sampled, Saved, Started, Stepped, Warned
-from .generate import complete, prime_text, sample_prefixes
+from .generate import complete, prime_text
 from .model import CharLM
 from .progress import Progress
 from .runs import BEST, LATEST, RunStore
+from .samples import sample_prefixes
 from .step import build_schedule, build_step, settle_path
 
 
@@ -84,6 +85,7 @@ class Trainer:
         # trainer built (or anything random done) in between cannot change this run
         self.progress = Progress(epoch_rng=random.Random(cfg.train.seed).getstate(), torch_rng=torch.get_rng_state())
         self.prime = prime_text(data.vocab, data.train, d.normalize)
+        self.sample_prefixes = sample_prefixes(cfg, data)
         self.checkpoints = Checkpointer(store, data.vocab, self.prime, self.model, self.optimizer, self.schedule, device, world)
         self.samples: dict[str, str] = {}
         self.has_val = len(data.val) > 1
@@ -240,7 +242,7 @@ class Trainer:
         if not self.world.is_main:
             return
         normalize = self.cfg.data.normalize
-        for prefix in sample_prefixes(self.data.vocab, self.data.train, normalize):
+        for prefix in self.sample_prefixes:
             text = as_text(complete(self.model, self.data.vocab, prefix, prime=self.prime), normalize)
             shown = as_text(prefix, normalize)
             self.samples[shown] = text
@@ -344,6 +346,7 @@ class Trainer:
             tokens=p.tokens,
             epoch_tokens=len(epoch) * d.batch_size * d.num_steps,
             tokens_per_s=p.tokens / seconds if seconds > 0 else 0.0,
+            session_seconds=self.clock() - (self.cadences.started or self.clock()),
         )
 
     def _epoch_ended(self, train_loss: float, seconds: float, epoch_tokens: int) -> EpochEnded:

@@ -102,7 +102,7 @@ def test_json_lines_parse_and_carry_the_fields(tiny_train_args: list[str], runs_
     assert done["perplexity"] == epochs[-1]["train_perplexity"]
     assert (done["device"], done["model"], done["run"], done["epochs"]) == ("cpu", "scratch", "j", 3)
     assert done["vocab_size"] == 1 + len(set(synthetic_text().replace("\n", "")))
-    assert set(done["samples"]) == {"time traveller", "traveller"}
+    assert set(done["samples"]) == {"time traveller", "traveller"}  # d2l's text: d2l's prefixes
     assert all(text.startswith(prefix) and len(text) == len(prefix) + 50 for prefix, text in done["samples"].items())
     assert [r["epoch"] for r in map(json.loads, (runs_dir / "j" / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3]
 
@@ -119,6 +119,20 @@ def test_human_output_ends_with_the_seed_line_and_samples(tiny_train_args: list[
     lines = result.stdout.splitlines()
     assert lines[-3].startswith("perplexity ") and lines[-3].endswith(" tokens/sec on cpu")
     assert lines[-2].startswith("time traveller") and lines[-1].startswith("traveller")
+
+
+def test_the_start_table_shows_what_this_run_chose_and_verbose_shows_all(tiny_train_args: list[str]) -> None:
+    """The options given (and the run's identity) in the table; the defaults, sentinels among them,
+    only with --verbose; the table says where the rest is."""
+    plain = cli(*tiny_train_args, "--run", "plain")
+    assert plain.code == 0, plain.stderr
+    table = plain.stdout.split("perplexity")[0]
+    for chosen in ("hidden", "batch_size", "num_steps", "epochs", "corpus", "model", "cell"):
+        assert f" {chosen} " in table, chosen
+    assert " dropout_input " not in table and " weight_decay " not in table
+    assert "at their defaults: plain/config.json, or --verbose" in " ".join(table.split())
+    verbose = cli(*tiny_train_args, "--run", "verbose", "--verbose")
+    assert " dropout_input " in verbose.stdout and " weight_decay " in verbose.stdout and "--verbose" not in verbose.stdout
 
 
 def test_resume_continues_from_the_stored_epoch(tiny_train_args: list[str], runs_dir: Path) -> None:

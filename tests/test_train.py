@@ -21,7 +21,7 @@ from lstmlm import cells, checkpointer
 from lstmlm.checkpoint import load_checkpoint
 from lstmlm.data import batches
 from lstmlm.errors import TrainingError
-from lstmlm.events import EpochEnded, Evaluated, Finished, Saved, Stepped
+from lstmlm.events import EpochEnded, Evaluated, Finished, Sampled, Saved, Stepped
 from lstmlm.generate import PRIME_CHARS
 from lstmlm.model import CharLM, Dropouts, activation_penalty, loss_fn
 from lstmlm.runs import BEST, LATEST, RunStore
@@ -640,3 +640,23 @@ def test_an_optimizer_state_loads_into_an_optimizer_built_another_way() -> None:
     assert all(fused.state[p]["step"].dtype == torch.float32 for p in model.parameters())
     fused.step()  # and it steps
     assert all(fused.state[p]["step"].item() == 2 for p in model.parameters())
+
+
+# ---- what training samples from ---------------------------------------------------------------------
+
+
+def test_on_ones_own_text_samples_start_from_its_own_words(make_trainer: MakeTrainer, tmp_path: Path) -> None:
+    """Not d2l's "time traveller" on a text of another kind: the opening words of the first
+    paragraph past the middle of the training text."""
+    front = "*** START OF THE PROJECT GUTENBERG EBOOK ***\n\n"
+    body = "".join(f"Call me Ishmael, for the {n}th time. Some years ago, never mind how long.\n\n" for n in range(60))
+    corpus = tmp_path / "moby.txt"
+    corpus.write_text(front + body, encoding="utf-8")
+    trainer = make_trainer(corpus=corpus, epochs=1)
+    (prefix,) = trainer.sample_prefixes
+    assert prefix.startswith("Call me Ishmael,") and len(prefix) <= 16 and not prefix.endswith(" ")
+    assert {e.prefix for e in trainer.run() if isinstance(e, Sampled)} == {prefix}
+
+
+def test_d2l_text_keeps_d2l_prefixes(make_trainer: MakeTrainer) -> None:
+    assert make_trainer(normalize="d2l", epochs=1).sample_prefixes == ["time traveller", "traveller"]

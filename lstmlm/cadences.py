@@ -5,6 +5,9 @@ N-th epoch end, or whichever of those comes first — so an epoch of a 10 GB cor
 take a day, is checkpointed every few minutes like an epoch of a 1 MB one. Minutes, and the
 session's `max_minutes`, count on one clock from the session's start; under torchrun the
 processes agree on what the clock says with one collective a step (`distributed.any_each`).
+
+This module imports no torch (config reads `Cadence` from it, and `lstmlm runs` reads configs):
+the collective is imported where a training uses it.
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
-from .distributed import World, any_each
 from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .config import Config
+    from .distributed import World
 
 _CADENCE_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([mhe]?)")
 
@@ -99,7 +102,7 @@ class Due:
 class Cadences:
     """The three cadences and the time limit of one training session, on one clock."""
 
-    def __init__(self, cfg: Config, world: World = World(), clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, cfg: Config, world: World, clock: Callable[[], float] = time.perf_counter) -> None:
         self.cadences: dict[str, Cadence] = {key: cfg.value(key) for key in KEYS}
         self.epochs, self.max_minutes = cfg.train.epochs, cfg.train.max_minutes
         self.world, self.clock = world, clock
@@ -129,6 +132,8 @@ class Cadences:
         def timed(key: str) -> bool:
             minutes = self.cadences[key].minutes
             return bool(minutes) and now - self._last[key] >= minutes * 60
+
+        from .distributed import any_each  # torch: a training's, not a config's
 
         interrupted, out_of_time, *by_clock = any_each([should_stop(), self.time_used() >= 1.0, *(timed(k) for k in KEYS)], self.world)
         validate, sample, save = (counted(self.cadences[k]) or by_time for k, by_time in zip(KEYS, by_clock))

@@ -9,6 +9,7 @@ import itertools
 import math
 import signal
 from collections.abc import Collection, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -58,7 +59,7 @@ def train(
             for _ in training.run(stop):
                 pass
             return
-        done = render(training.config, training.run(stop), as_json, None if verbose else plan.chosen_keys)
+        done = render(training.config, training.run(stop), as_json, None if verbose else plan.chosen_keys, runs_dir)
         metrics = training.store.read_metrics()
     if not as_json and done.epochs > 1:
         out.print(perplexity_chart(metrics, width=min(out.width, 100), height=10, baselines=baselines.read(training.store.root)))
@@ -95,7 +96,7 @@ def recipe_line(chosen: Chosen, tokens: int, vocab: int, minutes: float) -> str:
 ALWAYS_SHOWN = ("corpus", "model", "cell")  # what any run is, chosen or not
 
 
-def config_table(cfg: Config, started: Started, shown: Collection[str] | None = None) -> Table:
+def config_table(cfg: Config, started: Started, shown: Collection[str] | None = None, runs_dir: Path = DEFAULT_RUNS_DIR) -> Table:
     """The run's settings — those in `shown` (what the options, the file or the recipe chose),
     or all of them — and what it trains on."""
     table = Table(title=f"run [bold]{escape(visible(started.run))}[/]", show_header=False, box=None, padding=(0, 2))
@@ -116,7 +117,7 @@ def config_table(cfg: Config, started: Started, shown: Collection[str] | None = 
         table.add_row(*left, *right)
     hidden = len(settings) - sum(1 for k, _ in settings if k in (shown or ()) or k in ALWAYS_SHOWN)
     if shown is not None and hidden:
-        table.caption = f"[dim]{hidden} more at their defaults: {escape(visible(started.run))}/config.json, or --verbose[/]"
+        table.caption = f"[dim]the other {hidden} settings: {escape(visible(str(runs_dir / started.run / 'config.json')))}, or --verbose[/]"
     return table
 
 
@@ -138,7 +139,7 @@ def epoch_count(done: float, end: float, timed: bool) -> str:
     return f"{done:.1f}/~{end:.1f}" if end < 10 else f"{done:.0f}/~{end:.0f}"
 
 
-def render(cfg: Config, events: Iterator[Event], as_json: bool, shown: Collection[str] | None = None) -> Finished:
+def render(cfg: Config, events: Iterator[Event], as_json: bool, shown: Collection[str] | None = None, runs_dir: Path = DEFAULT_RUNS_DIR) -> Finished:
     """Show the events: the settings (`shown`, or all), progress bars (the epochs, to the end
     the run will reach; inside a long epoch its tokens, rate and time left), the baselines
     under the first validation (or epoch, without validation text) and samples; or JSON lines
@@ -173,7 +174,7 @@ def render(cfg: Config, events: Iterator[Event], as_json: bool, shown: Collectio
                     baselines = event.baselines
             elif isinstance(event, Started):
                 if not as_json:
-                    out.print(config_table(cfg, event, shown))
+                    out.print(config_table(cfg, event, shown, runs_dir))
                 last, end, timed = event.epochs, float(event.epochs), cfg.train.max_minutes > 0
                 at_start = epoch_count(event.start_epoch, last, timed)
                 epochs = progress.add_task("epoch", total=last, completed=event.start_epoch, stats="", count=at_start)

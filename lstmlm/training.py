@@ -66,7 +66,7 @@ class Plan:
     run: str | None
     store: RunStore | None
     recipe: Chosen | None = None  # when the default recipe chose the settings
-    chosen_keys: tuple[str, ...] = ()  # the settings this run chose (the options, the file's, the recipe's), for the start table
+    chosen_keys: tuple[str, ...] = ()  # the settings this run chose (`chosen_keys`), for the start table
 
 
 def plan(
@@ -108,8 +108,14 @@ def plan(
     if store is not None:
         check_same_corpus(store, data, final.data.corpus)
     check_memory(final, len(data.vocab), device)
-    shown = set(written) | set(given) | (set(chosen.recipe.overrides()) if chosen else set())
-    return Plan(final, data, runs_dir, run, store, chosen, tuple(k for k in config.field_names() if k in shown))
+    return Plan(final, data, runs_dir, run, store, chosen, chosen_keys(final, set(written) | set(given)))
+
+
+def chosen_keys(final: Config, given: set[str]) -> tuple[str, ...]:
+    """The settings this run chose: those given (options, the file's keys) and every other that
+    is not its default (the recipe's, and "auto" resolved for the corpus: normalize raw, ...)."""
+    default = Config()
+    return tuple(k for k in config.field_names() if k in given or final.value(k) != default.value(k))
 
 
 def resumable_changes(stored: Config, file: Config, written: frozenset[str], given: dict[str, Any], config_file: Path | None) -> dict[str, Any]:

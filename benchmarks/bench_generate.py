@@ -62,9 +62,10 @@ def peak_mib() -> float:
 def in_process(runs_dir: Path, run: str, characters: int, samples: int, options: dict[str, Any]) -> tuple[float, float]:
     """(characters/s in all, seconds to the first character) of `lstmlm generate`'s loop."""
     from lstmlm.generate import Sampling
-    from lstmlm.session import continue_prefix, load_for_generation
+    from lstmlm.inference import continue_prefix, load
 
-    trained, precision = load_for_generation(runs_dir, run, None, False, "cpu", "fp32")
+    trained = load(runs_dir, run, None, False, "cpu", "fp32")
+    precision = trained.precision
     sampling = Sampling(length=characters // samples, num_samples=samples, **options)
     list(continue_prefix(trained, "the", Sampling(length=200, num_samples=samples, **options), precision).steps)  # warm up
     start = time.perf_counter()
@@ -141,9 +142,9 @@ def served(url: str, run: str, clients: int, length: int) -> tuple[float, list[f
 def leave(runs_dir: Path, run: str, steps: int = 200) -> str:
     """Masked (64 rows stepped, 32 of them ended) against removed (32 rows, after one keep)."""
     from lstmlm.generate import prime
-    from lstmlm.session import load_for_generation
+    from lstmlm.inference import load
 
-    trained, _ = load_for_generation(runs_dir, run, None, False, "cpu", "fp32")
+    trained = load(runs_dir, run, None, False, "cpu", "fp32")
     timings = {}
     with torch.inference_mode():
         for rows in (64, 32):

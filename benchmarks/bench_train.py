@@ -11,7 +11,7 @@ Contenders, each training with its own step on the same batches:
   d2l's grad_clipping (the global norm computed by hand) and d2l's sgd (param -= lr · grad).
 - seed nn.LSTM: the article's second model, d2l's RNNModel (nn.LSTM on one-hot input, then
   nn.Linear), with the same step and torch.optim.SGD as d2l's train_ch8 gives it.
-- lstmlm scratch / cudnn: CharLM with lstmlm.train.train_step, in fp32 and (where asked) bf16.
+- lstmlm scratch / cudnn: CharLM with lstmlm.step.train_step, in fp32 and (where asked) bf16.
 
 The d2l config runs on The Time Machine as lstmlm encodes it (d2l mode, first 10,000 tokens,
 from $LSTMLM_TEST_DATA, default ../shared/data) in lstmlm.batches.sequential's batches; the
@@ -51,7 +51,7 @@ from lstmlm.data.pipeline import build_vocab
 from lstmlm.data.text import normalize, read_text
 from lstmlm.device import keep_freed_memory, resolve_precision
 from lstmlm.model import CharLM
-from lstmlm.train import train_step
+from lstmlm.step import train_step
 
 D2L = Dims(vocab_size=28, hidden=256, layers=1, batch_size=32, num_steps=35)
 LARGER = Dims(vocab_size=65, hidden=512, layers=2, batch_size=64, num_steps=100)

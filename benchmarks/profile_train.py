@@ -30,7 +30,7 @@ from lstmlm import fused, native
 from lstmlm.bench import Dims
 from lstmlm.device import DTYPES, keep_freed_memory
 from lstmlm.model import CharLM
-from lstmlm.train import train_step
+from lstmlm.step import train_step
 
 CONFIGS = {
     "d2l": Dims(vocab_size=28, hidden=256, layers=1, batch_size=32, num_steps=35),

@@ -2,18 +2,7 @@
 
 The functions behind `lstmlm bench` return plain dataclasses and print nothing (the CLI renders).
 
-FLOPs per token, the yardstick of `utilisation`: each multiply-add counts 2 FLOPs, and only the
-matrix products the model needs are counted (the cell's `step_flops`),
-
-    forward  = 2 · Σ_k G·H·(H + I_k)  +  2 · H·V
-    training = 3 · forward              (backward = 2 · forward: gradients of inputs and of weights)
-
-with G the cell's blocks (4 for the LSTM, 3 for the GRU, 1 for the RNN), H the hidden size, V
-the vocabulary, and I_k the width of layer k's input: 0 for the first layer on one-hot input (a
-row gather, no product), the embedding size with an embedding, H above the first layer. The d2l
-LSTM (H 256, V 28, one layer, one-hot) makes 538,624 FLOPs per token forward, 1,615,872 per
-token trained. Elementwise work (gates, softmax, clipping) is left out: it is a few percent of
-the products at these sizes.
+FLOPs per token, the yardstick of `utilisation`, are counted from the cells (`sizes.py`).
 """
 
 from __future__ import annotations
@@ -27,50 +16,20 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import cells, distributed, graphs, native
-from . import config as config_mod
-from .cells.base import State
-from .config import Config, TrainConfig
+from . import distributed, graphs, native
+from .config import Config
+from .config_file import load as load_config
 from .device import DTYPES, cpu_has_fast_bf16, describe, keep_freed_memory, resolve_device, resolve_precision, set_tf32, synchronize
 from .distributed import World
 from .errors import DeviceError
 from .generate import Sampling, generate
 from .model import CharLM
 from .recurrence import times_T
-from .train import build_optimizer, train_step
+from .sizes import Dims as Dims
+from .sizes import forward_flops_per_token as forward_flops_per_token
+from .sizes import training_flops_per_token
+from .step import timed_steps
 from .vocab import Vocab
-
-
-@dataclass(frozen=True)
-class Dims:
-    """The shapes that decide the speed: the model's and the batch's."""
-
-    vocab_size: int
-    hidden: int = 256
-    layers: int = 1
-    batch_size: int = 32
-    num_steps: int = 35
-    embedding: int = 0  # 0: one-hot input, as the seed
-    cell: str = cells.DEFAULT
-
-    @classmethod
-    def from_config(cls, cfg: Config, vocab_size: int) -> Dims:
-        m, d = cfg.model, cfg.data
-        return cls(vocab_size, m.hidden, m.layers, d.batch_size, d.num_steps, m.embedding, m.cell)
-
-
-def forward_flops_per_token(dims: Dims) -> int:
-    """2 · (multiply-adds of the products) for one token, forward (see the module docstring)."""
-    H, V = dims.hidden, dims.vocab_size
-    first_input = dims.embedding  # one-hot: a gather, no product
-    inputs = [first_input] + [H] * (dims.layers - 1)
-    cell = cells.get(dims.cell)
-    return sum(cell.step_flops(I, H) for I in inputs) + 2 * H * V
-
-
-def training_flops_per_token(dims: Dims) -> int:
-    return 3 * forward_flops_per_token(dims)
-
 
 # ---- the ceiling -------------------------------------------------------------------------------
 
@@ -159,33 +118,7 @@ def measure_training(
     torch.manual_seed(seed)
     with PeakMemory(device) as memory:
         model = CharLM(dims.vocab_size, dims.hidden, dims.layers, core=core, embedding=dims.embedding, cell=dims.cell, device=device).to(device)
-        optimizer = build_optimizer(TrainConfig(optimizer="sgd", lr=1.0), model)  # fused on a GPU
-        batches = torch.randint(0, dims.vocab_size, (2, dims.batch_size, dims.num_steps + 1), device=device)
-        rows = world.rows(dims.batch_size)  # this process's streams: all of them in one process
-        net: torch.nn.Module = model
-        if world.active:
-            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-        def eager(X: torch.Tensor, Y: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
-            return train_step(net, optimizer, X, Y, state, 1.0, device, precision)
-
-        step: graphs.Step = eager
-        if graphs.pays(device, model.path) and not world.active:
-            step = graphs.GraphedStep(eager, optimizer, (dims.layers, dims.batch_size, dims.hidden), len(model.cell.state), graphs.CudaGraph(device))
-
-        def run(n: int) -> None:
-            state: State | None = None
-            loss = torch.zeros(())
-            for i in range(n):
-                X, Y = batches[i % 2, rows, :-1], batches[i % 2, rows, 1:]
-                loss, state = step(X, Y, state)
-                state = tuple(S.detach() for S in state)
-            loss.item()  # wait for the device
-
-        run(warmup)
-        start = time.perf_counter()
-        run(steps)
-        seconds = time.perf_counter() - start
+        seconds = timed_steps(dims.config(core), model, device, world, precision, steps, warmup)
     tokens_per_s = steps * dims.batch_size * dims.num_steps / seconds
     flops = training_flops_per_token(dims)
     gflops = tokens_per_s * flops / 1e9
@@ -362,7 +295,7 @@ def run(config_file: str | None = None, device: str = "auto", precision: str = "
     would let nn.LSTM use TF32 while the scratch core's products stay fp32). Under torchrun the
     main process measures alone first, then all processes train together and their speed is
     compared with its."""
-    cfg = config_mod.load(config_file) if config_file else Config()
+    cfg = load_config(config_file) if config_file else Config()
     dims = Dims.from_config(cfg, vocab_size)
     world = distributed.from_environment()
     dev = distributed.start(world, resolve_device(device), dims.batch_size)

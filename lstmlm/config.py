@@ -1,4 +1,5 @@
-"""Every hyperparameter in one frozen config: loaded from TOML, overridden from the CLI, validated.
+"""Every hyperparameter in one frozen config: overridden from the CLI, validated (read from a
+TOML file or a stored JSON one by `config_file`).
 
 A config file has three tables, `[data]`, `[model]` and `[train]`; every key in them is a
 field of the matching dataclass below. Field names are unique across the three, so a
@@ -11,25 +12,16 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import re
-import stat
-import sys
 from dataclasses import dataclass, field, fields
-from decimal import Decimal
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast, get_args, get_type_hints
 
 from . import cells
+from .cadences import Cadence
 from .errors import ConfigError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10
-    import tomli as tomllib
-
 Normalize = Literal["d2l", "raw", "bytes", "auto"]
-Iterator = Literal["sequential", "random"]
+BatchOrder = Literal["sequential", "random"]  # the batch iterator (not collections.abc.Iterator)
 Core = Literal["scratch", "cudnn"]
 if TYPE_CHECKING:
     CellName = str
@@ -61,7 +53,7 @@ class DataConfig:
     split: str = setting("", "Train, validation and (optionally) test sizes from the start: '90M,5M,5M' (tokens; k, M, G) or '0.9,0.05,0.05'.")
     batch_size: int = setting(32, "Sequences per batch.")
     num_steps: int = setting(35, "Characters per sequence (backprop through time).")
-    iterator: Iterator = setting("sequential", "sequential (state carried between batches) or random.")
+    iterator: BatchOrder = setting("sequential", "sequential (state carried between batches) or random.")
     reset_every: int = setting(
         0,
         "Sequential iterator: zero each row's carried state once every N batches, the rows staggered (0 = never, the seed's way). "
@@ -110,9 +102,18 @@ class TrainConfig:
         "compiled (the cell's kernel in C++, on a CPU), graph (the fused step as a CUDA graph) or auto (the fastest here).",
     )
     tf32: bool = setting(False, "On a CUDA GPU, let fp32 products use TF32 (faster; about 1e-3 relative error, so the two cores then differ that much).")
-    sample_every: str = setting("10m", "Greedy samples every N steps ('2000'), minutes ('10m') or epochs ('1e'); '1e,10m': whichever first; 0 = at the end.")
-    eval_every: str = setting("1e,10m", "Validation every N steps, minutes ('10m') or epochs ('1e'), or whichever first ('1e,10m'); 0 = at the end.")
-    checkpoint_every: str = setting("10m", "Checkpoints every N steps, minutes ('10m') or epochs ('1e'), or whichever first; 0 = at the end.")
+    sample_every: Cadence = setting(
+        Cadence(minutes=10.0),
+        "Greedy samples every N steps ('2000'), minutes ('10m') or epochs ('1e'); '1e,10m': whichever first; 0 = at the end.",
+    )
+    eval_every: Cadence = setting(
+        Cadence(minutes=10.0, epochs=1),
+        "Validation every N steps, minutes ('10m') or epochs ('1e'), or whichever first ('1e,10m'); 0 = at the end.",
+    )
+    checkpoint_every: Cadence = setting(
+        Cadence(minutes=10.0),
+        "Checkpoints every N steps, minutes ('10m') or epochs ('1e'), or whichever first; 0 = at the end.",
+    )
     val_tokens: int = setting(250_000, "Validate during training on this many tokens of the validation text, a fixed sample (0 = all of it).")
     patience: int = setting(0, "Stop after N validations without improvement (0 = never).")
     max_minutes: float = setting(0.0, "Stop (validated, sampled, saved) after this much training; a cosine schedule anneals by the clock too.")
@@ -153,7 +154,11 @@ class Config:
         return dataclasses.replace(self, data=data)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        """Plain data, table by table: a cadence in its canonical written form ("1e,10m")."""
+        return {name: {f.name: _plain(getattr(table, f.name)) for f in fields(table)} for name, table in self.tables()}
+
+    def tables(self) -> list[tuple[str, Any]]:
+        return [("data", self.data), ("model", self.model), ("train", self.train)]
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -174,11 +179,15 @@ class Config:
             if value is None:
                 continue
             tables[section_of(key)][key] = value
-        return from_dict({name: {**getattr(self, name).__dict__, **tables[name]} for name in SECTIONS})
+        return from_dict({name: {**vars(getattr(self, name)), **tables[name]} for name in SECTIONS})
 
     def value(self, key: str) -> Any:
         """A field's value by its name alone (names are unique across the tables)."""
         return getattr(getattr(self, section_of(key)), key)
+
+
+def _plain(value: Any) -> Any:
+    return str(value) if isinstance(value, Cadence) else value
 
 
 def _toml_value(value: Any) -> str:
@@ -205,72 +214,7 @@ RESUMABLE = frozenset(
     | {"tensorboard"}  # where the logs go
 )
 
-# ---- cadences: how often something happens during training ------------------------------------
-
-CADENCES = ("sample_every", "eval_every", "checkpoint_every")
-_CADENCE_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([mhe]?)")
-
-
-@dataclass(frozen=True)
-class Cadence:
-    """Every `steps` optimizer steps, every `minutes` minutes, at every `epochs`-th epoch end —
-    whichever of those given comes first (a part that is 0 is absent; all 0: never).
-
-    Written "2000" (steps), "10m" (minutes), "2h" (hours), "1e" (epochs), or several joined by
-    commas ("1e,10m"). Steps and epochs count the same on every machine; minutes let one
-    setting suit a 1 MB corpus and a 10 GB one alike."""
-
-    steps: int = 0
-    minutes: float = 0.0
-    epochs: int = 0
-
-    @classmethod
-    def parse(cls, value: int | str, what: str = "a cadence") -> Cadence:
-        if isinstance(value, bool):
-            raise ConfigError(f"{what} must be steps (2000), minutes ('10m') or epochs ('1e'), not {value!r}")
-        if isinstance(value, int):
-            value = str(value)
-        steps, minutes, epochs = 0, 0.0, 0
-        for part in str(value).replace(" ", "").split(","):
-            m = _CADENCE_PART.fullmatch(part)
-            if m is None or (m.group(2) in ("", "e") and "." in m.group(1)):
-                raise ConfigError(f"{what} must be steps (2000), minutes ('10m'), hours ('2h') or epochs ('1e'), or several joined by commas; not {value!r}")
-            number, unit = m.groups()
-            if unit == "m" or unit == "h":
-                minutes = float(number) * (60 if unit == "h" else 1)
-                if not math.isfinite(minutes):
-                    raise ConfigError(f"{what} is too large: {value!r}")
-            elif unit == "e":
-                epochs = int(number)
-            else:
-                steps = int(number)
-        if steps >= 2**63 or epochs >= 2**63:
-            raise ConfigError(f"{what} is too large: {value!r}")
-        return cls(steps, minutes, epochs)
-
-    def __str__(self) -> str:
-        """The canonical written form, which `parse` reads back to this same cadence."""
-        parts = ([str(self.steps)] if self.steps else []) + ([f"{self.epochs}e"] if self.epochs else [])
-        if self.minutes:
-            parts.append(f"{_positional(self.minutes)}m")
-        return ",".join(parts) or "0"
-
-    @property
-    def never(self) -> bool:
-        return not (self.steps or self.minutes or self.epochs)
-
-
-def _positional(x: float) -> str:
-    """`x` in plain decimal digits, the fewest that read back as `x`: never in exponent form
-    ("1e+06"), whose "e" would read as epochs, and never rounded (":g" keeps 6 digits)."""
-    text = format(Decimal(repr(x)), "f")
-    return text.rstrip("0").rstrip(".") if "." in text else text
-
-
-def cadence(cfg: Config, key: str) -> Cadence:
-    """A cadence field of the config, parsed (the config holds them in their written form)."""
-    return Cadence.parse(cfg.value(key), key)
-
+CADENCES = ("sample_every", "eval_every", "checkpoint_every")  # typed Cadence values (cadences.py), parsed once
 
 # ---- split: train, validation and test sizes -------------------------------------------------------
 
@@ -318,6 +262,11 @@ def all_fields() -> list[FieldInfo]:
     return [FieldInfo(f.name, table, hints(cls)[f.name], f.metadata.get("help", "")) for table, cls in SECTIONS.items() for f in fields(cls)]
 
 
+def field_names() -> list[str]:
+    """Every config field's name, table by table, in declaration order."""
+    return [f.name for cls in SECTIONS.values() for f in fields(cls)]
+
+
 @functools.cache
 def hints(cls: type) -> dict[str, Any]:
     """A table's fields and their resolved types, worked out once (`lstmlm runs` reads hundreds
@@ -336,8 +285,8 @@ def section_of(key: str) -> str:
 def _coerce(table: str, key: str, value: Any, hint: Any) -> Any:
     """Check one value against its field's type; ints are accepted where floats are expected."""
     where = f"[{table}] {key}"
-    if key in CADENCES:  # an integer (steps) or a string: kept in its canonical written form
-        return str(Cadence.parse(value, where))
+    if key in CADENCES:  # an integer (steps), a string, or a Cadence already parsed
+        return value if isinstance(value, Cadence) else Cadence.parse(value, where)
     choices = get_args(hint)
     if choices:  # a Literal
         if value not in choices:
@@ -430,69 +379,3 @@ def from_dict(raw: Any) -> Config:
     cfg = Config(**parts)
     _validate(cfg)
     return cfg
-
-
-MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes; a file this large is something else
-
-
-def load(path: str | Path) -> Config:
-    """Read a TOML config file; every problem is a ConfigError naming the file."""
-    path = Path(path)
-    try:
-        text = _read_config(path).decode("utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config file {path}: {e}") from None
-    try:
-        raw = tomllib.loads(text)
-    except (ValueError, RecursionError) as e:  # TOMLDecodeError; an integer of > 4300 digits; deep nesting
-        raise ConfigError(f"{path} is not valid TOML: {_reason(e)}") from None
-    try:
-        return from_dict(raw)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-
-
-def _read_config(path: Path) -> bytes:
-    """A config file's bytes: a regular file of at most MAX_CONFIG_BYTES. A FIFO would block,
-    and a device such as /dev/zero read until memory runs out; neither is read at all."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # O_NONBLOCK: opening a FIFO waits for no writer
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ConfigError(f"config file {path} is not a regular file")
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(MAX_CONFIG_BYTES + 1)
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config")
-    return data
-
-
-def from_json(text: str) -> Config:
-    try:
-        raw = json.loads(text)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError; an integer of > 4300 digits; deep nesting
-        raise ConfigError(f"stored config is not valid JSON: {_reason(e)}") from None
-    return from_dict(_from_before_cadences(raw))
-
-
-def _from_before_cadences(raw: Any) -> Any:
-    """A config stored before cadences (it has no val_tokens) counted checkpoints and samples in
-    epochs and validations in steps (0: every epoch); say so in today's terms."""
-    train = raw.get("train") if isinstance(raw, dict) else None
-    if not isinstance(train, dict) or "val_tokens" in train:
-        return raw
-    train = dict(train)
-    for key in ("checkpoint_every", "sample_every"):
-        if isinstance(train.get(key), int) and not isinstance(train[key], bool):
-            train[key] = f"{train[key]}e" if train[key] > 0 else "0"
-    if train.get("eval_every") == 0:
-        train["eval_every"] = "1e"
-    return {**raw, "train": train}
-
-
-def _reason(e: Exception) -> str:
-    """A parser's complaint in a few words (Python's recursion and digit-limit messages are long)."""
-    if isinstance(e, RecursionError):
-        return "nested too deeply"
-    return str(e).split(";")[0] if "integer string conversion" in str(e) else str(e)

@@ -39,6 +39,7 @@ class Stepped:
     tokens: int = 0  # tokens trained on in this epoch so far (all processes)
     epoch_tokens: int = 0  # tokens in the whole epoch
     tokens_per_s: float = 0.0  # this epoch's rate so far
+    session_seconds: float = 0.0  # since this session's training began: its --max-minutes counts from then
 
 
 @dataclass(frozen=True)

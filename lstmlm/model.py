@@ -212,8 +212,8 @@ def activation_penalty(top: TopLayer, ar: float, tar: float) -> torch.Tensor:
 # The scratch core stores each layer packed — W_x (inputs, blocks·H), W_h (H, blocks·H), b (and
 # b_hh where the cell has one) — with the blocks in torch's order, so torch's weight_ih is W_xᵀ,
 # weight_hh is W_hᵀ, and its two biases add up to b (`Cell.to_torch`, `Cell.from_torch`).
-# Checkpoints of the first release hold the LSTM's twelve tensors per layer (W_xi, W_hi, b_i, …);
-# `convert` packs them.
+# Checkpoints of the first release hold the LSTM's twelve tensors per layer (W_xi, W_hi, b_i, …):
+# `checkpoint.migrate` packs them.
 
 
 def scratch_key(layer: int, name: str) -> str:
@@ -252,23 +252,9 @@ def _num_layers(state_dict: dict[str, torch.Tensor], pattern: str) -> int:
     return len({int(m.group(1)) for k in state_dict if (m := re.match(pattern, k))})
 
 
-def pack_twelve(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A scratch LSTM's state dict of the first release (twelve tensors a layer) in the packed
-    layout; a packed one is returned as it is."""
-    if not any(re.match(r"core\.layers\.\d+\.W_xi$", k) for k in state_dict):
-        return dict(state_dict)
-    lstm = cells.get("lstm")
-    out = _shared(state_dict)
-    for k in range(_num_layers(state_dict, r"core\.layers\.(\d+)\.")):
-        named = {name: state_dict[scratch_key(k, name)] for name in lstm.parameter_names()}
-        out.update({scratch_key(k, name): p for name, p in lstm.pack(named).items()})
-    return out
-
-
 def scratch_to_torch(state_dict: dict[str, torch.Tensor], cell: Cell) -> dict[str, torch.Tensor]:
     if not cell.torch_equivalent:
         raise CheckpointError(f"the {cell.title}'s {cell.form} form has no torch module to convert its weights to")
-    state_dict = pack_twelve(state_dict)
     out = _shared(state_dict)
     for k in range(_num_layers(state_dict, r"core\.layers\.(\d+)\.")):
         out.update({torch_key(cell, k, name): p for name, p in cell.to_torch(packed_layer(state_dict, k, cell)).items()})
@@ -284,8 +270,9 @@ def torch_to_scratch(state_dict: dict[str, torch.Tensor], cell: Cell) -> dict[st
 
 
 def convert(state_dict: dict[str, torch.Tensor], core: str, cell: Cell) -> dict[str, torch.Tensor]:
-    """The state dict for a CharLM with `core` and `cell`, whichever core (or release) it was saved from."""
+    """The state dict for a CharLM with `core` and `cell`, whichever core it was saved from
+    (a checkpoint of the first release's layout is packed by `checkpoint.migrate`)."""
     source = core_of(state_dict)
     if source == core:
-        return pack_twelve(state_dict) if core == "scratch" else dict(state_dict)
+        return dict(state_dict)
     return scratch_to_torch(state_dict, cell) if core == "cudnn" else torch_to_scratch(state_dict, cell)

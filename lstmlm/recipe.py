@@ -2,10 +2,10 @@
 machine's speed and the minutes there are (`lstmlm train --corpus C --max-minutes M`, no config).
 
 `choose` is a pure function of those four numbers. The speed is what `PROBE`, a fixed model,
-trains at here (session.py times a few of its batches before the run is created); times its
+trains at here (training.py times a few of its batches before the run is created); times its
 FLOPs per token and the seconds, that is the compute the run has. Then:
 
-    size      a model of P weights costs F(P) FLOPs per trained token (bench.py's count), so in
+    size      a model of P weights costs F(P) FLOPs per trained token (sizes.py's count, from the cell), so in
               the time it sees compute / F(P) tokens; the widest model that still sees
               TOKENS_PER_PARAMETER tokens per weight, and has at most PARAMETERS_PER_TOKEN
               weights per token of the corpus (past that it learns the text by heart)
@@ -39,11 +39,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .bench import Dims, training_flops_per_token
 from .config import ModelConfig
 from .data.batches import min_tokens
 from .errors import ConfigError, CorpusError
-from .model import num_parameters
+from .sizes import Dims, num_parameters, training_flops_per_token
 
 TOKENS_PER_PARAMETER = 1.5  # the studies' best trials: 0.5–2.5 tokens seen per weight
 PARAMETERS_PER_TOKEN = 4.0  # at most this many weights per training token (shakespeare's best: 2.6)

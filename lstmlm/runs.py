@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import config as config_mod
+from . import config_file
 from .atomic import write_text_atomic
 from .config import Config
 from .errors import CheckpointError, ConfigError, VocabError, WriteError
@@ -154,7 +155,7 @@ class RunStore:
     @property
     def config(self) -> Config:
         try:
-            return config_mod.from_json(read_regular(self.root / "config.json"))
+            return config_file.from_json(read_regular(self.root / "config.json"))
         except (OSError, UnicodeDecodeError, ConfigError) as e:
             raise CheckpointError(f"run {self.root} has an unreadable config: {e}") from None
 

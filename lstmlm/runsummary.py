@@ -28,7 +28,7 @@ from datetime import datetime
 from pathlib import Path, PurePath
 from typing import Any
 
-from . import config as config_mod
+from . import config_file
 from .config import Config
 from .data.download import KNOWN
 from .errors import CheckpointError, ConfigError
@@ -195,7 +195,7 @@ class _Reader:
         if text is None:
             return None, None
         try:
-            cfg = config_mod.from_json(text)
+            cfg = config_file.from_json(text)
             return cfg, cfg.model.cell
         except (ValueError, RecursionError):
             self.problems.append("config.json is not valid JSON")

@@ -13,7 +13,7 @@
     hparams   the config, with the validation loss and bits as its metrics (the HParams view
               shows each run's last): runs and tune's trials compare there
 
-It is a sink on the training's events (`logged`), attached by `session.Training.run` on rank 0
+It is a sink on the training's events (`logged`), attached by `training.Training.run` on rank 0
 only: `lstmlm train` and every trial of `lstmlm tune` (a run of its own, so a subdirectory of
 DIR) log the same way, and the trainer knows nothing of it.
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lstmlm import bench
+from lstmlm import step as step_mod
 from lstmlm.bench import Dims
 from lstmlm.errors import DeviceError
 
@@ -36,6 +37,7 @@ class Clock:
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
     monkeypatch.setattr(bench, "time", fake)
+    monkeypatch.setattr(step_mod, "time", fake)  # bench times the training step where it is built
     return fake
 
 
@@ -43,13 +45,13 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 def steps_taken(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Every training step bench takes, with the shapes and precision it took it in."""
     taken: list[dict[str, Any]] = []
-    real = bench.train_step
+    real = step_mod.train_step
 
-    def step(model: Any, optimizer: Any, X: torch.Tensor, Y: torch.Tensor, state: Any, clip: float, device: Any, precision: str) -> Any:
+    def step(model: Any, optimizer: Any, X: torch.Tensor, Y: torch.Tensor, state: Any, clip: float, device: Any, precision: str, *rest: Any, **kw: Any) -> Any:
         taken.append({"X": tuple(X.shape), "precision": precision, "clip": clip})
-        return real(model, optimizer, X, Y, state, clip, device, precision)
+        return real(model, optimizer, X, Y, state, clip, device, precision, *rest, **kw)
 
-    monkeypatch.setattr(bench, "train_step", step)
+    monkeypatch.setattr(step_mod, "train_step", step)  # the step bench builds, as training does (step.build_step)
     return taken
 
 

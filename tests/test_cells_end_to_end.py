@@ -20,7 +20,7 @@ import torch
 
 from lstmlm import cells
 from lstmlm.export import load_runtime, read_metadata
-from lstmlm.session import load_trained
+from lstmlm.inference import load as load_trained
 
 from support.cli import cli
 from support.serving import http_json

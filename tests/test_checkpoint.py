@@ -3,6 +3,7 @@ clear error for every corrupt or foreign checkpoint; the lock that keeps one tra
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import json
@@ -19,11 +20,12 @@ import pytest
 import torch
 
 import lstmlm.checkpoint as checkpoint_mod
-from lstmlm import checkpoint
+from lstmlm import checkpoint, config_file
 from lstmlm.atomic import write_atomic
-from lstmlm.checkpoint import load_checkpoint
+from lstmlm.checkpoint import VERSION, load_checkpoint
 from lstmlm.errors import CheckpointError, WriteError
 from lstmlm.events import EpochEnded
+from lstmlm.progress import Progress
 from lstmlm.runs import LATEST, RunStore
 from lstmlm.train import Trainer
 
@@ -180,7 +182,9 @@ def test_a_file_that_is_not_a_checkpoint(trained: Trainer, content: bytes, messa
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"version": 2}, r"has checkpoint format version 2; this lstmlm reads version 1"),
+        ({"version": VERSION + 1}, rf"has checkpoint format version {VERSION + 1}; this lstmlm reads versions 1 to {VERSION} \(a newer lstmlm wrote it"),
+        ({"version": 0}, r"has checkpoint format version 0; this lstmlm reads versions 1 to \d+ \(no lstmlm wrote such a version\)"),
+        ({"version": "2"}, r"has checkpoint format version '2'"),
         ({"format": "something-else"}, r"is not an lstmlm checkpoint"),
         ({"trainer": None}, r"lacks its 'trainer' section"),
     ],
@@ -376,3 +380,44 @@ def test_an_lstm_run_made_before_cells_loads_generates_and_resumes(run_before_ce
     events = resumed.json()
     assert [e["epoch"] for e in events if e["event"] == "epoch"] == [4]
     assert json.loads((run_before_cells / "old-lstm" / "config.json").read_text())["model"]["cell"] == "lstm"
+
+
+# ---- every older format ---------------------------------------------------------------------------
+
+FORMATS = Path(__file__).parent / "fixtures" / "formats"
+
+# What makes each fixture (tests/fixtures/formats/README.md) the format it stands for, as written.
+OLD_MARKS: dict[str, Any] = {
+    "first-release": lambda p, state, cfg: (
+        "core.layers.0.W_xi" in p["model"] and "extra" in state and "prime" not in p and "val_tokens" not in cfg["train"] and "best_saved" not in state
+    ),
+    "before-cadences": lambda p, state, cfg: (
+        "core.layers.0.W_xi" in p["model"] and "extra" not in state and "prime" in p and isinstance(cfg["train"]["checkpoint_every"], int)
+    ),
+    "version-1": lambda p, state, cfg: "core.layers.0.W_x" in p["model"] and "step" in state and "best_saved" in state and "cell" in cfg["model"],
+}
+
+
+@pytest.mark.parametrize("fixture", list(OLD_MARKS))
+def test_every_older_format_migrates_generates_as_it_did_and_resumes(fixture: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = tmp_path / "runs"
+    shutil.copytree(FORMATS / fixture, runs / fixture)
+    shutil.copy(FORMATS / "corpus.txt", tmp_path / "corpus.txt")
+    monkeypatch.chdir(tmp_path)  # its config names the corpus relative to where it was trained
+    latest = runs / fixture / f"{LATEST}.pt"
+    written = torch.load(latest, weights_only=True)
+    assert written["version"] == 1 and OLD_MARKS[fixture](written, written["trainer"]["state"], json.loads(written["config"]))
+
+    migrated = load_checkpoint(latest)
+    assert migrated["version"] == VERSION and "prime" in migrated
+    assert set(migrated["trainer"]["state"]) <= {f.name for f in dataclasses.fields(Progress)}
+    assert config_file.from_json(migrated["config"]).model.cell == "lstm"
+
+    base = ["--runs-dir", str(runs), "--run", fixture]
+    generated = cli("generate", *base, "--prefix", "the time", "--length", "30")
+    assert generated.code == 0, generated.stderr
+    assert generated.stdout == (FORMATS / f"{fixture}.generated.txt").read_text()  # the same model, as that lstmlm ran it
+    resumed = cli("train", *base, "--resume", "--epochs", "13", "--json")
+    assert resumed.code == 0, resumed.stderr
+    assert [e["epoch"] for e in resumed.json() if e["event"] == "epoch"] == [13]
+    assert load_checkpoint(latest)["trainer"]["state"]["epoch"] == 13 and torch.load(latest, weights_only=True)["version"] == VERSION

@@ -104,7 +104,7 @@ def test_json_lines_parse_and_carry_the_fields(tiny_train_args: list[str], runs_
     assert done["perplexity"] == epochs[-1]["train_perplexity"]
     assert (done["device"], done["model"], done["run"], done["epochs"]) == ("cpu", "scratch", "j", 3)
     assert done["vocab_size"] == 1 + len(set(synthetic_text().replace("\n", "")))
-    assert set(done["samples"]) == {"time traveller", "traveller"}
+    assert set(done["samples"]) == {"time traveller", "traveller"}  # d2l's text: d2l's prefixes
     assert all(text.startswith(prefix) and len(text) == len(prefix) + 50 for prefix, text in done["samples"].items())
     assert [r["epoch"] for r in map(json.loads, (runs_dir / "j" / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3]
 
@@ -121,6 +121,21 @@ def test_human_output_ends_with_the_seed_line_and_samples(tiny_train_args: list[
     lines = result.stdout.splitlines()
     assert lines[-3].startswith("perplexity ") and lines[-3].endswith(" tokens/sec on cpu")
     assert lines[-2].startswith("time traveller") and lines[-1].startswith("traveller")
+
+
+def test_the_start_table_shows_what_this_run_chose_and_verbose_shows_all(tiny_train_args: list[str]) -> None:
+    """The options given (and the run's identity) in the table; the defaults, sentinels among them,
+    only with --verbose; the table says where the rest is."""
+    plain = cli(*tiny_train_args, "--run", "plain")
+    assert plain.code == 0, plain.stderr
+    table = plain.stdout.split("perplexity")[0]
+    for chosen in ("hidden", "batch_size", "num_steps", "epochs", "corpus", "model", "cell"):
+        assert f" {chosen} " in table, chosen
+    assert " dropout_input " not in table and " weight_decay " not in table
+    flat = "".join(table.split())  # the caption wraps at the terminal's width
+    assert "settings:" in flat and "/runs/plain/config.json,or--verbose" in flat
+    verbose = cli(*tiny_train_args, "--run", "verbose", "--verbose")
+    assert " dropout_input " in verbose.stdout and " weight_decay " in verbose.stdout and "--verbose" not in verbose.stdout
 
 
 def test_resume_continues_from_the_stored_epoch(tiny_train_args: list[str], runs_dir: Path) -> None:
@@ -162,14 +177,33 @@ def test_resume_refuses_to_change_the_model(tiny_train_args: list[str], runs_dir
     assert snapshot(runs_dir) == before
 
 
-def test_resume_refuses_a_config_file(tiny_train_args: list[str], runs_dir: Path, tmp_path: Path) -> None:
+def test_resume_takes_the_command_that_started_the_run_config_and_all(tiny_train_args: list[str], runs_dir: Path, tmp_path: Path) -> None:
+    """The habit: the command that started the run, plus --resume. Its --config agrees with the
+    stored config, so it is accepted; what the file sets that a resume may change (epochs) applies."""
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text("[model]\nlayers = 2\n[train]\nepochs = 1\n", encoding="utf-8")
+    assert tiny_train_args[-4:-2] == ["--epochs", "2"]
+    started = [*tiny_train_args[:-4], *tiny_train_args[-2:], "--run", "r", "--config", str(recipe)]  # the epochs from the file
+    assert cli(*started).code == 0
+    recipe.write_text("[model]\nlayers = 2\n[train]\nepochs = 2\n", encoding="utf-8")
+    resumed = cli(*started, "--resume", "--json")
+    assert resumed.code == 0, resumed.stderr
+    assert [e["epoch"] for e in resumed.json() if e["event"] == "epoch"] == [2]
+
+
+def test_resume_names_the_keys_a_config_file_disagrees_on(tiny_train_args: list[str], runs_dir: Path, tmp_path: Path) -> None:
     assert cli(*tiny_train_args, "--run", "r").code == 0
     other = tmp_path / "other.toml"
     other.write_text("[model]\nhidden = 64\n", encoding="utf-8")
     before = snapshot(runs_dir)
-    result = cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--config", other)
-    assert_one_error_line(result, "--config cannot be given with --resume: a resumed run keeps its stored config", "--epochs", "--max-minutes")
-    assert snapshot(runs_dir) == before
+    result = cli(*tiny_train_args, "--run", "r", "--resume", "--config", other)  # hidden 64 in the file, 16 in the options: these win
+    assert result.code == 0, result.stderr
+    result = cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--config", other)  # the file alone: its hidden, defaults' batches
+    assert_one_error_line(
+        result, f"--resume keeps the run's stored config, and {other} (with the options given) differs from it in",
+        "batch_size (the run's 8, here 32)", "num_steps (the run's 10, here 35)", "hidden (the run's 16, here 64)", "start a new --run",
+    )  # fmt: skip
+    assert snapshot(runs_dir)["r/config.json"] == before["r/config.json"]
 
 
 @pytest.mark.parametrize("change", ["edited", "replaced"])

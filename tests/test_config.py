@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lstmlm import config
+from lstmlm import config_file
 from lstmlm.config import Config, parse_split
 from lstmlm.errors import ConfigError
 
@@ -26,8 +26,8 @@ def data_of(cfg: Config) -> tuple[str, int, float, str]:
 
 def test_the_d2l_corpus_keeps_the_seed() -> None:
     assert data_of(Config()) == SEED  # plain `lstmlm train`
-    assert data_of(config.load(CONFIGS / "d2l.toml")) == SEED
-    seed = config.load(CONFIGS / "d2l.toml").resolved()
+    assert data_of(config_file.load(CONFIGS / "d2l.toml")) == SEED
+    seed = config_file.load(CONFIGS / "d2l.toml").resolved()
     assert (seed.data.batch_size, seed.data.num_steps, seed.model.hidden, seed.train.lr, seed.train.epochs) == (32, 35, 256, 1.0, 500)
 
 
@@ -80,14 +80,22 @@ def test_strict_is_a_flag(tmp_path: Path) -> None:
         Config().with_overrides({"strict": 1})
     path = tmp_path / "c.toml"
     path.write_text("[data]\nstrict = true\n")
-    assert config.load(path).data.strict is True
+    assert config_file.load(path).data.strict is True
 
 
 def test_the_effective_settings_are_printed(corpus_file: Path, runs_dir: Path) -> None:
-    result = cli("train", "--corpus", corpus_file, "--runs-dir", runs_dir, "--hidden", "8", "--batch-size", "4", "--num-steps", "5", "--epochs", "1")
-    assert result.code == 0, result.stderr
-    table = {tuple(line.split()[:2]) for line in result.stdout.splitlines()} | {tuple(line.split()[2:4]) for line in result.stdout.splitlines()}
-    assert {("normalize", "raw"), ("max_tokens", "0"), ("val_fraction", "0.1"), ("checkpoint_every", "10m"), ("val_tokens", "250000")} <= table
+    """What "auto" became for this corpus is this run's choice: shown; defaults only with --verbose."""
+    args = ["train", "--corpus", corpus_file, "--runs-dir", runs_dir, "--hidden", "8", "--batch-size", "4", "--num-steps", "5", "--epochs", "1"]
+
+    def table(*more: str) -> set[tuple[str, ...]]:
+        result = cli(*args, *more)
+        assert result.code == 0, result.stderr
+        return {tuple(line.split()[:2]) for line in result.stdout.splitlines()} | {tuple(line.split()[2:4]) for line in result.stdout.splitlines()}
+
+    plain, verbose = table(), table("--verbose")
+    assert {("normalize", "raw"), ("max_tokens", "0"), ("val_fraction", "0.1"), ("hidden", "8")} <= plain
+    assert not {("checkpoint_every", "10m"), ("val_tokens", "250000")} & plain
+    assert {("normalize", "raw"), ("checkpoint_every", "10m"), ("val_tokens", "250000")} <= verbose
 
 
 # ---- regularization ---------------------------------------------------------------------------
@@ -127,7 +135,7 @@ def test_awd_lstm_settings_are_accepted_and_plain_dropout_still_needs_nothing(tm
         "[model]\nembedding = 16\nlayers = 3\ndropout_input = 0.65\ndropout_hidden = 0.3\ndropout_output = 0.4\n"
         "locked_dropout = true\nweight_drop = 0.5\nembedding_dropout = 0.1\n[train]\nar = 2\ntar = 1\n"
     )
-    cfg = config.load(path)
+    cfg = config_file.load(path)
     assert (cfg.model.weight_drop, cfg.model.locked_dropout, cfg.train.ar, cfg.train.tar) == (0.5, True, 2.0, 1.0)
 
 
@@ -140,15 +148,15 @@ def test_a_regularization_option_is_refused_in_one_line(corpus_file: Path, runs_
 @pytest.mark.parametrize(
     "cfg",
     [
-        config.load(CONFIGS / "d2l.toml"),
-        config.load(CONFIGS / "tinyshakespeare.toml").resolved(),
+        config_file.load(CONFIGS / "d2l.toml"),
+        config_file.load(CONFIGS / "tinyshakespeare.toml").resolved(),
         Config().with_overrides({"corpus": 'odd "name"\\ \x1b\x7f é.txt', "lr": 1e-05, "max_minutes": 1e16, "tf32": True, "eval_every": "1e,10m"}),
     ],
 )
 def test_a_config_written_as_toml_reads_back_the_same(cfg: Config, tmp_path: Path) -> None:
     path = tmp_path / "written.toml"
     path.write_text(cfg.to_toml("a header\nof two lines"), encoding="utf-8")
-    assert config.load(path) == cfg
+    assert config_file.load(path) == cfg
     assert path.read_text(encoding="utf-8").startswith("# a header\n# of two lines\n\n[data]\n")
 
 
@@ -169,9 +177,9 @@ def test_a_config_over_a_mebibyte_is_refused_and_a_directory_is_not_read(tmp_pat
     big = tmp_path / "big.toml"
     big.write_text("[train]\nepochs = 3\n" + "#" * (1 << 20) + "\n", encoding="utf-8")  # valid TOML, a comment of 1 MiB
     with pytest.raises(ConfigError, match=rf"^config file {re.escape(str(big))} is larger than 1 MiB: not a config$"):
-        config.load(big)
+        config_file.load(big)
     with pytest.raises(ConfigError, match="is not a regular file"):
-        config.load(tmp_path)
+        config_file.load(tmp_path)
     fits = tmp_path / "fits.toml"
     fits.write_text("[train]\nepochs = 3\n" + "#" * ((1 << 20) - 64) + "\n", encoding="utf-8")
-    assert config.load(fits).train.epochs == 3
+    assert config_file.load(fits).train.epochs == 3

@@ -31,9 +31,10 @@ from lstmlm.data.batches import BatchSource, on_device
 from lstmlm.device import set_tf32
 from lstmlm.events import Stepped, Warned
 from lstmlm.generate import Sampling, generate
+from lstmlm.inference import load as load_trained
 from lstmlm.model import CharLM, convert, loss_fn
-from lstmlm.session import load_trained
-from lstmlm.train import Trainer, build_optimizer, train_step
+from lstmlm.step import build_optimizer, train_step
+from lstmlm.train import Trainer
 from lstmlm.vocab import Vocab
 
 from support.cli import cli
@@ -219,7 +220,7 @@ def test_a_cuda_training_step_never_waits_for_the_host_between_reports(make_trai
     (after the first epoch, in which the graph is recorded: recording synchronizes once)."""
     for model in ("scratch", "cudnn"):
         trainer = cuda_trainer(make_trainer, name=model, model=model, epochs=3, layers=2)
-        assert isinstance(trainer.step, graphs.GraphedStep) == (model == "scratch")
+        assert isinstance(trainer.run_step, graphs.GraphedStep) == (model == "scratch")
         try:
             for event in trainer.run():
                 between_steps = isinstance(event, Stepped) and event.epoch > 1 and event.step < event.batches

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from lstmlm import config
+from lstmlm import config, config_file
 from lstmlm.errors import ConfigError, VocabError
 from lstmlm.vocab import FORMAT as VOCAB_FORMAT
 from lstmlm.vocab import Vocab
@@ -55,14 +55,14 @@ def test_from_dict_raises_only_config_errors(raw: Any) -> None:
     except ConfigError as e:
         assert str(e)
         return
-    assert config.from_json(cfg.to_json()) == cfg  # what is accepted round-trips
+    assert config_file.from_json(cfg.to_json()) == cfg  # what is accepted round-trips
 
 
 @FUZZ
 @given(st.text(max_size=200) | json_values.map(json.dumps) | config_tables().map(lambda d: json.dumps(d, default=str)))
 def test_from_json_raises_only_config_errors(text: str) -> None:
     try:
-        config.from_json(text)
+        config_file.from_json(text)
     except ConfigError as e:
         assert str(e)
 
@@ -85,7 +85,7 @@ def test_toml_loader_raises_only_config_errors(tmp_path_factory: Any, text: str)
     path: Path = tmp_path_factory.mktemp("toml") / "fuzz.toml"
     path.write_text(text, encoding="utf-8", errors="surrogatepass")
     try:
-        config.load(path)
+        config_file.load(path)
     except ConfigError as e:
         assert str(path) in str(e)
 
@@ -95,14 +95,14 @@ def test_deep_nesting_and_huge_numbers_are_clear_errors(tmp_path: Path) -> None:
     limit, is a malformed file, not a crash."""
     for text in ("[" * 100_000 + "]" * 100_000, '{"data": ' * 100_000 + "1" + "}" * 100_000, "1" * 5000, '{"tokens": ' + "7" * 5000 + "}"):
         with pytest.raises(ConfigError, match="stored config is not valid JSON"):
-            config.from_json(text)
+            config_file.from_json(text)
         with pytest.raises(VocabError, match="vocabulary is not valid JSON"):
             Vocab.from_json(text)
     for toml in (nested(100_000), "[train]\nepochs = " + "1" * 5000 + "\n"):
         path = tmp_path / "deep.toml"
         path.write_text(toml)
         with pytest.raises(ConfigError, match="is not valid TOML") as e:
-            config.load(path)
+            config_file.load(path)
         assert len(str(e.value)) < 500  # one readable line
     with pytest.raises(ConfigError, match="\\[train\\] lr must be a finite number"):
         config.from_dict({"train": {"lr": 10**400}})

@@ -423,7 +423,7 @@ def test_the_command_line_and_the_api_offer_each_sampling_field_with_its_bounds(
 
     from lstmlm.cli.generate import generate as command
 
-    from conftest import cli
+    from support.cli import cli
 
     help_text = cli("generate", "--help").stdout
     options = {name: get_args(p.annotation)[1] for name, p in inspect.signature(command).parameters.items()}

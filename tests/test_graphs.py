@@ -16,7 +16,8 @@ from lstmlm.cells.base import State
 from lstmlm.checkpoint import load_checkpoint
 from lstmlm.events import EpochEnded, Started, Stepped, Warned
 from lstmlm.model import CharLM, loss_fn
-from lstmlm.train import Trainer, train_step
+from lstmlm.step import train_step
+from lstmlm.train import Trainer
 
 from support.cli import cli
 from support.on_a_cpu import Replayed, graphs_on_the_cpu
@@ -170,9 +171,9 @@ def test_a_graphed_run_is_the_eager_run(make_trainer: MakeTrainer, iterator: str
     eager = make_trainer("eager", **args)
     expected = run_weights(eager)
     graphed = make_trainer("graphed", capture=Replayed(), **args)
-    assert isinstance(graphed.step, graphs.GraphedStep)
+    assert isinstance(graphed.run_step, graphs.GraphedStep)
     got = run_weights(graphed)
-    assert graphed.step.replays == graphed.state.global_step - graphs.WARMUP  # every step after the warm-up
+    assert graphed.run_step.replays == graphed.progress.global_step - graphs.WARMUP  # every step after the warm-up
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     assert [r["train_loss"] for r in graphed.store.read_metrics()] == [r["train_loss"] for r in eager.store.read_metrics()]
 
@@ -183,7 +184,7 @@ def test_a_graphed_run_resumes_exactly_and_its_checkpoint_holds_plain_numbers(ma
     args = {"epochs": 2, "layers": 2, "schedule": "cosine", "checkpoint_every": 5}
     expected = run_weights(make_trainer("eager", **args))
     first = make_trainer("graphed", capture=Replayed(), **args)
-    list(first.run(lambda: first.state.global_step >= first.steps_per_epoch + 3))
+    list(first.run(lambda: first.progress.global_step >= first.steps_per_epoch + 3))
     saved = load_checkpoint(first.store.path())["trainer"]
     assert isinstance(saved["optimizer"]["param_groups"][0]["lr"], float)
     assert all(isinstance(lr, float) for lr in saved["schedule"]["_last_lr"])

@@ -18,8 +18,8 @@ import torch
 from lstmlm import cells, units, units_page
 from lstmlm.data.text import MAX_TEXT_BYTES
 from lstmlm.errors import InspectError
+from lstmlm.inference import load as load_trained
 from lstmlm.model import CharLM
-from lstmlm.session import load_trained
 from lstmlm.vocab import Vocab
 
 from support.cli import cli, lstmlm_process

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from lstmlm.generate import Sampling, generate
-from lstmlm.session import Conversation, load_trained
+from lstmlm.inference import Conversation
+from lstmlm.inference import load as load_trained
 
 from support.cli import cli
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lstmlm import cells
+from lstmlm.checkpoint import migrate
 from lstmlm.config import Config
 from lstmlm.errors import CheckpointError, ShapeError
 from lstmlm.model import CharLM, Dropouts, TopLayer, activation_penalty, convert, core_of, loss_fn, scratch_layer
@@ -350,8 +351,8 @@ def test_the_seeds_init_draws_the_weights_the_twelve_tensor_layout_drew() -> Non
 
 @pytest.mark.parametrize("core", ["scratch", "cudnn"])
 def test_a_checkpoint_of_the_first_release_loads(core: str) -> None:
-    """The first release saved each scratch layer as the article's twelve tensors: they convert to
-    the packed layout (or to nn.LSTM) and give the same function."""
+    """The first release saved each scratch layer as the article's twelve tensors: the checkpoint's
+    migration packs them, and they convert to nn.LSTM as well, giving the same function."""
     torch.manual_seed(0)
     packed = CharLM(10, 6, 2, core="scratch", embedding=4)
     with torch.no_grad():
@@ -361,8 +362,9 @@ def test_a_checkpoint_of_the_first_release_loads(core: str) -> None:
     for k in range(2):
         old.update({f"core.layers.{k}.{name}": v.clone() for name, v in scratch_layer(packed.state_dict(), k, LSTM).items()})
     assert "core.layers.0.W_xi" in old and "core.layers.0.W_x" not in old
+    migrated = migrate({"format": "lstmlm-checkpoint", "version": 1, "model": old})["model"]
     model = CharLM(10, 6, 2, core=core, embedding=4)
-    model.load_state_dict(convert(old, core, LSTM))
+    model.load_state_dict(convert(migrated, core, LSTM))
     X = torch.randint(0, 10, (3, 7))
     torch.testing.assert_close(model.eval()(X)[0], packed.eval()(X)[0], rtol=1e-5, atol=1e-6)
 
@@ -373,3 +375,34 @@ def test_tf32_is_decided_explicitly_and_only_on_cuda() -> None:
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     assert set_tf32(torch.device("cpu"), True) is False  # no TF32 off CUDA, and nothing changed
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+def test_the_first_releases_adam_state_is_packed_as_its_weights_are() -> None:
+    """Adam's moments are laid out as the weights: migrated from the twelve-tensor layout, they
+    are the packed model's own, each at its parameter's index."""
+    torch.manual_seed(0)
+    model = CharLM(10, 6, 2, core="scratch", embedding=4)
+    adam = torch.optim.Adam(model.parameters(), lr=0.01)
+    model(torch.randint(0, 10, (3, 7)))[0].sum().backward()
+    adam.step()
+    names = list(model.state_dict())
+    saved = adam.state_dict()
+
+    def twelve(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        old = {k: v for k, v in packed.items() if not k.startswith("core.")}
+        for k in range(2):
+            old.update({f"core.layers.{k}.{name}": v.clone() for name, v in scratch_layer(packed, k, LSTM).items()})
+        return old
+
+    old_weights = twelve(model.state_dict())
+    moments = {key: twelve({n: saved["state"][i][key] for i, n in enumerate(names)}) for key in ("exp_avg", "exp_avg_sq")}
+    old_state = {i: {"step": saved["state"][0]["step"], **{key: m[n] for key, m in moments.items()}} for i, n in enumerate(old_weights)}
+    groups = [{**saved["param_groups"][0], "params": list(range(len(old_weights)))}]
+    payload = {"version": 1, "model": old_weights, "trainer": {"optimizer": {"state": old_state, "param_groups": groups}, "state": {}}}
+    migrated = migrate(payload)["trainer"]["optimizer"]
+    assert migrated["param_groups"][0]["params"] == list(range(len(names)))
+    for i in range(len(names)):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(migrated["state"][i][key], saved["state"][i][key]), (names[i], key)
+    fresh = torch.optim.Adam(model.parameters(), lr=0.01)
+    fresh.load_state_dict(migrated)  # and it loads into today's optimizer

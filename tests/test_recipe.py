@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lstmlm import recipe, session
+from lstmlm import recipe
+from lstmlm import training as trainings
 from lstmlm.config import Config
 from lstmlm.data.batches import min_tokens
 from lstmlm.errors import ConfigError, CorpusError
@@ -116,7 +117,7 @@ def book(tmp_path: Path) -> Path:
 
 
 def test_a_timed_run_without_a_config_takes_the_recipe_options_overriding(book: Path, runs_dir: Path) -> None:
-    plan = session.prepare_training(runs_dir, "r", {"corpus": str(book), "max_minutes": 0.01, "device": "cpu", "hidden": 24})
+    plan = trainings.plan(runs_dir, "r", {"corpus": str(book), "max_minutes": 0.01, "device": "cpu", "hidden": 24})
     assert plan.recipe is not None and plan.recipe.tokens_per_s > 0 and plan.recipe.given == ("hidden",)
     expected = choose(len(plan.data.train), len(plan.data.vocab), plan.recipe.tokens_per_s, 0.01)
     assert plan.recipe.recipe == expected
@@ -157,23 +158,23 @@ def test_a_corpus_too_short_for_the_default_batches_trains_on_the_recipes(tmp_pa
 )
 def test_which_runs_take_the_recipe(overrides: dict[str, object], uses: bool) -> None:
     cfg = Config().with_overrides({k: v for k, v in overrides.items() if v != "given"}).resolved()
-    assert session.uses_default_recipe(cfg, overrides) is uses
+    assert trainings.uses_default_recipe(cfg, overrides) is uses
 
 
 def test_d2l_text_keeps_the_seeds_settings_with_a_time_limit(book: Path, runs_dir: Path) -> None:
-    plan = session.prepare_training(runs_dir, None, {"corpus": str(book), "normalize": "d2l", "max_minutes": 0.01, "device": "cpu"})
+    plan = trainings.plan(runs_dir, None, {"corpus": str(book), "normalize": "d2l", "max_minutes": 0.01, "device": "cpu"})
     assert plan.recipe is None
     m, t, d = plan.config.model, plan.config.train, plan.config.data
     assert (m.hidden, m.layers, m.embedding, t.optimizer, t.lr, d.batch_size, d.num_steps) == (256, 1, 0, "sgd", 1.0, 32, 35)
 
 
 def test_a_config_file_is_never_replaced_by_the_recipe(book: Path, runs_dir: Path) -> None:
-    plan = session.prepare_training(runs_dir, None, {"corpus": str(book), "max_minutes": 0.01, "device": "cpu"}, CONFIGS / "tinyshakespeare.toml")
+    plan = trainings.plan(runs_dir, None, {"corpus": str(book), "max_minutes": 0.01, "device": "cpu"}, CONFIGS / "tinyshakespeare.toml")
     assert plan.recipe is None and plan.config.model.hidden == 512
 
 
 def test_every_recipe_setting_given_needs_no_probe(book: Path, runs_dir: Path) -> None:
     given: dict[str, object] = {"hidden": 16, "layers": 1, "embedding": 8, "lr": 0.01, "batch_size": 8, "num_steps": 10, "dropout": 0.0, "warmup_steps": 0}
     given |= {"optimizer": "adam", "schedule": "constant", "reset_every": 0}
-    plan = session.prepare_training(runs_dir, None, {"corpus": str(book), "max_minutes": 0.01, "device": "cpu", **given})
+    plan = trainings.plan(runs_dir, None, {"corpus": str(book), "max_minutes": 0.01, "device": "cpu", **given})
     assert plan.recipe is None

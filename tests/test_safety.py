@@ -311,8 +311,8 @@ def test_a_file_size_limit_during_training_is_one_line_and_the_checkpoints_survi
 # two processes the test releases together then name and create their runs at the same instant.
 AT_THE_GATE = r"""
 import fcntl, os, sys, time
-from lstmlm import session
-real_training, real_fsync = session.training, os.fsync
+from lstmlm import training as trainings
+real_training, real_fsync = trainings.start, os.fsync
 slow = [3]
 
 def slow_fsync(fd):
@@ -328,7 +328,7 @@ def training(plan):
     os.fsync = slow_fsync
     return real_training(plan)
 
-session.training = training
+trainings.start = training
 from lstmlm.cli import app
 app(sys.argv[1:], prog_name="lstmlm")
 """
@@ -385,24 +385,25 @@ def test_two_trainings_into_one_named_run_at_the_same_instant_one_is_refused(
 # the first checkpoint written inside an epoch, waiting there to be killed.
 FAKE_CLOCK_STALL_AFTER_SAVE = r"""
 import functools, sys, time
-import lstmlm.session as session
+import lstmlm.training as trainings
+import lstmlm.step as step_mod
 import lstmlm.train as train
 
 now = [0.0]
-session.Trainer = functools.partial(train.Trainer, clock=lambda: now[0])  # every trainer the command builds, on this clock
-real_step = train.train_step
+trainings.Trainer = functools.partial(train.Trainer, clock=lambda: now[0])  # every trainer the command builds, on this clock
+real_step = step_mod.train_step
 
 def step(*args, **kwargs):
     now[0] += 20.0
     return real_step(*args, **kwargs)
 
-train.train_step = step
+step_mod.train_step = step
 real_save = train.Trainer.save
 
 def save(self, which="latest"):
     path = real_save(self, which)
-    if which == "latest" and self.state.step > 0:
-        print(f"SAVED epoch {self.state.epoch} step {self.state.step}", file=sys.stderr, flush=True)
+    if which == "latest" and self.progress.batch > 0:
+        print(f"SAVED epoch {self.progress.epoch} step {self.progress.batch}", file=sys.stderr, flush=True)
         time.sleep(600)
     return path
 
@@ -425,7 +426,7 @@ def test_a_checkpoint_by_the_clock_mid_epoch_then_kill_9_resumes_exactly(
     run = runs_dir / "killed"
     assert_every_checkpoint_loads(run)
     state = load_checkpoint(run / "latest.pt")["trainer"]["state"]
-    assert (state["epoch"], state["step"]) == (0, 3)
+    assert (state["epoch"], state["batch"]) == (0, 3)
     resumed = cli("train", "--resume", "--run", "killed", "--runs-dir", runs_dir, "--json")
     assert resumed.code == 0, resumed.stderr
     assert cli(*args, "--run", "straight").code == 0

@@ -27,10 +27,10 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (pip ins
 
 from fastapi.testclient import TestClient
 
+from lstmlm.inference import load as load_trained
 from lstmlm.runs import RunStore
 from lstmlm.serve import Limits
 from lstmlm.serve.app import create_app
-from lstmlm.session import load_trained
 from lstmlm.units import activations, colour, gate_of, level
 from lstmlm.units_page import hex_colour
 

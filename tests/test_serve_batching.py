@@ -24,7 +24,8 @@ from fastapi.testclient import TestClient
 from lstmlm.serve import Limits
 from lstmlm.serve.app import create_app
 
-from conftest import ServeProcess, cli, sse_events
+from support.cli import cli
+from support.serving import ServeProcess, sse_events
 
 # Each client's options (besides run and prefix), for every sampling setting; the lengths differ
 # so that rows leave while others go on, and the clients start apart so that rows join mid-stream.

@@ -432,7 +432,7 @@ def test_a_corpus_larger_than_the_memory_budget_trains_within_it(tmp_path: Path,
         tracemalloc.reset_peak()
         trainer = Trainer(RunStore.create(runs_dir / "budget", cfg, data.vocab), cfg, data, torch.device("cpu"), "fp32")
         with LargestTensor() as largest:
-            events = list(trainer.run(lambda: trainer.state.global_step >= 30))
+            events = list(trainer.run(lambda: trainer.progress.global_step >= 30))
         training_peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -440,7 +440,7 @@ def test_a_corpus_larger_than_the_memory_budget_trains_within_it(tmp_path: Path,
     assert encoding_peak < budget, encoding_peak
     assert training_peak < budget, training_peak
     assert largest.largest < budget, largest.largest
-    assert type(events[-1]).__name__ == "Finished" and trainer.state.global_step == 30
+    assert type(events[-1]).__name__ == "Finished" and trainer.progress.global_step == 30
 
 
 # ---- many files: globs, skipped files, --strict ------------------------------------------------------

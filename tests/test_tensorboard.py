@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 
+import lstmlm.step as step_mod
 import lstmlm.train as train_mod
-from lstmlm import baselines, session
+from lstmlm import baselines
+from lstmlm import training as trainings
 from lstmlm.events import EpochEnded, Sampled
 
 from support.cli import assert_one_error_line, cli
@@ -44,12 +46,12 @@ def metrics(runs: Path, run: str) -> list[dict[str, Any]]:
 
 
 def train(runs: Path, run: str, corpus: Path, board: Path, resume: bool = False, stop_after_epoch: int | None = None, **overrides: Any) -> None:
-    """A training as `lstmlm train` runs it (session.prepare_training → session.training → run);
+    """A training as `lstmlm train` runs it (training.plan → training.start → run);
     with `stop_after_epoch`, the events stop being read once that epoch has ended, as if the
     process were killed there: nothing after it runs, no checkpoint is written."""
     given = {**({} if resume else {**TINY, "corpus": str(corpus), "tensorboard": str(board)}), **overrides}
-    plan = session.prepare_training(runs, run, given, resume=resume, default_recipe=False)
-    with session.training(plan) as training:
+    plan = trainings.plan(runs, run, given, resume=resume, default_recipe=False)
+    with trainings.start(plan) as training:
         events = training.run()
         for event in events:
             if isinstance(event, EpochEnded) and event.epoch == stop_after_epoch:
@@ -125,8 +127,8 @@ def test_a_run_killed_after_its_checkpoint_and_resumed_continues_the_same_curves
 
 def test_a_resume_can_start_logging_and_a_new_run_never_shows_an_old_ones_points(corpus_file: Path, runs_dir: Path, tmp_path: Path) -> None:
     board_dir = tmp_path / "tb"
-    plan = session.prepare_training(runs_dir, "r", {**TINY, "corpus": str(corpus_file), "epochs": 2}, default_recipe=False)
-    with session.training(plan) as training:
+    plan = trainings.plan(runs_dir, "r", {**TINY, "corpus": str(corpus_file), "epochs": 2}, default_recipe=False)
+    with trainings.start(plan) as training:
         list(training.run())
     assert not board_dir.exists()
     train(runs_dir, "r", corpus_file, board_dir, resume=True, epochs=3, tensorboard=str(board_dir))  # a resume may turn it on
@@ -147,14 +149,14 @@ def test_a_resume_can_start_logging_and_a_new_run_never_shows_an_old_ones_points
 def test_tune_writes_each_trial_into_a_subdirectory(corpus_file: Path, runs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("optuna", reason="the tune extra is not installed (pip install '.[tune]')")
     now = [1000.0]  # a clock that moves 0.02 s a step: every trial trains the same steps on any machine
-    real_step = train_mod.train_step
+    real_step = step_mod.train_step
 
     def step(*args: Any, **kwargs: Any) -> Any:
         now[0] += 0.02
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "train_step", step)
-    monkeypatch.setattr(session, "Trainer", functools.partial(train_mod.Trainer, clock=lambda: now[0]))
+    monkeypatch.setattr(step_mod, "train_step", step)
+    monkeypatch.setattr(trainings, "Trainer", functools.partial(train_mod.Trainer, clock=lambda: now[0]))
     board_dir = tmp_path / "tb"
     result = cli(
         "tune", "--corpus", corpus_file, "--normalize", "raw", "--minutes", "0.01", "--runs-dir", runs_dir, "--study", "s", "--trials", "2",

@@ -15,16 +15,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lstmlm.step as step_mod
 import lstmlm.train as train_mod
-from lstmlm import cells
+from lstmlm import cells, checkpointer
 from lstmlm.checkpoint import load_checkpoint
 from lstmlm.data import batches
 from lstmlm.errors import TrainingError
-from lstmlm.events import EpochEnded, Evaluated, Finished, Saved, Stepped
+from lstmlm.events import EpochEnded, Evaluated, Finished, Sampled, Saved, Stepped
 from lstmlm.generate import PRIME_CHARS
 from lstmlm.model import CharLM, Dropouts, activation_penalty, loss_fn
 from lstmlm.runs import BEST, LATEST, RunStore
-from lstmlm.train import Trainer, train_step
+from lstmlm.step import train_step
+from lstmlm.train import Trainer
 
 from support.on_a_cpu import as_on_a_gpu, graphs_on_the_cpu, host_syncs
 from support.references import assert_close
@@ -111,14 +113,14 @@ def test_perplexity_is_exactly_exp_of_the_mean_of_the_batch_losses(make_trainer:
     """Each batch's mean loss, weighted by its tokens, as the trainer's own steps returned them."""
     trainer = make_trainer(epochs=2, iterator="random")
     seen: list[tuple[int, float, int]] = []
-    real_step = train_mod.train_step
+    real_step = step_mod.train_step
 
     def step(model: CharLM, optimizer: Any, X: torch.Tensor, Y: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         loss, state = real_step(model, optimizer, X, Y, *args, **kwargs)
-        seen.append((trainer.state.epoch + 1, loss.item(), Y.numel()))
+        seen.append((trainer.progress.epoch + 1, loss.item(), Y.numel()))
         return loss, state
 
-    monkeypatch.setattr(train_mod, "train_step", step)
+    monkeypatch.setattr(step_mod, "train_step", step)
     reported = {e.epoch: e.train_perplexity for e in trainer.run() if isinstance(e, EpochEnded)}
     for epoch in (1, 2):
         total = sum(loss * n for e, loss, n in seen if e == epoch)
@@ -183,7 +185,7 @@ def test_ar_and_tar_change_the_gradient_not_the_reported_loss() -> None:
 def test_the_trainer_trains_on_ar_and_tar_and_reports_the_cross_entropy(make_trainer: MakeTrainer, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same run with AR and TAR: its first batch reports the same loss (the same model,
     cross-entropy alone), its updates differ; perplexity is still exp of those losses."""
-    real_step = train_mod.train_step
+    real_step = step_mod.train_step
     seen: list[float] = []
 
     def step(*args: Any, **kwargs: Any) -> Any:
@@ -191,7 +193,7 @@ def test_the_trainer_trains_on_ar_and_tar_and_reports_the_cross_entropy(make_tra
         seen.append(loss.item())
         return loss, state
 
-    monkeypatch.setattr(train_mod, "train_step", step)
+    monkeypatch.setattr(step_mod, "train_step", step)
     losses, trained = [], []
     for name, extra in (("plain", {}), ("ar", {"ar": 5.0, "tar": 5.0})):
         seen.clear()
@@ -257,12 +259,12 @@ def test_resume_mid_epoch_is_bitwise_exact(make_trainer: MakeTrainer, iterator: 
 
     first = make_trainer("stopped", **args)
     stop_after = first.steps_per_epoch + 3  # inside the second epoch, state carried
-    events = list(first.run(lambda: first.state.global_step >= stop_after))
+    events = list(first.run(lambda: first.progress.global_step >= stop_after))
     assert events[-1].reason == "interrupted" and isinstance(events[-2], Saved)
     torch.manual_seed(12345)  # whatever the process did in between must not matter
     resumed = make_trainer("stopped", **args)
     resumed.resume()
-    assert resumed.state.step == 3 and resumed.state.epoch == 1
+    assert resumed.progress.batch == 3 and resumed.progress.epoch == 1
     list(resumed.run())
 
     assert_bitwise_equal(weights(straight), weights(resumed))
@@ -274,14 +276,14 @@ def test_reset_every_zeroes_each_row_once_per_cycle_staggered_and_carries_the_re
     (s + r·4/8) % 4 == 0 (two rows a step), every other row continues the state the last step left."""
     trainer = make_trainer(epochs=1, reset_every=4)
     seen: list[tuple[int, Any, Any]] = []
-    original = trainer.step
+    original = trainer.run_step
 
     def recording(X: torch.Tensor, Y: torch.Tensor, state: Any) -> Any:
         loss, out = original(X, Y, state)
-        seen.append((trainer.state.step, None if state is None else [s.clone() for s in state], [s.detach().clone() for s in out]))
+        seen.append((trainer.progress.batch, None if state is None else [s.clone() for s in state], [s.detach().clone() for s in out]))
         return loss, out
 
-    trainer.step = recording
+    trainer.run_step = recording
     list(trainer.run())
     assert len(seen) == trainer.steps_per_epoch > 8 and seen[0][1] is None  # the epoch starts from zero
     for (_, _, before), (step, given, _) in itertools.pairwise(seen):
@@ -303,7 +305,7 @@ def test_resume_at_an_epoch_edge_is_bitwise_exact(make_trainer: MakeTrainer, ite
     torch.manual_seed(999)
     rest = make_trainer("split", epochs=4, **args)
     rest.resume()
-    assert rest.state.epoch == 2
+    assert rest.progress.epoch == 2
     ended = [e.epoch for e in rest.run() if isinstance(e, EpochEnded)]
     assert ended == [3, 4]
     assert_bitwise_equal(weights(straight), weights(rest))
@@ -351,7 +353,7 @@ def test_a_resume_from_a_latest_older_than_best_never_makes_best_worse(make_trai
     assert best_path.read_bytes() == best_before
     assert events[-1].best_val_perplexity == pytest.approx(vals[5], rel=1e-12)
     # the replay was exact, and patience counted as in the run never interrupted
-    assert math.exp(resumed.state.best_val) == pytest.approx(vals[4], rel=1e-12) and resumed.state.evals_since_best == 0
+    assert math.exp(resumed.progress.best_val) == pytest.approx(vals[4], rel=1e-12) and resumed.progress.evals_since_best == 0
 
 
 def test_best_is_replaced_only_by_a_better_model(make_trainer: MakeTrainer, scripted_validation: Any) -> None:
@@ -384,16 +386,16 @@ def test_weights_broken_by_the_last_step_are_not_checkpointed(make_trainer: Make
     """The loss is measured before the update: if the epoch's last update makes the weights
     non-finite, every recorded loss is finite, yet the checkpoint must not take them."""
     trainer = make_trainer(epochs=3, checkpoint_every="1e", val_fraction=0.0)  # a checkpoint at each epoch's end
-    real_step = train_mod.train_step
+    real_step = step_mod.train_step
 
     def step(model: CharLM, *args: Any, **kwargs: Any) -> Any:
         loss, state = real_step(model, *args, **kwargs)
-        if trainer.state.epoch == 1 and trainer.state.step == trainer.steps_per_epoch - 1:
+        if trainer.progress.epoch == 1 and trainer.progress.batch == trainer.steps_per_epoch - 1:
             with torch.no_grad():
                 model.b_q.fill_(math.inf)  # the second epoch's last update overflows
         return loss, state
 
-    monkeypatch.setattr(train_mod, "train_step", step)
+    monkeypatch.setattr(step_mod, "train_step", step)
     events = trainer.run()
     for event in events:
         if isinstance(event, Saved) and event.epoch == 1:
@@ -418,24 +420,24 @@ def test_schedules_warm_up_then_decay() -> None:
     from lstmlm.config import TrainConfig
 
     warm = TrainConfig(schedule="cosine", epochs=2, warmup_steps=4)
-    assert [train_mod.lr_factor(warm, s, 10) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert train_mod.lr_factor(warm, 4, 10) == 1.0  # the cosine starts at the top
-    assert train_mod.lr_factor(warm, 4 + 8, 10) == pytest.approx(0.5)  # half way through the 16 cosine steps
-    assert train_mod.lr_factor(warm, 20, 10) == pytest.approx(0.0)
+    assert [step_mod.lr_factor(warm, s, 10) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert step_mod.lr_factor(warm, 4, 10) == 1.0  # the cosine starts at the top
+    assert step_mod.lr_factor(warm, 4 + 8, 10) == pytest.approx(0.5)  # half way through the 16 cosine steps
+    assert step_mod.lr_factor(warm, 20, 10) == pytest.approx(0.0)
     step = TrainConfig(schedule="step", step_every=2, gamma=0.5)
-    assert [train_mod.lr_factor(step, s, 10) for s in (0, 19, 20, 39, 40)] == [1.0, 1.0, 0.5, 0.5, 0.25]
-    assert train_mod.lr_factor(TrainConfig(), 1000, 10) == 1.0
+    assert [step_mod.lr_factor(step, s, 10) for s in (0, 19, 20, 39, 40)] == [1.0, 1.0, 0.5, 0.5, 0.25]
+    assert step_mod.lr_factor(TrainConfig(), 1000, 10) == 1.0
 
 
 def test_cosine_anneals_by_whichever_ends_first_steps_or_time() -> None:
     from lstmlm.config import TrainConfig
 
     t = TrainConfig(schedule="cosine", epochs=100, max_minutes=1.0)
-    assert train_mod.lr_factor(t, 10, 10, time_used=0.5) == pytest.approx(0.5)  # time is further along
-    assert train_mod.lr_factor(t, 500, 10, time_used=0.0) == pytest.approx(0.5)  # the steps are
-    assert train_mod.lr_factor(t, 10, 10, time_used=1.0) == pytest.approx(0.0)
+    assert step_mod.lr_factor(t, 10, 10, time_used=0.5) == pytest.approx(0.5)  # time is further along
+    assert step_mod.lr_factor(t, 500, 10, time_used=0.0) == pytest.approx(0.5)  # the steps are
+    assert step_mod.lr_factor(t, 10, 10, time_used=1.0) == pytest.approx(0.0)
     # step and constant schedules ignore the clock
-    assert train_mod.lr_factor(TrainConfig(schedule="step", step_every=1, max_minutes=1.0), 5, 10, time_used=0.9) == 1.0
+    assert step_mod.lr_factor(TrainConfig(schedule="step", step_every=1, max_minutes=1.0), 5, 10, time_used=0.9) == 1.0
 
 
 def test_a_time_limited_cosine_run_ends_with_the_learning_rate_at_its_floor(make_trainer: MakeTrainer) -> None:
@@ -486,7 +488,7 @@ def scripted_validation(monkeypatch: pytest.MonkeyPatch) -> Callable[[Trainer, l
         queue = list(losses)
 
         def evaluate(model: Any, ids: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[float, int]:
-            at.append(trainer.state.global_step)
+            at.append(trainer.progress.global_step)
             return queue.pop(0), len(ids) - 1
 
         monkeypatch.setattr(train_mod, "evaluate", evaluate)
@@ -506,7 +508,7 @@ def test_eval_every_validates_every_n_steps_across_epoch_edges(make_trainer: Mak
     trainer = make_trainer(epochs=3, eval_every=5)
     at = scripted_validation(trainer, [3.0 - 0.01 * i for i in range(100)])
     events = list(trainer.run())
-    total = trainer.state.global_step  # an epoch has at least steps_per_epoch batches, one more for some offsets
+    total = trainer.progress.global_step  # an epoch has at least steps_per_epoch batches, one more for some offsets
     assert total >= 3 * trainer.steps_per_epoch
     assert at == list(range(5, total + 1, 5)) + ([total] if total % 5 else [])  # and once where training ends
     evaluated = [e for e in events if type(e).__name__ == "Evaluated"]
@@ -537,11 +539,11 @@ def test_patience_with_eval_every_stops_mid_epoch_and_still_saves_and_samples(ma
     events = list(trainer.run())
     done = events[-1]
     assert isinstance(done, Finished) and done.reason == "early_stop"
-    assert at == [3, 6] and trainer.state.global_step == 6  # stopped at the step whose validation spent the patience
+    assert at == [3, 6] and trainer.progress.global_step == 6  # stopped at the step whose validation spent the patience
     assert kinds(events) == ["Evaluated", "Saved:latest", "Sampled", "Finished"]
     latest = checkpoint_state(trainer, "latest")
     assert latest["global_step"] == 6 and latest["best_val"] == 2.0
-    assert (latest["step"] == 0) == (6 % trainer.steps_per_epoch == 0)
+    assert (latest["batch"] == 0) == (6 % trainer.steps_per_epoch == 0)
 
 
 def test_a_completed_run_validates_saves_samples_in_that_order(make_trainer: MakeTrainer) -> None:
@@ -560,35 +562,36 @@ def test_a_stop_inside_an_epoch_takes_the_one_way_out(make_trainer: MakeTrainer,
     """The time limit and Ctrl-C, three steps into the first epoch, end as every stop does: the
     stop path validates (unless interrupted), saves latest once, samples (unless interrupted)."""
     now = [0.0]  # 10 s a training step, on a clock of the test's own
-    real_step = train_mod.train_step
+    real_step = step_mod.train_step
 
     def step(*args: Any, **kwargs: Any) -> Any:
         now[0] += 10.0
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "train_step", step)
+    monkeypatch.setattr(step_mod, "train_step", step)
     cadences = {"checkpoint_every": "0", "sample_every": "0", "eval_every": "0"}  # nothing due before the stop
     trainer = make_trainer(epochs=10, max_minutes=0.5 if reason == "time_limit" else 0.0, clock=lambda: now[0], **cadences)  # 0.5 min: 3 steps
     assert trainer.steps_per_epoch > 3
-    events = list(trainer.run(lambda: reason == "interrupted" and trainer.state.global_step >= 3))
+    events = list(trainer.run(lambda: reason == "interrupted" and trainer.progress.global_step >= 3))
     done = events[-1]
-    assert isinstance(done, Finished) and done.reason == reason and trainer.state.global_step == 3
+    assert isinstance(done, Finished) and done.reason == reason and trainer.progress.global_step == 3
     assert kinds(events) == ending
     latest = checkpoint_state(trainer, "latest")
-    assert (latest["epoch"], latest["step"], latest["global_step"]) == (0, 3, 3) and latest["carry"] is not None
+    assert (latest["epoch"], latest["batch"], latest["global_step"]) == (0, 3, 3) and latest["carry"] is not None
 
 
 def test_a_checkpoint_from_before_this_layout_resumes(make_trainer: MakeTrainer) -> None:
-    """Checkpoints written by the first release hold a trainer state with an unused "extra"."""
+    """Version 1's trainer state: the batch named "step", and (the first release) an unused "extra"."""
     trainer = make_trainer(epochs=1)
     list(trainer.run())
     path = trainer.store.path(LATEST)
     payload = load_checkpoint(path)
-    payload["trainer"]["state"]["extra"] = {}
-    torch.save(payload, path)
+    state = payload["trainer"]["state"]
+    state["extra"], state["step"] = {}, state.pop("batch")
+    torch.save({**payload, "version": 1}, path)
     resumed = make_trainer(epochs=2)
     resumed.resume()
-    assert resumed.state.epoch == 1
+    assert resumed.progress.epoch == 1
     assert isinstance(list(resumed.run())[-1], Finished)
 
 
@@ -628,16 +631,38 @@ def test_an_optimizer_state_loads_into_an_optimizer_built_another_way() -> None:
     way round: the loading optimizer keeps its own flags, the saved learning rate is a float."""
     torch.manual_seed(0)
     model = CharLM(9, 6)
-    saved = train_mod.build_optimizer(train_mod.TrainConfig(optimizer="adam", lr=0.01), model)  # foreach, as on a CPU
+    from lstmlm.config import TrainConfig
+
+    saved = step_mod.build_optimizer(TrainConfig(optimizer="adam", lr=0.01), model)  # foreach, as on a CPU
     model(torch.randint(0, 9, (2, 4)))[0].sum().backward()
     saved.step()
     saved.param_groups[0]["lr"] = torch.tensor(0.01)  # as a graphed step leaves it
-    state = train_mod.optimizer_state(saved)
+    state = checkpointer.optimizer_state(saved)
     assert state["param_groups"][0]["lr"] == pytest.approx(0.01) and isinstance(state["param_groups"][0]["lr"], float)
     fused = torch.optim.Adam(model.parameters(), lr=0.5, fused=True)  # as built on a GPU
-    train_mod.load_optimizer_state(fused, state)
+    checkpointer.load_optimizer_state(fused, state)
     group = fused.param_groups[0]
     assert group["fused"] is True and group["foreach"] is None and group["lr"] == pytest.approx(0.01)
     assert all(fused.state[p]["step"].dtype == torch.float32 for p in model.parameters())
     fused.step()  # and it steps
     assert all(fused.state[p]["step"].item() == 2 for p in model.parameters())
+
+
+# ---- what training samples from ---------------------------------------------------------------------
+
+
+def test_on_ones_own_text_samples_start_from_its_own_words(make_trainer: MakeTrainer, tmp_path: Path) -> None:
+    """Not d2l's "time traveller" on a text of another kind: the opening words of the first
+    paragraph past the middle of the training text."""
+    front = "*** START OF THE PROJECT GUTENBERG EBOOK ***\n\n"
+    body = "".join(f"Call me Ishmael, for the {n}th time. Some years ago, never mind how long.\n\n" for n in range(60))
+    corpus = tmp_path / "moby.txt"
+    corpus.write_text(front + body, encoding="utf-8")
+    trainer = make_trainer(corpus=corpus, epochs=1)
+    (prefix,) = trainer.sample_prefixes
+    assert prefix.startswith("Call me Ishmael,") and len(prefix) <= 16 and not prefix.endswith(" ")
+    assert {e.prefix for e in trainer.run() if isinstance(e, Sampled)} == {prefix}
+
+
+def test_d2l_text_keeps_d2l_prefixes(make_trainer: MakeTrainer) -> None:
+    assert make_trainer(normalize="d2l", epochs=1).sample_prefixes == ["time traveller", "traveller"]

@@ -20,9 +20,10 @@ from typing import Any
 
 import pytest
 
-import lstmlm.session as session_mod
+import lstmlm.step as step_mod
 import lstmlm.train as train_mod
-from lstmlm import checkpoint, config, tune
+import lstmlm.training as training_mod
+from lstmlm import checkpoint, config_file, tune
 from lstmlm.errors import ConfigError
 from lstmlm.runs import LATEST, RunStore
 
@@ -41,15 +42,15 @@ def step_clock(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The trainer's clock advances PER_STEP seconds a training step and stands still otherwise;
     the list counts the steps taken (by every trial and training of the test)."""
     now, steps = [1000.0], [0]
-    real_step = train_mod.train_step
+    real_step = step_mod.train_step
 
     def step(*args: Any, **kwargs: Any) -> Any:
         now[0] += PER_STEP
         steps[0] += 1
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "train_step", step)
-    monkeypatch.setattr(session_mod, "Trainer", functools.partial(train_mod.Trainer, clock=lambda: now[0]))  # every trial's trainer on this clock
+    monkeypatch.setattr(step_mod, "train_step", step)
+    monkeypatch.setattr(training_mod, "Trainer", functools.partial(train_mod.Trainer, clock=lambda: now[0]))  # every trial's trainer on this clock
     return steps
 
 
@@ -80,7 +81,7 @@ def test_two_trials_end_to_end_and_the_best_config_trains_unchanged(tune_args: l
         assert t.user_attrs["run"] == f"s-trial-{t.number}"
         run = RunStore.open(runs_dir / f"s-trial-{t.number}")  # each trial's run is kept
         assert run.has_checkpoint(LATEST) and run.has_checkpoint("best")
-        assert run.config.train.max_minutes == MINUTES and run.config.train.eval_every == f"{MINUTES / tune.VALIDATIONS:g}m"
+        assert run.config.train.max_minutes == MINUTES and str(run.config.train.eval_every) == f"{MINUTES / tune.VALIDATIONS:g}m"
         assert sorted(t.intermediate_values) == list(range(1, len(t.intermediate_values) + 1)) and len(t.intermediate_values) >= 6
         assert t.value == min(t.intermediate_values.values())  # its value: the best validation
         assert (run.config.model.hidden, run.config.data.batch_size) == (16, 8)  # the options given are fixed
@@ -93,10 +94,10 @@ def test_two_trials_end_to_end_and_the_best_config_trains_unchanged(tune_args: l
     assert f"best: trial {best.number}, {best.value:.4f} nats" in result.stdout
 
     written = runs_dir / "s-best.toml"
-    cfg = config.load(written)
+    cfg = config_file.load(written)
     assert cfg.to_dict() == best.user_attrs["config"]
     assert cfg.train.lr == best.params["lr"] and cfg.train.max_minutes == MINUTES
-    assert (cfg.train.eval_every, cfg.train.checkpoint_every, cfg.train.val_tokens) == ("1e,10m", "10m", 250_000)  # train's own cadences
+    assert (str(cfg.train.eval_every), str(cfg.train.checkpoint_every), cfg.train.val_tokens) == ("1e,10m", "10m", 250_000)  # train's own cadences
     trained = cli("train", "--config", written, "--runs-dir", tmp_path / "again", "--run", "best", "--json")
     assert trained.code == 0, trained.stderr
     assert trained.json()[-1]["reason"] == "time_limit"
@@ -116,7 +117,7 @@ def test_an_interrupted_study_resumes_with_the_command_it_prints(tune_args: list
     """A Ctrl-C (the stop flag: the trainer stops at the batch's end) or a second one (a
     KeyboardInterrupt inside the step) during the second trial: that trial is failed, not left
     running; the command printed adds trials to the same study."""
-    steps, stepping = [0], train_mod.train_step
+    steps, stepping = [0], step_mod.train_step
 
     def interrupted_step(*args: Any, **kwargs: Any) -> Any:
         steps[0] += 1
@@ -127,7 +128,7 @@ def test_an_interrupted_study_resumes_with_the_command_it_prints(tune_args: list
                 raise KeyboardInterrupt
         return stepping(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "train_step", interrupted_step)
+    monkeypatch.setattr(step_mod, "train_step", interrupted_step)
     result = cli(*tune_args, "--trials", "3")
     assert result.code == 130, result.stderr
     assert states(runs_dir) == ["COMPLETE", "FAIL"]
@@ -136,7 +137,7 @@ def test_an_interrupted_study_resumes_with_the_command_it_prints(tune_args: list
     command = shlex.split(last.split("continue the study with: ")[1])
     assert command[:2] == ["lstmlm", "tune"]
 
-    monkeypatch.setattr(train_mod, "train_step", stepping)
+    monkeypatch.setattr(step_mod, "train_step", stepping)
     again = cli(*command[1:], "--trials", "1")  # the last --trials wins
     assert again.code == 0, again.stderr
     assert states(runs_dir) == ["COMPLETE", "FAIL", "COMPLETE"]
@@ -187,7 +188,7 @@ def test_an_output_given_is_refused_before_any_trial_unless_forced(tune_args: li
     assert mine.read_text(encoding="utf-8") == "# my own recipe\n" and states(runs_dir) == []  # no trial ran
     result = cli(*tune_args, "--trials", "1", "--output", mine, "--force")
     assert result.code == 0, result.stderr
-    assert config.load(mine).to_dict() == load(runs_dir).best_trial.user_attrs["config"]
+    assert config_file.load(mine).to_dict() == load(runs_dir).best_trial.user_attrs["config"]
     run = runs_dir / "s-trial-0"
     result = cli(*tune_args, "--trials", "1", "--output", run / "best.toml", "--force")
     assert_one_error_line(result, f"refusing to write {run / 'best.toml'}: {run} is a run's directory")

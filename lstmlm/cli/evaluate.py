@@ -27,17 +27,10 @@ def evaluate(
     as_json: options.Json = False,
 ) -> None:
     """Perplexity and bits per character (per byte for a bytes model) of a text under a trained model."""
-    from ..errors import ConfigError
-    from ..session import evaluate_file, evaluate_part
+    from ..inference import evaluate as score_text
 
-    if (file is None) == (part is None):
-        raise ConfigError("give a FILE to score, or --part val|test for the run's own text (not both)")
     with corpus_progress() as progress:
-        if file is not None:
-            score = evaluate_file(runs_dir, run, file, best, device, precision, progress)
-        else:
-            assert part is not None
-            score = evaluate_part(runs_dir, run, part, best, device, precision, progress)
+        score = score_text(runs_dir, run, file, part, best, device, precision, progress)
     what = str(file) if file is not None else f"{part} text"
     if as_json:
         print_json({"file": str(file) if file is not None else None, "part": part, **dataclasses.asdict(score)})

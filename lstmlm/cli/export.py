@@ -22,7 +22,7 @@ def export(
     runs_dir: options.RunsDir = DEFAULT_RUNS_DIR,
 ) -> None:
     """Export a trained model as one step, ids and state in, logits and state out, for a runtime without lstmlm."""
-    from ..session import export_run
+    from ..inference import export_run
 
     done = export_run(runs_dir, run, format, output, best, force)
     out.print(f"wrote {escape(str(done.path))} ({done.format}, {done.bytes:,} bytes); its logits match lstmlm's over "

@@ -15,7 +15,7 @@ from .console import err, out, visible
 from .errors import fail, one_line
 
 if TYPE_CHECKING:
-    from ..session import Conversation, Generation
+    from ..inference import Conversation, Generation
 
 ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 
@@ -43,15 +43,15 @@ def generate(
     On a terminal, control characters other than newline and tab are shown as ␛, ␍, ... (a model
     can make escape sequences); piped or redirected, the text is written as it is."""
     from ..generate import Sampling
-    from ..session import Conversation, load_for_generation, start_generation
+    from ..inference import Conversation, load, start_generation
 
     if carry and not interactive:
         raise typer.BadParameter("--carry keeps the state between the turns of --interactive", param_hint="--carry")
     sampling = Sampling(**{**options, "stop": tuple(unescape(s) for s in options["stop"] or ())})
     raw = raw_output or not sys.stdout.isatty()
     if interactive:
-        trained, prec = load_for_generation(runs_dir, run, model, best, device, precision)
-        converse(Conversation(trained, sampling, prec, prime, carry), raw)
+        trained = load(runs_dir, run, model, best, device, precision)
+        converse(Conversation(trained, sampling, trained.precision, prime, carry), raw)
         return
     show(start_generation(runs_dir, run, prefix, sampling, model, best, device, precision, prime), raw)
 

@@ -49,7 +49,7 @@ def inspect_(
 
     Without --unit the text is coloured by the best units for --find, or else by the units that vary most.
     """
-    from ..session import inspect_run
+    from ..inference import inspect_run
     from ..units import saturation
 
     result = inspect_run(runs_dir, run, text, file, gate, layer, units, find, top, best, html_out, force)

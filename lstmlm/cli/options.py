@@ -12,6 +12,7 @@ import typer
 from rich.markup import escape
 
 from .. import config
+from ..cadences import Cadence
 from ..sampling import Sampling
 
 Run = Annotated[
@@ -52,7 +53,7 @@ def _add_config_options(command: Callable[..., Any], exclude: tuple[str, ...]) -
     for f in config.all_fields():
         if f.name in exclude:
             continue
-        kind = str if get_origin(f.type) is Literal else f.type
+        kind = str if get_origin(f.type) is Literal or f.type is Cadence else f.type  # the config parses them
         # Typer reads a help text as Rich markup; a config's help is plain text, where '*.[ch]' and
         # 'lstmlm[tensorboard]' would lose their brackets
         flag = typer.Option(f"--{f.name.replace('_', '-')}", help=escape(f.help))

@@ -8,7 +8,8 @@ import dataclasses
 import itertools
 import math
 import signal
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -25,7 +26,7 @@ from .console import corpus_progress, err, out, print_json, visible
 
 if TYPE_CHECKING:
     from ..data.pipeline import Data
-    from ..session import Chosen
+    from ..training import Chosen
 
 STEP_BAR_MIN_BATCHES = 50  # epochs this long get a bar within the epoch too
 
@@ -37,31 +38,34 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run (default: the latest) from its last checkpoint.")] = False,
     runs_dir: options.RunsDir = DEFAULT_RUNS_DIR,
     as_json: options.Json = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show every setting at the start, not only those this run chose.")] = False,
     **overrides: Any,
 ) -> None:
     """Train a character-level LSTM; prints perplexity as it falls, its baselines, and samples at the end
     (with --json: a JSON line for the baselines, per epoch and validation, and a last 'done')."""
-    from .. import baselines, session
+    from .. import baselines
+    from .. import training as trainings
     from ..plot import perplexity_chart
+    from ..runs import resume_command
 
     with corpus_progress() as progress:
-        plan = session.prepare_training(runs_dir, run, overrides, config_file, resume, progress)
+        plan = trainings.plan(runs_dir, run, overrides, config_file, resume, progress)
     warn_about(plan.data)
     if plan.recipe is not None and not as_json:
         out.print(recipe_line(plan.recipe, len(plan.data.train), len(plan.data.vocab), plan.config.train.max_minutes), soft_wrap=True, markup=False)
-    stop = session.StopFlag()
-    with session.training(plan) as training, stop.installed():
+    stop = trainings.StopFlag()
+    with trainings.start(plan) as training, stop.installed():
         if not training.world.is_main:  # only rank 0 shows anything
             for _ in training.run(stop):
                 pass
             return
-        done = render(training.config, training.run(stop), as_json)
+        done = render(training.config, training.run(stop), as_json, None if verbose else plan.chosen_keys, runs_dir)
         metrics = training.store.read_metrics()
     if not as_json and done.epochs > 1:
         out.print(perplexity_chart(metrics, width=min(out.width, 100), height=10, baselines=baselines.read(training.store.root)))
     report(done, as_json, "byte" if training.config.data.normalize == "bytes" else "character")
     if done.reason == "interrupted":
-        command = session.resume_command(done.run, runs_dir, overrides)  # a command that works as is
+        command = resume_command(done.run, runs_dir, overrides)  # a command that works as is
         err.print(f"stopped: checkpoint saved; continue with: {visible(command)}", markup=False, soft_wrap=True)
         raise typer.Exit(128 + (stop.signal or signal.SIGINT))
 
@@ -89,13 +93,17 @@ def recipe_line(chosen: Chosen, tokens: int, vocab: int, minutes: float) -> str:
     return text + (f" (the options given override {', '.join(chosen.given)})" if chosen.given else "")
 
 
-def config_table(cfg: Config, started: Started) -> Table:
+ALWAYS_SHOWN = ("corpus", "model", "cell")  # what any run is, chosen or not
+
+
+def config_table(cfg: Config, started: Started, shown: Collection[str] | None = None, runs_dir: Path = DEFAULT_RUNS_DIR) -> Table:
+    """The run's settings — those in `shown` (what the options, the file or the recipe chose),
+    or all of them — and what it trains on."""
     table = Table(title=f"run [bold]{escape(visible(started.run))}[/]", show_header=False, box=None, padding=(0, 2))
-    table.add_column(style="dim")
-    table.add_column()
-    table.add_column(style="dim")
-    table.add_column()
-    rows = [(k, escape(visible(str(v)))) for section in cfg.to_dict().values() for k, v in section.items()]
+    for style in ("dim", None, "dim", None):
+        table.add_column(style=style)
+    settings = [(k, v) for section in cfg.to_dict().values() for k, v in section.items()]
+    rows = [(k, escape(visible(str(v)))) for k, v in settings if shown is None or k in shown or k in ALWAYS_SHOWN]
     rows += [
         ("parameters", f"{started.num_params:,}"),
         ("vocab", str(started.vocab_size)),
@@ -107,15 +115,37 @@ def config_table(cfg: Config, started: Started) -> Table:
     half = (len(rows) + 1) // 2
     for left, right in itertools.zip_longest(rows[:half], rows[half:], fillvalue=("", "")):
         table.add_row(*left, *right)
+    hidden = len(settings) - sum(1 for k, _ in settings if k in (shown or ()) or k in ALWAYS_SHOWN)
+    if shown is not None and hidden:
+        table.caption = f"[dim]the other {hidden} settings: {escape(visible(str(runs_dir / started.run / 'config.json')))}, or --verbose[/]"
     return table
 
 
-def render(cfg: Config, events: Iterator[Event], as_json: bool) -> Finished:
-    """Show the events: progress bars (the epochs; inside a long epoch its tokens, rate and time
-    left), the baselines under the first validation (or epoch, without validation text) and
-    samples; or JSON lines on stdout."""
+def epochs_reached(cfg: Config, step: Stepped, epochs: int) -> float:
+    """The epoch the run will end at: its --epochs, or sooner where --max-minutes ends it (at
+    this epoch's rate, the epochs the time left holds, counted from where it stands)."""
+    limit = cfg.train.max_minutes * 60
+    if not limit or step.tokens_per_s <= 0 or step.epoch_tokens <= 0:
+        return float(epochs)
+    done = step.epoch - 1 + step.tokens / step.epoch_tokens
+    more = max(0.0, limit - step.session_seconds) * step.tokens_per_s / step.epoch_tokens
+    return min(float(epochs), done + more)
+
+
+def epoch_count(done: float, end: float, timed: bool) -> str:
+    """'3/500', or by the clock '0.4/~1.6' (an end the time limit sets, estimated)."""
+    if not timed:
+        return f"{done:.0f}/{end:.0f}"
+    return f"{done:.1f}/~{end:.1f}" if end < 10 else f"{done:.0f}/~{end:.0f}"
+
+
+def render(cfg: Config, events: Iterator[Event], as_json: bool, shown: Collection[str] | None = None, runs_dir: Path = DEFAULT_RUNS_DIR) -> Finished:
+    """Show the events: the settings (`shown`, or all), progress bars (the epochs, to the end
+    the run will reach; inside a long epoch its tokens, rate and time left), the baselines
+    under the first validation (or epoch, without validation text) and samples; or JSON lines
+    on stdout."""
     progress = Progress(
-        TextColumn("{task.description} {task.completed:.0f}/{task.total:.0f}"),
+        TextColumn("{task.description} {task.fields[count]}"),
         BarColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[stats]}"),
@@ -125,6 +155,7 @@ def render(cfg: Config, events: Iterator[Event], as_json: bool) -> Finished:
     unit = "bpb" if cfg.data.normalize == "bytes" else "bpc"
     epochs: Any = None
     steps = None
+    last, end, timed = cfg.train.epochs, float(cfg.train.epochs), False
     baselines: Baselines | None = None  # to show, under the first figure they are a reference for
 
     def show_baselines(model: float | None) -> None:
@@ -143,10 +174,12 @@ def render(cfg: Config, events: Iterator[Event], as_json: bool) -> Finished:
                     baselines = event.baselines
             elif isinstance(event, Started):
                 if not as_json:
-                    out.print(config_table(cfg, event))
-                epochs = progress.add_task("epoch", total=event.epochs, completed=event.start_epoch, stats="")
+                    out.print(config_table(cfg, event, shown, runs_dir))
+                last, end, timed = event.epochs, float(event.epochs), cfg.train.max_minutes > 0
+                at_start = epoch_count(event.start_epoch, last, timed)
+                epochs = progress.add_task("epoch", total=last, completed=event.start_epoch, stats="", count=at_start)
                 if event.batches_per_epoch >= STEP_BAR_MIN_BATCHES:
-                    steps = progress.add_task("step", total=event.batches_per_epoch, stats="")
+                    steps = progress.add_task("step", total=event.batches_per_epoch, stats="", count="")
             elif isinstance(event, Noted):
                 if as_json:
                     print_json({"event": "note", **dataclasses.asdict(event)})
@@ -157,11 +190,17 @@ def render(cfg: Config, events: Iterator[Event], as_json: bool) -> Finished:
                     print_json({"event": "warning", **dataclasses.asdict(event)})
                 else:
                     progress.console.print(f"[yellow]warning:[/] {escape(visible(event.message))}", soft_wrap=True)
-            elif isinstance(event, Stepped) and steps is not None:
-                progress.update(steps, completed=event.step, total=event.batches, stats=within_epoch(event))
+            elif isinstance(event, Stepped):
+                if timed:  # the end the clock sets, from this epoch's rate
+                    done, end = event.epoch - 1 + event.step / max(1, event.batches), epochs_reached(cfg, event, last)
+                    progress.update(epochs, completed=done, total=end, count=epoch_count(done, end, timed))
+                if steps is not None:
+                    progress.update(steps, completed=event.step, total=event.batches, stats=within_epoch(event), count=f"{event.step}/{event.batches}")
             elif isinstance(event, EpochEnded):
                 val = f"  val {event.val_perplexity:.3f} ({event.val_bpc:.3f} {unit})" if event.val_perplexity else ""
-                progress.update(epochs, completed=event.epoch, stats=f"ppl {event.train_perplexity:.3f}{val}  {event.tokens_per_s:,.0f} tok/s")
+                stats = f"ppl {event.train_perplexity:.3f}{val}  {event.tokens_per_s:,.0f} tok/s"
+                end = max(end, event.epoch)
+                progress.update(epochs, completed=event.epoch, total=end, stats=stats, count=epoch_count(event.epoch, end, timed))
                 if as_json:
                     print_json({"event": "epoch", **dataclasses.asdict(event)})
                 elif baselines is not None and baselines.text == "training":

@@ -51,15 +51,15 @@ def tune(
 ) -> None:
     """Search model and training settings on Optuna: each trial a real training of --minutes, pruned on its validation curve; the options given are fixed.
     Needs: pip install 'lstmlm\\[tune]'."""
-    from .. import session
     from .. import tune as tuning
+    from ..training import StopFlag
 
     setup = tuning.Setup(minutes, overrides, config_file, runs_dir, study, storage, pruner.value, startup_trials)
     with corpus_progress() as progress:
         opened = tuning.open_study(setup, progress)
     if not as_json:
         out.print(study_line(opened), soft_wrap=True, markup=False)
-    stop = session.StopFlag()
+    stop = StopFlag()
     again = tuning.continue_command(setup, opened.name, trials)
     try:
         with stop.installed():

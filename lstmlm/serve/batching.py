@@ -31,8 +31,8 @@ import torch
 
 from ..errors import ServeError
 from ..generate import Continuation, Sampling, prime
+from ..inference import Generation, as_generation, read_prefix
 from ..sampling import Rows
-from ..session import Generation, as_generation, read_prefix
 
 if TYPE_CHECKING:
     from ..stepper import LoopStepper, Stepper

@@ -26,7 +26,7 @@ from ..errors import CheckpointError, ConfigError, LstmlmError
 from ..runs import BEST, LATEST, RunStore, check_run_name
 
 if TYPE_CHECKING:
-    from ..session import Trained
+    from ..inference import Trained
 
 MAX_NAME_BYTES = 255  # NAME_MAX: no run directory has a longer name
 
@@ -227,10 +227,10 @@ class Models:
                 if hit := self._hit(key, stamp):  # another request loaded it meanwhile
                     return hit
                 self._loaded.pop(key, None)  # an older checkpoint's model goes before the newer one comes
-            from ..session import load_for_generation
+            from ..inference import load as load_trained
 
-            trained, precision = load_for_generation(self.runs_dir, name, None, best, self.device, self.precision)
-            loaded = Loaded(trained, precision, stamp, weight_bytes(trained))
+            trained = load_trained(self.runs_dir, name, None, best, self.device, self.precision)
+            loaded = Loaded(trained, trained.precision, stamp, weight_bytes(trained))
             with self._lock:
                 self._loaded[key] = loaded
                 self._let_go()

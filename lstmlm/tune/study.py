@@ -13,12 +13,14 @@ from typing import Any
 
 import optuna
 
-from .. import config, distributed, session
+from .. import config, config_file, distributed
 from ..atomic import write_text_output
 from ..config import Config
 from ..data.download import StageProgress
 from ..errors import ConfigError, TuneError
 from ..runs import DEFAULT_RUNS_DIR
+from ..training import plan as plan_training
+from ..training import run_base_name
 from .space import Dimension, search_space
 from .storage import hide_password, holds_study, open_storage, quiet, reason
 
@@ -87,13 +89,13 @@ def open_study(setup: Setup, progress: StageProgress | None = None) -> Study:
         raise ConfigError("--minutes must be positive")
     if distributed.from_environment().active:
         raise ConfigError("lstmlm tune trains a trial in one process: start several tune processes on one --study instead of torchrun")
-    named = (config.load(setup.config_file) if setup.config_file else Config()).with_overrides(setup.overrides).resolved()
-    name = check_study_name(setup.study or f"{session.run_base_name(named)}-{setup.minutes:g}m")
+    named = (config_file.load(setup.config_file) if setup.config_file else Config()).with_overrides(setup.overrides).resolved()
+    name = check_study_name(setup.study or f"{run_base_name(named)}-{setup.minutes:g}m")
     url = setup.storage or default_storage(setup.runs_dir, name)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the library prints nothing; the CLI shows the trials
     storage = open_storage(url)  # before the corpus, which may take minutes to encode the first time
     shown = hide_password(url)
-    base = session.prepare_training(setup.runs_dir, None, setup.overrides, setup.config_file, default_recipe=False, progress=progress)
+    base = plan_training(setup.runs_dir, None, setup.overrides, setup.config_file, default_recipe=False, progress=progress)
     if len(base.data.val) < 2:
         raise ConfigError("tune compares trials by their validation loss, and this corpus has no validation text: give --val-fraction or --split")
     created = not holds_study(storage, name, shown)

@@ -1,5 +1,5 @@
 """A study's trials, one after another, as events: each asked of Optuna, sampled, trained as
-`lstmlm train` trains (session.prepare_training → session.training → Trainer.run), its
+`lstmlm train` trains (training.plan → training.start → Trainer.run), its
 validations reported to Optuna and pruned on its word, and told to Optuna however it ends; at
 the end the study's best trial's config written as TOML."""
 
@@ -14,12 +14,13 @@ from typing import Any
 
 import optuna
 
-from .. import session
 from ..atomic import check_output
 from ..config import Config
 from ..errors import CorpusError, DeviceError, TrainingError, TuneError
 from ..events import Evaluated, Started
 from ..runs import RunExists
+from ..training import plan as plan_training
+from ..training import start as start_training
 from .space import SPACE, sample
 from .storage import GRACE_S, Heartbeat, quiet
 from .study import Best, Setup, Study, best_trial, state_name, states, write_best
@@ -156,7 +157,7 @@ def train_trial(
     for the text, is failed: the trial's own fault, not the study's."""
     settings, best, parameters, step, prune = dict(params), None, None, 0, False
     try:
-        plan = session.prepare_training(study.runs_dir, run, {**trial_overrides(study.setup), **params}, study.setup.config_file, default_recipe=False)
+        plan = plan_training(study.runs_dir, run, {**trial_overrides(study.setup), **params}, study.setup.config_file, default_recipe=False)
         settings = {d.key: plan.config.value(d.key) for d in SPACE}  # sampled or fixed
         trial.set_user_attr("config", best_config(plan.config, study.base, study.setup.fixed).to_dict())
         heartbeat = Heartbeat(study.storage, study.name, trial.number)
@@ -164,7 +165,7 @@ def train_trial(
         def stop() -> bool:  # the pruner's word, as it stands when the trainer asks
             return prune or should_stop()
 
-        with session.training(plan) as training:
+        with start_training(plan) as training:
             for event in training.run(stop):
                 heartbeat()
                 if isinstance(event, Started):

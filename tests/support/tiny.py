@@ -59,8 +59,8 @@ def tiny_config(corpus: Path, **overrides: object) -> Config:
 
 def d2l_data(corpus: Path, **overrides: object) -> Data:
     """What `lstmlm train --config configs/d2l.toml --corpus CORPUS` trains on: the path training takes."""
-    from lstmlm import config
+    from lstmlm import config_file
     from lstmlm.data.pipeline import prepare_data
 
-    cfg = config.load(CONFIGS / "d2l.toml").with_overrides({"corpus": str(corpus), **overrides}).resolved()
+    cfg = config_file.load(CONFIGS / "d2l.toml").with_overrides({"corpus": str(corpus), **overrides}).resolved()
     return prepare_data(cfg)

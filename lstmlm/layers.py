@@ -1,0 +1,47 @@
+"""The package's layers, bottom first: a module imports only from its own layer or those below.
+
+`tests/test_layers.py` parses every module's imports (lazy ones inside functions and those for
+type checking included) and fails on one that points up this list. A module is placed by its
+name under `lstmlm` (a subpackage's modules, `cells.lstm` or `cli.train`, by the subpackage).
+
+     1  lstmlm, errors                 the version; the exceptions
+     2  atomic, device, distributed,   durable writes; the device and precision; torchrun;
+        vocab, progress                the vocabulary; where a training stands
+     3  corpus                         known corpora, downloads and the cache
+     4  cells, fused, recurrence,      the recurrent cells and their fast paths (the fused
+        native                         Python path, the compiled C++ recurrence)
+     5  cadences, config, config_file, every hyperparameter (a cadence typed, with its timing);
+        sizes                          reading configs; a model's size from its cells
+     6  runs, data                     the run store (no torch); files to token ids to batches
+     7  model, graphs, carry           CharLM; the step as a CUDA graph; the state between batches
+     8  evaluation, baselines, events, what a trained model is and does: scores, reports,
+        generate, units, units_page,   generation, inside a model, export, checkpoints; the
+        export, checkpoint, plot,      default recipe; what training samples from
+        tensorboard, recipe, samples
+     9  step, checkpointer             one optimizer step and how it is built; saving and resuming
+    10  train                          the loop
+    11  training, inference            starting and resuming a training; using a trained model
+    12  tune, serve, bench, runlist    Optuna studies; the HTTP API; `lstmlm bench`; `lstmlm runs`
+    13  cli, __main__                  the command line
+"""
+
+from __future__ import annotations
+
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("lstmlm", "errors"),
+    ("atomic", "device", "distributed", "vocab", "progress"),
+    ("corpus",),
+    ("cells", "fused", "recurrence", "native"),
+    ("cadences", "config", "config_file", "sizes"),
+    ("runs", "data"),
+    ("model", "graphs", "carry"),
+    ("evaluation", "baselines", "events", "generate", "units", "units_page", "export", "checkpoint", "plot", "tensorboard", "recipe", "samples"),
+    ("step", "checkpointer"),
+    ("train",),
+    ("training", "inference"),
+    ("tune", "serve", "bench", "runlist"),
+    ("cli", "__main__"),
+)
+"""The layers above, bottom first, each a tuple of module (or subpackage) names under `lstmlm`."""
+
+# "layers" itself sits nowhere: nothing imports it but the test that checks the others by it.

@@ -1,0 +1,345 @@
+"""Starting and resuming a training: `lstmlm train` (and each of tune's trials) as library calls.
+
+    plan   the options, a config file or the run's stored config, and the default recipe
+           → one final Config, and the data read for it (nothing written in a run yet)
+    start  the processes joined (under torchrun), the run created or opened and held, the
+           Trainer built and resumed → a `Training` whose events the CLI renders
+
+Runs are named, never pathed: `--run NAME` is `RUNS_DIR/NAME` in every command.
+
+A resume does what the stored run says, plus the options a resume may change (config.RESUMABLE,
+saved into the run), or refuses with the reason: a --config file or any other option that
+disagrees with the stored config (naming the keys), a run that never wrote a checkpoint, a
+corpus whose content is not the one the run was made from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import itertools
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+
+from . import baselines, config, distributed, tensorboard
+from . import config_file as config_file_mod
+from .config import Config
+from .data.batches import check_length
+from .data.download import StageProgress
+from .data.pipeline import Data, prepare_data
+from .device import available_memory, describe, resolve_device, resolve_precision, set_tf32
+from .distributed import World
+from .errors import CheckpointError, ConfigError, CorpusError, DeviceError
+from .evaluation import unit_of
+from .events import Baselined, Event, Started
+from .model import CharLM, training_bytes
+from .recipe import RECIPE_KEYS, Recipe, choose, probe_dims
+from .runs import LATEST, RunExists, RunStore, check_run_name
+from .step import timed_steps
+from .train import Trainer
+
+# ---- the plan: one final config, and its data ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """The default recipe's choice (`recipe.choose`) and the speed it was chosen for."""
+
+    recipe: Recipe
+    tokens_per_s: float  # the probe's, measured here
+    given: tuple[str, ...]  # the recipe's settings that options gave instead
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A training made ready: its final config, its data, and the run it writes (`store` when resuming)."""
+
+    config: Config
+    data: Data
+    runs_dir: Path
+    run: str | None
+    store: RunStore | None
+    recipe: Chosen | None = None  # when the default recipe chose the settings
+    chosen_keys: tuple[str, ...] = ()  # the settings this run chose (`chosen_keys`), for the start table
+
+
+def plan(
+    runs_dir: Path,
+    run: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    config_file: Path | None = None,
+    resume: bool = False,
+    progress: StageProgress | None = None,
+    default_recipe: bool = True,
+) -> Plan:
+    """The one final config — the stored config (resuming) or the file's, then the default
+    recipe's settings, then the options, in that order of precedence — and its data, read or
+    downloaded and encoded (`progress` follows each stage). Nothing is written in a run yet.
+
+    A new run on a corpus other than d2l's, with --max-minutes and no --config, takes its
+    model and training from the default recipe (`recipe.py`; off with `default_recipe=False`),
+    for this machine's speed as a probe measures it in a few batches; options override it."""
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if run is not None:
+        check_run_name(run)
+    store = RunStore.find(runs_dir, run) if resume else None
+    base = config_file_mod.load(config_file) if config_file else Config()
+    written = config_file_mod.written_keys(config_file) if config_file else frozenset()
+    if store is not None:
+        given = resumable_changes(store.config, base, written, given, config_file)
+        base = store.config
+    draft = base.with_overrides(given).resolved()
+    device = resolve_device(draft.train.device)  # an absent device is refused before any download
+    chosen = None
+    if default_recipe and store is None and config_file is None and uses_default_recipe(draft, given):
+        data = prepare_data(smallest_batches(draft, given), progress=progress, scratch=runs_dir)
+        chosen = choose_recipe(draft, given, data, device)
+        final = base.with_overrides({**chosen.recipe.overrides(), **given}).resolved()
+        check_length(len(data.train), final.data.batch_size, final.data.num_steps, "training text")
+    else:
+        final = draft
+        data = prepare_data(final, vocab=store.vocab if store else None, progress=progress, scratch=runs_dir)
+    if store is not None:
+        check_same_corpus(store, data, final.data.corpus)
+    check_memory(final, len(data.vocab), device)
+    return Plan(final, data, runs_dir, run, store, chosen, chosen_keys(final, set(written) | set(given)))
+
+
+def chosen_keys(final: Config, given: set[str]) -> tuple[str, ...]:
+    """The settings this run chose: those given (options, the file's keys) and every other that
+    is not its default (the recipe's, and "auto" resolved for the corpus: normalize raw, ...)."""
+    default = Config()
+    return tuple(k for k in config.field_names() if k in given or final.value(k) != default.value(k))
+
+
+def resumable_changes(stored: Config, file: Config, written: frozenset[str], given: dict[str, Any], config_file: Path | None) -> dict[str, Any]:
+    """What a resume changes in the stored config: the options a resume may change
+    (config.RESUMABLE), over those a --config file writes. Any other option, or a file, that
+    disagrees with the stored config is refused, naming each key that differs."""
+    if config_file is not None:
+        asked = file.with_overrides(given).resolved()
+        differ = [k for k in config.field_names() if k not in config.RESUMABLE and asked.value(k) != stored.value(k)]
+        if differ:
+            what = ", ".join(f"{k} (the run's {stored.value(k)!r}, here {asked.value(k)!r})" for k in differ)
+            raise ConfigError(
+                f"--resume keeps the run's stored config, and {config_file} (with the options given) differs from it in {what}: "
+                f"give the command that started the run, plus --resume, or start a new --run"
+            )
+    for key, value in given.items():
+        if key not in config.RESUMABLE and value != stored.value(key):
+            raise ConfigError(
+                f"--resume keeps the run's stored {key} = {stored.value(key)!r}; it cannot change to {value!r} (start a new --run instead)"
+            )
+    from_file = {k: file.value(k) for k in written if k in config.RESUMABLE}
+    return {**from_file, **{k: v for k, v in given.items() if k in config.RESUMABLE}}
+
+
+def check_same_corpus(store: RunStore, data: Data, corpus: str) -> None:
+    """Refuse to resume on a corpus whose content is not the one the run was created from (an
+    edited file, or another one moved into its place)."""
+    then, now = store.corpus_sha1, data.source_sha1
+    if then is not None and now is not None and then != now:
+        raise CorpusError(
+            f"the corpus {corpus} has changed since run {store.name} was created (SHA-1 {then} then, {now} now): "
+            f"restore it, or train a new --run on it"
+        )
+
+
+def check_memory(cfg: Config, vocab_size: int, device: torch.device) -> None:
+    """Refuse a model that cannot fit before the run is created: past the memory there is, a
+    training would be ended by the OOM killer with no message, its run's name used up."""
+    need, have = training_bytes(cfg, vocab_size), available_memory(device)
+    if have is not None and need > have:
+        m, d = cfg.model, cfg.data
+        raise DeviceError(
+            f"training {m.layers}×{m.hidden} {m.model} with batches of {d.batch_size}×{d.num_steps} needs at least "
+            f"{need / 2**30:,.1f} GiB of memory and {describe(device)} has {have / 2**30:,.1f} GiB available: "
+            f"lower --hidden, --layers, --embedding, --batch-size or --num-steps"
+        )
+
+
+# ---- the default recipe's probe -------------------------------------------------------------------
+
+PROBE_TIMED = 4  # the probe's timed batches (after one to warm up): about a second on two CPU cores
+
+
+def uses_default_recipe(cfg: Config, given: dict[str, Any]) -> bool:
+    """A time budget, text other than d2l's (which keeps the seed), a recipe setting left to
+    choose, and one process: under torchrun each would time its own probe and might choose
+    another model (the process group, which could agree on one, starts later)."""
+    return (
+        cfg.train.max_minutes > 0
+        and cfg.data.normalize != "d2l"
+        and not set(RECIPE_KEYS) <= set(given)
+        and not distributed.from_environment().active
+    )
+
+
+def smallest_batches(cfg: Config, given: dict[str, Any]) -> Config:
+    """`cfg` with batches of one character where the recipe will choose them: the corpus is read
+    before the recipe sizes its batches to it, so a short text is not refused for the defaults'."""
+    return cfg.with_overrides({key: given.get(key, 1) for key in ("batch_size", "num_steps")})
+
+
+def choose_recipe(cfg: Config, given: dict[str, Any], data: Data, device: torch.device) -> Chosen:
+    """The recipe for this corpus, vocabulary, machine and time: a probe model's training speed
+    here (`probe_speed`), then `recipe.choose`."""
+    speed = probe_speed(cfg, len(data.vocab), device)
+    recipe = choose(len(data.train), len(data.vocab), speed, cfg.train.max_minutes, cfg.model.cell)
+    return Chosen(recipe, speed, tuple(k for k in RECIPE_KEYS if k in given))
+
+
+def probe_speed(cfg: Config, vocab_size: int, device: torch.device) -> float:
+    """Training tokens/s of the recipe's probe model (`recipe.probe_dims`) on this machine: a
+    few batches through the step a training builds, after one to warm up."""
+    dims = probe_dims(vocab_size, cfg.model.cell)
+    probe = dims.config(cfg.model.model)
+    torch.manual_seed(0)
+    model = CharLM.from_config(probe.model, vocab_size, device=device).to(device)
+    precision = resolve_precision(cfg.train.precision, device)
+    seconds = timed_steps(probe, model, device, World(), precision, PROBE_TIMED, warmup=1)
+    return PROBE_TIMED * dims.batch_size * dims.num_steps / seconds
+
+
+# ---- starting it ----------------------------------------------------------------------------------
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM: training finishes the current batch, saves, and stops."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopFlag]:
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            if self.signal is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self.signal = signum
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+@dataclass(frozen=True)
+class Training:
+    trainer: Trainer
+    store: RunStore
+    world: World
+
+    @property
+    def config(self) -> Config:
+        return self.trainer.cfg
+
+    def run(self, should_stop: Callable[[], bool] | None = None) -> Iterator[Event]:  # a StopFlag, or any test of whether to stop (tune: the pruner too)
+        """The trainer's events; on rank 0 with the run's baselines after Started, and logged
+        to TensorBoard with --tensorboard."""
+        events = self.trainer.run(should_stop or (lambda: False))
+        if not self.world.is_main:
+            return events
+        events = with_baselines(events, self.trainer)
+        logs = tensorboard.directory_of(self.config, self.store.name)
+        return tensorboard.logged(events, logs, self.config, self.trainer.progress.global_step) if logs else events
+
+
+def with_baselines(events: Iterator[Event], trainer: Trainer) -> Iterator[Event]:
+    """`events` with the run's baselines (baselines.py) after Started: read from the run, or
+    counted and scored there, before the trainer starts its clock."""
+    for event in events:
+        yield event
+        if isinstance(event, Started):
+            d, data = trainer.cfg.data, trainer.data
+            unit = unit_of(d.normalize)
+            found = baselines.for_training(
+                trainer.store.root, data.train, data.val, len(data.vocab), unit, d.batch_size, d.num_steps, trainer.cfg.train.val_tokens
+            )
+            yield Baselined(found)
+
+
+@contextlib.contextmanager
+def start(plan: Plan) -> Iterator[Training]:
+    """Join the processes (under torchrun), create the run (or open it), hold its lock, build the
+    Trainer and resume it from its checkpoint; leave the process group on the way out. A
+    resume's changes to the options it may change are saved into the run once it is held."""
+    cfg = plan.config
+    world = distributed.from_environment()  # several processes under torchrun, else one
+    device = distributed.start(world, resolve_device(cfg.train.device), cfg.data.batch_size)
+    completed = False
+    try:
+        precision = resolve_precision(cfg.train.precision, device)
+        set_tf32(device, cfg.train.tf32)
+        if cfg.train.tensorboard and world.is_main:
+            tensorboard.prepare(Path(cfg.train.tensorboard))  # before the run is made: a missing extra costs no run
+        store = plan.store or create_run(plan.runs_dir, plan.run, cfg, plan.data, world)
+        with store.locked() if world.is_main else contextlib.nullcontext():
+            resuming = plan.store is not None
+            if resuming:
+                check_resumable(store)
+                if world.is_main and store.config != cfg:
+                    store.save_config(cfg)
+            trainer = Trainer(store, cfg, plan.data, device, precision, world)
+            if resuming:
+                trainer.resume()
+            yield Training(trainer, store, world)
+            completed = True
+    except RuntimeError as e:
+        raise distributed.other_process_failed(e, world) from None
+    finally:
+        distributed.stop(world, completed)
+
+
+def check_resumable(store: RunStore) -> None:
+    """Refuse a run with no checkpoint: resumed, it would start over, overwriting its best.pt and
+    logging its epochs twice (asked while the run is held, so a training still on its way to
+    its first checkpoint is reported as in use instead)."""
+    if not store.has_checkpoint(LATEST):
+        raise CheckpointError(
+            f"run {store.root} has no checkpoint to resume from: it stopped before writing its first "
+            f"(delete {store.root} and train it again)"
+        )
+
+
+def run_base_name(cfg: Config) -> str:
+    """corpus-model: the name a run gets when none is given (a glob's corpus is named by the
+    folder it starts in: 'linux/**/*.[ch]' → linux)."""
+    corpus = Path(cfg.data.corpus)
+    if glob.has_magic(cfg.data.corpus):
+        plain = [part for part in corpus.parts if not glob.has_magic(part) and part not in ("/", ".", "..", "~")]
+        corpus = Path(plain[-1] if plain else "corpus")
+    return f"{corpus.stem or 'corpus'}-{cfg.model.model}"
+
+
+def create_run(runs_dir: Path, run: str | None, cfg: Config, data: Data, world: World) -> RunStore:
+    """Rank 0 claims the run; the others only name the one it claimed (they never write it, and
+    on another machine it is not even there)."""
+    store = claim_run(runs_dir, run, cfg, data) if world.is_main else None
+    name = distributed.broadcast_name(store.name if store else "", world)
+    return store or RunStore(runs_dir / name)
+
+
+def claim_run(runs_dir: Path, run: str | None, cfg: Config, data: Data) -> RunStore:
+    """The run `run`, or without a name the first free one of corpus-model, corpus-model-2, ...:
+    claimed atomically, so two trainings started at the same instant get two runs."""
+    if run is not None:
+        return RunStore.create(runs_dir / run, cfg, data.vocab, data.source_sha1)
+    base = run_base_name(cfg)
+    for n in itertools.count(1):
+        name = base if n == 1 else f"{base}-{n}"
+        if (runs_dir / name).exists():
+            continue
+        with contextlib.suppress(RunExists):  # another training claimed it a moment ago: the next name
+            return RunStore.create(runs_dir / name, cfg, data.vocab, data.source_sha1)
+    raise AssertionError("unreachable")

@@ -2,12 +2,14 @@
 
 `tests/test_layers.py` parses every module's imports (lazy ones inside functions and those for
 type checking included) and fails on one that points up this list. A module is placed by its
-name under `lstmlm` (a subpackage's modules, `cells.lstm` or `cli.train`, by the subpackage).
+name under `lstmlm` (a subpackage's modules, `cells.lstm` or `cli.train`, by the subpackage,
+unless the module itself is named here, as `data.home` and `data.download` are).
 
      1  lstmlm, errors                 the version; the exceptions
      2  atomic, device, distributed,   durable writes; the device and precision; torchrun;
-        vocab, progress                the vocabulary; where a training stands
-     3  corpus                         known corpora, downloads and the cache
+        vocab, progress, sampling      the vocabulary; where a training stands; sampling rules
+     3  data.home, data.download,      the cache's root; known corpora and downloads; the
+        trust                          compiled cache's trust checks
      4  cells, fused, recurrence,      the recurrent cells and their fast paths (the fused
         native                         Python path, the compiled C++ recurrence)
      5  cadences, config, config_file, every hyperparameter (a cadence typed, with its timing);
@@ -15,13 +17,15 @@ name under `lstmlm` (a subpackage's modules, `cells.lstm` or `cli.train`, by the
      6  runs, data                     the run store (no torch); files to token ids to batches
      7  model, graphs, carry           CharLM; the step as a CUDA graph; the state between batches
      8  evaluation, baselines, events, what a trained model is and does: scores, reports,
-        generate, units, units_page,   generation, inside a model, export, checkpoints; the
-        export, checkpoint, plot,      default recipe; what training samples from
+        generate, stepper, units,      generation and its batched step, inside a model, export,
+        units_page, export,            checkpoints; the default recipe; what training samples
+        checkpoint, plot,              from
         tensorboard, recipe, samples
      9  step, checkpointer             one optimizer step and how it is built; saving and resuming
     10  train                          the loop
     11  training, inference            starting and resuming a training; using a trained model
-    12  tune, serve, bench, runlist    Optuna studies; the HTTP API; `lstmlm bench`; `lstmlm runs`
+    12  tune, serve, bench, runlist,   Optuna studies; the HTTP API; `lstmlm bench`; `lstmlm runs`
+        runsummary                     and one run summed up from its files
     13  cli, __main__                  the command line
 """
 
@@ -29,17 +33,17 @@ from __future__ import annotations
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("lstmlm", "errors"),
-    ("atomic", "device", "distributed", "vocab", "progress"),
-    ("corpus",),
+    ("atomic", "device", "distributed", "vocab", "progress", "sampling"),
+    ("data.home", "data.download", "trust"),
     ("cells", "fused", "recurrence", "native"),
     ("cadences", "config", "config_file", "sizes"),
     ("runs", "data"),
     ("model", "graphs", "carry"),
-    ("evaluation", "baselines", "events", "generate", "units", "units_page", "export", "checkpoint", "plot", "tensorboard", "recipe", "samples"),
+    ("evaluation", "baselines", "events", "generate", "stepper", "units", "units_page", "export", "checkpoint", "plot", "tensorboard", "recipe", "samples"),
     ("step", "checkpointer"),
     ("train",),
     ("training", "inference"),
-    ("tune", "serve", "bench", "runlist"),
+    ("tune", "serve", "bench", "runlist", "runsummary"),
     ("cli", "__main__"),
 )
 """The layers above, bottom first, each a tuple of module (or subpackage) names under `lstmlm`."""

@@ -40,6 +40,10 @@ def layer_of(module: str) -> int:
     parts = module.split(".")
     is_module = len(parts) > 1 and ((PACKAGE / f"{parts[1]}.py").exists() or (PACKAGE / parts[1]).is_dir())
     top = parts[1] if is_module else "lstmlm"
+    named = ".".join(parts[1:3])  # a subpackage's module placed on its own (data.home)
+    for layer, names in enumerate(LAYERS):
+        if named in names:
+            return layer
     for layer, names in enumerate(LAYERS):
         if top in names:
             return layer

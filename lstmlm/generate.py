@@ -17,11 +17,12 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .cells.base import State
+from .choosing import Rows, choose_next
 from .data.text import normalize
 from .device import DTYPES, autocast
 from .errors import VocabError
 from .model import CharLM
-from .sampling import SAMPLE_LENGTH, Rows, Sampling, choose_next
+from .sampling import SAMPLE_LENGTH, Sampling
 from .stepper import LoopStepper, Stepper, stepper
 from .vocab import Vocab, describe_chars
 

@@ -16,11 +16,11 @@ unless the module itself is named here, as `data.home` and `data.download` are).
         sizes                          reading configs; a model's size from its cells
      6  runs, data                     the run store (no torch); files to token ids to batches
      7  model, graphs, carry           CharLM; the step as a CUDA graph; the state between batches
-     8  evaluation, baselines, events, what a trained model is and does: scores, reports,
-        generate, stepper, units,      generation and its batched step, inside a model, export,
-        units_page, export,            checkpoints; the default recipe; what training samples
-        checkpoint, plot,              from
-        tensorboard, recipe, samples
+     8  evaluation, baselines, events, what a trained model is and does: scores, baselines,
+        generate, choosing, stepper,   reports; generation, its choice for every row, its
+        units, units_page, export,     batched step; inside a model; export; checkpoints; the
+        checkpoint, plot, tensorboard, chart; TensorBoard; the default recipe; what training
+        recipe, samples                samples from
      9  step, checkpointer             one optimizer step and how it is built; saving and resuming
     10  train                          the loop
     11  training, inference            starting and resuming a training; using a trained model
@@ -39,7 +39,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("cadences", "config", "config_file", "sizes"),
     ("runs", "data"),
     ("model", "graphs", "carry"),
-    ("evaluation", "baselines", "events", "generate", "stepper", "units", "units_page", "export", "checkpoint", "plot", "tensorboard", "recipe", "samples"),
+    ("evaluation", "baselines", "events", "generate", "choosing", "stepper", "units",
+      "units_page", "export", "checkpoint", "plot", "tensorboard", "recipe", "samples"),
     ("step", "checkpointer"),
     ("train",),
     ("training", "inference"),

@@ -12,10 +12,10 @@ import torch
 
 from lstmlm import cells
 from lstmlm import generate as generate_mod
+from lstmlm.choosing import BLOCK, Rows, choose_next
 from lstmlm.errors import ConfigError, VocabError
 from lstmlm.generate import CHUNK, Continuation, Sampling, Stepper, complete, generate, prepare_prefix, prime
 from lstmlm.model import CharLM, convert
-from lstmlm.sampling import BLOCK, Rows, choose_next
 from lstmlm.vocab import Vocab
 
 from support.on_a_cpu import as_on_a_gpu, host_syncs

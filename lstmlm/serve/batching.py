@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..choosing import Rows
 from ..errors import ServeError
 from ..generate import Continuation, Sampling, prime
 from ..inference import Generation, as_generation, read_prefix
-from ..sampling import Rows
 
 if TYPE_CHECKING:
     from ..stepper import LoopStepper, Stepper

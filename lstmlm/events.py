@@ -4,8 +4,10 @@ them (a progress bar, samples, JSON lines), tests `list(...)` them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .baselines import Baselines
+if TYPE_CHECKING:  # numpy's, which the command line starts without
+    from .baselines import Baselines
 
 
 @dataclass(frozen=True)

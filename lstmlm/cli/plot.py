@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from .. import baselines, plot
 from ..runs import DEFAULT_RUNS_DIR, check_run_name
 from . import options
 from .console import out, visible
@@ -23,6 +22,8 @@ def plot_(
     runs_dir: options.RunsDir = DEFAULT_RUNS_DIR,
 ) -> None:
     """Train and validation perplexity per epoch (and bits per character in files), from the runs' metrics; their baselines as lines."""
+    from .. import baselines, plot  # numpy's: the command line starts without it
+
     dirs = [runs_dir / check_run_name(name) for name in runs]
     if output is not None:
         series = plot.plot_runs(dirs, output)

@@ -17,7 +17,6 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..baselines import BIGRAM, UNIGRAM, Baselines, Scored
 from ..config import Config
 from ..events import Baselined, EpochEnded, Evaluated, Event, Finished, Noted, Sampled, Started, Stepped, Warned
 from ..runs import DEFAULT_RUNS_DIR
@@ -25,6 +24,7 @@ from . import options
 from .console import corpus_progress, err, out, print_json, visible
 
 if TYPE_CHECKING:
+    from ..baselines import Baselines, Scored
     from ..data.pipeline import Data
     from ..training import Chosen
 
@@ -221,6 +221,8 @@ def render(cfg: Config, events: Iterator[Event], as_json: bool, shown: Collectio
 def baselines_line(b: Baselines | Scored, unit: str, on: str, model: float | None) -> str:
     """'baselines on the validation text, bits per character: uniform 6.044 · unigram 4.829
     (Laplace add-one) · bigram 3.584 (interpolated Kneser–Ney, D 0.46) · the model 2.910'."""
+    from ..baselines import BIGRAM, UNIGRAM  # numpy, which only a training needs
+
     figures = [f"uniform {b.uniform:.3f}", f"unigram {b.unigram:.3f} ({UNIGRAM})", f"bigram {b.bigram:.3f} ({BIGRAM}, D {b.discount:.2f})"]
     if model is not None:
         figures.append(f"the model {model:.3f}")

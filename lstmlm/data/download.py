@@ -21,15 +21,15 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
-
-import requests
-from urllib3.exceptions import DecodeError, ReadTimeoutError
-from urllib3.exceptions import HTTPError as TransportError
+from typing import IO, TYPE_CHECKING
 
 from ..atomic import write_atomic
 from ..errors import CorpusError, DownloadError
 from .home import cache_dir
+
+if TYPE_CHECKING:  # requests and urllib3 are imported where a download happens: the command line starts without them
+    import requests
+    from urllib3.exceptions import DecodeError
 
 
 @dataclass(frozen=True)
@@ -190,6 +190,8 @@ class _Retryable(Exception):
 
 
 def _download_once(target: Target, progress: Progress | None, max_bytes: int) -> Path:
+    import requests
+
     url = target.url
     try:
         response = requests.get(url, stream=True, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S))
@@ -226,6 +228,9 @@ def _stream_to(response: requests.Response, out: IO[bytes], total: int | None, m
     urllib3's read1 returns what has arrived (a server that drips is seen byte by byte, so its
     rate can be judged) and decompresses at most a chunk at a time (a small compressed body
     cannot become gigabytes before the size check sees it). A broken transfer is a DownloadError."""
+    from urllib3.exceptions import DecodeError, ReadTimeoutError
+    from urllib3.exceptions import HTTPError as TransportError
+
     raw = response.raw
     url = response.url
     digest = hashlib.sha1()

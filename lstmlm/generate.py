@@ -47,16 +47,6 @@ def prepare_prefix(prefix: str, vocab: Vocab, mode: str) -> str:
     return prefix
 
 
-def sample_prefixes(vocab: Vocab, train: torch.Tensor, mode: str) -> list[str]:
-    """What training samples from: d2l's two prefixes where the vocabulary can read them, else
-    the training text's first line (at most 16 characters)."""
-    fits = [p for p in D2L_PREFIXES if vocab.knows(p)]
-    if mode == "d2l" or fits:
-        return fits
-    first = vocab.decode(train[:64]).split("\n")[0][:16]
-    return [first or vocab.decode(train[:8])]
-
-
 def prime_text(vocab: Vocab, train: torch.Tensor, mode: str) -> str:
     """Context for generation to read before a prefix: the training text up to its last
     paragraph break ("\n\n"), from a line start at most PRIME_CHARS back.

@@ -53,34 +53,10 @@ def quote_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LSTMLM_HOME", str(root / "home"))
         result = cli(
-            *[
-                "train",
-                "--corpus",
-                str(corpus_file),
-                "--normalize",
-                "raw",
-                "--model",
-                "cudnn",
-                "--hidden",
-                "16",
-                "--epochs",
-                "4",
-                "--batch-size",
-                "8",
-                "--num-steps",
-                "32",
-                "--optimizer",
-                "adam",
-                "--lr",
-                "0.03",
-                "--device",
-                "cpu",
-                "--run",
-                "quotes",
-                "--runs-dir",
-                str(root / "runs"),
-            ]
-        )
+            "train", "--corpus", corpus_file, "--normalize", "raw", "--model", "cudnn", "--hidden", "16", "--epochs", "4",
+            "--batch-size", "8", "--num-steps", "32", "--optimizer", "adam", "--lr", "0.03", "--device", "cpu",
+            "--run", "quotes", "--runs-dir", root / "runs",
+        )  # fmt: skip
     assert result.code == 0, result.stdout + result.stderr
     yield root / "runs", "quotes"
 

@@ -102,34 +102,10 @@ def trained_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pat
         mp.setenv("LSTMLM_HOME", str(root / "home"))
         for name, n in epochs.items():
             result = cli(
-                *[
-                    "train",
-                    "--corpus",
-                    str(corpus_file),
-                    "--normalize",
-                    "raw",
-                    "--model",
-                    "cudnn",
-                    "--hidden",
-                    "16",
-                    "--epochs",
-                    str(n),
-                    "--batch-size",
-                    "8",
-                    "--num-steps",
-                    "16",
-                    "--optimizer",
-                    "adam",
-                    "--lr",
-                    "0.01",
-                    "--device",
-                    "cpu",
-                    "--run",
-                    name,
-                    "--runs-dir",
-                    str(root / "runs"),
-                ]
-            )
+                "train", "--corpus", corpus_file, "--normalize", "raw", "--model", "cudnn", "--hidden", "16", "--epochs", str(n),
+                "--batch-size", "8", "--num-steps", "16", "--optimizer", "adam", "--lr", "0.01", "--device", "cpu",
+                "--run", name, "--runs-dir", root / "runs",
+            )  # fmt: skip
             assert result.code == 0, result.stdout + result.stderr
     yield root / "runs", epochs
 

@@ -20,6 +20,7 @@ stepper knows its layout (a cell's state is an opaque tuple to everything else).
 
 from __future__ import annotations
 
+import copy
 from typing import cast
 
 import torch
@@ -44,6 +45,18 @@ def layer_weights(model: CharLM, dtype: torch.dtype) -> list[Stacked]:
         table = torch.addmm(first.b.float()[:, None], first.W_xT.float(), embedding.weight.detach().float().T)  # (blocks·hiddens, vocab)
         weights[0] = first._replace(W_xT=None, table=table.to(first.b.dtype))
     return weights
+
+
+PANEL = 64  # columns of a packed panel: kCols in csrc/recurrence.cpp
+
+
+def panels(W: torch.Tensor) -> torch.Tensor:
+    """W (K, N) as the compiled step reads it: (⌈N / PANEL⌉, K, PANEL), panel j holding columns
+    [j·PANEL, (j+1)·PANEL) contiguous, the last padded with zeros (csrc/recurrence.cpp says why)."""
+    K, N = W.shape
+    count = -(-N // PANEL)
+    padded = torch.nn.functional.pad(W, (0, count * PANEL - N))
+    return padded.reshape(K, count, PANEL).transpose(0, 1).contiguous()
 
 
 def everything_that_reads_H(W_in: torch.Tensor, b_in: torch.Tensor, W_h: torch.Tensor, b_h: torch.Tensor | None) -> torch.Tensor:
@@ -74,32 +87,45 @@ class Stepper:
         core runs compiled, or, for torch's core, where the kernel can run here."""
         self.cell = cell = model.cell
         weights = layer_weights(model, dtype)
-        H_0, S_0 = state[0], state[-1]  # (layers, batch, hiddens)
-        batch, hiddens = H_0.shape[1], H_0.shape[2]
+        device = state[0].device
         assert weights[0].table is not None  # layer_weights always gives the first layer a table
         self.table = weights[0].table.T.to(dtype, copy=True).contiguous()  # (vocab, blocks·hiddens): X_t W_x + b_0 for each id
         self.rows = self.table.unbind(0)  # its rows as views made once: tensor[i] costs microseconds
         readers = [(w.W_xT.T, w.b) for w in weights[1:] if w.W_xT is not None] + [(model.W_hq.detach().to(dtype), model.b_q.detach().to(dtype))]
         self.W: list[torch.Tensor] = []  # per layer: [[W_in, W_h], [b_in, b_h]], (hiddens + 1, inputs of the reader + blocks·hiddens)
-        self.H1: list[torch.Tensor] = []  # per layer: [H_t, 1], (batch, hiddens + 1)
-        self.P: list[torch.Tensor] = []  # per layer: [H_t W_in + b_in, H_t W_h + b_h], the product's output
-        self.S: list[torch.Tensor] = []  # per layer: the fp32 state (batch, hiddens)
         self.widths: list[int] = []  # per layer: the reader's inputs, P's first columns
-        for k, (w, (W_in, b_in)) in enumerate(zip(weights, readers)):
+        for w, (W_in, b_in) in zip(weights, readers):
             self.W.append(everything_that_reads_H(W_in.to(dtype), b_in.to(dtype), w.W_hT.T, w.b_h))
-            H1 = torch.ones(batch, hiddens + 1, dtype=dtype, device=H_0.device)
-            H1[:, :hiddens] = H_0[k]
-            self.H1.append(H1)
-            P = H1 @ self.W[k]  # the recurrent part, H_0 W_h + b_h, is the first step's
-            self.P.append(P)
             self.widths.append(W_in.shape[1])
-            self.S.append(S_0[k].to(torch.float32, copy=True).contiguous())
-        self._views()
         # The step compiled (the cell's kernel) where it can run: a step is then one call, where
         # the Python step issues a dozen operations a layer.
         if compiled is None:
-            compiled = model.path == "compiled" or (model.scratch_core is None and "compiled" in recurrence.available(cell, H_0.device))
-        self.compiled = compiled and H_0.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+            compiled = model.path == "compiled" or (model.scratch_core is None and "compiled" in recurrence.available(cell, device))
+        self.compiled = compiled and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+        self.packed = [panels(W) for W in self.W] if self.compiled else []  # what the compiled step reads
+        self._begin(state)
+
+    def _begin(self, state: State) -> None:
+        """The buffers of a batch that starts from `state`, each (layers, batch, hiddens)."""
+        H_0, S_0 = state[0], state[-1]
+        batch, hiddens = H_0.shape[1], H_0.shape[2]
+        self.H1: list[torch.Tensor] = []  # per layer: [H_t, 1], (batch, hiddens + 1)
+        self.P: list[torch.Tensor] = []  # per layer: [H_t W_in + b_in, H_t W_h + b_h], the product's output
+        self.S: list[torch.Tensor] = []  # per layer: the fp32 state (batch, hiddens)
+        for k, W in enumerate(self.W):
+            H1 = torch.ones(batch, hiddens + 1, dtype=W.dtype, device=H_0.device)
+            H1[:, :hiddens] = H_0[k]
+            self.H1.append(H1)
+            self.P.append(H1 @ W)  # the recurrent part, H_0 W_h + b_h, is the first step's
+            self.S.append(S_0[k].to(torch.float32, copy=True).contiguous())
+        self._views()
+
+    def with_state(self, state: State) -> Stepper:
+        """A stepper of these weights (shared, not copied) from `state`: what a server's request
+        primes, where building the weights again would cost more than reading its prefix."""
+        other = copy.copy(self)
+        other._begin(state)
+        return other
 
     def _views(self) -> None:
         """The views of the buffers a step reads: made again when the batch's rows change."""
@@ -130,7 +156,7 @@ class Stepper:
         """X_t: the ids, a list (batch 1: a row view is the cheapest input) or a tensor (batch > 1)."""
         if self.compiled:
             ids = X_t if isinstance(X_t, torch.Tensor) else torch.tensor(X_t)
-            recurrence.ops(self.cell, "step")(ids, self.table, self.W, self.H1, self.P, self.S)
+            recurrence.ops(self.cell, "step")(ids, self.table, self.packed, self.H1, self.P, self.S)
             return self.logits
         if isinstance(X_t, list):
             inputs = self.rows[X_t[0]][None] if len(X_t) == 1 else self.table[X_t]
@@ -145,7 +171,7 @@ class Stepper:
     def greedy(self, X_t: list[int], steps: int) -> list[list[int]]:
         """`steps` greedy characters after reading X_t, each fed back: their ids, a list a step."""
         if self.compiled:
-            chosen = recurrence.ops(self.cell, "greedy")(torch.tensor(X_t), steps, self.logits.shape[1], self.table, self.W, self.H1, self.P, self.S)
+            chosen = recurrence.ops(self.cell, "greedy")(torch.tensor(X_t), steps, self.logits.shape[1], self.table, self.packed, self.H1, self.P, self.S)
             return cast(list[list[int]], chosen.tolist())
         chosen = []
         for _ in range(steps):
@@ -159,7 +185,10 @@ class LoopStepper:
     cell the `Stepper`'s products cannot express. Slower, and the same function."""
 
     def __init__(self, model: CharLM, state: State, dtype: torch.dtype = torch.float32) -> None:
-        self.model, self.state = model, state
+        self.model, self.state, self.dtype = model, state, dtype
+
+    def with_state(self, state: State) -> LoopStepper:
+        return LoopStepper(self.model, state, self.dtype)
 
     @property
     def batch(self) -> int:

@@ -30,11 +30,17 @@
 
 #include <omp.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -404,60 +410,119 @@ std::vector<at::Tensor> backward(const at::Tensor& dHs, const std::optional<at::
 // output layer: its part of P is the logits). A step runs the cell on the layer's input and its
 // recurrent term, and multiplies [H_t, 1] once. Nothing is allocated but the products' outputs.
 
-// C = A W for a step, A (batch, K), W (K, N), C (batch, N), in P; each element one chain of fused
-// multiply-adds over k in order, from 0, in fp32. So a row's result is the same bits whatever
-// the batch around it: a stream that joins or leaves a batch (the server's continuous batching)
-// writes the characters it would write alone. torch's product is not: its kernel, and so its
-// order of sums, changes with the batch's size (measured: batch 1, 2, 3, 5, 6, 7 differ from 64
-// in the last bits, and a near tie then picks another character). Tiles of kRows rows × kCols
-// columns keep their sums in registers; the tiles of columns go to the cores.
-constexpr int64_t kRows = 4, kCols = 64;
+// C = A W for a step, A (batch, K), W (K, N) packed in panels (below), C (batch, N), in P; each
+// element one chain of fused multiply-adds over k in order, from 0, in fp32. So a row's result is
+// the same bits whatever the batch around it: a stream that joins or leaves a batch (the server's
+// continuous batching) writes the characters it would write alone. torch's product is not: its
+// kernel, and so its order of sums, changes with the batch's size (measured: batch 1, 2, 3, 5, 6,
+// 7 differ from 64 in the last bits, and a near tie then picks another character). The tiles
+// below choose only which sums share the registers, never a sum's order: free to fit the machine.
+//
+// W comes packed once (generate.Stepper): panel j holds columns [j·kCols, (j+1)·kCols) as one
+// contiguous (K, kCols) block, the last padded with zeros. A tile then reads one stream of memory,
+// where W's own rows put each kCols-wide piece a whole row of N apart (at d2l's size more than a
+// page, where the hardware's prefetcher stops following). The panels go to the cores.
+//
+// Batch 1 is a product of a vector, bound by reading W: a 1 × kCols tile keeps kCols / lanes
+// independent chains, enough to hide a multiply-add's latency. A larger batch is bound by the
+// arithmetic: kRows × kSub tiles, two vectors wide, keep 2·kRows chains in registers, where
+// rows × kCols would spill them (16 vector registers in AVX2).
+constexpr int64_t kCols = 64, kRows = 6;
 
+// The vector unit the tiles are written for: its width in floats, and loads that widen bf16.
+#if defined(__AVX512F__)
+struct Lanes {
+  using V = __m512;
+  static constexpr int64_t n = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V broadcast(float a) { return _mm512_set1_ps(a); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load(const bf16* p) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16)); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+};
+#define LSTMLM_LANES 1
+#elif defined(__AVX2__) && defined(__FMA__)
+struct Lanes {
+  using V = __m256;
+  static constexpr int64_t n = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V broadcast(float a) { return _mm256_set1_ps(a); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load(const bf16* p) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16)); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+};
+#define LSTMLM_LANES 1
+#else
+struct Lanes {
+  static constexpr int64_t n = 4;  // no vector unit named: plain fmaf, the compiler's to vectorize
+};
+#endif
+constexpr int64_t kSub = 2 * Lanes::n;
+
+// Rows [0, R) of A times columns [0, C) of a panel (its row stride kCols), into out (row stride
+// N), of which the first n columns are kept.
 template <typename P, int64_t R, int64_t C>
-inline void tile(const P* A, int64_t lda, const P* W, int64_t N, int64_t K, P* out, int64_t n) {
-  float acc[R][C] = {};
+inline void tile(const P* A, int64_t K, const P* W, P* out, int64_t N, int64_t n) {
+  float sums[R][C];
+#ifdef LSTMLM_LANES
+  constexpr int64_t V = C / Lanes::n;
+  typename Lanes::V acc[R][V];
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t v = 0; v < V; ++v) acc[r][v] = Lanes::zero();
   for (int64_t k = 0; k < K; ++k) {
-    const P* w = W + k * N;
+    typename Lanes::V w[V];
+    for (int64_t v = 0; v < V; ++v) w[v] = Lanes::load(W + k * kCols + v * Lanes::n);
     for (int64_t r = 0; r < R; ++r) {
-      const float a = to_float(A[r * lda + k]);
-      for (int64_t j = 0; j < (C ? C : n); ++j) acc[r][j] = __builtin_fmaf(a, to_float(w[j]), acc[r][j]);
+      const typename Lanes::V a = Lanes::broadcast(to_float(A[r * K + k]));
+      for (int64_t v = 0; v < V; ++v) acc[r][v] = Lanes::fma(a, w[v], acc[r][v]);
     }
   }
   for (int64_t r = 0; r < R; ++r)
-    for (int64_t j = 0; j < (C ? C : n); ++j) out[r * N + j] = from_float<P>(acc[r][j]);
-}
-
-template <typename P, int64_t R>
-inline void tile_of(const P* A, int64_t lda, const P* W, int64_t N, int64_t K, P* out, int64_t n) {
-  if (n == kCols) return tile<P, R, kCols>(A, lda, W, N, K, out, n);
-  float acc[R][kCols];  // the last, narrower tile of columns: the same chain of sums, n of them
+    for (int64_t v = 0; v < V; ++v) Lanes::store(sums[r] + v * Lanes::n, acc[r][v]);
+#else
   for (int64_t r = 0; r < R; ++r)
-    for (int64_t j = 0; j < n; ++j) acc[r][j] = 0.0f;
+    for (int64_t j = 0; j < C; ++j) sums[r][j] = 0.0f;
   for (int64_t k = 0; k < K; ++k)
     for (int64_t r = 0; r < R; ++r) {
-      const float a = to_float(A[r * lda + k]);
-      for (int64_t j = 0; j < n; ++j) acc[r][j] = __builtin_fmaf(a, to_float(W[k * N + j]), acc[r][j]);
+      const float a = to_float(A[r * K + k]);
+      for (int64_t j = 0; j < C; ++j) sums[r][j] = __builtin_fmaf(a, to_float(W[k * kCols + j]), sums[r][j]);
     }
+#endif
   for (int64_t r = 0; r < R; ++r)
-    for (int64_t j = 0; j < n; ++j) out[r * N + j] = from_float<P>(acc[r][j]);
+    for (int64_t j = 0; j < std::min(C, n); ++j) out[r * N + j] = from_float<P>(sums[r][j]);
+}
+
+// Rows [0, R) of A times a whole panel: one wide tile for a single row, else strips of kSub.
+template <typename P, int64_t R>
+inline void panel_rows(const P* A, int64_t K, const P* W, P* out, int64_t N, int64_t n) {
+  if constexpr (R == 1) {
+    tile<P, 1, kCols>(A, K, W, out, N, n);
+  } else {
+    for (int64_t s = 0; s < n; s += kSub) tile<P, R, kSub>(A, K, W + s, out + s, N, n - s);
+  }
 }
 
 template <typename P>
 void rows_times(const at::Tensor& A, const at::Tensor& W, const at::Tensor& C) {
-  const int64_t batch = A.size(0), K = A.size(1), N = W.size(1), tiles = (N + kCols - 1) / kCols;
+  const int64_t batch = A.size(0), K = A.size(1), N = C.size(1), panels = W.size(0);
   const P *a = data<P>(A), *w = data<P>(W);
   P* c = data<P>(C);
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * kCols, n = std::min(kCols, N - n0);
+  at::parallel_for(0, panels, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t n0 = j * kCols, n = std::min(kCols, N - n0);
+      const P* panel = w + j * K * kCols;
       for (int64_t r0 = 0; r0 < batch; r0 += kRows) {
         const P* ar = a + r0 * K;
         P* out = c + r0 * N + n0;
         switch (std::min(kRows, batch - r0)) {
-          case 1: tile_of<P, 1>(ar, K, w + n0, N, K, out, n); break;
-          case 2: tile_of<P, 2>(ar, K, w + n0, N, K, out, n); break;
-          case 3: tile_of<P, 3>(ar, K, w + n0, N, K, out, n); break;
-          default: tile_of<P, 4>(ar, K, w + n0, N, K, out, n);
+          case 1: panel_rows<P, 1>(ar, K, panel, out, N, n); break;
+          case 2: panel_rows<P, 2>(ar, K, panel, out, N, n); break;
+          case 3: panel_rows<P, 3>(ar, K, panel, out, N, n); break;
+          case 4: panel_rows<P, 4>(ar, K, panel, out, N, n); break;
+          case 5: panel_rows<P, 5>(ar, K, panel, out, N, n); break;
+          default: panel_rows<P, 6>(ar, K, panel, out, N, n);
         }
       }
     }
@@ -489,6 +554,9 @@ inline void check_stepper(int64_t blocks, const at::Tensor& ids, const at::Tenso
                 "W, H1, P and the table share one dtype");
     TORCH_CHECK(H1[k].is_contiguous() && Pk[k].is_contiguous() && S[k].is_contiguous() && S[k].scalar_type() == at::kFloat, "contiguous buffers, S in float");
     TORCH_CHECK(H1[k].size(0) == ids.size(0), "one id a row");
+    TORCH_CHECK(W[k].is_contiguous() && W[k].dim() == 3 && W[k].size(1) == H1[k].size(1) && W[k].size(2) == kCols &&
+                    W[k].size(0) == (Pk[k].size(1) + kCols - 1) / kCols,
+                "W must be packed: contiguous (panels, H + 1, 64)");
   }
 }
 

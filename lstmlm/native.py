@@ -63,8 +63,10 @@ from .data.home import cache_dir
 from .trust import Untrusted, check_directory, intact, private_directory, write_manifest
 
 DRIVER = Path(__file__).with_name("csrc") / "recurrence.cpp"  # the driver every cell shares; each cell adds its kernel
+CHOOSER = DRIVER.with_name("choosing.cpp")  # generation's choice of the next character, after the kernels
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-std=c++20", "-shared", "-fPIC")
 OPS = ("forward", "backward", "step", "greedy")  # each cell's, as `{op}_{cell}`: what recurrence.py and generate.py call
+SHARED_OPS = ("choose",)  # every cell's: what choosing.py calls
 BUILD_SECONDS = 600  # a compiler that takes longer is given up on; a scratch directory older than this is a killed build's
 SCRATCH = ".recurrence-"  # how a build's scratch directory is named (and an older version's temporary files were)
 FULL_DISK = ("No space left on device", "Disk quota exceeded")  # what a compiler says when it cannot write
@@ -145,9 +147,10 @@ def _load() -> tuple[Any | None, str]:
 
 
 def source() -> str:
-    """What is compiled: the driver every cell shares, then each registered cell's kernel."""
+    """What is compiled: the driver every cell shares, each registered cell's kernel, then the
+    choice of the next character."""
     kernels = [f"// ---- {cell.name} (lstmlm/cells) ----\n{cell.kernel}" for cell in _compiled_cells()]
-    return "\n".join([DRIVER.read_text(encoding="utf-8"), *kernels])
+    return "\n".join([DRIVER.read_text(encoding="utf-8"), *kernels, CHOOSER.read_text(encoding="utf-8")])
 
 
 def usable(build: bool = True) -> bool:
@@ -173,7 +176,7 @@ def _compiled_cells() -> list[Any]:
 
 
 def _ops() -> list[str]:
-    return [f"{op}_{cell.name}" for cell in _compiled_cells() for op in OPS]
+    return [f"{op}_{cell.name}" for cell in _compiled_cells() for op in OPS] + list(SHARED_OPS)
 
 
 # ---- the build ----------------------------------------------------------------------------------

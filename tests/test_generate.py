@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from lstmlm import cells
+from lstmlm import cells, native
 from lstmlm import generate as generate_mod
 from lstmlm.choosing import BLOCK, Rows, choose_next
 from lstmlm.errors import ConfigError, VocabError
@@ -315,9 +315,12 @@ def test_top_p_0_and_a_temperature_tiny_in_float_terms_are_greedy() -> None:
     assert choose_next(logits, Sampling(temperature=1e-40, seed=0)).tolist() == [1, 2]
 
 
-def test_each_row_chooses_what_it_chooses_alone_whoever_shares_its_batch() -> None:
+@pytest.mark.parametrize("compiled", [False, True], ids=["torch", "compiled"])
+def test_each_row_chooses_what_it_chooses_alone_whoever_shares_its_batch(compiled: bool) -> None:
     """Rows with different settings and seeds, together: each row's ids are those it gets in a
     batch of its own, through several blocks of its stream, as rows leave and others join."""
+    if compiled and not native.usable():
+        pytest.skip(f"the compiled choice cannot run here: {native.status()}")
     torch.manual_seed(0)
     settings = [
         Sampling(temperature=1.0, seed=1),
@@ -328,10 +331,10 @@ def test_each_row_chooses_what_it_chooses_alone_whoever_shares_its_batch() -> No
     logits = torch.randn(3 * BLOCK, len(settings), 12) * 2  # (steps, rows, vocab)
     starts, alone = (0, 0, 10, 40), []
     for i, sampling in enumerate(settings):
-        rows = Rows()
+        rows = Rows(compiled=compiled)
         rows.add(sampling)
         alone.append([rows.choose(logits[t, i : i + 1]).item() for t in range(starts[i], len(logits))])
-    together, members = Rows(), [0, 1]  # rows 0 and 1 start; 1 leaves at step 20; 2 joins at 10, 3 at 40
+    together, members = Rows(compiled=compiled), [0, 1]  # rows 0 and 1 start; 1 leaves at step 20; 2 joins at 10, 3 at 40
     together.add(settings[0])
     together.add(settings[1])
     made: dict[int, list[int]] = {0: [], 1: [], 2: [], 3: []}
@@ -346,6 +349,42 @@ def test_each_row_chooses_what_it_chooses_alone_whoever_shares_its_batch() -> No
             made[i].append(chosen)
     assert made[0] == alone[0] and made[1] == alone[1][:20]
     assert made[2] == alone[2][: len(logits) - 10] and made[3] == alone[3][: len(logits) - 40]
+
+
+CHOICES = [
+    Sampling(temperature=1.0, seed=1),
+    Sampling(temperature=0.5, top_k=3, seed=2),
+    Sampling(temperature=1.0, top_p=0.9, seed=3),
+    Sampling(temperature=2.0, min_p=0.1, seed=4),
+    Sampling(temperature=0.8, top_k=10, top_p=0.5, min_p=0.02, seed=5),
+    Sampling(temperature=1e-30, seed=6),
+    Sampling(temperature=1.0, top_p=0.0, seed=7),
+    Sampling(),
+]
+
+
+@pytest.mark.parametrize("vocab", [5, 28, 300])
+def test_the_compiled_choice_is_the_torch_choice(vocab: int) -> None:
+    """csrc/choosing.cpp chooses what choosing.py's torch pass chooses, row by row and step by
+    step, for every kind of cut, with ties among the logits (the first in vocabulary order wins)."""
+    if not native.usable():
+        pytest.skip(f"the compiled choice cannot run here: {native.status()}")
+    torch.manual_seed(0)
+    logits = (torch.randn(2 * BLOCK, len(CHOICES), vocab) * 3).round(decimals=1)  # rounded: many ties
+    made = []
+    for compiled in (False, True):
+        rows = Rows(compiled=compiled)
+        for sampling in CHOICES:
+            rows.add(sampling)
+        made.append(torch.stack([rows.choose(step) for step in logits]))
+    assert torch.equal(made[0], made[1])
+
+
+def test_the_compiled_choice_gives_a_nan_logit_no_weight() -> None:
+    if not native.usable():
+        pytest.skip(f"the compiled choice cannot run here: {native.status()}")
+    logits = torch.tensor([[float("nan"), 0.0, 0.0, -1e30]]).repeat(200, 1)
+    assert set(choose_next(logits, Sampling(temperature=1.0, seed=0)).tolist()) == {1, 2}
 
 
 def test_sample_i_of_several_is_what_seed_plus_i_gives_alone() -> None:

@@ -12,6 +12,7 @@ end of the training text that generation reads before a prefix (see `prime_text`
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -115,13 +116,22 @@ def generate(
 
 @torch.inference_mode()
 def prime(
-    model: CharLM, vocab: Vocab, context: Sequence[str], rows: int = 1, precision: str = "fp32", state: State | None = None
+    model: CharLM,
+    vocab: Vocab,
+    context: Sequence[str],
+    rows: int = 1,
+    precision: str = "fp32",
+    state: State | None = None,
+    like: Stepper | LoopStepper | None = None,
 ) -> tuple[Stepper | LoopStepper, torch.Tensor]:
     """A stepper of `rows` rows that have read `context` (tokens) but its last, from `state`
-    (default: zeros), and that last token's ids (rows,): what the first step reads."""
+    (default: zeros), and that last token's ids (rows,): what the first step reads. `like`: a
+    stepper of this model, rows and precision whose weights the new one shares."""
     device = model.W_hq.device
     last = torch.tensor([vocab.index[context[-1]]], device=device).repeat(rows)  # (rows,)
     state = read(model, vocab, context[:-1], state if state is not None else model.begin_state(rows), precision)
+    if like is not None:
+        return like.with_state(state), last
     return stepper(model, state, step_dtype(precision, device, rows)), last
 
 
@@ -224,6 +234,16 @@ class Continuation(Iterator[list[str]]):
         self._added.append(added)
         return added
 
+    def several(self, n: int) -> list[list[str]]:
+        """The next `n` steps, which the caller knows are made (the server's look at its row):
+        without stop strings one slice of the chunks, not a call a step. Fewer where the steps
+        end first (every sample stopped)."""
+        if self.stop or self._finished:
+            return one_by_one(self, n)
+        steps = list(itertools.islice(self._steps, n))
+        self._added.extend(steps)
+        return steps
+
     def _scan(self, i: int, c: str) -> str:
         """What sample i shows after adding c: text no stop string can begin any more."""
         if self.ended[i] is not None:
@@ -244,6 +264,17 @@ class Continuation(Iterator[list[str]]):
         close = getattr(self._chunks, "close", None)
         if close is not None:
             close()
+
+
+def one_by_one(steps: Iterator[list[str]], n: int) -> list[list[str]]:
+    """The next `n` of `steps`, a call each; fewer where they end first."""
+    made = []
+    for _ in range(n):
+        chars = next(steps, None)
+        if chars is None:
+            break
+        made.append(chars)
+    return made
 
 
 def complete(model: CharLM, vocab: Vocab, prefix: str, length: int = SAMPLE_LENGTH, prime: str = "") -> str:

@@ -10,8 +10,9 @@
 A generation is a row of its model's batch (`batching.py`): primed in a worker thread, queued
 until the batch has a place (at most `Limits.queue` requests wait; more are refused at once
 with 503 and Retry-After), then stepped with every other request of the same model and
-checkpoint — the text `lstmlm generate` prints for the same options. Its text is read in worker
-threads a few dozen milliseconds at a time, so the event loop never waits on the model; it ends
+checkpoint — the text `lstmlm generate` prints for the same options. Its text is read by the
+event loop, which looks every few milliseconds and takes what has come without waiting (one event
+for each LINGER's characters), so it never waits on the model and no thread waits a row; it ends
 at its deadline with what it made, and its row is let go however the request ends: done,
 failed, or its client gone (the response's `__call__` releases it, even for a stream never
 started). An inspection holds one of `Limits.max_concurrent` slots (more are refused with 503).
@@ -46,7 +47,7 @@ from starlette.types import Receive, Scope, Send
 from .. import __version__
 from ..errors import CheckpointError, ConfigError, InspectError, LstmlmError, VocabError
 from . import Limits
-from .batching import Batches, QueueFull, Row
+from .batching import POLL, Batches, QueueFull, Row
 from .bodies import GenerateRequest, InspectRequest
 from .catalog import Loaded, Models, NoCheckpoint, NotServed, finite, list_runs, open_run, read_records, run_baselines, shown, without_paths
 from .guards import BodyLimit, HostCheck, one_line
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
     from ..generate import Continuation
 
 STATIC = Path(__file__).resolve().parent / "static"
-LINGER = 0.02  # seconds a stream's characters gather into one event, after its first (which goes at once)
+LINGER = 0.05  # seconds a stream's characters gather into one event, after its first (which goes at once): 20 a second
 PAGE_POLICY = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 
 
@@ -104,21 +105,23 @@ def event(name: str, data: dict[str, Any]) -> str:
     return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def pull(row: Row, steps: Continuation, deadline: float, within: float = 0.05, linger: float = 0.0, most: int = 512) -> tuple[str, str | None]:
-    """The text the batch makes for `row` within `within` seconds (at most `most` characters)
-    and why the generation ended ("length", "stop", "deadline"; None: it goes on). Once a
-    character has come, the characters of the next `linger` seconds are gathered without
-    waking for each (the batch makes one a step): one wake and one event for them all."""
-    parts: list[str] = []
-    until = min(deadline, time.monotonic() + within)
-    if row.wait(until - time.monotonic()) and linger > 0:
-        time.sleep(max(0.0, min(until, time.monotonic() + linger) - time.monotonic()))
-    while len(parts) < most and row.wait(0.0):
-        chars = next(steps, None)
-        if chars is None:
-            return "".join(parts), "stop" if steps.ended[0] is not None else "length"
-        parts.append(chars[0])
+def take(row: Row, steps: Continuation, deadline: float) -> tuple[str, str | None]:
+    """The text the batch has made for `row` since the last look, without waiting, and why the
+    generation ended ("length", "stop", "deadline"; None: it goes on)."""
+    n = row.unread()
+    made = steps.several(n)
+    row.read += n
+    parts = [chars[0] for chars in made]
+    if len(made) < n or row.finished():  # the steps ended: a stop string, or the row's end
+        parts += [chars[0] for chars in steps]  # what a stop string held back, where the length came first
+        return "".join(parts), "stop" if steps.ended[0] is not None else "length"
     return "".join(parts), "deadline" if time.monotonic() >= deadline else None
+
+
+async def pause(made: int, deadline: float) -> None:
+    """Wait for a row's characters: a few milliseconds before the first (it goes out at once),
+    LINGER after it (the characters of that time gather into one event), never past the deadline."""
+    await anyio.sleep(max(0.0, min(POLL if not made else LINGER, deadline - time.monotonic())))
 
 
 def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", precision: str = "fp32", allowed_hosts: list[str] | None = None) -> FastAPI:
@@ -235,9 +238,12 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
             row.cancel()
 
         if not body.stream:
+            made, reason = 0, None
             try:
-                while (reason := (await anyio.to_thread.run_sync(pull, row, steps, deadline, 1.0, 1.0, 1 << 30))[1]) is None:
-                    pass
+                while reason is None:
+                    await pause(made, deadline)
+                    text, reason = take(row, steps, deadline)
+                    made += len(text)
             finally:
                 release()
             text = steps.text[0]
@@ -248,7 +254,7 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
             made = 0
             while True:
                 try:
-                    text, reason = await anyio.to_thread.run_sync(pull, row, steps, deadline, 0.05, LINGER if made else 0.0)
+                    text, reason = take(row, steps, deadline)
                 except LstmlmError as e:
                     yield event("error", {"error": one_line(without_paths(str(e), runs_dir))})
                     return
@@ -258,6 +264,7 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
                 if reason is not None:
                     yield event("done", {"characters": made, "finish_reason": reason})
                     return
+                await pause(made, deadline)
 
         return EventStream(events(), release)
 

@@ -23,6 +23,8 @@ the batch of the old one finishes its rows on it, and new requests join the new 
 from __future__ import annotations
 
 import threading
+import time
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -39,51 +41,63 @@ if TYPE_CHECKING:
     from .catalog import Loaded
 
 
+POLL = 0.005  # seconds between a request's looks for characters that have not come yet
+
+
 class QueueFull(ServeError):
     """More requests wait for a place than the queue holds."""
 
 
 class Row:
     """One request's place in a batch: its primed state until it joins, then the characters the
-    batch makes for it, read by the request's thread as they come."""
+    batch makes for it, which the request reads when it looks.
+
+    The batch's thread appends (an append to a list is atomic in Python) and never wakes anyone;
+    the request looks every few milliseconds (app.py). Waking a thread a row a step, each to
+    take one character, cost more than the step: at 64 rows, 64 lock-and-notify a step and 64
+    threads contending for the interpreter."""
 
     def __init__(self, sampling: Sampling, stepper: Stepper | LoopStepper, first: torch.Tensor) -> None:
         self.sampling, self.stepper, self.first = sampling, stepper, first
-        self.made = 0
-        self._tokens: deque[str] = deque()
-        self._ready = threading.Condition()
+        self.length = sampling.length
+        self.tokens: list[str] = []  # what the batch has made for the row
+        self.read = 0  # how many of them the request has read
         self.done = sampling.length == 0  # no more characters will come (made all, or let go)
 
     def put(self, token: str) -> None:
         """From the batch: the row's next character; done once it has made its length."""
-        self.made += 1
-        with self._ready:
-            self._tokens.append(token)
-            self.done = self.done or self.made >= self.sampling.length
-            self._ready.notify()
+        self.tokens.append(token)
+        if len(self.tokens) >= self.length:
+            self.done = True  # after the append: a reader that sees done sees the last character too
 
     def cancel(self) -> None:
         """The request lets go: the batch drops the row at its next step."""
-        with self._ready:
-            self.done = True
-            self._ready.notify()
+        self.done = True
 
-    def wait(self, timeout: float) -> bool:
-        """Whether a character can be read at once (or the row has ended), waiting `timeout` s at most."""
-        with self._ready:
-            return self._ready.wait_for(lambda: bool(self._tokens) or self.done, max(timeout, 0.0))
+    def unread(self) -> int:
+        """The characters made that the request has not read yet."""
+        return len(self.tokens) - self.read
+
+    def finished(self) -> bool:
+        """Whether the row has ended and the request has read all it made."""
+        return self.done and self.read == len(self.tokens)  # done first: it is set after the last append
 
     def chunks(self) -> Iterator[list[list[str]]]:
-        """The row's characters, one a step, as `generate.Continuation` reads them; a row whose
-        request closes it is let go."""
+        """The row's characters as `generate.Continuation` reads them: all that have come, one
+        chunk a look (read them where `unread` says they have come, and nothing waits); a row
+        whose request closes it is let go."""
+        handed = 0
         try:
             while True:
-                with self._ready:
-                    self._ready.wait_for(lambda: bool(self._tokens) or self.done)
-                    if not self._tokens:
+                made = len(self.tokens)
+                if handed < made:
+                    yield [[token] for token in self.tokens[handed:made]]
+                    handed = made
+                elif self.done:
+                    if handed == len(self.tokens):  # looked again: done is set after the last append
                         return
-                    token = self._tokens.popleft()
-                yield [[token]]
+                else:
+                    time.sleep(POLL)
         finally:
             self.cancel()
 
@@ -166,6 +180,8 @@ class Batches:
         self.batches: dict[int, Batch] = {}  # by the Loaded's identity: a new checkpoint is a new Loaded
         self.queued = 0  # admitted, not stepping yet (priming, or waiting for a place)
         self.running = 0  # stepping, in all batches
+        self.making = threading.Lock()  # held to make a template
+        self.templates: weakref.WeakKeyDictionary[Loaded, Stepper | LoopStepper] = weakref.WeakKeyDictionary()  # per model: see `template`
 
     def admit(self) -> None:
         """Count a request in the queue, or refuse it."""
@@ -180,7 +196,8 @@ class Batches:
         trained = loaded.trained
         try:
             text = read_prefix(trained, prefix)
-            stepper, first = prime(trained.model, trained.vocab, [*context, *text], 1, loaded.precision)
+            like = self.template(loaded)
+            stepper, first = prime(trained.model, trained.vocab, [*context, *text], 1, loaded.precision, like=like)
         except BaseException:
             with self.lock:
                 self.queued -= 1
@@ -195,6 +212,16 @@ class Batches:
             batch.waiting.append(row)
             batch.start()
         return generation, row
+
+    def template(self, loaded: Loaded) -> Stepper | LoopStepper:
+        """A stepper of `loaded`'s model whose weights every request's row shares: made once a
+        model (a few milliseconds, longer than priming a short prefix), kept as long as the model."""
+        with self.making:  # concurrent first requests make it once
+            made = self.templates.get(loaded)
+            if made is None:
+                trained = loaded.trained
+                made = self.templates[loaded] = prime(trained.model, trained.vocab, trained.vocab.tokens[:1], 1, loaded.precision)[0]
+            return made
 
     def ended(self, batch: Batch) -> None:
         """A batch's thread ends (under the lock): forget it, or run it again for rows that came meanwhile."""

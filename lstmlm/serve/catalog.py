@@ -174,7 +174,7 @@ def changed(store: RunStore) -> float:
     return max(times)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one per load, known by identity (a key of the server's weak maps)
 class Loaded:
     trained: Trained
     precision: str

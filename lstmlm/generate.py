@@ -13,6 +13,7 @@ end of the training text that generation reads before a prefix (see `prime_text`
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -71,6 +72,8 @@ def prime_text(vocab: Vocab, train: torch.Tensor, mode: str) -> str:
 
 
 CHUNK = 32  # characters made per resumption of the inner generator
+MOST_GREEDY = 1024  # a greedy chunk doubles from CHUNK up to this while each takes under GROW_S
+GROW_S = 0.01  # seconds: text still shows at least this often, and a fast model makes few calls
 
 
 def step_dtype(precision: str, device: torch.device, num_samples: int) -> torch.dtype:
@@ -157,10 +160,12 @@ def _generate_chunks(model: CharLM, vocab: Vocab, context: Sequence[str], sampli
     rows.add(sampling, samples)
     tokens, length = vocab.tokens, sampling.length
     if ids_on_host(device, samples) and sampling.greedy:  # d2l's predict, a chunk at a time
-        X = last.tolist()
-        for start in range(0, length, CHUNK):
-            made = step.greedy(X, min(CHUNK, length - start))
-            X = made[-1]
+        X, size, start = last.tolist(), CHUNK, 0
+        while start < length:
+            began = time.perf_counter()
+            made = step.greedy(X, min(size, length - start))
+            size = 2 * size if time.perf_counter() - began < GROW_S and size < MOST_GREEDY else size
+            start, X = start + len(made), made[-1]
             yield [[tokens[i] for i in row] for row in made]
         return
     if ids_on_host(device, samples):
@@ -197,7 +202,8 @@ class Continuation(Iterator[list[str]]):
 
     def __init__(self, chunks: Iterator[list[list[str]]], stop: tuple[str, ...], num_samples: int) -> None:
         self._chunks = chunks
-        self._steps: Iterator[list[str]] = (chars for chunk in chunks for chars in chunk)
+        self.ahead = 0  # steps already made that the next calls return without making any
+        self._steps: Iterator[list[str]] = self._flat(chunks)
         self.stop = stop
         self.ended: list[str | None] = [None] * num_samples
         self._held = [""] * num_samples  # per sample: text that may begin a stop string
@@ -233,6 +239,19 @@ class Continuation(Iterator[list[str]]):
                 self.close()
         self._added.append(added)
         return added
+
+    def _flat(self, chunks: Iterator[list[list[str]]]) -> Iterator[list[str]]:
+        for chunk in chunks:
+            self.ahead = len(chunk)
+            for chars in chunk:
+                self.ahead -= 1
+                yield chars
+
+    def as_made(self) -> Iterator[list[list[str]]]:
+        """The steps in groups, each what was made together (a chunk): a reader that shows text
+        as it comes needs no call a character."""
+        while made := self.several(1):  # the first of a chunk: this makes it
+            yield made + self.several(self.ahead)
 
     def several(self, n: int) -> list[list[str]]:
         """The next `n` steps, which the caller knows are made (the server's look at its row):

@@ -190,6 +190,10 @@ class Decoded(Continuation):
         return self.steps.tokens
 
     @property
+    def ahead(self) -> int:  # type: ignore[override]
+        return self.steps.ahead
+
+    @property
     def text(self) -> list[str]:
         return [as_text("".join(t), "bytes") for t in self.steps.text]
 

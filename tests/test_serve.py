@@ -410,7 +410,7 @@ def test_status_reports_the_limits_and_the_work_in_flight(tiny_runs: Path) -> No
             "version": "0.1.0", "active": 0, "running": 0, "queued": 0, "inspecting": 0, "batches": 0, "models": 0,
             "max_length": 123, "max_text": 5000, "max_concurrent": 2, "deadline_s": 9.0,
             "max_models": 4, "max_model_mib": 1024.0, "max_connections": 256, "header_timeout_s": 10.0, "body_timeout_s": 30.0,
-            "max_batch": 5, "queue": 7, "max_body": 12 * (5000 + 1600) + 16384,
+            "max_batch": 5, "queue": 7, "threads": 1, "max_body": 12 * (5000 + 1600) + 16384,
         }  # fmt: skip
 
 

@@ -83,8 +83,8 @@ def show(generation: Generation, raw: bool) -> None:
     steps = generation.steps
     if len(steps.ended) == 1:
         write(generation.prefix, raw)
-        for chars in steps:
-            write(chars[0], raw)
+        for made in steps.as_made():  # a write a chunk, not a character
+            write("".join(chars[0] for chars in made), raw)
         write("\n", raw)
         return
     for _ in steps:

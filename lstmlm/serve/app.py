@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from ..generate import Continuation
 
 STATIC = Path(__file__).resolve().parent / "static"
+MOST = 512  # characters an event carries at most
 LINGER = 0.05  # seconds a stream's characters gather into one event, after its first (which goes at once): 20 a second
 PAGE_POLICY = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 
@@ -105,10 +106,10 @@ def event(name: str, data: dict[str, Any]) -> str:
     return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def take(row: Row, steps: Continuation, deadline: float) -> tuple[str, str | None]:
-    """The text the batch has made for `row` since the last look, without waiting, and why the
-    generation ended ("length", "stop", "deadline"; None: it goes on)."""
-    n = row.unread()
+def take(row: Row, steps: Continuation, deadline: float, most: int = MOST) -> tuple[str, str | None]:
+    """The text the batch has made for `row` since the last look (at most `most` characters),
+    without waiting, and why the generation ended ("length", "stop", "deadline"; None: it goes on)."""
+    n = min(row.unread(), most)
     made = steps.several(n)
     row.read += n
     parts = [chars[0] for chars in made]
@@ -118,10 +119,12 @@ def take(row: Row, steps: Continuation, deadline: float) -> tuple[str, str | Non
     return "".join(parts), "deadline" if time.monotonic() >= deadline else None
 
 
-async def pause(made: int, deadline: float) -> None:
+async def pause(row: Row, made: int, deadline: float) -> None:
     """Wait for a row's characters: a few milliseconds before the first (it goes out at once),
-    LINGER after it (the characters of that time gather into one event), never past the deadline."""
-    await anyio.sleep(max(0.0, min(POLL if not made else LINGER, deadline - time.monotonic())))
+    LINGER after it (the characters of that time gather into one event), never past the
+    deadline; not at all where more have come than one event took."""
+    if not row.unread():
+        await anyio.sleep(max(0.0, min(POLL if not made else LINGER, deadline - time.monotonic())))
 
 
 def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", precision: str = "fp32", allowed_hosts: list[str] | None = None) -> FastAPI:
@@ -241,8 +244,8 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
             made, reason = 0, None
             try:
                 while reason is None:
-                    await pause(made, deadline)
-                    text, reason = take(row, steps, deadline)
+                    await pause(row, made, deadline)
+                    text, reason = take(row, steps, deadline, 1 << 30)
                     made += len(text)
             finally:
                 release()
@@ -264,7 +267,7 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
                 if reason is not None:
                     yield event("done", {"characters": made, "finish_reason": reason})
                     return
-                await pause(made, deadline)
+                await pause(row, made, deadline)
 
         return EventStream(events(), release)
 

@@ -12,9 +12,9 @@ its client gone: `Row.cancel`).
 
 Rows leave rather than stay masked: a masked row costs a whole row of every later step, where
 removing it copies the rows left once (`Stepper.keep`). Measured (benchmarks/bench_generate.py
---leave, the d2l model, a 2-core AMD EPYC without avx512_bf16, under load): a batch of 64 with
-32 ended, stepped masked, 0.69 ms a step; the 32 left, 0.34 ms, after one keep of 0.13 ms — so
-removal pays from the first step on.
+--leave, the d2l model, a 2-core AMD EPYC without avx512_bf16): a batch of 64 with 32 ended,
+stepped masked, 0.39 ms a step; the 32 left, 0.17 ms, after one keep of 0.19 ms — so removal
+pays from the second step on.
 
 A checkpoint that training replaces gets a batch of its own (the cache hands out the new model):
 the batch of the old one finishes its rows on it, and new requests join the new one.

@@ -1,6 +1,6 @@
 """Training speed: the seed's own code against lstmlm's, side by side (the speed issues' table).
 
-    python benchmarks/bench_train.py [--config d2l|larger|both] [--rounds 7] [--precision auto|fp32|bf16|fp32,bf16]
+    python benchmarks/bench_train.py [--config d2l|larger|both|widths] [--rounds 7] [--precision auto|fp32|bf16|fp32,bf16]
                                      [--device cpu|cuda] [--threads N] [--json]
 
 Contenders, each training with its own step on the same batches:
@@ -15,8 +15,9 @@ Contenders, each training with its own step on the same batches:
 
 The d2l config runs on The Time Machine as lstmlm encodes it (d2l mode, first 10,000 tokens,
 from $LSTMLM_TEST_DATA, default ../shared/data) in lstmlm.batches.sequential's batches; the
-larger config (batch 64, 100 steps, 512 hidden, 2 layers, 65 characters) on random ids. A
-round is one epoch (d2l: 8 batches of 32×35) or 4 batches (larger); the contenders alternate
+larger config (batch 64, 100 steps, 512 hidden, 2 layers, 65 characters) on random ids, as
+the widths (one layer 128, 256, 512 and 1024 wide, each at batch 16 and 64, 35 steps). A
+round is one epoch (d2l: 8 batches of 32×35) or 4 batches (the others); the contenders alternate
 round by round (A B C A B C …) so a slower moment slows all of them alike, and each figure
 is the median over the rounds. On a shared machine a round during which other processes
 were busy is discarded and rerun (`--patience`): one busy neighbour halves a 2-thread run.
@@ -56,6 +57,9 @@ from lstmlm.step import train_step
 D2L = Dims(vocab_size=28, hidden=256, layers=1, batch_size=32, num_steps=35)
 LARGER = Dims(vocab_size=65, hidden=512, layers=2, batch_size=64, num_steps=100)
 LARGER_BATCHES_PER_ROUND = 4
+# --config widths: one layer at each width and batch, 35 steps, 65 characters, on random ids
+WIDTHS = {f"w{h} b{b}": Dims(vocab_size=65, hidden=h, layers=1, batch_size=b, num_steps=35) for h in (128, 256, 512, 1024) for b in (16, 64)}
+CONFIGS = {"d2l": D2L, "larger": LARGER, **WIDTHS}
 LR, THETA = 1.0, 1.0
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -343,6 +347,7 @@ TARGETS = [
     ("d2l", "cudnn fp32", "seed nn.LSTM", 1.0),
     ("larger", "scratch fp32", "cudnn fp32", 0.95),
     ("larger", "scratch bf16", "cudnn fp32", 2.0),
+    *((cfg, f"scratch {p}", f"cudnn {p}", 1.0) for cfg in WIDTHS for p in ("fp32", "bf16")),
 ]
 GENERATION_TARGETS = {1: 55_000.0, 64: 500_000.0}  # chars/s of the d2l model: one greedy sample; 64 at once, in all
 
@@ -358,7 +363,7 @@ def best_of(medians: dict[tuple[str, str], float | None], cfg: str, seed: bool) 
 
 def ceiling_share(cfg: str, name: str, rate: float | None, ceilings: dict[str, float]) -> float | None:
     """tokens/s × FLOPs per trained token over the ceiling of the contender's precision."""
-    dims = D2L if cfg == "d2l" else LARGER
+    dims = CONFIGS[cfg]
     precision = "bf16" if name.endswith("bf16") else "fp32"
     if not rate or precision not in ceilings:
         return None
@@ -390,20 +395,20 @@ def report(results: dict[str, list[Contender]], discarded: dict[str, int], gener
         return
     print("machine: " + ", ".join(f"{k} {v}" for k, v in about.__dict__.items()))
     print("ceilings: " + ", ".join(f"{p} {g:,.1f} GFLOP/s" for p, g in ceilings.items()))
-    print(f"\n{'config':8} {'contender':16} {'tokens/s':>10} {'of ceiling':>10}  rounds")
+    print(f"\n{'config':9} {'contender':16} {'tokens/s':>10} {'of ceiling':>10}  rounds")
     for cfg, cs in results.items():
-        print(f"{cfg:8} ({discarded.get(cfg, 0)} rounds discarded: other processes were busy)")
+        print(f"{cfg:9} ({discarded.get(cfg, 0)} rounds discarded: other processes were busy)")
         for c in cs:
             rate = median(c)
             figure = f"{rate:10,.0f}" if rate else f"{'—':>10}"
             share = ceiling_share(cfg, c.name, rate, ceilings)
             shown = f"{share:10.0%}" if share is not None else f"{'':>10}"
-            print(f"{cfg:8} {c.name:16} {figure} {shown}  {len(c.rates)}{'  ' + c.error if c.error else ''}")
-    print(f"\n{'config':8} {'figure':36} {'ratio':>7}  target")
+            print(f"{cfg:9} {c.name:16} {figure} {shown}  {len(c.rates)}{'  ' + c.error if c.error else ''}")
+    print(f"\n{'config':9} {'figure':36} {'ratio':>7}  target")
     for cfg, fig, r, target in ratios:
         shown = f"{r:7.2f}" if r is not None else f"{'—':>7}"
         verdict = "" if r is None else ("  met" if r >= target else "  NOT met")
-        print(f"{cfg:8} {fig:36} {shown}  ≥ {target}{verdict}")
+        print(f"{cfg:9} {fig:36} {shown}  ≥ {target}{verdict}")
     for name, rate in generation.items():
         samples = 64 if name.endswith("×64") else 1
         target = GENERATION_TARGETS[samples]
@@ -413,7 +418,7 @@ def report(results: dict[str, list[Contender]], discarded: dict[str, int], gener
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=["d2l", "larger", "both"], default="both")
+    parser.add_argument("--config", choices=["d2l", "larger", "both", "widths"], default="both")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--precision", default="auto", help="auto, fp32, bf16 or a comma list (auto: fp32, plus bf16 where it is fast)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -440,7 +445,11 @@ def main(argv: list[str] | None = None) -> None:
         contenders = [lstmlm_contender(core, LARGER, device, p) for p in precisions for core in ("scratch", "cudnn")]
         discarded["larger"] = race(contenders, synthetic_rounds(LARGER, LARGER_BATCHES_PER_ROUND), args.rounds, device, args.patience)
         results["larger"] = contenders
-    generation = {} if args.no_generation else generation_speeds(device, args.patience)
+    for cfg, dims in WIDTHS.items() if args.config == "widths" else ():
+        contenders = [lstmlm_contender(core, dims, device, p) for p in precisions for core in ("scratch", "cudnn")]
+        discarded[cfg] = race(contenders, synthetic_rounds(dims, LARGER_BATCHES_PER_ROUND), args.rounds, device, args.patience)
+        results[cfg] = contenders
+    generation = {} if args.no_generation or args.config == "widths" else generation_speeds(device, args.patience)
     ceilings = {p: measure_matmul_ceiling(device, p).gflops for p in sorted({"fp32", *precisions})}
     report(results, discarded, generation, ceilings, device, args.json)
 

@@ -4,16 +4,12 @@
                                        [--precision fp32|bf16] [--threads N] [--steps 10] [--rows 15]
                                        [--recurrence compiled|loop]
 
-For each core: the step's wall time (the best of a few rounds), then for the scratch core its
-stages, each timed alone on the step's own tensors: stacking the weights, every layer's forward
-recurrence (fused.run_sequence), the backward recurrence (fused.recurrence_backward), the weight
-gradients, and the rest of the step (the output layer, the loss, autograd, clipping, the
-optimizer) as the difference. With `--recurrence compiled` (the default where it builds) the
-recurrence is lstmlm/native.py's C++; `loop` is the Python loop it replaces. Then the
-profiler's table of operators by self CPU time over `--steps` steps, sorted into matrix
-products, elementwise work, copies and the rest. (The compiled recurrence's own products and
-threads are inside one operator, lstmlm_recurrence::forward or ::backward, which is why the
-stages come first.) Run it on a quiet machine: a busy neighbour shifts every figure.
+For each core: the step's wall time (the best of a few rounds), then the profiler's table of
+operators by self CPU time over `--steps` steps, sorted into the compiled recurrence (one
+operator a layer and direction, lstmlm_recurrence::forward_<cell> and ::backward_<cell>, its
+products, elementwise work and threads inside), matrix products, elementwise work, copies and
+the rest. With `--recurrence compiled` (the default where it builds) the recurrence is
+lstmlm/native.py's C++; `loop` is the Python loop it replaces. Run it on a quiet machine: a busy neighbour shifts every figure.
 """
 
 from __future__ import annotations
@@ -26,9 +22,9 @@ from collections.abc import Callable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lstmlm import fused, native
+from lstmlm import native
 from lstmlm.bench import Dims
-from lstmlm.device import DTYPES, keep_freed_memory
+from lstmlm.device import keep_freed_memory
 from lstmlm.model import CharLM
 from lstmlm.step import train_step
 
@@ -70,37 +66,12 @@ def make_step(core: str, dims: Dims, precision: str) -> tuple[CharLM, Callable[[
     return model, step
 
 
-def stages(model: CharLM, dims: Dims, precision: str) -> dict[str, float]:
-    """The scratch core's stages, each timed alone (ms a step, every layer together)."""
-    dtype = DTYPES[precision]
-    scratch = model.scratch_core
-    assert scratch is not None
-    B, T, H = dims.batch_size, dims.num_steps, dims.hidden
-    X: torch.Tensor = torch.randint(0, dims.vocab_size, (T, B))
-    zeros = torch.zeros(B, H)
-    times = {"stack weights": 0.0, "forward recurrence": 0.0, "backward recurrence": 0.0, "weight gradients": 0.0}
-    with torch.no_grad():
-        for k, layer in enumerate(scratch.scratch_layers()):
-            ids = k == 0
-            times["stack weights"] += best_ms(lambda layer=layer, ids=ids: fused.stack_weights(layer.W_x, layer.W_h, layer.b, dtype, ids))
-            weights = fused.stack_weights(layer.W_x, layer.W_h, layer.b, dtype, ids)
-            seq = fused.run_sequence(X, zeros, zeros, weights, torch.float32)
-            times["forward recurrence"] += best_ms(lambda X=X, weights=weights: fused.run_sequence(X, zeros, zeros, weights, torch.float32))
-            W_h = fused.as_dtype(layer.W_h.detach(), dtype).contiguous()
-            dHs = torch.randn(T, H, B)
-            times["backward recurrence"] += best_ms(lambda seq=seq, W_h=W_h, dHs=dHs: fused.recurrence_backward(dHs, None, seq.gates, seq.Cs, seq.tanh_C, W_h))
-            dGates, dGates_c, _ = fused.recurrence_backward(dHs, None, seq.gates, seq.Cs, seq.tanh_C, W_h)
-            times["weight gradients"] += best_ms(lambda X=X, seq=seq, dG=dGates, dG_c=dGates_c, n=layer.W_x.shape[0]: fused.weight_gradients(X, seq.Hs[:-1], dG, dG_c, n))
-            X = seq.Hs[1:].transpose(1, 2)  # the next layer's input: this one's H, as the fast path hands it on
-    return times
-
-
 def summary(averages: object, steps: int) -> dict[str, float]:
     """Milliseconds a step in the matrix products, the elementwise work, the copies and the rest."""
-    groups = {"products": 0.0, "elementwise": 0.0, "copies": 0.0, "other": 0.0}
+    groups = {"compiled recurrence": 0.0, "products": 0.0, "elementwise": 0.0, "copies": 0.0, "other": 0.0}
     for event in averages:  # type: ignore[attr-defined]
         ms = event.self_cpu_time_total / 1e3 / steps
-        kind = "products" if event.key in PRODUCTS else "copies" if event.key in COPIES else "elementwise" if event.key in ELEMENTWISE else "other"
+        kind = "compiled recurrence" if event.key.startswith("lstmlm_recurrence::") else "products" if event.key in PRODUCTS else "copies" if event.key in COPIES else "elementwise" if event.key in ELEMENTWISE else "other"
         groups[kind] += ms
     return groups
 
@@ -128,11 +99,6 @@ def main() -> None:
             ms = best_ms(step)
             tokens = dims.batch_size * dims.num_steps
             print(f"\n== {core} {args.precision}: {ms:.2f} ms a step, {tokens / ms * 1e3:,.0f} tokens/s")
-            if core == "scratch":
-                parts = stages(model, dims, args.precision)
-                parts["the rest of the step"] = max(0.0, ms - sum(parts.values()))
-                for name, part in parts.items():
-                    print(f"  {name:24} {part:7.2f} ms  {part / ms:4.0%}")
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(args.steps):
                     step()

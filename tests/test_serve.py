@@ -27,6 +27,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (pip ins
 
 from fastapi.testclient import TestClient
 
+from lstmlm.errors import ServeError
 from lstmlm.inference import load as load_trained
 from lstmlm.runs import RunStore
 from lstmlm.serve import Limits
@@ -531,3 +532,9 @@ def test_unknown_routes_methods_and_run_names_in_paths(api: TestClient) -> None:
 def test_serve_without_the_extra_is_a_one_line_hint(tiny_runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn now raises ImportError
     assert_one_error_line(cli("serve", "--runs-dir", tiny_runs, "--port", "0"), "lstmlm serve needs FastAPI and uvicorn: pip install 'lstmlm[serve]'")
+
+
+@pytest.mark.parametrize("field", ["max_batch", "queue", "threads"])
+def test_a_limit_of_zero_is_refused_by_name(field: str) -> None:
+    with pytest.raises(ServeError, match=f"--{field.replace('_', '-')}"):
+        Limits(**{field: 0})

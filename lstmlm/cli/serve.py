@@ -44,7 +44,9 @@ def serve(
     Needs: pip install 'lstmlm\\[serve]'."""
     from ..serve import Limits, open_server
 
-    limits = Limits(max_length, max_text, max_concurrent, deadline, max_models, max_model_mib, max_connections, header_timeout, body_timeout, max_batch, queue, threads)
+    limits = Limits(
+        max_length, max_text, max_concurrent, deadline, max_models, max_model_mib, max_connections, header_timeout, body_timeout, max_batch, queue, threads
+    )
     server = open_server(runs_dir, host, port, limits, device, precision, allowed_host or ())
     if not server.loopback:
         err.print(f"[yellow]warning:[/] serving on {escape(host)}: anyone who can reach this machine can use the API (no authentication)", soft_wrap=True)

@@ -214,7 +214,8 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
     @app.get("/api/status")
     async def status() -> JSONResponse:
         await anyio.to_thread.run_sync(models.forget_gone)
-        work = {"active": batches.running + slots.active, "inspecting": slots.active, **batches.status()}
+        counts = batches.status()
+        work = {"active": counts["running"] + slots.active, "inspecting": slots.active, **counts}
         return JSONResponse({"version": __version__, **work, "models": len(models), **vars(limits), "max_body": limits.max_body})
 
     # ---- generation -----------------------------------------------------------------------------

@@ -126,7 +126,6 @@ class Batch:
         finally:
             with self.batches.lock:
                 self.thread = None
-                self.batches.running -= len(self.rows)
                 for row in [*self.rows, *(self.waiting if failed else ())]:  # after a failure: their requests end
                     row.cancel()
                 if failed:
@@ -138,31 +137,32 @@ class Batch:
     def _steps(self) -> None:
         tokens = self.loaded.trained.vocab.tokens
         step: Stepper | LoopStepper | None = None
-        rows, X = Rows(self.loaded.trained.model.W_hq.device), torch.empty(0, dtype=torch.long)
+        device = self.loaded.trained.model.W_hq.device
+        rows, X = Rows(device), torch.empty(0, dtype=torch.long)
         while True:
             staying = [i for i, row in enumerate(self.rows) if not row.done]
-            with self.batches.lock:
-                if len(staying) < len(self.rows):
-                    self.batches.running -= len(self.rows) - len(staying)
+            leaving = len(staying) < len(self.rows)
+            with self.batches.lock:  # the rows change under the lock, so /api/status counts them as they are
                 joining = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.batches.max_batch - len(staying)))]
                 self.batches.queued -= len(joining)
-                self.batches.running += len(joining)
                 if not staying and not joining:
                     self.rows = []
                     return  # _run ends the batch, or runs it again for a row that comes meanwhile
-            if len(staying) < len(self.rows):
+                self.rows = [self.rows[i] for i in staying] + joining
+            if leaving and staying:
                 assert step is not None
                 step.keep(staying)
                 rows.keep(staying)
-                X, self.rows = X[staying], [self.rows[i] for i in staying]
+                X = X[staying]
+            fresh = not staying  # no row stays: the first to join starts the batch's stepper
             for row in joining:
-                if step is None or not self.rows:
-                    step, X = row.stepper, row.first
+                if fresh:
+                    step, X, rows, fresh = row.stepper, row.first, Rows(device), False
                 else:
+                    assert step is not None  # a batch with rows staying has their stepper
                     step.extend(row.stepper)  # type: ignore[arg-type]  # the same model's stepper, of the same kind
                     X = torch.cat([X, row.first])
                 rows.add(row.sampling)
-                self.rows.append(row)
             assert step is not None
             X = rows.choose(step(X))
             for row, i in zip(self.rows, X.tolist()):
@@ -179,7 +179,6 @@ class Batches:
         self.lock = threading.Lock()
         self.batches: dict[int, Batch] = {}  # by the Loaded's identity: a new checkpoint is a new Loaded
         self.queued = 0  # admitted, not stepping yet (priming, or waiting for a place)
-        self.running = 0  # stepping, in all batches
         self.making = threading.Lock()  # held to make a template
         self.templates: weakref.WeakKeyDictionary[Loaded, Stepper | LoopStepper] = weakref.WeakKeyDictionary()  # per model: see `template`
 
@@ -232,4 +231,5 @@ class Batches:
 
     def status(self) -> dict[str, int]:
         with self.lock:
-            return {"running": self.running, "queued": self.queued, "batches": len(self.batches)}
+            running = sum(1 for batch in self.batches.values() for row in batch.rows if not row.done)  # let go: no longer running
+            return {"running": running, "queued": self.queued, "batches": len(self.batches)}

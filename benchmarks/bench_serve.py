@@ -123,7 +123,7 @@ def main() -> None:
         for _ in range(3):  # the model loaded, the worker threads started
             outcome = stream(url, body)[0]
             if outcome != "completed":
-                raise SystemExit(f"a warm-up generation was {outcome}: is --run right?")
+                raise SystemExit(f"a warm-up generation was {outcome}: is --run right, and can its model read --prefix (d2l models have no line breaks)?")
         before = rss_mib(proc.pid) if proc else float("nan")
         results: list[tuple[str, float, float, int, float]] = []
         active: list[int] = []

@@ -7,7 +7,7 @@
 Each --study NAME=CORPUS:MINUTES:TRIALS runs `lstmlm tune` on CORPUS (NAME the study, MINUTES
 each trial, TRIALS trials; more trials join the same study on a second run) with the options
 in --tune-args. A new study's first trials are seeded (Optuna's enqueue_trial) with the
-hand-made recipe (configs/tinyshakespeare.toml's 1×512, Adam 8e-3, cosine, no regularization)
+hand-made recipe (benchmarks/configs/tinyshakespeare-hand.toml's 1×512, Adam 8e-3, cosine, no regularization)
 and two variations, 1×768 and 1×384: a dozen trials of a 19-dimensional space would otherwise
 be a random search. Then it reads the study back from its SQLite storage and prints, per study, its
 trials by validation loss — the settings Optuna chose, the model's weights, the tokens the

@@ -34,6 +34,7 @@ Optimizer = Literal["sgd", "adam", "adamw"]
 Schedule = Literal["constant", "step", "cosine"]
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 Precision = Literal["fp32", "bf16", "auto"]
+RecipeUse = Literal["auto", "on", "off"]
 
 
 def setting(default: Any, help: str) -> Any:
@@ -95,7 +96,9 @@ class TrainConfig:
     gamma: float = setting(0.1, "Factor of each step-schedule decay.")
     seed: int = setting(0, "Seed of the initialization, the data order and dropout.")
     device: DeviceName = setting("auto", "auto, cpu, cuda or mps.")
-    precision: Precision = setting("fp32", "fp32, bf16 or auto (bf16 where the hardware multiplies it natively).")
+    precision: Precision = setting(
+        "auto", "fp32, bf16 or auto (the faster of the two on this model, timed before the run starts; fp32 in d2l mode)."
+    )
     path: RecurrencePath = setting(
         "auto",
         "How the scratch core runs its recurrence: loop (the readable equations), fused (the LSTM's Python fast path), "
@@ -117,6 +120,12 @@ class TrainConfig:
     val_tokens: int = setting(250_000, "Validate during training on this many tokens of the validation text, a fixed sample (0 = all of it).")
     patience: int = setting(0, "Stop after N validations without improvement (0 = never).")
     max_minutes: float = setting(0.0, "Stop (validated, sampled, saved) after this much training; a cosine schedule anneals by the clock too.")
+    recipe: RecipeUse = setting(
+        "auto",
+        "The default recipe: the model and its training chosen for the corpus, this machine's speed and max_minutes. auto: for a new "
+        "run with max_minutes on text other than d2l's, without a config file; on: with one too (its keys and the options override "
+        "the recipe's); off: never.",
+    )
     ar: float = setting(0.0, "Activation regularization α: α·mean(H²) of the top layer's dropped outputs, added to the training loss (Merity et al. 2017).")
     tar: float = setting(0.0, "Temporal activation regularization β: β·mean((H_t − H_{t−1})²) of the top layer's outputs, added to the training loss.")
     tensorboard: str = setting(
@@ -210,7 +219,8 @@ MODEL_DEFINING = ("normalize", "model", "cell", "gru_form", "hidden", "layers", 
 # Fields a resumed run may change: they alter neither the model nor the data. (The regularization
 # alters the training itself, so a resume keeps it, as it keeps lr: it stays exact.)
 RESUMABLE = frozenset(
-    {"epochs", "device", "precision", "tf32", "path", "sample_every", "eval_every", "checkpoint_every", "patience", "max_minutes", "val_tokens", "strict"}
+    {"epochs", "device", "precision", "recipe", "tf32", "path", "sample_every", "eval_every", "checkpoint_every", "patience", "max_minutes"}
+    | {"val_tokens", "strict"}
     | {"tensorboard"}  # where the logs go
 )
 
@@ -337,6 +347,7 @@ def _validate(cfg: Config) -> None:
         (m.cell == "gru" or m.gru_form == "cudnn", '[model] gru_form applies to the GRU only (cell = "gru")'),
         (m.gru_form == "cudnn" or m.model == "scratch", '[model] gru_form d2l (the book\'s GRU) has no torch module: it needs model = "scratch"'),
         (t.epochs >= 1, "[train] epochs must be at least 1"),
+        (t.recipe != "on" or t.max_minutes > 0, '[train] recipe = "on" chooses for a time budget: it needs max_minutes > 0'),
         (t.lr > 0.0, "[train] lr must be positive"),
         (t.weight_decay >= 0.0, "[train] weight_decay must not be negative"),
         (t.clip >= 0.0, "[train] clip must not be negative (0 turns clipping off)"),

@@ -21,7 +21,8 @@ unless the module itself is named here, as `data.home` and `data.download` are).
         units, units_page, export,     batched step; inside a model; export; checkpoints; the
         checkpoint, plot, tensorboard, chart; TensorBoard; the default recipe; what training
         recipe, samples                samples from
-     9  step, checkpointer             one optimizer step and how it is built; saving and resuming
+     9  step, checkpointer, precision  one optimizer step and how it is built; saving and resuming;
+                                       --precision auto, timed on the model to train
     10  train                          the loop
     11  training, inference            starting and resuming a training; using a trained model
     12  tune, serve, bench, runlist,   Optuna studies; the HTTP API; `lstmlm bench`; `lstmlm runs`
@@ -41,7 +42,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("model", "graphs", "carry"),
     ("evaluation", "baselines", "events", "generate", "choosing", "stepper", "units",
       "units_page", "export", "checkpoint", "plot", "tensorboard", "recipe", "samples"),
-    ("step", "checkpointer"),
+    ("step", "checkpointer", "precision"),
     ("train",),
     ("training", "inference"),
     ("tune", "serve", "bench", "runlist", "runsummary"),

@@ -118,6 +118,14 @@ def unavailable() -> str:
     return _load()[1]
 
 
+def failed() -> bool:
+    """Whether this process tried to load (or build) the compiled recurrence and could not,
+    while it was switched on (LSTMLM_NATIVE=0 and the tests' switch are choices, not failures)."""
+    if not _enabled or os.environ.get("LSTMLM_NATIVE", "1") == "0" or not _load.cache_info().currsize:
+        return False
+    return _load()[0] is None
+
+
 def status() -> str:
     """ "compiled" or "python loop" and, for the latter, why: for `lstmlm bench` and the tests."""
     ops, reason = _load()

@@ -63,7 +63,7 @@ def choose(cell: Cell, requested: str, device: torch.device, build: bool = True,
     here, fused."""
     paths = available(cell, device, build, dtype)
     if requested == "auto":
-        return Choice(paths[0])
+        return Choice(paths[0], "" if paths[0] == "compiled" else failed_here(cell, device, dtype))
     wanted = "fused" if requested == "graph" else requested
     if wanted in paths:
         return Choice(wanted)
@@ -76,6 +76,15 @@ def settle(choice: Choice, cell: Cell, device: torch.device) -> Choice:
     if choice.path != "compiled" or native.usable():
         return choice
     return Choice(available(cell, device)[0], f"the compiled recurrence cannot run: {native.unavailable()}")
+
+
+def failed_here(cell: Cell, device: torch.device, dtype: torch.dtype) -> str:
+    """Why `auto` runs another path where it would run the compiled one: this process tried to
+    load or build it and could not (the first model to try says so through `settle`; any model
+    made after it, here)."""
+    if device.type == "cpu" and dtype == torch.float32 and cell.kernel is not None and native.failed():
+        return f"the compiled recurrence cannot run: {native.unavailable()}"
+    return ""
 
 
 def why_not(cell: Cell, path: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:

@@ -148,6 +148,9 @@ def build_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(t, s, steps_per_epoch, time_used()))
 
 
+BUILDING = "compiling the scratch core's recurrence for this CPU (once)"  # said where a first build waits
+
+
 def settle_path(model: CharLM) -> Iterator[Noted | Warned]:
     """The scratch core's path, settled before a training's clock starts: a compiled recurrence
     this machine has not built yet is built here (said, since it takes a while, once), and
@@ -156,7 +159,7 @@ def settle_path(model: CharLM) -> Iterator[Noted | Warned]:
     if scratch is None:
         return
     if scratch.path == "compiled" and native.needs_build():
-        yield Noted("compiling the scratch core's recurrence for this CPU (once)")
+        yield Noted(BUILDING)
     why = scratch.settle()
     if why:
         yield Warned(f"the scratch core runs its {scratch.path} path: {why}")

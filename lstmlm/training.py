@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 
-from . import baselines, config, distributed, tensorboard
+from . import baselines, config, distributed, native, tensorboard
 from . import config_file as config_file_mod
+from . import precision as precisions
 from .config import Config
 from .data.batches import check_length
 from .data.download import StageProgress
@@ -41,7 +42,7 @@ from .events import Baselined, Event, Started
 from .model import CharLM, training_bytes
 from .recipe import RECIPE_KEYS, Recipe, choose, probe_dims
 from .runs import LATEST, RunExists, RunStore, check_run_name
-from .step import timed_steps
+from .step import BUILDING, timed_steps
 from .train import Trainer
 
 # ---- the plan: one final config, and its data ----------------------------------------------------
@@ -66,6 +67,7 @@ class Plan:
     run: str | None
     store: RunStore | None
     recipe: Chosen | None = None  # when the default recipe chose the settings
+    precision: precisions.Choice | None = None  # what --precision auto chose, and why
     chosen_keys: tuple[str, ...] = ()  # the settings this run chose (`chosen_keys`), for the start table
 
 
@@ -97,10 +99,12 @@ def plan(
     draft = base.with_overrides(given).resolved()
     device = resolve_device(draft.train.device)  # an absent device is refused before any download
     chosen = None
-    if default_recipe and store is None and config_file is None and uses_default_recipe(draft, given):
-        data = prepare_data(smallest_batches(draft, given), progress=progress, scratch=runs_dir)
-        chosen = choose_recipe(draft, given, data, device)
-        final = base.with_overrides({**chosen.recipe.overrides(), **given}).resolved()
+    kept = {**{k: draft.value(k) for k in written}, **given}  # what the file and the options say: the recipe chooses the rest
+    if default_recipe and store is None and uses_default_recipe(draft, kept, config_file is not None):
+        data = prepare_data(smallest_batches(draft, kept), progress=progress, scratch=runs_dir)
+        build_first(draft, device, progress)
+        chosen = choose_recipe(draft, kept, data, device)
+        final = base.with_overrides({**chosen.recipe.overrides(), **kept}).resolved()
         check_length(len(data.train), final.data.batch_size, final.data.num_steps, "training text")
     else:
         final = draft
@@ -108,7 +112,12 @@ def plan(
     if store is not None:
         check_same_corpus(store, data, final.data.corpus)
     check_memory(final, len(data.vocab), device)
-    return Plan(final, data, runs_dir, run, store, chosen, chosen_keys(final, set(written) | set(given)))
+    precision = None
+    if final.train.precision == "auto":  # decided once, here, and stored with the run: a resume trains on in it
+        build_first(final, device, progress)
+        precision = precisions.choose(final, len(data.vocab), device, distributed.from_environment())
+        final = final.with_overrides({"precision": precision.precision})
+    return Plan(final, data, runs_dir, run, store, chosen, precision, chosen_keys(final, set(written) | set(given)))
 
 
 def chosen_keys(final: Config, given: set[str]) -> tuple[str, ...]:
@@ -124,7 +133,8 @@ def resumable_changes(stored: Config, file: Config, written: frozenset[str], giv
     disagrees with the stored config is refused, naming each key that differs."""
     if config_file is not None:
         asked = file.with_overrides(given).resolved()
-        differ = [k for k in config.field_names() if k not in config.RESUMABLE and asked.value(k) != stored.value(k)]
+        compared = written | set(given) if asked.train.recipe == "on" else config.field_names()  # the rest the recipe chose
+        differ = [k for k in compared if k not in config.RESUMABLE and asked.value(k) != stored.value(k)]
         if differ:
             what = ", ".join(f"{k} (the run's {stored.value(k)!r}, here {asked.value(k)!r})" for k in differ)
             raise ConfigError(
@@ -164,21 +174,36 @@ def check_memory(cfg: Config, vocab_size: int, device: torch.device) -> None:
         )
 
 
-# ---- the default recipe's probe -------------------------------------------------------------------
+# ---- what is timed before the run: the default recipe's probe, --precision auto --------------------
+
+def build_first(cfg: Config, device: torch.device, progress: StageProgress | None) -> None:
+    """The compiled recurrence built before a model is timed on it, as a stage of its own: the
+    first time on a machine it takes a while, and the timing would otherwise hide it."""
+    if cfg.model.model == "scratch" and device.type == "cpu" and native.needs_build():
+        if progress:
+            progress(BUILDING, 0, None)
+        native.recurrence()
+        if progress:
+            progress(BUILDING, 1, 1)
+
 
 PROBE_TIMED = 4  # the probe's timed batches (after one to warm up): about a second on two CPU cores
 
 
-def uses_default_recipe(cfg: Config, given: dict[str, Any]) -> bool:
-    """A time budget, text other than d2l's (which keeps the seed), a recipe setting left to
-    choose, and one process: under torchrun each would time its own probe and might choose
-    another model (the process group, which could agree on one, starts later)."""
-    return (
-        cfg.train.max_minutes > 0
-        and cfg.data.normalize != "d2l"
-        and not set(RECIPE_KEYS) <= set(given)
-        and not distributed.from_environment().active
-    )
+def uses_default_recipe(cfg: Config, given: dict[str, Any], with_file: bool = False) -> bool:
+    """`recipe` auto without a config file (`with_file`) or on, and then: a time budget, text
+    other than d2l's (which keeps the seed), a recipe setting left to choose, and one process:
+    under torchrun each would time its own probe and might choose another model (the process
+    group, which could agree on one, starts later). Asked for (on) where it cannot be, it is refused."""
+    asked = cfg.train.recipe
+    if asked == "off" or (asked == "auto" and with_file):
+        return False
+    why_not = "d2l mode keeps the seed's settings" if cfg.data.normalize == "d2l" else None
+    if distributed.from_environment().active:
+        why_not = "under torchrun each process would time a probe of its own and might choose another model"
+    if asked == "on" and why_not:
+        raise ConfigError(f'recipe = "on": {why_not} (choose the model yourself, or train in one process)')
+    return cfg.train.max_minutes > 0 and why_not is None and not set(RECIPE_KEYS) <= set(given)
 
 
 def smallest_batches(cfg: Config, given: dict[str, Any]) -> Config:
@@ -196,13 +221,14 @@ def choose_recipe(cfg: Config, given: dict[str, Any], data: Data, device: torch.
 
 
 def probe_speed(cfg: Config, vocab_size: int, device: torch.device) -> float:
-    """Training tokens/s of the recipe's probe model (`recipe.probe_dims`) on this machine: a
-    few batches through the step a training builds, after one to warm up."""
+    """Training tokens/s of the recipe's probe model (`recipe.probe_dims`) on this machine, in
+    the precision it would train in (`precision.choose`): a few batches through the step a
+    training builds, after one to warm up."""
     dims = probe_dims(vocab_size, cfg.model.cell)
     probe = dims.config(cfg.model.model)
+    precision = precisions.choose(probe.with_overrides({"precision": cfg.train.precision}), vocab_size, device).precision
     torch.manual_seed(0)
     model = CharLM.from_config(probe.model, vocab_size, device=device).to(device)
-    precision = resolve_precision(cfg.train.precision, device)
     seconds = timed_steps(probe, model, device, World(), precision, PROBE_TIMED, warmup=1)
     return PROBE_TIMED * dims.batch_size * dims.num_steps / seconds
 

@@ -87,7 +87,7 @@ def test_the_model_grows_with_the_corpus_until_the_compute_caps_it() -> None:
 
 
 def test_the_hand_recipes_corner_is_near_the_hand_recipe() -> None:
-    """The constants come from configs/tinyshakespeare.toml: its corpus and time give a model of
+    """The constants come from the hand-made Shakespeare recipe (benchmarks/configs/): its corpus and time give a model of
     its kind (one layer, some hundreds of units, Adam near 8e-3, no dropout, batches of 100 steps)."""
     r = choose(SHAKESPEARE, 65, 12_000.0, 10)
     assert r.layers == 1 and 256 <= r.hidden <= 768 and r.embedding == 48
@@ -168,9 +168,58 @@ def test_d2l_text_keeps_the_seeds_settings_with_a_time_limit(book: Path, runs_di
     assert (m.hidden, m.layers, m.embedding, t.optimizer, t.lr, d.batch_size, d.num_steps) == (256, 1, 0, "sgd", 1.0, 32, 35)
 
 
-def test_a_config_file_is_never_replaced_by_the_recipe(book: Path, runs_dir: Path) -> None:
-    plan = trainings.plan(runs_dir, None, {"corpus": str(book), "max_minutes": 0.01, "device": "cpu"}, CONFIGS / "tinyshakespeare.toml")
-    assert plan.recipe is None and plan.config.model.hidden == 512
+def write_config(path: Path, train: str, model: str = "") -> Path:
+    path.write_text(f'[data]\nnormalize = "raw"\n\n[model]\n{model}\n[train]\n{train}\n', encoding="utf-8")
+    return path
+
+
+def test_a_config_file_is_not_replaced_by_the_recipe_unless_it_asks(book: Path, runs_dir: Path, tmp_path: Path) -> None:
+    plain = write_config(tmp_path / "plain.toml", "max_minutes = 10", "hidden = 40")
+    plan = trainings.plan(runs_dir, None, {"corpus": str(book), "device": "cpu"}, plain)
+    assert plan.recipe is None and plan.config.model.hidden == 40 and plan.config.train.optimizer == "sgd"
+
+
+def test_a_config_that_asks_for_the_recipe_gets_it_its_keys_and_the_options_overriding(book: Path, runs_dir: Path, tmp_path: Path) -> None:
+    asking = write_config(tmp_path / "asking.toml", 'recipe = "on"\nmax_minutes = 0.01', "hidden = 40")
+    plan = trainings.plan(runs_dir, None, {"corpus": str(book), "device": "cpu", "lr": 0.002}, asking)
+    assert plan.recipe is not None and set(plan.recipe.given) == {"hidden", "lr"}
+    assert (plan.config.model.hidden, plan.config.train.lr) == (40, 0.002)
+    expected = plan.recipe.recipe.overrides()
+    assert {k: plan.config.value(k) for k in expected if k not in ("hidden", "lr")} == {k: v for k, v in expected.items() if k not in ("hidden", "lr")}
+
+
+def test_the_shakespeare_config_is_the_default_recipe(book: Path, runs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """configs/tinyshakespeare.toml trains what `lstmlm train --corpus C --max-minutes 10` does: never worse."""
+    monkeypatch.setattr(trainings, "probe_speed", lambda *_: 30_000.0)  # both plans chose for the same speed
+    common = {"corpus": str(book), "device": "cpu", "precision": "fp32"}
+    from_file = trainings.plan(runs_dir, None, common, CONFIGS / "tinyshakespeare.toml").config
+    no_config = trainings.plan(runs_dir, None, {**common, "max_minutes": 10.0}).config
+    assert from_file.with_overrides({"recipe": "auto"}) == no_config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"recipe": "on"}, '[train] recipe = "on" chooses for a time budget: it needs max_minutes > 0'),
+        ({"recipe": "on", "max_minutes": 1.0, "normalize": "d2l"}, 'recipe = "on": d2l mode keeps the seed\'s settings'),
+    ],
+)
+def test_the_recipe_asked_for_where_it_cannot_choose_is_refused(book: Path, runs_dir: Path, overrides: dict[str, object], message: str) -> None:
+    args = [a for k, v in overrides.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    assert_one_error_line(cli("train", "--corpus", book, "--device", "cpu", "--runs-dir", runs_dir, *args), message)
+
+
+def test_recipe_off_keeps_the_defaults_under_a_time_limit(book: Path, runs_dir: Path) -> None:
+    plan = trainings.plan(runs_dir, None, {"corpus": str(book), "device": "cpu", "max_minutes": 1.0, "recipe": "off"})
+    assert plan.recipe is None and plan.config.model.hidden == Config().model.hidden
+
+
+def test_a_run_of_a_config_asking_for_the_recipe_resumes_with_its_command(book: Path, runs_dir: Path, tmp_path: Path) -> None:
+    asking = write_config(tmp_path / "asking.toml", 'recipe = "on"\nmax_minutes = 0.005\nepochs = 1', "")
+    command = ["train", "--config", asking, "--corpus", book, "--device", "cpu", "--runs-dir", runs_dir, "--run", "r"]
+    assert cli(*command).code == 0
+    resumed = cli(*command, "--resume", "--epochs", "2")
+    assert resumed.code == 0, resumed.stderr  # the keys the recipe chose are not the file's to disagree with
 
 
 def test_every_recipe_setting_given_needs_no_probe(book: Path, runs_dir: Path) -> None:

@@ -53,6 +53,8 @@ def train(
     warn_about(plan.data)
     if plan.recipe is not None and not as_json:
         out.print(recipe_line(plan.recipe, len(plan.data.train), len(plan.data.vocab), plan.config.train.max_minutes), soft_wrap=True, markup=False)
+    if plan.precision is not None and not as_json:
+        out.print(f"precision {plan.precision.precision}: {plan.precision.reason}", soft_wrap=True, markup=False)
     stop = trainings.StopFlag()
     with trainings.start(plan) as training, stop.installed():
         if not training.world.is_main:  # only rank 0 shows anything
@@ -90,7 +92,7 @@ def recipe_line(chosen: Chosen, tokens: int, vocab: int, minutes: float) -> str:
         f"(the probe): {r.layers}×{r.hidden}, embedding {r.embedding}, {r.parameters:,} parameters, batches {r.batch_size}×{r.num_steps}, "
         f"{r.optimizer} lr {r.lr:g} {r.schedule}, dropout {r.dropout:g}, state reset every {r.reset_every} batches; about {r.epochs:.2g} epochs"
     )
-    return text + (f" (the options given override {', '.join(chosen.given)})" if chosen.given else "")
+    return text + (f" (given instead: {', '.join(chosen.given)})" if chosen.given else "")
 
 
 ALWAYS_SHOWN = ("corpus", "model", "cell")  # what any run is, chosen or not

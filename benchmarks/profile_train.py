@@ -1,6 +1,6 @@
 """Where a training step's time goes: by stage (wall clock), and torch.profiler by operator.
 
-    python benchmarks/profile_train.py [--config d2l|larger] [--core scratch|cudnn|both]
+    python benchmarks/profile_train.py [--config d2l|larger|w1024-b64|…] [--core scratch|cudnn|both]
                                        [--precision fp32|bf16] [--threads N] [--steps 10] [--rows 15]
                                        [--recurrence compiled|loop]
 
@@ -31,7 +31,8 @@ from lstmlm.step import train_step
 CONFIGS = {
     "d2l": Dims(vocab_size=28, hidden=256, layers=1, batch_size=32, num_steps=35),
     "larger": Dims(vocab_size=65, hidden=512, layers=2, batch_size=64, num_steps=100),
-}
+    **{f"w{h}-b{b}": Dims(vocab_size=65, hidden=h, layers=1, batch_size=b, num_steps=35) for h in (128, 256, 512, 1024) for b in (16, 64)},
+}  # the widths: bench_train.py --config widths's
 PRODUCTS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::mkldnn_rnn_layer", "aten::mkldnn_rnn_layer_backward",
             "mkldnn::_linear_pointwise")  # fmt: skip
 COPIES = ("aten::copy_", "aten::_to_copy", "aten::cat", "aten::stack", "aten::contiguous", "aten::clone", "aten::index_select")

@@ -174,6 +174,21 @@ def test_the_compiled_kernel_cut_by_units_across_threads_is_one_thread(cell: Cel
         assert_close(a, e, 1e-5, f"tensor {k}")
 
 
+@pytest.mark.parametrize("cell", CELLS, ids=cells.NAMES)
+def test_the_compiled_kernel_with_long_products_cut_in_chunks_is_torchs_module(cell: Cell) -> None:
+    """A product whose B would not fit a core's cache is summed over chunks of its inner
+    dimension (recurrence.cpp's k_chunk: 128 KiB of B, 109 rows at batch 300): at 120 units
+    every cell's backward product (blocks·120 rows of B) is cut, and the RNN's forward one too."""
+    if "compiled" not in paths(cell):
+        pytest.skip(f"the {cell.title} has no compiled kernel here: {native.status()}")
+    scratch, torch_core = make_cores(cell, 10, 120, 1, torch.float32, "compiled")
+    X, state = make_inputs(cell, 3, 300, 10, 120, 1, torch.float32, "dense", "random")
+    weights = torch.randn(3, 300, 120)
+    for k, (a, e) in enumerate(zip(run(scratch, X, state, weights), run(torch_core, X, state, weights), strict=True)):
+        assert_close(a, e, tol(cell, torch.float32), f"{cell.name} tensor {k}")
+    assert_same_gradients(cell, scratch, torch_core, tol(cell, torch.float32), cell.name)
+
+
 @pytest.mark.parametrize(("cell", "path", "dtype"), list(cases((torch.float64,))))
 @pytest.mark.parametrize("kind", ["ids", "dense"])
 def test_gradcheck(cell: Cell, path: str, dtype: torch.dtype, kind: str) -> None:

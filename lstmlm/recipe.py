@@ -3,7 +3,9 @@ machine's speed and the minutes there are (`lstmlm train --corpus C --max-minute
 
 `choose` is a pure function of those four numbers. The speed is what `PROBE`, a fixed model,
 trains at here (training.py times a few of its batches before the run is created); times its
-FLOPs per token and the seconds, that is the compute the run has. Then:
+FLOPs per token and the seconds, that is the compute the run has. training.py then times the
+model chosen and chooses again for its rate (`probe_speed_of`): a wide layer's products run
+nearer the machine's peak than the probe's. The rule:
 
     size      a model of P weights costs F(P) FLOPs per trained token (sizes.py's count, from the cell), so in
               the time it sees compute / F(P) tokens; the widest model that still sees
@@ -83,6 +85,13 @@ class Recipe:
 
 
 RECIPE_KEYS = ("hidden", "layers", "embedding", "lr", "batch_size", "num_steps", "dropout", "warmup_steps", "optimizer", "schedule", "reset_every")
+
+
+def probe_speed_of(recipe: Recipe, tokens_per_s: float, vocab_size: int, cell: str = "lstm") -> float:
+    """The probe's tokens/s that `recipe`'s model training at `tokens_per_s` amounts to: the same
+    FLOPs a second. A wide model keeps the matrix units busier than the 1×256 probe does, so its
+    rate, timed, says better what the minutes hold (`choose` again with it)."""
+    return tokens_per_s * _flops(recipe.hidden, recipe.layers, vocab_size, recipe.embedding, cell) / training_flops_per_token(probe_dims(vocab_size, cell))
 
 
 def embedding_for(vocab_size: int) -> int:

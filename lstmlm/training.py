@@ -40,7 +40,7 @@ from .errors import CheckpointError, ConfigError, CorpusError, DeviceError
 from .evaluation import unit_of
 from .events import Baselined, Event, Started
 from .model import CharLM, training_bytes
-from .recipe import RECIPE_KEYS, Recipe, choose, probe_dims
+from .recipe import RECIPE_KEYS, Recipe, choose, probe_dims, probe_speed_of
 from .runs import LATEST, RunExists, RunStore, check_run_name
 from .step import BUILDING, timed_steps
 from .train import Trainer
@@ -50,11 +50,15 @@ from .train import Trainer
 
 @dataclass(frozen=True)
 class Chosen:
-    """The default recipe's choice (`recipe.choose`) and the speed it was chosen for."""
+    """The default recipe's choice (`recipe.choose`) and the speed it was chosen for: the probe's,
+    then that of the model it chose first, timed, as the probe's speed of the same FLOPs a second."""
 
     recipe: Recipe
-    tokens_per_s: float  # the probe's, measured here
-    given: tuple[str, ...]  # the recipe's settings that options gave instead
+    tokens_per_s: float  # the speed `recipe` was chosen for, in the probe's tokens/s
+    given: tuple[str, ...]  # the recipe's settings that options (or the config file) gave instead
+    probe_tokens_per_s: float = 0.0  # the probe's, timed here
+    first: Recipe | None = None  # the choice the probe's speed gave
+    first_tokens_per_s: float = 0.0  # its model's training speed, timed here
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,7 @@ def build_first(cfg: Config, device: torch.device, progress: StageProgress | Non
 
 
 PROBE_TIMED = 4  # the probe's timed batches (after one to warm up): about a second on two CPU cores
+FIRST_TIMED, FIRST_WARMUP = 3, 2  # the first choice's batches, timed and not: a new model's second batch is still slow
 
 
 def uses_default_recipe(cfg: Config, given: dict[str, Any], with_file: bool = False) -> bool:
@@ -213,24 +218,37 @@ def smallest_batches(cfg: Config, given: dict[str, Any]) -> Config:
 
 
 def choose_recipe(cfg: Config, given: dict[str, Any], data: Data, device: torch.device) -> Chosen:
-    """The recipe for this corpus, vocabulary, machine and time: a probe model's training speed
-    here (`probe_speed`), then `recipe.choose`."""
-    speed = probe_speed(cfg, len(data.vocab), device)
-    recipe = choose(len(data.train), len(data.vocab), speed, cfg.train.max_minutes, cfg.model.cell)
-    return Chosen(recipe, speed, tuple(k for k in RECIPE_KEYS if k in given))
+    """The recipe for this corpus, vocabulary, machine and time, chosen twice: for the probe
+    model's training speed here (`probe_speed`), then for the speed of the model that gave, timed
+    too (`recipe.probe_speed_of`): a wider model multiplies faster than the probe, so it sees
+    more passes than the probe's speed foretells, and the passes set the dropout."""
+    tokens, vocab, minutes, cell = len(data.train), len(data.vocab), cfg.train.max_minutes, cfg.model.cell
+    probe = probe_speed(cfg, vocab, device)
+    first = choose(tokens, vocab, probe, minutes, cell)
+    first_cfg = cfg.with_overrides({**first.overrides(), **given})
+    check_memory(first_cfg, vocab, device)
+    timed = training_speed(first_cfg, vocab, device, FIRST_TIMED, FIRST_WARMUP)
+    speed = probe_speed_of(first, timed, vocab, cell)
+    recipe = choose(tokens, vocab, speed, minutes, cell)
+    return Chosen(recipe, speed, tuple(k for k in RECIPE_KEYS if k in given), probe, first, timed)
 
 
 def probe_speed(cfg: Config, vocab_size: int, device: torch.device) -> float:
     """Training tokens/s of the recipe's probe model (`recipe.probe_dims`) on this machine, in
-    the precision it would train in (`precision.choose`): a few batches through the step a
-    training builds, after one to warm up."""
-    dims = probe_dims(vocab_size, cfg.model.cell)
-    probe = dims.config(cfg.model.model)
-    precision = precisions.choose(probe.with_overrides({"precision": cfg.train.precision}), vocab_size, device).precision
+    the precision `cfg` asks for (`training_speed`)."""
+    probe = probe_dims(vocab_size, cfg.model.cell).config(cfg.model.model)
+    return training_speed(probe.with_overrides({"precision": cfg.train.precision}), vocab_size, device, PROBE_TIMED)
+
+
+def training_speed(cfg: Config, vocab_size: int, device: torch.device, steps: int, warmup: int = 1) -> float:
+    """Training tokens/s of `cfg`'s model and batches on this machine, in the precision it would
+    train in (`precision.choose`): `steps` batches through the step a training builds, after
+    `warmup` untimed."""
+    precision = precisions.choose(cfg, vocab_size, device).precision
     torch.manual_seed(0)
-    model = CharLM.from_config(probe.model, vocab_size, device=device).to(device)
-    seconds = timed_steps(probe, model, device, World(), precision, PROBE_TIMED, warmup=1)
-    return PROBE_TIMED * dims.batch_size * dims.num_steps / seconds
+    model = CharLM.from_config(cfg.model, vocab_size, device=device).to(device)
+    seconds = timed_steps(cfg, model, device, World(), precision, steps, warmup)
+    return steps * cfg.data.batch_size * cfg.data.num_steps / seconds
 
 
 # ---- starting it ----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from lstmlm.config import Config
 from lstmlm.data.batches import min_tokens
 from lstmlm.errors import ConfigError, CorpusError
 from lstmlm.recipe import Recipe, choose
+from lstmlm.sizes import Dims, training_flops_per_token
 
 from support.cli import assert_one_error_line, cli
 from support.tiny import CONFIGS, synthetic_text
@@ -190,7 +191,7 @@ def test_a_config_that_asks_for_the_recipe_gets_it_its_keys_and_the_options_over
 
 def test_the_shakespeare_config_is_the_default_recipe(book: Path, runs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """configs/tinyshakespeare.toml trains what `lstmlm train --corpus C --max-minutes 10` does: never worse."""
-    monkeypatch.setattr(trainings, "probe_speed", lambda *_: 30_000.0)  # both plans chose for the same speed
+    monkeypatch.setattr(trainings, "training_speed", lambda *_: 30_000.0)  # both plans chose for the same speeds
     common = {"corpus": str(book), "device": "cpu", "precision": "fp32"}
     from_file = trainings.plan(runs_dir, None, common, CONFIGS / "tinyshakespeare.toml").config
     no_config = trainings.plan(runs_dir, None, {**common, "max_minutes": 10.0}).config
@@ -227,3 +228,37 @@ def test_every_recipe_setting_given_needs_no_probe(book: Path, runs_dir: Path) -
     given |= {"optimizer": "adam", "schedule": "constant", "reset_every": 0}
     plan = trainings.plan(runs_dir, None, {"corpus": str(book), "max_minutes": 0.01, "device": "cpu", **given})
     assert plan.recipe is None
+
+
+# ---- chosen twice: for the probe's speed, then for the first choice's, timed ---------------------
+
+
+def test_the_probe_speed_of_a_model_is_its_flops_a_second_in_the_probes_tokens() -> None:
+    r = choose(SHAKESPEARE, 65, 12_000.0, 10)
+    flops = training_flops_per_token(Dims(65, r.hidden, r.layers, embedding=r.embedding))
+    assert recipe.probe_speed_of(r, 1_000.0, 65) == pytest.approx(1_000.0 * flops / training_flops_per_token(recipe.probe_dims(65)))
+
+
+def test_the_recipe_is_chosen_again_for_the_speed_its_first_model_trains_at(book: Path, runs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    timed: list[int] = []
+
+    def speed(cfg: Config, _vocab: int, _device: object, steps: int, _warmup: int = 1) -> float:
+        timed.append(cfg.model.hidden)
+        return 10_000.0 if steps == trainings.PROBE_TIMED else 4_000.0  # the probe, then the first choice's model
+
+    monkeypatch.setattr(trainings, "training_speed", speed)
+    plan = trainings.plan(runs_dir, None, {"corpus": str(book), "max_minutes": 5.0, "device": "cpu"})
+    chosen, tokens, vocab = plan.recipe, len(plan.data.train), len(plan.data.vocab)
+    assert chosen is not None and chosen.first is not None
+    assert chosen.first == choose(tokens, vocab, 10_000.0, 5.0) and timed == [recipe.PROBE_HIDDEN, chosen.first.hidden]
+    assert chosen.tokens_per_s == pytest.approx(recipe.probe_speed_of(chosen.first, 4_000.0, vocab))
+    assert chosen.recipe == choose(tokens, vocab, chosen.tokens_per_s, 5.0)
+    assert (chosen.probe_tokens_per_s, chosen.first_tokens_per_s) == (10_000.0, 4_000.0)
+
+
+def test_a_first_model_faster_than_the_probe_foretold_gets_the_compute_there_is() -> None:
+    """Shakespeare on a 2-core AVX2 EPYC: the probe at 32,284 tokens/s chose 1×672 for 3.2
+    passes; that model then trained at 9,445 tokens/s, 5.6 passes in the 10 minutes."""
+    first = choose(SHAKESPEARE, 66, 32_284.0, 10)
+    again = choose(SHAKESPEARE, 66, recipe.probe_speed_of(first, 9_445.0, 66), 10)
+    assert again.hidden >= first.hidden and again.tokens > first.tokens and again.dropout >= first.dropout

@@ -86,10 +86,13 @@ def warn_about(data: Data) -> None:
 
 def recipe_line(chosen: Chosen, tokens: int, vocab: int, minutes: float) -> str:
     """What the default recipe chose and for what (the whole config follows in the table)."""
-    r = chosen.recipe
+    r, first = chosen.recipe, chosen.first
+    timed = f"{chosen.probe_tokens_per_s:,.0f} tokens/s (the probe)"
+    if first is not None:
+        timed += f", {chosen.first_tokens_per_s:,.0f} for the {first.layers}×{first.hidden} that gave (as fast as the probe at {chosen.tokens_per_s:,.0f})"
     text = (
-        f"default recipe for {count(tokens)} training tokens of {vocab} symbols, {minutes:g} min at {chosen.tokens_per_s:,.0f} tokens/s "
-        f"(the probe): {r.layers}×{r.hidden}, embedding {r.embedding}, {r.parameters:,} parameters, batches {r.batch_size}×{r.num_steps}, "
+        f"default recipe for {count(tokens)} training tokens of {vocab} symbols, {minutes:g} min at {timed}: "
+        f"{r.layers}×{r.hidden}, embedding {r.embedding}, {r.parameters:,} parameters, batches {r.batch_size}×{r.num_steps}, "
         f"{r.optimizer} lr {r.lr:g} {r.schedule}, dropout {r.dropout:g}, state reset every {r.reset_every} batches; about {r.epochs:.2g} epochs"
     )
     return text + (f" (given instead: {', '.join(chosen.given)})" if chosen.given else "")

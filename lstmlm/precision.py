@@ -11,6 +11,8 @@ A choice timed is remembered for the machine and the model's shape (`remembered`
 command trains in the same precision the next time, bit for bit, whatever the load then.
 
 Not timed, and why:
+    a small model    its recurrent product under SMALLEST FLOPs (narrower than 64 units at batch
+                     32) takes microseconds, mostly a call's cost, which bf16 does not cut: fp32
     d2l mode         the seed's text reproduces the book, which trains in fp32
     mps              has no bf16 (`device.resolve_precision`)
     a CUDA GPU       without bf16 (before Ampere): fp32
@@ -47,6 +49,7 @@ WARMUP, MIN_STEPS, MAX_ROUND_STEPS, ROUND_S = 1, 2, 50, 0.1  # a round: fp32's s
 REMEMBERED, MAX_REMEMBERED_BYTES = "precision.json", 1 << 20  # in the cache's root (data.home): the choices timed
 MAX_STEPS = 20  # characters per sequence timed: a step's cost per character barely depends on it
 PRODUCTS, PRODUCTS_S = 10, 0.05  # recurrent products timed per precision; bf16's stop past these seconds
+SMALLEST = 1_000_000  # FLOPs of a recurrent product below which nothing is timed: microseconds, all of them a call's cost
 HOPELESS = 0.5  # bf16's products at less than this times fp32's speed cannot make its steps faster: not timed
 
 
@@ -74,6 +77,10 @@ def choose(cfg: Config, vocab_size: int, device: torch.device, world: World | No
     if world is not None and world.active:
         native = device.type == "cuda" or cpu_has_fast_bf16()
         return Choice(resolve_precision("auto", device), f"under torchrun, by the hardware: bf16 {'native' if native else 'emulated'} here")
+    flops = product_flops(cfg)
+    if flops < SMALLEST:
+        small = f"its recurrent product is {flops / 1e3:,.0f} kFLOP, microseconds that are mostly a call's cost"
+        return Choice("fp32", f"too small a model for bf16 to pay: {small}")
     key = machine_key(cfg, vocab_size, device)
     known = remembered(key)
     if known is not None:
@@ -90,6 +97,12 @@ def timed(cfg: Config, vocab_size: int, device: torch.device) -> Choice:
         emulated = " (emulated on this CPU)" if device.type == "cpu" and not cpu_has_fast_bf16() else ""
         return Choice("fp32", f"timed here: bf16 multiplies this model's matrices at {products:.2g}× fp32's speed{emulated}")
     return decide(measure(cfg, vocab_size, device))
+
+
+def product_flops(cfg: Config) -> int:
+    """FLOPs of one recurrent product: a batch of H times the gates' weights (blocks·H columns)."""
+    rows, hidden = cfg.data.batch_size, cfg.model.hidden
+    return 2 * rows * hidden * cells.REGISTRY[cfg.model.cell].blocks * hidden
 
 
 def decide(tokens_per_s: dict[str, float]) -> Choice:
@@ -175,7 +188,7 @@ def product_ratio(cfg: Config, device: torch.device) -> float:
     times the gates' weights): the fastest of a few products each, bf16's cut short after
     PRODUCTS_S. Milliseconds, where a training step emulated in bf16 can take seconds."""
     rows, hidden = cfg.data.batch_size, cfg.model.hidden
-    columns = cells.REGISTRY[cfg.model.cell].blocks * hidden
+    columns = product_flops(cfg) // (2 * rows * hidden)
     h, W = torch.randn(rows, hidden, device=device), torch.randn(hidden, columns, device=device)
     fp32 = fastest(lambda: h @ W, device)
     h, W = h.bfloat16(), W.bfloat16()

@@ -24,7 +24,8 @@ CPU = torch.device("cpu")
 
 
 def tiny(**overrides: Any) -> Config:
-    settings = {"corpus": "book.txt", "hidden": 16, "embedding": 8, "batch_size": 4, "num_steps": 12, "precision": "auto"}
+    """A model just large enough to be timed: its recurrent product is 2.4 MFLOP (precision.SMALLEST: 1)."""
+    settings = {"corpus": "book.txt", "hidden": 96, "embedding": 8, "batch_size": 32, "num_steps": 12, "precision": "auto"}
     return Config().with_overrides({**settings, **overrides}).resolved()
 
 
@@ -66,6 +67,11 @@ def test_a_precision_asked_for_is_kept_untimed(asked: str, untimed: None) -> Non
 def test_d2l_mode_trains_in_fp32_untimed(untimed: None) -> None:
     choice = precisions.choose(tiny(normalize="d2l"), 28, CPU)
     assert choice.precision == "fp32" and "d2l mode" in choice.reason
+
+
+def test_a_model_too_small_for_bf16_to_pay_is_fp32_untimed(untimed: None) -> None:
+    choice = precisions.choose(tiny(hidden=16, batch_size=4), 20, CPU)
+    assert choice.precision == "fp32" and choice.reason.startswith("too small a model for bf16 to pay: its recurrent product is 8 kFLOP")
 
 
 def test_under_torchrun_every_process_takes_the_hardwares_rule_untimed(untimed: None) -> None:
@@ -128,7 +134,7 @@ def test_train_says_what_auto_chose_and_why_and_a_resume_keeps_it(book: Path, ru
     assert result.code == 0, result.stderr
     line = next(line for line in result.stdout.splitlines() if line.startswith("precision "))
     stored = json.loads((runs_dir / "r" / "config.json").read_text())["train"]["precision"]
-    assert stored in ("fp32", "bf16") and line.startswith(f"precision {stored}: timed here: ")
+    assert stored == "fp32" and line.startswith("precision fp32: too small a model for bf16 to pay")  # 1×16 at batch 4
     resumed = cli("train", "--run", "r", "--resume", "--epochs", "2", "--runs-dir", runs_dir)
     assert resumed.code == 0, resumed.stderr
     assert not any(line.startswith("precision ") for line in resumed.stdout.splitlines())  # nothing chosen anew
@@ -150,7 +156,7 @@ def test_a_choice_timed_is_remembered_for_the_machine_and_the_model(monkeypatch:
     again = precisions.choose(tiny(), 20, CPU)
     assert (first.precision, again.precision) == ("bf16", "bf16") and again.reason.startswith("timed here: a test's (remembered: ")
     monkeypatch.setattr(precisions, "timed", lambda *_: precisions.Choice("fp32", "timed here: another shape"))
-    assert precisions.choose(tiny(hidden=24), 20, CPU).precision == "fp32"  # another model is timed anew
+    assert precisions.choose(tiny(hidden=128), 20, CPU).precision == "fp32"  # another model is timed anew
 
 
 @pytest.mark.parametrize("content", ["not json {", '["a list"]', '{"%s": {"precision": "fp64", "reason": "x"}}', '{"%s": "bf16"}'])

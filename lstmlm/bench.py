@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -19,7 +18,7 @@ import torch
 from . import distributed, graphs, native
 from .config import Config
 from .config_file import load as load_config
-from .device import DTYPES, cpu_has_fast_bf16, describe, keep_freed_memory, resolve_device, resolve_precision, set_tf32, synchronize
+from .device import DTYPES, cpu_has_fast_bf16, cpu_name, describe, keep_freed_memory, resolve_device, resolve_precision, set_tf32, synchronize
 from .distributed import World
 from .errors import DeviceError
 from .generate import Sampling, generate
@@ -201,12 +200,9 @@ class Machine:
 
 
 def machine(device: torch.device) -> Machine:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
-        cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-    return Machine(cpu, os.cpu_count(), torch.get_num_threads(), torch.backends.cpu.get_cpu_capability(), cpu_has_fast_bf16(),
+    return Machine(cpu_name(), os.cpu_count(), torch.get_num_threads(), torch.backends.cpu.get_cpu_capability(), cpu_has_fast_bf16(),
                    gpu, torch.__version__, resolve_precision("auto", device), tf32, native.status())  # fmt: skip
 
 

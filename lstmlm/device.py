@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import platform
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -40,6 +41,16 @@ def resolve_device(name: str) -> torch.device:
 
 def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+
+
+@lru_cache(maxsize=1)
+def cpu_name() -> str:
+    """The CPU's model name ("AMD EPYC"), from /proc/cpuinfo where there is one."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 @lru_cache(maxsize=1)

@@ -26,11 +26,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
@@ -38,7 +36,7 @@ from . import cells
 from .atomic import write_text_atomic
 from .config import Config
 from .data.home import cache_dir
-from .device import cpu_has_fast_bf16, resolve_precision, synchronize
+from .device import cpu_has_fast_bf16, cpu_name, resolve_precision, synchronize
 from .distributed import World
 from .errors import WriteError
 from .model import CharLM
@@ -58,7 +56,7 @@ class Choice:
     """The precision a training runs in, and why: what `--precision auto` timed, or the rule it kept."""
 
     precision: str  # "fp32" or "bf16"
-    reason: str  # one clause, for the command line: "bf16 trains this model 2.03× as fast as fp32 here"
+    reason: str  # one clause, for the command line: "d2l mode trains as the book does, in fp32"
     tokens_per_s: dict[str, float] | None = None  # the timed speeds, by precision (None where not timed)
 
 
@@ -145,14 +143,6 @@ def machine_key(cfg: Config, vocab_size: int, device: torch.device) -> str:
     machine = f"{device.type} {where} {torch.__version__} {torch.get_num_threads()} threads"
     model = f"{m.model} {m.cell} {m.gru_form} {m.layers}x{m.hidden} embedding {m.embedding} vocab {vocab_size} path {cfg.train.path}"
     return f"{machine} | {model} | batch {d.batch_size}x{min(d.num_steps, MAX_STEPS)}"
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def remembered(key: str) -> Choice | None:

@@ -17,7 +17,9 @@ taken relative to the row's largest before they are divided, so every other one 
 probability 0 instead of the division overflowing to NaN.
 
 A row's stream is its own torch.Generator, seeded with the request's seed, read BLOCK uniforms
-at a time (one call per row per BLOCK characters, not one per row per character).
+at a time (one call per row per BLOCK characters, not one per row per character). A row holds
+two blocks, so that a chunk of up to BLOCK steps (`uniforms_for`) finds its draws in one place;
+the blocks come from the generator in the same order either way, so the draws do too.
 
 On a CPU the pass is compiled where the compiled recurrence is (csrc/choosing.cpp, the same cuts
 and draw a row at a time): in torch it is fifteen operations of a few microseconds each, a
@@ -53,8 +55,8 @@ class Rows:
         self.greedy = torch.empty(0, dtype=torch.bool, device=self.device)
         self.draws = np.empty(0, dtype=bool)  # on the host (numpy: never a wait for a device): the rows that sample
         self.generators: list[torch.Generator | None] = []  # None for a greedy row: it draws nothing
-        self.uniforms = torch.empty((0, BLOCK), device=self.device)  # each row's block of random numbers
-        self.used = np.empty(0, dtype=np.int64)  # on the host: how many of its block each row has used
+        self.uniforms = torch.empty((0, 2 * BLOCK), device=self.device)  # each row's two blocks of random numbers
+        self.used = np.empty(0, dtype=np.int64)  # on the host: how many of its blocks each row has used
         self.all_greedy = True
         self.cuts = np.empty((0, 3), dtype=bool)  # on the host: which rows cut by top-k, top-p, min-p
         self.cutting = (False, False, False)  # whether any row does
@@ -75,8 +77,8 @@ class Rows:
         self.greedy = torch.cat([self.greedy, torch.full((count,), sampling.greedy, device=device)])
         self.draws = np.concatenate([self.draws, np.full(count, not sampling.greedy)])
         self.generators += [None if sampling.greedy else stream(row_seed(sampling, i), self.device) for i in range(count)]
-        self.uniforms = torch.cat([self.uniforms, torch.zeros((count, BLOCK), device=device)])
-        self.used = np.concatenate([self.used, np.full(count, BLOCK, dtype=np.int64)])  # a fresh block at its first draw
+        self.uniforms = torch.cat([self.uniforms, torch.zeros((count, 2 * BLOCK), device=device)])
+        self.used = np.concatenate([self.used, np.full(count, 2 * BLOCK, dtype=np.int64)])  # fresh blocks at its first draw
         self.all_greedy = self.all_greedy and sampling.greedy
         self.cuts = np.concatenate([self.cuts, np.tile([sampling.top_k > 0, sampling.top_p < 1.0, sampling.min_p > 0.0], (count, 1))])
         self._cutting()
@@ -104,10 +106,8 @@ class Rows:
         if self.compiled:
             library = native.recurrence()
             assert library is not None  # compiled only where it loaded
-            self.refill()
-            T, top_p, min_p, uniforms = (t.float() for t in (self.temperature, self.top_p, self.min_p, self.uniforms))  # float32 whatever the default dtype
-            chosen = library.choose(logits, T, self.top_k, top_p, min_p, self.greedy, uniforms, torch.from_numpy(self.used))
-            self.used += 1
+            chosen = library.choose(logits, *self.settings(1))
+            self.drawn(1)
             return chosen  # type: ignore[no-any-return]
         sorted_logits, order = logits.float().sort(dim=-1, descending=True, stable=True)  # (batch, vocab)
         kept = self.kept(torch.exp((sorted_logits - sorted_logits[:, :1]) / self.temperature[:, None]))
@@ -138,22 +138,39 @@ class Rows:
             weights = weights.masked_fill(weights < self.min_p[:, None], 0.0)  # min-p times the likeliest's weight, which is 1
         return weights
 
+    def settings(self, steps: int) -> tuple[torch.Tensor, ...]:
+        """What the compiled choice reads for the next `steps` draws of each row (csrc/choosing.cpp,
+        `Settings`): temperature, top-k, top-p, min-p, greedy, the uniforms and where each row's
+        next is; the caller moves `used` on by the steps it took."""
+        self.refill(steps)
+        T, top_p, min_p, uniforms = (t.float() for t in (self.temperature, self.top_p, self.min_p, self.uniforms))  # float32 whatever the default dtype
+        return T, self.top_k, top_p, min_p, self.greedy, uniforms, torch.from_numpy(self.used)
+
+    def drawn(self, steps: int) -> None:
+        """The compiled steps took `steps` draws of each row that `settings(steps)` gave."""
+        self.used += steps
+
     def draw(self) -> torch.Tensor:
-        """One uniform in [0, 1) per row (batch,): the next of its block, a row's generator
+        """One uniform in [0, 1) per row (batch,): the next of its blocks, a row's generator
         giving a fresh block where it has used its last. Greedy rows draw nothing (0)."""
         self.refill()
-        at = torch.from_numpy(np.minimum(self.used, BLOCK - 1))
+        at = torch.from_numpy(np.minimum(self.used, 2 * BLOCK - 1))
         u = self.uniforms.gather(-1, (at if self.device.type == "cpu" else at.to(self.device, non_blocking=True))[:, None]).squeeze(-1)
         self.used += 1
         return u
 
-    def refill(self) -> None:
-        """A fresh block of uniforms for each row that draws and has used its last."""
-        for i in np.flatnonzero((self.used >= BLOCK) & self.draws):  # one row in BLOCK on average, each step
+    def refill(self, steps: int = 1) -> None:
+        """Each row that draws holds its next `steps` uniforms (at most BLOCK): where it would run
+        past its second block, the first (used up) goes, the second moves down, and the row's
+        generator gives the next block."""
+        if not 0 < steps <= BLOCK:
+            raise ValueError(f"a chunk of 1 to {BLOCK} draws, not {steps}")
+        for i in np.flatnonzero((self.used + steps > 2 * BLOCK) & self.draws):  # one row in BLOCK / steps on average, each call
             generator = self.generators[i]
             assert generator is not None
-            self.uniforms[i] = torch.rand(BLOCK, generator=generator, device=self.device)
-            self.used[i] = 0
+            self.uniforms[i, :BLOCK] = self.uniforms[i, BLOCK:]
+            self.uniforms[i, BLOCK:] = torch.rand(BLOCK, generator=generator, device=self.device)
+            self.used[i] -= BLOCK
 
 
 def stream(seed: int | None, device: torch.device) -> torch.Generator:

@@ -1,7 +1,7 @@
 """Text from a trained model: prime the state on the prefix once, then one step per character.
 
 The steps run on a `Stepper` (stepper.py), the model rebuilt for inference one character at a
-time; each step's characters are chosen by `sampling.Rows`, every row with its own settings and
+time; each step's characters are chosen by `choosing.Rows`, every row with its own settings and
 random stream. Stop strings end a sample where one first appears (`Continuation`), around the
 per-step stream: the steps themselves never see them. The server's continuous batching
 (serve/batching.py) runs the same pieces, its rows primed by `prime` as a sample is here.
@@ -168,23 +168,11 @@ def _generate_chunks(model: CharLM, vocab: Vocab, context: Sequence[str], sampli
             start, X = start + len(made), made[-1]
             yield [[tokens[i] for i in row] for row in made]
         return
-    if ids_on_host(device, samples):
-        X = last.tolist()
-        for start in range(0, length, CHUNK):
-            chunk = []
-            for _ in range(min(CHUNK, length - start)):
-                X = rows.choose(step(X)).tolist()
-                chunk.append([tokens[i] for i in X])
-            yield chunk
-        return
-    chosen = last.new_empty((CHUNK, samples))  # a chunk's ids, kept on the device and decoded at once
     previous = last
     for start in range(0, length, CHUNK):
-        n = min(CHUNK, length - start)
-        for t in range(n):
-            chosen[t].copy_(rows.choose(step(previous)))  # step reads `previous` first
-            previous = chosen[t]
-        yield [[tokens[i] for i in row] for row in chosen[:n].tolist()]
+        chosen = step.sample(previous, min(CHUNK, length - start), rows)  # a chunk's ids, decoded at once
+        previous = chosen[-1]
+        yield [[tokens[i] for i in row] for row in chosen.tolist()]
 
 
 class Continuation(Iterator[list[str]]):

@@ -65,7 +65,7 @@ from .trust import Untrusted, check_directory, intact, private_directory, write_
 DRIVER = Path(__file__).with_name("csrc") / "recurrence.cpp"  # the driver every cell shares; each cell adds its kernel
 CHOOSER = DRIVER.with_name("choosing.cpp")  # generation's choice of the next character, after the kernels
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-std=c++20", "-shared", "-fPIC")
-OPS = ("forward", "backward", "step", "greedy")  # each cell's, as `{op}_{cell}`: what recurrence.py and generate.py call
+OPS = ("forward", "backward", "step", "greedy", "sample")  # each cell's, as `{op}_{cell}`: what recurrence.py and generate.py call
 SHARED_OPS = ("choose",)  # every cell's: what choosing.py calls
 BUILD_SECONDS = 600  # a compiler that takes longer is given up on; a scratch directory older than this is a killed build's
 SCRATCH = ".recurrence-"  # how a build's scratch directory is named (and an older version's temporary files were)

@@ -188,7 +188,7 @@ def compiled_layer(layer: ScratchLayer, X: torch.Tensor, state: State, dtype: to
 
 
 def ops(cell: Cell, what: str) -> Any:
-    """The compiled operation `what` (forward, backward, step, greedy) of `cell`'s kernel."""
+    """The compiled operation `what` (forward, backward, step, greedy, sample) of `cell`'s kernel."""
     library = native.recurrence()
     if library is None:
         raise ShapeError(f"the compiled recurrence is not available: {native.status()}")

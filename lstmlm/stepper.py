@@ -16,18 +16,25 @@ to float rounding across batch sizes.
 
 A batch's rows leave by `keep` and join by `extend`; the state is the stepper's, and only the
 stepper knows its layout (a cell's state is an opaque tuple to everything else).
+
+`sample` makes a chunk of characters, each row's chosen by its own settings (choosing.Rows) and
+fed back: compiled, the chunk is one call, the steps and choices in C++ with the interpreter's
+lock let go; otherwise a step and a choice a character, the same characters.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from . import recurrence
 from .cells.base import Stacked, State
 from .model import CharLM, convert, packed_layer
+
+if TYPE_CHECKING:
+    from .choosing import Rows
 
 
 def layer_weights(model: CharLM, dtype: torch.dtype) -> list[Stacked]:
@@ -179,6 +186,25 @@ class Stepper:
             chosen.append(X_t)
         return chosen
 
+    def sample(self, X_t: torch.Tensor, steps: int, rows: Rows) -> torch.Tensor:
+        """`steps` characters after reading X_t (batch,), each row's chosen by `rows` and fed back:
+        their ids (steps, batch), on the stepper's device."""
+        if not (self.compiled and rows.compiled) or steps == 0:
+            return sample_each(self, X_t, steps, rows)
+        vocab = self.logits.shape[1]
+        chosen = recurrence.ops(self.cell, "sample")(X_t, steps, vocab, self.table, self.packed, self.H1, self.P, self.S, *rows.settings(steps))
+        rows.drawn(steps)
+        return cast(torch.Tensor, chosen)
+
+
+def sample_each(step: Stepper | LoopStepper, X_t: torch.Tensor, steps: int, rows: Rows) -> torch.Tensor:
+    """`Stepper.sample` a step and a choice at a time."""
+    chosen = X_t.new_empty((steps, X_t.shape[0]))
+    for t in range(steps):
+        chosen[t].copy_(rows.choose(step(X_t)))  # the step reads X_t first
+        X_t = chosen[t]
+    return chosen
+
 
 class LoopStepper:
     """One character at a time through the model's own forward (the cell's readable step): for a
@@ -212,6 +238,9 @@ class LoopStepper:
             X_t = self(X_t).argmax(dim=-1).tolist()
             chosen.append(X_t)
         return chosen
+
+    def sample(self, X_t: torch.Tensor, steps: int, rows: Rows) -> torch.Tensor:
+        return sample_each(self, X_t, steps, rows)
 
 
 def stepper(model: CharLM, state: State, dtype: torch.dtype = torch.float32) -> Stepper | LoopStepper:

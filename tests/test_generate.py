@@ -16,6 +16,7 @@ from lstmlm.choosing import BLOCK, Rows, choose_next
 from lstmlm.errors import ConfigError, VocabError
 from lstmlm.generate import CHUNK, Continuation, Sampling, Stepper, complete, generate, prepare_prefix, prime
 from lstmlm.model import CharLM, convert
+from lstmlm.stepper import sample_each
 from lstmlm.vocab import Vocab
 
 from support.on_a_cpu import as_on_a_gpu, host_syncs
@@ -427,6 +428,46 @@ def test_a_row_that_joins_or_leaves_a_batch_steps_exactly_as_it_steps_alone(cell
     assert all(torch.equal(a, b) for a, b in zip(made[0], alone[0][:8]))
     assert all(torch.equal(a, b) for a, b in zip(made[1], alone[1][:9]))
     assert all(torch.equal(a, b) for a, b in zip(made[2], alone[2][:7]))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("cell", cells.NAMES)
+def test_a_compiled_chunk_of_samples_is_a_step_and_a_choice_at_a_time(cell: str, precision: str) -> None:
+    """`Stepper.sample` (the steps and choices of a chunk in one compiled call) makes the ids a
+    step and a choice a character make, for every kind of cut, in chunks that run across the
+    rows' blocks of uniforms, as rows leave and join between chunks."""
+    if not native.usable():
+        pytest.skip(f"the compiled step cannot run here: {native.status()}")
+    net = lively_model(VOCAB, cell=cell, layers=2)
+    made = []
+    with torch.inference_mode():
+        for chunked in (True, False):
+            step, X = prime(net, VOCAB, list("the time"), len(CHOICES), precision)
+            assert isinstance(step, Stepper) and step.compiled
+            rows = Rows()
+            for sampling in CHOICES:
+                rows.add(sampling)
+            ids = []
+            for n in (1, 16, BLOCK, 7, BLOCK - 3, 40):  # past the first block, then the second
+                chosen = step.sample(X, n, rows) if chunked else sample_each(step, X, n, rows)
+                ids.append(chosen)
+                X = chosen[-1]
+                if n == 7:  # rows 1 and 4 leave, a row of the first's settings joins
+                    step.keep([0, 2, 3, 5, 6, 7])
+                    rows.keep([0, 2, 3, 5, 6, 7])
+                    joining, first = prime(net, VOCAB, list("it"), 1, precision, like=step)
+                    step.extend(joining)  # type: ignore[arg-type]
+                    rows.add(CHOICES[0])
+                    X = torch.cat([X[[0, 2, 3, 5, 6, 7]], first])
+            made.append(ids)
+    assert all(torch.equal(a, b) for a, b in zip(*made))
+
+
+def test_a_chunk_asks_for_at_most_a_block_of_draws() -> None:
+    rows = Rows()
+    rows.add(Sampling(temperature=1.0, seed=0))
+    with pytest.raises(ValueError, match="a chunk of 1 to"):
+        rows.settings(BLOCK + 1)
 
 
 @pytest.mark.parametrize("core", ["scratch", "cudnn"])

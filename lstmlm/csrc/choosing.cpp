@@ -83,35 +83,83 @@ inline int64_t argmax_row(const float* x, int64_t vocab) {
   return best;
 }
 
-// logits (batch, vocab), rows contiguous, float or bfloat16; the settings (batch,) as Rows keeps
-// them; each row's block of uniforms (batch, block) and how many of it the row has used (batch,):
-// its draw is the next. Returns the ids (batch,).
+// The settings (batch,) as Rows keeps them, and each row's uniforms (batch, n): row b's draws
+// are uniforms[b, used[b]], uniforms[b, used[b] + 1], ..., one a step.
+struct Settings {
+  const float *T, *top_p, *min_p, *uniforms;
+  const int64_t *top_k, *used;
+  const bool* greedy;
+  int64_t n;
+
+  Settings(int64_t batch, const at::Tensor& temperature, const at::Tensor& top_k_, const at::Tensor& top_p_, const at::Tensor& min_p_,
+           const at::Tensor& greedy_, const at::Tensor& uniforms_, const at::Tensor& used_) {
+    for (const at::Tensor* t : {&temperature, &top_k_, &top_p_, &min_p_, &greedy_, &used_})
+      TORCH_CHECK(t->dim() == 1 && t->size(0) == batch && t->is_contiguous(), "one setting a row");
+    TORCH_CHECK(uniforms_.dim() == 2 && uniforms_.size(0) == batch && uniforms_.size(1) > 0 && uniforms_.is_contiguous(), "a block of uniforms a row");
+    TORCH_CHECK(temperature.scalar_type() == at::kFloat && top_p_.scalar_type() == at::kFloat && min_p_.scalar_type() == at::kFloat &&
+                    uniforms_.scalar_type() == at::kFloat && top_k_.scalar_type() == at::kLong && used_.scalar_type() == at::kLong &&
+                    greedy_.scalar_type() == at::kBool,
+                "settings as Rows keeps them");
+    T = data<float>(temperature), top_p = data<float>(top_p_), min_p = data<float>(min_p_), uniforms = data<float>(uniforms_);
+    top_k = data<int64_t>(top_k_), used = data<int64_t>(used_), greedy = data<bool>(greedy_), n = uniforms_.size(1);
+  }
+
+  // Row b's choice from its logits x (vocab,) at its t-th draw from now.
+  int64_t pick(const float* x, int64_t vocab, int64_t b, int64_t t, std::vector<int64_t>& id, std::vector<float>& w) const {
+    if (greedy[b]) return argmax_row(x, vocab);
+    const float u = uniforms[b * n + std::clamp<int64_t>(used[b] + t, 0, n - 1)];
+    return choose_row(x, vocab, T[b], top_k[b], top_p[b], min_p[b], u, id, w);
+  }
+};
+
+// logits (batch, vocab), rows contiguous, float or bfloat16; the settings and uniforms as
+// `Settings` reads them. Returns the ids (batch,).
 at::Tensor choose(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p,
                   const at::Tensor& greedy, const at::Tensor& uniforms, const at::Tensor& used) {
   TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "logits must be (batch, vocab) with contiguous rows");
   const int64_t batch = logits.size(0), vocab = logits.size(1);
   TORCH_CHECK(vocab > 0, "no characters to choose from");
-  for (const at::Tensor* t : {&temperature, &top_k, &top_p, &min_p, &greedy, &used})
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == batch && t->is_contiguous(), "one setting a row");
-  TORCH_CHECK(uniforms.dim() == 2 && uniforms.size(0) == batch && uniforms.size(1) > 0 && uniforms.is_contiguous(), "a block of uniforms a row");
-  TORCH_CHECK(temperature.scalar_type() == at::kFloat && top_p.scalar_type() == at::kFloat && min_p.scalar_type() == at::kFloat &&
-                  uniforms.scalar_type() == at::kFloat && top_k.scalar_type() == at::kLong && used.scalar_type() == at::kLong &&
-                  greedy.scalar_type() == at::kBool,
-              "settings as Rows keeps them");
-  const int64_t block = uniforms.size(1);
+  const Settings rows(batch, temperature, top_k, top_p, min_p, greedy, uniforms, used);
   const at::Tensor x = logits.scalar_type() == at::kFloat ? logits : logits.to(at::kFloat);
   at::Tensor chosen = at::empty({batch}, top_k.options());
-  auto u_of = [&](int64_t b) { return data<float>(uniforms)[b * block + std::clamp<int64_t>(data<int64_t>(used)[b], 0, block - 1)]; };
   at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {  // rows on the cores where there are enough of them
     std::vector<int64_t> id(vocab);
     std::vector<float> w(vocab);
-    for (int64_t b = begin; b < end; ++b) {
-      const float* row = data<float>(x) + b * x.stride(0);
-      data<int64_t>(chosen)[b] = data<bool>(greedy)[b] ? argmax_row(row, vocab)
-                                                      : choose_row(row, vocab, data<float>(temperature)[b], data<int64_t>(top_k)[b], data<float>(top_p)[b],
-                                                                   data<float>(min_p)[b], u_of(b), id, w);
-    }
+    for (int64_t b = begin; b < end; ++b) data<int64_t>(chosen)[b] = rows.pick(data<float>(x) + b * x.stride(0), vocab, b, 0, id, w);
   });
+  return chosen;
+}
+
+// `steps` characters after reading ids (batch,), each row's chosen as `choose` chooses it and fed
+// back: a chunk of a sampled generation in one call, where a step and a choice a character cost
+// two calls and the Python between them (and, in the server, two waits for the interpreter's
+// lock behind the thread that writes the streams). Row b draws uniforms[b, used[b] + t] at step t:
+// the caller keeps `steps` of them ahead of `used` and moves `used` on. Returns (steps, batch).
+template <typename Cell>
+at::Tensor sample(const at::Tensor& ids, int64_t steps, int64_t vocab, const at::Tensor& table, at::TensorList W, at::TensorList H1, at::TensorList Pk,
+                  at::TensorList S, const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p,
+                  const at::Tensor& greedy, const at::Tensor& uniforms, const at::Tensor& used) {
+  check_stepper(Cell::kBlocks, ids, table, W, H1, Pk, S);
+  const int64_t batch = ids.size(0);
+  const Settings rows(batch, temperature, top_k, top_p, min_p, greedy, uniforms, used);
+  TORCH_CHECK(steps >= 0 && vocab > 0 && vocab <= Pk.back().size(1), "steps must be at least 0, vocab within the last P");
+  for (int64_t b = 0; b < batch; ++b) TORCH_CHECK(rows.greedy[b] || rows.used[b] + steps <= rows.n, "a sampling row needs a uniform a step");
+  at::NoGradGuard no_grad;
+  at::Tensor chosen = at::empty({steps, batch}, ids.options());
+  std::vector<int64_t> X(data<int64_t>(ids), data<int64_t>(ids) + batch);
+  std::vector<int64_t> id(vocab);
+  std::vector<float> w(vocab), x(vocab);
+  const at::Tensor& logits = Pk.back();  // (batch, vocab + blocks·H): the logits first
+  for (int64_t t = 0; t < steps; ++t) {
+    dispatch_step<Cell>(X.data(), table, W, H1, Pk, S);
+    for (int64_t b = 0; b < batch; ++b) {  // a few microseconds a row: the step's threads are not worth waking for it
+      const int64_t row = b * logits.size(1);
+      for (int64_t v = 0; v < vocab; ++v)
+        x[v] = table.scalar_type() == at::kBFloat16 ? to_float(data<bf16>(logits)[row + v]) : data<float>(logits)[row + v];
+      X[b] = rows.pick(x.data(), vocab, b, t, id, w);
+      data<int64_t>(chosen)[t * batch + b] = X[b];
+    }
+  }
   return chosen;
 }
 

@@ -617,9 +617,16 @@ at::Tensor greedy(const at::Tensor& ids, int64_t steps, int64_t vocab, const at:
   return chosen;
 }
 
+// `steps` characters after reading ids (batch,), each row's chosen by its own sampling settings
+// and fed back: Rows.choose a step at a time, in one call (csrc/choosing.cpp, after the cells).
+template <typename Cell>
+at::Tensor sample(const at::Tensor& ids, int64_t steps, int64_t vocab, const at::Tensor& table, at::TensorList W, at::TensorList H1, at::TensorList Pk,
+                  at::TensorList S, const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p,
+                  const at::Tensor& greedy, const at::Tensor& uniforms, const at::Tensor& used);
+
 }  // namespace lstmlm
 
-// A cell's four operations under its name: forward_lstm, backward_lstm, step_lstm, greedy_lstm.
+// A cell's five operations under its name: forward_lstm, backward_lstm, step_lstm, greedy_lstm, sample_lstm.
 #define LSTMLM_CELL(NAME, CELL)                                                                                                                   \
   TORCH_LIBRARY_FRAGMENT(lstmlm_recurrence, m) {                                                                                                  \
     m.def("forward_" #NAME "(Tensor? table, Tensor? ids, Tensor? XT, Tensor? W_xT, Tensor? bias, Tensor W_hT, Tensor? rbias, Tensor H_0, "       \
@@ -627,12 +634,15 @@ at::Tensor greedy(const at::Tensor& ids, int64_t steps, int64_t vocab, const at:
     m.def("backward_" #NAME "(Tensor dHs, Tensor? dS_T, Tensor saved, Tensor Ss, Tensor W_h, int threads) -> Tensor[]");                          \
     m.def("step_" #NAME "(Tensor ids, Tensor table, Tensor[] W, Tensor(a!)[] H1, Tensor(b!)[] P, Tensor(c!)[] S) -> ()");                         \
     m.def("greedy_" #NAME "(Tensor ids, int steps, int vocab, Tensor table, Tensor[] W, Tensor(a!)[] H1, Tensor(b!)[] P, Tensor(c!)[] S) -> Tensor"); \
+    m.def("sample_" #NAME "(Tensor ids, int steps, int vocab, Tensor table, Tensor[] W, Tensor(a!)[] H1, Tensor(b!)[] P, Tensor(c!)[] S, "         \
+          "Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, Tensor greedy, Tensor uniforms, Tensor used) -> Tensor");              \
   }                                                                                                                                               \
   TORCH_LIBRARY_IMPL(lstmlm_recurrence, CPU, m) {                                                                                                 \
     m.impl("forward_" #NAME, lstmlm::forward<CELL>);                                                                                             \
     m.impl("backward_" #NAME, lstmlm::backward<CELL>);                                                                                           \
     m.impl("step_" #NAME, lstmlm::step<CELL>);                                                                                                   \
     m.impl("greedy_" #NAME, lstmlm::greedy<CELL>);                                                                                               \
+    m.impl("sample_" #NAME, lstmlm::sample<CELL>);                                                                                               \
   }
 
 // Each cell's kernel follows, appended by lstmlm/native.py from lstmlm/cells/*.py.

@@ -2,7 +2,7 @@
 clients (its continuous batching), on a trained run.
 
     python benchmarks/bench_generate.py --runs-dir runs --run d2l [--length 2000] [--clients 1,8,64,256]
-        [--characters 200000] [--max-batch 64] [--queue 256] [--threads 1] [--skip-server]
+        [--characters 200000] [--max-batch 64] [--queue 256] [--threads 1] [--lanes N] [--skip-server]
 
 Prints the machine (CPU model, cores, avx512_bf16 or not, the load average: figures taken under
 load mean little), then a table, one line per case:
@@ -79,7 +79,7 @@ def in_process(runs_dir: Path, run: str, characters: int, samples: int, options:
 def start_server(runs_dir: Path, args: argparse.Namespace) -> tuple[subprocess.Popen[str], str]:
     command = [sys.executable, "-m", "lstmlm", "serve", "--runs-dir", str(runs_dir), "--port", "0", "--max-length", str(args.length)]
     command += ["--max-batch", str(args.max_batch), "--queue", str(args.queue), "--max-connections", "1024", "--deadline", "3600"]
-    command += ["--threads", str(args.threads)]
+    command += ["--threads", str(args.threads)] + (["--lanes", str(args.lanes)] if args.lanes else [])
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     for line in proc.stderr:
@@ -173,6 +173,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--queue", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1, help="The server's --threads: cores a step uses.")
+    parser.add_argument("--lanes", type=int, default=None, help="The server's --lanes (default: its own, a lane a core).")
     parser.add_argument("--skip-server", action="store_true")
     parser.add_argument("--leave", action="store_true")
     args = parser.parse_args()

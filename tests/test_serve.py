@@ -17,6 +17,7 @@ import shutil
 import sys
 import weakref
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -406,12 +407,12 @@ def test_the_page_and_its_files_are_served_from_the_package(api: TestClient) -> 
 
 
 def test_status_reports_the_limits_and_the_work_in_flight(tiny_runs: Path) -> None:
-    with client(tiny_runs, max_length=123, max_concurrent=2, deadline_s=9.0, max_batch=5, queue=7) as api:
+    with client(tiny_runs, max_length=123, max_concurrent=2, deadline_s=9.0, max_batch=5, queue=7, lanes=3) as api:
         assert api.get("/api/status").json() == {
             "version": "0.1.0", "active": 0, "running": 0, "queued": 0, "inspecting": 0, "batches": 0, "models": 0,
             "max_length": 123, "max_text": 5000, "max_concurrent": 2, "deadline_s": 9.0,
             "max_models": 4, "max_model_mib": 1024.0, "max_connections": 256, "header_timeout_s": 10.0, "body_timeout_s": 30.0,
-            "max_batch": 5, "queue": 7, "threads": 1, "max_body": 12 * (5000 + 1600) + 16384,
+            "max_batch": 5, "queue": 7, "threads": 1, "lanes": 3, "max_body": 12 * (5000 + 1600) + 16384,
         }  # fmt: skip
 
 
@@ -452,6 +453,31 @@ def test_requests_past_the_queue_are_refused_with_503_and_their_rows_come_back(t
         status = status_until(api, running=0, queued=0, batches=0)
         assert (status["running"], status["queued"], status["batches"], status["active"]) == (0, 0, 0, 0)
         assert api.post("/api/generate", json={"run": "raw", "prefix": "the", "stream": False}).status_code == 200
+
+
+def test_a_models_rows_are_spread_over_its_lanes_which_share_its_places(tiny_runs: Path) -> None:
+    """Two lanes share a batch of 3 places, 2 and 1: a row goes to the lane with a place free and
+    the fewest rows, each lane a batch of its own; a fourth waits for a place."""
+    with client(tiny_runs, max_batch=3, queue=4, lanes=2, max_length=10**8, deadline_s=120) as api:
+        assert api.app.state.batches.places == [2, 1]  # type: ignore[attr-defined]
+        long = {"run": "raw", "prefix": "the", "length": 10**8, "temperature": 1.0}
+        with ExitStack() as streams:
+            for n in (1, 2, 3):
+                response = streams.enter_context(api.stream("POST", "/api/generate", json=long))
+                assert next(response.iter_lines()) == "event: start"
+                status = status_until(api, running=n)
+                assert (status["running"], status["batches"]) == (n, min(n, 2))
+            lanes = sorted(len(batch.rows) for batch in api.app.state.batches.batches.values())  # type: ignore[attr-defined]
+            assert lanes == [1, 2]
+            streams.enter_context(api.stream("POST", "/api/generate", json=long))
+            assert status_until(api, queued=1)["queued"] == 1
+        status = status_until(api, running=0, queued=0, batches=0)
+        assert (status["running"], status["queued"], status["batches"]) == (0, 0, 0)
+
+
+def test_a_batch_of_one_place_has_one_lane(tiny_runs: Path) -> None:
+    with client(tiny_runs, max_batch=1, lanes=4) as api:
+        assert api.app.state.batches.places == [1]  # type: ignore[attr-defined]
 
 
 def test_inspections_beyond_the_concurrency_limit_are_refused_at_once(tiny_runs: Path) -> None:
@@ -534,7 +560,7 @@ def test_serve_without_the_extra_is_a_one_line_hint(tiny_runs: Path, monkeypatch
     assert_one_error_line(cli("serve", "--runs-dir", tiny_runs, "--port", "0"), "lstmlm serve needs FastAPI and uvicorn: pip install 'lstmlm[serve]'")
 
 
-@pytest.mark.parametrize("field", ["max_batch", "queue", "threads"])
+@pytest.mark.parametrize("field", ["max_batch", "queue", "threads", "lanes"])
 def test_a_limit_of_zero_is_refused_by_name(field: str) -> None:
     with pytest.raises(ServeError, match=f"--{field.replace('_', '-')}"):
         Limits(**{field: 0})

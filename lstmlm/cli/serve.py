@@ -34,9 +34,13 @@ def serve(
     max_connections: Annotated[int, typer.Option("--max-connections", min=1, help="Open connections; one more is answered 503 and closed.")] = 256,
     header_timeout: Annotated[float, typer.Option("--header-timeout", min=0.001, help="Seconds a request's headers may take to arrive (then 408).")] = 10.0,
     body_timeout: Annotated[float, typer.Option("--body-timeout", min=0.001, help="Seconds a request's body may take after its headers (then 408).")] = 30.0,
-    threads: Annotated[
-        int, typer.Option("--threads", min=1, help="Cores a model's step uses; the others serve the connections and prime new requests.")
-    ] = 1,
+    threads: Annotated[int, typer.Option("--threads", min=1, help="Cores one batch's step uses.")] = 1,
+    lanes: Annotated[
+        int | None,
+        typer.Option(
+            "--lanes", min=1, show_default="one per core, one on a GPU", help="Batches a model's generations are spread over, each in a thread of its own."
+        ),
+    ] = None,
     device: options.Device = "cpu",
     precision: options.Precision = "fp32",
 ) -> None:
@@ -45,8 +49,9 @@ def serve(
     from ..serve import Limits, open_server
 
     limits = Limits(
-        max_length, max_text, max_concurrent, deadline, max_models, max_model_mib, max_connections, header_timeout, body_timeout, max_batch, queue, threads
-    )
+        max_length, max_text, max_concurrent, deadline, max_models, max_model_mib, max_connections, header_timeout, body_timeout, max_batch, queue, threads,
+        lanes,
+    )  # fmt: skip
     server = open_server(runs_dir, host, port, limits, device, precision, allowed_host or ())
     if not server.loopback:
         err.print(f"[yellow]warning:[/] serving on {escape(host)}: anyone who can reach this machine can use the API (no authentication)", soft_wrap=True)

@@ -54,14 +54,16 @@ class Limits:
     body_timeout_s: float = 30.0  # and its body within this after its headers, or 408
     max_batch: int = 64  # generations of one model stepping together; more wait in the queue
     queue: int = 256  # generations waiting for a place in a batch; more are refused (503)
-    threads: int = 1  # cores a model's step uses (torch's intra-op threads in `lstmlm serve`'s process)
+    threads: int = 1  # cores a step uses (torch's intra-op threads in `lstmlm serve`'s process)
+    lanes: int | None = None  # batches a model's rows are spread over, each stepping in a thread of its own (None: a core each on a CPU, one on a GPU)
 
     def __post_init__(self) -> None:
-        counts = (self.max_length, self.max_text, self.max_concurrent, self.max_models, self.max_connections, self.max_batch, self.queue, self.threads)
+        counts = [self.max_length, self.max_text, self.max_concurrent, self.max_models, self.max_connections, self.max_batch, self.queue, self.threads]
+        counts += [] if self.lanes is None else [self.lanes]
         if min(counts) < 1 or not min(self.deadline_s, self.max_model_mib, self.header_timeout_s, self.body_timeout_s) > 0:
             raise ServeError(
                 "--max-length, --max-text, --max-concurrent, --deadline, --max-models, --max-model-mib, "
-                "--max-connections, --header-timeout, --body-timeout, --max-batch, --queue and --threads must be positive"
+                "--max-connections, --header-timeout, --body-timeout, --max-batch, --queue, --threads and --lanes must be positive"
             )
 
     @property

@@ -33,6 +33,7 @@ import json
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +48,7 @@ from starlette.types import Receive, Scope, Send
 from .. import __version__
 from ..errors import CheckpointError, ConfigError, InspectError, LstmlmError, VocabError
 from . import Limits
-from .batching import POLL, Batches, QueueFull, Row
+from .batching import POLL, Batches, QueueFull, Row, lanes_for
 from .bodies import GenerateRequest, InspectRequest
 from .catalog import Loaded, Models, NoCheckpoint, NotServed, finite, list_runs, open_run, read_records, run_baselines, shown, without_paths
 from .guards import BodyLimit, HostCheck, one_line
@@ -135,7 +136,8 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
     if allowed_hosts is not None:
         app.add_middleware(HostCheck, allowed=allowed_hosts)  # added last, so it runs first
     models = Models(runs_dir, device, precision, limits.max_models, int(limits.max_model_mib * 2**20))
-    slots, batches = Slots(limits.max_concurrent), Batches(limits.max_batch, limits.queue)
+    limits = replace(limits, lanes=limits.lanes or lanes_for(device))
+    slots, batches = Slots(limits.max_concurrent), Batches(limits.max_batch, limits.queue, limits.lanes or 1)
     app.state.models, app.state.slots, app.state.batches = models, slots, batches
 
     # ---- errors: one line of JSON -------------------------------------------------------------

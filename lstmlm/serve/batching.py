@@ -3,12 +3,12 @@ character for every row, in one thread per batch.
 
 A request is primed alone — the prime and its prefix read by the model's forward at batch 1,
 exactly as `lstmlm generate` reads them — and waits in the queue until its batch has a place;
-it joins at the next step boundary. Each row samples with its own settings and its own random
-stream (`sampling.Rows`), and the compiled step gives a row the same bits whatever the batch
-around it (`stepper.py`), so a request streams the characters `lstmlm generate` prints for the
-same prefix, options and --seed, whoever else is in the batch. A row leaves when it has made
-its length, or at the next step once its request lets go of it (a stop string, the deadline,
-its client gone: `Row.cancel`).
+it joins between two calls of the batch's steps. Each row samples with its own settings and its
+own random stream (`choosing.Rows`), and the compiled step gives a row the same bits whatever
+the batch around it (`stepper.py`), so a request streams the characters `lstmlm generate`
+prints for the same prefix, options and --seed, whoever else is in the batch. A row leaves when
+it has made its length (a call never takes a row past it), or after the call that runs when its
+request lets go of it (a stop string, the deadline, its client gone: `Row.cancel`).
 
 Rows leave rather than stay masked: a masked row costs a whole row of every later step, where
 removing it copies the rows left once (`Stepper.keep`). Measured (benchmarks/bench_generate.py
@@ -16,12 +16,23 @@ removing it copies the rows left once (`Stepper.keep`). Measured (benchmarks/ben
 stepped masked, 0.39 ms a step; the 32 left, 0.17 ms, after one keep of 0.19 ms — so removal
 pays from the second step on.
 
-A checkpoint that training replaces gets a batch of its own (the cache hands out the new model):
-the batch of the old one finishes its rows on it, and new requests join the new one.
+A model's rows are spread over `lanes` batches, each stepping in a thread of its own on one core
+(the step lets go of the interpreter's lock while it computes), so two cores step two batches at
+once where a step of both cores would wake the second core's sleeping thread twice a step. A
+request joins the lane with a place free and the fewest rows; the lanes share out the model's
+`max_batch` places.
+
+A batch makes up to STEPS characters a call (`Stepper.sample`): between calls its thread takes
+the interpreter's lock for the rows' comings and goings and their characters. Taken a character
+at a time, the lock was waited for, each time, behind the thread that writes the streams.
+
+A checkpoint that training replaces gets batches of its own (the cache hands out the new model):
+the batches of the old one finish their rows on it, and new requests join the new ones.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import weakref
@@ -42,6 +53,7 @@ if TYPE_CHECKING:
 
 
 POLL = 0.005  # seconds between a request's looks for characters that have not come yet
+STEPS = 16  # characters a batch makes in one call, between its rows' comings and goings
 
 
 class QueueFull(ServeError):
@@ -52,7 +64,7 @@ class Row:
     """One request's place in a batch: its primed state until it joins, then the characters the
     batch makes for it, which the request reads when it looks.
 
-    The batch's thread appends (an append to a list is atomic in Python) and never wakes anyone;
+    The batch's thread extends (a list's extend is atomic in Python) and never wakes anyone;
     the request looks every few milliseconds (app.py). Waking a thread a row a step, each to
     take one character, cost more than the step: at 64 rows, 64 lock-and-notify a step and 64
     threads contending for the interpreter."""
@@ -64,11 +76,11 @@ class Row:
         self.read = 0  # how many of them the request has read
         self.done = sampling.length == 0  # no more characters will come (made all, or let go)
 
-    def put(self, token: str) -> None:
-        """From the batch: the row's next character; done once it has made its length."""
-        self.tokens.append(token)
+    def put(self, tokens: list[str]) -> None:
+        """From the batch: the row's next characters; done once it has made its length."""
+        self.tokens.extend(tokens)
         if len(self.tokens) >= self.length:
-            self.done = True  # after the append: a reader that sees done sees the last character too
+            self.done = True  # after the extend: a reader that sees done sees the last character too
 
     def cancel(self) -> None:
         """The request lets go: the batch drops the row at its next step."""
@@ -80,7 +92,7 @@ class Row:
 
     def finished(self) -> bool:
         """Whether the row has ended and the request has read all it made."""
-        return self.done and self.read == len(self.tokens)  # done first: it is set after the last append
+        return self.done and self.read == len(self.tokens)  # done first: it is set after the last extend
 
     def chunks(self) -> Iterator[list[list[str]]]:
         """The row's characters as `generate.Continuation` reads them: all that have come, one
@@ -94,7 +106,7 @@ class Row:
                     yield [[token] for token in self.tokens[handed:made]]
                     handed = made
                 elif self.done:
-                    if handed == len(self.tokens):  # looked again: done is set after the last append
+                    if handed == len(self.tokens):  # looked again: done is set after the last extend
                         return
                 else:
                     time.sleep(POLL)
@@ -102,14 +114,28 @@ class Row:
             self.cancel()
 
 
-class Batch:
-    """The rows of one model and checkpoint, stepped together by a thread that runs while it has rows."""
+def lanes_for(device: str) -> int:
+    """The lanes a model's rows are spread over by default: a core each on a CPU, one on a GPU."""
+    if device != "cpu":
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
-    def __init__(self, loaded: Loaded, batches: Batches) -> None:
-        self.loaded, self.batches = loaded, batches
+
+class Batch:
+    """Rows of one model and checkpoint (one of its lanes), stepped together by a thread that
+    runs while it has rows; at most `places` of them."""
+
+    def __init__(self, loaded: Loaded, batches: Batches, lane: int, places: int) -> None:
+        self.loaded, self.batches, self.lane, self.places = loaded, batches, lane, places
         self.waiting: deque[Row] = deque()  # primed, not joined yet (under batches.lock)
         self.rows: list[Row] = []  # stepping (the batch's thread alone changes it)
         self.thread: threading.Thread | None = None
+
+    def crowd(self) -> tuple[bool, int]:
+        """How taken the batch is (under batches.lock): whether its places are all taken, and its
+        rows (a place free) or the requests waiting past its places (none free)."""
+        taken = len(self.rows) + len(self.waiting)
+        return (True, taken - self.places) if taken >= self.places else (False, taken)
 
     def start(self) -> None:
         """Run the thread unless it runs (under batches.lock)."""
@@ -143,7 +169,7 @@ class Batch:
             staying = [i for i, row in enumerate(self.rows) if not row.done]
             leaving = len(staying) < len(self.rows)
             with self.batches.lock:  # the rows change under the lock, so /api/status counts them as they are
-                joining = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.batches.max_batch - len(staying)))]
+                joining = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.places - len(staying)))]
                 self.batches.queued -= len(joining)
                 if not staying and not joining:
                     self.rows = []
@@ -164,20 +190,23 @@ class Batch:
                     X = torch.cat([X, row.first])
                 rows.add(row.sampling)
             assert step is not None
-            X = rows.choose(step(X))
-            for row, i in zip(self.rows, X.tolist()):
-                row.put(tokens[i])
+            chosen = step.sample(X, min(STEPS, *(row.length - len(row.tokens) for row in self.rows)), rows)  # no row past its length
+            X = chosen[-1]
+            for row, ids in zip(self.rows, chosen.T.tolist()):
+                row.put([tokens[i] for i in ids])
 
 
 class Batches:
-    """The running batches, one per model and checkpoint, and their admission: at most
-    `max_batch` rows step in a batch, at most `queue` requests wait for a place (more are
-    refused at once: `QueueFull`)."""
+    """The running batches, up to `lanes` per model and checkpoint, and their admission: at
+    most `max_batch` rows of a model step at once (the lanes share them out), at most `queue`
+    requests wait for a place (more are refused at once: `QueueFull`)."""
 
-    def __init__(self, max_batch: int, queue: int) -> None:
+    def __init__(self, max_batch: int, queue: int, lanes: int = 1) -> None:
         self.max_batch, self.queue = max_batch, queue
+        share, more = divmod(max_batch, lanes)
+        self.places = [share + (lane < more) for lane in range(min(lanes, max_batch))]  # each lane's places
         self.lock = threading.Lock()
-        self.batches: dict[int, Batch] = {}  # by the Loaded's identity: a new checkpoint is a new Loaded
+        self.batches: dict[tuple[int, int], Batch] = {}  # by the Loaded's identity (a new checkpoint is a new Loaded) and lane
         self.queued = 0  # admitted, not stepping yet (priming, or waiting for a place)
         self.making = threading.Lock()  # held to make a template
         self.templates: weakref.WeakKeyDictionary[Loaded, Stepper | LoopStepper] = weakref.WeakKeyDictionary()  # per model: see `template`
@@ -207,10 +236,19 @@ class Batches:
             if row.done:  # length 0: nothing to make
                 self.queued -= 1
                 return generation, row
-            batch = self.batches.setdefault(id(loaded), Batch(loaded, self))
+            batch = self._lane(loaded)
             batch.waiting.append(row)
             batch.start()
         return generation, row
+
+    def _lane(self, loaded: Loaded) -> Batch:
+        """The batch a new row of `loaded` waits for (under the lock): of its lanes with a place
+        free, the one with the fewest rows (the cores share the work), else the one with the
+        fewest waiting; the first of those on a tie."""
+        lanes = [self.batches.get((id(loaded), lane)) or Batch(loaded, self, lane, places) for lane, places in enumerate(self.places)]
+        batch = min(lanes, key=Batch.crowd)
+        self.batches[(id(loaded), batch.lane)] = batch
+        return batch
 
     def template(self, loaded: Loaded) -> Stepper | LoopStepper:
         """A stepper of `loaded`'s model whose weights every request's row shares: made once a
@@ -226,8 +264,8 @@ class Batches:
         """A batch's thread ends (under the lock): forget it, or run it again for rows that came meanwhile."""
         if batch.waiting:
             batch.start()
-        elif self.batches.get(id(batch.loaded)) is batch:
-            del self.batches[id(batch.loaded)]
+        elif self.batches.get((id(batch.loaded), batch.lane)) is batch:
+            del self.batches[(id(batch.loaded), batch.lane)]
 
     def status(self) -> dict[str, int]:
         with self.lock:

@@ -104,8 +104,8 @@ def generate(
     state: State | None = None,
 ) -> Continuation:
     """Per step, the next character of each of `sampling.num_samples` continuations of
-    `prefix`, the state having read `prime` first (context that is not part of the output; see
-    `prime_text`): a text, or a list of tokens (what `Continuation.tokens` holds, where a
+    `prefix`, the state having read `prime` first, in a forward of its own (context that is not
+    part of the output; see `prime_text`; the server reads it once for all its requests): a text, or a list of tokens (what `Continuation.tokens` holds, where a
     generated "<unk>" is one token), from `state` (default zeros; `read` gives one). The
     products run in `precision` ("fp32" or "bf16"). With
     stop strings, see `Continuation` for what a step holds.
@@ -113,7 +113,7 @@ def generate(
     The characters are made `CHUNK` at a time: torch re-enters inference mode on every
     resumption of a decorated generator, which at a character's cost of ~0.1 ms is worth
     avoiding; a chunk still streams within a few milliseconds."""
-    chunks = _generate_chunks(model, vocab, [*prime, *prefix], sampling, precision, state)
+    chunks = _generate_chunks(model, vocab, prime, prefix, sampling, precision, state)
     return Continuation(chunks, sampling.stop, sampling.num_samples)
 
 
@@ -152,10 +152,15 @@ def read(model: CharLM, vocab: Vocab, tokens: Sequence[str], state: State, preci
 
 
 @torch.inference_mode()
-def _generate_chunks(model: CharLM, vocab: Vocab, context: Sequence[str], sampling: Sampling, precision: str, state: State | None) -> Iterator[list[list[str]]]:
-    """`generate`'s characters, CHUNK steps at a time, after reading `context` (its tokens)."""
+def _generate_chunks(
+    model: CharLM, vocab: Vocab, context: str | Sequence[str], prefix: str, sampling: Sampling, precision: str, state: State | None
+) -> Iterator[list[list[str]]]:
+    """`generate`'s characters, CHUNK steps at a time, after reading `context` then `prefix`."""
     samples, device = sampling.num_samples, model.W_hq.device
-    step, last = prime(model, vocab, context, samples, precision, state)
+    tokens = [*context, *prefix]
+    before = list(context)[: len(tokens) - 1]  # the context, read on its own, but the last token: the first step reads it
+    state = read(model, vocab, before, state if state is not None else model.begin_state(samples), precision)
+    step, last = prime(model, vocab, tokens[len(before) :], samples, precision, state)
     rows = Rows(device)
     rows.add(sampling, samples)
     tokens, length = vocab.tokens, sampling.length

@@ -44,10 +44,11 @@ import torch
 
 from ..choosing import Rows
 from ..errors import ServeError
-from ..generate import Continuation, Sampling, prime
+from ..generate import Continuation, Sampling, prime, read
 from ..inference import Generation, as_generation, read_prefix
 
 if TYPE_CHECKING:
+    from ..cells.base import State
     from ..stepper import LoopStepper, Stepper
     from .catalog import Loaded
 
@@ -210,6 +211,7 @@ class Batches:
         self.queued = 0  # admitted, not stepping yet (priming, or waiting for a place)
         self.making = threading.Lock()  # held to make a template
         self.templates: weakref.WeakKeyDictionary[Loaded, Stepper | LoopStepper] = weakref.WeakKeyDictionary()  # per model: see `template`
+        self.contexts: weakref.WeakKeyDictionary[Loaded, tuple[str, State]] = weakref.WeakKeyDictionary()  # per model: see `context_state`
 
     def admit(self) -> None:
         """Count a request in the queue, or refuse it."""
@@ -225,7 +227,7 @@ class Batches:
         try:
             text = read_prefix(trained, prefix)
             like = self.template(loaded)
-            stepper, first = prime(trained.model, trained.vocab, [*context, *text], 1, loaded.precision, like=like)
+            stepper, first = prime(trained.model, trained.vocab, text, 1, loaded.precision, self.context_state(loaded, context), like)
         except BaseException:
             with self.lock:
                 self.queued -= 1
@@ -259,6 +261,20 @@ class Batches:
                 trained = loaded.trained
                 made = self.templates[loaded] = prime(trained.model, trained.vocab, trained.vocab.tokens[:1], 1, loaded.precision)[0]
             return made
+
+    def context_state(self, loaded: Loaded, context: str) -> State | None:
+        """The state after reading `context` (the run's prime, or nothing: None, zeros) as
+        `lstmlm generate` reads it, on its own before the prefix: read once a model, where each
+        request reading it again cost a forward over its few hundred characters (on the
+        Shakespeare 1×768 model, most of what 64 requests at once waited for)."""
+        if not context:
+            return None
+        with self.making:
+            held = self.contexts.get(loaded)
+            if held is None or held[0] != context:
+                trained = loaded.trained
+                held = self.contexts[loaded] = (context, read(trained.model, trained.vocab, context, trained.model.begin_state(1), loaded.precision))
+            return held[1]
 
     def ended(self, batch: Batch) -> None:
         """A batch's thread ends (under the lock): forget it, or run it again for rows that came meanwhile."""

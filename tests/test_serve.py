@@ -475,6 +475,25 @@ def test_a_models_rows_are_spread_over_its_lanes_which_share_its_places(tiny_run
         assert (status["running"], status["queued"], status["batches"]) == (0, 0, 0)
 
 
+def test_the_runs_prime_is_read_once_a_model_and_each_request_reads_its_prefix_from_it(tiny_runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each request reads only its prefix; the prime, read once, is shared (and not changed by
+    the requests that step from it: the third streams what the first did)."""
+    from lstmlm.serve import batching
+
+    reads: list[int] = []
+    real = batching.read
+    monkeypatch.setattr(batching, "read", lambda model, vocab, tokens, *rest: reads.append(len(tokens)) or real(model, vocab, tokens, *rest))
+    with client(tiny_runs) as api:
+        prime = api.app.state.models.get("raw").trained.prime  # type: ignore[attr-defined]
+        assert len(prime) > 20  # the tiny run has a prime to read
+        body = {"run": "raw", "prefix": "the", "length": 40, "temperature": 1.0, "seed": 3}
+        first = streamed(api, **body)[2]
+        streamed(api, **{**body, "prefix": "and", "seed": 4})
+        assert streamed(api, **body)[2] == first
+        streamed(api, **body, prime=False)  # no prime: nothing to read
+    assert reads == [len(prime)]
+
+
 def test_a_batch_of_one_place_has_one_lane(tiny_runs: Path) -> None:
     with client(tiny_runs, max_batch=1, lanes=4) as api:
         assert api.app.state.batches.places == [1]  # type: ignore[attr-defined]

@@ -147,18 +147,20 @@ at::Tensor sample(const at::Tensor& ids, int64_t steps, int64_t vocab, const at:
   at::NoGradGuard no_grad;
   at::Tensor chosen = at::empty({steps, batch}, ids.options());
   std::vector<int64_t> X(data<int64_t>(ids), data<int64_t>(ids) + batch);
-  std::vector<int64_t> id(vocab);
-  std::vector<float> w(vocab), x(vocab);
   const at::Tensor& logits = Pk.back();  // (batch, vocab + blocks·H): the logits first
   for (int64_t t = 0; t < steps; ++t) {
     dispatch_step<Cell>(X.data(), table, W, H1, Pk, S);
-    for (int64_t b = 0; b < batch; ++b) {  // a few microseconds a row: the step's threads are not worth waking for it
-      const int64_t row = b * logits.size(1);
-      for (int64_t v = 0; v < vocab; ++v)
-        x[v] = table.scalar_type() == at::kBFloat16 ? to_float(data<bf16>(logits)[row + v]) : data<float>(logits)[row + v];
-      X[b] = rows.pick(x.data(), vocab, b, t, id, w);
-      data<int64_t>(chosen)[t * batch + b] = X[b];
-    }
+    at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {  // rows on the cores where there are enough of them
+      std::vector<int64_t> id(vocab);
+      std::vector<float> w(vocab), x(vocab);
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t row = b * logits.size(1);
+        for (int64_t v = 0; v < vocab; ++v)
+          x[v] = table.scalar_type() == at::kBFloat16 ? to_float(data<bf16>(logits)[row + v]) : data<float>(logits)[row + v];
+        X[b] = rows.pick(x.data(), vocab, b, t, id, w);
+        data<int64_t>(chosen)[t * batch + b] = X[b];
+      }
+    });
   }
   return chosen;
 }

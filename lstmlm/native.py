@@ -66,7 +66,7 @@ DRIVER = Path(__file__).with_name("csrc") / "recurrence.cpp"  # the driver every
 CHOOSER = DRIVER.with_name("choosing.cpp")  # generation's choice of the next character, after the kernels
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-std=c++20", "-shared", "-fPIC")
 OPS = ("forward", "backward", "step", "greedy", "sample")  # each cell's, as `{op}_{cell}`: what recurrence.py and generate.py call
-SHARED_OPS = ("choose",)  # every cell's: what choosing.py calls
+SHARED_OPS = ("choose", "sum_by_id")  # every cell's: what choosing.py and recurrence.py call
 BUILD_SECONDS = 600  # a compiler that takes longer is given up on; a scratch directory older than this is a killed build's
 SCRATCH = ".recurrence-"  # how a build's scratch directory is named (and an older version's temporary files were)
 FULL_DISK = ("No space left on device", "Disk quota exceeded")  # what a compiler says when it cannot write
@@ -95,6 +95,14 @@ def recurrence() -> Any | None:
     """`torch.ops.lstmlm_recurrence` (forward, backward, step, greedy), built and loaded on first
     call; None where it cannot be, is switched off, or torch is not on a CPU build that has it."""
     if not _enabled:
+        return None
+    return _load()[0]
+
+
+def loaded() -> Any | None:
+    """`recurrence()` where this process has loaded it already, else None: for a caller that
+    uses the compiled ops where they are at hand but should never wait for a build."""
+    if not _enabled or not _load.cache_info().currsize:
         return None
     return _load()[0]
 

@@ -156,16 +156,18 @@ def weight_gradients(X: torch.Tensor, H_prev: torch.Tensor, dA_x: torch.Tensor, 
     """dW_x and dW_h summed over every step and batch row, in the packed layout, each one
     product over every step's columns side by side: dA_x and dA_h (blocks·hiddens, steps, batch)
     in the products' dtype, so BLAS sees one long inner dimension. For ids, X_t is one-hot, so
-    dW_x is no product: each step's column of dA_x adds into its character's row (at d2l's size
-    0.46 ms a step where the one-hot product took 0.80). Under bf16 both accumulate in fp32 and
-    round once."""
+    dW_x is no product: each step's column of dA_x adds into its character's row (compiled on
+    a CPU: `sum_by_id`). Under bf16 both accumulate in fp32 and round once."""
     rows, steps, batch = dA_x.shape
     Hp = H_prev.permute(1, 0, 2).reshape(-1, steps * batch)  # (hiddens, steps·batch), a copy
     dW_h = times_T(Hp, dA_h.view(rows, steps * batch))  # (hiddens, blocks·hiddens)
     if not X.is_floating_point():
+        ids = X.reshape(-1)
+        if dA_x.device.type == "cpu" and dA_x.dtype in (torch.float32, torch.bfloat16) and (library := native.loaded()) is not None:
+            return library.sum_by_id(dA_x.view(rows, steps * batch), ids.long().contiguous(), num_inputs), dW_h  # (inputs, blocks·hiddens)
         wide = torch.promote_types(dA_x.dtype, torch.float32)  # bf16 adds up in fp32, float64 stays
         sums = torch.zeros(rows, num_inputs, dtype=wide, device=dA_x.device)
-        return sums.index_add_(1, X.reshape(-1), dA_x.view(rows, steps * batch).to(wide)).T.contiguous(), dW_h  # (inputs, blocks·hiddens)
+        return sums.index_add_(1, ids, dA_x.view(rows, steps * batch).to(wide)).T.contiguous(), dW_h  # (inputs, blocks·hiddens)
     Xf = X.permute(2, 0, 1).reshape(num_inputs, steps * batch).to(dA_x.dtype)  # (inputs, steps·batch)
     return times_T(Xf, dA_x.view(rows, steps * batch)), dW_h
 

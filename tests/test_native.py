@@ -475,3 +475,19 @@ def test_a_full_disk_is_said_to_be_one(small_disk: Path, stand_in: StandIn, monk
         assert native.status() == "compiled (C++)"
     finally:
         native._load.cache_clear()
+
+
+@needs_build
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "positions", "vocab"), [(1024, 1120, 28), (37, 300, 5), (5, 33, 300)])
+def test_dW_x_for_ids_is_index_adds_sums_to_the_bit(dtype: torch.dtype, rows: int, positions: int, vocab: int) -> None:
+    """`sum_by_id` (dW_x of a layer that reads ids) adds each id's columns in their order, as
+    torch's index_add does: the same bits, whatever the rows left over from its blocks of 16."""
+    ops = native.recurrence()
+    assert ops is not None, native.status()
+    torch.manual_seed(0)
+    dA, ids = torch.randn(rows, positions).to(dtype), torch.randint(0, vocab, (positions,))
+    expected = torch.zeros(rows, vocab).index_add_(1, ids, dA.float()).T
+    assert torch.equal(ops.sum_by_id(dA, ids, vocab), expected)
+    with pytest.raises(RuntimeError, match="ids must lie in"):
+        ops.sum_by_id(dA, ids.clone().fill_(vocab), vocab)

@@ -19,7 +19,8 @@ from .encode import Piece
 WORKERS = 0  # processes encoding at once; 0 = one per core this process may use
 
 
-def _cores() -> int:
+def cores() -> int:
+    """The cores this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -89,7 +90,7 @@ class Workers:
     ) -> list[Any]:
         """`job(*a)` for each `a`, results in order; `progress(stage, bytes done, total)` as the
         pieces complete."""
-        workers = 1 if in_process else max(1, min(WORKERS or _cores(), len(args)))
+        workers = 1 if in_process else max(1, min(WORKERS or cores(), len(args)))
         if workers > 1 and self._pool is None:
             self._pool = _start_pool(workers)
         pool = self._pool if workers > 1 else None

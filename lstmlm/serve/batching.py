@@ -1,8 +1,9 @@
 """Continuous batching: the generations of one model and checkpoint step together, one step a
 character for every row, in one thread per batch.
 
-A request is primed alone — the prime and its prefix read by the model's forward at batch 1,
-exactly as `lstmlm generate` reads them — and waits in the queue until its batch has a place;
+A request is primed alone — its prefix read by the model's forward at batch 1 from the state
+after the run's prime (read once a model), as `lstmlm generate` reads them — and waits in the
+queue until its batch has a place;
 it joins between two calls of the batch's steps. Each row samples with its own settings and its
 own random stream (`choosing.Rows`), and the compiled step gives a row the same bits whatever
 the batch around it (`stepper.py`), so a request streams the characters `lstmlm generate`
@@ -32,7 +33,6 @@ the batches of the old one finish their rows on it, and new requests join the ne
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import weakref
@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..choosing import Rows
+from ..data.workers import cores
 from ..errors import ServeError
 from ..generate import Continuation, Sampling, prime, read
 from ..inference import Generation, as_generation, read_prefix
@@ -84,7 +85,7 @@ class Row:
             self.done = True  # after the extend: a reader that sees done sees the last character too
 
     def cancel(self) -> None:
-        """The request lets go: the batch drops the row at its next step."""
+        """The request lets go: the batch drops the row after the call it is in."""
         self.done = True
 
     def unread(self) -> int:
@@ -117,9 +118,7 @@ class Row:
 
 def lanes_for(device: str) -> int:
     """The lanes a model's rows are spread over by default: a core each on a CPU, one on a GPU."""
-    if device != "cpu":
-        return 1
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores() if device == "cpu" else 1
 
 
 class Batch:

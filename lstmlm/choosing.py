@@ -18,7 +18,7 @@ probability 0 instead of the division overflowing to NaN.
 
 A row's stream is its own torch.Generator, seeded with the request's seed, read BLOCK uniforms
 at a time (one call per row per BLOCK characters, not one per row per character). A row holds
-two blocks, so that a chunk of up to BLOCK steps (`uniforms_for`) finds its draws in one place;
+two blocks, so that a chunk of up to BLOCK steps (`settings`) finds its draws in one place;
 the blocks come from the generator in the same order either way, so the draws do too.
 
 On a CPU the pass is compiled where the compiled recurrence is (csrc/choosing.cpp, the same cuts

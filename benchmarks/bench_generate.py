@@ -59,12 +59,12 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def in_process(runs_dir: Path, run: str, characters: int, samples: int, options: dict[str, Any]) -> tuple[float, float]:
+def in_process(runs_dir: Path, run: str, characters: int, samples: int, options: dict[str, Any], precision: str = "fp32") -> tuple[float, float]:
     """(characters/s in all, seconds to the first character) of `lstmlm generate`'s loop."""
     from lstmlm.generate import Sampling
     from lstmlm.inference import continue_prefix, load
 
-    trained = load(runs_dir, run, None, False, "cpu", "fp32")
+    trained = load(runs_dir, run, None, False, "cpu", precision)
     precision = trained.precision
     sampling = Sampling(length=characters // samples, num_samples=samples, **options)
     list(continue_prefix(trained, "the", Sampling(length=200, num_samples=samples, **options), precision).steps)  # warm up
@@ -79,7 +79,7 @@ def in_process(runs_dir: Path, run: str, characters: int, samples: int, options:
 def start_server(runs_dir: Path, args: argparse.Namespace) -> tuple[subprocess.Popen[str], str]:
     command = [sys.executable, "-m", "lstmlm", "serve", "--runs-dir", str(runs_dir), "--port", "0", "--max-length", str(args.length)]
     command += ["--max-batch", str(args.max_batch), "--queue", str(args.queue), "--max-connections", "1024", "--deadline", "3600"]
-    command += ["--threads", str(args.threads)] + (["--lanes", str(args.lanes)] if args.lanes else [])
+    command += ["--threads", str(args.threads), "--precision", args.precision] + (["--lanes", str(args.lanes)] if args.lanes else [])
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     for line in proc.stderr:
@@ -174,15 +174,16 @@ def main() -> None:
     parser.add_argument("--queue", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1, help="The server's --threads: cores a step uses.")
     parser.add_argument("--lanes", type=int, default=None, help="The server's --lanes (default: its own, a lane a core).")
+    parser.add_argument("--precision", default="fp32", help="fp32, bf16 or auto: the products' precision, in process and in the server.")
     parser.add_argument("--skip-server", action="store_true")
     parser.add_argument("--leave", action="store_true")
     args = parser.parse_args()
 
-    print(machine())
+    print(f"{machine()}, precision {args.precision}")
     print(f"{'case':<28} {'characters/s':>13} {'first char (median, p95)':>26} {'refused':>8} {'peak MiB':>9}")
-    rate, first = in_process(args.runs_dir, args.run, args.characters, 1, {})
+    rate, first = in_process(args.runs_dir, args.run, args.characters, 1, {}, args.precision)
     print(f"{'batch 1, greedy':<28} {rate:>13,.0f} {first * 1000:>17,.1f} ms{'':>7} {'–':>8} {peak_mib():>9,.0f}")
-    rate, first = in_process(args.runs_dir, args.run, args.characters, 64, {"temperature": 1.0, "top_p": 0.95, "seed": 0})
+    rate, first = in_process(args.runs_dir, args.run, args.characters, 64, {"temperature": 1.0, "top_p": 0.95, "seed": 0}, args.precision)
     print(f"{'batch 64, T=1, top-p 0.95':<28} {rate:>13,.0f} {first * 1000:>17,.1f} ms{'':>7} {'–':>8} {peak_mib():>9,.0f}")
     if args.leave:
         print("ended rows, masked or removed:", leave(args.runs_dir, args.run))

@@ -25,7 +25,7 @@ from .device import DTYPES, autocast
 from .errors import VocabError
 from .model import CharLM
 from .sampling import SAMPLE_LENGTH, Sampling
-from .stepper import LoopStepper, Stepper, stepper
+from .stepper import LoopStepper, Stepper, stepper, steps_compiled
 from .vocab import Vocab, describe_chars
 
 __all__ = ["SAMPLE_LENGTH", "LoopStepper", "Rows", "Sampling", "Stepper", "choose_next", "stepper"]  # what generation offers from its parts
@@ -76,12 +76,14 @@ MOST_GREEDY = 1024  # a greedy chunk doubles from CHUNK up to this while each ta
 GROW_S = 0.01  # seconds: text still shows at least this often, and a fast model makes few calls
 
 
-def step_dtype(precision: str, device: torch.device, num_samples: int) -> torch.dtype:
-    """The dtype of the Stepper's products: the precision's, but fp32 for one sample on a CPU.
-    There a step is a row-vector product, bound by reading the weights, not by arithmetic, and
-    torch's bf16 kernel runs it at half the fp32 rate (measured on this project's AVX-512 EPYC:
-    30,000 against 60,000 characters/s for the d2l model), so bf16 would only be less exact."""
-    if num_samples == 1 and device.type == "cpu":
+def step_dtype(precision: str, model: CharLM, num_samples: int) -> torch.dtype:
+    """The dtype of the Stepper's products: the precision's, but fp32 for one sample on a CPU
+    where the step is not compiled. There a step is a row-vector product, bound by reading the
+    weights, and torch's bf16 kernel runs it at half the fp32 rate (measured on an AVX-512 EPYC:
+    30,000 against 60,000 characters/s for the d2l model), so bf16 would only be less exact. The
+    compiled step reads half the bytes in bf16 and widens them cheaply (csrc/recurrence.cpp,
+    `pack`): there bf16 is the faster at one sample."""
+    if num_samples == 1 and model.W_hq.device.type == "cpu" and not steps_compiled(model):
         return torch.float32
     return DTYPES[precision]
 
@@ -135,7 +137,7 @@ def prime(
     state = read(model, vocab, context[:-1], state if state is not None else model.begin_state(rows), precision)
     if like is not None:
         return like.with_state(state), last
-    return stepper(model, state, step_dtype(precision, device, rows)), last
+    return stepper(model, state, step_dtype(precision, model, rows)), last
 
 
 @torch.inference_mode()
@@ -170,14 +172,23 @@ def _generate_chunks(
             began = time.perf_counter()
             made = step.greedy(X, min(size, length - start))
             size = 2 * size if time.perf_counter() - began < GROW_S and size < MOST_GREEDY else size
-            start, X = start + len(made), made[-1]
-            yield [[tokens[i] for i in row] for row in made]
+            start, X = start + len(made), made[-1].tolist()
+            yield decoded(made, tokens)
         return
     previous = last
     for start in range(0, length, CHUNK):
         chosen = step.sample(previous, min(CHUNK, length - start), rows)  # a chunk's ids, decoded at once
         previous = chosen[-1]
-        yield [[tokens[i] for i in row] for row in chosen.tolist()]
+        yield decoded(chosen, tokens)
+
+
+def decoded(chosen: torch.Tensor, tokens: Sequence[str]) -> list[list[str]]:
+    """A chunk's ids (steps, rows) as its tokens, a list a step. One row's come back as one flat
+    list: at a greedy character's ~11 µs, a list of one id a step and a comprehension a step
+    cost as much as a tenth of it."""
+    if chosen.shape[1] == 1:
+        return [[tokens[i]] for i in chosen.view(-1).tolist()]
+    return [[tokens[i] for i in row] for row in chosen.tolist()]
 
 
 class Continuation(Iterator[list[str]]):

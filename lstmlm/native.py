@@ -66,7 +66,7 @@ DRIVER = Path(__file__).with_name("csrc") / "recurrence.cpp"  # the driver every
 CHOOSER = DRIVER.with_name("choosing.cpp")  # generation's choice of the next character, after the kernels
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-std=c++20", "-shared", "-fPIC")
 OPS = ("forward", "backward", "step", "greedy", "sample")  # each cell's, as `{op}_{cell}`: what recurrence.py and generate.py call
-SHARED_OPS = ("choose", "sum_by_id")  # every cell's: what choosing.py and recurrence.py call
+SHARED_OPS = ("choose", "sum_by_id", "pack")  # every cell's: what choosing.py and recurrence.py call
 BUILD_SECONDS = 600  # a compiler that takes longer is given up on; a scratch directory older than this is a killed build's
 SCRATCH = ".recurrence-"  # how a build's scratch directory is named (and an older version's temporary files were)
 FULL_DISK = ("No space left on device", "Disk quota exceeded")  # what a compiler says when it cannot write

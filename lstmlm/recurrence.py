@@ -191,10 +191,20 @@ def compiled_layer(layer: ScratchLayer, X: torch.Tensor, state: State, dtype: to
 
 def ops(cell: Cell, what: str) -> Any:
     """The compiled operation `what` (forward, backward, step, greedy, sample) of `cell`'s kernel."""
+    return getattr(_library(), f"{what}_{cell.name}")
+
+
+def packed(W: torch.Tensor) -> torch.Tensor:
+    """W (K, N), float or bf16, as the compiled step reads it: in panels of columns, each
+    contiguous (`pack` in csrc/recurrence.cpp, which says why and in what order)."""
+    return cast(torch.Tensor, _library().pack(W.contiguous()))
+
+
+def _library() -> Any:
     library = native.recurrence()
     if library is None:
         raise ShapeError(f"the compiled recurrence is not available: {native.status()}")
-    return getattr(library, f"{what}_{cell.name}")
+    return library
 
 
 class CompiledSequence(torch.autograd.Function):

@@ -54,18 +54,6 @@ def layer_weights(model: CharLM, dtype: torch.dtype) -> list[Stacked]:
     return weights
 
 
-PANEL = 64  # columns of a packed panel: kCols in csrc/recurrence.cpp
-
-
-def panels(W: torch.Tensor) -> torch.Tensor:
-    """W (K, N) as the compiled step reads it: (⌈N / PANEL⌉, K, PANEL), panel j holding columns
-    [j·PANEL, (j+1)·PANEL) contiguous, the last padded with zeros (csrc/recurrence.cpp says why)."""
-    K, N = W.shape
-    count = -(-N // PANEL)
-    padded = torch.nn.functional.pad(W, (0, count * PANEL - N))
-    return padded.reshape(K, count, PANEL).transpose(0, 1).contiguous()
-
-
 def everything_that_reads_H(W_in: torch.Tensor, b_in: torch.Tensor, W_h: torch.Tensor, b_h: torch.Tensor | None) -> torch.Tensor:
     """[[W_in, W_h], [b_in, b_h]]: (hiddens + 1, inputs + blocks·hiddens). [H_t, 1] times it is
     [H_t W_in + b_in, H_t W_h + b_h]: the reader's input and this layer's next recurrent term
@@ -92,7 +80,7 @@ class Stepper:
     def __init__(self, model: CharLM, state: State, dtype: torch.dtype = torch.float32, compiled: bool | None = None) -> None:
         """`compiled`: step by the cell's compiled kernel; by default where the model's scratch
         core runs compiled, or, for torch's core, where the kernel can run here."""
-        self.cell = cell = model.cell
+        self.cell = model.cell
         weights = layer_weights(model, dtype)
         device = state[0].device
         assert weights[0].table is not None  # layer_weights always gives the first layer a table
@@ -107,9 +95,9 @@ class Stepper:
         # The step compiled (the cell's kernel) where it can run: a step is then one call, where
         # the Python step issues a dozen operations a layer.
         if compiled is None:
-            compiled = model.path == "compiled" or (model.scratch_core is None and "compiled" in recurrence.available(cell, device))
+            compiled = steps_compiled(model)
         self.compiled = compiled and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-        self.packed = [panels(W) for W in self.W] if self.compiled else []  # what the compiled step reads
+        self.packed = [recurrence.packed(W) for W in self.W] if self.compiled else []  # what the compiled step reads
         self._begin(state)
 
     def _begin(self, state: State) -> None:
@@ -175,16 +163,12 @@ class Stepper:
             inputs = outputs  # the next layer's X_t W_x + b
         return self.logits
 
-    def greedy(self, X_t: list[int], steps: int) -> list[list[int]]:
-        """`steps` greedy characters after reading X_t, each fed back: their ids, a list a step."""
+    def greedy(self, X_t: list[int], steps: int) -> torch.Tensor:
+        """`steps` greedy characters after reading X_t, each fed back: their ids (steps, batch)."""
         if self.compiled:
-            chosen = recurrence.ops(self.cell, "greedy")(torch.tensor(X_t), steps, self.logits.shape[1], self.table, self.packed, self.H1, self.P, self.S)
-            return cast(list[list[int]], chosen.tolist())
-        chosen = []
-        for _ in range(steps):
-            X_t = self(X_t).argmax(dim=-1).tolist()
-            chosen.append(X_t)
-        return chosen
+            ids = torch.tensor(X_t)
+            return cast(torch.Tensor, recurrence.ops(self.cell, "greedy")(ids, steps, self.logits.shape[1], self.table, self.packed, self.H1, self.P, self.S))
+        return greedy_each(self, X_t, steps)
 
     def sample(self, X_t: torch.Tensor, steps: int, rows: Rows) -> torch.Tensor:
         """`steps` characters after reading X_t (batch,), each row's chosen by `rows` and fed back:
@@ -195,6 +179,15 @@ class Stepper:
         chosen = recurrence.ops(self.cell, "sample")(X_t, steps, vocab, self.table, self.packed, self.H1, self.P, self.S, *rows.settings(steps))
         rows.drawn(steps)
         return cast(torch.Tensor, chosen)
+
+
+def greedy_each(step: Stepper | LoopStepper, X_t: list[int], steps: int) -> torch.Tensor:
+    """`Stepper.greedy` a step and an argmax at a time: the ids (steps, batch)."""
+    chosen = []
+    for _ in range(steps):
+        X_t = step(X_t).argmax(dim=-1).tolist()
+        chosen.append(X_t)
+    return torch.tensor(chosen, dtype=torch.long).reshape(steps, len(X_t))
 
 
 def sample_each(step: Stepper | LoopStepper, X_t: torch.Tensor, steps: int, rows: Rows) -> torch.Tensor:
@@ -232,15 +225,20 @@ class LoopStepper:
         logits, self.state = self.model(ids[:, None], self.state)
         return cast(torch.Tensor, logits[:, 0])
 
-    def greedy(self, X_t: list[int], steps: int) -> list[list[int]]:
-        chosen = []
-        for _ in range(steps):
-            X_t = self(X_t).argmax(dim=-1).tolist()
-            chosen.append(X_t)
-        return chosen
+    def greedy(self, X_t: list[int], steps: int) -> torch.Tensor:
+        return greedy_each(self, X_t, steps)
 
     def sample(self, X_t: torch.Tensor, steps: int, rows: Rows) -> torch.Tensor:
         return sample_each(self, X_t, steps, rows)
+
+
+def steps_compiled(model: CharLM) -> bool:
+    """Whether `stepper(model, ...)` steps by the cell's compiled kernel: on a CPU, where the
+    model's scratch core runs compiled or, for torch's core, where the kernel can run here."""
+    device = model.W_hq.device
+    if not model.cell.torch_equivalent or device.type != "cpu":
+        return False
+    return model.path == "compiled" or (model.scratch_core is None and "compiled" in recurrence.available(model.cell, device))
 
 
 def stepper(model: CharLM, state: State, dtype: torch.dtype = torch.float32) -> Stepper | LoopStepper:

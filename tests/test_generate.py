@@ -75,6 +75,49 @@ def test_stepper_in_bf16_follows_the_fp32_model(cell: str, recurrence: str) -> N
     torch.testing.assert_close(got, expected, rtol=0.05, atol=0.3)
 
 
+@pytest.mark.parametrize("batch", [1, 7])
+@pytest.mark.parametrize("cell", cells.NAMES)
+def test_the_compiled_step_multiplies_bf16_weights_as_torch_does(cell: str, batch: int) -> None:
+    """The compiled step reads bf16 weights stored two vectors interleaved (`pack` in
+    csrc/recurrence.cpp): from one state, every product it takes (each layer's, the logits
+    included) is torch's bf16 product to within a rounding or two (the second layer reads H made
+    from the first's rounded product), in the one-row tile and in a batch's tiles, over several
+    panels and the padded last one; a column out of place would be off by the products' size."""
+    if not native.usable():
+        pytest.skip(f"the compiled step cannot run here: {native.status()}")
+    torch.manual_seed(0)
+    net = CharLM(len(VOCAB), num_hiddens=40, num_layers=2, cell=cell).eval()  # P: 4·40 + 40 or the vocabulary's columns
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.5)
+    state = tuple(torch.randn(2, batch, 40) for _ in net.cell.state)
+    X = torch.randint(len(VOCAB), (batch,))
+    with torch.inference_mode():
+        compiled, python = (Stepper(net, state, torch.bfloat16, compiled=c) for c in (True, False))
+        assert compiled.compiled and not python.compiled
+        compiled(X), python(X)
+    for got, expected in zip(compiled.P, python.P):
+        assert got.dtype == torch.bfloat16 and expected.abs().mean() > 0.5  # products of some size, in bf16
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2**-6, atol=2**-5)
+
+
+def test_one_sample_steps_in_bf16_where_the_step_is_compiled() -> None:
+    """`--precision bf16` for one sample on a CPU: bf16 where the step is compiled (it reads half
+    the bytes, and is the faster), fp32 where torch's row-vector product would take it (half
+    fp32's speed there)."""
+    if not native.usable():
+        pytest.skip(f"the compiled step cannot run here: {native.status()}")
+    net = lively_model(VOCAB)
+    with native.disabled():
+        plain = lively_model(VOCAB)  # a model made where the compiled path cannot run
+    with torch.inference_mode():
+        step, _ = prime(net, VOCAB, list("the"), 1, "bf16")
+        with native.disabled():
+            uncompiled, _ = prime(plain, VOCAB, list("the"), 1, "bf16")
+    assert isinstance(step, Stepper) and step.compiled and step.table.dtype == torch.bfloat16
+    assert isinstance(uncompiled, Stepper) and not uncompiled.compiled and uncompiled.table.dtype == torch.float32
+
+
 @pytest.mark.parametrize(("core", "layers"), [("scratch", 1), ("scratch", 2), ("cudnn", 1), ("cudnn", 2)])
 @pytest.mark.parametrize("prefix", ["time traveller", "t", "the "])
 def test_greedy_equals_d2l_predict(core: str, layers: int, prefix: str, recurrence: str) -> None:

@@ -443,7 +443,8 @@ std::vector<at::Tensor> backward(const at::Tensor& dHs, const std::optional<at::
 // rows × kCols would spill them (16 vector registers in AVX2).
 constexpr int64_t kCols = 64, kRows = 6;
 
-// The vector unit the tiles are written for: its width in floats, and loads that widen bf16.
+// The vector unit the tiles are written for: its width in floats, and a load that widens a pair
+// of vectors' worth of bf16.
 #if defined(__AVX512F__)
 struct Lanes {
   using V = __m512;
@@ -451,7 +452,11 @@ struct Lanes {
   static V zero() { return _mm512_setzero_ps(); }
   static V broadcast(float a) { return _mm512_set1_ps(a); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
-  static V load(const bf16* p) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16)); }
+  static void load_pair(const bf16* p, V& low, V& high) {  // 2n bf16 stored as `pack` interleaves them
+    const __m512i x = _mm512_loadu_si512(p);
+    low = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+    high = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
 };
@@ -463,7 +468,11 @@ struct Lanes {
   static V zero() { return _mm256_setzero_ps(); }
   static V broadcast(float a) { return _mm256_set1_ps(a); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
-  static V load(const bf16* p) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16)); }
+  static void load_pair(const bf16* p, V& low, V& high) {  // 2n bf16 stored as `pack` interleaves them
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    low = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+    high = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
 };
@@ -487,7 +496,11 @@ inline void tile(const P* A, int64_t K, const P* W, P* out, int64_t N, int64_t n
     for (int64_t v = 0; v < V; ++v) acc[r][v] = Lanes::zero();
   for (int64_t k = 0; k < K; ++k) {
     typename Lanes::V w[V];
-    for (int64_t v = 0; v < V; ++v) w[v] = Lanes::load(W + k * kCols + v * Lanes::n);
+    if constexpr (std::is_same_v<P, bf16>) {
+      for (int64_t v = 0; v < V; v += 2) Lanes::load_pair(W + k * kCols + v * Lanes::n, w[v], w[v + 1]);
+    } else {
+      for (int64_t v = 0; v < V; ++v) w[v] = Lanes::load(W + k * kCols + v * Lanes::n);
+    }
     for (int64_t r = 0; r < R; ++r) {
       const typename Lanes::V a = Lanes::broadcast(to_float(A[r * K + k]));
       for (int64_t v = 0; v < V; ++v) acc[r][v] = Lanes::fma(a, w[v], acc[r][v]);
@@ -541,6 +554,22 @@ void rows_times(const at::Tensor& A, const at::Tensor& W, const at::Tensor& C) {
       }
     }
   });
+}
+
+// W (K, N) as the step reads it (see above): (⌈N / kCols⌉, K, kCols), panel j holding columns
+// [j·kCols, (j+1)·kCols), the last padded with zeros. In bf16 each kSub columns are stored
+// interleaved, column i at 2i and column n + i at 2i + 1 (n: the lanes of a vector), so that one
+// load, a shift and a mask widen two vectors of them (`Lanes::load_pair`); widening each half
+// took a shuffle, which the vector unit does one a cycle, and a step of one row then ran slower
+// in bf16 than in fp32. Only the order in memory changes: every sum is the same.
+at::Tensor pack(const at::Tensor& W) {
+  TORCH_CHECK(W.dim() == 2 && (W.scalar_type() == at::kFloat || W.scalar_type() == at::kBFloat16), "W must be (K, N), float or bfloat16");
+  const int64_t K = W.size(0), N = W.size(1), panels = (N + kCols - 1) / kCols;
+  at::Tensor packed = at::constant_pad_nd(W, {0, panels * kCols - N}).reshape({K, panels, kCols}).transpose(0, 1);  // (panels, K, kCols)
+#ifdef LSTMLM_LANES
+  if (W.scalar_type() == at::kBFloat16) packed = packed.reshape({panels, K, kCols / kSub, 2, Lanes::n}).transpose(3, 4);
+#endif
+  return packed.contiguous().reshape({panels, K, kCols});
 }
 
 template <typename Cell, typename P>
@@ -674,8 +703,14 @@ at::Tensor sum_by_id(const at::Tensor& dA, const at::Tensor& ids, int64_t vocab)
 
 }  // namespace lstmlm
 
-TORCH_LIBRARY_FRAGMENT(lstmlm_recurrence, m) { m.def("sum_by_id(Tensor dA, Tensor ids, int vocab) -> Tensor"); }
-TORCH_LIBRARY_IMPL(lstmlm_recurrence, CPU, m) { m.impl("sum_by_id", lstmlm::sum_by_id); }
+TORCH_LIBRARY_FRAGMENT(lstmlm_recurrence, m) {
+  m.def("sum_by_id(Tensor dA, Tensor ids, int vocab) -> Tensor");
+  m.def("pack(Tensor W) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(lstmlm_recurrence, CPU, m) {
+  m.impl("sum_by_id", lstmlm::sum_by_id);
+  m.impl("pack", lstmlm::pack);
+}
 
 // A cell's five operations under its name: forward_lstm, backward_lstm, step_lstm, greedy_lstm, sample_lstm.
 #define LSTMLM_CELL(NAME, CELL)                                                                                                                   \

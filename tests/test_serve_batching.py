@@ -21,8 +21,10 @@ pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip ins
 
 from fastapi.testclient import TestClient
 
+from lstmlm.choosing import BLOCK
 from lstmlm.serve import Limits
 from lstmlm.serve.app import create_app
+from lstmlm.serve.batching import CALL_S, STEPS, steps_per_call
 
 from support.cli import cli
 from support.serving import ServeProcess, sse_events
@@ -136,3 +138,13 @@ def test_the_deadline_holds_for_each_row_of_a_batch(tiny_runs: Path) -> None:
                 break
             time.sleep(0.05)
         assert api.get("/api/status").json()["running"] == 0
+
+
+def test_a_batch_makes_about_a_calls_worth_of_steps_a_call() -> None:
+    """A call makes the steps that take about CALL_S at the last call's pace: many for a row or
+    two (a call's own cost then weighs less), few for a full batch, never fewer than STEPS or
+    more than a block of draws."""
+    assert steps_per_call(CALL_S / 8, 16) == 128  # 16 steps in an eighth of CALL_S: eight times as many
+    assert steps_per_call(CALL_S / 64, 16) == BLOCK  # 1,024 steps' worth: a block at most
+    assert steps_per_call(CALL_S * 2, 16) == STEPS  # slower than CALL_S: the fewest
+    assert steps_per_call(0.0, 16) == BLOCK  # no time measured: the most

@@ -23,9 +23,12 @@ once where a step of both cores would wake the second core's sleeping thread twi
 request joins the lane with a place free and the fewest rows; the lanes share out the model's
 `max_batch` places.
 
-A batch makes up to STEPS characters a call (`Stepper.sample`): between calls its thread takes
+A batch makes several characters a call (`Stepper.sample`): between calls its thread takes
 the interpreter's lock for the rows' comings and goings and their characters. Taken a character
-at a time, the lock was waited for, each time, behind the thread that writes the streams.
+at a time, the lock was waited for, each time, behind the thread that writes the streams. A call
+makes as many steps as take about CALL_S (`steps_per_call`), from STEPS to a block of draws: a
+call's own cost (~0.1-0.2 ms) is a small share of 64 rows' 16 steps, but at one row 16 steps
+take 0.3 ms and the cost was a third of the time.
 
 A checkpoint that training replaces gets batches of its own (the cache hands out the new model):
 the batches of the old one finish their rows on it, and new requests join the new ones.
@@ -42,7 +45,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..choosing import Rows
+from ..choosing import BLOCK, Rows
 from ..data.workers import cores
 from ..errors import ServeError
 from ..generate import Continuation, Sampling, prime, read
@@ -55,7 +58,8 @@ if TYPE_CHECKING:
 
 
 POLL = 0.005  # seconds between a request's looks for characters that have not come yet
-STEPS = 16  # characters a batch makes in one call, between its rows' comings and goings
+STEPS = 16  # the fewest characters a batch makes in one call, between its rows' comings and goings
+CALL_S = 0.003  # seconds a call aims at: a row joins or leaves within a few milliseconds
 
 
 class QueueFull(ServeError):
@@ -165,6 +169,7 @@ class Batch:
         step: Stepper | LoopStepper | None = None
         device = self.loaded.trained.model.W_hq.device
         rows, X = Rows(device), torch.empty(0, dtype=torch.long)
+        steps = STEPS
         while True:
             staying = [i for i, row in enumerate(self.rows) if not row.done]
             leaving = len(staying) < len(self.rows)
@@ -190,10 +195,19 @@ class Batch:
                     X = torch.cat([X, row.first])
                 rows.add(row.sampling)
             assert step is not None
-            chosen = step.sample(X, min(STEPS, *(row.length - len(row.tokens) for row in self.rows)), rows)  # no row past its length
+            n = min(steps, *(row.length - len(row.tokens) for row in self.rows))  # no row past its length
+            began = time.perf_counter()
+            chosen = step.sample(X, n, rows)
+            steps = steps_per_call(time.perf_counter() - began, n)
             X = chosen[-1]
             for row, ids in zip(self.rows, chosen.T.tolist()):
                 row.put([tokens[i] for i in ids])
+
+
+def steps_per_call(seconds: float, steps: int) -> int:
+    """The steps the next call makes, where the last made `steps` in `seconds`: about CALL_S
+    worth, from STEPS to BLOCK (a chunk's most, `choosing.Rows.settings`)."""
+    return max(STEPS, min(BLOCK, int(CALL_S * steps / max(seconds, 1e-9))))
 
 
 class Batches:

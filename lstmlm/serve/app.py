@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 STATIC = Path(__file__).resolve().parent / "static"
 MOST = 512  # characters an event carries at most
 LINGER = 0.05  # seconds a stream's characters gather into one event, after its first (which goes at once): 20 a second
+INLINE_PREFIX = 64  # characters of a prefix read on the event loop itself (about a millisecond), not in a worker thread
 PAGE_POLICY = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 
 
@@ -184,7 +185,8 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
     async def load(name: str, best: bool) -> Loaded:
         run_named(name)
         try:
-            return await anyio.to_thread.run_sync(models.get, name, best)
+            held = models.current(name, best)  # a look at the checkpoint's stamp: on the event loop, no thread's round trip
+            return held if held is not None else await anyio.to_thread.run_sync(models.get, name, best)
         except NoCheckpoint as e:
             raise ApiError(409, str(e)) from None
 
@@ -234,7 +236,10 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
         except QueueFull as e:
             raise ApiError(503, str(e), {"Retry-After": "1"}) from None
         context = loaded.trained.prime if body.prime else ""
-        generation, row = await anyio.to_thread.run_sync(batches.submit, loaded, body.prefix, sampling, context)
+        if len(body.prefix) <= INLINE_PREFIX and batches.ready(loaded, context):
+            generation, row = batches.submit(loaded, body.prefix, sampling, context)
+        else:
+            generation, row = await anyio.to_thread.run_sync(batches.submit, loaded, body.prefix, sampling, context)
         steps = generation.steps
         deadline = time.monotonic() + limits.deadline_s
         head = {"run": body.run, "prefix": generation.prefix, "normalized": generation.normalized}

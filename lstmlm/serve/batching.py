@@ -265,9 +265,19 @@ class Batches:
         self.batches[(id(loaded), batch.lane)] = batch
         return batch
 
+    def ready(self, loaded: Loaded, context: str) -> bool:
+        """Whether `loaded`'s template and the state after `context` are made: a request's row
+        then costs only its prefix's reading, and `submit` takes no lock that making holds."""
+        held = self.contexts.get(loaded)
+        return loaded in self.templates and (not context or (held is not None and held[0] == context))
+
     def template(self, loaded: Loaded) -> Stepper | LoopStepper:
         """A stepper of `loaded`'s model whose weights every request's row shares: made once a
-        model (a few milliseconds, longer than priming a short prefix), kept as long as the model."""
+        model (a few milliseconds, longer than priming a short prefix), kept as long as the model.
+        Once made it is taken without the lock, which another model's making may hold a while."""
+        made = self.templates.get(loaded)
+        if made is not None:
+            return made
         with self.making:  # concurrent first requests make it once
             made = self.templates.get(loaded)
             if made is None:
@@ -282,6 +292,9 @@ class Batches:
         Shakespeare 1×768 model, most of what 64 requests at once waited for)."""
         if not context:
             return None
+        held = self.contexts.get(loaded)
+        if held is not None and held[0] == context:  # read already: no lock (see `template`)
+            return held[1]
         with self.making:
             held = self.contexts.get(loaded)
             if held is None or held[0] != context:

@@ -211,17 +211,10 @@ class Models:
             return list(self._loaded)
 
     def get(self, name: str, best: bool = False) -> Loaded:
-        store = open_run(self.runs_dir, name)
-        try:
-            stamp = checkpoint_stamp(store, best)
-        except FileNotFoundError:
-            which = "best-validation checkpoint" if best else "checkpoint"
-            raise NoCheckpoint(f"run {name} has no {which} yet (its training has not saved one)") from None
+        stamp = self._stamp(name, best)
         key = (name, best)
-        with self._lock:
-            self._forget_gone()
-            if hit := self._hit(key, stamp):
-                return hit
+        if hit := self.current(name, best, stamp):
+            return hit
         with self._loading:
             with self._lock:
                 if hit := self._hit(key, stamp):  # another request loaded it meanwhile
@@ -235,6 +228,21 @@ class Models:
                 self._loaded[key] = loaded
                 self._let_go()
             return loaded
+
+    def current(self, name: str, best: bool = False, stamp: tuple[int, int] | None = None) -> Loaded | None:
+        """The model of the run's current checkpoint where it is held, else None (`get` loads
+        it): a look at the checkpoint's stamp, no reading, so a request's event loop can take it."""
+        stamp = stamp if stamp is not None else self._stamp(name, best)
+        with self._lock:
+            self._forget_gone()
+            return self._hit((name, best), stamp)
+
+    def _stamp(self, name: str, best: bool) -> tuple[int, int]:
+        try:
+            return checkpoint_stamp(open_run(self.runs_dir, name), best)
+        except FileNotFoundError:
+            which = "best-validation checkpoint" if best else "checkpoint"
+            raise NoCheckpoint(f"run {name} has no {which} yet (its training has not saved one)") from None
 
     def _hit(self, key: tuple[str, bool], stamp: tuple[int, int]) -> Loaded | None:
         """The model held for `key` if it is of this checkpoint, now the most recently used."""

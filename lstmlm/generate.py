@@ -1,4 +1,4 @@
-"""Text from a trained model: prime the state on the prefix once, then one step per character.
+"""Text from a trained model: prime the state on the prefix, then one step per character.
 
 The steps run on a `Stepper` (stepper.py), the model rebuilt for inference one character at a
 time; each step's characters are chosen by `choosing.Rows`, every row with its own settings and
@@ -72,6 +72,7 @@ def prime_text(vocab: Vocab, train: torch.Tensor, mode: str) -> str:
 
 
 CHUNK = 32  # characters made per resumption of the inner generator
+READ_BY_STEPS = 16  # tokens `prime` reads a step each, where a forward over them would cost more
 MOST_GREEDY = 1024  # a greedy chunk doubles from CHUNK up to this while each takes under GROW_S
 GROW_S = 0.01  # seconds: text still shows at least this often, and a fast model makes few calls
 
@@ -131,13 +132,22 @@ def prime(
 ) -> tuple[Stepper | LoopStepper, torch.Tensor]:
     """A stepper of `rows` rows that have read `context` (tokens) but its last, from `state`
     (default: zeros), and that last token's ids (rows,): what the first step reads. `like`: a
-    stepper of this model, rows and precision whose weights the new one shares."""
+    stepper of this model, rows and precision whose weights the new one shares.
+
+    Up to READ_BY_STEPS tokens are read by the stepper itself, a step each, the rest by the
+    model's forward over them all (`read`): the forward's fixed cost (its compiled sequence
+    sets up for training, ~0.25 ms on the d2l model) outweighs a short prefix's steps (~20 µs
+    each), and a server reads a prefix per request."""
     device = model.W_hq.device
-    last = torch.tensor([vocab.index[context[-1]]], device=device).repeat(rows)  # (rows,)
-    state = read(model, vocab, context[:-1], state if state is not None else model.begin_state(rows), precision)
-    if like is not None:
-        return like.with_state(state), last
-    return stepper(model, state, step_dtype(precision, model, rows)), last
+    ids = [vocab.index[token] for token in context]
+    last = torch.tensor(ids[-1:], device=device).repeat(rows)  # (rows,)
+    state = state if state is not None else model.begin_state(rows)
+    if len(ids) - 1 > READ_BY_STEPS:
+        state, ids = read(model, vocab, context[:-1], state, precision), ids[-1:]
+    step = like.with_state(state) if like is not None else stepper(model, state, step_dtype(precision, model, rows))
+    for i in ids[:-1]:
+        step([i] * rows if rows == 1 else torch.full((rows,), i, device=device))
+    return step, last
 
 
 @torch.inference_mode()

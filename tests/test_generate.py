@@ -14,7 +14,7 @@ from lstmlm import cells, native
 from lstmlm import generate as generate_mod
 from lstmlm.choosing import BLOCK, Rows, choose_next
 from lstmlm.errors import ConfigError, VocabError
-from lstmlm.generate import CHUNK, Continuation, Sampling, Stepper, complete, generate, prepare_prefix, prime
+from lstmlm.generate import CHUNK, READ_BY_STEPS, Continuation, Sampling, Stepper, complete, generate, prepare_prefix, prime
 from lstmlm.model import CharLM, convert
 from lstmlm.stepper import sample_each
 from lstmlm.vocab import Vocab
@@ -73,6 +73,21 @@ def test_stepper_in_bf16_follows_the_fp32_model(cell: str, recurrence: str) -> N
         got = torch.stack([step(X[:, t].tolist()).float() for t in range(20)], dim=1)
     assert step.logits.dtype == torch.bfloat16 and step.S[0].dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=0.05, atol=0.3)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("length", [1, 2, READ_BY_STEPS + 1, READ_BY_STEPS + 2, 40])
+def test_prime_reads_a_short_prefix_by_steps_and_a_long_one_by_the_forward_to_the_same_state(length: int, rows: int, recurrence: str) -> None:
+    """`prime` reads up to READ_BY_STEPS tokens a step each and more in one forward: either way
+    the first step's logits are those of the model's forward over the whole context."""
+    net = lively_model(VOCAB, layers=2, path=recurrence)
+    context = list(synthetic_text(5, seed=length)[:length])
+    ids = torch.tensor([[VOCAB.index[c] for c in context]] * rows)
+    with torch.inference_mode():
+        expected = net(ids)[0][:, -1]  # (rows, vocab)
+        step, last = prime(net, VOCAB, context, rows)
+        got = step(last if rows > 1 else last.tolist())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("batch", [1, 7])

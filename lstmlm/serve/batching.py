@@ -1,8 +1,8 @@
 """Continuous batching: the generations of one model and checkpoint step together, one step a
 character for every row, in one thread per batch.
 
-A request is primed alone — its prefix read by the model's forward at batch 1 from the state
-after the run's prime (read once a model), as `lstmlm generate` reads them — and waits in the
+A request is primed alone — its prefix read at batch 1 from the state after the run's prime
+(read once a model), as `lstmlm generate` reads them (`generate.prime`) — and waits in the
 queue until its batch has a place;
 it joins between two calls of the batch's steps. Each row samples with its own settings and its
 own random stream (`choosing.Rows`), and the compiled step gives a row the same bits whatever

@@ -146,7 +146,7 @@ def prime(
         state, ids = read(model, vocab, context[:-1], state, precision), ids[-1:]
     step = like.with_state(state) if like is not None else stepper(model, state, step_dtype(precision, model, rows))
     for i in ids[:-1]:
-        step([i] * rows if rows == 1 else torch.full((rows,), i, device=device))
+        step([i] if rows == 1 else torch.full((rows,), i, device=device))  # one row: a list, the cheapest input
     return step, last
 
 

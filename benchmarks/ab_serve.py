@@ -14,30 +14,12 @@ over the rounds) and how many rounds the new code won.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
-from bench_generate import machine, served
+from bench_generate import machine, served, start_server
 
 HERE = Path(__file__).resolve().parent.parent
-
-
-def start(tree: Path, runs_dir: Path, length: int) -> tuple[subprocess.Popen[str], str]:
-    """`lstmlm serve` with `tree`'s code (its directory first on the path, started outside it)."""
-    command = [sys.executable, "-m", "lstmlm", "serve", "--runs-dir", str(runs_dir.resolve()), "--port", "0", "--max-length", str(length)]
-    command += ["--max-batch", "64", "--queue", "256", "--max-connections", "1024", "--deadline", "3600", "--threads", "1"]
-    env = {**os.environ, "PYTHONPATH": str(tree.resolve())}
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env, cwd="/")
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if line.startswith("serving the runs"):
-            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
-            return proc, line.split(" at ")[1].split(" ")[0].rstrip("/")
-    raise SystemExit(f"lstmlm serve from {tree} did not start (exit code {proc.wait()})")
 
 
 def main() -> None:
@@ -53,7 +35,8 @@ def main() -> None:
         raise SystemExit(f"{args.before} holds no lstmlm package")
 
     print(machine())
-    servers = {"before": start(args.before, args.runs_dir, args.length), "after": start(HERE, args.runs_dir, args.length)}
+    options = argparse.Namespace(length=args.length, max_batch=64, queue=256, threads=1, lanes=None, precision="fp32")
+    servers = {side: start_server(args.runs_dir, options, tree) for side, tree in (("before", args.before), ("after", HERE))}
     try:
         rates: dict[str, list[float]] = {side: [] for side in servers}
         p95s: dict[str, list[float]] = {side: [] for side in servers}

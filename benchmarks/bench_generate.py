@@ -76,17 +76,20 @@ def in_process(runs_dir: Path, run: str, characters: int, samples: int, options:
     return made / (time.perf_counter() - start), first
 
 
-def start_server(runs_dir: Path, args: argparse.Namespace) -> tuple[subprocess.Popen[str], str]:
-    command = [sys.executable, "-m", "lstmlm", "serve", "--runs-dir", str(runs_dir), "--port", "0", "--max-length", str(args.length)]
+def start_server(runs_dir: Path, args: argparse.Namespace, tree: Path | None = None) -> tuple[subprocess.Popen[str], str]:
+    """`lstmlm serve` on a free loopback port, and its URL; with `tree`, that tree's code (its
+    directory first on the path, started outside it: benchmarks/ab_serve.py)."""
+    command = [sys.executable, "-m", "lstmlm", "serve", "--runs-dir", str(runs_dir.resolve()), "--port", "0", "--max-length", str(args.length)]
     command += ["--max-batch", str(args.max_batch), "--queue", str(args.queue), "--max-connections", "1024", "--deadline", "3600"]
     command += ["--threads", str(args.threads), "--precision", args.precision] + (["--lanes", str(args.lanes)] if args.lanes else [])
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree.resolve())}
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env, cwd=None if tree is None else "/")
     assert proc.stderr is not None
     for line in proc.stderr:
         if line.startswith("serving the runs"):
             threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
             return proc, line.split(" at ")[1].split(" ")[0].rstrip("/")
-    raise SystemExit(f"lstmlm serve did not start (exit code {proc.wait()})")
+    raise SystemExit(f"lstmlm serve{'' if tree is None else f' from {tree}'} did not start (exit code {proc.wait()})")
 
 
 def stream(url: str, body: dict[str, Any]) -> tuple[str, float, int]:

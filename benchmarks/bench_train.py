@@ -338,14 +338,17 @@ def _synchronize(device: torch.device) -> None:
 
 # ---- the report --------------------------------------------------------------------------------
 
-# (config, numerator, denominator, target): the CPU speed issue's table. "lstmlm fastest" and
-# "seed fastest" are the best of each side's contenders.
+# (config, numerator, denominator, target): the CPU speed issues' table. "lstmlm fastest" and
+# "seed fastest" are the best of each side's contenders; the scratch core is held to nn.LSTM's
+# speed (1.0) at every size, in each precision.
 TARGETS = [
     ("d2l", "lstmlm fastest", "seed fastest", 2.0),
-    ("d2l", "scratch fp32", "cudnn fp32", 0.95),
+    ("d2l", "scratch fp32", "cudnn fp32", 1.0),
+    ("d2l", "scratch bf16", "cudnn bf16", 1.0),
     ("d2l", "scratch bf16", "scratch fp32", 1.6),
     ("d2l", "cudnn fp32", "seed nn.LSTM", 1.0),
-    ("larger", "scratch fp32", "cudnn fp32", 0.95),
+    ("larger", "scratch fp32", "cudnn fp32", 1.0),
+    ("larger", "scratch bf16", "cudnn bf16", 1.0),
     ("larger", "scratch bf16", "cudnn fp32", 2.0),
     *((cfg, f"scratch {p}", f"cudnn {p}", 1.0) for cfg in WIDTHS for p in ("fp32", "bf16")),
 ]

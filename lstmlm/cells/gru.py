@@ -107,6 +107,7 @@ struct GruCell {
     const float *__restrict R = f.saved + at, *__restrict Z = R + n, *__restrict H_prev = f.S_prev + at;
     float* __restrict S = f.S + at;
     P* __restrict H = f.H + at;
+    LSTMLM_INDEPENDENT
     for (int64_t k = 0; k < m; ++k) {
       const float c = lstmlm::tanh_(N[k] + R[k] * G[k]);
       const float h = c + Z[k] * (H_prev[k] - c);  // Z ⊙ H_{t-1} + (1 - Z) ⊙ H̃
@@ -132,6 +133,7 @@ struct GruCell {
       P *__restrict cx_r = s.dAx_c + at, *__restrict cx_z = cx_r + block, *__restrict cx_n = cx_z + block;
       P *__restrict ch_r = s.dAh_c + at, *__restrict ch_z = ch_r + block, *__restrict ch_n = ch_z + block;
       P *__restrict n_r = s.next + row, *__restrict n_z = n_r + n, *__restrict n_n = n_z + n;
+      LSTMLM_INDEPENDENT
       for (int64_t b = 0; b < B; ++b) {
         const int64_t k = row + b;
         float dh = s.dH_out[k] + s.carry[k];

@@ -107,6 +107,7 @@ struct LstmCell {
     const float* __restrict C_prev = f.S_prev + at;
     float *__restrict C = f.S + at, *__restrict tanh_C = f.saved + 4 * n + at;
     P* __restrict H = f.H + at;
+    LSTMLM_INDEPENDENT
     for (int64_t k = 0; k < m; ++k) {
       const float c = F[k] * C_prev[k] + I[k] * (2.0f * S[k] - 1.0f);
       const float tc = lstmlm::tanh_(c);
@@ -130,6 +131,7 @@ struct LstmCell {
       float *__restrict d_i = s.dAx + at, *__restrict d_f = d_i + block, *__restrict d_c = d_f + block, *__restrict d_o = d_c + block;
       P *__restrict c_i = s.dAx_c + at, *__restrict c_f = c_i + block, *__restrict c_c = c_f + block, *__restrict c_o = c_c + block;
       P *__restrict n_i = s.next + row, *__restrict n_f = n_i + n, *__restrict n_c = n_f + n, *__restrict n_o = n_c + n;
+      LSTMLM_INDEPENDENT
       for (int64_t b = 0; b < B; ++b) {
         const int64_t k = row + b;
         float dH = s.dH_out[k];

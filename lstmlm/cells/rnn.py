@@ -55,6 +55,7 @@ struct RnnCell {
     for (int64_t r = 0; r < f.u.size(); ++r) f.x.row(0, r, pre + r * B, f.recurrent + r * B);
     float* __restrict S = f.S + at;
     P* __restrict H = f.H + at;
+    LSTMLM_INDEPENDENT
     for (int64_t k = 0; k < m; ++k) {
       const float h = lstmlm::tanh_(pre[k]);
       S[k] = h;
@@ -73,6 +74,7 @@ struct RnnCell {
       const P* __restrict prod = last ? nullptr : s.product + (j - s.u.u0) * B;
       float* __restrict d = s.dAx + at;
       P *__restrict c = s.dAx_c + at, *__restrict next = s.next + row;
+      LSTMLM_INDEPENDENT
       for (int64_t b = 0; b < B; ++b) {
         const int64_t k = row + b;
         float dh = s.dH_out[k] + s.carry[k];

@@ -130,9 +130,12 @@ def assert_same_gradients(cell: Cell, scratch: ScratchCore, torch_core: TorchCor
 
 # ---- forward and backward equivalence -------------------------------------------------------
 
-# (steps, batch, inputs, hiddens, layers)
-SHAPES = [(1, 1, 3, 4, 1), (7, 5, 10, 8, 1), (6, 3, 10, 8, 3), (12, 4, 28, 40, 2)]
-SHAPE_IDS = ["1x1", "7x5", "3-layers", "2-layers-vocab28"]
+# (steps, batch, inputs, hiddens, layers). "11x13": the kernels' elementwise loops are vectorized,
+# and 11 × 13 (the forward's loop over units × batch) and 11 (the backward's over the batch) are
+# whole vectors and a remainder on every vector width, where the other shapes fill vectors exactly
+# or never fill one.
+SHAPES = [(1, 1, 3, 4, 1), (7, 5, 10, 8, 1), (6, 3, 10, 8, 3), (12, 4, 28, 40, 2), (5, 11, 6, 13, 1)]
+SHAPE_IDS = ["1x1", "7x5", "3-layers", "2-layers-vocab28", "11x13"]
 
 
 @pytest.mark.parametrize(("cell", "path", "dtype"), cases())

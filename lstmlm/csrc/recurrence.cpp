@@ -49,8 +49,9 @@
 // writing only element k of arrays that never overlap. GCC drops `__restrict` on local
 // pointers once the cell's step is inlined into the threads' lambda, and a loop that reads six
 // arrays and writes four needs more overlap checks than it will emit (10), so it stayed scalar:
-// at d2l's size 60 µs a step of a forward of ~180. Only the loop's schedule changes, not an
-// element's arithmetic.
+// vectorized, the d2l model's forward over 35 steps took 7.7 ms instead of 9.2, its backward
+// 14.7 instead of 18.0 (AMD EPYC, AVX2). Only the loop's schedule changes, not an element's
+// arithmetic.
 #if defined(__clang__)
 #define LSTMLM_INDEPENDENT _Pragma("clang loop vectorize(assume_safety)")
 #elif defined(__GNUC__)

@@ -11,7 +11,8 @@ should (--no-wait: at once, a storm of refusals the server spends its cores answ
 requests (completed, refused with 503 past the queue, failed), the characters the
 server streamed per second in all, the time to a stream's first characters and to its end
 (median and 95th percentile, of completed streams), the most generations seen running at
-once, and the server's resident memory before and after (when it started the server).
+once, and the server's resident memory: before the load, every 30 s under it, and after (where
+the server runs on this machine: the one it started, or --pid for --url's).
 """
 
 from __future__ import annotations
@@ -43,11 +44,25 @@ def start_server(runs_dir: str, max_batch: int, queue: int, max_length: int) -> 
     raise SystemExit(f"lstmlm serve did not start (exit code {proc.wait()})")
 
 
-def rss_mib(pid: int) -> float:
+MEMORY_EVERY = 30.0  # seconds between looks at the server's memory under load
+
+
+def rss_mib(pid: int | None) -> float | None:
+    """The process's resident memory in MiB; None where there is no process to read."""
+    if pid is None:
+        return None
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
-    return float("nan")
+    return None
+
+
+def memory_line(trail: list[float | None]) -> str:
+    """The server's memory before the load, every MEMORY_EVERY seconds under it, and after."""
+    if not trail or trail[0] is None:
+        return "unknown (a server named by --url: --pid reads its memory)"
+    looks = ", ".join(f"{mib:,.0f}" for mib in trail[1:-1] if mib is not None)
+    return f"{trail[0]:,.0f} MiB before; every {MEMORY_EVERY:.0f} s under load: {looks or '-'}; {trail[-1] or float('nan'):,.0f} MiB after"
 
 
 def get_json(url: str, path: str) -> Any:
@@ -107,6 +122,7 @@ def main() -> None:
     parser.add_argument("--runs-dir", default="runs")
     parser.add_argument("--run", required=True)
     parser.add_argument("--url", help="A server already running (default: start one on a free loopback port).")
+    parser.add_argument("--pid", type=int, help="--url's server's process id, where it runs on this machine: its memory is read too.")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--length", type=int, default=500)
@@ -124,7 +140,8 @@ def main() -> None:
             outcome = stream(url, body)[0]
             if outcome != "completed":
                 raise SystemExit(f"a warm-up generation was {outcome}: is --run right, and can its model read --prefix (d2l models have no line breaks)?")
-        before = rss_mib(proc.pid) if proc else float("nan")
+        pid = proc.pid if proc else args.pid
+        memory = [rss_mib(pid)]
         results: list[tuple[str, float, float, int, float]] = []
         active: list[int] = []
         end = time.perf_counter() + args.seconds
@@ -138,13 +155,17 @@ def main() -> None:
 
         threads = [threading.Thread(target=client) for _ in range(args.clients)]
         started = time.perf_counter()
+        look = started + MEMORY_EVERY
         for t in threads:
             t.start()
         while any(t.is_alive() for t in threads):
             active.append(get_json(url, "/api/status")["running"])
+            if time.perf_counter() >= look:
+                memory.append(rss_mib(pid))
+                look += MEMORY_EVERY
             time.sleep(0.25)
         elapsed = time.perf_counter() - started
-        after = rss_mib(proc.pid) if proc else float("nan")
+        memory.append(rss_mib(pid))
         alive = proc is None or proc.poll() is None
     finally:
         if proc is not None:
@@ -162,7 +183,8 @@ def main() -> None:
     print(f"first characters:    {percentiles([r[1] for r in done])}")
     print(f"whole stream:        {percentiles([r[2] for r in done])}")
     print(f"running at once:     at most {max(active, default=0)} seen")
-    print(f"server memory (RSS): {before:,.0f} MiB before, {after:,.0f} MiB after; still up: {'yes' if alive else 'NO'}")
+    print(f"server memory (RSS): {memory_line(memory)}")
+    print(f"still up:            {'yes' if alive else 'NO'}")
 
 
 if __name__ == "__main__":

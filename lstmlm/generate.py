@@ -33,6 +33,8 @@ __all__ = ["SAMPLE_LENGTH", "LoopStepper", "Rows", "Sampling", "Stepper", "choos
 PRIME_CHARS = 256  # at most this much training text is kept to read before a prefix
 D2L_PREFIXES = ("time traveller", "traveller")
 
+Step = Sequence[str]  # one step of a generation: the text each sample adds
+
 
 # ---- context --------------------------------------------------------------------------------
 
@@ -166,7 +168,7 @@ def read(model: CharLM, vocab: Vocab, tokens: Sequence[str], state: State, preci
 @torch.inference_mode()
 def _generate_chunks(
     model: CharLM, vocab: Vocab, context: str | Sequence[str], prefix: str, sampling: Sampling, precision: str, state: State | None
-) -> Iterator[list[list[str]]]:
+) -> Iterator[list[Step]]:
     """`generate`'s characters, CHUNK steps at a time, after reading `context` then `prefix`."""
     samples, device = sampling.num_samples, model.W_hq.device
     tokens = [*context, *prefix]
@@ -175,7 +177,7 @@ def _generate_chunks(
     step, last = prime(model, vocab, tokens[len(before) :], samples, precision, state)
     rows = Rows(device)
     rows.add(sampling, samples)
-    tokens, length = vocab.tokens, sampling.length
+    tokens, alone_steps, length = vocab.tokens, alone(vocab.tokens), sampling.length
     if ids_on_host(device, samples) and sampling.greedy:  # d2l's predict, a chunk at a time
         X, size, start = last.tolist(), CHUNK, 0
         while start < length:
@@ -183,25 +185,32 @@ def _generate_chunks(
             made = step.greedy(X, min(size, length - start))
             size = 2 * size if time.perf_counter() - began < GROW_S and size < MOST_GREEDY else size
             start, X = start + len(made), made[-1].tolist()
-            yield decoded(made, tokens)
+            yield decoded(made, tokens, alone_steps)
         return
     previous = last
     for start in range(0, length, CHUNK):
         chosen = step.sample(previous, min(CHUNK, length - start), rows)  # a chunk's ids, decoded at once
         previous = chosen[-1]
-        yield decoded(chosen, tokens)
+        yield decoded(chosen, tokens, alone_steps)
 
 
-def decoded(chosen: torch.Tensor, tokens: Sequence[str]) -> list[list[str]]:
-    """A chunk's ids (steps, rows) as its tokens, a list a step. One row's are read as one flat
-    list: a list of one id a step and a comprehension over each took 0.26 µs a character
-    against 0.08, beside a greedy step's ~11 µs."""
+def alone(tokens: Sequence[str]) -> list[tuple[str]]:
+    """Each token as the step of one sample that makes it. One sample's steps are these, shared,
+    so a character makes no object: the server's streams each held a list a character, tens of
+    thousands in all, which the cyclic collector went through again and again."""
+    return [(token,) for token in tokens]
+
+
+def decoded(chosen: torch.Tensor, tokens: Sequence[str], steps: Sequence[tuple[str]]) -> list[Step]:
+    """A chunk's ids (steps, rows) as its steps: `steps[i]` (`alone`) for token i where there is
+    one row, read as one flat list (a list of one id a step and a comprehension over each took
+    0.26 µs a character against 0.08, beside a greedy step's ~11 µs); a list a step for several."""
     if chosen.shape[1] == 1:
-        return [[tokens[i]] for i in chosen.view(-1).tolist()]
+        return [steps[i] for i in chosen.view(-1).tolist()]
     return [[tokens[i] for i in row] for row in chosen.tolist()]
 
 
-class Continuation(Iterator[list[str]]):
+class Continuation(Iterator[Step]):
     """The steps of `generate`: per step, the text each sample adds.
 
     Without stop strings that is one character each. With them, each sample ends at the first
@@ -214,15 +223,15 @@ class Continuation(Iterator[list[str]]):
     reading them back puts a model where this sample left it.
     """
 
-    def __init__(self, chunks: Iterator[list[list[str]]], stop: tuple[str, ...], num_samples: int) -> None:
+    def __init__(self, chunks: Iterator[list[Step]], stop: tuple[str, ...], num_samples: int) -> None:
         self._chunks = chunks
         self.ahead = 0  # steps already made that the next calls return without making any
-        self._steps: Iterator[list[str]] = self._flat(chunks)
+        self._steps: Iterator[Step] = self._flat(chunks)
         self.stop = stop
         self.ended: list[str | None] = [None] * num_samples
         self._held = [""] * num_samples  # per sample: text that may begin a stop string
-        self._added: list[list[str]] = []  # per step: what each sample added (one list append a step)
-        self._written: list[list[str]] = []  # with stop strings, per step: what the model wrote for each sample
+        self._added: list[Step] = []  # per step: what each sample added (one list append a step)
+        self._written: list[Step] = []  # with stop strings, per step: what the model wrote for each sample
         self._ends: list[int | None] = [None] * num_samples  # per sample: the steps it wrote before it ended
         self._finished = False
 
@@ -238,7 +247,7 @@ class Continuation(Iterator[list[str]]):
             return [[step[i] for step in self._added] for i in range(len(self.ended))]
         return [[step[i] for step in self._written[:end]] for i, end in enumerate(self._ends)]
 
-    def __next__(self) -> list[str]:
+    def __next__(self) -> Step:
         if self._finished:
             raise StopIteration
         if not self.stop:
@@ -254,20 +263,20 @@ class Continuation(Iterator[list[str]]):
         self._added.append(added)
         return added
 
-    def _flat(self, chunks: Iterator[list[list[str]]]) -> Iterator[list[str]]:
+    def _flat(self, chunks: Iterator[list[Step]]) -> Iterator[Step]:
         for chunk in chunks:
             self.ahead = len(chunk)
             for chars in chunk:
                 self.ahead -= 1
                 yield chars
 
-    def as_made(self) -> Iterator[list[list[str]]]:
+    def as_made(self) -> Iterator[list[Step]]:
         """The steps in groups, each what was made together (a chunk): a reader that shows text
         as it comes needs no call a character."""
         while made := self.several(1):  # the first of a chunk: this makes it
             yield made + self.several(self.ahead)
 
-    def several(self, n: int) -> list[list[str]]:
+    def several(self, n: int) -> list[Step]:
         """The next `n` steps, which the caller knows are made (the server's look at its row):
         without stop strings one slice of the chunks, not a call a step. Fewer where the steps
         end first (every sample stopped)."""
@@ -299,7 +308,7 @@ class Continuation(Iterator[list[str]]):
             close()
 
 
-def one_by_one(steps: Iterator[list[str]], n: int) -> list[list[str]]:
+def one_by_one(steps: Iterator[Step], n: int) -> list[Step]:
     """The next `n` of `steps`, a call each; fewer where they end first."""
     made = []
     for _ in range(n):

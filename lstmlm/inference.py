@@ -30,7 +30,7 @@ from .data.text import as_text, normalize, read_text
 from .device import resolve_device, resolve_precision
 from .errors import ConfigError
 from .evaluation import Score, score_ids
-from .generate import Continuation, generate, one_by_one, prepare_prefix, read
+from .generate import Continuation, Step, generate, one_by_one, prepare_prefix, read
 from .model import CharLM, convert
 from .runs import BEST, LATEST, RunStore
 from .sampling import Sampling
@@ -207,7 +207,7 @@ class Decoded(Continuation):
             return [d.decode(b"", final=True) for d in self.decoders]
         return [d.decode(c.encode("latin-1")) for d, c in zip(self.decoders, symbols)]
 
-    def several(self, n: int) -> list[list[str]]:
+    def several(self, n: int) -> list[Step]:
         return one_by_one(self, n)
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ from lstmlm import cells, native
 from lstmlm import generate as generate_mod
 from lstmlm.choosing import BLOCK, Rows, choose_next
 from lstmlm.errors import ConfigError, VocabError
-from lstmlm.generate import CHUNK, READ_BY_STEPS, Continuation, Sampling, Stepper, complete, generate, prepare_prefix, prime
+from lstmlm.generate import CHUNK, READ_BY_STEPS, Continuation, Sampling, Stepper, alone, complete, decoded, generate, prepare_prefix, prime
 from lstmlm.model import CharLM, convert
 from lstmlm.stepper import sample_each
 from lstmlm.vocab import Vocab
@@ -519,6 +519,16 @@ def test_a_compiled_chunk_of_samples_is_a_step_and_a_choice_at_a_time(cell: str,
                     X = torch.cat([X[[0, 2, 3, 5, 6, 7]], first])
             made.append(ids)
     assert all(torch.equal(a, b) for a, b in zip(*made))
+
+
+def test_one_samples_steps_are_shared_so_a_character_makes_no_object() -> None:
+    tokens = ["<unk>", "a", "b"]
+    steps = alone(tokens)
+    chunk = decoded(torch.tensor([[1], [2], [1]]), tokens, steps)  # (steps, rows): one row
+    assert chunk == [("a",), ("b",), ("a",)] and chunk[0] is chunk[2] is steps[1]
+    assert decoded(torch.tensor([[1, 2], [2, 2]]), tokens, steps) == [["a", "b"], ["b", "b"]]  # several rows: a step each
+    continuation = Continuation(iter([chunk]), (), 1)
+    assert list(continuation) == chunk and continuation.text == ["aba"] and continuation.tokens == [["a", "b", "a"]]
 
 
 def test_a_chunk_asks_for_at_most_a_block_of_draws() -> None:

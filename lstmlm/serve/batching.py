@@ -48,7 +48,7 @@ import torch
 from ..choosing import BLOCK, Rows
 from ..data.workers import cores
 from ..errors import ServeError
-from ..generate import Continuation, Sampling, prime, read
+from ..generate import Continuation, Sampling, Step, alone, prime, read
 from ..inference import Generation, as_generation, read_prefix
 
 if TYPE_CHECKING:
@@ -78,11 +78,11 @@ class Row:
     def __init__(self, sampling: Sampling, stepper: Stepper | LoopStepper, first: torch.Tensor) -> None:
         self.sampling, self.stepper, self.first = sampling, stepper, first
         self.length = sampling.length
-        self.tokens: list[str] = []  # what the batch has made for the row
+        self.tokens: list[Step] = []  # what the batch has made for the row, a step each (`generate.alone`: shared)
         self.read = 0  # how many of them the request has read
         self.done = sampling.length == 0  # no more characters will come (made all, or let go)
 
-    def put(self, tokens: list[str]) -> None:
+    def put(self, tokens: list[tuple[str]]) -> None:
         """From the batch: the row's next characters; done once it has made its length."""
         self.tokens.extend(tokens)
         if len(self.tokens) >= self.length:
@@ -100,7 +100,7 @@ class Row:
         """Whether the row has ended and the request has read all it made."""
         return self.done and self.read == len(self.tokens)  # done first: it is set after the last extend
 
-    def chunks(self) -> Iterator[list[list[str]]]:
+    def chunks(self) -> Iterator[list[Step]]:
         """The row's characters as `generate.Continuation` reads them: all that have come, one
         chunk a look (read them where `unread` says they have come, and nothing waits); a row
         whose request closes it is let go."""
@@ -109,7 +109,7 @@ class Row:
             while True:
                 made = len(self.tokens)
                 if handed < made:
-                    yield [[token] for token in self.tokens[handed:made]]
+                    yield self.tokens[handed:made]
                     handed = made
                 elif self.done:
                     if handed == len(self.tokens):  # looked again: done is set after the last extend
@@ -165,7 +165,7 @@ class Batch:
                 self.batches.ended(self)
 
     def _steps(self) -> None:
-        tokens = self.loaded.trained.vocab.tokens
+        step_of = alone(self.loaded.trained.vocab.tokens)  # token id -> its step, shared by every row
         step: Stepper | LoopStepper | None = None
         device = self.loaded.trained.model.W_hq.device
         rows, X = Rows(device), torch.empty(0, dtype=torch.long)
@@ -201,7 +201,7 @@ class Batch:
             steps = steps_per_call(time.perf_counter() - began, n)
             X = chosen[-1]
             for row, ids in zip(self.rows, chosen.T.tolist()):
-                row.put([tokens[i] for i in ids])
+                row.put([step_of[i] for i in ids])
 
 
 def steps_per_call(seconds: float, steps: int) -> int:

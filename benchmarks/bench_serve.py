@@ -48,10 +48,15 @@ MEMORY_EVERY = 30.0  # seconds between looks at the server's memory under load
 
 
 def rss_mib(pid: int | None) -> float | None:
-    """The process's resident memory in MiB; None where there is no process to read."""
+    """The process's resident memory in MiB; None where there is no process to read (none
+    named, or it has ended)."""
     if pid is None:
         return None
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return None
@@ -62,7 +67,8 @@ def memory_line(trail: list[float | None]) -> str:
     if not trail or trail[0] is None:
         return "unknown (a server named by --url: --pid reads its memory)"
     looks = ", ".join(f"{mib:,.0f}" for mib in trail[1:-1] if mib is not None)
-    return f"{trail[0]:,.0f} MiB before; every {MEMORY_EVERY:.0f} s under load: {looks or '-'}; {trail[-1] or float('nan'):,.0f} MiB after"
+    after = "gone" if trail[-1] is None else f"{trail[-1]:,.0f} MiB"
+    return f"{trail[0]:,.0f} MiB before; every {MEMORY_EVERY:.0f} s under load: {looks or '-'}; {after} after"
 
 
 def get_json(url: str, path: str) -> Any:

@@ -21,6 +21,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -157,13 +158,14 @@ def test_a_client_killed_mid_stream_does_not_leak_its_generation(tiny_runs: Path
 def reset_after_answer(address: tuple[str, int]) -> None:
     """A status asked for and read whole on a kept-alive connection, which the client then
     resets (RST): the server loses it with an error, its keep-alive timer set."""
-    with socket.create_connection(address, timeout=30) as sock:
-        sock.sendall(b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        answer = b""
-        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < int(answer.lower().split(b"content-length: ")[1].split(b"\r\n")[0]):
-            answer += sock.recv(65536)
-        assert answer.startswith(b"HTTP/1.1 200 "), answer
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # on, 0 s: close sends RST
+    conn = http.client.HTTPConnection(*address, timeout=30)  # HTTP/1.1: the connection stays open after the answer
+    conn.request("GET", "/api/status")
+    response = conn.getresponse()
+    assert response.status == 200, response.read()
+    response.read()
+    assert conn.sock is not None
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # on, 0 s: close sends RST
+    conn.close()
 
 
 def connections_held() -> list[str]:

@@ -593,3 +593,28 @@ def test_the_command_line_and_the_api_offer_each_sampling_field_with_its_bounds(
             assert field["minimum"] == f.metadata["low"] and field.get("maximum") == f.metadata["high"]
         if f.name not in ("stop", "seed"):
             assert field["default"] == f.default
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_row_of_a_compiled_batch_has_its_own_bits_whatever_the_batch_and_its_split(dtype: torch.dtype) -> None:
+    """The compiled product shares its columns between the cores by strips, a single row's by
+    panels: at every batch (a last block of rows of 1 to 6, columns ending in a part panel) each
+    row's logits are the bits it gets alone, and torch's product to float rounding."""
+    if not native.usable():
+        pytest.skip(f"the compiled step cannot run here: {native.status()}")
+    torch.manual_seed(0)
+    net = CharLM(len(VOCAB), num_hiddens=40, num_layers=2).eval()  # each layer reads H into 4·40 + 28 or 4·40 + 40 columns: part panels
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.5)
+    for batch in (2, 7, 13, 64):
+        ids = torch.arange(batch) % len(VOCAB)
+        together = Stepper(net, net.begin_state(batch, torch.device("cpu")), dtype, compiled=True)
+        python = Stepper(net, net.begin_state(batch, torch.device("cpu")), dtype, compiled=False)
+        rows = [Stepper(net, net.begin_state(1, torch.device("cpu")), dtype, compiled=True) for _ in range(batch)]
+        X = ids
+        for _ in range(3):
+            logits = together(X).clone()
+            assert all(torch.equal(logits[i], row(X[i : i + 1])[0]) for i, row in enumerate(rows))
+            torch.testing.assert_close(logits.float(), python(X).float(), **({} if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.05}))
+            X = logits.argmax(dim=-1)

@@ -129,4 +129,3 @@ class Checkpointer:
 def non_finite(model: torch.nn.Module) -> list[str]:
     """The model's floating-point tensors holding a NaN or Inf, by name."""
     return [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(v.isfinite().all())]
-

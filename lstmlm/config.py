@@ -96,9 +96,7 @@ class TrainConfig:
     gamma: float = setting(0.1, "Factor of each step-schedule decay.")
     seed: int = setting(0, "Seed of the initialization, the data order and dropout.")
     device: DeviceName = setting("auto", "auto, cpu, cuda or mps.")
-    precision: Precision = setting(
-        "auto", "fp32, bf16 or auto (the faster of the two on this model, timed before the run starts; fp32 in d2l mode)."
-    )
+    precision: Precision = setting("auto", "fp32, bf16 or auto (the faster of the two on this model, timed before the run starts; fp32 in d2l mode).")
     path: RecurrencePath = setting(
         "auto",
         "How the scratch core runs its recurrence: loop (the readable equations), fused (the LSTM's Python fast path), "

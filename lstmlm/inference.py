@@ -40,6 +40,7 @@ from .vocab import Vocab
 if TYPE_CHECKING:
     from .export import Exported
 
+
 @dataclass(frozen=True)
 class Trained:
     """A model from a run's checkpoint, in eval mode on its device, with what it was trained on."""
@@ -56,9 +57,7 @@ class Trained:
         return next(self.model.parameters()).device
 
 
-def load(
-    runs_dir: Path, run: str | None = None, core: str | None = None, best: bool = False, device: str = "cpu", precision: str = "fp32"
-) -> Trained:
+def load(runs_dir: Path, run: str | None = None, core: str | None = None, best: bool = False, device: str = "cpu", precision: str = "fp32") -> Trained:
     """The one way to load a trained model: run `run` (default: the most recently trained) from
     its latest or best checkpoint, converted to `core` if asked, on `device` in `precision`."""
     store = RunStore.find(runs_dir, run)

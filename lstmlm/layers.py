@@ -32,6 +32,7 @@ unless the module itself is named here, as `data.home` and `data.download` are).
 
 from __future__ import annotations
 
+# fmt: off
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("lstmlm", "errors"),
     ("atomic", "device", "distributed", "vocab", "progress", "sampling"),
@@ -48,6 +49,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("tune", "serve", "bench", "runlist", "runsummary"),
     ("cli", "__main__"),
 )
+# fmt: on
 """The layers above, bottom first, each a tuple of module (or subpackage) names under `lstmlm`."""
 
 # "layers" itself sits nowhere: nothing imports it but the test that checks the others by it.

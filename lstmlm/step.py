@@ -141,9 +141,7 @@ def lr_factor(t: TrainConfig, step: int, steps_per_epoch: int, time_used: float 
     return 1.0
 
 
-def build_schedule(
-    t: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, time_used: Callable[[], float]
-) -> torch.optim.lr_scheduler.LambdaLR:
+def build_schedule(t: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, time_used: Callable[[], float]) -> torch.optim.lr_scheduler.LambdaLR:
     """The learning-rate schedule (`lr_factor`), `time_used` read at each step."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(t, s, steps_per_epoch, time_used()))
 

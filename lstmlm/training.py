@@ -147,9 +147,7 @@ def resumable_changes(stored: Config, file: Config, written: frozenset[str], giv
             )
     for key, value in given.items():
         if key not in config.RESUMABLE and value != stored.value(key):
-            raise ConfigError(
-                f"--resume keeps the run's stored {key} = {stored.value(key)!r}; it cannot change to {value!r} (start a new --run instead)"
-            )
+            raise ConfigError(f"--resume keeps the run's stored {key} = {stored.value(key)!r}; it cannot change to {value!r} (start a new --run instead)")
     from_file = {k: file.value(k) for k in written if k in config.RESUMABLE}
     return {**from_file, **{k: v for k, v in given.items() if k in config.RESUMABLE}}
 
@@ -160,8 +158,7 @@ def check_same_corpus(store: RunStore, data: Data, corpus: str) -> None:
     then, now = store.corpus_sha1, data.source_sha1
     if then is not None and now is not None and then != now:
         raise CorpusError(
-            f"the corpus {corpus} has changed since run {store.name} was created (SHA-1 {then} then, {now} now): "
-            f"restore it, or train a new --run on it"
+            f"the corpus {corpus} has changed since run {store.name} was created (SHA-1 {then} then, {now} now): restore it, or train a new --run on it"
         )
 
 
@@ -179,6 +176,7 @@ def check_memory(cfg: Config, vocab_size: int, device: torch.device) -> None:
 
 
 # ---- what is timed before the run: the default recipe's probe, --precision auto --------------------
+
 
 def build_first(cfg: Config, device: torch.device, progress: StageProgress | None) -> None:
     """The compiled recurrence built before a model is timed on it, as a stage of its own: the
@@ -351,8 +349,7 @@ def check_resumable(store: RunStore) -> None:
     its first checkpoint is reported as in use instead)."""
     if not store.has_checkpoint(LATEST):
         raise CheckpointError(
-            f"run {store.root} has no checkpoint to resume from: it stopped before writing its first "
-            f"(delete {store.root} and train it again)"
+            f"run {store.root} has no checkpoint to resume from: it stopped before writing its first (delete {store.root} and train it again)"
         )
 
 

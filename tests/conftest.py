@@ -85,6 +85,7 @@ def recurrence(request: pytest.FixtureRequest) -> Iterator[str]:
 
 # ---- loopback HTTP server -----------------------------------------------------------------------
 
+
 @pytest.fixture
 def serve_dir(tmp_path: Path) -> Path:
     """The directory the loopback server serves; tests put files in it (or override this fixture)."""
@@ -116,6 +117,7 @@ def http_server(serve_dir: Path, start_server: Callable[[Path], LoopbackServer])
 
 
 # ---- small training runs ----------------------------------------------------------------------
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread() -> None:

@@ -604,6 +604,7 @@ def test_run_must_be_a_plain_name_everywhere(trained: Path, command: tuple[str, 
 
 # ---- commands that do not train start without torch -------------------------------------------------
 
+
 @pytest.mark.parametrize("command", ["--help", "download", "plot"])
 def test_commands_that_do_not_train_never_import_torch(command: str, http_server: LoopbackServer, serve_dir: Path, tmp_path: Path) -> None:
     (serve_dir / "corpus.txt").write_text("abc abc\n", encoding="utf-8")

@@ -363,6 +363,7 @@ def test_rm_never_follows_a_symbolic_link_out_of_the_runs_directory(runs_copy: P
 
 # ---- no torch -----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("command", [["runs"], ["runs", "--json", "--sort", "best"], ["runs", "show", "raw"], ["runs", "rm", "d2l", "--yes"]])
 def test_runs_never_imports_torch(runs_copy: Path, command: list[str]) -> None:
     done = assert_no_torch(*command, "--runs-dir", runs_copy)

@@ -102,9 +102,7 @@ def test_signal_saves_says_how_to_resume_and_resumes_exactly_and_a_second_traini
     # meanwhile, a second training into the same run is refused, and disturbs nothing (checked below)
     second = cli("train", "--resume", "--run", "stopped", "--runs-dir", runs_dir, "--epochs", "600")
     assert second.code == 1 and "Traceback" not in second.stderr
-    assert second.stderr.splitlines() == [
-        f"error: run {runs_dir / 'stopped'} is in use by another training (pid {training.proc.pid})"
-    ]
+    assert second.stderr.splitlines() == [f"error: run {runs_dir / 'stopped'} is in use by another training (pid {training.proc.pid})"]
     fresh = cli(*args, "--epochs", "3", "--run", "stopped")
     assert fresh.code == 1 and "already exists" in fresh.stderr
 
@@ -131,9 +129,7 @@ def test_signal_saves_says_how_to_resume_and_resumes_exactly_and_a_second_traini
     assert_same_run(run, runs_dir / "straight")
 
 
-def test_the_printed_resume_command_continues_as_the_interrupted_resume_would(
-    started: Any, env: dict[str, str], corpus_file: Path, runs_dir: Path
-) -> None:
+def test_the_printed_resume_command_continues_as_the_interrupted_resume_would(started: Any, env: dict[str, str], corpus_file: Path, runs_dir: Path) -> None:
     """A resume's --epochs is saved in the run and repeated in the command printed at Ctrl-C:
     that command trains on towards it (before, it ran the stored 2 epochs: done at once, NaN)."""
     args = ["train", "--corpus", corpus_file, "--normalize", "raw", "--runs-dir", runs_dir, *TINY, "--run", "r"]
@@ -156,9 +152,7 @@ def test_the_printed_resume_command_continues_as_the_interrupted_resume_would(
 # ---- kill -9 -------------------------------------------------------------------------------------------
 
 
-def test_kill_9_before_the_first_checkpoint_then_resume_is_refused(
-    started: Any, env: dict[str, str], corpus_file: Path, runs_dir: Path
-) -> None:
+def test_kill_9_before_the_first_checkpoint_then_resume_is_refused(started: Any, env: dict[str, str], corpus_file: Path, runs_dir: Path) -> None:
     """Killed before its first checkpoint, a run has a best.pt and metrics but no latest.pt: a
     resume would start over, overwrite best.pt with a worse model and log epochs twice."""
     args = ["train", "--corpus", corpus_file, "--normalize", "raw", "--runs-dir", runs_dir, *TINY]
@@ -206,9 +200,7 @@ app(sys.argv[1:], prog_name="lstmlm")
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
-def test_kill_9_in_the_middle_of_a_checkpoint_write(
-    started: Any, env: dict[str, str], corpus_file: Path, runs_dir: Path
-) -> None:
+def test_kill_9_in_the_middle_of_a_checkpoint_write(started: Any, env: dict[str, str], corpus_file: Path, runs_dir: Path) -> None:
     args = ["train", "--corpus", corpus_file, "--normalize", "raw", "--runs-dir", runs_dir, *EXACT, "--val-fraction", "0"]
     training = started(*args, "--epochs", "4", "--checkpoint-every", "1e", "--run", "killed", "--json", env=env, code=STALL_MID_WRITE)
     training.wait_for("err", lambda line: line.strip() == "MID-WRITE")
@@ -268,9 +260,7 @@ def assert_full_disk_kept_the_run(result: Any, run: Path, before: dict[str, byte
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_a_full_filesystem_during_training_is_one_line_and_the_checkpoints_survive(
-    small_disk: Path, env: dict[str, str], corpus_file: Path
-) -> None:
+def test_a_full_filesystem_during_training_is_one_line_and_the_checkpoints_survive(small_disk: Path, env: dict[str, str], corpus_file: Path) -> None:
     runs = small_disk / "runs"
     args = ["train", "--corpus", corpus_file, "--normalize", "raw", "--runs-dir", runs, *TINY, "--run", "r"]
     assert cli(*args, "--epochs", "1").code == 0
@@ -285,9 +275,7 @@ def test_a_full_filesystem_during_training_is_one_line_and_the_checkpoints_survi
     assert [r["epoch"] for r in again.json() if r["event"] == "epoch"] == [2, 3]
 
 
-def test_a_file_size_limit_during_training_is_one_line_and_the_checkpoints_survive(
-    env: dict[str, str], corpus_file: Path, runs_dir: Path
-) -> None:
+def test_a_file_size_limit_during_training_is_one_line_and_the_checkpoints_survive(env: dict[str, str], corpus_file: Path, runs_dir: Path) -> None:
     """RLIMIT_FSIZE (Python ignores SIGXFSZ): every write past 8 KiB fails with EFBIG, as a
     full disk fails with ENOSPC, inside torch's zip writer; the metrics line still fits."""
     args = ["train", "--corpus", corpus_file, "--normalize", "raw", "--runs-dir", runs_dir, *TINY, "--run", "r"]
@@ -334,9 +322,7 @@ app(sys.argv[1:], prog_name="lstmlm")
 """
 
 
-def test_two_trainings_started_at_the_same_instant_get_a_run_each(
-    started: Any, env: dict[str, str], corpus_file: Path, runs_dir: Path, tmp_path: Path
-) -> None:
+def test_two_trainings_started_at_the_same_instant_get_a_run_each(started: Any, env: dict[str, str], corpus_file: Path, runs_dir: Path, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     gate.touch()
     args = ["train", "--corpus", corpus_file, "--normalize", "raw", "--runs-dir", runs_dir, *TINY, "--epochs", "1", "--json"]
@@ -413,9 +399,7 @@ app(sys.argv[1:], prog_name="lstmlm")
 """
 
 
-def test_a_checkpoint_by_the_clock_mid_epoch_then_kill_9_resumes_exactly(
-    started: Any, env: dict[str, str], corpus_file: Path, runs_dir: Path
-) -> None:
+def test_a_checkpoint_by_the_clock_mid_epoch_then_kill_9_resumes_exactly(started: Any, env: dict[str, str], corpus_file: Path, runs_dir: Path) -> None:
     args = ["train", "--corpus", corpus_file, "--normalize", "raw", "--runs-dir", runs_dir, *EXACT, "--epochs", "2", "--checkpoint-every", "1m"]
     training = started(*args, "--run", "killed", "--json", env=env, code=FAKE_CLOCK_STALL_AFTER_SAVE)
     line = training.wait_for("err", lambda s: s.startswith("SAVED"))

@@ -1,8 +1,8 @@
 """Where lstmlm keeps what it fetches or makes once and reuses: $LSTMLM_HOME, else ~/.cache/lstmlm.
 
-    <home>/                  corpora downloaded (download.py)
-    <home>/encoded/          token stores and their index (cache.py)
-    <home>/native/           the compiled recurrence (lstmlm.native; LSTMLM_NATIVE_DIR overrides)
+<home>/                  corpora downloaded (download.py)
+<home>/encoded/          token stores and their index (cache.py)
+<home>/native/           the compiled recurrence (lstmlm.native; LSTMLM_NATIVE_DIR overrides)
 """
 
 from __future__ import annotations

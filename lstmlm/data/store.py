@@ -336,5 +336,3 @@ def _into_memory(scanned: Scanned, vocab: Vocab, dtype: str, progress: StageProg
 
 def _reason(e: OSError) -> str:
     return e.strerror or str(e)
-
-

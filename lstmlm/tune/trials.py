@@ -148,9 +148,7 @@ def run_trial(study: Study, should_stop: Callable[[], bool]) -> Generator[TuneEv
     return TrialEnded(trial.number, state, trained.best, trained.parameters, minutes, run, trained.settings, reason)
 
 
-def train_trial(
-    study: Study, trial: optuna.Trial, run: str, params: dict[str, Any], should_stop: Callable[[], bool]
-) -> Generator[TuneEvent, None, Trained]:
+def train_trial(study: Study, trial: optuna.Trial, run: str, params: dict[str, Any], should_stop: Callable[[], bool]) -> Generator[TuneEvent, None, Trained]:
     """One trial's training, as `lstmlm train` runs it, its validations reported to Optuna; what
     became of it. A training that diverges is pruned, so that TPE learns this corner is bad (a
     failed trial teaches it nothing); one too large for the machine, or with batches too long

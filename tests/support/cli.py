@@ -101,9 +101,7 @@ class LiveProcess:
 
     def __init__(self, *args: str | Path, env: dict[str, str] | None = None, code: str | None = None) -> None:
         head = [sys.executable, "-c", code] if code else [sys.executable, "-m", "lstmlm"]
-        self.proc = subprocess.Popen(
-            [*head, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-        )
+        self.proc = subprocess.Popen([*head, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         self.lines: queue.Queue[tuple[str, str]] = queue.Queue()
         self.stdout: list[str] = []
         self.stderr: list[str] = []

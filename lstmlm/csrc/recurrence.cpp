@@ -540,30 +540,33 @@ inline void tile(const P* A, int64_t K, const P* W, P* out, int64_t N, int64_t n
     for (int64_t j = 0; j < std::min(C, n); ++j) out[r * N + j] = from_float<P>(sums[r][j]);
 }
 
-// Rows [0, R) of A times a panel's strips [s0, s1) of kSub columns, or (`whole`, a batch of one
-// row) times the whole panel in one wide tile.
+// Rows [0, R) of A times a panel's strips [s0, s1) of kSub columns.
 template <typename P, int64_t R>
-inline void panel_rows(const P* A, int64_t K, const P* W, P* out, int64_t N, int64_t n, int64_t s0, int64_t s1, bool whole) {
-  if (R == 1 && whole) return tile<P, 1, kCols>(A, K, W, out, N, n);
+inline void panel_rows(const P* A, int64_t K, const P* W, P* out, int64_t N, int64_t n, int64_t s0, int64_t s1) {
   for (int64_t s = s0 * kSub; s < std::min(n, s1 * kSub); s += kSub) tile<P, R, kSub>(A, K, W + s, out + s, N, n - s);
 }
 
-// The cores share the product by columns: a single row's by panels (its 1 × kCols tile), a
-// batch's by strips of kSub columns, so that each core gets the same number of columns. By
-// panels, d2l's 1,052 columns (17 panels, the last of 28) split 576 and 476, and the core with
-// more set the pace.
+// A single row's product is bound by reading W: the cores share it by panels, each one wide
+// tile (kCols / lanes chains of multiply-adds). A batch's is bound by the arithmetic: the cores
+// share its columns by strips of kSub, so that each gets as many (by panels, d2l's 1,052
+// columns, 17 panels the last of 28, split 576 and 476, and the core with more set the pace).
 template <typename P>
 void rows_times(const at::Tensor& A, const at::Tensor& W, const at::Tensor& C) {
   const int64_t batch = A.size(0), K = A.size(1), N = C.size(1);
   const P *a = data<P>(A), *w = data<P>(W);
   P* c = data<P>(C);
-  const bool whole = batch == 1;  // a row's product is bound by reading W: its 1 × kCols tile keeps more chains than a strip
-  const int64_t per_panel = whole ? 1 : kCols / kSub, units = whole ? W.size(0) : (N + kSub - 1) / kSub;
+  if (batch == 1) {
+    at::parallel_for(0, W.size(0), 1, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) tile<P, 1, kCols>(a, K, w + j * K * kCols, c + j * kCols, N, std::min(kCols, N - j * kCols));
+    });
+    return;
+  }
+  constexpr int64_t per_panel = kCols / kSub;
   // The rows in blocks of as even a size as kRows allows (32: 6, 6, 5, 5, 5, 5, not five of 6
   // and one of 2): a block of few rows has too few chains of multiply-adds to hide their latency.
   const int64_t blocks = (batch + kRows - 1) / kRows, fewer = batch / std::max(blocks, int64_t{1}), more = batch % std::max(blocks, int64_t{1});
   const auto rows_in = [&](int64_t block) { return fewer + (block < more); };
-  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+  at::parallel_for(0, (N + kSub - 1) / kSub, 1, [&](int64_t u0, int64_t u1) {
     for (int64_t j = u0 / per_panel; j * per_panel < u1; ++j) {
       const int64_t s0 = std::max(u0 - j * per_panel, int64_t{0}), s1 = std::min(u1 - j * per_panel, per_panel);  // this core's strips of panel j
       const int64_t n0 = j * kCols, n = std::min(kCols, N - n0);
@@ -572,12 +575,12 @@ void rows_times(const at::Tensor& A, const at::Tensor& W, const at::Tensor& C) {
         const P* ar = a + r0 * K;
         P* out = c + r0 * N + n0;
         switch (rows_in(block)) {
-          case 1: panel_rows<P, 1>(ar, K, panel, out, N, n, s0, s1, whole); break;
-          case 2: panel_rows<P, 2>(ar, K, panel, out, N, n, s0, s1, whole); break;
-          case 3: panel_rows<P, 3>(ar, K, panel, out, N, n, s0, s1, whole); break;
-          case 4: panel_rows<P, 4>(ar, K, panel, out, N, n, s0, s1, whole); break;
-          case 5: panel_rows<P, 5>(ar, K, panel, out, N, n, s0, s1, whole); break;
-          default: panel_rows<P, 6>(ar, K, panel, out, N, n, s0, s1, whole);
+          case 1: panel_rows<P, 1>(ar, K, panel, out, N, n, s0, s1); break;
+          case 2: panel_rows<P, 2>(ar, K, panel, out, N, n, s0, s1); break;
+          case 3: panel_rows<P, 3>(ar, K, panel, out, N, n, s0, s1); break;
+          case 4: panel_rows<P, 4>(ar, K, panel, out, N, n, s0, s1); break;
+          case 5: panel_rows<P, 5>(ar, K, panel, out, N, n, s0, s1); break;
+          default: panel_rows<P, 6>(ar, K, panel, out, N, n, s0, s1);
         }
       }
     }

@@ -81,6 +81,15 @@ def get_json(url: str, path: str) -> Any:
         conn.close()
 
 
+def running(url: str) -> int | None:
+    """The generations /api/status counts as running; None where the server no longer answers
+    (it has ended: the clients' outcomes say how)."""
+    try:
+        return int(get_json(url, "/api/status")["running"])
+    except OSError:
+        return None
+
+
 def stream(url: str, body: dict[str, Any]) -> tuple[str, float, float, int, float]:
     """(outcome, seconds to the first characters, seconds to the end, characters, the seconds a
     refusal's Retry-After asks to wait) of one generation."""
@@ -165,14 +174,15 @@ def main() -> None:
         for t in threads:
             t.start()
         while any(t.is_alive() for t in threads):
-            active.append(get_json(url, "/api/status")["running"])
+            if (n := running(url)) is not None:
+                active.append(n)
             if time.perf_counter() >= look:
                 memory.append(rss_mib(pid))
                 look += MEMORY_EVERY
             time.sleep(0.25)
         elapsed = time.perf_counter() - started
         memory.append(rss_mib(pid))
-        alive = proc is None or proc.poll() is None
+        alive = proc.poll() is None if proc is not None else running(url) is not None
     finally:
         if proc is not None:
             proc.terminate()

@@ -447,10 +447,14 @@ std::vector<at::Tensor> backward(const at::Tensor& dHs, const std::optional<at::
 // 7 differ from 64 in the last bits, and a near tie then picks another character). The tiles
 // below choose only which sums share the registers, never a sum's order: free to fit the machine.
 //
-// W comes packed once (generate.Stepper): panel j holds columns [j·kCols, (j+1)·kCols) as one
-// contiguous (K, kCols) block, the last padded with zeros. A tile then reads one stream of memory,
-// where W's own rows put each kCols-wide piece a whole row of N apart (at d2l's size more than a
-// page, where the hardware's prefetcher stops following). The panels go to the cores.
+// W comes packed once (generate.Stepper): panel j holds columns [j·kCols, (j+1)·kCols), the last
+// padded with zeros, as strips of kSub columns one after the other, each a contiguous (K, kSub)
+// block. A tile of several rows reads one strip: one stream of memory, a line a k, where W's own
+// rows put each piece a whole row of N apart (at d2l's size more than a page, where the
+// hardware's prefetcher stops following), and panels stored (K, kCols) put a strip's lines
+// kCols apart, a new page every few k (strips made the Shakespeare 1×768 step of 32 rows on one
+// core 1.07× as fast again, one row's 1.03×). A single row's tile reads a panel's strips side by
+// side.
 //
 // Batch 1 is a product of a vector, bound by reading W: a 1 × kCols tile keeps kCols / lanes
 // independent chains, enough to hide a multiply-add's latency. A larger batch is bound by the
@@ -499,8 +503,8 @@ struct Lanes {
 #endif
 constexpr int64_t kSub = 2 * Lanes::n;
 
-// Rows [0, R) of A times columns [0, C) of a panel (its row stride kCols), into out (row stride
-// N), of which the first n columns are kept.
+// Rows [0, R) of A times columns [0, C) of a panel from its strip at W (each strip K rows of kSub,
+// the next K·kSub further on), into out (row stride N), of which the first n columns are kept.
 template <typename P, int64_t R, int64_t C>
 inline void tile(const P* A, int64_t K, const P* W, P* out, int64_t N, int64_t n) {
   float sums[R][C];
@@ -511,14 +515,15 @@ inline void tile(const P* A, int64_t K, const P* W, P* out, int64_t N, int64_t n
     for (int64_t v = 0; v < V; ++v) acc[r][v] = Lanes::zero();
   for (int64_t k = 0; k < K; ++k) {
     typename Lanes::V w[V];
-    // A strip reads one line of W a k, kCols apart: asked for 8 ahead, they come from L2 and L3
-    // in time (a panel is past L1 at d2l's size, past L2 on the Shakespeare 1×768 model, whose
-    // step of 32 rows on one core ran 1.19× as fast with it; a single row's ran slower).
-    if constexpr (R > 1) __builtin_prefetch(W + (k + 8) * kCols);
+    // A strip's next lines, asked for 8 k ahead: the prefetcher does not cross a page. With
+    // panels stored (K, kCols), a strip's lines kCols apart, this made the Shakespeare 1×768
+    // step of 32 rows on one core 1.19× as fast; with strips contiguous, 1.02× (a single row's
+    // tile ran slower with it, so it does not).
+    if constexpr (R > 1) __builtin_prefetch(W + (k + 8) * kSub);
     if constexpr (std::is_same_v<P, bf16>) {
-      for (int64_t v = 0; v < V; v += 2) Lanes::load_pair(W + k * kCols + v * Lanes::n, w[v], w[v + 1]);
+      for (int64_t v = 0; v < V; v += 2) Lanes::load_pair(W + v / 2 * K * kSub + k * kSub, w[v], w[v + 1]);
     } else {
-      for (int64_t v = 0; v < V; ++v) w[v] = Lanes::load(W + k * kCols + v * Lanes::n);
+      for (int64_t v = 0; v < V; ++v) w[v] = Lanes::load(W + v / 2 * K * kSub + k * kSub + v % 2 * Lanes::n);
     }
     for (int64_t r = 0; r < R; ++r) {
       const typename Lanes::V a = Lanes::broadcast(to_float(A[r * K + k]));
@@ -533,7 +538,7 @@ inline void tile(const P* A, int64_t K, const P* W, P* out, int64_t N, int64_t n
   for (int64_t k = 0; k < K; ++k)
     for (int64_t r = 0; r < R; ++r) {
       const float a = to_float(A[r * K + k]);
-      for (int64_t j = 0; j < C; ++j) sums[r][j] = __builtin_fmaf(a, to_float(W[k * kCols + j]), sums[r][j]);
+      for (int64_t j = 0; j < C; ++j) sums[r][j] = __builtin_fmaf(a, to_float(W[j / kSub * K * kSub + k * kSub + j % kSub]), sums[r][j]);
     }
 #endif
   for (int64_t r = 0; r < R; ++r)
@@ -543,7 +548,7 @@ inline void tile(const P* A, int64_t K, const P* W, P* out, int64_t N, int64_t n
 // Rows [0, R) of A times a panel's strips [s0, s1) of kSub columns.
 template <typename P, int64_t R>
 inline void panel_rows(const P* A, int64_t K, const P* W, P* out, int64_t N, int64_t n, int64_t s0, int64_t s1) {
-  for (int64_t s = s0 * kSub; s < std::min(n, s1 * kSub); s += kSub) tile<P, R, kSub>(A, K, W + s, out + s, N, n - s);
+  for (int64_t s = s0 * kSub; s < std::min(n, s1 * kSub); s += kSub) tile<P, R, kSub>(A, K, W + s * K, out + s, N, n - s);
 }
 
 // A single row's product is bound by reading W: the cores share it by panels, each one wide
@@ -587,8 +592,9 @@ void rows_times(const at::Tensor& A, const at::Tensor& W, const at::Tensor& C) {
   });
 }
 
-// W (K, N) as the step reads it (see above): (⌈N / kCols⌉, K, kCols), panel j holding columns
-// [j·kCols, (j+1)·kCols), the last padded with zeros. In bf16 each kSub columns are stored
+// W (K, N) as the step reads it (see above): shaped (⌈N / kCols⌉, K, kCols), panel j holding
+// columns [j·kCols, (j+1)·kCols), the last padded with zeros, in memory as its kCols / kSub
+// strips, each (K, kSub), one after the other. In bf16 each strip's kSub columns are stored
 // interleaved, column i at 2i and column n + i at 2i + 1 (n: the lanes of a vector), so that one
 // load, a shift and a mask widen two vectors of them (`Lanes::load_pair`); widening each half
 // took a shuffle, which the vector unit does one a cycle, and a step of one row then ran slower
@@ -596,9 +602,10 @@ void rows_times(const at::Tensor& A, const at::Tensor& W, const at::Tensor& C) {
 at::Tensor pack(const at::Tensor& W) {
   TORCH_CHECK(W.dim() == 2 && (W.scalar_type() == at::kFloat || W.scalar_type() == at::kBFloat16), "W must be (K, N), float or bfloat16");
   const int64_t K = W.size(0), N = W.size(1), panels = (N + kCols - 1) / kCols;
-  at::Tensor packed = at::constant_pad_nd(W, {0, panels * kCols - N}).reshape({K, panels, kCols}).transpose(0, 1);  // (panels, K, kCols)
+  constexpr int64_t strips = kCols / kSub;
+  at::Tensor packed = at::constant_pad_nd(W, {0, panels * kCols - N}).reshape({K, panels, strips, kSub}).permute({1, 2, 0, 3});  // (panels, strips, K, kSub)
 #ifdef LSTMLM_LANES
-  if (W.scalar_type() == at::kBFloat16) packed = packed.reshape({panels, K, kCols / kSub, 2, Lanes::n}).transpose(3, 4);
+  if (W.scalar_type() == at::kBFloat16) packed = packed.reshape({panels, strips, K, 2, Lanes::n}).transpose(3, 4);
 #endif
   return packed.contiguous().reshape({panels, K, kCols});
 }

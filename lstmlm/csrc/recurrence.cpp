@@ -439,7 +439,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dHs, const std::optional<at::
 // output layer: its part of P is the logits). A step runs the cell on the layer's input and its
 // recurrent term, and multiplies [H_t, 1] once. Nothing is allocated but the products' outputs.
 
-// C = A W for a step, A (batch, K), W (K, N) packed in panels (below), C (batch, N), in P; each
+// C = A W for a step, A (batch, K) in fp32, W (K, N) packed in panels (below), C (batch, N), in P; each
 // element one chain of fused multiply-adds over k in order, from 0, in fp32. So a row's result is
 // the same bits whatever the batch around it: a stream that joins or leaves a batch (the server's
 // continuous batching) writes the characters it would write alone. torch's product is not: its
@@ -478,6 +478,11 @@ struct Lanes {
   }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static void store(bf16* p, V v) {  // rounded as from_float<bf16> rounds each
+    const __m512i x = _mm512_castps_si512(v), odd = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(x, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+  }
 };
 #define LSTMLM_LANES 1
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -494,6 +499,12 @@ struct Lanes {
   }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static void store(bf16* p, V v) {  // rounded as from_float<bf16> rounds each
+    const __m256i x = _mm256_castps_si256(v), odd = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(x, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+    const __m128i halves = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));  // each under 2^16: exact
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), halves);
+  }
 };
 #define LSTMLM_LANES 1
 #else
@@ -506,7 +517,7 @@ constexpr int64_t kSub = 2 * Lanes::n;
 // Rows [0, R) of A times columns [0, C) of a panel from its strip at W (each strip K rows of kSub,
 // the next K·kSub further on), into out (row stride N), of which the first n columns are kept.
 template <typename P, int64_t R, int64_t C>
-inline void tile(const P* A, int64_t K, const P* W, P* out, int64_t N, int64_t n) {
+inline void tile(const float* A, int64_t K, const P* W, P* out, int64_t N, int64_t n) {
   float sums[R][C];
 #ifdef LSTMLM_LANES
   constexpr int64_t V = C / Lanes::n;
@@ -526,9 +537,14 @@ inline void tile(const P* A, int64_t K, const P* W, P* out, int64_t N, int64_t n
       for (int64_t v = 0; v < V; ++v) w[v] = Lanes::load(W + v / 2 * K * kSub + k * kSub + v % 2 * Lanes::n);
     }
     for (int64_t r = 0; r < R; ++r) {
-      const typename Lanes::V a = Lanes::broadcast(to_float(A[r * K + k]));
+      const typename Lanes::V a = Lanes::broadcast(A[r * K + k]);
       for (int64_t v = 0; v < V; ++v) acc[r][v] = Lanes::fma(a, w[v], acc[r][v]);
     }
+  }
+  if (n >= C) {  // a whole tile: straight from the registers to its place (a pass through `sums` cost a tenth of the step)
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t v = 0; v < V; ++v) Lanes::store(out + r * N + v * Lanes::n, acc[r][v]);
+    return;
   }
   for (int64_t r = 0; r < R; ++r)
     for (int64_t v = 0; v < V; ++v) Lanes::store(sums[r] + v * Lanes::n, acc[r][v]);
@@ -537,7 +553,7 @@ inline void tile(const P* A, int64_t K, const P* W, P* out, int64_t N, int64_t n
     for (int64_t j = 0; j < C; ++j) sums[r][j] = 0.0f;
   for (int64_t k = 0; k < K; ++k)
     for (int64_t r = 0; r < R; ++r) {
-      const float a = to_float(A[r * K + k]);
+      const float a = A[r * K + k];
       for (int64_t j = 0; j < C; ++j) sums[r][j] = __builtin_fmaf(a, to_float(W[j / kSub * K * kSub + k * kSub + j % kSub]), sums[r][j]);
     }
 #endif
@@ -547,7 +563,7 @@ inline void tile(const P* A, int64_t K, const P* W, P* out, int64_t N, int64_t n
 
 // Rows [0, R) of A times a panel's strips [s0, s1) of kSub columns.
 template <typename P, int64_t R>
-inline void panel_rows(const P* A, int64_t K, const P* W, P* out, int64_t N, int64_t n, int64_t s0, int64_t s1) {
+inline void panel_rows(const float* A, int64_t K, const P* W, P* out, int64_t N, int64_t n, int64_t s0, int64_t s1) {
   for (int64_t s = s0 * kSub; s < std::min(n, s1 * kSub); s += kSub) tile<P, R, kSub>(A, K, W + s * K, out + s, N, n - s);
 }
 
@@ -556,9 +572,9 @@ inline void panel_rows(const P* A, int64_t K, const P* W, P* out, int64_t N, int
 // share its columns by strips of kSub, so that each gets as many (by panels, d2l's 1,052
 // columns, 17 panels the last of 28, split 576 and 476, and the core with more set the pace).
 template <typename P>
-void rows_times(const at::Tensor& A, const at::Tensor& W, const at::Tensor& C) {
-  const int64_t batch = A.size(0), K = A.size(1), N = C.size(1);
-  const P *a = data<P>(A), *w = data<P>(W);
+void rows_times(const float* a, int64_t batch, int64_t K, const at::Tensor& W, const at::Tensor& C) {
+  const int64_t N = C.size(1);
+  const P* w = data<P>(W);
   P* c = data<P>(C);
   if (batch == 1) {
     at::parallel_for(0, W.size(0), 1, [&](int64_t j0, int64_t j1) {
@@ -577,7 +593,7 @@ void rows_times(const at::Tensor& A, const at::Tensor& W, const at::Tensor& C) {
       const int64_t n0 = j * kCols, n = std::min(kCols, N - n0);
       const P* panel = w + j * K * kCols;
       for (int64_t block = 0, r0 = 0; block < blocks; r0 += rows_in(block), ++block) {
-        const P* ar = a + r0 * K;
+        const float* ar = a + r0 * K;
         P* out = c + r0 * N + n0;
         switch (rows_in(block)) {
           case 1: panel_rows<P, 1>(ar, K, panel, out, N, n, s0, s1); break;
@@ -612,16 +628,26 @@ at::Tensor pack(const at::Tensor& W) {
 
 template <typename Cell, typename P>
 void step_typed(const int64_t* ids, const at::Tensor& table, at::TensorList W, at::TensorList H1, at::TensorList Pk, at::TensorList S) {
-  const int64_t batch = H1[0].size(0), hiddens = H1[0].size(1) - 1, rows = Cell::kBlocks * hiddens;
+  const int64_t batch = H1[0].size(0), hiddens = H1[0].size(1) - 1, K = hiddens + 1, rows = Cell::kBlocks * hiddens;
+  // In bf16 the product reads [H_t, 1] widened to fp32 (exactly), each row by the thread that
+  // wrote it: a tile then broadcasts each element with one load, where widening it there took
+  // four instructions for every row of every tile, and the d2l step of 64 rows ran at half fp32's rate.
+  thread_local std::vector<float> widened;
+  if constexpr (!std::is_same_v<P, float>) widened.resize(batch * K);
+  float* wide = widened.data();  // this thread's buffer: in the lambda below `widened` would be each worker's own
   for (size_t k = 0; k < W.size(); ++k) {
     const int64_t width = Pk[k].size(1), in = width - rows;  // P[k]: the reader's input, then the recurrent term
     at::parallel_for(0, batch, 8, [&](int64_t begin, int64_t end) {  // rows on the cores where there are enough of them
       for (int64_t b = begin; b < end; ++b) {
         const P* input = k == 0 ? data<P>(table) + ids[b] * rows : data<P>(Pk[k - 1]) + b * Pk[k - 1].size(1);
-        Cell::row(data<P>(Pk[k]) + b * width + in, input, data<float>(S[k]) + b * hiddens, data<P>(H1[k]) + b * (hiddens + 1), hiddens);
+        P* H = data<P>(H1[k]) + b * K;
+        Cell::row(data<P>(Pk[k]) + b * width + in, input, data<float>(S[k]) + b * hiddens, H, hiddens);
+        if constexpr (!std::is_same_v<P, float>)
+          for (int64_t j = 0; j < K; ++j) wide[b * K + j] = to_float(H[j]);
       }
     });
-    rows_times<P>(H1[k], W[k], Pk[k]);  // [H_t, 1] times everything that reads H_t
+    const float* A = std::is_same_v<P, float> ? reinterpret_cast<const float*>(data<P>(H1[k])) : wide;
+    rows_times<P>(A, batch, K, W[k], Pk[k]);  // [H_t, 1] times everything that reads H_t
   }
 }
 

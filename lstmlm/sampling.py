@@ -12,6 +12,9 @@ from .errors import ConfigError
 
 SAMPLE_LENGTH = 50  # characters per training sample, as d2l
 SEEDS = 2**64  # what torch.Generator takes: 0 to 2**64 - 1
+# The most a row's settings hold where they become tensors (choosing.Rows): float32's largest
+# temperature, int64's largest top-k. Past them a batch's step failed, and ended every row in it.
+MOST_TEMPERATURE, MOST_TOP_K = 3.4028234663852886e38, 2**63 - 1
 
 
 def option(default: Any, help: str, low: float | None = None, high: float | None = None, flag: str = "") -> Any:
@@ -27,8 +30,8 @@ class Sampling:
     repeats). A sample ends early at the first of the `stop` strings, which is left out."""
 
     length: int = option(SAMPLE_LENGTH, "Characters to generate.", low=0)
-    temperature: float = option(0.0, "0 = greedy (the seed); > 0 samples.", low=0.0)
-    top_k: int = option(0, "Sample among the k most likely characters (0 = all).", low=0)
+    temperature: float = option(0.0, "0 = greedy (the seed); > 0 samples.", low=0.0, high=MOST_TEMPERATURE)
+    top_k: int = option(0, "Sample among the k most likely characters (0 = all).", low=0, high=MOST_TOP_K)
     top_p: float = option(1.0, "Sample within this probability mass (the most likely character always stays).", low=0.0, high=1.0)
     num_samples: int = option(1, "Independent continuations (sample i is what --seed SEED+i gives alone).", low=1)
     seed: int | None = option(None, "Seed for sampling (same seed, same text).", low=0, high=SEEDS - 1)

@@ -455,6 +455,48 @@ def test_requests_past_the_queue_are_refused_with_503_and_their_rows_come_back(t
         assert api.post("/api/generate", json={"run": "raw", "prefix": "the", "stream": False}).status_code == 200
 
 
+def test_a_queued_request_whose_client_hangs_up_gives_its_place_in_the_queue_back_at_once(tiny_runs: Path) -> None:
+    with client(tiny_runs, max_batch=1, queue=1, max_length=10**8, deadline_s=120) as api:
+        long = {"run": "raw", "prefix": "the", "length": 10**8, "temperature": 1.0}
+        with api.stream("POST", "/api/generate", json=long) as first:
+            assert next(first.iter_lines()) == "event: start" and status_until(api, running=1)["running"] == 1
+            with api.stream("POST", "/api/generate", json=long) as second:
+                assert next(second.iter_lines()) == "event: start" and status_until(api, queued=1)["queued"] == 1
+            # the first still holds the batch's one place: the second left the queue, not waited in it for a place
+            status = status_until(api, queued=0)
+            assert (status["running"], status["queued"]) == (1, 0)
+            with api.stream("POST", "/api/generate", json=long) as third:  # admitted, not refused as busy
+                assert third.status_code == 200 and status_until(api, queued=1)["queued"] == 1
+        assert status_until(api, running=0, queued=0, batches=0)["active"] == 0
+
+
+def test_the_largest_temperature_and_top_k_a_request_may_ask_for_generate(api: TestClient) -> None:
+    body = {**GOOD, "length": 20, "stream": False, "temperature": 3.4028234663852886e38, "top_k": 2**63 - 1, "seed": 1}
+    whole = api.post("/api/generate", json=body).json()
+    assert whole["finish_reason"] == "length" and whole["characters"] == len(whole["text"]) >= 20  # 20 tokens; "<unk>" is 5 characters
+
+
+def test_a_failed_batch_ends_its_requests_with_an_error_and_logs_one_line(
+    tiny_runs: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not a text cut short as if it were whole ("length"), and not a traceback in the log."""
+    from lstmlm.choosing import Rows
+
+    def broken(self: Rows, *args: Any) -> None:
+        raise RuntimeError("a bug in the batch")
+
+    monkeypatch.setattr(Rows, "add", broken)
+    with client(tiny_runs) as api:
+        got = sse_events(api.post("/api/generate", json={**GOOD, "length": 100}).text)
+        message = "internal error (RuntimeError): the generation's batch failed; the server's log says more"
+        assert [name for name, _ in got] == ["start", "error"] and got[1][1] == {"error": message}
+        assert_error(api.post("/api/generate", json={**GOOD, "length": 100, "stream": False}), 500, message)
+        status = status_until(api, running=0, queued=0, batches=0)
+        assert (status["running"], status["queued"], status["batches"]) == (0, 0, 0)
+    logged = [r for r in caplog.records if r.name == "uvicorn.error"]
+    assert [r.getMessage() for r in logged][:1] == ["a batch of run raw failed: RuntimeError: a bug in the batch"] and logged[0].exc_info is None
+
+
 def test_a_models_rows_are_spread_over_its_lanes_which_share_its_places(tiny_runs: Path) -> None:
     """Two lanes share a batch of 3 places, 2 and 1: a row goes to the lane with a place free and
     the fewest rows, each lane a batch of its own; a fourth waits for a place."""
@@ -529,6 +571,8 @@ GOOD = {"run": "raw", "prefix": "the"}
         ({**GOOD, "top_p": 1.5}, 422, "top_p"),
         ({**GOOD, "min_p": -1}, 422, "min_p"),
         ({**GOOD, "seed": -3}, 422, "seed"),
+        ({**GOOD, "temperature": 1e39}, 422, "temperature: Input should be less than or equal to"),  # past float32: the batch could not hold it
+        ({**GOOD, "top_k": 2**63}, 422, "top_k: Input should be less than or equal to 9223372036854775807"),  # past int64
         ({**GOOD, "stop": [""]}, 422, "stop.0"),
         ({**GOOD, "stop": ["x"] * 17}, 422, "stop"),
         ({**GOOD, "prefix": "THE"}, 422, "prefix characters outside the model's vocabulary: 'E' 'H' 'T'"),

@@ -155,6 +155,19 @@ def test_a_client_killed_mid_stream_does_not_leak_its_generation(tiny_runs: Path
     assert not [line for line in server.lines if "Traceback" in line or "ERROR" in line], server.lines
 
 
+def test_a_client_that_hangs_up_on_a_generation_asked_for_as_json_ends_it(tiny_runs: Path, serve_process: Any) -> None:
+    server: ServeProcess = serve_process("--runs-dir", tiny_runs, "--max-length", 10**8, "--deadline", 3600)
+    body = json.dumps({"run": "raw", "prefix": "the", "length": 10**8, "temperature": 1.0, "stream": False}).encode()
+    with socket.create_connection(server.address) as sock:
+        sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        deadline = time.monotonic() + 20
+        while http_json(server.url + "/api/status")[1]["running"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert http_json(server.url + "/api/status")[1]["running"] == 1  # 10^8 characters to go, an hour allowed
+    assert wait_idle(server.url)["active"] == 0  # the client is gone: the generation stopped and gave its row back
+    assert not [line for line in server.lines if "Traceback" in line or "ERROR" in line], server.lines
+
+
 def reset_after_answer(address: tuple[str, int]) -> None:
     """A status asked for and read whole on a kept-alive connection, which the client then
     resets (RST): the server loses it with an error, its keep-alive timer set."""

@@ -46,7 +46,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from .. import __version__
-from ..errors import CheckpointError, ConfigError, InspectError, LstmlmError, VocabError
+from ..errors import CheckpointError, ConfigError, InspectError, LstmlmError, ServeError, VocabError
 from . import Limits
 from .batching import POLL, Batches, QueueFull, Row, lanes_for
 from .bodies import GenerateRequest, InspectRequest
@@ -110,7 +110,10 @@ def event(name: str, data: dict[str, Any]) -> str:
 
 def take(row: Row, steps: Continuation, deadline: float, most: int = MOST) -> tuple[str, str | None]:
     """The text the batch has made for `row` since the last look (at most `most` characters),
-    without waiting, and why the generation ended ("length", "stop", "deadline"; None: it goes on)."""
+    without waiting, and why the generation ended ("length", "stop", "deadline"; None: it goes on).
+    ServeError where its batch failed."""
+    if row.failed is not None:
+        raise ServeError(row.failed)
     n = min(row.unread(), most)
     made = steps.several(n)
     row.read += n
@@ -225,7 +228,7 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
     # ---- generation -----------------------------------------------------------------------------
 
     @app.post("/api/generate", response_model=None)
-    async def generate(body: GenerateRequest) -> Response:
+    async def generate(body: GenerateRequest, request: Request) -> Response:
         sampling = body.sampling()
         if sampling.length > limits.max_length:
             raise ApiError(422, f"length {sampling.length:,} is over this server's limit of {limits.max_length:,} characters")
@@ -246,13 +249,15 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
 
         def release() -> None:
             steps.close()
-            row.cancel()
+            batches.let_go(row)
 
         if not body.stream:
             made, reason = 0, None
             try:
                 while reason is None:
                     await pause(row, made, deadline)
+                    if await request.is_disconnected():  # the client hung up: nobody waits for the rest
+                        break
                     text, reason = take(row, steps, deadline, 1 << 30)
                     made += len(text)
             finally:

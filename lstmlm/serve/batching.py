@@ -36,6 +36,7 @@ the batches of the old one finish their rows on it, and new requests join the ne
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import weakref
@@ -81,6 +82,8 @@ class Row:
         self.tokens: list[Step] = []  # what the batch has made for the row, a step each (`generate.alone`: shared)
         self.read = 0  # how many of them the request has read
         self.done = sampling.length == 0  # no more characters will come (made all, or let go)
+        self.failed: str | None = None  # why its batch failed, where it did (set before done)
+        self.batch: Batch | None = None  # the batch it waits for, or steps in
 
     def put(self, tokens: list[tuple[str]]) -> None:
         """From the batch: the row's next characters; done once it has made its length."""
@@ -148,15 +151,19 @@ class Batch:
             self.thread.start()
 
     def _run(self) -> None:
-        failed = True
+        failed: str | None = "the server stopped"
         try:
             with torch.inference_mode():
                 self._steps()
-            failed = False
+            failed = None
+        except Exception as e:  # the rows' requests end with an error (not as if made whole), the log says it in one line
+            logging.getLogger("uvicorn.error").error("a batch of run %s failed: %s: %s", self.loaded.trained.store.name, type(e).__name__, e)
+            failed = f"internal error ({type(e).__name__}): the generation's batch failed; the server's log says more"
         finally:
             with self.batches.lock:
                 self.thread = None
                 for row in [*self.rows, *(self.waiting if failed else ())]:  # after a failure: their requests end
+                    row.failed = row.failed or failed  # before done: a reader that sees done sees why
                     row.cancel()
                 if failed:
                     self.batches.queued -= len(self.waiting)
@@ -251,10 +258,19 @@ class Batches:
             if row.done:  # length 0: nothing to make
                 self.queued -= 1
                 return generation, row
-            batch = self._lane(loaded)
+            batch = row.batch = self._lane(loaded)
             batch.waiting.append(row)
             batch.start()
         return generation, row
+
+    def let_go(self, row: Row) -> None:
+        """A request lets go of its row: one still waiting for a place leaves the queue at once
+        (its place there comes back), one stepping leaves its batch after the call it is in."""
+        with self.lock:
+            row.cancel()
+            if row.batch is not None and row in row.batch.waiting:
+                row.batch.waiting.remove(row)
+                self.queued -= 1
 
     def _lane(self, loaded: Loaded) -> Batch:
         """The batch a new row of `loaded` waits for (under the lock): of its lanes with a place

@@ -57,3 +57,71 @@ def test_train_md_names_the_file_a_timed_precision_is_remembered_in() -> None:
     train = " ".join((COMMANDS / "train.md").read_text(encoding="utf-8").split())
     assert f"A timed choice is remembered for the machine and the model's shape and batches (in `{REMEMBERED}` in the cache" in train
     assert "or on one machine whose load changes" not in train  # the same command trains in what the first run chose
+
+
+# ---- every command and option on a page of docs/commands/ ---------------------------------------
+
+PAGES = {
+    "download": "download.md",
+    "train": "train.md",
+    "tune": "tune.md",
+    "generate": "generate.md",
+    "evaluate": "evaluate.md",
+    "bench": "bench.md",
+    "plot": "plot-inspect.md",
+    "inspect": "plot-inspect.md",
+    "serve": "serve.md",
+    "export": "export.md",
+    "runs": "runs.md",
+    "runs show": "runs.md",
+    "runs rm": "runs.md",
+}
+
+
+def commands() -> dict[str, Any]:
+    """Every command of `lstmlm --help`, a group's subcommands as "runs show", with its click command."""
+    import click
+    import typer
+
+    from lstmlm.cli.app import app
+
+    root = typer.main.get_command(app)
+    ctx = click.Context(root)
+    found: dict[str, Any] = {}
+
+    def walk(group: Any, prefix: str) -> None:
+        for name in group.list_commands(ctx):
+            command = group.get_command(ctx, name)
+            found[f"{prefix}{name}"] = command
+            if hasattr(command, "list_commands"):
+                walk(command, f"{prefix}{name} ")
+
+    walk(root, "")
+    return found
+
+
+def long_options(command: Any) -> list[list[str]]:
+    """A command's options but --help, each as its long names (`--run`, `--name`)."""
+    options = [[o for o in p.opts + p.secondary_opts if o.startswith("--")] for p in command.params if p.param_type_name == "option"]
+    return [names for names in options if names != ["--help"]]
+
+
+def test_every_command_has_its_page() -> None:
+    assert set(commands()) == set(PAGES)
+    assert all((COMMANDS / page).is_file() for page in PAGES.values())
+
+
+@pytest.mark.parametrize("name", sorted(set(PAGES) - {"train", "serve"}))
+def test_every_option_of_a_command_is_named_on_its_page(name: str) -> None:
+    """train.md and serve.md are held elsewhere; tune's options that are config fields are
+    train's, which tune.md fixes "any lstmlm train option" of."""
+    from lstmlm.config import field_names
+
+    page = (COMMANDS / PAGES[name]).read_text(encoding="utf-8")
+    config_options = {"--" + f.replace("_", "-") for f in field_names()} if name == "tune" else set()
+    missing = [
+        names
+        for names in long_options(commands()[name])
+        if not set(names) & config_options and not any(re.search(re.escape(n) + r"(?![\w-])", page) for n in names)
+    ]
+    assert not missing, f"{PAGES[name]} never names {missing}"

@@ -589,6 +589,14 @@ def test_evaluate_errors_are_one_line(trained: Path, runs_copy: Path, tmp_path: 
     assert_one_error_line(cli("evaluate", *args, *run, "--runs-dir", runs_copy), fragment)
 
 
+def test_evaluate_of_an_empty_file_name_is_one_line_not_this_whole_directory(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """'' as a Path is '.': evaluate scored every file below the working directory."""
+    (tmp_path / "notes.txt").write_text("time traveller\n" * 20, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    result = cli("evaluate", "", "--run", "d2l", "--runs-dir", trained)
+    assert_one_error_line(result, "give a FILE to score, or --part val|test for the run's own text (not both)")
+
+
 # ---- --run is a name under --runs-dir, in every command --------------------------------------------
 
 

@@ -345,6 +345,7 @@ def test_a_file_that_is_not_text_is_summarized_in_bytes(tmp_path: Path, content:
         ({"name_or_url": "http://127.0.0.1/a.txt", "sha1": "g" * 40}, "--sha1 must be 40 hexadecimal digits"),
         ({"name_or_url": "timemachine", "sha1": WRONG_SHA1}, "'timemachine' has SHA-1 090b5e7e"),
         ({"name_or_url": "http://127.0.0.1/a.txt", "url": "http://127.0.0.1/b.txt"}, "--url is for a known corpus"),
+        ({"name_or_url": "http://[::1/a.txt"}, "http://[::1/a.txt: not a valid URL (Invalid IPv6 URL)"),
     ],
 )
 def test_bad_requests_are_refused(kwargs: dict[str, str], message: str) -> None:
@@ -438,6 +439,7 @@ def test_cli_network_failures_are_one_line(served: LoopbackServer, cache: Path, 
     [
         (("nope",), "unknown corpus 'nope'"),
         (("http://127.0.0.1/a.txt", "--sha1", "xyz"), "--sha1 must be 40 hexadecimal digits"),
+        (("http://[::1/a.txt",), "http://[::1/a.txt: not a valid URL (Invalid IPv6 URL)"),
     ],
 )
 def test_cli_bad_requests_are_one_line(args: tuple[str, ...], fragment: str, cache: Path) -> None:

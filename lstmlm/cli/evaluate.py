@@ -17,7 +17,7 @@ from .train import baselines_line
 
 
 def evaluate(
-    file: Annotated[Path | None, typer.Argument(help="A text file (or directory, or glob) to score.")] = None,
+    file: Annotated[str | None, typer.Argument(help="A text file (or directory, or glob) to score.")] = None,
     part: Annotated[str | None, typer.Option("--part", help="Score the run's own validation or test text instead: val or test.")] = None,
     run: options.Run = None,
     best: options.Best = False,
@@ -29,8 +29,9 @@ def evaluate(
     """Perplexity and bits per character (per byte for a bytes model) of a text under a trained model."""
     from ..inference import evaluate as score_text
 
+    path = Path(file) if file else None  # '' names no file: as a Path it would be '.', this whole directory
     with corpus_progress() as progress:
-        score = score_text(runs_dir, run, file, part, best, device, precision, progress)
+        score = score_text(runs_dir, run, path, part, best, device, precision, progress)
     what = str(file) if file is not None else f"{part} text"
     if as_json:
         print_json({"file": str(file) if file is not None else None, "part": part, **dataclasses.asdict(score)})

@@ -140,7 +140,11 @@ def resolve_target(name_or_url: str, url: str | None = None, sha1: str | None = 
 def cached_name(url: str) -> str:
     """The cache's file name for a URL: its own name with a digest of the whole URL, so two
     addresses that end alike (".../input.txt") never share a file."""
-    name = Path(urllib.parse.urlparse(url).path).name or "corpus.txt"
+    try:
+        path = urllib.parse.urlparse(url).path
+    except ValueError as e:  # a bracket left open: http://[::1/a.txt
+        raise DownloadError(f"{url}: not a valid URL ({e})") from None
+    name = Path(path).name or "corpus.txt"
     stem, suffix = (name.rsplit(".", 1)[0], "." + name.rsplit(".", 1)[1]) if "." in name.strip(".") else (name, "")
     return f"{stem}-{hashlib.sha1(url.encode()).hexdigest()[:10]}{suffix}"
 

@@ -148,15 +148,17 @@ at::Tensor sample(const at::Tensor& ids, int64_t steps, int64_t vocab, const at:
   at::Tensor chosen = at::empty({steps, batch}, ids.options());
   std::vector<int64_t> X(data<int64_t>(ids), data<int64_t>(ids) + batch);
   const at::Tensor& logits = Pk.back();  // (batch, vocab + blocks·H): the logits first
+  const bool wide = logits.scalar_type() == at::kFloat;
+  const int64_t stride = logits.size(1);
   for (int64_t t = 0; t < steps; ++t) {
     dispatch_step<Cell>(X.data(), table, W, H1, Pk, S);
     at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {  // rows on the cores where there are enough of them
       std::vector<int64_t> id(vocab);
       std::vector<float> w(vocab), x(vocab);
+      const float* f32 = wide ? data<float>(logits) : nullptr;
+      const bf16* b16 = wide ? nullptr : data<bf16>(logits);
       for (int64_t b = begin; b < end; ++b) {
-        const int64_t row = b * logits.size(1);
-        for (int64_t v = 0; v < vocab; ++v)
-          x[v] = table.scalar_type() == at::kBFloat16 ? to_float(data<bf16>(logits)[row + v]) : data<float>(logits)[row + v];
+        for (int64_t v = 0; v < vocab; ++v) x[v] = wide ? f32[b * stride + v] : to_float(b16[b * stride + v]);
         X[b] = rows.pick(x.data(), vocab, b, t, id, w);
         data<int64_t>(chosen)[t * batch + b] = X[b];
       }

@@ -637,11 +637,15 @@ void step_typed(const int64_t* ids, const at::Tensor& table, at::TensorList W, a
   float* wide = widened.data();  // this thread's buffer: in the lambda below `widened` would be each worker's own
   for (size_t k = 0; k < W.size(); ++k) {
     const int64_t width = Pk[k].size(1), in = width - rows;  // P[k]: the reader's input, then the recurrent term
+    const int64_t below = k == 0 ? rows : Pk[k - 1].size(1);  // a row's stride in what the layer reads
+    const P* reads = k == 0 ? data<P>(table) : data<P>(Pk[k - 1]);
+    P *const products = data<P>(Pk[k]), *const H1k = data<P>(H1[k]);
+    float* const Sk = data<float>(S[k]);
     at::parallel_for(0, batch, 8, [&](int64_t begin, int64_t end) {  // rows on the cores where there are enough of them
       for (int64_t b = begin; b < end; ++b) {
-        const P* input = k == 0 ? data<P>(table) + ids[b] * rows : data<P>(Pk[k - 1]) + b * Pk[k - 1].size(1);
-        P* H = data<P>(H1[k]) + b * K;
-        Cell::row(data<P>(Pk[k]) + b * width + in, input, data<float>(S[k]) + b * hiddens, H, hiddens);
+        const P* input = reads + (k == 0 ? ids[b] : b) * below;
+        P* H = H1k + b * K;
+        Cell::row(products + b * width + in, input, Sk + b * hiddens, H, hiddens);
         if constexpr (!std::is_same_v<P, float>)
           for (int64_t j = 0; j < K; ++j) wide[b * K + j] = to_float(H[j]);
       }

@@ -133,23 +133,32 @@ def prime(
     like: Stepper | LoopStepper | None = None,
 ) -> tuple[Stepper | LoopStepper, torch.Tensor]:
     """A stepper of `rows` rows that have read `context` (tokens) but its last, from `state`
-    (default: zeros), and that last token's ids (rows,): what the first step reads. `like`: a
-    stepper of this model, rows and precision whose weights the new one shares.
+    (default: zeros; one row, which every row starts from, or `rows`), and that last token's
+    ids (rows,): what the first step reads. `like`: a stepper of this model, rows and precision
+    whose weights the new one shares.
 
     Up to READ_BY_STEPS tokens are read by the stepper itself, a step each, the rest by the
     model's forward over them all (`read`): the forward's fixed cost (its compiled sequence
     sets up for training, ~0.25 ms on the d2l model) outweighs a short prefix's steps (~20 µs
-    each), and a server reads a prefix per request."""
+    each), and a server reads a prefix per request. A forward from one row's state reads for one
+    row, then every row takes its copy: the rows read the same tokens, and a forward's products
+    may round otherwise at another batch, where each row must be what it is alone."""
     device = model.W_hq.device
     ids = [vocab.index[token] for token in context]
     last = torch.tensor(ids[-1:], device=device).repeat(rows)  # (rows,)
-    state = state if state is not None else model.begin_state(rows)
+    state = state if state is not None else model.begin_state(1)
     if len(ids) - 1 > READ_BY_STEPS:
         state, ids = read(model, vocab, context[:-1], state, precision), ids[-1:]
+    state = as_rows(state, rows)
     step = like.with_state(state) if like is not None else stepper(model, state, step_dtype(precision, model, rows))
     for i in ids[:-1]:
         step([i] if rows == 1 else torch.full((rows,), i, device=device))  # one row: a list, the cheapest input
     return step, last
+
+
+def as_rows(state: State, rows: int) -> State:
+    """`state` (each (layers, 1 or rows, hiddens)) with `rows` rows: a single row copied to each."""
+    return tuple(t.expand(-1, rows, -1).contiguous() if t.shape[1] != rows else t for t in state)
 
 
 @torch.inference_mode()
@@ -173,7 +182,7 @@ def _generate_chunks(
     samples, device = sampling.num_samples, model.W_hq.device
     tokens = [*context, *prefix]
     before = list(context)[: len(tokens) - 1]  # the context, read on its own, but the last token: the first step reads it
-    state = read(model, vocab, before, state if state is not None else model.begin_state(samples), precision)
+    state = read(model, vocab, before, state if state is not None else model.begin_state(1), precision)  # once for every sample
     step, last = prime(model, vocab, tokens[len(before) :], samples, precision, state)
     rows = Rows(device)
     rows.add(sampling, samples)

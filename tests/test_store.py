@@ -562,6 +562,121 @@ def test_strict_refuses_a_corpus_whose_cached_store_skipped_files(tree: Path, ru
         encode_corpus(selection, "raw", strict=True)
 
 
+@pytest.fixture
+def three(tmp_path: Path) -> Path:
+    """books/ with three text files, a.txt, b.txt and c.txt, each of a few lines."""
+    books = tmp_path / "books"
+    books.mkdir()
+    for seed, name in enumerate(("a.txt", "b.txt", "c.txt")):
+        (books / name).write_text(synthetic_text(lines=12, seed=seed), encoding="utf-8")
+    return books
+
+
+def _unlink_after_listing(monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
+    """Train's listing of the corpus, then `path` deleted: a file gone before it is read."""
+    import lstmlm.data.pipeline as pipeline_mod
+
+    listing = pipeline_mod.select
+
+    def select_then_unlink(*args: Any, **kwargs: Any) -> Selection:
+        selection = listing(*args, **kwargs)
+        path.unlink(missing_ok=True)
+        return selection
+
+    monkeypatch.setattr(pipeline_mod, "select", select_then_unlink)
+
+
+@pytest.mark.parametrize("mode", ["raw", "d2l", "bytes"])
+def test_a_file_gone_since_listed_is_skipped_or_refused_under_strict(three: Path, tiny_pieces: Any, mode: str) -> None:
+    """Pieces of 16 bytes: b.txt spans several, so the cuts planned in it read it too."""
+    tiny_pieces(16)
+    selection = select(str(three))
+    gone = three / "b.txt"
+    size = gone.stat().st_size
+    gone.unlink()
+    with pytest.raises(CorpusError, match=rf"^corpus file {gone} is unreadable \(No such file or directory\) \(--strict: no file is skipped\)$"):
+        encode_corpus(selection, mode, strict=True)
+    encoded_ = encode_corpus(selection, mode)
+    assert [(s.path, s.reason, s.size) for s in encoded_.skipped] == [(str(gone), "unreadable (No such file or directory)", size)]
+    store = encoded_.store
+    assert (store.vocab.tokens, store.ids.tolist()) == reference([three / "a.txt", three / "c.txt"], mode)
+
+
+def test_a_file_that_could_not_be_read_is_read_once_it_can_be(three: Path, tiny_pieces: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A permission given back changes no size, time or inode: the skip is not cached with the
+    corpus's stat, so the next run reads the file. (Root reads any file: the denial is staged.)"""
+    tiny_pieces(1 << 20)  # one worker: the scan runs in this process, where the patch is
+    denied = three / "b.txt"
+    reading = encode_mod._segment_bytes
+
+    def no_permission(segment: encode_mod.Segment) -> bytes:
+        if segment.path == str(denied):
+            raise PermissionError(13, "Permission denied", segment.path)
+        return reading(segment)
+
+    selection = select(str(three))
+    with monkeypatch.context() as patched:
+        patched.setattr(encode_mod, "_segment_bytes", no_permission)
+        skipped = encode_corpus(selection, "raw").skipped
+    assert [(s.path, s.reason) for s in skipped] == [(str(denied), "unreadable (Permission denied)")]
+    again = encode_corpus(selection, "raw")
+    assert again.skipped == ()
+    assert again.store.vocab.decode(again.store.ids) == "".join((three / n).read_text(encoding="utf-8") for n in ("a.txt", "b.txt", "c.txt"))
+
+
+def test_train_skips_a_file_gone_since_listed_and_says_so(three: Path, runs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gone = three / "b.txt"
+    size = gone.stat().st_size
+    _unlink_after_listing(monkeypatch, gone)
+    result = cli("train", "--corpus", three, "--runs-dir", runs_dir, "--hidden", "8", "--batch-size", "4",
+                 "--num-steps", "5", "--epochs", "1", "--device", "cpu", "--json")  # fmt: skip
+    assert result.code == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"warning: skipped {gone}: unreadable (No such file or directory)",
+        f"warning: skipped 1 file(s), {size:,} bytes (--strict refuses them instead)",
+    ]
+    data = prepare_data(RunStore.open(runs_dir / "books-scratch").config)
+    assert data.vocab.decode(torch.cat([data.train, data.val])) == "".join((three / n).read_text(encoding="utf-8") for n in ("a.txt", "c.txt"))
+
+
+def test_train_strict_refuses_a_file_gone_since_listed(three: Path, runs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gone = three / "b.txt"
+    _unlink_after_listing(monkeypatch, gone)
+    result = cli("train", "--corpus", three, "--runs-dir", runs_dir, "--strict", "--epochs", "1", "--device", "cpu")
+    assert_one_error_line(result, f"corpus file {gone} is unreadable (No such file or directory) (--strict: no file is skipped)")
+    assert not runs_dir.exists() or not any(runs_dir.iterdir())
+
+
+def _denied_even_to_root() -> Path | None:
+    """A file that exists and that no one may read: a write-only sysfs attribute, where there is one."""
+    for candidate in ("/sys/bus/pci/rescan", "/sys/kernel/mm/ksm/run", "/sys/power/wakeup_count"):
+        try:
+            open(candidate, "rb").close()
+        except PermissionError:
+            return Path(candidate)
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.skipif(_denied_even_to_root() is None, reason="no file here that root may not read")
+def test_train_skips_a_file_without_read_permission_and_strict_refuses_it(three: Path, runs_dir: Path) -> None:
+    """Root reads a file of mode 000; a write-only sysfs attribute it may not read (a link to one
+    in the corpus is a file of it, as any link to a file is)."""
+    denied = three / "b.txt"
+    denied.unlink()
+    denied.symlink_to(_denied_even_to_root() or "")
+    result = cli("train", "--corpus", three, "--runs-dir", runs_dir, "--strict", "--epochs", "1", "--device", "cpu")
+    assert_one_error_line(result, f"corpus file {denied} is unreadable (Permission denied) (--strict: no file is skipped)")
+    result = cli("train", "--corpus", three, "--runs-dir", runs_dir, "--hidden", "8", "--batch-size", "4",
+                 "--num-steps", "5", "--epochs", "1", "--device", "cpu", "--json")  # fmt: skip
+    assert result.code == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"warning: skipped {denied}: unreadable (Permission denied)",
+        f"warning: skipped 1 file(s), {denied.stat().st_size:,} bytes (--strict refuses them instead)",
+    ]
+
+
 def test_an_empty_glob_names_the_pattern(tmp_path: Path, runs_dir: Path) -> None:
     pattern = str(tmp_path / "nothing" / "**" / "*.txt")
     assert_one_error_line(cli("train", "--corpus", pattern, "--runs-dir", runs_dir), f"no files match the corpus pattern {pattern!r}")

@@ -89,6 +89,14 @@ def _find_cut(path: str, offset: int, size: int, mode: str) -> int | None:
         return None
     if mode == "bytes":
         return offset
+    try:
+        return _cut_at_or_after(path, offset, size, mode)
+    except OSError:  # all of it in this piece: the scan finds it unreadable, and skips or refuses it
+        return None
+
+
+def _cut_at_or_after(path: str, offset: int, size: int, mode: str) -> int | None:
+    """`_find_cut`, reading the file: an OSError where it cannot be read."""
     with open(path, "rb") as f:
         if mode == "raw":  # before a byte that starts a character (a valid one has ≤ 3 continuation bytes)
             f.seek(offset)
@@ -112,9 +120,12 @@ def _ends_a_line(path: str, size: int) -> bool:
     """The file's last byte ends a line (so the next file starts a new one)."""
     if size == 0:
         return True
-    with open(path, "rb") as f:
-        f.seek(size - 1)
-        return f.read(1) in LINE_ENDS
+    try:
+        with open(path, "rb") as f:
+            f.seek(size - 1)
+            return f.read(1) in LINE_ENDS
+    except OSError:  # the scan finds it unreadable; until then the piece goes on
+        return False
 
 
 # ---- reading a piece -------------------------------------------------------------------------------
@@ -122,34 +133,62 @@ def _ends_a_line(path: str, size: int) -> bool:
 
 @dataclass(frozen=True)
 class Problem:
-    """Why a file cannot be read as text: a NUL byte (binary) or bytes that are not UTF-8."""
+    """Why a file cannot be read as text: it cannot be read at all (no permission, gone since it
+    was listed, an I/O error), a NUL byte (binary) or bytes that are not UTF-8."""
 
     file: int
-    kind: str  # "nul" or "utf8"
+    kind: str  # "io", "nul" or "utf8"
     offset: int  # in the file
+    error: str = ""  # the OS's reason, for "io"
 
 
 def _read(segment: Segment) -> bytes:
     """A segment's bytes. A file that cannot be read, or changed since it was listed, is a
     CorpusError (an OSError here would read as a store that cannot be written)."""
     try:
-        with open(segment.path, "rb") as f:
-            f.seek(segment.start)
-            data = f.read(segment.size)
+        return _segment_bytes(segment)
     except OSError as e:
         raise CorpusError(f"cannot read corpus file {segment.path}: {e.strerror or e}") from None
+
+
+def _segment_bytes(segment: Segment) -> bytes:
+    """A segment's bytes: an OSError where its file cannot be read (the scan skips such a file),
+    a CorpusError where it is shorter than when listed."""
+    with open(segment.path, "rb") as f:
+        f.seek(segment.start)
+        data = f.read(segment.size)
     if len(data) != segment.size:
         raise CorpusError(f"corpus file {segment.path} changed while it was read (it is shorter than when listed)")
     return data
 
 
+def _unreadable(segment: Segment, e: OSError) -> Problem:
+    return Problem(segment.file, "io", segment.start, e.strerror or str(e))
+
+
+def _unopenable(piece: Piece) -> list[Problem]:
+    """The problems of the segments whose file cannot be opened (bytes mode reads none in its
+    scan: a file it cannot read is found here, before the encoding pass would fail on it)."""
+    problems = []
+    for segment in piece:
+        try:
+            open(segment.path, "rb").close()
+        except OSError as e:
+            problems.append(_unreadable(segment, e))
+    return problems
+
+
 def _texts(piece: Piece) -> tuple[list[str | bytes], list[Problem]]:
     """Each segment's text — as ASCII bytes where it is pure ASCII (no decoding needed), else as
-    a decoded str — and the problems of those that are not text."""
+    a decoded str — and the problems of those that cannot be read or are not text."""
     texts: list[str | bytes] = []
     problems: list[Problem] = []
     for segment in piece:
-        data = _read(segment)
+        try:
+            data = _segment_bytes(segment)
+        except OSError as e:  # a problem like a NUL byte: the file is skipped, or refused under --strict
+            problems.append(_unreadable(segment, e))
+            continue
         nul = data.find(b"\x00")
         if nul >= 0:
             problems.append(Problem(segment.file, "nul", segment.start + nul))
@@ -195,7 +234,7 @@ def scan(piece: Piece, mode: str) -> Scan:
     """A piece's problems, length in tokens and character counts (with first offsets in d2l
     mode, whose vocabulary breaks count ties by first appearance)."""
     if mode == "bytes":
-        return Scan([], sum(s.size for s in piece))
+        return Scan(_unopenable(piece), sum(s.size for s in piece))
     texts, problems = _texts(piece)
     texts = _normalized(texts, mode)
     counts = np.zeros(0, dtype=np.int64)

@@ -1,6 +1,6 @@
 """Which files a corpus is: one file, a directory's files, or a glob's, in a stable order.
 
-    select("book.txt")             one file: a bad one (empty, binary, not UTF-8) is an error
+    select("book.txt")             one file: a bad one (empty, unreadable, binary, not UTF-8) is an error
     select("books/")               every file below, hidden ones (.git) left out, sorted by path
     select("linux/**/*.[ch]")      a glob (** reaches into subdirectories), sorted by path
 
@@ -71,8 +71,13 @@ class Skipped:
     """A file of a directory or glob corpus left out, and why."""
 
     path: str
-    reason: str  # "empty", "not UTF-8 (invalid byte at offset 12)", "looks binary (NUL byte at offset 4)"
+    reason: str  # "empty", "unreadable (Permission denied)", "not UTF-8 (invalid byte at offset 12)", "looks binary (NUL byte at offset 4)"
     size: int
+
+    @property
+    def unreadable(self) -> bool:
+        """Left out as it could not be read (no permission, gone since listed): not for what it holds."""
+        return self.reason.startswith("unreadable")
 
 
 def select(source: str, progress: StageProgress | None = None) -> Selection:

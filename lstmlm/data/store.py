@@ -73,7 +73,8 @@ def encode_corpus(
         started = cache.now_ns()
         with Workers() as workers:
             scanned = _scan(selection, mode, strict, progress, workers)
-            cache.write_index(signature, selection, cache.IndexEntry(scanned.sha1, scanned.skipped), started)
+            if not any(s.unreadable for s in scanned.skipped):  # a permission given later changes no stat the signature keys: read it again then
+                cache.write_index(signature, selection, cache.IndexEntry(scanned.sha1, scanned.skipped), started)
             if (store := _cached(scanned.sha1, mode, vocab, damaged)) is not None:
                 return Encoded(store, scanned.skipped, (*selection.warnings, *damaged))
             if scanned.length == 0:
@@ -82,16 +83,20 @@ def encode_corpus(
             target = vocab or built
             where = cache.store_path(scanned.sha1, mode, None if target == built else target)
             store, warnings = _write(scanned, target, where, progress, scratch, workers)
-        if (changed := _changed(selection)) is not None:
+        if (changed := _changed(selection, scanned.skipped)) is not None:
             store, warnings = _uncached(store), (*warnings, f"corpus file {changed} changed while it was read: its token store is not kept")
         return Encoded(store, scanned.skipped, (*selection.warnings, *damaged, *warnings))
 
 
-def _changed(selection: Selection) -> Path | None:
-    """A file whose size, modification time or inode is not what the listing saw, if any.
+def _changed(selection: Selection, skipped: tuple[Skipped, ...]) -> Path | None:
+    """A file read whose size, modification time or inode is not what the listing saw, if any.
     A file that only grew was encoded and hashed as listed (its first `size` bytes); one
-    rewritten in place meanwhile may have been hashed, scanned and encoded as different texts."""
+    rewritten in place meanwhile may have been hashed, scanned and encoded as different texts.
+    A skipped file is none of the store's text (one gone since listed is skipped, not changed)."""
+    left_out = {s.path for s in skipped}
     for f in selection.files:
+        if str(f.path) in left_out:
+            continue
         try:
             st = os.stat(f.path)
         except OSError:
@@ -143,8 +148,8 @@ class Scanned:
 
 def _scan(selection: Selection, mode: str, strict: bool, progress: StageProgress | None, workers: Workers) -> Scanned:
     """Hash every file (in a thread: hashlib releases the GIL) while the pieces are scanned. A file
-    that is empty is skipped at once; one that is not text is skipped and the rest scanned again
-    without it (rare: the pieces around it may have read across it)."""
+    that is empty is skipped at once; one that cannot be read or is not text is skipped and the
+    rest scanned again without it (rare: the pieces around it may have read across it)."""
     skipped = _empty(selection, strict)
     files = [i for i in range(len(selection.files)) if i not in skipped]
     digests: dict[int, str] = {}
@@ -210,23 +215,32 @@ def _hash_files(files: list[CorpusFile], indices: list[int], digests: dict[int, 
 
 
 def _problems(selection: Selection, problems: list[Problem], strict: bool) -> dict[int, Skipped]:
-    """The files that are not text, each with its first problem (a NUL byte, as reading the file
-    whole finds it, before any invalid UTF-8); an error for a single file or under --strict."""
+    """The files that cannot be read or are not text, each with its first problem (as reading
+    the file whole finds it: a read error, then a NUL byte, then invalid UTF-8); an error for a
+    single file or under --strict."""
     first: dict[int, Problem] = {}
     for p in problems:
         seen = first.get(p.file)
-        if seen is None or (p.kind, p.offset) < (seen.kind, seen.offset):  # "nul" sorts before "utf8"
+        if seen is None or (p.kind, p.offset) < (seen.kind, seen.offset):  # "io" sorts before "nul", "nul" before "utf8"
             first[p.file] = p
     bad = {}
     for i, p in sorted(first.items()):
         f = selection.files[i]
-        reason = f"looks binary (NUL byte at offset {p.offset})" if p.kind == "nul" else f"is not UTF-8 (invalid byte at offset {p.offset})"
+        reason = _reason_for(p)
         if not selection.many:
-            raise CorpusError(f"corpus {f.path} {reason}")
+            raise CorpusError(f"cannot read corpus file {f.path}: {p.error}" if p.kind == "io" else f"corpus {f.path} {reason}")
         bad[i] = Skipped(str(f.path), reason.removeprefix("is "), f.size)
         if strict:
             raise CorpusError(_refusal(bad[i]))
     return bad
+
+
+def _reason_for(problem: Problem) -> str:
+    if problem.kind == "io":
+        return f"is unreadable ({problem.error})"
+    if problem.kind == "nul":
+        return f"looks binary (NUL byte at offset {problem.offset})"
+    return f"is not UTF-8 (invalid byte at offset {problem.offset})"
 
 
 def _vocab(scanned: Scanned) -> Vocab:

@@ -290,6 +290,14 @@ def section_of(key: str) -> str:
     raise ConfigError(f"unknown config key '{key}'")
 
 
+_KIND = {int: "an int", float: "a float", str: "a string"}  # each type with its article, for messages
+
+
+def kind(hint: Any) -> str:
+    """A type as a message names it: "an int", "a float", "a string"."""
+    return _KIND.get(hint, f"a {getattr(hint, '__name__', hint)}")
+
+
 def _coerce(table: str, key: str, value: Any, hint: Any) -> Any:
     """Check one value against its field's type; ints are accepted where floats are expected."""
     where = f"[{table}] {key}"
@@ -303,14 +311,14 @@ def _coerce(table: str, key: str, value: Any, hint: Any) -> Any:
     if hint is bool or isinstance(value, bool):
         if hint is bool and isinstance(value, bool):
             return value
-        raise ConfigError(f"{where} must be {'true or false' if hint is bool else 'a ' + hint.__name__}, not {value!r}")
+        raise ConfigError(f"{where} must be {'true or false' if hint is bool else kind(hint)}, not {value!r}")
     if hint is float and isinstance(value, int):
         try:
             value = float(value)
         except OverflowError:  # an integer beyond any float (JSON has no limit)
             raise ConfigError(f"{where} must be a finite number, and this integer is too large") from None
     if not isinstance(value, hint):
-        raise ConfigError(f"{where} must be a {hint.__name__}, not {value!r}")
+        raise ConfigError(f"{where} must be {kind(hint)}, not {value!r}")
     if hint is int and not -(2**63) <= value < 2**63:  # torch's sizes are 64-bit
         raise ConfigError(f"{where} is too large")
     if hint is float and not math.isfinite(value):

@@ -487,11 +487,11 @@ def test_device_cuda_without_cuda(train_into: Any, corpus_file: Path) -> None:
     [
         ("[train]\nepochs = 3\nlearning_rate = 0.1\n", "unknown config key 'learning_rate' in [train]"),
         ("[optim]\nlr = 0.1\n", "unknown config table [optim]"),
-        ('[train]\nepochs = "many"\n', "[train] epochs must be a int, not 'many'"),
+        ('[train]\nepochs = "many"\n', "[train] epochs must be an int, not 'many'"),
         ("[train\nepochs = 3\n", "is not valid TOML"),
         ("epochs = 3\n", "unknown config table [epochs]"),
         ("[model]\ndropout = nan\n", "[model] dropout must be a finite number, not nan"),
-        ("[model]\nhidden = 1e999\n", "[model] hidden must be a int, not inf"),
+        ("[model]\nhidden = 1e999\n", "[model] hidden must be an int, not inf"),
     ],
 )
 def test_bad_config_files(train_into: Any, corpus_file: Path, tmp_path: Path, toml: str, fragment: str) -> None:

@@ -128,6 +128,21 @@ def test_bad_regularization_is_refused_by_name(overrides: dict[str, object], mes
         Config().with_overrides(overrides)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"hidden": "many"}, "[model] hidden must be an int, not 'many'"),
+        ({"hidden": True}, "[model] hidden must be an int, not True"),
+        ({"dropout": "half"}, "[model] dropout must be a float, not 'half'"),
+        ({"dropout": False}, "[model] dropout must be a float, not False"),
+        ({"corpus": 3}, "[data] corpus must be a string, not 3"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_named_with_its_article(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        Config().with_overrides(overrides)
+
+
 def test_awd_lstm_settings_are_accepted_and_plain_dropout_still_needs_nothing(tmp_path: Path) -> None:
     assert Config().with_overrides({"dropout": 0.5}).model.dropout == 0.5  # one-hot, one layer: as before
     path = tmp_path / "awd.toml"

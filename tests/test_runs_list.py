@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from lstmlm.runs import RunStore
+
 from support.cli import LiveProcess, Result, assert_no_torch, assert_one_error_line, cli, strict_json
 from support.tiny import CONFIGS, synthetic_text
 
@@ -311,6 +313,25 @@ def test_show_prints_the_config_history_and_the_command(made: Path) -> None:
     assert as_json["config"]["train"]["optimizer"] == "adam" and as_json["continue"] == f"lstmlm train --resume --run raw --runs-dir {made}"
     assert_one_error_line(cli("runs", "show", "nope", "--runs-dir", made), "no run nope in")
     assert_one_error_line(cli("runs", "show", "../raw", "--runs-dir", made), "--run must be a plain name")
+
+
+def test_show_lists_each_config_key_once(made: Path) -> None:
+    words = cli("runs", "show", "bytes", "--runs-dir", made).stdout.split()
+    assert (words.count("cell"), words.count("hidden"), words.count("epochs")) == (1, 1, 1)
+    assert words[words.index("cell") + 1] == "lstm"
+
+
+def test_show_on_a_training_without_a_checkpoint_yet_says_so_and_offers_nothing(runs_copy: Path) -> None:
+    run = runs_copy / "raw"
+    for checkpoint in run.glob("*.pt"):  # as a training is before its first checkpoint
+        checkpoint.unlink()
+    with RunStore(run).locked():  # held as a training holds it, with this process's pid
+        shown = cli("runs", "show", "raw", "--runs-dir", runs_copy)
+        as_json = strict_json(cli("runs", "show", "raw", "--runs-dir", runs_copy, "--json").stdout)
+    assert shown.code == 0
+    assert shown.stdout.splitlines()[0].startswith(f"run raw  training (pid {os.getpid()})")
+    assert shown.stdout.splitlines()[-1] == "training now, with no checkpoint yet"
+    assert (as_json["state"], as_json["checkpoint"], as_json["continue"]) == ("training", False, None)
 
 
 # ---- runs rm ------------------------------------------------------------------------------------------

@@ -286,6 +286,23 @@ def test_usage_and_setting_errors(tune_args: list[str], args: list[str], code: i
         assert result.code == 2 and message in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("text", "args", "message"),
+    [
+        (b"", [], "corpus {corpus} is empty"),
+        (b"text\x00more text", [], "corpus {corpus} looks binary (NUL byte at offset 4)"),
+        (None, ["--normalize", "d2l", "--val-fraction", "0"], "no validation text: give --val-fraction or --split"),
+    ],
+)
+def test_a_corpus_refused_leaves_no_study_database_behind(
+    tune_args: list[str], corpus_file: Path, runs_dir: Path, text: bytes | None, args: list[str], message: str
+) -> None:
+    if text is not None:
+        corpus_file.write_bytes(text)
+    assert_one_error_line(cli(*tune_args, *args), message.format(corpus=corpus_file))
+    assert not runs_dir.exists()  # neither tune-s.db nor the directory made for it
+
+
 def test_minutes_are_required(corpus_file: Path) -> None:
     result: Result = cli("tune", "--corpus", corpus_file)
     assert result.code == 2 and "Missing option '--minutes'" in result.stderr

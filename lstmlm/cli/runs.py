@@ -177,7 +177,6 @@ def config_table(run: Run) -> Table:
     for style in ("dim", "", "dim", ""):
         table.add_column(style=style)
     rows = [(k, escape(visible(str(v)))) for section in run.config.to_dict().values() for k, v in section.items()]
-    rows.insert(0, ("cell", escape(visible(str(run.cell)))))
     half = (len(rows) + 1) // 2
     for left, right in zip(rows[:half], [*rows[half:], ("", "")]):
         table.add_row(*left, *right)
@@ -212,10 +211,10 @@ def continuing(run: Run, command: str | None) -> str:
     """How to continue the run, as the state has it."""
     if run.config is None:
         return "it cannot be continued while its config.json cannot be read"
+    if run.state == runsummary.TRAINING:  # not stopped, so whether it can be continued is not known yet
+        return f"training now; once stopped, continue with: {visible(command)}" if command else "training now, with no checkpoint yet"
     if command is None:
         return f"nothing to continue: it stopped before its first checkpoint (delete it with: lstmlm runs rm {run.name})"
-    if run.state == runsummary.TRAINING:
-        return f"training now; once stopped, continue with: {visible(command)}"
     if run.state == runsummary.DONE and run.why == "completed":
         return f"continue with more epochs: {visible(command)} --epochs N"
     return f"continue with: {visible(command)}"

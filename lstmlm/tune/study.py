@@ -22,7 +22,7 @@ from ..runs import DEFAULT_RUNS_DIR
 from ..training import plan as plan_training
 from ..training import run_base_name
 from .space import Dimension, search_space
-from .storage import hide_password, holds_study, open_storage, quiet, reason
+from .storage import check_sqlite, hide_password, holds_study, open_storage, quiet, reason
 
 PRUNERS = ("median", "halving")
 
@@ -80,9 +80,11 @@ class Best:
 
 
 def open_study(setup: Setup, progress: StageProgress | None = None) -> Study:
-    """Check the setup, open the storage, read and encode the corpus (`progress` following),
+    """Check the setup, read and encode the corpus (`progress` following), open the storage,
     then make the study or join it: `load_if_exists`, so every process given the same --study
-    and --storage runs trials of the one study. A study joined must have the same settings."""
+    and --storage runs trials of the one study. A study joined must have the same settings.
+    The storage is opened (a SQLite file made) only once the corpus has passed train's checks,
+    so a tune refused for its corpus leaves no database behind."""
     if setup.pruner not in PRUNERS:
         raise ConfigError(f"--pruner must be median or halving, not {setup.pruner!r}")
     if not setup.minutes > 0:
@@ -92,12 +94,15 @@ def open_study(setup: Setup, progress: StageProgress | None = None) -> Study:
     named = (config_file.load(setup.config_file) if setup.config_file else Config()).with_overrides(setup.overrides).resolved()
     name = check_study_name(setup.study or f"{run_base_name(named)}-{setup.minutes:g}m")
     url = setup.storage or default_storage(setup.runs_dir, name)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the library prints nothing; the CLI shows the trials
-    storage = open_storage(url)  # before the corpus, which may take minutes to encode the first time
     shown = hide_password(url)
+    check_sqlite(url, shown)  # a URL refused without writing anything: before the corpus, which may take minutes to encode
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the library prints nothing; the CLI shows the trials
     base = plan_training(setup.runs_dir, None, setup.overrides, setup.config_file, default_recipe=False, progress=progress)
     if len(base.data.val) < 2:
         raise ConfigError("tune compares trials by their validation loss, and this corpus has no validation text: give --val-fraction or --split")
+    if setup.storage is None:  # the default database's directory, made once nothing is left to refuse
+        setup.runs_dir.mkdir(parents=True, exist_ok=True)
+    storage = open_storage(url)
     created = not holds_study(storage, name, shown)
     study = _create(storage, name, shown, make_pruner(setup))
     if study.direction != optuna.study.StudyDirection.MINIMIZE:
@@ -115,7 +120,6 @@ def check_study_name(name: str) -> str:
 
 
 def default_storage(runs_dir: Path, name: str) -> str:
-    runs_dir.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{runs_dir / f'tune-{name}.db'}"
 
 

@@ -624,17 +624,24 @@ def test_a_file_that_could_not_be_read_is_read_once_it_can_be(three: Path, tiny_
     assert again.store.vocab.decode(again.store.ids) == "".join((three / n).read_text(encoding="utf-8") for n in ("a.txt", "b.txt", "c.txt"))
 
 
+def _train_tiny(corpus: Path, runs_dir: Path) -> Any:
+    """One epoch of a tiny model on `corpus` through the command line, its lines in JSON."""
+    return cli("train", "--corpus", corpus, "--runs-dir", runs_dir, "--hidden", "8", "--batch-size", "4",
+               "--num-steps", "5", "--epochs", "1", "--device", "cpu", "--json")  # fmt: skip
+
+
+def _skipped_unreadable(path: Path, reason: str, size: int) -> list[str]:
+    """What train says on stderr where it skipped `path` alone, unreadable for `reason`."""
+    return [f"warning: skipped {path}: unreadable ({reason})", f"warning: skipped 1 file(s), {size:,} bytes (--strict refuses them instead)"]
+
+
 def test_train_skips_a_file_gone_since_listed_and_says_so(three: Path, runs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gone = three / "b.txt"
     size = gone.stat().st_size
     _unlink_after_listing(monkeypatch, gone)
-    result = cli("train", "--corpus", three, "--runs-dir", runs_dir, "--hidden", "8", "--batch-size", "4",
-                 "--num-steps", "5", "--epochs", "1", "--device", "cpu", "--json")  # fmt: skip
+    result = _train_tiny(three, runs_dir)
     assert result.code == 0, result.stderr
-    assert result.stderr.splitlines() == [
-        f"warning: skipped {gone}: unreadable (No such file or directory)",
-        f"warning: skipped 1 file(s), {size:,} bytes (--strict refuses them instead)",
-    ]
+    assert result.stderr.splitlines() == _skipped_unreadable(gone, "No such file or directory", size)
     data = prepare_data(RunStore.open(runs_dir / "books-scratch").config)
     assert data.vocab.decode(torch.cat([data.train, data.val])) == "".join((three / n).read_text(encoding="utf-8") for n in ("a.txt", "c.txt"))
 
@@ -668,13 +675,9 @@ def test_train_skips_a_file_without_read_permission_and_strict_refuses_it(three:
     denied.symlink_to(_denied_even_to_root() or "")
     result = cli("train", "--corpus", three, "--runs-dir", runs_dir, "--strict", "--epochs", "1", "--device", "cpu")
     assert_one_error_line(result, f"corpus file {denied} is unreadable (Permission denied) (--strict: no file is skipped)")
-    result = cli("train", "--corpus", three, "--runs-dir", runs_dir, "--hidden", "8", "--batch-size", "4",
-                 "--num-steps", "5", "--epochs", "1", "--device", "cpu", "--json")  # fmt: skip
+    result = _train_tiny(three, runs_dir)
     assert result.code == 0, result.stderr
-    assert result.stderr.splitlines() == [
-        f"warning: skipped {denied}: unreadable (Permission denied)",
-        f"warning: skipped 1 file(s), {denied.stat().st_size:,} bytes (--strict refuses them instead)",
-    ]
+    assert result.stderr.splitlines() == _skipped_unreadable(denied, "Permission denied", denied.stat().st_size)
 
 
 def test_an_empty_glob_names_the_pattern(tmp_path: Path, runs_dir: Path) -> None:

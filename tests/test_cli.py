@@ -634,3 +634,9 @@ def test_tf32_is_a_stored_option_and_a_config_bool(tiny_train_args: list[str], r
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\ntf32 = 1\n")
     assert_one_error_line(cli(*tiny_train_args, "--config", bad, "--run", "u"), "[train] tf32 must be true or false, not 1")
+
+
+def test_out_of_memory_names_the_options_of_the_command_that_ran_out() -> None:
+    """bench has no --hidden: its hint names what it has."""
+    result = cli("bench", "--vocab-size", "100000000000", "--steps", "1", "--device", "cpu")
+    assert_one_error_line(result, "out of memory allocating ", " bytes: lower --vocab-size, or the config's sizes")

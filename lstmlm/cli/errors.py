@@ -47,7 +47,7 @@ def friendly(command: F) -> F:
         except BaseException as e:
             if os.environ.get("LSTMLM_DEBUG") == "1" or isinstance(e, SystemExit):
                 raise
-            raise fail(one_line(e), 130 if isinstance(e, KeyboardInterrupt) else 1) from None
+            raise fail(one_line(e, command.__name__), 130 if isinstance(e, KeyboardInterrupt) else 1) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -61,7 +61,13 @@ def _discard_stdout() -> None:
         os.close(devnull)
 
 
-def one_line(e: BaseException) -> str:
+# What to lower where an allocation fails, by command: each names options of its own
+SMALLER = "lower --hidden, --embedding, --batch-size or --num-steps"
+MEMORY_HINTS = {"train": SMALLER, "tune": SMALLER, "generate": "lower --num-samples", "bench": "lower --vocab-size, or the config's sizes"}
+
+
+def one_line(e: BaseException, command: str = "") -> str:
+    """`e` as the one line a command prints (`command`: its name, for an out-of-memory hint)."""
     if isinstance(e, LstmlmError):
         return str(e)
     if isinstance(e, KeyboardInterrupt):
@@ -71,7 +77,7 @@ def one_line(e: BaseException) -> str:
     if isinstance(e, (MemoryError, RuntimeError)) and _out_of_memory(e):  # torch's allocators raise RuntimeError
         size = re.search(r"tried to allocate (\d+) bytes", str(e))
         what = f" allocating {int(size.group(1)):,} bytes" if size else ""
-        return f"out of memory{what}: lower --hidden, --embedding, --batch-size or --num-steps"
+        return f"out of memory{what}: " + MEMORY_HINTS.get(command, "more than this machine has")
     first = (str(e).strip().splitlines() or [""])[0][:200]
     return f"internal error: {type(e).__name__}: {first} (LSTMLM_DEBUG=1 shows the traceback; please report it)"
 

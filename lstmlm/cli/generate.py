@@ -120,7 +120,7 @@ def converse(conversation: Conversation, raw: bool) -> None:
         except KeyboardInterrupt:
             write("\n", raw)
         except LstmlmError as e:
-            fail(one_line(e))  # printed; the loop goes on
+            fail(one_line(e, "generate"))  # printed; the loop goes on
         finally:
             if generation is not None:
                 generation.steps.close()

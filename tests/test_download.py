@@ -85,6 +85,11 @@ def test_success_writes_the_verified_file(served: LoopbackServer, cache: Path) -
     assert served.requests == ["/corpus.txt"]
 
 
+def test_a_scheme_in_capitals_is_a_url_as_any(served: LoopbackServer, cache: Path) -> None:
+    url = served.url("corpus.txt").replace("http://", "HTTP://")
+    assert download(resolve_target(url, sha1=PAYLOAD_SHA1, directory=cache)).read_bytes() == PAYLOAD
+
+
 def test_progress_reports_every_byte(served: LoopbackServer, cache: Path) -> None:
     reports: list[tuple[int, int | None]] = []
     download(target_for(served, cache), progress=lambda done, total: reports.append((done, total)))

@@ -128,7 +128,7 @@ def resolve_target(name_or_url: str, url: str | None = None, sha1: str | None = 
             raise DownloadError(f"'{known.name}' has SHA-1 {known.sha1}; --sha1 {sha1} contradicts it")
         extracted = root / known.member if known.member else None
         return Target(url or known.url, known.sha1, root / known.filename, known.member, extracted)
-    if not re.match(r"^https?://", name_or_url):
+    if not re.match(r"^https?://", name_or_url, re.IGNORECASE):  # a scheme is case-insensitive (RFC 3986)
         raise DownloadError(f"unknown corpus '{name_or_url}': use one of {', '.join(KNOWN)} or an http(s) URL")
     if url is not None:
         raise DownloadError("--url is for a known corpus name; pass the URL itself instead")

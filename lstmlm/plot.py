@@ -36,16 +36,17 @@ class Series:
     run: str
     metric: str  # "perplexity" or "bits per character"
     split: str  # "train" or "validation"
-    epochs: list[int]
+    epochs: list[float]  # an epoch's end (1, 2, ...), or a validation within one (1.25: a quarter into the second)
     values: list[float]
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """A run's epoch records, oldest first; a run without a finished epoch has nothing to plot."""
+    """A run's records, in the order of their epochs (an epoch's, and a validation's within one);
+    a run with neither a finished epoch nor a validation has nothing to plot."""
     store = RunStore.open(Path(run_dir))
     records = sorted(store.read_metrics(), key=lambda r: r.get("epoch", 0))
     if not records:
-        raise PlotError(f"run {store.root} has no finished epoch to plot yet")
+        raise PlotError(f"run {store.root} has no finished epoch or validation to plot yet")
     return records
 
 
@@ -56,7 +57,7 @@ def baseline_perplexities(b: Baselines | None) -> list[tuple[str, float]]:
     return [(name, 2.0 ** getattr(b, name)) for name in ("bigram", "unigram", "uniform")]
 
 
-def _points(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+def _points(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
     """(epochs, values) of the records that have a finite `key` (validation may be off)."""
     kept = [(r["epoch"], float(r[key])) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
     return [e for e, _ in kept], [v for _, v in kept]
@@ -140,7 +141,7 @@ def perplexity_chart(records: list[dict[str, Any]], width: int = 72, height: int
     canvas = BrailleCanvas(plot_width, plot_height)
     dots_x, dots_y = 2 * plot_width - 1, 4 * plot_height - 1
 
-    def x_of(epoch: int) -> float:
+    def x_of(epoch: float) -> float:
         return dots_x * (epoch - first) / (last - first) if last > first else dots_x / 2
 
     def y_of(value: float) -> float:  # 0 at the top
@@ -165,7 +166,7 @@ def perplexity_chart(records: list[dict[str, Any]], width: int = 72, height: int
         chart.append_text(row)
         chart.append("\n")
     chart.append(" " * gutter + "└" + "─" * plot_width + "\n", "dim")
-    left, right = f"epoch {first}", str(last)
+    left, right = f"epoch {first:g}", f"{last:g}"
     chart.append(" " * (gutter + 1) + left + right.rjust(plot_width - len(left)) + "\n", "dim")
     chart.append(" " * (gutter + 1))
     chart.append("━ train", TRAIN_STYLE)

@@ -7,7 +7,7 @@
                               its last training ended ("done": why, when, epochs, tokens, time)
     runs/NAME/latest.pt       weights + trainer state, rewritten every few epochs (checkpoint.py)
     runs/NAME/best.pt         the checkpoint with the best validation perplexity so far
-    runs/NAME/metrics.jsonl   one JSON line per epoch
+    runs/NAME/metrics.jsonl   one JSON line per epoch, and per validation within one
     runs/NAME/.lock           held (flock) by the one training that writes here
 
 A run is claimed by linking its config.json into place, which fails if one is there: of two
@@ -280,9 +280,15 @@ class RunStore:
                 records.append(json.loads(line))
         return records
 
-    def truncate_metrics(self, last_epoch: int) -> None:
-        """Drop the epochs after `last_epoch`: a crash may have logged epochs no checkpoint holds."""
-        kept = [r for r in self.read_metrics() if r.get("epoch", 0) <= last_epoch]
+    def truncate_metrics(self, last_epoch: int, last_step: int | None = None) -> None:
+        """Drop the records after the checkpoint's step `last_step` (where a record has its step;
+        else after `last_epoch`): a crash may have logged epochs and validations no checkpoint holds."""
+
+        def held(r: dict[str, Any]) -> bool:
+            step = r.get("global_step")
+            return step <= last_step if last_step is not None and type(step) is int else r.get("epoch", 0) <= last_epoch
+
+        kept = [r for r in self.read_metrics() if held(r)]
         write_text_atomic(self.metrics_path, "".join(json_line(r) + "\n" for r in kept), "run's metrics")
 
 

@@ -95,14 +95,15 @@ class Trainer:
         self._said_eager = False
         self.train_perplexity = math.nan  # the last completed epoch's
         self._norm_steps = 0  # this session's steps in the current epoch, whose gradient norms `grad_norms` sums
+        self._epoch_length = self.steps_per_epoch  # the current epoch's batches
 
     def resume(self) -> None:
         """Continue from the run's latest checkpoint (weights, optimizer, schedule, RNGs, position),
         keeping best.pt unless a better model comes."""
         self.progress = self.checkpoints.resume(self.cfg)
         if self.world.is_main:
-            self.store.truncate_metrics(self.progress.epoch)
-            records = self.store.read_metrics()
+            self.store.truncate_metrics(self.progress.epoch, self.progress.global_step)
+            records = [r for r in self.store.read_metrics() if type(r.get("epoch")) is int]  # the epochs', not a validation's within one
             if records and isinstance(records[-1].get("train_perplexity"), float):
                 self.train_perplexity = records[-1]["train_perplexity"]
 
@@ -126,6 +127,7 @@ class Trainer:
         p = self.progress
         while p.epoch < self.cfg.train.epochs:
             rng, epoch = self._epoch_batches()
+            self._epoch_length = len(epoch)  # its batches (one more than steps_per_epoch at some offsets)
             carry = own_rows(p.carry, self.cfg.data.batch_size, self.world, self.device)
             # this process's share of the epoch's loss sum; the saved sum is the global one
             loss_sum = torch.tensor(p.loss_sum if self.world.is_main else 0.0, dtype=torch.float64, device=self.device)
@@ -221,7 +223,25 @@ class Trainer:
         if better:
             yield self._save(BEST)
         self._validated_at = p.global_step
+        if p.batch > 0 and self.world.is_main:  # within an epoch (at its end the epoch's record holds it)
+            self.store.append_metrics(self._within_epoch(loss))
         yield Evaluated(p.epoch, p.global_step, perplexity(loss), bits_per_char(loss), better, val_loss=loss)
+
+    def _within_epoch(self, val_loss: float) -> dict[str, Any]:
+        """The metrics of a validation within an epoch, its epoch a fraction (1.25: a quarter into
+        the second), the training perplexity the epoch's so far. On a corpus whose epoch outlasts
+        the run's minutes they are all a chart has: an epoch's record comes only at its end."""
+        p = self.progress
+        train_loss = p.loss_sum / p.tokens if p.tokens else math.nan
+        return {
+            "epoch": round(p.epoch + p.batch / self._epoch_length, 4),
+            "global_step": p.global_step,
+            "train_perplexity": perplexity(train_loss) if p.tokens else None,
+            "train_loss": train_loss if p.tokens else None,
+            "val_perplexity": perplexity(val_loss),
+            "val_bpc": bits_per_char(val_loss),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+        }
 
     def _patience_spent(self) -> bool:
         patience = self.cfg.train.patience

@@ -68,6 +68,14 @@ def test_chart_draws_falling_perplexity_from_top_left_to_bottom_right() -> None:
     assert max(len(line) for line in lines) <= 60
 
 
+def test_validations_within_a_first_epoch_not_yet_finished_are_the_chart(tmp_path: Path) -> None:
+    """A corpus whose epoch outlasts the run: its validations' lines, at fractions of an epoch."""
+    within = [{"epoch": f, "global_step": i, "train_perplexity": 30.0 - 10 * f, "val_perplexity": 31.0 - 10 * f} for i, f in enumerate((0.25, 0.5, 0.75), 1)]
+    lines = render(plot.perplexity_chart(plot.read_metrics(fake_run(tmp_path, "long", within)), width=60, height=6))
+    assert any("epoch 0.25" in line and line.rstrip().endswith("0.75") for line in lines)
+    assert "━ train" in lines[-1] and "━ validation" in lines[-1]
+
+
 def test_chart_without_validation_has_one_series_and_a_single_epoch_still_shows() -> None:
     lines = render(plot.perplexity_chart(records(1, with_val=False), width=40, height=4))
     assert "validation" not in lines[-1]
@@ -171,7 +179,7 @@ def test_plot_refuses_unknown_formats_empty_runs_and_missing_runs(tmp_path: Path
     fake_run(tmp_path, "empty", [])
     with pytest.raises(PlotError, match=r"\.png or \.svg"):
         plot.plot_runs([tmp_path / "r"], tmp_path / "out.pdf")
-    with pytest.raises(PlotError, match="no finished epoch"):
+    with pytest.raises(PlotError, match="no finished epoch or validation"):
         plot.read_metrics(tmp_path / "empty")
     result = cli("plot", "nope", "--runs-dir", str(tmp_path))
     assert result.code == 1 and "no run at" in result.stderr

@@ -520,6 +520,38 @@ def test_eval_every_validates_every_n_steps_across_epoch_edges(make_trainer: Mak
         assert events[i].val_perplexity == last.val_perplexity
 
 
+def test_a_validation_within_an_epoch_is_a_line_of_the_metrics_at_its_fraction(make_trainer: MakeTrainer, scripted_validation: Any) -> None:
+    """Every 5 steps: a validation that is not at an epoch's end logs its own line, its epoch
+    the fraction of the epochs done and its training perplexity the epoch's so far; the
+    epochs' own lines are as ever."""
+    trainer = make_trainer(epochs=2, eval_every=5)
+    at = scripted_validation(trainer, [3.0 - 0.01 * i for i in range(100)])
+    events = list(trainer.run())
+    records = trainer.store.read_metrics()
+    assert [r["epoch"] for r in records if type(r["epoch"]) is int] == [1, 2]
+    within = [r for r in records if type(r["epoch"]) is float]
+    ends = [e.global_step for e in events if isinstance(e, EpochEnded)]
+    assert [r["global_step"] for r in within] == [step for step in at if step not in ends]
+    first_epoch = [r for r in within if r["global_step"] < ends[0]]
+    assert [r["epoch"] for r in first_epoch] == [round(r["global_step"] / ends[0], 4) for r in first_epoch]
+    assert all(0 < r["epoch"] % 1 and r["train_perplexity"] > 1 for r in within)
+    assert within[0]["val_perplexity"] == pytest.approx(math.exp(3.0))
+
+
+def test_a_resume_keeps_the_validations_its_checkpoint_holds_and_drops_the_rest(make_trainer: MakeTrainer) -> None:
+    """Killed after a validation within the first epoch that no checkpoint holds: its line goes
+    on resume, those before the checkpoint stay."""
+    trainer = make_trainer(epochs=2, eval_every=2, checkpoint_every=4)
+    for event in trainer.run():
+        if type(event).__name__ == "Evaluated" and event.global_step == 6:
+            break  # "killed" after validating at step 6, whose checkpoint is never written
+    assert [r["global_step"] for r in trainer.store.read_metrics()] == [2, 4, 6]
+    again = make_trainer(epochs=2, eval_every=2, checkpoint_every=4)
+    again.resume()
+    assert again.progress.global_step == 4
+    assert [r["global_step"] for r in again.store.read_metrics()] == [2, 4]
+
+
 def test_patience_stops_at_the_epoch_that_spends_it_saving_latest_once(make_trainer: MakeTrainer, scripted_validation: Any) -> None:
     """Validation per epoch: 2.0 (best), 1.5 (best), 1.6, 1.7 → patience 2 is spent at epoch 4."""
     trainer = make_trainer(epochs=10, patience=2, checkpoint_every="1e")

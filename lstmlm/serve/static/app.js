@@ -304,7 +304,7 @@ function drawChart(epochs, baselines) {
   canvas.dataset.points = String(points.length);
   canvas.dataset.baselines = String(lines.length);
   if (!points.length) {
-    $("chart-info").textContent = "no finished epoch yet";
+    $("chart-info").textContent = "no finished epoch or validation yet";
     return;
   }
   const left = 50, right = width - 12, top = 14, bottom = height - 34;

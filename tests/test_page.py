@@ -123,6 +123,15 @@ def test_the_page_streams_colours_charts_and_follows_training(tiny_runs: Path, t
     wait.until(lambda d: d.find_element(By.ID, "chart-info").text.startswith("4 epochs"))
     assert chart.get_attribute("data-points") == "8"
 
+    # ---- validations within an epoch (a long one's) are points of their own ----
+    from lstmlm.runs import RunStore
+
+    store = RunStore.open(runs / "raw")
+    for step, epoch in ((10_001, 4.25), (10_002, 4.5)):
+        store.append_metrics({"epoch": epoch, "global_step": step, "train_perplexity": 9.0, "val_perplexity": 9.5})
+    wait.until(lambda d: d.find_element(By.ID, "chart-info").text.startswith("4 epochs (and 2 validations within an epoch) · "))
+    assert chart.get_attribute("data-points") == "12"
+
     screenshot = tmp_path / "lstmlm-serve-page.png"
     driver.save_screenshot(str(screenshot))
     assert screenshot.read_bytes().startswith(b"\x89PNG")

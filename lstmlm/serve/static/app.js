@@ -326,7 +326,8 @@ function drawChart(epochs, baselines) {
     g.textAlign = "right"; g.fillText(v.toFixed(v < 10 ? 2 : 1), left - 6, y + 4);
   }
   g.textAlign = "center";
-  for (const e of [x0, Math.round((x0 + x1) / 2), x1]) g.fillText(String(e), X(e), bottom + 16);
+  const whole = xs.every(Number.isInteger);  // epochs' ends only; else validations within one too (1.25)
+  for (const e of [x0, whole ? Math.round((x0 + x1) / 2) : (x0 + x1) / 2, x1]) g.fillText(whole ? String(e) : e.toFixed(2), X(e), bottom + 16);
   g.fillText("epoch", (left + right) / 2, height - 4);
   const line = (data, colour) => {
     g.strokeStyle = colour; g.fillStyle = colour; g.lineWidth = 2;
@@ -349,8 +350,9 @@ function drawChart(epochs, baselines) {
   g.textAlign = "left"; g.font = "12px system-ui, sans-serif";
   g.fillStyle = "#1f77b4"; g.fillText("train", right - 100, top + 10);
   g.fillStyle = "#c2185b"; g.fillText("validation", right - 62, top + 10);
-  const last = epochs.at(-1);
-  $("chart-info").textContent = `${epochs.length} epochs · last: train ${fixed(last.train_perplexity)}, validation ${fixed(last.val_perplexity)}`;
+  const last = epochs.at(-1), finished = epochs.filter((r) => Number.isInteger(r.epoch)).length, within = epochs.length - finished;
+  const also = within ? ` (and ${within} validation${within === 1 ? "" : "s"} within an epoch)` : "";
+  $("chart-info").textContent = `${finished} epoch${finished === 1 ? "" : "s"}${also} · last: train ${fixed(last.train_perplexity)}, validation ${fixed(last.val_perplexity)}`;
 }
 
 // ---- wiring -------------------------------------------------------------------------------------------

@@ -232,12 +232,12 @@ class Trainer:
         the second), the training perplexity the epoch's so far. On a corpus whose epoch outlasts
         the run's minutes they are all a chart has: an epoch's record comes only at its end."""
         p = self.progress
-        train_loss = p.loss_sum / p.tokens if p.tokens else math.nan
+        train_loss = p.loss_sum / p.tokens if p.tokens else None
         return {
             "epoch": round(p.epoch + p.batch / self._epoch_length, 4),
             "global_step": p.global_step,
-            "train_perplexity": perplexity(train_loss) if p.tokens else None,
-            "train_loss": train_loss if p.tokens else None,
+            "train_perplexity": perplexity(train_loss) if train_loss is not None else None,
+            "train_loss": train_loss,
             "val_perplexity": perplexity(val_loss),
             "val_bpc": bits_per_char(val_loss),
             "lr": float(self.optimizer.param_groups[0]["lr"]),

@@ -223,25 +223,13 @@ class Trainer:
         if better:
             yield self._save(BEST)
         self._validated_at = p.global_step
-        if p.batch > 0 and self.world.is_main:  # within an epoch (at its end the epoch's record holds it)
-            self.store.append_metrics(self._within_epoch(loss))
+        if p.batch > 0 and self.world.is_main:  # within an epoch, a line of its own: an epoch's comes at its end, past the minutes of a run it outlasts
+            train_loss = p.loss_sum / p.tokens if p.tokens else None  # the epoch's so far; its epoch below a fraction (1.25: a quarter into the second)
+            self.store.append_metrics({
+                "epoch": round(p.epoch + p.batch / self._epoch_length, 4), "global_step": p.global_step, "train_loss": train_loss,
+                "train_perplexity": None if train_loss is None else perplexity(train_loss), "val_perplexity": perplexity(loss),
+                "val_bpc": bits_per_char(loss), "lr": float(self.optimizer.param_groups[0]["lr"])})  # fmt: skip
         yield Evaluated(p.epoch, p.global_step, perplexity(loss), bits_per_char(loss), better, val_loss=loss)
-
-    def _within_epoch(self, val_loss: float) -> dict[str, Any]:
-        """The metrics of a validation within an epoch, its epoch a fraction (1.25: a quarter into
-        the second), the training perplexity the epoch's so far. On a corpus whose epoch outlasts
-        the run's minutes they are all a chart has: an epoch's record comes only at its end."""
-        p = self.progress
-        train_loss = p.loss_sum / p.tokens if p.tokens else None
-        return {
-            "epoch": round(p.epoch + p.batch / self._epoch_length, 4),
-            "global_step": p.global_step,
-            "train_perplexity": perplexity(train_loss) if train_loss is not None else None,
-            "train_loss": train_loss,
-            "val_perplexity": perplexity(val_loss),
-            "val_bpc": bits_per_char(val_loss),
-            "lr": float(self.optimizer.param_groups[0]["lr"]),
-        }
 
     def _patience_spent(self) -> bool:
         patience = self.cfg.train.patience

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import stat
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path, PurePath
@@ -274,7 +275,7 @@ def _described(cfg: Config | None, cell: str | None, vocab_size: int | None) -> 
 def _history(logged: _Logged, ended: dict[str, Any] | None, current: dict[str, Any] | None) -> dict[str, Any]:
     """The training so far, as `Run`'s fields: from the recorded end where nothing was written
     after it (it counts a last, unfinished epoch too), else from the epochs logged."""
-    recorded = [_number(ended.get(key)) for key in ("best_val_perplexity", "val_perplexity")] if ended else []
+    recorded = [_perplexity(ended.get(key)) for key in ("best_val_perplexity", "val_perplexity")] if ended else []
     seen = [v for v in (logged.best, *recorded) if v is not None]  # best.pt's figure, recorded: validations between epochs count
     history: dict[str, Any] = {
         "tokens": logged.tokens, "epochs": logged.epochs, "seconds": logged.seconds, "last_val_perplexity": logged.last_val,
@@ -282,7 +283,7 @@ def _history(logged: _Logged, ended: dict[str, Any] | None, current: dict[str, A
     }  # fmt: skip
     if current is not None:
         history.update(tokens=_int(current.get("tokens")), epochs=_int(current.get("epochs")), seconds=_number(current.get("seconds")))
-        history["last_val_perplexity"] = _number(current.get("val_perplexity")) or logged.last_val
+        history["last_val_perplexity"] = _perplexity(current.get("val_perplexity")) or logged.last_val
     return history
 
 
@@ -304,9 +305,10 @@ class _Logged:
         epochs = [r for r in records if type(r.get("epoch")) is int]
         if not epochs:
             return cls()
-        validated = [(v, r["epoch"]) for r in epochs if type(v := r.get("val_perplexity", math.nan)) in FIGURES and math.isfinite(v)]
+        validated = [(v, r["epoch"]) for r in epochs if type(v := r.get("val_perplexity", math.nan)) in FIGURES and 1 <= v <= LARGEST]
         rates = [(r.get("tokens_per_s", 0.0), r.get("seconds", 0.0)) for r in epochs]
-        timed = [(rate, s) for rate, s in rates if type(rate) in FIGURES and type(s) in FIGURES and math.isfinite(rate * s)]
+        figures = [(rate, s) for rate, s in rates if type(rate) in FIGURES and type(s) in FIGURES]
+        timed = [(rate, s) for rate, s in figures if 0 <= rate <= LARGEST and 0 <= s <= LARGEST and rate * s <= LARGEST]
         best = min(validated) if validated else (None, None)
         return cls(
             epochs=max(r["epoch"] for r in epochs),
@@ -315,7 +317,7 @@ class _Logged:
             best=best[0],
             best_epoch=best[1],
             last_val=validated[-1][0] if validated else None,
-            train=_number(epochs[-1].get("train_perplexity")),
+            train=_perplexity(epochs[-1].get("train_perplexity")),
         )
 
 
@@ -333,16 +335,25 @@ def _records(lines: str) -> list[dict[str, Any]] | None:
 
 
 FIGURES = (int, float)  # a figure's type in a run's JSON (not bool, whose type is its own)
+# The largest figure: JSON's digits spell integers no float holds, which math and formatting
+# cannot take (OverflowError). Comparisons with it never convert, and NaN fails them all.
+LARGEST = sys.float_info.max
 
 
 def _number(value: Any, default: float | None = None) -> Any:
     """A finite number from a run's JSON, else `default` (null, a string, a bool: not figures)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return value if ok else default
+    return value if type(value) in FIGURES and -LARGEST <= value <= LARGEST else default
 
 
 def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """A count (epochs, tokens) from a run's JSON, else None."""
+    return value if type(value) is int and 0 <= value <= LARGEST else None
+
+
+def _perplexity(value: Any) -> float | None:
+    """A perplexity from a run's JSON, else None: the exp of a mean cross-entropy is never below 1
+    (a figure that is cannot be one, and has no bits per character)."""
+    return value if type(value) in FIGURES and 1 <= value <= LARGEST else None
 
 
 def _parameters(cfg: Config | None, cell: str | None, vocab_size: int | None) -> int | None:

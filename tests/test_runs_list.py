@@ -297,6 +297,25 @@ def test_a_directory_that_is_no_run_and_a_line_cut_by_a_crash(runs_copy: Path) -
     assert runs["bytes"]["best_val_perplexity"] is not None and runs["bytes"]["train_perplexity"] is None
 
 
+def test_figures_no_training_can_log_are_no_figures(runs_copy: Path) -> None:
+    huge = "1" + "0" * 400  # JSON's digits spell an integer no float holds
+    before = listed(runs_copy)["raw"]
+    with (runs_copy / "raw" / "metrics.jsonl").open("a") as f:
+        f.write(f'{{"epoch": 2, "val_perplexity": 0.5, "train_perplexity": -3, "tokens_per_s": {huge}, "seconds": 1}}\n')
+        f.write(f'{{"epoch": 2, "val_perplexity": {huge}, "tokens_per_s": -5, "seconds": 2}}\n')
+    record = json.loads((runs_copy / "raw" / "run.json").read_text())
+    record["done"].update(val_perplexity=-1, best_val_perplexity=1e-300, tokens=int(huge), seconds=int(huge))
+    (runs_copy / "raw" / "run.json").write_text(json.dumps(record))
+    os.utime(runs_copy / "raw" / "latest.pt", (0, 0))  # older than the end recorded: that end is the run's
+    run = listed(runs_copy)["raw"]
+    assert run["best_val_perplexity"] == before["best_val_perplexity"] and run["best_val_bits"] == before["best_val_bits"]
+    assert (run["train_perplexity"], run["tokens"], run["seconds"]) == (None, None, None)
+    for args in ([], ["show", "raw"]):
+        result = cli("runs", *args, "--runs-dir", runs_copy)
+        assert result.code == 0 and "error" not in result.stderr, result.stderr
+        assert f"{before['best_val_perplexity']:.3f}" in result.stdout
+
+
 # ---- runs show ------------------------------------------------------------------------------------
 
 

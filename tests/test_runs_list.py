@@ -404,6 +404,18 @@ def test_rm_never_follows_a_symbolic_link_out_of_the_runs_directory(runs_copy: P
 # ---- no torch -----------------------------------------------------------------------------------------
 
 
+def test_runs_dir_given_before_the_subcommand_is_the_one_shown_and_removed_from(runs_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    other = Path(shutil.copytree(runs_copy, tmp_path / "other", symlinks=True))
+    monkeypatch.chdir(tmp_path)  # the default runs directory, "runs", is runs_copy
+    monkeypatch.delenv("LSTMLM_RUNS", raising=False)
+    shown = cli("runs", "--runs-dir", other, "--json", "show", "raw")
+    assert shown.code == 0 and json.loads(shown.stdout)["path"] == str(other / "raw")
+    removed = cli("runs", "--runs-dir", other, "rm", "raw", "--yes")
+    assert removed.code == 0, removed.stderr
+    assert not (other / "raw").exists() and (runs_copy / "raw").is_dir()
+    assert cli("runs", "--runs-dir", other, "show", "bytes", "--runs-dir", runs_copy).stdout.startswith(f"run bytes  done  {runs_copy}")
+
+
 @pytest.mark.parametrize("command", [["runs"], ["runs", "--json", "--sort", "best"], ["runs", "show", "raw"], ["runs", "rm", "d2l", "--yes"]])
 def test_runs_never_imports_torch(runs_copy: Path, command: list[str]) -> None:
     done = assert_no_torch(*command, "--runs-dir", runs_copy)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -25,6 +25,8 @@ Names = Annotated[list[str], typer.Argument(help="Run names under --runs-dir.", 
 Yes = Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")]
 
 STATE_STYLE = {runsummary.TRAINING: "bold green", runsummary.DONE: "", runsummary.INTERRUPTED: "yellow", runsummary.UNREADABLE: "red"}
+
+T = TypeVar("T")
 
 WIDE = 10_000  # columns: room enough for any row
 
@@ -60,11 +62,13 @@ def runs(
 @app.command("show")
 @friendly
 def show(
+    ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="A run's name under --runs-dir.", show_default=False)],
     runs_dir: options.RunsDir = DEFAULT_RUNS_DIR,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run, its config and the command that continues it as one JSON object.")] = False,
 ) -> None:
     """One run: its config, its history (epochs, best and last validation, tokens, time) and the command that continues it."""
+    runs_dir, as_json = given_before(ctx, "runs_dir", runs_dir), given_before(ctx, "as_json", as_json)
     run = runlist.show_run(runs_dir, name)
     command = runlist.continue_command(runs_dir, run)
     if as_json:
@@ -82,8 +86,9 @@ def show(
 
 @app.command("rm")
 @friendly
-def rm(names: Names, runs_dir: options.RunsDir = DEFAULT_RUNS_DIR, yes: Yes = False) -> None:
+def rm(ctx: typer.Context, names: Names, runs_dir: options.RunsDir = DEFAULT_RUNS_DIR, yes: Yes = False) -> None:
     """Delete runs (asked first, unless --yes); a run that is training is refused."""
+    runs_dir = given_before(ctx, "runs_dir", runs_dir)
     paths = list(dict.fromkeys(runlist.find_run(runs_dir, name) for name in names))
     for path in paths:
         runlist.check_removable(path)
@@ -100,6 +105,23 @@ def rm(names: Names, runs_dir: options.RunsDir = DEFAULT_RUNS_DIR, yes: Yes = Fa
     for path in paths:
         runlist.remove_run(path)
         out.print(f"deleted {escape(visible(path.name))}", soft_wrap=True)
+
+
+def given_before(ctx: typer.Context, name: str, value: T) -> T:
+    """The option `name` as given before the subcommand (`lstmlm runs --runs-dir D rm NAME`) where
+    it is not given after it: Click keeps a group's options to the group, and a run shown or
+    removed from another directory than the one named is the wrong run."""
+    parent = ctx.parent
+    if parent is None or on_command_line(ctx, name) or not on_command_line(parent, name):
+        return value
+    return parent.params[name]  # type: ignore[no-any-return]
+
+
+def on_command_line(ctx: Any, name: str) -> bool:
+    """Whether `name` was given on the command line to `ctx`: Typer's Context or its own copy of
+    Click's (a group's), whose ParameterSource Typer does not export, so it is asked by name."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
 
 
 # ---- rendering ------------------------------------------------------------------------------------

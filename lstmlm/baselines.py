@@ -59,6 +59,7 @@ CHUNK = 1 << 22  # tokens a thread counts at a time: ~50 MB of int64 codes and t
 WORKERS = 2  # threads counting at once (numpy's casts and arithmetic run without the GIL)
 DENSE_BINS = 1 << 22  # V² bins counted densely up to here (V ≤ 2,048): 32 MB a thread
 SCORE_BLOCK = 1 << 20  # positions scored at a time
+MAX_BITS = 1024  # a stored baseline at or above it is damage: 2^bits, its perplexity, is beyond a float
 D_RANGE = (0.1, 0.9)  # Ney's discount where the counts give one; 0.75 where they do not (no pair seen once or twice)
 
 
@@ -237,7 +238,8 @@ class Baselines:
 
     @classmethod
     def from_dict(cls, raw: Any) -> Baselines | None:
-        """The record, or None for one this version cannot read (missing fields, wrong types)."""
+        """The record, or None for one this version cannot read (missing fields, wrong types, a
+        figure no scoring gives: each is drawn as a line at 2^bits, which must be a number)."""
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             return None
         values: dict[str, Any] = {}
@@ -246,7 +248,12 @@ class Baselines:
             kind = {"float": (int, float), "int": (int,), "str": (str,)}[str(f.type)]
             if not isinstance(value, kind) or isinstance(value, bool):
                 return None
-            values[f.name] = float(value) if f.type == "float" else value
+            try:
+                values[f.name] = float(value) if f.type == "float" else value
+            except OverflowError:  # an integer too large for a float (JSON's digits have no limit)
+                return None
+        if not all(0 <= values[name] < MAX_BITS for name in ("uniform", "unigram", "bigram")):  # NaN fails it too
+            return None
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -170,6 +170,21 @@ def test_missing_or_damaged_files_read_as_none(tmp_path: Path) -> None:
     assert baselines.read(tmp_path) is None
 
 
+@pytest.mark.parametrize("bigram", ["NaN", "Infinity", "-5", "1e5", "1" + "0" * 400])
+def test_figures_no_scoring_gives_read_as_none_and_plot_draws_the_run_without_them(
+    trained: tuple[Path, list[dict[str, Any]]], tmp_path: Path, bigram: str
+) -> None:
+    import shutil
+
+    runs = Path(shutil.copytree(trained[0], tmp_path / "runs"))
+    path = runs / "r" / baselines.FIGURES
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps(record).replace(json.dumps(record["bigram"]), bigram))
+    assert baselines.read(runs / "r") is None
+    shown = cli("plot", "r", "--runs-dir", runs)
+    assert shown.code == 0 and "bigram" not in shown.stdout, shown.stderr
+
+
 # ---- where they appear -----------------------------------------------------------------------------
 
 

@@ -268,6 +268,8 @@ class RunStore:
             raise WriteError(f"cannot write the run's metrics {self.metrics_path}: {e.strerror or e}") from None
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The records of metrics.jsonl, each a JSON object; a line that is none (cut by a crash
+        mid-write, or damaged) is left out, so what reads them (plot, a resume) meets records only."""
         if not self.metrics_path.exists() and not self.metrics_path.is_symlink():
             return []
         try:
@@ -276,8 +278,10 @@ class RunStore:
             raise CheckpointError(f"cannot read {self.metrics_path}: {e}") from None
         records = []
         for line in text.splitlines():
-            with contextlib.suppress(json.JSONDecodeError):  # a line cut by a crash mid-write
-                records.append(json.loads(line))
+            with contextlib.suppress(ValueError, RecursionError):  # not JSON, an integer of > 4300 digits, deep nesting
+                record = json.loads(line)
+                if isinstance(record, dict):
+                    records.append(record)
         return records
 
     def truncate_metrics(self, last_epoch: int, last_step: int | None = None) -> None:

@@ -183,3 +183,21 @@ def test_plot_refuses_unknown_formats_empty_runs_and_missing_runs(tmp_path: Path
         plot.read_metrics(tmp_path / "empty")
     result = cli("plot", "nope", "--runs-dir", str(tmp_path))
     assert result.code == 1 and "no run at" in result.stderr
+
+
+def test_damaged_lines_are_left_out_and_the_rest_drawn(tmp_path: Path) -> None:
+    run = fake_run(tmp_path, "r", records(3))
+    huge = "1" + "0" * 400  # JSON's digits spell an integer no float holds
+    with (run / "metrics.jsonl").open("a") as f:
+        for line in ("[1, 2]", "5", "[" * 100_000 + "]" * 100_000, '{"epoch": "4", "train_perplexity": 3}', '{"train_perplexity": 3}'):
+            f.write(line + "\n")
+        f.write(f'{{"epoch": 4, "train_perplexity": {huge}, "val_perplexity": 0.5}}\n')
+        f.write(f'{{"epoch": 5, "train_perplexity": -1, "val_perplexity": {huge}}}\n')
+    assert [r["epoch"] for r in plot.read_metrics(run)] == [1, 2, 3, 4, 5]
+    assert [(s.split, s.epochs) for s in plot.run_series("r", plot.read_metrics(run)) if s.metric == "perplexity"] == [
+        ("train", [1, 2, 3]),
+        ("validation", [1, 2, 3]),
+    ]
+    for args in ([], ["-o", str(tmp_path / "out.svg")]):
+        result = cli("plot", "r", "--runs-dir", str(tmp_path), *args)
+        assert result.code == 0, result.stderr

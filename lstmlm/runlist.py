@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import CheckpointError, ConfigError
-from .runs import RunStore, check_run_name, hold, open_regular, resume_command
+from .runs import DEFAULT_RUNS_DIR, RunStore, check_run_name, hold, open_regular, resume_command
 from .runsummary import Run, summarize
 
 SORTS = ("best", "time", "name")
@@ -66,6 +67,14 @@ def continue_command(runs_dir: Path, run: Run) -> str | None:
     """The command that continues `run`; None if it cannot be: no checkpoint to continue from, or
     a config that cannot be read."""
     return resume_command(run.name, runs_dir) if run.checkpoint and run.config is not None else None
+
+
+def remove_command(runs_dir: Path, run: Run) -> str:
+    """The command that deletes `run`, as a shell reads it: in its runs directory (not the
+    default's run of that name), its name quoted (a space, a `$(...)`), after `--` where it
+    starts with a dash (which would read as an option)."""
+    words = ["lstmlm", "runs", "rm"] + (["--runs-dir", str(runs_dir)] if runs_dir != DEFAULT_RUNS_DIR else [])
+    return shlex.join([*words, *(["--"] if run.name.startswith("-") else []), run.name])
 
 
 # ---- removing -------------------------------------------------------------------------------------

@@ -353,6 +353,23 @@ def test_show_on_a_training_without_a_checkpoint_yet_says_so_and_offers_nothing(
     assert (as_json["state"], as_json["checkpoint"], as_json["continue"]) == ("training", False, None)
 
 
+@pytest.mark.parametrize("name", ["two words", "-dash", "a$(touch pwned)"])
+def test_show_offers_a_command_that_deletes_that_run_and_no_other(runs_copy: Path, name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # "runs" here, the default runs directory, holds a run of the same name
+    monkeypatch.delenv("LSTMLM_RUNS", raising=False)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(runs_copy / "d2l", tmp_path / "runs" / name, symlinks=True)
+    shutil.copytree(runs_copy / "d2l", elsewhere / name, symlinks=True)
+    for checkpoint in (elsewhere / name).glob("*.pt"):  # stopped before its first checkpoint: nothing to continue
+        checkpoint.unlink()
+    shown = cli("runs", "show", "--runs-dir", elsewhere, "--", name)
+    assert shown.code == 0, shown.stderr
+    command = shlex.split(shown.stdout.splitlines()[-1].split("delete it with: ", 1)[1].rstrip(")"))
+    assert command[:3] == ["lstmlm", "runs", "rm"]
+    assert cli(*command[1:3], "--yes", *command[3:]).code == 0
+    assert not (elsewhere / name).exists() and (tmp_path / "runs" / name).is_dir() and not (tmp_path / "pwned").exists()
+
+
 # ---- runs rm ------------------------------------------------------------------------------------------
 
 

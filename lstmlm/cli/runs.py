@@ -81,7 +81,7 @@ def show(
         out.print(line, soft_wrap=True, markup=False)
     if run.problems:
         err.print(f"[red]unreadable:[/] {escape(visible('; '.join(run.problems)))}", soft_wrap=True)
-    out.print(continuing(run, command), soft_wrap=True, markup=False)
+    out.print(continuing(run, command, runlist.remove_command(runs_dir, run)), soft_wrap=True, markup=False)
 
 
 @app.command("rm")
@@ -229,14 +229,14 @@ def clock(seconds: float) -> str:
     return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
-def continuing(run: Run, command: str | None) -> str:
-    """How to continue the run, as the state has it."""
+def continuing(run: Run, command: str | None, remove: str) -> str:
+    """How to continue the run, as the state has it (`remove`: the command that deletes it)."""
     if run.config is None:
         return "it cannot be continued while its config.json cannot be read"
     if run.state == runsummary.TRAINING:  # not stopped, so whether it can be continued is not known yet
         return f"training now; once stopped, continue with: {visible(command)}" if command else "training now, with no checkpoint yet"
     if command is None:
-        return f"nothing to continue: it stopped before its first checkpoint (delete it with: lstmlm runs rm {run.name})"
+        return f"nothing to continue: it stopped before its first checkpoint (delete it with: {visible(remove)})"
     if run.state == runsummary.DONE and run.why == "completed":
         return f"continue with more epochs: {visible(command)} --epochs N"
     return f"continue with: {visible(command)}"

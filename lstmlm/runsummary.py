@@ -81,6 +81,15 @@ class Run:
         """Bits per character (or byte) of the best validation: log2 of its perplexity."""
         return math.log2(self.best_val_perplexity) if self.best_val_perplexity else None
 
+    @property
+    def changed_at(self) -> datetime | None:
+        """The last change as a local date and time; None for a file time no date holds (a year
+        past 9999: a tmpfs keeps whatever time it is given)."""
+        try:
+            return datetime.fromtimestamp(self.changed).astimezone()
+        except (ValueError, OverflowError, OSError):
+            return None
+
     def to_json(self) -> dict[str, Any]:
         """The run as one strict-JSON object (`lstmlm runs --json`)."""
         record = {
@@ -92,7 +101,7 @@ class Run:
             "best_val_bits": self.best_val_bits, "bits_per": self.bits_per, "best_epoch": self.best_epoch,
             "last_val_perplexity": self.last_val_perplexity, "train_perplexity": self.train_perplexity,
             "seconds": self.seconds, "checkpoint": self.checkpoint, "size_bytes": self.size,
-            "changed": datetime.fromtimestamp(self.changed).astimezone().isoformat(timespec="seconds"),
+            "changed": self.changed_at.isoformat(timespec="seconds") if self.changed_at else None,
         }  # fmt: skip
         return dict(strict(record))
 

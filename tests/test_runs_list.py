@@ -316,6 +316,39 @@ def test_figures_no_training_can_log_are_no_figures(runs_copy: Path) -> None:
         assert f"{before['best_val_perplexity']:.3f}" in result.stdout
 
 
+@pytest.fixture
+def far_times(runs_copy: Path) -> Iterator[Path]:
+    """A copy of the made runs on a file system that keeps a file time 31 million years ahead
+    (tmpfs does; ext4 clamps it to 2446): runs_copy where it does, else one under /dev/shm."""
+    probe = runs_copy / "probe"
+    probe.touch()
+    os.utime(probe, (FAR, FAR))
+    kept = os.stat(probe).st_mtime == FAR
+    probe.unlink()
+    if kept:
+        yield runs_copy
+        return
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no file system here keeps a file time no date holds")
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        yield Path(shutil.copytree(runs_copy, Path(shm) / "runs", symlinks=True))
+
+
+FAR = 1e15
+
+
+def test_a_file_time_no_date_holds_is_a_question_mark_not_a_failure(far_times: Path) -> None:
+    os.utime(far_times / "raw" / "metrics.jsonl", (FAR, FAR))
+    runs = listed(far_times)
+    assert runs["raw"]["changed"] is None and runs["bytes"]["changed"] is not None
+    table = cli("runs", "--runs-dir", far_times)
+    assert table.code == 0, table.stderr
+    assert "  ?  " in next(line for line in table.stdout.splitlines() if line.lstrip().startswith("raw "))
+    assert cli("runs", "show", "raw", "--runs-dir", far_times).code == 0
+
+
 # ---- runs show ------------------------------------------------------------------------------------
 
 

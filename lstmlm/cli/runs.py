@@ -153,16 +153,18 @@ def runs_table(listed: list[Run]) -> Table:
             f"{run.best_val_perplexity:.3f}" if run.best_val_perplexity else "",
             bits(run),
             size(run.size),
-            when(run.changed),
+            when(run.changed_at),
             state_text(run),
         )
     return table
 
 
-def when(seconds: float, now: float | None = None) -> str:
-    """A time as `ls -l` gives it: 'May 14 10:46' within the last half year, else 'Nov  3  2024'."""
-    moment = datetime.fromtimestamp(seconds)
-    recent = abs((now if now is not None else time.time()) - seconds) < 183 * 86400
+def when(moment: datetime | None, now: float | None = None) -> str:
+    """A time as `ls -l` gives it: 'May 14 10:46' within the last half year, else 'Nov  3  2024';
+    '?' for a file time no date holds."""
+    if moment is None:
+        return "?"
+    recent = abs((now if now is not None else time.time()) - moment.timestamp()) < 183 * 86400
     return moment.strftime("%b %e %H:%M" if recent else "%b %e  %Y")
 
 

@@ -26,7 +26,7 @@ def load(path: str | Path) -> Config:
     """Read a TOML config file; every problem is a ConfigError naming the file."""
     path = Path(path)
     try:
-        text = _read_config(path).decode("utf-8")
+        text = _read_text(path)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -43,8 +43,14 @@ def load(path: str | Path) -> Config:
 
 def written_keys(path: str | Path) -> frozenset[str]:
     """The fields a config file writes (the others take their defaults); `load` has read it."""
-    raw = tomllib.loads(_read_config(Path(path)).decode("utf-8"))
+    raw = tomllib.loads(_read_text(Path(path)))
     return frozenset(key for table in raw.values() if isinstance(table, dict) for key in table)
+
+
+def _read_text(path: Path) -> str:
+    """A config file's text. A byte-order mark (Windows' Notepad saves one) is dropped: TOML
+    forbids it, and its error, "Invalid statement at line 1, column 1", would not say why."""
+    return _read_config(path).decode("utf-8-sig")
 
 
 def _read_config(path: Path) -> bytes:

@@ -198,3 +198,11 @@ def test_a_config_over_a_mebibyte_is_refused_and_a_directory_is_not_read(tmp_pat
     fits = tmp_path / "fits.toml"
     fits.write_text("[train]\nepochs = 3\n" + "#" * ((1 << 20) - 64) + "\n", encoding="utf-8")
     assert config_file.load(fits).train.epochs == 3
+
+
+def test_a_config_saved_with_a_byte_order_mark_reads_as_without_one(tmp_path: Path) -> None:
+    """Windows' Notepad starts a UTF-8 file with a BOM, which TOML forbids: it is dropped."""
+    path = tmp_path / "notepad.toml"
+    path.write_bytes(b"\xef\xbb\xbf[train]\nepochs = 3\n")
+    assert config_file.load(path).train.epochs == 3
+    assert config_file.written_keys(path) == frozenset({"epochs"})

@@ -27,6 +27,7 @@ old run's logs purges them all (purge_step 0).
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,8 +46,10 @@ METRICS = ("loss/val", "bpc/val")  # the HParams view's metrics: the last valida
 BASELINES = ("uniform", "unigram", "bigram")
 
 
-def prepare(directory: Path) -> None:
-    """Check, before a run is made, that TensorBoard is installed and `directory` can be made."""
+def prepare(directory: Path, run: str | None = None) -> None:
+    """Check, before a run is made, that TensorBoard is installed and that the run's logs can
+    go in `directory` (`run`: the run's name where it is given): a run refused after it was made
+    would keep its name, with no checkpoint, until `lstmlm runs rm`."""
     try:
         import tensorboard  # noqa: F401
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
@@ -56,6 +59,11 @@ def prepare(directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise TensorBoardError(f"cannot make the TensorBoard directory {directory}: {e.strerror or e}") from None
+    logs = directory / run if run else directory
+    if logs.exists() and not logs.is_dir():
+        raise TensorBoardError(f"cannot write TensorBoard logs in {logs}: it is not a directory")
+    if not os.access(logs if logs.exists() else directory, os.W_OK | os.X_OK):
+        raise TensorBoardError(f"cannot write TensorBoard logs in {logs}: permission denied")
 
 
 def logged(events: Iterator[Event], root: Path, cfg: Config, resumed_at: int) -> Iterator[Event]:

@@ -324,7 +324,7 @@ def start(plan: Plan) -> Iterator[Training]:
         precision = resolve_precision(cfg.train.precision, device)
         set_tf32(device, cfg.train.tf32)
         if cfg.train.tensorboard and world.is_main:
-            tensorboard.prepare(Path(cfg.train.tensorboard))  # before the run is made: a missing extra costs no run
+            tensorboard.prepare(Path(cfg.train.tensorboard), plan.run)  # before the run is made: a missing extra costs no run
         store = plan.store or create_run(plan.runs_dir, plan.run, cfg, plan.data, world)
         with store.locked() if world.is_main else contextlib.nullcontext():
             resuming = plan.store is not None

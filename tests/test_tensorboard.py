@@ -195,6 +195,16 @@ def test_without_tensorboard_installed_it_says_how_to_install_it(
     assert not (runs_dir / "r").exists() and not (tmp_path / "tb").exists()  # refused before anything was made
 
 
+def test_logs_that_cannot_go_in_their_place_are_refused_before_the_run_is_made(tiny_train_args: list[str], runs_dir: Path, tmp_path: Path) -> None:
+    """DIR/RUN a file: refused in one line, and no run of that name is left to block it."""
+    board = tmp_path / "tb"
+    board.mkdir()
+    (board / "r").write_text("not a directory", encoding="utf-8")
+    result = cli(*tiny_train_args, "--tensorboard", board, "--run", "r")
+    assert_one_error_line(result, f"cannot write TensorBoard logs in {board / 'r'}: it is not a directory")
+    assert not (runs_dir / "r").exists()
+
+
 def test_samples_go_to_the_log_as_one_text_a_sampling(tmp_path: Path) -> None:
     from lstmlm.config import Config
     from lstmlm.events import Evaluated, Finished

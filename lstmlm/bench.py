@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import distributed, graphs, native
+from . import cells, distributed, graphs, native
 from .config import Config
 from .config_file import load as load_config
 from .device import DTYPES, cpu_has_fast_bf16, cpu_name, describe, keep_freed_memory, resolve_device, resolve_precision, set_tf32, synchronize
@@ -116,13 +116,27 @@ def measure_training(
         keep_freed_memory()  # as a training does
     torch.manual_seed(seed)
     with PeakMemory(device) as memory:
-        model = CharLM(dims.vocab_size, dims.hidden, dims.layers, core=core, embedding=dims.embedding, cell=dims.cell, device=device).to(device)
+        model = build_model(core, dims, device)
         seconds = timed_steps(dims.config(core), model, device, world, precision, steps, warmup)
     tokens_per_s = steps * dims.batch_size * dims.num_steps / seconds
     flops = training_flops_per_token(dims)
     gflops = tokens_per_s * flops / 1e9
     utilisation = gflops / ceiling.gflops if ceiling is not None else None
     return TrainingSpeed(core, precision, str(device), tokens_per_s, gflops, utilisation, flops, memory.peak, steps, seconds)
+
+
+def build_model(core: str, dims: Dims, device: torch.device) -> CharLM:
+    """An untrained model of `dims`'s shapes and cell, in its form, on `core`."""
+    cell = cells.get(dims.cell, dims.form)
+    return CharLM(dims.vocab_size, dims.hidden, dims.layers, core=core, embedding=dims.embedding, cell=cell, device=device).to(device)
+
+
+def why_not_core(core: str, dims: Dims) -> str | None:
+    """Why `core` cannot run `dims`'s cell, or None: the GRU's d2l form has no torch module."""
+    cell = cells.get(dims.cell, dims.form)
+    if core == "cudnn" and not cell.torch_equivalent:
+        return f"the {cell.title} in its {cell.form} form has no torch module"
+    return None
 
 
 def check_precision(precision: str) -> None:
@@ -165,7 +179,7 @@ def measure_generation(
     torch.manual_seed(seed)
     vocab = Vocab(["<unk>"] + [chr(0x100 + i) for i in range(dims.vocab_size - 1)])  # any distinct characters
     with PeakMemory(device) as memory:
-        model = CharLM(dims.vocab_size, dims.hidden, dims.layers, core=core, embedding=dims.embedding, cell=dims.cell, device=device).to(device).eval()
+        model = build_model(core, dims, device).eval()
         text = "".join(vocab.tokens[1 + i % (dims.vocab_size - 1)] for i in range(prefix))
 
         def run(n: int) -> None:
@@ -318,6 +332,9 @@ def measure_one_process(dims: Dims, device: torch.device, precisions: list[str],
         ceiling = measure_matmul_ceiling(device, prec)
         rows.append(Row(f"matmul {ceiling.size}×{ceiling.size}", prec, ceiling.gflops, "GFLOP/s", 1.0, raw=asdict(ceiling)))
         for core in ("scratch", "cudnn"):
+            if why := why_not_core(core, dims):
+                rows.append(Row(f"train {core}", prec, None, "tokens/s", skipped=why))
+                continue
             try:
                 speed = measure_training(core, dims, device, prec, steps=steps, ceiling=ceiling)
             except DeviceError as e:
@@ -326,8 +343,11 @@ def measure_one_process(dims: Dims, device: torch.device, precisions: list[str],
             rows.append(Row(f"train {core}", prec, speed.tokens_per_s, "tokens/s", speed.utilisation, speed.peak_memory_bytes, raw=asdict(speed)))
         for core in ("scratch", "cudnn"):
             for samples in GENERATION_SAMPLES:
-                gen = measure_generation(core, dims, device, prec, samples=samples)
                 what = f"generate {core}" + (f" ×{samples}" if samples > 1 else "")
+                if why := why_not_core(core, dims):
+                    rows.append(Row(what, prec, None, "chars/s", skipped=why))
+                    continue
+                gen = measure_generation(core, dims, device, prec, samples=samples)
                 rows.append(Row(what, prec, gen.chars_per_s, "chars/s", memory=gen.peak_memory_bytes, raw=asdict(gen)))
     return rows
 
@@ -337,6 +357,8 @@ def measure_scaling(dims: Dims, device: torch.device, precisions: list[str], ste
     rows = []
     for prec in precisions:
         for core in ("scratch", "cudnn"):
+            if why_not_core(core, dims):  # skipped alone, with the reason: skipped together too
+                continue
             speed = measure_training(core, dims, device, prec, steps=steps, world=world)  # every process takes part
             alone = next((r.value for r in single if r.measure == f"train {core}" and r.precision == prec and r.value), None)
             if alone is None:  # on the other processes, which report nothing

@@ -48,15 +48,16 @@ class Dims:
     num_steps: int = 35
     embedding: int = 0  # 0: one-hot input, as the seed
     cell: str = cells.DEFAULT
+    form: str = "cudnn"  # the cell's variant (the GRU's d2l form runs another path at another speed)
 
     @classmethod
     def from_config(cls, cfg: Config, vocab_size: int) -> Dims:
         m, d = cfg.model, cfg.data
-        return cls(vocab_size, m.hidden, m.layers, d.batch_size, d.num_steps, m.embedding, m.cell)
+        return cls(vocab_size, m.hidden, m.layers, d.batch_size, d.num_steps, m.embedding, m.cell, m.gru_form)
 
     def config(self, core: str) -> Config:
         """A training config of these shapes, with d2l's SGD (lr 1) and clipping (θ = 1)."""
-        shapes = {"model": core, "cell": self.cell, "hidden": self.hidden, "layers": self.layers, "embedding": self.embedding}
+        shapes = {"model": core, "cell": self.cell, "gru_form": self.form, "hidden": self.hidden, "layers": self.layers, "embedding": self.embedding}
         return Config().with_overrides({**shapes, "batch_size": self.batch_size, "num_steps": self.num_steps})
 
 
@@ -65,7 +66,7 @@ def forward_flops_per_token(dims: Dims) -> int:
     H, V = dims.hidden, dims.vocab_size
     first_input = dims.embedding  # one-hot: a gather, no product
     inputs = [first_input] + [H] * (dims.layers - 1)
-    cell = cells.get(dims.cell)
+    cell = cells.get(dims.cell, dims.form)
     return sum(cell.step_flops(I, H) for I in inputs) + 2 * H * V
 
 

@@ -15,6 +15,7 @@ import torch
 from lstmlm import bench
 from lstmlm import step as step_mod
 from lstmlm.bench import Dims
+from lstmlm.config_file import load as load_config
 from lstmlm.errors import DeviceError
 
 from support.cli import cli
@@ -142,3 +143,20 @@ def test_bench_command_measures_every_core_against_its_ceiling(tmp_path: Path) -
         assert train["utilisation"] == pytest.approx(train["gflops"] / ceiling)  # the share of this run's own ceiling
     table = cli("bench", "--config", config, "--device", "cpu", "--steps", "1")
     assert table.code == 0 and "train scratch" in table.stdout and "of ceiling" in table.stdout and "--precision auto picks" in table.stdout
+
+
+def test_bench_measures_the_gru_in_the_configs_form(tmp_path: Path) -> None:
+    """A config's gru_form is what bench trains and generates with; the d2l form has no torch
+    module, so the cudnn rows say so instead of timing nn.GRU's other function."""
+    config = tmp_path / "gru-d2l.toml"
+    config.write_text('[data]\nbatch_size = 2\nnum_steps = 3\n[model]\ncell = "gru"\ngru_form = "d2l"\nhidden = 8\n')
+    result = cli("bench", "--config", config, "--device", "cpu", "--steps", "1", "--json")
+    assert result.code == 0, result.stderr
+    rows = {r["what"]: r for r in result.json()[2:]}
+    assert rows["train scratch"]["tokens_per_s"] > 0 and rows["generate scratch"]["chars_per_s"] > 0
+    for what in ("train cudnn", "generate cudnn", "generate cudnn ×64"):
+        assert "no torch module" in rows[what]["skipped"]
+    dims = Dims.from_config(load_config(config), 28)
+    assert bench.build_model("scratch", dims, torch.device("cpu")).cell.form == "d2l"
+    table = cli("bench", "--config", config, "--device", "cpu", "--steps", "1")
+    assert table.code == 0 and "gru (d2l form)" in table.stdout

@@ -47,7 +47,8 @@ def bench(
 
 def table(report: Report) -> Table:
     d = report.dims
-    title = (f"{report.device}: hidden {d.hidden}, {d.layers} layer(s), batch {d.batch_size}, {d.num_steps} steps, "
+    cell = d.cell if d.form == "cudnn" else f"{d.cell} ({d.form} form)"
+    title = (f"{report.device}: {cell}, hidden {d.hidden}, {d.layers} layer(s), batch {d.batch_size}, {d.num_steps} steps, "
              f"vocab {d.vocab_size} — {report.flops_per_token:,} FLOPs per trained token")  # fmt: skip
     t = Table(title=escape(title))
     for column in ("measure", "precision", "figure", "of ceiling", "peak memory"):

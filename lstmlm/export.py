@@ -105,9 +105,19 @@ def metadata(model: CharLM, vocab: Vocab, normalize: str, prime: str, run: str) 
         "form": model.cell.form,
         "layers": model.num_layers,
         "hiddens": model.num_hiddens,
-        "inputs": ["ids", *model.cell.state],
-        "outputs": ["logits", *model.cell.state],
+        "inputs": input_names(model.cell),
+        "outputs": output_names(model.cell),
     }
+
+
+def input_names(cell: Cell) -> list[str]:
+    return ["ids", *cell.state]
+
+
+def output_names(cell: Cell) -> list[str]:
+    """The step's outputs as the ONNX graph names them: the next state apart from the state fed
+    in (an ONNX graph's names are unique), so `session.run(meta["outputs"], …)` finds them."""
+    return ["logits", *(f"{name}_next" for name in cell.state)]
 
 
 @dataclass(frozen=True)
@@ -174,8 +184,8 @@ def write_onnx(step: OneStep, meta: dict[str, Any], path: Path) -> None:
         program = torch.onnx.export(
             step,
             example_inputs(step, step.W_hq.shape[0]),
-            input_names=["ids", *step.cell.state],
-            output_names=["logits", *(f"{name}_next" for name in step.cell.state)],
+            input_names=input_names(step.cell),
+            output_names=output_names(step.cell),
             dynamic_shapes=({0: batch}, *({1: batch} for _ in step.cell.state)),
             opset_version=OPSET,
             dynamo=True,

@@ -55,6 +55,21 @@ def test_exported_step_gives_lstmlms_logits_for_200_steps(tmp_path: Path, format
     assert meta["tokens"] == VOCAB.tokens and meta["prime"] == "the prime\n\n" and (meta["layers"], meta["hiddens"]) == (layers, 24)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_an_onnx_exports_metadata_names_its_graphs_inputs_and_outputs(tmp_path: Path, cell: str) -> None:
+    """A loop that asks the session for `meta["outputs"]` by name gets the logits and the next state."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    path = tmp_path / "model.onnx"
+    export_model(lively_model(VOCAB, cell=cell, scale=0.5), VOCAB, "raw", "", "lively", path, "onnx")
+    meta = read_metadata(path, "onnx")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert meta["inputs"] == [i.name for i in session.get_inputs()]
+    assert meta["outputs"] == [o.name for o in session.get_outputs()]
+    zero = np.zeros((1, 1, 24), np.float32)
+    feeds = {"ids": np.array([1]), **dict.fromkeys(meta["inputs"][1:], zero)}
+    assert len(session.run(meta["outputs"], feeds)) == len(meta["inputs"])
+
+
 def greedy(step: object, meta: dict[str, object], prefix: str, length: int) -> str:
     """A loop that knows only the exported file: read the prime and the prefix, then argmax."""
     tokens = list(meta["tokens"])  # type: ignore[call-overload]

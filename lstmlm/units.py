@@ -216,6 +216,12 @@ def saturation_rows(stats: list[Saturation]) -> list[tuple[str, ...]]:
     ]  # fmt: skip
 
 
+def nothing_saturates(cell: Cell) -> str | None:
+    """What the terminal and the page say in place of the saturation table for a cell with no
+    sigmoid gate (the RNN), whose table would be its header alone; None for the others."""
+    return None if any(g.saturates for g in cell.gates) else f"the {cell.title} has no sigmoid gate: none to saturate"
+
+
 SATURATION_HEADER = ("layer", "gate", "time < 0.1", "time > 0.9", "units mostly < 0.1", "units mostly > 0.9")
 
 

@@ -26,6 +26,7 @@ from .units import (
     colour,
     gate_of,
     level,
+    nothing_saturates,
     saturation,
     saturation_rows,
     span_feature,
@@ -102,6 +103,12 @@ def table_html(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     return "<table><tr>" + cells("th", header) + "</tr>" + "".join(f"<tr>{cells('td', r)}</tr>" for r in rows) + "</table>"
 
 
+def saturation_html(layers: list[LayerActivations]) -> str:
+    if none := nothing_saturates(layers[0].cell):
+        return f"<p>{html.escape(none)}</p>"
+    return table_html(SATURATION_HEADER, saturation_rows(saturation(layers)))
+
+
 def html_page(
     layers: list[LayerActivations],
     text: str,
@@ -116,7 +123,7 @@ def html_page(
     parts = {
         "title": html.escape(title),
         "feature": f"Orange bar: inside a match of <code>{html.escape(regex)}</code>." if regex else "",
-        "saturation": table_html(SATURATION_HEADER, saturation_rows(saturation(layers))),
+        "saturation": saturation_html(layers),
         "legend": ",".join(hex_colour(colour(v)) for v in (-1.0, 0.0, 1.0)),
         "data": script_json(page_data(layers, ranking, regex, gate)),
         "text": text_html(text, regex),

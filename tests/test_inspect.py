@@ -246,6 +246,22 @@ def test_saturation_counts_the_time_each_gate_spends_beyond_the_thresholds() -> 
     assert set(stats) == {"input", "forget", "output"}
 
 
+def test_a_cell_without_sigmoid_gates_says_so_in_place_of_an_empty_saturation_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The RNN has only H: the terminal and the page say there is nothing to saturate, not a bare header."""
+    monkeypatch.setenv("LSTMLM_HOME", str(tmp_path / "home"))
+    corpus = tmp_path / "quotes.txt"
+    corpus.write_text(quoted_corpus(20), encoding="utf-8")
+    runs = tmp_path / "runs"
+    trained = cli("train", "--corpus", corpus, "--normalize", "raw", "--cell", "rnn", "--hidden", "8", "--epochs", "1",
+                  "--batch-size", "4", "--num-steps", "8", "--device", "cpu", "--run", "rnn", "--runs-dir", runs)  # fmt: skip
+    assert trained.code == 0, trained.stderr
+    shown = cli("inspect", "--runs-dir", runs, "--run", "rnn", "--text", "ab cd", "--html", tmp_path / "page.html")
+    assert shown.code == 0, shown.stderr
+    assert "the RNN has no sigmoid gate: none to saturate" in shown.stdout and "time < 0.1" not in shown.stdout
+    page = (tmp_path / "page.html").read_text(encoding="utf-8")
+    assert "the RNN has no sigmoid gate: none to saturate" in page and "time &lt; 0.1" not in page
+
+
 # ---- the HTML page -------------------------------------------------------------------------------
 
 

@@ -50,7 +50,7 @@ def inspect_(
     Without --unit the text is coloured by the best units for --find, or else by the units that vary most.
     """
     from ..inference import inspect_run
-    from ..units import saturation
+    from ..units import nothing_saturates, saturation
 
     result = inspect_run(runs_dir, run, text, file, gate, layer, units, find, top, best, html_out, force)
     seen = result.inspection
@@ -65,7 +65,8 @@ def inspect_(
         out.print(ranking_table(seen, top))
     show_units(seen)
     out.print()
-    out.print(saturation_table(saturation(seen.layers)))
+    none = nothing_saturates(seen.layers[0].cell)
+    out.print(f"[dim]{escape(none)}[/]" if none else saturation_table(saturation(seen.layers)))
     if html_out is not None:
         out.print(f"wrote {escape(visible(str(html_out)))}", soft_wrap=True)
 

@@ -50,6 +50,7 @@ class Run:
     problems: tuple[str, ...] = ()  # what could not be read, each in a few words
     pid: int | None = None  # the training's, while it trains (0: not written yet)
     cell: str | None = None
+    form: str | None = None  # the GRU's form (cudnn or d2l: two models under one cell's name); None for the others
     model: str | None = None  # the core: scratch or cudnn
     layers: int | None = None
     hidden: int | None = None
@@ -90,11 +91,16 @@ class Run:
         except (ValueError, OverflowError, OSError):
             return None
 
+    @property
+    def cell_title(self) -> str | None:
+        """The cell as a listing names it: 'gru (d2l)' for the book's GRU, else the cell alone."""
+        return f"{self.cell} ({self.form})" if self.form not in (None, "cudnn") else self.cell
+
     def to_json(self) -> dict[str, Any]:
         """The run as one strict-JSON object (`lstmlm runs --json`)."""
         record = {
             "name": self.name, "path": str(self.path), "state": self.state, "why": self.why, "problems": list(self.problems),
-            "pid": self.pid, "cell": self.cell, "model": self.model, "layers": self.layers, "hidden": self.hidden,
+            "pid": self.pid, "cell": self.cell, "form": self.form, "model": self.model, "layers": self.layers, "hidden": self.hidden,
             "embedding": self.embedding, "vocab_size": self.vocab_size, "parameters": self.parameters,
             "corpus": self.corpus, "normalize": self.normalize, "tokens": self.tokens, "epochs": self.epochs,
             "planned_epochs": self.planned_epochs, "best_val_perplexity": self.best_val_perplexity,
@@ -275,7 +281,8 @@ def _described(cfg: Config | None, cell: str | None, vocab_size: int | None) -> 
         return {"cell": cell, "vocab_size": vocab_size}
     m = cfg.model
     return {
-        "cell": cell, "model": m.model, "layers": m.layers, "hidden": m.hidden, "embedding": m.embedding, "vocab_size": vocab_size,
+        "cell": cell, "form": m.gru_form if cell == "gru" else None, "model": m.model, "layers": m.layers, "hidden": m.hidden,
+        "embedding": m.embedding, "vocab_size": vocab_size,
         "parameters": _parameters(cfg, cell, vocab_size), "corpus": corpus_name(cfg.data.corpus), "normalize": cfg.data.normalize,
         "planned_epochs": cfg.train.epochs, "config": cfg,
     }  # fmt: skip

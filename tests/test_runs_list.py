@@ -352,6 +352,20 @@ def test_a_file_time_no_date_holds_is_a_question_mark_not_a_failure(far_times: P
 # ---- runs show ------------------------------------------------------------------------------------
 
 
+def test_the_books_gru_is_told_from_torchs_in_the_listing_the_json_and_show(runs_copy: Path) -> None:
+    """Two GRUs under one cell's name: the d2l form (the reset gate before the product) is named as such."""
+    config = runs_copy / "raw" / "config.json"
+    cfg = json.loads(config.read_text(encoding="utf-8"))
+    cfg["model"].update(cell="gru", gru_form="d2l")
+    config.write_text(json.dumps(cfg), encoding="utf-8")
+    runs = listed(runs_copy)
+    assert (runs["raw"]["cell"], runs["raw"]["form"]) == ("gru", "d2l")
+    assert (runs["bytes"]["cell"], runs["bytes"]["form"]) == ("lstm", None)
+    table = cli("runs", "--runs-dir", runs_copy)
+    assert "gru (d2l) scratch" in table.stdout and "lstm cudnn" in table.stdout
+    assert "gru (d2l) scratch" in cli("runs", "show", "raw", "--runs-dir", runs_copy).stdout
+
+
 def test_show_prints_the_config_history_and_the_command(made: Path) -> None:
     run = listed(made)["raw"]
     shown = cli("runs", "show", "raw", "--runs-dir", made)

@@ -144,7 +144,7 @@ def runs_table(listed: list[Run]) -> Table:
     for run in listed:
         table.add_row(
             escape(visible(run.name)),
-            escape(visible(f"{run.cell} {run.model}")) if run.model else "",
+            escape(visible(f"{run.cell_title} {run.model}")) if run.model else "",
             f"{run.layers}×{run.hidden}" if run.layers else "",
             count(run.parameters) if run.parameters is not None else "",
             escape(visible(run.corpus or "")),
@@ -211,7 +211,7 @@ def history(run: Run) -> list[str]:
     """The history summary: epochs, tokens and time; the best and the last validation."""
     unit = "bpb" if run.bits_per == "byte" else "bpc"
     parameters = f", {run.parameters:,} parameters" if run.parameters is not None else ""
-    lines = [f"{run.layers}×{run.hidden} {run.cell} {run.model}{parameters}, on {run.corpus} ({run.normalize})"] if run.model else []
+    lines = [f"{run.layers}×{run.hidden} {run.cell_title} {run.model}{parameters}, on {run.corpus} ({run.normalize})"] if run.model else []
     if run.epochs is not None:
         spent = f", {clock(run.seconds)} of training" if run.seconds else ""
         limit = run.config.train.max_minutes if run.config else 0

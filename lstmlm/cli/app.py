@@ -25,7 +25,7 @@ from .tune import tune
 
 app = typer.Typer(
     name="lstmlm",
-    help="Train character-level LSTM language models: the d2l LSTM from scratch and on cuDNN.",
+    help="Train character-level language models: the d2l LSTM (GRU, RNN) from scratch and on cuDNN.",
     rich_markup_mode="rich",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -60,7 +60,7 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
-    """Train character-level LSTM language models: the d2l LSTM from scratch and on cuDNN."""
+    """Train character-level language models: the d2l LSTM (GRU, RNN) from scratch and on cuDNN."""
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ def train(
     verbose: Annotated[bool, typer.Option("--verbose", help="Show every setting at the start, not only those this run chose.")] = False,
     **overrides: Any,
 ) -> None:
-    """Train a character-level LSTM; prints perplexity as it falls, its baselines, and samples at the end
+    """Train a character-level LSTM (or GRU, or RNN: --cell); prints perplexity as it falls, its baselines, and samples at the end
     (with --json: a JSON line for the baselines, per epoch and validation, and a last 'done')."""
     from .. import baselines
     from .. import training as trainings

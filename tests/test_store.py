@@ -40,7 +40,8 @@ from lstmlm.runs import RunStore
 from lstmlm.train import Trainer
 from lstmlm.vocab import Vocab
 
-from support.cli import assert_one_error_line, cli, lstmlm_process
+from support.cli import LiveProcess, Result, assert_one_error_line, cli, lstmlm_process
+from support.faults import HeldEncoding
 from support.tiny import synthetic_text
 
 TEXTS = {
@@ -725,3 +726,30 @@ def test_index_entries_are_not_written_for_files_changed_just_now(tmp_path: Path
     selection = select(str(path))
     encode_corpus(selection, "raw")
     assert cache.read_index(selection.signature("raw")) is None
+
+
+# ---- interrupted -----------------------------------------------------------------------------------
+
+
+def test_ctrl_c_while_a_corpus_is_encoded_ends_the_command_and_its_workers_at_once(
+    tmp_path: Path, corpus_file: Path, runs_dir: Path, isolated_cache: Path
+) -> None:
+    """A real process, its corpus's encoding held in two worker processes, gets Ctrl-C twice.
+    The pool waited for the pieces in flight; the second Ctrl-C landed in that wait, and the
+    interpreter's exit then joined workers that never end: the command hung (interrupted
+    again, it left them running). It now ends the workers and exits: one line, 130, and no
+    worker and no temporary store left."""
+    held = HeldEncoding(tmp_path, {**os.environ, "OMP_NUM_THREADS": "1", "LSTMLM_DEBUG": "0"})
+    tiny = ["--hidden", "16", "--batch-size", "8", "--num-steps", "10", "--device", "cpu"]
+    training = LiveProcess("train", "--corpus", corpus_file, "--runs-dir", runs_dir, *tiny, env=held.env, code=held.code)
+    try:
+        training.wait_until(lambda: len(held.workers) == 2, "piece held by each worker")
+        training.proc.send_signal(signal.SIGINT)
+        training.proc.send_signal(signal.SIGINT)  # at once: the second lands while the first unwinds (or the two make one)
+        assert training.finish() == 130
+        assert_one_error_line(Result(130, "".join(training.stdout), "".join(training.stderr)), "interrupted", code=130)
+        assert not held.running()  # ended and reaped before the command exits
+        assert not list((isolated_cache / "encoded").glob(".*.tmp"))
+    finally:
+        training.kill()
+        held.kill()

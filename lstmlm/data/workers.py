@@ -65,6 +65,18 @@ def _start_pool(workers: int) -> Executor:
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_setup)
 
 
+def _terminate(pool: Executor) -> None:
+    """End the pool's processes now rather than after the pieces they hold. Waiting for them,
+    a second Ctrl-C landed in the wait: the pool was left unjoined, and the interpreter's exit
+    then joined workers that never end (they ignore SIGINT and hold their queue's writing end
+    themselves), so the command hung; interrupted again, it left them running. (Python 3.14's
+    `ProcessPoolExecutor.terminate_workers`, earlier.)"""
+    processes: dict[int, multiprocessing.process.BaseProcess] = getattr(pool, "_processes", None) or {}
+    for process in list(processes.values()):
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # already ended, or closed
+            process.terminate()
+
+
 class Workers:
     """The processes encoding runs on — one per core, started on first use (a corpus of one
     piece starts none) and shared by both passes — and the one way jobs are run on them."""
@@ -75,9 +87,12 @@ class Workers:
     def __enter__(self) -> Workers:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        if self._pool is None:
+            return
+        if kind is not None:  # stopped midway (Ctrl-C, SIGTERM, an error): the pieces in flight are not wanted
+            _terminate(self._pool)
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def run(
         self,

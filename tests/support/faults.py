@@ -1,9 +1,14 @@
 """Faults the tests provoke: a filesystem filled to the last bytes (`fill`, on conftest's
-`small_disk`), and a pickle that runs code when loaded (`Payload`)."""
+`small_disk`), a pickle that runs code when loaded (`Payload`), and a corpus's first encoding
+held midway in its worker processes, for a signal to land in (`HeldEncoding`)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,3 +35,62 @@ class Payload:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (Path.touch, (self.marker,))
+
+
+# Imported by the worker processes (spawned: they import it by name, from the test's folder):
+# each piece's encoding says which worker holds it, then waits.
+HELD_MODULE = """
+import os, time
+from pathlib import Path
+
+def encode(*args):
+    (Path(os.environ["LSTMLM_TEST_HELD"]) / str(os.getpid())).touch()
+    time.sleep(3600)
+"""
+
+# `lstmlm ARGS`, its corpus cut into pieces of 1 KiB, encoded on two workers by HELD_MODULE's encode.
+HELD_CLI = """
+import sys
+import held
+import lstmlm.data.encode, lstmlm.data.store, lstmlm.data.workers
+lstmlm.data.encode.encode = held.encode
+lstmlm.data.store.PIECE_BYTES = 1024
+lstmlm.data.workers.WORKERS = 2
+from lstmlm.cli.app import main
+main()
+"""
+
+
+class HeldEncoding:
+    """What `HELD_CLI` needs: its module in `folder`, and an environment that finds it and names
+    where the workers say they hold a piece (`workers`: their process ids, once both do)."""
+
+    def __init__(self, folder: Path, env: dict[str, str]) -> None:
+        (folder / "held.py").write_text(HELD_MODULE, encoding="utf-8")
+        self.marks = folder / "held"
+        self.marks.mkdir()
+        path = os.pathsep.join(filter(None, [str(folder), env.get("PYTHONPATH", "")]))
+        self.env = {**env, "PYTHONPATH": path, "LSTMLM_TEST_HELD": str(self.marks)}
+        self.code = HELD_CLI
+
+    @property
+    def workers(self) -> list[int]:
+        return [int(mark.name) for mark in self.marks.iterdir()]
+
+    def running(self) -> list[int]:
+        """The workers still running (a zombie has ended)."""
+        return [pid for pid in self.workers if _running(pid)]
+
+    def kill(self) -> None:
+        """Whatever a failing test left running."""
+        for pid in self.running():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z" if sys.platform == "linux" else True

@@ -27,8 +27,8 @@ import torch
 from lstmlm import baselines
 from lstmlm.checkpoint import load_checkpoint
 
-from support.cli import LiveProcess, assert_one_error_line, cli
-from support.faults import fill
+from support.cli import LiveProcess, Result, assert_one_error_line, cli
+from support.faults import HeldEncoding, fill
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -127,6 +127,26 @@ def test_signal_saves_says_how_to_resume_and_resumes_exactly_and_a_second_traini
     # the interrupted-and-resumed run is the run that was never interrupted, bit for bit
     assert cli(*args, "--epochs", epochs, "--run", "straight").code == 0
     assert_same_run(run, runs_dir / "straight")
+
+
+def test_sigterm_before_training_unwinds_leaving_no_temporary_and_no_worker(tmp_path: Path, env: dict[str, str], corpus_file: Path, runs_dir: Path) -> None:
+    """SIGTERM while a new corpus is encoded (before training's own handler is installed) killed
+    the command where it stood: the half-written token store stayed in the cache under its
+    temporary name, never removed, and the encoding's workers ran on. It now unwinds as Ctrl-C
+    does: one line, exit 143, no temporary, no worker."""
+    held = HeldEncoding(tmp_path, env)
+    training = LiveProcess("train", "--corpus", corpus_file, "--runs-dir", runs_dir, *TINY, env=held.env, code=held.code)
+    try:
+        training.wait_until(lambda: len(held.workers) == 2, "piece held by each worker")
+        assert list((Path(env["LSTMLM_HOME"]) / "encoded").glob(".*.tmp"))  # the store being written
+        assert training.stop(signal.SIGTERM) == 143
+        assert_one_error_line(Result(143, "".join(training.stdout), "".join(training.stderr)), "terminated", code=143)
+        assert not held.running()
+        assert not list((Path(env["LSTMLM_HOME"]) / "encoded").glob(".*.tmp"))
+        assert not runs_dir.exists()  # no run was made
+    finally:
+        training.kill()
+        held.kill()
 
 
 def test_the_printed_resume_command_continues_as_the_interrupted_resume_would(started: Any, env: dict[str, str], corpus_file: Path, runs_dir: Path) -> None:

@@ -1,8 +1,8 @@
 """The one place that decides what a failure looks like: one red line on stderr and an exit code.
 
 Library errors (`LstmlmError`) and OS errors print as they are, out-of-memory with a hint,
-anything unexpected as an internal error; exit code 1 (130 on Ctrl-C; Typer's usage errors
-are 2). A reader that closes the pipe early ends the command quietly, with 141 as SIGPIPE
+anything unexpected as an internal error; exit code 1 (130 on Ctrl-C, 143 on SIGTERM; Typer's
+usage errors are 2). A reader that closes the pipe early ends the command quietly, with 141 as SIGPIPE
 would. LSTMLM_DEBUG=1 shows the traceback instead.
 """
 
@@ -14,8 +14,9 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any, NoReturn, TypeVar
 
 import typer
 from rich.markup import escape
@@ -38,7 +39,8 @@ def friendly(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with terminable():
+                return command(*args, **kwargs)
         except (typer.Exit, typer.Abort, typer.BadParameter):  # a command's usage error is Typer's to report (exit code 2)
             raise
         except BrokenPipeError:  # the reader went away (`lstmlm generate | head`): nothing to say
@@ -47,9 +49,42 @@ def friendly(command: F) -> F:
         except BaseException as e:
             if os.environ.get("LSTMLM_DEBUG") == "1" or isinstance(e, SystemExit):
                 raise
-            raise fail(one_line(e, command.__name__), 130 if isinstance(e, KeyboardInterrupt) else 1) from None
+            raise fail(one_line(e, command.__name__), exit_code(e)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def exit_code(e: BaseException) -> int:
+    if isinstance(e, KeyboardInterrupt):
+        return 128 + signal.SIGINT
+    return 128 + signal.SIGTERM if isinstance(e, Terminated) else 1
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the command is as Ctrl-C raises KeyboardInterrupt (and, like it, no
+    `except Exception` takes it for a failure). Killed where it stood, a command left what it
+    was making: a corpus's token store half-encoded in the cache, a download's or an export's
+    temporary file, the encoding's worker processes running on. Unwinding removes each."""
+
+
+def _terminate(_signum: int, _frame: FrameType | None) -> NoReturn:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM (a service manager repeats it) would cut the cleanup short
+    raise Terminated
+
+
+@contextlib.contextmanager
+def terminable() -> Iterator[None]:
+    """SIGTERM raises `Terminated` while a command runs (training's own handler takes over while
+    it trains: it saves, then stops)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (a test's runner): SIGTERM keeps what it had
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _discard_stdout() -> None:
@@ -72,6 +107,8 @@ def one_line(e: BaseException, command: str = "") -> str:
         return str(e)
     if isinstance(e, KeyboardInterrupt):
         return "interrupted"
+    if isinstance(e, Terminated):
+        return "terminated"
     if isinstance(e, OSError):
         return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
     if isinstance(e, (MemoryError, RuntimeError)) and _out_of_memory(e):  # torch's allocators raise RuntimeError

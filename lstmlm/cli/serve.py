@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Annotated
 
 import typer
@@ -10,6 +11,7 @@ from rich.markup import escape
 from ..runs import DEFAULT_RUNS_DIR
 from . import options
 from .console import err
+from .errors import Terminated
 
 
 def serve(
@@ -60,3 +62,6 @@ def serve(
         server.run()
     except KeyboardInterrupt:  # uvicorn has shut down and passes Ctrl-C on: the way a server is stopped
         err.print("stopped")
+    except Terminated:  # SIGTERM, passed on the same way: a service manager's way
+        err.print("stopped")
+        raise typer.Exit(128 + signal.SIGTERM) from None

@@ -254,6 +254,31 @@ def test_a_sqlite_file_of_another_program_is_refused_in_one_line_and_left_alone(
     assert_one_error_line(cli(*tune_args, "--storage", f"sqlite:///{path}"), f"cannot read the studies in sqlite:///{path}: no such column: studies.study_id")
 
 
+DAMAGES = {
+    "a parameter not a number": "UPDATE trial_params SET param_value = 'nan'",
+    "a distribution of another shape": "UPDATE trial_params SET distribution_json = '{}'",
+    "a complete trial without its value": "UPDATE trial_values SET value = NULL",
+    "a trial's attribute cut short": "UPDATE trial_user_attributes SET value_json = '{'",
+    "the study's settings cut short": "UPDATE study_user_attributes SET value_json = '[1'",
+    "the study's settings of another type": "UPDATE study_user_attributes SET value_json = '[1]'",
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_study_database_is_one_line_naming_it_and_left_alone(tune_args: list[str], runs_dir: Path, damage: str) -> None:
+    """A study's database edited or damaged was "internal error: ValueError ... please report
+    it" (from inside Optuna, decoding its rows): it is one line saying so, before any trial."""
+    assert cli(*tune_args, "--trials", "1").code == 0
+    database = runs_dir / "tune-s.db"
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        db.execute(DAMAGES[damage])
+        db.commit()
+    damaged = database.read_bytes()
+    result = cli(*tune_args, "--trials", "1")
+    assert_one_error_line(result, f"study s in {storage_of(runs_dir)} holds a record that cannot be read (", "the database is damaged")
+    assert database.read_bytes() == damaged and not (runs_dir / "s-trial-1").exists()  # nothing written, no trial run
+
+
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:"])
 def test_a_study_in_memory_is_refused(tune_args: list[str], url: str, runs_dir: Path) -> None:
     assert_one_error_line(cli(*tune_args, "--storage", url), f"the study storage {url} is a database in memory: the study would end with this process")

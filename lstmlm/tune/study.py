@@ -107,8 +107,7 @@ def open_study(setup: Setup, progress: StageProgress | None = None) -> Study:
     study = _create(storage, name, shown, make_pruner(setup))
     if study.direction != optuna.study.StudyDirection.MINIMIZE:
         raise TuneError(f"study {name} in {shown} maximizes: lstmlm's studies minimize the validation loss; choose another --study")
-    check_settings(study, name, settings(setup, base.config, base.data.source_sha1))
-    before = len(study.get_trials(deepcopy=False))
+    before = read_study(study, name, shown, settings(setup, base.config, base.data.source_sha1))
     return Study(study, storage, name, shown, created, before, setup, base.config, search_space(setup.fixed))
 
 
@@ -151,6 +150,26 @@ def settings(setup: Setup, cfg: Config, corpus_sha1: str) -> dict[str, Any]:
     base = {k: v for table in cfg.to_dict().values() for k, v in table.items() if k not in PER_MACHINE}
     agreed: dict[str, Any] = json.loads(json.dumps({"minutes": setup.minutes, "corpus_sha1": corpus_sha1, "base": base}))  # as the storage gives it back
     return agreed
+
+
+# What Optuna raises decoding a record it did not write: a parameter that is not a number, JSON
+# cut short or of another shape, a complete trial without its value (an assertion)
+UNREADABLE = (ValueError, KeyError, TypeError, AttributeError, IndexError, AssertionError)
+
+
+def read_study(study: optuna.Study, name: str, shown: str, mine: dict[str, Any]) -> int:
+    """Check the study's settings (`check_settings`) and read its trials, as every trial will;
+    their count. A record that cannot be decoded (a damaged or hand-edited database) is a
+    TuneError here, before a trial runs, rather than an internal error from inside Optuna."""
+    try:
+        check_settings(study, name, mine)
+        return len(study.get_trials(deepcopy=False))
+    except UNREADABLE as e:
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise TuneError(
+            f"study {name} in {shown} holds a record that cannot be read ({type(e).__name__}: {why}): the database is damaged; "
+            "choose another --study or --storage"
+        ) from None
 
 
 def check_settings(study: optuna.Study, name: str, mine: dict[str, Any]) -> None:

@@ -5,13 +5,17 @@ and a failed export leaves nothing behind."""
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import os
 import re
 import shutil
 import stat
 import sys
 import threading
+import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -129,6 +133,31 @@ def test_onnx_without_the_extra_is_a_one_line_hint(tiny_runs: Path, tmp_path: Pa
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # import onnxscript now raises ImportError
     result = cli("export", "--run", "raw", "--runs-dir", tiny_runs, "-o", tmp_path / "x.onnx")
     assert_one_error_line(result, "pip install 'lstmlm[export]'")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+class InterruptedInit(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """onnxruntime's import as Ctrl-C inside its extension module's initialisation leaves it:
+    pybind11 turns the KeyboardInterrupt into ImportError("initialization failed") from it."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        return importlib.machinery.ModuleSpec(name, self) if name == "onnxruntime" else None
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise ImportError("initialization failed") from e
+
+
+def test_ctrl_c_inside_an_extras_import_is_an_interruption_not_a_missing_extra(tiny_runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was "error: exporting to ONNX needs onnx, onnxscript and onnxruntime: pip install
+    'lstmlm[export]'", exit 1, to a user who has them and pressed Ctrl-C."""
+    pytest.importorskip("onnxscript", reason="the export extra is not installed")
+    monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [InterruptedInit(), *sys.meta_path])
+    result = cli("export", "--run", "raw", "--runs-dir", tiny_runs, "-o", tmp_path / "x.onnx")
+    assert_one_error_line(result, "interrupted", code=130)
     assert not (tmp_path / "x.onnx").exists()
 
 

@@ -49,9 +49,25 @@ def friendly(command: F) -> F:
         except BaseException as e:
             if os.environ.get("LSTMLM_DEBUG") == "1" or isinstance(e, SystemExit):
                 raise
-            raise fail(one_line(e, command.__name__), exit_code(e)) from None
+            cause = interruption(e) or e
+            raise fail(one_line(cause, command.__name__), exit_code(cause)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def interruption(e: BaseException) -> BaseException | None:
+    """The Ctrl-C or SIGTERM behind `e`, if any. An extension module whose initialisation is
+    interrupted (pybind11's: onnxruntime, onnx) fails as ImportError("initialization failed")
+    from the KeyboardInterrupt, and the `except ImportError` that names a missing extra then
+    told the user to install what they have, exit code 1."""
+    seen: set[int] = set()
+    link: BaseException | None = e
+    while link is not None and id(link) not in seen:
+        if isinstance(link, (KeyboardInterrupt, Terminated)):
+            return link
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    return None
 
 
 def exit_code(e: BaseException) -> int:

@@ -149,6 +149,27 @@ def test_sigterm_before_training_unwinds_leaving_no_temporary_and_no_worker(tmp_
         held.kill()
 
 
+def test_ctrl_c_while_the_command_line_loads_is_one_line_and_130(env: dict[str, str]) -> None:
+    """The application takes a third of a second to load, before any command's handler runs:
+    a Ctrl-C then printed Python's traceback. A finder makes the load itself raise it."""
+    code = """
+import importlib.abc, sys
+
+class Interrupted(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "lstmlm.cli.app":
+            raise KeyboardInterrupt
+        return None
+
+sys.meta_path.insert(0, Interrupted())
+sys.argv = ["lstmlm", "--version"]
+from lstmlm.cli import main
+main()
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
+    assert (result.returncode, result.stdout, result.stderr) == (130, "", "error: interrupted\n")
+
+
 def test_the_printed_resume_command_continues_as_the_interrupted_resume_would(started: Any, env: dict[str, str], corpus_file: Path, runs_dir: Path) -> None:
     """A resume's --epochs is saved in the run and repeated in the command printed at Ctrl-C:
     that command trains on towards it (before, it ran the stored 2 epochs: done at once, NaN)."""

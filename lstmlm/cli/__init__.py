@@ -6,6 +6,12 @@ that turns exceptions into one line and an exit code. The library is imported in
 commands, so `lstmlm --help` and `lstmlm download` start without loading torch.
 """
 
-from .app import app, main
+import sys
+
+try:
+    from .app import app, main
+except KeyboardInterrupt:  # loading the application takes a third of a second: a Ctrl-C then is one line, as later, not a traceback
+    sys.stderr.write("error: interrupted\n")
+    raise SystemExit(130) from None
 
 __all__ = ["app", "main"]

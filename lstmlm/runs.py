@@ -270,19 +270,31 @@ class RunStore:
     def read_metrics(self) -> list[dict[str, Any]]:
         """The records of metrics.jsonl, each a JSON object; a line that is none (cut by a crash
         mid-write, or damaged) is left out, so what reads them (plot, a resume) meets records only."""
-        if not self.metrics_path.exists() and not self.metrics_path.is_symlink():
-            return []
-        try:
-            text = read_regular(self.metrics_path)
-        except (OSError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"cannot read {self.metrics_path}: {e}") from None
         records = []
-        for line in text.splitlines():
+        for line in self._metrics_lines():
             with contextlib.suppress(ValueError, RecursionError):  # not JSON, an integer of > 4300 digits, deep nesting
                 record = json.loads(line)
                 if isinstance(record, dict):
                     records.append(record)
         return records
+
+    def metrics_values(self) -> list[Any]:
+        """Every line of metrics.jsonl that parses, whatever it holds, for a reader that reports a
+        damaged run rather than leaving its lines out (the server's list); a line cut by a crash
+        mid-write is left out. RecursionError for a line nested too deeply to parse."""
+        values = []
+        for line in self._metrics_lines():
+            with contextlib.suppress(json.JSONDecodeError):
+                values.append(json.loads(line))
+        return values
+
+    def _metrics_lines(self) -> list[str]:
+        if not self.metrics_path.exists() and not self.metrics_path.is_symlink():
+            return []
+        try:
+            return read_regular(self.metrics_path).splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read {self.metrics_path}: {e}") from None
 
     def truncate_metrics(self, last_epoch: int, last_step: int | None = None) -> None:
         """Drop the records after the checkpoint's step `last_step` (where a record has its step;

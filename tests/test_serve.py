@@ -317,6 +317,7 @@ BAD_FILES = [
     ("metrics.jsonl", '{"epoch": 1}\n42\n', "run bad's metrics.jsonl has a line that is not a JSON object"),
     ("metrics.jsonl", '{"epoch": 1}\n["a"]\n', "not a JSON object"),
     ("metrics.jsonl", "[" * 100_000 + "\n", "nested too deeply"),
+    ("metrics.jsonl", '{"epoch": ' + "9" * 5000 + "}\n", "has a number too long to read"),
     ("metrics.jsonl", "\udcff\n", "cannot read bad/metrics.jsonl"),
     ("config.json", "{", "run bad has an unreadable config"),
     ("config.json", "[]", "run bad"),

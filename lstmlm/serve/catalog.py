@@ -90,11 +90,13 @@ def finite(value: Any) -> Any:
 
 def read_records(store: RunStore) -> list[dict[str, Any]]:
     """The run's epochs (metrics.jsonl); CheckpointError if a line there is JSON but no epoch's
-    record (a line cut by a crash is left out, as `RunStore.read_metrics` does)."""
+    record (a line cut by a crash is left out, as `RunStore.metrics_values` does)."""
     try:
-        records = store.read_metrics()
+        records = store.metrics_values()
     except RecursionError:
         raise CheckpointError(f"run {store.name}'s metrics.jsonl has a line nested too deeply to read") from None
+    except ValueError:  # JSON whose integer has more digits than Python converts (4,300)
+        raise CheckpointError(f"run {store.name}'s metrics.jsonl has a number too long to read") from None
     if not all(isinstance(r, dict) for r in records):
         raise CheckpointError(f"run {store.name}'s metrics.jsonl has a line that is not a JSON object")
     return records

@@ -18,7 +18,7 @@ from . import checkpoint
 from .cells.base import State
 from .config import Config
 from .distributed import World
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .model import CharLM, convert
 from .progress import Progress
 from .runs import BEST, LATEST, RunStore
@@ -105,6 +105,7 @@ class Checkpointer:
             progress = Progress.from_dict(trainer["state"])
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise CheckpointError(f"{path} is damaged: its trainer state does not load ({type(e).__name__}: {e})") from None
+        check_epochs_left(progress.epoch, cfg.train.epochs, self.store.name)
         progress.best_saved = self.best_on_disk()
         if progress.torch_rng is not None:
             torch.set_rng_state(progress.torch_rng)
@@ -129,3 +130,14 @@ class Checkpointer:
 def non_finite(model: torch.nn.Module) -> list[str]:
     """The model's floating-point tensors holding a NaN or Inf, by name."""
     return [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(v.isfinite().all())]
+
+
+def check_epochs_left(done: int, epochs: int, run: str) -> None:
+    """Refuse a resume with no epoch left to train, before it changes anything in the run: it
+    would otherwise save the --epochs given, train nothing and report the run again as if it had
+    (shown as 'epoch 3/2')."""
+    if done < epochs:
+        return
+    if done == epochs:
+        raise ConfigError(f"run {run} has trained all its {epochs} epochs: resume it with --epochs above {done} to train on")
+    raise ConfigError(f"run {run} has trained {done} epochs already, so --epochs {epochs} leaves nothing to train: give --epochs above {done}")

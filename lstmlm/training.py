@@ -330,11 +330,11 @@ def start(plan: Plan) -> Iterator[Training]:
             resuming = plan.store is not None
             if resuming:
                 check_resumable(store)
-                if world.is_main and store.config != cfg:
-                    store.save_config(cfg)
             trainer = Trainer(store, cfg, plan.data, device, precision, world)
             if resuming:
-                trainer.resume()
+                trainer.resume()  # refused where nothing is left to train: the run is unchanged
+                if world.is_main and store.config != cfg:
+                    store.save_config(cfg)
             yield Training(trainer, store, world)
             completed = True
     except RuntimeError as e:

@@ -195,9 +195,9 @@ def test_resume_names_the_keys_a_config_file_disagrees_on(tiny_train_args: list[
     assert cli(*tiny_train_args, "--run", "r").code == 0
     other = tmp_path / "other.toml"
     other.write_text("[model]\nhidden = 64\n", encoding="utf-8")
-    before = snapshot(runs_dir)
-    result = cli(*tiny_train_args, "--run", "r", "--resume", "--config", other)  # hidden 64 in the file, 16 in the options: these win
+    result = cli(*tiny_train_args, "--run", "r", "--resume", "--config", other, "--epochs", "3")  # hidden 64 in the file, 16 in the options: these win
     assert result.code == 0, result.stderr
+    before = snapshot(runs_dir)
     result = cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--config", other)  # the file alone: its hidden, defaults' batches
     assert_one_error_line(
         result, f"--resume keeps the run's stored config, and {other} (with the options given) differs from it in",
@@ -231,6 +231,16 @@ def test_resume_saves_the_options_a_resume_may_change(tiny_train_args: list[str]
     assert (stored["epochs"], stored["patience"]) == (3, 4)
     records = cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--epochs", "4", "--json").json()
     assert [r["epoch"] for r in records if r["event"] == "epoch"] == [4]
+
+
+def test_a_resume_with_no_epoch_left_to_train_is_refused_leaving_the_run_as_it_was(tiny_train_args: list[str], runs_dir: Path) -> None:
+    """It saved the --epochs given, trained nothing and reported the run again ('epoch 3/2'), exit 0."""
+    assert cli(*tiny_train_args, "--run", "r").code == 0
+    before = {f.name: f.read_bytes() for f in (runs_dir / "r").iterdir() if f.is_file()}
+    resume = ("train", "--resume", "--run", "r", "--runs-dir", runs_dir)
+    assert_one_error_line(cli(*resume, "--epochs", "1"), "run r has trained 2 epochs already, so --epochs 1 leaves nothing to train: give --epochs above 2")
+    assert_one_error_line(cli(*resume), "run r has trained all its 2 epochs: resume it with --epochs above 2 to train on")
+    assert {f.name: f.read_bytes() for f in (runs_dir / "r").iterdir() if f.is_file()} == before
 
 
 def test_same_seed_same_samples(tiny_train_args: list[str]) -> None:

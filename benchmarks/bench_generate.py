@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sse import read_stream
 
 
 def machine() -> str:
@@ -96,26 +97,16 @@ def stream(url: str, body: dict[str, Any]) -> tuple[str, float, int]:
     """(outcome, seconds to the first character, characters) of one streamed generation."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=3600)
-    start, first, chars, name = time.perf_counter(), float("nan"), 0, ""
+    start = time.perf_counter()
     try:
         conn.request("POST", "/api/generate", json.dumps(body), {"Content-Type": "application/json"})
         response = conn.getresponse()
         if response.status != 200:
             response.read()
-            return ("refused" if response.status == 503 else f"HTTP {response.status}"), first, 0
-        while line := response.readline():
-            text = line.decode().rstrip("\n")
-            if text.startswith("event: "):
-                name = text[7:]
-            elif text.startswith("data: ") and name == "text":
-                if chars == 0:
-                    first = time.perf_counter() - start
-                chars += len(json.loads(text[6:])["text"])
-            elif text.startswith("data: ") and name == "done":
-                return "completed", first, chars
-        return "cut short", first, chars
+            return ("refused" if response.status == 503 else f"HTTP {response.status}"), float("nan"), 0
+        return read_stream(response, start)
     except OSError as e:
-        return type(e).__name__, first, chars
+        return type(e).__name__, float("nan"), 0
     finally:
         conn.close()
 

@@ -29,6 +29,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from sse import read_stream
+
 
 def start_server(runs_dir: str, max_batch: int, queue: int, max_length: int) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
@@ -96,30 +98,18 @@ def stream(url: str, body: dict[str, Any]) -> tuple[str, float, float, int, floa
     host, port = url.removeprefix("http://").rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=600)
     start = time.perf_counter()
-    first = float("nan")
-    chars = 0
     try:
         conn.request("POST", "/api/generate", json.dumps(body), {"Content-Type": "application/json"})
         response = conn.getresponse()
         if response.status == 503:
             response.read()
-            return "refused", first, time.perf_counter() - start, 0, float(response.getheader("Retry-After") or 0)
+            return "refused", float("nan"), time.perf_counter() - start, 0, float(response.getheader("Retry-After") or 0)
         if response.status != 200:
-            return f"HTTP {response.status}", first, time.perf_counter() - start, 0, 0.0
-        name = ""
-        while line := response.readline():
-            text = line.decode().rstrip("\n")
-            if text.startswith("event: "):
-                name = text[7:]
-            elif text.startswith("data: ") and name == "text":
-                if chars == 0:
-                    first = time.perf_counter() - start
-                chars += len(json.loads(text[6:])["text"])
-            elif text.startswith("data: ") and name == "done":
-                return "completed", first, time.perf_counter() - start, chars, 0.0
-        return "cut short", first, time.perf_counter() - start, chars, 0.0
+            return f"HTTP {response.status}", float("nan"), time.perf_counter() - start, 0, 0.0
+        outcome, first, chars = read_stream(response, start)
+        return outcome, first, time.perf_counter() - start, chars, 0.0
     except OSError as e:
-        return f"{type(e).__name__}", first, time.perf_counter() - start, chars, 0.0
+        return type(e).__name__, float("nan"), time.perf_counter() - start, 0, 0.0
     finally:
         conn.close()
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from . import baselines as baselines_mod
 from .atomic import write_atomic
 from .baselines import Baselines
 from .errors import PlotError
+from .figures import at_least
 from .runs import RunStore
 
 FORMATS = ("png", "svg")
@@ -45,7 +45,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """A run's records, in the order of their epochs (an epoch's, and a validation's within one);
     a run with neither a finished epoch nor a validation has nothing to plot."""
     store = RunStore.open(Path(run_dir))
-    records = sorted((r for r in store.read_metrics() if _number(r.get("epoch"), 0)), key=lambda r: r["epoch"])
+    records = sorted((r for r in store.read_metrics() if at_least(r.get("epoch"), 0)), key=lambda r: r["epoch"])
     if not records:
         raise PlotError(f"run {store.root} has no finished epoch or validation to plot yet")
     return records
@@ -60,15 +60,8 @@ def baseline_perplexities(b: Baselines | None) -> list[tuple[str, float]]:
 
 def _points(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
     """(epochs, values) of the records that have a perplexity `key` (validation may be off)."""
-    kept = [(r["epoch"], float(r[key])) for r in records if _number(r.get(key), 1)]
+    kept = [(r["epoch"], float(r[key])) for r in records if at_least(r.get(key), 1)]
     return [e for e, _ in kept], [v for _, v in kept]
-
-
-def _number(value: Any, least: float) -> bool:
-    """Whether `value` from a run's JSON is a number from `least` up that a float holds: an
-    epoch is at least 0, a perplexity (the exp of a mean loss) at least 1, and its log is taken.
-    NaN fails the comparison, and a bool or an integer too large for a float never converts."""
-    return type(value) in (int, float) and least <= value <= sys.float_info.max
 
 
 def run_series(run: str, records: list[dict[str, Any]]) -> list[Series]:

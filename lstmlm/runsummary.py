@@ -23,7 +23,6 @@ import json
 import math
 import os
 import stat
-import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path, PurePath
@@ -33,6 +32,7 @@ from . import config_file
 from .config import Config
 from .data.download import KNOWN
 from .errors import CheckpointError, ConfigError
+from .figures import FIGURES, LARGEST, at_least, count, number, perplexity
 from .runs import LATEST, RunStore, read_regular, strict
 from .sizes import num_parameters
 
@@ -141,7 +141,7 @@ class _Reader:
         ended = self._ended()
         logged = _Logged.of(self._metrics())
         latest = self._mtime(LATEST + ".pt")
-        current = ended if ended is not None and (latest is None or latest <= _number(ended.get("at"), math.inf)) else None
+        current = ended if ended is not None and (latest is None or latest <= number(ended.get("at"), math.inf)) else None
         pid = self._holder()
         state, why = self._state(pid, cfg, logged, ended, current, latest is not None)
         return Run(
@@ -282,24 +282,23 @@ def _described(cfg: Config | None, cell: str | None, vocab_size: int | None) -> 
     m = cfg.model
     return {
         "cell": cell, "form": m.gru_form if cell == "gru" else None, "model": m.model, "layers": m.layers, "hidden": m.hidden,
-        "embedding": m.embedding, "vocab_size": vocab_size,
-        "parameters": _parameters(cfg, cell, vocab_size), "corpus": corpus_name(cfg.data.corpus), "normalize": cfg.data.normalize,
-        "planned_epochs": cfg.train.epochs, "config": cfg,
+        "embedding": m.embedding, "vocab_size": vocab_size, "parameters": num_parameters(m, vocab_size) if vocab_size is not None else None,
+        "corpus": corpus_name(cfg.data.corpus), "normalize": cfg.data.normalize, "planned_epochs": cfg.train.epochs, "config": cfg,
     }  # fmt: skip
 
 
 def _history(logged: _Logged, ended: dict[str, Any] | None, current: dict[str, Any] | None) -> dict[str, Any]:
     """The training so far, as `Run`'s fields: from the recorded end where nothing was written
     after it (it counts a last, unfinished epoch too), else from the epochs logged."""
-    recorded = [_perplexity(ended.get(key)) for key in ("best_val_perplexity", "val_perplexity")] if ended else []
+    recorded = [perplexity(ended.get(key)) for key in ("best_val_perplexity", "val_perplexity")] if ended else []
     seen = [v for v in (logged.best, *recorded) if v is not None]  # best.pt's figure, recorded: validations between epochs count
     history: dict[str, Any] = {
         "tokens": logged.tokens, "epochs": logged.epochs, "seconds": logged.seconds, "last_val_perplexity": logged.last_val,
         "best_val_perplexity": min(seen) if seen else None, "best_epoch": logged.best_epoch, "train_perplexity": logged.train,
     }  # fmt: skip
     if current is not None:
-        history.update(tokens=_int(current.get("tokens")), epochs=_int(current.get("epochs")), seconds=_number(current.get("seconds")))
-        history["last_val_perplexity"] = _perplexity(current.get("val_perplexity")) or logged.last_val
+        history.update(tokens=count(current.get("tokens")), epochs=count(current.get("epochs")), seconds=number(current.get("seconds")))
+        history["last_val_perplexity"] = perplexity(current.get("val_perplexity")) or logged.last_val
     return history
 
 
@@ -321,7 +320,7 @@ class _Logged:
         epochs = [r for r in records if type(r.get("epoch")) is int]
         if not epochs:
             return cls()
-        validated = [(v, r["epoch"]) for r in epochs if type(v := r.get("val_perplexity", math.nan)) in FIGURES and 1 <= v <= LARGEST]
+        validated = [(v, r["epoch"]) for r in epochs if at_least(v := r.get("val_perplexity"), 1)]
         rates = [(r.get("tokens_per_s", 0.0), r.get("seconds", 0.0)) for r in epochs]
         figures = [(rate, s) for rate, s in rates if type(rate) in FIGURES and type(s) in FIGURES]
         timed = [(rate, s) for rate, s in figures if 0 <= rate <= LARGEST and 0 <= s <= LARGEST and rate * s <= LARGEST]
@@ -333,7 +332,7 @@ class _Logged:
             best=best[0],
             best_epoch=best[1],
             last_val=validated[-1][0] if validated else None,
-            train=_perplexity(epochs[-1].get("train_perplexity")),
+            train=perplexity(epochs[-1].get("train_perplexity")),
         )
 
 
@@ -348,35 +347,6 @@ def _records(lines: str) -> list[dict[str, Any]] | None:
         return None
     whole = isinstance(records, list) and len(records) == lines.count("\n") + 1 and all(isinstance(r, dict) for r in records)
     return records if whole else None
-
-
-FIGURES = (int, float)  # a figure's type in a run's JSON (not bool, whose type is its own)
-# The largest figure: JSON's digits spell integers no float holds, which math and formatting
-# cannot take (OverflowError). Comparisons with it never convert, and NaN fails them all.
-LARGEST = sys.float_info.max
-
-
-def _number(value: Any, default: float | None = None) -> Any:
-    """A finite number from a run's JSON, else `default` (null, a string, a bool: not figures)."""
-    return value if type(value) in FIGURES and -LARGEST <= value <= LARGEST else default
-
-
-def _int(value: Any) -> int | None:
-    """A count (epochs, tokens) from a run's JSON, else None."""
-    return value if type(value) is int and 0 <= value <= LARGEST else None
-
-
-def _perplexity(value: Any) -> float | None:
-    """A perplexity from a run's JSON, else None: the exp of a mean cross-entropy is never below 1
-    (a figure that is cannot be one, and has no bits per character)."""
-    return value if type(value) in FIGURES and 1 <= value <= LARGEST else None
-
-
-def _parameters(cfg: Config | None, cell: str | None, vocab_size: int | None) -> int | None:
-    """The parameter count from the config's shapes; None where the vocabulary is unknown."""
-    if cfg is None or vocab_size is None:
-        return None
-    return num_parameters(cfg.model, vocab_size)
 
 
 def corpus_name(corpus: str) -> str:

@@ -149,10 +149,9 @@ def test_sigterm_before_training_unwinds_leaving_no_temporary_and_no_worker(tmp_
         held.kill()
 
 
-def test_ctrl_c_while_the_command_line_loads_is_one_line_and_130(env: dict[str, str]) -> None:
-    """The application takes a third of a second to load, before any command's handler runs:
-    a Ctrl-C then printed Python's traceback. A finder makes the load itself raise it."""
-    code = """
+LOADING = {
+    # the application's modules: a finder makes their import raise it
+    "import": """
 import importlib.abc, sys
 
 class Interrupted(importlib.abc.MetaPathFinder):
@@ -162,11 +161,32 @@ class Interrupted(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, Interrupted())
+""",
+    # Typer building the command line from the commands' signatures, before click's own handling
+    "build": """
+import typer.main
+
+def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+typer.main.get_command = interrupted
+""",
+}
+
+
+RUN_VERSION = """
+import sys
 sys.argv = ["lstmlm", "--version"]
 from lstmlm.cli import main
 main()
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
+
+
+@pytest.mark.parametrize("stage", list(LOADING))
+def test_ctrl_c_while_the_command_line_loads_is_one_line_and_130(env: dict[str, str], stage: str) -> None:
+    """The application takes a third of a second to load and build, before any command's handler
+    runs: a Ctrl-C then printed Python's traceback."""
+    result = subprocess.run([sys.executable, "-c", LOADING[stage] + RUN_VERSION], capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
     assert (result.returncode, result.stdout, result.stderr) == (130, "", "error: interrupted\n")
 
 

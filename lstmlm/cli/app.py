@@ -69,12 +69,22 @@ def main() -> None:
     without the interpreter's teardown, where a group's threads that torch never let go of can
     abort a finished training (lstmlm/distributed.py, `stop`)."""
     try:
-        app()
+        run_app()
     except SystemExit as e:
         distributed = sys.modules.get("lstmlm.distributed")  # imported only by commands that start processes
         if distributed is not None and distributed.joined():
             end_now(e.code)
         raise
+
+
+def run_app() -> None:
+    """The application, with a Ctrl-C before any command's handler runs (while Typer builds the
+    command line from the commands' signatures, a third of a second) one line, as later."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        raise SystemExit(130) from None
 
 
 def end_now(code: int | str | None) -> NoReturn:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import itertools
+import shutil
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from .evaluation import unit_of
 from .events import Baselined, Event, Started
 from .model import CharLM, training_bytes
 from .recipe import RECIPE_KEYS, Recipe, choose, probe_dims, probe_speed_of
-from .runs import LATEST, RunExists, RunStore, check_run_name
+from .runs import BEST, LATEST, RunExists, RunStore, check_run_name
 from .step import BUILDING, timed_steps
 from .train import Trainer
 
@@ -326,7 +327,8 @@ def start(plan: Plan) -> Iterator[Training]:
         if cfg.train.tensorboard and world.is_main:
             tensorboard.prepare(Path(cfg.train.tensorboard), plan.run)  # before the run is made: a missing extra costs no run
         store = plan.store or create_run(plan.runs_dir, plan.run, cfg, plan.data, world)
-        with store.locked() if world.is_main else contextlib.nullcontext():
+        made = plan.store is None and world.is_main
+        with removed_if_unsaved(store, made), store.locked() if world.is_main else contextlib.nullcontext():
             resuming = plan.store is not None
             if resuming:
                 check_resumable(store)
@@ -341,6 +343,20 @@ def start(plan: Plan) -> Iterator[Training]:
         raise distributed.other_process_failed(e, world) from None
     finally:
         distributed.stop(world, completed)
+
+
+@contextlib.contextmanager
+def removed_if_unsaved(store: RunStore, made: bool) -> Iterator[None]:
+    """A run this command made, left by an error or an interrupt before its first checkpoint
+    (while the model or its compiled step is built, say), holds nothing to generate from or
+    resume: it goes, once its lock is let go, so the same command can be typed again. (A kill -9
+    cannot do this: `runs` shows such a run as stopped before its first checkpoint.)"""
+    try:
+        yield
+    except BaseException:
+        if made and not any(store.has_checkpoint(which) for which in (LATEST, BEST)):
+            shutil.rmtree(store.root, ignore_errors=True)
+        raise
 
 
 def check_resumable(store: RunStore) -> None:

@@ -149,6 +149,31 @@ def test_sigterm_before_training_unwinds_leaving_no_temporary_and_no_worker(tmp_
         held.kill()
 
 
+def _interrupt(*args: Any, **kwargs: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("where", ["lstmlm.training.Trainer", "lstmlm.train.Trainer.run"])
+def test_a_new_run_stopped_before_its_first_checkpoint_is_removed(monkeypatch: pytest.MonkeyPatch, corpus_file: Path, runs_dir: Path, where: str) -> None:
+    """Ctrl-C while the model or its compiled step was built left the run made with no
+    checkpoint: holding the name, listed as stopped, refused by --resume. It goes now, and the
+    same command trains."""
+    args = ["train", "--corpus", corpus_file, "--normalize", "raw", "--runs-dir", runs_dir, *TINY, "--run", "r", "--epochs", "1"]
+    with monkeypatch.context() as patched:
+        patched.setattr(where, _interrupt)
+        assert_one_error_line(cli(*args), "interrupted", code=130)
+    assert not (runs_dir / "r").exists()
+    assert cli(*args).code == 0 and (runs_dir / "r" / "latest.pt").is_file()
+
+
+def test_an_error_after_a_checkpoint_keeps_the_run(monkeypatch: pytest.MonkeyPatch, corpus_file: Path, runs_dir: Path) -> None:
+    args = ["train", "--corpus", corpus_file, "--normalize", "raw", "--runs-dir", runs_dir, *TINY, "--run", "r"]
+    assert cli(*args, "--epochs", "1").code == 0
+    monkeypatch.setattr("lstmlm.train.Trainer.run", _interrupt)
+    assert_one_error_line(cli(*args, "--epochs", "2", "--resume"), "interrupted", code=130)
+    assert (runs_dir / "r" / "latest.pt").is_file()
+
+
 LOADING = {
     # the application's modules: a finder makes their import raise it
     "import": """

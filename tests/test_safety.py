@@ -196,6 +196,15 @@ def interrupted(*args, **kwargs):
 
 typer.main.get_command = interrupted
 """,
+    # Typer parsing the arguments, which it ends by exit 130 without a word
+    "parse": """
+import typer.core
+
+def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+typer.core.TyperGroup.parse_args = interrupted
+""",
 }
 
 

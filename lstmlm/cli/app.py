@@ -12,7 +12,7 @@ import typer
 from .bench import bench
 from .console import out
 from .download import download
-from .errors import friendly
+from .errors import Began, friendly
 from .evaluate import evaluate
 from .export import export
 from .generate import generate
@@ -78,13 +78,18 @@ def main() -> None:
 
 
 def run_app() -> None:
-    """The application, with a Ctrl-C before any command's handler runs (while Typer builds the
-    command line from the commands' signatures, a third of a second) one line, as later."""
+    """The application, with a Ctrl-C before any command's handler runs one line, as later:
+    while Typer builds the command line from the commands' signatures (it raises), or parses
+    the arguments (it exits 130 without a word), a third of a second in all."""
     try:
         app()
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         raise SystemExit(130) from None
+    except SystemExit as e:
+        if e.code == 130 and not Began.command:
+            sys.stderr.write("error: interrupted\n")
+        raise
 
 
 def end_now(code: int | str | None) -> NoReturn:

@@ -33,11 +33,19 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+class Began:
+    """Whether a command's handler began: before it, while Typer parses the command line, a
+    Ctrl-C is Typer's to end (exit 130, without a word)."""
+
+    command = False
+
+
 def friendly(command: F) -> F:
     """Run `command`, turning every error into one line and an exit code."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        Began.command = True
         try:
             with terminable():
                 return command(*args, **kwargs)

@@ -305,6 +305,16 @@ def test_two_urls_that_end_alike_keep_their_own_files(served: LoopbackServer, se
     assert served.requests == ["/a/input.txt", "/b/input.txt"]
 
 
+def test_a_url_whose_name_is_longer_than_a_file_name_may_be_is_cached_under_a_shortened_one(served: LoopbackServer, serve_dir: Path, cache: Path) -> None:
+    """A last segment of 300 bytes (100 percent-escaped letters, 時間 in UTF-8) made a cache name
+    past the filesystem's 255 bytes: the download failed with 'File name too long'."""
+    for name, escaped in (("x" * 100 + ".txt", "%78" * 100 + ".txt"), ("時間" * 40 + ".txt", "時間" * 40 + ".txt")):
+        (serve_dir / name).write_bytes(PAYLOAD)
+        path = download(resolve_target(served.url(escaped), sha1=PAYLOAD_SHA1, directory=cache))
+        assert path.read_bytes() == PAYLOAD and path.suffix == ".txt" and len(path.name.encode()) <= 120
+    assert cached_name(served.url("%78" * 100 + ".txt")) != cached_name(served.url("%78" * 101 + ".txt"))  # the URL's digest tells them apart
+
+
 def test_the_summary_reads_a_block_at_a_time(tmp_path: Path) -> None:
     """Characters split across block edges are counted once; an 8 MiB file is summarized in
     under 16 MiB of memory (read whole, its bytes and its 4-byte-wide str take 26 MiB)."""

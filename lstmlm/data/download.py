@@ -87,6 +87,8 @@ CHUNK_BYTES = 1 << 16
 MAX_BYTES = 4 << 30  # the default --max-bytes: above any text corpus in common use (enwik9 is 1 GB)
 MIN_RATE_BYTES_S = 1024  # a transfer slower than this over a whole RATE_WINDOW_S is given up on
 RATE_WINDOW_S = 60.0  # (the read timeout alone never fires on a server that drips a byte at a time)
+MAX_STEM_BYTES = 96  # of a URL's own name in its cache name (a file name holds 255 bytes; the digest tells URLs apart)
+MAX_SUFFIX_BYTES = 16
 
 # progress(bytes_so_far, total_bytes_or_None) is called as the download streams.
 Progress = Callable[[int, "int | None"], None]
@@ -146,6 +148,9 @@ def cached_name(url: str) -> str:
         raise DownloadError(f"{url}: not a valid URL ({e})") from None
     name = Path(path).name or "corpus.txt"
     stem, suffix = (name.rsplit(".", 1)[0], "." + name.rsplit(".", 1)[1]) if "." in name.strip(".") else (name, "")
+    if len(suffix.encode()) > MAX_SUFFIX_BYTES:  # no file type, a dot in a long name
+        stem, suffix = name, ""
+    stem = stem.encode()[:MAX_STEM_BYTES].decode(errors="ignore")  # within a file name's 255 bytes, the temporary's decoration too
     return f"{stem}-{hashlib.sha1(url.encode()).hexdigest()[:10]}{suffix}"
 
 

@@ -9,9 +9,9 @@ A file that several processes fill at their own offsets (the token store) cannot
 through one callback; its writer makes the temporary file itself, in the destination's
 directory, and ends with `publish`, the same last step as `write_atomic`'s.
 
-A file a user names for a command's output (`export -o`, `inspect --html`, `tune --output`) is
-written by `write_output`, after `check_output` (the same rule, run before the work, so that a
-refusal comes first):
+A file a user names for a command's output (`export -o`, `inspect --html`, `plot -o`,
+`tune --output`) is written by `write_output`, after `check_output` (the same rule, run before
+the work, so that a refusal comes first):
 
     inside a run's directory         refused, --force or not: a run's files are its own
     a FIFO, a character device       written through, never replaced (/dev/null stays /dev/null)

@@ -18,7 +18,7 @@ from typing import Any
 from rich.text import Text
 
 from . import baselines as baselines_mod
-from .atomic import write_atomic
+from .atomic import check_output, write_output
 from .baselines import Baselines
 from .errors import PlotError
 from .figures import at_least
@@ -199,10 +199,11 @@ def _plain_numbers() -> Any:
     return FuncFormatter(lambda value, _: f"{value:g}")
 
 
-def plot_runs(run_dirs: Sequence[Path], out_path: Path) -> list[Series]:
+def plot_runs(run_dirs: Sequence[Path], out_path: Path, force: bool = False) -> list[Series]:
     """Perplexity (log scale) and bits per character per epoch for every run on one figure, with
-    each run's baselines as horizontal lines in its colour, written to `out_path` (.png or .svg,
-    atomically). Returns the series drawn: in an SVG, series i is the group with id
+    each run's baselines as horizontal lines in its colour, written to `out_path` (.png or .svg)
+    by the rule of every command's output (atomic.write_output: an existing file replaced only
+    with `force`, never one in a run's directory). Returns the series drawn: in an SVG, series i is the group with id
     "lstmlm-series-i", and run r's baseline lines "lstmlm-baseline-r-NAME-perplexity" and
     "lstmlm-baseline-r-NAME-bits"."""
     out_path = Path(out_path)
@@ -211,6 +212,7 @@ def plot_runs(run_dirs: Sequence[Path], out_path: Path) -> list[Series]:
         raise PlotError(f"cannot write '{out_path.name}': the plot file must end in .png or .svg")
     if not run_dirs:
         raise PlotError("no run to plot")
+    check_output(out_path, force)  # refused before the drawing, not after
     series = [s for d in run_dirs for s in run_series(Path(d).name, read_metrics(Path(d)))]
     Figure = _figure_class()
     fig = Figure(figsize=(11, 4.2), layout="constrained")
@@ -243,5 +245,5 @@ def plot_runs(run_dirs: Sequence[Path], out_path: Path) -> list[Series]:
         ax.legend(fontsize="small")
     axes["perplexity"].set_title("perplexity")
     axes["bits per character"].set_title("bits per character (log₂ perplexity)")
-    write_atomic(out_path, lambda f: fig.savefig(f, format=fmt), "plot")
+    write_output(out_path, lambda f: fig.savefig(f, format=fmt), "plot", force)
     return series

@@ -25,7 +25,7 @@ from lstmlm.data.text import summarize
 from lstmlm.errors import DownloadError
 
 from support.cli import Result, assert_one_error_line, cli
-from support.loopback import BAD_GZIP, CUT, DRIP, ENDLESS, GZIP, GZIP_BOMB, NOT_FOUND, SERVER_ERROR, STALL, STALL_BODY, LoopbackServer
+from support.loopback import BAD_GZIP, BROTLI, CUT, DRIP, ENDLESS, GZIP, GZIP_BOMB, GZIP_CUT, NOT_FOUND, SERVER_ERROR, STALL, STALL_BODY, LoopbackServer
 
 PAYLOAD = ("The Time Traveller — “quoted”, naïve, 時間, 😀.\n" * 4000).encode("utf-8")
 PAYLOAD_SHA1 = hashlib.sha1(PAYLOAD).hexdigest()
@@ -256,6 +256,25 @@ def test_a_malformed_compressed_body_is_a_download_error(served: LoopbackServer,
     assert_nothing_written(cache)
 
 
+def test_a_gzip_stream_cut_short_is_a_download_error(served: LoopbackServer, cache: Path, patient: None) -> None:
+    """The gzip stream's end (its last block, its CRC and length) never came, though every byte
+    the Content-Length announced did: the decoded part was kept as the corpus, without a word."""
+    served.plan(GZIP_CUT)
+    with pytest.raises(DownloadError) as caught:
+        download(target_for(served, cache, sha1=None))
+    assert str(caught.value) == f"{served.url('corpus.txt')}: the compressed body is malformed (it ends before its compressed stream does)"
+    assert_nothing_written(cache)
+
+
+def test_a_body_in_a_coding_lstmlm_cannot_decode_is_a_download_error(served: LoopbackServer, cache: Path, patient: None) -> None:
+    """Content-Encoding: br (brotli, not installed) was kept as it came, as if it were the text."""
+    served.plan(BROTLI)
+    with pytest.raises(DownloadError) as caught:
+        download(target_for(served, cache, sha1=None))
+    assert str(caught.value) == f"{served.url('corpus.txt')}: the body is encoded as 'br' (Content-Encoding), which lstmlm cannot decode"
+    assert_nothing_written(cache)
+
+
 def test_a_body_past_max_bytes_is_refused_and_leaves_nothing(served: LoopbackServer, cache: Path, patient: None) -> None:
     served.plan(ENDLESS)  # no length announced: only counting stops it
     with pytest.raises(DownloadError) as caught:
@@ -303,6 +322,16 @@ def test_two_urls_that_end_alike_keep_their_own_files(served: LoopbackServer, se
     assert first != second and first.name.startswith("input-") and first.suffix == ".txt"
     assert (first.read_bytes(), second.read_bytes()) == (b"first corpus\n", b"second corpus\n")
     assert served.requests == ["/a/input.txt", "/b/input.txt"]
+
+
+def test_a_url_whose_name_is_longer_than_a_file_name_may_be_is_cached_under_a_shortened_one(served: LoopbackServer, serve_dir: Path, cache: Path) -> None:
+    """A last segment of 300 bytes (100 percent-escaped letters, 時間 in UTF-8) made a cache name
+    past the filesystem's 255 bytes: the download failed with 'File name too long'."""
+    for name, escaped in (("x" * 100 + ".txt", "%78" * 100 + ".txt"), ("時間" * 40 + ".txt", "時間" * 40 + ".txt")):
+        (serve_dir / name).write_bytes(PAYLOAD)
+        path = download(resolve_target(served.url(escaped), sha1=PAYLOAD_SHA1, directory=cache))
+        assert path.read_bytes() == PAYLOAD and path.suffix == ".txt" and len(path.name.encode()) <= 120
+    assert cached_name(served.url("%78" * 100 + ".txt")) != cached_name(served.url("%78" * 101 + ".txt"))  # the URL's digest tells them apart
 
 
 def test_the_summary_reads_a_block_at_a_time(tmp_path: Path) -> None:
@@ -457,6 +486,7 @@ def test_cli_bad_requests_are_one_line(args: tuple[str, ...], fragment: str, cac
     ("behaviour", "args", "fragment"),
     [
         (BAD_GZIP, (), "the compressed body is malformed"),
+        (GZIP_CUT, (), "the compressed body is malformed (it ends before its compressed stream does)"),
         (ENDLESS, ("--max-bytes", "100000"), "the body is larger than --max-bytes 100,000"),
         (GZIP_BOMB, ("--max-bytes", "100000"), "the body is larger than --max-bytes 100,000"),
     ],

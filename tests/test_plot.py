@@ -4,8 +4,11 @@ a clear message when matplotlib is missing."""
 from __future__ import annotations
 
 import math
+import os
 import re
+import stat
 import sys
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +22,7 @@ from lstmlm.errors import PlotError
 from lstmlm.runs import RunStore
 from lstmlm.vocab import Vocab
 
-from support.cli import cli
+from support.cli import assert_one_error_line, cli
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -149,6 +152,32 @@ def test_png_is_an_image(trained_runs: tuple[Path, dict[str, int]], tmp_path: Pa
     assert out.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert [len(s.epochs) for s in series] == [2, 2, 2, 2]
     assert list(tmp_path.iterdir()) == [out]  # written atomically: no temporary file left
+
+
+def test_plot_output_follows_the_rule_of_every_commands_output(tmp_path: Path) -> None:
+    """`plot -o` renamed its file over whatever was there: an existing chart without --force, a
+    FIFO (made a regular file), a path in a run's directory; export -o and inspect --html refuse."""
+    pytest.importorskip("matplotlib")
+    runs = tmp_path / "runs"
+    fake_run(runs, "r", records(2))
+    plot_r = ["plot", "r", "--runs-dir", str(runs)]
+    mine = tmp_path / "mine.svg"
+    mine.write_text("a chart I care about", encoding="utf-8")
+    assert_one_error_line(cli(*plot_r, "-o", str(mine)), f"refusing to replace {mine}: it exists (--force replaces it)")
+    assert mine.read_text(encoding="utf-8") == "a chart I care about"
+    assert cli(*plot_r, "-o", str(mine), "--force").code == 0
+    assert mine.read_text(encoding="utf-8").startswith("<?xml")
+    inside = runs / "r" / "chart.png"
+    assert_one_error_line(cli(*plot_r, "-o", str(inside), "--force"), f"refusing to write {inside}: {runs / 'r'} is a run's directory")
+    assert not inside.exists()
+    fifo = tmp_path / "chart.svg"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)  # waits for the writer
+    reader.start()
+    assert cli(*plot_r, "-o", str(fifo)).code == 0
+    reader.join(timeout=60)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and received[0].startswith(b"<?xml")  # written through, still a FIFO
 
 
 def test_plot_without_output_draws_each_run_in_the_terminal(trained_runs: tuple[Path, dict[str, int]]) -> None:

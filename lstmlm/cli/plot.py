@@ -19,6 +19,7 @@ def plot_(
         Path | None,
         typer.Option("--output", "-o", help="Write FILE.png or FILE.svg (needs: pip install 'lstmlm\\[plot]'); default: a chart per run here."),
     ] = None,
+    force: options.Force = False,
     runs_dir: options.RunsDir = DEFAULT_RUNS_DIR,
 ) -> None:
     """Train and validation perplexity per epoch (and bits per character in files), from the runs' metrics; their baselines as lines."""
@@ -26,7 +27,7 @@ def plot_(
 
     dirs = [runs_dir / check_run_name(name) for name in runs]
     if output is not None:
-        series = plot.plot_runs(dirs, output)
+        series = plot.plot_runs(dirs, output, force)
         out.print(f"wrote {escape(visible(str(output)))}: {len(series)} series from {len(dirs)} run(s)", soft_wrap=True)
         return
     for d in dirs:

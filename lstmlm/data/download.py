@@ -18,7 +18,7 @@ import time
 import urllib.parse
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -29,7 +29,6 @@ from .home import cache_dir
 
 if TYPE_CHECKING:  # requests and urllib3 are imported where a download happens: the command line starts without them
     import requests
-    from urllib3.exceptions import DecodeError
 
 
 @dataclass(frozen=True)
@@ -87,6 +86,8 @@ CHUNK_BYTES = 1 << 16
 MAX_BYTES = 4 << 30  # the default --max-bytes: above any text corpus in common use (enwik9 is 1 GB)
 MIN_RATE_BYTES_S = 1024  # a transfer slower than this over a whole RATE_WINDOW_S is given up on
 RATE_WINDOW_S = 60.0  # (the read timeout alone never fires on a server that drips a byte at a time)
+MAX_STEM_BYTES = 96  # of a URL's own name in its cache name (a file name holds 255 bytes; the digest tells URLs apart)
+MAX_SUFFIX_BYTES = 16
 
 # progress(bytes_so_far, total_bytes_or_None) is called as the download streams.
 Progress = Callable[[int, "int | None"], None]
@@ -146,6 +147,9 @@ def cached_name(url: str) -> str:
         raise DownloadError(f"{url}: not a valid URL ({e})") from None
     name = Path(path).name or "corpus.txt"
     stem, suffix = (name.rsplit(".", 1)[0], "." + name.rsplit(".", 1)[1]) if "." in name.strip(".") else (name, "")
+    if len(suffix.encode()) > MAX_SUFFIX_BYTES:  # no file type, a dot in a long name
+        stem, suffix = name, ""
+    stem = stem.encode()[:MAX_STEM_BYTES].decode(errors="ignore")  # within a file name's 255 bytes, the temporary's decoration too
     return f"{stem}-{hashlib.sha1(url.encode()).hexdigest()[:10]}{suffix}"
 
 
@@ -216,9 +220,7 @@ def _download_once(target: Target, progress: Progress | None, max_bytes: int) ->
             raise DownloadError(f"{url}: the server announces {total:,} bytes, more than --max-bytes {max_bytes:,}")
 
         def stream_and_verify(out: IO[bytes]) -> None:
-            digest, wire = _stream_to(response, out, total, max_bytes, progress)
-            if total is not None and wire != total:
-                raise DownloadError(f"{url}: transfer cut short ({wire} of {total} bytes)")
+            digest = _stream_to(response, out, total, max_bytes, progress)
             if target.sha1 is not None and digest != target.sha1:
                 raise DownloadError(f"{url}: checksum mismatch (expected SHA-1 {target.sha1}, got {digest})")
 
@@ -226,27 +228,30 @@ def _download_once(target: Target, progress: Progress | None, max_bytes: int) ->
     return target.path
 
 
-def _stream_to(response: requests.Response, out: IO[bytes], total: int | None, max_bytes: int, progress: Progress | None) -> tuple[str, int]:
-    """Copy the decoded body into `out`; return its SHA-1 and the bytes that came over the wire.
+def _stream_to(response: requests.Response, out: IO[bytes], total: int | None, max_bytes: int, progress: Progress | None) -> str:
+    """Copy the decoded body into `out`; return its SHA-1. A broken transfer is a DownloadError:
+    fewer bytes than announced, a compressed stream that does not end, or one that is malformed.
 
     urllib3's read1 returns what has arrived (a server that drips is seen byte by byte, so its
-    rate can be judged) and decompresses at most a chunk at a time (a small compressed body
-    cannot become gigabytes before the size check sees it). A broken transfer is a DownloadError."""
-    from urllib3.exceptions import DecodeError, ReadTimeoutError
+    rate can be judged); the body is decoded here (`_Decoder`), at most a chunk at a time (a
+    small compressed body cannot become gigabytes before the size check sees it)."""
     from urllib3.exceptions import HTTPError as TransportError
+    from urllib3.exceptions import ReadTimeoutError
 
     raw = response.raw
     url = response.url
+    decoder = _Decoder(url, response.headers.get("Content-Encoding", ""))
     digest = hashlib.sha1()
     received = 0  # decoded bytes, what the file gets
     window_start, window_wire = time.monotonic(), 0
     try:
-        while chunk := raw.read1(CHUNK_BYTES, decode_content=True):
-            received += len(chunk)
-            if received > max_bytes:
-                raise DownloadError(f"{url}: the body is larger than --max-bytes {max_bytes:,}")
-            out.write(chunk)
-            digest.update(chunk)
+        while wire_chunk := raw.read1(CHUNK_BYTES, decode_content=False):
+            for chunk in decoder.decode(wire_chunk):
+                received += len(chunk)
+                if received > max_bytes:
+                    raise DownloadError(f"{url}: the body is larger than --max-bytes {max_bytes:,}")
+                out.write(chunk)
+                digest.update(chunk)
             wire = raw.tell()
             if progress is not None:
                 progress(wire, total)
@@ -260,17 +265,59 @@ def _stream_to(response: requests.Response, out: IO[bytes], total: int | None, m
                 window_start, window_wire = now, wire
     except ReadTimeoutError:
         raise DownloadError(f"{url}: transfer cut short after {raw.tell()} bytes (timed out)") from None
-    except DecodeError as e:
-        raise DownloadError(f"{url}: the compressed body is malformed ({_decode_reason(e)})") from None
     except TransportError:  # the connection lost, or closed before the announced length
         raise DownloadError(f"{url}: transfer cut short after {raw.tell()} bytes (connection lost)") from None
-    return digest.hexdigest(), raw.tell()
+    if total is not None and raw.tell() != total:
+        raise DownloadError(f"{url}: transfer cut short ({raw.tell()} of {total} bytes)")
+    if not decoder.ended:
+        raise DownloadError(f"{url}: the compressed body is malformed (it ends before its compressed stream does)")
+    return digest.hexdigest()
 
 
-def _decode_reason(e: DecodeError) -> str:
-    """zlib's complaint ('incorrect header check'), without urllib3's wrapping."""
-    m = re.search(r"error\('(?:Error -?\d+ while decompressing data: )?([^']+)'", str(e))
-    return m.group(1) if m else "cannot be decompressed"
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}  # zlib's for each coding
+
+
+class _Decoder:
+    """A body's Content-Encoding undone: none, gzip (one member or several) or deflate (zlib's
+    format, RFC 9110), at most CHUNK_BYTES out at a time. Decoded here rather than by urllib3,
+    which keeps a gzip stream cut short as if it were whole, and an encoding it does not know
+    (br without brotli installed) as if it were the text."""
+
+    def __init__(self, url: str, content_encoding: str) -> None:
+        codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip().lower() not in ("", "identity")]
+        if len(codings) > 1 or any(c not in _WBITS for c in codings):
+            raise DownloadError(f"{url}: the body is encoded as '{content_encoding.strip()}' (Content-Encoding), which lstmlm cannot decode")
+        self.url = url
+        self.wbits = _WBITS[codings[0]] if codings else None
+        self.inflater = zlib.decompressobj(self.wbits) if self.wbits is not None else None
+        self.started = False  # a byte of the body has come (an empty body encodes nothing: it is whole)
+
+    @property
+    def ended(self) -> bool:
+        """The compressed stream came to its end (or there is none)."""
+        return self.inflater is None or self.inflater.eof or not self.started
+
+    def decode(self, data: bytes) -> Iterator[bytes]:
+        if self.inflater is None or self.wbits is None:
+            yield data
+            return
+        self.started = True
+        try:
+            while True:
+                chunk = self.inflater.decompress(data, CHUNK_BYTES)
+                if chunk:
+                    yield chunk
+                data = self.inflater.unconsumed_tail
+                if self.inflater.eof:
+                    data = self.inflater.unused_data
+                    if not data:
+                        return
+                    self.inflater = zlib.decompressobj(self.wbits)  # the next gzip member (after a deflate stream: an error)
+                elif not data and len(chunk) < CHUNK_BYTES:
+                    return  # all taken in, nothing held back
+        except zlib.error as e:
+            reason = re.sub(r"^Error -?\d+ while decompressing data: ", "", str(e))
+            raise DownloadError(f"{self.url}: the compressed body is malformed ({reason})") from None
 
 
 def _root_cause(e: BaseException) -> str:

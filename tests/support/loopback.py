@@ -21,9 +21,11 @@ CUT = "cut"  # promise the whole length, send half the body, close the connectio
 GZIP = "gzip"  # the file gzipped on the wire (Content-Length: the compressed size), as CDNs do
 BAD_GZIP = "bad-gzip"  # "gzip" that is not: a header, then bytes no inflater accepts
 GZIP_BOMB = "gzip-bomb"  # a few KiB on the wire that inflate to GZIP_BOMB_BYTES of zeros (made once, when planned)
+GZIP_CUT = "gzip-cut"  # the file gzipped, its stream's last 100 bytes left off (Content-Length: what is sent)
+BROTLI = "br"  # "Content-Encoding: br", a coding lstmlm cannot decode (the bytes are the file's, unencoded)
 DRIP = "drip"  # the file with its length, one byte every DRIP_S
 ENDLESS = "endless"  # no length; the file over and over, ENDLESS_BYTES in all (past any cap a test sets)
-BEHAVIOURS = (SERVE, NOT_FOUND, SERVER_ERROR, STALL, STALL_BODY, CUT, GZIP, BAD_GZIP, GZIP_BOMB, DRIP, ENDLESS)
+BEHAVIOURS = (SERVE, NOT_FOUND, SERVER_ERROR, STALL, STALL_BODY, CUT, GZIP, BAD_GZIP, GZIP_BOMB, GZIP_CUT, BROTLI, DRIP, ENDLESS)
 GZIP_BOMB_BYTES = 16 << 20
 DRIP_S = 0.05
 ENDLESS_BYTES = 16 << 20
@@ -95,9 +97,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
         elif behaviour == SERVE:
             self._send(body, len(body))
-        elif behaviour in (GZIP, BAD_GZIP, GZIP_BOMB):
-            wire = {GZIP: lambda: gzip.compress(body), BAD_GZIP: lambda: b"\x1f\x8b\x08\x00" + b"not deflate data" * 64, GZIP_BOMB: gzip_bomb}[behaviour]()
+        elif behaviour in (GZIP, BAD_GZIP, GZIP_BOMB, GZIP_CUT):
+            wire = {
+                GZIP: lambda: gzip.compress(body),
+                BAD_GZIP: lambda: b"\x1f\x8b\x08\x00" + b"not deflate data" * 64,
+                GZIP_BOMB: gzip_bomb,
+                GZIP_CUT: lambda: gzip.compress(body)[:-100],
+            }[behaviour]()
             self._send(wire, len(wire), encoding="gzip")
+        elif behaviour == BROTLI:
+            self._send(body, len(body), encoding="br")
         elif behaviour == DRIP:
             self._send(b"", len(body))
             for i in range(len(body)):

@@ -41,10 +41,23 @@ from .vocab import Vocab
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
+NAMED_BY = {".onnx": "onnx", ".pt": "torchscript", ".pth": "torchscript", ".ts": "torchscript", ".torchscript": "torchscript"}
 EXTRA_HINT = "exporting to ONNX needs onnx, onnxscript and onnxruntime: pip install 'lstmlm[export]'"
 CHECK_STEPS = 64  # characters the exported file steps through beside lstmlm before it is kept
 TOLERANCE = 1e-4  # the largest difference in a logit allowed between the two (float32 rounding)
 OPSET = 18
+
+
+def choose_format(format: str | None, output: Path | None) -> str:
+    """The format asked for, else the one the output's suffix names, else ONNX; a suffix that
+    names the other format is refused (`-o model.pt` writing ONNX, unsaid, was a file that
+    torch.jit.load cannot read)."""
+    if format is not None and format not in FORMATS:
+        raise ExportError(f"--format must be onnx or torchscript, not {format!r}")
+    named = NAMED_BY.get(output.suffix.lower()) if output is not None else None
+    if output is not None and format is not None and named is not None and named != format:
+        raise ExportError(f"-o {output}: its suffix {output.suffix} is {named}'s, not {format}'s: name it {SUFFIXES[format]}, or leave --format out")
+    return format or named or "onnx"
 
 
 class OneStep(nn.Module):

@@ -290,13 +290,13 @@ def inspect_run(
     return InspectedRun(trained.store.name, inspection)
 
 
-def export_run(runs_dir: Path, run: str | None, format: str, output: Path | None = None, best: bool = False, force: bool = False) -> Exported:
-    """A trained run's one-step model written to `output` (default: RUN.onnx or RUN.pt here),
-    checked against lstmlm first (atomic.write_output's rule: an existing file only with `force`)."""
-    from .export import FORMATS, SUFFIXES, export_model
+def export_run(runs_dir: Path, run: str | None, format: str | None, output: Path | None = None, best: bool = False, force: bool = False) -> Exported:
+    """A trained run's one-step model written to `output` (default: RUN.onnx or RUN.pt here) in
+    `format` (default: the one the output's suffix names, else ONNX), checked against lstmlm
+    first (atomic.write_output's rule: an existing file only with `force`)."""
+    from .export import SUFFIXES, choose_format, export_model
 
-    if format not in FORMATS:
-        raise ConfigError(f"--format must be onnx or torchscript, not {format!r}")
+    format = choose_format(format, output)
     trained = load(runs_dir, run, best=best)
     path = output if output is not None else Path(trained.store.name + SUFFIXES[format])
     check_output(path, force)  # refused before the export, not after

@@ -129,6 +129,19 @@ def test_an_unknown_format_is_one_line(tiny_runs: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()
 
 
+def test_without_format_the_suffix_chooses_it(tiny_runs: Path, tmp_path: Path) -> None:
+    """`-o model.pt` wrote ONNX, unsaid: a file torch.jit.load cannot read."""
+    done = cli("export", "--run", "raw", "--runs-dir", tiny_runs, "-o", tmp_path / "model.pt")
+    assert done.code == 0 and "(torchscript," in done.stdout
+    assert read_metadata(tmp_path / "model.pt", "torchscript")["cell"] == "lstm"
+
+
+def test_a_suffix_naming_the_other_format_is_one_line(tiny_runs: Path, tmp_path: Path) -> None:
+    result = cli("export", "--run", "raw", "--runs-dir", tiny_runs, "--format", "torchscript", "-o", tmp_path / "x.onnx")
+    assert_one_error_line(result, "x.onnx: its suffix .onnx is onnx's, not torchscript's: name it .pt, or leave --format out")
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_onnx_without_the_extra_is_a_one_line_hint(tiny_runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # import onnxscript now raises ImportError
     result = cli("export", "--run", "raw", "--runs-dir", tiny_runs, "-o", tmp_path / "x.onnx")

@@ -15,7 +15,10 @@ from .console import out
 
 def export(
     run: options.Run = None,
-    format: Annotated[str, typer.Option("--format", help="onnx (needs: pip install 'lstmlm\\[export]') or torchscript.")] = "onnx",
+    format: Annotated[
+        str | None,
+        typer.Option("--format", help="onnx (needs: pip install 'lstmlm\\[export]') or torchscript; default: as -o's suffix says (.onnx, .pt), else onnx."),
+    ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="The file to write (default: RUN.onnx or RUN.pt here).")] = None,
     best: options.Best = False,
     force: options.Force = False,

@@ -70,7 +70,7 @@ def layout(length: int, batch_size: int, num_steps: int, max_tokens: int = 0) ->
     streams = min(batch_size, max(1, (length - 1) // num_steps))
     row_length = (length - 1) // streams
     if row_length < 1:
-        raise TrainingError(f"text of {length} characters is too short to evaluate")
+        raise TrainingError(f"a text of {length} character{'s' if length != 1 else ''} is too short to evaluate: it takes 2, one to read and one to predict")
     columns = min(row_length, max(1, max_tokens // streams)) if max_tokens > 0 else row_length
     return streams, row_length, columns
 

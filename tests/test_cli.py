@@ -588,13 +588,15 @@ def test_evaluate_counts_the_characters_outside_the_vocabulary(trained: Path, tm
         (("{empty}",), "is empty"),
         (("{empty}", "--run", "nope"), "no run at"),
         (("{empty}", "--best"), "has no best checkpoint"),
+        (("{one}",), "a text of 1 character is too short to evaluate: it takes 2"),
     ],
 )
 def test_evaluate_errors_are_one_line(trained: Path, runs_copy: Path, tmp_path: Path, args: tuple[str, ...], fragment: str) -> None:
-    empty = tmp_path / "empty.txt"
+    empty, one = tmp_path / "empty.txt", tmp_path / "one.txt"
     empty.write_text("", encoding="utf-8")
+    one.write_text("t", encoding="utf-8")
     (runs_copy / "d2l" / "best.pt").unlink(missing_ok=True)
-    args = tuple(a.format(empty=empty) for a in args)
+    args = tuple(a.format(empty=empty, one=one) for a in args)
     run = () if "--run" in args else ("--run", "d2l")
     assert_one_error_line(cli("evaluate", *args, *run, "--runs-dir", runs_copy), fragment)
 

@@ -32,7 +32,7 @@ import lstmlm.data.workers as workers_mod
 from lstmlm.config import Config
 from lstmlm.data import cache
 from lstmlm.data.files import Selection, select
-from lstmlm.data.pipeline import prepare_data
+from lstmlm.data.pipeline import encode_file, prepare_data
 from lstmlm.data.store import encode_corpus, open_store
 from lstmlm.data.text import normalize, read_text
 from lstmlm.errors import CorpusError
@@ -521,6 +521,16 @@ def test_a_glob_through_two_loops_trains_on_each_file_once_and_says_so(looped: P
     ]
     data = prepare_data(RunStore.open(runs_dir / "corpus-scratch").config)
     assert data.vocab.decode(torch.cat([data.train, data.val])) == "".join((looped / name).read_text(encoding="utf-8") for name in ("a.txt", "sub/b.txt"))
+
+
+def test_a_link_that_loops_is_named_for_what_it_is(tmp_path: Path, runs_dir: Path) -> None:
+    """Path.exists() is False for a link that loops: it was 'corpus not found', as if mistyped."""
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    why = f"cannot read corpus {tmp_path / 'a'}: Too many levels of symbolic links"
+    assert_one_error_line(cli("train", "--corpus", tmp_path / "a", "--runs-dir", runs_dir), why)
+    with pytest.raises(CorpusError, match=why):  # what evaluate reads a text by
+        encode_file(tmp_path / "a", Vocab.build("ab"), "raw")
 
 
 def test_bad_files_are_skipped_each_named_with_the_count_at_the_end(tree: Path, runs_dir: Path) -> None:

@@ -375,7 +375,7 @@ def locate(source: str, progress: StageProgress | None = None) -> Path:
         unzipped = (lambda done, total: progress("unzipping", done, total)) if progress else None
         return download(resolve_target(source), progress=fetched, unzip_progress=unzipped)
     path = Path(source).expanduser()
-    if not path.exists():
+    if not os.path.lexists(path):  # a link that loops exists: stat says why it cannot be read
         known = f"; known corpora: {', '.join(KNOWN)}" if os.sep not in source else ""
         raise CorpusError(f"corpus not found: {source}{known}")
     return path

@@ -10,6 +10,7 @@ copies nothing, whatever the corpus's size.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,7 +89,7 @@ class EncodedFile:
 def encode_file(path: Path, vocab: Vocab, mode: str, progress: StageProgress | None = None, scratch: Path | None = None) -> EncodedFile:
     """A text file (or directory, or glob) as a model trained in `mode` reads it, under its
     vocabulary: streamed into a store like a corpus, so a file of any size is scored."""
-    if not Path(path).exists() and not any(c in str(path) for c in "*?["):
+    if not os.path.lexists(path) and not any(c in str(path) for c in "*?["):  # a link that loops exists: stat says why it cannot be read
         raise CorpusError(f"corpus file not found: {path}")
     store: TokenStore = encode_corpus(select(str(path), progress), mode, vocab, progress=progress, scratch=scratch).store
     return EncodedFile(store.ids, store.unknown)

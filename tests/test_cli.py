@@ -359,6 +359,16 @@ def test_generate_stop_takes_escapes(trained: Path) -> None:
     assert cli(*args, "--stop", "\\n").stdout == plain[: plain.index("\n")] + "\n"
 
 
+def test_text_that_is_not_ours_is_never_read_as_an_emoji_code(tmp_path: Path, runs_dir: Path) -> None:
+    # Rich's consoles turned ":fire:" into 🔥: in several samples, in a run's name in an error line
+    corpus = tmp_path / "colons.txt"
+    corpus.write_text("the :fire: is hot\n" * 40, encoding="utf-8")
+    assert cli("train", "--corpus", corpus, "--normalize", "raw", "--runs-dir", runs_dir, "--run", "colons", *TINY, "--epochs", "1").code == 0
+    several = cli("generate", "--run", "colons", "--runs-dir", runs_dir, "--prefix", ":fire:", "--length", "3", "--num-samples", "2")
+    assert several.code == 0 and several.stdout.count("\n:fire:") == 2, several.stdout
+    assert_one_error_line(cli("generate", "--run", ":fire:", "--runs-dir", runs_dir), "no run at", ":fire:")
+
+
 def test_generate_carry_without_interactive_is_a_usage_error(trained: Path) -> None:
     assert_usage_error(cli("generate", "--run", "d2l", "--runs-dir", trained, "--carry"), "--carry")
 

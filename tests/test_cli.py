@@ -359,6 +359,26 @@ def test_generate_stop_takes_escapes(trained: Path) -> None:
     assert cli(*args, "--stop", "\\n").stdout == plain[: plain.index("\n")] + "\n"
 
 
+def test_text_that_is_not_ours_is_never_read_as_an_emoji_code(tmp_path: Path, runs_dir: Path) -> None:
+    # Rich's consoles turned ":fire:" into 🔥: in several samples, in a run's name in an error line
+    corpus = tmp_path / "colons.txt"
+    corpus.write_text("the :fire: is hot\n" * 40, encoding="utf-8")
+    assert cli("train", "--corpus", corpus, "--normalize", "raw", "--runs-dir", runs_dir, "--run", "colons", *TINY, "--epochs", "1").code == 0
+    several = cli("generate", "--run", "colons", "--runs-dir", runs_dir, "--prefix", ":fire:", "--length", "3", "--num-samples", "2")
+    assert several.code == 0 and several.stdout.count("\n:fire:") == 2, several.stdout
+    assert_one_error_line(cli("generate", "--run", ":fire:", "--runs-dir", runs_dir), "no run at", ":fire:")
+
+
+def test_several_samples_into_a_pipe_are_written_as_they_are(tmp_path: Path, runs_dir: Path) -> None:
+    # Rich dropped a form feed, a bell, a carriage return... from each sample, where one sample kept them
+    corpus = tmp_path / "controls.txt"
+    corpus.write_text("page one\x0cpage two\x07\n" * 40, encoding="utf-8")
+    assert cli("train", "--corpus", corpus, "--normalize", "raw", "--runs-dir", runs_dir, "--run", "controls", *TINY, "--epochs", "1").code == 0
+    args = ["generate", "--run", "controls", "--runs-dir", runs_dir, "--prefix", "one\x0cpage\x07", "--length", "5", "--temperature", "1", "--seed", "3"]
+    several = cli(*args, "--num-samples", "2")
+    assert several.code == 0 and several.stdout.startswith("--- sample 1\n" + cli(*args).stdout), several.stdout  # sample 1: what the seed gives alone
+
+
 def test_generate_carry_without_interactive_is_a_usage_error(trained: Path) -> None:
     assert_usage_error(cli("generate", "--run", "d2l", "--runs-dir", trained, "--carry"), "--carry")
 

@@ -602,6 +602,16 @@ def test_bad_inspect_requests_are_4xx_with_one_line(api: TestClient, body: Any, 
     assert_error(api.post("/api/inspect", json=body), status, fragment)
 
 
+@pytest.mark.parametrize(
+    ("route", "body"), [("/api/inspect", '{"run": "raw", "text": "th\\udc00e"}'), ("/api/generate", '{"run": "raw", "prefix": "th\\ud800e"}')]
+)
+def test_a_lone_surrogate_is_no_character_and_is_422(api: TestClient, route: str, body: str) -> None:
+    # JSON may escape one; an inspection sent it back in its text and could not encode it: a 500
+    response = api.post(route, content=body, headers={"content-type": "application/json"})
+    assert_error(response, 422, "'\\ud", "is a lone surrogate, not a character")
+    assert "Value error" not in response.json()["error"]
+
+
 def test_malformed_json_is_400_and_nan_is_no_number(api: TestClient) -> None:
     json_body = {"content-type": "application/json"}
     assert_error(api.post("/api/generate", content='{"run": "raw", "prefix": ', headers=json_body), 400, "the body is not valid JSON")

@@ -332,6 +332,11 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(tiny_runs: Path, ser
     assert answer_json(answer)[0] == 413
     assert sent < 64 * 2**20, f"{sent:,} bytes were taken before the refusal"  # of 1 GiB: refused once it was over, not read whole
 
+    # chunked with a small Content-Length beside it: the server reads it chunked (RFC 9112 6.3), so the limit counts the chunks
+    whole = iter([chunk] * 256 + [b"0\r\n\r\n"])  # 16 MiB, and the chunk that ends it
+    answer, _ = raw_request(server.address, post + b"Content-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", whole)
+    assert answer_json(answer)[0] == 413, answer  # it was read whole, then judged: 400, not JSON
+
     assert stream_once(server.address, {"run": "raw", "prefix": "the", "length": 50}) == "done"
     assert not [line for line in server.lines if "Traceback" in line], server.lines
 

@@ -3,7 +3,7 @@
 Text that is not ours (what a model generates, a corpus's characters, names and paths a user
 gave) reaches a terminal only through `visible` and, when it goes into a Rich string, through
 `rich.markup.escape`: a terminal never receives a control sequence from it (clear the screen,
-set the title, write the clipboard with OSC 52) and Rich never reads markup in it.
+set the title, write the clipboard with OSC 52) and Rich never reads markup or emoji codes in it.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from ..data.download import StageProgress
 from ..runs import json_line
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# emoji=False: Rich would read ":fire:" in a sample, a name or a path as 🔥
+out = Console(highlight=False, emoji=False)
+err = Console(stderr=True, highlight=False, emoji=False)
 
 
 # Every control character but newline and tab: C0 (ESC, CR, BEL, backspace, ...), DEL and C1 (CSI 0x9b, ...).

@@ -91,7 +91,7 @@ def show(generation: Generation, raw: bool) -> None:
         pass
     for i, sample in enumerate(steps.text, 1):
         out.print(f"[dim]--- sample {i}[/]")
-        out.print(escape(generation.prefix + sample if raw else visible(generation.prefix + sample)), soft_wrap=True)
+        write(generation.prefix + sample + "\n", raw)  # not through Rich, which drops control characters
 
 
 def converse(conversation: Conversation, raw: bool) -> None:

@@ -133,7 +133,7 @@ def whole(table: Table) -> None:
     if out.is_terminal:
         out.print(table)
     else:  # a table takes its natural width where there is room (Console.print's width is at most the console's)
-        Console(highlight=False, width=WIDE).print(table)
+        Console(highlight=False, emoji=False, width=WIDE).print(table)
 
 
 def runs_table(listed: list[Run]) -> Table:

@@ -345,4 +345,5 @@ def describe(error: Any) -> str:
         return f"unknown field {where!r}"
     if error["type"] == "missing":
         return f"missing field {where!r}"
-    return f"{where}: {error['msg']}" if where else str(error["msg"])
+    message = str(error["msg"]).removeprefix("Value error, ")  # a validator's own words (bodies.characters)
+    return f"{where}: {message}" if where else message

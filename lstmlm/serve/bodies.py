@@ -6,10 +6,22 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Annotated, Any, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, create_model
 
 from ..sampling import Sampling
 
+
+def characters(text: str) -> str:
+    """A text whose every code point is a character: JSON may escape a lone surrogate
+    ("\\udc00"), which no answer could send back in UTF-8 (an inspection's echoed it: a 500)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{text[e.start]!r} (at {e.start}) is a lone surrogate, not a character") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(characters)]
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=100)]
 MAX_STOPS = 16
 PER_REQUEST = ("num_samples",)  # a request is one continuation
@@ -25,7 +37,7 @@ class GenerateFields(Strict):
     """A generation request besides its sampling options (`GenerateRequest` adds those)."""
 
     run: str
-    prefix: str
+    prefix: Text
     prime: bool = True
     best: bool = False
     stream: bool = True
@@ -60,7 +72,7 @@ class InspectRequest(Strict):
     """What `lstmlm inspect` reads, and which values to send back per character."""
 
     run: str
-    text: str
+    text: Text
     gate: str | None = Field(None, max_length=32)  # one of the run's cell's gates (`Cell.gates`); None: the cell's default
     layer: int | None = Field(None, ge=0)
     units: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=32)

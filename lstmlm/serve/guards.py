@@ -68,16 +68,15 @@ class BodyLimit:
             return
         headers = Headers(scope=scope)
         length = headers.get("content-length")
-        if length is not None:  # a number: h11 refuses anything else
-            if int(length) > self.limits.max_body:
-                await self.refuse(f"the request body ({int(length):,} bytes)", scope, receive, send)
-                return
-        elif "transfer-encoding" in headers:  # chunked: its size is known once it is read
+        if "transfer-encoding" in headers:  # chunked: its size is known once it is read (a Content-Length beside it is ignored, RFC 9112 6.3)
             body = await self.read(receive)
             if body is None:
                 await self.refuse("the request body", scope, receive, send)
                 return
             receive = replay(body, receive)
+        elif length is not None and int(length) > self.limits.max_body:  # a number: h11 refuses anything else
+            await self.refuse(f"the request body ({int(length):,} bytes)", scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
     async def read(self, receive: Receive) -> dict[str, Any] | None:

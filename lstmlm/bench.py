@@ -20,7 +20,7 @@ from .config import Config
 from .config_file import load as load_config
 from .device import DTYPES, cpu_has_fast_bf16, cpu_name, describe, keep_freed_memory, resolve_device, resolve_precision, set_tf32, synchronize
 from .distributed import World
-from .errors import DeviceError
+from .errors import ConfigError, DeviceError
 from .generate import Sampling, generate
 from .model import CharLM
 from .recurrence import times_T
@@ -137,6 +137,17 @@ def why_not_core(core: str, dims: Dims) -> str | None:
     if core == "cudnn" and not cell.torch_equivalent:
         return f"the {cell.title} in its {cell.form} form has no torch module"
     return None
+
+
+GENERATION_VOCAB = 1 + 0x110000 - 0x100  # <unk>, and a character from U+0100 on for each other symbol (measure_generation)
+
+
+def why_not_generate(core: str, dims: Dims) -> str | None:
+    """Why generation cannot be measured on `core` for `dims`, or None: its symbols are
+    characters, and Unicode has too few for a vocabulary this large."""
+    if dims.vocab_size > GENERATION_VOCAB:
+        return f"generation decodes characters, and a vocabulary of {dims.vocab_size:,} has more symbols than the {GENERATION_VOCAB:,} it can use"
+    return why_not_core(core, dims)
 
 
 def check_precision(precision: str) -> None:
@@ -305,6 +316,8 @@ def run(config_file: str | None = None, device: str = "auto", precision: str = "
     would let nn.LSTM use TF32 while the scratch core's products stay fp32). Under torchrun the
     main process measures alone first, then all processes train together and their speed is
     compared with its."""
+    if vocab_size >= 2**63:  # torch's sizes are 64-bit
+        raise ConfigError(f"--vocab-size is too large: {vocab_size}")
     cfg = load_config(config_file) if config_file else Config()
     dims = Dims.from_config(cfg, vocab_size)
     world = distributed.from_environment()
@@ -344,7 +357,7 @@ def measure_one_process(dims: Dims, device: torch.device, precisions: list[str],
         for core in ("scratch", "cudnn"):
             for samples in GENERATION_SAMPLES:
                 what = f"generate {core}" + (f" ×{samples}" if samples > 1 else "")
-                if why := why_not_core(core, dims):
+                if why := why_not_generate(core, dims):
                     rows.append(Row(what, prec, None, "chars/s", skipped=why))
                     continue
                 gen = measure_generation(core, dims, device, prec, samples=samples)

@@ -331,6 +331,9 @@ def _place_rates(m: ModelConfig) -> list[tuple[str, float]]:
     return [("dropout_input", m.dropout_input), ("dropout_hidden", m.dropout_hidden), ("dropout_output", m.dropout_output)]
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: torch's optimizers refuse a larger lr or decay, mid-step
+
+
 def _validate(cfg: Config) -> None:
     d, m, t = cfg.data, cfg.model, cfg.train
     rules = [
@@ -355,7 +358,9 @@ def _validate(cfg: Config) -> None:
         (t.epochs >= 1, "[train] epochs must be at least 1"),
         (t.recipe != "on" or t.max_minutes > 0, '[train] recipe = "on" chooses for a time budget: it needs max_minutes > 0'),
         (t.lr > 0.0, "[train] lr must be positive"),
+        (t.lr <= FLOAT32_MAX, f"[train] lr must be at most {FLOAT32_MAX:.4g}: the optimizer applies it to float32 weights"),
         (t.weight_decay >= 0.0, "[train] weight_decay must not be negative"),
+        (t.weight_decay <= FLOAT32_MAX, f"[train] weight_decay must be at most {FLOAT32_MAX:.4g}: the optimizer applies it to float32 weights"),
         (t.clip >= 0.0, "[train] clip must not be negative (0 turns clipping off)"),
         (t.warmup_steps >= 0, "[train] warmup_steps must not be negative"),
         (t.step_every >= 0, "[train] step_every must not be negative"),

@@ -109,9 +109,11 @@ def choose(corpus_tokens: int, vocab_size: int, tokens_per_s: float, minutes: fl
     `vocab_size` symbols, on a machine that trains `probe_dims(vocab_size, cell)` at `tokens_per_s`."""
     if corpus_tokens < min_tokens(1, 1):
         raise CorpusError(f"the training text has {corpus_tokens} tokens: too short to train on")
-    if vocab_size < 1 or not tokens_per_s > 0 or not minutes > 0 or not math.isfinite(tokens_per_s * minutes):
+    if vocab_size < 1 or not 0 < tokens_per_s < math.inf or not minutes > 0:
         raise ConfigError("a recipe needs a vocabulary, a positive speed and a positive number of minutes")
     compute = tokens_per_s * training_flops_per_token(probe_dims(vocab_size, cell)) * minutes * 60  # FLOPs the run has
+    if not math.isfinite(compute):  # past any float: the sizes worked out from it would be too
+        raise ConfigError(f'[train] max_minutes = {minutes:g} is more time than the default recipe can plan for: give fewer minutes, or recipe = "off"')
     embedding = embedding_for(vocab_size)
     layers, hidden = _shape(compute, corpus_tokens, vocab_size, embedding, cell)
     tokens = compute / _flops(hidden, layers, vocab_size, embedding, cell)

@@ -108,6 +108,8 @@ def build_step(
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     wants_graph = t.path in ("auto", "graph") and (capture is not None or graphs.pays(device, model.path))
     eager_because = graphs.why_eager(Dropouts.of(m).draws, world.active) if wants_graph else None
+    if t.path == "graph" and not wants_graph and model.path == "fused":  # asked for by name where it cannot be: said, as any path is
+        eager_because = f"a CUDA graph needs a CUDA GPU, and this run is on {device.type}"
     graphed = wants_graph and eager_because is None
     optimizer = build_optimizer(t, model, graphed)
     grad_norms = torch.zeros((), dtype=torch.float64, device=device)

@@ -18,7 +18,7 @@ from lstmlm.bench import Dims
 from lstmlm.config_file import load as load_config
 from lstmlm.errors import DeviceError
 
-from support.cli import cli
+from support.cli import assert_one_error_line, cli
 
 TINY = Dims(vocab_size=7, hidden=8, layers=2, batch_size=3, num_steps=5)
 
@@ -160,3 +160,19 @@ def test_bench_measures_the_gru_in_the_configs_form(tmp_path: Path) -> None:
     assert bench.build_model("scratch", dims, torch.device("cpu")).cell.form == "d2l"
     table = cli("bench", "--config", config, "--device", "cpu", "--steps", "1")
     assert table.code == 0 and "gru (d2l form)" in table.stdout
+
+
+def test_a_vocabulary_past_the_characters_there_are_skips_generation_and_one_past_torchs_sizes_is_one_line(tmp_path: Path) -> None:
+    """Generation named its symbols chr(0x100 + i): past U+10FFFF, "internal error: ValueError:
+    chr() arg not in range(0x110000)", after training was measured. Past 2**63, torch's
+    "Overflow when unpacking long long" was an internal error too."""
+    config = tmp_path / "tiny.toml"
+    config.write_text("[data]\nbatch_size = 1\nnum_steps = 2\n[model]\nhidden = 2\nembedding = 1\n")
+    vocab = bench.GENERATION_VOCAB + 1
+    result = cli("bench", "--config", config, "--device", "cpu", "--steps", "1", "--vocab-size", vocab, "--json")
+    assert result.code == 0, result.stderr
+    rows = {r["what"]: r for r in result.json()[2:]}
+    assert rows["train scratch"]["tokens_per_s"] > 0
+    for what in ("generate scratch", "generate scratch ×64", "generate cudnn", "generate cudnn ×64"):
+        assert rows[what]["skipped"] == f"generation decodes characters, and a vocabulary of {vocab:,} has more symbols than the 1,113,857 it can use"
+    assert_one_error_line(cli("bench", "--vocab-size", 2**64, "--steps", "1", "--device", "cpu"), f"--vocab-size is too large: {2**64}")

@@ -143,6 +143,15 @@ def test_a_value_of_the_wrong_type_is_named_with_its_article(overrides: dict[str
         Config().with_overrides(overrides)
 
 
+@pytest.mark.parametrize("key", ["lr", "weight_decay"])
+def test_an_lr_or_weight_decay_past_float32_is_refused_by_name(key: str) -> None:
+    """Past float32's range the optimizer's first step failed ("value cannot be converted to type
+    float without overflow"), which the CLI took for "out of memory", in a run already made."""
+    assert Config().with_overrides({key: 3.4e38}).value(key) == 3.4e38
+    with pytest.raises(ConfigError, match=f"^{re.escape(f'[train] {key} must be at most 3.403e+38: the optimizer applies it to float32 weights')}$"):
+        Config().with_overrides({key: 1e39})
+
+
 def test_awd_lstm_settings_are_accepted_and_plain_dropout_still_needs_nothing(tmp_path: Path) -> None:
     assert Config().with_overrides({"dropout": 0.5}).model.dropout == 0.5  # one-hot, one layer: as before
     path = tmp_path / "awd.toml"

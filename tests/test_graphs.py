@@ -211,6 +211,13 @@ def test_no_warning_where_eager_is_simply_the_path(make_trainer: MakeTrainer) ->
     assert not [e for e in make_trainer(epochs=1, dropout=0.2, layers=2).run() if isinstance(e, Warned)]  # a CPU
 
 
+def test_a_graph_asked_for_on_a_cpu_is_said_to_run_eagerly(make_trainer: MakeTrainer) -> None:
+    """--path graph on a CPU ran the LSTM's fused step eagerly and said nothing (the GRU's and the
+    RNN's fallbacks were said): the docs promise training says which path ran when it is not the one asked for."""
+    warned = [e.message for e in make_trainer(epochs=1, path="graph").run() if isinstance(e, Warned)]
+    assert warned == ["the scratch core's training step runs eagerly, not as a CUDA graph: a CUDA graph needs a CUDA GPU, and this run is on cpu"]
+
+
 def test_the_command_line_shows_the_warning_as_a_line_or_a_json_event(tiny_train_args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     graphs_on_the_cpu(monkeypatch)
     shown = cli(*tiny_train_args, "--run", "lines", "--dropout", "0.2", "--layers", "2")

@@ -5,6 +5,7 @@ machines, more minutes or speed never a smaller model, always a valid config), a
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,15 @@ def test_the_hand_recipes_corner_is_near_the_hand_recipe() -> None:
 def test_what_no_recipe_can_be_chosen_for(args: tuple[int, int, float, float], error: type[Exception]) -> None:
     with pytest.raises(error):
         choose(*args)
+
+
+@pytest.mark.parametrize("minutes", [1e300, 1e308])
+def test_more_minutes_than_any_float_holds_are_refused_naming_them(minutes: float) -> None:
+    """The FLOPs of 1e300 minutes overflowed to inf: an internal error (OverflowError) from the batch
+    sizes worked out of them; at 1e308, "a recipe needs ... a positive number of minutes"."""
+    with pytest.raises(ConfigError, match=re.escape(f"[train] max_minutes = {minutes:g} is more time than the default recipe can plan for")):
+        choose(SHAKESPEARE, 65, 1e4, minutes)
+    assert choose(SHAKESPEARE, 65, 1e4, 1e200).layers >= 1  # an absurd time that a float holds is planned for
 
 
 def test_the_embedding_grows_with_the_vocabulary() -> None:

@@ -328,6 +328,13 @@ def test_a_corpus_refused_leaves_no_study_database_behind(
     assert not runs_dir.exists()  # neither tune-s.db nor the directory made for it
 
 
+def test_minutes_no_clock_reaches_are_refused_before_the_study_is_made(tune_args: list[str], runs_dir: Path) -> None:
+    """--minutes inf passed the check (positive) and was refused by each trial's cadence,
+    "[train] eval_every must be ... not 'infm'", its study's database already made."""
+    assert_one_error_line(cli(*tune_args, "--minutes", "inf"), "--minutes must be a positive number, not inf")
+    assert not runs_dir.exists()
+
+
 def test_minutes_are_required(corpus_file: Path) -> None:
     result: Result = cli("tune", "--corpus", corpus_file)
     assert result.code == 2 and "Missing option '--minutes'" in result.stderr

@@ -5,6 +5,7 @@ trials by state, the command that runs more of them)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 from dataclasses import dataclass
@@ -87,8 +88,8 @@ def open_study(setup: Setup, progress: StageProgress | None = None) -> Study:
     so a tune refused for its corpus leaves no database behind."""
     if setup.pruner not in PRUNERS:
         raise ConfigError(f"--pruner must be median or halving, not {setup.pruner!r}")
-    if not setup.minutes > 0:
-        raise ConfigError("--minutes must be positive")
+    if not 0 < setup.minutes < math.inf:
+        raise ConfigError(f"--minutes must be a positive number, not {setup.minutes:g}")
     if distributed.from_environment().active:
         raise ConfigError("lstmlm tune trains a trial in one process: start several tune processes on one --study instead of torchrun")
     named = (config_file.load(setup.config_file) if setup.config_file else Config()).with_overrides(setup.overrides).resolved()

@@ -109,6 +109,9 @@ def saturation_html(layers: list[LayerActivations]) -> str:
     return table_html(SATURATION_HEADER, saturation_rows(saturation(layers)))
 
 
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def html_page(
     layers: list[LayerActivations],
     text: str,
@@ -120,6 +123,10 @@ def html_page(
     """A self-contained page (no network): the text, coloured by any unit of any gate and layer."""
     gate = gate_of(layers[0].cell, gate or layers[0].cell.default_gate).name
     check_text(layers, text)
+    # a byte of a command line that was not UTF-8 reaches here as a lone surrogate, which a
+    # UTF-8 page cannot hold: it is shown as U+FFFD, a character for a character
+    text, title = LONE_SURROGATE.sub("\ufffd", text), LONE_SURROGATE.sub("\ufffd", title)
+    regex = LONE_SURROGATE.sub("\ufffd", regex) if regex else regex
     parts = {
         "title": html.escape(title),
         "feature": f"Orange bar: inside a match of <code>{html.escape(regex)}</code>." if regex else "",

@@ -360,3 +360,14 @@ def test_html_page_refuses_a_text_of_another_length() -> None:
     layers = units.activations(randomized(CharLM(len(vocab), 4)), vocab, "abc")
     with pytest.raises(InspectError, match="3 steps"):
         units_page.html_page(layers, "abcd")
+
+
+def test_a_command_lines_byte_that_is_not_utf8_is_a_replacement_character_on_the_page() -> None:
+    """`--text $'ab\\xff'` reaches Python as 'ab\\udcff' (a lone surrogate), which a UTF-8 page
+    cannot hold: writing the page failed ('cannot write the page …: UnicodeEncodeError')."""
+    vocab = Vocab.build("abc")
+    text = "ab\udcff"
+    layers = units.activations(randomized(CharLM(len(vocab), 4)), vocab, text)
+    page = units_page.html_page(layers, text, title="lstmlm inspect · \udcff", regex="\udcff")
+    assert "\ufffd" in page and "\udcff" not in page
+    page.encode("utf-8")  # raises UnicodeEncodeError where a lone surrogate is left

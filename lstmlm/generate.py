@@ -309,6 +309,15 @@ class Continuation(Iterator[Step]):
         self._held[i] = held[keep:]
         return held[:keep]
 
+    def end_here(self) -> Step:
+        """End the steps where they are, as the length would: what was held back was no stop
+        string after all, and is the last step (the server's deadline)."""
+        added = [""] * len(self.ended) if self._finished else self._held
+        self._held = [""] * len(self.ended)
+        self._added.append(added)
+        self.close()
+        return added
+
     def close(self) -> None:
         """Stop generating (the model's work ends here); the steps end."""
         self._finished = True

@@ -14,7 +14,7 @@ from lstmlm import cells, native
 from lstmlm import generate as generate_mod
 from lstmlm.choosing import BLOCK, Rows, choose_next
 from lstmlm.errors import ConfigError, VocabError
-from lstmlm.generate import CHUNK, READ_BY_STEPS, Continuation, Sampling, Stepper, alone, complete, decoded, generate, prepare_prefix, prime
+from lstmlm.generate import CHUNK, READ_BY_STEPS, Continuation, Sampling, Stepper, alone, complete, decoded, generate, one_by_one, prepare_prefix, prime
 from lstmlm.model import CharLM, convert
 from lstmlm.stepper import sample_each
 from lstmlm.vocab import Vocab
@@ -305,6 +305,15 @@ def test_text_held_back_is_released_once_it_cannot_begin_a_stop_string() -> None
     added, cont = continuation("abcabd", "abd!")
     assert added == ["", "", "abc", "", "", "", "abd"]  # "abd" waits for a "!" that never comes: released at the end
     assert cont.text == ["abcabd"] and cont.ended == [None] and cont.tokens == [list("abcabd")]
+
+
+def test_ended_where_they_are_the_steps_give_what_was_held_back() -> None:
+    """The server's deadline: what a stop string held back comes out, as at the length."""
+    steps = [[c] for c in "abcab"]
+    cont = Continuation(iter([steps]), ("abd!",), 1)
+    assert [chars[0] for chars in one_by_one(cont, 5)] == ["", "", "abc", "", ""]
+    assert cont.end_here() == ["ab"] and cont.text == ["abcab"] and cont.ended == [None]
+    assert next(cont, None) is None and cont.end_here() == [""]
 
 
 def test_the_earliest_stop_string_wins() -> None:

@@ -29,10 +29,11 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (pip ins
 from fastapi.testclient import TestClient
 
 from lstmlm.errors import ServeError
+from lstmlm.generate import Continuation
 from lstmlm.inference import load as load_trained
 from lstmlm.runs import RunStore
 from lstmlm.serve import Limits
-from lstmlm.serve.app import create_app
+from lstmlm.serve.app import create_app, take
 from lstmlm.units import activations, colour, gate_of, level
 from lstmlm.units_page import hex_colour
 
@@ -427,6 +428,29 @@ def test_a_generation_ends_at_the_deadline_with_what_it_made(tiny_runs: Path) ->
         whole = api.post("/api/generate", json={"run": "raw", "prefix": "the", "length": 10**9, "stream": False}).json()
         assert whole["finish_reason"] == "deadline" and 0 < whole["characters"] < 10**9
         assert api.get("/api/status").json()["active"] == 0
+
+
+class MadeRow:
+    """A batch's row whose `made` characters are made, none read yet, the generation going on."""
+
+    failed = None
+
+    def __init__(self, made: int) -> None:
+        self.made, self.read = made, 0
+
+    def unread(self) -> int:
+        return self.made - self.read
+
+    def finished(self) -> bool:
+        return False
+
+
+def test_at_the_deadline_a_stream_ends_with_what_a_stop_string_held_back() -> None:
+    """'ab' might have begun the stop string 'abd!': held back, and lost when the deadline came
+    (where the length coming first gives it, as `lstmlm generate` prints it)."""
+    steps = Continuation(iter([[[c] for c in "abcab"]]), ("abd!",), 1)
+    assert take(MadeRow(5), steps, deadline=0.0) == ("abcab", "deadline")  # type: ignore[arg-type]
+    assert steps.text == ["abcab"]
 
 
 def status_until(api: TestClient, **expected: int) -> dict[str, Any]:

@@ -121,7 +121,9 @@ def take(row: Row, steps: Continuation, deadline: float, most: int = MOST) -> tu
     if len(made) < n or row.finished():  # the steps ended: a stop string, or the row's end
         parts += [chars[0] for chars in steps]  # what a stop string held back, where the length came first
         return "".join(parts), "stop" if steps.ended[0] is not None else "length"
-    return "".join(parts), "deadline" if time.monotonic() >= deadline else None
+    if time.monotonic() >= deadline:  # it ends here, with what a stop string held back, as at its length
+        return "".join([*parts, steps.end_here()[0]]), "deadline"
+    return "".join(parts), None
 
 
 async def pause(row: Row, made: int, deadline: float) -> None:

@@ -642,6 +642,16 @@ def test_run_must_be_a_plain_name_everywhere(trained: Path, command: tuple[str, 
     assert sorted(p.name for p in trained.iterdir()) == before  # nothing made
 
 
+@pytest.mark.parametrize("command", [("train", "--corpus", "x.txt"), ("generate",), ("runs",), ("runs", "show", "r"), ("serve",)])
+def test_an_empty_runs_dir_is_a_usage_error_not_this_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: tuple[str, ...]) -> None:
+    """`--runs-dir "$RUNS"` with RUNS unset: as a Path '' is '.', and this directory's folders
+    were taken for runs (a training made its run here)."""
+    monkeypatch.chdir(tmp_path)
+    args = [*command[:1], "--runs-dir", "", *command[1:]] if command[0] == "runs" else [*command, "--runs-dir", ""]
+    assert_usage_error(cli(*args), "Invalid value for '--runs-dir'", "is empty")
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- commands that do not train start without torch -------------------------------------------------
 
 

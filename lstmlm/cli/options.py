@@ -23,7 +23,17 @@ Run = Annotated[
         "Under torchrun, say --name.",
     ),
 ]  # fmt: skip
-RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Where runs are kept.", envvar="LSTMLM_RUNS")]
+
+
+def directory(value: str) -> Path:
+    """A directory given on the command line: '' (say, "$RUNS" unset) is refused, where as a
+    Path it is '.' and runs would be made and looked for among this directory's folders."""
+    if not value:
+        raise typer.BadParameter("is empty: give a directory ('.' for this one)")
+    return Path(value)
+
+
+RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Where runs are kept.", envvar="LSTMLM_RUNS", parser=directory)]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")]
 Precision = Annotated[str, typer.Option("--precision", help="fp32, bf16 or auto (bf16 where the hardware multiplies it natively).")]
 Best = Annotated[bool, typer.Option("--best", help="Use the best-validation checkpoint instead of the latest.")]

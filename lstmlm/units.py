@@ -176,7 +176,7 @@ def pearson(A: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def find_units(layers: list[LayerActivations], text: str, regex: str, gate: str | None = None, layer: int | None = None) -> list[UnitScore]:
     """Every unit of `gate` (the cell's default: the LSTM's memory cell; in every layer, or only
     `layer`) ranked by |r| with "inside a match of regex"."""
-    gate = gate_of(layers[0].cell, gate or layers[0].cell.default_gate).name
+    gate = gate_of(layers[0].cell, layers[0].cell.default_gate if gate is None else gate).name
     feature = span_feature(check_text(layers, text), regex)
     chosen = [layer] if layer is not None else range(len(layers))
     scores = []
@@ -279,7 +279,7 @@ def inspect_text(
     """Read `text` through the model (after `context`, if any) and choose what to show of `gate`
     (the cell's default unless given): the given `units` of `layer` (default: the last), else
     the `top` units that track `find` best, else the `top` that vary most."""
-    shown_gate = gate_of(model.cell, gate or model.cell.default_gate)
+    shown_gate = gate_of(model.cell, model.cell.default_gate if gate is None else gate)
     gate = shown_gate.name
     seen = normalize(text, mode)
     layers = activations(model, vocab, seen, context)

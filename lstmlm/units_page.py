@@ -77,7 +77,7 @@ def page_data(layers: list[LayerActivations], ranking: list[UnitScore] | None = 
         "gates": [g.name for g in cell.gates],
         "values": values,
         "feature": feature,
-        "gate": gate_of(cell, gate or cell.default_gate).name,
+        "gate": gate_of(cell, cell.default_gate if gate is None else gate).name,
         "ranking": [{"layer": s.layer, "unit": s.unit, "r": round(s.correlation, 4)} for s in ranking or []],
     }
 
@@ -121,7 +121,7 @@ def html_page(
     ranking: list[UnitScore] | None = None,
 ) -> str:
     """A self-contained page (no network): the text, coloured by any unit of any gate and layer."""
-    gate = gate_of(layers[0].cell, gate or layers[0].cell.default_gate).name
+    gate = gate_of(layers[0].cell, layers[0].cell.default_gate if gate is None else gate).name
     check_text(layers, text)
     # a byte of a command line that was not UTF-8 reaches here as a lone surrogate, which a
     # UTF-8 page cannot hold: it is shown as U+FFFD, a character for a character

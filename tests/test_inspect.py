@@ -200,6 +200,7 @@ def test_inspect_refuses_bad_options_in_one_line(quote_run: tuple[Path, str]) ->
     for args, message in [
         ([], "exactly one of --text or --file"),
         (["--text", "ab", "--gate", "memory"], "the LSTM has no gate 'memory'"),
+        (["--text", "ab", "--gate", ""], "the LSTM has no gate ''"),  # was the default gate, unsaid
         (["--text", "ab", "--layer", "3"], "layer 3 does not exist"),
         (["--text", "ab", "--unit", "16"], "unit 16 does not exist"),
         (["--text", "ab", "--find", "("], "invalid regular expression"),

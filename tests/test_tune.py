@@ -298,6 +298,7 @@ def test_a_password_in_the_query_string_never_reaches_the_terminal(tune_args: li
     ("args", "code", "message"),
     [
         (["--study", "../up"], 1, "--study must be a plain name"),
+        (["--study", ""], 1, "--study must be a plain name"),  # was the default study, unsaid
         (["--pruner", "hyperband"], 2, "'hyperband' is not one of"),
         (["--max-minutes", "3"], 2, "No such option: --max-minutes"),
         (["--normalize", "d2l", "--val-fraction", "0"], 1, "no validation text: give --val-fraction or --split"),

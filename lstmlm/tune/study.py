@@ -93,7 +93,7 @@ def open_study(setup: Setup, progress: StageProgress | None = None) -> Study:
     if distributed.from_environment().active:
         raise ConfigError("lstmlm tune trains a trial in one process: start several tune processes on one --study instead of torchrun")
     named = (config_file.load(setup.config_file) if setup.config_file else Config()).with_overrides(setup.overrides).resolved()
-    name = check_study_name(setup.study or f"{run_base_name(named)}-{setup.minutes:g}m")
+    name = check_study_name(f"{run_base_name(named)}-{setup.minutes:g}m" if setup.study is None else setup.study)
     url = setup.storage or default_storage(setup.runs_dir, name)
     shown = hide_password(url)
     check_sqlite(url, shown)  # a URL refused without writing anything: before the corpus, which may take minutes to encode

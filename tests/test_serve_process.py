@@ -230,7 +230,7 @@ def status_with_host(address: tuple[str, int], host: str) -> tuple[int, dict[str
         conn.close()
 
 
-def test_loopback_by_default_answers_only_loopback_names(tiny_runs: Path, serve_process: Any) -> None:
+def test_loopback_by_default_answers_only_loopback_names_and_head_as_get(tiny_runs: Path, serve_process: Any) -> None:
     server: ServeProcess = serve_process("--runs-dir", tiny_runs)
     host, port = server.address
     assert host == "127.0.0.1" and not any("warning" in line for line in server.lines)
@@ -240,6 +240,16 @@ def test_loopback_by_default_answers_only_loopback_names(tiny_runs: Path, serve_
     assert response.status == 400 and json.loads(response.read())["error"].startswith("this server answers requests for")
     conn.close()
     assert http_json(f"http://localhost:{port}/api/status")[0] == 200
+    # HEAD (`curl -I`, a monitor's check) as GET without the body: it was 405; on one
+    # connection, so a body sent after a HEAD's headers would be read as the next answer
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    for path, kind in [("/", "text/html"), ("/api/status", "application/json"), ("/api/runs", "application/json")]:
+        conn.request("HEAD", path)
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b"") and kind in response.headers["content-type"]
+    conn.request("GET", "/api/status")
+    assert json.loads(conn.getresponse().read())["version"]
+    conn.close()
     assert server.stop() == 0
     assert not any("Traceback" in line for line in server.lines)
 

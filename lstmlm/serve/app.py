@@ -201,7 +201,7 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
 
     # ---- the page -------------------------------------------------------------------------------
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)  # HEAD: `curl -I`, a monitor's check
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache"})
 
@@ -209,18 +209,18 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
 
     # ---- runs -----------------------------------------------------------------------------------
 
-    @app.get("/api/runs")
+    @app.api_route("/api/runs", methods=["GET", "HEAD"])
     async def runs() -> JSONResponse:
         await anyio.to_thread.run_sync(models.forget_gone)
         return JSONResponse({"runs": await anyio.to_thread.run_sync(list_runs, runs_dir)})
 
-    @app.get("/api/runs/{name}/metrics")
+    @app.api_route("/api/runs/{name}/metrics", methods=["GET", "HEAD"])
     async def metrics(name: str) -> JSONResponse:
         store = open_run(runs_dir, run_named(name))
         records, found = await anyio.to_thread.run_sync(lambda: (read_records(store), run_baselines(store)))
         return JSONResponse({"run": name, "epochs": finite(records), "baselines": found})
 
-    @app.get("/api/status")
+    @app.api_route("/api/status", methods=["GET", "HEAD"])
     async def status() -> JSONResponse:
         await anyio.to_thread.run_sync(models.forget_gone)
         counts = batches.status()

@@ -218,6 +218,14 @@ def test_a_graph_asked_for_on_a_cpu_is_said_to_run_eagerly(make_trainer: MakeTra
     assert warned == ["the scratch core's training step runs eagerly, not as a CUDA graph: a CUDA graph needs a CUDA GPU, and this run is on cpu"]
 
 
+@pytest.mark.parametrize(("path", "said"), [("loop", True), ("auto", False)])
+def test_a_path_given_to_the_cudnn_model_is_said_not_to_be_used(make_trainer: MakeTrainer, path: str, said: bool) -> None:
+    """--model cudnn --path loop showed 'path loop' in the run's table, of a core with no path."""
+    warned = [e.message for e in make_trainer(epochs=1, model="cudnn", path=path).run() if isinstance(e, Warned)]
+    expected = "path loop is not used: it chooses how the scratch core runs, and this run's model is cudnn (torch's own layer)"
+    assert warned == ([expected] if said else [])
+
+
 def test_the_command_line_shows_the_warning_as_a_line_or_a_json_event(tiny_train_args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     graphs_on_the_cpu(monkeypatch)
     shown = cli(*tiny_train_args, "--run", "lines", "--dropout", "0.2", "--layers", "2")

@@ -21,6 +21,7 @@ import torch
 
 import lstmlm.checkpoint as checkpoint_mod
 from lstmlm.checkpoint import load_checkpoint
+from lstmlm.cli.errors import one_line
 from lstmlm.config import Config
 from lstmlm.data.pipeline import prepare_data
 from lstmlm.device import available_memory
@@ -676,6 +677,18 @@ def test_tf32_is_a_stored_option_and_a_config_bool(tiny_train_args: list[str], r
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\ntf32 = 1\n")
     assert_one_error_line(cli(*tiny_train_args, "--config", bad, "--run", "u"), "[train] tf32 must be true or false, not 1")
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        (RuntimeError("Storage size calculation overflowed with sizes=[4611686018427387904, 2]"), "out of memory: lower --hidden"),
+        (RuntimeError("value cannot be converted to type float without overflow"), "internal error: RuntimeError: value cannot be converted"),
+    ],
+)
+def test_only_a_size_past_torchs_integers_reads_as_out_of_memory(error: RuntimeError, line: str) -> None:
+    """Any 'overflow' read as out of memory: an lr past float32's told the user to lower --hidden."""
+    assert one_line(error, "train").startswith(line)
 
 
 def test_out_of_memory_names_the_options_of_the_command_that_ran_out() -> None:

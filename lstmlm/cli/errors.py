@@ -144,6 +144,8 @@ def one_line(e: BaseException, command: str = "") -> str:
 
 
 def _out_of_memory(e: BaseException) -> bool:
-    """An allocation that failed, or whose size does not even fit torch's integers."""
+    """An allocation that failed, or whose size does not even fit torch's integers (not any
+    overflow: an lr past float32's range is 'cannot be converted to type float without overflow')."""
     message = str(e).lower()
-    return isinstance(e, MemoryError) or any(s in message for s in ("out of memory", "can't allocate memory", "overflow"))
+    sizes = ("out of memory", "can't allocate memory", "size calculation overflow", "multiplication overflow")
+    return isinstance(e, MemoryError) or any(s in message for s in sizes)

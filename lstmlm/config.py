@@ -291,6 +291,7 @@ def section_of(key: str) -> str:
 
 
 _KIND = {int: "an int", float: "a float", str: "a string"}  # each type with its article, for messages
+FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: torch's optimizers refuse a larger lr or decay, mid-step
 
 
 def kind(hint: Any) -> str:
@@ -331,9 +332,6 @@ def _place_rates(m: ModelConfig) -> list[tuple[str, float]]:
     return [("dropout_input", m.dropout_input), ("dropout_hidden", m.dropout_hidden), ("dropout_output", m.dropout_output)]
 
 
-FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: torch's optimizers refuse a larger lr or decay, mid-step
-
-
 def _validate(cfg: Config) -> None:
     d, m, t = cfg.data, cfg.model, cfg.train
     rules = [
@@ -358,9 +356,8 @@ def _validate(cfg: Config) -> None:
         (t.epochs >= 1, "[train] epochs must be at least 1"),
         (t.recipe != "on" or t.max_minutes > 0, '[train] recipe = "on" chooses for a time budget: it needs max_minutes > 0'),
         (t.lr > 0.0, "[train] lr must be positive"),
-        (t.lr <= FLOAT32_MAX, f"[train] lr must be at most {FLOAT32_MAX:.4g}: the optimizer applies it to float32 weights"),
         (t.weight_decay >= 0.0, "[train] weight_decay must not be negative"),
-        (t.weight_decay <= FLOAT32_MAX, f"[train] weight_decay must be at most {FLOAT32_MAX:.4g}: the optimizer applies it to float32 weights"),
+        *((getattr(t, k) <= FLOAT32_MAX, f"[train] {k} must be at most {FLOAT32_MAX:.4g}, float32's largest (the weights')") for k in ("lr", "weight_decay")),
         (t.clip >= 0.0, "[train] clip must not be negative (0 turns clipping off)"),
         (t.warmup_steps >= 0, "[train] warmup_steps must not be negative"),
         (t.step_every >= 0, "[train] step_every must not be negative"),
@@ -368,8 +365,7 @@ def _validate(cfg: Config) -> None:
         (t.val_tokens >= 0, "[train] val_tokens must be 0 (all) or positive"),
         (t.patience >= 0, "[train] patience must not be negative"),
         (t.max_minutes >= 0.0, "[train] max_minutes must not be negative"),
-        (t.ar >= 0.0, "[train] ar must not be negative"),
-        (t.tar >= 0.0, "[train] tar must not be negative"),
+        *((v >= 0.0, f"[train] {k} must not be negative") for k, v in (("ar", t.ar), ("tar", t.tar))),
         (t.schedule != "step" or t.step_every >= 1, "[train] schedule 'step' needs step_every >= 1"),
     ]
     for ok, message in rules:

@@ -151,12 +151,15 @@ def build_schedule(t: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_e
 BUILDING = "compiling the scratch core's recurrence for this CPU (once)"  # said where a first build waits
 
 
-def settle_path(model: CharLM) -> Iterator[Noted | Warned]:
+def settle_path(model: CharLM, asked: str = "auto") -> Iterator[Noted | Warned]:
     """The scratch core's path, settled before a training's clock starts: a compiled recurrence
     this machine has not built yet is built here (said, since it takes a while, once), and
-    where it cannot be, or the path asked for cannot run here, the path taken instead is said."""
+    where it cannot be, or the path asked for cannot run here, the path taken instead is said
+    (and a path asked of torch's core, which has none, said not to be used)."""
     scratch = model.scratch_core
     if scratch is None:
+        if asked != "auto":
+            yield Warned(f"path {asked} is not used: it chooses how the scratch core runs, and this run's model is cudnn (torch's own layer)")
         return
     if scratch.path == "compiled" and native.needs_build():
         yield Noted(BUILDING)

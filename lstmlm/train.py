@@ -275,9 +275,7 @@ class Trainer:
     def _settle_path(self) -> Iterator[Noted | Warned]:
         """The scratch core's path, settled before the clock starts (`step.settle_path`); the
         run's config then says how it ran."""
-        yield from settle_path(self.model)
-        if self.model.scratch_core is None and self.cfg.train.path != "auto" and self.world.is_main:
-            yield Warned(f"path {self.cfg.train.path} is not used: it chooses how the scratch core runs, and this run's model is cudnn (torch's own layer)")
+        yield from settle_path(self.model, self.cfg.train.path)
         if self.model.scratch_core is not None and self.world.is_main and self.cfg.train.path != self.path:
             self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, path=cast(RecurrencePath, self.path)))
             self.store.save_config(self.cfg)

@@ -347,10 +347,8 @@ def start(plan: Plan) -> Iterator[Training]:
 
 @contextlib.contextmanager
 def removed_if_unsaved(store: RunStore, made: bool) -> Iterator[None]:
-    """A run this command made, left by an error or an interrupt before its first checkpoint
-    (while the model or its compiled step is built, say), holds nothing to generate from or
-    resume: it goes, once its lock is let go, so the same command can be typed again. (A kill -9
-    cannot do this: `runs` shows such a run as stopped before its first checkpoint.)"""
+    """A run this command made and left by an error or a Ctrl-C before any checkpoint (while its
+    model is built, say) holds nothing: it goes, so the same command can be typed again."""
     try:
         yield
     except BaseException:

@@ -256,22 +256,21 @@ def test_a_malformed_compressed_body_is_a_download_error(served: LoopbackServer,
     assert_nothing_written(cache)
 
 
-def test_a_gzip_stream_cut_short_is_a_download_error(served: LoopbackServer, cache: Path, patient: None) -> None:
-    """The gzip stream's end (its last block, its CRC and length) never came, though every byte
-    the Content-Length announced did: the decoded part was kept as the corpus, without a word."""
-    served.plan(GZIP_CUT)
+@pytest.mark.parametrize(
+    ("plan", "reason"),
+    [
+        # the gzip stream's end (its last block, its CRC and length) never came, though every byte
+        # the Content-Length announced did: the decoded part was kept as the corpus, without a word
+        (GZIP_CUT, "the compressed body is malformed (it ends before its compressed stream does)"),
+        # Content-Encoding: br (brotli, not installed) was kept as it came, as if it were the text
+        (BROTLI, "the body is encoded as 'br' (Content-Encoding), which lstmlm cannot decode"),
+    ],
+)
+def test_a_body_that_cannot_be_decoded_whole_is_a_download_error(served: LoopbackServer, cache: Path, patient: None, plan: str, reason: str) -> None:
+    served.plan(plan)
     with pytest.raises(DownloadError) as caught:
         download(target_for(served, cache, sha1=None))
-    assert str(caught.value) == f"{served.url('corpus.txt')}: the compressed body is malformed (it ends before its compressed stream does)"
-    assert_nothing_written(cache)
-
-
-def test_a_body_in_a_coding_lstmlm_cannot_decode_is_a_download_error(served: LoopbackServer, cache: Path, patient: None) -> None:
-    """Content-Encoding: br (brotli, not installed) was kept as it came, as if it were the text."""
-    served.plan(BROTLI)
-    with pytest.raises(DownloadError) as caught:
-        download(target_for(served, cache, sha1=None))
-    assert str(caught.value) == f"{served.url('corpus.txt')}: the body is encoded as 'br' (Content-Encoding), which lstmlm cannot decode"
+    assert str(caught.value) == f"{served.url('corpus.txt')}: {reason}"
     assert_nothing_written(cache)
 
 

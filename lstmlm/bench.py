@@ -22,7 +22,7 @@ from .device import DTYPES, cpu_has_fast_bf16, cpu_name, describe, keep_freed_me
 from .distributed import World
 from .errors import ConfigError, DeviceError
 from .generate import Sampling, generate
-from .model import CharLM
+from .model import CharLM, check_memory
 from .recurrence import times_T
 from .sizes import Dims as Dims
 from .sizes import forward_flops_per_token as forward_flops_per_token
@@ -322,6 +322,7 @@ def run(config_file: str | None = None, device: str = "auto", precision: str = "
     dims = Dims.from_config(cfg, vocab_size)
     world = distributed.from_environment()
     dev = distributed.start(world, resolve_device(device), dims.batch_size)
+    check_memory(cfg, vocab_size, dev, "lower --vocab-size, or the config's sizes")
     set_tf32(dev, tf32)
     precisions = ["fp32", "bf16"] if precision == "both" else [resolve_precision(precision, dev)]
     rows: list[Row] = []

@@ -35,8 +35,8 @@ from . import cells
 from .cells.base import Cell, State
 from .cells.cores import ScratchCore, TorchCore, drop, zero_state
 from .config import Config, ModelConfig
-from .device import checks_ids
-from .errors import CheckpointError, ShapeError
+from .device import available_memory, checks_ids, describe
+from .errors import CheckpointError, DeviceError, ShapeError
 from .recurrence import compute_dtype
 from .sizes import num_parameters as num_parameters  # counted without torch, where `lstmlm runs` counts them too
 
@@ -202,6 +202,21 @@ def training_bytes(cfg: Config, vocab_size: int) -> int:
     characters = cfg.data.batch_size * cfg.data.num_steps
     per_character = (cells.get(cfg.model.cell, cfg.model.gru_form).width + 2) * cfg.model.layers * cfg.model.hidden + 2 * vocab_size
     return 4 * (copies * P + characters * per_character)
+
+
+SIZES = "lower --hidden, --layers, --embedding, --batch-size or --num-steps"  # train's options for them
+
+
+def check_memory(cfg: Config, vocab_size: int, device: torch.device, hint: str = SIZES) -> None:
+    """Refuse a model that cannot fit before anything is made: past the memory there is, a
+    training (or a bench) would be ended by the OOM killer with no message."""
+    need, have = training_bytes(cfg, vocab_size), available_memory(device)
+    if have is not None and need > have:
+        m, d = cfg.model, cfg.data
+        raise DeviceError(
+            f"training {m.layers}×{m.hidden} {m.model} with batches of {d.batch_size}×{d.num_steps} needs at least "
+            f"{need / 2**30:,.1f} GiB of memory and {describe(device)} has {have / 2**30:,.1f} GiB available: {hint}"
+        )
 
 
 def loss_fn(logits: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:

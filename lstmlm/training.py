@@ -35,12 +35,12 @@ from .config import Config
 from .data.batches import check_length
 from .data.download import StageProgress
 from .data.pipeline import Data, prepare_data
-from .device import available_memory, describe, resolve_device, resolve_precision, set_tf32
+from .device import resolve_device, resolve_precision, set_tf32
 from .distributed import World
-from .errors import CheckpointError, ConfigError, CorpusError, DeviceError
+from .errors import CheckpointError, ConfigError, CorpusError
 from .evaluation import unit_of
 from .events import Baselined, Event, Started
-from .model import CharLM, training_bytes
+from .model import CharLM, check_memory
 from .recipe import RECIPE_KEYS, Recipe, choose, probe_dims, probe_speed_of
 from .runs import BEST, LATEST, RunExists, RunStore, check_run_name
 from .step import BUILDING, timed_steps
@@ -160,19 +160,6 @@ def check_same_corpus(store: RunStore, data: Data, corpus: str) -> None:
     if then is not None and now is not None and then != now:
         raise CorpusError(
             f"the corpus {corpus} has changed since run {store.name} was created (SHA-1 {then} then, {now} now): restore it, or train a new --run on it"
-        )
-
-
-def check_memory(cfg: Config, vocab_size: int, device: torch.device) -> None:
-    """Refuse a model that cannot fit before the run is created: past the memory there is, a
-    training would be ended by the OOM killer with no message, its run's name used up."""
-    need, have = training_bytes(cfg, vocab_size), available_memory(device)
-    if have is not None and need > have:
-        m, d = cfg.model, cfg.data
-        raise DeviceError(
-            f"training {m.layers}×{m.hidden} {m.model} with batches of {d.batch_size}×{d.num_steps} needs at least "
-            f"{need / 2**30:,.1f} GiB of memory and {describe(device)} has {have / 2**30:,.1f} GiB available: "
-            f"lower --hidden, --layers, --embedding, --batch-size or --num-steps"
         )
 
 

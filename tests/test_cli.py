@@ -679,6 +679,18 @@ def test_tf32_is_a_stored_option_and_a_config_bool(tiny_train_args: list[str], r
     assert_one_error_line(cli(*tiny_train_args, "--config", bad, "--run", "u"), "[train] tf32 must be true or false, not 1")
 
 
+def test_bench_refuses_a_model_too_large_for_memory_before_building_it(tmp_path: Path) -> None:
+    """bench built whatever its config asked: a size a little past the memory there is would be
+    ended by the OOM killer with no message, as a training was before it was checked."""
+    config = tmp_path / "big.toml"
+    config.write_text("[model]\nhidden = 60000\n")  # 14.4 billion parameters
+    need, have = training_bytes(Config().with_overrides({"hidden": 60000}), 28), available_memory(torch.device("cpu"))
+    if have is None or have >= need:
+        pytest.skip(f"this machine has the memory ({have} bytes available, {need} needed)")
+    result = cli("bench", "--config", config, "--steps", "1", "--device", "cpu")
+    assert_one_error_line(result, "needs at least ", " GiB of memory and cpu has ", "available: lower --vocab-size, or the config's sizes")
+
+
 @pytest.mark.parametrize(
     ("error", "line"),
     [
@@ -694,4 +706,4 @@ def test_only_a_size_past_torchs_integers_reads_as_out_of_memory(error: RuntimeE
 def test_out_of_memory_names_the_options_of_the_command_that_ran_out() -> None:
     """bench has no --hidden: its hint names what it has."""
     result = cli("bench", "--vocab-size", "100000000000", "--steps", "1", "--device", "cpu")
-    assert_one_error_line(result, "out of memory allocating ", " bytes: lower --vocab-size, or the config's sizes")
+    assert_one_error_line(result, "GiB of memory and cpu has ", "available: lower --vocab-size, or the config's sizes")

@@ -533,6 +533,16 @@ def test_a_link_that_loops_is_named_for_what_it_is(tmp_path: Path, runs_dir: Pat
         encode_file(tmp_path / "a", Vocab.build("ab"), "raw")
 
 
+def test_a_fifo_or_a_device_as_the_corpus_is_named_for_what_it_is(tmp_path: Path, runs_dir: Path) -> None:
+    """A FIFO has no size to plan the reading by: it read as 'is empty', as if the file were."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/null")):
+        why = f"corpus {path} is not a regular file: give a file, a directory or a glob"
+        assert_one_error_line(cli("train", "--corpus", path, "--runs-dir", runs_dir), why)
+    assert not runs_dir.exists() or not any(runs_dir.iterdir())
+
+
 def test_bad_files_are_skipped_each_named_with_the_count_at_the_end(tree: Path, runs_dir: Path) -> None:
     result = cli("train", "--corpus", tree / "**" / "*.[ch]", "--runs-dir", runs_dir, "--hidden", "8", "--batch-size", "4",
                  "--num-steps", "5", "--epochs", "1", "--device", "cpu", "--json")  # fmt: skip

@@ -90,6 +90,8 @@ def select(source: str, progress: StageProgress | None = None) -> Selection:
         if not files:
             raise CorpusError(f"corpus directory {path} holds no files")
         return _many(source, files)
+    if path.exists() and not path.is_file():  # a FIFO or a device has no size to plan by: it read as empty
+        raise CorpusError(f"corpus {path} is not a regular file: give a file, a directory or a glob")
     return Selection(source, (_stat(path),), many=False)
 
 

@@ -7,9 +7,8 @@ current `num_steps`; the loss is the mean cross-entropy; gradients are clipped t
 norm θ; perplexity is exp of the token-weighted mean loss. AR and TAR, when set, are added to
 what is differentiated, never to the loss reported: perplexity stays exp of the cross-entropy.
 
-Beside the loop: the step it runs (`step.build_step`), when it validates, samples, saves and
-stops (`cadences.Cadences`), and what it saves and resumes from (`checkpointer.Checkpointer`,
-whose `Progress` holds everything that decides what happens next).
+Beside the loop: the step it runs (`step.build_step`), when it validates, samples, saves and stops
+(`cadences.Cadences`), what it saves and resumes from (`checkpointer.Checkpointer`, `progress.Progress`).
 """
 
 from __future__ import annotations

@@ -97,37 +97,6 @@ def forward_steps(
         torch.mul(O[t], tanh_C_[t], out=H[t + 1])  # H_t = O_t ⊙ tanh(C_t)
 
 
-class CellInPlace:
-    """The elementwise half of a layer's step, batch-major, in place on buffers given once:
-    generation's unit of work, where each operation at batch 1 is shorter than creating a
-    tensor (or even a view), so `step` creates nothing.
-
-    `gates` (batch, 4·hiddens) is to hold the pre-activations X_t W_x + H_{t-1} W_h + b in
-    GATE_ORDER, the candidate doubled (see Stacked); `step` turns them into I_t, F_t, S_t,
-    O_t, takes C (batch, hiddens) from C_{t-1} to C_t and writes H_t into H. The arithmetic is
-    in C's dtype (fp32): gates in another dtype (bf16 products) are first copied into a buffer
-    of C's. Any of them may be views.
-    """
-
-    def __init__(self, gates: torch.Tensor, C: torch.Tensor, H: torch.Tensor) -> None:
-        self.gates, self.C, self.H = gates, C, H
-        self.work = gates if gates.dtype == C.dtype else torch.empty(gates.shape, dtype=C.dtype, device=C.device)
-        self.I, self.F, self.S, self.O = self.work.chunk(4, dim=1)
-        self.tanh_C = torch.empty_like(C)
-
-    def step(self) -> None:
-        if self.work is not self.gates:
-            self.work.copy_(self.gates)
-        self.work.sigmoid_()
-        # C_t = F_t ⊙ C_{t-1} + I_t ⊙ (2 S_t - 1)
-        self.C.mul_(self.F).addcmul_(self.I, self.S, value=2).sub_(self.I)
-        if self.C.shape[0] == 1:  # a row of a few hundred numbers: one tanh costs less than four cheap operations
-            torch.tanh(self.C, out=self.tanh_C)
-        else:
-            tanh_by_sigmoid(self.C, out=self.tanh_C)
-        torch.mul(self.O, self.tanh_C, out=self.H)  # H_t = O_t ⊙ tanh(C_t)
-
-
 def local_derivatives(gates: torch.Tensor, Cs: torch.Tensor, tanh_C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The factors of the backward pass that do not depend on the recurrence, for every step
     at once (few large operations instead of many small ones), in the gates' dtype.

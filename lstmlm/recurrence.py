@@ -36,8 +36,6 @@ from .errors import ShapeError
 if TYPE_CHECKING:
     from .cells.cores import ScratchLayer
 
-PATHS = ("loop", "fused", "compiled", "graph")  # what a config may ask for, besides auto
-
 
 @dataclass(frozen=True)
 class Choice:

@@ -41,11 +41,6 @@ class KnownCorpus:
     split: str = ""  # its standard train,validation,test split, if it has one
     member: str | None = None  # the file inside a zip archive that is the corpus
 
-    @property
-    def corpus_filename(self) -> str:
-        """The name of the corpus file in the cache (the archive's member, unzipped)."""
-        return self.member or self.filename
-
 
 KNOWN: dict[str, KnownCorpus] = {
     c.name: c

@@ -55,10 +55,6 @@ class Selection:
         return hashlib.sha1(json.dumps([mode, stats]).encode()).hexdigest()
 
     @property
-    def total_bytes(self) -> int:
-        return sum(f.size for f in self.files)
-
-    @property
     def warnings(self) -> tuple[str, ...]:
         """One line for the user where files were left out as duplicates."""
         if not self.duplicates:

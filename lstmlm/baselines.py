@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 UNIGRAM = "Laplace add-one"
 BIGRAM = "interpolated Kneser–Ney"
 FIGURES, COUNTS = "baselines.json", "counts.npz"
+NAMES = ("uniform", "unigram", "bigram")  # the three models, worst first: the fields of Baselines that are bits
 FORMAT = 1
 
 CHUNK = 1 << 22  # tokens a thread counts at a time: ~50 MB of int64 codes and temporaries
@@ -252,7 +253,7 @@ class Baselines:
                 values[f.name] = float(value) if f.type == "float" else value
             except OverflowError:  # an integer too large for a float (JSON's digits have no limit)
                 return None
-        if not all(0 <= values[name] < MAX_BITS for name in ("uniform", "unigram", "bigram")):  # NaN fails it too
+        if not all(0 <= values[name] < MAX_BITS for name in NAMES):  # NaN fails it too
             return None
         return cls(**values)
 

@@ -55,7 +55,7 @@ def baseline_perplexities(b: Baselines | None) -> list[tuple[str, float]]:
     """(name, perplexity = 2^bits) of each baseline, the best first; none without baselines."""
     if b is None:
         return []
-    return [(name, 2.0 ** getattr(b, name)) for name in ("bigram", "unigram", "uniform")]
+    return [(name, 2.0 ** getattr(b, name)) for name in reversed(baselines_mod.NAMES)]
 
 
 def _points(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:

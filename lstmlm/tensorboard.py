@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import baselines as baselines_mod
 from .baselines import Baselines
 from .config import Config
 from .errors import TensorBoardError
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
 
 EXTRA_HINT = "--tensorboard needs TensorBoard: pip install 'lstmlm[tensorboard]'"
 METRICS = ("loss/val", "bpc/val")  # the HParams view's metrics: the last validation's
-BASELINES = ("uniform", "unigram", "bigram")
 
 
 def prepare(directory: Path, run: str | None = None) -> None:
@@ -132,7 +132,7 @@ class Board:
     def _baselines(self, baselines: Baselines) -> None:
         """Open a writer for each line; each point of the curve it goes with gets one of each."""
         self.line_tag = f"{self.unit}/{'val' if baselines.text == 'validation' else 'train'}"
-        for name in BASELINES:
+        for name in baselines_mod.NAMES:
             if name not in self.lines:
                 self.lines[name] = (self._writer(self.root / "baselines" / name), getattr(baselines, name))
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .baselines import Scored
 from .data.pipeline import encode_text
+from .data.text import token_unit
 from .device import autocast
 from .distributed import World, sum_all
 from .errors import TrainingError
@@ -108,14 +109,10 @@ class Score:
     baselines: Scored | None = None  # what the run's unigram and bigram models score on the same characters (baselines.py)
 
 
-def unit_of(mode: str) -> str:
-    return "byte" if mode == "bytes" else "character"
-
-
 def score_ids(model: CharLM, ids: torch.Tensor, unknown: int, mode: str, batch_size: int, num_steps: int, device: torch.device, precision: str) -> Score:
     """Ids of a text, as the model was trained to read it, scored as validation scores (all of them)."""
     loss, count = evaluate(model.to(device), ids, batch_size, num_steps, device, precision)
-    return Score(len(ids), count, unknown, loss, perplexity(loss), bits_per_char(loss), unit_of(mode))
+    return Score(len(ids), count, unknown, loss, perplexity(loss), bits_per_char(loss), token_unit(mode))
 
 
 def score_text(model: CharLM, vocab: Vocab, text: str, normalize: str, batch_size: int, num_steps: int, device: torch.device, precision: str) -> Score:

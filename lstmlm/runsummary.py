@@ -31,6 +31,7 @@ from typing import Any
 from . import config_file
 from .config import Config
 from .data.download import KNOWN
+from .data.text import token_unit
 from .errors import CheckpointError, ConfigError
 from .figures import FIGURES, LARGEST, at_least, count, number, perplexity
 from .runs import LATEST, RunStore, read_regular, strict
@@ -75,7 +76,7 @@ class Run:
     @property
     def bits_per(self) -> str:
         """What a bit is counted per: a byte for a bytes model, else a character."""
-        return "byte" if self.normalize == "bytes" else "character"
+        return token_unit(self.normalize)
 
     @property
     def best_val_bits(self) -> float | None:

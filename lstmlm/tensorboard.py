@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from . import baselines as baselines_mod
 from .baselines import Baselines
 from .config import Config
+from .data.text import bits_abbreviation, token_unit
 from .errors import TensorBoardError
 from .events import Baselined, EpochEnded, Evaluated, Event, Finished, Sampled, Saved, Stepped
 
@@ -85,7 +86,7 @@ class Board:
     def __init__(self, root: Path, cfg: Config, resumed_at: int) -> None:
         self.root, self.cfg, self.resumed_at = Path(root), cfg, resumed_at
         self.purge_step = resumed_at + 1 if resumed_at else 0
-        self.unit = "bpb" if cfg.data.normalize == "bytes" else "bpc"
+        self.unit = bits_abbreviation(token_unit(cfg.data.normalize))
         fresh = resumed_at == 0 or not any(self.root.glob("events.out.tfevents.*"))
         self.writer = self._writer(self.root)
         self.lines: dict[str, tuple[SummaryWriter, float]] = {}  # baseline name → (its writer, its bits)

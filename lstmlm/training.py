@@ -35,10 +35,10 @@ from .config import Config
 from .data.batches import check_length
 from .data.download import StageProgress
 from .data.pipeline import Data, prepare_data
+from .data.text import token_unit
 from .device import resolve_device, resolve_precision, set_tf32
 from .distributed import World
 from .errors import CheckpointError, ConfigError, CorpusError
-from .evaluation import unit_of
 from .events import Baselined, Event, Started
 from .model import CharLM, check_memory
 from .recipe import RECIPE_KEYS, Recipe, choose, probe_dims, probe_speed_of
@@ -292,7 +292,7 @@ def with_baselines(events: Iterator[Event], trainer: Trainer) -> Iterator[Event]
         yield event
         if isinstance(event, Started):
             d, data = trainer.cfg.data, trainer.data
-            unit = unit_of(d.normalize)
+            unit = token_unit(d.normalize)
             found = baselines.for_training(
                 trainer.store.root, data.train, data.val, len(data.vocab), unit, d.batch_size, d.num_steps, trainer.cfg.train.val_tokens
             )

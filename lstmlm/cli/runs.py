@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .. import runlist, runsummary
+from ..data.text import bits_abbreviation
 from ..runs import DEFAULT_RUNS_DIR
 from ..runsummary import Run
 from . import options
@@ -175,7 +176,7 @@ def epochs(run: Run) -> str:
 
 
 def bits(run: Run) -> str:
-    return f"{run.best_val_bits:.3f} {'bpb' if run.bits_per == 'byte' else 'bpc'}" if run.best_val_bits is not None else ""
+    return f"{run.best_val_bits:.3f} {bits_abbreviation(run.bits_per)}" if run.best_val_bits is not None else ""
 
 
 def state_text(run: Run) -> str:
@@ -209,7 +210,7 @@ def config_table(run: Run) -> Table:
 
 def history(run: Run) -> list[str]:
     """The history summary: epochs, tokens and time; the best and the last validation."""
-    unit = "bpb" if run.bits_per == "byte" else "bpc"
+    unit = bits_abbreviation(run.bits_per)
     parameters = f", {run.parameters:,} parameters" if run.parameters is not None else ""
     lines = [f"{run.layers}×{run.hidden} {run.cell_title} {run.model}{parameters}, on {run.corpus} ({run.normalize})"] if run.model else []
     if run.epochs is not None:

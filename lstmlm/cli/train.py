@@ -18,6 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ..config import Config
+from ..data.text import bits_abbreviation, token_unit
 from ..events import Baselined, EpochEnded, Evaluated, Event, Finished, Noted, Sampled, Started, Stepped, Warned
 from ..runs import DEFAULT_RUNS_DIR
 from . import options
@@ -65,7 +66,7 @@ def train(
         metrics = training.store.read_metrics()
     if not as_json and done.epochs > 1:
         out.print(perplexity_chart(metrics, width=min(out.width, 100), height=10, baselines=baselines.read(training.store.root)))
-    report(done, as_json, "byte" if training.config.data.normalize == "bytes" else "character")
+    report(done, as_json, token_unit(training.config.data.normalize))
     if done.reason == "interrupted":
         command = resume_command(done.run, runs_dir, overrides)  # a command that works as is
         err.print(f"stopped: checkpoint saved; continue with: {visible(command)}", markup=False, soft_wrap=True)
@@ -157,7 +158,7 @@ def render(cfg: Config, events: Iterator[Event], as_json: bool, shown: Collectio
         console=err,
         disable=as_json,
     )
-    unit = "bpb" if cfg.data.normalize == "bytes" else "bpc"
+    unit = bits_abbreviation(token_unit(cfg.data.normalize))
     epochs: Any = None
     steps = None
     last, end, timed = cfg.train.epochs, float(cfg.train.epochs), False

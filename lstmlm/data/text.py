@@ -91,6 +91,16 @@ def normalize(text: str, mode: str) -> str:
     return "".join(_NOT_LETTERS.sub(" ", line).strip().lower() for line in lines)
 
 
+def token_unit(mode: str | None) -> str:
+    """What a token is under `mode`, and so what bits are counted per: a byte, else a character."""
+    return "byte" if mode == "bytes" else "character"
+
+
+def bits_abbreviation(unit: str) -> str:
+    """'bpb' (bits per byte) or 'bpc' (bits per character), for a `token_unit`."""
+    return "bpb" if unit == "byte" else "bpc"
+
+
 def as_text(symbols: str, mode: str) -> str:
     """A model's symbols as text to show: in bytes mode the bytes decoded as UTF-8 (a sequence
     cut mid-character shows U+FFFD), otherwise the symbols themselves."""

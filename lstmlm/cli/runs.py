@@ -17,9 +17,8 @@ from ..data.text import bits_abbreviation
 from ..runs import DEFAULT_RUNS_DIR
 from ..runsummary import Run
 from . import options
-from .console import err, out, print_json, visible
+from .console import clock, count, err, out, print_json, visible
 from .errors import fail, friendly
-from .train import count
 
 Sort = Annotated[str, typer.Option("--sort", help="time (the last changed first), best (the lowest validation bits first) or name.")]
 Names = Annotated[list[str], typer.Argument(help="Run names under --runs-dir.", show_default=False)]
@@ -225,11 +224,6 @@ def history(run: Run) -> list[str]:
     if run.train_perplexity:
         lines.append(f"last training perplexity {run.train_perplexity:.3f}")
     return lines
-
-
-def clock(seconds: float) -> str:
-    whole = int(seconds)
-    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 def continuing(run: Run, command: str | None, remove: str) -> str:

@@ -22,7 +22,7 @@ from ..data.text import bits_abbreviation, token_unit
 from ..events import Baselined, EpochEnded, Evaluated, Event, Finished, Noted, Sampled, Started, Stepped, Warned
 from ..runs import DEFAULT_RUNS_DIR
 from . import options
-from .console import corpus_progress, err, out, print_json, visible
+from .console import clock, corpus_progress, count, err, out, print_json, visible
 
 if TYPE_CHECKING:
     from ..baselines import Baselines, Scored
@@ -239,17 +239,8 @@ def within_epoch(step: Stepped) -> str:
     """'12.3M/1.0G tokens  7,700 tok/s  epoch ends in 1:02:03'."""
     text = f"{count(step.tokens)}/{count(step.epoch_tokens)} tokens  {step.tokens_per_s:,.0f} tok/s"
     if step.tokens_per_s > 0:
-        left = int((step.epoch_tokens - step.tokens) / step.tokens_per_s)
-        text += f"  epoch ends in {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+        text += f"  epoch ends in {clock((step.epoch_tokens - step.tokens) / step.tokens_per_s)}"
     return text
-
-
-def count(n: float) -> str:
-    """1234 → '1.2k', 3_400_000 → '3.4M': a count to read at a glance."""
-    for size, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= size:
-            return f"{n / size:.1f}{suffix}"
-    return f"{n:.0f}"
 
 
 def report(done: Finished, as_json: bool, unit: str = "character") -> None:

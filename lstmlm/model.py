@@ -83,7 +83,7 @@ class CharLM(nn.Module):
         dropout: float | Dropouts = 0.0,
         core: str = "scratch",
         embedding: int = 0,
-        cell: str | Cell = "lstm",
+        cell: str | Cell = cells.DEFAULT,
         path: str = "auto",
         device: torch.device | str = "cpu",
         build: bool = True,

@@ -41,6 +41,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from . import cells
 from .config import ModelConfig
 from .data.batches import min_tokens
 from .errors import ConfigError, CorpusError
@@ -87,7 +88,7 @@ class Recipe:
 RECIPE_KEYS = ("hidden", "layers", "embedding", "lr", "batch_size", "num_steps", "dropout", "warmup_steps", "optimizer", "schedule", "reset_every")
 
 
-def probe_speed_of(recipe: Recipe, tokens_per_s: float, vocab_size: int, cell: str = "lstm") -> float:
+def probe_speed_of(recipe: Recipe, tokens_per_s: float, vocab_size: int, cell: str = cells.DEFAULT) -> float:
     """The probe's tokens/s that `recipe`'s model training at `tokens_per_s` amounts to: the same
     FLOPs a second. A wide model keeps the matrix units busier than the 1×256 probe does, so its
     rate, timed, says better what the minutes hold (`choose` again with it)."""
@@ -99,12 +100,12 @@ def embedding_for(vocab_size: int) -> int:
     return min(256, max(16, 16 * round(6 * math.sqrt(vocab_size) / 16)))
 
 
-def probe_dims(vocab_size: int, cell: str = "lstm") -> Dims:
+def probe_dims(vocab_size: int, cell: str = cells.DEFAULT) -> Dims:
     """The model whose training speed `choose` takes (`tokens_per_s`), of the cell to be trained."""
     return Dims(vocab_size, PROBE_HIDDEN, 1, PROBE_BATCH, PROBE_STEPS, embedding_for(vocab_size), cell)
 
 
-def choose(corpus_tokens: int, vocab_size: int, tokens_per_s: float, minutes: float, cell: str = "lstm") -> Recipe:
+def choose(corpus_tokens: int, vocab_size: int, tokens_per_s: float, minutes: float, cell: str = cells.DEFAULT) -> Recipe:
     """The recipe for `minutes` of training on a corpus of `corpus_tokens` training tokens and
     `vocab_size` symbols, on a machine that trains `probe_dims(vocab_size, cell)` at `tokens_per_s`."""
     if corpus_tokens < min_tokens(1, 1):

@@ -31,7 +31,6 @@ from .vocab import Vocab, describe_chars
 __all__ = ["SAMPLE_LENGTH", "LoopStepper", "Rows", "Sampling", "Stepper", "choose_next", "stepper"]  # what generation offers from its parts
 
 PRIME_CHARS = 256  # at most this much training text is kept to read before a prefix
-D2L_PREFIXES = ("time traveller", "traveller")
 
 Step = Sequence[str]  # one step of a generation: the text each sample adds
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .config import Config
 from .data.pipeline import Data
-from .generate import D2L_PREFIXES
+from .sampling import D2L_PREFIXES
 
 SAMPLE_PREFIX_CHARS = 16  # at most, whole words
 

@@ -11,6 +11,7 @@ from typing import Any
 from .errors import ConfigError
 
 SAMPLE_LENGTH = 50  # characters per training sample, as d2l
+D2L_PREFIXES = ("time traveller", "traveller")  # what d2l continues; the first, what `generate` continues by default
 SEEDS = 2**64  # what torch.Generator takes: 0 to 2**64 - 1
 # The most a row's settings hold where they become tensors (choosing.Rows): float32's largest
 # temperature, int64's largest top-k. Past them a batch's step failed, and ended every row in it.

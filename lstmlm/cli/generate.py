@@ -10,6 +10,7 @@ import typer
 from rich.markup import escape
 
 from ..runs import DEFAULT_RUNS_DIR
+from ..sampling import D2L_PREFIXES
 from . import options
 from .console import err, out, visible
 from .errors import fail, one_line
@@ -23,7 +24,7 @@ ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 @options.with_sampling_options
 def generate(
     run: options.Run = None,
-    prefix: Annotated[str, typer.Option("--prefix", help="Text to continue.")] = "time traveller",
+    prefix: Annotated[str, typer.Option("--prefix", help="Text to continue.")] = D2L_PREFIXES[0],
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="A prompt loop: each line typed is continued (Ctrl-D ends it).")] = False,
     carry: Annotated[bool, typer.Option("--carry", help="With --interactive: each turn reads on from where the last one ended.")] = False,
     model: Annotated[str | None, typer.Option("--model", help="Run the weights on scratch or cudnn (default: as trained).")] = None,

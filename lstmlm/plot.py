@@ -209,7 +209,7 @@ def plot_runs(run_dirs: Sequence[Path], out_path: Path, force: bool = False) -> 
     out_path = Path(out_path)
     fmt = out_path.suffix.lower().lstrip(".")
     if fmt not in FORMATS:
-        raise PlotError(f"cannot write '{out_path.name}': the plot file must end in .png or .svg")
+        raise PlotError(f"cannot write '{out_path.name}': the plot file must end in {' or '.join('.' + f for f in FORMATS)}")
     if not run_dirs:
         raise PlotError("no run to plot")
     check_output(out_path, force)  # refused before the drawing, not after

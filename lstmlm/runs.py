@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from .vocab import Vocab
 
 LATEST, BEST = "latest", "best"
+CHECKPOINT_SUFFIX = ".pt"  # latest.pt, best.pt
 DEFAULT_RUNS_DIR = Path("runs")
 
 
@@ -247,7 +248,7 @@ class RunStore:
     # ---- checkpoint files (written and read by checkpoint.py) ----
 
     def path(self, which: str = LATEST) -> Path:
-        return self.root / f"{which}.pt"
+        return self.root / f"{which}{CHECKPOINT_SUFFIX}"
 
     def has_checkpoint(self, which: str = LATEST) -> bool:
         return self.path(which).is_file()
@@ -328,7 +329,7 @@ def hold(fd: int, shared: bool = False) -> bool:
 
 def latest_run(runs_dir: Path) -> RunStore:
     """The run whose latest checkpoint was written most recently."""
-    candidates = [p for p in Path(runs_dir).glob("*/latest.pt") if p.is_file() and not p.is_symlink()] if Path(runs_dir).is_dir() else []
+    candidates = [p for p in Path(runs_dir).glob(f"*/{LATEST}{CHECKPOINT_SUFFIX}") if p.is_file() and not p.is_symlink()] if Path(runs_dir).is_dir() else []
     if not candidates:
         raise CheckpointError(f"no trained run in {runs_dir} (train one with: lstmlm train)")
     return RunStore(max(candidates, key=lambda p: p.stat().st_mtime).parent)

@@ -34,7 +34,7 @@ from .data.download import KNOWN
 from .data.text import token_unit
 from .errors import CheckpointError, ConfigError
 from .figures import FIGURES, LARGEST, at_least, count, number, perplexity
-from .runs import LATEST, RunStore, read_regular, strict
+from .runs import CHECKPOINT_SUFFIX, LATEST, RunStore, read_regular, strict
 from .sizes import num_parameters
 
 TRAINING, DONE, INTERRUPTED, UNREADABLE = "training", "done", "interrupted", "unreadable"
@@ -141,7 +141,7 @@ class _Reader:
         vocab_size = self._vocab_size()
         ended = self._ended()
         logged = _Logged.of(self._metrics())
-        latest = self._mtime(LATEST + ".pt")
+        latest = self._mtime(LATEST + CHECKPOINT_SUFFIX)
         current = ended if ended is not None and (latest is None or latest <= number(ended.get("at"), math.inf)) else None
         pid = self._holder()
         state, why = self._state(pid, cfg, logged, ended, current, latest is not None)

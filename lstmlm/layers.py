@@ -20,7 +20,7 @@ unless the module itself is named here, as `data.home` and `data.download` are).
      8  evaluation, baselines, events, what a trained model is and does: scores, baselines,
         generate, choosing, stepper,   reports; generation, its choice for every row, its
         units, units_page, export,     batched step; inside a model; export; checkpoints; the
-        checkpoint, plot, tensorboard, chart; TensorBoard; the default recipe; what training
+        checkpoint, plot, tensorboard, plot files; TensorBoard; the default recipe; what training
         recipe, samples                samples from
      9  step, checkpointer, precision  one optimizer step and how it is built; saving and resuming;
                                        --precision auto, timed on the model to train

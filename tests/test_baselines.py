@@ -16,10 +16,10 @@ import pytest
 
 from lstmlm import baselines
 from lstmlm.baselines import Counts, KneserNey
+from lstmlm.cli.chart import perplexity_chart
 from lstmlm.config import Config
 from lstmlm.data.pipeline import prepare_data
 from lstmlm.evaluation import layout
-from lstmlm.plot import perplexity_chart
 
 from support.cli import cli
 

@@ -17,6 +17,7 @@ import pytest
 from rich.console import Console
 
 from lstmlm import plot
+from lstmlm.cli.chart import perplexity_chart
 from lstmlm.config import Config
 from lstmlm.errors import PlotError
 from lstmlm.runs import RunStore
@@ -57,7 +58,7 @@ def render(renderable: object, width: int = 100) -> list[str]:
 
 
 def test_chart_draws_falling_perplexity_from_top_left_to_bottom_right() -> None:
-    lines = render(plot.perplexity_chart(records(10), width=60, height=8))
+    lines = render(perplexity_chart(records(10), width=60, height=8))
     plot_rows = [line for line in lines if "┤" in line or "│" in line]
     assert len(plot_rows) == 8
     area = [re.split("[┤│]", row, maxsplit=1)[1] for row in plot_rows]
@@ -74,16 +75,16 @@ def test_chart_draws_falling_perplexity_from_top_left_to_bottom_right() -> None:
 def test_validations_within_a_first_epoch_not_yet_finished_are_the_chart(tmp_path: Path) -> None:
     """A corpus whose epoch outlasts the run: its validations' lines, at fractions of an epoch."""
     within = [{"epoch": f, "global_step": i, "train_perplexity": 30.0 - 10 * f, "val_perplexity": 31.0 - 10 * f} for i, f in enumerate((0.25, 0.5, 0.75), 1)]
-    lines = render(plot.perplexity_chart(plot.read_metrics(fake_run(tmp_path, "long", within)), width=60, height=6))
+    lines = render(perplexity_chart(plot.read_metrics(fake_run(tmp_path, "long", within)), width=60, height=6))
     assert any("epoch 0.25" in line and line.rstrip().endswith("0.75") for line in lines)
     assert "━ train" in lines[-1] and "━ validation" in lines[-1]
 
 
 def test_chart_without_validation_has_one_series_and_a_single_epoch_still_shows() -> None:
-    lines = render(plot.perplexity_chart(records(1, with_val=False), width=40, height=4))
+    lines = render(perplexity_chart(records(1, with_val=False), width=40, height=4))
     assert "validation" not in lines[-1]
     assert sum(ch not in " ┤│" and 0x2800 <= ord(ch) <= 0x28FF for line in lines for ch in line) == 1
-    assert render(plot.perplexity_chart([], 40, 4)) == ["no epochs to plot yet"]
+    assert render(perplexity_chart([], 40, 4)) == ["no epochs to plot yet"]
 
 
 def test_series_hold_perplexity_and_bits_per_character_per_split() -> None:

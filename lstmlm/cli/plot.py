@@ -24,6 +24,7 @@ def plot_(
 ) -> None:
     """Train and validation perplexity per epoch (and bits per character in files), from the runs' metrics; their baselines as lines."""
     from .. import baselines, plot  # numpy's: the command line starts without it
+    from .chart import perplexity_chart
 
     dirs = [runs_dir / check_run_name(name) for name in runs]
     if output is not None:
@@ -33,4 +34,4 @@ def plot_(
     for d in dirs:
         records = plot.read_metrics(d)
         out.print(f"[bold]{escape(visible(d.name))}[/] [dim]{len(records)} epochs[/]")
-        out.print(plot.perplexity_chart(records, width=min(out.width, 100), height=12, baselines=baselines.read(d)))
+        out.print(perplexity_chart(records, width=min(out.width, 100), height=12, baselines=baselines.read(d)))

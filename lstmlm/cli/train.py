@@ -46,8 +46,8 @@ def train(
     (with --json: a JSON line for the baselines, per epoch and validation, and a last 'done')."""
     from .. import baselines
     from .. import training as trainings
-    from ..plot import perplexity_chart
     from ..runs import resume_command
+    from .chart import perplexity_chart
 
     with corpus_progress() as progress:
         plan = trainings.plan(runs_dir, run, overrides, config_file, resume, progress)

@@ -19,8 +19,9 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imported(path: Path) -> list[tuple[int, str]]:
-    """The lstmlm modules (or names in them) a module imports, by line, absolute."""
+def imported(path: Path, everything: bool = False) -> list[tuple[int, str]]:
+    """The lstmlm modules (or names in them) a module imports, by line, absolute (with
+    `everything`, every other package's too)."""
     name = module_name(path)
     package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     found = []
@@ -32,7 +33,7 @@ def imported(path: Path) -> list[tuple[int, str]]:
             found.append((node.lineno, node.module))
         elif isinstance(node, ast.Import):
             found += [(node.lineno, a.name) for a in node.names]
-    return [(line, target) for line, target in found if target == "lstmlm" or target.startswith("lstmlm.")]
+    return [(line, target) for line, target in found if everything or target == "lstmlm" or target.startswith("lstmlm.")]
 
 
 def layer_of(module: str) -> int:
@@ -72,3 +73,10 @@ def test_the_check_sees_imports_and_orders_the_layers() -> None:
     assert (found and all(t.startswith("lstmlm.") for _, t in found)) and any(t == "lstmlm.train" for _, t in found)
     assert layer_of("lstmlm.bench") > layer_of("lstmlm.train") > layer_of("lstmlm.model") > layer_of("lstmlm.cells.lstm")
     assert layer_of("lstmlm.__version__") == 0
+
+
+@pytest.mark.parametrize("path", [p for p in MODULES if p.relative_to(PACKAGE).parts[0] not in ("cli", "__main__.py")], ids=lambda p: module_name(p))
+def test_the_library_never_renders(path: Path) -> None:
+    """Only the command line draws on a terminal: the library is used, and tested, without one."""
+    drawn = [f"line {line}: {target}" for line, target in imported(path, everything=True) if target.split(".")[0] in ("rich", "typer", "click")]
+    assert not drawn, f"{module_name(path)} imports what renders: " + "; ".join(drawn)

@@ -15,7 +15,8 @@ D2L_PREFIXES = ("time traveller", "traveller")  # what d2l continues; the first,
 SEEDS = 2**64  # what torch.Generator takes: 0 to 2**64 - 1
 # The most a row's settings hold where they become tensors (choosing.Rows): float32's largest
 # temperature, int64's largest top-k. Past them a batch's step failed, and ended every row in it.
-MOST_TEMPERATURE, MOST_TOP_K = 3.4028234663852886e38, 2**63 - 1
+# A count past int64 (a length, a number of samples) is no list's or tensor's size either.
+MOST_TEMPERATURE, MOST_COUNT = 3.4028234663852886e38, 2**63 - 1
 
 
 def option(default: Any, help: str, low: float | None = None, high: float | None = None, flag: str = "") -> Any:
@@ -30,11 +31,11 @@ class Sampling:
     temperature 0 is greedy, above 0 samples (top-k, top-p and min-p cut the candidates; `seed`
     repeats). A sample ends early at the first of the `stop` strings, which is left out."""
 
-    length: int = option(SAMPLE_LENGTH, "Characters to generate.", low=0)
+    length: int = option(SAMPLE_LENGTH, "Characters to generate.", low=0, high=MOST_COUNT)
     temperature: float = option(0.0, "0 = greedy (the seed); > 0 samples.", low=0.0, high=MOST_TEMPERATURE)
-    top_k: int = option(0, "Sample among the k most likely characters (0 = all).", low=0, high=MOST_TOP_K)
+    top_k: int = option(0, "Sample among the k most likely characters (0 = all).", low=0, high=MOST_COUNT)
     top_p: float = option(1.0, "Sample within this probability mass (the most likely character always stays).", low=0.0, high=1.0)
-    num_samples: int = option(1, "Independent continuations (sample i is what --seed SEED+i gives alone).", low=1)
+    num_samples: int = option(1, "Independent continuations (sample i is what --seed SEED+i gives alone).", low=1, high=MOST_COUNT)
     seed: int | None = option(None, "Seed for sampling (same seed, same text).", low=0, high=SEEDS - 1)
     min_p: float = option(0.0, "Keep characters at least this share as likely as the likeliest (0 = all).", low=0.0, high=1.0)
     stop: tuple[str, ...] = option((), "End a sample at this string, left out (repeatable).")

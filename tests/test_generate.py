@@ -275,7 +275,13 @@ def test_min_p_1_is_greedy() -> None:
 
 @pytest.mark.parametrize(
     ("options", "fragment"),
-    [({"min_p": 1.5}, "min_p must lie in [0.0, 1.0]"), ({"top_p": -0.1}, "top_p must lie"), ({"stop": ("",)}, "a stop string must not be empty")],
+    [
+        ({"min_p": 1.5}, "min_p must lie in [0.0, 1.0]"),
+        ({"top_p": -0.1}, "top_p must lie"),
+        ({"stop": ("",)}, "a stop string must not be empty"),
+        ({"num_samples": 2**64}, "num_samples must lie in [1, 9223372036854775807]"),  # an internal error (OverflowError) making its lists
+        ({"length": 2**63}, "length must lie in [0, 9223372036854775807]"),
+    ],
 )
 def test_bad_sampling_settings_are_refused_by_name(options: dict[str, object], fragment: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(fragment)):

@@ -74,17 +74,20 @@ class TopLayer(NamedTuple):
     H_dropped: torch.Tensor  # (steps, batch, hiddens): after output dropout, as the output layer reads them
 
 
+DEFAULT = Config()  # CharLM's defaults are the config's
+
+
 class CharLM(nn.Module):
     def __init__(
         self,
         vocab_size: int,
-        num_hiddens: int = 256,
-        num_layers: int = 1,
-        dropout: float | Dropouts = 0.0,
-        core: str = "scratch",
-        embedding: int = 0,
-        cell: str | Cell = cells.DEFAULT,
-        path: str = "auto",
+        num_hiddens: int = DEFAULT.model.hidden,
+        num_layers: int = DEFAULT.model.layers,
+        dropout: float | Dropouts = DEFAULT.model.dropout,
+        core: str = DEFAULT.model.model,
+        embedding: int = DEFAULT.model.embedding,
+        cell: str | Cell = DEFAULT.model.cell,
+        path: str = DEFAULT.train.path,
         device: torch.device | str = "cpu",
         build: bool = True,
     ) -> None:

@@ -51,20 +51,6 @@ def print_json(record: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def count(n: float) -> str:
-    """1234 → '1.2k', 3_400_000 → '3.4M': a count to read at a glance."""
-    for size, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= size:
-            return f"{n / size:.1f}{suffix}"
-    return f"{n:.0f}"
-
-
-def clock(seconds: float) -> str:
-    """A duration as 'h:mm:ss', to the whole second below."""
-    whole = int(seconds)
-    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
-
-
 def stage_bar() -> Progress:
     """Transient bars on stderr for work measured in bytes (downloading, reading, encoding a
     corpus): bytes, rate, time left."""

@@ -13,7 +13,7 @@ from rich.markup import escape
 from ..runs import DEFAULT_RUNS_DIR
 from . import options
 from .console import corpus_progress, out, print_json, visible
-from .train import baselines_line
+from .shared import baselines_line
 
 
 def evaluate(

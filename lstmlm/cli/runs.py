@@ -17,8 +17,9 @@ from ..data.text import bits_abbreviation
 from ..runs import DEFAULT_RUNS_DIR
 from ..runsummary import Run
 from . import options
-from .console import clock, count, err, out, print_json, visible
+from .console import err, out, print_json, visible
 from .errors import fail, friendly
+from .shared import clock, count, two_columns
 
 Sort = Annotated[str, typer.Option("--sort", help="time (the last changed first), best (the lowest validation bits first) or name.")]
 Names = Annotated[list[str], typer.Argument(help="Run names under --runs-dir.", show_default=False)]
@@ -197,14 +198,7 @@ def size(n: int) -> str:
 def config_table(run: Run) -> Table:
     """The stored config, table by table, in two columns of key and value."""
     assert run.config is not None
-    table = Table(show_header=False, box=None, padding=(0, 2))
-    for style in ("dim", "", "dim", ""):
-        table.add_column(style=style)
-    rows = [(k, escape(visible(str(v)))) for section in run.config.to_dict().values() for k, v in section.items()]
-    half = (len(rows) + 1) // 2
-    for left, right in zip(rows[:half], [*rows[half:], ("", "")]):
-        table.add_row(*left, *right)
-    return table
+    return two_columns([(k, escape(visible(str(v)))) for section in run.config.to_dict().values() for k, v in section.items()])
 
 
 def history(run: Run) -> list[str]:

@@ -5,7 +5,6 @@ with --json."""
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import signal
 from collections.abc import Collection, Iterator
@@ -22,10 +21,11 @@ from ..data.text import bits_abbreviation, token_unit
 from ..events import Baselined, EpochEnded, Evaluated, Event, Finished, Noted, Sampled, Started, Stepped, Warned
 from ..runs import DEFAULT_RUNS_DIR
 from . import options
-from .console import clock, corpus_progress, count, err, out, print_json, visible
+from .console import corpus_progress, err, out, print_json, visible
+from .shared import baselines_line, clock, count, two_columns
 
 if TYPE_CHECKING:
-    from ..baselines import Baselines, Scored
+    from ..baselines import Baselines
     from ..data.pipeline import Data
     from ..training import Chosen
 
@@ -105,9 +105,6 @@ ALWAYS_SHOWN = ("corpus", "model", "cell")  # what any run is, chosen or not
 def config_table(cfg: Config, started: Started, shown: Collection[str] | None = None, runs_dir: Path = DEFAULT_RUNS_DIR) -> Table:
     """The run's settings — those in `shown` (what the options, the file or the recipe chose),
     or all of them — and what it trains on."""
-    table = Table(title=f"run [bold]{escape(visible(started.run))}[/]", show_header=False, box=None, padding=(0, 2))
-    for style in ("dim", None, "dim", None):
-        table.add_column(style=style)
     settings = [(k, v) for section in cfg.to_dict().values() for k, v in section.items()]
     rows = [(k, escape(visible(str(v)))) for k, v in settings if shown is None or k in shown or k in ALWAYS_SHOWN]
     rows += [
@@ -118,9 +115,7 @@ def config_table(cfg: Config, started: Started, shown: Collection[str] | None = 
         ("batches/epoch", str(started.batches_per_epoch)),
         ("on", escape(f"{started.device} {started.precision}")),
     ]
-    half = (len(rows) + 1) // 2
-    for left, right in itertools.zip_longest(rows[:half], rows[half:], fillvalue=("", "")):
-        table.add_row(*left, *right)
+    table = two_columns(rows, title=f"run [bold]{escape(visible(started.run))}[/]")
     hidden = len(settings) - sum(1 for k, _ in settings if k in (shown or ()) or k in ALWAYS_SHOWN)
     if shown is not None and hidden:
         table.caption = f"[dim]the other {hidden} settings: {escape(visible(str(runs_dir / started.run / 'config.json')))}, or --verbose[/]"
@@ -222,17 +217,6 @@ def render(cfg: Config, events: Iterator[Event], as_json: bool, shown: Collectio
                 show_baselines(None)  # a training that ended before any figure
                 return event
     raise AssertionError("training ended without a Finished event")
-
-
-def baselines_line(b: Baselines | Scored, unit: str, on: str, model: float | None) -> str:
-    """'baselines on the validation text, bits per character: uniform 6.044 · unigram 4.829
-    (Laplace add-one) · bigram 3.584 (interpolated Kneser–Ney, D 0.46) · the model 2.910'."""
-    from ..baselines import BIGRAM, UNIGRAM  # numpy, which only a training needs
-
-    figures = [f"uniform {b.uniform:.3f}", f"unigram {b.unigram:.3f} ({UNIGRAM})", f"bigram {b.bigram:.3f} ({BIGRAM}, D {b.discount:.2f})"]
-    if model is not None:
-        figures.append(f"the model {model:.3f}")
-    return f"baselines on {on}, bits per {unit}: " + " · ".join(figures)
 
 
 def within_epoch(step: Stepped) -> str:

@@ -19,7 +19,8 @@ from rich.table import Table
 
 from ..runs import DEFAULT_RUNS_DIR
 from . import options
-from .console import corpus_progress, count, err, out, print_json, visible
+from .console import corpus_progress, err, out, print_json, visible
+from .shared import count
 
 if TYPE_CHECKING:
     from ..tune import Study, StudyEnded, TrialEnded, TuneEvent

@@ -43,7 +43,7 @@ def train(
     **overrides: Any,
 ) -> None:
     """Train a character-level LSTM (or GRU, or RNN: --cell); prints perplexity as it falls, its baselines, and samples at the end
-    (with --json: a JSON line for the baselines, per epoch and validation, and a last 'done')."""
+    (with --json: a JSON line for the baselines, per epoch and validation, per note and warning, and a last 'done')."""
     from .. import baselines
     from .. import training as trainings
     from ..runs import resume_command

@@ -43,6 +43,15 @@ class Stepped:
     tokens_per_s: float = 0.0  # this epoch's rate so far
     session_seconds: float = 0.0  # since this session's training began: its --max-minutes counts from then
 
+    def epochs_reached(self, epochs: int, max_minutes: float) -> float:
+        """The epoch the run will end at: `epochs`, or sooner where `max_minutes` ends it (at
+        this epoch's rate, the epochs the time left holds, counted from where it stands)."""
+        if not max_minutes or self.tokens_per_s <= 0 or self.epoch_tokens <= 0:
+            return float(epochs)
+        done = self.epoch - 1 + self.tokens / self.epoch_tokens
+        more = max(0.0, max_minutes * 60 - self.session_seconds) * self.tokens_per_s / self.epoch_tokens
+        return min(float(epochs), done + more)
+
 
 @dataclass(frozen=True)
 class Evaluated:

@@ -217,11 +217,10 @@ def test_each_step_reports_the_epochs_tokens_rate_and_size(make_trainer: MakeTra
 
 def test_under_a_time_limit_the_epoch_bar_ends_where_the_clock_will_end_the_run() -> None:
     """--max-minutes 1 at 1,000 tokens/s with 100,000-token epochs: 0.6 epochs, not --epochs' 500."""
-    from lstmlm.cli.train import epoch_count, epochs_reached
+    from lstmlm.cli.train import epoch_count
 
-    timed = Config().with_overrides({"max_minutes": 1.0, "epochs": 500})
     start = Stepped(epoch=1, step=10, global_step=10, batches=100, tokens=10_000, epoch_tokens=100_000, tokens_per_s=1000.0, session_seconds=10.0)
-    assert epochs_reached(timed, start, 500) == pytest.approx(0.1 + 50 * 1000 / 100_000)
-    assert epochs_reached(Config().with_overrides({"epochs": 500}), start, 500) == 500  # no limit: --epochs
-    assert epochs_reached(timed.with_overrides({"epochs": 1}), dataclasses.replace(start, tokens_per_s=1e6), 1) == 1  # the epochs end it first
+    assert start.epochs_reached(500, max_minutes=1.0) == pytest.approx(0.1 + 50 * 1000 / 100_000)
+    assert start.epochs_reached(500, max_minutes=0.0) == 500  # no limit: --epochs
+    assert dataclasses.replace(start, tokens_per_s=1e6).epochs_reached(1, max_minutes=1.0) == 1  # the epochs end it first
     assert epoch_count(0.1, 0.6, True) == "0.1/~0.6" and epoch_count(3, 500, False) == "3/500"

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from ..training import Chosen
 
 STEP_BAR_MIN_BATCHES = 50  # epochs this long get a bar within the epoch too
+JSON_EVENTS: dict[type, str] = {Baselined: "baselines", Noted: "note", Warned: "warning", EpochEnded: "epoch", Evaluated: "eval"}  # --json's lines
 
 
 @options.with_config_options
@@ -122,17 +123,6 @@ def config_table(cfg: Config, started: Started, shown: Collection[str] | None = 
     return table
 
 
-def epochs_reached(cfg: Config, step: Stepped, epochs: int) -> float:
-    """The epoch the run will end at: its --epochs, or sooner where --max-minutes ends it (at
-    this epoch's rate, the epochs the time left holds, counted from where it stands)."""
-    limit = cfg.train.max_minutes * 60
-    if not limit or step.tokens_per_s <= 0 or step.epoch_tokens <= 0:
-        return float(epochs)
-    done = step.epoch - 1 + step.tokens / step.epoch_tokens
-    more = max(0.0, limit - step.session_seconds) * step.tokens_per_s / step.epoch_tokens
-    return min(float(epochs), done + more)
-
-
 def epoch_count(done: float, end: float, timed: bool) -> str:
     """'3/500', or by the clock '0.4/~1.6' (an end the time limit sets, estimated)."""
     if not timed:
@@ -145,78 +135,86 @@ def render(cfg: Config, events: Iterator[Event], as_json: bool, shown: Collectio
     the run will reach; inside a long epoch its tokens, rate and time left), the baselines
     under the first validation (or epoch, without validation text) and samples; or JSON lines
     on stdout."""
-    progress = Progress(
-        TextColumn("{task.description} {task.fields[count]}"),
-        BarColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[stats]}"),
-        console=err,
-        disable=as_json,
-    )
-    unit = bits_abbreviation(token_unit(cfg.data.normalize))
-    epochs: Any = None
-    steps = None
-    last, end, timed = cfg.train.epochs, float(cfg.train.epochs), False
-    baselines: Baselines | None = None  # to show, under the first figure they are a reference for
-
-    def show_baselines(model: float | None) -> None:
-        nonlocal baselines
-        if baselines is not None:
-            on = "the validation text" if baselines.text == "validation" else "the training text (in-sample: this run has no validation text)"
-            progress.console.print(baselines_line(baselines, baselines.unit, on, model), soft_wrap=True, markup=False)
-            baselines = None
-
-    with progress:
+    view = TrainView(cfg, as_json, shown, runs_dir)
+    with view.progress:
         for event in events:
-            if isinstance(event, Baselined):
-                if as_json:
-                    print_json({"event": "baselines", **dataclasses.asdict(event.baselines)})
-                else:
-                    baselines = event.baselines
-            elif isinstance(event, Started):
-                if not as_json:
-                    out.print(config_table(cfg, event, shown, runs_dir))
-                last, end, timed = event.epochs, float(event.epochs), cfg.train.max_minutes > 0
-                at_start = epoch_count(event.start_epoch, last, timed)
-                epochs = progress.add_task("epoch", total=last, completed=event.start_epoch, stats="", count=at_start)
-                if event.batches_per_epoch >= STEP_BAR_MIN_BATCHES:
-                    steps = progress.add_task("step", total=event.batches_per_epoch, stats="", count="")
-            elif isinstance(event, Noted):
-                if as_json:
-                    print_json({"event": "note", **dataclasses.asdict(event)})
-                else:
-                    progress.console.print(f"[dim]{escape(visible(event.message))}[/]", soft_wrap=True)
-            elif isinstance(event, Warned):
-                if as_json:
-                    print_json({"event": "warning", **dataclasses.asdict(event)})
-                else:
-                    progress.console.print(f"[yellow]warning:[/] {escape(visible(event.message))}", soft_wrap=True)
-            elif isinstance(event, Stepped):
-                if timed:  # the end the clock sets, from this epoch's rate
-                    done, end = event.epoch - 1 + event.step / max(1, event.batches), epochs_reached(cfg, event, last)
-                    progress.update(epochs, completed=done, total=end, count=epoch_count(done, end, timed))
-                if steps is not None:
-                    progress.update(steps, completed=event.step, total=event.batches, stats=within_epoch(event), count=f"{event.step}/{event.batches}")
-            elif isinstance(event, EpochEnded):
-                val = f"  val {event.val_perplexity:.3f} ({event.val_bpc:.3f} {unit})" if event.val_perplexity else ""
-                stats = f"ppl {event.train_perplexity:.3f}{val}  {event.tokens_per_s:,.0f} tok/s"
-                end = max(end, event.epoch)
-                progress.update(epochs, completed=event.epoch, total=end, stats=stats, count=epoch_count(event.epoch, end, timed))
-                if as_json:
-                    print_json({"event": "epoch", **dataclasses.asdict(event)})
-                elif baselines is not None and baselines.text == "training":
-                    show_baselines(math.log2(event.train_perplexity))
-            elif isinstance(event, Evaluated):
-                if as_json:
-                    print_json({"event": "eval", **dataclasses.asdict(event)})
-                else:
-                    show_baselines(event.val_bpc)
-            elif isinstance(event, Sampled) and not as_json and event.epoch < cfg.train.epochs:
-                progress.console.print(f"[dim]epoch {event.epoch}[/] {escape(visible(event.text))}")
-            elif isinstance(event, Finished):
-                show_baselines(None)  # a training that ended before any figure
+            if isinstance(event, Finished):
+                view.show_baselines(None)  # a training that ended before any figure
                 return event
+            view.show(event)
     raise AssertionError("training ended without a Finished event")
+
+
+class TrainView:
+    """What the terminal shows of a training, an event at a time (`show`), or its JSON lines."""
+
+    def __init__(self, cfg: Config, as_json: bool, shown: Collection[str] | None, runs_dir: Path) -> None:
+        self.cfg, self.as_json, self.shown, self.runs_dir = cfg, as_json, shown, runs_dir
+        self.progress = Progress(
+            TextColumn("{task.description} {task.fields[count]}"),
+            BarColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[stats]}"),
+            console=err,
+            disable=as_json,
+        )
+        self.unit = bits_abbreviation(token_unit(cfg.data.normalize))
+        self.epochs: Any = None  # the bars' tasks
+        self.steps: Any = None
+        self.last, self.end, self.timed = cfg.train.epochs, float(cfg.train.epochs), False
+        self.baselines: Baselines | None = None  # to show, under the first figure they are a reference for
+
+    def show(self, event: Event) -> None:
+        if self.as_json:
+            name = JSON_EVENTS.get(type(event))
+            if name is not None:
+                print_json({"event": name, **dataclasses.asdict(event.baselines if isinstance(event, Baselined) else event)})
+            return
+        if isinstance(event, Baselined):
+            self.baselines = event.baselines
+        elif isinstance(event, Noted):
+            self.progress.console.print(f"[dim]{escape(visible(event.message))}[/]", soft_wrap=True)
+        elif isinstance(event, Warned):
+            self.progress.console.print(f"[yellow]warning:[/] {escape(visible(event.message))}", soft_wrap=True)
+        elif isinstance(event, Evaluated):
+            self.show_baselines(event.val_bpc)
+        elif isinstance(event, Sampled) and event.epoch < self.cfg.train.epochs:
+            self.progress.console.print(f"[dim]epoch {event.epoch}[/] {escape(visible(event.text))}")
+        elif isinstance(event, Started):
+            out.print(config_table(self.cfg, event, self.shown, self.runs_dir))
+            self._advance(event)
+        elif isinstance(event, (Stepped, EpochEnded)):
+            self._advance(event)
+            if isinstance(event, EpochEnded) and self.baselines is not None and self.baselines.text == "training":
+                self.show_baselines(math.log2(event.train_perplexity))
+
+    def _advance(self, event: Started | Stepped | EpochEnded) -> None:
+        """The bars: the epochs to the end the run will reach, and the steps of a long epoch."""
+        progress = self.progress
+        if isinstance(event, Started):
+            self.last, self.end, self.timed = event.epochs, float(event.epochs), self.cfg.train.max_minutes > 0
+            at_start = epoch_count(event.start_epoch, self.last, self.timed)
+            self.epochs = progress.add_task("epoch", total=self.last, completed=event.start_epoch, stats="", count=at_start)
+            if event.batches_per_epoch >= STEP_BAR_MIN_BATCHES:
+                self.steps = progress.add_task("step", total=event.batches_per_epoch, stats="", count="")
+        elif isinstance(event, Stepped):
+            if self.timed:  # the end the clock sets, from this epoch's rate
+                done, self.end = event.epoch - 1 + event.step / max(1, event.batches), event.epochs_reached(self.last, self.cfg.train.max_minutes)
+                progress.update(self.epochs, completed=done, total=self.end, count=epoch_count(done, self.end, self.timed))
+            if self.steps is not None:
+                progress.update(self.steps, completed=event.step, total=event.batches, stats=within_epoch(event), count=f"{event.step}/{event.batches}")
+        else:
+            val = f"  val {event.val_perplexity:.3f} ({event.val_bpc:.3f} {self.unit})" if event.val_perplexity else ""
+            stats = f"ppl {event.train_perplexity:.3f}{val}  {event.tokens_per_s:,.0f} tok/s"
+            self.end = max(self.end, event.epoch)
+            progress.update(self.epochs, completed=event.epoch, total=self.end, stats=stats, count=epoch_count(event.epoch, self.end, self.timed))
+
+    def show_baselines(self, model: float | None) -> None:
+        """The baselines line, once, beside the model's figure on the same text."""
+        b, self.baselines = self.baselines, None
+        if b is not None:
+            on = "the validation text" if b.text == "validation" else "the training text (in-sample: this run has no validation text)"
+            self.progress.console.print(baselines_line(b, b.unit, on, model), soft_wrap=True, markup=False)
 
 
 def within_epoch(step: Stepped) -> str:

@@ -180,6 +180,7 @@ def test_runs_lists_each_run_with_its_figures(api: TestClient, tiny_runs: Path) 
         config = store.config.to_dict()
         config["data"]["corpus"] = "corpus.txt"
         assert run["config"] == config and run["vocab_size"] == len(store.vocab)
+        assert run["prefix"] == ("time traveller" if name == "d2l" else "")  # what the page offers: the book's prefix for its mode
         assert run["trained"] is True and run["epochs"] == 3 and run["last"] == records[-1]
         validated = [r for r in records if r["val_perplexity"] is not None]
         best = min(validated, key=lambda r: r["val_perplexity"]) if validated else None

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from .. import baselines
 from ..errors import CheckpointError, ConfigError, LstmlmError
 from ..runs import BEST, LATEST, RunStore, check_run_name
+from ..sampling import D2L_PREFIXES
 
 if TYPE_CHECKING:
     from ..inference import Trained
@@ -131,6 +132,7 @@ def run_summary(store: RunStore, runs_dir: Path) -> dict[str, Any]:
             "name": store.name,
             "config": config,
             "vocab_size": len(store.vocab),
+            "prefix": D2L_PREFIXES[0] if config["data"]["normalize"] == "d2l" else "",  # what the page offers to continue
             "trained": store.path(LATEST).is_file(),
             "epochs": len(records),
             "best": best_epoch(records),

@@ -81,7 +81,7 @@ function chooseRun() {
   layer.value = String(m.layers - 1);
   $("unit").max = String(m.hidden - 1);
   $("unit").value = "";  // a new model: let the server pick a lively unit
-  if (!$("prefix").value) $("prefix").value = run.config.data.normalize === "d2l" ? "time traveller" : "";
+  if (!$("prefix").value) $("prefix").value = run.prefix;
   state.metricsKey = "";
   refreshMetrics();
   if (state.text) inspectSoon();

@@ -7,8 +7,8 @@ unless the module itself is named here, as `data.home` and `data.download` are).
 
      1  lstmlm, errors                 the version; the exceptions
      2  atomic, device, distributed,   durable writes; the device and precision; torchrun;
-        vocab, progress, sampling,     the vocabulary; where a training stands; sampling rules;
-        figures                        figures read back from a run's JSON
+        vocab, progress, fields,       the vocabulary; where a training stands; fields that
+        sampling, figures              carry their option; sampling rules; figures read back
      3  data.home, data.download,      the cache's root; known corpora and downloads; the
         trust                          compiled cache's trust checks
      4  cells, fused, recurrence,      the recurrent cells and their fast paths (the fused
@@ -36,7 +36,7 @@ from __future__ import annotations
 # fmt: off
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("lstmlm", "errors"),
-    ("atomic", "device", "distributed", "vocab", "progress", "sampling", "figures"),
+    ("atomic", "device", "distributed", "vocab", "progress", "fields", "sampling", "figures"),
     ("data.home", "data.download", "trust"),
     ("cells", "fused", "recurrence", "native"),
     ("cadences", "config", "config_file", "sizes"),

@@ -5,10 +5,10 @@ the HTTP API's request derive from (each field with its help and bounds). No tor
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, fields
 
 from .errors import ConfigError
+from .fields import option
 
 SAMPLE_LENGTH = 50  # characters per training sample, as d2l
 D2L_PREFIXES = ("time traveller", "traveller")  # what d2l continues; the first, what `generate` continues by default
@@ -17,12 +17,6 @@ SEEDS = 2**64  # what torch.Generator takes: 0 to 2**64 - 1
 # temperature, int64's largest top-k. Past them a batch's step failed, and ended every row in it.
 # A count past int64 (a length, a number of samples) is no list's or tensor's size either.
 MOST_TEMPERATURE, MOST_COUNT = 3.4028234663852886e38, 2**63 - 1
-
-
-def option(default: Any, help: str, low: float | None = None, high: float | None = None, flag: str = "") -> Any:
-    """A field of `Sampling` with what an interface needs to offer it: the help text, the
-    bounds (`low`, `high`, inclusive), and the command line's flag where it is not the name's."""
-    return field(default=default, metadata={"help": help, "low": low, "high": high, "flag": flag})
 
 
 @dataclass(frozen=True)

@@ -659,7 +659,11 @@ def test_serve_without_the_extra_is_a_one_line_hint(tiny_runs: Path, monkeypatch
     assert_one_error_line(cli("serve", "--runs-dir", tiny_runs, "--port", "0"), "lstmlm serve needs FastAPI and uvicorn: pip install 'lstmlm[serve]'")
 
 
-@pytest.mark.parametrize("field", ["max_batch", "queue", "threads", "lanes"])
-def test_a_limit_of_zero_is_refused_by_name(field: str) -> None:
-    with pytest.raises(ServeError, match=f"--{field.replace('_', '-')}"):
+@pytest.mark.parametrize(
+    ("field", "flag"), [("max_batch", "--max-batch"), ("queue", "--queue"), ("threads", "--threads"), ("lanes", "--lanes"), ("deadline_s", "--deadline")]
+)
+def test_a_limit_of_zero_is_refused_by_its_flag(field: str, flag: str) -> None:
+    with pytest.raises(ServeError, match=f"^{flag} must be positive, not 0$"):
         Limits(**{field: 0})
+    with pytest.raises(ServeError, match=f"^{flag} must be positive"):
+        Limits(**{field: math.nan})

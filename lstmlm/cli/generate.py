@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from ..runs import DEFAULT_RUNS_DIR
-from ..sampling import D2L_PREFIXES
+from ..sampling import D2L_PREFIXES, Sampling
 from . import options
 from .console import err, out, visible
 from .errors import fail, one_line
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 
 
-@options.with_sampling_options
+@options.with_field_options(Sampling)
 def generate(
     run: options.Run = None,
     prefix: Annotated[str, typer.Option("--prefix", help="Text to continue.")] = D2L_PREFIXES[0],
@@ -43,7 +43,6 @@ def generate(
 
     On a terminal, control characters other than newline and tab are shown as ␛, ␍, ... (a model
     can make escape sequences); piped or redirected, the text is written as it is."""
-    from ..generate import Sampling
     from ..inference import Conversation, load, start_generation
 
     if carry and not interactive:

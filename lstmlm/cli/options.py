@@ -13,7 +13,7 @@ from rich.markup import escape
 
 from .. import config
 from ..cadences import Cadence
-from ..sampling import Sampling
+from ..fields import flag_of
 
 Run = Annotated[
     str | None,
@@ -78,23 +78,32 @@ def _add_config_options(command: Callable[..., Any], exclude: tuple[str, ...]) -
 STOP_ESCAPES = r"; \n, \t, \\ are escapes)."
 
 
-def with_sampling_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Give `command` one option per field of `generate.Sampling` (`--top-p` for top_p, the
-    field's help, default and bounds), passed on in `**sampling`: Sampling is the one list of
-    them, for the command line as for the HTTP API. `--stop` is repeatable (a list)."""
-    hints = get_type_hints(command, include_extras=True)
-    own = [p.replace(annotation=hints[p.name]) for p in inspect.signature(command).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    kinds = get_type_hints(Sampling)
-    generated = []
-    for f in dataclasses.fields(Sampling):
-        flag, help, low, high = f"--{f.name.replace('_', '-')}", f.metadata["help"], f.metadata["low"], f.metadata["high"]
-        if f.name == "stop":
-            annotation: Any = Annotated[list[str] | None, typer.Option(flag, help=help.removesuffix(").") + STOP_ESCAPES)]
-            default: Any = None
-        else:
-            annotation, default = Annotated[kinds[f.name], typer.Option(flag, help=help, min=low, max=high)], f.default
-        generated.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
-        hints[f.name] = annotation
-    command.__signature__ = inspect.Signature(own + generated)  # type: ignore[attr-defined]
-    command.__annotations__ = hints
-    return command
+def with_field_options(cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command one option per field of the dataclass `cls`, declared with `fields.option`
+    (its flag, help, default and bounds), passed on in its `**kwargs`: the dataclass is the one
+    list of them — `Sampling` for generate and the HTTP API, `Limits` for serve. A tuple field
+    is a repeatable option (`--stop`)."""
+
+    def add(command: Callable[..., Any]) -> Callable[..., Any]:
+        hints = get_type_hints(command, include_extras=True)
+        own = [p.replace(annotation=hints[p.name]) for p in inspect.signature(command).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        kinds = get_type_hints(cls)
+        generated = []
+        for f in dataclasses.fields(cls):
+            annotation, default = _field_option(f, kinds[f.name])
+            generated.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
+            hints[f.name] = annotation
+        command.__signature__ = inspect.Signature(own + generated)  # type: ignore[attr-defined]
+        command.__annotations__ = hints
+        return command
+
+    return add
+
+
+def _field_option(f: dataclasses.Field[Any], kind: Any) -> tuple[Any, Any]:
+    """The annotation and default of the option for field `f`."""
+    flag, help = flag_of(f), f.metadata["help"]
+    if get_origin(kind) is tuple:
+        return Annotated[list[str] | None, typer.Option(flag, help=help.removesuffix(").") + STOP_ESCAPES)], None
+    shown = f.metadata["shown_default"] or True
+    return Annotated[kind, typer.Option(flag, help=help, min=f.metadata["low"], max=f.metadata["high"], show_default=shown)], f.default

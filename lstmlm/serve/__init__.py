@@ -17,10 +17,11 @@ command says so in one line. The bounds every request lives within are `Limits`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 from ..errors import ServeError
+from ..fields import flag_of, option
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -43,28 +44,27 @@ class Limits:
     """What one request may ask for, how much runs at once, what a connection may hold, and
     how many models stay loaded."""
 
-    max_length: int = 10_000  # characters a generation may ask for
-    max_text: int = 5_000  # characters of a prefix or of a text to inspect
-    max_concurrent: int = 8  # inspections running at once; more are refused (503)
-    deadline_s: float = 60.0  # a generation ends here, with what it has made ("deadline")
-    max_models: int = 4  # models kept loaded, the least recently used let go first
-    max_model_mib: float = 1024.0  # ... and at most this much of their weights in all
-    max_connections: int = 256  # open connections; one more is answered 503 and closed at once
-    header_timeout_s: float = 10.0  # a request's line and headers arrive within this, or 408
-    body_timeout_s: float = 30.0  # and its body within this after its headers, or 408
-    max_batch: int = 64  # generations of one model stepping together; more wait in the queue
-    queue: int = 256  # generations waiting for a place in a batch; more are refused (503)
-    threads: int = 1  # cores a step uses (torch's intra-op threads in `lstmlm serve`'s process)
-    lanes: int | None = None  # batches a model's rows are spread over, each stepping in a thread of its own (None: a core each on a CPU, one on a GPU)
+    max_length: int = option(10_000, "Most characters one generation may ask for.", low=1)
+    max_text: int = option(5_000, "Most characters of a prefix or of a text to inspect (and so of a body).", low=1)
+    max_concurrent: int = option(8, "Inspections at once; more are refused (503).", low=1)
+    deadline_s: float = option(60.0, "Seconds a generation may run; then it ends with what it made.", low=0.001, flag="--deadline")
+    max_models: int = option(4, "Models kept loaded; the least recently used is let go first.", low=1)
+    max_model_mib: float = option(1024.0, "MiB of weights kept loaded, all models together.", low=0.001)
+    max_connections: int = option(256, "Open connections; one more is answered 503 and closed.", low=1)
+    header_timeout_s: float = option(10.0, "Seconds a request's headers may take to arrive (then 408).", low=0.001, flag="--header-timeout")
+    body_timeout_s: float = option(30.0, "Seconds a request's body may take after its headers (then 408).", low=0.001, flag="--body-timeout")
+    max_batch: int = option(64, "Generations of one model stepping together; more wait in the queue.", low=1)
+    queue: int = option(256, "Generations waiting for a place in a batch; more are refused (503, Retry-After).", low=1)
+    threads: int = option(1, "Cores one batch's step uses (torch's intra-op threads in the server's process).", low=1)
+    lanes: int | None = option(
+        None, "Batches a model's generations are spread over, each in a thread of its own.", low=1, shown_default="one per core, one on a GPU"
+    )
 
     def __post_init__(self) -> None:
-        counts = [self.max_length, self.max_text, self.max_concurrent, self.max_models, self.max_connections, self.max_batch, self.queue, self.threads]
-        counts += [] if self.lanes is None else [self.lanes]
-        if min(counts) < 1 or not min(self.deadline_s, self.max_model_mib, self.header_timeout_s, self.body_timeout_s) > 0:
-            raise ServeError(
-                "--max-length, --max-text, --max-concurrent, --deadline, --max-models, --max-model-mib, "
-                "--max-connections, --header-timeout, --body-timeout, --max-batch, --queue, --threads and --lanes must be positive"
-            )
+        for f in fields(self):  # the command line's bounds are stricter (a float at least a thousandth)
+            value = getattr(self, f.name)
+            if value is not None and not value > 0:  # NaN too
+                raise ServeError(f"{flag_of(f)} must be positive, not {value}")
 
     @property
     def max_body(self) -> int:

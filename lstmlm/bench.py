@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import cells, distributed, graphs, native
+from . import cells, distributed, graphs, native, recurrence
 from .config import Config
 from .config_file import load as load_config
 from .device import DTYPES, cpu_has_fast_bf16, cpu_name, describe, keep_freed_memory, resolve_device, resolve_precision, set_tf32, synchronize
@@ -224,11 +224,23 @@ class Machine:
     recurrence: str = ""  # the scratch core's recurrence on a CPU: compiled (native.py), or the Python loop and why
 
 
-def machine(device: torch.device) -> Machine:
+def machine(device: torch.device, dims: Dims = Dims(28)) -> Machine:
+    """The machine, and how the scratch core of `dims`'s cell (default: the d2l LSTM) runs here."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     return Machine(cpu_name(), os.cpu_count(), torch.get_num_threads(), torch.backends.cpu.get_cpu_capability(), cpu_has_fast_bf16(),
-                   gpu, torch.__version__, resolve_precision("auto", device), tf32, native.status())  # fmt: skip
+                   gpu, torch.__version__, resolve_precision("auto", device), tf32, scratch_recurrence(dims, device))  # fmt: skip
+
+
+def scratch_recurrence(dims: Dims, device: torch.device) -> str:
+    """How the scratch core of `dims`'s cell runs its recurrence: the compiled recurrence's status
+    where the cell has a kernel; else the path it takes instead, and why (the GRU's d2l form runs
+    its loop, whether or not the compiled recurrence builds here)."""
+    cell = cells.get(dims.cell, dims.form)
+    if cell.kernel is not None:
+        return native.status()
+    choice = recurrence.choose(cell, "auto", device)
+    return f"{recurrence.describe(choice)}: {recurrence.why_not(cell, 'compiled', device)}"
 
 
 # ---- memory ------------------------------------------------------------------------------------
@@ -334,7 +346,7 @@ def run(config_file: str | None = None, device: str = "auto", precision: str = "
             rows += measure_scaling(dims, dev, precisions, steps, world, rows)
     finally:
         distributed.stop(world)
-    return Report(describe(dev), machine(dev), dims, training_flops_per_token(dims), rows, world.is_main)
+    return Report(describe(dev), machine(dev, dims), dims, training_flops_per_token(dims), rows, world.is_main)
 
 
 GENERATION_SAMPLES = (1, 64)  # one greedy continuation; 64 sampled at once

@@ -152,14 +152,18 @@ def test_bench_measures_the_gru_in_the_configs_form(tmp_path: Path) -> None:
     config.write_text('[data]\nbatch_size = 2\nnum_steps = 3\n[model]\ncell = "gru"\ngru_form = "d2l"\nhidden = 8\n')
     result = cli("bench", "--config", config, "--device", "cpu", "--steps", "1", "--json")
     assert result.code == 0, result.stderr
-    rows = {r["what"]: r for r in result.json()[2:]}
+    machine, *measured = result.json()
+    rows = {r["what"]: r for r in measured[1:]}
     assert rows["train scratch"]["tokens_per_s"] > 0 and rows["generate scratch"]["chars_per_s"] > 0
+    # the d2l form has no compiled kernel: its loop is what ran, and the machine line says so
+    # (it said "compiled (C++)", the compiled recurrence's status, whatever the cell)
+    assert machine["recurrence"] == "loop (the equations): the GRU (d2l) has no compiled kernel"
     for what in ("train cudnn", "generate cudnn", "generate cudnn ×64"):
         assert "no torch module" in rows[what]["skipped"]
     dims = Dims.from_config(load_config(config), 28)
     assert bench.build_model("scratch", dims, torch.device("cpu")).cell.form == "d2l"
     table = cli("bench", "--config", config, "--device", "cpu", "--steps", "1")
-    assert table.code == 0 and "gru (d2l form)" in table.stdout
+    assert table.code == 0 and "gru (d2l form)" in table.stdout and "recurrence: loop (the equations)" in table.stdout
 
 
 def test_a_vocabulary_past_the_characters_there_are_skips_generation_and_one_past_torchs_sizes_is_one_line(tmp_path: Path) -> None:

@@ -88,11 +88,12 @@ class Recipe:
 RECIPE_KEYS = ("hidden", "layers", "embedding", "lr", "batch_size", "num_steps", "dropout", "warmup_steps", "optimizer", "schedule", "reset_every")
 
 
-def probe_speed_of(recipe: Recipe, tokens_per_s: float, vocab_size: int, cell: str = cells.DEFAULT) -> float:
+def probe_speed_of(recipe: Recipe, tokens_per_s: float, vocab_size: int, cell: str = cells.DEFAULT, form: str = "cudnn") -> float:
     """The probe's tokens/s that `recipe`'s model training at `tokens_per_s` amounts to: the same
     FLOPs a second. A wide model keeps the matrix units busier than the 1×256 probe does, so its
     rate, timed, says better what the minutes hold (`choose` again with it)."""
-    return tokens_per_s * _flops(recipe.hidden, recipe.layers, vocab_size, recipe.embedding, cell) / training_flops_per_token(probe_dims(vocab_size, cell))
+    probe = training_flops_per_token(probe_dims(vocab_size, cell, form))
+    return tokens_per_s * _flops(recipe.hidden, recipe.layers, vocab_size, recipe.embedding, cell) / probe
 
 
 def embedding_for(vocab_size: int) -> int:
@@ -100,23 +101,24 @@ def embedding_for(vocab_size: int) -> int:
     return min(256, max(16, 16 * round(6 * math.sqrt(vocab_size) / 16)))
 
 
-def probe_dims(vocab_size: int, cell: str = cells.DEFAULT) -> Dims:
-    """The model whose training speed `choose` takes (`tokens_per_s`), of the cell to be trained."""
-    return Dims(vocab_size, PROBE_HIDDEN, 1, PROBE_BATCH, PROBE_STEPS, embedding_for(vocab_size), cell)
+def probe_dims(vocab_size: int, cell: str = cells.DEFAULT, form: str = "cudnn") -> Dims:
+    """The model whose training speed `choose` takes (`tokens_per_s`), of the cell to be trained
+    in its form (the GRU's d2l form runs its loop, slower than nn.GRU's compiled one)."""
+    return Dims(vocab_size, PROBE_HIDDEN, 1, PROBE_BATCH, PROBE_STEPS, embedding_for(vocab_size), cell, form)
 
 
-def choose(corpus_tokens: int, vocab_size: int, tokens_per_s: float, minutes: float, cell: str = cells.DEFAULT) -> Recipe:
+def choose(corpus_tokens: int, vocab_size: int, tokens_per_s: float, minutes: float, cell: str = cells.DEFAULT, form: str = "cudnn") -> Recipe:
     """The recipe for `minutes` of training on a corpus of `corpus_tokens` training tokens and
-    `vocab_size` symbols, on a machine that trains `probe_dims(vocab_size, cell)` at `tokens_per_s`."""
+    `vocab_size` symbols, on a machine that trains `probe_dims(vocab_size, cell, form)` at `tokens_per_s`."""
     if corpus_tokens < min_tokens(1, 1):
         raise CorpusError(f"the training text has {corpus_tokens} tokens: too short to train on")
     if vocab_size < 1 or not 0 < tokens_per_s < math.inf or not minutes > 0:
         raise ConfigError("a recipe needs a vocabulary, a positive speed and a positive number of minutes")
-    compute = tokens_per_s * training_flops_per_token(probe_dims(vocab_size, cell)) * minutes * 60  # FLOPs the run has
+    compute = tokens_per_s * training_flops_per_token(probe_dims(vocab_size, cell, form)) * minutes * 60  # FLOPs the run has
     if not math.isfinite(compute):  # past any float: the sizes worked out from it would be too
         raise ConfigError(f'[train] max_minutes = {minutes:g} is more time than the default recipe can plan for: give fewer minutes, or recipe = "off"')
     embedding = embedding_for(vocab_size)
-    layers, hidden = _shape(compute, corpus_tokens, vocab_size, embedding, cell)
+    layers, hidden = _shape(compute, corpus_tokens, vocab_size, embedding, cell, form)
     tokens = compute / _flops(hidden, layers, vocab_size, embedding, cell)
     num_steps, batch_size = _batches(corpus_tokens, tokens)
     updates = tokens / (batch_size * num_steps)
@@ -130,28 +132,28 @@ def choose(corpus_tokens: int, vocab_size: int, tokens_per_s: float, minutes: fl
         num_steps=num_steps,
         dropout=_dropout(epochs),
         warmup_steps=int(min(MAX_WARMUP, updates / 50)),
-        parameters=_parameters(hidden, layers, vocab_size, embedding, cell),
+        parameters=_parameters(hidden, layers, vocab_size, embedding, cell, form),
         tokens=tokens,
         epochs=epochs,
     )
 
 
-def _shape(compute: float, corpus_tokens: int, vocab_size: int, embedding: int, cell: str) -> tuple[int, int]:
+def _shape(compute: float, corpus_tokens: int, vocab_size: int, embedding: int, cell: str, form: str) -> tuple[int, int]:
     """(layers, hidden): the fewest layers whose widest fitting size is at most WIDE. More
     compute never gives fewer layers, nor, with as many layers, fewer units."""
     for layers in range(1, MAX_LAYERS + 1):
-        hidden = _widest(layers, compute, corpus_tokens, vocab_size, embedding, cell)
+        hidden = _widest(layers, compute, corpus_tokens, vocab_size, embedding, cell, form)
         if hidden <= WIDE or layers == MAX_LAYERS:
             return layers, hidden
     raise AssertionError("unreachable")
 
 
-def _widest(layers: int, compute: float, corpus_tokens: int, vocab_size: int, embedding: int, cell: str) -> int:
+def _widest(layers: int, compute: float, corpus_tokens: int, vocab_size: int, embedding: int, cell: str, form: str) -> int:
     """The widest layer (a multiple of HIDDEN_STEP) whose model sees enough tokens per weight in
     the compute there is and is not too large for the corpus; MIN_HIDDEN if none is."""
 
     def fits(hidden: int) -> bool:
-        weights = _parameters(hidden, layers, vocab_size, embedding, cell)
+        weights = _parameters(hidden, layers, vocab_size, embedding, cell, form)
         seen = compute / _flops(hidden, layers, vocab_size, embedding, cell)
         return seen >= TOKENS_PER_PARAMETER * weights and weights <= PARAMETERS_PER_TOKEN * corpus_tokens
 
@@ -177,8 +179,8 @@ def _dropout(epochs: float) -> float:
     return round(min(MAX_DROPOUT, DROPOUT_PER_DOUBLING * math.log2(epochs / FREE_EPOCHS)) * 20) / 20
 
 
-def _parameters(hidden: int, layers: int, vocab_size: int, embedding: int, cell: str) -> int:
-    return num_parameters(ModelConfig(cell=cell, hidden=hidden, layers=layers, embedding=embedding), vocab_size)
+def _parameters(hidden: int, layers: int, vocab_size: int, embedding: int, cell: str, form: str) -> int:
+    return num_parameters(ModelConfig(cell=cell, gru_form=form, hidden=hidden, layers=layers, embedding=embedding), vocab_size)
 
 
 def _flops(hidden: int, layers: int, vocab_size: int, embedding: int, cell: str) -> int:

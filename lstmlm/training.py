@@ -208,21 +208,21 @@ def choose_recipe(cfg: Config, given: dict[str, Any], data: Data, device: torch.
     model's training speed here (`probe_speed`), then for the speed of the model that gave, timed
     too (`recipe.probe_speed_of`): a wider model multiplies faster than the probe, so it sees
     more passes than the probe's speed foretells, and the passes set the dropout."""
-    tokens, vocab, minutes, cell = len(data.train), len(data.vocab), cfg.train.max_minutes, cfg.model.cell
+    tokens, vocab, minutes, cell, form = len(data.train), len(data.vocab), cfg.train.max_minutes, cfg.model.cell, cfg.model.gru_form
     probe = probe_speed(cfg, vocab, device)
-    first = choose(tokens, vocab, probe, minutes, cell)
+    first = choose(tokens, vocab, probe, minutes, cell, form)
     first_cfg = cfg.with_overrides({**first.overrides(), **given})
     check_memory(first_cfg, vocab, device)
     timed = training_speed(first_cfg, vocab, device, FIRST_TIMED, FIRST_WARMUP)
-    speed = probe_speed_of(first, timed, vocab, cell)
-    recipe = choose(tokens, vocab, speed, minutes, cell)
+    speed = probe_speed_of(first, timed, vocab, cell, form)
+    recipe = choose(tokens, vocab, speed, minutes, cell, form)
     return Chosen(recipe, speed, tuple(k for k in RECIPE_KEYS if k in given), probe, first, timed)
 
 
 def probe_speed(cfg: Config, vocab_size: int, device: torch.device) -> float:
     """Training tokens/s of the recipe's probe model (`recipe.probe_dims`) on this machine, in
     the precision `cfg` asks for (`training_speed`)."""
-    probe = probe_dims(vocab_size, cfg.model.cell).config(cfg.model.model)
+    probe = probe_dims(vocab_size, cfg.model.cell, cfg.model.gru_form).config(cfg.model.model)
     return training_speed(probe.with_overrides({"precision": cfg.train.precision}), vocab_size, device, PROBE_TIMED)
 
 

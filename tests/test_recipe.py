@@ -18,7 +18,7 @@ from lstmlm.config import Config
 from lstmlm.data.batches import min_tokens
 from lstmlm.errors import ConfigError, CorpusError
 from lstmlm.recipe import Recipe, choose
-from lstmlm.sizes import Dims, training_flops_per_token
+from lstmlm.sizes import Dims, num_parameters, training_flops_per_token
 
 from support.cli import assert_one_error_line, cli
 from support.tiny import CONFIGS, synthetic_text
@@ -264,6 +264,21 @@ def test_the_recipe_is_chosen_again_for_the_speed_its_first_model_trains_at(book
     assert chosen.tokens_per_s == pytest.approx(recipe.probe_speed_of(chosen.first, 4_000.0, vocab))
     assert chosen.recipe == choose(tokens, vocab, chosen.tokens_per_s, 5.0)
     assert (chosen.probe_tokens_per_s, chosen.first_tokens_per_s) == (10_000.0, 4_000.0)
+
+
+def test_the_recipe_times_and_counts_the_grus_form_it_trains(book: Path, runs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The d2l GRU has no b_hh and no compiled kernel: the recipe probed nn.GRU's form (the
+    compiled one, for a run of the loop) and said 32 parameters more than the 1×32 it trained."""
+    forms: list[str] = []
+
+    def speed(cfg: Config, _vocab: int, _device: object, steps: int, _warmup: int = 1) -> float:
+        forms.append(cfg.model.gru_form)
+        return 10_000.0
+
+    monkeypatch.setattr(trainings, "training_speed", speed)
+    plan = trainings.plan(runs_dir, None, {"corpus": str(book), "max_minutes": 5.0, "device": "cpu", "cell": "gru", "gru_form": "d2l"})
+    assert plan.recipe is not None and forms == ["d2l", "d2l"]
+    assert plan.recipe.recipe.parameters == num_parameters(plan.config.model, len(plan.data.vocab))
 
 
 def test_a_first_model_faster_than_the_probe_foretold_gets_the_compute_there_is() -> None:

@@ -92,3 +92,14 @@ def test_a_command_that_needs_an_extra_names_it_in_its_help(name: str) -> None:
 
 def test_the_glob_example_keeps_its_character_class() -> None:
     assert "'src/**/*.[ch]'" in shown_help(("train",))
+
+
+def test_inspects_gate_help_names_every_cells_gates() -> None:
+    """--gate's help listed the LSTM's and the GRU's gates, not the RNN's, whose one gate is all
+    `inspect` on an RNN takes (the gates as the cells give them, each cell by its title)."""
+    from lstmlm import cells
+
+    shown = " ".join(re.sub(r"[│\s]+", " ", shown_help(("inspect",))).split())
+    for cell in cells.every():
+        names = ", ".join(gate.name for gate in cell.gates)
+        assert f"the {cell.title}'s {names}" in shown, f"inspect --help: the {cell.title}'s gates"

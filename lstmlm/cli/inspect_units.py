@@ -34,8 +34,9 @@ def inspect_(
         str | None,
         typer.Option(
             "--gate",
-            help="The gate to colour by, of the model's cell: the LSTM's cell, hidden, input, forget, output, candidate; "
-            "the GRU's hidden, reset, update, candidate (default: the LSTM's cell, else hidden).",
+            # written out, as the cells give them (importing the cells is importing torch); tests/test_help.py holds them equal
+            help="The gate to colour by, of the model's cell: the LSTM's input, forget, output, candidate, hidden, cell; "
+            "the GRU's reset, update, candidate, hidden; the RNN's hidden (default: the LSTM's cell, else hidden).",
         ),
     ] = None,
     html_out: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained HTML page with every unit browsable.")] = None,

@@ -28,7 +28,7 @@ from datetime import datetime
 from pathlib import Path, PurePath
 from typing import Any
 
-from . import config_file
+from . import cells, config_file
 from .config import Config
 from .data.download import KNOWN
 from .data.text import token_unit
@@ -95,7 +95,7 @@ class Run:
     @property
     def cell_title(self) -> str | None:
         """The cell as a listing names it: 'gru (d2l)' for the book's GRU, else the cell alone."""
-        return f"{self.cell} ({self.form})" if self.form not in (None, "cudnn") else self.cell
+        return cells.title(self.cell, self.form) if self.cell is not None else None
 
     def to_json(self) -> dict[str, Any]:
         """The run as one strict-JSON object (`lstmlm runs --json`)."""

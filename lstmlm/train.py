@@ -23,7 +23,7 @@ from typing import Any, cast
 
 import torch
 
-from . import graphs
+from . import cells, graphs
 from .cadences import Cadences, Due
 from .carry import gathered, next_batch, own_rows
 from .cells.base import State
@@ -329,7 +329,7 @@ class Trainer:
             device=describe(self.device),
             precision=self.precision,
             model=self.cfg.model.model,
-            cell=cell.name + ("" if cell.form == "cudnn" else f" ({cell.form})"),
+            cell=cells.title(cell.name, cell.form),
             path=self.path,
             vocab_size=len(self.data.vocab),
             num_params=sum(p.numel() for p in self.model.parameters()),

@@ -150,6 +150,7 @@ def test_the_page_colours_the_text_by_the_cells_gates(trained: tuple[str, Path, 
         driver.get(server.url + "/")
         wait.until(lambda d: [o.get_attribute("value") for o in Select(d.find_element("id", "run")).options] == [cell])
         Select(driver.find_element("id", "run")).select_by_value(cell)
+        wait.until(lambda d: d.find_element("id", "run-info").text.startswith(f"{cell} scratch, 2 × 16 hidden"))
         prefix = driver.find_element("id", "prefix")
         prefix.clear()
         prefix.send_keys("the time")

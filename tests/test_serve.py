@@ -181,10 +181,23 @@ def test_runs_lists_each_run_with_its_figures(api: TestClient, tiny_runs: Path) 
         config["data"]["corpus"] = "corpus.txt"
         assert run["config"] == config and run["vocab_size"] == len(store.vocab)
         assert run["prefix"] == ("time traveller" if name == "d2l" else "")  # what the page offers: the book's prefix for its mode
+        assert run["cell"] == "lstm"
         assert run["trained"] is True and run["epochs"] == 3 and run["last"] == records[-1]
         validated = [r for r in records if r["val_perplexity"] is not None]
         best = min(validated, key=lambda r: r["val_perplexity"]) if validated else None
         assert run["best"] == (best and {"epoch": best["epoch"], "val_perplexity": best["val_perplexity"], "val_bpc": best["val_bpc"]})
+
+
+def test_the_books_gru_is_listed_by_its_form(tmp_path: Path) -> None:
+    """The page named a d2l GRU 'gru scratch', as it does nn.GRU's form; `lstmlm runs` says 'gru (d2l)'."""
+    from lstmlm.config import Config
+    from lstmlm.serve.catalog import list_runs
+    from lstmlm.vocab import Vocab
+
+    cfg = Config().with_overrides({"cell": "gru", "gru_form": "d2l", "hidden": 8})
+    RunStore.create(tmp_path / "book-gru", cfg, Vocab.build("ab"))
+    RunStore.create(tmp_path / "gru", cfg.with_overrides({"gru_form": "cudnn"}), Vocab.build("ab"))
+    assert {r["name"]: r["cell"] for r in list_runs(tmp_path)} == {"book-gru": "gru (d2l)", "gru": "gru"}
 
 
 def test_metrics_follow_a_training_and_stay_strict_json(runs_copy: Path) -> None:

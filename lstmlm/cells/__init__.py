@@ -36,10 +36,16 @@ REGISTRY: dict[str, Entry] = {
 
 NAMES = tuple(REGISTRY)
 DEFAULT = "lstm"
+STANDARD_FORM = "cudnn"  # a cell's form unless asked otherwise: torch's own equations
+
+
+def title(name: str, form: str | None = STANDARD_FORM) -> str:
+    """The cell as a listing names it: 'gru (d2l)' for the book's GRU, else the name alone."""
+    return name if form in (None, STANDARD_FORM) else f"{name} ({form})"
 
 
 @cache
-def get(name: str, form: str = "cudnn") -> Cell:
+def get(name: str, form: str = STANDARD_FORM) -> Cell:
     """The cell called `name`; `form` chooses between a cell's variants where it has two (the
     GRU's: "cudnn", the reset gate inside the recurrent product's term as nn.GRU and cuDNN
     apply it, or "d2l", the book's, before the product)."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import baselines
+from .. import baselines, cells
 from ..errors import CheckpointError, ConfigError, LstmlmError
 from ..runs import BEST, LATEST, RunStore, check_run_name
 from ..sampling import D2L_PREFIXES
@@ -132,6 +132,7 @@ def run_summary(store: RunStore, runs_dir: Path) -> dict[str, Any]:
             "name": store.name,
             "config": config,
             "vocab_size": len(store.vocab),
+            "cell": cells.title(store.config.model.cell, store.config.model.gru_form),  # 'gru (d2l)', as lstmlm runs names it
             "prefix": D2L_PREFIXES[0] if config["data"]["normalize"] == "d2l" else "",  # what the page offers to continue
             "trained": store.path(LATEST).is_file(),
             "epochs": len(records),

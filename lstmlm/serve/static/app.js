@@ -73,7 +73,7 @@ function chooseRun() {
   }
   const m = run.config.model;
   const best = run.best ? ` · best validation ${fixed(run.best.val_perplexity)} (epoch ${run.best.epoch})` : "";
-  $("run-info").textContent = `${m.cell || "lstm"} ${m.model}, ${m.layers} × ${m.hidden} hidden, vocabulary ${run.vocab_size}, ${run.config.data.normalize} text${best}`;
+  $("run-info").textContent = `${run.cell} ${m.model}, ${m.layers} × ${m.hidden} hidden, vocabulary ${run.vocab_size}, ${run.config.data.normalize} text${best}`;
   $("gate").innerHTML = "";  // a new model: its cell's gates come with the first colours
   const layer = $("layer");
   layer.innerHTML = "";

@@ -33,7 +33,7 @@ import json
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -141,12 +141,55 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
     app.add_middleware(BodyLimit, limits=limits)
     if allowed_hosts is not None:
         app.add_middleware(HostCheck, allowed=allowed_hosts)  # added last, so it runs first
-    models = Models(runs_dir, device, precision, limits.max_models, int(limits.max_model_mib * 2**20))
-    limits = replace(limits, lanes=limits.lanes or lanes_for(device))
-    slots, batches = Slots(limits.max_concurrent), Batches(limits.max_batch, limits.queue, limits.lanes or 1)
-    app.state.models, app.state.slots, app.state.batches = models, slots, batches
+    served = Served(runs_dir, limits, device, precision)
+    app.state.models, app.state.slots, app.state.batches = served.models, served.slots, served.batches
+    answer_errors(app, runs_dir)
+    add_page(app)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    add_runs(app, served)
+    add_generation(app, served)
+    add_inspection(app, served)
+    return app
 
-    # ---- errors: one line of JSON -------------------------------------------------------------
+
+class Served:
+    """What the routes share: the runs directory, the limits, the models loaded, the inspections'
+    slots and the generations' batches."""
+
+    def __init__(self, runs_dir: Path, limits: Limits, device: str, precision: str) -> None:
+        self.runs_dir = runs_dir
+        self.models = Models(runs_dir, device, precision, limits.max_models, int(limits.max_model_mib * 2**20))
+        self.limits = replace(limits, lanes=limits.lanes or lanes_for(device))
+        self.slots = Slots(self.limits.max_concurrent)
+        self.batches = Batches(self.limits.max_batch, self.limits.queue, self.limits.lanes or 1)
+
+    def run_named(self, name: str) -> str:
+        """`name`, where it names a run this server serves; else the answer why not."""
+        try:
+            open_run(self.runs_dir, name)
+        except ConfigError as e:
+            raise ApiError(400, str(e)) from None
+        except NotServed as e:
+            raise ApiError(404, f"no run named {shown(name)} in this server's runs directory: {e}") from None
+        except CheckpointError:
+            raise ApiError(404, f"no run named {shown(name)} in this server's runs directory") from None
+        return name
+
+    async def load(self, name: str, best: bool) -> Loaded:
+        self.run_named(name)
+        try:
+            held = self.models.current(name, best)  # a look at the checkpoint's stamp: on the event loop, no thread's round trip
+            return held if held is not None else await anyio.to_thread.run_sync(self.models.get, name, best)
+        except NoCheckpoint as e:
+            raise ApiError(409, str(e)) from None
+
+    def within(self, text: str, what: str) -> None:
+        if len(text) > self.limits.max_text:
+            raise ApiError(422, f"{what} has {len(text):,} characters, over this server's limit of {self.limits.max_text:,}")
+
+
+def answer_errors(app: FastAPI, runs_dir: Path) -> None:
+    """Every error as one line of JSON, with its status."""
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
@@ -176,66 +219,50 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
         # the server's log has one line on it (uvicorn logs what this handler is given)
         return JSONResponse({"error": f"internal error ({type(e).__name__}): the server's log says more"}, 500)
 
-    def run_named(name: str) -> str:
-        try:
-            open_run(runs_dir, name)
-        except ConfigError as e:
-            raise ApiError(400, str(e)) from None
-        except NotServed as e:
-            raise ApiError(404, f"no run named {shown(name)} in this server's runs directory: {e}") from None
-        except CheckpointError:
-            raise ApiError(404, f"no run named {shown(name)} in this server's runs directory") from None
-        return name
 
-    async def load(name: str, best: bool) -> Loaded:
-        run_named(name)
-        try:
-            held = models.current(name, best)  # a look at the checkpoint's stamp: on the event loop, no thread's round trip
-            return held if held is not None else await anyio.to_thread.run_sync(models.get, name, best)
-        except NoCheckpoint as e:
-            raise ApiError(409, str(e)) from None
-
-    def within(text: str, what: str) -> None:
-        if len(text) > limits.max_text:
-            raise ApiError(422, f"{what} has {len(text):,} characters, over this server's limit of {limits.max_text:,}")
-
-    # ---- the page -------------------------------------------------------------------------------
+def add_page(app: FastAPI) -> None:
+    """The page at /, under a policy that lets it load only its own files."""
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)  # HEAD: `curl -I`, a monitor's check
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache"})
 
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    # ---- runs -----------------------------------------------------------------------------------
+def add_runs(app: FastAPI, served: Served) -> None:
+    """The runs, a run's metrics and baselines, and the server's own state."""
+    models = served.models
 
     @app.api_route("/api/runs", methods=["GET", "HEAD"])
     async def runs() -> JSONResponse:
         await anyio.to_thread.run_sync(models.forget_gone)
-        return JSONResponse({"runs": await anyio.to_thread.run_sync(list_runs, runs_dir)})
+        return JSONResponse({"runs": await anyio.to_thread.run_sync(list_runs, served.runs_dir)})
 
     @app.api_route("/api/runs/{name}/metrics", methods=["GET", "HEAD"])
     async def metrics(name: str) -> JSONResponse:
-        store = open_run(runs_dir, run_named(name))
+        store = open_run(served.runs_dir, served.run_named(name))
         records, found = await anyio.to_thread.run_sync(lambda: (read_records(store), run_baselines(store)))
         return JSONResponse({"run": name, "epochs": finite(records), "baselines": found})
 
     @app.api_route("/api/status", methods=["GET", "HEAD"])
     async def status() -> JSONResponse:
         await anyio.to_thread.run_sync(models.forget_gone)
-        counts = batches.status()
-        work = {"active": counts["running"] + slots.active, "inspecting": slots.active, **counts}
+        counts = served.batches.status()
+        work = {"active": counts["running"] + served.slots.active, "inspecting": served.slots.active, **counts}
+        limits = served.limits
         return JSONResponse({"version": __version__, **work, "models": len(models), **vars(limits), "max_body": limits.max_body})
 
-    # ---- generation -----------------------------------------------------------------------------
+
+def add_generation(app: FastAPI, served: Served) -> None:
+    """A prefix continued in its model's batch: streamed as server-sent events, or whole."""
+    limits, batches = served.limits, served.batches
 
     @app.post("/api/generate", response_model=None)
     async def generate(body: GenerateRequest, request: Request) -> Response:
         sampling = body.sampling()
         if sampling.length > limits.max_length:
             raise ApiError(422, f"length {sampling.length:,} is over this server's limit of {limits.max_length:,} characters")
-        within(body.prefix, "the prefix")
-        loaded = await load(body.run, body.best)
+        served.within(body.prefix, "the prefix")
+        loaded = await served.load(body.run, body.best)
         try:
             batches.admit()
         except QueueFull as e:
@@ -245,60 +272,75 @@ def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", p
             generation, row = batches.submit(loaded, body.prefix, sampling, context)
         else:
             generation, row = await anyio.to_thread.run_sync(batches.submit, loaded, body.prefix, sampling, context)
-        steps = generation.steps
-        deadline = time.monotonic() + limits.deadline_s
+        reading = Reading(row, generation.steps, time.monotonic() + limits.deadline_s, batches)
         head = {"run": body.run, "prefix": generation.prefix, "normalized": generation.normalized}
-
-        def release() -> None:
-            steps.close()
-            batches.let_go(row)
-
         if not body.stream:
-            made, reason = 0, None
-            try:
-                while reason is None:
-                    await pause(row, made, deadline)
-                    if await request.is_disconnected():  # the client hung up: nobody waits for the rest
-                        break
-                    text, reason = take(row, steps, deadline, 1 << 30)
-                    made += len(text)
-            finally:
-                release()
-            text = steps.text[0]
-            return JSONResponse({**head, "text": text, "characters": len(text), "finish_reason": reason})
+            return JSONResponse({**head, **await whole(reading, request)})
+        return EventStream(stream(reading, head, served.runs_dir), reading.release)
 
-        async def events() -> AsyncGenerator[str, None]:
-            yield event("start", head)
-            made = 0
-            while True:
-                try:
-                    text, reason = take(row, steps, deadline)
-                except LstmlmError as e:
-                    yield event("error", {"error": one_line(without_paths(str(e), runs_dir))})
-                    return
-                made += len(text)
-                if text:
-                    yield event("text", {"text": text})
-                if reason is not None:
-                    yield event("done", {"characters": made, "finish_reason": reason})
-                    return
-                await pause(row, made, deadline)
 
-        return EventStream(events(), release)
+@dataclass(frozen=True)
+class Reading:
+    """A generation's row as its request reads it: the text as it comes, until it ends or its deadline."""
 
-    # ---- inspection -----------------------------------------------------------------------------
+    row: Row
+    steps: Continuation
+    deadline: float
+    batches: Batches
+
+    def release(self) -> None:
+        """The row let go, however the request ended."""
+        self.steps.close()
+        self.batches.let_go(self.row)
+
+
+async def whole(reading: Reading, request: Request) -> dict[str, Any]:
+    """The text at once ("stream": false), read as it is made, until it ends or its client goes."""
+    made, reason = 0, None
+    try:
+        while reason is None:
+            await pause(reading.row, made, reading.deadline)
+            if await request.is_disconnected():  # the client hung up: nobody waits for the rest
+                break
+            text, reason = take(reading.row, reading.steps, reading.deadline, 1 << 30)
+            made += len(text)
+    finally:
+        reading.release()
+    text = reading.steps.text[0]
+    return {"text": text, "characters": len(text), "finish_reason": reason}
+
+
+async def stream(reading: Reading, head: dict[str, Any], runs_dir: Path) -> AsyncGenerator[str, None]:
+    """The text as server-sent events: start, text as it comes, then done (or error)."""
+    yield event("start", head)
+    made = 0
+    while True:
+        try:
+            text, reason = take(reading.row, reading.steps, reading.deadline)
+        except LstmlmError as e:
+            yield event("error", {"error": one_line(without_paths(str(e), runs_dir))})
+            return
+        made += len(text)
+        if text:
+            yield event("text", {"text": text})
+        if reason is not None:
+            yield event("done", {"characters": made, "finish_reason": reason})
+            return
+        await pause(reading.row, made, reading.deadline)
+
+
+def add_inspection(app: FastAPI, served: Served) -> None:
+    """A text's gates, per character, in one of the inspections' slots."""
 
     @app.post("/api/inspect")
     async def inspect(body: InspectRequest) -> JSONResponse:
-        within(body.text, "the text")
-        loaded = await load(body.run, body.best)
-        slots.take()
+        served.within(body.text, "the text")
+        loaded = await served.load(body.run, body.best)
+        served.slots.take()
         try:
             return JSONResponse(await anyio.to_thread.run_sync(inspection, loaded, body))
         finally:
-            slots.give()
-
-    return app
+            served.slots.give()
 
 
 def inspection(loaded: Loaded, body: InspectRequest) -> dict[str, Any]:

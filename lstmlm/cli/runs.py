@@ -19,7 +19,7 @@ from ..runsummary import Run
 from . import options
 from .console import err, out, print_json, visible
 from .errors import fail, friendly
-from .shared import clock, count, two_columns
+from .shared import clock, short_count, two_columns
 
 Sort = Annotated[str, typer.Option("--sort", help="time (the last changed first), best (the lowest validation bits first) or name.")]
 Names = Annotated[list[str], typer.Argument(help="Run names under --runs-dir.", show_default=False)]
@@ -147,9 +147,9 @@ def runs_table(listed: list[Run]) -> Table:
             escape(visible(run.name)),
             escape(visible(f"{run.cell_title} {run.model}")) if run.model else "",
             f"{run.layers}×{run.hidden}" if run.layers else "",
-            count(run.parameters) if run.parameters is not None else "",
+            short_count(run.parameters) if run.parameters is not None else "",
             escape(visible(run.corpus or "")),
-            count(run.tokens) if run.tokens is not None else "",
+            short_count(run.tokens) if run.tokens is not None else "",
             epochs(run),
             f"{run.best_val_perplexity:.3f}" if run.best_val_perplexity else "",
             bits(run),

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from ..baselines import Baselines, Scored
 
 
-def count(n: float) -> str:
+def short_count(n: float) -> str:
     """1234 → '1.2k', 3_400_000 → '3.4M': a count to read at a glance."""
     for size, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(n) >= size:

@@ -22,7 +22,7 @@ from ..events import Baselined, EpochEnded, Evaluated, Event, Finished, Noted, S
 from ..runs import DEFAULT_RUNS_DIR
 from . import options
 from .console import corpus_progress, err, out, print_json, visible
-from .shared import baselines_line, clock, count, two_columns
+from .shared import baselines_line, clock, short_count, two_columns
 
 if TYPE_CHECKING:
     from ..baselines import Baselines
@@ -93,7 +93,7 @@ def recipe_line(chosen: Chosen, tokens: int, vocab: int, minutes: float) -> str:
     if first is not None:
         timed += f", {chosen.first_tokens_per_s:,.0f} for the {first.layers}×{first.hidden} that gave (as fast as the probe at {chosen.tokens_per_s:,.0f})"
     text = (
-        f"default recipe for {count(tokens)} training tokens of {vocab} symbols, {minutes:g} min at {timed}: "
+        f"default recipe for {short_count(tokens)} training tokens of {vocab} symbols, {minutes:g} min at {timed}: "
         f"{r.layers}×{r.hidden}, embedding {r.embedding}, {r.parameters:,} parameters, batches {r.batch_size}×{r.num_steps}, "
         f"{r.optimizer} lr {r.lr:g} {r.schedule}, dropout {r.dropout:g}, state reset every {r.reset_every} batches; about {r.epochs:.2g} epochs"
     )
@@ -219,7 +219,7 @@ class TrainView:
 
 def within_epoch(step: Stepped) -> str:
     """'12.3M/1.0G tokens  7,700 tok/s  epoch ends in 1:02:03'."""
-    text = f"{count(step.tokens)}/{count(step.epoch_tokens)} tokens  {step.tokens_per_s:,.0f} tok/s"
+    text = f"{short_count(step.tokens)}/{short_count(step.epoch_tokens)} tokens  {step.tokens_per_s:,.0f} tok/s"
     if step.tokens_per_s > 0:
         text += f"  epoch ends in {clock((step.epoch_tokens - step.tokens) / step.tokens_per_s)}"
     return text

@@ -20,7 +20,7 @@ from rich.table import Table
 from ..runs import DEFAULT_RUNS_DIR
 from . import options
 from .console import corpus_progress, err, out, print_json, visible
-from .shared import count
+from .shared import short_count
 
 if TYPE_CHECKING:
     from ..tune import Study, StudyEnded, TrialEnded, TuneEvent
@@ -120,7 +120,7 @@ def trial_row(trial: TrialEnded, header: bool) -> Table:
     style = {"complete": "green", "pruned": "yellow", "failed": "red"}.get(trial.state, "")
     nats = f"{trial.val_loss:.4f}" if trial.val_loss is not None else "–"
     bits = f"{trial.val_bits:.3f}" if trial.val_bits is not None else "–"
-    size = count(trial.parameters) if trial.parameters is not None else "–"
+    size = short_count(trial.parameters) if trial.parameters is not None else "–"
     note = f" ({escape(visible(trial.reason))})" if trial.reason else ""
     settings = escape(settings_text(trial.settings)) + f"[dim]{note}[/]"
     table.add_row(str(trial.number), f"[{style}]{trial.state}[/]", nats, bits, size, f"{trial.minutes:.1f}", settings)

@@ -12,13 +12,14 @@ import os
 import threading
 import time
 from dataclasses import asdict, dataclass
+from typing import get_args
 
 import torch
 
 from . import cells, distributed, graphs, native, recurrence
-from .config import Config
+from .config import Config, Core
 from .config_file import load as load_config
-from .device import DTYPES, cpu_has_fast_bf16, cpu_name, describe, keep_freed_memory, resolve_device, resolve_precision, set_tf32, synchronize
+from .device import DTYPES, PRECISIONS, cpu_has_fast_bf16, cpu_name, describe, keep_freed_memory, resolve_device, resolve_precision, set_tf32, synchronize
 from .distributed import World
 from .errors import ConfigError, DeviceError
 from .generate import Sampling, generate
@@ -336,7 +337,7 @@ def run(config_file: str | None = None, device: str = "auto", precision: str = "
     dev = distributed.start(world, resolve_device(device), dims.batch_size)
     check_memory(cfg, vocab_size, dev, "lower --vocab-size, or the config's sizes")
     set_tf32(dev, tf32)
-    precisions = ["fp32", "bf16"] if precision == "both" else [resolve_precision(precision, dev)]
+    precisions = list(PRECISIONS) if precision == "both" else [resolve_precision(precision, dev)]
     rows: list[Row] = []
     try:
         if world.is_main:
@@ -349,6 +350,7 @@ def run(config_file: str | None = None, device: str = "auto", precision: str = "
     return Report(describe(dev), machine(dev, dims), dims, training_flops_per_token(dims), rows, world.is_main)
 
 
+CORES: tuple[str, ...] = get_args(Core)  # each measured: the scratch core and torch's
 GENERATION_SAMPLES = (1, 64)  # one greedy continuation; 64 sampled at once
 
 
@@ -357,7 +359,7 @@ def measure_one_process(dims: Dims, device: torch.device, precisions: list[str],
     for prec in precisions:
         ceiling = measure_matmul_ceiling(device, prec)
         rows.append(Row(f"matmul {ceiling.size}×{ceiling.size}", prec, ceiling.gflops, "GFLOP/s", 1.0, raw=asdict(ceiling)))
-        for core in ("scratch", "cudnn"):
+        for core in CORES:
             if why := why_not_core(core, dims):
                 rows.append(Row(f"train {core}", prec, None, "tokens/s", skipped=why))
                 continue
@@ -367,7 +369,7 @@ def measure_one_process(dims: Dims, device: torch.device, precisions: list[str],
                 rows.append(Row(f"train {core}", prec, None, "tokens/s", skipped=str(e)))
                 continue
             rows.append(Row(f"train {core}", prec, speed.tokens_per_s, "tokens/s", speed.utilisation, speed.peak_memory_bytes, raw=asdict(speed)))
-        for core in ("scratch", "cudnn"):
+        for core in CORES:
             for samples in GENERATION_SAMPLES:
                 what = f"generate {core}" + (f" ×{samples}" if samples > 1 else "")
                 if why := why_not_generate(core, dims):
@@ -382,7 +384,7 @@ def measure_scaling(dims: Dims, device: torch.device, precisions: list[str], ste
     """Training tokens/s of all processes together, and its ratio to one process's (on the main process)."""
     rows = []
     for prec in precisions:
-        for core in ("scratch", "cudnn"):
+        for core in CORES:
             if why_not_core(core, dims):  # skipped alone, with the reason: skipped together too
                 continue
             speed = measure_training(core, dims, device, prec, steps=steps, world=world)  # every process takes part

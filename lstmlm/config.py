@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal, cast, get_args, get_type_hints
 
-from . import cells
+from . import cadences, cells
 from .cadences import Cadence
 from .errors import ConfigError
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     GruForm = str
 else:  # the registered cells' names, declared once (lstmlm/cells/__init__.py)
     CellName = Literal[cells.NAMES]
-    GruForm = Literal["cudnn", "d2l"]
+    GruForm = Literal[cells.GRU_FORMS]
 RecurrencePath = Literal["auto", "loop", "fused", "compiled", "graph"]
 Optimizer = Literal["sgd", "adam", "adamw"]
 Schedule = Literal["constant", "step", "cosine"]
@@ -222,7 +222,7 @@ RESUMABLE = frozenset(
     | {"tensorboard"}  # where the logs go
 )
 
-CADENCES = ("sample_every", "eval_every", "checkpoint_every")  # typed Cadence values (cadences.py), parsed once
+CADENCES = cadences.KEYS  # typed Cadence values (cadences.py), parsed once
 
 # ---- split: train, validation and test sizes -------------------------------------------------------
 

@@ -20,6 +20,7 @@ import torch
 from .errors import DeviceError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # a resolved precision's dtype of the products
+PRECISIONS = tuple(DTYPES)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,7 +71,7 @@ def resolve_precision(name: str, device: torch.device) -> str:
         return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
     if name == "bf16" and device.type == "mps":
         raise DeviceError("--precision bf16 is not supported on mps (use fp32)")
-    if name not in ("fp32", "bf16"):
+    if name not in PRECISIONS:
         raise DeviceError(f"unknown precision '{name}' (expected fp32, bf16 or auto)")
     return name
 

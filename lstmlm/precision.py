@@ -36,7 +36,7 @@ from . import cells
 from .atomic import write_text_atomic
 from .config import Config
 from .data.home import cache_dir
-from .device import cpu_has_fast_bf16, cpu_name, resolve_precision, synchronize
+from .device import PRECISIONS, cpu_has_fast_bf16, cpu_name, resolve_precision, synchronize
 from .distributed import World
 from .errors import WriteError
 from .model import CharLM
@@ -150,7 +150,7 @@ def remembered(key: str) -> Choice | None:
     a second run of one command trains in the precision the first did, not in what a busier
     moment's timing might choose. A file that is not what this module writes is ignored."""
     entry = _read().get(key)
-    if not isinstance(entry, dict) or entry.get("precision") not in ("fp32", "bf16") or not isinstance(entry.get("reason"), str):
+    if not isinstance(entry, dict) or entry.get("precision") not in PRECISIONS or not isinstance(entry.get("reason"), str):
         return None
     return Choice(entry["precision"], f"{entry['reason']} (remembered: {cache_dir() / REMEMBERED})")
 

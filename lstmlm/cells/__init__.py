@@ -26,17 +26,19 @@ class Entry(NamedTuple):
     where: str  # "module:Class", imported when first asked for
     blocks: int  # the blocks of H columns in W_x, W_h and b: its gates and candidate
     recurrent_bias: tuple[str, ...] = ()  # the forms with a bias inside the recurrence (nn.GRU's b_hn)
+    forms: tuple[str, ...] = ("cudnn",)  # its variants, the standard first (the GRU's: where its reset gate sits)
 
 
 REGISTRY: dict[str, Entry] = {
     "lstm": Entry("lstmlm.cells.lstm:LSTM", blocks=4),
-    "gru": Entry("lstmlm.cells.gru:GRU", blocks=3, recurrent_bias=("cudnn",)),
+    "gru": Entry("lstmlm.cells.gru:GRU", blocks=3, recurrent_bias=("cudnn",), forms=("cudnn", "d2l")),
     "rnn": Entry("lstmlm.cells.rnn:RNN", blocks=1),
 }
 
 NAMES = tuple(REGISTRY)
 DEFAULT = "lstm"
 STANDARD_FORM = "cudnn"  # a cell's form unless asked otherwise: torch's own equations
+GRU_FORMS = REGISTRY["gru"].forms
 
 
 def title(name: str, form: str | None = STANDARD_FORM) -> str:

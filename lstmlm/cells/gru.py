@@ -23,9 +23,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from . import GRU_FORMS
 from .base import Cell, State, sigmoid_gate, tanh_gate
 
-FORMS = ("cudnn", "d2l")
+FORMS = GRU_FORMS
 
 
 class Step(NamedTuple):

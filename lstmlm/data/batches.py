@@ -35,11 +35,12 @@ import mmap
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import cast
+from typing import cast, get_args
 
 import numpy as np
 import torch
 
+from ..config import BatchOrder
 from ..device import available_memory
 from ..errors import CorpusError
 
@@ -102,8 +103,8 @@ class BatchSource:
     def __init__(
         self, tokens: torch.Tensor, batch_size: int, num_steps: int, iterator: str, rows: slice = slice(None), device: torch.device | None = None
     ) -> None:
-        if iterator not in ("sequential", "random"):
-            raise CorpusError(f"unknown iterator '{iterator}' (expected sequential or random)")
+        if iterator not in get_args(BatchOrder):
+            raise CorpusError(f"unknown iterator '{iterator}' (expected {' or '.join(get_args(BatchOrder))})")
         self.tokens, self.batch_size, self.num_steps, self.iterator = tokens, batch_size, num_steps, iterator
         self.device = tokens.device if device is None else device
         self.rows = torch.arange(batch_size, device=tokens.device)[rows]  # which rows of a batch this process reads

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cells
-from .cells.base import Cell, State
+from .cells.base import TORCH_PARAMETERS, Cell, State
 from .cells.cores import ScratchCore, TorchCore, drop, zero_state
 from .config import Config, ModelConfig
 from .device import available_memory, checks_ids, describe
@@ -298,7 +298,7 @@ def scratch_to_torch(state_dict: dict[str, torch.Tensor], cell: Cell) -> dict[st
 def torch_to_scratch(state_dict: dict[str, torch.Tensor], cell: Cell) -> dict[str, torch.Tensor]:
     out = _shared(state_dict)
     for k in range(_num_layers(state_dict, rf"core\.{cell.name}\.weight_ih_l(\d+)$")):
-        weights = {name: state_dict[torch_key(cell, k, name)] for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+        weights = {name: state_dict[torch_key(cell, k, name)] for name in TORCH_PARAMETERS}
         out.update({scratch_key(k, name): p for name, p in cell.from_torch(weights).items()})
     return out
 

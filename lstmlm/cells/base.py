@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 State = tuple[torch.Tensor, ...]  # the cell's state, each (layers, batch, hiddens); State[0] is H
+TORCH_PARAMETERS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")  # a layer of torch's module: each suffixed _l{k}
 
 
 @dataclass(frozen=True)

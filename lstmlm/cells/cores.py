@@ -31,7 +31,7 @@ from torch.func import functional_call
 from .. import recurrence
 from ..device import checks_ids
 from ..errors import ShapeError
-from .base import Cell, Stacked, State, project
+from .base import TORCH_PARAMETERS, Cell, Stacked, State, project
 
 
 def dropconnect_mask(cell: Cell, num_hiddens: int, p: float, like: torch.Tensor) -> torch.Tensor:
@@ -303,7 +303,7 @@ class TorchCore(nn.Module):
         for k, kernel in enumerate(self.layer_kernels):
             if k > 0:
                 X = drop(X, self.dropout, locked=True)
-            own = {f"{kind}_l0": weights[f"{kind}_l{k}"] for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+            own = {f"{kind}_l0": weights[f"{kind}_l{k}"] for kind in TORCH_PARAMETERS}
             layer_state = tuple(S[k : k + 1] for S in state)
             X, final = functional_call(kernel, own, (X, self.cell.torch_state(layer_state)))  # (steps, batch, hiddens)
             finals.append(self.cell.from_torch_state(final))

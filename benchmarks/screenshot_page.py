@@ -11,14 +11,12 @@ character in the middle so the strongest units show, and saves the window as a P
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
-from selenium import webdriver
+from browser import headless_chromium
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -47,43 +45,32 @@ def main() -> None:
     parser.add_argument("-o", "--output", type=Path, default=Path("serve-page.png"))
     args = parser.parse_args()
 
-    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver_path:
-        raise SystemExit("needs chromium and chromedriver: apt-get install chromium chromium-driver")
     proc, url = start_server(args.runs_dir)
-    profile = tempfile.mkdtemp(prefix="lstmlm-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", f"--user-data-dir={profile}", f"--window-size={args.width},{args.height}"):  # fmt: skip
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(driver_path))
     try:
-        wait = WebDriverWait(driver, 120)
-        driver.get(url)
-        wait.until(lambda d: any(o.get_attribute("value") == args.run for o in Select(d.find_element(By.ID, "run")).options))
-        Select(driver.find_element(By.ID, "run")).select_by_value(args.run)
-        for field, value in (("prefix", args.prefix), ("length", str(args.length)), ("seed", str(args.seed))):
-            element = driver.find_element(By.ID, field)
-            element.clear()
-            element.send_keys(value)
-        driver.execute_script(
-            "const t = document.getElementById('temperature'); t.value = arguments[0]; t.dispatchEvent(new Event('input'))", str(args.temperature)
-        )
-        driver.find_element(By.ID, "go").click()
-        wait.until(lambda d: "ended it" in d.find_element(By.ID, "status").text)
-        spans = driver.find_elements(By.CSS_SELECTOR, "#output > span")
-        wait.until(lambda d: d.find_element(By.ID, "output").get_attribute("data-painted") == str(len(spans)))
-        ActionChains(driver).move_to_element(spans[len(spans) // 3]).perform()
-        wait.until(lambda d: "strongest here" in d.find_element(By.ID, "hover").text)
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        driver.save_screenshot(str(args.output))
-        print(f"wrote {args.output} ({args.output.stat().st_size:,} bytes)")
+        with headless_chromium(args.width, args.height) as driver:
+            wait = WebDriverWait(driver, 120)
+            driver.get(url)
+            wait.until(lambda d: any(o.get_attribute("value") == args.run for o in Select(d.find_element(By.ID, "run")).options))
+            Select(driver.find_element(By.ID, "run")).select_by_value(args.run)
+            for field, value in (("prefix", args.prefix), ("length", str(args.length)), ("seed", str(args.seed))):
+                element = driver.find_element(By.ID, field)
+                element.clear()
+                element.send_keys(value)
+            driver.execute_script(
+                "const t = document.getElementById('temperature'); t.value = arguments[0]; t.dispatchEvent(new Event('input'))", str(args.temperature)
+            )
+            driver.find_element(By.ID, "go").click()
+            wait.until(lambda d: "ended it" in d.find_element(By.ID, "status").text)
+            spans = driver.find_elements(By.CSS_SELECTOR, "#output > span")
+            wait.until(lambda d: d.find_element(By.ID, "output").get_attribute("data-painted") == str(len(spans)))
+            ActionChains(driver).move_to_element(spans[len(spans) // 3]).perform()
+            wait.until(lambda d: "strongest here" in d.find_element(By.ID, "hover").text)
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            driver.save_screenshot(str(args.output))
+            print(f"wrote {args.output} ({args.output.stat().st_size:,} bytes)")
     finally:
-        driver.quit()
         proc.terminate()
         proc.wait()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import argparse
 import io
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
+from browser import headless_chromium
 from PIL import Image
-from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -65,39 +63,27 @@ def main() -> None:
     parser.add_argument("-o", "--output", type=Path, default=Path("tensorboard.png"))
     args = parser.parse_args()
 
-    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver_path:
-        raise SystemExit("needs chromium and chromedriver: apt-get install chromium chromium-driver")
     proc, url = start_tensorboard(args.logdir)
-    profile = tempfile.mkdtemp(prefix="lstmlm-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic", f"--user-data-dir={profile}",
-                 f"--window-size={args.width},{args.height}"):  # fmt: skip
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(driver_path))
     try:
-        driver.get(f"{url}?darkMode=false#timeseries")
-        wait = WebDriverWait(driver, 180)
-        tags = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "input[placeholder='Filter tags (regex)']"))
-        time.sleep(args.settle)  # the runs and their tags load after the page
-        tags.send_keys(args.tags)
-        driver.find_element(By.CSS_SELECTOR, "button[aria-label='Close side pane']").click()
-        if args.full_width:
-            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "button[aria-label='Toggle full size mode']"))[0].click()
-        time.sleep(args.settle)
-        shot = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
-        size = (round(shot.width * args.scale), round(shot.height * args.scale))
-        small = shot.resize(size, Image.Resampling.LANCZOS).quantize(colors=args.colours, method=Image.Quantize.MEDIANCUT)
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        small.save(args.output, optimize=True)
-        print(f"wrote {args.output} ({args.output.stat().st_size:,} bytes, {size[0]}×{size[1]})")
+        with headless_chromium(args.width, args.height, "--disable-quic") as driver:
+            driver.get(f"{url}?darkMode=false#timeseries")
+            wait = WebDriverWait(driver, 180)
+            tags = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "input[placeholder='Filter tags (regex)']"))
+            time.sleep(args.settle)  # the runs and their tags load after the page
+            tags.send_keys(args.tags)
+            driver.find_element(By.CSS_SELECTOR, "button[aria-label='Close side pane']").click()
+            if args.full_width:
+                wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "button[aria-label='Toggle full size mode']"))[0].click()
+            time.sleep(args.settle)
+            shot = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+            size = (round(shot.width * args.scale), round(shot.height * args.scale))
+            small = shot.resize(size, Image.Resampling.LANCZOS).quantize(colors=args.colours, method=Image.Quantize.MEDIANCUT)
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            small.save(args.output, optimize=True)
+            print(f"wrote {args.output} ({args.output.stat().st_size:,} bytes, {size[0]}×{size[1]})")
     finally:
-        driver.quit()
         proc.terminate()
         proc.wait()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 if __name__ == "__main__":

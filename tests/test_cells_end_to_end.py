@@ -6,7 +6,6 @@ of its own throughout the suite.)"""
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from lstmlm import cells
 from lstmlm.export import load_runtime, read_metadata
 from lstmlm.inference import load as load_trained
 
+from support.browser import chromium
 from support.cli import cli
 from support.serving import http_json
 from support.tiny import synthetic_text
@@ -131,21 +131,12 @@ def test_ctrl_c_then_resume_ends_where_an_uninterrupted_run_ends(trained: tuple[
 
 
 def test_the_page_colours_the_text_by_the_cells_gates(trained: tuple[str, Path, Path], tmp_path: Path, serve_process: Any) -> None:
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install '.[test]')")
+    driver = chromium(tmp_path / "profile")  # or a skip, saying what is missing
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
-    if chromium is None or chromedriver is None:
-        pytest.skip("no chromium and chromedriver here (apt-get install chromium chromium-driver)")
     cell, runs, _ = trained
-    server = serve_process("--runs-dir", runs)
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(chromedriver))
     try:
+        server = serve_process("--runs-dir", runs)
         wait = WebDriverWait(driver, 60)
         driver.get(server.url + "/")
         wait.until(lambda d: [o.get_attribute("value") for o in Select(d.find_element("id", "run")).options] == [cell])

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from support.browser import chromium
 from support.serving import ServeProcess, http_json
 
 pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install '.[serve]')")
@@ -28,25 +29,12 @@ from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None, reason="no chromium and chromedriver here (apt-get install chromium chromium-driver)")
-
 SETTINGS = {"run": "raw", "prefix": "the", "length": 1200, "temperature": 1.0, "top_p": 0.95, "seed": 7}
 
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run", "--disable-dev-shm-usage", "--window-size=1400,950",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-    ):  # fmt: skip
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(CHROMEDRIVER))
+    driver = chromium(tmp_path / "chromium-profile", "--window-size=1400,950", logs=True)
     driver.set_page_load_timeout(60)
     try:
         yield driver

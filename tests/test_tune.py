@@ -74,6 +74,7 @@ def states(runs_dir: Path) -> list[str]:
 def test_two_trials_end_to_end_and_the_best_config_trains_unchanged(tune_args: list[str], runs_dir: Path, tmp_path: Path) -> None:
     result = cli(*tune_args, "--trials", "2")
     assert result.code == 0, result.stderr
+    assert result.stderr == ""  # the trial's bar is for a terminal: in a pipe or a log, not even a blank line
     study = load(runs_dir)
     trials = study.get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]  # the median pruner waits for 5

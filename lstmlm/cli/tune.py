@@ -82,10 +82,11 @@ def study_line(study: Study) -> str:
 
 def render(events: Iterator[TuneEvent], as_json: bool) -> StudyEnded:
     """A row per trial as it ends (the header above the first), a transient bar on stderr
-    following the running trial's validations."""
+    following the running trial's validations, on a terminal only (in a pipe or a log, Rich's
+    transient bar leaves a blank line on stderr)."""
     from ..tune import VALIDATIONS, StudyEnded, TrialEnded, TrialEvaluated, TrialStarted
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err, transient=True, disable=as_json)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err, transient=True, disable=as_json or not err.is_terminal)
     rows = 0
     with bar:
         task = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from .errors import ConfigError
-from .fields import option
+from .fields import option, wrong_type
 
 SAMPLE_LENGTH = 50  # characters per training sample, as d2l
 D2L_PREFIXES = ("time traveller", "traveller")  # what d2l continues; the first, what `generate` continues by default
@@ -35,6 +35,13 @@ class Sampling:
     stop: tuple[str, ...] = option((), "End a sample at this string, left out (repeatable).")
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # a library caller's wrong type, refused by name before it fails deep in a step
+            expected = wrong_type(f, getattr(self, f.name))
+            if expected:
+                raise ConfigError(f"{f.name} must be {expected}, not {getattr(self, f.name)!r}")
+        if not isinstance(self.stop, (tuple, list)) or not all(isinstance(s, str) for s in self.stop):  # a str would be a stop string a character
+            raise ConfigError(f"stop must be a tuple of strings, not {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(self.stop))  # a list given: frozen, so hashable
         if self.seed is not None and not 0 <= self.seed < SEEDS:
             raise ConfigError(f"--seed must be from 0 to 2**64 - 1, not {self.seed}")
         for f in fields(self):

@@ -281,11 +281,25 @@ def test_min_p_1_is_greedy() -> None:
         ({"stop": ("",)}, "a stop string must not be empty"),
         ({"num_samples": 2**64}, "num_samples must lie in [1, 9223372036854775807]"),  # an internal error (OverflowError) making its lists
         ({"length": 2**63}, "length must lie in [0, 9223372036854775807]"),
+        # a library caller's wrong type: refused by name, not a TypeError or RuntimeError from deep in a step
+        ({"length": 2.5}, "length must be an int, not 2.5"),
+        ({"length": "5"}, "length must be an int, not '5'"),
+        ({"num_samples": 2.0}, "num_samples must be an int, not 2.0"),
+        ({"seed": 1.5}, "seed must be an int, not 1.5"),
+        ({"temperature": "1"}, "temperature must be a float, not '1'"),
+        ({"top_k": True}, "top_k must be an int, not True"),
+        ({"stop": "ab"}, "stop must be a tuple of strings, not 'ab'"),  # else each character a stop string
+        ({"stop": ("a", 1)}, "stop must be a tuple of strings"),
     ],
 )
 def test_bad_sampling_settings_are_refused_by_name(options: dict[str, object], fragment: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         Sampling(**options)  # type: ignore[arg-type]
+
+
+def test_sampling_takes_an_int_for_a_float_and_a_list_of_stop_strings_as_a_tuple() -> None:
+    sampling = Sampling(temperature=1, top_p=1, stop=["ab", "c"])  # type: ignore[arg-type]
+    assert sampling.stop == ("ab", "c") and hash(sampling) == hash(Sampling(temperature=1.0, stop=("ab", "c")))
 
 
 # ---- stop strings ---------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 from .cells.base import State
 from .choosing import Rows, choose_next
 from .data.text import normalize
-from .device import DTYPES, autocast
+from .device import DTYPES, autocast, resolve_precision
 from .errors import VocabError
 from .model import CharLM
 from .sampling import SAMPLE_LENGTH, Sampling
@@ -116,7 +116,16 @@ def generate(
 
     The characters are made `CHUNK` at a time: torch re-enters inference mode on every
     resumption of a decorated generator, which at a character's cost of ~0.1 ms is worth
-    avoiding; a chunk still streams within a few milliseconds."""
+    avoiding; a chunk still streams within a few milliseconds.
+
+    A `prime` or `prefix` outside the vocabulary is a VocabError, a precision other than fp32,
+    bf16 or auto (this device's choice) a DeviceError, here rather than at the first step."""
+    unknown = [token for token in prime if token not in vocab.index]
+    if unknown:
+        raise VocabError(f"context outside the model's vocabulary: {describe_chars(unknown)}")
+    if vocab.unknown_chars(prefix):
+        raise VocabError(f"prefix characters outside the model's vocabulary: {describe_chars(vocab.unknown_chars(prefix))}")
+    precision = resolve_precision(precision, model.W_hq.device)
     chunks = _generate_chunks(model, vocab, prime, prefix, sampling, precision, state)
     return Continuation(chunks, sampling.stop, sampling.num_samples)
 

@@ -141,7 +141,8 @@ class Conversation:
     def __init__(self, trained: Trained, sampling: Sampling, precision: str = "fp32", prime: bool = True, carry: bool = False) -> None:
         if carry and sampling.num_samples > 1:
             raise ConfigError("--carry keeps one state between turns: it needs --num-samples 1")
-        self.trained, self.sampling, self.precision, self.carry = trained, sampling, precision, carry
+        self.trained, self.sampling, self.carry = trained, sampling, carry
+        self.precision = resolve_precision(precision, trained.device)  # once: every turn reads and writes in it
         self.context: list[str] = list(trained.prime if prime else "")  # the tokens every turn reads first
         self.turns = 0
         self._last: tuple[str, Generation] | None = None  # the last turn: its prefix as read, its generation

@@ -13,7 +13,7 @@ import torch
 from lstmlm import cells, native
 from lstmlm import generate as generate_mod
 from lstmlm.choosing import BLOCK, Rows, choose_next
-from lstmlm.errors import ConfigError, VocabError
+from lstmlm.errors import ConfigError, DeviceError, VocabError
 from lstmlm.generate import CHUNK, READ_BY_STEPS, Continuation, Sampling, Stepper, alone, complete, decoded, generate, one_by_one, prepare_prefix, prime
 from lstmlm.model import CharLM, convert
 from lstmlm.stepper import sample_each
@@ -235,6 +235,20 @@ def test_a_prime_of_tokens_reads_a_written_unk_back_as_one_token() -> None:
             greedy.append(VOCAB.tokens[int(step([VOCAB.index[greedy[-1]]]).argmax())])
     assert sample(net, "t", 40, prime=context) == "t" + "".join(greedy)
     assert after.startswith("t") and len(after) > 40
+
+
+def test_a_context_outside_the_vocabulary_and_an_unknown_precision_are_refused_by_name() -> None:
+    """A library caller's mistakes, each its own error (not a KeyError from a lookup deep in a step)."""
+    net = lively_model(VOCAB)
+    with pytest.raises(VocabError, match=re.escape("context outside the model's vocabulary: '!' '<zz>'")):
+        list(generate(net, VOCAB, "time", Sampling(length=5), prime=["t", "!", "<zz>"]))
+    with pytest.raises(VocabError, match=re.escape("context outside the model's vocabulary: 'T'")):
+        list(generate(net, VOCAB, "time", Sampling(length=5), prime="The "))
+    with pytest.raises(VocabError, match=re.escape("prefix characters outside the model's vocabulary: 'T'")):
+        list(generate(net, VOCAB, "Time", Sampling(length=5)))
+    with pytest.raises(DeviceError, match=re.escape("unknown precision 'fp16' (expected fp32, bf16 or auto)")):
+        list(generate(net, VOCAB, "time", Sampling(length=5), precision="fp16"))
+    assert len(list(generate(net, VOCAB, "time", Sampling(length=5), precision="auto"))) == 5  # auto: this device's choice
 
 
 def test_the_prime_is_read_before_the_prefix_and_left_out_of_the_text() -> None:

@@ -279,6 +279,8 @@ def inspect_text(
     """Read `text` through the model (after `context`, if any) and choose what to show of `gate`
     (the cell's default unless given): the given `units` of `layer` (default: the last), else
     the `top` units that track `find` best, else the `top` that vary most."""
+    if top < 1:
+        raise InspectError(f"top must be at least 1, not {top}")
     shown_gate = gate_of(model.cell, model.cell.default_gate if gate is None else gate)
     gate = shown_gate.name
     seen = normalize(text, mode)

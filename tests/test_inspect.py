@@ -136,6 +136,17 @@ def test_unknown_characters_read_as_unk_and_empty_text_is_refused() -> None:
         units.activations(model, vocab, "")
 
 
+@pytest.mark.parametrize("top", [0, -1])
+def test_a_top_below_one_is_refused_by_name(top: int) -> None:
+    """The command line bounds --top; a library caller's -1 was a RuntimeError from torch.topk
+    (and with `find`, every ranked unit but the last, silently)."""
+    vocab = Vocab.build("abc")
+    model = randomized(CharLM(len(vocab), 4))
+    for find in (None, "b"):
+        with pytest.raises(InspectError, match=f"top must be at least 1, not {top}"):
+            units.inspect_text(model, vocab, "raw", "abcab", top=top, find=find)
+
+
 # ---- finding units ------------------------------------------------------------------------------
 
 

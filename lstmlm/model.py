@@ -155,6 +155,8 @@ class CharLM(nn.Module):
         the top layer's outputs too (for AR and TAR)."""
         if X.is_floating_point() or X.dtype == torch.bool or X.dim() != 2:
             raise ShapeError(f"X must be (batch, steps) integer ids, got {tuple(X.shape)} {X.dtype}")
+        if X.numel() == 0:  # the compiled core divides by the batch (SIGFPE), the others fail on no steps
+            raise ShapeError(f"X must have at least one row and one step, got {tuple(X.shape)}")
         if checks_ids(X):  # one reduction (on a CPU only): generation calls this per character
             low, high = (int(v) for v in torch.aminmax(X))
             if low < 0 or high >= self.vocab_size:

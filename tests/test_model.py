@@ -162,8 +162,11 @@ def test_foreign_weights_are_refused() -> None:
             (torch.zeros(2, 2, 8), torch.zeros(2, 5, 8)),
             "state C must be (2, 2, 8) (layers, batch, hiddens), got (2, 5, 8)",
         ),
+        # an empty batch killed the process on the compiled path (SIGFPE); no steps was an IndexError or RuntimeError
+        (torch.zeros(0, 5, dtype=torch.long), None, "X must have at least one row and one step, got (0, 5)"),
+        (torch.zeros(2, 0, dtype=torch.long), None, "X must have at least one row and one step, got (2, 0)"),
     ],
-    ids=["float-ids", "bool", "1d", "3d", "id-too-big", "id-negative", "H-layers", "C-batch-is-steps"],
+    ids=["float-ids", "bool", "1d", "3d", "id-too-big", "id-negative", "H-layers", "C-batch-is-steps", "no-rows", "no-steps"],
 )
 def test_bad_input_is_refused(core: str, X: torch.Tensor, state, message: str) -> None:
     scratch, cudnn = make_pair(10, 8, 2, 0, torch.float32)

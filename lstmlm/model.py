@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, overload
+from typing import Literal, NamedTuple, get_args, overload
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +34,9 @@ from torch import nn
 from . import cells
 from .cells.base import TORCH_PARAMETERS, Cell, State
 from .cells.cores import ScratchCore, TorchCore, drop, zero_state
-from .config import Config, ModelConfig
+from .config import Config, ModelConfig, RecurrencePath
 from .device import available_memory, checks_ids, describe
-from .errors import CheckpointError, DeviceError, ShapeError
+from .errors import CheckpointError, ConfigError, DeviceError, ShapeError
 from .recurrence import compute_dtype
 from .sizes import num_parameters as num_parameters  # counted without torch, where `lstmlm runs` counts them too
 
@@ -97,6 +97,8 @@ class CharLM(nn.Module):
         `path`: how the scratch core runs its recurrence (`recurrence.py`), chosen for `device`
         (without `build`, a compiled path is built later: `ScratchCore.settle`)."""
         super().__init__()
+        if path not in get_args(RecurrencePath):  # else run on another path, the name only in the path's `why`
+            raise ConfigError(f"unknown recurrence path '{path}' (expected {', '.join(get_args(RecurrencePath)[:-1])} or {get_args(RecurrencePath)[-1]})")
         self.vocab_size, self.num_hiddens, self.num_layers = vocab_size, num_hiddens, num_layers
         self.core_name = core
         self.cell = cells.get(cell) if isinstance(cell, str) else cell
@@ -108,7 +110,7 @@ class CharLM(nn.Module):
         elif core == "cudnn":
             self.core = TorchCore(self.cell, num_inputs, num_hiddens, num_layers, d.hidden, d.locked, d.weight)
         else:
-            raise ValueError(f"unknown core '{core}' (expected scratch or cudnn)")
+            raise ConfigError(f"unknown core '{core}' (expected scratch or cudnn)")
         self.W_hq = nn.Parameter(torch.empty(num_hiddens, vocab_size))
         self.b_q = nn.Parameter(torch.empty(vocab_size))
         self.reset_output_layer()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lstmlm import cells
 from lstmlm.checkpoint import migrate
 from lstmlm.config import Config
-from lstmlm.errors import CheckpointError, ShapeError
+from lstmlm.errors import CheckpointError, ConfigError, ShapeError
 from lstmlm.model import CharLM, Dropouts, TopLayer, activation_penalty, convert, core_of, loss_fn, scratch_layer
 
 from support.references import assert_close
@@ -173,6 +173,24 @@ def test_bad_input_is_refused(core: str, X: torch.Tensor, state, message: str) -
     model = scratch if core == "scratch" else cudnn
     with pytest.raises(ShapeError, match=f"^{re.escape(message)}$"):
         model(X, state)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"core": "lstm"}, "unknown core 'lstm' (expected scratch or cudnn)"),
+        ({"cell": "transformer"}, "unknown cell 'transformer' (choose from lstm, gru, rnn)"),
+        ({"path": "fast"}, "unknown recurrence path 'fast' (expected auto, loop, fused, compiled or graph)"),  # was run on another path, silently
+    ],
+)
+def test_a_model_asked_for_by_a_name_that_does_not_exist_is_refused_by_name(options: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        CharLM(10, 8, **options)  # type: ignore[arg-type]
+    if "cell" in options:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            cells.get(options["cell"])
+    with pytest.raises(ConfigError, match=re.escape("unknown GRU form 'book' (choose from cudnn, d2l)")):
+        cells.get("gru", "book")
 
 
 def test_cudnn_core_runs_under_cpu_bf16_autocast() -> None:

@@ -15,6 +15,8 @@ import importlib
 from functools import cache
 from typing import TYPE_CHECKING, NamedTuple
 
+from ..errors import ConfigError
+
 if TYPE_CHECKING:
     from .base import Cell
 
@@ -52,7 +54,7 @@ def get(name: str, form: str = STANDARD_FORM) -> Cell:
     GRU's: "cudnn", the reset gate inside the recurrent product's term as nn.GRU and cuDNN
     apply it, or "d2l", the book's, before the product)."""
     if name not in REGISTRY:
-        raise ValueError(f"unknown cell '{name}' (choose from {', '.join(NAMES)})")
+        raise ConfigError(f"unknown cell '{name}' (choose from {', '.join(NAMES)})")
     module, _, cls = REGISTRY[name].where.partition(":")
     return getattr(importlib.import_module(module), cls).variant(form)  # type: ignore[no-any-return]
 

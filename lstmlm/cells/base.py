@@ -25,6 +25,8 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 State = tuple[torch.Tensor, ...]  # the cell's state, each (layers, batch, hiddens); State[0] is H
 TORCH_PARAMETERS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")  # a layer of torch's module: each suffixed _l{k}
 
@@ -90,7 +92,7 @@ class Cell(ABC):
     def variant(cls, form: str) -> Cell:
         """The cell in `form`; a cell with one form has only "cudnn"."""
         if form != "cudnn":
-            raise ValueError(f"the {cls.title} has one form; '{form}' is the GRU's")
+            raise ConfigError(f"the {cls.title} has one form; '{form}' is the GRU's")
         return cls()
 
     @abstractmethod

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from . import GRU_FORMS
 from .base import Cell, State, sigmoid_gate, tanh_gate
 
@@ -55,7 +56,7 @@ class GRU(Cell):
 
     def __init__(self, form: str = "cudnn") -> None:
         if form not in FORMS:
-            raise ValueError(f"unknown GRU form '{form}' (choose from {', '.join(FORMS)})")
+            raise ConfigError(f"unknown GRU form '{form}' (choose from {', '.join(FORMS)})")
         self.form = form
         self.recurrent_bias = form == "cudnn"
         self.torch_equivalent = form == "cudnn"

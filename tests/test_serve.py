@@ -13,6 +13,7 @@ import gc
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import weakref
@@ -680,3 +681,18 @@ def test_a_limit_of_zero_is_refused_by_its_flag(field: str, flag: str) -> None:
         Limits(**{field: 0})
     with pytest.raises(ServeError, match=f"^{flag} must be positive"):
         Limits(**{field: math.nan})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("max_length", "5", "--max-length must be an int, not '5'"),
+        ("threads", 2.5, "--threads must be an int, not 2.5"),
+        ("deadline_s", "60", "--deadline must be a float, not '60'"),
+    ],
+)
+def test_a_limit_of_the_wrong_type_is_refused_by_its_flag(field: str, value: object, message: str) -> None:
+    """A library caller's string was a TypeError from the bound's comparison; a float count was taken."""
+    with pytest.raises(ServeError, match=f"^{re.escape(message)}$"):
+        Limits(**{field: value})  # type: ignore[arg-type]
+    assert Limits(deadline_s=5).deadline_s == 5  # an int for a float is fine

@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 from ..errors import ServeError
-from ..fields import flag_of, option
+from ..fields import flag_of, option, wrong_type
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -63,8 +63,11 @@ class Limits:
     def __post_init__(self) -> None:
         for f in fields(self):  # the command line's bounds are stricter (a float at least a thousandth)
             value = getattr(self, f.name)
-            if value is not None and not value > 0:  # NaN too
+            if isinstance(value, (int, float)) and not value > 0:  # NaN too
                 raise ServeError(f"{flag_of(f)} must be positive, not {value}")
+            expected = wrong_type(f, value)  # a library caller's: refused by name, not a TypeError from the bound
+            if expected:
+                raise ServeError(f"{flag_of(f)} must be {expected}, not {value!r}")
 
     @property
     def max_body(self) -> int:

@@ -85,12 +85,13 @@ class Generation:
     steps: Continuation  # per step, the text each sample adds (see generate.Continuation; a bytes model's, decoded)
 
 
-def continue_prefix(trained: Trained, prefix: str, sampling: Sampling, precision: str = "fp32", context: str | list[str] = "") -> Generation:
-    """Continue `prefix` with a loaded model (on its device), having read `context` first (a
-    text, or tokens: see generate.generate). A bytes model reads the prefix's UTF-8 bytes and
-    its steps come decoded (`Decoded`)."""
+def continue_prefix(trained: Trained, prefix: str, sampling: Sampling, precision: str | None = None, context: str | list[str] = "") -> Generation:
+    """Continue `prefix` with a loaded model (on its device, in `precision`: by default the one
+    `load` was given), having read `context` first (a text, or tokens: see generate.generate).
+    A bytes model reads the prefix's UTF-8 bytes and its steps come decoded (`Decoded`)."""
     text = read_prefix(trained, prefix)
-    return as_generation(trained, prefix, text, generate(trained.model, trained.vocab, text, sampling, context, precision))
+    steps = generate(trained.model, trained.vocab, text, sampling, context, precision or trained.precision)
+    return as_generation(trained, prefix, text, steps)
 
 
 def read_prefix(trained: Trained, prefix: str) -> str:
@@ -297,6 +298,7 @@ def export_run(runs_dir: Path, run: str | None, format: str | None, output: Path
     first (atomic.write_output's rule: an existing file only with `force`)."""
     from .export import SUFFIXES, choose_format, export_model
 
+    output = Path(output) if output is not None else None  # a library caller's str too
     format = choose_format(format, output)
     trained = load(runs_dir, run, best=best)
     path = output if output is not None else Path(trained.store.name + SUFFIXES[format])

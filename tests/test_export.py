@@ -136,6 +136,14 @@ def test_without_format_the_suffix_chooses_it(tiny_runs: Path, tmp_path: Path) -
     assert read_metadata(tmp_path / "model.pt", "torchscript")["cell"] == "lstm"
 
 
+def test_the_library_takes_the_output_as_a_string_too(tiny_runs: Path, tmp_path: Path) -> None:
+    """export_run(..., "x.pt") was an AttributeError ('str' has no suffix); load takes a str runs directory."""
+    from lstmlm.inference import export_run
+
+    exported = export_run(tiny_runs, "raw", None, str(tmp_path / "x.pt"))  # type: ignore[arg-type]
+    assert read_metadata(tmp_path / "x.pt", "torchscript")["cell"] == "lstm" and exported is not None
+
+
 def test_a_suffix_naming_the_other_format_is_one_line(tiny_runs: Path, tmp_path: Path) -> None:
     result = cli("export", "--run", "raw", "--runs-dir", tiny_runs, "--format", "torchscript", "-o", tmp_path / "x.onnx")
     assert_one_error_line(result, "x.onnx: its suffix .onnx is onnx's, not torchscript's: name it .pt, or leave --format out")

@@ -193,6 +193,20 @@ def test_ctrl_c_ends_a_continuation_then_ctrl_c_at_the_prompt_ends_the_loop(tiny
     assert b"Traceback" not in term.seen and b"error" not in term.seen
 
 
+def test_the_librarys_continuation_runs_in_the_precision_load_was_given(tiny_runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """continue_prefix took fp32 unless told again: a model loaded for bf16 generated in fp32."""
+    import lstmlm.inference as inference
+
+    asked: list[str] = []
+    real = inference.generate
+    monkeypatch.setattr(inference, "generate", lambda *args: asked.append(args[-1]) or real(*args))
+    trained = load_trained(tiny_runs, "raw", precision="bf16")
+    text = "".join(step[0] for step in inference.continue_prefix(trained, "the", Sampling(length=5)).steps)
+    assert asked == ["bf16"] and len(text) == 5
+    inference.continue_prefix(trained, "the", Sampling(length=5), precision="fp32")
+    assert asked == ["bf16", "fp32"]  # and one asked for still chooses
+
+
 def test_piped_lines_are_turns_and_a_bad_prefix_is_one_error_line(tiny_runs: Path) -> None:
     """Without a terminal there is no prompt: each line read is a turn, and a prefix the model
     cannot read is one error line on stderr while the loop goes on."""

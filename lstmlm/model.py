@@ -52,6 +52,11 @@ class Dropouts:
     weight: float = 0.0  # DropConnect on each layer's W_h, one mask per batch
     embedding: float = 0.0  # whole rows of the embedding matrix, one draw per character per batch
 
+    def __post_init__(self) -> None:
+        for name in ("input", "hidden", "output", "weight", "embedding"):
+            if not 0.0 <= getattr(self, name) < 1.0:  # torch says so only at the first step in training
+                raise ConfigError(f"the {name} dropout rate must lie in [0, 1), not {getattr(self, name)}")
+
     @property
     def draws(self) -> bool:
         """Whether training draws random numbers for any of them."""
@@ -97,6 +102,8 @@ class CharLM(nn.Module):
         `path`: how the scratch core runs its recurrence (`recurrence.py`), chosen for `device`
         (without `build`, a compiled path is built later: `ScratchCore.settle`)."""
         super().__init__()
+        if min(vocab_size, num_hiddens, num_layers) < 1 or embedding < 0:  # a model of nothing, which torch builds
+            raise ConfigError(f"a model needs a vocabulary, hidden units and layers: vocab {vocab_size}, hidden {num_hiddens}, layers {num_layers}")
         if path not in get_args(RecurrencePath):  # else run on another path, the name only in the path's `why`
             raise ConfigError(f"unknown recurrence path '{path}' (expected {', '.join(get_args(RecurrencePath)[:-1])} or {get_args(RecurrencePath)[-1]})")
         self.vocab_size, self.num_hiddens, self.num_layers = vocab_size, num_hiddens, num_layers
@@ -145,6 +152,8 @@ class CharLM(nn.Module):
         return scratch.path if scratch is not None else "cudnn"
 
     def begin_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
+        if batch_size < 0:
+            raise ShapeError(f"a state's batch must not be negative, not {batch_size}")
         return zero_state(self.cell, self.num_layers, batch_size, self.num_hiddens, self.W_hq.to(device) if device else self.W_hq)
 
     @overload

@@ -193,6 +193,23 @@ def test_a_model_asked_for_by_a_name_that_does_not_exist_is_refused_by_name(opti
         cells.get("gru", "book")
 
 
+@pytest.mark.parametrize(
+    ("args", "options", "message"),
+    [
+        ((0, 8), {}, "a model needs a vocabulary, hidden units and layers: vocab 0, hidden 8, layers 1"),
+        ((10, 0), {}, "a model needs a vocabulary, hidden units and layers: vocab 10, hidden 0, layers 1"),
+        ((10, 8, 0), {}, "a model needs a vocabulary, hidden units and layers: vocab 10, hidden 8, layers 0"),
+        ((10, 8), {"dropout": 2.0}, "the input dropout rate must lie in [0, 1), not 2.0"),  # was torch's ValueError at the first step
+    ],
+)
+def test_a_model_of_nothing_or_a_rate_past_one_is_refused_when_made(args: tuple[int, ...], options: dict[str, float], message: str) -> None:
+    """torch built them: a model of no units, or one that failed at its first step in training."""
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        CharLM(*args, **options)  # type: ignore[arg-type]
+    with pytest.raises(ShapeError, match="a state's batch must not be negative, not -1"):
+        CharLM(10, 8).begin_state(-1)
+
+
 def test_cudnn_core_runs_under_cpu_bf16_autocast() -> None:
     # oneDNN's LSTM refuses autocast's mixed dtypes on the CPU (and CUDA's autocast would cast
     # cuDNN's RNN to fp16); the core runs on bf16 copies instead, with autocast off: bf16 is what

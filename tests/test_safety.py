@@ -224,6 +224,49 @@ def test_ctrl_c_while_the_command_line_loads_is_one_line_and_130(env: dict[str, 
     assert (result.returncode, result.stdout, result.stderr) == (130, "", "error: interrupted\n")
 
 
+# Runs the CLI with torch's load held where torch's extension imports numpy (it clears any
+# error that import raises and loads on without it): a marker line, then a wait for a file.
+HOLD_TORCH_LOAD = """
+import importlib.abc, os, sys, time
+from pathlib import Path
+
+class Held(importlib.abc.MetaPathFinder):
+    held = False
+
+    def find_spec(self, name, path, target=None):
+        if name == "numpy" and "torch" in sys.modules and not Held.held:
+            Held.held = True
+            print("LOADING TORCH", file=sys.stderr, flush=True)
+            while not Path(os.environ["RELEASE"]).exists():
+                time.sleep(0.02)
+        return None
+
+sys.meta_path.insert(0, Held())
+sys.argv = ["lstmlm", *sys.argv[1:]]
+from lstmlm.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize(("signum", "code", "line"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_while_torch_loads_stops_the_command(tiny_runs: Path, tmp_path: Path, env: dict[str, str], signum: int, code: int, line: str) -> None:
+    """Ctrl-C or SIGTERM while torch loaded was raised inside torch's extension, which took it for
+    numpy failing to load, cleared it and loaded on: the command ran to its end as if never
+    stopped (and SIGTERM, ignored from then on while the command unwound, was lost for good), or
+    torch aborted the process (exit 134). Held until torch is loaded, it stops the command."""
+    release, output = tmp_path / "release", tmp_path / "model.pt"
+    export = LiveProcess("export", "--run", "raw", "--runs-dir", tiny_runs, "-o", output, env={**env, "RELEASE": str(release)}, code=HOLD_TORCH_LOAD)
+    try:
+        export.wait_for("err", lambda s: s.startswith("LOADING TORCH"))
+        export.proc.send_signal(signum)
+        release.touch()
+        assert export.finish() == code
+        assert "".join(export.stderr).splitlines()[1:] == [f"error: {line}"]
+        assert not output.exists() and list(tmp_path.iterdir()) == [release]
+    finally:
+        export.kill()
+
+
 def test_the_printed_resume_command_continues_as_the_interrupted_resume_would(started: Any, env: dict[str, str], corpus_file: Path, runs_dir: Path) -> None:
     """A resume's --epochs is saved in the run and repeated in the command printed at Ctrl-C:
     that command trains on towards it (before, it ran the stored 2 epochs: done at once, NaN)."""

@@ -32,19 +32,19 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for name, command in (
-    ("download", download),
-    ("train", train),
-    ("tune", tune),
-    ("generate", generate),
-    ("evaluate", evaluate),
-    ("bench", bench),
-    ("plot", plot_),
-    ("inspect", inspect_),
-    ("serve", serve),
-    ("export", export),
+for name, command, torch in (  # torch: whether the command loads it (download, plot and runs start without it)
+    ("download", download, False),
+    ("train", train, True),
+    ("tune", tune, True),
+    ("generate", generate, True),
+    ("evaluate", evaluate, True),
+    ("bench", bench, True),
+    ("plot", plot_, False),
+    ("inspect", inspect_, True),
+    ("serve", serve, True),
+    ("export", export, True),
 ):
-    app.command(name)(friendly(command))
+    app.command(name)(friendly(command, torch))
 app.add_typer(runs_app, name="runs")  # a group: the list, `show` and `rm`
 
 

@@ -40,14 +40,17 @@ class Began:
     command = False
 
 
-def friendly(command: F) -> F:
-    """Run `command`, turning every error into one line and an exit code."""
+def friendly(command: F, torch: bool = False) -> F:
+    """Run `command`, turning every error into one line and an exit code; `torch`: the command
+    loads torch, which is then loaded first, whole (`load_torch`)."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         Began.command = True
         try:
             with terminable():
+                if torch:
+                    load_torch()
                 return command(*args, **kwargs)
         except (typer.Exit, typer.Abort, typer.BadParameter):  # a command's usage error is Typer's to report (exit code 2)
             raise
@@ -109,6 +112,22 @@ def terminable() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def load_torch() -> None:
+    """Import torch with Ctrl-C and SIGTERM held until it is loaded, then taken as they came.
+    Raised inside torch's extension while it loads (a second or so), either was lost: taken for
+    numpy failing to load, cleared, and the command ran on to its end (SIGTERM, ignored from then
+    on, never came back), or it aborted the process through pybind11 (exit 134, no line)."""
+    if "torch" in sys.modules:
+        return
+    masks = hasattr(signal, "pthread_sigmask")  # not on Windows: loaded as it is
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if masks else set()
+    try:
+        import torch  # noqa: F401
+    finally:
+        if masks:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a signal held meanwhile is raised here
 
 
 def _discard_stdout() -> None:

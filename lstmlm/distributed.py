@@ -61,13 +61,12 @@ def from_environment() -> World:
 
 
 _control: dist.ProcessGroup | None = None  # gloo, for the flags agreed each step; None: the default group is gloo
-_joined = False  # whether this process joined a process group (and so must end without teardown: `stop`)
 
 
 def start(world: World, device: torch.device, batch_size: int) -> torch.device:
     """Join the process group (nccl on CUDA, gloo on CPU, and a gloo one beside nccl for the
     flags); return this process's device."""
-    global _control, _joined
+    global _control
     if not world.active:
         return device
     if batch_size % world.size:
@@ -79,7 +78,6 @@ def start(world: World, device: torch.device, batch_size: int) -> torch.device:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    _joined = True
     _control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     return device
 
@@ -95,7 +93,7 @@ def stop(world: World, completed: bool = True) -> None:
     the interpreter's shutdown races with the other processes closing their sockets: one in
     some 20 to 40 two-process runs here aborted after its work was done ("terminate called
     without an active exception", SIGABRT), and its torchrun failed. So a process that joined a
-    group ends without that teardown once its work is done (`joined`, `cli.app.main`)."""
+    group ends without that teardown once its work is done (as every command does: `cli.app.main`)."""
     global _control
     if world.active and dist.is_initialized():
         if completed:
@@ -113,11 +111,6 @@ def other_process_failed(e: RuntimeError, world: World) -> Exception:
     first = (message.splitlines() or [""])[0]
     reason = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". This is typically")[0]  # gloo's: "[…/pair.cc:537] Read error …: Connection reset by peer"
     return TrainingError(f"another process of this training stopped, and this one with it (torchrun's report names the first to fail): {reason}")
-
-
-def joined() -> bool:
-    """Whether this process joined a process group: its end must skip the interpreter's teardown."""
-    return _joined
 
 
 def sum_all(value: torch.Tensor, world: World) -> torch.Tensor:

@@ -267,6 +267,43 @@ def test_a_signal_while_torch_loads_stops_the_command(tiny_runs: Path, tmp_path:
         export.kill()
 
 
+# Runs the CLI with an exit handler that holds the interpreter's teardown (with torch loaded it
+# takes a second or more, in torch's own exit handlers): a marker line, then a wait for a file.
+HOLD_TEARDOWN = """
+import atexit, os, sys, time
+from pathlib import Path
+
+def held():
+    print("TEARING DOWN", file=sys.stderr, flush=True)
+    while not Path(os.environ["RELEASE"]).exists():
+        time.sleep(0.02)
+
+atexit.register(held)
+sys.argv = ["lstmlm", *sys.argv[1:]]
+from lstmlm.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_after_the_command_has_ended_ends_the_process_with_its_code(tiny_runs: Path, tmp_path: Path, env: dict[str, str], signum: int) -> None:
+    """Ctrl-C while the interpreter tore down after a command had done its work (its output
+    written and said) printed a traceback from an exit handler ("Exception ignored in atexit
+    callback"), or killed the process by the signal, without a line; SIGTERM killed it. The
+    process now ends at once, with the command's exit code."""
+    release, output = tmp_path / "release", tmp_path / "model.pt"
+    export = LiveProcess("export", "--run", "raw", "--runs-dir", tiny_runs, "-o", output, env={**env, "RELEASE": str(release)}, code=HOLD_TEARDOWN)
+    try:
+        export.wait_for("err", lambda s: s.startswith("TEARING DOWN"))
+        export.proc.send_signal(signum)
+        assert export.finish() == 0
+        assert "".join(export.stderr).splitlines() == ["TEARING DOWN"]
+        assert "".join(export.stdout).startswith(f"wrote {output} (torchscript") and output.is_file()
+    finally:
+        release.touch()
+        export.kill()
+
+
 def test_the_printed_resume_command_continues_as_the_interrupted_resume_would(started: Any, env: dict[str, str], corpus_file: Path, runs_dir: Path) -> None:
     """A resume's --epochs is saved in the run and repeated in the command printed at Ctrl-C:
     that command trains on towards it (before, it ran the stored 2 epochs: done at once, NaN)."""

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+import signal
 import sys
+from types import FrameType
 from typing import Annotated, NoReturn
 
 import typer
@@ -64,17 +67,16 @@ def _root(
 
 
 def main() -> None:
-    """The command, then the process's end: as usual, or, for a process that joined a process
-    group under torchrun, right after its output is flushed and its exit handlers have run,
-    without the interpreter's teardown, where a group's threads that torch never let go of can
-    abort a finished training (lstmlm/distributed.py, `stop`)."""
+    """The command, then the process's end right after its output is flushed and its exit
+    handlers have run, without the interpreter's teardown: with torch loaded it takes a second
+    or more, with SIGINT and SIGTERM back at their defaults (a Ctrl-C then killed the process
+    without a line), and under torchrun a group's threads that torch never let go of can abort
+    a finished training there (lstmlm/distributed.py, `stop`)."""
     try:
         run_app()
     except SystemExit as e:
-        distributed = sys.modules.get("lstmlm.distributed")  # imported only by commands that start processes
-        if distributed is not None and distributed.joined():
-            end_now(e.code)
-        raise
+        signals_end_now(e.code)
+        end_now(e.code)
 
 
 def run_app() -> None:
@@ -90,6 +92,22 @@ def run_app() -> None:
         if e.code == 130 and not Began.command:
             sys.stderr.write("error: interrupted\n")
         raise
+
+
+def signals_end_now(code: int | str | None) -> None:
+    """The command has ended: a Ctrl-C or SIGTERM while its exit handlers run has nothing left to
+    stop (raised there, Ctrl-C printed a traceback from the handler, and SIGTERM killed the
+    process), and ends the process at once, with the command's code."""
+
+    def now(_signum: int, _frame: FrameType | None) -> NoReturn:
+        with contextlib.suppress(Exception):  # a closed pipe: the code is all there is left to give
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+
+    with contextlib.suppress(ValueError):  # not the main thread (a test's runner): as they were
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, now)
 
 
 def end_now(code: int | str | None) -> NoReturn:

@@ -216,6 +216,24 @@ main()
 """
 
 
+def test_sigterm_while_the_command_line_loads_is_one_line_and_143(env: dict[str, str]) -> None:
+    """SIGTERM before any command's handler killed the process in silence (-15)."""
+    terminated = """
+import importlib.abc, os, signal, sys, time
+
+class Terminated(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "lstmlm.cli.app":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs at the next bytecode
+        return None
+
+sys.meta_path.insert(0, Terminated())
+"""
+    result = subprocess.run([sys.executable, "-c", terminated + RUN_VERSION], capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
+    assert (result.returncode, result.stdout, result.stderr) == (143, "", "error: terminated\n")
+
+
 @pytest.mark.parametrize("stage", list(LOADING))
 def test_ctrl_c_while_the_command_line_loads_is_one_line_and_130(env: dict[str, str], stage: str) -> None:
     """The application takes a third of a second to load and build, before any command's handler

@@ -6,7 +6,20 @@ that turns exceptions into one line and an exit code. The library is imported in
 commands, so `lstmlm --help` and `lstmlm download` start without loading torch.
 """
 
+import contextlib
+import signal
 import sys
+from types import FrameType
+
+
+def _terminated(_signum: int, _frame: FrameType | None) -> None:
+    """SIGTERM before a command's own handler (`errors.terminable`): nothing is made yet."""
+    sys.stderr.write("error: terminated\n")
+    raise SystemExit(128 + signal.SIGTERM)
+
+
+with contextlib.suppress(ValueError):  # not the main thread (a test's runner): SIGTERM as it was
+    signal.signal(signal.SIGTERM, _terminated)  # loading the application: one line, as later, not a silent kill
 
 try:
     from .app import app, main

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +26,25 @@ from lstmlm.data.text import summarize
 from lstmlm.errors import DownloadError
 
 from support.cli import Result, assert_one_error_line, cli
-from support.loopback import BAD_GZIP, BROTLI, CUT, DRIP, ENDLESS, GZIP, GZIP_BOMB, GZIP_CUT, NOT_FOUND, SERVER_ERROR, STALL, STALL_BODY, LoopbackServer
+from support.loopback import (
+    BAD_GZIP,
+    BROTLI,
+    CUT,
+    DRIP,
+    ENDLESS,
+    GZIP,
+    GZIP_BOMB,
+    GZIP_CUT,
+    NOT_FOUND,
+    SERVER_ERROR,
+    STALL,
+    STALL_BODY,
+    UNSATISFIABLE,
+    WRONG_RANGE,
+    Cut,
+    LoopbackServer,
+    etag_of,
+)
 
 PAYLOAD = ("The Time Traveller — “quoted”, naïve, 時間, 😀.\n" * 4000).encode("utf-8")
 PAYLOAD_SHA1 = hashlib.sha1(PAYLOAD).hexdigest()
@@ -146,7 +165,7 @@ def test_stalled_server_times_out(served: LoopbackServer, cache: Path, fast_netw
 
 
 def test_stall_mid_transfer_times_out(served: LoopbackServer, cache: Path) -> None:
-    served.plan(STALL_BODY)
+    served.plan(STALL_BODY, STALL_BODY)  # the retry starts over (a 200 to its Range) and gets no further
     with pytest.raises(DownloadError, match=r"transfer cut short after \d+ bytes \(timed out\)$") as caught:
         download(target_for(served, cache))
     assert str(caught.value).startswith(served.url("corpus.txt"))
@@ -154,7 +173,7 @@ def test_stall_mid_transfer_times_out(served: LoopbackServer, cache: Path) -> No
 
 
 def test_connection_closed_mid_transfer_leaves_no_file(served: LoopbackServer, cache: Path) -> None:
-    served.plan(CUT)
+    served.plan(CUT, CUT)  # the retry starts over (a 200 to its Range) and gets no further
     with pytest.raises(DownloadError, match="transfer cut short") as caught:
         download(target_for(served, cache))
     assert str(caught.value).startswith(served.url("corpus.txt"))
@@ -214,7 +233,7 @@ def test_cached_file_with_wrong_checksum_is_replaced(served: LoopbackServer, cac
 def test_failed_force_keeps_the_good_cached_file(served: LoopbackServer, cache: Path) -> None:
     target = target_for(served, cache)
     download(target)
-    served.plan(CUT)
+    served.plan(CUT, CUT)
     with pytest.raises(DownloadError, match="transfer cut short"):
         download(target, force=True)
     assert sorted(p.name for p in cache.iterdir()) == [target.path.name]
@@ -366,6 +385,172 @@ def test_a_file_that_is_not_text_is_summarized_in_bytes(tmp_path: Path, content:
     assert (summary.bytes, summary.characters, summary.distinct) == (len(content), None, distinct)
 
 
+# ---- a transfer cut short is resumed ----
+
+
+@pytest.mark.parametrize("cuts", [(60_000,), (1_000, 150_001)], ids=["once", "twice"])
+def test_a_transfer_cut_short_is_resumed_where_it_stopped(served: LoopbackServer, cache: Path, fast_network: list[float], cuts: tuple[int, ...]) -> None:
+    """Each attempt asks for the rest (Range) of the version it began (If-Range: its ETag); the
+    parts make the whole, verified file, and the progress never goes back."""
+    served.plan(*(Cut(at) for at in cuts))
+    reports: list[tuple[int, int | None]] = []
+    path = download(target_for(served, cache), progress=lambda done, total: reports.append((done, total)))
+    assert path.read_bytes() == PAYLOAD and sorted(p.name for p in cache.iterdir()) == [path.name]
+    assert served.asked == [(None, None)] + [(f"bytes={at}-", etag_of(PAYLOAD)) for at in cuts]
+    assert fast_network == [0.5] * len(cuts)  # each part brought bytes: the backoff starts over
+    assert [done for done, _ in reports] == sorted(done for done, _ in reports)
+    assert reports[-1] == (len(PAYLOAD), len(PAYLOAD))
+
+
+def test_a_ctrl_c_during_a_resumed_part_leaves_nothing(served: LoopbackServer, cache: Path) -> None:
+    """No resume across invocations: the part held is the temporary file's, removed with it."""
+
+    def interrupt_past_the_cut(done: int, total: int | None) -> None:
+        if done > 60_000:
+            raise KeyboardInterrupt
+
+    served.plan(Cut(60_000))
+    with pytest.raises(KeyboardInterrupt):
+        download(target_for(served, cache), progress=interrupt_past_the_cut)
+    assert served.asked[1][0] == "bytes=60000-"
+    assert_nothing_written(cache)
+
+
+@pytest.mark.parametrize(
+    ("validator", "if_range"),
+    [
+        ("last-modified", r"\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT"),  # no ETag: the date names the version
+        ("weak-etag", None),  # If-Range may not send a weak ETag (RFC 9110 13.1.5): started over
+        ("none", None),  # nothing tells a changed file apart: started over
+    ],
+)
+def test_a_resume_needs_a_strong_validator(served: LoopbackServer, cache: Path, validator: str, if_range: str | None) -> None:
+    served.validator = validator
+    served.plan(Cut(60_000))
+    assert download(target_for(served, cache)).read_bytes() == PAYLOAD
+    (_, first), (ranged, sent) = served.asked
+    assert first is None
+    if if_range is None:
+        assert (ranged, sent) == (None, None)
+    else:
+        assert ranged == "bytes=60000-" and re.fullmatch(if_range, sent or "")
+
+
+def test_a_server_that_ignores_ranges_starts_over(served: LoopbackServer, cache: Path) -> None:
+    """It answers the Range request 200 with the whole file: the part held is thrown away."""
+    served.ranges = False
+    served.plan(Cut(60_000))
+    reports: list[int] = []
+    path = download(target_for(served, cache), progress=lambda done, total: reports.append(done))
+    assert path.read_bytes() == PAYLOAD
+    assert served.asked[1][0] == "bytes=60000-"
+    assert reports[-1] == len(PAYLOAD) and 60_000 in reports  # it went back to the start
+
+
+@pytest.mark.parametrize("sha1", [None, PAYLOAD_SHA1], ids=["no-sha1", "sha1"])
+def test_a_file_that_changed_between_attempts_is_never_spliced(served: LoopbackServer, cache: Path, sha1: str | None) -> None:
+    """If-Range names the version begun; the server has another, so it sends that one whole
+    (200): the file is the new version whole, or, checked against the old one's SHA-1, nothing."""
+    new = b"a shorter new version\n" * 1000  # than the 60,000 bytes held: none of them may stay
+    served.plan(Cut(60_000, then=new))
+    target = target_for(served, cache, sha1=sha1)
+    if sha1 is None:
+        assert download(target).read_bytes() == new
+    else:
+        with pytest.raises(DownloadError, match=f"checksum mismatch \\(expected SHA-1 {PAYLOAD_SHA1}, got {hashlib.sha1(new).hexdigest()}\\)"):
+            download(target)
+        assert_nothing_written(cache)
+    assert served.asked[1] == ("bytes=60000-", etag_of(PAYLOAD))
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (WRONG_RANGE, f"the server answered 'bytes 30000-{len(PAYLOAD) - 1}/{len(PAYLOAD)}'"),
+        (UNSATISFIABLE, "the server answered HTTP 416 Range Not Satisfiable"),
+    ],
+)
+def test_a_wrong_answer_to_a_range_request_is_refused(served: LoopbackServer, cache: Path, answer: str, said: str) -> None:
+    served.plan(Cut(60_000), answer)
+    with pytest.raises(DownloadError) as caught:
+        download(target_for(served, cache))
+    assert str(caught.value).startswith(f"{served.url('corpus.txt')}: asked to resume at byte 60,000")
+    assert str(caught.value).endswith(f"{said}: not resumed")
+    assert len(served.requests) == 2
+    assert_nothing_written(cache)
+
+
+def test_a_body_whose_last_chunk_was_lost_is_whole(served: LoopbackServer, cache: Path) -> None:
+    """Every byte came, chunked, but not the last (empty) chunk: asked for the rest, the server
+    answers that there is none (416, 'bytes */236000'), and the file is the body, verified."""
+    served.chunked = True
+    served.plan(Cut(len(PAYLOAD)))
+    assert download(target_for(served, cache)).read_bytes() == PAYLOAD
+    assert served.asked[1][0] == f"bytes={len(PAYLOAD)}-"
+
+
+def test_a_gzipped_body_cut_short_starts_over(served: LoopbackServer, cache: Path, patient: None) -> None:
+    """A gzip stream cannot be picked up mid-way: the retry asks for the whole file again."""
+    served.plan(Cut(len(gzip.compress(PAYLOAD)) // 2, gzip=True), GZIP)
+    assert download(target_for(served, cache)).read_bytes() == PAYLOAD
+    assert served.asked == [(None, None), (None, None)]
+
+
+def test_only_attempts_that_bring_nothing_use_up_the_retries(
+    served: LoopbackServer, cache: Path, fast_network: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two retries: each attempt that brings bytes gives them back (and starts the backoff over);
+    a server that then keeps dropping at the same byte is given up on, with nothing left."""
+    monkeypatch.setattr(corpus, "RETRIES", 2)
+    served.plan(Cut(1_000), Cut(1_000), Cut(2_000), Cut(2_000), Cut(2_000))
+    with pytest.raises(DownloadError) as caught:
+        download(target_for(served, cache))
+    cut_short = r": transfer cut short (after 2000 bytes \(connection lost\)|\(2000 of \d+ bytes\))"  # no offline hint: the server answered
+    assert re.fullmatch(re.escape(served.url("corpus.txt")) + cut_short, str(caught.value))
+    assert fast_network == [0.5, 1.0, 0.5, 1.0]
+    assert [r for r, _ in served.asked] == [None, "bytes=1000-", "bytes=1000-", "bytes=2000-", "bytes=2000-"]
+    assert_nothing_written(cache)
+
+
+def test_a_download_that_keeps_moving_is_not_given_up_on(served: LoopbackServer, cache: Path) -> None:
+    """Four drops, one retry allowed: every attempt brought bytes, so the download finishes."""
+    served.plan(*(Cut(at) for at in (1_000, 2_000, 3_000, 4_000)))
+    assert download(target_for(served, cache)).read_bytes() == PAYLOAD
+    assert len(served.requests) == 5
+
+
+@pytest.mark.parametrize(("max_bytes", "whole"), [(len(PAYLOAD), True), (150_000, False)])
+def test_max_bytes_counts_every_part(served: LoopbackServer, cache: Path, max_bytes: int, whole: bool) -> None:
+    """No length announced (chunked, '*' for a range's total): only the count over both parts
+    (100,000 and 136,000 bytes, each under the cap) can stop a body larger than --max-bytes."""
+    assert len(PAYLOAD) == 236_000
+    served.chunked = True
+    served.plan(Cut(100_000))
+    target = target_for(served, cache)
+    if whole:
+        assert download(target, max_bytes=max_bytes).read_bytes() == PAYLOAD
+    else:
+        with pytest.raises(DownloadError) as caught:
+            download(target, max_bytes=max_bytes)
+        assert str(caught.value) == f"{served.url('corpus.txt')}: the body is larger than --max-bytes 150,000"
+        assert_nothing_written(cache)
+    assert served.asked[1][0] == "bytes=100000-"
+
+
+def test_the_slow_server_rule_runs_across_the_parts(served: LoopbackServer, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that drops after every 1,000 bytes, and takes 10 s to answer again: each part
+    comes fast, but 1,000 bytes in 10 s is under 1 KiB/s. The rate is the server's, not a part's."""
+    clock = [0.0]
+    monkeypatch.setattr(corpus, "time", types.SimpleNamespace(monotonic=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + 10)))
+    monkeypatch.setattr(corpus, "RATE_WINDOW_S", 15.0)
+    served.plan(*(Cut(at) for at in range(1_000, 10_000, 1_000)))
+    with pytest.raises(DownloadError) as caught:
+        download(target_for(served, cache))
+    too_slow = r": too slow \(3,000 bytes in 20 s, under 1,024 bytes/s\): given up after 3,000 bytes"
+    assert re.fullmatch(re.escape(served.url("corpus.txt")) + too_slow, str(caught.value))
+    assert_nothing_written(cache)
+
+
 # ---- what to download ----
 
 
@@ -503,6 +688,14 @@ def test_cli_gzipped_download(served: LoopbackServer, cache: Path, patient: None
     code, stdout, stderr = invoke(served.url("corpus.txt"), "--sha1", PAYLOAD_SHA1, "--dir", str(cache))
     assert code == 0, stderr
     assert stdout.splitlines()[1].startswith(f"{len(PAYLOAD):,} bytes, ")
+
+
+def test_cli_resumes_a_transfer_cut_short(served: LoopbackServer, cache: Path) -> None:
+    served.plan(Cut(60_000), Cut(120_000))
+    code, stdout, stderr = invoke(served.url("corpus.txt"), "--sha1", PAYLOAD_SHA1, "--dir", str(cache))
+    assert code == 0, stderr
+    assert stdout.splitlines()[0] == str(cache / cached_name(served.url("corpus.txt")))
+    assert [r for r, _ in served.asked] == [None, "bytes=60000-", "bytes=120000-"]
 
 
 def test_cli_refused_connection_is_one_line(served: LoopbackServer, cache: Path) -> None:

@@ -1,7 +1,9 @@
 """Corpora by name: the known ones (name → URL, SHA-1), downloading them into the cache (home.py).
 
 A download streams into a temporary file beside its destination, is checked against its SHA-1,
-and only then renamed into place, so the cache never holds a partial or wrong file. It is
+and only then renamed into place, so the cache never holds a partial or wrong file. A body cut
+short is resumed where it stopped (a Range request whose If-Range names the version begun, so
+two versions are never spliced), or started over where it cannot be (`_Body`). It is
 bounded: at most `max_bytes` of text (however well it was compressed on the wire), and a
 server that sends less than MIN_RATE_BYTES_S over RATE_WINDOW_S is given up on. A known
 corpus that comes zipped (enwik8) is then unzipped by the standard library, its member's CRC
@@ -18,7 +20,7 @@ import time
 import urllib.parse
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -76,7 +78,7 @@ KNOWN: dict[str, KnownCorpus] = {
 
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 30.0
-RETRIES = 3  # attempts after the first, on connection errors and 5xx answers
+RETRIES = 3  # attempts after one that failed (a connection error, a 5xx answer, a body cut short); one that brings new bytes gives them back
 CHUNK_BYTES = 1 << 16
 MAX_BYTES = 4 << 30  # the default --max-bytes: above any text corpus in common use (enwik9 is 1 GB)
 MIN_RATE_BYTES_S = 1024  # a transfer slower than this over a whole RATE_WINDOW_S is given up on
@@ -175,98 +177,209 @@ def _fetch(target: Target, progress: Progress | None, max_bytes: int) -> Path:
         target.path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DownloadError(f"cannot create the cache directory {target.path.parent}: {e.strerror}") from None
-    for attempt in range(RETRIES + 1):
+
+    def download_and_verify(out: IO[bytes]) -> None:
+        body = _Body(out, target.url, max_bytes, progress)
+        _download_into(body)
+        if target.sha1 is not None and body.digest.hexdigest() != target.sha1:
+            raise DownloadError(f"{target.url}: checksum mismatch (expected SHA-1 {target.sha1}, got {body.digest.hexdigest()})")
+
+    write_atomic(target.path, download_and_verify, "download")  # only a complete, verified file gets the name
+    return target.path
+
+
+def _download_into(body: _Body) -> None:
+    """Attempt until the body is whole. A failed attempt that brought new bytes gives back the
+    RETRIES (and starts the backoff over): a long download on a flaky line carries on as long as
+    it moves; one that gets nowhere is given up on as before."""
+    retries_left = RETRIES
+    while True:
+        held = body.received
         try:
-            return _download_once(target, progress, max_bytes)
+            return _attempt(body)
         except _Retryable as e:
-            if attempt == RETRIES:
-                raise DownloadError(f"{target.url}: {e}{_OFFLINE_HINT}") from None
-            time.sleep(min(0.5 * 2**attempt, 4.0))
-    raise AssertionError("unreachable")
+            if body.received > held:
+                retries_left = RETRIES
+            if retries_left == 0:
+                raise DownloadError(f"{body.url}: {e}{_OFFLINE_HINT if e.offline else ''}") from None
+            time.sleep(min(0.5 * 2 ** (RETRIES - retries_left), 4.0))
+            retries_left -= 1
 
 
 _OFFLINE_HINT = " (offline? train on a local file instead: lstmlm train --corpus PATH)"
 
 
 class _Retryable(Exception):
-    """A connection error or a 5xx answer: worth another attempt."""
+    """A connection error, a 5xx answer or a body cut short: worth another attempt. `offline`:
+    the server could not be reached at all, so the error's last word suggests a local file."""
+
+    def __init__(self, reason: str, offline: bool = True) -> None:
+        super().__init__(reason)
+        self.offline = offline
 
 
-def _download_once(target: Target, progress: Progress | None, max_bytes: int) -> Path:
+def _attempt(body: _Body) -> None:
+    """One request: from the start, or, when part of the body is held, for the rest of it."""
     import requests
 
-    url = target.url
+    headers = body.resume_headers()
     try:
-        response = requests.get(url, stream=True, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S))
+        response = requests.get(body.url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S))
     except requests.Timeout:
         raise _Retryable("timed out") from None
     except requests.ConnectionError as e:
         raise _Retryable(f"cannot connect ({_root_cause(e)})") from None
     except requests.RequestException as e:
-        raise DownloadError(f"{url}: {e}") from None
+        raise DownloadError(f"{body.url}: {e}") from None
     with response:
         if response.status_code >= 500:
             raise _Retryable(f"HTTP {response.status_code} {response.reason}")
-        if response.status_code != 200:
-            raise DownloadError(f"{url}: HTTP {response.status_code} {response.reason}")
+        if response.status_code == 206 and headers:
+            body.resume(response)
+        elif response.status_code == 416 and headers:
+            body.nothing_past(response)  # whole already, or refused
+            return
+        elif response.status_code == 200:
+            body.restart(response)
+        else:
+            raise DownloadError(f"{body.url}: HTTP {response.status_code} {response.reason}")
+        body.stream(response)
+
+
+class _Body:
+    """The body as far as it has come, one across the attempts, in `out`. A part resumed with a
+    Range request carries on its SHA-1, its count against max_bytes, the progress and the rate
+    window as if it were one body; a whole answer (200) starts the file, digest and count over.
+
+    Only a body sent as it is (no Content-Encoding) that came with a strong validator is resumed:
+    If-Range makes the server send the whole new file (200) if it changed in between, so parts
+    of two versions are never spliced; a gzip stream cannot be picked up mid-way, so it restarts."""
+
+    def __init__(self, out: IO[bytes], url: str, max_bytes: int, progress: Progress | None) -> None:
+        self.out, self.url, self.max_bytes, self.progress = out, url, max_bytes, progress
+        self.digest = hashlib.sha1()
+        self.received = 0  # decoded bytes in the file
+        self.wire = 0  # bytes of the body on the wire so far (the same as `received` when not encoded)
+        self.total: int | None = None  # the whole body's length on the wire, when announced
+        self.validator: str | None = None  # what If-Range sends back; None: the body cannot be resumed
+        self.decoder = _Decoder(url, "")
+        self.window_start: float | None = None  # the rate is the server's: it runs on across attempts
+        self.window_arrived = self.arrived = 0  # bytes that came over the wire, in all attempts
+
+    def resume_headers(self) -> dict[str, str]:
+        """A Range request for the rest, if the part held can be resumed; else none (from the start)."""
+        if self.received == 0 or self.validator is None:
+            return {}
+        # identity: the validator and the byte offsets are those of the unencoded body we began
+        return {"Range": f"bytes={self.received}-", "If-Range": self.validator, "Accept-Encoding": "identity"}
+
+    def restart(self, response: requests.Response) -> None:
+        """A whole body (the first answer, or a server that ignored the range or whose file changed)."""
         declared = response.headers.get("Content-Length")
-        total = int(declared) if declared and declared.isdigit() else None  # bytes on the wire (compressed, if it is)
-        if total is not None and total > max_bytes:
-            raise DownloadError(f"{url}: the server announces {total:,} bytes, more than --max-bytes {max_bytes:,}")
+        self.total = int(declared) if declared and declared.isdigit() else None  # bytes on the wire (compressed, if it is)
+        self._check_announced(self.total)
+        self.decoder = _Decoder(self.url, response.headers.get("Content-Encoding", ""))
+        ranges = response.headers.get("Accept-Ranges", "").strip().lower() != "none"
+        self.validator = _strong_validator(response.headers) if ranges and self.decoder.wbits is None else None
+        self.out.seek(0)
+        self.out.truncate()
+        self.digest = hashlib.sha1()
+        self.received = self.wire = 0
 
-        def stream_and_verify(out: IO[bytes]) -> None:
-            digest = _stream_to(response, out, total, max_bytes, progress)
-            if target.sha1 is not None and digest != target.sha1:
-                raise DownloadError(f"{url}: checksum mismatch (expected SHA-1 {target.sha1}, got {digest})")
+    def resume(self, response: requests.Response) -> None:
+        """A 206 must be the rest of the body we hold the start of, unencoded. One that starts
+        elsewhere or disagrees on the length is refused, not restarted: the server has just
+        answered a question other than the one asked, so what else it says about the file
+        (its validator, its length) cannot be trusted either; and a URL given without --sha1
+        has nothing else to catch a wrong file."""
+        content_range = response.headers.get("Content-Range", "")
+        m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", content_range.strip())
+        encoded = response.headers.get("Content-Encoding", "").strip().lower() not in ("", "identity")
+        whole = int(m[3]) if m and m[3] != "*" else None
+        if m is None or int(m[1]) != self.received or encoded or (self.total is not None and whole is not None and whole != self.total):
+            said = f"'{content_range}'" if content_range else "no Content-Range"
+            encoding = f" encoded as '{response.headers['Content-Encoding']}'" if encoded else ""
+            raise DownloadError(f"{self.url}: asked to resume at byte {self.received:,} of {self._of()}, the server answered {said}{encoding}: not resumed")
+        if self.total is None and whole is not None:
+            self._check_announced(whole)
+            self.total = whole
 
-        write_atomic(target.path, stream_and_verify, "download")  # only a complete, verified file gets the name
-    return target.path
+    def nothing_past(self, response: requests.Response) -> None:
+        """A 416: the server has no byte past those held. If its file is as long as what we hold,
+        every byte had come (a chunked body whose last chunk was lost) and the body is whole.
+        Otherwise, though If-Range said the file had not changed, it is not the file we began:
+        refused, not fetched again (see `resume`)."""
+        if response.headers.get("Content-Range", "").strip() == f"bytes */{self.received}" and self.total in (None, self.received):
+            return
+        raise DownloadError(f"{self.url}: asked to resume at byte {self.received:,}, the server answered HTTP 416 Range Not Satisfiable: not resumed")
+
+    def stream(self, response: requests.Response) -> None:
+        """Copy this answer's body into the file after what is held. A body that breaks off is
+        _Retryable; one that is malformed or too large is a DownloadError.
+
+        urllib3's read1 returns what has arrived (a server that drips is seen byte by byte, so its
+        rate can be judged); the body is decoded here (`_Decoder`), at most a chunk at a time (a
+        small compressed body cannot become gigabytes before the size check sees it)."""
+        from urllib3.exceptions import HTTPError as TransportError
+        from urllib3.exceptions import ReadTimeoutError
+
+        raw = response.raw
+        start = self.wire
+        if self.window_start is None:
+            self.window_start = time.monotonic()
+        try:
+            while wire_chunk := raw.read1(CHUNK_BYTES, decode_content=False):
+                for chunk in self.decoder.decode(wire_chunk):
+                    self._write(chunk)
+                self.wire = start + raw.tell()
+                self.arrived += len(wire_chunk)
+                if self.progress is not None:
+                    self.progress(self.wire, self.total)
+                self._check_rate()
+        except ReadTimeoutError:
+            raise _Retryable(f"transfer cut short after {self.wire} bytes (timed out)", offline=False) from None
+        except TransportError:  # the connection lost, or closed before the announced length
+            raise _Retryable(f"transfer cut short after {self.wire} bytes (connection lost)", offline=False) from None
+        if self.total is not None and self.wire != self.total:
+            raise _Retryable(f"transfer cut short ({self.wire} of {self.total} bytes)", offline=False)
+        if not self.decoder.ended:
+            raise DownloadError(f"{self.url}: the compressed body is malformed (it ends before its compressed stream does)")
+
+    def _write(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+        if self.received > self.max_bytes:
+            raise DownloadError(f"{self.url}: the body is larger than --max-bytes {self.max_bytes:,}")
+        self.out.write(chunk)
+        self.digest.update(chunk)
+
+    def _check_rate(self) -> None:
+        assert self.window_start is not None
+        now = time.monotonic()
+        if now - self.window_start >= RATE_WINDOW_S:
+            came = self.arrived - self.window_arrived
+            if came < MIN_RATE_BYTES_S * (now - self.window_start):
+                raise DownloadError(
+                    f"{self.url}: too slow ({came:,} bytes in {now - self.window_start:.0f} s, "
+                    f"under {MIN_RATE_BYTES_S:,} bytes/s): given up after {self.wire:,} bytes"
+                )
+            self.window_start, self.window_arrived = now, self.arrived
+
+    def _check_announced(self, total: int | None) -> None:
+        if total is not None and total > self.max_bytes:
+            raise DownloadError(f"{self.url}: the server announces {total:,} bytes, more than --max-bytes {self.max_bytes:,}")
+
+    def _of(self) -> str:
+        return f"{self.total:,}" if self.total is not None else "an unknown length"
 
 
-def _stream_to(response: requests.Response, out: IO[bytes], total: int | None, max_bytes: int, progress: Progress | None) -> str:
-    """Copy the decoded body into `out`; return its SHA-1. A broken transfer is a DownloadError:
-    fewer bytes than announced, a compressed stream that does not end, or one that is malformed.
-
-    urllib3's read1 returns what has arrived (a server that drips is seen byte by byte, so its
-    rate can be judged); the body is decoded here (`_Decoder`), at most a chunk at a time (a
-    small compressed body cannot become gigabytes before the size check sees it)."""
-    from urllib3.exceptions import HTTPError as TransportError
-    from urllib3.exceptions import ReadTimeoutError
-
-    raw = response.raw
-    url = response.url
-    decoder = _Decoder(url, response.headers.get("Content-Encoding", ""))
-    digest = hashlib.sha1()
-    received = 0  # decoded bytes, what the file gets
-    window_start, window_wire = time.monotonic(), 0
-    try:
-        while wire_chunk := raw.read1(CHUNK_BYTES, decode_content=False):
-            for chunk in decoder.decode(wire_chunk):
-                received += len(chunk)
-                if received > max_bytes:
-                    raise DownloadError(f"{url}: the body is larger than --max-bytes {max_bytes:,}")
-                out.write(chunk)
-                digest.update(chunk)
-            wire = raw.tell()
-            if progress is not None:
-                progress(wire, total)
-            now = time.monotonic()
-            if now - window_start >= RATE_WINDOW_S:
-                if wire - window_wire < MIN_RATE_BYTES_S * (now - window_start):
-                    raise DownloadError(
-                        f"{url}: too slow ({wire - window_wire:,} bytes in {now - window_start:.0f} s, "
-                        f"under {MIN_RATE_BYTES_S:,} bytes/s): given up after {wire:,} bytes"
-                    )
-                window_start, window_wire = now, wire
-    except ReadTimeoutError:
-        raise DownloadError(f"{url}: transfer cut short after {raw.tell()} bytes (timed out)") from None
-    except TransportError:  # the connection lost, or closed before the announced length
-        raise DownloadError(f"{url}: transfer cut short after {raw.tell()} bytes (connection lost)") from None
-    if total is not None and raw.tell() != total:
-        raise DownloadError(f"{url}: transfer cut short ({raw.tell()} of {total} bytes)")
-    if not decoder.ended:
-        raise DownloadError(f"{url}: the compressed body is malformed (it ends before its compressed stream does)")
-    return digest.hexdigest()
+def _strong_validator(headers: Mapping[str, str]) -> str | None:
+    """What If-Range may send back (RFC 9110 13.1.5): the strong ETag, or the Last-Modified date
+    when there is no ETag at all. A weak ETag names a version only loosely: no resume then."""
+    etag = headers.get("ETag")
+    if etag:
+        return None if etag.strip().startswith("W/") else etag.strip()
+    modified = headers.get("Last-Modified")
+    return modified.strip() if modified else None
 
 
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}  # zlib's for each coding

@@ -198,6 +198,13 @@ def packed(W: torch.Tensor) -> torch.Tensor:
     return cast(torch.Tensor, _library().pack(W.contiguous()))
 
 
+def times(A: torch.Tensor, W: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = A W by the compiled step's product: A (batch, K) float, W as `packed` made it, out
+    (batch, N) in W's dtype; each row's bits the same whatever the batch around it."""
+    _library().times(A.float().contiguous(), W, out)
+    return out
+
+
 def _library() -> Any:
     library = native.recurrence()
     if library is None:

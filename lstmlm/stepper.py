@@ -111,7 +111,9 @@ class Stepper:
             H1 = torch.ones(batch, hiddens + 1, dtype=W.dtype, device=H_0.device)
             H1[:, :hiddens] = H_0[k]
             self.H1.append(H1)
-            self.P.append(H1 @ W)  # the recurrent part, H_0 W_h + b_h, is the first step's
+            # the recurrent part, H_0 W_h + b_h, is the first step's: compiled, by the step's own
+            # product, so that rows primed together start from the bits each has alone
+            self.P.append(recurrence.times(H1, self.packed[k], H1.new_empty((batch, W.shape[1]))) if self.compiled else H1 @ W)
             self.S.append(S_0[k].to(torch.float32, copy=True).contiguous())
         self._views()
 

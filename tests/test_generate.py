@@ -659,6 +659,33 @@ def test_the_command_line_and_the_api_offer_each_sampling_field_with_its_bounds(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_primed_together_from_a_state_are_each_the_row_primed_alone(dtype: torch.dtype) -> None:
+    """`--num-samples N --seed S`: sample i is what `--seed S+i` gives alone. The rows primed
+    together from a read state (a context longer than READ_BY_STEPS) start from the bits of the
+    row primed alone: the stepper's first product, [H_0, 1] W, taken at batch 7 and 64 by torch's
+    product, rounded otherwise than at batch 1 (the last bit of the first logits)."""
+    if not native.usable():
+        pytest.skip(f"the compiled step cannot run here: {native.status()}")
+    torch.manual_seed(0)
+    net = CharLM(len(VOCAB), num_hiddens=40, num_layers=2).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.5)
+    context = list(synthetic_text(5, seed=3)[: READ_BY_STEPS + 10])
+    precision = "fp32" if dtype == torch.float32 else "bf16"
+    with torch.inference_mode():
+        one, first = prime(net, VOCAB, context, 1, precision)
+        assert isinstance(one, Stepper) and one.compiled
+        alone_P = [P.clone() for P in one.P]
+        alone_logits = one(first.tolist()).clone()
+        for rows in (7, 64):
+            together, last = prime(net, VOCAB, context, rows, precision)
+            assert all(torch.equal(P[i], P1[0]) for P, P1 in zip(together.P, alone_P) for i in range(rows))
+            logits = together(last)
+            assert all(torch.equal(logits[i], alone_logits[0]) for i in range(rows))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_each_row_of_a_compiled_batch_has_its_own_bits_whatever_the_batch_and_its_split(dtype: torch.dtype) -> None:
     """The compiled product shares its columns between the cores by strips, a single row's by
     panels: at every batch (a last block of rows of 1 to 6, columns ending in a part panel) each

@@ -626,6 +626,21 @@ at::Tensor pack(const at::Tensor& W) {
   return packed.contiguous().reshape({panels, K, kCols});
 }
 
+// C = A W by the step's product, A (batch, K) float, W packed, C (batch, N) contiguous in W's
+// dtype: the stepper's first product, from a given state (generate.Stepper), so that a row primed
+// with others starts from the bits it starts from alone, as every step after keeps it. torch's
+// product rounds otherwise at another batch (fp32 at 7 rows and more against 1, in the last bit).
+void times(const at::Tensor& A, const at::Tensor& W, const at::Tensor& C) {
+  TORCH_CHECK(A.scalar_type() == at::kFloat && A.is_contiguous() && A.dim() == 2, "A must be contiguous float (batch, K)");
+  TORCH_CHECK(C.is_contiguous() && C.dim() == 2 && C.size(0) == A.size(0) && C.scalar_type() == W.scalar_type(), "C must be contiguous (batch, N) in W's dtype");
+  TORCH_CHECK(W.is_contiguous() && W.dim() == 3 && W.size(1) == A.size(1) && W.size(2) == kCols && W.size(0) == (C.size(1) + kCols - 1) / kCols,
+              "W must be packed: contiguous (panels, K, 64)");
+  at::NoGradGuard no_grad;
+  if (W.scalar_type() == at::kBFloat16) return rows_times<bf16>(data<float>(A), A.size(0), A.size(1), W, C);
+  TORCH_CHECK(W.scalar_type() == at::kFloat, "W must be float or bfloat16");
+  rows_times<float>(data<float>(A), A.size(0), A.size(1), W, C);
+}
+
 template <typename Cell, typename P>
 void step_typed(const int64_t* ids, const at::Tensor& table, at::TensorList W, at::TensorList H1, at::TensorList Pk, at::TensorList S) {
   const int64_t batch = H1[0].size(0), hiddens = H1[0].size(1) - 1, K = hiddens + 1, rows = Cell::kBlocks * hiddens;
@@ -774,10 +789,12 @@ at::Tensor sum_by_id(const at::Tensor& dA, const at::Tensor& ids, int64_t vocab)
 TORCH_LIBRARY_FRAGMENT(lstmlm_recurrence, m) {
   m.def("sum_by_id(Tensor dA, Tensor ids, int vocab) -> Tensor");
   m.def("pack(Tensor W) -> Tensor");
+  m.def("times(Tensor A, Tensor W, Tensor(a!) C) -> ()");
 }
 TORCH_LIBRARY_IMPL(lstmlm_recurrence, CPU, m) {
   m.impl("sum_by_id", lstmlm::sum_by_id);
   m.impl("pack", lstmlm::pack);
+  m.impl("times", lstmlm::times);
 }
 
 // A cell's five operations under its name: forward_lstm, backward_lstm, step_lstm, greedy_lstm, sample_lstm.

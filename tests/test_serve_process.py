@@ -268,7 +268,7 @@ def test_any_other_address_is_served_with_a_warning_and_answers_only_its_own_nam
         except OSError:
             pytest.skip("no IPv6 here")
     server: ServeProcess = serve_process("--runs-dir", tiny_runs, "--host", address, "--allowed-host", "lab.example", "--allowed-host", "Models.Lab.Example")
-    assert server.lines[0] == f"warning: serving on {address}: anyone who can reach this machine can use the API (no authentication)"
+    assert server.lines[0] == f"warning: serving on {address}: anyone who can reach this machine can use the API (no authentication: see --token)"
     port = server.address[1]
     loopback = ("127.0.0.1" if address == "0.0.0.0" else "::1", port)
     for host in (f"localhost:{port}", socket.gethostname(), "lab.example", "models.lab.example:80", "192.0.2.7", f"[::1]:{port}"):

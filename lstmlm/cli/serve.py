@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -18,7 +19,7 @@ from .errors import Terminated
 @options.with_field_options(Limits)
 def serve(
     runs_dir: options.RunsDir = DEFAULT_RUNS_DIR,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on; anything but loopback lets other machines in (no authentication).")] = "127.0.0.1",
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; anything but loopback lets other machines in (see --token).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0: a free one).")] = 8000,
     allowed_host: Annotated[
         list[str] | None,
@@ -27,6 +28,17 @@ def serve(
             help="A name the server answers for, in the Host header (repeatable); besides any IP address, localhost, this machine's name and --host.",
         ),
     ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar="LSTMLM_SERVE_TOKEN",
+            show_envvar=True,
+            help="Answer only requests that carry this token (Authorization: Bearer TOKEN; a browser opens the page once as /?token=TOKEN).",
+        ),
+    ] = None,
+    certfile: Annotated[Path | None, typer.Option("--certfile", help="Serve HTTPS with this certificate (PEM; with --keyfile).")] = None,
+    keyfile: Annotated[Path | None, typer.Option("--keyfile", help="The certificate's private key (PEM, without a passphrase).")] = None,
     device: options.Device = "cpu",
     precision: options.Precision = "fp32",
     **limits: Any,
@@ -34,11 +46,21 @@ def serve(
     """Serve the runs: an HTTP API (generate as server-sent events or JSON, inspect, metrics) and a page at /.
     Needs: pip install 'lstmlm\\[serve]'."""
     from ..serve import open_server
+    from ..serve.access import Access
 
-    server = open_server(runs_dir, host, port, Limits(**limits), device, precision, allowed_host or ())
-    if not server.loopback:
-        err.print(f"[yellow]warning:[/] serving on {escape(host)}: anyone who can reach this machine can use the API (no authentication)", soft_wrap=True)
+    access = Access(token, certfile, keyfile)
+    server = open_server(runs_dir, host, port, Limits(**limits), device, precision, allowed_host or (), access)
+    if not server.loopback and token is None:
+        warning = "anyone who can reach this machine can use the API (no authentication: see --token)"
+    elif not server.loopback and not access.tls:
+        warning = "over plain HTTP the token crosses the network in clear (--certfile and --keyfile serve HTTPS)"
+    else:
+        warning = ""
+    if warning:
+        err.print(f"[yellow]warning:[/] serving on {escape(host)}: {warning}", soft_wrap=True)
     err.print(f"serving the runs in {escape(str(runs_dir))} at {server.url} (Ctrl-C stops)", soft_wrap=True, highlight=False)
+    if token is not None:
+        err.print(f"every request needs the token; a browser opens {server.url}?token=TOKEN once", soft_wrap=True, highlight=False)
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn has shut down and passes Ctrl-C on: the way a server is stopped

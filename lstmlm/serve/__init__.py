@@ -4,6 +4,7 @@
     batching.py     continuous batching: a model's generations step together, one thread a batch
     bodies.py       the request bodies, a generation's options derived from generate.Sampling
     guards.py       what a request passes before any route: the Host check, the body's size limit
+    access.py       a token every request carries (a header, or the page's cookie), and HTTPS
     app.py          the routes: /api/runs, /api/generate (server-sent events or JSON),
                     /api/inspect, /api/runs/{name}/metrics, /api/status, and the page at /
     connections.py  what one connection may hold: the connection cap, the header and body
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from pathlib import Path
 
+    from .access import Access
     from .server import Server
 
 EXTRA_HINT = "lstmlm serve needs FastAPI and uvicorn: pip install 'lstmlm[serve]'"
@@ -94,10 +96,13 @@ def open_server(
     device: str = "cpu",
     precision: str = "fp32",
     allowed_hosts: Sequence[str] = (),
+    access: Access | None = None,
 ) -> Server:
     """A server bound to host:port (port 0: a free one), ready to `run`. It answers requests
-    whose Host is an IP address, a loopback name, this machine's name, or one of `allowed_hosts`."""
+    whose Host is an IP address, a loopback name, this machine's name, or one of `allowed_hosts`,
+    and, where `access` has a token, that carry it; where it has a certificate, over HTTPS."""
     require_extra()
+    from .access import Access
     from .server import Server
 
-    return Server(runs_dir, host, port, limits, device, precision, allowed_hosts)
+    return Server(runs_dir, host, port, limits, device, precision, allowed_hosts, access or Access())

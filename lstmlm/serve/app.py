@@ -17,11 +17,12 @@ at its deadline with what it made, and its row is let go however the request end
 failed, or its client gone (the response's `__call__` releases it, even for a stream never
 started). An inspection holds one of `Limits.max_concurrent` slots (more are refused with 503).
 
-Before any route (guards.py): a request whose Host names no name of this server's is refused
-(DNS rebinding), and a body over `Limits.max_body` is refused without being read whole.
+Before any route (guards.py, access.py): a request whose Host names no name of this server's is
+refused (DNS rebinding), one without the server's token (where it has one) is refused, and a
+body over `Limits.max_body` is refused without being read whole.
 
 Errors are one-line JSON, {"error": "..."}: 400 malformed JSON, a path-like or overlong run
-name, or a Host not this server's; 404 an unknown run or route (a symbolic link in the runs
+name, or a Host not this server's; 401 no token or a wrong one; 404 an unknown run or route (a symbolic link in the runs
 directory is no run); 409 a run without a checkpoint yet; 413 a body too large; 422 a field
 out of bounds or unknown; 500 a run's files unreadable or an internal error; 503 busy. No
 message shows a path of the server's outside its runs directory.
@@ -48,6 +49,7 @@ from starlette.types import Receive, Scope, Send
 from .. import __version__
 from ..errors import CheckpointError, ConfigError, InspectError, LstmlmError, ServeError, VocabError
 from . import Limits
+from .access import Access, TokenCheck
 from .batching import POLL, Batches, QueueFull, Row, lanes_for
 from .bodies import GenerateRequest, InspectRequest
 from .catalog import Loaded, Models, NoCheckpoint, NotServed, finite, list_runs, open_run, read_records, run_baselines, shown, without_paths
@@ -134,11 +136,16 @@ async def pause(row: Row, made: int, deadline: float) -> None:
         await anyio.sleep(max(0.0, min(POLL if not made else LINGER, deadline - time.monotonic())))
 
 
-def create_app(runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", precision: str = "fp32", allowed_hosts: list[str] | None = None) -> FastAPI:
+def create_app(
+    runs_dir: Path, limits: Limits = Limits(), device: str = "cpu", precision: str = "fp32", allowed_hosts: list[str] | None = None, access: Access = Access()
+) -> FastAPI:
     """The app over the runs in `runs_dir`. `allowed_hosts` (the Host header's names; None:
-    any) keeps the server from answering pages that rebind a name of theirs to its address."""
+    any) keeps the server from answering pages that rebind a name of theirs to its address;
+    `access.token` (None: none) is what every request must carry."""
     app = FastAPI(title="lstmlm", version=__version__, docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
     app.add_middleware(BodyLimit, limits=limits)
+    if access.token is not None:  # before the body is read, after the Host is checked
+        app.add_middleware(TokenCheck, token=access.token, secure=access.tls)
     if allowed_hosts is not None:
         app.add_middleware(HostCheck, allowed=allowed_hosts)  # added last, so it runs first
     served = Served(runs_dir, limits, device, precision)

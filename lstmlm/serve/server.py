@@ -5,6 +5,7 @@ line (uvicorn would log and exit), port 0 means a free port whose number is know
 serving, a client may connect as soon as the address is printed, and whether the address is
 loopback is read from the address actually bound, not guessed from the name given.
 
+With `Access`, every request must carry the server's token, and the socket speaks TLS.
 Whatever the address, the app answers only requests whose Host is an IP address or a name of
 this server's — loopback's, this machine's, the one `--host` gave, and each `--allowed-host` —
 so a page whose own name was rebound to this address gets no answer (DNS rebinding). uvicorn
@@ -25,6 +26,7 @@ import uvicorn
 
 from ..errors import ServeError
 from . import Limits
+from .access import Access
 from .app import create_app
 from .connections import ACCEPT_BATCH, descriptors_needed, guarded, one_line_per_kind, raise_descriptor_limit
 
@@ -59,9 +61,17 @@ def host_names(host: str, allowed: Sequence[str]) -> list[str]:
 
 class Server:
     def __init__(
-        self, runs_dir: Path, host: str, port: int, limits: Limits, device: str = "cpu", precision: str = "fp32", allowed_hosts: Sequence[str] = ()
+        self,
+        runs_dir: Path,
+        host: str,
+        port: int,
+        limits: Limits,
+        device: str = "cpu",
+        precision: str = "fp32",
+        allowed_hosts: Sequence[str] = (),
+        access: Access = Access(),
     ) -> None:
-        self.runs_dir, self.limits = Path(runs_dir), limits
+        self.runs_dir, self.limits, self.access = Path(runs_dir), limits, access
         descriptors, needed = raise_descriptor_limit(), descriptors_needed(limits)
         if descriptors < needed:
             raise ServeError(
@@ -72,11 +82,11 @@ class Server:
         address, self.port = self.socket.getsockname()[:2]
         self.loopback = ipaddress.ip_address(address).is_loopback
         self.host = f"[{address}]" if ":" in address else address
-        self.app = create_app(self.runs_dir, limits, device, precision, allowed_hosts=host_names(host, allowed_hosts))
+        self.app = create_app(self.runs_dir, limits, device, precision, allowed_hosts=host_names(host, allowed_hosts), access=access)
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}/"
+        return f"{'https' if self.access.tls else 'http'}://{self.host}:{self.port}/"
 
     def run(self) -> None:
         """Serve until Ctrl-C or SIGTERM; open streams get a few seconds to finish."""
@@ -97,7 +107,15 @@ class Server:
         gc.freeze()
         gc.set_threshold(COLLECT_EVERY)
         config = uvicorn.Config(
-            self.app, http=guarded(self.limits), backlog=ACCEPT_BATCH, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=3
+            self.app,
+            http=guarded(self.limits),
+            backlog=ACCEPT_BATCH,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=3,
+            ssl_certfile=self.access.certfile,  # already read once (access.tls_context): they serve
+            ssl_keyfile=self.access.keyfile,
         )
         try:
             with one_line_per_kind("uvicorn.error", "asyncio"):

@@ -71,6 +71,40 @@ def test_the_build_succeeds_where_there_is_a_compiler() -> None:
     assert native.recurrence() is not None
 
 
+# A process where OpenMP grants fewer threads than torch asks for: the compiled forward of each
+# cell, on two threads' parts, against float64. Its worst error is printed.
+FEWER_THREADS = """
+import torch
+from lstmlm import native
+from lstmlm.model import CharLM
+assert native.recurrence() is not None
+torch.set_num_threads(2)
+torch.manual_seed(0)
+worst = 0.0
+for cell in ("lstm", "gru", "rnn"):
+    model = CharLM(30, 64, num_layers=2, core="scratch", cell=cell)
+    exact = CharLM(30, 64, num_layers=2, core="scratch", cell=cell).double()
+    exact.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 30, (16, 20))
+    start = [torch.randn_like(s) for s in model.begin_state(16)]
+    with torch.no_grad():
+        y = model(ids, tuple(start))[0].double()
+        expected = exact(ids, tuple(s.double() for s in start))[0]
+    worst = max(worst, (y - expected).abs().max().item())
+print(worst)
+"""
+
+
+@needs_build
+def test_a_thread_limit_below_torchs_threads_leaves_no_part_undone() -> None:
+    """A step's units are cut into a part per thread asked for; under OMP_THREAD_LIMIT=1 OpenMP
+    grants one, and the other part was never computed: outputs off by 0.1, or NaN. Each thread
+    now takes every team-th part."""
+    result = subprocess.run([sys.executable, "-c", FEWER_THREADS], capture_output=True, text=True, env={**os.environ, "OMP_THREAD_LIMIT": "1"}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout) < 1e-5
+
+
 # ---- the cache: what is built, what is trusted, what is left behind -------------------------------
 #
 # On real files and, where it matters, in real processes. A real build takes 10-60 s, so the

@@ -698,3 +698,26 @@ def test_on_ones_own_text_samples_start_from_its_own_words(make_trainer: MakeTra
 
 def test_d2l_text_keeps_d2l_prefixes(make_trainer: MakeTrainer) -> None:
     assert make_trainer(normalize="d2l", epochs=1).sample_prefixes == ["time traveller", "traveller"]
+
+
+def test_a_thread_limit_below_the_cores_trains_as_one_thread_does(tiny_train_args: list[str]) -> None:
+    """Under OMP_THREAD_LIMIT=1 on two cores torch still asked OpenMP for two threads, and its
+    oneDNN kernels left undone what the second thread never granted would have done: nn.LSTM's
+    gradients came out NaN and the run stopped as diverged (the scratch core's too, whose
+    weight gradients are oneDNN's). The command keeps torch within the limit, so the run is the
+    one-thread run, to the bit."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def epochs(run: str, **env: str) -> list[float]:
+        args = [*tiny_train_args, "--run", run, "--model", "cudnn", "--hidden", "64", "--batch-size", "16", "--epochs", "1", "--json", "--seed", "4"]
+        result = subprocess.run([sys.executable, "-m", "lstmlm", *args], capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return [e["train_perplexity"] for e in map(json.loads, result.stdout.splitlines()) if e["event"] == "epoch"]
+
+    limited = epochs("limited", OMP_THREAD_LIMIT="1")
+    one = epochs("one", OMP_NUM_THREADS="1")
+    assert len(limited) == 1 and math.isfinite(limited[0])
+    assert limited == one

@@ -118,16 +118,19 @@ def load_torch() -> None:
     """Import torch with Ctrl-C and SIGTERM held until it is loaded, then taken as they came.
     Raised inside torch's extension while it loads (a second or so), either was lost: taken for
     numpy failing to load, cleared, and the command ran on to its end (SIGTERM, ignored from then
-    on, never came back), or it aborted the process through pybind11 (exit 134, no line)."""
-    if "torch" in sys.modules:
-        return
-    masks = hasattr(signal, "pthread_sigmask")  # not on Windows: loaded as it is
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if masks else set()
-    try:
-        import torch  # noqa: F401
-    finally:
-        if masks:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a signal held meanwhile is raised here
+    on, never came back), or it aborted the process through pybind11 (exit 134, no line). Its
+    threads are then cut to OMP_THREAD_LIMIT (device.within_thread_limit)."""
+    if "torch" not in sys.modules:
+        masks = hasattr(signal, "pthread_sigmask")  # not on Windows: loaded as it is
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if masks else set()
+        try:
+            import torch  # noqa: F401
+        finally:
+            if masks:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a signal held meanwhile is raised here
+    from ..device import within_thread_limit
+
+    within_thread_limit()
 
 
 def _discard_stdout() -> None:

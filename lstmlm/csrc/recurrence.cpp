@@ -197,10 +197,12 @@ void in_parts(int64_t parts, int64_t steps, bool backwards, Step step) {
   std::atomic<bool> failed{false};
 #pragma omp parallel num_threads(parts) if (parts > 1)
   {
-    const int64_t p = parts > 1 ? omp_get_thread_num() : 0;
+    // OpenMP may grant fewer threads than parts (OMP_THREAD_LIMIT, OMP_DYNAMIC on a busy
+    // machine): a thread then takes every team-th part, so no part is left undone.
+    const int64_t first = parts > 1 ? omp_get_thread_num() : 0, team = parts > 1 ? omp_get_num_threads() : 1;
     for (int64_t k = 0; k < steps; ++k) {
       try {
-        step(p, backwards ? steps - 1 - k : k);
+        for (int64_t p = first; p < parts; p += team) step(p, backwards ? steps - 1 - k : k);
       } catch (...) {
 #pragma omp critical
         if (!failure) failure = std::current_exception();

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import uvicorn
 
+from ..device import threads_within_limit
 from ..errors import ServeError
 from . import Limits
 from .access import Access
@@ -94,7 +95,7 @@ class Server:
         # region of 2 cores woke its sleeping worker each time (libgomp throttles its spinning
         # once more threads than cores are in its pools): a batch-1 step took 150 µs instead of
         # 50 on one core (the d2l model, a 2-core AMD EPYC). One core a step by default.
-        torch.set_num_threads(self.limits.threads)
+        torch.set_num_threads(threads_within_limit(self.limits.threads))
         # Each character a stream sent was a few small objects for a while (a list between the
         # batch and the stream, a step's list in its Continuation), and the cyclic collector,
         # run every 700 of them, went through every stream's text held so far each time: 80%

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -73,33 +74,38 @@ def memory_line(trail: list[float | None]) -> str:
     return f"{trail[0]:,.0f} MiB before; every {MEMORY_EVERY:.0f} s under load: {looks or '-'}; {after} after"
 
 
-def get_json(url: str, path: str) -> Any:
+def authorization(token: str | None) -> dict[str, str]:
+    """The header a server started with --token wants (none for one without)."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def get_json(url: str, path: str, token: str | None = None) -> Any:
     host, port = url.removeprefix("http://").rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     try:
-        conn.request("GET", path)
+        conn.request("GET", path, headers=authorization(token))
         return json.loads(conn.getresponse().read())
     finally:
         conn.close()
 
 
-def running(url: str) -> int | None:
+def running(url: str, token: str | None = None) -> int | None:
     """The generations /api/status counts as running; None where the server no longer answers
     (it has ended: the clients' outcomes say how)."""
     try:
-        return int(get_json(url, "/api/status")["running"])
+        return int(get_json(url, "/api/status", token)["running"])
     except OSError:
         return None
 
 
-def stream(url: str, body: dict[str, Any]) -> tuple[str, float, float, int, float]:
+def stream(url: str, body: dict[str, Any], token: str | None = None) -> tuple[str, float, float, int, float]:
     """(outcome, seconds to the first characters, seconds to the end, characters, the seconds a
     refusal's Retry-After asks to wait) of one generation."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=600)
     start = time.perf_counter()
     try:
-        conn.request("POST", "/api/generate", json.dumps(body), {"Content-Type": "application/json"})
+        conn.request("POST", "/api/generate", json.dumps(body), {"Content-Type": "application/json", **authorization(token)})
         response = conn.getresponse()
         if response.status == 503:
             response.read()
@@ -127,6 +133,7 @@ def main() -> None:
     parser.add_argument("--runs-dir", default="runs")
     parser.add_argument("--run", required=True)
     parser.add_argument("--url", help="A server already running (default: start one on a free loopback port).")
+    parser.add_argument("--token", default=os.environ.get("LSTMLM_SERVE_TOKEN"), help="The server's token, if it has one (default: $LSTMLM_SERVE_TOKEN).")
     parser.add_argument("--pid", type=int, help="--url's server's process id, where it runs on this machine: its memory is read too.")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=30.0)
@@ -142,9 +149,12 @@ def main() -> None:
     body = {"run": args.run, "prefix": args.prefix, "length": args.length, "temperature": args.temperature}
     try:
         for _ in range(3):  # the model loaded, the worker threads started
-            outcome = stream(url, body)[0]
+            outcome = stream(url, body, args.token)[0]
             if outcome != "completed":
-                raise SystemExit(f"a warm-up generation was {outcome}: is --run right, and can its model read --prefix (d2l models have no line breaks)?")
+                raise SystemExit(
+                    f"a warm-up generation was {outcome}: is --run right (and --token, where the server has one), "
+                    "and can its model read --prefix (d2l models have no line breaks)?"
+                )
         pid = proc.pid if proc else args.pid
         memory = [rss_mib(pid)]
         results: list[tuple[str, float, float, int, float]] = []
@@ -153,7 +163,7 @@ def main() -> None:
 
         def client() -> None:
             while time.perf_counter() < end:
-                results.append(stream(url, body))
+                results.append(stream(url, body, args.token))
                 wait = 0.0 if args.no_wait else min(results[-1][4], end - time.perf_counter())
                 if wait > 0:
                     time.sleep(wait)
@@ -164,7 +174,7 @@ def main() -> None:
         for t in threads:
             t.start()
         while any(t.is_alive() for t in threads):
-            if (n := running(url)) is not None:
+            if (n := running(url, args.token)) is not None:
                 active.append(n)
             if time.perf_counter() >= look:
                 memory.append(rss_mib(pid))
@@ -172,7 +182,7 @@ def main() -> None:
             time.sleep(0.25)
         elapsed = time.perf_counter() - started
         memory.append(rss_mib(pid))
-        alive = proc.poll() is None if proc is not None else running(url) is not None
+        alive = proc.poll() is None if proc is not None else running(url, args.token) is not None
     finally:
         if proc is not None:
             proc.terminate()

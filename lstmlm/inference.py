@@ -90,7 +90,7 @@ def continue_prefix(trained: Trained, prefix: str, sampling: Sampling, precision
     `load` was given), having read `context` first (a text, or tokens: see generate.generate).
     A bytes model reads the prefix's UTF-8 bytes and its steps come decoded (`Decoded`)."""
     text = read_prefix(trained, prefix)
-    steps = generate(trained.model, trained.vocab, text, sampling, context, precision or trained.precision)
+    steps = generate(trained.model, trained.vocab, text, read_stops(trained, sampling), context, precision or trained.precision)
     return as_generation(trained, prefix, text, steps)
 
 
@@ -98,6 +98,14 @@ def read_prefix(trained: Trained, prefix: str) -> str:
     """The prefix as the model reads it: d2l-normalized, a bytes model's UTF-8 bytes; checked."""
     mode = trained.config.data.normalize
     return prepare_prefix(normalize(prefix, mode) if mode == "bytes" else prefix, trained.vocab, mode)
+
+
+def read_stops(trained: Trained, sampling: Sampling) -> Sampling:
+    """`sampling` with its stop strings in the symbols the model writes: a bytes model's as their
+    UTF-8 bytes, which its steps are matched against before they are decoded (`Decoded`)."""
+    if trained.config.data.normalize != "bytes" or not sampling.stop:
+        return sampling
+    return dataclasses.replace(sampling, stop=tuple(normalize(s, "bytes") for s in sampling.stop))
 
 
 def as_generation(trained: Trained, prefix: str, text: str, steps: Continuation) -> Generation:
@@ -165,7 +173,8 @@ class Conversation:
         whole = [*self.context, *text]  # the last of it is the first step's input
         self._state = read(model, vocab, whole[self.read : -1], self._state, self.precision)
         self.read = len(whole) - 1
-        generation = as_generation(self.trained, prefix, text, generate(model, vocab, "", sampling, whole[-1:], self.precision, self._state))
+        steps = generate(model, vocab, "", read_stops(self.trained, sampling), whole[-1:], self.precision, self._state)
+        generation = as_generation(self.trained, prefix, text, steps)
         self.turns += 1
         self._last = (text, generation)
         return generation

@@ -139,3 +139,36 @@ def test_a_bytes_model_generates_text_from_a_text_prefix(tmp_path: Path, runs_di
     result = cli("generate", "--run", "b", "--runs-dir", runs_dir, "--prefix", "Zürich", "--length", "40")
     assert result.code == 0, result.stderr
     assert result.stdout.startswith("Zürich") and "Ã" not in result.stdout  # decoded, not shown as Latin-1
+
+
+@pytest.fixture(scope="module")
+def bytes_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A runs directory with "b", a tiny bytes model of text with two- and three-byte characters."""
+    root = tmp_path_factory.mktemp("bytes-runs")
+    path = root / "text.bin"
+    path.write_bytes(("Zürich — 時間 the time traveller\n" * 200).encode("utf-8"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LSTMLM_HOME", str(root / "home"))
+        trained = cli("train", "--corpus", path, "--normalize", "bytes", "--runs-dir", root / "runs", "--run", "b", "--hidden", "32",
+                      "--batch-size", "8", "--num-steps", "20", "--epochs", "3", "--optimizer", "adam", "--lr", "0.02", "--device", "cpu")  # fmt: skip
+    assert trained.code == 0, trained.stderr
+    return root / "runs"
+
+
+def test_a_bytes_models_stop_string_of_any_characters_ends_the_text(bytes_runs: Path) -> None:
+    """A stop string is matched against the bytes the model writes: 'ü' (two bytes) or '時' (three)
+    ended nothing when they were compared with the bytes as Latin-1 characters."""
+    from fastapi.testclient import TestClient
+
+    from lstmlm.serve.app import create_app
+
+    args = ["generate", "--run", "b", "--runs-dir", bytes_runs, "--prefix", "Zürich", "--length", "120"]
+    full = cli(*args).stdout.removesuffix("\n")
+    made = full.removeprefix("Zürich")
+    stop = next(c for c in made if ord(c) > 127)  # the first character of more than one byte
+    stopped = cli(*args, "--stop", stop)
+    assert stopped.code == 0, stopped.stderr
+    assert stopped.stdout == "Zürich" + made[: made.index(stop)] + "\n"
+    body = {"run": "b", "prefix": "Zürich", "length": 120, "stop": [stop], "stream": False}
+    answer = TestClient(create_app(bytes_runs)).post("/api/generate", json=body).json()
+    assert (answer["text"], answer["finish_reason"]) == (made[: made.index(stop)], "stop")

@@ -50,7 +50,7 @@ from ..choosing import BLOCK, Rows
 from ..data.workers import cores
 from ..errors import ServeError
 from ..generate import Continuation, Sampling, Step, alone, prime, read
-from ..inference import Generation, as_generation, read_prefix
+from ..inference import Generation, as_generation, read_prefix, read_stops
 
 if TYPE_CHECKING:
     from ..cells.base import State
@@ -253,7 +253,7 @@ class Batches:
                 self.queued -= 1
             raise
         row = Row(sampling, stepper, first)
-        generation = as_generation(trained, prefix, text, Continuation(row.chunks(), sampling.stop, 1))
+        generation = as_generation(trained, prefix, text, Continuation(row.chunks(), read_stops(trained, sampling).stop, 1))
         with self.lock:
             if row.done:  # length 0: nothing to make
                 self.queued -= 1

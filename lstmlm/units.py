@@ -51,6 +51,10 @@ class LayerActivations:
         """The steps from `start` on."""
         return LayerActivations(self.cell, {k: v[start:] for k, v in self.values.items()})
 
+    def at(self, steps: torch.Tensor) -> LayerActivations:
+        """Only the given steps, in that order."""
+        return LayerActivations(self.cell, {k: v[steps] for k, v in self.values.items()})
+
 
 def gate_of(cell: Cell, name: str) -> Gate:
     """The cell's gate called `name`; an InspectError naming the ones it has otherwise."""
@@ -252,9 +256,16 @@ def colour(level: float) -> tuple[int, int, int]:
 # ---- what `lstmlm inspect` shows ----------------------------------------------------------------
 
 
+def last_bytes(text: str) -> torch.Tensor:
+    """The step at which a bytes model, reading `text`'s UTF-8 bytes, has read each character
+    whole: its last byte's. (steps,), one per character."""
+    sizes = torch.tensor([len(c.encode("utf-8", "surrogateescape")) for c in text], dtype=torch.int64)
+    return sizes.cumsum(0) - 1
+
+
 @dataclass(frozen=True)
 class Inspection:
-    text: str  # as the model read it (d2l-normalized for a d2l model)
+    text: str  # one character a step: d2l-normalized for a d2l model; for a bytes model the text given, each character at its last byte's step
     normalized: bool  # whether that changed the text given
     unknown: list[str]  # characters outside the vocabulary, read as <unk>
     layers: list[LayerActivations]
@@ -283,8 +294,10 @@ def inspect_text(
         raise InspectError(f"top must be at least 1, not {top}")
     shown_gate = gate_of(model.cell, model.cell.default_gate if gate is None else gate)
     gate = shown_gate.name
-    seen = normalize(text, mode)
-    layers = activations(model, vocab, seen, context)
+    symbols = normalize(text, mode)
+    layers, seen = activations(model, vocab, symbols, context), symbols
+    if mode == "bytes":  # shown as characters, not as bytes read as Latin-1: one step a character, its last byte's
+        layers, seen = [layer.at(last_bytes(text)) for layer in layers], text
     shown_layer = layer if layer is not None else len(layers) - 1
     acts = check_layer(layers, shown_layer)
     ranking = find_units(layers, seen, find, gate, layer) if find else []
@@ -294,4 +307,4 @@ def inspect_text(
         chosen = [(s.layer, s.unit) for s in ranking[:top]]
     else:
         chosen = [(shown_layer, u) for u in most_variable_units(acts, gate, top)]
-    return Inspection(seen, seen != text, vocab.unknown_chars(seen), layers, shown_gate, find, ranking, chosen)
+    return Inspection(seen, seen != text, vocab.unknown_chars(symbols), layers, shown_gate, find, ranking, chosen)

@@ -172,3 +172,29 @@ def test_a_bytes_models_stop_string_of_any_characters_ends_the_text(bytes_runs: 
     body = {"run": "b", "prefix": "Zürich", "length": 120, "stop": [stop], "stream": False}
     answer = TestClient(create_app(bytes_runs)).post("/api/generate", json=body).json()
     assert (answer["text"], answer["finish_reason"]) == (made[: made.index(stop)], "stop")
+
+
+def test_a_bytes_model_is_inspected_one_character_a_step(bytes_runs: Path, tmp_path: Path) -> None:
+    """Each character is shown once, coloured by the step of its last byte (the model has read it
+    whole), in the terminal, the page and /api/inspect; it was shown as its bytes read as Latin-1
+    ('ZÃ¼rich'), said to be 'normalized (d2l)', and the serve page, whose text never began
+    with that, coloured nothing."""
+    from fastapi.testclient import TestClient
+
+    from lstmlm.inference import load
+    from lstmlm.serve.app import create_app
+    from lstmlm.units import activations
+
+    text = "Zürich — 時間 the"
+    page = tmp_path / "page.html"
+    shown = cli("inspect", "--run", "b", "--runs-dir", bytes_runs, "--text", text, "--unit", "3", "--gate", "hidden", "--html", page)
+    assert shown.code == 0, shown.stderr
+    assert text in shown.stdout and "Ã" not in shown.stdout and "normalized" not in shown.stderr
+    written = page.read_text(encoding="utf-8")
+    assert "".join(f"<span>{c}</span>" for c in text) in written and f'"steps":{len(text)},' in written
+    answer = TestClient(create_app(bytes_runs)).post("/api/inspect", json={"run": "b", "text": text, "gate": "hidden", "units": [3]}).json()
+    assert (answer["text"], answer["normalized"], answer["unknown"]) == (text, False, [])
+    trained = load(bytes_runs, "b")
+    H = activations(trained.model, trained.vocab, text.encode("utf-8").decode("latin-1"))[-1].H  # (bytes, hiddens)
+    last = [len(text[: i + 1].encode("utf-8")) - 1 for i in range(len(text))]
+    assert answer["units"][0]["values"] == pytest.approx(H[last, 3].tolist(), abs=1e-4)

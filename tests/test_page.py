@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from support.browser import chromium
+from support.cli import cli
 from support.serving import ServeProcess, http_json
 
 pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install '.[serve]')")
@@ -147,3 +148,29 @@ def test_the_page_says_so_when_there_is_no_run(tmp_path: Path, serve_process: An
     browser.get(server.url + "/")
     WebDriverWait(browser, 30).until(lambda d: "No runs" in d.find_element(By.ID, "status").text)
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+def test_characters_outside_the_bmp_are_counted_and_coloured_one_each(tmp_path: Path, serve_process: Any, browser: Any) -> None:
+    """An emoji is two UTF-16 units in JavaScript: the status counted "51 characters" for 40,
+    while the spans (one a code point) and their colours stay one per character."""
+    corpus = tmp_path / "emoji.txt"
+    corpus.write_text("😀 ab 𝔘𝔫 👨\u200d👩 cd\n" * 150, encoding="utf-8")
+    train = ["train", "--corpus", corpus, "--runs-dir", tmp_path / "runs", "--run", "emoji", "--hidden", "16", "--batch-size", "8",
+             "--num-steps", "10", "--epochs", "1", "--device", "cpu"]  # fmt: skip
+    assert cli(*train).code == 0
+    server: ServeProcess = serve_process("--runs-dir", tmp_path / "runs")
+    driver, wait = browser, WebDriverWait(browser, 60)
+    driver.get(server.url + "/")
+    wait.until(lambda d: len(Select(d.find_element(By.ID, "run")).options) == 1)
+    for field, value in (("prefix", "😀"), ("length", "40"), ("seed", "1"), ("temperature", "1")):  # chromedriver types no astral character
+        driver.execute_script("const e = document.getElementById(arguments[0]); e.value = arguments[1]; e.dispatchEvent(new Event('input'))", field, value)
+    driver.find_element(By.ID, "go").click()
+    wait.until(lambda d: "ended it" in d.find_element(By.ID, "status").text)
+    assert driver.find_element(By.ID, "status").text == "40 characters (the length asked for ended it)"
+    text = shown_text(driver)
+    assert len(text) == 41 and any(ord(c) > 0xFFFF for c in text[1:])
+    wait.until(lambda d: d.find_element(By.ID, "output").get_attribute("data-painted") == "41")
+    unit = int(driver.find_element(By.ID, "unit").get_attribute("value"))
+    answer = http_json(server.url + "/api/inspect", {"run": "emoji", "text": text, "units": [unit]})[1]
+    painted = driver.execute_script("return Array.from(document.getElementById('output').children).map((s) => getComputedStyle(s).backgroundColor)")
+    assert painted == [rgb(c) for c in answer["units"][0]["colours"]]

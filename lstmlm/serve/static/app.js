@@ -117,7 +117,7 @@ async function generate() {
     if (!response.ok) throw new Error((await response.json()).error || response.statusText);
     for await (const [name, data] of events(response.body)) {
       if (name === "start") startText(data.prefix);
-      else if (name === "text") { addText(data.text); made += data.text.length; }
+      else if (name === "text") { addText(data.text); made += Array.from(data.text).length; }  // characters, not UTF-16 units: an emoji is one
       else if (name === "done") reason = data.finish_reason;
       else if (name === "error") throw new Error(data.error);
     }

@@ -124,6 +124,18 @@ def test_human_output_ends_with_the_seed_line_and_samples(tiny_train_args: list[
     assert lines[-2].startswith("time traveller") and lines[-1].startswith("traveller")
 
 
+def test_a_sample_as_training_goes_is_one_line_however_wide_its_characters(tmp_path: Path, runs_dir: Path) -> None:
+    """A sample of Chinese (two columns a character) was wrapped at the console's width, as if
+    the model had written a newline, and moved whole below its 'epoch 1'."""
+    corpus = tmp_path / "zh.txt"
+    corpus.write_text("時間旅行者が語った未来の話を聞いた" * 200, encoding="utf-8")  # no newline anywhere
+    args = ["--hidden", "16", "--batch-size", "8", "--num-steps", "10", "--epochs", "2", "--sample-every", "1e", "--device", "cpu"]
+    result = cli("train", "--corpus", corpus, "--runs-dir", runs_dir, *args)
+    assert result.code == 0, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("epoch 1")]
+    assert len(line) > len("epoch 1 ") + 40
+
+
 def test_the_start_table_shows_what_this_run_chose_and_verbose_shows_all(tiny_train_args: list[str]) -> None:
     """The options given (and the run's identity) in the table; the defaults, sentinels among them,
     only with --verbose; the table says where the rest is."""

@@ -179,7 +179,7 @@ class TrainView:
         elif isinstance(event, Evaluated):
             self.show_baselines(event.val_bpc)
         elif isinstance(event, Sampled) and event.epoch < self.cfg.train.epochs:
-            self.progress.console.print(f"[dim]epoch {event.epoch}[/] {escape(visible(event.text))}")
+            self.progress.console.print(f"[dim]epoch {event.epoch}[/] {escape(visible(event.text))}", soft_wrap=True)  # as the model wrote it
         elif isinstance(event, Started):
             out.print(config_table(self.cfg, event, self.shown, self.runs_dir))
             self._advance(event)

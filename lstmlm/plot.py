@@ -16,6 +16,7 @@ from typing import Any
 from . import baselines as baselines_mod
 from .atomic import check_output, write_output
 from .baselines import Baselines
+from .data.text import token_unit
 from .errors import PlotError
 from .figures import at_least
 from .runs import RunStore
@@ -88,8 +89,15 @@ def _plain_numbers() -> Any:
     return FuncFormatter(lambda value, _: f"{value:g}")
 
 
+def bits_label(run_dirs: Sequence[Path]) -> str:
+    """What the second chart's bits are per: a character, a byte where every run is a bytes
+    model's, or either where bytes and character runs are drawn together."""
+    units = {token_unit(RunStore.open(Path(d)).config.data.normalize) for d in run_dirs}
+    return "bits per " + (units.pop() if len(units) == 1 else "character or byte")
+
+
 def plot_runs(run_dirs: Sequence[Path], out_path: Path, force: bool = False) -> list[Series]:
-    """Perplexity (log scale) and bits per character per epoch for every run on one figure, with
+    """Perplexity (log scale) and bits per character (per byte) per epoch for every run on one figure, with
     each run's baselines as horizontal lines in its colour, written to `out_path` (.png or .svg)
     by the rule of every command's output (atomic.write_output: an existing file replaced only
     with `force`, never one in a run's directory). Returns the series drawn: in an SVG, series i is the group with id
@@ -127,12 +135,13 @@ def plot_runs(run_dirs: Sequence[Path], out_path: Path, force: bool = False) -> 
     plain = _plain_numbers()
     axes["perplexity"].yaxis.set_major_formatter(plain)
     axes["perplexity"].yaxis.set_minor_formatter(plain)
+    bits = bits_label(run_dirs)
     for metric, ax in axes.items():
         ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
+        ax.set_ylabel(metric if metric == "perplexity" else bits)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
     axes["perplexity"].set_title("perplexity")
-    axes["bits per character"].set_title("bits per character (log₂ perplexity)")
+    axes["bits per character"].set_title(f"{bits} (log₂ perplexity)")
     write_output(out_path, lambda f: fig.savefig(f, format=fmt), "plot", force)
     return series

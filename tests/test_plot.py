@@ -41,8 +41,8 @@ def records(epochs: int, with_val: bool = True) -> list[dict]:
     ]
 
 
-def fake_run(root: Path, name: str, lines: list[dict]) -> Path:
-    store = RunStore.create(root / name, Config(), Vocab(["a", "b"]))
+def fake_run(root: Path, name: str, lines: list[dict], normalize: str = "auto") -> Path:
+    store = RunStore.create(root / name, Config().with_overrides({"normalize": normalize}), Vocab(["a", "b"]))
     for line in lines:
         store.append_metrics(line)
     return store.root
@@ -153,6 +153,21 @@ def test_png_is_an_image(trained_runs: tuple[Path, dict[str, int]], tmp_path: Pa
     assert out.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert [len(s.epochs) for s in series] == [2, 2, 2, 2]
     assert list(tmp_path.iterdir()) == [out]  # written atomically: no temporary file left
+
+
+def test_a_bytes_runs_bits_are_per_byte_on_the_figure(tmp_path: Path) -> None:
+    """The second chart said 'bits per character' for a bytes model, whose bits are per byte."""
+    pytest.importorskip("matplotlib")
+    chars, data = fake_run(tmp_path, "chars", records(3)), fake_run(tmp_path, "bytes", records(3), normalize="bytes")
+    titles = {}
+    for name, runs in (("bytes", [data]), ("chars", [chars]), ("both", [data, chars])):
+        plot.plot_runs(runs, tmp_path / f"{name}.svg")
+        titles[name] = re.findall(r"<!-- (bits per [^>]*) -->", (tmp_path / f"{name}.svg").read_text(encoding="utf-8"))
+    assert titles == {
+        "bytes": ["bits per byte", "bits per byte (log₂ perplexity)"],
+        "chars": ["bits per character", "bits per character (log₂ perplexity)"],
+        "both": ["bits per character or byte", "bits per character or byte (log₂ perplexity)"],
+    }
 
 
 def test_plot_output_follows_the_rule_of_every_commands_output(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ file is asked for. The terminal's chart of the same points is the CLI's (`cli/ch
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,5 +144,7 @@ def plot_runs(run_dirs: Sequence[Path], out_path: Path, force: bool = False) -> 
         ax.legend(fontsize="small")
     axes["perplexity"].set_title("perplexity")
     axes["bits per character"].set_title(f"{bits} (log₂ perplexity)")
-    write_output(out_path, lambda f: fig.savefig(f, format=fmt), "plot", force)
+    with warnings.catch_warnings():  # a run named in a script the font lacks ("漢字") is drawn as boxes, not warned about on stderr with a line of this file
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font")
+        write_output(out_path, lambda f: fig.savefig(f, format=fmt), "plot", force)
     return series

@@ -9,6 +9,7 @@ import re
 import stat
 import sys
 import threading
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,6 +169,17 @@ def test_a_bytes_runs_bits_are_per_byte_on_the_figure(tmp_path: Path) -> None:
         "chars": ["bits per character", "bits per character (log₂ perplexity)"],
         "both": ["bits per character or byte", "bits per character or byte (log₂ perplexity)"],
     }
+
+
+def test_a_run_named_in_a_script_the_font_lacks_is_drawn_without_a_python_warning(tmp_path: Path) -> None:
+    """matplotlib warned 'UserWarning: Glyph 28450 (...) missing from font(s) DejaVu Sans.' and
+    the line of plot.py that saved the figure, on stderr, once for each such character."""
+    pytest.importorskip("matplotlib")
+    run = fake_run(tmp_path, "漢字", records(2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot.plot_runs([run], tmp_path / "zh.png")
+    assert [str(w.message) for w in caught if "Glyph" in str(w.message)] == []
 
 
 def test_plot_output_follows_the_rule_of_every_commands_output(tmp_path: Path) -> None:

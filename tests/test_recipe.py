@@ -155,6 +155,15 @@ def test_a_corpus_too_short_for_the_default_batches_trains_on_the_recipes(tmp_pa
     assert cli(*common, "--max-minutes", "0.01").code == 0
 
 
+@pytest.mark.parametrize(("text", "count"), [("a", "1 token"), ("ab", "2 tokens")])
+def test_a_corpus_shorter_than_the_least_batch_asks_for_a_longer_text(tmp_path: Path, runs_dir: Path, text: str, count: str) -> None:
+    """The recipe already chose a batch of 1×1: lowering the batch is no way out."""
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(text, encoding="utf-8")
+    result = cli("train", "--corpus", corpus, "--max-minutes", "0.01", "--device", "cpu", "--runs-dir", runs_dir)
+    assert_one_error_line(result, f"has {count}, too short for one batch of 1×1: it needs at least 3 (a longer text)")
+
+
 @pytest.mark.parametrize(
     ("overrides", "uses"),
     [

@@ -68,9 +68,10 @@ def min_tokens(batch_size: int, num_steps: int) -> int:
 def check_length(num_tokens: int, batch_size: int, num_steps: int, what: str = "corpus") -> None:
     need = min_tokens(batch_size, num_steps)
     if num_tokens < need:
+        smaller = "a longer text" if batch_size == num_steps == 1 else "lower --batch-size or --num-steps"  # a batch of 1×1 is the least
         raise CorpusError(
-            f"the {what} has {num_tokens} tokens, too short for one batch of {batch_size}×{num_steps}: "
-            f"it needs at least {need} (lower --batch-size or --num-steps)"
+            f"the {what} has {num_tokens} token{'' if num_tokens == 1 else 's'}, too short for one batch of {batch_size}×{num_steps}: "
+            f"it needs at least {need} ({smaller})"
         )
 
 

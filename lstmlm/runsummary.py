@@ -11,7 +11,8 @@ A run is in one of four states:
     done          its last training ended (completed, stopped early, out of time) and nothing
                   was written since; a run made before lstmlm recorded the end: all its epochs logged
     interrupted   its last training was stopped (Ctrl-C, SIGTERM), or ended without saying so
-                  (killed, crashed): no end recorded, or a latest.pt newer than the one recorded
+                  (killed, crashed): no end recorded, or a later training's writes after the one
+                  recorded (a checkpoint, or metrics.jsonl, which a resume rewrites as it starts)
     unreadable    something in it cannot be read: `problems` says what
 """
 
@@ -34,10 +35,11 @@ from .data.download import KNOWN
 from .data.text import token_unit
 from .errors import CheckpointError, ConfigError
 from .figures import FIGURES, LARGEST, at_least, count, number, perplexity
-from .runs import CHECKPOINT_SUFFIX, LATEST, RunStore, read_regular, strict
+from .runs import BEST, CHECKPOINT_SUFFIX, LATEST, RunStore, read_regular, strict
 from .sizes import num_parameters
 
 TRAINING, DONE, INTERRUPTED, UNREADABLE = "training", "done", "interrupted", "unreadable"
+METRICS = "metrics.jsonl"
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,8 @@ class _Reader:
         ended = self._ended()
         logged = _Logged.of(self._metrics())
         latest = self._mtime(LATEST + CHECKPOINT_SUFFIX)
-        current = ended if ended is not None and (latest is None or latest <= number(ended.get("at"), math.inf)) else None
+        written = [t for t in (latest, self._mtime(BEST + CHECKPOINT_SUFFIX), self._mtime(METRICS)) if t is not None]
+        current = ended if ended is not None and max(written, default=-math.inf) <= number(ended.get("at"), math.inf) else None
         pid = self._holder()
         state, why = self._state(pid, cfg, logged, ended, current, latest is not None)
         return Run(
@@ -232,7 +235,7 @@ class _Reader:
         """The logged epochs. A last line without its newline was cut by a crash mid-write
         (RunStore.read_metrics skips it too): left out, not a problem; any other line that is
         not a JSON record is."""
-        text = self._text("metrics.jsonl", optional=True) or ""
+        text = self._text(METRICS, optional=True) or ""
         whole, _, cut = text.rpartition("\n")
         records = _records(whole)
         if records is None:

@@ -3,6 +3,7 @@ its lock, real signals, damaged runs, and no torch loaded."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -221,6 +222,19 @@ def test_a_killed_training_is_interrupted_without_a_word(trainings: list[LivePro
     assert "done" not in json.loads((runs_dir / "killed" / "run.json").read_text())
 
 
+def test_a_resumed_training_killed_before_its_first_checkpoint_is_interrupted_not_done(trainings: list[LiveProcess], runs_copy: Path) -> None:
+    """run.json still records the first training's end; the resumed one logged epochs since."""
+    assert listed(runs_copy)["raw"]["state"] == "done"
+    training = LiveProcess("train", "--resume", "--run", "raw", "--runs-dir", runs_copy, "--epochs", "500", "--checkpoint-every", "0", "--json")
+    trainings.append(training)
+    training.wait_until(lambda: any(e["event"] == "epoch" and e["epoch"] >= 3 for e in training.events), "an epoch of the resumed training")
+    assert training.stop(signal.SIGKILL) == -signal.SIGKILL
+    run = listed(runs_copy)["raw"]
+    assert (run["state"], run["why"], run["planned_epochs"]) == ("interrupted", "ended without saying so (killed?)", 500)
+    shown = cli("runs", "show", "raw", "--runs-dir", runs_copy).stdout.splitlines()
+    assert shown[-1] == f"continue with: lstmlm train --resume --run raw --runs-dir {runs_copy}"  # not "with more epochs"
+
+
 # ---- damaged runs -------------------------------------------------------------------------------------
 
 
@@ -285,9 +299,19 @@ def test_a_run_without_permission_to_read_is_one_row(runs_copy: Path) -> None:
     assert run["state"] == "unreadable" and "Permission denied" in run["why"]
 
 
+@contextlib.contextmanager
+def kept_time(path: Path) -> Iterator[Any]:
+    """`path` opened to append lines, its time kept: what it then holds is not a later training's
+    (whose writes after the recorded end make the run interrupted)."""
+    st = os.stat(path)
+    with path.open("a") as f:
+        yield f
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 def test_a_directory_that_is_no_run_and_a_line_cut_by_a_crash(runs_copy: Path) -> None:
     (runs_copy / "stray").mkdir()
-    with (runs_copy / "raw" / "metrics.jsonl").open("a") as f:
+    with kept_time(runs_copy / "raw" / "metrics.jsonl") as f:
         f.write('{"epoch": 3, "train_perp')  # a crash mid-write: the line has no end
     with (runs_copy / "bytes" / "metrics.jsonl").open("a") as f:
         f.write('{"epoch": 3, "val_perplexity": NaN, "train_perplexity": Infinity}\n')  # not strict JSON: no figure
@@ -300,7 +324,7 @@ def test_a_directory_that_is_no_run_and_a_line_cut_by_a_crash(runs_copy: Path) -
 def test_figures_no_training_can_log_are_no_figures(runs_copy: Path) -> None:
     huge = "1" + "0" * 400  # JSON's digits spell an integer no float holds
     before = listed(runs_copy)["raw"]
-    with (runs_copy / "raw" / "metrics.jsonl").open("a") as f:
+    with kept_time(runs_copy / "raw" / "metrics.jsonl") as f:
         f.write(f'{{"epoch": 2, "val_perplexity": 0.5, "train_perplexity": -3, "tokens_per_s": {huge}, "seconds": 1}}\n')
         f.write(f'{{"epoch": 2, "val_perplexity": {huge}, "tokens_per_s": -5, "seconds": 2}}\n')
     record = json.loads((runs_copy / "raw" / "run.json").read_text())

@@ -55,8 +55,18 @@ def baseline_perplexities(b: Baselines | None) -> list[tuple[str, float]]:
 
 
 def points(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    """(epochs, values) of the records that have a perplexity `key` (validation may be off)."""
-    kept = [(r["epoch"], float(r[key])) for r in records if at_least(r.get(key), 1)]
+    """(epochs, values) of the records that have a perplexity `key` (validation may be off).
+    An epoch's record carries the latest validation, made at its end or before it (a line of its
+    own within the epoch, or an epoch earlier with --eval-every 2e): a validation figure the same
+    as the point before it is that validation again, not one made at the epoch's end, and is
+    drawn once."""
+    kept: list[tuple[float, float]] = []
+    for r in records:
+        if not at_least(r.get(key), 1):
+            continue
+        value = float(r[key])
+        if not (key == "val_perplexity" and type(r["epoch"]) is int and kept and kept[-1][1] == value):
+            kept.append((r["epoch"], value))
     return [e for e, _ in kept], [v for _, v in kept]
 
 

@@ -101,6 +101,20 @@ def test_series_hold_perplexity_and_bits_per_character_per_split() -> None:
     assert len(plot.run_series("r", records(3, with_val=False))) == 2
 
 
+def test_a_validation_is_drawn_once_though_the_next_epochs_record_carries_it() -> None:
+    """An epoch's record in metrics.jsonl carries the latest validation: one of --eval-every 2e
+    made an epoch before, or one within the epoch (a line of its own, at its fraction)."""
+    every_2e = records(4)
+    every_2e[0].update(val_perplexity=None, val_bpc=None)
+    every_2e[2].update(val_perplexity=every_2e[1]["val_perplexity"], val_bpc=every_2e[1]["val_bpc"])
+    assert plot.points(every_2e, "val_perplexity")[0] == [2, 4]
+    assert plot.points(every_2e, "train_perplexity")[0] == [1, 2, 3, 4]
+    in_steps = [{"epoch": 0.5, "train_perplexity": 40.0, "val_perplexity": 30.0}, {"epoch": 1, "train_perplexity": 35.0, "val_perplexity": 30.0},
+                {"epoch": 1.5, "train_perplexity": 28.0, "val_perplexity": 25.0}, {"epoch": 2, "train_perplexity": 27.0, "val_perplexity": 24.0}]  # fmt: skip
+    assert plot.points(in_steps, "val_perplexity") == ([0.5, 1.5, 2], [30.0, 25.0, 24.0])
+    assert [s.epochs for s in plot.run_series("r", in_steps) if s.split == "validation"] == [[0.5, 1.5, 2]] * 2
+
+
 # ---- files from trained runs ------------------------------------------------------------------
 
 

@@ -141,8 +141,11 @@ class Cadences:
             if fired:
                 self._last[key] = now
         stop = "interrupted" if interrupted else "time_limit" if out_of_time else None
+        # a training ending with this epoch validates before its record, which then holds that validation
+        # (after it, the stop path's would be in no record: metrics.jsonl kept the one before)
+        ending = ends_epoch and (finishing or out_of_time)
         return Due(
-            validate=validate and has_val and not interrupted,
+            validate=(validate or ending) and has_val and not interrupted,
             sample=sample and stop is None and not finishing,
             save=save and stop is None,
             stop=stop,

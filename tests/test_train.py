@@ -520,6 +520,20 @@ def test_eval_every_validates_every_n_steps_across_epoch_edges(make_trainer: Mak
         assert events[i].val_perplexity == last.val_perplexity
 
 
+@pytest.mark.parametrize("eval_every", ["2e", "1000"])
+def test_the_validation_where_training_ends_is_the_last_epochs_record(make_trainer: MakeTrainer, scripted_validation: Any, eval_every: str) -> None:
+    """The last epoch's end off the validation cadence (3 epochs, every 2; every 1000 steps):
+    the end's validation came after that epoch's record, which carried an older one, so
+    metrics.jsonl (plot, runs, the server's chart) never held it; TensorBoard did."""
+    trainer = make_trainer(epochs=3, eval_every=eval_every)
+    scripted_validation(trainer, [2.0, 1.5])
+    events = list(trainer.run())
+    evaluated = [e for e in events if type(e).__name__ == "Evaluated"]
+    assert kinds(events)[-5:] == ["Evaluated", "EpochEnded", "Saved:latest", "Sampled", "Finished"]
+    last = [r for r in trainer.store.read_metrics() if r["epoch"] == 3]
+    assert len(last) == 1 and last[0]["val_perplexity"] == evaluated[-1].val_perplexity == pytest.approx(math.exp(len(evaluated) * -0.5 + 2.5))
+
+
 def test_a_validation_within_an_epoch_is_a_line_of_the_metrics_at_its_fraction(make_trainer: MakeTrainer, scripted_validation: Any) -> None:
     """Every 5 steps: a validation that is not at an epoch's end logs its own line, its epoch
     the fraction of the epochs done and its training perplexity the epoch's so far; the

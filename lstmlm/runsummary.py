@@ -66,7 +66,7 @@ class Run:
     epochs: int | None = None  # completed
     planned_epochs: int | None = None
     best_val_perplexity: float | None = None
-    best_epoch: int | None = None  # the logged epoch whose validation was best
+    best_epoch: float | None = None  # where the best validation was made: an epoch's end, or within one (1.5: halfway into the second)
     last_val_perplexity: float | None = None
     train_perplexity: float | None = None  # the last logged epoch's
     seconds: float | None = None  # of training, all sessions together
@@ -314,7 +314,7 @@ class _Logged:
     tokens: int = 0
     seconds: float = 0.0
     best: float | None = None
-    best_epoch: int | None = None
+    best_epoch: float | None = None
     last_val: float | None = None
     train: float | None = None
 
@@ -322,21 +322,23 @@ class _Logged:
     def of(cls, records: list[dict[str, Any]]) -> _Logged:
         # hundreds of runs of hundreds of epochs each: comprehensions, no call per value
         epochs = [r for r in records if type(r.get("epoch")) is int]
-        if not epochs:
+        # every validation, those with a line of their own within an epoch too (an epoch's record
+        # repeats the latest: the min keeps the first, where it was made)
+        validated = [(v, e) for r in records if at_least(v := r.get("val_perplexity"), 1) and at_least(e := r.get("epoch"), 0)]
+        if not epochs and not validated:
             return cls()
-        validated = [(v, r["epoch"]) for r in epochs if at_least(v := r.get("val_perplexity"), 1)]
         rates = [(r.get("tokens_per_s", 0.0), r.get("seconds", 0.0)) for r in epochs]
         figures = [(rate, s) for rate, s in rates if type(rate) in FIGURES and type(s) in FIGURES]
         timed = [(rate, s) for rate, s in figures if 0 <= rate <= LARGEST and 0 <= s <= LARGEST and rate * s <= LARGEST]
         best = min(validated) if validated else (None, None)
         return cls(
-            epochs=max(r["epoch"] for r in epochs),
+            epochs=max((r["epoch"] for r in epochs), default=0),
             tokens=sum(round(rate * s) for rate, s in timed),  # an epoch's tokens were logged as its rate and its time
             seconds=float(sum(s for _, s in timed)),
             best=best[0],
             best_epoch=best[1],
             last_val=validated[-1][0] if validated else None,
-            train=perplexity(epochs[-1].get("train_perplexity")),
+            train=perplexity(epochs[-1].get("train_perplexity")) if epochs else None,
         )
 
 

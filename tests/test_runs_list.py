@@ -405,6 +405,32 @@ def test_show_prints_the_config_history_and_the_command(made: Path) -> None:
     assert_one_error_line(cli("runs", "show", "../raw", "--runs-dir", made), "--run must be a plain name")
 
 
+def test_the_best_validation_is_said_at_the_epoch_it_was_made_in_even_within_one(runs_copy: Path) -> None:
+    """--eval-every in steps: the best validation a line of its own at 1.5; epoch 2's record
+    carries a later, worse one. Its figure (run.json's best) was said 'at epoch 2'."""
+    run = runs_copy / "raw"
+    first, second = (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+    best = first["val_perplexity"] * 0.9
+    within = {"epoch": 1.5, "global_step": first["global_step"] + 1, "train_perplexity": math.e, "val_perplexity": best, "lr": 0.02}
+    second.update(val_perplexity=best * 1.1, val_bpc=math.log2(best * 1.1))
+    with kept_time(run / "metrics.jsonl") as f:
+        f.truncate(0)
+        f.write("".join(json.dumps(r) + "\n" for r in (first, within, second)))
+    record = json.loads((run / "run.json").read_text())
+    record["done"].update(best_val_perplexity=best, val_perplexity=best * 1.1)
+    (run / "run.json").write_text(json.dumps(record))
+    listed_run = listed(runs_copy)["raw"]
+    assert (listed_run["state"], listed_run["best_val_perplexity"], listed_run["best_epoch"]) == ("done", best, 1.5)
+    assert listed_run["last_val_perplexity"] == best * 1.1
+    assert f"best validation perplexity {best:.3f} ({math.log2(best):.3f} bpc) at epoch 1.5\n" in cli("runs", "show", "raw", "--runs-dir", runs_copy).stdout
+
+    killed = runs_copy / "bytes"  # killed halfway into its first epoch, after a validation: no epoch, no end recorded
+    (killed / "metrics.jsonl").write_text(json.dumps({**within, "epoch": 0.5}) + "\n")
+    (killed / "run.json").write_text(json.dumps({"corpus_sha1": record["corpus_sha1"]}))
+    listed_run = listed(runs_copy)["bytes"]
+    assert (listed_run["state"], listed_run["epochs"], listed_run["best_val_perplexity"], listed_run["best_epoch"]) == ("interrupted", 0, best, 0.5)
+
+
 def test_show_lists_each_config_key_once(made: Path) -> None:
     words = cli("runs", "show", "bytes", "--runs-dir", made).stdout.split()
     assert (words.count("cell"), words.count("hidden"), words.count("epochs")) == (1, 1, 1)

@@ -44,7 +44,6 @@ if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
 EXTRA_HINT = "--tensorboard needs TensorBoard: pip install 'lstmlm[tensorboard]'"
-METRICS = ("loss/val", "bpc/val")  # the HParams view's metrics: the last validation's
 
 
 def prepare(directory: Path, run: str | None = None) -> None:
@@ -173,7 +172,8 @@ class Board:
         from torch.utils.tensorboard.summary import hparams
 
         values = {k: v for table in self.cfg.to_dict().values() for k, v in table.items() if k != "tensorboard"}
-        experiment, start, _ = hparams(values, dict.fromkeys(METRICS, 0.0))
+        metrics = ("loss/val", f"{self.unit}/val")  # the HParams view's: the last validation's (bpb/val in bytes mode)
+        experiment, start, _ = hparams(values, dict.fromkeys(metrics, 0.0))
         start.value[0].metadata.plugin_data.content = _started_now(start.value[0].metadata.plugin_data.content)
         self._summary(experiment)
         self._summary(start)

@@ -103,6 +103,18 @@ def test_a_run_logs_its_metrics_baselines_samples_and_config(corpus_file: Path, 
     assert "_hparams_/session_end_info" in content
 
 
+def test_a_bytes_run_logs_bits_per_byte_and_its_hparams_metrics_are_those_it_logs(corpus_file: Path, runs_dir: Path, tmp_path: Path) -> None:
+    """The HParams view's metrics name scalars of the run: a bytes run's bits are bpb/val, and
+    a metric 'bpc/val' was a column no run of it ever filled."""
+    board_dir = tmp_path / "tb"
+    train(runs_dir, "b", corpus_file, board_dir, epochs=1, normalize="bytes")
+    board = read(board_dir / "b")
+    assert {"bpb/val", "bpb/train"} <= set(board.Tags()["scalars"]) and not any(t.startswith("bpc/") for t in board.Tags()["scalars"])
+    assert [s for s, _ in points(read(board_dir / "b" / "baselines" / "unigram"), "bpb/val")] == [metrics(runs_dir, "b")[0]["global_step"]]
+    experiment = HParamsPluginData.FromString(board.PluginTagToContent("hparams")["_hparams_/experiment"]).experiment
+    assert [m.name.tag for m in experiment.metric_infos] == ["loss/val", "bpb/val"]
+
+
 def test_a_run_killed_after_its_checkpoint_and_resumed_continues_the_same_curves(corpus_file: Path, runs_dir: Path, tmp_path: Path) -> None:
     """Checkpoints every 2 epochs; killed right after epoch 3 ended (its points logged, no
     checkpoint for it): the resume trains epoch 3 again from epoch 2's checkpoint, and then 4.

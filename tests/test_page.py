@@ -120,6 +120,9 @@ def test_the_page_streams_colours_charts_and_follows_training(tiny_runs: Path, t
         store.append_metrics({"epoch": epoch, "global_step": step, "train_perplexity": 9.0, "val_perplexity": 9.5})
     wait.until(lambda d: d.find_element(By.ID, "chart-info").text.startswith("4 epochs (and 2 validations within an epoch) · "))
     assert chart.get_attribute("data-points") == "12"
+    store.append_metrics({"epoch": 5, "global_step": 10_003, "train_perplexity": 8.9, "val_perplexity": 9.5})  # carries the last validation
+    wait.until(lambda d: d.find_element(By.ID, "chart-info").text.startswith("5 epochs"))
+    assert chart.get_attribute("data-points") == "13"  # its training point; the validation is drawn once
 
     screenshot = tmp_path / "lstmlm-serve-page.png"
     driver.save_screenshot(str(screenshot))

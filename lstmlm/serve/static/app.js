@@ -280,8 +280,17 @@ async function refreshMetrics() {
   }
 }
 
+// An epoch's record carries the latest validation, made at its end or before it (a line of its
+// own within the epoch, or an epoch earlier): one the same as the point before it is that
+// validation again, drawn once (as lstmlm plot draws it: plot.points).
 function series(epochs, key) {
-  return epochs.filter((r) => typeof r[key] === "number").map((r) => [r.epoch, r[key]]);
+  const kept = [];
+  for (const r of epochs) {
+    if (typeof r[key] !== "number") continue;
+    const carried = key === "val_perplexity" && Number.isInteger(r.epoch) && kept.length && kept[kept.length - 1][1] === r[key];
+    if (!carried) kept.push([r.epoch, r[key]]);
+  }
+  return kept;
 }
 
 // The run's baselines as horizontal lines: the perplexity (2^bits) a uniform choice, its unigram

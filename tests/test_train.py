@@ -312,6 +312,25 @@ def test_resume_at_an_epoch_edge_is_bitwise_exact(make_trainer: MakeTrainer, ite
     assert epoch_losses(straight.store) == epoch_losses(rest.store)
 
 
+@pytest.mark.parametrize("at", ["epoch_end", "eval_every"])
+def test_a_stop_on_a_step_a_validation_is_due_resumes_exactly(make_trainer: MakeTrainer, at: str) -> None:
+    """Ctrl-C on the step a validation was due (an epoch's last, or eval_every's) skipped it, and
+    the resume never made it up: the epoch's record lacked its val_perplexity (the mid-epoch
+    line was missing), and patience and best.pt counted one validation fewer than the run never stopped."""
+    args = {"epochs": 2, "dropout": 0.3, "layers": 2, "eval_every": "1e,7"}
+    straight = make_trainer("straight", **args)
+    list(straight.run())
+    first = make_trainer("stopped", **args)
+    stop_after = first.steps_per_epoch if at == "epoch_end" else 14
+    list(first.run(lambda: first.progress.global_step >= stop_after))
+    resumed = make_trainer("stopped", **args)
+    resumed.resume()
+    list(resumed.run())
+    assert_bitwise_equal(weights(straight), weights(resumed))
+    assert epoch_losses(straight.store) == epoch_losses(resumed.store)
+    assert straight.progress.best_val == resumed.progress.best_val and straight.progress.evals_since_best == resumed.progress.evals_since_best
+
+
 def test_resume_drops_metrics_no_checkpoint_holds(make_trainer: MakeTrainer) -> None:
     """A crash after an epoch was logged but before its checkpoint: resume re-logs it once."""
     trainer = make_trainer(epochs=3, checkpoint_every="2e")

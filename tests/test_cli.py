@@ -204,6 +204,18 @@ def test_resume_takes_the_command_that_started_the_run_config_and_all(tiny_train
     assert [e["epoch"] for e in resumed.json() if e["event"] == "epoch"] == [2]
 
 
+def test_resume_takes_the_command_that_started_the_run_with_its_auto_values(tiny_train_args: list[str], runs_dir: Path) -> None:
+    """A run keeps 'auto' and -1 resolved for its corpus (normalize raw, max_tokens 0,
+    val_fraction 0.1): the command that started it, plus --resume, was refused as a change."""
+    started = [*(a if a != "raw" else "auto" for a in tiny_train_args), "--max-tokens", "-1", "--val-fraction", "-1", "--run", "r"]
+    assert cli(*started).code == 0
+    resumed = cli(*[a if a != "2" else "3" for a in started], "--resume", "--json")
+    assert resumed.code == 0, resumed.stderr
+    assert [e["epoch"] for e in resumed.json() if e["event"] == "epoch"] == [3]
+    refused = cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--epochs", "4", "--normalize", "d2l")
+    assert_one_error_line(refused, "--resume keeps the run's stored normalize = 'raw'; it cannot change to 'd2l'")
+
+
 def test_resume_names_the_keys_a_config_file_disagrees_on(tiny_train_args: list[str], runs_dir: Path, tmp_path: Path) -> None:
     assert cli(*tiny_train_args, "--run", "r").code == 0
     other = tmp_path / "other.toml"

@@ -73,7 +73,7 @@ class EpochEnded:
     seconds: float
     lr: float
     global_step: int = 0  # optimizer steps at the epoch's end
-    grad_norm: float | None = None  # the mean gradient norm (before clipping) over the epoch's steps in this session
+    grad_norm: float | None = None  # the mean gradient norm (before clipping) over the epoch's steps
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ class Progress:
     last_val: float | None = None
     torch_rng: torch.Tensor | None = None
     carry: list[torch.Tensor] | None = None  # the recurrent state mid-epoch, for the sequential iterator
+    grad_norm_sum: float = 0.0  # the current epoch's gradient norms so far, summed (its record's mean)
+    grad_norm_steps: int = 0  # the steps they cover
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -56,6 +58,7 @@ class Progress:
         self.total_tokens += self.tokens
         self.epoch += 1
         self.batch, self.tokens, self.loss_sum, self.epoch_seconds, self.carry = 0, 0, 0.0, 0.0, None
+        self.grad_norm_sum, self.grad_norm_steps = 0.0, 0
         self.epoch_rng = next_rng
         return closed
 

@@ -93,13 +93,15 @@ class Trainer:
         self._tic = 0.0  # when the current stretch of training steps began
         self._said_eager = False
         self.train_perplexity = math.nan  # the last completed epoch's
-        self._norm_steps = 0  # this session's steps in the current epoch, whose gradient norms `grad_norms` sums
+        self._norm_steps = 0  # the current epoch's steps whose gradient norms `grad_norms` sums
         self._epoch_length = self.steps_per_epoch  # the current epoch's batches
 
     def resume(self) -> None:
         """Continue from the run's latest checkpoint (weights, optimizer, schedule, RNGs, position),
         keeping best.pt unless a better model comes."""
         self.progress = self.checkpoints.resume(self.cfg)
+        self.grad_norms.fill_(self.progress.grad_norm_sum)  # the epoch's steps before the stop count in its mean
+        self._norm_steps = self.progress.grad_norm_steps
         if self.world.is_main:
             self.store.truncate_metrics(self.progress.epoch, self.progress.global_step)
             records = [r for r in self.store.read_metrics() if type(r.get("epoch")) is int]  # the epochs', not a validation's within one
@@ -179,6 +181,7 @@ class Trainer:
             return None
         p.epoch_seconds += self._settled(now) - self._tic
         p.loss_sum = self._finite(loss_sum)
+        p.grad_norm_sum, p.grad_norm_steps = self.grad_norms.item(), self._norm_steps
         self._carry = None if ends_epoch else gathered(carry, self.world)
         closed = self._close_epoch(rng) if ends_epoch else None
         if due.validate:
@@ -313,7 +316,7 @@ class Trainer:
         raise TrainingError(f"{what} (learning rate too high?); training stopped and {last}")
 
     def _mean_grad_norm(self) -> float | None:
-        """The mean gradient norm over this session's steps of the epoch just closed, then zeroed
+        """The mean gradient norm over the steps of the epoch just closed, then zeroed
         for the next (in place: a graph adds into this very tensor)."""
         steps, self._norm_steps = self._norm_steps, 0
         mean = self.grad_norms.item() / steps if steps else None

@@ -269,6 +269,11 @@ def test_resume_mid_epoch_is_bitwise_exact(make_trainer: MakeTrainer, iterator: 
 
     assert_bitwise_equal(weights(straight), weights(resumed))
     assert epoch_losses(straight.store) == epoch_losses(resumed.store)
+    assert grad_norms(straight.store) == grad_norms(resumed.store)  # the resumed epoch's mean was of the steps after the resume alone
+
+
+def grad_norms(store: RunStore) -> list[float | None]:
+    return [r.get("grad_norm") for r in store.read_metrics()]
 
 
 def test_reset_every_zeroes_each_row_once_per_cycle_staggered_and_carries_the_rest(make_trainer: MakeTrainer) -> None:

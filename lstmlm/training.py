@@ -146,11 +146,20 @@ def resumable_changes(stored: Config, file: Config, written: frozenset[str], giv
                 f"--resume keeps the run's stored config, and {config_file} (with the options given) differs from it in {what}: "
                 f"give the command that started the run, plus --resume, or start a new --run"
             )
-    for key, value in given.items():  # compared as resolved for the run's corpus: its "auto" and -1 are stored so
-        if key not in config.RESUMABLE and stored.with_overrides({key: value}).resolved().value(key) != stored.value(key):
+    for key, value in given.items():
+        if key not in config.RESUMABLE and value != stored.value(key) and not resolves_to(stored, key, value):
             raise ConfigError(f"--resume keeps the run's stored {key} = {stored.value(key)!r}; it cannot change to {value!r} (start a new --run instead)")
     from_file = {k: file.value(k) for k in written if k in config.RESUMABLE}
     return {**from_file, **{k: v for k, v in given.items() if k in config.RESUMABLE}}
+
+
+def resolves_to(stored: Config, key: str, value: Any) -> bool:
+    """Whether `value` is the stored config's own for `key` once resolved for the run's corpus: a
+    run keeps its "auto" and -1 resolved (normalize raw, max_tokens 0), so the command that started it says them so."""
+    try:
+        return bool(stored.with_overrides({key: value}).resolved().value(key) == stored.value(key))
+    except ConfigError:  # not even valid beside the run's other settings: a change, refused as one
+        return False
 
 
 def check_same_corpus(store: RunStore, data: Data, corpus: str) -> None:

@@ -212,8 +212,10 @@ def test_resume_takes_the_command_that_started_the_run_with_its_auto_values(tiny
     resumed = cli(*[a if a != "2" else "3" for a in started], "--resume", "--json")
     assert resumed.code == 0, resumed.stderr
     assert [e["epoch"] for e in resumed.json() if e["event"] == "epoch"] == [3]
-    refused = cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--epochs", "4", "--normalize", "d2l")
-    assert_one_error_line(refused, "--resume keeps the run's stored normalize = 'raw'; it cannot change to 'd2l'")
+    # a split beside the run's val_fraction is no config at all: still the resume's line
+    for option, value, line in (("--normalize", "d2l", "normalize = 'raw'"), ("--split", "0.9,0.1", "split = ''")):
+        refused = cli("train", "--resume", "--run", "r", "--runs-dir", runs_dir, "--epochs", "4", option, value)
+        assert_one_error_line(refused, f"--resume keeps the run's stored {line}; it cannot change to {value!r}")
 
 
 def test_resume_names_the_keys_a_config_file_disagrees_on(tiny_train_args: list[str], runs_dir: Path, tmp_path: Path) -> None:

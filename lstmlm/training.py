@@ -150,7 +150,10 @@ def resumable_changes(stored: Config, file: Config, written: frozenset[str], giv
         if key not in config.RESUMABLE and value != stored.value(key) and not resolves_to(stored, key, value):
             raise ConfigError(f"--resume keeps the run's stored {key} = {stored.value(key)!r}; it cannot change to {value!r} (start a new --run instead)")
     from_file = {k: file.value(k) for k in written if k in config.RESUMABLE}
-    return {**from_file, **{k: v for k, v in given.items() if k in config.RESUMABLE}}
+    changes = {**from_file, **{k: v for k, v in given.items() if k in config.RESUMABLE}}
+    if changes.get("precision") == "auto":  # chosen once, as the run was made: a resume trains on in what it chose
+        del changes["precision"]
+    return changes
 
 
 def resolves_to(stored: Config, key: str, value: Any) -> bool:

@@ -128,14 +128,18 @@ def test_the_recipes_probe_is_timed_in_the_precision_chosen_for_it(monkeypatch: 
     assert trainings.probe_speed(tiny(), 20, CPU) > 0 and asked == ["bf16"]
 
 
-def test_train_says_what_auto_chose_and_why_and_a_resume_keeps_it(book: Path, runs_dir: Path) -> None:
+@pytest.mark.parametrize("again", [[], ["--precision", "auto"]], ids=["bare", "auto-again"])
+def test_train_says_what_auto_chose_and_why_and_a_resume_keeps_it(book: Path, runs_dir: Path, monkeypatch: pytest.MonkeyPatch, again: list[str]) -> None:
+    """The command that started the run with --precision auto, plus --resume, chose anew (on
+    another machine, or with its choice forgotten: another precision, the resume no longer exact)."""
     common = ["--corpus", book, "--device", "cpu", "--hidden", "16", "--batch-size", "4", "--num-steps", "12", "--runs-dir", runs_dir]
     result = cli("train", *common, "--epochs", "1", "--run", "r")
     assert result.code == 0, result.stderr
     line = next(line for line in result.stdout.splitlines() if line.startswith("precision "))
     stored = json.loads((runs_dir / "r" / "config.json").read_text())["train"]["precision"]
     assert stored == "fp32" and line.startswith("precision fp32: too small a model for bf16 to pay")  # 1×16 at batch 4
-    resumed = cli("train", "--run", "r", "--resume", "--epochs", "2", "--runs-dir", runs_dir)
+    monkeypatch.setattr(precisions, "choose", lambda *_: precisions.Choice("bf16", "another machine's"))
+    resumed = cli("train", "--run", "r", "--resume", "--epochs", "2", "--runs-dir", runs_dir, *again)
     assert resumed.code == 0, resumed.stderr
     assert not any(line.startswith("precision ") for line in resumed.stdout.splitlines())  # nothing chosen anew
     assert json.loads((runs_dir / "r" / "config.json").read_text())["train"]["precision"] == stored

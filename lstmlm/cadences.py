@@ -145,7 +145,7 @@ class Cadences:
         # (after it, the stop path's would be in no record: metrics.jsonl kept the one before)
         ending = ends_epoch and (finishing or out_of_time)
         return Due(
-            # due and interrupted too: skipped, it was lost to the resume (epoch records, patience, best.pt)
+            # a validation due is made even when interrupted: skipped, it was lost to the resume (epoch records, patience, best.pt)
             validate=(validate or (ending and not interrupted)) and has_val,
             sample=sample and stop is None and not finishing,
             save=save and stop is None,

@@ -17,6 +17,7 @@ import re
 import shutil
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,9 @@ def test_a_real_server_over_https_with_the_token_from_the_environment(tiny_runs:
     try:
         server.wait_serving()
         assert server.url.startswith("https://127.0.0.1:")
+        deadline = time.monotonic() + 30
+        while len(server.lines) < 2 and time.monotonic() < deadline:  # the line after "serving the runs ..." may still be on its way
+            time.sleep(0.05)
         assert server.lines[1] == f"every request needs the token; a browser opens {server.url}/?token=TOKEN once"
         context = ssl.create_default_context(cafile=str(cert))  # the client checks the certificate and its name
         status, text = request(server, "GET", "/api/status", context)

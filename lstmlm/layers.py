@@ -9,8 +9,8 @@ unless the module itself is named here, as `data.home` and `data.download` are).
      2  atomic, device, distributed,   durable writes; the device and precision; torchrun;
         vocab, progress, fields,       the vocabulary; where a training stands; fields that
         sampling, figures              carry their option; sampling rules; figures read back
-     3  data.home, data.download,      the cache's root; known corpora and downloads; the
-        trust                          compiled cache's trust checks
+     3  data.home, data.download,      the cache's root; known corpora and downloads (an HTTP
+        data.transfer, trust           body across attempts); the compiled cache's trust checks
      4  cells, fused, recurrence,      the recurrent cells and their fast paths (the fused
         native                         Python path, the compiled C++ recurrence)
      5  cadences, config, config_file, every hyperparameter (a cadence typed, with its timing);
@@ -37,7 +37,7 @@ from __future__ import annotations
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("lstmlm", "errors"),
     ("atomic", "device", "distributed", "vocab", "progress", "fields", "sampling", "figures"),
-    ("data.home", "data.download", "trust"),
+    ("data.home", "data.download", "data.transfer", "trust"),
     ("cells", "fused", "recurrence", "native"),
     ("cadences", "config", "config_file", "sizes"),
     ("runs", "data"),

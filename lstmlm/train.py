@@ -97,8 +97,7 @@ class Trainer:
         self._epoch_length = self.steps_per_epoch  # the current epoch's batches
 
     def resume(self) -> None:
-        """Continue from the run's latest checkpoint (weights, optimizer, schedule, RNGs, position),
-        keeping best.pt unless a better model comes."""
+        """Continue from latest.pt (weights, optimizer, schedule, RNGs, position); best.pt kept till beaten."""
         self.progress = self.checkpoints.resume(self.cfg)
         self.grad_norms.fill_(self.progress.grad_norm_sum)  # the epoch's steps before the stop count in its mean
         self._norm_steps = self.progress.grad_norm_steps
@@ -316,8 +315,7 @@ class Trainer:
         raise TrainingError(f"{what} (learning rate too high?); training stopped and {last}")
 
     def _mean_grad_norm(self) -> float | None:
-        """The mean gradient norm over the steps of the epoch just closed, then zeroed
-        for the next (in place: a graph adds into this very tensor)."""
+        """The mean gradient norm of the epoch just closed, then zeroed in place (a graph adds into it)."""
         steps, self._norm_steps = self._norm_steps, 0
         mean = self.grad_norms.item() / steps if steps else None
         self.grad_norms.zero_()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-import lstmlm.data.download as corpus
+import lstmlm.data.transfer as transfer
 from lstmlm.data.download import Target, cached_name, download, resolve_target, sha1_of
 from lstmlm.data.text import summarize
 from lstmlm.errors import DownloadError
@@ -55,9 +55,9 @@ OFFLINE_HINT = "(offline? train on a local file instead: lstmlm train --corpus P
 @pytest.fixture(autouse=True)
 def fast_network(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """Short timeouts, one retry, and the backoff sleeps recorded rather than slept."""
-    monkeypatch.setattr(corpus, "CONNECT_TIMEOUT_S", 1.0)
-    monkeypatch.setattr(corpus, "READ_TIMEOUT_S", 0.3)
-    monkeypatch.setattr(corpus, "RETRIES", 1)
+    monkeypatch.setattr(transfer, "CONNECT_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(transfer, "READ_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(transfer, "RETRIES", 1)
     sleeps: list[float] = []
     monkeypatch.setattr(time, "sleep", sleeps.append)
     return sleeps
@@ -246,7 +246,7 @@ def test_failed_force_keeps_the_good_cached_file(served: LoopbackServer, cache: 
 @pytest.fixture
 def patient(monkeypatch: pytest.MonkeyPatch) -> None:
     """A read timeout no busy machine reaches: these tests are about what the server sends."""
-    monkeypatch.setattr(corpus, "READ_TIMEOUT_S", 30.0)
+    monkeypatch.setattr(transfer, "READ_TIMEOUT_S", 30.0)
 
 
 def test_a_gzipped_transfer_is_checked_on_the_wire_and_by_the_decoded_sha1(served: LoopbackServer, cache: Path, patient: None) -> None:
@@ -320,8 +320,8 @@ def test_a_gzip_bomb_stops_at_max_bytes_of_decoded_text(served: LoopbackServer, 
 def test_a_server_that_drips_is_given_up_on(served: LoopbackServer, serve_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, patient: None) -> None:
     """One byte every 50 ms never trips the read timeout; the rate does, after its window (0.5 s
     here, a minute by default). The whole drip would take 10 s."""
-    monkeypatch.setattr(corpus, "RATE_WINDOW_S", 0.5)
-    monkeypatch.setattr(corpus, "MIN_RATE_BYTES_S", 100)
+    monkeypatch.setattr(transfer, "RATE_WINDOW_S", 0.5)
+    monkeypatch.setattr(transfer, "MIN_RATE_BYTES_S", 100)
     (serve_dir / "slow.txt").write_bytes(PAYLOAD[:200])
     served.plan(DRIP)
     url = served.url("slow.txt")
@@ -501,7 +501,7 @@ def test_only_attempts_that_bring_nothing_use_up_the_retries(
 ) -> None:
     """Two retries: each attempt that brings bytes gives them back (and starts the backoff over);
     a server that then keeps dropping at the same byte is given up on, with nothing left."""
-    monkeypatch.setattr(corpus, "RETRIES", 2)
+    monkeypatch.setattr(transfer, "RETRIES", 2)
     served.plan(Cut(1_000), Cut(1_000), Cut(2_000), Cut(2_000), Cut(2_000))
     with pytest.raises(DownloadError) as caught:
         download(target_for(served, cache))
@@ -541,8 +541,8 @@ def test_the_slow_server_rule_runs_across_the_parts(served: LoopbackServer, cach
     """A server that drops after every 1,000 bytes, and takes 10 s to answer again: each part
     comes fast, but 1,000 bytes in 10 s is under 1 KiB/s. The rate is the server's, not a part's."""
     clock = [0.0]
-    monkeypatch.setattr(corpus, "time", types.SimpleNamespace(monotonic=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + 10)))
-    monkeypatch.setattr(corpus, "RATE_WINDOW_S", 15.0)
+    monkeypatch.setattr(transfer, "time", types.SimpleNamespace(monotonic=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + 10)))
+    monkeypatch.setattr(transfer, "RATE_WINDOW_S", 15.0)
     served.plan(*(Cut(at) for at in range(1_000, 10_000, 1_000)))
     with pytest.raises(DownloadError) as caught:
         download(target_for(served, cache))

@@ -2,6 +2,7 @@
 
     home.py       the cache's root: $LSTMLM_HOME, else ~/.cache/lstmlm
     download.py   known corpora (name → URL, SHA-1), downloaded into the cache, checked, unzipped
+    transfer.py   one HTTP body into a file across attempts: resumed with Range, bounded
     files.py      which files a corpus is: a file, a directory's, a glob's, or a known name's
     text.py       reading files as UTF-8, the normalizations (d2l, raw, bytes), a file's summary
     encode.py     a corpus cut into pieces, each scanned and encoded on its own (a worker's job)

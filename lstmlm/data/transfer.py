@@ -44,7 +44,7 @@ def fetch_into(out: IO[bytes], url: str, max_bytes: int, progress: Progress | No
 def _download_into(body: _Body) -> None:
     """Attempt until the body is whole. A failed attempt that brought new bytes gives back the
     RETRIES (and starts the backoff over): a long download on a flaky line carries on as long as
-    it moves; one that gets nowhere is given up on as before."""
+    it moves; one that gets nowhere is given up on."""
     retries_left = RETRIES
     while True:
         held = body.received

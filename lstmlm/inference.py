@@ -28,14 +28,14 @@ from .data.download import StageProgress
 from .data.pipeline import encode_file, prepare_data
 from .data.text import as_text, normalize, read_text
 from .device import resolve_device, resolve_precision
-from .errors import ConfigError
+from .errors import ConfigError, VocabError
 from .evaluation import Score, score_ids
 from .generate import Continuation, Step, generate, one_by_one, prepare_prefix, read
 from .model import CharLM, convert
 from .runs import BEST, LATEST, RunStore
 from .sampling import Sampling
 from .units import Inspection, inspect_text
-from .vocab import Vocab
+from .vocab import Vocab, describe_chars
 
 if TYPE_CHECKING:
     from .export import Exported
@@ -101,11 +101,18 @@ def read_prefix(trained: Trained, prefix: str) -> str:
 
 
 def read_stops(trained: Trained, sampling: Sampling) -> Sampling:
-    """`sampling` with its stop strings in the symbols the model writes: a bytes model's as their
-    UTF-8 bytes, which its steps are matched against before they are decoded (`Decoded`)."""
-    if trained.config.data.normalize != "bytes" or not sampling.stop:
-        return sampling
-    return dataclasses.replace(sampling, stop=tuple(normalize(s, "bytes") for s in sampling.stop))
+    """`sampling` with its stop strings in the symbols the model writes: a d2l model's
+    lowercased (it writes no capitals), a bytes model's as their UTF-8 bytes, which its steps are
+    matched against before they are decoded (`Decoded`). A stop string holding a symbol the
+    model never writes could never end a sample: it is refused, as such a prefix is."""
+    mode = trained.config.data.normalize
+    stops = tuple(stop.lower() if mode == "d2l" else normalize(stop, mode) for stop in sampling.stop)
+    for given, stop in zip(sampling.stop, stops):
+        unknown = trained.vocab.unknown_chars(stop)
+        if unknown:
+            never = " ".join(f"0x{ord(b):02x}" for b in sorted(set(unknown))) if mode == "bytes" else describe_chars(unknown)
+            raise VocabError(f"the stop string {given!r} can never appear: the model never writes {never}")
+    return dataclasses.replace(sampling, stop=stops) if stops != sampling.stop else sampling
 
 
 def as_generation(trained: Trained, prefix: str, text: str, steps: Continuation) -> Generation:
@@ -150,6 +157,7 @@ class Conversation:
     def __init__(self, trained: Trained, sampling: Sampling, precision: str = "fp32", prime: bool = True, carry: bool = False) -> None:
         if carry and sampling.num_samples > 1:
             raise ConfigError("--carry keeps one state between turns: it needs --num-samples 1")
+        read_stops(trained, sampling)  # checked once, not at every turn
         self.trained, self.sampling, self.carry = trained, sampling, carry
         self.precision = resolve_precision(precision, trained.device)  # once: every turn reads and writes in it
         self.context: list[str] = list(trained.prime if prime else "")  # the tokens every turn reads first

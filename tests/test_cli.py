@@ -410,6 +410,22 @@ def test_generate_carry_without_interactive_is_a_usage_error(trained: Path) -> N
     assert_usage_error(cli("generate", "--run", "d2l", "--runs-dir", trained, "--carry"), "--carry")
 
 
+def test_a_d2l_models_stop_string_is_read_as_it_writes_lowercase(trained: Path) -> None:
+    # `--stop Time` never matched: a d2l model writes no capitals, and its stop strings were not lowercased
+    args = ["generate", "--run", "d2l", "--runs-dir", trained, "--prefix", "the", "--length", "120", "--temperature", "1", "--seed", "2"]
+    plain = cli(*args).stdout
+    stop = plain[len("the") :][20:22]
+    lowered = cli(*args, "--stop", stop)
+    assert lowered.code == 0 and len(lowered.stdout) < len(plain)
+    assert cli(*args, "--stop", stop.upper()).stdout == lowered.stdout
+
+
+def test_a_stop_string_the_model_never_writes_is_one_line(trained: Path) -> None:
+    # a stop string with a symbol outside the vocabulary could never end a sample, silently
+    result = cli("generate", "--run", "d2l", "--runs-dir", trained, "--stop", "\\n\\n")
+    assert_one_error_line(result, "the stop string '\\n\\n' can never appear: the model never writes '\\n'")
+
+
 def test_generate_empty_stop_string_is_one_line(trained: Path) -> None:
     assert_one_error_line(cli("generate", "--run", "d2l", "--runs-dir", trained, "--stop", ""), "a stop string must not be empty")
 

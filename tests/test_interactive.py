@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from lstmlm.errors import VocabError
 from lstmlm.generate import Sampling, generate
 from lstmlm.inference import Conversation
 from lstmlm.inference import load as load_trained
@@ -244,3 +245,10 @@ def test_carry_reads_only_what_came_since_the_last_turn(tiny_runs: Path) -> None
         assert text == prefix + "".join(chars[0] for chars in whole)  # what reading the whole history gives
         trained.model.forward = counted  # type: ignore[method-assign]
         transcript += text
+
+
+def test_a_stop_string_the_model_never_writes_is_refused_before_the_first_turn(tiny_runs: Path) -> None:
+    trained = load_trained(tiny_runs, "d2l")
+    with pytest.raises(VocabError, match=re.escape("the stop string 'A\\n' can never appear: the model never writes '\\n'")):
+        Conversation(trained, Sampling(length=5, stop=("A\n",)))
+    assert Conversation(trained, Sampling(length=5, stop=("A",))).sampling.stop == ("A",)  # read as 'a' at each turn

@@ -318,6 +318,13 @@ def test_the_largest_request_max_text_allows_fits_the_body_limit(api: TestClient
     assert_error(response, 422, "prefix characters outside the model's vocabulary")  # read, and judged on its content
 
 
+def test_a_stop_string_the_model_never_writes_is_a_422_and_frees_its_place(api: TestClient) -> None:
+    body = {"run": "d2l", "prefix": "the", "length": 30, "stream": False, "stop": ["The", "\n"]}
+    assert_error(api.post("/api/generate", json=body), 422, "the stop string '\\n' can never appear")
+    assert api.get("/api/status").json()["queued"] == 0  # the request left the queue it was counted in
+    assert api.post("/api/generate", json={**body, "stop": ["The"]}).status_code == 200  # read as 'the'
+
+
 def test_the_host_check_answers_ip_addresses_and_its_own_names_only(tiny_runs: Path) -> None:
     with TestClient(create_app(tiny_runs, allowed_hosts=["localhost", "127.0.0.1", "::1", "Lab.Example"])) as api:
         for host in ("localhost:8000", "LOCALHOST.", "lab.example", "127.0.0.2:80", "10.1.2.3", "[::1]:8000", "[fe80::1]"):

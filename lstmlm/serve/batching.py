@@ -245,7 +245,7 @@ class Batches:
         queued for its batch. The Generation's steps come as the batch makes them."""
         trained = loaded.trained
         try:
-            text = read_prefix(trained, prefix)
+            text, stop = read_prefix(trained, prefix), read_stops(trained, sampling).stop
             like = self.template(loaded)
             stepper, first = prime(trained.model, trained.vocab, text, 1, loaded.precision, self.context_state(loaded, context), like)
         except BaseException:
@@ -253,7 +253,7 @@ class Batches:
                 self.queued -= 1
             raise
         row = Row(sampling, stepper, first)
-        generation = as_generation(trained, prefix, text, Continuation(row.chunks(), read_stops(trained, sampling).stop, 1))
+        generation = as_generation(trained, prefix, text, Continuation(row.chunks(), stop, 1))
         with self.lock:
             if row.done:  # length 0: nothing to make
                 self.queued -= 1

@@ -49,6 +49,10 @@ class PlotError(LstmlmError):
     """A plot that cannot be drawn: no epochs logged, an unknown image format, matplotlib missing."""
 
 
+class NothingToPlot(PlotError):
+    """A run with neither a finished epoch nor a validation yet: left out beside runs that have one."""
+
+
 class ServeError(LstmlmError):
     """A server that cannot start: its extra missing, an address that cannot be bound, bad limits."""
 

@@ -18,7 +18,7 @@ from . import baselines as baselines_mod
 from .atomic import check_output, write_output
 from .baselines import Baselines
 from .data.text import token_unit
-from .errors import PlotError
+from .errors import NothingToPlot, PlotError
 from .figures import at_least
 from .runs import RunStore
 
@@ -43,8 +43,23 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     store = RunStore.open(Path(run_dir))
     records = sorted((r for r in store.read_metrics() if at_least(r.get("epoch"), 0)), key=lambda r: r["epoch"])
     if not records:
-        raise PlotError(f"run {store.root} has no finished epoch or validation to plot yet")
+        raise NothingToPlot(f"run {store.root} has no finished epoch or validation to plot yet")
     return records
+
+
+def drawable(run_dirs: Sequence[Path]) -> dict[Path, list[dict[str, Any]]]:
+    """The runs with something to plot, each with its records: a run just started beside others
+    is left out rather than failing them all; if none has anything, the first one's error."""
+    found: dict[Path, list[dict[str, Any]]] = {}
+    first: NothingToPlot | None = None
+    for d in map(Path, run_dirs):
+        try:
+            found[d] = read_metrics(d)
+        except NothingToPlot as e:
+            first = first or e
+    if not found and first is not None:
+        raise first
+    return found
 
 
 def baseline_perplexities(b: Baselines | None) -> list[tuple[str, float]]:
@@ -111,7 +126,8 @@ def plot_runs(run_dirs: Sequence[Path], out_path: Path, force: bool = False) -> 
     """Perplexity (log scale) and bits per character (per byte) per epoch for every run on one figure, with
     each run's baselines as horizontal lines in its colour, written to `out_path` (.png or .svg)
     by the rule of every command's output (atomic.write_output: an existing file replaced only
-    with `force`, never one in a run's directory). Returns the series drawn: in an SVG, series i is the group with id
+    with `force`, never one in a run's directory); a run with nothing yet beside others is left
+    out (`drawable`). Returns the series drawn: in an SVG, series i is the group with id
     "lstmlm-series-i", and run r's baseline lines "lstmlm-baseline-r-NAME-perplexity" and
     "lstmlm-baseline-r-NAME-bits"."""
     out_path = Path(out_path)
@@ -121,7 +137,9 @@ def plot_runs(run_dirs: Sequence[Path], out_path: Path, force: bool = False) -> 
     if not run_dirs:
         raise PlotError("no run to plot")
     check_output(out_path, force)  # refused before the drawing, not after
-    series = [s for d in run_dirs for s in run_series(Path(d).name, read_metrics(Path(d)))]
+    records_of = drawable(run_dirs)
+    run_dirs = list(records_of)
+    series = [s for d, records in records_of.items() for s in run_series(d.name, records)]
     Figure = _figure_class()
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     axes = dict(zip(("perplexity", "bits per character"), fig.subplots(1, 2)))

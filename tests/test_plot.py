@@ -256,6 +256,22 @@ def test_plot_refuses_unknown_formats_empty_runs_and_missing_runs(tmp_path: Path
     assert result.code == 1 and "no run at" in result.stderr
 
 
+def test_a_run_with_nothing_yet_beside_others_is_left_out_and_named(tmp_path: Path) -> None:
+    # `lstmlm plot done started` failed as a whole while `started` had no epoch yet
+    fake_run(tmp_path, "done", records(2))
+    fake_run(tmp_path, "started", [])
+    series = plot.plot_runs([tmp_path / "started", tmp_path / "done"], tmp_path / "two.svg")
+    assert {s.run for s in series} == {"done"} and (tmp_path / "two.svg").stat().st_size > 0
+    drawn = cli("plot", "started", "done", "-o", str(tmp_path / "cli.svg"), "--runs-dir", str(tmp_path))
+    assert drawn.code == 0 and "from 1 run(s)" in drawn.stdout
+    assert drawn.stderr.strip() == "started: no finished epoch or validation to plot yet"
+    charts = cli("plot", "started", "done", "--runs-dir", str(tmp_path))
+    assert charts.code == 0 and charts.stdout.startswith("done 2 epochs") and "started" in charts.stderr
+    assert_one_error_line(cli("plot", "started", "--runs-dir", str(tmp_path)), "has no finished epoch or validation to plot yet")
+    with pytest.raises(PlotError, match="started has no finished epoch"):
+        plot.plot_runs([tmp_path / "started", tmp_path / "started"], tmp_path / "none.svg")
+
+
 def test_damaged_lines_are_left_out_and_the_rest_drawn(tmp_path: Path) -> None:
     run = fake_run(tmp_path, "r", records(3))
     huge = "1" + "0" * 400  # JSON's digits spell an integer no float holds

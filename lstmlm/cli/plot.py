@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from ..runs import DEFAULT_RUNS_DIR, check_run_name
 from . import options
-from .console import out, visible
+from .console import err, out, visible
 
 
 def plot_(
@@ -29,9 +29,17 @@ def plot_(
     dirs = [runs_dir / check_run_name(name) for name in runs]
     if output is not None:
         series = plot.plot_runs(dirs, output, force)
-        out.print(f"wrote {escape(visible(str(output)))}: {len(series)} series from {len(dirs)} run(s)", soft_wrap=True)
+        drawn = {s.run for s in series}
+        for d in dirs:
+            if d.name not in drawn:
+                err.print(f"[dim]{escape(visible(d.name))}: no finished epoch or validation to plot yet[/]", soft_wrap=True)
+        out.print(f"wrote {escape(visible(str(output)))}: {len(series)} series from {len(drawn)} run(s)", soft_wrap=True)
         return
+    found = plot.drawable(dirs)
     for d in dirs:
-        records = plot.read_metrics(d)
+        if d not in found:
+            err.print(f"[dim]{escape(visible(d.name))}: no finished epoch or validation to plot yet[/]", soft_wrap=True)
+            continue
+        records = found[d]
         out.print(f"[bold]{escape(visible(d.name))}[/] [dim]{len(records)} epochs[/]")
         out.print(perplexity_chart(records, width=min(out.width, 100), height=12, baselines=baselines.read(d)))

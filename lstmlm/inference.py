@@ -228,6 +228,13 @@ class Decoded(Continuation):
     def several(self, n: int) -> list[Step]:
         return one_by_one(self, n)
 
+    def end_here(self) -> Step:
+        """`Continuation.end_here` decoded: what a stop string held back, then what the decoders
+        hold (a character cut short by the end shows U+FFFD, as at the length)."""
+        held = self.steps.end_here()
+        self._flushed = True
+        return [d.decode(h.encode("latin-1"), final=True) for d, h in zip(self.decoders, held)]
+
     def close(self) -> None:
         self.steps.close()
 

@@ -28,6 +28,7 @@ from lstmlm.serve.batching import CALL_S, STEPS, steps_per_call
 
 from support.cli import cli
 from support.serving import ServeProcess, sse_events
+from support.tiny import synthetic_text
 
 # Each client's options (besides run and prefix), for every sampling setting; the lengths differ
 # so that rows leave while others go on, and the clients start apart so that rows join mid-stream.
@@ -138,6 +139,31 @@ def test_the_deadline_holds_for_each_row_of_a_batch(tiny_runs: Path) -> None:
                 break
             time.sleep(0.05)
         assert api.get("/api/status").json()["running"] == 0
+
+
+@pytest.fixture(scope="module")
+def bytes_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A runs directory with a tiny bytes model ("bytes"), trained on text with characters of several bytes."""
+    root = tmp_path_factory.mktemp("bytes-runs")
+    corpus = root / "corpus.txt"
+    corpus.write_text(synthetic_text(20).replace("e", "é"), encoding="utf-8")
+    tiny = ["--hidden", "16", "--batch-size", "8", "--num-steps", "10", "--device", "cpu", "--epochs", "1"]
+    result = cli("train", "--corpus", corpus, "--runs-dir", root / "runs", "--run", "bytes", "--normalize", "bytes", *tiny)
+    assert result.code == 0, result.stderr
+    return root / "runs"
+
+
+def test_a_bytes_models_generation_ends_at_the_deadline_with_what_it_made(bytes_runs: Path) -> None:
+    """A bytes model's generation past the deadline ends there, streamed or not, as a character
+    model's does: its text so far, decoded, and `done` (it was a 500, and a stream cut without
+    an end: the deadline's last step was not decoded)."""
+    with TestClient(create_app(bytes_runs, Limits(max_length=10**9, deadline_s=0.3))) as api:
+        long = {"run": "bytes", "prefix": "thé", "length": 10**9, "temperature": 1.0, "seed": 1}
+        got = sse_events(api.post("/api/generate", json=long).text)
+        text = "".join(data["text"] for name, data in got if name == "text")
+        assert got[0][0] == "start" and got[-1] == ("done", {"characters": len(text), "finish_reason": "deadline"}) and text
+        whole = api.post("/api/generate", json={**long, "stream": False})
+        assert whole.status_code == 200 and whole.json()["finish_reason"] == "deadline" and whole.json()["characters"] > 0
 
 
 def test_a_batch_makes_about_a_calls_worth_of_steps_a_call() -> None:

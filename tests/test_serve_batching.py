@@ -27,7 +27,7 @@ from lstmlm.serve.app import create_app
 from lstmlm.serve.batching import CALL_S, STEPS, steps_per_call
 
 from support.cli import cli
-from support.serving import ServeProcess, sse_events
+from support.serving import ServeProcess, http_json, sse_events
 from support.tiny import synthetic_text
 
 # Each client's options (besides run and prefix), for every sampling setting; the lengths differ
@@ -139,6 +139,53 @@ def test_the_deadline_holds_for_each_row_of_a_batch(tiny_runs: Path) -> None:
                 break
             time.sleep(0.05)
         assert api.get("/api/status").json()["running"] == 0
+
+
+def status_of(address: tuple[str, int]) -> dict[str, Any]:
+    conn = http.client.HTTPConnection(*address, timeout=30)
+    try:
+        conn.request("GET", "/api/status")
+        return dict(json.loads(conn.getresponse().read()))
+    finally:
+        conn.close()
+
+
+def until(check: Any, timeout: float = 30.0) -> Any:
+    """`check()` once it is true (looked at every few milliseconds), or its last value after `timeout`."""
+    end = time.monotonic() + timeout
+    while not (value := check()) and time.monotonic() < end:
+        time.sleep(0.01)
+    return value
+
+
+def test_a_request_waiting_takes_the_place_another_lane_frees(tiny_runs: Path, serve_process: Any) -> None:
+    """Two lanes of a place each, both taken by long streams; a third request waits. When the
+    second lane's client hangs up, the waiting request takes its place and ends while the first
+    lane's stream still runs (it waited for the lane it came to, the first, until that one's
+    row ended: its length, or the deadline, with nothing made)."""
+    server: ServeProcess = serve_process("--runs-dir", tiny_runs, "--max-batch", 2, "--lanes", 2, "--max-length", 10**9)
+    long = json.dumps({"run": "raw", "prefix": "the", "length": 10**9, "temperature": 1.0})
+    streams = []
+    for running in (1, 2):  # the first to lane 0, the second to lane 1 (the fewest rows)
+        conn = http.client.HTTPConnection(*server.address, timeout=60)
+        conn.request("POST", "/api/generate", long, {"Content-Type": "application/json"})
+        assert conn.getresponse().status == 200
+        streams.append(conn)
+        assert until(lambda n=running: status_of(server.address)["running"] == n)
+    got: dict[str, Any] = {}
+    short = {"run": "raw", "prefix": "the", "length": 20, "stream": False}
+    waiting = threading.Thread(target=lambda: got.update(http_json(f"{server.url}/api/generate", short, timeout=60)[1]))
+    waiting.start()
+    try:
+        assert until(lambda: status_of(server.address)["queued"] == 1)
+        streams[1].close()  # lane 1's place is free
+        waiting.join(20)
+        assert got.get("finish_reason") == "length" and status_of(server.address)["running"] == 1  # lane 0's stream goes on
+        assert "the" + got["text"] == printed(tiny_runs, "raw", "the", {"length": 20})
+    finally:
+        streams[0].close()
+        waiting.join()
+    assert until(lambda: (s := status_of(server.address))["running"] == s["queued"] == s["batches"] == 0)
 
 
 @pytest.fixture(scope="module")

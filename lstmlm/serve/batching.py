@@ -21,7 +21,8 @@ A model's rows are spread over `lanes` batches, each stepping in a thread of its
 (the step lets go of the interpreter's lock while it computes), so two cores step two batches at
 once where a step of both cores would wake the second core's sleeping thread twice a step. A
 request joins the lane with a place free and the fewest rows; the lanes share out the model's
-`max_batch` places.
+`max_batch` places. Where none is free it waits, and the first lane of its model to free a place
+takes it (`Batches.joining`).
 
 A batch makes several characters a call (`Stepper.sample`): between calls its thread takes
 the interpreter's lock for the rows' comings and goings and their characters. Taken a character
@@ -181,8 +182,7 @@ class Batch:
             staying = [i for i, row in enumerate(self.rows) if not row.done]
             leaving = len(staying) < len(self.rows)
             with self.batches.lock:  # the rows change under the lock, so /api/status counts them as they are
-                joining = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.places - len(staying)))]
-                self.batches.queued -= len(joining)
+                joining = self.batches.joining(self, self.places - len(staying))
                 if not staying and not joining:
                     self.rows = []
                     return  # _run ends the batch, or runs it again for a row that comes meanwhile
@@ -262,6 +262,20 @@ class Batches:
             batch.waiting.append(row)
             batch.start()
         return generation, row
+
+    def joining(self, batch: Batch, free: int) -> list[Row]:
+        """Up to `free` rows to join `batch` (under the lock): those waiting for it, then those
+        waiting for its model's other lanes (all full when they came), so that a place freed in
+        any lane goes to a request that waits, not only to those that chose that lane."""
+        rows = [batch.waiting.popleft() for _ in range(min(len(batch.waiting), free))]
+        for lane in range(len(self.places)):
+            other = self.batches.get((id(batch.loaded), lane))
+            while other is not None and other is not batch and other.waiting and len(rows) < free:
+                row = other.waiting.popleft()
+                row.batch = batch
+                rows.append(row)
+        self.queued -= len(rows)
+        return rows
 
     def let_go(self, row: Row) -> None:
         """A request lets go of its row: one still waiting for a place leaves the queue at once

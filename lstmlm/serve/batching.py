@@ -265,12 +265,16 @@ class Batches:
 
     def joining(self, batch: Batch, free: int) -> list[Row]:
         """Up to `free` rows to join `batch` (under the lock): those waiting for it, then those
-        waiting for its model's other lanes (all full when they came), so that a place freed in
-        any lane goes to a request that waits, not only to those that chose that lane."""
+        waiting for its model's other lanes past their places (all full when they came), so
+        that a place freed in any lane goes to a request that waits, not only to those that
+        chose that lane."""
         rows = [batch.waiting.popleft() for _ in range(min(len(batch.waiting), free))]
         for lane in range(len(self.places)):
             other = self.batches.get((id(batch.loaded), lane))
-            while other is not None and other is not batch and other.waiting and len(rows) < free:
+            if other is None or other is batch:
+                continue
+            past = len(other.waiting) - max(0, other.places - len(other.rows))  # those it has no place for
+            for _ in range(min(past, free - len(rows))):
                 row = other.waiting.popleft()
                 row.batch = batch
                 rows.append(row)

@@ -22,9 +22,11 @@ pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip ins
 from fastapi.testclient import TestClient
 
 from lstmlm.choosing import BLOCK
+from lstmlm.generate import Sampling
 from lstmlm.serve import Limits
 from lstmlm.serve.app import create_app
-from lstmlm.serve.batching import CALL_S, STEPS, steps_per_call
+from lstmlm.serve.batching import CALL_S, STEPS, Batches, QueueFull, steps_per_call
+from lstmlm.serve.catalog import Models
 
 from support.cli import cli
 from support.serving import ServeProcess, http_json, sse_events
@@ -186,6 +188,31 @@ def test_a_request_waiting_takes_the_place_another_lane_frees(tiny_runs: Path, s
         streams[0].close()
         waiting.join()
     assert until(lambda: (s := status_of(server.address))["running"] == s["queued"] == s["batches"] == 0)
+
+
+def test_the_queue_holds_the_requests_that_wait_for_a_place_not_those_that_have_one(tiny_runs: Path) -> None:
+    """`queue` bounds the requests past their model's `max_batch` places. It counted every
+    request not stepping yet, a request priming with places free among them: with 64 places and
+    a queue of 1, 7 of 16 requests sent together to an idle server were refused."""
+    batches = Batches(max_batch=2, queue=1)
+    models = Models(tiny_runs)
+    raw, d2l = models.get("raw"), models.get("d2l")
+    for _ in range(3):  # priming together: two have a place, the third waits
+        batches.admit(raw)
+    with pytest.raises(QueueFull, match="1 requests wait"):
+        batches.admit(raw)
+    batches.admit(d2l)  # another model's places are free: it waits for none
+    long = Sampling(length=10**6, temperature=1.0)
+    rows = [batches.submit(raw, "the", long, "")[1] for _ in range(3)] + [batches.submit(d2l, "the", long, "")[1]]
+    assert until(lambda: batches.status() == {"running": 3, "queued": 1, "batches": 2})  # raw's 2, d2l's 1
+    with pytest.raises(QueueFull):
+        batches.admit(raw)
+    batches.let_go(rows[2])  # the request waiting goes: its place in the queue is free
+    batches.admit(raw)
+    batches.submit(raw, "the", Sampling(length=0), "")  # nothing to make: it takes no place
+    for row in rows:
+        batches.let_go(row)
+    assert until(lambda: batches.status() == {"running": 0, "queued": 0, "batches": 0}) and batches.priming == {}
 
 
 @pytest.fixture(scope="module")

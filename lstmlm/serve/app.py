@@ -271,7 +271,7 @@ def add_generation(app: FastAPI, served: Served) -> None:
         served.within(body.prefix, "the prefix")
         loaded = await served.load(body.run, body.best)
         try:
-            batches.admit()
+            batches.admit(loaded)
         except QueueFull as e:
             raise ApiError(503, str(e), {"Retry-After": "1"}) from None
         context = loaded.trained.prime if body.prime else ""

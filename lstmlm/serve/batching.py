@@ -229,16 +229,38 @@ class Batches:
         self.lock = threading.Lock()
         self.batches: dict[tuple[int, int], Batch] = {}  # by the Loaded's identity (a new checkpoint is a new Loaded) and lane
         self.queued = 0  # admitted, not stepping yet (priming, or waiting for a place)
+        self.priming: dict[int, int] = {}  # by the Loaded's identity: admitted, not in a batch yet
         self.making = threading.Lock()  # held to make a template
         self.templates: weakref.WeakKeyDictionary[Loaded, Stepper | LoopStepper] = weakref.WeakKeyDictionary()  # per model: see `template`
         self.contexts: weakref.WeakKeyDictionary[Loaded, tuple[str, State]] = weakref.WeakKeyDictionary()  # per model: see `context_state`
 
-    def admit(self) -> None:
-        """Count a request in the queue, or refuse it."""
+    def admit(self, loaded: Loaded) -> None:
+        """Count a request for `loaded` in the queue, or refuse it: where every place of its model
+        is taken (rows stepping, waiting to join, or priming) and `queue` requests wait already."""
         with self.lock:
-            if self.queued >= self.queue:
-                raise QueueFull(f"busy: {self.queued} requests wait for a place, as many as this server queues; try again shortly")
+            waiting = self._waiting()
+            if self._taken(id(loaded)) >= self.max_batch and waiting >= self.queue:
+                raise QueueFull(f"busy: {waiting} requests wait for a place, as many as this server queues; try again shortly")
             self.queued += 1
+            self.priming[id(loaded)] = self.priming.get(id(loaded), 0) + 1
+
+    def _taken(self, model: int) -> int:
+        """The places of a model (by its Loaded's identity) taken, or asked for by a request priming (under the lock)."""
+        batches = (self.batches.get((model, lane)) for lane in range(len(self.places)))
+        return self.priming.get(model, 0) + sum(len(b.rows) + len(b.waiting) for b in batches if b is not None)
+
+    def _waiting(self) -> int:
+        """The requests past their model's places: those that wait for one (under the lock)."""
+        models = {model for model, _ in self.batches} | set(self.priming)
+        return sum(max(0, self._taken(model) - self.max_batch) for model in models)
+
+    def _primed(self, loaded: Loaded) -> None:
+        """A request for `loaded` is no longer priming (under the lock)."""
+        left = self.priming[id(loaded)] - 1
+        if left:
+            self.priming[id(loaded)] = left
+        else:
+            del self.priming[id(loaded)]
 
     def submit(self, loaded: Loaded, prefix: str, sampling: Sampling, context: str) -> tuple[Generation, Row]:
         """A request's continuation, once admitted: primed here (the caller's thread), then
@@ -251,10 +273,12 @@ class Batches:
         except BaseException:
             with self.lock:
                 self.queued -= 1
+                self._primed(loaded)
             raise
         row = Row(sampling, stepper, first)
         generation = as_generation(trained, prefix, text, Continuation(row.chunks(), stop, 1))
         with self.lock:
+            self._primed(loaded)
             if row.done:  # length 0: nothing to make
                 self.queued -= 1
                 return generation, row

@@ -48,6 +48,9 @@ from support.serving import ServeProcess, http_json, sse_events
 CLIENTS = 32
 LOAD_SECONDS = 5.0  # how long the clients keep asking
 MAX_BATCH = 8  # rows stepping together, and as many waiting
+# A generation's characters: enough that the clients wait for the batch, not the batch for them,
+# so that 8 requests wait past its places (only then is one refused); at 1,500 they often never did.
+LENGTH = 20_000
 MEMORY_GROWTH = 64 * 2**20  # the most the server may grow under load, after a warm-up
 
 
@@ -82,8 +85,8 @@ def wait_idle(url: str, timeout: float = 20.0) -> dict[str, Any]:
 
 
 def test_32_streaming_clients_complete_or_are_refused_and_the_server_stays_up(tiny_runs: Path, serve_process: Any) -> None:
-    server: ServeProcess = serve_process("--runs-dir", tiny_runs, "--max-batch", MAX_BATCH, "--queue", MAX_BATCH, "--max-length", 2000)
-    body = {"run": "raw", "prefix": "the", "length": 1500, "temperature": 1.0}
+    server: ServeProcess = serve_process("--runs-dir", tiny_runs, "--max-batch", MAX_BATCH, "--queue", MAX_BATCH, "--max-length", LENGTH)
+    body = {"run": "raw", "prefix": "the", "length": LENGTH, "temperature": 1.0}
     for _ in range(3):  # warm up: the model loaded, worker threads started
         stream_once(server.address, body)
     warm = [threading.Thread(target=stream_once, args=(server.address, body)) for _ in range(MAX_BATCH)]

@@ -544,6 +544,27 @@ def test_a_failed_batch_ends_its_requests_with_an_error_and_logs_one_line(
     assert [r.getMessage() for r in logged][:1] == ["a batch of run raw failed: RuntimeError: a bug in the batch"] and logged[0].exc_info is None
 
 
+def test_a_fault_in_a_stream_ends_it_with_an_error_event_and_logs_one_line(
+    tiny_runs: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fault of the server's own while a stream runs ends it with its `error` event, as a
+    failed batch does: it was cut off without an end (a client read an incomplete response),
+    as a bytes model's stream at the deadline was before f850b3b."""
+
+    def broken(self: Continuation, n: int) -> list[Any]:
+        raise RuntimeError("a bug in the stream")
+
+    monkeypatch.setattr(Continuation, "several", broken)
+    with client(tiny_runs) as api:
+        got = sse_events(api.post("/api/generate", json={**GOOD, "length": 100}).text)
+        assert [name for name, _ in got] == ["start", "error"]
+        assert got[1][1] == {"error": "internal error (RuntimeError): the server's log says more"}
+        status = status_until(api, running=0, queued=0, batches=0)
+        assert (status["running"], status["queued"], status["batches"]) == (0, 0, 0)
+    logged = [r.getMessage() for r in caplog.records if r.name == "uvicorn.error"]
+    assert logged == ["a streamed generation of run raw failed: RuntimeError: a bug in the stream"]
+
+
 def test_a_models_rows_are_spread_over_its_lanes_which_share_its_places(tiny_runs: Path) -> None:
     """Two lanes share a batch of 3 places, 2 and 1: a row goes to the lane with a place free and
     the fewest rows, each lane a batch of its own; a fourth waits for a place."""

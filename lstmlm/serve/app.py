@@ -31,6 +31,7 @@ message shows a path of the server's outside its runs directory.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -326,6 +327,10 @@ async def stream(reading: Reading, head: dict[str, Any], runs_dir: Path) -> Asyn
             text, reason = take(reading.row, reading.steps, reading.deadline)
         except LstmlmError as e:
             yield event("error", {"error": one_line(without_paths(str(e), runs_dir))})
+            return
+        except Exception as e:  # a fault of the server's own: the stream still ends with its event, not cut off
+            logging.getLogger("uvicorn.error").error("a streamed generation of run %s failed: %s: %s", head["run"], type(e).__name__, e)
+            yield event("error", {"error": f"internal error ({type(e).__name__}): the server's log says more"})
             return
         made += len(text)
         if text:

@@ -268,6 +268,27 @@ def test_the_cache_holds_at_most_max_models_and_lets_the_least_recently_used_go(
         assert models.held() == [(names[2], False), (names[0], False)]
 
 
+def test_a_model_let_go_while_a_generation_holds_it_is_taken_back_not_loaded_again(tiny_runs: Path) -> None:
+    """With --max-models 1, a run asked for while another's model is loaded, then asked for again
+    while its first generation still streams, gets the model that generation holds: one copy,
+    and its requests in one batch. It was loaded again, its rows in batches of their own (7
+    copies of two models at once under load), past --max-batch and --max-model-mib."""
+    with client(tiny_runs, max_models=1, lanes=1, max_length=10**8, deadline_s=120) as api:
+        models = api.app.state.models  # type: ignore[attr-defined]
+        long = {"run": "raw", "prefix": "the", "length": 10**8, "temperature": 1.0}
+        with api.stream("POST", "/api/generate", json=long) as first:
+            assert next(first.iter_lines()) == "event: start" and status_until(api, running=1)["running"] == 1
+            held = models.get("raw")
+            generated(api, "d2l")  # the cache lets raw's model go; the stream holds it
+            assert models.held() == [("d2l", False)]
+            with api.stream("POST", "/api/generate", json=long) as second:
+                assert next(second.iter_lines()) == "event: start"
+                status = status_until(api, running=2)
+                assert (status["running"], status["batches"], status["models"]) == (2, 1, 1)
+                assert models.get("raw") is held and models.held() == [("raw", False)]
+        assert status_until(api, running=0, batches=0)["batches"] == 0
+
+
 def test_the_cache_holds_at_most_max_model_mib_of_weights(runs_copy: Path) -> None:
     names = copies(runs_copy, 3)
     nbytes = create_app(runs_copy).state.models.get(names[0]).nbytes

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,12 +199,15 @@ class Models:
     recently used let go first; reloaded when training has written a newer checkpoint since;
     forgotten once their checkpoint is gone (the run deleted). Loads happen one at a time, so
     concurrent first requests load a run once, and a model already loaded is handed out
-    meanwhile. A generation holds its model until it ends, whatever the cache lets go."""
+    meanwhile. A generation holds its model until it ends, whatever the cache lets go; a model
+    let go that a generation still holds is taken back, not loaded again (a second copy, in
+    batches of its own)."""
 
     def __init__(self, runs_dir: Path, device: str = "cpu", precision: str = "fp32", most: int = 4, most_bytes: int = 2**30) -> None:
         self.runs_dir, self.device, self.precision = Path(runs_dir), device, precision
         self.most, self.most_bytes = most, most_bytes
         self._loaded: OrderedDict[tuple[str, bool], Loaded] = OrderedDict()  # least recently used first
+        self._handed: weakref.WeakValueDictionary[tuple[str, bool], Loaded] = weakref.WeakValueDictionary()  # the last of each, while anything holds it
         self._lock = threading.Lock()  # held to read or change _loaded, briefly
         self._loading = threading.Lock()  # held through a load
 
@@ -230,7 +234,7 @@ class Models:
             trained = load_trained(self.runs_dir, name, None, best, self.device, self.precision)
             loaded = Loaded(trained, trained.precision, stamp, weight_bytes(trained))
             with self._lock:
-                self._loaded[key] = loaded
+                self._loaded[key] = self._handed[key] = loaded
                 self._let_go()
             return loaded
 
@@ -250,11 +254,14 @@ class Models:
             raise NoCheckpoint(f"run {name} has no {which} yet (its training has not saved one)") from None
 
     def _hit(self, key: tuple[str, bool], stamp: tuple[int, int]) -> Loaded | None:
-        """The model held for `key` if it is of this checkpoint, now the most recently used."""
-        loaded = self._loaded.get(key)
+        """The model held for `key` if it is of this checkpoint, now the most recently used: one
+        the cache let go is taken back where a generation still holds it."""
+        loaded = self._loaded.get(key) or self._handed.get(key)
         if loaded is None or loaded.stamp != stamp:
             return None
+        self._loaded[key] = loaded
         self._loaded.move_to_end(key)
+        self._let_go()
         return loaded
 
     def forget_gone(self) -> None:

@@ -1,8 +1,9 @@
 """Continuous batching in `lstmlm serve`: concurrent real HTTP clients, joining and leaving a
 batch mid-stream, each stream exactly what `lstmlm generate` prints for the same options; a
 checkpoint replaced while a batch runs (the batch finishes on the old one, new requests get the
-new one). The queue's 503, the deadline and a client gone are in test_serve.py and
-test_serve_process.py."""
+new one); a place freed in one lane taken by a request waiting for another; the queue holding
+only the requests past their model's places; a bytes model's deadline. More of the queue's 503,
+the deadline and a client gone are in test_serve.py and test_serve_process.py."""
 
 from __future__ import annotations
 

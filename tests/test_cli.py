@@ -116,6 +116,17 @@ def test_json_with_validation_reports_it(tiny_train_args: list[str]) -> None:
     assert records[-1]["val_perplexity"] > 1
 
 
+def test_json_carries_the_notes_the_terminal_shows(tiny_train_args: list[str]) -> None:
+    """The precision chosen is a line on the terminal; with --json it is a "note" line on stdout
+    (it was left out: --json said nothing of the precision, nor of the default recipe's choice)."""
+    shown = cli(*tiny_train_args, "--run", "terminal")
+    assert shown.code == 0, shown.stderr
+    (line,) = [line for line in shown.stdout.splitlines() if line.startswith("precision ")]
+    result = cli(*tiny_train_args, "--run", "json", "--json")
+    assert result.code == 0 and result.stderr == ""
+    assert {"event": "note", "message": line} in result.json()
+
+
 def test_human_output_ends_with_the_seed_line_and_samples(tiny_train_args: list[str]) -> None:
     result = cli(*tiny_train_args, "--normalize", "d2l")
     assert result.code == 0

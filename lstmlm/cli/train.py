@@ -53,10 +53,13 @@ def train(
     with corpus_progress() as progress:
         plan = trainings.plan(runs_dir, run, overrides, config_file, resume, progress)
     warn_about(plan.data)
-    if plan.recipe is not None and not as_json:
-        out.print(recipe_line(plan.recipe, len(plan.data.train), len(plan.data.vocab), plan.config.train.max_minutes), soft_wrap=True, markup=False)
-    if plan.precision is not None and not as_json:
-        out.print(f"precision {plan.precision.precision}: {plan.precision.reason}", soft_wrap=True, markup=False)
+    notes = [recipe_line(plan.recipe, len(plan.data.train), len(plan.data.vocab), plan.config.train.max_minutes)] if plan.recipe is not None else []
+    notes += [f"precision {plan.precision.precision}: {plan.precision.reason}"] if plan.precision is not None else []
+    for note in notes:
+        if as_json:
+            print_json({"event": "note", "message": note})
+        else:
+            out.print(note, soft_wrap=True, markup=False)
     stop = trainings.StopFlag()
     with trainings.start(plan) as training, stop.installed():
         if not training.world.is_main:  # only rank 0 shows anything
@@ -76,7 +79,7 @@ def train(
 
 def warn_about(data: Data) -> None:
     """One line for each file of the corpus that was skipped, their count at the end, and any
-    other warning (the token store could not be cached, say)."""
+    other warning (the token store could not be cached, say): on stderr, with --json too."""
     for skipped in data.skipped:
         err.print(f"warning: skipped {skipped.path}: {skipped.reason}", markup=False, highlight=False, soft_wrap=True)
     if data.skipped:

@@ -125,3 +125,21 @@ def test_every_option_of_a_command_is_named_on_its_page(name: str) -> None:
         if not set(names) & config_options and not any(re.search(re.escape(n) + r"(?![\w-])", page) for n in names)
     ]
     assert not missing, f"{PAGES[name]} never names {missing}"
+
+
+# ---- what the docs cite of the tests ------------------------------------------------------------
+
+ROOT = COMMANDS.parent.parent
+
+
+def test_every_test_the_docs_name_exists() -> None:
+    """guarantees.md and the pages cite tests by name and file as the proof of a claim: a test
+    renamed or a file moved leaves a claim pointing at nothing."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    text = "\n".join(p.read_text(encoding="utf-8") for p in pages)
+    defined = {m for f in (ROOT / "tests").rglob("*.py") for m in re.findall(r"^\s*def (test_\w+)", f.read_text(encoding="utf-8"), re.M)}
+    named = set(re.findall(r"`(test_\w+)`", text))
+    assert named, "the docs cite tests by name"
+    assert named <= defined, f"no such test: {sorted(named - defined)}"
+    files = set(re.findall(r"`(tests/[\w/]+\.py)`", text)) | {f"tests/{f}" for f in re.findall(r"`(test_\w+\.py)`", text)}
+    assert not [f for f in files if not (ROOT / f).is_file()], "a test file the docs name is missing"

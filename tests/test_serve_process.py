@@ -513,3 +513,18 @@ def test_bad_files_and_names_are_answered_in_json_and_the_log_stays_quiet(tiny_r
         assert status == 500 and error == {"error": "run bad's metrics.jsonl has a line that is not a JSON object"}
     assert server.stop() == 0
     assert server.lines[1:] == ["stopped"]  # nothing logged: not a traceback, not a line
+
+
+def test_a_server_stops_on_ctrl_c_with_0_and_on_sigterm_with_143_saying_stopped(tmp_path: Path, serve_process: Any) -> None:
+    """Ctrl-C is the way a server is stopped, not an interruption: "stopped" and 0; SIGTERM, a
+    service manager's way, "stopped" and 143 (docs/guarantees.md)."""
+    (tmp_path / "runs").mkdir()
+    for signum, code in ((signal.SIGINT, 0), (signal.SIGTERM, 128 + signal.SIGTERM)):
+        server: ServeProcess = serve_process("--runs-dir", tmp_path / "runs")
+        assert http_json(server.url + "/api/status")[0] == 200  # serving, uvicorn's handlers in place
+        server.proc.send_signal(signum)
+        assert server.proc.wait(timeout=20) == code
+        deadline = time.monotonic() + 10
+        while "stopped" not in server.lines and time.monotonic() < deadline:  # the drain thread reads the last line
+            time.sleep(0.05)
+        assert server.lines[-1] == "stopped" and not any(line.startswith("error") for line in server.lines), server.lines

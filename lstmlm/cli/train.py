@@ -45,7 +45,7 @@ def train(
 ) -> None:
     """Train a character-level LSTM (or GRU, or RNN: --cell); prints perplexity as it falls, its baselines, and samples at the end
     (with --json: a JSON line for the baselines, per epoch and validation, per note and warning, and a last 'done')."""
-    from .. import baselines
+    from .. import baselines, distributed
     from .. import training as trainings
     from ..runs import resume_command
     from .chart import perplexity_chart
@@ -55,7 +55,7 @@ def train(
     warn_about(plan.data)
     notes = [recipe_line(plan.recipe, len(plan.data.train), len(plan.data.vocab), plan.config.train.max_minutes)] if plan.recipe is not None else []
     notes += [f"precision {plan.precision.precision}: {plan.precision.reason}"] if plan.precision is not None else []
-    for note in notes:
+    for note in notes if distributed.from_environment().is_main else ():  # only rank 0 shows anything
         if as_json:
             print_json({"event": "note", "message": note})
         else:

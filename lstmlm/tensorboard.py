@@ -26,8 +26,10 @@ old run's logs purges them all (purge_step 0).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,20 +71,24 @@ def prepare(directory: Path, run: str | None = None) -> None:
 def logged(events: Iterator[Event], root: Path, cfg: Config, resumed_at: int) -> Iterator[Event]:
     """`events`, each passed on once it is logged under `root` (DIR/RUN); `resumed_at`: the
     global step the run resumes from (0 for a new run). The files are closed however the
-    training ends."""
+    training ends; a write that fails (a full disk) is a TensorBoardError naming the logs."""
     board = Board(root, cfg, resumed_at)
     try:
         for event in events:
             board.log(event)
             yield event
-    finally:
-        board.close()
+    except BaseException:
+        with contextlib.suppress(TensorBoardError):  # the logs' own failure, or whatever stopped the training, is the one to tell
+            board.close()
+        raise
+    board.close()
 
 
 class Board:
     """The writers of one run's log: its own, and one per baseline line."""
 
     def __init__(self, root: Path, cfg: Config, resumed_at: int) -> None:
+        _quiet_writer_threads()
         self.root, self.cfg, self.resumed_at = Path(root), cfg, resumed_at
         self.purge_step = resumed_at + 1 if resumed_at else 0
         self.unit = bits_abbreviation(token_unit(cfg.data.normalize))
@@ -93,20 +99,32 @@ class Board:
         self.step = resumed_at  # the last optimizer step an event reported
         self.samples: list[Sampled] = []
         if fresh:
-            self._hparams_start()
+            with self._writing():
+                self._hparams_start()
 
     def _writer(self, directory: Path) -> SummaryWriter:
         from torch.utils.tensorboard import SummaryWriter
 
-        try:
+        with self._writing(directory):
             _sorting_after_the_last(directory)
             return SummaryWriter(str(directory), purge_step=self.purge_step)
+
+    @contextlib.contextmanager
+    def _writing(self, directory: Path | None = None) -> Iterator[None]:
+        """A failed write as a TensorBoardError naming the logs. TensorBoard writes on a thread of
+        its own; its OSError comes back at the next write or flush here."""
+        try:
+            yield
         except OSError as e:
-            raise TensorBoardError(f"cannot write TensorBoard logs in {directory}: {e.strerror or e}") from None
+            raise TensorBoardError(f"cannot write TensorBoard logs in {directory or self.root}: {e.strerror or e}") from None
 
     # ---- the events ----
 
     def log(self, event: Event) -> None:
+        with self._writing():
+            self._log(event)
+
+    def _log(self, event: Event) -> None:
         if not isinstance(event, Sampled):
             self._write_samples()
         if isinstance(event, Baselined):
@@ -193,10 +211,28 @@ class Board:
             writer.flush()
 
     def close(self) -> None:
-        self._write_samples()
-        self.writer.close()
-        for writer, _ in self.lines.values():
-            writer.close()
+        with self._writing():
+            self._write_samples()
+            self.writer.close()
+            for writer, _ in self.lines.values():
+                writer.close()
+
+
+def _quiet_writer_threads() -> None:
+    """Keep the traceback of TensorBoard's writer thread off the terminal (its error is raised
+    again here, at the next write or flush, and said in one line); other threads' as before."""
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not isinstance(args.thread, _AsyncWriterThread):
+            previous(args)
+
+    hook.quiets_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def _sorting_after_the_last(directory: Path) -> None:

@@ -205,11 +205,15 @@ def write_onnx(step: OneStep, meta: dict[str, Any], path: Path) -> None:
             external_data=False,
         )
         assert program is not None
-        program.save(str(path))
-    proto = onnx.load(str(path))
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = "lstmlm", json.dumps(meta)
-    onnx.save(proto, str(path))
+    try:
+        with quiet():
+            program.save(str(path))
+        proto = onnx.load(str(path))
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = "lstmlm", json.dumps(meta)
+        onnx.save(proto, str(path))
+    except OSError as e:  # a full $TMPDIR: the exporter's bare "No space left on device" named no write
+        raise WriteError(f"cannot write the exported model {path}: {e.strerror or e}") from None
 
 
 def write_torchscript(step: OneStep, meta: dict[str, Any], path: Path) -> None:

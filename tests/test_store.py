@@ -773,3 +773,30 @@ def test_ctrl_c_while_a_corpus_is_encoded_ends_the_command_and_its_workers_at_on
     finally:
         training.kill()
         held.kill()
+
+
+def test_a_store_left_by_a_kill_9_midway_is_removed_by_the_next_encoding_of_that_corpus(
+    tmp_path: Path, corpus_file: Path, runs_dir: Path, isolated_cache: Path
+) -> None:
+    """kill -9 while a corpus is encoded left its temporary store, as large as the store, in the
+    cache: no later command removed it, and each kill left one more. The next encoding of that
+    corpus (holding its lock: no live writer of it) removes it; another corpus's temporary,
+    perhaps being written now, is left alone."""
+    held = HeldEncoding(tmp_path, {**os.environ, "OMP_NUM_THREADS": "1", "LSTMLM_DEBUG": "0"})
+    tiny = ["--hidden", "16", "--batch-size", "8", "--num-steps", "10", "--device", "cpu"]
+    training = LiveProcess("train", "--corpus", corpus_file, "--runs-dir", runs_dir, *tiny, env=held.env, code=held.code)
+    encoded = isolated_cache / "encoded"
+    try:
+        training.wait_until(lambda: len(held.workers) == 2, "piece held by each worker")
+        training.proc.kill()
+        training.finish()
+    finally:
+        training.kill()
+        held.kill()
+    assert len(list(encoded.glob(".*.tmp"))) == 1
+    others = [encoded / ".0123-raw.tokens.abcd.tmp", encoded / f".0123-raw.tokens.{'e' * 40}.abcd.tmp"]
+    for other in others:
+        other.write_bytes(b"another corpus's store, being written")
+    assert cli("train", "--corpus", corpus_file, "--runs-dir", runs_dir, *tiny, "--epochs", "1").code == 0
+    assert sorted(encoded.glob(".*.tmp")) == sorted(others)
+    assert [p.read_bytes() for p in others] == [b"another corpus's store, being written"] * 2

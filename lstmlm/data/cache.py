@@ -70,16 +70,19 @@ def write_index(signature: str, selection: Selection, entry: IndexEntry, started
 
 
 @contextlib.contextmanager
-def locked(signature: str) -> Iterator[None]:
+def locked(signature: str) -> Iterator[bool]:
     """Hold the corpus's lock while it is encoded: a second process (another rank under
-    torchrun, another training) waits, then finds the store. No lock where none can be made."""
+    torchrun, another training) waits, then finds the store. No lock where none can be made;
+    whether it is held is what it yields."""
     fd = None
+    held = False
     with contextlib.suppress(OSError):
         (encoded_dir() / "locks").mkdir(parents=True, exist_ok=True)
         fd = os.open(encoded_dir() / "locks" / f"{signature}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX)
+        held = True
     try:
-        yield
+        yield held
     finally:
         if fd is not None:
             os.close(fd)  # closing releases the lock

@@ -64,7 +64,7 @@ def encode_corpus(
     mode) unless one is given (a resumed run keeps its own)."""
     signature = selection.signature(mode)
     damaged: list[str] = []  # a line for each store found damaged (deleted, and made again)
-    with cache.locked(signature):
+    with cache.locked(signature) as held:
         known = cache.read_index(signature)
         if known is not None and (store := _cached(known.sha1, mode, vocab, damaged)) is not None:
             if strict and known.skipped:  # skipped when the store was made; refused now
@@ -82,7 +82,9 @@ def encode_corpus(
             built = bytes_vocab() if mode == "bytes" else _vocab(scanned)
             target = vocab or built
             where = cache.store_path(scanned.sha1, mode, None if target == built else target)
-            store, warnings = _write(scanned, target, where, progress, scratch, workers)
+            if held:
+                _remove_killed_writers(where.parent, signature)
+            store, warnings = _write(scanned, target, where, signature, progress, scratch, workers)
         if (changed := _changed(selection, scanned.skipped)) is not None:
             store, warnings = _uncached(store), (*warnings, f"corpus file {changed} changed while it was read: its token store is not kept")
         return Encoded(store, scanned.skipped, (*selection.warnings, *damaged, *warnings))
@@ -269,15 +271,24 @@ def _vocab(scanned: Scanned) -> Vocab:
 # ---- pass 2: encode into the store ------------------------------------------------------------------
 
 
+def _remove_killed_writers(directory: Path, signature: str) -> None:
+    """Remove the temporary stores of this corpus that a killed process left (each as large as
+    its store). Only a holder of the corpus's lock writes one, and the caller holds it: any
+    there is a dead writer's. Another corpus's, which may be being written, is left alone."""
+    for stale in directory.glob(f".*.{signature}.*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+
+
 def _write(
-    scanned: Scanned, vocab: Vocab, where: Path, progress: StageProgress | None, scratch: Path | None, workers: Workers
+    scanned: Scanned, vocab: Vocab, where: Path, signature: str, progress: StageProgress | None, scratch: Path | None, workers: Workers
 ) -> tuple[TokenStore, tuple[str, ...]]:
-    """Encode into `where` in the cache; failing that, a temporary file in `scratch`; failing
-    that too, memory (small corpora only)."""
+    """Encode into `where` in the cache (its temporary name holds the corpus's `signature`);
+    failing that, a temporary file in `scratch`; failing that too, memory (small corpora only)."""
     dtype = dtype_for(len(vocab))
     nbytes = scanned.length * np.dtype(dtype).itemsize
     try:
-        return _into_file(scanned, vocab, dtype, where.parent, where, progress, workers), ()
+        return _into_file(scanned, vocab, dtype, where.parent, where, progress, workers, signature), ()
     except OSError as e:
         cache_failure = f"cannot write the token store in {where.parent} ({_reason(e)})"
     scratch = scratch or Path(tempfile.gettempdir())
@@ -291,11 +302,15 @@ def _write(
     return _into_memory(scanned, vocab, dtype, progress, workers), (f"{cache_failure}, {scratch_failure}; keeping the {nbytes:,} bytes of ids in memory",)
 
 
-def _into_file(scanned: Scanned, vocab: Vocab, dtype: str, directory: Path, final: Path | None, progress: StageProgress | None, workers: Workers) -> TokenStore:
-    """Write the store under a temporary name in `directory`; rename it to `final`, or (None)
-    map it and unlink it at once: the mapping keeps the data, the disk is freed at exit."""
+def _into_file(
+    scanned: Scanned, vocab: Vocab, dtype: str, directory: Path, final: Path | None, progress: StageProgress | None, workers: Workers, signature: str = ""
+) -> TokenStore:
+    """Write the store under a temporary name in `directory` (named by `final` and the corpus's
+    `signature`, for `_remove_killed_writers`); rename it to `final`, or (None) map it and
+    unlink it at once: the mapping keeps the data, the disk is freed at exit."""
     directory.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=directory, prefix=f".{final.name if final else 'lstmlm-tokens'}.", suffix=".tmp")
+    prefix = f".{final.name}.{signature}." if final else ".lstmlm-tokens."
+    fd, name = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
     tmp = Path(name)
     try:
         itemsize = np.dtype(dtype).itemsize

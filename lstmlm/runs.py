@@ -123,7 +123,7 @@ class RunStore:
         """A new run, claimed before anything else is written; RunExists if `root` holds one
         (resume it or choose another name). `corpus_sha1`: the corpus's content hash, which a
         resume checks."""
-        root = Path(root)
+        root = _own_directory(root)
         if (root / "config.json").exists():
             raise RunExists(f"run {root} already exists: continue it with --resume or choose another --run")
         try:
@@ -141,7 +141,7 @@ class RunStore:
 
     @classmethod
     def open(cls, root: Path) -> RunStore:
-        root = Path(root)
+        root = _own_directory(root)
         if not (root / "config.json").is_file():
             raise CheckpointError(f"no run at {root} (train one with: lstmlm train --run {root.name})")
         return cls(root)
@@ -327,9 +327,20 @@ def hold(fd: int, shared: bool = False) -> bool:
     return False
 
 
+def _own_directory(root: Path) -> Path:
+    """`root`, unless it is a symbolic link: a run is a directory of its own (`lstmlm runs` and
+    serve take no link for a run), and a link would have a training write outside the runs
+    directory, wherever it points."""
+    root = Path(root)
+    if root.is_symlink():
+        raise CheckpointError(f"refusing to open the run {root}: it is a symbolic link, and a run is a directory of its own")
+    return root
+
+
 def latest_run(runs_dir: Path) -> RunStore:
     """The run whose latest checkpoint was written most recently."""
-    candidates = [p for p in Path(runs_dir).glob(f"*/{LATEST}{CHECKPOINT_SUFFIX}") if p.is_file() and not p.is_symlink()] if Path(runs_dir).is_dir() else []
+    found = Path(runs_dir).glob(f"*/{LATEST}{CHECKPOINT_SUFFIX}") if Path(runs_dir).is_dir() else []
+    candidates = [p for p in found if p.is_file() and not p.is_symlink() and not p.parent.is_symlink()]
     if not candidates:
         raise CheckpointError(f"no trained run in {runs_dir} (train one with: lstmlm train)")
     return RunStore(max(candidates, key=lambda p: p.stat().st_mtime).parent)

@@ -290,6 +290,27 @@ def test_a_symlink_planted_in_a_run_is_refused_and_its_target_untouched(tiny_tra
     assert planted.is_symlink()
 
 
+def test_a_run_that_is_a_symlink_out_of_the_runs_directory_is_never_trained_into(tiny_train_args: list[str], runs_dir: Path, tmp_path: Path) -> None:
+    """`lstmlm runs` calls a link in a run's place no run ("a run is a directory of its own"),
+    `runs show` says it cannot be continued, serve neither lists nor serves it; yet
+    `train --resume --run LINK` trained on in the directory it points at, outside the runs
+    directory, and `train --run LINK` made a new run there. Both are refused, the target untouched."""
+    assert cli(*tiny_train_args, "--run", "r").code == 0
+    outside = tmp_path / "outside"
+    (runs_dir / "r").rename(outside)
+    before = {p.name: p.read_bytes() for p in outside.iterdir()}
+    (runs_dir / "link").symlink_to(outside)
+    result = cli("train", "--resume", "--run", "link", "--runs-dir", runs_dir, "--epochs", "3")
+    assert_one_error_line(result, f"refusing to open the run {runs_dir / 'link'}: it is a symbolic link, and a run is a directory of its own")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (runs_dir / "new").symlink_to(empty)
+    result = cli(*tiny_train_args, "--run", "new")
+    assert_one_error_line(result, f"refusing to open the run {runs_dir / 'new'}: it is a symbolic link, and a run is a directory of its own")
+    assert {p.name: p.read_bytes() for p in outside.iterdir()} == before
+    assert not list(empty.iterdir())
+
+
 def test_a_fifo_planted_as_the_lock_is_refused(tiny_train_args: list[str], runs_dir: Path) -> None:
     assert cli(*tiny_train_args, "--run", "r").code == 0
     lock = runs_dir / "r" / ".lock"

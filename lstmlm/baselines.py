@@ -60,6 +60,7 @@ CHUNK = 1 << 22  # tokens a thread counts at a time: ~50 MB of int64 codes and t
 WORKERS = 2  # threads counting at once (numpy's casts and arithmetic run without the GIL)
 DENSE_BINS = 1 << 22  # V² bins counted densely up to here (V ≤ 2,048): 32 MB a thread
 SCORE_BLOCK = 1 << 20  # positions scored at a time
+MAX_INFLATION = 64  # counts.npz inflates to 2–4 times its size; a file claiming more than this is not counts
 MAX_BITS = 1024  # a stored baseline at or above it is damage: 2^bits, its perplexity, is beyond a float
 D_RANGE = (0.1, 0.9)  # Ney's discount where the counts give one; 0.75 where they do not (no pair seen once or twice)
 
@@ -290,10 +291,14 @@ def load_counts(run_dir: Path) -> Counts | None:
     if not path.is_file():
         return None
     try:
-        with os.fdopen(open_regular(path, os.O_RDONLY), "rb") as f, np.load(f, allow_pickle=False) as npz:
-            V = int(npz["vocab_size"])
-            counts = Counts(V, npz["unigrams"].astype(np.int64), npz["pairs"].astype(np.int64), npz["pair_counts"].astype(np.int64))
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, CheckpointError):
+        with os.fdopen(open_regular(path, os.O_RDONLY), "rb") as f:
+            if sum(entry.file_size for entry in zipfile.ZipFile(f).infolist()) > MAX_INFLATION * max(os.fstat(f.fileno()).st_size, 1 << 16):
+                return None  # a zip bomb, not counts: numpy would inflate it whole
+            f.seek(0)
+            with np.load(f, allow_pickle=False) as npz:
+                V = int(npz["vocab_size"])
+                counts = Counts(V, npz["unigrams"].astype(np.int64), npz["pairs"].astype(np.int64), npz["pair_counts"].astype(np.int64))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, CheckpointError, MemoryError):  # MemoryError: a header claiming more than there is
         return None
     sane = len(counts.unigrams) == V and len(counts.pairs) == len(counts.pair_counts) and bool(np.all(counts.pairs < V * V))
     return counts if sane else None

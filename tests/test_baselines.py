@@ -170,6 +170,32 @@ def test_missing_or_damaged_files_read_as_none(tmp_path: Path) -> None:
     assert baselines.read(tmp_path) is None
 
 
+def test_counts_that_would_inflate_past_what_they_can_hold_are_not_read(tmp_path: Path) -> None:
+    """A counts.npz of 256 KiB whose entry inflates to 256 MiB (a zip bomb in a run's directory):
+    read whole by numpy, it took the memory `lstmlm evaluate` had (6 GiB from 6 MB: 'out of
+    memory', the command failed). It now reads as none, before anything is inflated."""
+    import io
+    import tracemalloc
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / baselines.COUNTS, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        scalar = io.BytesIO()
+        np.lib.format.write_array(scalar, np.array(3))
+        z.writestr("vocab_size.npy", scalar.getvalue())
+        with z.open("unigrams.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<i8", "fortran_order": False, "shape": ((256 << 20) // 8,)})
+            for _ in range(64):
+                f.write(bytes(4 << 20))
+    assert (tmp_path / baselines.COUNTS).stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        assert baselines.load_counts(tmp_path) is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+
+
 @pytest.mark.parametrize("bigram", ["NaN", "Infinity", "-5", "1e5", "1" + "0" * 400])
 def test_figures_no_scoring_gives_read_as_none_and_plot_draws_the_run_without_them(
     trained: tuple[Path, list[dict[str, Any]]], tmp_path: Path, bigram: str

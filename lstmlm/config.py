@@ -12,8 +12,10 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast, get_args, get_type_hints
 
 from . import cadences, cells
@@ -145,10 +147,14 @@ class Config:
         The d2l corpus (`timemachine`) keeps the seed: d2l text, its first 10,000 tokens, no
         validation. Any other corpus (a path, a glob, another known name) is read raw, whole,
         with the last 10% held out; a known corpus may bring its own mode and standard split
-        (enwik8: bytes, 90M,5M,5M)."""
+        (enwik8: bytes, 90M,5M,5M). A path (or glob) is made absolute, from the working directory
+        it is given in: the run reads its corpus again (`evaluate --part val`, `--resume`) from
+        wherever it is asked to."""
         from .data.download import KNOWN  # no torch, no network: only the table of known corpora
 
         d = self.data
+        if d.corpus and d.corpus not in KNOWN:
+            d = dataclasses.replace(d, corpus=str(Path(os.path.expanduser(d.corpus)).absolute()))
         known = KNOWN.get(d.corpus)
         normalize = cast(Normalize, d.normalize if d.normalize != "auto" else known.normalize if known else "raw")
         d2l = normalize == "d2l"

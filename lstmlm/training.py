@@ -137,9 +137,9 @@ def resumable_changes(stored: Config, file: Config, written: frozenset[str], giv
     (config.RESUMABLE), over those a --config file writes. Any other option, or a file, that
     disagrees with the stored config is refused, naming each key that differs."""
     if config_file is not None:
-        asked = file.with_overrides(given).resolved()
+        asked, kept = file.with_overrides(given).resolved(), stored.resolved()  # a run made before corpus paths were stored absolute: its own made so
         compared = written | set(given) if asked.train.recipe == "on" else config.field_names()  # the rest the recipe chose
-        differ = [k for k in compared if k not in config.RESUMABLE and asked.value(k) != stored.value(k)]
+        differ = [k for k in compared if k not in config.RESUMABLE and asked.value(k) != kept.value(k)]
         if differ:
             what = ", ".join(f"{k} (the run's {stored.value(k)!r}, here {asked.value(k)!r})" for k in differ)
             raise ConfigError(
@@ -158,9 +158,10 @@ def resumable_changes(stored: Config, file: Config, written: frozenset[str], giv
 
 def resolves_to(stored: Config, key: str, value: Any) -> bool:
     """Whether `value` is the stored config's own for `key` once resolved for the run's corpus: a
-    run keeps its "auto" and -1 resolved (normalize raw, max_tokens 0), so the command that started it says them so."""
+    run keeps its "auto" and -1 resolved (normalize raw, max_tokens 0) and its corpus's path
+    absolute, so the command that started it says them so."""
     try:
-        return bool(stored.with_overrides({key: value}).resolved().value(key) == stored.value(key))
+        return bool(stored.with_overrides({key: value}).resolved().value(key) == stored.resolved().value(key))
     except ConfigError:  # not even valid beside the run's other settings: a change, refused as one
         return False
 

@@ -683,6 +683,27 @@ def test_evaluate_of_an_empty_file_name_is_one_line_not_this_whole_directory(tra
     assert_one_error_line(result, "give a FILE to score, or --part val|test for the run's own text (not both)")
 
 
+def test_a_corpus_given_relative_is_read_again_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run kept `--corpus notes.txt` as typed: `evaluate --part val` and `--resume` from
+    another working directory found no corpus (or another file of that name)."""
+    made, elsewhere, runs = tmp_path / "made", tmp_path / "elsewhere", tmp_path / "runs"
+    made.mkdir(), elsewhere.mkdir()
+    (made / "notes.txt").write_text("the time traveller for so it will be convenient to speak of him\n" * 60, encoding="utf-8")
+    (elsewhere / "notes.txt").write_text("another text of the same name\n" * 60, encoding="utf-8")
+    monkeypatch.chdir(made)
+    started = ["train", "--corpus", "notes.txt", "--runs-dir", runs, "--run", "r", *TINY, "--epochs", "1", "--json"]
+    assert cli(*started).code == 0
+    assert json.loads((runs / "r" / "config.json").read_text())["data"]["corpus"] == str(made / "notes.txt")
+    assert cli(*started[:-3], "--epochs", "2", "--resume", "--json").code == 0  # the command that started it, from where it started
+    monkeypatch.chdir(elsewhere)
+    scored = cli("evaluate", "--part", "val", "--run", "r", "--runs-dir", runs, "--json")
+    assert scored.code == 0, scored.stderr
+    resumed = cli("train", "--runs-dir", runs, "--run", "r", "--resume", "--epochs", "3", "--json")
+    assert resumed.code == 0 and [e["epoch"] for e in resumed.json() if e["event"] == "epoch"] == [3], resumed.stderr
+    refused = cli(*started[:-3], "--epochs", "4", "--resume")  # here notes.txt is another file
+    assert_one_error_line(refused, "--resume keeps the run's stored corpus")
+
+
 # ---- --run is a name under --runs-dir, in every command --------------------------------------------
 
 

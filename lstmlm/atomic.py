@@ -21,16 +21,20 @@ the work, so that a refusal comes first):
     nothing yet                      created atomically
 
 A symbolic link is followed: the file it names is the one judged, and replaced.
+
+Only the holder of a file's lock (`locked`) writes its temporaries: one found by the holder was
+left by a writer killed midway (`remove_leftovers`), as large as the file it was to become.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -55,6 +59,36 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], object], what: str = "
         raise
     except Exception as e:
         raise WriteError(f"cannot write the {what} {path}: {_reason(e)}") from None
+
+
+@contextlib.contextmanager
+def locked(lock: Path) -> Iterator[bool]:
+    """Hold the lock on `lock`, a lock file (made if need be) or a directory: a second process
+    writing the same file waits, then finds it written. No lock where none can be taken; whether
+    it is held is what it yields."""
+    fd = None
+    held = False
+    with contextlib.suppress(OSError):
+        if lock.is_dir():
+            fd = os.open(lock, os.O_RDONLY | os.O_DIRECTORY)
+        else:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        held = True
+    try:
+        yield held
+    finally:
+        if fd is not None:
+            os.close(fd)  # closing releases the lock
+
+
+def remove_leftovers(path: Path, mark: str = "") -> None:
+    """Remove the temporaries of `path` (those `write_atomic` names, `.NAME.[MARK.]XXXX.tmp`) that
+    killed writers left: call it holding the file's lock, so that no live writer has one."""
+    for stale in path.parent.glob(f".{path.name}.{mark + '.' if mark else ''}*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
 
 
 def _reason(e: BaseException) -> str:

@@ -725,3 +725,28 @@ def test_python_m_lstmlm_failure_is_one_line(served: LoopbackServer, cache: Path
     )
     assert_download_failed(done.returncode, done.stdout, done.stderr, url, "HTTP 404")
     assert_nothing_written(cache)
+
+
+def test_what_a_download_killed_midway_left_is_removed_by_the_next(served: LoopbackServer, cache: Path) -> None:
+    """A kill -9 mid-transfer left `.NAME.XXXX.tmp`, as large as it got, in the cache for good."""
+    target = target_for(served, cache)
+    cache.mkdir()
+    killed = cache / f".{target.path.name}.k1ll3d.tmp"
+    killed.write_bytes(PAYLOAD[:100])
+    other = cache / ".another-corpus.txt.k1ll3d.tmp"  # another file's: perhaps being written now
+    other.write_bytes(b"x")
+    download(target)
+    assert sorted(p.name for p in cache.iterdir()) == sorted([target.path.name, other.name])
+
+
+def test_two_processes_fetching_one_corpus_fetch_it_once(served: LoopbackServer, serve_dir: Path, cache: Path) -> None:
+    """Two ranks of a torchrun on a corpus not cached yet each downloaded it whole: the second
+    waits for the first's download (which drips for 3 s) and finds it cached."""
+    body = b"sixty bytes of a corpus that the server drips out slowly..\n"
+    (serve_dir / "slow.txt").write_bytes(body)
+    served.plan(DRIP)
+    code = "import sys; from lstmlm.data.download import download, resolve_target; download(resolve_target(sys.argv[1], directory=sys.argv[2]))"
+    runs = [subprocess.Popen([sys.executable, "-c", code, served.url("slow.txt"), str(cache)]) for _ in range(2)]
+    assert [p.wait(timeout=60) for p in runs] == [0, 0]
+    assert served.requests == ["/slow.txt"]
+    assert resolve_target(served.url("slow.txt"), directory=cache).path.read_bytes() == body

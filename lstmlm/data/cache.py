@@ -15,15 +15,13 @@ a cache that cannot be written is worked around (store.py), never an error.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
-import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import locked as lock_file
 from ..atomic import write_text_atomic
 from ..errors import LstmlmError
 from ..vocab import Vocab
@@ -69,23 +67,10 @@ def write_index(signature: str, selection: Selection, entry: IndexEntry, started
         write_text_atomic(encoded_dir() / "index" / f"{signature}.json", json.dumps(record), "corpus index")
 
 
-@contextlib.contextmanager
-def locked(signature: str) -> Iterator[bool]:
+def locked(signature: str) -> contextlib.AbstractContextManager[bool]:
     """Hold the corpus's lock while it is encoded: a second process (another rank under
-    torchrun, another training) waits, then finds the store. No lock where none can be made;
-    whether it is held is what it yields."""
-    fd = None
-    held = False
-    with contextlib.suppress(OSError):
-        (encoded_dir() / "locks").mkdir(parents=True, exist_ok=True)
-        fd = os.open(encoded_dir() / "locks" / f"{signature}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        held = True
-    try:
-        yield held
-    finally:
-        if fd is not None:
-            os.close(fd)  # closing releases the lock
+    torchrun, another training) waits, then finds the store (atomic.locked)."""
+    return lock_file(encoded_dir() / "locks" / f"{signature}.lock")
 
 
 def now_ns() -> int:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from ..atomic import write_atomic
+from ..atomic import locked, remove_leftovers, write_atomic
 from ..errors import CorpusError, DownloadError
 from .home import cache_dir
 from .transfer import Progress, fetch_into
@@ -155,18 +155,28 @@ def download(target: Target, force: bool = False, progress: Progress | None = No
     (decoded) is refused."""
     if not force and is_cached(target):
         return target.corpus_path
-    path = _fetch(target, progress, max_bytes)
-    if target.member is not None:
-        return unzip(target, unzip_progress)
-    return path
+    _make_directory(target)
+    with locked(target.path.parent) as held:  # one download at a time into a folder: another process (a rank) fetching it is waited for
+        if not force and is_cached(target):
+            return target.corpus_path
+        if held:  # what a download or unzipping killed midway left, as large as it got
+            remove_leftovers(target.path)
+            if target.extracted is not None:
+                remove_leftovers(target.extracted)
+        path = _fetch(target, progress, max_bytes)
+        if target.member is not None:
+            return unzip(target, unzip_progress)
+        return path
 
 
-def _fetch(target: Target, progress: Progress | None, max_bytes: int) -> Path:
+def _make_directory(target: Target) -> None:
     try:
         target.path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DownloadError(f"cannot create the cache directory {target.path.parent}: {e.strerror}") from None
 
+
+def _fetch(target: Target, progress: Progress | None, max_bytes: int) -> Path:
     def download_and_verify(out: IO[bytes]) -> None:
         digest = fetch_into(out, target.url, max_bytes, progress)
         if target.sha1 is not None and digest != target.sha1:

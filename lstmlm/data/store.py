@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import file_mode, publish
+from ..atomic import file_mode, publish, remove_leftovers
 from ..errors import CorpusError
 from ..vocab import Vocab
 from . import cache, encode, storefile
@@ -83,7 +83,7 @@ def encode_corpus(
             target = vocab or built
             where = cache.store_path(scanned.sha1, mode, None if target == built else target)
             if held:
-                _remove_killed_writers(where.parent, signature)
+                _remove_killed_writers(where, signature)
             store, warnings = _write(scanned, target, where, signature, progress, scratch, workers)
         if (changed := _changed(selection, scanned.skipped)) is not None:
             store, warnings = _uncached(store), (*warnings, f"corpus file {changed} changed while it was read: its token store is not kept")
@@ -271,13 +271,11 @@ def _vocab(scanned: Scanned) -> Vocab:
 # ---- pass 2: encode into the store ------------------------------------------------------------------
 
 
-def _remove_killed_writers(directory: Path, signature: str) -> None:
+def _remove_killed_writers(where: Path, signature: str) -> None:
     """Remove the temporary stores of this corpus that a killed process left (each as large as
     its store). Only a holder of the corpus's lock writes one, and the caller holds it: any
     there is a dead writer's. Another corpus's, which may be being written, is left alone."""
-    for stale in directory.glob(f".*.{signature}.*.tmp"):
-        with contextlib.suppress(OSError):
-            stale.unlink()
+    remove_leftovers(where, signature)
 
 
 def _write(

@@ -4,7 +4,9 @@ Each of the three has its cadence (`Cadence`, a config value parsed once): every
 N-th epoch end, or whichever of those comes first — so an epoch of a 10 GB corpus, which can
 take a day, is checkpointed every few minutes like an epoch of a 1 MB one. Minutes, and the
 session's `max_minutes`, count on one clock from the session's start; under torchrun the
-processes agree on what the clock says with one collective a step (`distributed.any_each`).
+processes agree on what the clock says with one collective a step (`distributed.max_each`), the
+time used included: a cosine schedule anneals by it, and each process's own clock would give
+each its own learning rate, the replicas drifting apart.
 
 This module imports no torch (config reads `Cadence` from it, and `lstmlm runs` reads configs):
 the collective is imported where a training uses it.
@@ -108,14 +110,21 @@ class Cadences:
         self.world, self.clock = world, clock
         self.started: float | None = None  # when the session began: max_minutes counts from it
         self._last: dict[str, float] = {}  # when each cadence's action last happened (clock seconds)
+        self._agreed = 0.0  # under torchrun: the time used, as the processes agreed after the last step
 
     def start(self) -> None:
         """The session begins now: the time limit and every cadence in minutes count from here."""
         self.started = self.clock()
         self._last = dict.fromkeys(self.cadences, self.started)
+        self._agreed = 0.0
 
     def time_used(self) -> float:
-        """The fraction of this session's max_minutes spent; 0 without a limit or before `start`."""
+        """The fraction of this session's max_minutes spent; 0 without a limit or before `start`.
+        Under torchrun the one every process agreed on after the last step (`due`), so that the
+        learning rate it sets is the same in every process."""
+        return self._agreed if self.world.active else self._clock_used()
+
+    def _clock_used(self) -> float:
         if not self.max_minutes or self.started is None:
             return 0.0
         return min(1.0, (self.clock() - self.started) / (self.max_minutes * 60))
@@ -133,9 +142,11 @@ class Cadences:
             minutes = self.cadences[key].minutes
             return bool(minutes) and now - self._last[key] >= minutes * 60
 
-        from .distributed import any_each  # torch: a training's, not a config's
+        from .distributed import max_each  # torch: a training's, not a config's
 
-        interrupted, out_of_time, *by_clock = any_each([should_stop(), self.time_used() >= 1.0, *(timed(k) for k in KEYS)], self.world)
+        agreed = max_each([float(should_stop()), self._clock_used(), *(float(timed(k)) for k in KEYS)], self.world)
+        interrupted, self._agreed, by_clock = agreed[0] > 0, agreed[1], [v > 0 for v in agreed[2:]]
+        out_of_time = self._agreed >= 1.0
         validate, sample, save = (counted(self.cadences[k]) or by_time for k, by_time in zip(KEYS, by_clock))
         for key, fired in zip(KEYS, (validate, sample, save)):
             if fired:

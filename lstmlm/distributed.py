@@ -128,14 +128,14 @@ def all_gather(value: torch.Tensor, world: World) -> list[torch.Tensor]:
     return parts
 
 
-def any_each(flags: list[bool], world: World) -> list[bool]:
-    """Each flag true on every process when it is true on one: one collective for them all, on
-    the host (see the module's docstring)."""
+def max_each(values: list[float], world: World) -> list[float]:
+    """Each value's largest over the processes (a flag, 1.0, set on one is set on all): one
+    collective for them all, on the host (see the module's docstring)."""
     if not world.active:
-        return flags
-    t = torch.tensor([1.0 if f else 0.0 for f in flags])  # on the CPU, whatever the device
+        return values
+    t = torch.tensor(values, dtype=torch.float64)  # on the CPU, whatever the device
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control)
-    return [bool(v) for v in t.tolist()]
+    return [float(v) for v in t.tolist()]
 
 
 def broadcast_name(name: str, world: World) -> str:

@@ -290,3 +290,46 @@ def test_bench_reports_scaling_under_torchrun(tmp_path: Path) -> None:
     scaled = {r["what"]: r for r in rows if r["event"] == "bench" and "processes" in r["what"]}
     assert set(scaled) == {"train scratch ×2 processes", "train cudnn ×2 processes"}  # reported once, by rank 0
     assert all(r["processes"] == 2 and r["scaling"] > 0 for r in scaled.values())
+
+
+# Run by torchrun as a script: each process's clock (time.perf_counter, the Trainer's) ticks by
+# a second a call, rank 1's twice as fast, as two machines' clocks and speeds differ; each trains
+# a time-limited cosine run and rank 0 says whether the two processes' weights are the same.
+SKEWED_CLOCKS = """
+import itertools, json, os, sys, time
+from pathlib import Path
+
+ticks = itertools.count()
+speed = 1 + int(os.environ["RANK"])
+time.perf_counter = lambda: float(next(ticks) * speed)
+
+import torch
+from lstmlm import distributed, training
+
+corpus, runs = sys.argv[1:]
+options = {"corpus": corpus, "hidden": 8, "batch_size": 8, "num_steps": 10, "epochs": 3, "precision": "fp32",
+           "optimizer": "adam", "lr": 0.01, "schedule": "cosine", "max_minutes": 2.0, "seed": 3}
+plan = training.plan(Path(runs), "skewed", options, default_recipe=False)
+with training.start(plan) as started:
+    events = list(started.run())
+    weights = torch.cat([p.detach().flatten() for p in started.trainer.model.parameters()])
+    replicas = distributed.all_gather(weights, started.world)
+    if started.world.is_main:
+        steps = started.trainer.progress.global_step
+        print(json.dumps({"steps": steps, "same": all(torch.equal(replicas[0], r) for r in replicas)}))
+"""
+
+
+def test_a_cosine_schedule_by_the_clock_keeps_the_replicas_equal(corpus: Path, tmp_path: Path) -> None:
+    """The learning rate of a time-limited cosine run anneals by the time used: each process
+    read its own clock, so their learning rates, and then their weights, drifted apart (the
+    gradients are averaged, the updates were not). The processes agree on the time used."""
+    script = tmp_path / "skewed.py"
+    script.write_text(SKEWED_CLOCKS)
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [sys.executable, *launcher, str(script), str(corpus), str(tmp_path / "runs")]
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["steps"] > 3  # stopped by the time limit, some steps in
+    assert report["same"]

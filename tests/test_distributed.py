@@ -333,3 +333,20 @@ def test_a_cosine_schedule_by_the_clock_keeps_the_replicas_equal(corpus: Path, t
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["steps"] > 3  # stopped by the time limit, some steps in
     assert report["same"]
+
+
+def test_only_rank_zero_says_what_the_plan_chose_or_skipped(corpus: Path, tmp_path: Path) -> None:
+    """What the command says before training (a file of the corpus skipped, --precision auto's
+    choice) was said by every process: twice here, once a process on each machine."""
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text(corpus.read_text())
+    (texts / "b.bin").write_bytes(b"\x00\x01\x02binary" * 50)
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = ["-m", "lstmlm", "train", "--corpus", str(texts / "*"), "--runs-dir", str(tmp_path / "runs"),
+            "--hidden", "8", "--batch-size", "8", "--num-steps", "10", "--epochs", "1", "--precision", "auto"]  # fmt: skip
+    result = subprocess.run([sys.executable, *launcher, *args], capture_output=True, text=True, env=_env(), timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("precision fp32:") == 1, result.stdout
+    assert result.stderr.count("looks binary") == 1, result.stderr[-2000:]
+    assert result.stderr.count("file(s)") == 1

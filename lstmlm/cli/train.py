@@ -4,6 +4,7 @@ with --json."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -45,17 +46,20 @@ def train(
 ) -> None:
     """Train a character-level LSTM (or GRU, or RNN: --cell); prints perplexity as it falls, its baselines, and samples at the end
     (with --json: a JSON line for the baselines, per epoch and validation, per note and warning, and a last 'done')."""
-    from .. import baselines, distributed
+    from .. import baselines
     from .. import training as trainings
+    from ..distributed import from_environment
     from ..runs import resume_command
     from .chart import perplexity_chart
 
-    with corpus_progress() as progress:
+    shows = from_environment().is_main  # under torchrun only rank 0 shows anything
+    with corpus_progress() if shows else contextlib.nullcontext() as progress:
         plan = trainings.plan(runs_dir, run, overrides, config_file, resume, progress)
-    warn_about(plan.data)
+    if shows:
+        warn_about(plan.data)
     notes = [recipe_line(plan.recipe, len(plan.data.train), len(plan.data.vocab), plan.config.train.max_minutes)] if plan.recipe is not None else []
     notes += [f"precision {plan.precision.precision}: {plan.precision.reason}"] if plan.precision is not None else []
-    for note in notes if distributed.from_environment().is_main else ():  # only rank 0 shows anything
+    for note in notes if shows else ():
         if as_json:
             print_json({"event": "note", "message": note})
         else:

@@ -342,7 +342,10 @@ def start(plan: Plan) -> Iterator[Training]:
     except RuntimeError as e:
         raise distributed.other_process_failed(e, world) from None
     finally:
-        distributed.stop(world, completed)
+        try:
+            distributed.stop(world, completed)
+        except RuntimeError as e:  # the barrier after this process's work: another failed while it waited
+            raise distributed.other_process_failed(e, world) from None
 
 
 @contextlib.contextmanager

@@ -350,3 +350,33 @@ def test_only_rank_zero_says_what_the_plan_chose_or_skipped(corpus: Path, tmp_pa
     assert result.stdout.count("precision fp32:") == 1, result.stdout
     assert result.stderr.count("looks binary") == 1, result.stderr[-2000:]
     assert result.stderr.count("file(s)") == 1
+
+
+# Loaded by every Python process the test starts: rank 0 fails as it records how the training
+# ended (run.json on a full disk), after the last collective of the training itself.
+FAILS_AT_THE_END = """
+import os
+if os.environ.get("RANK") == "0":
+    from lstmlm import runs
+
+    def full(self, record):
+        raise OSError(28, "No space left on device")
+
+    runs.RunStore.record_done = full
+"""
+
+
+def test_a_process_that_finished_says_in_one_line_that_another_failed_after(corpus: Path, tmp_path: Path) -> None:
+    """The other process had trained its part and waited for rank 0 to end (distributed.stop's
+    barrier) when rank 0 failed: the barrier's gloo error reached the command as an internal
+    error asking for a report, not as the one line any other collective's failure gives."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAILS_AT_THE_END)
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
+    results = finish(start_agents(corpus, tmp_path, "--epochs", "1", env=env), timeout=120)
+    errors = sorted(stderr for _, _, stderr in results)
+    assert all(code != 0 for code, _, _ in results)
+    assert not any("internal error" in e for e in errors), errors
+    assert any("error: No space left on device" in e for e in errors)
+    assert any("error: another process of this training stopped" in e for e in errors)

@@ -60,6 +60,17 @@ def from_environment() -> World:
     return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def launcher(world: World) -> tuple[str, ...]:
+    """The words that start lstmlm as this world was started: `lstmlm` alone, or torchrun with
+    as many processes on this one machine (`--standalone`); on several machines, torchrun with
+    its rendezvous to be given as before."""
+    if not world.active:
+        return ("lstmlm",)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world.size))
+    where = ("--standalone",) if local == world.size else (f"--nnodes={world.size // max(1, local)}", "--rdzv-backend=c10d", "--rdzv-endpoint=HOST:PORT")
+    return ("torchrun", *where, f"--nproc-per-node={local}", "-m", "lstmlm")
+
+
 _control: dist.ProcessGroup | None = None  # gloo, for the flags agreed each step; None: the default group is gloo
 
 

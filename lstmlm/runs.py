@@ -89,11 +89,12 @@ def json_line(record: dict[str, Any]) -> str:
     return json.dumps(strict(record), allow_nan=False)
 
 
-def resume_command(run: str, runs_dir: Path, overrides: dict[str, Any] | None = None) -> str:
+def resume_command(run: str, runs_dir: Path, overrides: dict[str, Any] | None = None, launcher: tuple[str, ...] = ("lstmlm",)) -> str:
     """The command that continues `run`, repeating the options given that a resume may change
-    (they are saved in the run too, so the bare command continues the same way)."""
+    (they are saved in the run too, so the bare command continues the same way). `launcher`:
+    what starts lstmlm (`distributed.launcher`: torchrun's words, where `--run` is `--name`)."""
     overrides = overrides or {}
-    words = ["lstmlm", "train", "--resume", "--run", run]
+    words = [*launcher, "train", "--resume", "--run" if launcher == ("lstmlm",) else "--name", run]
     if runs_dir != DEFAULT_RUNS_DIR:
         words += ["--runs-dir", str(runs_dir)]
     for key in sorted(k for k, v in overrides.items() if v is not None and k in config_mod.RESUMABLE):

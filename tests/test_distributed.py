@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -267,6 +268,26 @@ def test_a_worker_ends_without_the_interpreters_teardown(corpus: Path, tmp_path:
     assert json.loads(result.stdout.splitlines()[-1])["event"] == "done"
     assert len(list(marks.glob("started-*"))) == 2  # both workers ran the hook
     assert not list(marks.glob("teardown-*"))
+
+
+@pytest.mark.parametrize(("local", "where"), [("2", ["--standalone"]), ("1", ["--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=HOST:PORT"])])
+def test_the_command_that_continues_a_torchrun_is_a_torchrun(monkeypatch: pytest.MonkeyPatch, local: str, where: list[str]) -> None:
+    """An interrupted torchrun training said `continue with: lstmlm train --resume --run NAME`:
+    one process, and `--run`, which torchrun takes for its own `--run-path`."""
+    from torch.distributed.run import get_args_parser
+
+    from lstmlm.distributed import from_environment, launcher
+    from lstmlm.runs import resume_command
+
+    for key, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": local}.items():
+        monkeypatch.setenv(key, value)
+    words = shlex.split(resume_command("r", Path("elsewhere"), {"epochs": 4}, launcher(from_environment())))
+    resume = ["train", "--resume", "--name", "r", "--runs-dir", "elsewhere", "--epochs", "4"]
+    assert words == ["torchrun", *where, f"--nproc-per-node={local}", "-m", "lstmlm", *resume]
+    read = get_args_parser().parse_args(words[1:])  # torchrun takes it as written
+    assert read.module and read.training_script == "lstmlm" and read.nproc_per_node == local and read.training_script_args == resume
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert resume_command("r", Path("runs"), None, launcher(from_environment())) == "lstmlm train --resume --run r"
 
 
 def test_batch_not_divisible_by_processes_is_refused(corpus: Path, tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ def train(
     (with --json: a JSON line for the baselines, per epoch and validation, per note and warning, and a last 'done')."""
     from .. import baselines
     from .. import training as trainings
-    from ..distributed import from_environment
+    from ..distributed import from_environment, launcher
     from ..runs import resume_command
     from .chart import perplexity_chart
 
@@ -76,7 +76,7 @@ def train(
         out.print(perplexity_chart(metrics, width=min(out.width, 100), height=10, baselines=baselines.read(training.store.root)))
     report(done, as_json, token_unit(training.config.data.normalize))
     if done.reason == "interrupted":
-        command = resume_command(done.run, runs_dir, overrides)  # a command that works as is
+        command = resume_command(done.run, runs_dir, overrides, launcher(training.world))  # a command that works as is
         err.print(f"stopped: checkpoint saved; continue with: {visible(command)}", markup=False, soft_wrap=True)
         raise typer.Exit(128 + (stop.signal or signal.SIGINT))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import signal
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -114,7 +115,7 @@ def config_table(cfg: Config, started: Started, shown: Collection[str] | None = 
     """The run's settings — those in `shown` (what the options, the file or the recipe chose),
     or all of them — and what it trains on."""
     settings = [(k, v) for section in cfg.to_dict().values() for k, v in section.items()]
-    rows = [(k, escape(visible(str(v)))) for k, v in settings if shown is None or k in shown or k in ALWAYS_SHOWN]
+    rows = [(k, escape(visible(shown_corpus(v) if k == "corpus" else str(v)))) for k, v in settings if shown is None or k in shown or k in ALWAYS_SHOWN]
     rows += [
         ("parameters", f"{started.num_params:,}"),
         ("vocab", str(started.vocab_size)),
@@ -128,6 +129,14 @@ def config_table(cfg: Config, started: Started, shown: Collection[str] | None = 
     if shown is not None and hidden:
         table.caption = f"[dim]the other {hidden} settings: {escape(visible(str(runs_dir / started.run / 'config.json')))}, or --verbose[/]"
     return table
+
+
+def shown_corpus(corpus: str) -> str:
+    """The corpus's path (kept absolute) as typed, likely: from here where it is below here."""
+    if not os.path.isabs(corpus):
+        return corpus
+    below = os.path.relpath(corpus)
+    return corpus if below == ".." or below.startswith(".." + os.sep) else below
 
 
 def epoch_count(done: float, end: float, timed: bool) -> str:

@@ -789,6 +789,7 @@ def test_a_store_left_by_a_kill_9_midway_is_removed_by_the_next_encoding_of_that
     try:
         training.wait_until(lambda: len(held.workers) == 2, "piece held by each worker")
         training.proc.kill()
+        held.kill()  # the workers, as a kill -9 of the process group: else they hold its output open
         training.finish()
     finally:
         training.kill()

@@ -218,19 +218,20 @@ def test_logs_that_cannot_go_in_their_place_are_refused_before_the_run_is_made(t
     assert not (runs_dir / "r").exists()
 
 
-@pytest.mark.parametrize("leave", [0, 4096], ids=["full-at-the-start", "full-while-training"])
-def test_logs_on_a_full_disk_are_one_line_and_room_again_logs(small_disk: Path, tiny_train_args: list[str], leave: int) -> None:
-    """A real full filesystem under DIR (runs elsewhere): TensorBoard's writer thread failed with a
-    traceback of its own ("Exception in thread"), and the line said only "No space left on device";
-    now one line naming the logs, and with room again the next training logs there."""
-    filler = fill(small_disk, leave=leave)
+def test_logs_on_a_full_disk_are_one_line_and_room_again_logs(small_disk: Path, tiny_train_args: list[str]) -> None:
+    """A real full filesystem under DIR (runs elsewhere), full at the start and full while
+    training: TensorBoard's writer thread failed with a traceback of its own ("Exception in
+    thread"), and the line said only "No space left on device"; now one line naming the logs,
+    and with room again the next training logs there."""
     board = small_disk / "tb"
-    result = lstmlm_process(*tiny_train_args, "--epochs", "40", "--tensorboard", board, "--run", "r")
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr and "Exception in thread" not in result.stderr, result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: cannot write TensorBoard logs in {board / 'r'}") and last.endswith("No space left on device"), result.stderr
-    filler.unlink()
+    for run, leave in (("at-the-start", 0), ("while-training", 4096)):
+        filler = fill(small_disk, leave=leave)
+        result = lstmlm_process(*tiny_train_args, "--epochs", "40", "--tensorboard", board, "--run", run)
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr and "Exception in thread" not in result.stderr, result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: cannot write TensorBoard logs in {board / run}") and last.endswith("No space left on device"), result.stderr
+        filler.unlink()
     again = lstmlm_process(*tiny_train_args, "--tensorboard", board, "--run", "r2")
     assert again.returncode == 0, again.stderr
     assert read(board / "r2").Scalars("perplexity/train")

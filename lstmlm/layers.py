@@ -13,9 +13,10 @@ unless the module itself is named here, as `data.home` and `data.download` are).
         data.transfer, trust           body across attempts); the compiled cache's trust checks
      4  cells, fused, recurrence,      the recurrent cells and their fast paths (the fused
         native                         Python path, the compiled C++ recurrence)
-     5  cadences, config, config_file, every hyperparameter (a cadence typed, with its timing);
-        sizes                          reading configs; a model's size from its cells
-     6  runs, data                     the run store (no torch); files to token ids to batches
+     5  splits, cadences, config,      every hyperparameter (a corpus's split, a cadence typed,
+        config_file, sizes             with its timing); reading configs; a model's size
+     6  runs, data, resuming           the run store (no torch); files to token ids to batches;
+                                       what a resume may change and what it refuses
      7  model, graphs, carry           CharLM; the step as a CUDA graph; the state between batches
      8  evaluation, baselines, events, what a trained model is and does: scores, baselines,
         generate, choosing, stepper,   reports; generation, its choice for every row, its
@@ -39,8 +40,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("atomic", "device", "distributed", "vocab", "progress", "fields", "sampling", "figures"),
     ("data.home", "data.download", "data.transfer", "trust"),
     ("cells", "fused", "recurrence", "native"),
-    ("cadences", "config", "config_file", "sizes"),
-    ("runs", "data"),
+    ("splits", "cadences", "config", "config_file", "sizes"),
+    ("runs", "data", "resuming"),
     ("model", "graphs", "carry"),
     ("evaluation", "baselines", "events", "generate", "choosing", "stepper", "units",
       "units_page", "export", "checkpoint", "plot", "tensorboard", "recipe", "samples"),

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, parse_split
+from ..config import Config
 from ..errors import CorpusError
+from ..splits import parse_split
 from ..vocab import Vocab
 from . import batches
 from .download import StageProgress

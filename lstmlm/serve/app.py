@@ -52,7 +52,7 @@ from ..errors import CheckpointError, ConfigError, InspectError, LstmlmError, Se
 from . import Limits
 from .access import Access, TokenCheck
 from .batching import POLL, Batches, QueueFull, Row, lanes_for
-from .bodies import GenerateRequest, InspectRequest
+from .bodies import GenerateRequest, InspectRequest, describe
 from .catalog import Loaded, Models, NoCheckpoint, NotServed, finite, list_runs, open_run, read_records, run_baselines, shown, without_paths
 from .guards import BodyLimit, HostCheck, one_line
 
@@ -392,14 +392,3 @@ def inspection(loaded: Loaded, body: InspectRequest) -> dict[str, Any]:
 
 def rounded(values: list[float]) -> list[float]:
     return [round(v, 4) for v in values]
-
-
-def describe(error: Any) -> str:
-    """One validation error in words: the field, then what is wrong with it."""
-    where = ".".join(str(part) for part in error["loc"] if part != "body")
-    if error["type"] == "extra_forbidden":
-        return f"unknown field {where!r}"
-    if error["type"] == "missing":
-        return f"missing field {where!r}"
-    message = str(error["msg"]).removeprefix("Value error, ")  # a validator's own words (bodies.characters)
-    return f"{where}: {message}" if where else message

@@ -1,5 +1,6 @@
-"""The request bodies of the API. A generation's sampling options are `Sampling`'s fields, with
-its bounds and help: one declaration for the command line and the API (`sampling.option`)."""
+"""The request bodies of the API, and their validation errors in words (`describe`). A
+generation's sampling options are `Sampling`'s fields, with its bounds and help: one
+declaration for the command line and the API (`sampling.option`)."""
 
 from __future__ import annotations
 
@@ -79,3 +80,14 @@ class InspectRequest(Strict):
     top: int = Field(5, ge=0, le=32)  # per character, this many units furthest from neutral
     prime: bool = True  # read the run's prime first, as generation does
     best: bool = False
+
+
+def describe(error: Any) -> str:
+    """One validation error in words: the field, then what is wrong with it."""
+    where = ".".join(str(part) for part in error["loc"] if part != "body")
+    if error["type"] == "extra_forbidden":
+        return f"unknown field {where!r}"
+    if error["type"] == "missing":
+        return f"missing field {where!r}"
+    message = str(error["msg"]).removeprefix("Value error, ")  # a validator's own words (bodies.characters)
+    return f"{where}: {message}" if where else message

@@ -67,13 +67,22 @@ def make_step(core: str, dims: Dims, precision: str) -> tuple[CharLM, Callable[[
     return model, step
 
 
+def kind_of(key: str) -> str:
+    """Which of the profile's groups an operator's time belongs to."""
+    if key.startswith("lstmlm_recurrence::"):
+        return "compiled recurrence"
+    for kind, names in (("products", PRODUCTS), ("copies", COPIES), ("elementwise", ELEMENTWISE)):
+        if key in names:
+            return kind
+    return "other"
+
+
 def summary(averages: object, steps: int) -> dict[str, float]:
     """Milliseconds a step in the matrix products, the elementwise work, the copies and the rest."""
     groups = {"compiled recurrence": 0.0, "products": 0.0, "elementwise": 0.0, "copies": 0.0, "other": 0.0}
     for event in averages:  # type: ignore[attr-defined]
         ms = event.self_cpu_time_total / 1e3 / steps
-        kind = "compiled recurrence" if event.key.startswith("lstmlm_recurrence::") else "products" if event.key in PRODUCTS else "copies" if event.key in COPIES else "elementwise" if event.key in ELEMENTWISE else "other"
-        groups[kind] += ms
+        groups[kind_of(event.key)] += ms
     return groups
 
 
@@ -96,7 +105,7 @@ def main() -> None:
         print(f"{args.config}: {dims}, {args.precision}, {torch.get_num_threads()} torch threads, {torch.backends.cpu.get_cpu_capability()}, "
               f"recurrence: {native.status() if args.recurrence == 'compiled' else 'python loop (asked)'}")
         for core in ("scratch", "cudnn") if args.core == "both" else (args.core,):
-            model, step = make_step(core, dims, args.precision)
+            _, step = make_step(core, dims, args.precision)
             ms = best_ms(step)
             tokens = dims.batch_size * dims.num_steps
             print(f"\n== {core} {args.precision}: {ms:.2f} ms a step, {tokens / ms * 1e3:,.0f} tokens/s")

@@ -95,7 +95,8 @@ def recipe_for(corpus: str, minutes: float) -> dict[str, Any]:
     cfg = Config().with_overrides({"corpus": corpus}).resolved()
     data = prepare_data(cfg)
     probe = recipe.probe_dims(len(data.vocab))
-    speed = measure_training("cudnn", probe, "cpu", resolve_precision("auto", torch.device("cpu")), steps=4, warmup=1).tokens_per_s  # as training.py's probe times it (step.timed_steps)
+    precision = resolve_precision("auto", torch.device("cpu"))
+    speed = measure_training("cudnn", probe, "cpu", precision, steps=4, warmup=1).tokens_per_s  # as training.py's probe times it (step.timed_steps)
     chosen = recipe.choose(len(data.train), len(data.vocab), speed, minutes)
     return {"corpus_tokens": len(data.train), "vocab": len(data.vocab), "probe_tokens_per_s": speed, "recipe": chosen.__dict__}
 

@@ -20,6 +20,8 @@ the work, so that a refusal comes first):
     an existing regular file         refused without --force; with it, replaced atomically
     nothing yet                      created atomically
 
+An atomic write removes what a writer of the same file killed midway left beside it.
+
 A symbolic link is followed: the file it names is the one judged, and replaced.
 
 Only the holder of a file's lock (`locked`) writes its temporaries: one found by the holder was
@@ -189,7 +191,12 @@ def write_output(path: Path, write: Callable[[IO[bytes]], object], what: str = "
     real = check_output(path, force)
     fd = _open_through(real, path, what)
     if fd is None:
-        write_atomic(real, write, what)
+        # Writers into one folder take turns (its lock), so the holder knows that a temporary of
+        # this file is a killed writer's, as large as the file, and no one else's to clear
+        with locked(real.parent) as held:
+            if held:
+                remove_leftovers(real)
+            write_atomic(real, write, what)
         return
     try:
         with os.fdopen(fd, "wb") as f:

@@ -248,6 +248,20 @@ def test_an_export_to_a_device_or_a_fifo_is_written_through_never_replaced(tiny_
     assert read_metadata(received, "onnx")["run"] == "raw"  # and what went through it is the export
 
 
+def test_an_export_clears_what_a_killed_export_of_that_file_left_beside_it(tiny_runs: Path, tmp_path: Path) -> None:
+    """kill -9 while an export was written left its temporary, as large as the export, in the
+    user's folder, and every later export of that file left it there. The next write of the
+    file clears it (writers into a folder take turns, so it is no live writer's); another
+    file's temporary, perhaps being written now, is left alone."""
+    killed = [tmp_path / ".model.pt.k1ll3d.tmp", tmp_path / ".model.pt.a9b8c7.tmp"]
+    other = tmp_path / ".other.onnx.x1y2z3.tmp"
+    for leftover in (*killed, other):
+        leftover.write_bytes(b"half an export")
+    result = cli("export", "--run", "raw", "--runs-dir", tiny_runs, "--format", "torchscript", "-o", tmp_path / "model.pt")
+    assert result.code == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "model.pt"]
+
+
 def test_an_existing_file_is_replaced_only_with_force_and_a_runs_file_never(tiny_runs: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     shutil.copytree(tiny_runs / "raw", runs / "raw")  # a run of its own: a regression must not damage the shared one

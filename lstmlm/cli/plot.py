@@ -32,14 +32,19 @@ def plot_(
         drawn = {s.run for s in series}
         for d in dirs:
             if d.name not in drawn:
-                err.print(f"[dim]{escape(visible(d.name))}: no finished epoch or validation to plot yet[/]", soft_wrap=True)
+                say_nothing_yet(d)
         out.print(f"wrote {escape(visible(str(output)))}: {len(series)} series from {len(drawn)} run(s)", soft_wrap=True)
         return
     found = plot.drawable(dirs)
     for d in dirs:
         if d not in found:
-            err.print(f"[dim]{escape(visible(d.name))}: no finished epoch or validation to plot yet[/]", soft_wrap=True)
+            say_nothing_yet(d)
             continue
         records = found[d]
         out.print(f"[bold]{escape(visible(d.name))}[/] [dim]{len(records)} epochs[/]")
         out.print(perplexity_chart(records, width=min(out.width, 100), height=12, baselines=baselines.read(d)))
+
+
+def say_nothing_yet(run: Path) -> None:
+    """The line for a run left out: nothing to draw yet, beside runs that have something."""
+    err.print(f"[dim]{escape(visible(run.name))}: no finished epoch or validation to plot yet[/]", soft_wrap=True)

@@ -18,7 +18,8 @@ Not timed, and why:
     a CUDA GPU       without bf16 (before Ampere): fp32
     under torchrun   every process must train in the same precision, and the process group
                      that could agree on one starts later: the hardware's rule
-                     (`device.resolve_precision("auto")`) instead, the same in every process
+                     (`device.resolve_precision("auto")`) instead, and once the group has
+                     started every process takes rank 0's (`training.start`), as machines differ
 """
 
 from __future__ import annotations

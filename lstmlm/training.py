@@ -277,7 +277,11 @@ def start(plan: Plan) -> Iterator[Training]:
     device = distributed.start(world, resolve_device(cfg.train.device), cfg.data.batch_size)
     completed = False
     try:
-        precision = resolve_precision(cfg.train.precision, device)
+        # Rank 0's precision on every process: on unlike machines (one with native bf16, one
+        # without) `auto` chose unlike ones, and the replicas, computing unlike, drifted apart
+        precision = distributed.broadcast_name(resolve_precision(cfg.train.precision, device), world)
+        if precision != cfg.train.precision:
+            cfg = cfg.with_overrides({"precision": precision})
         set_tf32(device, cfg.train.tf32)
         if cfg.train.tensorboard and world.is_main:
             tensorboard.prepare(Path(cfg.train.tensorboard), plan.run)  # before the run is made: a missing extra costs no run

@@ -313,10 +313,11 @@ def test_bench_reports_scaling_under_torchrun(tmp_path: Path) -> None:
     assert all(r["processes"] == 2 and r["scaling"] > 0 for r in scaled.values())
 
 
-# Run by torchrun as a script: each process's clock (time.perf_counter, the Trainer's) ticks by
-# a second a call, rank 1's twice as fast, as two machines' clocks and speeds differ; each trains
-# a time-limited cosine run and rank 0 says whether the two processes' weights are the same.
-SKEWED_CLOCKS = """
+# Run by torchrun as a script: two unlike machines. Each process's clock (time.perf_counter, the
+# Trainer's) ticks by a second a call, rank 1's twice as fast; rank 1's CPU has native bf16, rank
+# 0's not. Each trains a time-limited cosine run in --precision auto, and rank 0 says whether the
+# two processes' weights are the same, and the precision each trained in.
+UNLIKE_MACHINES = """
 import itertools, json, os, sys, time
 from pathlib import Path
 
@@ -325,28 +326,34 @@ speed = 1 + int(os.environ["RANK"])
 time.perf_counter = lambda: float(next(ticks) * speed)
 
 import torch
-from lstmlm import distributed, training
+from lstmlm import device, distributed, training
 
+device.cpu_has_fast_bf16 = lambda: os.environ["RANK"] == "1"
 corpus, runs = sys.argv[1:]
-options = {"corpus": corpus, "hidden": 8, "batch_size": 8, "num_steps": 10, "epochs": 3, "precision": "fp32",
+options = {"corpus": corpus, "hidden": 8, "batch_size": 8, "num_steps": 10, "epochs": 3, "precision": "auto",
            "optimizer": "adam", "lr": 0.01, "schedule": "cosine", "max_minutes": 2.0, "seed": 3}
 plan = training.plan(Path(runs), "skewed", options, default_recipe=False)
 with training.start(plan) as started:
     events = list(started.run())
     weights = torch.cat([p.detach().flatten() for p in started.trainer.model.parameters()])
     replicas = distributed.all_gather(weights, started.world)
+    bf16 = distributed.all_gather(torch.tensor([float(started.trainer.precision == "bf16")]), started.world)
     if started.world.is_main:
         steps = started.trainer.progress.global_step
-        print(json.dumps({"steps": steps, "same": all(torch.equal(replicas[0], r) for r in replicas)}))
+        precisions = ["bf16" if float(b) else "fp32" for b in bf16]
+        print(json.dumps({"steps": steps, "same": all(torch.equal(replicas[0], r) for r in replicas), "precisions": precisions}))
 """
 
 
-def test_a_cosine_schedule_by_the_clock_keeps_the_replicas_equal(corpus: Path, tmp_path: Path) -> None:
+def test_unlike_clocks_and_unlike_cpus_keep_the_replicas_equal(corpus: Path, tmp_path: Path) -> None:
     """The learning rate of a time-limited cosine run anneals by the time used: each process
     read its own clock, so their learning rates, and then their weights, drifted apart (the
-    gradients are averaged, the updates were not). The processes agree on the time used."""
+    gradients are averaged, the updates were not). The processes agree on the time used.
+    --precision auto chose by each machine's CPU, bf16 on one and fp32 on the other: the run
+    stored rank 0's choice, which one process had not trained in, and a resume (each process in
+    the stored one) went on otherwise than the run would have. Every process trains in rank 0's."""
     script = tmp_path / "skewed.py"
-    script.write_text(SKEWED_CLOCKS)
+    script.write_text(UNLIKE_MACHINES)
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command = [sys.executable, *launcher, str(script), str(corpus), str(tmp_path / "runs")]
     result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=120)
@@ -354,6 +361,7 @@ def test_a_cosine_schedule_by_the_clock_keeps_the_replicas_equal(corpus: Path, t
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["steps"] > 3  # stopped by the time limit, some steps in
     assert report["same"]
+    assert report["precisions"] == ["fp32", "fp32"]  # rank 0's CPU has no native bf16
 
 
 def test_only_rank_zero_says_what_the_plan_chose_or_skipped(corpus: Path, tmp_path: Path) -> None:

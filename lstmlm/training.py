@@ -278,7 +278,7 @@ def start(plan: Plan) -> Iterator[Training]:
     completed = False
     try:
         # Rank 0's precision on every process: on unlike machines (one with native bf16, one
-        # without) `auto` chose unlike ones, and the replicas, computing unlike, drifted apart
+        # without) `auto` chose unlike ones, the run stored rank 0's, and a resume went otherwise
         precision = distributed.broadcast_name(resolve_precision(cfg.train.precision, device), world)
         if precision != cfg.train.precision:
             cfg = cfg.with_overrides({"precision": precision})

@@ -27,7 +27,8 @@ class ServeProcess:
         )  # fmt: skip
         self.lines: list[str] = []
         self._serving = threading.Event()
-        threading.Thread(target=self._drain, daemon=True).start()
+        self._drainer = threading.Thread(target=self._drain, daemon=True)
+        self._drainer.start()
         self.url = ""
 
     def _drain(self) -> None:
@@ -57,17 +58,25 @@ class ServeProcess:
         raise AssertionError("no VmRSS")
 
     def stop(self) -> int:
-        """Ctrl-C, as a user stops it; its exit code."""
+        """Ctrl-C, as a user stops it; its exit code once it has ended (`finish`)."""
         import signal
-        import subprocess
 
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        return self.finish()
+
+    def finish(self, timeout: float = 20.0) -> int:
+        """Its exit code once it has ended (killed if it takes over `timeout` seconds) and its
+        last line is read: the process may end before the thread reading its stderr has read
+        all it wrote ("stopped" was missing from `lines`, read at once, under load)."""
+        import subprocess
+
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._drainer.join(timeout=10)  # to the end of its stderr
         return self.proc.returncode
 
 

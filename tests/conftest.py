@@ -215,12 +215,12 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture
 def serve_process() -> Iterator[Callable[..., ServeProcess]]:
-    """serve_process(*args, wait=True, preexec_fn=None): start `lstmlm serve`; every one is
-    stopped at teardown."""
+    """serve_process(*args, wait=True, preexec_fn=None, env=None): start `lstmlm serve`; every one
+    is stopped at teardown."""
     started: list[ServeProcess] = []
 
-    def start(*args: str | Path, wait: bool = True, preexec_fn: Callable[[], None] | None = None) -> ServeProcess:
-        server = ServeProcess([str(a) for a in args], preexec_fn=preexec_fn)
+    def start(*args: str | Path, wait: bool = True, preexec_fn: Callable[[], None] | None = None, env: dict[str, str] | None = None) -> ServeProcess:
+        server = ServeProcess([str(a) for a in args], env=env, preexec_fn=preexec_fn)
         started.append(server)
         return server.wait_serving() if wait else server
 

@@ -525,3 +525,56 @@ def test_a_server_stops_on_ctrl_c_with_0_and_on_sigterm_with_143_saying_stopped(
         server.proc.send_signal(signum)
         assert server.finish() == code
         assert server.lines[1:] == ["stopped"], server.lines
+
+
+def test_a_server_that_inherited_ctrl_c_ignored_still_says_stopped(tmp_path: Path, serve_process: Any) -> None:
+    """A process started in the background by a script (a shell without job control) inherits
+    Ctrl-C ignored. uvicorn took it over all the same and stopped on it, then raised it again on
+    its way out, ignored: the server ended without `stopped` (exit 0). So did every server a test
+    suite run that way stopped."""
+    (tmp_path / "runs").mkdir()
+    server: ServeProcess = serve_process("--runs-dir", tmp_path / "runs", preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert http_json(server.url + "/api/status")[0] == 200
+    assert server.stop() == 0
+    assert server.lines[1:] == ["stopped"], server.lines
+
+
+# Loaded by the server's Python (PYTHONPATH): asyncio's runner, its loop made and the server's
+# coroutine not yet a task, says so in a file, then waits for another: a signal lands after
+# "serving ..." is printed and before uvicorn has taken the signals over.
+HOLD_BEFORE_UVICORN = """
+import asyncio, os, time
+from pathlib import Path
+
+run = asyncio.Runner.run
+
+def held(self, coro, **kwargs):
+    Path(os.environ["LSTMLM_TEST_HELD"]).touch()
+    while not Path(os.environ["LSTMLM_TEST_RELEASE"]).exists():
+        time.sleep(0.02)
+    return run(self, coro, **kwargs)
+
+asyncio.Runner.run = held
+"""
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 0), (signal.SIGTERM, 128 + signal.SIGTERM)])
+def test_a_signal_before_uvicorn_takes_the_signals_over_stops_the_server_saying_stopped(tmp_path: Path, serve_process: Any, signum: int, code: int) -> None:
+    """Ctrl-C right after "serving ..." was raised where the process stood: in asyncio's runner,
+    the server's coroutine made and never run, and `stopped` was followed by a RuntimeWarning of
+    three lines. From the line on, a signal is recorded and stops the server as it serves."""
+    hook, held, release = tmp_path / "hook", tmp_path / "held", tmp_path / "release"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HOLD_BEFORE_UVICORN)
+    (tmp_path / "runs").mkdir()
+    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "LSTMLM_TEST_HELD": str(held), "LSTMLM_TEST_RELEASE": str(release)}
+    server: ServeProcess = serve_process("--runs-dir", tmp_path / "runs", env=env)
+    deadline = time.monotonic() + 60
+    while not held.exists():
+        assert server.proc.poll() is None and time.monotonic() < deadline, server.lines
+        time.sleep(0.02)
+    server.proc.send_signal(signum)
+    release.touch()
+    assert server.finish() == code
+    assert server.lines[1:] == ["stopped"], server.lines

@@ -13,7 +13,6 @@ from ..runs import DEFAULT_RUNS_DIR
 from ..serve import Limits
 from . import options
 from .console import err
-from .errors import Terminated
 
 
 @options.with_field_options(Limits)
@@ -56,15 +55,13 @@ def serve(
         warning = "over plain HTTP the token crosses the network in clear (--certfile and --keyfile serve HTTPS)"
     else:
         warning = ""
-    if warning:
-        err.print(f"[yellow]warning:[/] serving on {escape(host)}: {warning}", soft_wrap=True)
-    err.print(f"serving the runs in {escape(str(runs_dir))} at {server.url} (Ctrl-C stops)", soft_wrap=True, highlight=False)
-    if token is not None:
-        err.print(f"every request needs the token; a browser opens {server.url}?token=TOKEN once", soft_wrap=True, highlight=False)
-    try:
-        server.run()
-    except KeyboardInterrupt:  # uvicorn has shut down and passes Ctrl-C on: the way a server is stopped
+    with server.stoppable():  # Ctrl-C is the way a server is stopped, not an interruption; SIGTERM a service manager's way
+        if warning:
+            err.print(f"[yellow]warning:[/] serving on {escape(host)}: {warning}", soft_wrap=True)
+        err.print(f"serving the runs in {escape(str(runs_dir))} at {server.url} (Ctrl-C stops)", soft_wrap=True, highlight=False)
+        if token is not None:
+            err.print(f"every request needs the token; a browser opens {server.url}?token=TOKEN once", soft_wrap=True, highlight=False)
+        stopped_by = server.run()
         err.print("stopped")
-    except Terminated:  # SIGTERM, passed on the same way: a service manager's way
-        err.print("stopped")
-        raise typer.Exit(128 + signal.SIGTERM) from None
+    if stopped_by == signal.SIGTERM:
+        raise typer.Exit(128 + signal.SIGTERM)

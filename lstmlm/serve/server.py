@@ -5,6 +5,9 @@ line (uvicorn would log and exit), port 0 means a free port whose number is know
 serving, a client may connect as soon as the address is printed, and whether the address is
 loopback is read from the address actually bound, not guessed from the name given.
 
+From `stoppable` on, Ctrl-C and SIGTERM stop the server whenever they come, and `run` says
+which did: recorded, never raised, before uvicorn takes them over and after it gives them back.
+
 With `Access`, every request must carry the server's token, and the socket speaks TLS.
 Whatever the address, the app answers only requests whose Host is an IP address or a name of
 this server's — loopback's, this machine's, the one `--host` gave, and each `--allowed-host` —
@@ -15,11 +18,14 @@ deadlines, with the descriptor limit raised to fit, and its log one line per kin
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import ipaddress
+import signal
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 
 import torch
 import uvicorn
@@ -32,6 +38,7 @@ from .app import create_app
 from .connections import ACCEPT_BATCH, descriptors_needed, guarded, one_line_per_kind, raise_descriptor_limit
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 COLLECT_EVERY = 100_000  # allocations between the cyclic collector's youngest collections (Python's default: 700)
@@ -84,13 +91,42 @@ class Server:
         self.loopback = ipaddress.ip_address(address).is_loopback
         self.host = f"[{address}]" if ":" in address else address
         self.app = create_app(self.runs_dir, limits, device, precision, allowed_hosts=host_names(host, allowed_hosts), access=access)
+        self.stopped_by: list[int] = []  # the signals that came since `stoppable`
+        self._uvicorn: uvicorn.Server | None = None
 
     @property
     def url(self) -> str:
         return f"{'https' if self.access.tls else 'http'}://{self.host}:{self.port}/"
 
-    def run(self) -> None:
-        """Serve until Ctrl-C or SIGTERM; open streams get a few seconds to finish."""
+    @contextlib.contextmanager
+    def stoppable(self) -> Iterator[None]:
+        """Ctrl-C and SIGTERM stop the server while the block runs, whenever they come: each is
+        recorded in `stopped_by`, never raised, and `run` serves not at all after one. uvicorn
+        takes both over only once it runs. Before, Ctrl-C was raised where the process stood: in
+        asyncio's runner, the line `stopped` was followed by a RuntimeWarning (a coroutine never
+        awaited). And a Ctrl-C the process inherited ignored (a server started in the background
+        by a script) still stopped uvicorn, which raised it again on its way out, ignored: the
+        command ended without a word."""
+
+        def stop(signum: int, _frame: FrameType | None) -> None:
+            self.stopped_by.append(signum)
+            if self._uvicorn is not None:  # between its own handlers' turn and ours: it stops
+                self._uvicorn.should_exit = True
+
+        try:
+            previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+        except ValueError:  # not the main thread: signals are the main thread's (and uvicorn's) to take
+            yield
+            return
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def run(self) -> int | None:
+        """Serve until Ctrl-C or SIGTERM (under `stoppable`); open streams get a few seconds to
+        finish. The signal that stopped it: SIGTERM if one came, else SIGINT (None: none came)."""
         # Steps run in the batches' threads. From a thread other than the main one, an OpenMP
         # region of 2 cores woke its sleeping worker each time (libgomp throttles its spinning
         # once more threads than cores are in its pools): a batch-1 step took 150 µs instead of
@@ -118,8 +154,13 @@ class Server:
             ssl_certfile=self.access.certfile,  # already read once (access.tls_context): they serve
             ssl_keyfile=self.access.keyfile,
         )
+        server = self._uvicorn = uvicorn.Server(config)
+        if self.stopped_by:  # stopped already: uvicorn starts, and stops at once
+            server.should_exit = True
         try:
             with one_line_per_kind("uvicorn.error", "asyncio"):
-                uvicorn.Server(config).run(sockets=[self.socket])
+                server.run(sockets=[self.socket])  # it raises the signals it took again on its way out: `stoppable` records them
         finally:
+            self._uvicorn = None
             self.socket.close()
+        return signal.SIGTERM if signal.SIGTERM in self.stopped_by else signal.SIGINT if self.stopped_by else None

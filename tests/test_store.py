@@ -775,6 +775,38 @@ def test_ctrl_c_while_a_corpus_is_encoded_ends_the_command_and_its_workers_at_on
         held.kill()
 
 
+SECOND_CTRL_C = {  # where a second Ctrl-C lands while the first unwinds: what it cut short
+    "threading:Condition.__exit__": "the wait for a piece letting go of its lock",
+    "lstmlm.data.workers:Workers.__exit__": "the workers' ending",
+    "pathlib:Path.unlink": "the temporary store's removal",
+}
+
+
+@pytest.mark.parametrize("where", SECOND_CTRL_C, ids=SECOND_CTRL_C.values())
+def test_a_second_ctrl_c_wherever_it_lands_ends_the_command_and_its_workers(
+    where: str, tmp_path: Path, corpus_file: Path, runs_dir: Path, isolated_cache: Path
+) -> None:
+    """Ctrl-C twice, the second landing as the first unwinds, where Python raises it even inside a
+    `with`'s exit or an `except`. As the wait let go of the piece's lock, it left the lock held:
+    the pool's thread, cancelling that piece, waited for it for ever, and the command for that
+    thread. As the workers were to be ended, it skipped that: the interpreter's exit joined
+    workers that never end. Either hung. As the temporary store was removed, it left it in the
+    cache. Each now ends as one Ctrl-C does: one line, 130, no worker, no temporary store."""
+    held = HeldEncoding(tmp_path, {**os.environ, "OMP_NUM_THREADS": "1", "LSTMLM_DEBUG": "0", "LSTMLM_TEST_SECOND_AT": where})
+    tiny = ["--hidden", "16", "--batch-size", "8", "--num-steps", "10", "--device", "cpu"]
+    training = LiveProcess("train", "--corpus", corpus_file, "--runs-dir", runs_dir, *tiny, env=held.env, code=held.code)
+    try:
+        training.wait_until(lambda: len(held.workers) == 2, "piece held by each worker")
+        training.proc.send_signal(signal.SIGINT)  # the second follows where `where` says
+        assert training.finish() == 130
+        assert_one_error_line(Result(130, "".join(training.stdout), "".join(training.stderr)), "interrupted", code=130)
+        assert not held.running()
+        assert not list((isolated_cache / "encoded").glob(".*.tmp"))
+    finally:
+        training.kill()
+        held.kill()
+
+
 def test_a_store_left_by_a_kill_9_midway_is_removed_by_the_next_encoding_of_that_corpus(
     tmp_path: Path, corpus_file: Path, runs_dir: Path, isolated_cache: Path
 ) -> None:

@@ -12,6 +12,7 @@ a small corpus in memory — with one warning, never an error.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import hashlib
@@ -310,6 +311,7 @@ def _into_file(
     prefix = f".{final.name}.{signature}." if final else ".lstmlm-tokens."
     fd, name = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
     tmp = Path(name)
+    atexit.register(tmp.unlink, missing_ok=True)  # at the process's exit, if a second Ctrl-C cuts the removal below short
     try:
         itemsize = np.dtype(dtype).itemsize
         meta = storefile.new_meta(scanned.mode, scanned.sha1, vocab, dtype, scanned.length)
@@ -341,11 +343,13 @@ def _into_file(
             store = store and TokenStore(store.vocab, store.ids, store.source_sha1, store.unknown, None)
         if store is None:
             raise OSError(errno.EIO, "the store just written does not read back")
+        atexit.unregister(tmp.unlink)
         return store
     except BaseException:
         if fd >= 0:
             os.close(fd)
         tmp.unlink(missing_ok=True)
+        atexit.unregister(tmp.unlink)  # removed: a second Ctrl-C landing before this (raised wherever it lands) leaves it to the exit
         raise
 
 

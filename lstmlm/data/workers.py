@@ -4,13 +4,14 @@ reported per stage."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import multiprocessing
 import os
 import signal
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any, TypeVar, cast
 
 from .download import StageProgress
@@ -77,12 +78,24 @@ def _terminate(pool: Executor) -> None:
             process.terminate()
 
 
+def _let_go(futures: Sequence[Future[Any]]) -> None:
+    """Release the futures' locks this thread still holds. A second Ctrl-C raised as the wait
+    for a piece let go of that piece's lock (Python raises it wherever it lands, in a `with`'s
+    exit too) left it held, and the pool's thread, cancelling the piece, waited for it for ever:
+    so did the shutdown, which waits for that thread."""
+    for future in futures:
+        condition: Any = future._condition  # the lock `result` waits under
+        while condition._is_owned():
+            condition.release()
+
+
 class Workers:
     """The processes encoding runs on — one per core, started on first use (a corpus of one
     piece starts none) and shared by both passes — and the one way jobs are run on them."""
 
     def __init__(self) -> None:
         self._pool: Executor | None = None
+        self._futures: list[Future[Any]] = []  # the last run's: those a Ctrl-C may have left unfinished
 
     def __enter__(self) -> Workers:
         return self
@@ -90,9 +103,21 @@ class Workers:
     def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
         if self._pool is None:
             return
-        if kind is not None:  # stopped midway (Ctrl-C, SIGTERM, an error): the pieces in flight are not wanted
+        if kind is None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        else:  # stopped midway (Ctrl-C, SIGTERM, an error): the pieces in flight are not wanted
+            self._end()
+        atexit.unregister(self._end)
+
+    def _end(self) -> None:
+        """End the workers now, and the pool. Also run at the process's exit, in case a second
+        Ctrl-C cut `__exit__` short (raised where it lands, it skips the rest of any cleanup):
+        registered after multiprocessing's own exit handler, which joins the workers, this runs
+        first; and the pool's thread, left running, failed on the queues that handler closed."""
+        if self._pool is not None:
+            _let_go(self._futures)
             _terminate(self._pool)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
     def run(
         self,
@@ -108,8 +133,10 @@ class Workers:
         workers = 1 if in_process else max(1, min(WORKERS or cores(), len(args)))
         if workers > 1 and self._pool is None:
             self._pool = _start_pool(workers)
+            atexit.register(self._end)
         pool = self._pool if workers > 1 else None
-        calls: Iterator[Any] = (job(*a) for a in args) if pool is None else (f.result() for f in [pool.submit(_trimmed, job, *a) for a in args])
+        self._futures = [] if pool is None else [pool.submit(_trimmed, job, *a) for a in args]
+        calls: Iterator[Any] = (job(*a) for a in args) if pool is None else (f.result() for f in self._futures)
         total = sum(s.size for p in pieces for s in p)
         done, results = 0, []
         for result, piece in zip(calls, pieces):

@@ -40,22 +40,43 @@ class Payload:
 # Imported by the worker processes (spawned: they import it by name, from the test's folder):
 # each piece's encoding says which worker holds it, then waits.
 HELD_MODULE = """
-import os, time
+import functools, importlib, os, signal, sys, time
 from pathlib import Path
 
 def encode(*args):
     (Path(os.environ["LSTMLM_TEST_HELD"]) / str(os.getpid())).touch()
     time.sleep(3600)
+
+def second_ctrl_c(where):
+    \"\"\"Ctrl-C raises, and a second one lands as the function `where` ('module:Class.name')
+    is first called after it, while the first unwinds: raised as that function begins.\"\"\"
+    module, name = where.split(":")
+    code = functools.reduce(getattr, name.split("."), importlib.import_module(module)).__code__
+
+    def landing(frame, event, arg):
+        if event == "call" and frame.f_code is code:
+            sys.settrace(None)
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs at once: in here, as `where` is called
+
+    def first(signum, frame):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.settrace(landing)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, first)
 """
 
-# `lstmlm ARGS`, its corpus cut into pieces of 1 KiB, encoded on two workers by HELD_MODULE's encode.
+# `lstmlm ARGS`, its corpus cut into pieces of 1 KiB, encoded on two workers by HELD_MODULE's encode;
+# with LSTMLM_TEST_SECOND_AT, a Ctrl-C's second lands there (HELD_MODULE's second_ctrl_c).
 HELD_CLI = """
-import sys
+import os, sys
 import held
 import lstmlm.data.encode, lstmlm.data.store, lstmlm.data.workers
 lstmlm.data.encode.encode = held.encode
 lstmlm.data.store.PIECE_BYTES = 1024
 lstmlm.data.workers.WORKERS = 2
+if "LSTMLM_TEST_SECOND_AT" in os.environ:
+    held.second_ctrl_c(os.environ["LSTMLM_TEST_SECOND_AT"])
 from lstmlm.cli.app import main
 main()
 """
